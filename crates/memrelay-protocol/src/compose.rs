@@ -96,6 +96,20 @@ pub fn flush_all<B: BufMut>(out: &mut B, delay: Option<i32>) {
     out.put_slice(b"\r\n");
 }
 
+/// `mg <key> <flags>\r\n`, flags given as the raw text after the key
+/// (e.g. `v f t c`), plus an optional `T<ttl>` to touch.
+pub fn meta_get<B: BufMut>(out: &mut B, key: &[u8], flags: &[u8], touch: Option<i32>) {
+    out.put_slice(b"mg ");
+    out.put_slice(key);
+    out.put_u8(b' ');
+    out.put_slice(flags);
+    if let Some(t) = touch {
+        out.put_slice(b" T");
+        put_num(out, t);
+    }
+    out.put_slice(b"\r\n");
+}
+
 /// `VALUE <key> <flags> <bytes> [<cas>]\r\n`, the header of a value block.
 pub fn value_header<B: BufMut>(out: &mut B, key: &[u8], flags: u32, len: usize, cas: Option<u64>) {
     out.put_slice(b"VALUE ");

@@ -26,6 +26,9 @@ pub enum Expect {
     Ok,
     /// `VERSION ...`
     Version,
+    /// A meta command (`mg`, `ms`, `md`, `ma`, `mn`): a status line, with a
+    /// data block when it is `VA`.
+    Meta,
 }
 
 /// What a complete response said.
@@ -45,9 +48,32 @@ pub enum ResponseKind {
     /// The new value after `incr`/`decr`.
     Number(u64),
     Version,
+    /// A meta reply; [`MetaStatus`] says which.
+    Meta(MetaStatus),
     /// `ERROR`, `CLIENT_ERROR ...` or `SERVER_ERROR ...`: the server refused;
     /// the line is forwarded to the client as is.
     Error,
+}
+
+/// The two-letter status of a meta reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetaStatus {
+    /// `VA <len> <flags>*` followed by the value.
+    Value,
+    /// `HD <flags>*`: success without a value.
+    Hd,
+    /// `EN`: miss.
+    En,
+    /// `NF`: not found.
+    Nf,
+    /// `NS`: not stored.
+    Ns,
+    /// `EX`: exists (CAS mismatch).
+    Ex,
+    /// `MN`: the no-op marker.
+    Mn,
+    /// `ME <key> <info>`: debug output.
+    Me,
 }
 
 /// A response that cannot be framed: the connection it came from is unusable.
@@ -92,10 +118,10 @@ impl ResponseParser {
         expect: Expect,
         max_value: usize,
     ) -> Result<Option<(ResponseKind, usize)>, ResponseError> {
-        let r = if expect == Expect::Retrieval {
-            self.parse_retrieval(buf, max_value)
-        } else {
-            parse_line_reply(buf, expect)
+        let r = match expect {
+            Expect::Retrieval => self.parse_retrieval(buf, max_value),
+            Expect::Meta => parse_meta_reply(buf, max_value),
+            _ => parse_line_reply(buf, expect),
         };
         if !matches!(r, Ok(None)) {
             *self = ResponseParser::default();
@@ -200,6 +226,90 @@ fn parse_line_reply(
         _ => return Err(ResponseError::Unexpected),
     };
     Ok(Some((kind, n)))
+}
+
+/// A meta reply: a status line, and for `VA` the value after it.
+fn parse_meta_reply(buf: &[u8], max_value: usize) -> Result<Option<(ResponseKind, usize)>, ResponseError> {
+    let Some(line) = line_at(buf)? else {
+        return Ok(None);
+    };
+    let n = line.len() + 2;
+    if is_error_line(line) {
+        return Ok(Some((ResponseKind::Error, n)));
+    }
+    let code = line.get(..2).ok_or(ResponseError::Unexpected)?;
+    if line.len() > 2 && line[2] != b' ' {
+        return Err(ResponseError::Unexpected);
+    }
+    let status = match code {
+        b"VA" => {
+            let len_tok = line[2..].split(|&b| b == b' ').find(|t| !t.is_empty()).ok_or(ResponseError::BadValueLine)?;
+            if !len_tok.iter().all(u8::is_ascii_digit) {
+                return Err(ResponseError::BadValueLine);
+            }
+            let len = parse_u64(len_tok).ok_or(ResponseError::BadValueLine)?;
+            let len = usize::try_from(len).map_err(|_| ResponseError::ValueTooLarge)?;
+            if len > max_value {
+                return Err(ResponseError::ValueTooLarge);
+            }
+            let end = n + len + 2;
+            if buf.len() < end {
+                return Ok(None);
+            }
+            if &buf[end - 2..end] != b"\r\n" {
+                return Err(ResponseError::BadDataChunk);
+            }
+            return Ok(Some((ResponseKind::Meta(MetaStatus::Value), end)));
+        }
+        b"HD" => MetaStatus::Hd,
+        b"EN" => MetaStatus::En,
+        b"NF" => MetaStatus::Nf,
+        b"NS" => MetaStatus::Ns,
+        b"EX" => MetaStatus::Ex,
+        b"MN" => MetaStatus::Mn,
+        b"ME" => MetaStatus::Me,
+        _ => return Err(ResponseError::Unexpected),
+    };
+    Ok(Some((ResponseKind::Meta(status), n)))
+}
+
+/// The return flags of a meta reply line (`VA 5 f3 t-1 c99 ...`), as far as
+/// the proxy needs them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MetaFlags {
+    /// `f`: client flags.
+    pub flags: Option<u32>,
+    /// `t`: remaining TTL in seconds, -1 for none.
+    pub ttl: Option<i64>,
+    /// `c`: CAS value.
+    pub cas: Option<u64>,
+    /// Offset of the data block (for `VA`), and its length.
+    pub data: Option<(usize, usize)>,
+}
+
+/// Reads the return flags of a complete meta reply.
+pub fn meta_flags(reply: &[u8]) -> MetaFlags {
+    let mut out = MetaFlags::default();
+    let Ok(Some(line)) = line_at(reply) else { return out };
+    let mut toks = line.split(|&b| b == b' ').filter(|t| !t.is_empty());
+    let code = toks.next().unwrap_or(b"");
+    if code == b"VA" {
+        if let Some(len) = toks.next().and_then(parse_u64) {
+            out.data = Some((line.len() + 2, len as usize));
+        }
+    }
+    for t in toks {
+        let (f, v) = t.split_at(1);
+        match f[0] {
+            b'f' => out.flags = parse_u32_wrapping(v),
+            b't' => {
+                out.ttl = if v == b"-1" { Some(-1) } else { parse_u64(v).map(|x| x as i64) }
+            }
+            b'c' => out.cas = parse_u64(v),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// The fields of a `VALUE <key> <flags> <bytes> [<cas>]` line.
@@ -360,6 +470,19 @@ mod tests {
             parse_response(&junk, Expect::Storage, MAX),
             Err(ResponseError::LineTooLong)
         );
+    }
+
+    #[test]
+    fn meta_replies() {
+        let va = b"VA 3 f5 t-1 c77\r\nabc\r\nEN\r\n";
+        assert_eq!(parse_response(va, Expect::Meta, MAX), Ok(Some((ResponseKind::Meta(MetaStatus::Value), 22))));
+        let f = meta_flags(&va[..22]);
+        assert_eq!((f.flags, f.ttl, f.cas, f.data), (Some(5), Some(-1), Some(77), Some((17, 3))));
+        assert_eq!(parse_response(b"EN\r\n", Expect::Meta, MAX), Ok(Some((ResponseKind::Meta(MetaStatus::En), 4))));
+        assert_eq!(parse_response(b"HD t30\r\n", Expect::Meta, MAX), Ok(Some((ResponseKind::Meta(MetaStatus::Hd), 8))));
+        assert_eq!(parse_response(b"VA 3\r\nabcd\r\n", Expect::Meta, MAX), Err(ResponseError::BadDataChunk));
+        assert_eq!(parse_response(b"XX\r\n", Expect::Meta, MAX), Err(ResponseError::Unexpected));
+        assert_eq!(parse_response(b"VA 3\r\nab", Expect::Meta, MAX), Ok(None));
     }
 
     #[test]
