@@ -681,6 +681,25 @@ case!(gat_many_keys_across_shards, {
     vec![ex(set_all(&ks)), ex(line)]
 });
 
+case!(get_large_values_across_shards, {
+    // Replies bigger than socket buffers, from both shards, in key order.
+    let ks = keys("lv-", 24);
+    let mut sets = Vec::new();
+    for (i, k) in ks.iter().enumerate() {
+        let val: Vec<u8> = (0..100_000 + i)
+            .map(|j| b'a' + ((i + j) % 26) as u8)
+            .collect();
+        sets.extend(store("set", k, i as u32, 0, &val));
+    }
+    let mut rev = ks.clone();
+    rev.reverse();
+    vec![
+        ex(sets),
+        ex(get_line("get", &ks)),
+        ex(get_line("gets", &rev)),
+    ]
+});
+
 // ---------------------------------------------------------------------------
 // Storage: set / add / replace / append / prepend / cas
 // ---------------------------------------------------------------------------
@@ -995,6 +1014,22 @@ case!(flush_all_noreply, {
 
 // A delay of 3 s leaves memcached's flush time 2 s ahead, so the items are
 // still there right after the flush even if its clock ticks meanwhile.
+case!(flush_all_noreply_then_get_in_one_write, {
+    // The flush must reach every shard before the following get is served.
+    let ks = keys("fo-", 20);
+    let mut req = b"flush_all noreply\r\n".to_vec();
+    req.extend(get_line("get", &ks));
+    vec![ex(set_all(&ks)), fresh(req)]
+});
+
+case!(flush_all_then_set_in_one_write, {
+    let ks = keys("fs-", 20);
+    let mut req = b"flush_all\r\n".to_vec();
+    req.extend(set_all(&ks[..10]));
+    req.extend(get_line("get", &ks));
+    vec![ex(set_all(&ks)), fresh(req)]
+});
+
 case!(flush_all_delayed, {
     let ks = keys("fd-", 10);
     vec![
@@ -1416,6 +1451,47 @@ impl ReplaceFirst for Vec<u8> {
             None => panic!("case bug: {} not found", escape(from)),
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Concurrency (not differential): clients on the target do not see each
+// other's replies, and all of their writes land.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn concurrent_clients_get_their_own_replies() {
+    let target = Target::start();
+    let addr = target.addr();
+    std::thread::scope(|scope| {
+        for t in 0..8 {
+            let addr = addr.clone();
+            scope.spawn(move || {
+                let mut c = Client::with_sentinel(&addr);
+                for round in 0..25 {
+                    let ks = keys(&format!("cc-{t}-{round}-"), 8);
+                    let mut req = set_all(&ks);
+                    req.extend(get_line("get", &ks));
+                    let mut want = b"STORED\r\n".repeat(ks.len());
+                    for k in &ks {
+                        want.extend(
+                            format!("VALUE {k} 0 {}\r\nv-{k}\r\nEND\r\n", k.len() + 2).bytes(),
+                        );
+                    }
+                    // One END for the whole get, not one per key.
+                    let want = String::from_utf8(want)
+                        .unwrap()
+                        .replace("\r\nEND\r\nVALUE", "\r\nVALUE");
+                    let r = c.exchange(&req);
+                    assert_eq!(r.end, End::Complete, "client {t} round {round}");
+                    assert_eq!(
+                        escape(&r.bytes),
+                        escape(want.as_bytes()),
+                        "client {t} round {round}"
+                    );
+                }
+            });
+        }
+    });
 }
 
 // ---------------------------------------------------------------------------

@@ -748,8 +748,10 @@ impl Client {
                     Err(_) => break End::Closed,
                 }
             };
-            if end == End::Timeout {
-                // Unblock a writer stuck on a server that stopped reading.
+            if end == End::Timeout && !w.is_finished() {
+                // Unblock a writer stuck on a server that stopped reading
+                // (the connection is then half-closed). Otherwise the
+                // connection stays usable after a timeout.
                 let _ = self.stream.shutdown(Shutdown::Write);
             }
             let _ = w.join();
