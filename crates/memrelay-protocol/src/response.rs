@@ -1,0 +1,345 @@
+//! Server responses: framing and classifying what a memcached sends back.
+//!
+//! A response is always parsed *against the request that produced it*
+//! ([`Expect`]): the proxy keeps a FIFO of requests in flight per backend
+//! connection, and the front of that FIFO says what shape the next reply must
+//! have. Anything else (a reply to nothing, a wrong length, a stray line) is a
+//! [`ResponseError`], after which the connection must be dropped: its framing
+//! can no longer be trusted.
+
+use crate::number::{parse_u32_wrapping, parse_u64};
+
+/// The reply shape a request calls for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// `VALUE` blocks then `END` (get, gets, gat, gats).
+    Retrieval,
+    /// `STORED` / `NOT_STORED` / `EXISTS` / `NOT_FOUND`.
+    Storage,
+    /// `DELETED` / `NOT_FOUND`.
+    Delete,
+    /// A number / `NOT_FOUND`.
+    Arith,
+    /// `TOUCHED` / `NOT_FOUND`.
+    Touch,
+    /// `OK` (flush_all, verbosity).
+    Ok,
+    /// `VERSION ...`
+    Version,
+}
+
+/// What a complete response said.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResponseKind {
+    /// `END`, after `hits` VALUE blocks (0: every key missed).
+    Values { hits: u32 },
+    Stored,
+    NotStored,
+    Exists,
+    NotFound,
+    Deleted,
+    Touched,
+    Ok,
+    /// The new value after `incr`/`decr`.
+    Number(u64),
+    Version,
+    /// `ERROR`, `CLIENT_ERROR ...` or `SERVER_ERROR ...`: the server refused;
+    /// the line is forwarded to the client as is.
+    Error,
+}
+
+/// A response that cannot be framed: the connection it came from is unusable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ResponseError {
+    #[error("unexpected reply line from server")]
+    Unexpected,
+    #[error("malformed VALUE line from server")]
+    BadValueLine,
+    #[error("value from server larger than the configured limit")]
+    ValueTooLarge,
+    #[error("value from server not terminated by CRLF")]
+    BadDataChunk,
+    #[error("reply line from server too long")]
+    LineTooLong,
+}
+
+/// A reply line longer than this without a newline is garbage: memcached's
+/// longest legitimate line (a VALUE header with a 250-byte key) is ~300 bytes,
+/// and its error lines are short.
+const MAX_RESPONSE_LINE: usize = 8192;
+
+/// Incremental response parser. A retrieval reply can be megabytes spread
+/// over many reads; the parser remembers how far it has validated so each
+/// byte is scanned once.
+#[derive(Debug, Default, Clone)]
+pub struct ResponseParser {
+    scanned: usize,
+    hits: u32,
+}
+
+impl ResponseParser {
+    pub fn new() -> ResponseParser {
+        ResponseParser::default()
+    }
+
+    /// Parses the response at the start of `buf`. On `Ok(Some((kind, n)))`
+    /// the response is `buf[..n]` and the parser is ready for the next one.
+    pub fn parse(
+        &mut self,
+        buf: &[u8],
+        expect: Expect,
+        max_value: usize,
+    ) -> Result<Option<(ResponseKind, usize)>, ResponseError> {
+        let r = if expect == Expect::Retrieval {
+            self.parse_retrieval(buf, max_value)
+        } else {
+            parse_line_reply(buf, expect)
+        };
+        if !matches!(r, Ok(None)) {
+            *self = ResponseParser::default();
+        }
+        r
+    }
+
+    fn parse_retrieval(
+        &mut self,
+        buf: &[u8],
+        max_value: usize,
+    ) -> Result<Option<(ResponseKind, usize)>, ResponseError> {
+        loop {
+            let rest = &buf[self.scanned..];
+            let Some(line) = line_at(rest)? else {
+                return Ok(None);
+            };
+            let line_end = self.scanned + line.len() + 2;
+            if line == b"END" {
+                return Ok(Some((ResponseKind::Values { hits: self.hits }, line_end)));
+            }
+            if let Some(header) = line.strip_prefix(b"VALUE ") {
+                let h = parse_value_header(header)?;
+                if h.len > max_value {
+                    return Err(ResponseError::ValueTooLarge);
+                }
+                let block_end = line_end + h.len + 2;
+                if buf.len() < block_end {
+                    return Ok(None);
+                }
+                if &buf[block_end - 2..block_end] != b"\r\n" {
+                    return Err(ResponseError::BadDataChunk);
+                }
+                self.scanned = block_end;
+                self.hits += 1;
+                continue;
+            }
+            if is_error_line(line) {
+                return Ok(Some((ResponseKind::Error, line_end)));
+            }
+            return Err(ResponseError::Unexpected);
+        }
+    }
+}
+
+/// Stateless form of [`ResponseParser::parse`], for tests and fuzzing.
+pub fn parse_response(
+    buf: &[u8],
+    expect: Expect,
+    max_value: usize,
+) -> Result<Option<(ResponseKind, usize)>, ResponseError> {
+    ResponseParser::new().parse(buf, expect, max_value)
+}
+
+/// The line at the start of `buf` without its `\r\n`, `None` if incomplete.
+fn line_at(buf: &[u8]) -> Result<Option<&[u8]>, ResponseError> {
+    match memchr::memchr(b'\n', buf) {
+        Some(nl) => {
+            if nl == 0 || buf[nl - 1] != b'\r' {
+                return Err(ResponseError::Unexpected);
+            }
+            Ok(Some(&buf[..nl - 1]))
+        }
+        None if buf.len() > MAX_RESPONSE_LINE => Err(ResponseError::LineTooLong),
+        None => Ok(None),
+    }
+}
+
+fn is_error_line(line: &[u8]) -> bool {
+    line == b"ERROR"
+        || line.starts_with(b"ERROR ")
+        || line.starts_with(b"CLIENT_ERROR ")
+        || line.starts_with(b"SERVER_ERROR ")
+}
+
+fn parse_line_reply(buf: &[u8], expect: Expect) -> Result<Option<(ResponseKind, usize)>, ResponseError> {
+    let Some(line) = line_at(buf)? else {
+        return Ok(None);
+    };
+    let n = line.len() + 2;
+    let kind = match (expect, line) {
+        (Expect::Storage, b"STORED") => ResponseKind::Stored,
+        (Expect::Storage, b"NOT_STORED") => ResponseKind::NotStored,
+        (Expect::Storage, b"EXISTS") => ResponseKind::Exists,
+        (Expect::Storage | Expect::Delete | Expect::Arith | Expect::Touch, b"NOT_FOUND") => {
+            ResponseKind::NotFound
+        }
+        (Expect::Delete, b"DELETED") => ResponseKind::Deleted,
+        (Expect::Touch, b"TOUCHED") => ResponseKind::Touched,
+        (Expect::Ok, b"OK") => ResponseKind::Ok,
+        (Expect::Version, l) if l.starts_with(b"VERSION ") => ResponseKind::Version,
+        (_, l) if is_error_line(l) => ResponseKind::Error,
+        (Expect::Arith, l) if !l.is_empty() && l.iter().all(u8::is_ascii_digit) => {
+            match parse_u64(l) {
+                Some(v) => ResponseKind::Number(v),
+                None => return Err(ResponseError::Unexpected),
+            }
+        }
+        _ => return Err(ResponseError::Unexpected),
+    };
+    Ok(Some((kind, n)))
+}
+
+/// The fields of a `VALUE <key> <flags> <bytes> [<cas>]` line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ValueHeader<'a> {
+    pub key: &'a [u8],
+    pub flags: u32,
+    pub len: usize,
+    pub cas: Option<u64>,
+}
+
+/// Parses what follows `VALUE ` on a value line.
+pub fn parse_value_header(header: &[u8]) -> Result<ValueHeader<'_>, ResponseError> {
+    let mut it = header.split(|&b| b == b' ');
+    let key = it.next().filter(|k| !k.is_empty()).ok_or(ResponseError::BadValueLine)?;
+    let flags = it
+        .next()
+        .and_then(parse_u32_wrapping)
+        .ok_or(ResponseError::BadValueLine)?;
+    let len = it
+        .next()
+        .filter(|t| !t.is_empty() && t.iter().all(u8::is_ascii_digit))
+        .and_then(parse_u64)
+        .ok_or(ResponseError::BadValueLine)?;
+    let cas = match it.next() {
+        Some(t) => Some(parse_u64(t).ok_or(ResponseError::BadValueLine)?),
+        None => None,
+    };
+    if it.next().is_some() {
+        return Err(ResponseError::BadValueLine);
+    }
+    let len = usize::try_from(len).map_err(|_| ResponseError::ValueTooLarge)?;
+    Ok(ValueHeader { key, flags, len, cas })
+}
+
+/// One `VALUE` block inside a complete retrieval response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ValueBlock<'a> {
+    pub header: ValueHeader<'a>,
+    /// Offsets of the whole block (header line through the data's `\r\n`).
+    pub start: usize,
+    pub end: usize,
+}
+
+/// Iterates over the VALUE blocks of a retrieval response that
+/// [`ResponseParser`] already validated. Stops at `END` (or at anything
+/// unexpected, which a validated response does not contain).
+#[derive(Debug, Clone)]
+pub struct ValueBlocks<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> ValueBlocks<'a> {
+    pub fn new(buf: &'a [u8]) -> ValueBlocks<'a> {
+        ValueBlocks { buf, pos: 0 }
+    }
+}
+
+impl<'a> Iterator for ValueBlocks<'a> {
+    type Item = ValueBlock<'a>;
+
+    fn next(&mut self) -> Option<ValueBlock<'a>> {
+        let rest = &self.buf[self.pos..];
+        let line = line_at(rest).ok()??;
+        let header = parse_value_header(line.strip_prefix(b"VALUE ")?).ok()?;
+        let start = self.pos;
+        let end = start + line.len() + 2 + header.len + 2;
+        if end > self.buf.len() {
+            return None;
+        }
+        self.pos = end;
+        Some(ValueBlock { header, start, end })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: usize = 1 << 20;
+
+    #[test]
+    fn retrieval_frames() {
+        let r = b"VALUE a 5 3\r\nabc\r\nVALUE b 0 0 77\r\n\r\nEND\r\nnext";
+        assert_eq!(
+            parse_response(r, Expect::Retrieval, MAX),
+            Ok(Some((ResponseKind::Values { hits: 2 }, r.len() - 4)))
+        );
+        let blocks: Vec<_> = ValueBlocks::new(r).collect();
+        assert_eq!(blocks.len(), 2);
+        assert_eq!(blocks[0].header.key, b"a");
+        assert_eq!(blocks[1].header.cas, Some(77));
+        assert_eq!(parse_response(b"END\r\n", Expect::Retrieval, MAX), Ok(Some((ResponseKind::Values { hits: 0 }, 5))));
+    }
+
+    #[test]
+    fn retrieval_incremental() {
+        let full = b"VALUE a 0 10\r\n0123456789\r\nEND\r\n";
+        let mut p = ResponseParser::new();
+        for cut in 0..full.len() {
+            assert_eq!(p.parse(&full[..cut], Expect::Retrieval, MAX), Ok(None), "cut {cut}");
+        }
+        assert_eq!(
+            p.parse(full, Expect::Retrieval, MAX),
+            Ok(Some((ResponseKind::Values { hits: 1 }, full.len())))
+        );
+    }
+
+    #[test]
+    fn misbehaving_servers() {
+        let bad: &[(&[u8], Expect, ResponseError)] = &[
+            (b"VALUE a 0 -1\r\n", Expect::Retrieval, ResponseError::BadValueLine),
+            (b"VALUE a 0 3\r\nabcd\r\n", Expect::Retrieval, ResponseError::BadDataChunk),
+            (b"VALUE a 0 99999999\r\n", Expect::Retrieval, ResponseError::ValueTooLarge),
+            (b"STORED\r\n", Expect::Retrieval, ResponseError::Unexpected),
+            (b"DELETED\r\n", Expect::Storage, ResponseError::Unexpected),
+            (b"STORED\n", Expect::Storage, ResponseError::Unexpected),
+            (b"12a\r\n", Expect::Arith, ResponseError::Unexpected),
+        ];
+        for (input, expect, err) in bad {
+            assert_eq!(parse_response(input, *expect, MAX), Err(*err), "{:?}", String::from_utf8_lossy(input));
+        }
+        let junk = vec![b'x'; MAX_RESPONSE_LINE + 1];
+        assert_eq!(parse_response(&junk, Expect::Storage, MAX), Err(ResponseError::LineTooLong));
+    }
+
+    #[test]
+    fn line_replies() {
+        let ok: &[(&[u8], Expect, ResponseKind)] = &[
+            (b"STORED\r\n", Expect::Storage, ResponseKind::Stored),
+            (b"NOT_STORED\r\n", Expect::Storage, ResponseKind::NotStored),
+            (b"EXISTS\r\n", Expect::Storage, ResponseKind::Exists),
+            (b"NOT_FOUND\r\n", Expect::Storage, ResponseKind::NotFound),
+            (b"DELETED\r\n", Expect::Delete, ResponseKind::Deleted),
+            (b"TOUCHED\r\n", Expect::Touch, ResponseKind::Touched),
+            (b"OK\r\n", Expect::Ok, ResponseKind::Ok),
+            (b"42\r\n", Expect::Arith, ResponseKind::Number(42)),
+            (b"VERSION 1.6.18\r\n", Expect::Version, ResponseKind::Version),
+            (b"SERVER_ERROR out of memory\r\n", Expect::Storage, ResponseKind::Error),
+            (b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n", Expect::Arith, ResponseKind::Error),
+            (b"ERROR\r\n", Expect::Touch, ResponseKind::Error),
+        ];
+        for (input, expect, kind) in ok {
+            assert_eq!(parse_response(input, *expect, MAX), Ok(Some((*kind, input.len()))));
+        }
+    }
+}
