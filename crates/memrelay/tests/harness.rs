@@ -66,7 +66,10 @@ fn stop_freezes_and_cont_resumes() {
     assert!(r.bytes.starts_with(b"STORED\r\n"), "{r:?}");
     assert_eq!(get(&m.addr(), "k"), b"VALUE k 0 1\r\nv\r\nEND\r\n");
     // The connection is still usable after the timeout.
-    assert_eq!(c.exchange(b"get k\r\n").bytes, b"VALUE k 0 1\r\nv\r\nEND\r\n");
+    assert_eq!(
+        c.exchange(b"get k\r\n").bytes,
+        b"VALUE k 0 1\r\nv\r\nEND\r\n"
+    );
 }
 
 #[test]

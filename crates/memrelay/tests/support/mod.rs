@@ -405,11 +405,14 @@ impl Memrelay {
                     ));
                 }
                 (false, None) => {
+                    // Not a port race (that exits early): retrying would
+                    // only multiply the wait.
                     kill_and_reap(&mut child);
                     let out = String::from_utf8_lossy(&log.lock().expect("log")).into_owned();
-                    failures.push(format!(
-                        "port {port} not accepting within {START_DEADLINE:?}; output:\n{out}"
-                    ));
+                    panic!(
+                        "memrelay {args:?}: port {port} not accepting connections within \
+                         {START_DEADLINE:?}; output:\n{out}"
+                    );
                 }
             }
         }
