@@ -122,7 +122,15 @@ mod tests {
         let input = b"cas  k   1 2 3 44 noreply\r\nabc\r\n";
         let (req, _) = parse_request(input, &Limits::default()).unwrap().unwrap();
         let mut out = Vec::new();
-        storage_line(&mut out, req.command, req.key.of(input), req.flags, req.exptime, req.value.len as usize, req.cas);
+        storage_line(
+            &mut out,
+            req.command,
+            req.key.of(input),
+            req.flags,
+            req.exptime,
+            req.value.len as usize,
+            req.cas,
+        );
         assert_eq!(out, b"cas k 1 2 3 44\r\n");
         let mut out = Vec::new();
         retrieval(&mut out, Command::Gat, -1, [&b"a"[..], b"b"]);

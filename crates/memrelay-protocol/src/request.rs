@@ -74,7 +74,10 @@ pub enum Command {
 
 impl Command {
     pub fn is_retrieval(self) -> bool {
-        matches!(self, Command::Get | Command::Gets | Command::Gat | Command::Gats)
+        matches!(
+            self,
+            Command::Get | Command::Gets | Command::Gat | Command::Gats
+        )
     }
 
     pub fn is_storage(self) -> bool {
@@ -445,7 +448,9 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Parsed>, Requ
             req.noreply = t.noreply(line);
             let key = t.spans[1];
             if key.len as usize > KEY_MAX_LENGTH {
-                return Err(RequestError::at(ErrorKind::BadFormat, consumed_line).noreply(req.noreply));
+                return Err(
+                    RequestError::at(ErrorKind::BadFormat, consumed_line).noreply(req.noreply)
+                );
             }
             req.key = key;
             req.delta = match parse_u64(t.get(line, 2)) {
@@ -464,7 +469,9 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Parsed>, Requ
             req.noreply = t.noreply(line);
             let key = t.spans[1];
             if key.len as usize > KEY_MAX_LENGTH {
-                return Err(RequestError::at(ErrorKind::BadFormat, consumed_line).noreply(req.noreply));
+                return Err(
+                    RequestError::at(ErrorKind::BadFormat, consumed_line).noreply(req.noreply)
+                );
             }
             req.key = key;
             req.exptime = match parse_i32(t.get(line, 2)) {
@@ -487,12 +494,16 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Parsed>, Requ
                     || (ntokens == 5 && hold_is_zero && noreply);
                 req.noreply = noreply;
                 if !valid {
-                    return Err(RequestError::at(ErrorKind::DeleteUsage, consumed_line).noreply(noreply));
+                    return Err(
+                        RequestError::at(ErrorKind::DeleteUsage, consumed_line).noreply(noreply)
+                    );
                 }
             }
             let key = t.spans[1];
             if key.len as usize > KEY_MAX_LENGTH {
-                return Err(RequestError::at(ErrorKind::BadFormat, consumed_line).noreply(req.noreply));
+                return Err(
+                    RequestError::at(ErrorKind::BadFormat, consumed_line).noreply(req.noreply)
+                );
             }
             req.key = key;
             Ok(Some((req, consumed_line)))
@@ -522,7 +533,9 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Parsed>, Requ
             req.delta = match parse_u32_wrapping(t.get(line, 1)) {
                 Some(l) => u64::from(l),
                 None => {
-                    return Err(RequestError::at(ErrorKind::BadFormat, consumed_line).noreply(req.noreply))
+                    return Err(
+                        RequestError::at(ErrorKind::BadFormat, consumed_line).noreply(req.noreply)
+                    )
                 }
             };
             Ok(Some((req, consumed_line)))
@@ -634,7 +647,10 @@ mod tests {
     fn kind(input: &[u8]) -> ErrorKind {
         match parse(input) {
             Err(e) => e.kind,
-            other => panic!("expected an error for {:?}, got {other:?}", String::from_utf8_lossy(input)),
+            other => panic!(
+                "expected an error for {:?}, got {other:?}",
+                String::from_utf8_lossy(input)
+            ),
         }
     }
 
@@ -700,7 +716,12 @@ mod tests {
             (b"shutdown\r\n", ErrorKind::ShutdownDisabled),
         ];
         for (input, expected) in table {
-            assert_eq!(kind(input), *expected, "input {:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                kind(input),
+                *expected,
+                "input {:?}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 
@@ -737,7 +758,10 @@ mod tests {
             max_get_line_len: 2500,
             ..Limits::default()
         };
-        assert_eq!(parse_request(&get, &small).unwrap_err().kind, ErrorKind::LineTooLong);
+        assert_eq!(
+            parse_request(&get, &small).unwrap_err().kind,
+            ErrorKind::LineTooLong
+        );
     }
 
     #[test]

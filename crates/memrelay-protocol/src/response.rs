@@ -32,7 +32,9 @@ pub enum Expect {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ResponseKind {
     /// `END`, after `hits` VALUE blocks (0: every key missed).
-    Values { hits: u32 },
+    Values {
+        hits: u32,
+    },
     Stored,
     NotStored,
     Exists,
@@ -169,7 +171,10 @@ fn is_error_line(line: &[u8]) -> bool {
         || line.starts_with(b"SERVER_ERROR ")
 }
 
-fn parse_line_reply(buf: &[u8], expect: Expect) -> Result<Option<(ResponseKind, usize)>, ResponseError> {
+fn parse_line_reply(
+    buf: &[u8],
+    expect: Expect,
+) -> Result<Option<(ResponseKind, usize)>, ResponseError> {
     let Some(line) = line_at(buf)? else {
         return Ok(None);
     };
@@ -209,7 +214,10 @@ pub struct ValueHeader<'a> {
 /// Parses what follows `VALUE ` on a value line.
 pub fn parse_value_header(header: &[u8]) -> Result<ValueHeader<'_>, ResponseError> {
     let mut it = header.split(|&b| b == b' ');
-    let key = it.next().filter(|k| !k.is_empty()).ok_or(ResponseError::BadValueLine)?;
+    let key = it
+        .next()
+        .filter(|k| !k.is_empty())
+        .ok_or(ResponseError::BadValueLine)?;
     let flags = it
         .next()
         .and_then(parse_u32_wrapping)
@@ -227,7 +235,12 @@ pub fn parse_value_header(header: &[u8]) -> Result<ValueHeader<'_>, ResponseErro
         return Err(ResponseError::BadValueLine);
     }
     let len = usize::try_from(len).map_err(|_| ResponseError::ValueTooLarge)?;
-    Ok(ValueHeader { key, flags, len, cas })
+    Ok(ValueHeader {
+        key,
+        flags,
+        len,
+        cas,
+    })
 }
 
 /// One `VALUE` block inside a complete retrieval response.
@@ -288,7 +301,10 @@ mod tests {
         assert_eq!(blocks.len(), 2);
         assert_eq!(blocks[0].header.key, b"a");
         assert_eq!(blocks[1].header.cas, Some(77));
-        assert_eq!(parse_response(b"END\r\n", Expect::Retrieval, MAX), Ok(Some((ResponseKind::Values { hits: 0 }, 5))));
+        assert_eq!(
+            parse_response(b"END\r\n", Expect::Retrieval, MAX),
+            Ok(Some((ResponseKind::Values { hits: 0 }, 5)))
+        );
     }
 
     #[test]
@@ -296,7 +312,11 @@ mod tests {
         let full = b"VALUE a 0 10\r\n0123456789\r\nEND\r\n";
         let mut p = ResponseParser::new();
         for cut in 0..full.len() {
-            assert_eq!(p.parse(&full[..cut], Expect::Retrieval, MAX), Ok(None), "cut {cut}");
+            assert_eq!(
+                p.parse(&full[..cut], Expect::Retrieval, MAX),
+                Ok(None),
+                "cut {cut}"
+            );
         }
         assert_eq!(
             p.parse(full, Expect::Retrieval, MAX),
@@ -307,19 +327,39 @@ mod tests {
     #[test]
     fn misbehaving_servers() {
         let bad: &[(&[u8], Expect, ResponseError)] = &[
-            (b"VALUE a 0 -1\r\n", Expect::Retrieval, ResponseError::BadValueLine),
-            (b"VALUE a 0 3\r\nabcd\r\n", Expect::Retrieval, ResponseError::BadDataChunk),
-            (b"VALUE a 0 99999999\r\n", Expect::Retrieval, ResponseError::ValueTooLarge),
+            (
+                b"VALUE a 0 -1\r\n",
+                Expect::Retrieval,
+                ResponseError::BadValueLine,
+            ),
+            (
+                b"VALUE a 0 3\r\nabcd\r\n",
+                Expect::Retrieval,
+                ResponseError::BadDataChunk,
+            ),
+            (
+                b"VALUE a 0 99999999\r\n",
+                Expect::Retrieval,
+                ResponseError::ValueTooLarge,
+            ),
             (b"STORED\r\n", Expect::Retrieval, ResponseError::Unexpected),
             (b"DELETED\r\n", Expect::Storage, ResponseError::Unexpected),
             (b"STORED\n", Expect::Storage, ResponseError::Unexpected),
             (b"12a\r\n", Expect::Arith, ResponseError::Unexpected),
         ];
         for (input, expect, err) in bad {
-            assert_eq!(parse_response(input, *expect, MAX), Err(*err), "{:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                parse_response(input, *expect, MAX),
+                Err(*err),
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
         }
         let junk = vec![b'x'; MAX_RESPONSE_LINE + 1];
-        assert_eq!(parse_response(&junk, Expect::Storage, MAX), Err(ResponseError::LineTooLong));
+        assert_eq!(
+            parse_response(&junk, Expect::Storage, MAX),
+            Err(ResponseError::LineTooLong)
+        );
     }
 
     #[test]
@@ -333,13 +373,28 @@ mod tests {
             (b"TOUCHED\r\n", Expect::Touch, ResponseKind::Touched),
             (b"OK\r\n", Expect::Ok, ResponseKind::Ok),
             (b"42\r\n", Expect::Arith, ResponseKind::Number(42)),
-            (b"VERSION 1.6.18\r\n", Expect::Version, ResponseKind::Version),
-            (b"SERVER_ERROR out of memory\r\n", Expect::Storage, ResponseKind::Error),
-            (b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n", Expect::Arith, ResponseKind::Error),
+            (
+                b"VERSION 1.6.18\r\n",
+                Expect::Version,
+                ResponseKind::Version,
+            ),
+            (
+                b"SERVER_ERROR out of memory\r\n",
+                Expect::Storage,
+                ResponseKind::Error,
+            ),
+            (
+                b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n",
+                Expect::Arith,
+                ResponseKind::Error,
+            ),
             (b"ERROR\r\n", Expect::Touch, ResponseKind::Error),
         ];
         for (input, expect, kind) in ok {
-            assert_eq!(parse_response(input, *expect, MAX), Ok(Some((*kind, input.len()))));
+            assert_eq!(
+                parse_response(input, *expect, MAX),
+                Ok(Some((*kind, input.len())))
+            );
         }
     }
 }

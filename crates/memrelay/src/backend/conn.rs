@@ -1,0 +1,299 @@
+//! One pipelined connection to a memcached server.
+//!
+//! Senders append request bytes to the connection's output queue and a
+//! record to its FIFO of requests in flight, then wake the connection's task.
+//! The task writes everything queued in one go (so requests from many
+//! clients share a system call), reads replies, frames each one against the
+//! request at the front of the FIFO, and hands it to that request's sink.
+//!
+//! Failure rules (a connection is never reused after any of these):
+//! - connect fails or times out: every queued request fails, *unsent*;
+//! - the front request's deadline passes: every request fails (timeout);
+//! - the server closes, errors, or sends bytes that do not frame as the reply
+//!   the front request expects (including bytes when nothing is in flight):
+//!   every request fails.
+//!
+//! A request is *sent* once all its bytes were written; one that was only
+//! partly written cannot have been executed by memcached (it waits for the
+//! rest), so it counts as unsent.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use memrelay_protocol::response::ResponseParser;
+use memrelay_protocol::Expect;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::time::{sleep_until, Instant};
+
+use super::health::Health;
+use super::{BackendError, BackendReply, BackendSettings, Failure, ReplyTo};
+use crate::net::notify::LocalNotify;
+use crate::net::outqueue::OutQueue;
+
+/// Read buffer growth step.
+const READ_CHUNK: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Connecting,
+    Ready,
+    Closed,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    expect: Expect,
+    reply: ReplyTo,
+    deadline: Instant,
+    /// Offset in the connection's byte stream just past this request.
+    end: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    server: usize,
+    state: Cell<State>,
+    out: RefCell<OutQueue>,
+    inflight: RefCell<VecDeque<InFlight>>,
+    /// Bytes ever queued / ever written on this connection.
+    queued: Cell<u64>,
+    written: Cell<u64>,
+    wake: LocalNotify,
+    health: Arc<Health>,
+    settings: Rc<BackendSettings>,
+}
+
+/// A handle to a connection; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    inner: Rc<Inner>,
+}
+
+impl Conn {
+    /// Starts connecting in the background; requests can be queued at once.
+    pub fn open(
+        server: usize,
+        addr: SocketAddr,
+        health: Arc<Health>,
+        settings: Rc<BackendSettings>,
+    ) -> Conn {
+        let inner = Rc::new(Inner {
+            server,
+            state: Cell::new(State::Connecting),
+            out: RefCell::new(OutQueue::new()),
+            inflight: RefCell::new(VecDeque::new()),
+            queued: Cell::new(0),
+            written: Cell::new(0),
+            wake: LocalNotify::default(),
+            health,
+            settings,
+        });
+        tokio::task::spawn_local(drive(inner.clone(), addr));
+        Conn { inner }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.inner.state.get() == State::Closed
+    }
+
+    /// Queues a request: `write` appends its line, then `value` (a storage
+    /// command's data block, without `\r\n`) follows, by reference when large.
+    pub fn send(
+        &self,
+        expect: Expect,
+        reply: ReplyTo,
+        write: impl FnOnce(&mut BytesMut),
+        value: Option<bytes::Bytes>,
+    ) -> Result<(), BackendError> {
+        let inner = &self.inner;
+        let mut inflight = inner.inflight.borrow_mut();
+        if inflight.len() >= inner.settings.max_inflight {
+            return Err(BackendError::unsent(Failure::Overloaded));
+        }
+        let mut out = inner.out.borrow_mut();
+        let before = out.len();
+        out.compose(write);
+        if let Some(v) = value {
+            out.put_bytes(v);
+            out.put_slice(b"\r\n");
+        }
+        let end = inner.queued.get() + (out.len() - before) as u64;
+        inner.queued.set(end);
+        inflight.push_back(InFlight {
+            expect,
+            reply,
+            deadline: Instant::now() + inner.settings.timeout,
+            end,
+        });
+        drop(out);
+        drop(inflight);
+        inner.wake.notify();
+        Ok(())
+    }
+}
+
+/// The connection's task: connect, then write and read until it fails.
+async fn drive(inner: Rc<Inner>, addr: SocketAddr) {
+    let settings = inner.settings.clone();
+    let stream =
+        match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(server = inner.server, error = %e, "connect failed");
+                return fail(&inner, Failure::Connect);
+            }
+            Err(_) => return fail(&inner, Failure::Connect),
+        };
+    let _ = stream.set_nodelay(true);
+    inner.state.set(State::Ready);
+
+    let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
+    let mut parser = ResponseParser::new();
+    let timer = sleep_until(Instant::now());
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
+
+    loop {
+        // Write whatever is queued; most of the time the socket takes it all.
+        if let Err(f) = flush(&inner, &stream) {
+            return fail(&inner, f);
+        }
+        let want_write = !inner.out.borrow().is_empty();
+        let front_deadline = inner.inflight.borrow().front().map(|f| f.deadline);
+        if front_deadline != armed {
+            if let Some(d) = front_deadline {
+                timer.as_mut().reset(d);
+            }
+            armed = front_deadline;
+        }
+        let interest = if want_write {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        tokio::select! {
+            biased;
+            ready = stream.ready(interest) => {
+                let ready = match ready {
+                    Ok(r) => r,
+                    Err(_) => return fail(&inner, Failure::Io),
+                };
+                if ready.is_readable() {
+                    match read_and_dispatch(&inner, &stream, &mut rbuf, &mut parser) {
+                        Ok(true) => {}
+                        Ok(false) => return close_quietly(&inner),
+                        Err(f) => return fail(&inner, f),
+                    }
+                }
+            }
+            _ = inner.wake.notified() => {}
+            _ = &mut timer, if armed.is_some() => {
+                let expired = inner.inflight.borrow().front().map(|f| f.deadline <= Instant::now()).unwrap_or(false);
+                if expired {
+                    return fail(&inner, Failure::Timeout);
+                }
+                armed = None;
+            }
+        }
+    }
+}
+
+/// Writes queued bytes without blocking.
+fn flush(inner: &Inner, stream: &TcpStream) -> Result<(), Failure> {
+    let mut out = inner.out.borrow_mut();
+    if out.is_empty() {
+        return Ok(());
+    }
+    match out.write_to(|iov| stream.try_write_vectored(iov)) {
+        Ok(n) => {
+            inner.written.set(inner.written.get() + n as u64);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+        Err(_) => Err(Failure::Io),
+    }
+}
+
+/// Reads what is available and hands out every complete reply. Returns
+/// `Ok(false)` when the server closed an idle connection cleanly.
+fn read_and_dispatch(
+    inner: &Inner,
+    stream: &TcpStream,
+    rbuf: &mut BytesMut,
+    parser: &mut ResponseParser,
+) -> Result<bool, Failure> {
+    loop {
+        if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
+            rbuf.reserve(READ_CHUNK);
+        }
+        match stream.try_read_buf(rbuf) {
+            Ok(0) => {
+                if inner.inflight.borrow().is_empty() && rbuf.is_empty() {
+                    return Ok(false);
+                }
+                return Err(Failure::Closed);
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return Err(Failure::Io),
+        }
+    }
+    let max_value = inner.settings.max_value_len;
+    while !rbuf.is_empty() {
+        let expect = match inner.inflight.borrow().front() {
+            Some(f) => f.expect,
+            // Bytes nobody asked for: the stream can no longer be trusted.
+            None => {
+                return Err(Failure::Protocol(
+                    memrelay_protocol::ResponseError::Unexpected,
+                ))
+            }
+        };
+        match parser.parse(rbuf, expect, max_value) {
+            Ok(Some((kind, n))) => {
+                let bytes = rbuf.split_to(n).freeze();
+                let Some(f) = inner.inflight.borrow_mut().pop_front() else {
+                    break;
+                };
+                inner.health.record_success();
+                f.reply.deliver(Ok(BackendReply { kind, bytes }));
+            }
+            Ok(None) => break,
+            Err(e) => return Err(Failure::Protocol(e)),
+        }
+    }
+    Ok(true)
+}
+
+/// The server closed an idle connection (a restart, an idle timeout): not a
+/// failure of any request.
+fn close_quietly(inner: &Inner) {
+    inner.state.set(State::Closed);
+    inner.out.borrow_mut().clear();
+}
+
+/// Fails every request on the connection and closes it for good.
+fn fail(inner: &Inner, failure: Failure) {
+    inner.state.set(State::Closed);
+    inner.out.borrow_mut().clear();
+    let had_requests = !inner.inflight.borrow().is_empty();
+    if had_requests || failure == Failure::Connect {
+        inner
+            .health
+            .record_failure(inner.settings.failure_limit, &failure);
+    }
+    let written = inner.written.get();
+    loop {
+        let Some(f) = inner.inflight.borrow_mut().pop_front() else {
+            break;
+        };
+        let sent = failure != Failure::Connect && f.end <= written;
+        f.reply.deliver(Err(BackendError { failure, sent }));
+    }
+}

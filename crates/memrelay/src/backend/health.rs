@@ -1,0 +1,66 @@
+//! Whether a server is up, shared by every worker thread.
+//!
+//! A server is marked down after `failure_limit` consecutive failures (a
+//! failed connect, a timeout, a broken reply: each failed connection counts
+//! once, however many requests it carried) and up again when a probe
+//! succeeds. Marking is rare and done with atomics; the hot path only loads
+//! one flag. A state change is logged once, by whoever made it.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+#[derive(Debug)]
+pub struct Health {
+    pub name: String,
+    down: AtomicBool,
+    consecutive_failures: AtomicU32,
+    /// Times this server was marked down (for `stats`).
+    pub downs: AtomicU64,
+    /// Failed connections or requests, in total (for `stats`).
+    pub failures: AtomicU64,
+}
+
+impl Health {
+    pub fn new(name: String) -> Health {
+        Health {
+            name,
+            down: AtomicBool::new(false),
+            consecutive_failures: AtomicU32::new(0),
+            downs: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        }
+    }
+
+    #[inline]
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
+    }
+
+    /// A reply arrived: the streak of failures is over.
+    #[inline]
+    pub fn record_success(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A connection failed. Returns true if this marked the server down.
+    pub fn record_failure(&self, limit: u32, why: &dyn std::fmt::Display) -> bool {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= limit && !self.down.swap(true, Ordering::AcqRel) {
+            self.downs.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(server = %self.name, failures = n, reason = %why, "server marked down");
+            return true;
+        }
+        tracing::debug!(server = %self.name, failures = n, reason = %why, "server failure");
+        false
+    }
+
+    /// A probe succeeded: serve from this server again.
+    pub fn mark_up(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        if self.down.swap(false, Ordering::AcqRel) {
+            tracing::warn!(server = %self.name, "server marked up");
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Connections to memcached servers.
+//!
+//! Each worker thread keeps, per server, a few persistent connections
+//! ([`ServerPool`]); each connection carries many requests at once
+//! (pipelined) and matches replies to a FIFO of requests in flight
+//! ([`conn`]). A connection that saw an error, a timeout or stray bytes is
+//! closed and never reused. Whether a server is up is shared by all workers
+//! ([`health`]), so a dead server is failed fast everywhere at once.
+
+pub mod conn;
+pub mod health;
+pub mod probe;
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use memrelay_protocol::{Expect, ResponseError, ResponseKind};
+
+use self::conn::Conn;
+use self::health::Health;
+
+/// A complete reply from a server.
+#[derive(Debug, Clone)]
+pub struct BackendReply {
+    pub kind: ResponseKind,
+    /// The reply exactly as the server sent it.
+    pub bytes: Bytes,
+}
+
+/// Why a request to a server failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    #[error("server is marked down")]
+    Down,
+    #[error("cannot connect to server")]
+    Connect,
+    #[error("server timed out")]
+    Timeout,
+    #[error("server closed the connection")]
+    Closed,
+    #[error("{0}")]
+    Protocol(ResponseError),
+    #[error("network error talking to server")]
+    Io,
+    #[error("too many requests queued for server")]
+    Overloaded,
+}
+
+/// A failed request, classified for retry decisions: a request that was
+/// never (fully) sent cannot have been applied, so it is always safe to send
+/// elsewhere; one that was sent may have been applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendError {
+    pub failure: Failure,
+    pub sent: bool,
+}
+
+impl BackendError {
+    pub fn unsent(failure: Failure) -> BackendError {
+        BackendError {
+            failure,
+            sent: false,
+        }
+    }
+
+    /// The `SERVER_ERROR` line a client gets for this failure.
+    pub fn reply(&self) -> &'static [u8] {
+        match self.failure {
+            Failure::Down => b"SERVER_ERROR server is marked down\r\n",
+            Failure::Connect => b"SERVER_ERROR cannot connect to server\r\n",
+            Failure::Timeout => b"SERVER_ERROR server timed out\r\n",
+            Failure::Closed => b"SERVER_ERROR server closed the connection\r\n",
+            Failure::Protocol(_) => b"SERVER_ERROR bad reply from server\r\n",
+            Failure::Io => b"SERVER_ERROR network error talking to server\r\n",
+            Failure::Overloaded => b"SERVER_ERROR too many requests queued for server\r\n",
+        }
+    }
+}
+
+pub type BackendResult = Result<BackendReply, BackendError>;
+
+/// Where a reply goes. The session (or a background task) that sent the
+/// request implements it; `token` and `part` say which request and which of
+/// its sub-requests the reply belongs to.
+pub trait Sink {
+    fn deliver(&self, token: u64, part: u32, result: BackendResult);
+}
+
+#[derive(Clone)]
+pub struct ReplyTo {
+    pub sink: Rc<dyn Sink>,
+    pub token: u64,
+    pub part: u32,
+}
+
+impl std::fmt::Debug for ReplyTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReplyTo({}, {})", self.token, self.part)
+    }
+}
+
+impl ReplyTo {
+    pub fn deliver(self, result: BackendResult) {
+        self.sink.deliver(self.token, self.part, result);
+    }
+}
+
+/// Settings every connection to servers needs.
+#[derive(Debug, Clone)]
+pub struct BackendSettings {
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub failure_limit: u32,
+    /// Largest value accepted in a reply (a bigger one is a broken server).
+    pub max_value_len: usize,
+    /// Most requests queued or in flight on one connection.
+    pub max_inflight: usize,
+}
+
+/// One server as seen by one worker thread: its connections and shared health.
+#[derive(Debug)]
+pub struct ServerPool {
+    pub index: usize,
+    pub name: String,
+    addr: SocketAddr,
+    conns: RefCell<Vec<Option<Conn>>>,
+    next: Cell<usize>,
+    health: Arc<Health>,
+    settings: Rc<BackendSettings>,
+}
+
+impl ServerPool {
+    pub fn new(
+        index: usize,
+        name: String,
+        addr: SocketAddr,
+        nconns: usize,
+        health: Arc<Health>,
+        settings: Rc<BackendSettings>,
+    ) -> ServerPool {
+        ServerPool {
+            index,
+            name,
+            addr,
+            conns: RefCell::new((0..nconns.max(1)).map(|_| None).collect()),
+            next: Cell::new(0),
+            health,
+            settings,
+        }
+    }
+
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.health.is_down()
+    }
+
+    /// Queues a request: `write` appends its bytes. Fails at once, with
+    /// nothing sent, when the server is marked down or overloaded; otherwise
+    /// the reply (or failure) reaches `reply` later.
+    pub fn send(
+        &self,
+        expect: Expect,
+        reply: ReplyTo,
+        write: impl FnOnce(&mut BytesMut),
+        value: Option<Bytes>,
+    ) -> Result<(), BackendError> {
+        if self.health.is_down() {
+            return Err(BackendError::unsent(Failure::Down));
+        }
+        let conn = self.pick();
+        conn.send(expect, reply, write, value)
+    }
+
+    /// Round-robin over the connections, replacing closed ones.
+    fn pick(&self) -> Conn {
+        let mut conns = self.conns.borrow_mut();
+        let n = conns.len();
+        let i = self.next.get() % n;
+        self.next.set(i.wrapping_add(1));
+        match &conns[i] {
+            Some(c) if !c.is_closed() => c.clone(),
+            _ => {
+                let c = Conn::open(
+                    self.index,
+                    self.addr,
+                    self.health.clone(),
+                    self.settings.clone(),
+                );
+                conns[i] = Some(c.clone());
+                c
+            }
+        }
+    }
+}

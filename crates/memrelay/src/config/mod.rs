@@ -1,0 +1,243 @@
+//! Configuration: one validated, immutable [`Config`] built from the command
+//! line (magent-compatible flags plus long options).
+//!
+//! Everything here is checked before a socket is bound: an operator who
+//! mistypes a flag gets one line naming it and exit code 64 (`EX_USAGE`),
+//! never a half-started proxy.
+
+pub mod cli;
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use memrelay_protocol::Limits;
+
+/// How keys are spread over the servers of one tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HashKind {
+    /// Consistent hashing, byte-for-byte twemproxy's `distribution: ketama`
+    /// with `hash: md5` (and libmemcached's for ports other than 11211).
+    Ketama,
+    /// MD5-based key hash modulo the number of servers (twemproxy's
+    /// `distribution: modula` with `hash: md5`).
+    Modula,
+    /// magent's default: djb2-style hash over signed chars, modulo N.
+    Magent,
+}
+
+impl HashKind {
+    pub fn parse(s: &str) -> Option<HashKind> {
+        match s {
+            "ketama" => Some(HashKind::Ketama),
+            "modula" => Some(HashKind::Modula),
+            "magent" => Some(HashKind::Magent),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for HashKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HashKind::Ketama => "ketama",
+            HashKind::Modula => "modula",
+            HashKind::Magent => "magent",
+        })
+    }
+}
+
+/// A memcached server as the operator named it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerAddr {
+    /// `host:port` exactly as given (brackets kept for IPv6). Used in logs,
+    /// `stats`, and as the ketama name so other proxies and clients agree.
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    /// Resolved at start-up; the first address is used.
+    pub addr: SocketAddr,
+}
+
+impl ServerAddr {
+    /// Parses `host:port`, `[v6]:port`, resolving the host.
+    pub fn parse(s: &str) -> Result<ServerAddr, String> {
+        let (host, port) = split_host_port(s).ok_or_else(|| format!("'{s}' is not host:port"))?;
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("'{s}': port must be 1-65535"))?;
+        if host.is_empty() {
+            return Err(format!("'{s}': missing host"));
+        }
+        let addr = (host, port)
+            .to_socket_addrs()
+            .map_err(|e| format!("'{s}': cannot resolve host: {e}"))?
+            .next()
+            .ok_or_else(|| format!("'{s}': host has no address"))?;
+        Ok(ServerAddr {
+            name: s.to_string(),
+            host: host.to_string(),
+            port,
+            addr,
+        })
+    }
+
+    /// The string ketama hashes for this server: twemproxy (and libmemcached)
+    /// leave out the port when it is memcached's default, 11211.
+    pub fn ketama_name(&self) -> String {
+        if self.port == 11211 {
+            let host = self
+                .name
+                .rsplit_once(':')
+                .map(|(h, _)| h)
+                .unwrap_or(&self.name);
+            host.to_string()
+        } else {
+            self.name.clone()
+        }
+    }
+}
+
+/// Splits `host:port` / `[v6]:port`; `None` when there is no port.
+fn split_host_port(s: &str) -> Option<(&str, &str)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = after.strip_prefix(':')?;
+        return Some((host, port));
+    }
+    let (host, port) = s.rsplit_once(':')?;
+    if host.contains(':') {
+        // A bare IPv6 address with a port is ambiguous: require brackets.
+        return None;
+    }
+    Some((host, port))
+}
+
+/// Where memrelay accepts clients.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    Unix { path: PathBuf, mode: u32 },
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "{a}"),
+            Listen::Unix { path, mode } => write!(f, "unix:{} (mode {mode:o})", path.display()),
+        }
+    }
+}
+
+/// The validated configuration the proxy runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: Vec<Listen>,
+    /// `-s`: primaries, in order (order matters for `modula` and `magent`).
+    pub primaries: Vec<ServerAddr>,
+    /// `-b`: backups, one tier.
+    pub backups: Vec<ServerAddr>,
+    pub hash: HashKind,
+    /// `-n`: most client connections at once.
+    pub max_conns: usize,
+    pub threads: usize,
+    /// `-i`: persistent connections per server, per worker thread.
+    pub backend_conns: usize,
+    pub connect_timeout: Duration,
+    /// Longest wait for a server's reply before the request fails.
+    pub timeout: Duration,
+    /// Consecutive failures that mark a server down.
+    pub failure_limit: u32,
+    /// Ask the backup when the primary misses (HA read fallback).
+    pub miss_fallback: bool,
+    pub limits: Limits,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub daemonize: bool,
+    pub verbosity: u8,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: Vec::new(),
+            primaries: Vec::new(),
+            backups: Vec::new(),
+            hash: HashKind::Ketama,
+            max_conns: 4096,
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            backend_conns: 1,
+            connect_timeout: Duration::from_millis(300),
+            timeout: Duration::from_millis(500),
+            failure_limit: 3,
+            miss_fallback: true,
+            limits: Limits::default(),
+            user: None,
+            group: None,
+            daemonize: false,
+            verbosity: 0,
+        }
+    }
+}
+
+impl Config {
+    /// Every server, primaries first then backups: the index space that
+    /// per-server state (pools, health, stats) is kept in.
+    pub fn servers(&self) -> impl Iterator<Item = &ServerAddr> {
+        self.primaries.iter().chain(self.backups.iter())
+    }
+}
+
+/// Parses a duration: `250ms`, `2s`, or a bare number of milliseconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000)
+    } else {
+        (s, 1)
+    };
+    let n: u64 = num.parse().ok()?;
+    let ms = n.checked_mul(mult)?;
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_addresses() {
+        let s = ServerAddr::parse("127.0.0.1:11212").unwrap();
+        assert_eq!(s.port, 11212);
+        assert_eq!(s.ketama_name(), "127.0.0.1:11212");
+        assert_eq!(
+            ServerAddr::parse("127.0.0.1:11211").unwrap().ketama_name(),
+            "127.0.0.1"
+        );
+        assert_eq!(
+            ServerAddr::parse("[::1]:11300").unwrap().addr,
+            "[::1]:11300".parse().unwrap()
+        );
+        assert!(ServerAddr::parse("localhost:11211").is_ok());
+        assert!(ServerAddr::parse("127.0.0.1").is_err());
+        assert!(ServerAddr::parse("127.0.0.1:0").is_err());
+        assert!(ServerAddr::parse("127.0.0.1:99999").is_err());
+        assert!(ServerAddr::parse("::1:11211").is_err());
+        assert!(ServerAddr::parse(":11211").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("40"), Some(Duration::from_millis(40)));
+        assert_eq!(parse_duration("0"), None);
+        assert_eq!(parse_duration("x"), None);
+    }
+}

@@ -1,0 +1,139 @@
+//! Sockets: listening, accepting within the connection limit, and the
+//! byte-queue and wake-up helpers the sessions and backends share.
+
+pub mod notify;
+pub mod outqueue;
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Listen;
+use crate::proxy::{session, Worker};
+
+/// memcached's words when it is over its connection limit.
+const TOO_MANY: &[u8] = b"ERROR Too many open connections\r\n";
+
+/// A bound listening socket, not yet attached to any runtime, so that each
+/// worker thread can register its own copy.
+#[derive(Debug)]
+pub enum BoundListener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+impl BoundListener {
+    /// Binds (before privileges are dropped).
+    pub fn bind(listen: &Listen) -> io::Result<BoundListener> {
+        match listen {
+            Listen::Tcp(addr) => {
+                let domain = socket2::Domain::for_address(*addr);
+                let s = socket2::Socket::new(
+                    domain,
+                    socket2::Type::STREAM,
+                    Some(socket2::Protocol::TCP),
+                )?;
+                s.set_reuse_address(true)?;
+                if addr.is_ipv6() {
+                    s.set_only_v6(false).ok();
+                }
+                s.bind(&(*addr).into())?;
+                s.listen(1024)?;
+                s.set_nonblocking(true)?;
+                Ok(BoundListener::Tcp(s.into()))
+            }
+            Listen::Unix { path, mode } => {
+                // Replace a stale socket file, but never anything else.
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if meta.file_type().is_socket() {
+                        std::fs::remove_file(path)?;
+                    } else {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AlreadyExists,
+                            format!("{} exists and is not a socket", path.display()),
+                        ));
+                    }
+                }
+                let l = std::os::unix::net::UnixListener::bind(path)?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode))?;
+                l.set_nonblocking(true)?;
+                Ok(BoundListener::Unix(l))
+            }
+        }
+    }
+
+    pub fn try_clone(&self) -> io::Result<BoundListener> {
+        Ok(match self {
+            BoundListener::Tcp(l) => BoundListener::Tcp(l.try_clone()?),
+            BoundListener::Unix(l) => BoundListener::Unix(l.try_clone()?),
+        })
+    }
+
+    /// Accepts clients on the current worker until the process exits.
+    /// Every worker accepts on its own copy of the socket; whichever is idle
+    /// takes the next client.
+    pub async fn accept_loop(self, worker: Rc<Worker>, conns: Arc<AtomicUsize>, max_conns: usize) {
+        match self {
+            BoundListener::Tcp(l) => {
+                let l = match tokio::net::TcpListener::from_std(l) {
+                    Ok(l) => l,
+                    Err(e) => return tracing::error!(error = %e, "cannot register listener"),
+                };
+                loop {
+                    match l.accept().await {
+                        Ok((s, _)) => {
+                            let _ = s.set_nodelay(true);
+                            admit(s, &worker, &conns, max_conns);
+                        }
+                        Err(e) => backoff_on_accept_error(e).await,
+                    }
+                }
+            }
+            BoundListener::Unix(l) => {
+                let l = match tokio::net::UnixListener::from_std(l) {
+                    Ok(l) => l,
+                    Err(e) => return tracing::error!(error = %e, "cannot register listener"),
+                };
+                loop {
+                    match l.accept().await {
+                        Ok((s, _)) => admit(s, &worker, &conns, max_conns),
+                        Err(e) => backoff_on_accept_error(e).await,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Out of file descriptors (or similar): wait a little instead of spinning.
+async fn backoff_on_accept_error(e: io::Error) {
+    tracing::warn!(error = %e, "accept failed");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+/// Starts a session for a new client, or turns it away over the limit.
+fn admit<S>(s: S, worker: &Rc<Worker>, conns: &Arc<AtomicUsize>, max_conns: usize)
+where
+    S: session::ClientStream + 'static,
+{
+    if conns.fetch_add(1, Ordering::AcqRel) >= max_conns {
+        conns.fetch_sub(1, Ordering::AcqRel);
+        worker.stats.rejected_connections.incr();
+        // Best effort, like memcached: one write, then close.
+        let _ = s.try_write_vectored(&[io::IoSlice::new(TOO_MANY)]);
+        return;
+    }
+    worker.stats.curr_connections.incr();
+    worker.stats.total_connections.incr();
+    let worker = worker.clone();
+    let conns = conns.clone();
+    tokio::task::spawn_local(async move {
+        session::serve(s, worker.clone()).await;
+        worker.stats.curr_connections.sub(1);
+        conns.fetch_sub(1, Ordering::AcqRel);
+    });
+}

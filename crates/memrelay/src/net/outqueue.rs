@@ -1,0 +1,163 @@
+//! A queue of bytes waiting to be written to a socket.
+//!
+//! Small pieces (reply lines, request lines, small values) are copied into
+//! one growing tail buffer, so a burst of small replies becomes one write;
+//! large pieces (values) are queued as the `Bytes` they already are, never
+//! copied, and written with vectored writes. Buffers are reused: the tail is
+//! split off as a frozen `Bytes` only when it must be ordered before a large
+//! piece or handed to the socket.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+
+use bytes::{Buf, Bytes, BytesMut};
+
+/// Pieces at most this large are copied instead of queued by reference:
+/// copying a few KiB is cheaper than an extra iovec and refcount.
+const COPY_THRESHOLD: usize = 4096;
+
+/// At most this many iovecs per write (Linux accepts 1024; more is no faster).
+const MAX_IOVECS: usize = 64;
+
+#[derive(Debug, Default)]
+pub struct OutQueue {
+    chunks: VecDeque<Bytes>,
+    tail: BytesMut,
+    len: usize,
+}
+
+impl OutQueue {
+    pub fn new() -> OutQueue {
+        OutQueue::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends a copy of `s`.
+    pub fn put_slice(&mut self, s: &[u8]) {
+        self.tail.extend_from_slice(s);
+        self.len += s.len();
+    }
+
+    /// Appends `b`, by reference when it is large.
+    pub fn put_bytes(&mut self, b: Bytes) {
+        if b.len() <= COPY_THRESHOLD {
+            self.put_slice(&b);
+        } else {
+            self.seal();
+            self.len += b.len();
+            self.chunks.push_back(b);
+        }
+    }
+
+    /// Lets a composer write directly into the tail; the closure returns
+    /// nothing, and whatever it appended is counted.
+    pub fn compose(&mut self, f: impl FnOnce(&mut BytesMut)) {
+        let before = self.tail.len();
+        f(&mut self.tail);
+        self.len += self.tail.len() - before;
+    }
+
+    fn seal(&mut self) {
+        if !self.tail.is_empty() {
+            self.chunks.push_back(self.tail.split().freeze());
+        }
+    }
+
+    /// Drops everything queued (the connection is going away).
+    pub fn clear(&mut self) {
+        self.chunks.clear();
+        self.tail.clear();
+        self.len = 0;
+    }
+
+    /// Writes as much as the socket takes without blocking. Returns the
+    /// number of bytes written; `WouldBlock` when nothing could be written.
+    pub fn write_to(
+        &mut self,
+        mut write: impl FnMut(&[IoSlice<'_>]) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        let mut total = 0;
+        while self.len > 0 {
+            let n = if self.chunks.is_empty() {
+                // Fast path: only the tail; write it in place, no split.
+                let n = write(&[IoSlice::new(&self.tail)])?;
+                self.tail.advance(n);
+                n
+            } else {
+                self.seal();
+                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+                let mut count = 0;
+                for c in self.chunks.iter().take(MAX_IOVECS) {
+                    slices[count] = IoSlice::new(c);
+                    count += 1;
+                }
+                let n = write(&slices[..count])?;
+                let mut left = n;
+                while left > 0 {
+                    let Some(front) = self.chunks.front_mut() else {
+                        break;
+                    };
+                    if front.len() <= left {
+                        left -= front.len();
+                        self.chunks.pop_front();
+                    } else {
+                        front.advance(left);
+                        left = 0;
+                    }
+                }
+                n
+            };
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.len -= n;
+            total += n;
+        }
+        if self.tail.is_empty() && self.tail.capacity() > 256 * 1024 {
+            // Do not keep a huge buffer around after a burst.
+            self.tail = BytesMut::new();
+        }
+        Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_order_across_small_and_large_pieces() {
+        let mut q = OutQueue::new();
+        q.put_slice(b"a");
+        q.put_bytes(Bytes::from(vec![b'b'; 5000]));
+        q.put_slice(b"c");
+        let mut out = Vec::new();
+        // A socket that takes 7 bytes at a time.
+        while !q.is_empty() {
+            q.write_to(|iov| {
+                let mut n = 0;
+                for s in iov {
+                    let take = (7 - n).min(s.len());
+                    out.extend_from_slice(&s[..take]);
+                    n += take;
+                    if n == 7 {
+                        break;
+                    }
+                }
+                Ok(n)
+            })
+            .unwrap();
+        }
+        assert_eq!(out.len(), 5002);
+        assert_eq!(out[0], b'a');
+        assert_eq!(out[5001], b'c');
+        assert!(out[1..5001].iter().all(|&b| b == b'b'));
+    }
+}

@@ -1,0 +1,318 @@
+//! One client connection.
+//!
+//! The session task reads bytes, parses every complete request, and
+//! dispatches each at once (so a pipeline of requests reaches the servers as
+//! a pipeline). Each request gets a [`Slot`] in a FIFO; servers' replies are
+//! delivered into the slots by the backend connections (through [`Inbox`]),
+//! in whatever order they arrive; the session writes out the slots at the
+//! front of the FIFO as soon as they are complete, so the client always sees
+//! replies in request order.
+//!
+//! Backpressure: the session stops reading while it has `MAX_PIPELINE`
+//! requests outstanding or `MAX_PENDING_OUTPUT` bytes unsent.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use memrelay_protocol::{parse_request, Request};
+use tokio::io::{Interest, Ready};
+
+use super::dispatch::dispatch;
+use super::reply::render;
+use super::{Worker, MAX_PENDING_OUTPUT, MAX_PIPELINE};
+use crate::backend::{BackendResult, Sink};
+use crate::net::notify::LocalNotify;
+use crate::net::outqueue::OutQueue;
+
+/// Read buffer growth step.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// The byte streams a client can connect over (TCP, unix sockets).
+pub trait ClientStream {
+    fn ready(&self, interest: Interest) -> impl std::future::Future<Output = io::Result<Ready>>;
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize>;
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+}
+
+macro_rules! client_stream {
+    ($t:ty) => {
+        impl ClientStream for $t {
+            fn ready(
+                &self,
+                interest: Interest,
+            ) -> impl std::future::Future<Output = io::Result<Ready>> {
+                <$t>::ready(self, interest)
+            }
+            fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+                <$t>::try_read_buf(self, buf)
+            }
+            fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+                <$t>::try_write_vectored(self, bufs)
+            }
+        }
+    };
+}
+client_stream!(tokio::net::TcpStream);
+client_stream!(tokio::net::UnixStream);
+
+/// The server replies a request is waiting for.
+#[derive(Debug)]
+pub enum Parts {
+    /// Nothing to wait for (a local reply).
+    None,
+    /// One sub-request, to this server.
+    One(usize, Option<BackendResult>),
+    /// Several sub-requests (a multi-get spread over servers, flush_all).
+    Many(Vec<(usize, Option<BackendResult>)>),
+}
+
+/// A reply the proxy makes itself.
+#[derive(Debug)]
+pub enum Local {
+    Static(&'static [u8]),
+    Owned(Vec<u8>),
+    /// Send this, then close the connection (quit, fatal input).
+    Close(&'static [u8]),
+}
+
+/// One client request, from parse to reply.
+#[derive(Debug)]
+pub struct Slot {
+    /// The bytes the request was parsed from (keys and value live here).
+    pub frame: Bytes,
+    pub req: Option<Request>,
+    /// Sub-replies still to come.
+    pub pending: u32,
+    pub parts: Parts,
+    /// Multi-get spread over servers: index into `parts` for each key.
+    pub key_parts: Vec<u16>,
+    pub local: Option<Local>,
+}
+
+impl Slot {
+    pub fn local(local: Local) -> Slot {
+        Slot {
+            frame: Bytes::new(),
+            req: None,
+            pending: 0,
+            parts: Parts::None,
+            key_parts: Vec::new(),
+            local: Some(local),
+        }
+    }
+}
+
+/// Where backend connections deliver this session's replies.
+#[derive(Debug, Default)]
+pub struct Inbox {
+    slots: RefCell<VecDeque<Slot>>,
+    /// Sequence number of `slots[0]`.
+    base: Cell<u64>,
+    wake: LocalNotify,
+}
+
+impl Sink for Inbox {
+    fn deliver(&self, token: u64, part: u32, result: BackendResult) {
+        let mut slots = self.slots.borrow_mut();
+        let Some(slot) = token
+            .checked_sub(self.base.get())
+            .and_then(|i| slots.get_mut(i as usize))
+        else {
+            return; // the session is gone; nobody waits for this reply
+        };
+        let filled = match &mut slot.parts {
+            Parts::One(_, r) if part == 0 => r,
+            Parts::Many(v) => match v.get_mut(part as usize) {
+                Some((_, r)) => r,
+                None => return,
+            },
+            _ => return,
+        };
+        if filled.is_none() {
+            *filled = Some(result);
+            slot.pending -= 1;
+            if slot.pending == 0 && token == self.base.get() {
+                self.wake.notify();
+            }
+        }
+    }
+}
+
+/// Serves one client until it leaves, errs, or is told to close.
+pub async fn serve<S: ClientStream>(stream: S, worker: Rc<Worker>) {
+    let inbox = Rc::new(Inbox::default());
+    let mut s = Session {
+        worker,
+        inbox,
+        rbuf: BytesMut::with_capacity(READ_CHUNK),
+        out: OutQueue::new(),
+        next_seq: 0,
+        swallow: 0,
+        stop_reading: false,
+        close_after_flush: false,
+    };
+    s.run(&stream).await;
+    // Replies still in flight will find no slot and be dropped.
+    s.inbox.slots.borrow_mut().clear();
+    s.inbox.base.set(u64::MAX);
+}
+
+struct Session {
+    worker: Rc<Worker>,
+    inbox: Rc<Inbox>,
+    rbuf: BytesMut,
+    out: OutQueue,
+    next_seq: u64,
+    /// Input bytes still to discard (the data of a value that was too large).
+    swallow: usize,
+    /// EOF, quit or a fatal input: parse nothing more.
+    stop_reading: bool,
+    /// Close once everything before the closing reply is written.
+    close_after_flush: bool,
+}
+
+impl Session {
+    async fn run<S: ClientStream>(&mut self, stream: &S) {
+        loop {
+            self.emit_ready();
+            if !self.out.is_empty() {
+                match self.out.write_to(|iov| stream.try_write_vectored(iov)) {
+                    Ok(n) => self.worker.stats.bytes_written.add(n as u64),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+            let outstanding = self.inbox.slots.borrow().len();
+            if self.out.is_empty()
+                && (self.close_after_flush || (self.stop_reading && outstanding == 0))
+            {
+                return;
+            }
+            let can_read = !self.stop_reading
+                && outstanding < MAX_PIPELINE
+                && self.out.len() < MAX_PENDING_OUTPUT;
+            let interest = match (can_read, !self.out.is_empty()) {
+                (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
+                (true, false) => Some(Interest::READABLE),
+                (false, true) => Some(Interest::WRITABLE),
+                (false, false) => None,
+            };
+            let inbox = self.inbox.clone();
+            tokio::select! {
+                biased;
+                _ = inbox.wake.notified() => {}
+                ready = async { match interest { Some(i) => stream.ready(i).await, None => std::future::pending().await } } => {
+                    match ready {
+                        Ok(r) if r.is_readable() && can_read => {
+                            if !self.read(stream) {
+                                self.stop_reading = true;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads what is available and handles every complete request. Returns
+    /// false at end of input.
+    fn read<S: ClientStream>(&mut self, stream: &S) -> bool {
+        loop {
+            if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+                self.rbuf.reserve(READ_CHUNK);
+            }
+            match stream.try_read_buf(&mut self.rbuf) {
+                Ok(0) => {
+                    self.process();
+                    return false;
+                }
+                Ok(n) => {
+                    self.worker.stats.bytes_read.add(n as u64);
+                    self.process();
+                    if self.stop_reading || self.inbox.slots.borrow().len() >= MAX_PIPELINE {
+                        return !self.stop_reading;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Parses and dispatches every complete request in the read buffer.
+    fn process(&mut self) {
+        while !self.stop_reading {
+            if self.swallow > 0 {
+                let n = self.swallow.min(self.rbuf.len());
+                let _ = self.rbuf.split_to(n);
+                self.swallow -= n;
+                if self.swallow > 0 {
+                    return;
+                }
+            }
+            if self.rbuf.is_empty() || self.inbox.slots.borrow().len() >= MAX_PIPELINE {
+                return;
+            }
+            match parse_request(&self.rbuf, &self.worker.limits) {
+                Ok(None) => return,
+                Ok(Some((req, n))) => {
+                    let frame = self.rbuf.split_to(n).freeze();
+                    let quit = req.command == memrelay_protocol::Command::Quit;
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
+                    let slot = dispatch(&self.worker, &self.inbox, seq, frame, req);
+                    self.inbox.slots.borrow_mut().push_back(slot);
+                    if quit {
+                        self.stop_reading = true;
+                    }
+                }
+                Err(e) => {
+                    let frame = self.rbuf.split_to(e.consumed.min(self.rbuf.len())).freeze();
+                    self.swallow = e.swallow;
+                    self.worker.stats.client_errors.incr();
+                    if let Some(key) = e.unlink_key {
+                        super::dispatch::unlink(&self.worker, key.of(&frame));
+                    }
+                    let local = if e.kind.closes() {
+                        self.stop_reading = true;
+                        Local::Close(e.kind.reply())
+                    } else if e.noreply {
+                        continue;
+                    } else {
+                        Local::Static(e.kind.reply())
+                    };
+                    self.next_seq += 1;
+                    self.inbox.slots.borrow_mut().push_back(Slot::local(local));
+                }
+            }
+        }
+    }
+
+    /// Writes out every complete reply at the front of the FIFO.
+    fn emit_ready(&mut self) {
+        loop {
+            let slot = {
+                let mut slots = self.inbox.slots.borrow_mut();
+                match slots.front() {
+                    Some(s) if s.pending == 0 => {}
+                    _ => return,
+                }
+                self.inbox.base.set(self.inbox.base.get() + 1);
+                slots.pop_front()
+            };
+            let Some(slot) = slot else { return };
+            if render(&self.worker, slot, &mut self.out) {
+                self.close_after_flush = true;
+                self.stop_reading = true;
+                self.inbox.slots.borrow_mut().clear();
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! Counters, and the `stats` reply built from them.
+//!
+//! Each worker thread owns one [`WorkerStats`] and is its only writer, so a
+//! counter bump is a relaxed load and store on a cache line no other core
+//! writes: no locked instruction, no contention on the hot path. Readers
+//! (the `stats` command) sum every worker's counters.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::backend::health::Health;
+
+/// A counter with a single writer thread.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`. Only the owning worker calls this, so load+store is exact.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
+
+    #[inline]
+    pub fn incr(&self) {
+        self.add(1);
+    }
+
+    /// For counters that go down too (current connections).
+    #[inline]
+    pub fn sub(&self, n: u64) {
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_sub(n),
+            Ordering::Relaxed,
+        );
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn reset(&self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
+}
+
+macro_rules! worker_counters {
+    ($($name:ident),* $(,)?) => {
+        /// One worker's counters. Names are the `stats` names.
+        #[derive(Debug, Default)]
+        pub struct WorkerStats {
+            $(pub $name: Counter,)*
+        }
+
+        impl WorkerStats {
+            /// (name, value) for every counter, in declaration order.
+            pub fn each(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name.get()),)*]
+            }
+
+            fn reset_totals(&self) {
+                $(if stringify!($name) != "curr_connections" { self.$name.reset(); })*
+            }
+        }
+    };
+}
+
+worker_counters!(
+    curr_connections,
+    total_connections,
+    rejected_connections,
+    cmd_get,
+    cmd_set,
+    cmd_touch,
+    cmd_delete,
+    cmd_incr,
+    cmd_decr,
+    cmd_flush,
+    get_hits,
+    get_misses,
+    client_errors,
+    server_errors,
+    bytes_read,
+    bytes_written,
+);
+
+/// Process-wide facts and every worker's counters.
+#[derive(Debug)]
+pub struct StatsRegistry {
+    pub started: Instant,
+    pub started_unix: u64,
+    pub threads: usize,
+    pub max_conns: usize,
+    pub workers: Vec<Arc<WorkerStats>>,
+    /// Per server (primaries then backups): name, role, health.
+    pub servers: Vec<(String, &'static str, Arc<Health>)>,
+}
+
+impl StatsRegistry {
+    pub fn new(
+        threads: usize,
+        max_conns: usize,
+        servers: Vec<(String, &'static str, Arc<Health>)>,
+    ) -> StatsRegistry {
+        StatsRegistry {
+            started: Instant::now(),
+            started_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            threads,
+            max_conns,
+            workers: (0..threads)
+                .map(|_| Arc::new(WorkerStats::default()))
+                .collect(),
+            servers,
+        }
+    }
+
+    /// Sum of one counter over every worker.
+    pub fn total(&self, f: impl Fn(&WorkerStats) -> &Counter) -> u64 {
+        self.workers.iter().map(|w| f(w).get()).sum()
+    }
+
+    /// `stats reset`: zero the totals (not the gauges).
+    pub fn reset(&self) {
+        for w in &self.workers {
+            w.reset_totals();
+        }
+    }
+
+    /// The body of the general `stats` reply: `STAT name value` lines then `END`.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(2048);
+        let mut stat = |name: &str, value: &dyn std::fmt::Display| {
+            out.extend_from_slice(format!("STAT {name} {value}\r\n").as_bytes());
+        };
+        let now_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        stat("pid", &std::process::id());
+        stat("uptime", &self.started.elapsed().as_secs());
+        stat("time", &now_unix);
+        stat("version", &crate::VERSION);
+        stat("proxy", &"memrelay");
+        stat("threads", &self.threads);
+        stat("max_connections", &self.max_conns);
+        let mut sums: Vec<(&'static str, u64)> = Vec::new();
+        for w in &self.workers {
+            for (i, (name, v)) in w.each().into_iter().enumerate() {
+                if i < sums.len() {
+                    sums[i].1 += v;
+                } else {
+                    sums.push((name, v));
+                }
+            }
+        }
+        for (name, v) in &sums {
+            stat(name, v);
+        }
+        stat("servers", &self.servers.len());
+        for (i, (name, role, h)) in self.servers.iter().enumerate() {
+            let state = if h.is_down() { "down" } else { "up" };
+            stat(&format!("server:{i}:address"), name);
+            stat(&format!("server:{i}:role"), role);
+            stat(&format!("server:{i}:state"), &state);
+            stat(
+                &format!("server:{i}:failures"),
+                &h.failures.load(Ordering::Relaxed),
+            );
+            stat(
+                &format!("server:{i}:marked_down"),
+                &h.downs.load(Ordering::Relaxed),
+            );
+        }
+        drop(stat);
+        out.extend_from_slice(b"END\r\n");
+        out
+    }
+}
