@@ -474,6 +474,22 @@ fn run_case(name: &str, steps: Vec<Step>) {
     let mut report = String::new();
     for (i, ((s, w), g)) in steps.iter().zip(&want).zip(&got).enumerate() {
         if w != g {
+            let k = w
+                .bytes
+                .iter()
+                .zip(&g.bytes)
+                .take_while(|(a, b)| a == b)
+                .count();
+            let line = w.bytes[..k].iter().filter(|&&c| c == b'\n').count() + 1;
+            report.push_str(&format!(
+                "\n=== case {name}, step {i}: memcached sent {} bytes ({:?}), {} sent {} bytes \
+                 ({:?}); first difference at byte {k} (line {line})",
+                w.bytes.len(),
+                w.end,
+                target.name(),
+                g.bytes.len(),
+                g.end,
+            ));
             report.push_str(&format!(
                 "\n=== case {name}, step {i}: MISMATCH\n--- request:\n{}\n--- memcached ({:?}):\n{}\n--- {} ({:?}):\n{}\n",
                 describe(s),
@@ -1257,6 +1273,25 @@ case!(pipeline_many_gets_one_write, {
         p.extend(format!("get {k}\r\ngets nokey-{k}\r\n").into_bytes());
     }
     vec![ex(set_all(&ks)), ex(p)]
+});
+
+case!(pipeline_more_than_1024_requests_one_write, {
+    // Deeper than any plausible fixed in-flight window of the proxy.
+    let ks = keys("deep-", 1500);
+    let mut gets = Vec::new();
+    for k in &ks {
+        gets.extend(format!("get {k}\r\n").bytes());
+    }
+    vec![ex(set_all(&ks)), ex(gets)]
+});
+
+case!(pipeline_noreply_flood_then_get, {
+    let mut req = Vec::new();
+    for i in 0..3000 {
+        req.extend(format!("set flood-{i} 0 0 1 noreply\r\nx\r\n").bytes());
+    }
+    req.extend(b"get flood-0 flood-1500 flood-2999\r\n");
+    vec![ex(req)]
 });
 
 case!(

@@ -629,11 +629,22 @@ impl Client {
     /// Sends `req` then the sentinel `get`, and returns exactly the reply
     /// bytes to `req` (sentinel stripped), or what came before the server
     /// closed the connection / the deadline passed.
+    ///
+    /// The request and the sentinel `get` go out in one write, as a client
+    /// that pipelines everything and then waits would send them: a server
+    /// that only makes progress when more bytes arrive must not be rescued
+    /// by a later sentinel write.
     pub fn exchange(&mut self, req: &[u8]) -> Reply {
-        self.exchange_split(&[req])
+        assert!(self.sentinel_ready, "exchange needs Client::with_sentinel");
+        let mut all = req.to_vec();
+        all.extend_from_slice(&Self::sentinel_get_request());
+        let tail = Self::sentinel_reply();
+        let r = self.send_and_read(&[&all], |b| b.ends_with(&tail));
+        Self::finish_sentinel(r)
     }
 
-    /// Like `exchange`, with the request sent as separate writes.
+    /// Like `exchange`, with the request sent as separate writes (the
+    /// sentinel `get` in a write of its own).
     pub fn exchange_split(&mut self, chunks: &[&[u8]]) -> Reply {
         assert!(self.sentinel_ready, "exchange needs Client::with_sentinel");
         let get = Self::sentinel_get_request();
@@ -652,7 +663,8 @@ impl Client {
         let get = Self::sentinel_get_request();
         let mut tail = b"STORED\r\n".to_vec();
         tail.extend_from_slice(&Self::sentinel_reply());
-        let r = self.send_and_read(&[req, &set, &get], |b| b.ends_with(&tail));
+        let all = [req, &set, &get].concat();
+        let r = self.send_and_read(&[&all], |b| b.ends_with(&tail));
         if r.end == End::Complete {
             let n = r.bytes.len() - tail.len();
             Reply {
