@@ -21,7 +21,10 @@ pub mod response;
 
 pub use limits::Limits;
 pub use request::{parse_request, Command, ErrorKind, Parsed, Request, RequestError, Span};
-pub use response::{meta_flags, parse_response, Expect, MetaFlags, MetaStatus, ResponseError, ResponseKind, ResponseParser};
+pub use response::{
+    meta_flags, parse_response, Expect, MetaFlags, MetaStatus, ResponseError, ResponseKind,
+    ResponseParser,
+};
 
 /// memcached's hard limit on key length (`KEY_MAX_LENGTH`).
 pub const KEY_MAX_LENGTH: usize = 250;

@@ -229,7 +229,10 @@ fn parse_line_reply(
 }
 
 /// A meta reply: a status line, and for `VA` the value after it.
-fn parse_meta_reply(buf: &[u8], max_value: usize) -> Result<Option<(ResponseKind, usize)>, ResponseError> {
+fn parse_meta_reply(
+    buf: &[u8],
+    max_value: usize,
+) -> Result<Option<(ResponseKind, usize)>, ResponseError> {
     let Some(line) = line_at(buf)? else {
         return Ok(None);
     };
@@ -243,7 +246,10 @@ fn parse_meta_reply(buf: &[u8], max_value: usize) -> Result<Option<(ResponseKind
     }
     let status = match code {
         b"VA" => {
-            let len_tok = line[2..].split(|&b| b == b' ').find(|t| !t.is_empty()).ok_or(ResponseError::BadValueLine)?;
+            let len_tok = line[2..]
+                .split(|&b| b == b' ')
+                .find(|t| !t.is_empty())
+                .ok_or(ResponseError::BadValueLine)?;
             if !len_tok.iter().all(u8::is_ascii_digit) {
                 return Err(ResponseError::BadValueLine);
             }
@@ -290,7 +296,9 @@ pub struct MetaFlags {
 /// Reads the return flags of a complete meta reply.
 pub fn meta_flags(reply: &[u8]) -> MetaFlags {
     let mut out = MetaFlags::default();
-    let Ok(Some(line)) = line_at(reply) else { return out };
+    let Ok(Some(line)) = line_at(reply) else {
+        return out;
+    };
     let mut toks = line.split(|&b| b == b' ').filter(|t| !t.is_empty());
     let code = toks.next().unwrap_or(b"");
     if code == b"VA" {
@@ -303,7 +311,11 @@ pub fn meta_flags(reply: &[u8]) -> MetaFlags {
         match f[0] {
             b'f' => out.flags = parse_u32_wrapping(v),
             b't' => {
-                out.ttl = if v == b"-1" { Some(-1) } else { parse_u64(v).map(|x| x as i64) }
+                out.ttl = if v == b"-1" {
+                    Some(-1)
+                } else {
+                    parse_u64(v).map(|x| x as i64)
+                }
             }
             b'c' => out.cas = parse_u64(v),
             _ => {}
@@ -475,13 +487,31 @@ mod tests {
     #[test]
     fn meta_replies() {
         let va = b"VA 3 f5 t-1 c77\r\nabc\r\nEN\r\n";
-        assert_eq!(parse_response(va, Expect::Meta, MAX), Ok(Some((ResponseKind::Meta(MetaStatus::Value), 22))));
+        assert_eq!(
+            parse_response(va, Expect::Meta, MAX),
+            Ok(Some((ResponseKind::Meta(MetaStatus::Value), 22)))
+        );
         let f = meta_flags(&va[..22]);
-        assert_eq!((f.flags, f.ttl, f.cas, f.data), (Some(5), Some(-1), Some(77), Some((17, 3))));
-        assert_eq!(parse_response(b"EN\r\n", Expect::Meta, MAX), Ok(Some((ResponseKind::Meta(MetaStatus::En), 4))));
-        assert_eq!(parse_response(b"HD t30\r\n", Expect::Meta, MAX), Ok(Some((ResponseKind::Meta(MetaStatus::Hd), 8))));
-        assert_eq!(parse_response(b"VA 3\r\nabcd\r\n", Expect::Meta, MAX), Err(ResponseError::BadDataChunk));
-        assert_eq!(parse_response(b"XX\r\n", Expect::Meta, MAX), Err(ResponseError::Unexpected));
+        assert_eq!(
+            (f.flags, f.ttl, f.cas, f.data),
+            (Some(5), Some(-1), Some(77), Some((17, 3)))
+        );
+        assert_eq!(
+            parse_response(b"EN\r\n", Expect::Meta, MAX),
+            Ok(Some((ResponseKind::Meta(MetaStatus::En), 4)))
+        );
+        assert_eq!(
+            parse_response(b"HD t30\r\n", Expect::Meta, MAX),
+            Ok(Some((ResponseKind::Meta(MetaStatus::Hd), 8)))
+        );
+        assert_eq!(
+            parse_response(b"VA 3\r\nabcd\r\n", Expect::Meta, MAX),
+            Err(ResponseError::BadDataChunk)
+        );
+        assert_eq!(
+            parse_response(b"XX\r\n", Expect::Meta, MAX),
+            Err(ResponseError::Unexpected)
+        );
         assert_eq!(parse_response(b"VA 3\r\nab", Expect::Meta, MAX), Ok(None));
     }
 

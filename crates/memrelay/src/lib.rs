@@ -6,12 +6,14 @@
 //! - `router/`: key -> servers (ketama, modula, magent's hash); no I/O;
 //! - `backend/`: pipelined connections to memcached, health, probes;
 //! - `proxy/`: client sessions: parse, dispatch, reply in order;
+//! - `ha/`: replica choice, write mirroring, read fallback and repair;
 //! - `net/`: listeners, the connection limit, write queues;
 //! - `stats/`: counters and the `stats` reply.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod backend;
 pub mod config;
+pub mod ha;
 pub mod net;
 pub mod privileges;
 pub mod proxy;

@@ -16,6 +16,7 @@ use std::time::Duration;
 use crate::backend::health::Health;
 use crate::backend::{BackendSettings, ServerPool};
 use crate::config::{Config, Listen};
+use crate::ha::mirror::Mirror;
 use crate::net::BoundListener;
 use crate::proxy::{Discard, Worker};
 use crate::router::Router;
@@ -54,7 +55,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
 
     let health: Vec<Arc<Health>> = cfg
         .servers()
-        .map(|s| Arc::new(Health::new(s.name.clone())))
+        .map(|s| Arc::new(Health::new(s.name.clone(), cfg.missed_keys_cap)))
         .collect();
     let roles = cfg
         .primaries
@@ -157,7 +158,7 @@ fn worker_main(
             max_value_len: cfg.limits.max_value_len + 1024,
             max_inflight: 100_000,
         });
-        let servers = cfg
+        let servers: Rc<[ServerPool]> = cfg
             .servers()
             .enumerate()
             .map(|(i, s)| {
@@ -171,12 +172,15 @@ fn worker_main(
                 )
             })
             .collect();
+        let stats = registry.workers[id].clone();
         let worker = Rc::new(Worker {
             id,
             router,
+            mirror: Mirror::new(servers.clone(), stats.clone()),
             servers,
             limits: cfg.limits.clone(),
-            stats: registry.workers[id].clone(),
+            miss_fallback: cfg.miss_fallback,
+            stats,
             registry: registry.clone(),
             discard: Rc::new(Discard),
         });

@@ -8,6 +8,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
+use crate::ha::missed::MissedKeys;
+
 #[derive(Debug)]
 pub struct Health {
     pub name: String,
@@ -17,17 +19,27 @@ pub struct Health {
     pub downs: AtomicU64,
     /// Failed connections or requests, in total (for `stats`).
     pub failures: AtomicU64,
+    /// Keys this server must not serve until they are invalidated on it.
+    pub missed: MissedKeys,
 }
 
 impl Health {
-    pub fn new(name: String) -> Health {
+    pub fn new(name: String, missed_cap: usize) -> Health {
         Health {
             name,
             down: AtomicBool::new(false),
             consecutive_failures: AtomicU32::new(0),
             downs: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            missed: MissedKeys::new(missed_cap),
         }
+    }
+
+    /// Whether this server may answer for `key`: it is up and holds no
+    /// stale copy of it.
+    #[inline]
+    pub fn serves(&self, key: &[u8]) -> bool {
+        !self.is_down() && !self.missed.contains(key)
     }
 
     #[inline]

@@ -1,10 +1,16 @@
-//! Background probing of servers that are marked down.
+//! The per-server watcher, on the main thread.
 //!
-//! While a server is down nobody sends it requests, so something else must
-//! notice when it is back: this loop connects and asks `version`, with
-//! jittered exponential backoff, and marks the server up after
-//! `SUCCESSES_TO_MARK_UP` probes in a row succeed (one lucky connect to a
-//! flapping server is not enough).
+//! - While a server is marked down nobody sends it requests, so this loop
+//!   notices when it is back: it connects and asks `stats`, with jittered
+//!   exponential backoff, and needs `SUCCESSES_TO_MARK_UP` good probes in a
+//!   row (one lucky connect to a flapping server is not enough).
+//! - Before a server serves again, and whenever it is reachable with keys
+//!   recorded as missed, it invalidates those keys on it (pipelined
+//!   `delete`s), or flushes it if the list overflowed: a server never serves
+//!   a value older than a write it missed.
+//! - It remembers each server's identity (pid and boot time from `stats`):
+//!   a server that restarted is empty, so nothing on it can be stale and no
+//!   flush is needed; the restart is logged once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,8 +24,121 @@ use super::health::Health;
 const SUCCESSES_TO_MARK_UP: u32 = 2;
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
-/// How often an up server's flag is looked at (cheap: one atomic load).
+/// How often an up server is looked at: its missed keys drained, its
+/// identity checked for restarts.
 const WATCH_INTERVAL: Duration = Duration::from_millis(50);
+const IDENTITY_INTERVAL: Duration = Duration::from_secs(1);
+/// Deletes sent per round trip while invalidating missed keys.
+const DELETE_BATCH: usize = 512;
+/// Reply bytes accepted from one probe read before giving up on the server.
+const MAX_PROBE_REPLY: usize = 1 << 20;
+
+/// Who a server is: a restart changes its pid or its boot time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Identity {
+    pid: u64,
+    boot: i64,
+}
+
+impl Identity {
+    fn same_process(&self, other: &Identity) -> bool {
+        // Boot time is derived from uptime, which ticks in whole seconds.
+        self.pid == other.pid && (self.boot - other.boot).abs() <= 2
+    }
+}
+
+/// One probe connection to a server.
+struct ProbeConn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    timeout: Duration,
+}
+
+impl ProbeConn {
+    async fn open(
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Option<ProbeConn> {
+        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
+            .await
+            .ok()?
+            .ok()?;
+        let _ = stream.set_nodelay(true);
+        Some(ProbeConn {
+            stream,
+            buf: Vec::new(),
+            timeout,
+        })
+    }
+
+    /// Sends `req` and reads until `done(reply)` says the reply is complete.
+    async fn exchange(&mut self, req: &[u8], done: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
+        let timeout = self.timeout;
+        let run = async {
+            self.stream.write_all(req).await.ok()?;
+            self.buf.clear();
+            let mut chunk = [0u8; 16 * 1024];
+            while !done(&self.buf) {
+                let n = self.stream.read(&mut chunk).await.ok()?;
+                if n == 0 || self.buf.len() + n > MAX_PROBE_REPLY {
+                    return None;
+                }
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+            Some(std::mem::take(&mut self.buf))
+        };
+        tokio::time::timeout(timeout, run).await.ok()?
+    }
+
+    /// `stats`: the server's pid and boot time.
+    async fn identity(&mut self) -> Option<Identity> {
+        let reply = self
+            .exchange(b"stats\r\n", |b| {
+                b.ends_with(b"END\r\n") || b.ends_with(b"ERROR\r\n")
+            })
+            .await?;
+        let text = String::from_utf8_lossy(&reply);
+        let stat = |name: &str| -> Option<i64> {
+            text.lines().find_map(|l| {
+                l.strip_prefix("STAT ")?
+                    .strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+        };
+        let pid = stat("pid")? as u64;
+        let boot = stat("time")? - stat("uptime")?;
+        Some(Identity { pid, boot })
+    }
+
+    /// Deletes keys, pipelined; true when every delete was answered.
+    async fn delete_all(&mut self, keys: &[Box<[u8]>]) -> bool {
+        let mut req = Vec::with_capacity(keys.len() * 32);
+        for k in keys {
+            req.extend_from_slice(b"delete ");
+            req.extend_from_slice(k);
+            req.extend_from_slice(b"\r\n");
+        }
+        let n = keys.len();
+        match self
+            .exchange(&req, |b| b.iter().filter(|&&c| c == b'\n').count() >= n)
+            .await
+        {
+            Some(reply) => reply
+                .split(|&c| c == b'\n')
+                .filter(|l| !l.is_empty())
+                .all(|l| l == b"DELETED\r" || l == b"NOT_FOUND\r"),
+            None => false,
+        }
+    }
+
+    async fn flush_all(&mut self) -> bool {
+        matches!(self.exchange(b"flush_all\r\n", |b| b.ends_with(b"\r\n")).await, Some(r) if r == b"OK\r\n")
+    }
+}
 
 pub async fn probe_loop(
     health: Arc<Health>,
@@ -30,56 +149,91 @@ pub async fn probe_loop(
     let mut rng = seed(&health.name);
     let mut backoff = MIN_BACKOFF;
     let mut successes = 0;
+    let mut known: Option<Identity> = None;
+    let mut conn: Option<ProbeConn> = None;
+    let mut last_identity = tokio::time::Instant::now() - IDENTITY_INTERVAL;
     loop {
-        if !health.is_down() {
+        let down = health.is_down();
+        if !down {
             backoff = MIN_BACKOFF;
             successes = 0;
-            tokio::time::sleep(WATCH_INTERVAL).await;
+            let due = last_identity.elapsed() >= IDENTITY_INTERVAL;
+            if !due && health.missed.is_empty() {
+                tokio::time::sleep(WATCH_INTERVAL).await;
+                continue;
+            }
+        } else {
+            // Jitter: between half and all of the backoff, so many proxies
+            // probing the same server do not stampede it in step.
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let wait =
+                backoff / 2 + Duration::from_millis(rng % (backoff.as_millis() as u64 / 2 + 1));
+            tokio::time::sleep(wait).await;
+        }
+
+        if conn.is_none() {
+            conn = ProbeConn::open(addr, connect_timeout, timeout).await;
+        }
+        let ok = match conn.as_mut() {
+            Some(c) => check(c, &health, &mut known).await,
+            None => false,
+        };
+        last_identity = tokio::time::Instant::now();
+        if !ok {
+            conn = None;
+            successes = 0;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            if !down {
+                tokio::time::sleep(WATCH_INTERVAL).await;
+            }
             continue;
         }
-        // Jitter: between half and all of the backoff, so many proxies
-        // probing the same server do not stampede it in step.
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let wait = backoff / 2 + Duration::from_millis(rng % (backoff.as_millis() as u64 / 2 + 1));
-        tokio::time::sleep(wait).await;
-        if probe(addr, connect_timeout, timeout).await {
+        if down {
             successes += 1;
-            if successes >= SUCCESSES_TO_MARK_UP {
+            if successes >= SUCCESSES_TO_MARK_UP && health.missed.is_empty() {
                 health.mark_up();
             }
             backoff = MIN_BACKOFF;
-        } else {
-            successes = 0;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 }
 
-/// One probe: connect, `version`, expect `VERSION ...`.
-async fn probe(addr: SocketAddr, connect_timeout: Duration, timeout: Duration) -> bool {
-    let Ok(Ok(mut s)) = tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await
-    else {
+/// One look at a reachable server: identity, then invalidation of whatever
+/// it missed. False when the server did not answer properly.
+async fn check(c: &mut ProbeConn, health: &Health, known: &mut Option<Identity>) -> bool {
+    let Some(id) = c.identity().await else {
         return false;
     };
-    let exchange = async {
-        s.write_all(b"version\r\n").await?;
-        let mut buf = [0u8; 128];
-        let mut n = 0;
-        while n < buf.len() {
-            let r = s.read(&mut buf[n..]).await?;
-            if r == 0 {
-                break;
-            }
-            n += r;
-            if buf[..n].ends_with(b"\r\n") {
-                break;
-            }
+    let restarted = known.map(|k| !k.same_process(&id)).unwrap_or(false);
+    if restarted {
+        tracing::warn!(server = %health.name, pid = id.pid, "server restarted (its data is gone)");
+        // An empty server holds nothing stale.
+        health.missed.clear();
+    }
+    *known = Some(id);
+    if health.missed.is_overflowed() {
+        if !c.flush_all().await {
+            return false;
         }
-        Ok::<bool, std::io::Error>(buf[..n].starts_with(b"VERSION "))
-    };
-    matches!(tokio::time::timeout(timeout, exchange).await, Ok(Ok(true)))
+        health
+            .missed
+            .flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(server = %health.name, "flushed: it missed more writes than could be remembered");
+        health.missed.clear();
+    }
+    loop {
+        let batch = health.missed.peek_batch(DELETE_BATCH);
+        if batch.is_empty() {
+            return true;
+        }
+        if !c.delete_all(&batch).await {
+            return false;
+        }
+        health.missed.confirm(&batch);
+    }
 }
 
 fn seed(name: &str) -> u64 {

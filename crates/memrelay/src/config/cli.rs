@@ -213,13 +213,6 @@ where
             .push(ServerAddr::parse(b).map_err(|m| err("-b", &m))?);
     }
     check_duplicates(&cfg)?;
-    if !cfg.backups.is_empty() {
-        return Err(err(
-            "-b",
-            "backup servers are not supported by this build yet (high availability is not implemented); refusing to run without the backups you asked for",
-        ));
-    }
-
     cfg.listen = match unix {
         Some(path) => vec![Listen::Unix {
             path,

@@ -11,6 +11,7 @@
 pub mod dispatch;
 pub mod reply;
 pub mod session;
+pub mod slot;
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use memrelay_protocol::Limits;
 
 use crate::backend::{BackendResult, ServerPool, Sink};
+use crate::ha::mirror::Mirror;
 use crate::router::Router;
 use crate::stats::{StatsRegistry, WorkerStats};
 
@@ -27,8 +29,12 @@ pub struct Worker {
     pub id: usize,
     pub router: Router,
     /// Primaries then backups, indexed like `Config::servers`.
-    pub servers: Vec<ServerPool>,
+    pub servers: Rc<[ServerPool]>,
     pub limits: Limits,
+    /// Ask the backup when the primary misses.
+    pub miss_fallback: bool,
+    /// Background writes to backups (mirrors, repairs).
+    pub mirror: Rc<Mirror>,
     pub stats: Arc<WorkerStats>,
     pub registry: Arc<StatsRegistry>,
     /// Where replies nobody waits for go (clean-up deletes).

@@ -1,20 +1,15 @@
-//! Turning a completed request's sub-replies into the client's reply.
+//! Turning a finished request into the bytes its client gets.
 //!
 //! Server replies are forwarded as the bytes the server sent, by reference,
-//! whenever they are exactly what the client should see; they are rebuilt
-//! only for multi-gets spread over servers (merged back in request order)
-//! and for replies that do not match the request (a VALUE for a key nobody
-//! asked for is dropped, never forwarded).
+//! whenever they are exactly what the client should see; reads are rebuilt
+//! only when they were spread over servers or rounds (`ha::read::render`).
 
-use memrelay_protocol::response::ValueBlocks;
-use memrelay_protocol::{Command, Request, ResponseKind};
+use memrelay_protocol::{Command, ResponseKind};
 
-use super::session::{Local, Parts, Slot};
+use super::slot::{Local, Slot};
 use super::Worker;
-use crate::backend::{BackendReply, BackendResult};
+use crate::ha;
 use crate::net::outqueue::OutQueue;
-
-const END: &[u8] = b"END\r\n";
 
 /// Appends the slot's reply to `out`. Returns true if the connection must
 /// be closed after it.
@@ -38,169 +33,54 @@ pub fn render(w: &Worker, slot: Slot, out: &mut OutQueue) -> bool {
     let Some(req) = slot.req else { return false };
     match req.command {
         Command::Get | Command::Gets | Command::Gat | Command::Gats => {
-            retrieval(w, &slot, &req, out)
+            ha::read::render(w, &slot, &req, out)
         }
-        Command::FlushAll => flush_all(&slot, &req, out),
+        Command::FlushAll => flush_all(w, &slot, &req, out),
         _ => {
-            // Single-key commands: the server's answer, or our error.
-            let Parts::One(_, Some(result)) = slot.parts else {
-                return false;
-            };
+            // Writes: the answer of the replica that took it last.
             if req.noreply {
                 return false;
             }
-            match result {
-                Ok(reply) => {
+            match slot.parts.last().and_then(|p| p.result.as_ref()) {
+                Some(Ok(reply)) => {
                     if reply.kind == ResponseKind::Error {
                         w.stats.server_errors.incr();
                     }
-                    out.put_bytes(reply.bytes)
+                    out.put_bytes(reply.bytes.clone())
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     w.stats.server_errors.incr();
                     out.put_slice(e.reply())
                 }
+                None => out.put_slice(b"SERVER_ERROR no server is available for this key\r\n"),
             }
         }
     }
     false
 }
 
-fn flush_all(slot: &Slot, req: &Request, out: &mut OutQueue) {
+/// Every server must say OK; otherwise the first refusal or failure.
+fn flush_all(w: &Worker, slot: &Slot, req: &memrelay_protocol::Request, out: &mut OutQueue) {
+    for part in &slot.parts {
+        let missed = &w.servers[part.server as usize].health().missed;
+        match &part.result {
+            // Flushed now: nothing on it can be stale any more.
+            Some(Ok(reply)) if reply.kind == ResponseKind::Ok && !req.has_delay => missed.clear(),
+            Some(Ok(reply)) if reply.kind == ResponseKind::Ok => {}
+            // It missed the flush: everything on it is stale.
+            _ => missed.record_all(),
+        }
+    }
     if req.noreply {
         return;
     }
-    let Parts::Many(parts) = &slot.parts else {
-        return;
-    };
-    // Every server must say OK; otherwise the first refusal or failure.
-    for (_, r) in parts {
-        match r {
+    for part in &slot.parts {
+        match &part.result {
             Some(Ok(reply)) if reply.kind == ResponseKind::Ok => {}
             Some(Ok(reply)) => return out.put_bytes(reply.bytes.clone()),
             Some(Err(e)) => return out.put_slice(e.reply()),
-            None => return out.put_slice(b"SERVER_ERROR internal: missing reply\r\n"),
+            None => return out.put_slice(b"SERVER_ERROR internal error: missing reply\r\n"),
         }
     }
     out.put_slice(b"OK\r\n");
-}
-
-fn retrieval(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
-    let nkeys = u64::from(req.nkeys);
-    w.stats.cmd_get.add(nkeys);
-    let hits = match &slot.parts {
-        Parts::One(_, Some(result)) => one_server(w, slot, req, result, out),
-        Parts::Many(parts) => merge(slot, req, parts, out),
-        _ => {
-            out.put_slice(END);
-            0
-        }
-    };
-    w.stats.get_hits.add(hits);
-    w.stats.get_misses.add(nkeys.saturating_sub(hits));
-}
-
-/// Every key went to one server: forward its reply whole when its VALUE
-/// keys are, in order, among the requested keys (the normal case).
-fn one_server(
-    w: &Worker,
-    slot: &Slot,
-    req: &Request,
-    result: &BackendResult,
-    out: &mut OutQueue,
-) -> u64 {
-    let reply = match result {
-        Ok(r) => r,
-        Err(_) => {
-            // A server that cannot answer: its keys are misses, and the
-            // client still gets its END (the HA contract for reads).
-            w.stats.server_errors.incr();
-            out.put_slice(END);
-            return 0;
-        }
-    };
-    match reply.kind {
-        ResponseKind::Values { hits } => {
-            if keys_match(slot, req, reply) {
-                out.put_bytes(reply.bytes.clone());
-                u64::from(hits)
-            } else {
-                merge_one(slot, req, reply, out)
-            }
-        }
-        _ => {
-            w.stats.server_errors.incr();
-            out.put_bytes(reply.bytes.clone());
-            0
-        }
-    }
-}
-
-/// Whether the reply's VALUE keys are a subsequence of the requested keys.
-fn keys_match(slot: &Slot, req: &Request, reply: &BackendReply) -> bool {
-    let mut keys = req.keys(&slot.frame);
-    'blocks: for block in ValueBlocks::new(&reply.bytes) {
-        for k in keys.by_ref() {
-            if k == block.header.key {
-                continue 'blocks;
-            }
-        }
-        return false;
-    }
-    true
-}
-
-/// Rebuilds a single server's reply keeping only blocks that answer a
-/// requested key, in order.
-fn merge_one(slot: &Slot, req: &Request, reply: &BackendReply, out: &mut OutQueue) -> u64 {
-    let mut blocks = ValueBlocks::new(&reply.bytes).peekable();
-    let mut hits = 0;
-    for key in req.keys(&slot.frame) {
-        if let Some(b) = blocks.peek() {
-            if b.header.key == key {
-                out.put_bytes(reply.bytes.slice(b.start..b.end));
-                hits += 1;
-                blocks.next();
-            }
-        }
-    }
-    tracing::debug!("server reply had VALUE blocks for keys not asked for; dropped them");
-    out.put_slice(END);
-    hits
-}
-
-/// Merges the replies of several servers back into request order.
-fn merge(
-    slot: &Slot,
-    req: &Request,
-    parts: &[(usize, Option<BackendResult>)],
-    out: &mut OutQueue,
-) -> u64 {
-    let mut cursors: Vec<Option<std::iter::Peekable<ValueBlocks<'_>>>> = parts
-        .iter()
-        .map(|(_, r)| match r {
-            Some(Ok(reply)) if matches!(reply.kind, ResponseKind::Values { .. }) => {
-                Some(ValueBlocks::new(&reply.bytes).peekable())
-            }
-            // A failed server's keys are misses.
-            _ => None,
-        })
-        .collect();
-    let mut hits = 0;
-    for (key, &p) in req.keys(&slot.frame).zip(slot.key_parts.iter()) {
-        let p = p as usize;
-        let Some(Some(cursor)) = cursors.get_mut(p) else {
-            continue;
-        };
-        let Some(b) = cursor.peek() else { continue };
-        if b.header.key == key {
-            if let (_, Some(Ok(reply))) = &parts[p] {
-                out.put_bytes(reply.bytes.slice(b.start..b.end));
-                hits += 1;
-            }
-            cursor.next();
-        }
-    }
-    out.put_slice(END);
-    hits
 }

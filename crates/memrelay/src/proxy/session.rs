@@ -16,12 +16,13 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::rc::Rc;
 
-use bytes::{Bytes, BytesMut};
-use memrelay_protocol::{parse_request, Request};
+use bytes::BytesMut;
+use memrelay_protocol::parse_request;
 use tokio::io::{Interest, Ready};
 
-use super::dispatch::dispatch;
+use super::dispatch::{advance, start};
 use super::reply::render;
+use super::slot::{Local, Slot, Stage};
 use super::{Worker, MAX_PENDING_OUTPUT, MAX_PIPELINE};
 use crate::backend::{BackendResult, Sink};
 use crate::net::notify::LocalNotify;
@@ -58,59 +59,14 @@ macro_rules! client_stream {
 client_stream!(tokio::net::TcpStream);
 client_stream!(tokio::net::UnixStream);
 
-/// The server replies a request is waiting for.
-#[derive(Debug)]
-pub enum Parts {
-    /// Nothing to wait for (a local reply).
-    None,
-    /// One sub-request, to this server.
-    One(usize, Option<BackendResult>),
-    /// Several sub-requests (a multi-get spread over servers, flush_all).
-    Many(Vec<(usize, Option<BackendResult>)>),
-}
-
-/// A reply the proxy makes itself.
-#[derive(Debug)]
-pub enum Local {
-    Static(&'static [u8]),
-    Owned(Vec<u8>),
-    /// Send this, then close the connection (quit, fatal input).
-    Close(&'static [u8]),
-}
-
-/// One client request, from parse to reply.
-#[derive(Debug)]
-pub struct Slot {
-    /// The bytes the request was parsed from (keys and value live here).
-    pub frame: Bytes,
-    pub req: Option<Request>,
-    /// Sub-replies still to come.
-    pub pending: u32,
-    pub parts: Parts,
-    /// Multi-get spread over servers: index into `parts` for each key.
-    pub key_parts: Vec<u16>,
-    pub local: Option<Local>,
-}
-
-impl Slot {
-    pub fn local(local: Local) -> Slot {
-        Slot {
-            frame: Bytes::new(),
-            req: None,
-            pending: 0,
-            parts: Parts::None,
-            key_parts: Vec::new(),
-            local: Some(local),
-        }
-    }
-}
-
 /// Where backend connections deliver this session's replies.
 #[derive(Debug, Default)]
 pub struct Inbox {
     slots: RefCell<VecDeque<Slot>>,
     /// Sequence number of `slots[0]`.
     base: Cell<u64>,
+    /// Slots whose parts are all in since the session last looked.
+    ready: RefCell<Vec<u64>>,
     wake: LocalNotify,
 }
 
@@ -123,20 +79,17 @@ impl Sink for Inbox {
         else {
             return; // the session is gone; nobody waits for this reply
         };
-        let filled = match &mut slot.parts {
-            Parts::One(_, r) if part == 0 => r,
-            Parts::Many(v) => match v.get_mut(part as usize) {
-                Some((_, r)) => r,
-                None => return,
-            },
-            _ => return,
+        let Some(p) = slot.parts.get_mut(part as usize) else {
+            return;
         };
-        if filled.is_none() {
-            *filled = Some(result);
-            slot.pending -= 1;
-            if slot.pending == 0 && token == self.base.get() {
-                self.wake.notify();
-            }
+        if p.result.is_some() {
+            return;
+        }
+        p.result = Some(result);
+        slot.pending -= 1;
+        if slot.pending == 0 {
+            self.ready.borrow_mut().push(token);
+            self.wake.notify();
         }
     }
 }
@@ -151,7 +104,8 @@ pub async fn serve<S: ClientStream>(stream: S, worker: Rc<Worker>) {
         out: OutQueue::new(),
         next_seq: 0,
         swallow: 0,
-        stop_reading: false,
+        eof: false,
+        closing: false,
         close_after_flush: false,
     };
     s.run(&stream).await;
@@ -168,8 +122,10 @@ struct Session {
     next_seq: u64,
     /// Input bytes still to discard (the data of a value that was too large).
     swallow: usize,
-    /// EOF, quit or a fatal input: parse nothing more.
-    stop_reading: bool,
+    /// The client sent EOF: read nothing more, but finish what was sent.
+    eof: bool,
+    /// `quit` or a fatal input: parse nothing more.
+    closing: bool,
     /// Close once everything before the closing reply is written.
     close_after_flush: bool,
 }
@@ -177,7 +133,16 @@ struct Session {
 impl Session {
     async fn run<S: ClientStream>(&mut self, stream: &S) {
         loop {
+            self.advance_ready();
             self.emit_ready();
+            // Requests already buffered while the pipeline was full.
+            if !self.closing
+                && !self.rbuf.is_empty()
+                && self.inbox.slots.borrow().len() < MAX_PIPELINE
+            {
+                self.process();
+                self.emit_ready();
+            }
             if !self.out.is_empty() {
                 match self.out.write_to(|iov| stream.try_write_vectored(iov)) {
                     Ok(n) => self.worker.stats.bytes_written.add(n as u64),
@@ -186,14 +151,12 @@ impl Session {
                 }
             }
             let outstanding = self.inbox.slots.borrow().len();
-            if self.out.is_empty()
-                && (self.close_after_flush || (self.stop_reading && outstanding == 0))
-            {
+            let finished = self.closing || self.eof;
+            if self.out.is_empty() && (self.close_after_flush || (finished && outstanding == 0)) {
                 return;
             }
-            let can_read = !self.stop_reading
-                && outstanding < MAX_PIPELINE
-                && self.out.len() < MAX_PENDING_OUTPUT;
+            let can_read =
+                !finished && outstanding < MAX_PIPELINE && self.out.len() < MAX_PENDING_OUTPUT;
             let interest = match (can_read, !self.out.is_empty()) {
                 (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
                 (true, false) => Some(Interest::READABLE),
@@ -208,7 +171,7 @@ impl Session {
                     match ready {
                         Ok(r) if r.is_readable() && can_read => {
                             if !self.read(stream) {
-                                self.stop_reading = true;
+                                self.eof = true;
                             }
                         }
                         Ok(_) => {}
@@ -234,8 +197,8 @@ impl Session {
                 Ok(n) => {
                     self.worker.stats.bytes_read.add(n as u64);
                     self.process();
-                    if self.stop_reading || self.inbox.slots.borrow().len() >= MAX_PIPELINE {
-                        return !self.stop_reading;
+                    if self.closing || self.inbox.slots.borrow().len() >= MAX_PIPELINE {
+                        return true;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
@@ -247,7 +210,7 @@ impl Session {
 
     /// Parses and dispatches every complete request in the read buffer.
     fn process(&mut self) {
-        while !self.stop_reading {
+        while !self.closing {
             if self.swallow > 0 {
                 let n = self.swallow.min(self.rbuf.len());
                 let _ = self.rbuf.split_to(n);
@@ -266,10 +229,15 @@ impl Session {
                     let quit = req.command == memrelay_protocol::Command::Quit;
                     let seq = self.next_seq;
                     self.next_seq += 1;
-                    let slot = dispatch(&self.worker, &self.inbox, seq, frame, req);
+                    let mut slot = start(&self.worker, &self.inbox, seq, frame, req);
+                    // Sub-requests that failed at once (servers down) leave
+                    // the slot ready for its next step right away.
+                    while slot.pending == 0 && slot.stage != Stage::Done {
+                        advance(&self.worker, &self.inbox, seq, &mut slot);
+                    }
                     self.inbox.slots.borrow_mut().push_back(slot);
                     if quit {
-                        self.stop_reading = true;
+                        self.closing = true;
                     }
                 }
                 Err(e) => {
@@ -277,10 +245,10 @@ impl Session {
                     self.swallow = e.swallow;
                     self.worker.stats.client_errors.incr();
                     if let Some(key) = e.unlink_key {
-                        super::dispatch::unlink(&self.worker, key.of(&frame));
+                        super::dispatch::unlink(&self.worker, &frame, key.of(&frame));
                     }
                     let local = if e.kind.closes() {
-                        self.stop_reading = true;
+                        self.closing = true;
                         Local::Close(e.kind.reply())
                     } else if e.noreply {
                         continue;
@@ -294,13 +262,35 @@ impl Session {
         }
     }
 
+    /// Takes the next step for every slot whose parts all came in.
+    fn advance_ready(&mut self) {
+        loop {
+            let ready = std::mem::take(&mut *self.inbox.ready.borrow_mut());
+            if ready.is_empty() {
+                return;
+            }
+            for seq in ready {
+                let mut slots = self.inbox.slots.borrow_mut();
+                let Some(slot) = seq
+                    .checked_sub(self.inbox.base.get())
+                    .and_then(|i| slots.get_mut(i as usize))
+                else {
+                    continue;
+                };
+                while slot.pending == 0 && slot.stage != Stage::Done {
+                    advance(&self.worker, &self.inbox, seq, slot);
+                }
+            }
+        }
+    }
+
     /// Writes out every complete reply at the front of the FIFO.
     fn emit_ready(&mut self) {
         loop {
             let slot = {
                 let mut slots = self.inbox.slots.borrow_mut();
                 match slots.front() {
-                    Some(s) if s.pending == 0 => {}
+                    Some(s) if s.is_done() => {}
                     _ => return,
                 }
                 self.inbox.base.set(self.inbox.base.get() + 1);
@@ -309,7 +299,7 @@ impl Session {
             let Some(slot) = slot else { return };
             if render(&self.worker, slot, &mut self.out) {
                 self.close_after_flush = true;
-                self.stop_reading = true;
+                self.closing = true;
                 self.inbox.slots.borrow_mut().clear();
                 return;
             }

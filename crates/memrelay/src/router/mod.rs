@@ -48,43 +48,79 @@ pub fn magent_hash(key: &[u8]) -> u32 {
     h & 0x7fff_ffff
 }
 
-/// Where a key lives.
+/// Most tiers a key can have: the primary and up to three backup tiers.
+pub const MAX_TIERS: usize = 4;
+
+/// Where a key lives, in order of preference: its primary, then its backup
+/// in each backup tier. Small and `Copy`: computed once per request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Replicas {
-    pub primary: usize,
-    pub backup: Option<usize>,
+    servers: [u16; MAX_TIERS],
+    len: u8,
+}
+
+impl Replicas {
+    pub fn primary(&self) -> usize {
+        self.servers[0] as usize
+    }
+
+    /// The server at tier `i` (0 is the primary).
+    pub fn get(&self, i: usize) -> Option<usize> {
+        (i < self.len as usize).then(|| self.servers[i] as usize)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.servers[..self.len as usize]
+            .iter()
+            .map(|&s| s as usize)
+    }
 }
 
 /// Routes keys to replica sets. Immutable once built.
 #[derive(Debug, Clone)]
 pub struct Router {
-    primaries: Ring,
-    backups: Option<Ring>,
-    nprimaries: usize,
+    /// Tier 0 is the primaries; each tier's ring picks within its servers,
+    /// and `offset` turns that into a global server index.
+    tiers: Vec<(Ring, usize)>,
 }
 
 impl Router {
     pub fn new(cfg: &Config) -> Router {
-        Router {
-            primaries: Ring::new(cfg.hash, &cfg.primaries),
-            backups: (!cfg.backups.is_empty()).then(|| Ring::new(cfg.hash, &cfg.backups)),
-            nprimaries: cfg.primaries.len(),
+        let mut tiers = vec![(Ring::new(cfg.hash, &cfg.primaries), 0)];
+        if !cfg.backups.is_empty() {
+            tiers.push((Ring::new(cfg.hash, &cfg.backups), cfg.primaries.len()));
         }
+        tiers.truncate(MAX_TIERS);
+        Router { tiers }
     }
 
     /// The primary's index for a key (hot path: one hash).
     pub fn primary(&self, key: &[u8]) -> usize {
-        self.primaries.pick(key)
+        self.tiers[0].0.pick(key)
     }
 
     pub fn replicas(&self, key: &[u8]) -> Replicas {
-        Replicas {
-            primary: self.primaries.pick(key),
-            backup: self.backups.as_ref().map(|r| self.nprimaries + r.pick(key)),
+        let mut r = Replicas {
+            servers: [0; MAX_TIERS],
+            len: 0,
+        };
+        for (ring, offset) in &self.tiers {
+            r.servers[r.len as usize] = (offset + ring.pick(key)) as u16;
+            r.len += 1;
         }
+        r
     }
 
-    pub fn nprimaries(&self) -> usize {
-        self.nprimaries
+    /// Whether keys have backups at all.
+    pub fn has_backups(&self) -> bool {
+        self.tiers.len() > 1
     }
 }

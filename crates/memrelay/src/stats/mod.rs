@@ -84,6 +84,13 @@ worker_counters!(
     get_misses,
     client_errors,
     server_errors,
+    failovers,
+    backup_hits,
+    repairs,
+    repairs_skipped,
+    mirrors,
+    mirror_failures,
+    mirror_mismatches,
     bytes_read,
     bytes_written,
 );

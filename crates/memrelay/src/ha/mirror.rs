@@ -1,0 +1,152 @@
+//! Background writes to backups: mirrors, read repairs, compensations.
+//!
+//! The client's reply never waits for these. Each one registers a small
+//! context (the key, as a slice of the request's frame: no copy) in a
+//! reusable table, and its reply is checked here:
+//! - a backup that failed or refused a mirror is recorded as having missed
+//!   the key (it will be invalidated there before serving it again);
+//! - a backup whose answer differs from the primary's (an `incr` giving
+//!   another number) has its copy deleted, so it holds the primary's item
+//!   or nothing, never a different value;
+//! - a read repair (`add` to the primary) is counted as done or as skipped
+//!   because a newer value got there first.
+
+use std::cell::RefCell;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use memrelay_protocol::{compose, Expect, ResponseKind};
+
+use crate::backend::{BackendResult, ReplyTo, ServerPool, Sink};
+use crate::stats::WorkerStats;
+
+/// What a background write's reply must look like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Any non-error answer is fine (set, delete, touch, append...).
+    Applied,
+    /// `incr`/`decr`: the backup must reach the primary's number.
+    Number(u64),
+    /// A read repair on the primary.
+    Repair,
+}
+
+#[derive(Debug)]
+struct Ctx {
+    key: Bytes,
+    server: usize,
+    check: Check,
+}
+
+#[derive(Debug)]
+pub struct Mirror {
+    me: Weak<Mirror>,
+    servers: Rc<[ServerPool]>,
+    stats: Arc<WorkerStats>,
+    ctxs: RefCell<Vec<Option<Ctx>>>,
+    free: RefCell<Vec<u32>>,
+}
+
+impl Mirror {
+    pub fn new(servers: Rc<[ServerPool]>, stats: Arc<WorkerStats>) -> Rc<Mirror> {
+        Rc::new_cyclic(|me| Mirror {
+            me: me.clone(),
+            servers,
+            stats,
+            ctxs: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
+        })
+    }
+
+    /// Sends a background write for `key` to `server`.
+    pub fn send(
+        &self,
+        server: usize,
+        key: Bytes,
+        check: Check,
+        expect: Expect,
+        write: impl FnOnce(&mut BytesMut),
+        value: Option<Bytes>,
+    ) {
+        let Some(me) = self.me.upgrade() else { return };
+        let token = {
+            let mut ctxs = self.ctxs.borrow_mut();
+            let ctx = Ctx {
+                key: key.clone(),
+                server,
+                check,
+            };
+            match self.free.borrow_mut().pop() {
+                Some(i) => {
+                    ctxs[i as usize] = Some(ctx);
+                    i
+                }
+                None => {
+                    ctxs.push(Some(ctx));
+                    (ctxs.len() - 1) as u32
+                }
+            }
+        };
+        let reply = ReplyTo {
+            sink: me as Rc<dyn Sink>,
+            token: u64::from(token),
+            part: 0,
+        };
+        if let Err(e) = self.servers[server].send(expect, reply, write, value) {
+            // Never queued: settle it now as a failure.
+            self.deliver(u64::from(token), 0, Err(e));
+        }
+    }
+
+    /// Deletes `key` on `server` in the background.
+    pub fn delete(&self, server: usize, key: Bytes) {
+        let k = key.clone();
+        self.send(
+            server,
+            key,
+            Check::Applied,
+            Expect::Delete,
+            |b| compose::delete(b, &k),
+            None,
+        );
+    }
+}
+
+impl Sink for Mirror {
+    fn deliver(&self, token: u64, _part: u32, result: BackendResult) {
+        let ctx = {
+            let mut ctxs = self.ctxs.borrow_mut();
+            let Some(slot) = ctxs.get_mut(token as usize) else {
+                return;
+            };
+            let Some(ctx) = slot.take() else { return };
+            self.free.borrow_mut().push(token as u32);
+            ctx
+        };
+        let health = self.servers[ctx.server].health();
+        match (ctx.check, result) {
+            (Check::Repair, Ok(r)) => match r.kind {
+                ResponseKind::Stored => self.stats.repairs.incr(),
+                _ => self.stats.repairs_skipped.incr(),
+            },
+            (Check::Repair, Err(_)) => self.stats.repairs_skipped.incr(),
+            (_, Err(_)) => {
+                self.stats.mirror_failures.incr();
+                health.missed.record(&ctx.key);
+            }
+            (_, Ok(r)) if r.kind == ResponseKind::Error => {
+                // The backup refused: its copy can no longer be trusted.
+                self.stats.mirror_failures.incr();
+                self.delete(ctx.server, ctx.key);
+            }
+            (Check::Number(n), Ok(r)) => {
+                if r.kind != ResponseKind::Number(n) && r.kind != ResponseKind::NotFound {
+                    self.stats.mirror_mismatches.incr();
+                    self.delete(ctx.server, ctx.key);
+                }
+            }
+            (Check::Applied, Ok(_)) => {}
+        }
+    }
+}

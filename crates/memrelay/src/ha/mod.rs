@@ -1,0 +1,40 @@
+//! High availability: where each request goes when servers fail, how writes
+//! reach the backups, and how a server that missed writes is kept from
+//! serving stale data. See docs/ha.md for the contract, command by command.
+//!
+//! - [`read`]: reads from the primary, falling back to the backup on a miss
+//!   or a failure, and writing backup hits back to the primary (`add`, so a
+//!   newer value is never overwritten);
+//! - [`write`]: writes to the primary, mirrored to the backups according to
+//!   the primary's answer; to the backup (exactly once) when the primary
+//!   cannot take it;
+//! - [`mirror`]: the fire-and-forget side of those writes, which checks the
+//!   backups' answers and repairs or records what went wrong;
+//! - [`missed`]: per server, the keys it must not serve until invalidated.
+
+pub mod mirror;
+pub mod missed;
+pub mod read;
+pub mod write;
+
+use crate::proxy::Worker;
+use crate::router::Replicas;
+
+/// The first tier, from `from` on, whose server can serve `key`. Tiers that
+/// cannot are returned in `skipped` order through `on_skip`.
+pub fn first_serving(
+    w: &Worker,
+    replicas: &Replicas,
+    key: &[u8],
+    from: usize,
+    mut on_skip: impl FnMut(usize),
+) -> Option<usize> {
+    for tier in from..replicas.len() {
+        let server = replicas.get(tier)?;
+        if w.servers[server].health().serves(key) {
+            return Some(tier);
+        }
+        on_skip(server);
+    }
+    None
+}

@@ -1,0 +1,332 @@
+//! Reads: `get gets gat gats`, over one or many keys.
+//!
+//! Round one asks each key's first serving replica (its primary, unless the
+//! primary is down or stale for the key), one request per server. Round two,
+//! only when needed, asks the backup for the keys that missed or failed in
+//! round one, with `mg` so the item's flags, remaining TTL (and CAS for
+//! `gets`) come back; backup hits are returned to the client and written
+//! back to the primary with `add` semantics, so a value written meanwhile
+//! always wins. A key no replica can serve is a miss: the client always gets
+//! its `END`.
+
+use std::iter::Peekable;
+use std::rc::Rc;
+
+use memrelay_protocol::response::{ValueBlock, ValueBlocks};
+use memrelay_protocol::{compose, meta_flags, Command, Expect, MetaStatus, Request, ResponseKind};
+use smallvec::SmallVec;
+
+use super::mirror::Check;
+use crate::backend::ReplyTo;
+use crate::net::outqueue::OutQueue;
+use crate::proxy::session::Inbox;
+use crate::proxy::slot::{Local, Part, Slot, Stage};
+use crate::proxy::Worker;
+
+/// No server can serve this key (in `key_parts`).
+const NO_PART: u16 = u16::MAX;
+
+/// A relative TTL longer than this is an absolute unix time to memcached.
+const MAX_RELATIVE_TTL: i64 = 60 * 60 * 24 * 30;
+
+fn reply_to(inbox: &Rc<Inbox>, seq: u64, part: usize) -> ReplyTo {
+    ReplyTo {
+        sink: inbox.clone(),
+        token: seq,
+        part: part as u32,
+    }
+}
+
+/// Round one.
+pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+    let frame = slot.frame.clone();
+    let (cmd, exptime) = (req.command, req.exptime);
+    if req.nkeys == 0 {
+        slot.local = Some(Local::Static(b"END\r\n"));
+        return;
+    }
+    slot.stage = Stage::Read;
+    if req.nkeys == 1 {
+        let key = req.key.of(&frame);
+        let replicas = w.router.replicas(key);
+        slot.replicas = Some(replicas);
+        let Some(tier) = super::first_serving(w, &replicas, key, 0, |_| {}) else {
+            return;
+        };
+        let server = replicas.get(tier).unwrap_or(0);
+        if tier > 0 {
+            w.stats.failovers.incr();
+        }
+        let queued = w.servers[server].send(
+            Expect::Retrieval,
+            reply_to(inbox, seq, 0),
+            |b| compose::retrieval(b, cmd, exptime, [key]),
+            None,
+        );
+        return slot.push_part(Part::new(server), queued);
+    }
+    // Several keys: each to its serving replica, grouped by server.
+    let mut servers: SmallVec<[usize; 4]> = SmallVec::new();
+    let mut key_parts = Vec::with_capacity(req.nkeys as usize);
+    let mut unserved = false;
+    for key in req.keys(&frame) {
+        let replicas = w.router.replicas(key);
+        let Some(tier) = super::first_serving(w, &replicas, key, 0, |_| {}) else {
+            key_parts.push(NO_PART);
+            unserved = true;
+            continue;
+        };
+        if tier > 0 {
+            w.stats.failovers.incr();
+        }
+        let s = replicas.get(tier).unwrap_or(0);
+        let p = servers.iter().position(|&x| x == s).unwrap_or_else(|| {
+            servers.push(s);
+            servers.len() - 1
+        });
+        key_parts.push(p as u16);
+    }
+    for (p, &server) in servers.iter().enumerate() {
+        let queued = if servers.len() == 1 && !unserved {
+            w.servers[server].send(
+                Expect::Retrieval,
+                reply_to(inbox, seq, p),
+                |b| compose::retrieval(b, cmd, exptime, req.keys(&frame)),
+                None,
+            )
+        } else {
+            let keys = req
+                .keys(&frame)
+                .zip(key_parts.iter())
+                .filter(|(_, &kp)| kp as usize == p)
+                .map(|(k, _)| k);
+            w.servers[server].send(
+                Expect::Retrieval,
+                reply_to(inbox, seq, p),
+                |b| compose::retrieval(b, cmd, exptime, keys),
+                None,
+            )
+        };
+        slot.push_part(Part::new(server), queued);
+    }
+    if servers.len() > 1 || unserved {
+        slot.key_parts = key_parts;
+    }
+}
+
+/// Walks the keys in request order with their round-one outcome: the part
+/// that served them and the VALUE block, if it was a hit.
+fn walk<'a>(
+    slot: &'a Slot,
+    req: &Request,
+    mut f: impl FnMut(usize, &'a [u8], usize, Option<ValueBlock<'a>>),
+) {
+    let round_one = slot.parts.iter().take_while(|p| p.key == u32::MAX).count();
+    let mut cursors: SmallVec<[Option<Peekable<ValueBlocks<'a>>>; 4]> = slot.parts[..round_one]
+        .iter()
+        .map(|p| match &p.result {
+            Some(Ok(r)) if matches!(r.kind, ResponseKind::Values { .. }) => {
+                Some(ValueBlocks::new(&r.bytes).peekable())
+            }
+            _ => None,
+        })
+        .collect();
+    for (i, key) in req.keys(&slot.frame).enumerate() {
+        let p = slot.part_of_key(i);
+        let hit = match cursors.get_mut(p) {
+            Some(Some(c)) => match c.peek() {
+                Some(b) if b.header.key == key => c.next(),
+                _ => None,
+            },
+            _ => None,
+        };
+        f(i, key, p, hit);
+    }
+}
+
+/// Round one is in: ask backups for what missed, or finish.
+pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+    slot.stage = Stage::Done;
+    if !w.router.has_backups() {
+        return;
+    }
+    let fallback = w.miss_fallback;
+    let mut wanted: SmallVec<[(u32, usize); 4]> = SmallVec::new();
+    walk(slot, req, |i, key, p, hit| {
+        if hit.is_some() || slot.part_of_key(i) as u16 == NO_PART {
+            return;
+        }
+        let Some(part) = slot.parts.get(p) else {
+            return;
+        };
+        let failed =
+            !matches!(&part.result, Some(Ok(r)) if matches!(r.kind, ResponseKind::Values { .. }));
+        if !failed && !fallback {
+            return;
+        }
+        let replicas = w.router.replicas(key);
+        let Some(tier) = replicas.iter().position(|s| s == part.server as usize) else {
+            return;
+        };
+        if let Some(next) = super::first_serving(w, &replicas, key, tier + 1, |_| {}) {
+            wanted.push((i as u32, replicas.get(next).unwrap_or(0)));
+        }
+    });
+    if wanted.is_empty() {
+        return;
+    }
+    let frame = slot.frame.clone();
+    let flags: &[u8] = if matches!(req.command, Command::Gets | Command::Gats) {
+        b"v f t c"
+    } else {
+        b"v f t"
+    };
+    let touch = matches!(req.command, Command::Gat | Command::Gats).then_some(req.exptime);
+    let mut keys = req.keys(&frame).enumerate();
+    for (i, server) in wanted {
+        let Some((_, key)) = keys.find(|(k, _)| *k == i as usize) else {
+            break;
+        };
+        let part = slot.parts.len();
+        let queued = w.servers[server].send(
+            Expect::Meta,
+            reply_to(inbox, seq, part),
+            |b| compose::meta_get(b, key, flags, touch),
+            None,
+        );
+        let mut p = Part::new(server);
+        p.key = i;
+        slot.push_part(p, queued);
+    }
+    slot.stage = Stage::Fallback;
+}
+
+/// Round two is in: write backup hits back to primaries that missed them.
+pub fn after_fallback(w: &Worker, slot: &mut Slot, req: &Request) {
+    slot.stage = Stage::Done;
+    let frame = slot.frame.clone();
+    let round_one = slot.parts.iter().take_while(|p| p.key == u32::MAX).count();
+    for part in &slot.parts[round_one..] {
+        let Some(Ok(reply)) = &part.result else {
+            continue;
+        };
+        if reply.kind != ResponseKind::Meta(MetaStatus::Value) {
+            continue;
+        }
+        w.stats.backup_hits.incr();
+        let i = part.key as usize;
+        let Some(key) = req.keys(&frame).nth(i) else {
+            continue;
+        };
+        // Repair only a primary that answered (a miss): not one that failed.
+        let p1 = slot.part_of_key(i);
+        let Some(first) = slot.parts.get(p1) else {
+            continue;
+        };
+        let primary = w.router.primary(key);
+        if first.server as usize != primary || !matches!(&first.result, Some(Ok(_))) {
+            continue;
+        }
+        let mf = meta_flags(&reply.bytes);
+        let Some((off, len)) = mf.data else { continue };
+        let exptime = match req.command {
+            Command::Gat | Command::Gats => i64::from(req.exptime),
+            _ => match mf.ttl {
+                Some(-1) | None => 0,
+                Some(0) => continue, // expiring now: not worth copying
+                Some(t) if t > MAX_RELATIVE_TTL => unix_now() + t,
+                Some(t) => t,
+            },
+        };
+        let Ok(exptime) = i32::try_from(exptime) else {
+            continue;
+        };
+        let value = reply.bytes.slice(off..off + len);
+        let key_bytes = frame.slice_ref(key);
+        let flags = mf.flags.unwrap_or(0);
+        let k = key_bytes.clone();
+        w.mirror.send(
+            primary,
+            key_bytes,
+            Check::Repair,
+            Expect::Storage,
+            |b| compose::storage_line(b, Command::Add, &k, flags, exptime, len, 0),
+            Some(value),
+        );
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The client's reply: hits in request order, then `END`.
+pub fn render(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
+    let nkeys = u64::from(req.nkeys);
+    w.stats.cmd_get.add(nkeys);
+    // The common case: one server answered for every key, nothing else to add.
+    if slot.parts.len() == 1 && slot.key_parts.is_empty() {
+        if let Some(Ok(reply)) = &slot.parts[0].result {
+            if let ResponseKind::Values { hits } = reply.kind {
+                if u64::from(hits) <= nkeys && keys_match(slot, req, reply) {
+                    w.stats.get_hits.add(u64::from(hits));
+                    w.stats.get_misses.add(nkeys - u64::from(hits));
+                    return out.put_bytes(reply.bytes.clone());
+                }
+            }
+        }
+    }
+    let round_one = slot.parts.iter().take_while(|p| p.key == u32::MAX).count();
+    let fallback = &slot.parts[round_one..];
+    let mut fb = 0;
+    let mut hits = 0;
+    let gets = matches!(req.command, Command::Gets | Command::Gats);
+    walk(slot, req, |i, key, p, hit| {
+        while fb < fallback.len() && (fallback[fb].key as usize) < i {
+            fb += 1;
+        }
+        if let Some(block) = hit {
+            if let Some(Ok(reply)) = &slot.parts[p].result {
+                out.put_bytes(reply.bytes.slice(block.start..block.end));
+                hits += 1;
+            }
+            return;
+        }
+        if fb < fallback.len() && fallback[fb].key as usize == i {
+            if let Some(Ok(reply)) = &fallback[fb].result {
+                if reply.kind == ResponseKind::Meta(MetaStatus::Value) {
+                    let mf = meta_flags(&reply.bytes);
+                    if let Some((off, len)) = mf.data {
+                        let cas = gets.then(|| mf.cas.unwrap_or(0));
+                        out.compose(|b| {
+                            compose::value_header(b, key, mf.flags.unwrap_or(0), len, cas)
+                        });
+                        out.put_bytes(reply.bytes.slice(off..off + len + 2));
+                        hits += 1;
+                    }
+                }
+            }
+        }
+    });
+    out.put_slice(b"END\r\n");
+    w.stats.get_hits.add(hits);
+    w.stats.get_misses.add(nkeys.saturating_sub(hits));
+}
+
+/// Whether the reply's VALUE keys are, in order, among the requested keys
+/// (a server that answers for keys nobody asked for is not forwarded).
+fn keys_match(slot: &Slot, req: &Request, reply: &crate::backend::BackendReply) -> bool {
+    let mut keys = req.keys(&slot.frame);
+    'blocks: for block in ValueBlocks::new(&reply.bytes) {
+        for k in keys.by_ref() {
+            if k == block.header.key {
+                continue 'blocks;
+            }
+        }
+        return false;
+    }
+    true
+}

@@ -1,0 +1,123 @@
+//! A client request between parse and reply.
+//!
+//! A slot holds the request's frame (its key and value live there), the
+//! sub-requests sent for it ([`Part`]s, filled in as servers answer), and the
+//! stage it is at. Stages exist because a request may need more than one
+//! round: a read that missed on the primary asks the backup; a write whose
+//! primary failed is sent to the backup. The session advances a slot each
+//! time all its pending parts are in, until it is `Done`.
+
+use bytes::Bytes;
+use memrelay_protocol::Request;
+use smallvec::SmallVec;
+
+use crate::backend::BackendResult;
+use crate::router::Replicas;
+
+/// One sub-request and, once it came, its result.
+#[derive(Debug)]
+pub struct Part {
+    pub server: u16,
+    /// For fallback reads: the index of the key this part looks up.
+    pub key: u32,
+    pub result: Option<BackendResult>,
+}
+
+impl Part {
+    pub fn new(server: usize) -> Part {
+        Part {
+            server: server as u16,
+            key: u32::MAX,
+            result: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Nothing more to send: render when `pending` is 0.
+    Done,
+    /// A read's first round (primaries, or backups for keys whose primary
+    /// cannot serve them).
+    Read,
+    /// A read's second round: lookups on backups for keys that missed.
+    Fallback,
+    /// A write sent to the replica at this tier (0 = primary).
+    Write { tier: u8 },
+}
+
+/// A reply the proxy makes itself.
+#[derive(Debug)]
+pub enum Local {
+    Static(&'static [u8]),
+    Owned(Vec<u8>),
+    /// Send this, then close the connection (quit, fatal input).
+    Close(&'static [u8]),
+}
+
+#[derive(Debug)]
+pub struct Slot {
+    pub frame: Bytes,
+    pub req: Option<Request>,
+    /// Parts still to come in the current stage.
+    pub pending: u32,
+    pub parts: SmallVec<[Part; 2]>,
+    /// Reads over several servers: the first-round part of each key.
+    /// Empty when all keys went to `parts[0]`.
+    pub key_parts: Vec<u16>,
+    /// Single-key commands: where the key lives.
+    pub replicas: Option<Replicas>,
+    pub stage: Stage,
+    pub local: Option<Local>,
+}
+
+impl Slot {
+    pub fn new(frame: Bytes, req: Request) -> Slot {
+        Slot {
+            frame,
+            req: Some(req),
+            pending: 0,
+            parts: SmallVec::new(),
+            key_parts: Vec::new(),
+            replicas: None,
+            stage: Stage::Done,
+            local: None,
+        }
+    }
+
+    pub fn local(local: Local) -> Slot {
+        Slot {
+            frame: Bytes::new(),
+            req: None,
+            pending: 0,
+            parts: SmallVec::new(),
+            key_parts: Vec::new(),
+            replicas: None,
+            stage: Stage::Done,
+            local: Some(local),
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.pending == 0 && self.stage == Stage::Done
+    }
+
+    /// Records the outcome of queueing a sub-request: wait for it, or keep
+    /// the immediate failure as its result.
+    pub fn push_part(&mut self, mut part: Part, queued: Result<(), crate::backend::BackendError>) {
+        match queued {
+            Ok(()) => self.pending += 1,
+            Err(e) => part.result = Some(Err(e)),
+        }
+        self.parts.push(part);
+    }
+
+    /// The first-round part key `i` was read from.
+    pub fn part_of_key(&self, i: usize) -> usize {
+        self.key_parts.get(i).map(|&p| p as usize).unwrap_or(0)
+    }
+
+    pub fn result(&self, part: usize) -> Option<&BackendResult> {
+        self.parts.get(part).and_then(|p| p.result.as_ref())
+    }
+}
