@@ -128,6 +128,7 @@ pub struct ServerPool {
     pub name: String,
     addr: SocketAddr,
     conns: RefCell<Vec<Option<Conn>>>,
+    nconns: usize,
     next: Cell<usize>,
     health: Arc<Health>,
     settings: Rc<BackendSettings>,
@@ -147,6 +148,7 @@ impl ServerPool {
             name,
             addr,
             conns: RefCell::new((0..nconns.max(1)).map(|_| None).collect()),
+            nconns: nconns.max(1),
             next: Cell::new(0),
             health,
             settings,
@@ -171,19 +173,51 @@ impl ServerPool {
         write: impl FnOnce(&mut BytesMut),
         value: Option<Bytes>,
     ) -> Result<(), BackendError> {
+        let i = self.next.get();
+        self.next.set(i.wrapping_add(1));
+        self.send_on(i, expect, reply, write, value)
+    }
+
+    /// Like `send`, but every request for the same key uses the same
+    /// connection, so writes to one key reach the server in the order they
+    /// were sent (with several connections per server, round-robin could
+    /// reorder them, and a primary and its backup could apply two writes
+    /// in different orders).
+    pub fn send_for_key(
+        &self,
+        key: &[u8],
+        expect: Expect,
+        reply: ReplyTo,
+        write: impl FnOnce(&mut BytesMut),
+        value: Option<Bytes>,
+    ) -> Result<(), BackendError> {
+        let i = if self.nconns == 1 {
+            0
+        } else {
+            key.iter().fold(0x811c_9dc5u32, |h, &b| {
+                (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+            }) as usize
+        };
+        self.send_on(i, expect, reply, write, value)
+    }
+
+    fn send_on(
+        &self,
+        i: usize,
+        expect: Expect,
+        reply: ReplyTo,
+        write: impl FnOnce(&mut BytesMut),
+        value: Option<Bytes>,
+    ) -> Result<(), BackendError> {
         if self.health.is_down() {
             return Err(BackendError::unsent(Failure::Down));
         }
-        let conn = self.pick();
-        conn.send(expect, reply, write, value)
+        self.conn(i % self.nconns).send(expect, reply, write, value)
     }
 
-    /// Round-robin over the connections, replacing closed ones.
-    fn pick(&self) -> Conn {
+    /// Connection `i`, replaced by a new one if it was closed.
+    fn conn(&self, i: usize) -> Conn {
         let mut conns = self.conns.borrow_mut();
-        let n = conns.len();
-        let i = self.next.get() % n;
-        self.next.set(i.wrapping_add(1));
         match &conns[i] {
             Some(c) if !c.is_closed() => c.clone(),
             _ => {

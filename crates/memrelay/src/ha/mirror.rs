@@ -93,7 +93,7 @@ impl Mirror {
             token: u64::from(token),
             part: 0,
         };
-        if let Err(e) = self.servers[server].send(expect, reply, write, value) {
+        if let Err(e) = self.servers[server].send_for_key(&key, expect, reply, write, value) {
             // Never queued: settle it now as a failure.
             self.deliver(u64::from(token), 0, Err(e));
         }

@@ -127,7 +127,8 @@ fn attempt(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Reque
         token: seq,
         part: slot.parts.len() as u32,
     };
-    let queued = w.servers[server].send(
+    let queued = w.servers[server].send_for_key(
+        key,
         expect_of(req.command),
         reply,
         |b| compose_line(b, req, req.command, key),

@@ -103,6 +103,7 @@ pub async fn serve<S: ClientStream>(stream: S, worker: Rc<Worker>) {
         rbuf: BytesMut::with_capacity(READ_CHUNK),
         out: OutQueue::new(),
         next_seq: 0,
+        ready: Vec::new(),
         swallow: 0,
         eof: false,
         closing: false,
@@ -120,6 +121,8 @@ struct Session {
     rbuf: BytesMut,
     out: OutQueue,
     next_seq: u64,
+    /// Reused list of slots to advance (swapped with the inbox's).
+    ready: Vec<u64>,
     /// Input bytes still to discard (the data of a value that was too large).
     swallow: usize,
     /// The client sent EOF: read nothing more, but finish what was sent.
@@ -265,11 +268,11 @@ impl Session {
     /// Takes the next step for every slot whose parts all came in.
     fn advance_ready(&mut self) {
         loop {
-            let ready = std::mem::take(&mut *self.inbox.ready.borrow_mut());
-            if ready.is_empty() {
+            std::mem::swap(&mut self.ready, &mut *self.inbox.ready.borrow_mut());
+            if self.ready.is_empty() {
                 return;
             }
-            for seq in ready {
+            for &seq in &self.ready {
                 let mut slots = self.inbox.slots.borrow_mut();
                 let Some(slot) = seq
                     .checked_sub(self.inbox.base.get())
@@ -281,6 +284,7 @@ impl Session {
                     advance(&self.worker, &self.inbox, seq, slot);
                 }
             }
+            self.ready.clear();
         }
     }
 

@@ -29,12 +29,20 @@ impl Ring {
         }
     }
 
-    fn pick(&self, key: &[u8]) -> usize {
+    /// Picks a server from the key's hash (see [`key_hash`]).
+    fn pick(&self, hash: u32) -> usize {
         match self {
-            Ring::Ketama(c) => c.lookup(ketama::key_hash(key)),
-            Ring::Modula(n) => ketama::key_hash(key) as usize % n,
-            Ring::Magent(n) => magent_hash(key) as usize % n,
+            Ring::Ketama(c) => c.lookup(hash),
+            Ring::Modula(n) | Ring::Magent(n) => hash as usize % n,
         }
+    }
+}
+
+/// The hash every tier's ring picks from: computed once per key.
+fn key_hash(kind: HashKind, key: &[u8]) -> u32 {
+    match kind {
+        HashKind::Ketama | HashKind::Modula => ketama::key_hash(key),
+        HashKind::Magent => magent_hash(key),
     }
 }
 
@@ -90,6 +98,7 @@ pub struct Router {
     /// Tier 0 is the primaries; each tier's ring picks within its servers,
     /// and `offset` turns that into a global server index.
     tiers: Vec<(Ring, usize)>,
+    kind: HashKind,
 }
 
 impl Router {
@@ -99,12 +108,15 @@ impl Router {
             tiers.push((Ring::new(cfg.hash, &cfg.backups), cfg.primaries.len()));
         }
         tiers.truncate(MAX_TIERS);
-        Router { tiers }
+        Router {
+            tiers,
+            kind: cfg.hash,
+        }
     }
 
     /// The primary's index for a key (hot path: one hash).
     pub fn primary(&self, key: &[u8]) -> usize {
-        self.tiers[0].0.pick(key)
+        self.tiers[0].0.pick(key_hash(self.kind, key))
     }
 
     pub fn replicas(&self, key: &[u8]) -> Replicas {
@@ -112,8 +124,9 @@ impl Router {
             servers: [0; MAX_TIERS],
             len: 0,
         };
+        let hash = key_hash(self.kind, key);
         for (ring, offset) in &self.tiers {
-            r.servers[r.len as usize] = (offset + ring.pick(key)) as u16;
+            r.servers[r.len as usize] = (offset + ring.pick(hash)) as u16;
             r.len += 1;
         }
         r
