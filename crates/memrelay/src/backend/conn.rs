@@ -34,6 +34,7 @@ use super::health::Health;
 use super::{BackendError, BackendReply, BackendSettings, Failure, ReplyTo};
 use crate::net::notify::LocalNotify;
 use crate::net::outqueue::OutQueue;
+use crate::net::Stream;
 
 /// Read buffer growth step.
 const READ_CHUNK: usize = 16 * 1024;
@@ -164,12 +165,15 @@ async fn drive(inner: Rc<Inner>, addr: SocketAddr) {
             return fail(&inner, f);
         }
         let want_write = !inner.out.borrow().is_empty();
-        let front_deadline = inner.inflight.borrow().front().map(|f| f.deadline);
-        if front_deadline != armed {
-            if let Some(d) = front_deadline {
+        // One timer per connection, re-armed only when it fires or was
+        // idle: deadlines only grow along the FIFO, so the front's deadline
+        // is never earlier than the one armed, and resetting the timer for
+        // every batch would cost more than the occasional early wake-up.
+        if armed.is_none() {
+            if let Some(d) = inner.inflight.borrow().front().map(|f| f.deadline) {
                 timer.as_mut().reset(d);
+                armed = Some(d);
             }
-            armed = front_deadline;
         }
         let interest = if want_write {
             Interest::READABLE | Interest::WRITABLE
@@ -193,11 +197,11 @@ async fn drive(inner: Rc<Inner>, addr: SocketAddr) {
             }
             _ = inner.wake.notified() => {}
             _ = &mut timer, if armed.is_some() => {
+                armed = None;
                 let expired = inner.inflight.borrow().front().map(|f| f.deadline <= Instant::now()).unwrap_or(false);
                 if expired {
                     return fail(&inner, Failure::Timeout);
                 }
-                armed = None;
             }
         }
     }
@@ -209,7 +213,7 @@ fn flush(inner: &Inner, stream: &TcpStream) -> Result<(), Failure> {
     if out.is_empty() {
         return Ok(());
     }
-    match out.write_to(|iov| stream.try_write_vectored(iov)) {
+    match out.write_to(|iov| Stream::try_write_vectored(stream, iov)) {
         Ok(n) => {
             inner.written.set(inner.written.get() + n as u64);
             Ok(())
@@ -231,7 +235,7 @@ fn read_and_dispatch(
         if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
             rbuf.reserve(READ_CHUNK);
         }
-        match stream.try_read_buf(rbuf) {
+        match Stream::read_drained(stream, rbuf) {
             Ok(0) => {
                 if inner.inflight.borrow().is_empty() && rbuf.is_empty() {
                     return Ok(false);

@@ -14,6 +14,64 @@ use std::time::Duration;
 use crate::config::Listen;
 use crate::proxy::{session, Worker};
 
+/// The byte streams memrelay talks over (TCP, unix sockets), through
+/// tokio's readiness API: no futures per read or write, and no system call
+/// that is known in advance to return `EAGAIN`.
+pub trait Stream {
+    fn ready(
+        &self,
+        interest: tokio::io::Interest,
+    ) -> impl std::future::Future<Output = io::Result<tokio::io::Ready>>;
+    fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize>;
+    /// Reads into the spare capacity of `buf`. `Ok(0)` is end of input;
+    /// `WouldBlock` means nothing was there.
+    ///
+    /// A read that returns less than it had room for has drained the
+    /// socket, so it tells tokio so (by reporting `WouldBlock` from inside
+    /// `try_io`, which clears readiness unless a new event came in
+    /// meanwhile) instead of paying one more `recv` just to see `EAGAIN`.
+    /// twemproxy does the same with its `recv_ready` flag.
+    fn read_drained(&self, buf: &mut bytes::BytesMut) -> io::Result<usize>;
+}
+
+macro_rules! stream_impl {
+    ($t:ty) => {
+        impl Stream for $t {
+            fn ready(
+                &self,
+                interest: tokio::io::Interest,
+            ) -> impl std::future::Future<Output = io::Result<tokio::io::Ready>> {
+                <$t>::ready(self, interest)
+            }
+            fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+                <$t>::try_write_vectored(self, bufs)
+            }
+            fn read_drained(&self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+                let mut got = 0;
+                let r = self.try_io(tokio::io::Interest::READABLE, || {
+                    let spare = buf.spare_capacity_mut();
+                    let room = spare.len();
+                    let n = socket2::SockRef::from(self).recv(spare)?;
+                    // SAFETY: recv initialised the first n bytes of the spare capacity.
+                    unsafe { buf.set_len(buf.len() + n) };
+                    got = n;
+                    if n > 0 && n < room {
+                        Err(io::ErrorKind::WouldBlock.into())
+                    } else {
+                        Ok(n)
+                    }
+                });
+                match r {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+                    other => other,
+                }
+            }
+        }
+    };
+}
+stream_impl!(tokio::net::TcpStream);
+stream_impl!(tokio::net::UnixStream);
+
 /// memcached's words when it is over its connection limit.
 const TOO_MANY: &[u8] = b"ERROR Too many open connections\r\n";
 
@@ -118,7 +176,7 @@ async fn backoff_on_accept_error(e: io::Error) {
 /// Starts a session for a new client, or turns it away over the limit.
 fn admit<S>(s: S, worker: &Rc<Worker>, conns: &Arc<AtomicUsize>, max_conns: usize)
 where
-    S: session::ClientStream + 'static,
+    S: Stream + 'static,
 {
     if conns.fetch_add(1, Ordering::AcqRel) >= max_conns {
         conns.fetch_sub(1, Ordering::AcqRel);

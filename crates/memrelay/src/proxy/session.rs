@@ -13,12 +13,12 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io;
 use std::rc::Rc;
 
 use bytes::BytesMut;
 use memrelay_protocol::parse_request;
-use tokio::io::{Interest, Ready};
+use tokio::io::Interest;
 
 use super::dispatch::{advance, start};
 use super::reply::render;
@@ -27,37 +27,10 @@ use super::{Worker, MAX_PENDING_OUTPUT, MAX_PIPELINE};
 use crate::backend::{BackendResult, Sink};
 use crate::net::notify::LocalNotify;
 use crate::net::outqueue::OutQueue;
+use crate::net::Stream;
 
 /// Read buffer growth step.
 const READ_CHUNK: usize = 16 * 1024;
-
-/// The byte streams a client can connect over (TCP, unix sockets).
-pub trait ClientStream {
-    fn ready(&self, interest: Interest) -> impl std::future::Future<Output = io::Result<Ready>>;
-    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize>;
-    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
-}
-
-macro_rules! client_stream {
-    ($t:ty) => {
-        impl ClientStream for $t {
-            fn ready(
-                &self,
-                interest: Interest,
-            ) -> impl std::future::Future<Output = io::Result<Ready>> {
-                <$t>::ready(self, interest)
-            }
-            fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
-                <$t>::try_read_buf(self, buf)
-            }
-            fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-                <$t>::try_write_vectored(self, bufs)
-            }
-        }
-    };
-}
-client_stream!(tokio::net::TcpStream);
-client_stream!(tokio::net::UnixStream);
 
 /// Where backend connections deliver this session's replies.
 #[derive(Debug, Default)]
@@ -95,7 +68,7 @@ impl Sink for Inbox {
 }
 
 /// Serves one client until it leaves, errs, or is told to close.
-pub async fn serve<S: ClientStream>(stream: S, worker: Rc<Worker>) {
+pub async fn serve<S: Stream>(stream: S, worker: Rc<Worker>) {
     let inbox = Rc::new(Inbox::default());
     let mut s = Session {
         worker,
@@ -134,7 +107,7 @@ struct Session {
 }
 
 impl Session {
-    async fn run<S: ClientStream>(&mut self, stream: &S) {
+    async fn run<S: Stream>(&mut self, stream: &S) {
         loop {
             self.advance_ready();
             self.emit_ready();
@@ -187,12 +160,12 @@ impl Session {
 
     /// Reads what is available and handles every complete request. Returns
     /// false at end of input.
-    fn read<S: ClientStream>(&mut self, stream: &S) -> bool {
+    fn read<S: Stream>(&mut self, stream: &S) -> bool {
         loop {
             if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
                 self.rbuf.reserve(READ_CHUNK);
             }
-            match stream.try_read_buf(&mut self.rbuf) {
+            match stream.read_drained(&mut self.rbuf) {
                 Ok(0) => {
                     self.process();
                     return false;
