@@ -110,6 +110,60 @@ pub fn meta_get<B: BufMut>(out: &mut B, key: &[u8], flags: &[u8], touch: Option<
     out.put_slice(b"\r\n");
 }
 
+/// A meta command line as the client sent it, minus its `q` flag (the
+/// proxy does quiet mode itself), with single spaces. `flags` is the flag
+/// region of the request; `len` the data length for `ms`.
+pub fn meta_line<B: BufMut>(
+    out: &mut B,
+    command: Command,
+    key: &[u8],
+    len: Option<usize>,
+    flags: &[u8],
+) {
+    out.put_slice(command.name());
+    out.put_u8(b' ');
+    out.put_slice(key);
+    if let Some(n) = len {
+        out.put_u8(b' ');
+        put_num(out, n);
+    }
+    for tok in flags
+        .split(|&b| b == b' ')
+        .filter(|t| !t.is_empty() && t[0] != b'q')
+    {
+        out.put_u8(b' ');
+        out.put_slice(tok);
+    }
+    out.put_slice(b"\r\n");
+}
+
+/// Like [`meta_line`], but keeps only the flags `keep` accepts (for
+/// mirrors: a backup must not compare CAS values that are the primary's).
+pub fn meta_line_filtered<B: BufMut>(
+    out: &mut B,
+    command: Command,
+    key: &[u8],
+    len: Option<usize>,
+    flags: &[u8],
+    keep: impl Fn(&[u8]) -> bool,
+) {
+    out.put_slice(command.name());
+    out.put_u8(b' ');
+    out.put_slice(key);
+    if let Some(n) = len {
+        out.put_u8(b' ');
+        put_num(out, n);
+    }
+    for tok in flags
+        .split(|&b| b == b' ')
+        .filter(|t| !t.is_empty() && t[0] != b'q' && keep(t))
+    {
+        out.put_u8(b' ');
+        out.put_slice(tok);
+    }
+    out.put_slice(b"\r\n");
+}
+
 /// `VALUE <key> <flags> <bytes> [<cas>]\r\n`, the header of a value block.
 pub fn value_header<B: BufMut>(out: &mut B, key: &[u8], flags: u32, len: usize, cas: Option<u64>) {
     out.put_slice(b"VALUE ");

@@ -13,6 +13,7 @@
 //! copying or fighting lifetimes.
 #![forbid(unsafe_code)]
 
+pub mod base64;
 pub mod compose;
 pub mod limits;
 pub mod number;
@@ -20,7 +21,9 @@ pub mod request;
 pub mod response;
 
 pub use limits::Limits;
-pub use request::{parse_request, Command, ErrorKind, Parsed, Request, RequestError, Span};
+pub use request::{
+    parse_request, Command, ErrorKind, MetaOpts, Parsed, Request, RequestError, Span,
+};
 pub use response::{
     meta_flags, parse_response, Expect, MetaFlags, MetaStatus, ResponseError, ResponseKind,
     ResponseParser,

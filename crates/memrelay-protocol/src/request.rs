@@ -70,6 +70,16 @@ pub enum Command {
     Stats,
     /// `mn`: the meta no-op, answered `MN` once everything before it is out.
     MetaNoop,
+    /// `mg`: meta get.
+    MetaGet,
+    /// `ms`: meta set (with a data block).
+    MetaSet,
+    /// `md`: meta delete.
+    MetaDelete,
+    /// `ma`: meta arithmetic.
+    MetaArith,
+    /// `me`: meta debug.
+    MetaDebug,
 }
 
 impl Command {
@@ -97,8 +107,26 @@ impl Command {
         self.is_storage()
             || matches!(
                 self,
-                Command::Delete | Command::Incr | Command::Decr | Command::Touch
+                Command::Delete
+                    | Command::Incr
+                    | Command::Decr
+                    | Command::Touch
+                    | Command::MetaSet
+                    | Command::MetaDelete
+                    | Command::MetaArith
             )
+    }
+
+    /// The keyed meta commands (`mg ms md ma me`).
+    pub fn is_meta(self) -> bool {
+        matches!(
+            self,
+            Command::MetaGet
+                | Command::MetaSet
+                | Command::MetaDelete
+                | Command::MetaArith
+                | Command::MetaDebug
+        )
     }
 
     /// The command's name on the wire.
@@ -124,6 +152,11 @@ impl Command {
             Command::Quit => b"quit",
             Command::Stats => b"stats",
             Command::MetaNoop => b"mn",
+            Command::MetaGet => b"mg",
+            Command::MetaSet => b"ms",
+            Command::MetaDelete => b"md",
+            Command::MetaArith => b"ma",
+            Command::MetaDebug => b"me",
         }
     }
 }
@@ -153,6 +186,29 @@ pub struct Request {
     pub has_delay: bool,
     /// `stats`: the arguments after the command, if any.
     pub args: Span,
+    /// Meta commands: what the proxy needs to know of their flags.
+    pub meta: MetaOpts,
+}
+
+/// The meta flags the proxy acts on; all others are forwarded untouched
+/// (and a server answers bad ones with memcached's own error).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MetaOpts {
+    /// The flag tokens after the key (after the data length for `ms`),
+    /// as sent.
+    pub flags: Span,
+    /// `q`: quiet mode. The proxy strips it before forwarding, so every
+    /// request gets a reply from the server, and suppresses the replies
+    /// memcached would have suppressed.
+    pub quiet: bool,
+    /// `b`: the key is base64; route by the decoded key.
+    pub base64: bool,
+    /// `M<mode>`, 0 when absent.
+    pub mode: u8,
+    /// `C<cas>`: compare-and-swap.
+    pub cas: bool,
+    /// `v`: the reply carries the value.
+    pub value: bool,
 }
 
 impl Request {
@@ -170,6 +226,7 @@ impl Request {
             noreply: false,
             has_delay: false,
             args: Span::default(),
+            meta: MetaOpts::default(),
         }
     }
 
@@ -212,6 +269,14 @@ pub enum ErrorKind {
     TooManyKeys,
     /// A command memcached knows but this proxy does not carry.
     NotSupported,
+    /// `CLIENT_ERROR duplicate flag` (mg, ms).
+    MetaDuplicateFlag,
+    /// `CLIENT_ERROR invalid or duplicate flag` (md, ma).
+    MetaInvalidOrDuplicateFlag,
+    /// `CLIENT_ERROR options flags are too long` (mg).
+    MetaFlagsTooLongMg,
+    /// `CLIENT_ERROR options flags too long` (ms, md, ma).
+    MetaFlagsTooLong,
     /// No reply; close the connection (a line over 2048 bytes with no
     /// newline, or an HTTP request, exactly when memcached closes).
     Close,
@@ -234,6 +299,10 @@ impl ErrorKind {
             ErrorKind::LineTooLong => b"CLIENT_ERROR line too long\r\n",
             ErrorKind::TooManyKeys => b"CLIENT_ERROR too many keys\r\n",
             ErrorKind::NotSupported => b"CLIENT_ERROR command not supported by memrelay\r\n",
+            ErrorKind::MetaDuplicateFlag => b"CLIENT_ERROR duplicate flag\r\n",
+            ErrorKind::MetaInvalidOrDuplicateFlag => b"CLIENT_ERROR invalid or duplicate flag\r\n",
+            ErrorKind::MetaFlagsTooLongMg => b"CLIENT_ERROR options flags are too long\r\n",
+            ErrorKind::MetaFlagsTooLong => b"CLIENT_ERROR options flags too long\r\n",
             ErrorKind::Close => b"",
         }
     }
@@ -363,11 +432,16 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Parsed>, Requ
 
     // Meta commands are all two characters long.
     if cmd[0] == b'm' && cmd.len() == 2 {
-        return match cmd[1] {
-            b'n' => Ok(Some((Request::new(Command::MetaNoop), consumed_line))),
-            b'g' | b's' | b'd' | b'a' | b'e' => err(ErrorKind::NotSupported),
-            _ => err(ErrorKind::Error),
+        let command = match cmd[1] {
+            b'n' => return Ok(Some((Request::new(Command::MetaNoop), consumed_line))),
+            b'g' => Command::MetaGet,
+            b's' => Command::MetaSet,
+            b'd' => Command::MetaDelete,
+            b'a' => Command::MetaArith,
+            b'e' => Command::MetaDebug,
+            _ => return err(ErrorKind::Error),
         };
+        return parse_meta(buf, line, &t, Request::new(command), consumed_line, limits);
     }
 
     let command = match cmd {
@@ -548,7 +622,108 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Parsed>, Requ
             Ok(Some((req, consumed_line)))
         }
         Command::Version | Command::Quit | Command::MetaNoop => Ok(Some((req, consumed_line))),
+        // Parsed by parse_meta above.
+        Command::MetaGet
+        | Command::MetaSet
+        | Command::MetaDelete
+        | Command::MetaArith
+        | Command::MetaDebug => err(ErrorKind::Error),
     }
+}
+
+/// memcached's `MFLAG_MAX_OPT_LENGTH`: meta lines with more tokens are refused.
+const MFLAG_MAX_OPT_LENGTH: usize = 20;
+
+/// `mg ms md ma me`, checked as far as the proxy must (routing, framing,
+/// quiet mode), in the order memcached checks them so the same bad line
+/// gets the same error. Flags are otherwise left to the server.
+fn parse_meta(
+    buf: &[u8],
+    line: &[u8],
+    t: &Tokens,
+    mut req: Request,
+    consumed_line: usize,
+    limits: &Limits,
+) -> Result<Option<Parsed>, RequestError> {
+    let command = req.command;
+    let err = |kind| Err(RequestError::at(kind, consumed_line));
+    if command == Command::MetaDebug {
+        if t.ntokens < 3 || t.spans[1].len as usize > KEY_MAX_LENGTH {
+            return err(ErrorKind::BadFormat);
+        }
+    } else if t.ntokens < 3 {
+        return err(ErrorKind::Error);
+    }
+    req.key = t.spans[1];
+    if req.key.len as usize > KEY_MAX_LENGTH {
+        return err(ErrorKind::BadFormat);
+    }
+    let first_flag = if command == Command::MetaSet { 3 } else { 2 };
+    if command == Command::MetaSet && t.ntokens == 3 {
+        return err(ErrorKind::BadFormat);
+    }
+    if t.ntokens > MFLAG_MAX_OPT_LENGTH && command != Command::MetaDebug {
+        return err(if command == Command::MetaGet {
+            ErrorKind::MetaFlagsTooLongMg
+        } else {
+            ErrorKind::MetaFlagsTooLong
+        });
+    }
+    let mut vlen = 0usize;
+    if command == Command::MetaSet {
+        match parse_i32(t.get(line, 2)) {
+            Some(v) if v >= 0 && v <= i32::MAX - 2 => vlen = v as usize,
+            _ => return err(ErrorKind::BadFormat),
+        }
+    }
+    let mut quiet = 0;
+    for i in first_flag..t.n {
+        let tok = t.get(line, i);
+        match tok[0] {
+            b'q' => quiet += 1,
+            b'b' => req.meta.base64 = true,
+            b'M' if tok.len() == 2 => req.meta.mode = tok[1],
+            b'C' => req.meta.cas = true,
+            b'v' => req.meta.value = true,
+            _ => {}
+        }
+    }
+    if first_flag < t.n {
+        let start = t.spans[first_flag].start as usize;
+        req.meta.flags = Span::new(start, line.len() - start);
+    }
+    req.meta.quiet = quiet > 0;
+    if quiet > 1 {
+        // Stripping one q would hide the duplicate from the server, which
+        // must refuse it: refuse it here, as memcached words it.
+        let kind = match command {
+            Command::MetaGet | Command::MetaSet => ErrorKind::MetaDuplicateFlag,
+            _ => ErrorKind::MetaInvalidOrDuplicateFlag,
+        };
+        let mut e = RequestError::at(kind, consumed_line);
+        if command == Command::MetaSet {
+            e.swallow = vlen + 2;
+        }
+        return Err(e);
+    }
+    if command != Command::MetaSet {
+        return Ok(Some((req, consumed_line)));
+    }
+    if vlen > limits.max_value_len {
+        let mut e = RequestError::at(ErrorKind::TooLarge, consumed_line);
+        e.swallow = vlen + 2;
+        return Err(e);
+    }
+    let total = consumed_line + vlen + 2;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    if &buf[total - 2..total] != b"\r\n" {
+        // Meta commands report this even in quiet mode.
+        return Err(RequestError::at(ErrorKind::BadDataChunk, total));
+    }
+    req.value = Span::new(consumed_line, vlen);
+    Ok(Some((req, total)))
 }
 
 /// No newline in `buf` yet: wait, unless the line is already too long.
@@ -771,6 +946,30 @@ mod tests {
         assert_eq!(req.nkeys, 1);
         let (req, _) = parse(b"get a b\n").unwrap().unwrap();
         assert_eq!(req.nkeys, 2);
+    }
+
+    #[test]
+    fn meta_commands() {
+        let input = b"ms k 3 T30 q F5 O12\r\nabc\r\n";
+        let (req, used) = parse(input).unwrap().unwrap();
+        assert_eq!(used, input.len());
+        assert_eq!(req.command, Command::MetaSet);
+        assert!(req.meta.quiet);
+        assert_eq!(req.value.of(input), b"abc");
+        assert_eq!(req.meta.flags.of(input), b"T30 q F5 O12");
+        let (req, _) = parse(b"mg a2V5 b v k MA\r\n").unwrap().unwrap();
+        assert!(req.meta.base64 && req.meta.value);
+        assert_eq!(req.meta.mode, b'A');
+        assert_eq!(kind(b"mg\r\n"), ErrorKind::Error);
+        assert_eq!(kind(b"me\r\n"), ErrorKind::BadFormat);
+        assert_eq!(kind(b"ms k\r\n"), ErrorKind::BadFormat);
+        assert_eq!(kind(b"ms k x\r\n"), ErrorKind::BadFormat);
+        assert_eq!(kind(b"mg k q q\r\n"), ErrorKind::MetaDuplicateFlag);
+        assert_eq!(kind(b"md k q q\r\n"), ErrorKind::MetaInvalidOrDuplicateFlag);
+        assert_eq!(kind(b"ms k 1\r\nxyz\r\n"), ErrorKind::BadDataChunk);
+        assert_eq!(kind(b"mx k\r\n"), ErrorKind::Error);
+        let many = format!("mg k {}\r\n", vec!["v"; 20].join(" "));
+        assert_eq!(kind(many.as_bytes()), ErrorKind::MetaFlagsTooLongMg);
     }
 
     #[test]

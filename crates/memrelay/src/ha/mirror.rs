@@ -16,7 +16,7 @@ use std::rc::{Rc, Weak};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use memrelay_protocol::{compose, Expect, ResponseKind};
+use memrelay_protocol::{base64, compose, Command, Expect, MetaStatus, ResponseKind};
 
 use crate::backend::{BackendResult, ReplyTo, ServerPool, Sink};
 use crate::stats::WorkerStats;
@@ -30,6 +30,9 @@ pub enum Check {
     Number(u64),
     /// A read repair on the primary.
     Repair,
+    /// Step one of a meta read repair: the backup's item (value, flags,
+    /// TTL) is fetched, then added to this primary.
+    RepairFetch { primary: u16 },
 }
 
 #[derive(Debug)]
@@ -100,17 +103,96 @@ impl Mirror {
     }
 
     /// Deletes `key` on `server` in the background.
+    /// Deletes `key` on `server` in the background (as `md <base64> b` when
+    /// the key cannot be written in a classic command).
     pub fn delete(&self, server: usize, key: Bytes) {
         let k = key.clone();
+        if super::is_text_key(&k) {
+            self.send(
+                server,
+                key,
+                Check::Applied,
+                Expect::Delete,
+                |b| compose::delete(b, &k),
+                None,
+            );
+        } else {
+            let enc = encode(&k);
+            self.send(
+                server,
+                key,
+                Check::Applied,
+                Expect::Meta,
+                |b| compose::meta_line(b, Command::MetaDelete, &enc, None, b"b"),
+                None,
+            );
+        }
+    }
+
+    /// Copies `key` from `backup` to `primary` if the primary has no value
+    /// for it by then (meta reads, whose reply may not carry what a repair
+    /// needs: value, flags and TTL).
+    pub fn repair_from(&self, backup: usize, primary: usize, key: Bytes) {
+        let k = key.clone();
+        let check = Check::RepairFetch {
+            primary: primary as u16,
+        };
+        if super::is_text_key(&k) {
+            self.send(
+                backup,
+                key,
+                check,
+                Expect::Meta,
+                |b| compose::meta_get(b, &k, b"v f t", None),
+                None,
+            );
+        } else {
+            let enc = encode(&k);
+            self.send(
+                backup,
+                key,
+                check,
+                Expect::Meta,
+                |b| compose::meta_get(b, &enc, b"b v f t", None),
+                None,
+            );
+        }
+    }
+
+    /// Step two of `repair_from`: add the fetched item to the primary
+    /// (mode E: only if it still has none).
+    fn repair_store(&self, primary: usize, key: Bytes, reply: &Bytes) {
+        let mf = memrelay_protocol::meta_flags(reply);
+        let Some((off, len)) = mf.data else { return };
+        let ttl = match mf.ttl {
+            Some(-1) | None => 0,
+            Some(0) => return,
+            Some(t) if t > 60 * 60 * 24 * 30 => unix_now() + t,
+            Some(t) => t,
+        };
+        let mut flags = format!("F{} T{} ME", mf.flags.unwrap_or(0), ttl).into_bytes();
+        let value = reply.slice(off..off + len);
+        let wire = if super::is_text_key(&key) {
+            key.to_vec()
+        } else {
+            flags.extend_from_slice(b" b");
+            encode(&key)
+        };
         self.send(
-            server,
+            primary,
             key,
-            Check::Applied,
-            Expect::Delete,
-            |b| compose::delete(b, &k),
-            None,
+            Check::Repair,
+            Expect::Meta,
+            |b| compose::meta_line(b, Command::MetaSet, &wire, Some(len), &flags),
+            Some(value),
         );
     }
+}
+
+fn encode(key: &[u8]) -> Vec<u8> {
+    let mut enc = Vec::with_capacity(key.len() * 4 / 3 + 4);
+    base64::encode(key, &mut enc);
+    enc
 }
 
 impl Sink for Mirror {
@@ -127,10 +209,18 @@ impl Sink for Mirror {
         let health = self.servers[ctx.server].health();
         match (ctx.check, result) {
             (Check::Repair, Ok(r)) => match r.kind {
-                ResponseKind::Stored => self.stats.repairs.incr(),
+                ResponseKind::Stored | ResponseKind::Meta(MetaStatus::Hd) => {
+                    self.stats.repairs.incr()
+                }
                 _ => self.stats.repairs_skipped.incr(),
             },
             (Check::Repair, Err(_)) => self.stats.repairs_skipped.incr(),
+            (Check::RepairFetch { primary }, Ok(r)) => {
+                if r.kind == ResponseKind::Meta(MetaStatus::Value) {
+                    self.repair_store(primary as usize, ctx.key, &r.bytes);
+                }
+            }
+            (Check::RepairFetch { .. }, Err(_)) => {}
             (_, Err(_)) => {
                 self.stats.mirror_failures.incr();
                 health.missed.record(&ctx.key);
@@ -149,4 +239,11 @@ impl Sink for Mirror {
             (Check::Applied, Ok(_)) => {}
         }
     }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }

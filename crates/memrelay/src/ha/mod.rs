@@ -17,8 +17,32 @@ pub mod missed;
 pub mod read;
 pub mod write;
 
+use bytes::Bytes;
+use memrelay_protocol::{base64, Request};
+
 use crate::proxy::Worker;
 use crate::router::Replicas;
+
+/// The key a request is routed by: the key itself, or for a meta command
+/// with the `b` flag, its base64-decoded bytes (so `mg a2V5 b` and `get key`
+/// reach the same server). Only the `b` case allocates.
+pub fn route_key(frame: &Bytes, req: &Request) -> Bytes {
+    let raw = frame.slice(req.key.start as usize..req.key.end());
+    if req.meta.base64 {
+        if let Some(decoded) = base64::decode(&raw) {
+            return Bytes::from(decoded);
+        }
+    }
+    raw
+}
+
+/// Whether `key` can be written in a classic command (`delete <key>`):
+/// otherwise it must go through a meta command in base64.
+pub fn is_text_key(key: &[u8]) -> bool {
+    !key.is_empty()
+        && key.len() <= memrelay_protocol::KEY_MAX_LENGTH
+        && !key.iter().any(|&b| matches!(b, b' ' | b'\r' | b'\n' | 0))
+}
 
 /// The first tier, from `from` on, whose server can serve `key`. Tiers that
 /// cannot are returned in `skipped` order through `on_skip`.

@@ -330,3 +330,168 @@ fn keys_match(slot: &Slot, req: &Request, reply: &crate::backend::BackendReply) 
     }
     true
 }
+
+/// `mg` (and `me`): one key, sent to its first serving replica as the
+/// client wrote it, minus `q`.
+pub fn start_meta(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+    let frame = slot.frame.clone();
+    let route = super::route_key(&frame, req);
+    let replicas = w.router.replicas(&route);
+    slot.replicas = Some(replicas);
+    slot.stage = Stage::Read;
+    let Some(tier) = super::first_serving(w, &replicas, &route, 0, |_| {}) else {
+        return;
+    };
+    if tier > 0 {
+        w.stats.failovers.incr();
+    }
+    send_meta(w, inbox, seq, slot, req, replicas.get(tier).unwrap_or(0));
+}
+
+fn send_meta(
+    w: &Worker,
+    inbox: &Rc<Inbox>,
+    seq: u64,
+    slot: &mut Slot,
+    req: &Request,
+    server: usize,
+) {
+    let frame = slot.frame.clone();
+    let queued = w.servers[server].send(
+        Expect::Meta,
+        reply_to(inbox, seq, slot.parts.len()),
+        |b| {
+            compose::meta_line(
+                b,
+                req.command,
+                req.key.of(&frame),
+                None,
+                req.meta.flags.of(&frame),
+            )
+        },
+        None,
+    );
+    slot.push_part(Part::new(server), queued);
+}
+
+/// An `mg` that missed (`EN`) or failed on its replica asks the next one.
+pub fn after_meta_round_one(
+    w: &Worker,
+    inbox: &Rc<Inbox>,
+    seq: u64,
+    slot: &mut Slot,
+    req: &Request,
+) {
+    slot.stage = Stage::Done;
+    if req.command != Command::MetaGet {
+        return;
+    }
+    let Some(replicas) = slot.replicas else {
+        return;
+    };
+    let Some(first) = slot.parts.first() else {
+        return;
+    };
+    let missed = match &first.result {
+        Some(Ok(r)) => r.kind == ResponseKind::Meta(MetaStatus::En) && w.miss_fallback,
+        Some(Err(_)) => true,
+        None => false,
+    };
+    if !missed {
+        return;
+    }
+    let route = super::route_key(&slot.frame, req);
+    let Some(tier) = replicas.iter().position(|s| s == first.server as usize) else {
+        return;
+    };
+    let Some(next) = super::first_serving(w, &replicas, &route, tier + 1, |_| {}) else {
+        return;
+    };
+    let server = replicas.get(next).unwrap_or(0);
+    send_meta(w, inbox, seq, slot, req, server);
+    if let Some(p) = slot.parts.last_mut() {
+        p.key = 0;
+    }
+    slot.stage = Stage::Fallback;
+}
+
+/// A backup hit for a primary that missed: copy it back in the background.
+pub fn after_meta_fallback(w: &Worker, slot: &mut Slot, req: &Request) {
+    slot.stage = Stage::Done;
+    let (Some(first), Some(second)) = (slot.parts.first(), slot.parts.get(1)) else {
+        return;
+    };
+    let hit = matches!(&second.result, Some(Ok(r)) if matches!(r.kind, ResponseKind::Meta(MetaStatus::Value | MetaStatus::Hd)));
+    if !hit {
+        return;
+    }
+    w.stats.backup_hits.incr();
+    let route = super::route_key(&slot.frame, req);
+    let primary = w.router.primary(&route);
+    let primary_missed = matches!(&first.result, Some(Ok(_))) && first.server as usize == primary;
+    if primary_missed {
+        w.mirror.repair_from(second.server as usize, primary, route);
+    }
+}
+
+/// The reply to `mg`/`me`: the backup's when it found the item, else the
+/// primary's; with `q`, a miss says nothing.
+pub fn render_meta(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
+    fn answered(p: &Part) -> Option<&crate::backend::BackendReply> {
+        match &p.result {
+            Some(Ok(r)) => Some(r),
+            _ => None,
+        }
+    }
+    let fallback_hit = slot
+        .parts
+        .get(1)
+        .and_then(answered)
+        .filter(|r| r.kind != ResponseKind::Meta(MetaStatus::En));
+    let reply = fallback_hit.or_else(|| slot.parts.iter().find_map(answered));
+    let Some(reply) = reply else {
+        // Nobody could answer: a miss, as memcached words it (with the
+        // opaque and key echoed, so pipelining clients can match it).
+        if req.command == Command::MetaGet && !req.meta.quiet {
+            out.put_slice(b"EN");
+            echo_opaque_and_key(slot, req, out);
+            out.put_slice(b"\r\n");
+        } else if req.command == Command::MetaDebug {
+            out.put_slice(super::write::NO_SERVER);
+        }
+        return;
+    };
+    if req.meta.quiet && reply.kind == ResponseKind::Meta(MetaStatus::En) {
+        return;
+    }
+    if reply.kind == ResponseKind::Error {
+        w.stats.server_errors.incr();
+    }
+    out.put_bytes(reply.bytes.clone());
+}
+
+/// memcached echoes `O` and `k` flags even on a miss.
+fn echo_opaque_and_key(slot: &Slot, req: &Request, out: &mut OutQueue) {
+    for tok in req
+        .meta
+        .flags
+        .of(&slot.frame)
+        .split(|&b| b == b' ')
+        .filter(|t| !t.is_empty())
+    {
+        match tok[0] {
+            b'O' => {
+                out.put_slice(b" ");
+                out.put_slice(tok);
+            }
+            b'k' => {
+                out.put_slice(b" k");
+                out.put_slice(req.key.of(&slot.frame));
+                if req.meta.base64 {
+                    out.put_slice(b" b");
+                }
+            }
+            _ => {}
+        }
+    }
+}

@@ -15,7 +15,7 @@
 use std::rc::Rc;
 
 use bytes::BytesMut;
-use memrelay_protocol::{compose, Command, Expect, Request, ResponseKind};
+use memrelay_protocol::{compose, Command, Expect, MetaStatus, Request, ResponseKind};
 
 use super::mirror::Check;
 use crate::backend::ReplyTo;
@@ -37,11 +37,21 @@ pub enum MirrorPlan {
     Delete,
 }
 
-/// The mirroring rule for each command and primary answer.
-pub fn mirror_plan(command: Command, answer: ResponseKind) -> MirrorPlan {
+/// The mirroring rule for each command and primary answer. `mode` is a
+/// meta command's `M` flag (0 when absent).
+pub fn mirror_plan(command: Command, mode: u8, answer: ResponseKind) -> MirrorPlan {
+    use MetaStatus as M;
     use MirrorPlan::*;
     use ResponseKind as R;
     match (command, answer) {
+        // Meta set: modes E(add) R(replace) A(append) P(prepend) S(set).
+        (Command::MetaSet, R::Meta(M::Hd)) if matches!(mode, b'A' | b'P') => Same,
+        (Command::MetaSet, R::Meta(M::Hd)) => Set,
+        (Command::MetaSet, R::Meta(M::Ns)) if matches!(mode, b'R' | b'A' | b'P') => Delete,
+        (Command::MetaSet, R::Meta(M::Nf)) => Delete,
+        (Command::MetaDelete, R::Meta(M::Hd)) => Same,
+        (Command::MetaDelete | Command::MetaArith, R::Meta(M::Nf)) => Delete,
+        (Command::MetaArith, R::Meta(M::Hd | M::Value)) => Same,
         (Command::Set | Command::Add | Command::Replace | Command::Cas, R::Stored) => Set,
         // memcached unlinks the old item when a set fails (too large, out
         // of memory): the backup must not keep it either.
@@ -59,6 +69,7 @@ pub fn mirror_plan(command: Command, answer: ResponseKind) -> MirrorPlan {
 
 fn expect_of(command: Command) -> Expect {
     match command {
+        c if c.is_meta() => Expect::Meta,
         Command::Delete => Expect::Delete,
         Command::Incr | Command::Decr => Expect::Arith,
         Command::Touch => Expect::Touch,
@@ -67,8 +78,13 @@ fn expect_of(command: Command) -> Expect {
 }
 
 /// Writes the request line for `command` (the value is sent separately).
-fn compose_line(b: &mut BytesMut, req: &Request, command: Command, key: &[u8]) {
+/// `key` is the key as the client wrote it (base64 for meta `b`).
+fn compose_line(b: &mut BytesMut, frame: &[u8], req: &Request, command: Command, key: &[u8]) {
     match command {
+        c if c.is_meta() => {
+            let len = (c == Command::MetaSet).then_some(req.value.len as usize);
+            compose::meta_line(b, c, key, len, req.meta.flags.of(frame))
+        }
         Command::Delete => compose::delete(b, key),
         Command::Incr | Command::Decr => compose::arith(b, command, key, req.delta),
         Command::Touch => compose::touch(b, key, req.exptime),
@@ -86,8 +102,8 @@ fn compose_line(b: &mut BytesMut, req: &Request, command: Command, key: &[u8]) {
 
 /// Starts a write: sends it to the first replica that can take it.
 pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
-    let key = req.key.of(&slot.frame);
-    slot.replicas = Some(w.router.replicas(key));
+    let key = super::route_key(&slot.frame, req);
+    slot.replicas = Some(w.router.replicas(&key));
     attempt(w, inbox, seq, slot, req, 0);
 }
 
@@ -97,7 +113,9 @@ fn attempt(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Reque
         return;
     };
     let frame = slot.frame.clone();
-    let key = req.key.of(&frame);
+    let wire_key = req.key.of(&frame);
+    let route = super::route_key(&frame, req);
+    let key: &[u8] = &route;
     let tier = super::first_serving(w, &replicas, key, from, |skipped| {
         // The write goes past this replica: it misses the key.
         w.servers[skipped].health().missed.record(key);
@@ -106,11 +124,7 @@ fn attempt(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Reque
         slot.stage = Stage::Done;
         if slot.parts.is_empty() {
             w.stats.server_errors.incr();
-            slot.local = Some(Local::Static(if req.noreply {
-                b""
-            } else {
-                b"SERVER_ERROR no server is available for this key\r\n"
-            }));
+            slot.local = Some(Local::Static(if req.noreply { b"" } else { NO_SERVER }));
         }
         return;
     };
@@ -118,10 +132,7 @@ fn attempt(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Reque
         w.stats.failovers.incr();
     }
     let server = replicas.get(tier).unwrap_or(0);
-    let value = req
-        .command
-        .is_storage()
-        .then(|| frame.slice(req.value.start as usize..req.value.end()));
+    let value = has_value(req).then(|| frame.slice(req.value.start as usize..req.value.end()));
     let reply = ReplyTo {
         sink: inbox.clone(),
         token: seq,
@@ -131,7 +142,7 @@ fn attempt(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Reque
         key,
         expect_of(req.command),
         reply,
-        |b| compose_line(b, req, req.command, key),
+        |b| compose_line(b, &frame, req, req.command, wire_key),
         value,
     );
     slot.stage = Stage::Write { tier: tier as u8 };
@@ -152,11 +163,12 @@ pub fn advance(
         return;
     };
     let frame = slot.frame.clone();
-    let key = req.key.of(&frame);
+    let route = super::route_key(&frame, req);
+    let key: &[u8] = &route;
     let last = slot.parts.len() - 1;
     match slot.result(last) {
         Some(Ok(reply)) => {
-            let plan = mirror_plan(req.command, reply.kind);
+            let plan = mirror_plan(req.command, req.meta.mode, reply.kind);
             let number = match reply.kind {
                 ResponseKind::Number(n) => Some(n),
                 _ => None,
@@ -165,7 +177,7 @@ pub fn advance(
             // Bring the tiers after the one that answered to its state.
             for next in tier + 1..replicas.len() {
                 if let Some(server) = replicas.get(next) {
-                    mirror(w, &frame, req, key, server, plan, number);
+                    mirror(w, &frame, req, &route, server, plan, number);
                 }
             }
         }
@@ -178,23 +190,30 @@ pub fn advance(
     }
 }
 
-/// Applies `plan` to one backup, in the background.
+/// Applies `plan` to one backup, in the background. `route` is the routing
+/// key (decoded for meta `b` keys).
 fn mirror(
     w: &Worker,
     frame: &bytes::Bytes,
     req: &Request,
-    key: &[u8],
+    route: &bytes::Bytes,
     server: usize,
     plan: MirrorPlan,
     number: Option<u64>,
 ) {
-    let key_bytes = frame.slice(req.key.start as usize..req.key.end());
+    let key: &[u8] = route;
+    let key_bytes = route.clone();
     if !w.servers[server].health().serves(key) && plan != MirrorPlan::Delete {
         // Down or already stale for this key: it misses this write too.
         w.servers[server].health().missed.record(key);
         return;
     }
-    w.stats.mirrors.incr();
+    if plan != MirrorPlan::Nothing {
+        w.stats.mirrors.incr();
+    }
+    if req.command.is_meta() && matches!(plan, MirrorPlan::Set | MirrorPlan::Same) {
+        return mirror_meta(w, frame, req, server, key_bytes, plan);
+    }
     match plan {
         MirrorPlan::Nothing => {}
         MirrorPlan::Delete => w.mirror.delete(server, key_bytes),
@@ -224,21 +243,59 @@ fn mirror(
                 Some(n) => Check::Number(n),
                 None => Check::Applied,
             };
-            let value = req
-                .command
-                .is_storage()
-                .then(|| frame.slice(req.value.start as usize..req.value.end()));
+            let value =
+                has_value(req).then(|| frame.slice(req.value.start as usize..req.value.end()));
             w.mirror.send(
                 server,
                 key_bytes,
                 check,
                 expect_of(req.command),
-                |b| compose_line(b, req, req.command, key),
+                |b| compose_line(b, frame, req, req.command, key),
                 value,
             );
         }
     }
 }
+
+/// A meta write's mirror: the same command, without the flags that only
+/// make sense on the primary (`C` compares the primary's CAS; `I` goes with
+/// it; `q`, `O`, `k` and the return flags change nothing stored), and, for
+/// `Set`, without the mode (the primary now holds exactly this item).
+fn mirror_meta(
+    w: &Worker,
+    frame: &bytes::Bytes,
+    req: &Request,
+    server: usize,
+    route: bytes::Bytes,
+    plan: MirrorPlan,
+) {
+    let wire_key = req.key.of(frame);
+    let flags = req.meta.flags.of(frame);
+    let drop_mode = plan == MirrorPlan::Set;
+    let keep = |t: &[u8]| match t[0] {
+        b'C' | b'I' | b'O' | b'k' | b'c' | b's' | b't' | b'f' | b'v' | b'h' | b'l' => false,
+        b'M' => !drop_mode,
+        _ => true,
+    };
+    let len = (req.command == Command::MetaSet).then_some(req.value.len as usize);
+    let value = len.map(|_| frame.slice(req.value.start as usize..req.value.end()));
+    w.mirror.send(
+        server,
+        route,
+        Check::Applied,
+        Expect::Meta,
+        |b| compose::meta_line_filtered(b, req.command, wire_key, len, flags, keep),
+        value,
+    );
+}
+
+/// Whether the request carries a data block.
+fn has_value(req: &Request) -> bool {
+    req.command.is_storage() || req.command == Command::MetaSet
+}
+
+/// The reply when no replica of a key can take a write.
+pub const NO_SERVER: &[u8] = b"SERVER_ERROR no server is available for this key\r\n";
 
 #[cfg(test)]
 mod tests {
@@ -270,7 +327,27 @@ mod tests {
             (Command::Touch, R::NotFound, Delete),
         ];
         for (c, a, p) in table {
-            assert_eq!(mirror_plan(c, a), p, "{c:?} {a:?}");
+            assert_eq!(mirror_plan(c, 0, a), p, "{c:?} {a:?}");
+        }
+        use MetaStatus as M;
+        let meta = [
+            (Command::MetaSet, 0, R::Meta(M::Hd), Set),
+            (Command::MetaSet, b'E', R::Meta(M::Hd), Set),
+            (Command::MetaSet, b'E', R::Meta(M::Ns), Nothing),
+            (Command::MetaSet, b'R', R::Meta(M::Ns), Delete),
+            (Command::MetaSet, b'A', R::Meta(M::Hd), Same),
+            (Command::MetaSet, b'A', R::Meta(M::Ns), Delete),
+            (Command::MetaSet, 0, R::Meta(M::Ex), Nothing),
+            (Command::MetaSet, 0, R::Meta(M::Nf), Delete),
+            (Command::MetaDelete, 0, R::Meta(M::Hd), Same),
+            (Command::MetaDelete, 0, R::Meta(M::Nf), Delete),
+            (Command::MetaDelete, 0, R::Meta(M::Ex), Nothing),
+            (Command::MetaArith, 0, R::Meta(M::Value), Same),
+            (Command::MetaArith, 0, R::Meta(M::Nf), Delete),
+            (Command::MetaArith, 0, R::Meta(M::Ex), Nothing),
+        ];
+        for (c, m, a, p) in meta {
+            assert_eq!(mirror_plan(c, m, a), p, "{c:?} {m} {a:?}");
         }
     }
 }

@@ -55,6 +55,14 @@ pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, frame: Bytes, req: Request
                 slot.push_part(Part::new(server.index), queued);
             }
         }
+        Command::MetaGet | Command::MetaDebug => {
+            w.stats.cmd_get.incr();
+            ha::read::start_meta(w, inbox, seq, &mut slot, &req)
+        }
+        Command::MetaSet | Command::MetaDelete | Command::MetaArith => {
+            count_write(w, req.command);
+            ha::write::start(w, inbox, seq, &mut slot, &req)
+        }
         Command::Version => slot.local = Some(Local::Static(VERSION_REPLY)),
         Command::Verbosity => {
             slot.local = Some(Local::Static(if req.noreply { b"" } else { b"OK\r\n" }))
@@ -68,8 +76,8 @@ pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, frame: Bytes, req: Request
 
 fn count_write(w: &Worker, command: Command) {
     let counter = match command {
-        Command::Delete => &w.stats.cmd_delete,
-        Command::Incr => &w.stats.cmd_incr,
+        Command::Delete | Command::MetaDelete => &w.stats.cmd_delete,
+        Command::Incr | Command::MetaArith => &w.stats.cmd_incr,
         Command::Decr => &w.stats.cmd_decr,
         Command::Touch => &w.stats.cmd_touch,
         _ => &w.stats.cmd_set,
@@ -85,6 +93,10 @@ pub fn advance(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot) {
     };
     match slot.stage {
         Stage::Done => {}
+        Stage::Read if req.command.is_meta() => {
+            ha::read::after_meta_round_one(w, inbox, seq, slot, &req)
+        }
+        Stage::Fallback if req.command.is_meta() => ha::read::after_meta_fallback(w, slot, &req),
         Stage::Read => ha::read::after_round_one(w, inbox, seq, slot, &req),
         Stage::Fallback => ha::read::after_fallback(w, slot, &req),
         Stage::Write { tier } => ha::write::advance(w, inbox, seq, slot, &req, tier as usize),

@@ -36,12 +36,14 @@ pub fn render(w: &Worker, slot: Slot, out: &mut OutQueue) -> bool {
             ha::read::render(w, &slot, &req, out)
         }
         Command::FlushAll => flush_all(w, &slot, &req, out),
+        Command::MetaGet | Command::MetaDebug => ha::read::render_meta(w, &slot, &req, out),
         _ => {
             // Writes: the answer of the replica that took it last.
             if req.noreply {
                 return false;
             }
             match slot.parts.last().and_then(|p| p.result.as_ref()) {
+                Some(Ok(reply)) if req.meta.quiet && quiet_hides(req.command, reply.kind) => {}
                 Some(Ok(reply)) => {
                     if reply.kind == ResponseKind::Error {
                         w.stats.server_errors.incr();
@@ -57,6 +59,17 @@ pub fn render(w: &Worker, slot: Slot, out: &mut OutQueue) -> bool {
         }
     }
     false
+}
+
+/// In quiet mode memcached leaves out a meta write's success reply (`HD`,
+/// or `ma`'s `VA`); failures are always sent.
+fn quiet_hides(command: Command, kind: ResponseKind) -> bool {
+    use memrelay_protocol::MetaStatus as M;
+    match command {
+        Command::MetaSet | Command::MetaDelete => kind == ResponseKind::Meta(M::Hd),
+        Command::MetaArith => matches!(kind, ResponseKind::Meta(M::Hd | M::Value)),
+        _ => false,
+    }
 }
 
 /// Every server must say OK; otherwise the first refusal or failure.
