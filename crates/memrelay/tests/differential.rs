@@ -1235,6 +1235,93 @@ case!(noreply_misspelled_is_not_noreply, {
 });
 
 // ---------------------------------------------------------------------------
+// Meta protocol (mg ms md ma mn). `me` output and CAS tokens differ between
+// servers by nature and are left out; TTLs are only asked of items that
+// have none (t-1), so timing cannot change a reply.
+// ---------------------------------------------------------------------------
+
+case!(
+    meta_set_get_flags,
+    vec![
+        ex(b"ms mk1 3 F5\r\nabc\r\nmg mk1 v f s k O1\r\nmg mk1\r\nmg mk1 t v\r\nmg mk1 h l\r\n"),
+        ex(b"mg mk-missing v k O2\r\nmg mk-missing\r\n"),
+    ]
+);
+
+case!(meta_quiet_pipeline_across_shards, {
+    let mut p = Vec::new();
+    for i in 0..12 {
+        p.extend(format!("ms mq-{i} 2 q\r\nv{}\r\n", i % 10).into_bytes());
+    }
+    for i in 0..16 {
+        p.extend(format!("mg mq-{i} v q k O{i}\r\n").into_bytes());
+    }
+    p.extend(b"mn\r\n");
+    for i in 0..16 {
+        p.extend(format!("md mq-{i} q O{i}\r\n").into_bytes());
+    }
+    p.extend(b"mn\r\nmg mq-1 v\r\n");
+    vec![ex(p)]
+});
+
+case!(
+    meta_delete,
+    vec![
+        ex(b"ms md1 1\r\nx\r\nmd md1\r\nmd md1\r\nmd md1 q\r\nmd md1 O7 k\r\nmn\r\n"),
+        ex(b"ms md2 1\r\nx\r\nmd md2 q\r\nmg md2 v\r\nmn\r\n"),
+    ]
+);
+
+case!(meta_arithmetic, vec![ex(
+    b"ma mc1\r\nma mc1 N0 J5 v\r\nma mc1 v D3\r\nma mc1 MD v D100\r\nma mc1 q\r\nma mc1 q v\r\nmn\r\nmg mc1 v\r\nms mc2 3\r\nabc\r\nma mc2 v\r\nma mc1 MX\r\n"
+)]);
+
+case!(meta_set_modes, vec![ex(
+    b"ms mm1 1 ME\r\na\r\nms mm1 1 ME\r\nb\r\nms mm2 1 MR\r\nc\r\nms mm1 1 MA\r\nd\r\nms mm1 1 MP\r\ne\r\nms mm1 1 MS\r\nf\r\nms mm3 1 MA\r\ng\r\nmg mm1 v\r\nmg mm2 v\r\nmg mm3 v\r\n"
+)]);
+
+case!(meta_cas, vec![
+    ex(b"set mcas 0 0 1\r\na\r\ngets mcas\r\n"),
+    ex(b"ms mcas 1 C$CAS(mcas)\r\nb\r\nms mcas 1 C$CAS(mcas)\r\nc\r\nmg mcas v\r\nmd mcas C1\r\nmg mcas v\r\n"),
+]);
+
+case!(meta_base64_keys, vec![ex(
+    b"ms Zm9vYg== 2 b\r\nxy\r\nmg Zm9vYg== b v k\r\nget foob\r\nmd Zm9vYg== b q\r\nmn\r\nget foob\r\nmg !!!! b v\r\n"
+)]);
+
+case!(
+    meta_bad_lines,
+    vec![
+        ex(b"mg\r\nms\r\nmd\r\nma\r\nmx k\r\n"),
+        ex(b"ms k\r\nms k x\r\nms k -1\r\n"),
+        ex(b"ms k 2 MX\r\nab\r\nmg k zz\r\nmg k v v\r\nmd k q q\r\nma k q q\r\nmg k q q\r\n"),
+        ex(b"ms k 1\r\nabc\r\nmg k v\r\n"),
+        ex(format!(
+            "mg {} v\r\nms {} 1\r\nx\r\n",
+            "k".repeat(251),
+            "k".repeat(251)
+        )),
+        ex(format!(
+            "mg k {}\r\nms k 1 {}\r\nx\r\n",
+            vec!["v"; 20].join(" "),
+            vec!["T1"; 18].join(" ")
+        )),
+    ]
+);
+
+case!(
+    meta_value_too_large,
+    vec![ex(format!(
+        "ms big 2000000\r\n{}\r\nmg big v\r\n",
+        "x".repeat(2_000_000)
+    )),]
+);
+
+case!(meta_mixed_with_classic_pipeline, vec![ex(
+    b"set mix1 3 0 2\r\nab\r\nmg mix1 v f\r\nget mix1 mix2\r\nms mix2 2 q F9\r\ncd\r\nget mix1 mix2\r\nmg mix3 q v\r\nincr mix3 1\r\nma mix3 q\r\nmn\r\ndelete mix1\r\nmg mix1 v\r\n"
+)]);
+
+// ---------------------------------------------------------------------------
 // Pipelining and split requests
 // ---------------------------------------------------------------------------
 

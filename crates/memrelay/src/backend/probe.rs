@@ -114,12 +114,20 @@ impl ProbeConn {
         Some(Identity { pid, boot })
     }
 
-    /// Deletes keys, pipelined; true when every delete was answered.
+    /// Deletes keys, pipelined; true when every delete was answered. A key
+    /// that cannot be written in a classic command (a binary key from a
+    /// meta `b` request) is deleted as `md <base64> b`.
     async fn delete_all(&mut self, keys: &[Box<[u8]>]) -> bool {
         let mut req = Vec::with_capacity(keys.len() * 32);
         for k in keys {
-            req.extend_from_slice(b"delete ");
-            req.extend_from_slice(k);
+            if crate::ha::is_text_key(k) {
+                req.extend_from_slice(b"delete ");
+                req.extend_from_slice(k);
+            } else {
+                req.extend_from_slice(b"md ");
+                memrelay_protocol::base64::encode(k, &mut req);
+                req.extend_from_slice(b" b");
+            }
             req.extend_from_slice(b"\r\n");
         }
         let n = keys.len();
@@ -130,7 +138,7 @@ impl ProbeConn {
             Some(reply) => reply
                 .split(|&c| c == b'\n')
                 .filter(|l| !l.is_empty())
-                .all(|l| l == b"DELETED\r" || l == b"NOT_FOUND\r"),
+                .all(|l| matches!(l, b"DELETED\r" | b"NOT_FOUND\r" | b"HD\r" | b"NF\r")),
             None => false,
         }
     }
