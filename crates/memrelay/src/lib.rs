@@ -11,6 +11,7 @@
 //! - `stats/`: counters and the `stats` reply.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod alloc;
 pub mod backend;
 pub mod config;
 pub mod ha;

@@ -2,6 +2,9 @@
 
 use memrelay::config::cli::{parse_args, Action, EXIT_USAGE, HELP, USAGE_LINE};
 
+#[global_allocator]
+static ALLOC: memrelay::alloc::CountingAlloc = memrelay::alloc::CountingAlloc;
+
 fn main() {
     let cfg = match parse_args(std::env::args().skip(1)) {
         Ok(Action::Run(cfg)) => cfg,

@@ -157,6 +157,7 @@ impl StatsRegistry {
         stat("proxy", &"memrelay");
         stat("threads", &self.threads);
         stat("max_connections", &self.max_conns);
+        stat("allocations", &crate::alloc::allocations());
         let mut sums: Vec<(&'static str, u64)> = Vec::new();
         for w in &self.workers {
             for (i, (name, v)) in w.each().into_iter().enumerate() {
