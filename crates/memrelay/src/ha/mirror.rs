@@ -1,6 +1,10 @@
-//! Background writes to backups: mirrors, read repairs, compensations.
+//! Background writes nobody waits for: the unlink that follows a `set`
+//! refused for size, and the repair after an `mg` fallback (the backup's
+//! item fetched with its flags and TTL, then added to the primary). Writes'
+//! mirrors and classic read repairs are not here: the client's reply waits
+//! for those (see `ha::write`, `ha::read`).
 //!
-//! The client's reply never waits for these. Each one registers a small
+//! Each one registers a small
 //! context (the key, as a slice of the request's frame: no copy) in a
 //! reusable table, and its reply is checked here:
 //! - a backup that failed or refused a mirror is recorded as having missed

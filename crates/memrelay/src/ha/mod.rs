@@ -6,10 +6,10 @@
 //!   or a failure, and writing backup hits back to the primary (`add`, so a
 //!   newer value is never overwritten);
 //! - [`write`]: writes to the primary, mirrored to the backups according to
-//!   the primary's answer; to the backup (exactly once) when the primary
-//!   cannot take it;
-//! - [`mirror`]: the fire-and-forget side of those writes, which checks the
-//!   backups' answers and repairs or records what went wrong;
+//!   the primary's answer before the client is answered; to the backup
+//!   (exactly once) when the primary cannot take it;
+//! - [`mirror`]: background writes nobody waits for (invalidating an
+//!   unlinked key, the two-step repair after an `mg` fallback);
 //! - [`missed`]: per server, the keys it must not serve until invalidated.
 
 pub mod mirror;

@@ -16,11 +16,10 @@ use memrelay_protocol::response::{ValueBlock, ValueBlocks};
 use memrelay_protocol::{compose, meta_flags, Command, Expect, MetaStatus, Request, ResponseKind};
 use smallvec::SmallVec;
 
-use super::mirror::Check;
 use crate::backend::ReplyTo;
 use crate::net::outqueue::OutQueue;
 use crate::proxy::session::Inbox;
-use crate::proxy::slot::{Local, Part, Slot, Stage};
+use crate::proxy::slot::{Local, Part, Role, Slot, Stage};
 use crate::proxy::Worker;
 
 /// No server can serve this key (in `key_parts`).
@@ -121,7 +120,11 @@ fn walk<'a>(
     req: &Request,
     mut f: impl FnMut(usize, &'a [u8], usize, Option<ValueBlock<'a>>),
 ) {
-    let round_one = slot.parts.iter().take_while(|p| p.key == u32::MAX).count();
+    let round_one = slot
+        .parts
+        .iter()
+        .take_while(|p| p.role == Role::Main)
+        .count();
     let mut cursors: SmallVec<[Option<Peekable<ValueBlocks<'a>>>; 4]> = slot.parts[..round_one]
         .iter()
         .map(|p| match &p.result {
@@ -194,19 +197,22 @@ pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot,
             |b| compose::meta_get(b, key, flags, touch),
             None,
         );
-        let mut p = Part::new(server);
-        p.key = i;
-        slot.push_part(p, queued);
+        slot.push_part(Part::with_role(server, Role::Fallback(i)), queued);
     }
     slot.stage = Stage::Fallback;
 }
 
-/// Round two is in: write backup hits back to primaries that missed them.
-pub fn after_fallback(w: &Worker, slot: &mut Slot, req: &Request) {
+/// Round two is in: write backup hits back to the primaries that missed
+/// them, and answer once that is done, so a write the client makes next
+/// cannot be overtaken by this repair.
+pub fn after_fallback(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
     let frame = slot.frame.clone();
-    let round_one = slot.parts.iter().take_while(|p| p.key == u32::MAX).count();
-    for part in &slot.parts[round_one..] {
+    let mut repairs: SmallVec<[(usize, u32, i32, usize, usize, usize); 4]> = SmallVec::new();
+    for (idx, part) in slot.parts.iter().enumerate() {
+        let Role::Fallback(i) = part.role else {
+            continue;
+        };
         let Some(Ok(reply)) = &part.result else {
             continue;
         };
@@ -214,7 +220,7 @@ pub fn after_fallback(w: &Worker, slot: &mut Slot, req: &Request) {
             continue;
         }
         w.stats.backup_hits.incr();
-        let i = part.key as usize;
+        let i = i as usize;
         let Some(key) = req.keys(&frame).nth(i) else {
             continue;
         };
@@ -241,18 +247,39 @@ pub fn after_fallback(w: &Worker, slot: &mut Slot, req: &Request) {
         let Ok(exptime) = i32::try_from(exptime) else {
             continue;
         };
+        repairs.push((primary, mf.flags.unwrap_or(0), exptime, off, len, idx));
+    }
+    for (primary, flags, exptime, off, len, idx) in repairs {
+        let Some(Some(Ok(reply))) = slot.parts.get(idx).map(|p| p.result.as_ref()) else {
+            continue;
+        };
         let value = reply.bytes.slice(off..off + len);
-        let key_bytes = frame.slice_ref(key);
-        let flags = mf.flags.unwrap_or(0);
-        let k = key_bytes.clone();
-        w.mirror.send(
-            primary,
-            key_bytes,
-            Check::Repair,
+        let Role::Fallback(i) = slot.parts[idx].role else {
+            continue;
+        };
+        let Some(key) = req.keys(&frame).nth(i as usize) else {
+            continue;
+        };
+        let queued = w.servers[primary].send_for_key(
+            key,
             Expect::Storage,
-            |b| compose::storage_line(b, Command::Add, &k, flags, exptime, len, 0),
+            reply_to(inbox, seq, slot.parts.len()),
+            |b| compose::storage_line(b, Command::Add, key, flags, exptime, len, 0),
             Some(value),
         );
+        slot.push_part(Part::with_role(primary, Role::Repair), queued);
+        slot.stage = Stage::Repair;
+    }
+}
+
+/// The repairs are in: count them.
+pub fn after_repair(w: &Worker, slot: &mut Slot) {
+    slot.stage = Stage::Done;
+    for part in slot.parts.iter().filter(|p| p.role == Role::Repair) {
+        match &part.result {
+            Some(Ok(r)) if r.kind == ResponseKind::Stored => w.stats.repairs.incr(),
+            _ => w.stats.repairs_skipped.incr(),
+        }
     }
 }
 
@@ -279,13 +306,24 @@ pub fn render(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
             }
         }
     }
-    let round_one = slot.parts.iter().take_while(|p| p.key == u32::MAX).count();
-    let fallback = &slot.parts[round_one..];
+    let round_one = slot
+        .parts
+        .iter()
+        .take_while(|p| p.role == Role::Main)
+        .count();
+    let fallback: SmallVec<[&Part; 4]> = slot.parts[round_one..]
+        .iter()
+        .filter(|p| matches!(p.role, Role::Fallback(_)))
+        .collect();
     let mut fb = 0;
     let mut hits = 0;
     let gets = matches!(req.command, Command::Gets | Command::Gats);
     walk(slot, req, |i, key, p, hit| {
-        while fb < fallback.len() && (fallback[fb].key as usize) < i {
+        let key_of = |p: &Part| match p.role {
+            Role::Fallback(k) => k as usize,
+            _ => usize::MAX,
+        };
+        while fb < fallback.len() && key_of(fallback[fb]) < i {
             fb += 1;
         }
         if let Some(block) = hit {
@@ -295,7 +333,7 @@ pub fn render(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
             }
             return;
         }
-        if fb < fallback.len() && fallback[fb].key as usize == i {
+        if fb < fallback.len() && key_of(fallback[fb]) == i {
             if let Some(Ok(reply)) = &fallback[fb].result {
                 if reply.kind == ResponseKind::Meta(MetaStatus::Value) {
                     let mf = meta_flags(&reply.bytes);
@@ -410,7 +448,7 @@ pub fn after_meta_round_one(
     let server = replicas.get(next).unwrap_or(0);
     send_meta(w, inbox, seq, slot, req, server);
     if let Some(p) = slot.parts.last_mut() {
-        p.key = 0;
+        p.role = Role::Fallback(0);
     }
     slot.stage = Stage::Fallback;
 }

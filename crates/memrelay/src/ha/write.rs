@@ -2,10 +2,14 @@
 //!
 //! A write goes to the first replica that can serve its key (the primary
 //! when it is up and not stale for the key). The client gets that replica's
-//! answer. Then:
-//! - if the primary answered, the backups are brought to the same state
-//!   according to what the primary said ([`mirror_plan`]), in the
-//!   background;
+//! answer, once the backups are in the same state:
+//! - if the primary answered, the backups are brought to that state
+//!   according to what it said ([`mirror_plan`]); a plain `set` is copied
+//!   in parallel with the primary, everything else after its answer. The
+//!   client's reply waits for the copies, so the next write a client makes
+//!   can never be overtaken by this one's copy (copies travel on other
+//!   connections, from other worker threads); a backup that fails or
+//!   disagrees is recorded as having missed the key;
 //! - if a replica fails, the write moves to the next one. A replica is sent
 //!   a given write at most once, so a conditional or arithmetic command is
 //!   never applied twice anywhere; the replica that failed is recorded as
@@ -17,10 +21,9 @@ use std::rc::Rc;
 use bytes::BytesMut;
 use memrelay_protocol::{compose, Command, Expect, MetaStatus, Request, ResponseKind};
 
-use super::mirror::Check;
 use crate::backend::ReplyTo;
 use crate::proxy::session::Inbox;
-use crate::proxy::slot::{Local, Part, Slot, Stage};
+use crate::proxy::slot::{Local, Part, Role, Slot, Stage};
 use crate::proxy::Worker;
 
 /// What a backup must do after the primary answered a write.
@@ -107,6 +110,17 @@ pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Req
     attempt(w, inbox, seq, slot, req, 0);
 }
 
+/// Whether the write overwrites the item whatever it was (a plain set): then
+/// the backup can be written at the same time as the primary, since its
+/// state does not depend on the primary's answer.
+fn blind_overwrite(req: &Request) -> bool {
+    match req.command {
+        Command::Set => true,
+        Command::MetaSet => matches!(req.meta.mode, 0 | b'S') && !req.meta.cas,
+        _ => false,
+    }
+}
+
 /// Sends the write to the first serving replica at or after `from`.
 fn attempt(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request, from: usize) {
     let Some(replicas) = slot.replicas else {
@@ -147,6 +161,15 @@ fn attempt(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Reque
     );
     slot.stage = Stage::Write { tier: tier as u8 };
     slot.push_part(Part::new(server), queued);
+    if tier == 0 && blind_overwrite(req) {
+        // Copy it to the backups now, in parallel: the client's reply then
+        // costs one round trip, not two.
+        for next in 1..replicas.len() {
+            if let Some(b) = replicas.get(next) {
+                send_mirror(w, inbox, seq, slot, req, &route, b, MirrorPlan::Set, None);
+            }
+        }
+    }
 }
 
 /// The replica answered or failed: mirror, or move to the next replica.
@@ -164,129 +187,207 @@ pub fn advance(
     };
     let frame = slot.frame.clone();
     let route = super::route_key(&frame, req);
-    let key: &[u8] = &route;
-    let last = slot.parts.len() - 1;
-    match slot.result(last) {
+    let main = slot
+        .parts
+        .iter()
+        .rposition(|p| p.role == Role::Main)
+        .unwrap_or(0);
+    let mirrored_in_parallel = slot.parts.iter().any(|p| matches!(p.role, Role::Mirror(_)));
+    slot.stage = Stage::Done;
+    match slot.result(main) {
         Some(Ok(reply)) => {
-            let plan = mirror_plan(req.command, req.meta.mode, reply.kind);
-            let number = match reply.kind {
-                ResponseKind::Number(n) => Some(n),
-                _ => None,
-            };
-            slot.stage = Stage::Done;
-            // Bring the tiers after the one that answered to its state.
+            let (kind, number) = (
+                reply.kind,
+                match reply.kind {
+                    ResponseKind::Number(n) => Some(n),
+                    _ => None,
+                },
+            );
+            if mirrored_in_parallel {
+                // The primary did not store it: the copies must not stand.
+                if !matches!(
+                    kind,
+                    ResponseKind::Stored | ResponseKind::Meta(MetaStatus::Hd)
+                ) {
+                    for p in slot
+                        .parts
+                        .iter()
+                        .filter(|p| matches!(p.role, Role::Mirror(_)))
+                    {
+                        w.servers[p.server as usize].health().missed.record(&route);
+                    }
+                }
+                return after_mirrors(w, slot, req);
+            }
+            // Bring the tiers after the one that answered to its state; the
+            // client's reply waits for them, so a write it makes next can
+            // never be overtaken by this one's copies.
+            let plan = mirror_plan(req.command, req.meta.mode, kind);
             for next in tier + 1..replicas.len() {
                 if let Some(server) = replicas.get(next) {
-                    mirror(w, &frame, req, &route, server, plan, number);
+                    send_mirror(w, inbox, seq, slot, req, &route, server, plan, number);
                 }
+            }
+            if slot.pending > 0 {
+                slot.stage = Stage::Mirror;
             }
         }
         Some(Err(_)) => {
-            let server = slot.parts[last].server as usize;
-            w.servers[server].health().missed.record(key);
+            let server = slot.parts[main].server as usize;
+            w.servers[server].health().missed.record(&route);
+            if mirrored_in_parallel {
+                // The backups already have it, exactly once: their answer
+                // is the client's (see `answer`).
+                w.stats.failovers.incr();
+                return after_mirrors(w, slot, req);
+            }
             attempt(w, inbox, seq, slot, req, tier + 1);
         }
-        None => slot.stage = Stage::Done,
+        None => {}
     }
 }
 
-/// Applies `plan` to one backup, in the background. `route` is the routing
-/// key (decoded for meta `b` keys).
-fn mirror(
+/// The copies on the backups are in: a backup that failed or answered
+/// otherwise than the primary is recorded as having missed the key, so it
+/// never serves it until the key is invalidated there.
+pub fn after_mirrors(w: &Worker, slot: &mut Slot, req: &Request) {
+    slot.stage = Stage::Done;
+    let route = super::route_key(&slot.frame, req);
+    for p in &slot.parts {
+        let Role::Mirror(number) = p.role else {
+            continue;
+        };
+        let good = match (&p.result, number) {
+            (Some(Ok(r)), _) if r.kind == ResponseKind::Error => false,
+            (Some(Ok(r)), Some(n)) => matches!(r.kind, ResponseKind::Number(m) if m == n),
+            (Some(Ok(_)), None) => true,
+            _ => false,
+        };
+        if !good {
+            w.stats.mirror_failures.incr();
+            w.servers[p.server as usize].health().missed.record(&route);
+        }
+    }
+}
+
+/// The reply the client gets: the answer of the replica that took the write
+/// (for a set copied in parallel whose primary failed, the backup's).
+pub fn answer(slot: &Slot) -> Option<&crate::backend::BackendResult> {
+    let main = slot.parts.iter().rposition(|p| p.role == Role::Main)?;
+    let main_result = slot.result(main)?;
+    if main_result.is_err() {
+        if let Some(r) = slot
+            .parts
+            .iter()
+            .filter(|p| matches!(p.role, Role::Mirror(_)))
+            .find_map(|p| p.result.as_ref().filter(|r| r.is_ok()))
+        {
+            return Some(r);
+        }
+    }
+    Some(main_result)
+}
+
+/// Sends `plan` to one backup as part of the slot.
+#[allow(clippy::too_many_arguments)]
+fn send_mirror(
     w: &Worker,
-    frame: &bytes::Bytes,
+    inbox: &Rc<Inbox>,
+    seq: u64,
+    slot: &mut Slot,
     req: &Request,
     route: &bytes::Bytes,
     server: usize,
     plan: MirrorPlan,
     number: Option<u64>,
 ) {
+    if plan == MirrorPlan::Nothing {
+        return;
+    }
     let key: &[u8] = route;
-    let key_bytes = route.clone();
-    if !w.servers[server].health().serves(key) && plan != MirrorPlan::Delete {
+    if !w.servers[server].health().serves(key) {
         // Down or already stale for this key: it misses this write too.
         w.servers[server].health().missed.record(key);
         return;
     }
-    if plan != MirrorPlan::Nothing {
-        w.stats.mirrors.incr();
-    }
-    if req.command.is_meta() && matches!(plan, MirrorPlan::Set | MirrorPlan::Same) {
-        return mirror_meta(w, frame, req, server, key_bytes, plan);
-    }
-    match plan {
-        MirrorPlan::Nothing => {}
-        MirrorPlan::Delete => w.mirror.delete(server, key_bytes),
+    w.stats.mirrors.incr();
+    let frame = slot.frame.clone();
+    let reply = ReplyTo {
+        sink: inbox.clone(),
+        token: seq,
+        part: slot.parts.len() as u32,
+    };
+    let pool = &w.servers[server];
+    let queued = match plan {
+        MirrorPlan::Nothing => return,
+        MirrorPlan::Delete => {
+            if super::is_text_key(key) {
+                pool.send_for_key(
+                    key,
+                    Expect::Delete,
+                    reply,
+                    |b| compose::delete(b, key),
+                    None,
+                )
+            } else {
+                let mut enc = Vec::with_capacity(key.len() * 4 / 3 + 4);
+                memrelay_protocol::base64::encode(key, &mut enc);
+                pool.send_for_key(
+                    key,
+                    Expect::Meta,
+                    reply,
+                    |b| compose::meta_line(b, Command::MetaDelete, &enc, None, b"b"),
+                    None,
+                )
+            }
+        }
+        _ if req.command.is_meta() => {
+            // The same command, without what only makes sense on the
+            // primary (C compares the primary's CAS, I goes with it; q, O,
+            // k and return flags store nothing), and for a set-like result
+            // without the mode: the primary now holds exactly this item.
+            let drop_mode = plan == MirrorPlan::Set;
+            let keep = |t: &[u8]| match t[0] {
+                b'C' | b'I' | b'O' | b'k' | b'c' | b's' | b't' | b'f' | b'v' | b'h' | b'l' => false,
+                b'M' => !drop_mode,
+                _ => true,
+            };
+            let len = (req.command == Command::MetaSet).then_some(req.value.len as usize);
+            let value = len.map(|_| frame.slice(req.value.start as usize..req.value.end()));
+            let flags = req.meta.flags.of(&frame);
+            let wire_key = req.key.of(&frame);
+            pool.send_for_key(
+                key,
+                Expect::Meta,
+                reply,
+                |b| compose::meta_line_filtered(b, req.command, wire_key, len, flags, keep),
+                value,
+            )
+        }
         MirrorPlan::Set => {
             let value = frame.slice(req.value.start as usize..req.value.end());
-            w.mirror.send(
-                server,
-                key_bytes,
-                Check::Applied,
+            let len = value.len();
+            pool.send_for_key(
+                key,
                 Expect::Storage,
-                |b| {
-                    compose::storage_line(
-                        b,
-                        Command::Set,
-                        key,
-                        req.flags,
-                        req.exptime,
-                        value.len(),
-                        0,
-                    )
-                },
-                Some(value.clone()),
-            );
+                reply,
+                |b| compose::storage_line(b, Command::Set, key, req.flags, req.exptime, len, 0),
+                Some(value),
+            )
         }
         MirrorPlan::Same => {
-            let check = match number {
-                Some(n) => Check::Number(n),
-                None => Check::Applied,
-            };
             let value =
                 has_value(req).then(|| frame.slice(req.value.start as usize..req.value.end()));
-            w.mirror.send(
-                server,
-                key_bytes,
-                check,
+            pool.send_for_key(
+                key,
                 expect_of(req.command),
-                |b| compose_line(b, frame, req, req.command, key),
+                reply,
+                |b| compose_line(b, &frame, req, req.command, key),
                 value,
-            );
+            )
         }
-    }
-}
-
-/// A meta write's mirror: the same command, without the flags that only
-/// make sense on the primary (`C` compares the primary's CAS; `I` goes with
-/// it; `q`, `O`, `k` and the return flags change nothing stored), and, for
-/// `Set`, without the mode (the primary now holds exactly this item).
-fn mirror_meta(
-    w: &Worker,
-    frame: &bytes::Bytes,
-    req: &Request,
-    server: usize,
-    route: bytes::Bytes,
-    plan: MirrorPlan,
-) {
-    let wire_key = req.key.of(frame);
-    let flags = req.meta.flags.of(frame);
-    let drop_mode = plan == MirrorPlan::Set;
-    let keep = |t: &[u8]| match t[0] {
-        b'C' | b'I' | b'O' | b'k' | b'c' | b's' | b't' | b'f' | b'v' | b'h' | b'l' => false,
-        b'M' => !drop_mode,
-        _ => true,
     };
-    let len = (req.command == Command::MetaSet).then_some(req.value.len as usize);
-    let value = len.map(|_| frame.slice(req.value.start as usize..req.value.end()));
-    w.mirror.send(
-        server,
-        route,
-        Check::Applied,
-        Expect::Meta,
-        |b| compose::meta_line_filtered(b, req.command, wire_key, len, flags, keep),
-        value,
-    );
+    slot.push_part(Part::with_role(server, Role::Mirror(number)), queued);
 }
 
 /// Whether the request carries a data block.

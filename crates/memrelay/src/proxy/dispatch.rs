@@ -98,8 +98,10 @@ pub fn advance(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot) {
         }
         Stage::Fallback if req.command.is_meta() => ha::read::after_meta_fallback(w, slot, &req),
         Stage::Read => ha::read::after_round_one(w, inbox, seq, slot, &req),
-        Stage::Fallback => ha::read::after_fallback(w, slot, &req),
+        Stage::Fallback => ha::read::after_fallback(w, inbox, seq, slot, &req),
+        Stage::Repair => ha::read::after_repair(w, slot),
         Stage::Write { tier } => ha::write::advance(w, inbox, seq, slot, &req, tier as usize),
+        Stage::Mirror => ha::write::after_mirrors(w, slot, &req),
     }
 }
 

@@ -42,7 +42,7 @@ pub fn render(w: &Worker, slot: Slot, out: &mut OutQueue) -> bool {
             if req.noreply {
                 return false;
             }
-            match slot.parts.last().and_then(|p| p.result.as_ref()) {
+            match ha::write::answer(&slot) {
                 Some(Ok(reply)) if req.meta.quiet && quiet_hides(req.command, reply.kind) => {}
                 Some(Ok(reply)) => {
                     if reply.kind == ResponseKind::Error {

@@ -14,20 +14,37 @@ use smallvec::SmallVec;
 use crate::backend::BackendResult;
 use crate::router::Replicas;
 
+/// What a sub-request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The request itself, on the replica that takes it.
+    Main,
+    /// A read's second round: key number `.0` looked up on a backup.
+    Fallback(u32),
+    /// A write copied to a backup; `Some(n)`: an `incr`/`decr` whose copy
+    /// must reach the primary's number.
+    Mirror(Option<u64>),
+    /// A backup hit written back to the primary (`add`).
+    Repair,
+}
+
 /// One sub-request and, once it came, its result.
 #[derive(Debug)]
 pub struct Part {
     pub server: u16,
-    /// For fallback reads: the index of the key this part looks up.
-    pub key: u32,
+    pub role: Role,
     pub result: Option<BackendResult>,
 }
 
 impl Part {
     pub fn new(server: usize) -> Part {
+        Part::with_role(server, Role::Main)
+    }
+
+    pub fn with_role(server: usize, role: Role) -> Part {
         Part {
             server: server as u16,
-            key: u32::MAX,
+            role,
             result: None,
         }
     }
@@ -44,6 +61,10 @@ pub enum Stage {
     Fallback,
     /// A write sent to the replica at this tier (0 = primary).
     Write { tier: u8 },
+    /// A write's copies on the backups, which the client's reply waits for.
+    Mirror,
+    /// A read's backup hits being written back to primaries.
+    Repair,
 }
 
 /// A reply the proxy makes itself.

@@ -185,6 +185,23 @@ impl StatsRegistry {
                 &format!("server:{i}:marked_down"),
                 &h.downs.load(Ordering::Relaxed),
             );
+            stat(&format!("server:{i}:missed_keys"), &h.missed.len());
+            stat(
+                &format!("server:{i}:missed_overflowed"),
+                &u8::from(h.missed.is_overflowed()),
+            );
+            stat(
+                &format!("server:{i}:missed_recorded"),
+                &h.missed.recorded.load(Ordering::Relaxed),
+            );
+            stat(
+                &format!("server:{i}:invalidated"),
+                &h.missed.invalidated.load(Ordering::Relaxed),
+            );
+            stat(
+                &format!("server:{i}:flushed"),
+                &h.missed.flushes.load(Ordering::Relaxed),
+            );
         }
         drop(stat);
         out.extend_from_slice(b"END\r\n");
