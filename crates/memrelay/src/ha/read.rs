@@ -153,6 +153,13 @@ pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot,
     if !w.router.has_backups() {
         return;
     }
+    // Every key found (the common case): nothing to look for elsewhere.
+    let all_hit = slot.key_parts.is_empty()
+        && matches!(slot.parts.as_slice(), [p] if matches!(&p.result,
+            Some(Ok(r)) if r.kind == ResponseKind::Values { hits: req.nkeys }));
+    if all_hit {
+        return;
+    }
     let fallback = w.miss_fallback;
     let mut wanted: SmallVec<[(u32, usize); 4]> = SmallVec::new();
     walk(slot, req, |i, key, p, hit| {

@@ -426,6 +426,14 @@ impl Memrelay {
         self.port
     }
 
+    /// The proxy's process id.
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(|c| c.id())
+            .expect("memrelay is running")
+    }
+
     pub fn addr(&self) -> String {
         join_host_port("127.0.0.1", self.port)
     }

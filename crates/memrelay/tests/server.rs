@@ -1,0 +1,241 @@
+//! The process around the proxy: connection limit, unix socket and its
+//! permissions, dropping privileges, detaching. Real memcached behind it.
+#![allow(clippy::panic, clippy::unwrap_used)]
+
+mod support;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use support::{
+    free_port, memrelay_bin, wait_until, Client, Memcached, Memrelay, IO_DEADLINE, START_DEADLINE,
+};
+
+/// Reads until EOF or the deadline.
+fn read_to_close(s: &mut impl Read) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[test]
+fn over_the_connection_limit_clients_get_memcacheds_error() {
+    let m = Memcached::start();
+    let relay = Memrelay::start(&["-n", "2", "-t", "1", "-s", &m.addr()]);
+    let mut a = Client::connect(&relay.addr());
+    // The start-up probe's connection may still be counted for a moment.
+    let alone = wait_until(START_DEADLINE, || {
+        let r = a.send_until(b"stats\r\n", |b| b.ends_with(b"END\r\n"));
+        String::from_utf8_lossy(&r.bytes).contains("STAT curr_connections 1\r\n")
+    });
+    assert!(alone, "curr_connections never settled at 1");
+    let mut b = Client::connect(&relay.addr());
+    for c in [&mut a, &mut b] {
+        let r = c.send_until(b"get nothing\r\n", |b| b.ends_with(b"END\r\n"));
+        assert_eq!(r.bytes, b"END\r\n");
+    }
+    let mut third = std::net::TcpStream::connect(relay.addr()).unwrap();
+    third.set_read_timeout(Some(IO_DEADLINE)).unwrap();
+    assert_eq!(
+        read_to_close(&mut third),
+        b"ERROR Too many open connections\r\n"
+    );
+    // A slot frees up when a client leaves.
+    drop(a);
+    let ok = wait_until(START_DEADLINE, || {
+        let Ok(mut s) = std::net::TcpStream::connect(relay.addr()) else {
+            return false;
+        };
+        s.set_read_timeout(Some(IO_DEADLINE)).unwrap();
+        s.write_all(b"get nothing\r\n").unwrap();
+        let mut buf = [0u8; 64];
+        matches!(s.read(&mut buf), Ok(n) if &buf[..n] == b"END\r\n")
+    });
+    assert!(ok, "no connection accepted after one client left");
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("memrelay-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn start_unix(path: &Path, extra: &[&str], server: &str) -> Proc {
+    let child = Command::new(memrelay_bin())
+        .arg("-f")
+        .arg(path)
+        .args(extra)
+        .args(["-s", server])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let p = Proc(child);
+    assert!(
+        wait_until(START_DEADLINE, || UnixStream::connect(path).is_ok()),
+        "unix socket {} never accepted a connection",
+        path.display()
+    );
+    p
+}
+
+fn unix_exchange(path: &Path, req: &[u8], done: &[u8]) -> Vec<u8> {
+    let mut s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(IO_DEADLINE)).unwrap();
+    s.write_all(req).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !out.ends_with(done) {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    out
+}
+
+#[test]
+fn unix_socket_is_owner_only_by_default_and_serves() {
+    let m = Memcached::start();
+    let dir = temp_dir("unix");
+    let path = dir.join("memrelay.sock");
+    let _p = start_unix(&path, &[], &m.addr());
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "socket mode {mode:o}");
+    let r = unix_exchange(&path, b"set u 0 0 2\r\nok\r\nget u\r\n", b"END\r\n");
+    assert_eq!(r, b"STORED\r\nVALUE u 0 2\r\nok\r\nEND\r\n");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn unix_socket_mode_is_configurable_and_a_stale_socket_is_replaced() {
+    let m = Memcached::start();
+    let dir = temp_dir("unixmode");
+    let path = dir.join("memrelay.sock");
+    // A socket file left behind by a previous run.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let _p = start_unix(&path, &["--unix-mode", "0660"], &m.addr());
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "socket mode {mode:o}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_regular_file_in_the_way_of_the_unix_socket_is_not_removed() {
+    let m = Memcached::start();
+    let dir = temp_dir("unixfile");
+    let path = dir.join("not-a-socket");
+    std::fs::write(&path, b"precious").unwrap();
+    let out = Command::new(memrelay_bin())
+        .arg("-f")
+        .arg(&path)
+        .args(["-s", &m.addr()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a socket"), "stderr: {err}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn uid_of(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn dropping_privileges_after_binding() {
+    let m = Memcached::start();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let relay = Memrelay::start(&["-u", "nobody", "-s", &m.addr()]);
+        let uid = uid_of(relay.pid());
+        assert_ne!(uid, 0, "still root after -u nobody");
+        let mut c = Client::connect(&relay.addr());
+        let r = c.send_until(b"set p 0 0 1\r\nx\r\n", |b| b.ends_with(b"\r\n"));
+        assert_eq!(r.bytes, b"STORED\r\n");
+    } else {
+        // Not root: switching to another user must fail, clearly.
+        let out = Command::new(memrelay_bin())
+            .args([
+                "-p",
+                &free_port("127.0.0.1").to_string(),
+                "-u",
+                "root",
+                "-s",
+                &m.addr(),
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not running as root"));
+    }
+}
+
+#[test]
+fn daemon_mode_detaches_and_keeps_serving() {
+    let m = Memcached::start();
+    let port = free_port("127.0.0.1");
+    let addr = format!("127.0.0.1:{port}");
+    let status = Command::new(memrelay_bin())
+        .args([
+            "-d",
+            "-l",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-s",
+            &m.addr(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the launching process must exit 0");
+    assert!(wait_until(START_DEADLINE, || std::net::TcpStream::connect(
+        &addr
+    )
+    .is_ok()));
+    let mut c = Client::connect(&addr);
+    let r = c.send_until(b"stats\r\n", |b| b.ends_with(b"END\r\n"));
+    let text = String::from_utf8_lossy(&r.bytes).to_string();
+    let pid: i32 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("STAT pid ")?.trim().parse().ok())
+        .unwrap();
+    // Stop the daemon this test started.
+    // SAFETY: kill(2) on the pid the daemon reported for itself.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(wait_until(Duration::from_secs(5), || {
+        std::net::TcpStream::connect(&addr).is_err()
+    }));
+}
