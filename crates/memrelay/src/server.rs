@@ -180,6 +180,7 @@ fn worker_main(
             servers,
             limits: cfg.limits.clone(),
             miss_fallback: cfg.miss_fallback,
+            auto_eject: cfg.auto_eject,
             stats,
             registry: registry.clone(),
             discard: Rc::new(Discard),

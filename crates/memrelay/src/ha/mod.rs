@@ -36,6 +36,30 @@ pub fn route_key(frame: &Bytes, req: &Request) -> Bytes {
     raw
 }
 
+/// The replica to use for `key`, from tier `from` on: the first serving
+/// tier, as (tier, server). Without backups and with `--auto-eject`, when
+/// the primary cannot serve the key, the next primary on the ring that can,
+/// reported as tier `replicas.len()` (past the real tiers, so a retry after
+/// it finds nothing more).
+pub fn serving(
+    w: &Worker,
+    replicas: &Replicas,
+    key: &[u8],
+    from: usize,
+    on_skip: impl FnMut(usize),
+) -> Option<(usize, usize)> {
+    if let Some(t) = first_serving(w, replicas, key, from, on_skip) {
+        return replicas.get(t).map(|s| (t, s));
+    }
+    if w.auto_eject && from <= replicas.len() {
+        let server = w
+            .router
+            .ejected_primary(key, |s| w.servers[s].health().serves(key))?;
+        return Some((replicas.len(), server));
+    }
+    None
+}
+
 /// Whether `key` can be written in a classic command (`delete <key>`):
 /// otherwise it must go through a meta command in base64.
 pub fn is_text_key(key: &[u8]) -> bool {
