@@ -10,11 +10,14 @@
 //!   (exactly once) when the primary cannot take it;
 //! - [`mirror`]: background writes nobody waits for (invalidating an
 //!   unlinked key, the two-step repair after an `mg` fallback);
-//! - [`missed`]: per server, the keys it must not serve until invalidated.
+//! - [`missed`]: per server, the keys it must not serve until invalidated;
+//! - [`resync`]: copying a restarted (empty) server's items back from the
+//!   other tier in the background.
 
 pub mod mirror;
 pub mod missed;
 pub mod read;
+pub mod resync;
 pub mod write;
 
 use bytes::Bytes;
