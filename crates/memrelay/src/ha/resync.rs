@@ -60,6 +60,13 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// Whether a resync of this server is under way (one relaxed load: the
+    /// write path asks on every write).
+    #[inline]
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+
     pub fn state(&self) -> &'static str {
         match self.state.load(Ordering::Relaxed) {
             1 => "running",
@@ -110,6 +117,7 @@ impl Resync {
                 me.run_until_done(target).await;
                 if let Some(n) = me.nodes.get(target) {
                     n.health.resync.running.store(false, Ordering::Release);
+                    n.health.touched.clear();
                 }
             });
         }
@@ -173,6 +181,9 @@ impl Resync {
         ] {
             c.store(0, Ordering::Relaxed);
         }
+        // Writes before this run cannot race its copies: the source already
+        // has them.
+        node.health.touched.clear();
         let (sources, tier) = self.sources(target);
         if sources.is_empty() {
             return Ok(());
@@ -187,11 +198,44 @@ impl Resync {
             let mut to = connect(node.addr, self.connect_timeout).await?;
             for batch in keys.chunks(BATCH) {
                 let batch_started = Instant::now();
-                let items = fetch(&mut from, &batch).await?;
-                let (copied, skipped) = store(&mut to, &items).await?;
-                p.copied.fetch_add(copied, Ordering::Relaxed);
+                // While a key is being copied the target does not serve it:
+                // a client's delete landing between our read of the source
+                // and our add to the target would otherwise be undone.
+                for k in &batch {
+                    node.health.copying.record(k);
+                }
+                let copied = match fetch(&mut from, &batch).await {
+                    Ok(items) => store(&mut to, &items)
+                        .await
+                        .map(|landed| (items.len(), landed)),
+                    Err(e) => Err(e),
+                };
+                let (_fetched, landed) = match copied {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Unknown outcome: keep the target off these keys
+                        // until the prober has deleted them there.
+                        for k in &batch {
+                            node.health.missed.record(k);
+                        }
+                        settle_copying(&node.health, &batch);
+                        return Err(e);
+                    }
+                };
+                let mut n_copied = 0u64;
+                for k in &landed {
+                    if node.health.touched.contains(k) {
+                        // A client wrote this key during the resync: the
+                        // copy may be older. Invalidate it before serving.
+                        node.health.missed.record(k);
+                    } else {
+                        n_copied += 1;
+                    }
+                }
+                settle_copying(&node.health, &batch);
+                p.copied.fetch_add(n_copied, Ordering::Relaxed);
                 p.skipped.fetch_add(
-                    skipped + (batch.len() - items.len()) as u64,
+                    (batch.len() as u64).saturating_sub(n_copied),
                     Ordering::Relaxed,
                 );
                 // Rate limit: this batch may take no less than its share.
@@ -287,6 +331,12 @@ impl Resync {
             }
         }
     }
+}
+
+/// Ends the copy window of a batch.
+fn settle_copying(health: &Health, batch: &[&[u8]]) {
+    let keys: Vec<Box<[u8]>> = batch.iter().map(|k| Box::<[u8]>::from(*k)).collect();
+    health.copying.confirm_quietly(&keys);
 }
 
 /// Keys stored back to back, with their end offsets.
@@ -409,9 +459,9 @@ async fn fetch<'a>(conn: &mut TcpStream, keys: &[&'a [u8]]) -> Result<Vec<Item<'
 
 /// `ms <key> <len> F T ME` for a batch, pipelined: (copied, skipped because
 /// the target already had a value).
-async fn store(conn: &mut TcpStream, items: &[Item<'_>]) -> Result<(u64, u64), String> {
+async fn store<'a>(conn: &mut TcpStream, items: &[Item<'a>]) -> Result<Vec<&'a [u8]>, String> {
     if items.is_empty() {
-        return Ok((0, 0));
+        return Ok(Vec::new());
     }
     let mut req = Vec::with_capacity(items.iter().map(|i| i.value.len() + 64).sum());
     for it in items {
@@ -432,21 +482,19 @@ async fn store(conn: &mut TcpStream, items: &[Item<'_>]) -> Result<(u64, u64), S
     }
     conn.write_all(&req).await.map_err(|e| e.to_string())?;
     let mut reader = Replies::default();
-    let (mut copied, mut skipped) = (0, 0);
-    for _ in items {
+    let mut landed = Vec::with_capacity(items.len());
+    for it in items {
         let reply = reader.next(conn).await?;
         if reply.starts_with(b"HD") {
-            copied += 1;
-        } else if reply.starts_with(b"NS") {
-            skipped += 1;
-        } else {
+            landed.push(it.key);
+        } else if !reply.starts_with(b"NS") {
             return Err(format!(
                 "unexpected reply to a copy: {}",
                 String::from_utf8_lossy(&reply)
             ));
         }
     }
-    Ok((copied, skipped))
+    Ok(landed)
 }
 
 /// Reads meta replies one by one.

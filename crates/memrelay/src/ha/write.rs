@@ -106,7 +106,11 @@ fn compose_line(b: &mut BytesMut, frame: &[u8], req: &Request, command: Command,
 /// Starts a write: sends it to the first replica that can take it.
 pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
     let key = super::route_key(&slot.frame, req);
-    slot.replicas = Some(w.router.replicas(&key));
+    let replicas = w.router.replicas(&key);
+    for s in replicas.iter() {
+        w.servers[s].health().note_write(&key);
+    }
+    slot.replicas = Some(replicas);
     attempt(w, inbox, seq, slot, req, 0);
 }
 
