@@ -80,6 +80,9 @@ pub enum Command {
     MetaArith,
     /// `me`: meta debug.
     MetaDebug,
+    /// `memrelay <subcommand> [args]`: the proxy's own administration
+    /// (not a memcached command).
+    Admin,
 }
 
 impl Command {
@@ -157,6 +160,7 @@ impl Command {
             Command::MetaDelete => b"md",
             Command::MetaArith => b"ma",
             Command::MetaDebug => b"me",
+            Command::Admin => b"memrelay",
         }
     }
 }
@@ -464,6 +468,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Parsed>, Requ
         b"verbosity" => Command::Verbosity,
         b"quit" => Command::Quit,
         b"stats" => Command::Stats,
+        b"memrelay" => Command::Admin,
         b"shutdown" => return err(ErrorKind::ShutdownDisabled),
         b"slabs" | b"lru_crawler" | b"watch" | b"lru" | b"cache_memlimit" | b"extstore"
         | b"refresh_certs" => return err(ErrorKind::NotSupported),
@@ -614,7 +619,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Parsed>, Requ
             };
             Ok(Some((req, consumed_line)))
         }
-        Command::Stats => {
+        Command::Stats | Command::Admin => {
             if t.n > 1 {
                 let start = t.spans[1].start as usize;
                 req.args = Span::new(start, line.len() - start);

@@ -21,6 +21,8 @@ pub struct Health {
     pub failures: AtomicU64,
     /// Keys this server must not serve until they are invalidated on it.
     pub missed: MissedKeys,
+    /// Its background resync, if any.
+    pub resync: crate::ha::resync::Progress,
 }
 
 impl Health {
@@ -32,6 +34,7 @@ impl Health {
             downs: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             missed: MissedKeys::new(missed_cap),
+            resync: Default::default(),
         }
     }
 

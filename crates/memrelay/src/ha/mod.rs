@@ -10,11 +10,14 @@
 //!   (exactly once) when the primary cannot take it;
 //! - [`mirror`]: background writes nobody waits for (invalidating an
 //!   unlinked key, the two-step repair after an `mg` fallback);
-//! - [`missed`]: per server, the keys it must not serve until invalidated.
+//! - [`missed`]: per server, the keys it must not serve until invalidated;
+//! - [`resync`]: copying a restarted (empty) server's items back from the
+//!   other tier in the background.
 
 pub mod mirror;
 pub mod missed;
 pub mod read;
+pub mod resync;
 pub mod write;
 
 use bytes::Bytes;
@@ -34,6 +37,30 @@ pub fn route_key(frame: &Bytes, req: &Request) -> Bytes {
         }
     }
     raw
+}
+
+/// The replica to use for `key`, from tier `from` on: the first serving
+/// tier, as (tier, server). Without backups and with `--auto-eject`, when
+/// the primary cannot serve the key, the next primary on the ring that can,
+/// reported as tier `replicas.len()` (past the real tiers, so a retry after
+/// it finds nothing more).
+pub fn serving(
+    w: &Worker,
+    replicas: &Replicas,
+    key: &[u8],
+    from: usize,
+    on_skip: impl FnMut(usize),
+) -> Option<(usize, usize)> {
+    if let Some(t) = first_serving(w, replicas, key, from, on_skip) {
+        return replicas.get(t).map(|s| (t, s));
+    }
+    if w.auto_eject && from <= replicas.len() {
+        let server = w
+            .router
+            .ejected_primary(key, |s| w.servers[s].health().serves(key))?;
+        return Some((replicas.len(), server));
+    }
+    None
 }
 
 /// Whether `key` can be written in a classic command (`delete <key>`):

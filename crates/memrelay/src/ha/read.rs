@@ -49,10 +49,9 @@ pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Req
         let key = req.key.of(&frame);
         let replicas = w.router.replicas(key);
         slot.replicas = Some(replicas);
-        let Some(tier) = super::first_serving(w, &replicas, key, 0, |_| {}) else {
+        let Some((tier, server)) = super::serving(w, &replicas, key, 0, |_| {}) else {
             return;
         };
-        let server = replicas.get(tier).unwrap_or(0);
         if tier > 0 {
             w.stats.failovers.incr();
         }
@@ -70,7 +69,7 @@ pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Req
     let mut unserved = false;
     for key in req.keys(&frame) {
         let replicas = w.router.replicas(key);
-        let Some(tier) = super::first_serving(w, &replicas, key, 0, |_| {}) else {
+        let Some((tier, s)) = super::serving(w, &replicas, key, 0, |_| {}) else {
             key_parts.push(NO_PART);
             unserved = true;
             continue;
@@ -78,7 +77,6 @@ pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Req
         if tier > 0 {
             w.stats.failovers.incr();
         }
-        let s = replicas.get(tier).unwrap_or(0);
         let p = servers.iter().position(|&x| x == s).unwrap_or_else(|| {
             servers.push(s);
             servers.len() - 1
@@ -384,13 +382,13 @@ pub fn start_meta(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req:
     let replicas = w.router.replicas(&route);
     slot.replicas = Some(replicas);
     slot.stage = Stage::Read;
-    let Some(tier) = super::first_serving(w, &replicas, &route, 0, |_| {}) else {
+    let Some((tier, server)) = super::serving(w, &replicas, &route, 0, |_| {}) else {
         return;
     };
     if tier > 0 {
         w.stats.failovers.incr();
     }
-    send_meta(w, inbox, seq, slot, req, replicas.get(tier).unwrap_or(0));
+    send_meta(w, inbox, seq, slot, req, server);
 }
 
 fn send_meta(

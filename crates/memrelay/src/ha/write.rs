@@ -130,11 +130,11 @@ fn attempt(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Reque
     let wire_key = req.key.of(&frame);
     let route = super::route_key(&frame, req);
     let key: &[u8] = &route;
-    let tier = super::first_serving(w, &replicas, key, from, |skipped| {
+    let target = super::serving(w, &replicas, key, from, |skipped| {
         // The write goes past this replica: it misses the key.
         w.servers[skipped].health().missed.record(key);
     });
-    let Some(tier) = tier else {
+    let Some((tier, server)) = target else {
         slot.stage = Stage::Done;
         if slot.parts.is_empty() {
             w.stats.server_errors.incr();
@@ -145,7 +145,6 @@ fn attempt(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Reque
     if tier > 0 {
         w.stats.failovers.incr();
     }
-    let server = replicas.get(tier).unwrap_or(0);
     let value = has_value(req).then(|| frame.slice(req.value.start as usize..req.value.end()));
     let reply = ReplyTo {
         sink: inbox.clone(),
