@@ -213,6 +213,8 @@ pub struct MetaOpts {
     pub cas: bool,
     /// `v`: the reply carries the value.
     pub value: bool,
+    /// `N`: create the item on a miss (`mg`, `ma`, `ms` append).
+    pub vivify: bool,
 }
 
 impl Request {
@@ -690,6 +692,7 @@ fn parse_meta(
             b'M' if tok.len() == 2 => req.meta.mode = tok[1],
             b'C' => req.meta.cas = true,
             b'v' => req.meta.value = true,
+            b'N' => req.meta.vivify = true,
             _ => {}
         }
     }

@@ -102,7 +102,7 @@ pub fn advance(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot) {
         Stage::Fallback => ha::read::after_fallback(w, inbox, seq, slot, &req),
         Stage::Repair => ha::read::after_repair(w, slot),
         Stage::Write { tier } => ha::write::advance(w, inbox, seq, slot, &req, tier as usize),
-        Stage::Mirror => ha::write::after_mirrors(w, slot, &req),
+        Stage::Mirror => ha::write::after_mirrors(w, inbox, seq, slot, &req),
     }
 }
 
