@@ -117,9 +117,9 @@ impl ProbeConn {
     /// Deletes keys, pipelined; true when every delete was answered. A key
     /// that cannot be written in a classic command (a binary key from a
     /// meta `b` request) is deleted as `md <base64> b`.
-    async fn delete_all(&mut self, keys: &[Box<[u8]>]) -> bool {
+    async fn delete_all(&mut self, keys: &[(Box<[u8]>, u64)]) -> bool {
         let mut req = Vec::with_capacity(keys.len() * 32);
-        for k in keys {
+        for (k, _) in keys {
             if crate::ha::is_text_key(k) {
                 req.extend_from_slice(b"delete ");
                 req.extend_from_slice(k);

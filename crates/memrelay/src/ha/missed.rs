@@ -12,7 +12,7 @@
 //! The hot path only loads `count`, which is zero whenever nothing was
 //! missed; the lock is taken only during failure episodes.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -35,7 +35,10 @@ pub struct MissedKeys {
 
 #[derive(Debug, Default)]
 struct Inner {
-    keys: HashSet<Box<[u8]>>,
+    /// Each key with the generation of its latest record.
+    keys: HashMap<Box<[u8]>, u64>,
+    /// Source of generations.
+    next_gen: u64,
     overflowed: bool,
 }
 
@@ -72,7 +75,7 @@ impl MissedKeys {
             return false;
         }
         let inner = self.lock();
-        inner.overflowed || inner.keys.contains(key)
+        inner.overflowed || inner.keys.contains_key(key)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -91,12 +94,20 @@ impl MissedKeys {
     pub fn record(&self, key: &[u8]) {
         self.recorded.fetch_add(1, Ordering::Relaxed);
         let mut inner = self.lock();
-        if inner.overflowed || inner.keys.contains(key) {
+        if inner.overflowed {
+            return;
+        }
+        inner.next_gen += 1;
+        let gen = inner.next_gen;
+        if let Some(g) = inner.keys.get_mut(key) {
+            // Recorded again: an invalidation already under way for the
+            // older record must not clear this one (see `confirm`).
+            *g = gen;
             return;
         }
         if inner.keys.len() >= self.cap {
             inner.overflowed = true;
-            inner.keys = HashSet::new();
+            inner.keys = HashMap::new();
             self.count.store(1, Ordering::Release);
             tracing::warn!(
                 cap = self.cap,
@@ -105,7 +116,7 @@ impl MissedKeys {
             );
             return;
         }
-        inner.keys.insert(key.into());
+        inner.keys.insert(key.into(), gen);
         self.count.store(inner.keys.len(), Ordering::Release);
     }
 
@@ -114,21 +125,31 @@ impl MissedKeys {
     pub fn record_all(&self) {
         let mut inner = self.lock();
         inner.overflowed = true;
-        inner.keys = HashSet::new();
+        inner.keys = HashMap::new();
         self.count.store(1, Ordering::Release);
     }
 
     /// Takes up to `n` keys to invalidate. They stay "missed" (readers keep
     /// bypassing the server for them) until `confirm` is called.
-    pub fn peek_batch(&self, n: usize) -> Vec<Box<[u8]>> {
-        self.lock().keys.iter().take(n).cloned().collect()
+    pub fn peek_batch(&self, n: usize) -> Vec<(Box<[u8]>, u64)> {
+        self.lock()
+            .keys
+            .iter()
+            .take(n)
+            .map(|(k, &g)| (k.clone(), g))
+            .collect()
     }
 
     /// The keys were deleted on the server: it no longer holds them stale.
-    pub fn confirm(&self, keys: &[Box<[u8]>]) {
+    /// Only records made before the batch was taken are removed: a key
+    /// recorded again meanwhile (its copy on the server may be newer than
+    /// the delete) stays, and is invalidated again.
+    pub fn confirm(&self, keys: &[(Box<[u8]>, u64)]) {
         let mut inner = self.lock();
-        for k in keys {
-            inner.keys.remove(k);
+        for (k, gen) in keys {
+            if inner.keys.get(k) == Some(gen) {
+                inner.keys.remove(k);
+            }
         }
         self.invalidated
             .fetch_add(keys.len() as u64, Ordering::Relaxed);
@@ -161,7 +182,7 @@ impl MissedKeys {
     /// The server was flushed, or restarted empty: nothing on it is stale.
     pub fn clear(&self) {
         let mut inner = self.lock();
-        inner.keys = HashSet::new();
+        inner.keys = HashMap::new();
         inner.overflowed = false;
         self.count.store(0, Ordering::Release);
     }
@@ -180,6 +201,18 @@ mod tests {
         assert!(!m.contains(b"b"));
         let batch = m.peek_batch(10);
         assert!(m.contains(b"a"), "still missed until confirmed");
+        m.confirm(&batch);
+        assert!(!m.contains(b"a"));
+        // Recorded again while its invalidation was under way: it stays.
+        m.record(b"a");
+        let batch = m.peek_batch(10);
+        m.record(b"a");
+        m.confirm(&batch);
+        assert!(
+            m.contains(b"a"),
+            "a newer record survives an older confirmation"
+        );
+        let batch = m.peek_batch(10);
         m.confirm(&batch);
         assert!(!m.contains(b"a"));
         assert!(m.is_empty());

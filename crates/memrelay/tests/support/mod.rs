@@ -101,6 +101,13 @@ fn can_connect(addr: &str) -> bool {
     TcpStream::connect_timeout(&resolve(addr), Duration::from_millis(500)).is_ok()
 }
 
+/// The state letter of a process (`R`, `S`, `T`...), from /proc.
+pub fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The state follows the parenthesised command name.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
 fn signal(pid: u32, sig: libc::c_int) {
     let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
     // SAFETY: kill(2) has no memory-safety preconditions.
@@ -241,13 +248,22 @@ impl Memcached {
     }
 
     /// SIGSTOP: the server keeps its socket but stops answering.
+    /// SIGSTOP, and wait until the kernel shows the process stopped: the
+    /// signal is asynchronous, and a request sent right after it could
+    /// otherwise still be answered.
     pub fn stop(&mut self) {
-        signal(self.pid(), libc::SIGSTOP);
+        let pid = self.pid();
+        signal(pid, libc::SIGSTOP);
+        let stopped = wait_until(START_DEADLINE, || proc_state(pid) == Some('T'));
+        assert!(stopped, "memcached {pid} never showed as stopped");
     }
 
     /// SIGCONT: resume after `stop`.
     pub fn cont(&mut self) {
-        signal(self.pid(), libc::SIGCONT);
+        let pid = self.pid();
+        signal(pid, libc::SIGCONT);
+        let running = wait_until(START_DEADLINE, || proc_state(pid) != Some('T'));
+        assert!(running, "memcached {pid} never resumed");
     }
 
     /// A client connected straight to this server.
@@ -424,6 +440,15 @@ impl Memrelay {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The exit code if the process has exited (reaping it), else None.
+    pub fn try_exit(&mut self) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        match child.try_wait() {
+            Ok(Some(st)) => Some(st.code().unwrap_or(-1)),
+            _ => None,
+        }
     }
 
     /// The proxy's process id.
