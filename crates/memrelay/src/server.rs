@@ -34,14 +34,68 @@ pub enum StartError {
     Daemon(std::io::Error),
     #[error("cannot start a worker thread: {0}")]
     Thread(std::io::Error),
+    #[error("hand-off: {0}")]
+    Handoff(String),
 }
 
 pub fn run(cfg: Config) -> Result<(), StartError> {
-    let listeners: Vec<BoundListener> = cfg
-        .listen
-        .iter()
-        .map(|l| BoundListener::bind(l).map_err(|e| StartError::Bind(l.to_string(), e)))
-        .collect::<Result<_, _>>()?;
+    // A running memrelay on the hand-off path gives us its sockets;
+    // otherwise bind them.
+    let taken = match &cfg.handoff {
+        Some(path) => crate::net::handoff::take_over(path, cfg.listen.len())
+            .map_err(|e| StartError::Handoff(format!("{}: {e}", path.display())))?,
+        None => None,
+    };
+    let took_over = taken.is_some();
+    let listeners: Vec<BoundListener> = match taken {
+        Some(fds) => cfg
+            .listen
+            .iter()
+            .zip(fds)
+            .map(|(l, fd)| {
+                BoundListener::from_fd(l, fd).map_err(|e| StartError::Bind(l.to_string(), e))
+            })
+            .collect::<Result<_, _>>()?,
+        None => cfg
+            .listen
+            .iter()
+            .map(|l| BoundListener::bind(l).map_err(|e| StartError::Bind(l.to_string(), e)))
+            .collect::<Result<_, _>>()?,
+    };
+    if took_over {
+        tracing::info!("took over the listening sockets of the running memrelay");
+    }
+    // Serve the hand-off path for the next memrelay.
+    let handed_off = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(path) = &cfg.handoff {
+        let _ = std::fs::remove_file(path);
+        let l = std::os::unix::net::UnixListener::bind(path)
+            .map_err(|e| StartError::Handoff(format!("{}: {e}", path.display())))?;
+        let _ = std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
+        let mine: Vec<BoundListener> = listeners
+            .iter()
+            .map(|l| l.try_clone())
+            .collect::<Result<_, _>>()
+            .map_err(StartError::Thread)?;
+        let flag = handed_off.clone();
+        std::thread::Builder::new()
+            .name("memrelay-handoff".into())
+            .spawn(move || {
+                let fds: Vec<std::os::fd::RawFd> = mine.iter().map(BoundListener::raw_fd).collect();
+                match crate::net::handoff::serve_once(&l, &fds) {
+                    Ok(()) => {
+                        tracing::warn!("listening sockets handed to a new memrelay; draining");
+                        flag.store(true, std::sync::atomic::Ordering::Release);
+                        // Drain exactly as on SIGTERM.
+                        // SAFETY: kill(2) on our own pid.
+                        unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+                    }
+                    Err(e) => tracing::error!(error = %e, "hand-off failed"),
+                }
+                drop(mine);
+            })
+            .map_err(StartError::Thread)?;
+    }
     if cfg.daemonize {
         // SAFETY: called before any thread is started; daemon(3) forks and
         // the parent exits, which is sound in a single-threaded process.
@@ -77,6 +131,8 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     // Resync requests: from the probers (a restart) and any worker (the
     // admin command), to the manager on this thread.
     let (resync_tx, resync_rx) = tokio::sync::mpsc::unbounded_channel();
+    // SIGTERM reaches every worker through this.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let cfg = Arc::new(cfg);
 
     tracing::info!(
@@ -101,9 +157,12 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         let conns = conns.clone();
         let router = router.clone();
         let resync = (!cfg.backups.is_empty()).then(|| resync_tx.clone());
+        let stop = stop_rx.clone();
         std::thread::Builder::new()
             .name(format!("memrelay-w{id}"))
-            .spawn(move || worker_main(id, cfg, router, health, registry, mine, conns, resync))
+            .spawn(move || {
+                worker_main(id, cfg, router, health, registry, mine, conns, resync, stop)
+            })
             .map_err(StartError::Thread)?;
     }
     drop(listeners);
@@ -139,11 +198,31 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
                 automatic.then(|| (resync_tx.clone(), i)),
             ));
         }
-        wait_for_signal().await;
+        if wait_for_signal().await == Signal::Terminate {
+            // Graceful: stop accepting, finish requests in flight, close.
+            let _ = stop_tx.send(true);
+            let deadline = tokio::time::Instant::now() + cfg.shutdown_timeout;
+            while conns.load(std::sync::atomic::Ordering::Acquire) > 0
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let left = conns.load(std::sync::atomic::Ordering::Acquire);
+            if left > 0 {
+                tracing::warn!(
+                    connections = left,
+                    "shutdown deadline passed; closing the rest"
+                );
+            }
+        }
     });
-    for l in &cfg.listen {
-        if let Listen::Unix { path, .. } = l {
-            let _ = std::fs::remove_file(path);
+    if !handed_off.load(std::sync::atomic::Ordering::Acquire) {
+        // The socket files are ours to remove, unless a new memrelay now
+        // serves them.
+        for l in &cfg.listen {
+            if let Listen::Unix { path, .. } = l {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
     tracing::info!("memrelay stopped");
@@ -160,6 +239,7 @@ fn worker_main(
     listeners: Vec<BoundListener>,
     conns: Arc<AtomicUsize>,
     resync: Option<crate::ha::resync::Requests>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -204,33 +284,52 @@ fn worker_main(
             miss_fallback: cfg.miss_fallback,
             auto_eject: cfg.auto_eject,
             resync,
+            draining: std::cell::Cell::new(false),
+            sessions: std::cell::RefCell::new(Vec::new()),
             stats,
             registry: registry.clone(),
             discard: Rc::new(Discard),
         });
         for l in listeners {
-            tokio::task::spawn_local(l.accept_loop(worker.clone(), conns.clone(), cfg.max_conns));
+            tokio::task::spawn_local(l.accept_loop(
+                worker.clone(),
+                conns.clone(),
+                cfg.max_conns,
+                stop.clone(),
+            ));
         }
+        // SIGTERM: stop accepting and let every session finish.
+        let mut stop = stop;
+        let _ = stop.changed().await;
+        worker.drain();
         std::future::pending::<()>().await;
     });
 }
 
-/// Waits for SIGINT or SIGTERM.
-async fn wait_for_signal() {
+#[derive(Debug, PartialEq, Eq)]
+enum Signal {
+    Terminate,
+    Interrupt,
+}
+
+/// Waits for SIGTERM (graceful) or SIGINT (fast).
+async fn wait_for_signal() -> Signal {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    let mut int = match signal(SignalKind::interrupt()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot watch signals; stop memrelay with SIGKILL");
+        return std::future::pending().await;
     };
     tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+        _ = term.recv() => {
+            tracing::info!("SIGTERM: draining");
+            Signal::Terminate
+        }
+        _ = int.recv() => {
+            tracing::info!("SIGINT: stopping");
+            Signal::Interrupt
+        }
     }
-    // Give in-flight replies a moment to leave (graceful drain comes with
-    // the operations work).
-    tokio::time::sleep(Duration::from_millis(10)).await;
 }

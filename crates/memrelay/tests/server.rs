@@ -239,3 +239,155 @@ fn daemon_mode_detaches_and_keeps_serving() {
         std::net::TcpStream::connect(&addr).is_err()
     }));
 }
+
+fn sigterm(pid: u32) {
+    // SAFETY: kill(2) on a process this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+}
+
+#[test]
+fn sigterm_finishes_requests_in_flight_then_exits() {
+    let mut m = Memcached::start();
+    let mut relay = Memrelay::start(&["-t", "1", "--timeout", "5s", "-s", &m.addr()]);
+    let mut c = Client::connect(&relay.addr());
+    let r = c.send_until(b"set d 0 0 2\r\nok\r\n", |b| b.ends_with(b"\r\n"));
+    assert_eq!(r.bytes, b"STORED\r\n");
+    // An idle client, which must be closed by the drain.
+    let mut idle = std::net::TcpStream::connect(relay.addr()).unwrap();
+    idle.set_read_timeout(Some(IO_DEADLINE)).unwrap();
+    // A request in flight: its server is paused.
+    m.stop();
+    let mut s = std::net::TcpStream::connect(relay.addr()).unwrap();
+    s.set_read_timeout(Some(IO_DEADLINE)).unwrap();
+    s.write_all(b"get d\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(100)); // let it reach the paused server
+    sigterm(relay.pid());
+    // New clients are turned away once the listener is closed.
+    assert!(wait_until(START_DEADLINE, || std::net::TcpStream::connect(
+        relay.addr()
+    )
+    .is_err()));
+    m.cont();
+    assert_eq!(
+        read_to_close(&mut s),
+        b"VALUE d 0 2\r\nok\r\nEND\r\n",
+        "the request in flight was not finished"
+    );
+    assert_eq!(
+        read_to_close(&mut idle),
+        b"",
+        "the idle client was not closed"
+    );
+    let exited = wait_until(START_DEADLINE, || relay.try_exit().is_some());
+    assert!(exited, "memrelay did not exit after draining");
+    assert_eq!(relay.try_exit(), Some(0));
+}
+
+#[test]
+fn a_new_process_takes_over_the_port_without_refusing_anyone() {
+    let m = Memcached::start();
+    let port = free_port("127.0.0.1");
+    let addr = format!("127.0.0.1:{port}");
+    let dir = temp_dir("handoff");
+    let handoff = dir.join("handoff.sock");
+    let spawn = || {
+        Command::new(memrelay_bin())
+            .args([
+                "-t",
+                "1",
+                "-l",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-s",
+                &m.addr(),
+                "--handoff",
+            ])
+            .arg(&handoff)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut old = Proc(spawn());
+    assert!(wait_until(START_DEADLINE, || std::net::TcpStream::connect(
+        &addr
+    )
+    .is_ok()));
+    assert!(wait_until(START_DEADLINE, || handoff.exists()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..4)
+        .map(|t| {
+            let (addr, stop) = (addr.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = std::net::TcpStream::connect(&addr).and_then(|mut s| {
+                        s.set_read_timeout(Some(IO_DEADLINE))?;
+                        s.write_all(format!("set h{t} 0 0 1\r\nx\r\nget h{t}\r\n").as_bytes())?;
+                        let mut got = Vec::new();
+                        let mut buf = [0u8; 256];
+                        while !got.ends_with(b"END\r\n") {
+                            let n = s.read(&mut buf)?;
+                            if n == 0 {
+                                break;
+                            }
+                            got.extend_from_slice(&buf[..n]);
+                        }
+                        Ok(got)
+                    });
+                    match r {
+                        Ok(g)
+                            if g == format!("STORED\r\nVALUE h{t} 0 1\r\nx\r\nEND\r\n")
+                                .into_bytes() =>
+                        {
+                            ok += 1
+                        }
+                        Ok(g) => {
+                            failed.push(format!("bad reply {:?}", String::from_utf8_lossy(&g)))
+                        }
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // The new process takes the sockets over; the old one drains and exits.
+    let new = Proc(spawn());
+    let old_exited = wait_until(START_DEADLINE, || matches!(old.0.try_wait(), Ok(Some(_))));
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut ok = 0;
+    let mut failed = Vec::new();
+    for h in load {
+        let (o, f) = h.join().unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(
+        old_exited,
+        "the old memrelay did not exit after handing over"
+    );
+    assert_eq!(old.0.try_wait().unwrap().and_then(|s| s.code()), Some(0));
+    // The new one still serves, and serves the hand-off path for the next.
+    let mut c = Client::connect(&addr);
+    let r = c.send_until(b"get h0\r\n", |b| b.ends_with(b"END\r\n"));
+    assert!(
+        r.bytes.starts_with(b"VALUE h0"),
+        "{:?}",
+        String::from_utf8_lossy(&r.bytes)
+    );
+    drop(new);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(ok > 100, "only {ok} exchanges");
+    assert!(
+        failed.is_empty(),
+        "{} of {} exchanges failed during the hand-over: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+}

@@ -82,6 +82,11 @@ more options:
       --no-resync          do not copy a restarted server's items back from the
                            other tier (by hand: `memrelay resync host:port`)
       --resync-rate N      items per second a resync copies (default 5000)
+      --shutdown-timeout D on SIGTERM, how long clients get to finish before
+                           they are closed (default 10s); SIGINT stops at once
+      --handoff PATH       zero-downtime restart: a memrelay started with the same
+                           PATH takes over the listening sockets of the one
+                           running, which then drains and exits
       --unix-mode MODE     permissions of the unix socket, octal (default 0700)
       --max-value-size N   largest value in bytes (default 1048576, as memcached -I)
       --max-keys N         most keys in one get (default 100000)
@@ -192,6 +197,8 @@ where
             "--timeout" => cfg.timeout = parse_dur(f, &value)?,
             "--failure-limit" => cfg.failure_limit = parse_num(f, &value, 1, 1000)? as u32,
             "--resync-rate" => cfg.resync_rate = parse_num(f, &value, 1, 10_000_000)?,
+            "--shutdown-timeout" => cfg.shutdown_timeout = parse_dur(f, &value)?,
+            "--handoff" => cfg.handoff = Some(PathBuf::from(value)),
             "--unix-mode" => {
                 unix_mode = u32::from_str_radix(&value, 8)
                     .ok()
@@ -289,6 +296,8 @@ fn canonical(flag: &str) -> Option<&'static str> {
         "--auto-eject" => "--auto-eject",
         "--no-resync" => "--no-resync",
         "--resync-rate" => "--resync-rate",
+        "--shutdown-timeout" => "--shutdown-timeout",
+        "--handoff" => "--handoff",
         "--unix-mode" => "--unix-mode",
         "--max-value-size" => "--max-value-size",
         "--max-keys" => "--max-keys",

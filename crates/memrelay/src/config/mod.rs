@@ -160,6 +160,11 @@ pub struct Config {
     pub resync: bool,
     /// Items per second a resync copies.
     pub resync_rate: u64,
+    /// SIGTERM: longest wait for clients to finish before closing them.
+    pub shutdown_timeout: Duration,
+    /// Where running and starting memrelays meet to hand over the
+    /// listening sockets (zero-downtime restart).
+    pub handoff: Option<PathBuf>,
     /// Keys remembered per server as missed while it could not be written;
     /// past this the server is flushed before it serves again.
     pub missed_keys_cap: usize,
@@ -189,6 +194,8 @@ impl Default for Config {
             auto_eject: false,
             resync: true,
             resync_rate: 5000,
+            shutdown_timeout: Duration::from_secs(10),
+            handoff: None,
             missed_keys_cap: 100_000,
             limits: Limits::default(),
             user: None,

@@ -1,6 +1,7 @@
 //! Sockets: listening, accepting within the connection limit, and the
 //! byte-queue and wake-up helpers the sessions and backends share.
 
+pub mod handoff;
 pub mod notify;
 pub mod outqueue;
 
@@ -95,6 +96,9 @@ impl BoundListener {
                     Some(socket2::Protocol::TCP),
                 )?;
                 s.set_reuse_address(true)?;
+                // A new memrelay can bind the same port while this one
+                // drains: a restart without refused connections.
+                s.set_reuse_port(true)?;
                 if addr.is_ipv6() {
                     s.set_only_v6(false).ok();
                 }
@@ -124,6 +128,30 @@ impl BoundListener {
         }
     }
 
+    /// A listener handed over by another memrelay (see `handoff`).
+    pub fn from_fd(listen: &Listen, fd: std::os::fd::OwnedFd) -> io::Result<BoundListener> {
+        Ok(match listen {
+            Listen::Tcp(_) => {
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true)?;
+                BoundListener::Tcp(l)
+            }
+            Listen::Unix { .. } => {
+                let l = std::os::unix::net::UnixListener::from(fd);
+                l.set_nonblocking(true)?;
+                BoundListener::Unix(l)
+            }
+        })
+    }
+
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            BoundListener::Tcp(l) => l.as_raw_fd(),
+            BoundListener::Unix(l) => l.as_raw_fd(),
+        }
+    }
+
     pub fn try_clone(&self) -> io::Result<BoundListener> {
         Ok(match self {
             BoundListener::Tcp(l) => BoundListener::Tcp(l.try_clone()?),
@@ -134,7 +162,15 @@ impl BoundListener {
     /// Accepts clients on the current worker until the process exits.
     /// Every worker accepts on its own copy of the socket; whichever is idle
     /// takes the next client.
-    pub async fn accept_loop(self, worker: Rc<Worker>, conns: Arc<AtomicUsize>, max_conns: usize) {
+    /// Stops when `stop` fires (SIGTERM): the clients already queued on the
+    /// socket are accepted and served first, then the listener is closed.
+    pub async fn accept_loop(
+        self,
+        worker: Rc<Worker>,
+        conns: Arc<AtomicUsize>,
+        max_conns: usize,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
         match self {
             BoundListener::Tcp(l) => {
                 let l = match tokio::net::TcpListener::from_std(l) {
@@ -142,12 +178,27 @@ impl BoundListener {
                     Err(e) => return tracing::error!(error = %e, "cannot register listener"),
                 };
                 loop {
-                    match l.accept().await {
-                        Ok((s, _)) => {
-                            let _ = s.set_nodelay(true);
-                            admit(s, &worker, &conns, max_conns);
+                    tokio::select! {
+                        r = l.accept() => match r {
+                            Ok((s, _)) => {
+                                let _ = s.set_nodelay(true);
+                                admit(s, &worker, &conns, max_conns);
+                            }
+                            Err(e) => backoff_on_accept_error(e).await,
+                        },
+                        _ = stop.changed() => {
+                            // Take what already waits in the backlog.
+                            while let Some(Ok((s, _))) = std::future::poll_fn(|cx| match l.poll_accept(cx) {
+                                std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
+                                std::task::Poll::Pending => std::task::Poll::Ready(None),
+                            })
+                            .await
+                            {
+                                let _ = s.set_nodelay(true);
+                                admit(s, &worker, &conns, max_conns);
+                            }
+                            return;
                         }
-                        Err(e) => backoff_on_accept_error(e).await,
                     }
                 }
             }
@@ -157,9 +208,12 @@ impl BoundListener {
                     Err(e) => return tracing::error!(error = %e, "cannot register listener"),
                 };
                 loop {
-                    match l.accept().await {
-                        Ok((s, _)) => admit(s, &worker, &conns, max_conns),
-                        Err(e) => backoff_on_accept_error(e).await,
+                    tokio::select! {
+                        r = l.accept() => match r {
+                            Ok((s, _)) => admit(s, &worker, &conns, max_conns),
+                            Err(e) => backoff_on_accept_error(e).await,
+                        },
+                        _ = stop.changed() => return,
                     }
                 }
             }

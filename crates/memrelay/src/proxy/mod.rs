@@ -37,12 +37,39 @@ pub struct Worker {
     pub auto_eject: bool,
     /// Where `memrelay resync` requests go (None without backups).
     pub resync: Option<crate::ha::resync::Requests>,
+    /// Set on SIGTERM: sessions finish what they were sent, then close.
+    pub draining: std::cell::Cell<bool>,
+    /// Every session's inbox, to wake idle sessions when draining starts.
+    pub sessions: std::cell::RefCell<Vec<std::rc::Weak<session::Inbox>>>,
     /// Background writes to backups (mirrors, repairs).
     pub mirror: Rc<Mirror>,
     pub stats: Arc<WorkerStats>,
     pub registry: Arc<StatsRegistry>,
     /// Where replies nobody waits for go (clean-up deletes).
     pub discard: Rc<Discard>,
+}
+
+impl Worker {
+    /// Starts draining: every session stops reading, finishes the requests
+    /// it has, and closes.
+    pub fn drain(&self) {
+        self.draining.set(true);
+        for inbox in self.sessions.borrow_mut().drain(..) {
+            if let Some(inbox) = inbox.upgrade() {
+                inbox.wake();
+            }
+        }
+    }
+
+    /// Remembers a session so `drain` can reach it.
+    pub fn register(&self, inbox: &Rc<session::Inbox>) {
+        let mut sessions = self.sessions.borrow_mut();
+        if sessions.len() >= 64 && sessions.len() == sessions.capacity() {
+            // Forget sessions that ended before growing the list.
+            sessions.retain(|s| s.strong_count() > 0);
+        }
+        sessions.push(Rc::downgrade(inbox));
+    }
 }
 
 /// A sink for fire-and-forget requests: the reply is dropped.

@@ -43,6 +43,13 @@ pub struct Inbox {
     wake: LocalNotify,
 }
 
+impl Inbox {
+    /// Wakes the session (to notice that the worker is draining).
+    pub fn wake(&self) {
+        self.wake.notify();
+    }
+}
+
 impl Sink for Inbox {
     fn deliver(&self, token: u64, part: u32, result: BackendResult) {
         let mut slots = self.slots.borrow_mut();
@@ -70,6 +77,7 @@ impl Sink for Inbox {
 /// Serves one client until it leaves, errs, or is told to close.
 pub async fn serve<S: Stream>(stream: S, worker: Rc<Worker>) {
     let inbox = Rc::new(Inbox::default());
+    worker.register(&inbox);
     let mut s = Session {
         worker,
         inbox,
@@ -109,6 +117,10 @@ struct Session {
 impl Session {
     async fn run<S: Stream>(&mut self, stream: &S) {
         loop {
+            if self.worker.draining.get() {
+                // Shutting down: finish what was sent, read nothing more.
+                self.eof = true;
+            }
             self.advance_ready();
             self.emit_ready();
             // Requests already buffered while the pipeline was full.

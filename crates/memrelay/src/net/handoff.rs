@@ -1,0 +1,147 @@
+//! Handing the listening sockets to a new memrelay process (zero-downtime
+//! restart).
+//!
+//! With `--handoff PATH`, a starting memrelay first connects to PATH: if an
+//! older memrelay answers there, it sends over its listening sockets
+//! (`SCM_RIGHTS`) and starts draining, and the new one serves them instead
+//! of binding. There is only ever one listening socket per address, so no
+//! connection waiting to be accepted is lost or reset (closing one socket
+//! of an `SO_REUSEPORT` group resets the connections queued on it). If
+//! nobody answers, the new memrelay binds as usual, and then serves PATH
+//! itself for the next one.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::time::Duration;
+
+/// Most listening sockets handed over at once.
+const MAX_FDS: usize = 16;
+const HELLO: &[u8] = b"memrelay-handoff-1\n";
+
+/// Asks the memrelay serving `path` for its listening sockets. `Ok(None)`
+/// when nobody serves it (a first start).
+pub fn take_over(path: &Path, expected: usize) -> io::Result<Option<Vec<OwnedFd>>> {
+    let mut s = match UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(HELLO)?;
+    let fds = recv_fds(&s)?;
+    if fds.len() != expected {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the running memrelay has {} listeners, this one is configured for {expected}",
+                fds.len()
+            ),
+        ));
+    }
+    // Tell the old process we have them: it may now stop accepting.
+    s.write_all(b"ok\n")?;
+    Ok(Some(fds))
+}
+
+/// Serves one hand-off on `listener` (blocking; run it on its own thread):
+/// sends `fds` to the new process and returns once it confirmed.
+pub fn serve_once(listener: &UnixListener, fds: &[RawFd]) -> io::Result<()> {
+    loop {
+        let (mut s, _) = listener.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut hello = [0u8; HELLO.len()];
+        if s.read_exact(&mut hello).is_err() || hello != HELLO {
+            continue; // not a memrelay: ignore it
+        }
+        send_fds(&s, fds)?;
+        let mut ok = [0u8; 3];
+        if s.read_exact(&mut ok).is_ok() && &ok == b"ok\n" {
+            return Ok(());
+        }
+    }
+}
+
+fn send_fds(s: &UnixStream, fds: &[RawFd]) -> io::Result<()> {
+    let n = fds.len().min(MAX_FDS);
+    let payload = [n as u8];
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr() as *mut libc::c_void,
+        iov_len: 1,
+    };
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((n * std::mem::size_of::<RawFd>()) as u32) } as usize;
+    let mut cbuf = vec![0u8; space];
+    // SAFETY: msghdr is plain data; zeroed is a valid initial state.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = space as _;
+    // SAFETY: the control buffer is CMSG_SPACE bytes for n descriptors, so
+    // the first header and its data fit; the pointers stay valid for the call.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN((n * std::mem::size_of::<RawFd>()) as u32) as _;
+        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg) as *mut RawFd, n);
+        if libc::sendmsg(s.as_raw_fd(), &msg, 0) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn recv_fds(s: &UnixStream) -> io::Result<Vec<OwnedFd>> {
+    let mut payload = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: payload.as_mut_ptr() as *mut libc::c_void,
+        iov_len: 1,
+    };
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space =
+        unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) } as usize;
+    let mut cbuf = vec![0u8; space];
+    // SAFETY: msghdr is plain data; zeroed is a valid initial state.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = space as _;
+    // SAFETY: the buffers outlive the call; recvmsg writes within their sizes.
+    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n <= 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "no listening sockets received",
+        ));
+    }
+    let mut fds = Vec::new();
+    // SAFETY: walking the control messages recvmsg filled in, within
+    // msg_controllen; each SCM_RIGHTS payload is an array of descriptors
+    // that are now ours to own.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data_len = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let count = data_len / std::mem::size_of::<RawFd>();
+                let data = libc::CMSG_DATA(cmsg) as *const RawFd;
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok(fds)
+}
