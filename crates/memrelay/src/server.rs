@@ -65,6 +65,13 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     if took_over {
         tracing::info!("took over the listening sockets of the running memrelay");
     }
+    let metrics_listener = match cfg.metrics {
+        Some(addr) => Some(
+            crate::stats::metrics::bind(addr)
+                .map_err(|e| StartError::Bind(format!("--metrics {addr}"), e))?,
+        ),
+        None => None,
+    };
     // Serve the hand-off path for the next memrelay.
     let handed_off = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(path) = &cfg.handoff {
@@ -188,6 +195,14 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             connect_timeout: cfg.connect_timeout,
         });
         tokio::spawn(resync.serve(resync_rx));
+        if let Some(l) = metrics_listener {
+            match tokio::net::TcpListener::from_std(l) {
+                Ok(l) => {
+                    tokio::spawn(crate::stats::metrics::serve(l, registry.clone()));
+                }
+                Err(e) => tracing::error!(error = %e, "cannot serve metrics"),
+            }
+        }
         let automatic = cfg.resync && !cfg.backups.is_empty();
         for (i, (s, h)) in cfg.servers().zip(&health).enumerate() {
             tokio::spawn(crate::backend::probe::probe_loop(

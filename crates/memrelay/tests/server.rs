@@ -391,3 +391,90 @@ fn a_new_process_takes_over_the_port_without_refusing_anyone() {
         &failed[..failed.len().min(5)]
     );
 }
+
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(IO_DEADLINE)).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let text = String::from_utf8(read_to_close(&mut s)).unwrap();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn metrics_endpoint_serves_prometheus_text_and_health() {
+    let mut m = Memcached::start();
+    let maddr = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let relay = Memrelay::start(&[
+        "-t",
+        "2",
+        "--failure-limit",
+        "1",
+        "--metrics",
+        &maddr,
+        "-s",
+        &m.addr(),
+    ]);
+    let mut c = Client::connect(&relay.addr());
+    for i in 0..50 {
+        let r = c.send_until(format!("get metrics-{i}\r\n").as_bytes(), |b| {
+            b.ends_with(b"END\r\n")
+        });
+        assert_eq!(r.bytes, b"END\r\n");
+    }
+    let (status, body) = http_get(&maddr, "/metrics");
+    assert_eq!(status, 200);
+    let mut values = std::collections::HashMap::new();
+    for line in body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (name, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
+        let v: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        values.insert(name.to_string(), v);
+    }
+    assert!(values["memrelay_cmd_get_total"] >= 50.0, "{body}");
+    assert!(
+        values[r#"memrelay_request_duration_seconds_count{command="get"}"#] >= 50.0,
+        "{body}"
+    );
+    let mut last = 0.0;
+    for line in body
+        .lines()
+        .filter(|l| l.starts_with(r#"memrelay_request_duration_seconds_bucket{command="get""#))
+    {
+        let v: f64 = line.rsplit_once(' ').unwrap().1.parse().unwrap();
+        assert!(v >= last, "histogram buckets must be cumulative: {line}");
+        last = v;
+    }
+    assert_eq!(
+        values[&format!(
+            "memrelay_server_up{{server=\"{}\",role=\"primary\"}}",
+            m.addr()
+        )],
+        1.0
+    );
+    assert_eq!(http_get(&maddr, "/healthz").0, 200);
+    assert_eq!(http_get(&maddr, "/readyz").0, 200);
+    assert_eq!(http_get(&maddr, "/nothing").0, 404);
+    // The only primary dies: nothing can be served, and /readyz says so.
+    m.kill();
+    let unready = wait_until(START_DEADLINE, || {
+        let _ = c.send_until(b"get metrics-0\r\n", |b| b.ends_with(b"END\r\n"));
+        http_get(&maddr, "/readyz").0 == 503
+    });
+    assert!(unready, "/readyz still ready with the only primary down");
+}

@@ -84,6 +84,8 @@ more options:
       --resync-rate N      items per second a resync copies (default 5000)
       --shutdown-timeout D on SIGTERM, how long clients get to finish before
                            they are closed (default 10s); SIGINT stops at once
+      --metrics ADDR       serve /metrics (Prometheus), /healthz and /readyz over
+                           HTTP on ADDR, e.g. 127.0.0.1:9150
       --handoff PATH       zero-downtime restart: a memrelay started with the same
                            PATH takes over the listening sockets of the one
                            running, which then drains and exits
@@ -199,6 +201,20 @@ where
             "--resync-rate" => cfg.resync_rate = parse_num(f, &value, 1, 10_000_000)?,
             "--shutdown-timeout" => cfg.shutdown_timeout = parse_dur(f, &value)?,
             "--handoff" => cfg.handoff = Some(PathBuf::from(value)),
+            "--metrics" => {
+                cfg.metrics = Some(
+                    value
+                        .to_socket_addrs()
+                        .ok()
+                        .and_then(|mut a| a.next())
+                        .ok_or_else(|| {
+                            err(
+                                f,
+                                &format!("'{value}' is not an address like 127.0.0.1:9150"),
+                            )
+                        })?,
+                )
+            }
             "--unix-mode" => {
                 unix_mode = u32::from_str_radix(&value, 8)
                     .ok()
@@ -298,6 +314,7 @@ fn canonical(flag: &str) -> Option<&'static str> {
         "--resync-rate" => "--resync-rate",
         "--shutdown-timeout" => "--shutdown-timeout",
         "--handoff" => "--handoff",
+        "--metrics" => "--metrics",
         "--unix-mode" => "--unix-mode",
         "--max-value-size" => "--max-value-size",
         "--max-keys" => "--max-keys",

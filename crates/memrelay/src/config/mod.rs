@@ -165,6 +165,8 @@ pub struct Config {
     /// Where running and starting memrelays meet to hand over the
     /// listening sockets (zero-downtime restart).
     pub handoff: Option<PathBuf>,
+    /// The monitoring endpoint (`/metrics`, `/healthz`, `/readyz`).
+    pub metrics: Option<SocketAddr>,
     /// Keys remembered per server as missed while it could not be written;
     /// past this the server is flushed before it serves again.
     pub missed_keys_cap: usize,
@@ -196,6 +198,7 @@ impl Default for Config {
             resync_rate: 5000,
             shutdown_timeout: Duration::from_secs(10),
             handoff: None,
+            metrics: None,
             missed_keys_cap: 100_000,
             limits: Limits::default(),
             user: None,

@@ -31,6 +31,7 @@ pub fn render(w: &Worker, slot: Slot, out: &mut OutQueue) -> bool {
         };
     }
     let Some(req) = slot.req else { return false };
+    w.stats.latency[crate::stats::command_class(req.command)].record(slot.started.elapsed());
     match req.command {
         Command::Get | Command::Gets | Command::Gat | Command::Gats => {
             ha::read::render(w, &slot, &req, out)

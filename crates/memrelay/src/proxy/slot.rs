@@ -95,6 +95,8 @@ pub struct Slot {
     pub replicas: Option<Replicas>,
     pub stage: Stage,
     pub local: Option<Local>,
+    /// When the request was parsed (for the latency histograms).
+    pub started: std::time::Instant,
 }
 
 impl Slot {
@@ -108,6 +110,7 @@ impl Slot {
             replicas: None,
             stage: Stage::Done,
             local: None,
+            started: std::time::Instant::now(),
         }
     }
 
@@ -121,6 +124,7 @@ impl Slot {
             replicas: None,
             stage: Stage::Done,
             local: Some(local),
+            started: std::time::Instant::now(),
         }
     }
 

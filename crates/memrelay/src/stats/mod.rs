@@ -11,6 +11,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::backend::health::Health;
 
+pub mod metrics;
+
 /// A counter with a single writer thread.
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);
@@ -48,12 +50,93 @@ impl Counter {
     }
 }
 
+/// What request latencies are grouped by.
+pub const COMMAND_CLASSES: [&str; 8] = [
+    "get",
+    "set",
+    "delete",
+    "incr_decr",
+    "touch",
+    "meta_get",
+    "meta_write",
+    "other",
+];
+
+/// The class of a command, an index into `COMMAND_CLASSES`.
+pub fn command_class(c: memrelay_protocol::Command) -> usize {
+    use memrelay_protocol::Command as C;
+    match c {
+        C::Get | C::Gets | C::Gat | C::Gats => 0,
+        C::Set | C::Add | C::Replace | C::Append | C::Prepend | C::Cas => 1,
+        C::Delete => 2,
+        C::Incr | C::Decr => 3,
+        C::Touch => 4,
+        C::MetaGet | C::MetaDebug => 5,
+        C::MetaSet | C::MetaDelete | C::MetaArith => 6,
+        _ => 7,
+    }
+}
+
+/// Upper bounds of the latency buckets, in microseconds (Prometheus `le`).
+pub const LATENCY_BOUNDS_US: [u64; 14] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000,
+];
+
+/// A latency histogram with one writer (its worker): fixed buckets, no
+/// locks, no allocation.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [Counter; LATENCY_BOUNDS_US.len() + 1],
+    sum_us: Counter,
+}
+
+/// A histogram's values, for summing over workers.
+#[derive(Debug, Clone, Default)]
+pub struct HistogramSnapshot {
+    pub buckets: [u64; LATENCY_BOUNDS_US.len() + 1],
+    pub sum_us: u64,
+}
+
+impl HistogramSnapshot {
+    pub fn add(&mut self, other: &HistogramSnapshot) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets.iter()) {
+            *a += b;
+        }
+        self.sum_us += other.sum_us;
+    }
+}
+
+impl Histogram {
+    #[inline]
+    pub fn record(&self, elapsed: std::time::Duration) {
+        let us = elapsed.as_micros() as u64;
+        let i = LATENCY_BOUNDS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(LATENCY_BOUNDS_US.len());
+        self.buckets[i].incr();
+        self.sum_us.add(us);
+    }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut s = HistogramSnapshot::default();
+        for (d, c) in s.buckets.iter_mut().zip(self.buckets.iter()) {
+            *d = c.get();
+        }
+        s.sum_us = self.sum_us.get();
+        s
+    }
+}
+
 macro_rules! worker_counters {
     ($($name:ident),* $(,)?) => {
         /// One worker's counters. Names are the `stats` names.
         #[derive(Debug, Default)]
         pub struct WorkerStats {
             $(pub $name: Counter,)*
+            /// Request latency per command class.
+            pub latency: [Histogram; COMMAND_CLASSES.len()],
         }
 
         impl WorkerStats {
@@ -126,6 +209,19 @@ impl StatsRegistry {
                 .collect(),
             servers,
         }
+    }
+
+    /// Why not every key can be served now, if so: a primary that is down
+    /// with no backup up.
+    pub fn unready(&self) -> Option<String> {
+        let backup_up = self
+            .servers
+            .iter()
+            .any(|(_, role, h)| *role == "backup" && !h.is_down());
+        self.servers
+            .iter()
+            .find(|(_, role, h)| *role == "primary" && h.is_down() && !backup_up)
+            .map(|(name, _, _)| format!("primary {name} is down and no backup is up"))
     }
 
     /// Sum of one counter over every worker.

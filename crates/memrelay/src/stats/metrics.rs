@@ -1,0 +1,237 @@
+//! The HTTP endpoint for monitoring (`--metrics 127.0.0.1:9150`):
+//! - `/metrics`: Prometheus text format (counters, server state, HA and
+//!   resync figures, request latency histograms per command);
+//! - `/healthz`: 200 while the process runs;
+//! - `/readyz`: 200 when every key can be served (each primary, or its
+//!   backup, is up), 503 otherwise, with the reason.
+//!
+//! It runs on the main thread, away from the request path; a scrape reads
+//! the workers' single-writer counters.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::{Histogram, StatsRegistry, COMMAND_CLASSES, LATENCY_BOUNDS_US};
+
+/// Longest request head accepted from a scraper.
+const MAX_HEAD: usize = 8 * 1024;
+
+pub async fn serve(listener: TcpListener, registry: Arc<StatsRegistry>) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let mut head = Vec::with_capacity(512);
+            let mut buf = [0u8; 1024];
+            let read = async {
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
+                    let n = s.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                }
+                Ok::<(), std::io::Error>(())
+            };
+            if tokio::time::timeout(Duration::from_secs(5), read)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let line = head.split(|&b| b == b'\r').next().unwrap_or(b"");
+            let path = line.split(|&b| b == b' ').nth(1).unwrap_or(b"");
+            let (status, body) = match path {
+                b"/metrics" => ("200 OK", render(&registry)),
+                b"/healthz" => ("200 OK", "ok\n".to_string()),
+                b"/readyz" => match registry.unready() {
+                    None => ("200 OK", "ready\n".to_string()),
+                    Some(why) => ("503 Service Unavailable", format!("{why}\n")),
+                },
+                _ => (
+                    "404 Not Found",
+                    "try /metrics, /healthz or /readyz\n".to_string(),
+                ),
+            };
+            let reply = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), s.write_all(reply.as_bytes())).await;
+        });
+    }
+}
+
+/// Binds the endpoint (before privileges are dropped).
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+fn render(r: &StatsRegistry) -> String {
+    let mut out = String::with_capacity(8192);
+    fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(
+            out,
+            "# HELP memrelay_{name} {help}\n# TYPE memrelay_{name} {kind}"
+        );
+    }
+    metric(&mut out, "info", "gauge", "memrelay's version.");
+    let _ = writeln!(out, "memrelay_info{{version=\"{}\"}} 1", crate::VERSION);
+    metric(&mut out, "uptime_seconds", "gauge", "Seconds since start.");
+    let _ = writeln!(
+        out,
+        "memrelay_uptime_seconds {}",
+        r.started.elapsed().as_secs()
+    );
+    metric(
+        &mut out,
+        "allocations_total",
+        "counter",
+        "Memory allocations since start.",
+    );
+    let _ = writeln!(
+        out,
+        "memrelay_allocations_total {}",
+        crate::alloc::allocations()
+    );
+    let mut sums: Vec<(&'static str, u64)> = Vec::new();
+    for w in &r.workers {
+        for (i, (name, v)) in w.each().into_iter().enumerate() {
+            match sums.get_mut(i) {
+                Some(s) => s.1 += v,
+                None => sums.push((name, v)),
+            }
+        }
+    }
+    for (name, v) in sums {
+        if name == "curr_connections" {
+            metric(
+                &mut out,
+                "connections",
+                "gauge",
+                "Client connections open now.",
+            );
+            let _ = writeln!(out, "memrelay_connections {v}");
+        } else {
+            metric(
+                &mut out,
+                &format!("{name}_total"),
+                "counter",
+                "See the stats command of the same name.",
+            );
+            let _ = writeln!(out, "memrelay_{name}_total {v}");
+        }
+    }
+    type Field = fn(&crate::backend::health::Health) -> u64;
+    let per_server: [(&str, &str, &str, Field); 9] = [
+        (
+            "server_up",
+            "gauge",
+            "1 if the server is up, 0 if marked down.",
+            |h| u64::from(!h.is_down()),
+        ),
+        (
+            "server_failures_total",
+            "counter",
+            "Failed connections to the server.",
+            |h| h.failures.load(Ordering::Relaxed),
+        ),
+        (
+            "server_marked_down_total",
+            "counter",
+            "Times the server was marked down.",
+            |h| h.downs.load(Ordering::Relaxed),
+        ),
+        (
+            "server_missed_keys",
+            "gauge",
+            "Keys the server must not serve until invalidated on it.",
+            |h| h.missed.len() as u64,
+        ),
+        (
+            "server_invalidated_total",
+            "counter",
+            "Missed keys deleted on the server after it came back.",
+            |h| h.missed.invalidated.load(Ordering::Relaxed),
+        ),
+        (
+            "server_flushed_total",
+            "counter",
+            "Flushes after the missed-key list overflowed.",
+            |h| h.missed.flushes.load(Ordering::Relaxed),
+        ),
+        (
+            "server_resync_running",
+            "gauge",
+            "1 while the server is being resynced.",
+            |h| u64::from(h.resync.is_running()),
+        ),
+        (
+            "server_resync_copied_total",
+            "counter",
+            "Items copied to the server by its current or last resync.",
+            |h| h.resync.copied.load(Ordering::Relaxed),
+        ),
+        (
+            "server_resync_eta_seconds",
+            "gauge",
+            "Estimated seconds left in the server's resync.",
+            |h| h.resync.eta.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, kind, help, f) in per_server {
+        metric(&mut out, name, kind, help);
+        for (addr, role, h) in &r.servers {
+            let _ = writeln!(
+                out,
+                "memrelay_{name}{{server=\"{addr}\",role=\"{role}\"}} {}",
+                f(h)
+            );
+        }
+    }
+    metric(
+        &mut out,
+        "request_duration_seconds",
+        "histogram",
+        "Time from a request's arrival to its reply, per command.",
+    );
+    for (c, class) in COMMAND_CLASSES.iter().enumerate() {
+        let mut total = Histogram::default().snapshot();
+        for w in &r.workers {
+            total.add(&w.latency[c].snapshot());
+        }
+        let mut cumulative = 0;
+        for (i, bound) in LATENCY_BOUNDS_US.iter().enumerate() {
+            cumulative += total.buckets[i];
+            let _ = writeln!(
+                out,
+                "memrelay_request_duration_seconds_bucket{{command=\"{class}\",le=\"{}\"}} {cumulative}",
+                *bound as f64 / 1e6
+            );
+        }
+        cumulative += total.buckets[LATENCY_BOUNDS_US.len()];
+        let _ = writeln!(out, "memrelay_request_duration_seconds_bucket{{command=\"{class}\",le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(
+            out,
+            "memrelay_request_duration_seconds_sum{{command=\"{class}\"}} {}",
+            total.sum_us as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "memrelay_request_duration_seconds_count{{command=\"{class}\"}} {cumulative}"
+        );
+    }
+    out
+}
