@@ -1,7 +1,9 @@
 //! The get-hit path allocates nothing per request: memrelay's `stats`
 //! reports the process's allocation count (a counting global allocator), and
 //! thousands of gets through one connection must not move it more than
-//! buffer growth can explain.
+//! buffer growth and background work (the prober asks every server for
+//! `stats` once a second) can explain. One allocation per get would be at
+//! least 10,000 here (each exchange is two gets); the bound is 250.
 #![allow(clippy::panic, clippy::unwrap_used)]
 
 mod support;
@@ -64,7 +66,7 @@ fn get_hits_do_not_allocate_per_request() {
     let (allocs, requests) = hit_path_allocations(&[], 5000);
     println!("{allocs} allocations for {requests} get hits (each exchange also carries the sentinel get)");
     assert!(
-        (allocs as usize) < requests / 100,
+        (allocs as usize) < requests / 20,
         "{allocs} allocations for {requests} get hits: the hit path allocates"
     );
 }
@@ -74,7 +76,7 @@ fn get_hits_with_a_backup_do_not_allocate_per_request() {
     let (allocs, requests) = hit_path_allocations(&["-b".to_string(), "{b}".to_string()], 5000);
     println!("{allocs} allocations for {requests} get hits with a backup configured");
     assert!(
-        (allocs as usize) < requests / 100,
+        (allocs as usize) < requests / 20,
         "{allocs} allocations for {requests} get hits: the hit path allocates"
     );
 }
