@@ -153,7 +153,15 @@ impl Model {
             Command::Stats => prop_assert_eq!(req.args.of(frame), &self.args[..]),
             _ => {}
         }
-        if self.command.is_meta() {
+        if self.command == Command::MetaDebug {
+            // `me` reads only a `b` right after the key.
+            let b = self.meta_flags.first().is_some_and(|f| f == b"b");
+            let want: &[u8] = if b { b"b" } else { b"" };
+            prop_assert_eq!(req.meta.flags.of(frame), want);
+            prop_assert_eq!(req.meta.base64, b);
+            prop_assert!(!req.meta.quiet && !req.meta.value && !req.meta.cas);
+            prop_assert_eq!(req.meta.mode, 0);
+        } else if self.command.is_meta() {
             let flags: Vec<&[u8]> = req
                 .meta
                 .flags
