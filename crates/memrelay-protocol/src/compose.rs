@@ -110,9 +110,10 @@ pub fn meta_get<B: BufMut>(out: &mut B, key: &[u8], flags: &[u8], touch: Option<
     out.put_slice(b"\r\n");
 }
 
-/// A meta command line as the client sent it, minus its `q` flag (the
-/// proxy does quiet mode itself), with single spaces. `flags` is the flag
-/// region of the request; `len` the data length for `ms`.
+/// A meta command line as the client sent it, with single spaces. `flags`
+/// is the flag region of the request, kept as is (`q` included: a quiet
+/// request is followed by `mn` on the wire, see `Expect::MetaQuiet`); `len`
+/// is the data length for `ms`.
 pub fn meta_line<B: BufMut>(
     out: &mut B,
     command: Command,
@@ -120,25 +121,12 @@ pub fn meta_line<B: BufMut>(
     len: Option<usize>,
     flags: &[u8],
 ) {
-    out.put_slice(command.name());
-    out.put_u8(b' ');
-    out.put_slice(key);
-    if let Some(n) = len {
-        out.put_u8(b' ');
-        put_num(out, n);
-    }
-    for tok in flags
-        .split(|&b| b == b' ')
-        .filter(|t| !t.is_empty() && t[0] != b'q')
-    {
-        out.put_u8(b' ');
-        out.put_slice(tok);
-    }
-    out.put_slice(b"\r\n");
+    meta_line_filtered(out, command, key, len, flags, |_| true, b"");
 }
 
-/// Like [`meta_line`], but keeps only the flags `keep` accepts (for
-/// mirrors: a backup must not compare CAS values that are the primary's).
+/// Like [`meta_line`], but keeps only the flags `keep` accepts, then adds
+/// `extra` (e.g. ` v`). For mirrors (a backup must not compare CAS values
+/// that are the primary's) and to ask for what the proxy needs.
 pub fn meta_line_filtered<B: BufMut>(
     out: &mut B,
     command: Command,
@@ -146,6 +134,7 @@ pub fn meta_line_filtered<B: BufMut>(
     len: Option<usize>,
     flags: &[u8],
     keep: impl Fn(&[u8]) -> bool,
+    extra: &[u8],
 ) {
     out.put_slice(command.name());
     out.put_u8(b' ');
@@ -156,11 +145,12 @@ pub fn meta_line_filtered<B: BufMut>(
     }
     for tok in flags
         .split(|&b| b == b' ')
-        .filter(|t| !t.is_empty() && t[0] != b'q' && keep(t))
+        .filter(|t| !t.is_empty() && keep(t))
     {
         out.put_u8(b' ');
         out.put_slice(tok);
     }
+    out.put_slice(extra);
     out.put_slice(b"\r\n");
 }
 

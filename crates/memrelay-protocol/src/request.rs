@@ -80,6 +80,9 @@ pub enum Command {
     MetaArith,
     /// `me`: meta debug.
     MetaDebug,
+    /// `memrelay <subcommand> [args]`: the proxy's own administration
+    /// (not a memcached command).
+    Admin,
 }
 
 impl Command {
@@ -157,6 +160,7 @@ impl Command {
             Command::MetaDelete => b"md",
             Command::MetaArith => b"ma",
             Command::MetaDebug => b"me",
+            Command::Admin => b"memrelay",
         }
     }
 }
@@ -209,6 +213,8 @@ pub struct MetaOpts {
     pub cas: bool,
     /// `v`: the reply carries the value.
     pub value: bool,
+    /// `N`: create the item on a miss (`mg`, `ma`, `ms` append).
+    pub vivify: bool,
 }
 
 impl Request {
@@ -464,6 +470,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Parsed>, Requ
         b"verbosity" => Command::Verbosity,
         b"quit" => Command::Quit,
         b"stats" => Command::Stats,
+        b"memrelay" => Command::Admin,
         b"shutdown" => return err(ErrorKind::ShutdownDisabled),
         b"slabs" | b"lru_crawler" | b"watch" | b"lru" | b"cache_memlimit" | b"extstore"
         | b"refresh_certs" => return err(ErrorKind::NotSupported),
@@ -614,7 +621,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Parsed>, Requ
             };
             Ok(Some((req, consumed_line)))
         }
-        Command::Stats => {
+        Command::Stats | Command::Admin => {
             if t.n > 1 {
                 let start = t.spans[1].start as usize;
                 req.args = Span::new(start, line.len() - start);
@@ -695,6 +702,7 @@ fn parse_meta(
             b'M' if tok.len() == 2 => req.meta.mode = tok[1],
             b'C' => req.meta.cas = true,
             b'v' => req.meta.value = true,
+            b'N' => req.meta.vivify = true,
             _ => {}
         }
     }

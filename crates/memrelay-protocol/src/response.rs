@@ -29,6 +29,11 @@ pub enum Expect {
     /// A meta command (`mg`, `ms`, `md`, `ma`, `mn`): a status line, with a
     /// data block when it is `VA`.
     Meta,
+    /// A quiet meta command followed by `mn`: the reply memcached did not
+    /// suppress, if any, then `MN`. A suppressed reply is reported as
+    /// `Meta(Mn)`; otherwise the kind is the reply's, and the bytes end with
+    /// the `MN\r\n` (4 bytes) the caller strips.
+    MetaQuiet,
 }
 
 /// What a complete response said.
@@ -121,6 +126,17 @@ impl ResponseParser {
         let r = match expect {
             Expect::Retrieval => self.parse_retrieval(buf, max_value),
             Expect::Meta => parse_meta_reply(buf, max_value),
+            Expect::MetaQuiet => match parse_meta_reply(buf, max_value)? {
+                None => Ok(None),
+                Some((ResponseKind::Meta(MetaStatus::Mn), n)) => {
+                    Ok(Some((ResponseKind::Meta(MetaStatus::Mn), n)))
+                }
+                Some((kind, n)) => match parse_meta_reply(&buf[n..], max_value)? {
+                    None => Ok(None),
+                    Some((ResponseKind::Meta(MetaStatus::Mn), m)) => Ok(Some((kind, n + m))),
+                    Some(_) => Err(ResponseError::Unexpected),
+                },
+            },
             _ => parse_line_reply(buf, expect),
         };
         if !matches!(r, Ok(None)) {
@@ -513,6 +529,27 @@ mod tests {
             Err(ResponseError::Unexpected)
         );
         assert_eq!(parse_response(b"VA 3\r\nab", Expect::Meta, MAX), Ok(None));
+    }
+
+    #[test]
+    fn quiet_meta_replies_end_with_mn() {
+        assert_eq!(
+            parse_response(b"MN\r\n", Expect::MetaQuiet, MAX),
+            Ok(Some((ResponseKind::Meta(MetaStatus::Mn), 4)))
+        );
+        assert_eq!(
+            parse_response(b"NS\r\nMN\r\n", Expect::MetaQuiet, MAX),
+            Ok(Some((ResponseKind::Meta(MetaStatus::Ns), 8)))
+        );
+        assert_eq!(
+            parse_response(b"VA 1\r\nx\r\nMN\r\n", Expect::MetaQuiet, MAX),
+            Ok(Some((ResponseKind::Meta(MetaStatus::Value), 13)))
+        );
+        assert_eq!(parse_response(b"NS\r\n", Expect::MetaQuiet, MAX), Ok(None));
+        assert_eq!(
+            parse_response(b"NS\r\nHD\r\n", Expect::MetaQuiet, MAX),
+            Err(ResponseError::Unexpected)
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::backend::health::Health;
 use crate::backend::{BackendSettings, ServerPool};
 use crate::config::{Config, Listen};
 use crate::ha::mirror::Mirror;
+use crate::ha::resync::{Node, Resync};
 use crate::net::BoundListener;
 use crate::proxy::{Discard, Worker};
 use crate::router::Router;
@@ -73,6 +74,9 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     ));
     let conns = Arc::new(AtomicUsize::new(0));
     let router = Router::new(&cfg);
+    // Resync requests: from the probers (a restart) and any worker (the
+    // admin command), to the manager on this thread.
+    let (resync_tx, resync_rx) = tokio::sync::mpsc::unbounded_channel();
     let cfg = Arc::new(cfg);
 
     tracing::info!(
@@ -96,9 +100,10 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         let registry = registry.clone();
         let conns = conns.clone();
         let router = router.clone();
+        let resync = (!cfg.backups.is_empty()).then(|| resync_tx.clone());
         std::thread::Builder::new()
             .name(format!("memrelay-w{id}"))
-            .spawn(move || worker_main(id, cfg, router, health, registry, mine, conns))
+            .spawn(move || worker_main(id, cfg, router, health, registry, mine, conns, resync))
             .map_err(StartError::Thread)?;
     }
     drop(listeners);
@@ -108,15 +113,30 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         .build()
         .map_err(StartError::Thread)?;
     rt.block_on(async {
-        for h in &health {
+        let resync = Arc::new(Resync {
+            router: router.clone(),
+            nodes: cfg
+                .servers()
+                .zip(&health)
+                .map(|(s, h)| Node {
+                    addr: s.addr,
+                    name: s.name.clone(),
+                    health: h.clone(),
+                })
+                .collect(),
+            nprimaries: cfg.primaries.len(),
+            rate: cfg.resync_rate,
+            connect_timeout: cfg.connect_timeout,
+        });
+        tokio::spawn(resync.serve(resync_rx));
+        let automatic = cfg.resync && !cfg.backups.is_empty();
+        for (i, (s, h)) in cfg.servers().zip(&health).enumerate() {
             tokio::spawn(crate::backend::probe::probe_loop(
                 h.clone(),
-                cfg.servers()
-                    .find(|s| s.name == h.name)
-                    .map(|s| s.addr)
-                    .expect("server of health"),
+                s.addr,
                 cfg.connect_timeout,
                 cfg.timeout,
+                automatic.then(|| (resync_tx.clone(), i)),
             ));
         }
         wait_for_signal().await;
@@ -130,6 +150,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn worker_main(
     id: usize,
     cfg: Arc<Config>,
@@ -138,6 +159,7 @@ fn worker_main(
     registry: Arc<StatsRegistry>,
     listeners: Vec<BoundListener>,
     conns: Arc<AtomicUsize>,
+    resync: Option<crate::ha::resync::Requests>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -180,6 +202,8 @@ fn worker_main(
             servers,
             limits: cfg.limits.clone(),
             miss_fallback: cfg.miss_fallback,
+            auto_eject: cfg.auto_eject,
+            resync,
             stats,
             registry: registry.clone(),
             discard: Rc::new(Discard),

@@ -33,7 +33,7 @@ enum Target {
 }
 
 impl Target {
-    fn start() -> Target {
+    fn start(extra: &[&str]) -> Target {
         match std::env::var("MEMRELAY_DIFF_TARGET").as_deref() {
             Ok("memcached") => Target::Memcached(Memcached::start()),
             Ok("memrelay") | Ok("") | Err(_) => {
@@ -43,6 +43,7 @@ impl Target {
                     args.push("-s".to_string());
                     args.push(s.addr());
                 }
+                args.extend(extra.iter().map(|a| a.to_string()));
                 Target::Relay {
                     relay: Memrelay::start(&args),
                     shards,
@@ -253,7 +254,20 @@ impl Side {
             let line = &b[pos..pos + nl];
             pos += nl + 2;
             let toks: Vec<&[u8]> = line.split(|&c| c == b' ').collect();
-            if toks.first() == Some(&&b"VALUE"[..]) && (toks.len() == 4 || toks.len() == 5) {
+            if let Some(len) = self.meta_line(&toks, &mut out) {
+                // A `VA <len>` data block is copied by its length.
+                match len {
+                    Some(len) if pos + len + 2 <= b.len() => {
+                        out.extend_from_slice(&b[pos..pos + len + 2]);
+                        pos += len + 2;
+                    }
+                    Some(_) => {
+                        out.extend_from_slice(&b[pos..]);
+                        break;
+                    }
+                    None => {}
+                }
+            } else if toks.first() == Some(&&b"VALUE"[..]) && (toks.len() == 4 || toks.len() == 5) {
                 if toks.len() == 5 && !toks[4].is_empty() && toks[4].iter().all(u8::is_ascii_digit)
                 {
                     self.cas.insert(toks[1].to_vec(), toks[4].to_vec());
@@ -285,6 +299,46 @@ impl Side {
             bytes: out,
             end: reply.end,
         }
+    }
+
+    /// A meta reply line (`VA HD EN NF NS EX`): masks its cas token
+    /// (`c<digits>`, the `c` flag's answer) as `c<cas>`, recording it for
+    /// `$CAS(key)` when the line also returns the key (`k<key>`). Returns
+    /// None when `toks` is not a meta reply line (nothing written), else
+    /// Some(data block length) for `VA` and Some(None) otherwise.
+    fn meta_line(&mut self, toks: &[&[u8]], out: &mut Vec<u8>) -> Option<Option<usize>> {
+        let status = *toks.first()?;
+        if !matches!(status, b"VA" | b"HD" | b"EN" | b"NF" | b"NS" | b"EX") {
+            return None;
+        }
+        let (len, first_flag) = if status == b"VA" {
+            let len = std::str::from_utf8(toks.get(1)?)
+                .ok()
+                .and_then(|t| t.parse::<usize>().ok())?;
+            (Some(len), 2)
+        } else {
+            (None, 1)
+        };
+        let is_cas =
+            |t: &[u8]| t.len() > 1 && t[0] == b'c' && t[1..].iter().all(u8::is_ascii_digit);
+        let key = toks[first_flag..]
+            .iter()
+            .find(|t| t.first() == Some(&b'k'))
+            .map(|t| t[1..].to_vec());
+        let mut masked: Vec<&[u8]> = Vec::with_capacity(toks.len());
+        for (i, t) in toks.iter().enumerate() {
+            if i >= first_flag && is_cas(t) {
+                if let Some(k) = &key {
+                    self.cas.insert(k.clone(), t[1..].to_vec());
+                }
+                masked.push(b"c<cas>");
+            } else {
+                masked.push(t);
+            }
+        }
+        out.extend_from_slice(&masked.join(&b' '));
+        out.extend_from_slice(b"\r\n");
+        Some(len)
     }
 
     fn run(&mut self, step: &Step) -> Obs {
@@ -416,6 +470,11 @@ fn describe(step: &Step) -> String {
 }
 
 fn run_case(name: &str, steps: Vec<Step>) {
+    run_case_with(name, steps, &[])
+}
+
+/// `run_case` with extra memrelay arguments.
+fn run_case_with(name: &str, steps: Vec<Step>, relay_args: &[&str]) {
     if let Some(i) = steps.iter().position(|s| matches!(s, Step::WaitGone(_))) {
         assert_eq!(
             i + 1,
@@ -424,7 +483,7 @@ fn run_case(name: &str, steps: Vec<Step>) {
         );
     }
     let reference = Memcached::start();
-    let mut target = Target::start();
+    let mut target = Target::start(relay_args);
 
     let mut want_side = Side::new(reference.addr());
     let want: Vec<Obs> = steps.iter().map(|s| want_side.run(s)).collect();
@@ -515,13 +574,26 @@ macro_rules! case {
     };
 }
 
+/// A case run with `--hash magent`, whose placement does not depend on the
+/// shards' (random) ports, so that `meta_case_keys_use_both_shards` can
+/// check that the case's keys really use both shards. The hash only decides
+/// placement, not how a command is handled.
+macro_rules! spread_case {
+    ($name:ident, $steps:expr) => {
+        #[test]
+        fn $name() {
+            run_case_with(stringify!($name), $steps, &["--hash", "magent"]);
+        }
+    };
+}
+
 // ---------------------------------------------------------------------------
 // Topology sanity (not differential): keys really spread over both shards.
 // ---------------------------------------------------------------------------
 
 #[test]
 fn keys_spread_over_all_backends() {
-    let target = Target::start();
+    let target = Target::start(&[]);
     let ks = keys("spread-", 64);
     let mut c = Client::with_sentinel(&target.addr());
     let r = c.exchange(&set_all(&ks));
@@ -1322,6 +1394,579 @@ case!(meta_mixed_with_classic_pipeline, vec![ex(
 )]);
 
 // ---------------------------------------------------------------------------
+// Meta protocol, flag by flag: every flag memcached 1.6.18 accepts (and the
+// ones it rejects: `E`, `S`, `x`), quiet mode, base64 keys, malformed lines.
+// Each case's keys fall on both shards (`meta_case_keys_use_both_shards`).
+// Cas values in meta replies (`c` flag) are masked as `c<cas>` and can be
+// sent back with `$CAS(key)` when the reply also carried `k`.
+// TTLs are printed (`t`) only for items without one.
+// ---------------------------------------------------------------------------
+
+/// Standard base64 with padding, for `b` keys.
+fn b64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let n = chunk.len();
+        let word = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= n {
+                out.push(A[(word >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// `ms KEY LEN [FLAGS]\r\nVAL\r\n`.
+fn ms(key: &str, flags: &str, val: &[u8]) -> Vec<u8> {
+    let mut v = if flags.is_empty() {
+        format!("ms {key} {}\r\n", val.len())
+    } else {
+        format!("ms {key} {} {flags}\r\n", val.len())
+    }
+    .into_bytes();
+    v.extend_from_slice(val);
+    v.extend_from_slice(b"\r\n");
+    v
+}
+
+/// `f(key)` for every key, concatenated.
+fn each(keys: &[String], f: impl Fn(&str) -> String) -> Vec<u8> {
+    keys.iter().flat_map(|k| f(k).into_bytes()).collect()
+}
+
+/// Keys decoded from base64 in these cases: spaces, control bytes, CR LF,
+/// non-UTF-8 and UTF-8 bytes, and a plain one (reachable by `get` too).
+fn binary_keys() -> Vec<Vec<u8>> {
+    vec![
+        b"a b".to_vec(),
+        b"\x00\x01\xff".to_vec(),
+        b"x\r\ny".to_vec(),
+        b" lead".to_vec(),
+        b"trail ".to_vec(),
+        "\u{20ac} key".as_bytes().to_vec(),
+        b"mbk-0".to_vec(),
+        b"mbk-1".to_vec(),
+    ]
+}
+
+spread_case!(meta_get_return_flags, {
+    let ks = keys("mgf-", 4);
+    let mut setup = Vec::new();
+    for (i, k) in ks.iter().enumerate() {
+        setup.extend(store(
+            "set",
+            k,
+            7 + i as u32,
+            0,
+            format!("val-{i}").as_bytes(),
+        ));
+    }
+    vec![
+        ex(setup),
+        ex(each(&ks, |k| {
+            format!(
+                "mg {k} k v f s O{k}\r\nmg {k}\r\nmg {k} v\r\nmg {k} f\r\nmg {k} s k\r\nmg {k} t\r\nmg {k} t v f\r\nmg {k} O9 k s t f v\r\nmg {k} k\r\n"
+            )
+        })),
+        ex(b"mg mgf-8 k v f t s O77\r\nmg mgf-9 s\r\nmg mgf-9 k\r\nmg mgf-8 O12345678901234567890123456789012 k\r\nmg mgf-0 O v\r\n"),
+        // The value is never mistaken for reply lines.
+        ex(cat(&[
+            &ms("mgf-2", "", b"VA 1 c5\r\nEN"),
+            b"mg mgf-2 v k\r\nmg mgf-3 v k\r\n",
+        ])),
+    ]
+});
+
+spread_case!(meta_get_hit_last_access_no_bump, {
+    let ks = keys("mgh-", 4);
+    // All in one write: `l` (seconds since last access) cannot tick.
+    vec![ex(each(&ks, |k| {
+        format!(
+            "ms {k} 1\r\nx\r\nmg {k} h l\r\nmg {k} h l v\r\nmg {k} u h l\r\nmg {k} u v\r\nmg {k} h\r\nset {k}c 0 0 1\r\ny\r\nmg {k}c h l k\r\nmg {k}c h\r\nmg {k}-miss h l u\r\n"
+        )
+    }))]
+});
+
+spread_case!(meta_get_quiet, {
+    let ks = keys("mgq-", 6);
+    let mut setup = Vec::new();
+    for k in ks.iter().step_by(2) {
+        setup.extend(ms(k, "F3", b"hit"));
+    }
+    vec![
+        ex(setup),
+        ex(cat(&[
+            &each(&ks, |k| {
+                format!(
+                    "mg {k} q\r\nmg {k} q v\r\nmg {k} q k O1\r\nmg {k} q f s\r\nmg {k} q v k O{k}\r\n"
+                )
+            }),
+            b"mn\r\n",
+        ])),
+        // A suppressed miss right before a normal reply, no mn.
+        ex(b"mg mgq-1 q v\r\nmg mgq-0 v\r\nmg mgq-3 q\r\nmg mgq-5 q k\r\nmg mgq-2 k\r\n"),
+    ]
+});
+
+spread_case!(meta_get_touch_and_recache, {
+    vec![ex(cat(&[
+        &ms("mgr-0", "T100", b"a"),
+        &ms("mgr-1", "", b"b"),
+        &ms("mgr-2", "T100", b"c"),
+        b"mg mgr-0 R50 v\r\nmg mgr-0 R200 v\r\nmg mgr-0 R200 v\r\nmg mgr-0 v\r\nmg mgr-0 k s\r\n",
+        b"mg mgr-0 T0 v\r\nmg mgr-0 t v\r\n",
+        b"mg mgr-1 T-1 v\r\nmg mgr-1 v\r\nmg mgr-1 k\r\n",
+        b"mg mgr-2 R200 q v\r\nmg mgr-2 R200 q k\r\nmg mgr-3 T100 s\r\nmg mgr-3 R30 v\r\n",
+        b"mg mgr-1 R30 v\r\nms mgr-1 1\r\nd\r\nmg mgr-1 R30 v t\r\nmg mgr-2 T0 R5 t v\r\nmn\r\n",
+    ]))]
+});
+
+spread_case!(meta_get_vivify_lease, {
+    vec![ex(b"mg mgn-0 N30 v\r\nmg mgn-0 N30 v\r\nmg mgn-0 N30 s k\r\nms mgn-0 3 T0\r\nnew\r\nmg mgn-0 v\r\nmg mgn-0 N30 v\r\nmg mgn-1 N30\r\nmg mgn-1 q N30\r\nmd mgn-1 q\r\nmg mgn-1 N30 q v\r\nmg mgn-1 N30 q v\r\nmn\r\nmg mgn-2 N0 k f s v\r\nmg mgn-3 N30 R10 v\r\nmg mgn-3 v\r\nmg mgn-2 t v\r\n")]
+});
+
+spread_case!(meta_lease_invalidate, {
+    vec![
+        ex(b"ms mgi-0 2 T0\r\nv0\r\nms mgi-1 2\r\nv1\r\nmg mgi-0 k c\r\nmg mgi-1 k c\r\n"),
+        ex(b"md mgi-0 I T30\r\nmg mgi-0 v\r\nmg mgi-0 v\r\nms mgi-0 2 I C$CAS(mgi-0)\r\nw0\r\nmg mgi-0 v\r\nms mgi-0 2 T0\r\nok\r\nmg mgi-0 v\r\n"),
+        ex(b"md mgi-1 I\r\nmg mgi-1 v s\r\nmd mgi-1 I q\r\nmg mgi-1 v\r\nmd mgi-1\r\nmd mgi-2 I\r\nmg mgi-2 v\r\nmd mgi-3 T30\r\nms mgi-3 1\r\nx\r\nmd mgi-3 T30\r\nmg mgi-3 v\r\nmn\r\n"),
+        ex(b"ms mgi-1 1 I\r\nz\r\nmg mgi-1 v k c\r\nms mgi-1 1 I C$CAS(mgi-1)\r\ny\r\nmg mgi-1 v\r\n"),
+    ]
+});
+
+spread_case!(meta_set_flags, {
+    vec![
+        ex(cat(&[
+            &ms("msf-0", "F5 T0", b"abc"),
+            &ms("msf-1", "F4294967295 k O7 s", b"abcd"),
+            &ms("msf-2", "c", b"x"),
+            &ms("msf-3", "c k", b"y"),
+            &ms("msf-4", "F0 T0", b""),
+            &ms("msf-5", "F4294967296", b"ov"),
+            &ms("msf-6", "T-1", b"gone"),
+            &ms("msf-7", "k O1 q", b"quiet"),
+            b"mn\r\n",
+        ])),
+        ex(cat(&[
+            &each(&keys("msf-", 8), |k| format!("mg {k} v f s k\r\n")),
+            b"get msf-0 msf-1 msf-2 msf-3 msf-4 msf-5 msf-6 msf-7\r\n",
+        ])),
+        ex(cat(&[
+            &ms("msf-1", "I", b"i"),
+            &ms("msf-0", "S3", b"abc"),
+            &ms("msf-0", "E77", b"abc"),
+            &ms("msf-2", "F7 F8", b"ff"),
+            &ms("msf-3", "s s", b"ss"),
+            b"mg msf-0 v f\r\nmg msf-1 v f\r\nmg msf-2 v f\r\nmg msf-3 v\r\n",
+        ])),
+    ]
+});
+
+spread_case!(meta_set_cas, {
+    vec![
+        ex(b"ms msc-0 1\r\na\r\nms msc-1 1\r\nb\r\nmg msc-0 k c\r\nmg msc-1 k c\r\n"),
+        ex(cat(&[
+            &ms("msc-0", "C$CAS(msc-0) c k", b"A"),
+            &ms("msc-0", "C$CAS(msc-0)", b"B"),
+            &ms("msc-2", "C123", b"c"),
+            &ms("msc-1", "C$CAS(msc-1) q", b"q"),
+            &ms("msc-1", "C1 q", b"x"),
+            &ms("msc-3", "C1 q", b"y"),
+            b"mn\r\nmg msc-0 v\r\nmg msc-1 v\r\nmg msc-1 k c\r\n",
+        ])),
+        ex(cat(&[
+            ms(&b64(b"msc-1"), "b C$CAS(msc-1) k c", b"w").as_slice(),
+            &ms("msc-0", "C$CAS(msc-0) MA", b"+"),
+            &ms("msc-0", "C$CAS(msc-0) MA", b"+"),
+            b"mg msc-0 v\r\nmg msc-1 v\r\nget msc-1\r\n",
+        ])),
+    ]
+});
+
+spread_case!(meta_set_modes_full, {
+    vec![
+        ex(cat(&[
+            &ms("msm-0", "ME F1", b"e0"),
+            &ms("msm-0", "ME F2", b"e1"),
+            &ms("msm-1", "MR", b"r0"),
+            &ms("msm-0", "MR F3 s", b"r1"),
+            &ms("msm-0", "MA s k", b"+a"),
+            &ms("msm-0", "MP s", b"p+"),
+            &ms("msm-2", "MA", b"a"),
+            &ms("msm-2", "MA N0", b"a"),
+            &ms("msm-3", "MP N30", b"p"),
+            &ms("msm-4", "MS F9", b"s0"),
+            &ms("msm-4", "MS T0", b"s1"),
+            b"mg msm-0 v f\r\nmg msm-1 v\r\nmg msm-2 v\r\nmg msm-3 v\r\nmg msm-4 v f\r\n",
+        ])),
+        ex(cat(&[
+            &ms("msm-5", "ME q", b"q0"),
+            &ms("msm-5", "ME q", b"q1"),
+            &ms("msm-1", "MR q", b"q2"),
+            &ms("msm-5", "MA q", b"q3"),
+            &ms("msm-6", "MP q", b"q4"),
+            &ms("msm-5", "MS q", b"q5"),
+            b"mn\r\nmg msm-5 v\r\n",
+        ])),
+        ex(cat(&[
+            &ms("msm-0", "Ma", b"x"),
+            &ms("msm-0", "Mx", b"x"),
+            &ms("msm-0", "M", b"x"),
+            &ms("msm-0", "MEE", b"x"),
+            &ms("msm-0", "ME MR", b"x"),
+            &ms("msm-1", "M1", b"x"),
+            b"mg msm-0 v\r\nmg msm-1 v\r\n",
+        ])),
+    ]
+});
+
+spread_case!(meta_base64_binary_keys, {
+    let bk = binary_keys();
+    let mut set = Vec::new();
+    let mut read = Vec::new();
+    let mut del = Vec::new();
+    for (i, k) in bk.iter().enumerate() {
+        let e = b64(k);
+        set.extend(ms(&e, &format!("b F{i} T0"), format!("bin-{i}").as_bytes()));
+        set.extend(ms(&e, "b k O1 c", format!("bin-{i}").as_bytes()));
+        read.extend(
+            format!("mg {e} b k v f s\r\nmg {e} b\r\nmg {e} b q k\r\nma {e} b q\r\n").into_bytes(),
+        );
+        del.extend(format!("md {e} b q\r\nmd {e} b k O{i}\r\nmg {e} b v k q\r\nma {e} b N0 J{i} v k\r\nmd {e} b\r\n").into_bytes());
+    }
+    vec![
+        ex(set),
+        ex(read),
+        ex(b"get mbk-0 mbk-1\r\ndelete mbk-0\r\nmg bWJrLTA= b v\r\n"),
+        ex([del, b"mn\r\n".to_vec()].concat()),
+    ]
+});
+
+spread_case!(
+    meta_base64_bad_keys,
+    vec![
+        ex(b"mg ==== b v\r\nmg YSB b v\r\nmg YS=i b v\r\nmg !!!! b k\r\nmg YQ b v\r\n"),
+        ex(b"ms !!!! 1 b\r\nx\r\nmd !!!! b\r\nma !!!! b\r\nmd YSB b q\r\nmn\r\n"),
+        // Encoded: 240 and 252 characters (decoded 180 and 189 bytes).
+        ex(format!(
+            "mg {} b v\r\nms {} 1 b\r\nx\r\nmg {} b s\r\n",
+            b64(&[b'z'; 189]),
+            b64(&[b'z'; 180]),
+            b64(&[b'z'; 180])
+        )),
+        // Without `b` the base64 text is just a key.
+        ex(b"ms YSBi 1\r\nn\r\nmg YSBi v\r\nmg YSBi b v\r\n"),
+    ]
+);
+
+spread_case!(meta_delete_flags, {
+    let ks = keys("mdf-", 6);
+    vec![
+        ex(cat(&[
+            &each(&ks, |k| format!("ms {k} 2\r\nv{}\r\n", &k[4..])),
+            b"mg mdf-2 k c\r\n",
+        ])),
+        ex(cat(&[
+            b"md mdf-0 k O5\r\nmd mdf-0 k O5\r\nmd mdf-1 q\r\nmd mdf-2 C1\r\nmd mdf-2 C$CAS(mdf-2) k\r\n",
+            b"md mdf-3 q C1\r\nmd mdf-4 T30\r\n",
+            format!("md {} b k\r\nmd {} b k O8\r\n", b64(b"mdf-5"), b64(b"mdf-5")).as_bytes(),
+            b"md mdf-9 q\r\nmd mdf-9 q k O3\r\nmn\r\n",
+        ])),
+        ex(each(&ks, |k| format!("mg {k} v\r\n"))),
+        ex(b"md mdf-3 x\r\nmd mdf-3 E5\r\nmd mdf-3 k k\r\nmd mdf-3 Cx\r\nmd mdf-3 C\r\nmd mdf-3 I Tx\r\nmg mdf-3 v\r\n"),
+    ]
+});
+
+spread_case!(meta_arith_flags, {
+    vec![
+        ex(b"ma maf-0\r\nma maf-0 N0 J10 v t c k O3\r\nma maf-0 v\r\nma maf-0 MI D5 v\r\nma maf-0 M+ D5 v\r\nma maf-0 MD D3 v\r\nma maf-0 M- D100 v\r\nma maf-0 D18446744073709551615 v\r\nma maf-0 T0 v t\r\nma maf-0 k O4\r\nma maf-0 v k s\r\n"),
+        ex(b"ma maf-1 N0\r\nma maf-1 q v\r\nma maf-1 v\r\nma maf-1 q MD D7 v\r\nma maf-1 v D0\r\nmn\r\nma maf-2 C1 v\r\nms maf-2 1\r\n5\r\nmg maf-2 k c\r\n"),
+        ex(b"ma maf-2 C$CAS(maf-2) v c k\r\nma maf-2 C$CAS(maf-2) v\r\nma maf-2 C1 q\r\nmn\r\nma maf-3 N0 J18446744073709551615 v\r\nma maf-3 v\r\nma maf-3 MD v\r\n"),
+        ex(format!(
+            "ma {} b N0 J3 v k\r\nma {} b q\r\nmg maf-4 v\r\nma maf-9 q\r\nma maf-9 q k O2\r\nmn\r\n",
+            b64(b"maf-4"),
+            b64(b"maf-4")
+        )),
+        ex(b"ma maf-5 Dabc\r\nma maf-5 D\r\nma maf-5 Mx\r\nma maf-5 Mi\r\nma maf-5 E5\r\nma maf-5 N0 Jx\r\nma maf-5 Nx\r\nma maf-5 D-1\r\nma maf-5 D99999999999999999999\r\nma maf-5 v v\r\nms maf-5 2\r\nab\r\nma maf-5 v\r\nma maf-5 N0 J5 v\r\nmg maf-5 v\r\n"),
+        ex(b"ms maf-6 20\r\n18446744073709551615\r\nma maf-6 v\r\nms maf-7 3\r\n 12\r\nma maf-7 v\r\nms maf-7 21\r\n184467440737095516150\r\nma maf-7 v\r\n"),
+    ]
+});
+
+// memcached 1.6.18 answers a quiet `ma` that creates the item (`N`): only
+// an increment of an existing item is silent.
+spread_case!(
+    meta_arith_quiet_autovivify_is_answered,
+    vec![
+        ex(b"ma mqa-0 N0 q\r\nma mqa-1 N0 q v\r\nma mqa-2 N0 J5 q v k\r\nma mqa-2 q v\r\nma mqa-0 q\r\nmn\r\n"),
+        ex(b"mg mqa-0 v\r\nmg mqa-1 v\r\nmg mqa-2 v\r\n"),
+    ]
+);
+
+spread_case!(
+    meta_noop,
+    vec![
+        ex(b"mn\r\n"),
+        ex(b"mn\r\nmn\r\nmn\r\n"),
+        ex(b"mn extra tokens\r\nMN\r\nmn  \r\n"),
+        ex(b"mg mnx-0 q\r\nmg mnx-1 q\r\nmn\r\nmd mnx-0 q\r\nmn\r\n"),
+    ]
+);
+
+spread_case!(
+    meta_debug_framing_only,
+    // `me` of an existing item prints its cas and times: left out.
+    vec![ex(
+        b"me\r\nme mmf-0\r\nme mmf-1 v\r\nmg mmf-0 v\r\nme mmf-1\r\n"
+    )]
+);
+
+/// A pipeline of every meta command in quiet mode over `n` keys (both
+/// shards), base64 and plain, with `mn` at irregular points.
+fn quiet_everything(n: usize) -> Vec<u8> {
+    let mut p = Vec::new();
+    for i in 0..n {
+        let k = format!("mpl-{i}");
+        let e = b64(k.as_bytes());
+        let other = format!("mpl-{}", (i * 7 + 3) % n);
+        p.extend(ms(&k, &format!("q F{i} T0"), format!("{i}").as_bytes()));
+        p.extend(format!("mg {other} q v k f\r\nmg mpl-miss-{i} q v k O{i}\r\n").into_bytes());
+        p.extend(format!("ma {k} q\r\nma {e} b q v\r\nma mpl-c{i} N0 J{i}\r\n").into_bytes());
+        p.extend(ms(&k, "q MA", b"0"));
+        p.extend(ms(&k, "q ME", b"dup"));
+        p.extend(format!("md {k} q C1\r\nmg {e} b q k v f\r\n").into_bytes());
+        if i % 3 == 0 {
+            p.extend(format!("md {k} q\r\nmd {k} q\r\n").into_bytes());
+        }
+        if i % 4 == 1 {
+            p.extend(b"mn\r\n");
+        }
+        if i % 5 == 2 {
+            p.extend(format!("get {other}\r\nincr mpl-c{i} 1\r\n").into_bytes());
+        }
+    }
+    p.extend(b"mn\r\n");
+    p
+}
+
+spread_case!(meta_quiet_pipeline_everything, {
+    let n = 24;
+    let all: Vec<String> = (0..n)
+        .flat_map(|i| [format!("mpl-{i}"), format!("mpl-c{i}")])
+        .collect();
+    vec![
+        ex(quiet_everything(n)),
+        ex(get_line("get", &all)),
+        fresh(b"flush_all\r\n"),
+        chunked(quiet_everything(n), 5),
+        ex(get_line("get", &all)),
+    ]
+});
+
+spread_case!(
+    meta_malformed_get_delete_arith,
+    vec![
+        ex(b"mg  mpl-0 v\r\nmg mpl-0 v \r\nmg\tmpl-0\r\nMG mpl-0 v\r\nMg mpl-0\r\n"),
+        ex(b"mg k O123456789012345678901234567890123\r\nmg k O\r\nmg k N\r\nmg k Nx\r\nmg k T\r\nmg k Tx\r\nmg k R\r\nmg k Rx\r\nmg k E5\r\nmg k C\r\n"),
+        ex(b"mg k v k v\r\nmg k -\r\nmg k 5\r\nmg k \x01\r\nmg k vv\r\nmg k v\x00\r\n"),
+        ex(b"md k x y z\r\nmd k Cx\r\nmd\r\nmd \r\nma k D\r\nma k N\r\nma k J\r\nma\r\nma  \r\n"),
+        ex(b"mg k\x00x v\r\nmg k\x7fx v\r\nms k\x01 1\r\nx\r\nmg \xff\xfe v\r\n"),
+        ex(format!("mg {} v\r\nmd {} q\r\nma {} q\r\nmn\r\n", "k".repeat(250), "k".repeat(251), "k".repeat(251))),
+        ex(format!("mg mpl-1 {}\r\nmd mpl-1 {}\r\nma mpl-1 {}\r\n", vec!["k"; 30].join(" "), vec!["q"; 30].join(" "), vec!["v"; 30].join(" "))),
+    ]
+);
+
+spread_case!(
+    meta_malformed_set,
+    vec![
+        ex(b"ms k 1 T\r\nx\r\nms k 1 Tx\r\nx\r\nms k 1 F\r\nx\r\nms k 1 Fx\r\nx\r\nmg k v\r\n"),
+        ex(b"ms k 1 C\r\nx\r\nms k 1 Cx\r\nx\r\nms k 1 M\r\nx\r\nms k 1 N\r\nx\r\nms k 1 O123456789012345678901234567890123\r\nx\r\nmg k v\r\n"),
+        ex(b"ms k 1x\r\nx\r\n"),
+        ex(b"ms k 99999999999999999999\r\nx\r\n"),
+        ex(b"ms k -5\r\nx\r\n"),
+        ex(b"ms k 2\r\nabc\r\nmg k v\r\n"),
+        ex(b"ms k 2\r\na\r\nmg k v\r\n"),
+        ex(b"ms k 0\r\n\r\nmg k v s\r\nms k 3 \r\nabc\r\nmg k v\r\n"),
+        ex(b"ms  k 1\r\nx\r\nms k  1\r\nx\r\nMS k 1\r\nx\r\nmg k v\r\n"),
+        ex(b"ms k 1 q q\r\nx\r\nms k 1 c c\r\nx\r\nms k 1 k O1 O2\r\nx\r\nmn\r\n"),
+        ex(format!("ms {} 1\r\nx\r\nms {} 1 q\r\nx\r\nmn\r\n", "k".repeat(251), "k".repeat(250))),
+        bytewise(b"ms msb-0 3 F2 k\r\nabc\r\nmg msb-0 v f k\r\nms msb-1 1 q\r\nz\r\nmn\r\n"),
+    ]
+);
+
+#[test]
+fn meta_case_keys_use_both_shards() {
+    use memrelay::config::cli::{parse_args, Action};
+    use memrelay::router::Router;
+    let args = ["-s", "127.0.0.1:1", "-s", "127.0.0.1:2", "--hash", "magent"];
+    let router = match parse_args(args.map(String::from).to_vec()) {
+        Ok(Action::Run(cfg)) => Router::new(&cfg),
+        other => panic!("bad args: {other:?}"),
+    };
+    let groups: Vec<(&str, Vec<Vec<u8>>)> = vec![
+        (
+            "mgf",
+            keys("mgf-", 4)
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
+        ),
+        (
+            "mgh",
+            keys("mgh-", 4)
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
+        ),
+        (
+            "mgq",
+            keys("mgq-", 6)
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
+        ),
+        (
+            "mgr",
+            keys("mgr-", 4)
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
+        ),
+        (
+            "mgn",
+            keys("mgn-", 4)
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
+        ),
+        (
+            "mgi",
+            keys("mgi-", 4)
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
+        ),
+        (
+            "msf",
+            keys("msf-", 8)
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
+        ),
+        (
+            "msc",
+            keys("msc-", 4)
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
+        ),
+        (
+            "msm",
+            keys("msm-", 7)
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
+        ),
+        (
+            "mdf",
+            keys("mdf-", 6)
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
+        ),
+        (
+            "maf",
+            keys("maf-", 8)
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
+        ),
+        (
+            "mpl",
+            keys("mpl-", 24)
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
+        ),
+        (
+            "mqa",
+            keys("mqa-", 3)
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
+        ),
+        (
+            "mnx",
+            keys("mnx-", 2)
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
+        ),
+        (
+            "mmf",
+            keys("mmf-", 2)
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
+        ),
+        (
+            "msb",
+            keys("msb-", 2)
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
+        ),
+        ("binary", binary_keys()),
+    ];
+    for (name, ks) in groups {
+        let shards: std::collections::BTreeSet<usize> =
+            ks.iter().map(|k| router.primary(k)).collect();
+        assert_eq!(
+            shards.len(),
+            2,
+            "the {name} keys all map to shard {shards:?}"
+        );
+    }
+}
+
+#[test]
+fn harness_masks_meta_cas_tokens() {
+    let m = Memcached::start();
+    let mut s = Side {
+        addr: m.addr(),
+        client: Client::with_sentinel(&m.addr()),
+        cas: HashMap::new(),
+    };
+    let o = s.normalise(Reply {
+        bytes: b"HD c12 kfoo\r\nVA 8 c7 kbar f1\r\nHD c9 kx\r\nEN\r\nHD cx c\r\nNS c1\r\n".to_vec(),
+        end: End::Complete,
+    });
+    assert_eq!(
+        o.bytes,
+        b"HD c<cas> kfoo\r\nVA 8 c<cas> kbar f1\r\nHD c9 kx\r\nEN\r\nHD cx c\r\nNS c<cas>\r\n"
+    );
+    assert_eq!(s.cas.get(&b"foo"[..]).map(Vec::as_slice), Some(&b"12"[..]));
+    assert_eq!(s.cas.get(&b"bar"[..]).map(Vec::as_slice), Some(&b"7"[..]));
+    assert_eq!(s.substitute(b"ms foo 1 C$CAS(foo)"), b"ms foo 1 C12");
+}
+
+#[test]
+fn harness_base64_encoder() {
+    assert_eq!(b64(b""), "");
+    assert_eq!(b64(b"f"), "Zg==");
+    assert_eq!(b64(b"fo"), "Zm8=");
+    assert_eq!(b64(b"foo"), "Zm9v");
+    assert_eq!(b64(b"foob"), "Zm9vYg==");
+    assert_eq!(b64(b"\x00\x01\xff"), "AAH/");
+    assert_eq!(b64(b"x\r\ny"), "eA0KeQ==");
+}
+
+// ---------------------------------------------------------------------------
 // Pipelining and split requests
 // ---------------------------------------------------------------------------
 
@@ -1596,7 +2241,7 @@ impl ReplaceFirst for Vec<u8> {
 
 #[test]
 fn concurrent_clients_get_their_own_replies() {
-    let target = Target::start();
+    let target = Target::start(&[]);
     let addr = target.addr();
     std::thread::scope(|scope| {
         for t in 0..8 {

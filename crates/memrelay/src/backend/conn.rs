@@ -123,6 +123,10 @@ impl Conn {
             out.put_bytes(v);
             out.put_slice(b"\r\n");
         }
+        if expect == Expect::MetaQuiet {
+            // Closes a quiet request's reply, which may be empty.
+            out.put_slice(b"mn\r\n");
+        }
         let end = inner.queued.get() + (out.len() - before) as u64;
         inner.queued.set(end);
         inflight.push_back(InFlight {

@@ -21,6 +21,13 @@ pub struct Health {
     pub failures: AtomicU64,
     /// Keys this server must not serve until they are invalidated on it.
     pub missed: MissedKeys,
+    /// Its background resync, if any.
+    pub resync: crate::ha::resync::Progress,
+    /// Keys a resync is copying to this server right now: it does not serve
+    /// them until the copy is known not to have raced a client's write.
+    pub copying: MissedKeys,
+    /// Keys clients wrote while a resync of this server ran.
+    pub touched: MissedKeys,
 }
 
 impl Health {
@@ -32,6 +39,9 @@ impl Health {
             downs: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             missed: MissedKeys::new(missed_cap),
+            resync: Default::default(),
+            copying: MissedKeys::labelled("resync copy set", 100_000),
+            touched: MissedKeys::labelled("resync touched set", missed_cap),
         }
     }
 
@@ -39,7 +49,16 @@ impl Health {
     /// stale copy of it.
     #[inline]
     pub fn serves(&self, key: &[u8]) -> bool {
-        !self.is_down() && !self.missed.contains(key)
+        !self.is_down() && !self.missed.contains(key) && !self.copying.contains(key)
+    }
+
+    /// A client write for `key` involves this server: a resync running for
+    /// it must not trust a copy of `key` it is making.
+    #[inline]
+    pub fn note_write(&self, key: &[u8]) {
+        if self.resync.is_running() {
+            self.touched.record(key);
+        }
     }
 
     #[inline]

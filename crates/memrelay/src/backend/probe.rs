@@ -148,11 +148,14 @@ impl ProbeConn {
     }
 }
 
+/// Watches one server. `on_restart`: where to ask for a resync when it is
+/// seen to restart (the resync manager, and this server's index).
 pub async fn probe_loop(
     health: Arc<Health>,
     addr: SocketAddr,
     connect_timeout: Duration,
     timeout: Duration,
+    on_restart: Option<(crate::ha::resync::Requests, usize)>,
 ) {
     let mut rng = seed(&health.name);
     let mut backoff = MIN_BACKOFF;
@@ -185,7 +188,7 @@ pub async fn probe_loop(
             conn = ProbeConn::open(addr, connect_timeout, timeout).await;
         }
         let ok = match conn.as_mut() {
-            Some(c) => check(c, &health, &mut known).await,
+            Some(c) => check(c, &health, &mut known, on_restart.as_ref()).await,
             None => false,
         };
         last_identity = tokio::time::Instant::now();
@@ -210,7 +213,12 @@ pub async fn probe_loop(
 
 /// One look at a reachable server: identity, then invalidation of whatever
 /// it missed. False when the server did not answer properly.
-async fn check(c: &mut ProbeConn, health: &Health, known: &mut Option<Identity>) -> bool {
+async fn check(
+    c: &mut ProbeConn,
+    health: &Health,
+    known: &mut Option<Identity>,
+    on_restart: Option<&(crate::ha::resync::Requests, usize)>,
+) -> bool {
     let Some(id) = c.identity().await else {
         return false;
     };
@@ -219,6 +227,10 @@ async fn check(c: &mut ProbeConn, health: &Health, known: &mut Option<Identity>)
         tracing::warn!(server = %health.name, pid = id.pid, "server restarted (its data is gone)");
         // An empty server holds nothing stale.
         health.missed.clear();
+        if let Some((requests, index)) = on_restart {
+            // Warm it back up from the other tier.
+            let _ = requests.send(*index);
+        }
     }
     *known = Some(id);
     if health.missed.is_overflowed() {

@@ -75,6 +75,13 @@ more options:
       --timeout D          time for a server to answer (default 500ms)
       --failure-limit N    consecutive failures that mark a server down (default 3)
       --no-miss-fallback   do not ask the backup when the primary misses
+      --auto-eject         without backups: while a server is down, its keys go
+                           to the next server on the ring (twemproxy's
+                           auto_eject_hosts); it is invalidated before it
+                           takes them back
+      --no-resync          do not copy a restarted server's items back from the
+                           other tier (by hand: `memrelay resync host:port`)
+      --resync-rate N      items per second a resync copies (default 5000)
       --unix-mode MODE     permissions of the unix socket, octal (default 0700)
       --max-value-size N   largest value in bytes (default 1048576, as memcached -I)
       --max-keys N         most keys in one get (default 100000)
@@ -184,6 +191,7 @@ where
             "--connect-timeout" => cfg.connect_timeout = parse_dur(f, &value)?,
             "--timeout" => cfg.timeout = parse_dur(f, &value)?,
             "--failure-limit" => cfg.failure_limit = parse_num(f, &value, 1, 1000)? as u32,
+            "--resync-rate" => cfg.resync_rate = parse_num(f, &value, 1, 10_000_000)?,
             "--unix-mode" => {
                 unix_mode = u32::from_str_radix(&value, 8)
                     .ok()
@@ -213,6 +221,12 @@ where
             .push(ServerAddr::parse(b).map_err(|m| err("-b", &m))?);
     }
     check_duplicates(&cfg)?;
+    if cfg.auto_eject && !cfg.backups.is_empty() {
+        return Err(err(
+            "--auto-eject",
+            "only without backups: with -b, a dead primary's keys are served by their backup",
+        ));
+    }
     cfg.listen = match unix {
         Some(path) => vec![Listen::Unix {
             path,
@@ -241,6 +255,8 @@ fn switch(flag: &str, cfg: &mut Config) -> Result<Option<Action>, UsageError> {
         "-v" => cfg.verbosity = cfg.verbosity.saturating_add(1),
         "-k" => cfg.hash = HashKind::Ketama,
         "--no-miss-fallback" => cfg.miss_fallback = false,
+        "--auto-eject" => cfg.auto_eject = true,
+        "--no-resync" => cfg.resync = false,
         other => return Err(err(other, "needs a value")),
     }
     Ok(None)
@@ -270,6 +286,9 @@ fn canonical(flag: &str) -> Option<&'static str> {
         "--timeout" => "--timeout",
         "--failure-limit" => "--failure-limit",
         "--no-miss-fallback" => "--no-miss-fallback",
+        "--auto-eject" => "--auto-eject",
+        "--no-resync" => "--no-resync",
+        "--resync-rate" => "--resync-rate",
         "--unix-mode" => "--unix-mode",
         "--max-value-size" => "--max-value-size",
         "--max-keys" => "--max-keys",
@@ -287,7 +306,14 @@ fn takes_value(short: &str) -> bool {
 fn takes_value_canonical(c: &str) -> bool {
     !matches!(
         c,
-        "-D" | "-d" | "-v" | "-k" | "-h" | "--version" | "--no-miss-fallback"
+        "-D" | "-d"
+            | "-v"
+            | "-k"
+            | "-h"
+            | "--version"
+            | "--no-miss-fallback"
+            | "--auto-eject"
+            | "--no-resync"
     )
 }
 

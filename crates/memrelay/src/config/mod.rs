@@ -153,6 +153,13 @@ pub struct Config {
     pub failure_limit: u32,
     /// Ask the backup when the primary misses (HA read fallback).
     pub miss_fallback: bool,
+    /// Without backups: serve a dead server's keys from the next server on
+    /// the ring (twemproxy's `auto_eject_hosts`).
+    pub auto_eject: bool,
+    /// Copy a restarted server's items back from the other tier.
+    pub resync: bool,
+    /// Items per second a resync copies.
+    pub resync_rate: u64,
     /// Keys remembered per server as missed while it could not be written;
     /// past this the server is flushed before it serves again.
     pub missed_keys_cap: usize,
@@ -179,6 +186,9 @@ impl Default for Config {
             timeout: Duration::from_millis(500),
             failure_limit: 3,
             miss_fallback: true,
+            auto_eject: false,
+            resync: true,
+            resync_rate: 5000,
             missed_keys_cap: 100_000,
             limits: Limits::default(),
             user: None,

@@ -18,6 +18,8 @@ use std::sync::Mutex;
 
 #[derive(Debug)]
 pub struct MissedKeys {
+    /// What the set is for, in its log lines.
+    label: &'static str,
     /// Number of keys recorded, or 1 while overflowed; 0 means "nothing
     /// missed" and lets readers skip the lock.
     count: AtomicUsize,
@@ -39,7 +41,14 @@ struct Inner {
 
 impl MissedKeys {
     pub fn new(cap: usize) -> MissedKeys {
+        MissedKeys::labelled("missed-key list", cap)
+    }
+
+    /// A set of keys for another purpose (keys being copied by a resync,
+    /// keys written during one), with the same bounds.
+    pub fn labelled(label: &'static str, cap: usize) -> MissedKeys {
         MissedKeys {
+            label,
             count: AtomicUsize::new(0),
             inner: Mutex::new(Inner::default()),
             cap: cap.max(1),
@@ -91,7 +100,8 @@ impl MissedKeys {
             self.count.store(1, Ordering::Release);
             tracing::warn!(
                 cap = self.cap,
-                "missed-key list overflowed: server will be flushed before it serves again"
+                set = self.label,
+                "key set overflowed: it now covers every key"
             );
             return;
         }
@@ -122,6 +132,22 @@ impl MissedKeys {
         }
         self.invalidated
             .fetch_add(keys.len() as u64, Ordering::Relaxed);
+        self.count.store(
+            if inner.overflowed {
+                1
+            } else {
+                inner.keys.len()
+            },
+            Ordering::Release,
+        );
+    }
+
+    /// Removes keys without counting them as invalidated.
+    pub fn confirm_quietly(&self, keys: &[Box<[u8]>]) {
+        let mut inner = self.lock();
+        for k in keys {
+            inner.keys.remove(k);
+        }
         self.count.store(
             if inner.overflowed {
                 1

@@ -10,11 +10,14 @@
 //!   (exactly once) when the primary cannot take it;
 //! - [`mirror`]: background writes nobody waits for (invalidating an
 //!   unlinked key, the two-step repair after an `mg` fallback);
-//! - [`missed`]: per server, the keys it must not serve until invalidated.
+//! - [`missed`]: per server, the keys it must not serve until invalidated;
+//! - [`resync`]: copying a restarted (empty) server's items back from the
+//!   other tier in the background.
 
 pub mod mirror;
 pub mod missed;
 pub mod read;
+pub mod resync;
 pub mod write;
 
 use bytes::Bytes;
@@ -34,6 +37,127 @@ pub fn route_key(frame: &Bytes, req: &Request) -> Bytes {
         }
     }
     raw
+}
+
+/// The replica to use for `key`, from tier `from` on: the first serving
+/// tier, as (tier, server). Without backups and with `--auto-eject`, when
+/// the primary cannot serve the key, the next primary on the ring that can,
+/// reported as tier `replicas.len()` (past the real tiers, so a retry after
+/// it finds nothing more).
+pub fn serving(
+    w: &Worker,
+    replicas: &Replicas,
+    key: &[u8],
+    from: usize,
+    on_skip: impl FnMut(usize),
+) -> Option<(usize, usize)> {
+    if let Some(t) = first_serving(w, replicas, key, from, on_skip) {
+        return replicas.get(t).map(|s| (t, s));
+    }
+    if w.auto_eject && from <= replicas.len() {
+        let server = w
+            .router
+            .ejected_primary(key, |s| w.servers[s].health().serves(key))?;
+        return Some((replicas.len(), server));
+    }
+    None
+}
+
+/// How a meta request travels to its replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetaWire {
+    /// `Meta`, or `MetaQuiet` when it keeps its `q` and is followed by `mn`
+    /// (memcached then decides what to suppress, byte for byte).
+    pub expect: memrelay_protocol::Expect,
+    /// The proxy added `v` (an `ma` whose result must be checked on the
+    /// backup); the value is taken out of the client's reply.
+    pub add_v: bool,
+}
+
+/// Quiet requests keep their `q` and are closed by an `mn`, except an `ma`
+/// without `N`: memcached suppresses all its successes, so the proxy can
+/// suppress them itself, which lets it ask for the new value (`v`) that a
+/// backup's copy must reach.
+pub fn meta_wire(req: &Request, mirrored: bool) -> MetaWire {
+    use memrelay_protocol::{Command, Expect};
+    let arith_unframed = req.command == Command::MetaArith && !req.meta.vivify;
+    let quiet_framed = req.meta.quiet && !arith_unframed;
+    MetaWire {
+        expect: if quiet_framed {
+            Expect::MetaQuiet
+        } else {
+            Expect::Meta
+        },
+        add_v: req.command == Command::MetaArith && mirrored && !req.meta.value && !quiet_framed,
+    }
+}
+
+/// Writes a meta request's line as `wire` says.
+pub fn write_meta(
+    b: &mut bytes::BytesMut,
+    frame: &[u8],
+    req: &Request,
+    key: &[u8],
+    wire: MetaWire,
+) {
+    use memrelay_protocol::{compose, Command, Expect};
+    let keep_q = wire.expect == Expect::MetaQuiet;
+    let len = (req.command == Command::MetaSet).then_some(req.value.len as usize);
+    compose::meta_line_filtered(
+        b,
+        req.command,
+        key,
+        len,
+        req.meta.flags.of(frame),
+        |t| keep_q || t[0] != b'q',
+        if wire.add_v { b" v" } else { b"" },
+    );
+}
+
+/// The client's bytes for a meta reply that travelled as `wire`: what
+/// memcached would have sent for the request as the client wrote it.
+pub fn meta_client_reply<'a>(
+    req: &Request,
+    wire: MetaWire,
+    reply: &'a crate::backend::BackendReply,
+) -> Option<bytes::Bytes> {
+    use memrelay_protocol::{Command, Expect, MetaStatus, ResponseKind};
+    let kind = reply.kind;
+    if wire.expect == Expect::MetaQuiet {
+        if kind == ResponseKind::Meta(MetaStatus::Mn) {
+            return None;
+        }
+        return Some(reply.bytes.slice(..reply.bytes.len().saturating_sub(4)));
+    }
+    if req.meta.quiet
+        && req.command == Command::MetaArith
+        && matches!(kind, ResponseKind::Meta(MetaStatus::Hd | MetaStatus::Value))
+    {
+        return None;
+    }
+    if wire.add_v && kind == ResponseKind::Meta(MetaStatus::Value) {
+        // "VA <len> <flags>\r\n<value>\r\n" -> "HD <flags>\r\n"
+        let line_end = reply.bytes.iter().position(|&b| b == b'\r')?;
+        let line = &reply.bytes[..line_end];
+        let mut toks = line.splitn(3, |&b| b == b' ');
+        let (_, _, rest) = (toks.next(), toks.next(), toks.next());
+        let mut out = Vec::with_capacity(line_end + 2);
+        out.extend_from_slice(b"HD");
+        if let Some(r) = rest {
+            out.push(b' ');
+            out.extend_from_slice(r);
+        }
+        out.extend_from_slice(b"\r\n");
+        return Some(bytes::Bytes::from(out));
+    }
+    Some(reply.bytes.clone())
+}
+
+/// The number in a `VA` reply (an `ma` asked with `v`).
+pub fn meta_number(reply: &crate::backend::BackendReply) -> Option<u64> {
+    let mf = memrelay_protocol::meta_flags(&reply.bytes);
+    let (off, len) = mf.data?;
+    memrelay_protocol::number::parse_u64(reply.bytes.get(off..off + len)?)
 }
 
 /// Whether `key` can be written in a classic command (`delete <key>`):

@@ -49,10 +49,9 @@ pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Req
         let key = req.key.of(&frame);
         let replicas = w.router.replicas(key);
         slot.replicas = Some(replicas);
-        let Some(tier) = super::first_serving(w, &replicas, key, 0, |_| {}) else {
+        let Some((tier, server)) = super::serving(w, &replicas, key, 0, |_| {}) else {
             return;
         };
-        let server = replicas.get(tier).unwrap_or(0);
         if tier > 0 {
             w.stats.failovers.incr();
         }
@@ -70,7 +69,7 @@ pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Req
     let mut unserved = false;
     for key in req.keys(&frame) {
         let replicas = w.router.replicas(key);
-        let Some(tier) = super::first_serving(w, &replicas, key, 0, |_| {}) else {
+        let Some((tier, s)) = super::serving(w, &replicas, key, 0, |_| {}) else {
             key_parts.push(NO_PART);
             unserved = true;
             continue;
@@ -78,7 +77,6 @@ pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Req
         if tier > 0 {
             w.stats.failovers.incr();
         }
-        let s = replicas.get(tier).unwrap_or(0);
         let p = servers.iter().position(|&x| x == s).unwrap_or_else(|| {
             servers.push(s);
             servers.len() - 1
@@ -384,13 +382,13 @@ pub fn start_meta(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req:
     let replicas = w.router.replicas(&route);
     slot.replicas = Some(replicas);
     slot.stage = Stage::Read;
-    let Some(tier) = super::first_serving(w, &replicas, &route, 0, |_| {}) else {
+    let Some((tier, server)) = super::serving(w, &replicas, &route, 0, |_| {}) else {
         return;
     };
     if tier > 0 {
         w.stats.failovers.incr();
     }
-    send_meta(w, inbox, seq, slot, req, replicas.get(tier).unwrap_or(0));
+    send_meta(w, inbox, seq, slot, req, server);
 }
 
 fn send_meta(
@@ -402,18 +400,11 @@ fn send_meta(
     server: usize,
 ) {
     let frame = slot.frame.clone();
+    let wire = super::meta_wire(req, false);
     let queued = w.servers[server].send(
-        Expect::Meta,
+        wire.expect,
         reply_to(inbox, seq, slot.parts.len()),
-        |b| {
-            compose::meta_line(
-                b,
-                req.command,
-                req.key.of(&frame),
-                None,
-                req.meta.flags.of(&frame),
-            )
-        },
+        |b| super::write_meta(b, &frame, req, req.key.of(&frame), wire),
         None,
     );
     slot.push_part(Part::new(server), queued);
@@ -438,7 +429,7 @@ pub fn after_meta_round_one(
         return;
     };
     let missed = match &first.result {
-        Some(Ok(r)) => r.kind == ResponseKind::Meta(MetaStatus::En) && w.miss_fallback,
+        Some(Ok(r)) => is_meta_miss(r.kind) && w.miss_fallback,
         Some(Err(_)) => true,
         None => false,
     };
@@ -492,7 +483,7 @@ pub fn render_meta(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
         .parts
         .get(1)
         .and_then(answered)
-        .filter(|r| r.kind != ResponseKind::Meta(MetaStatus::En));
+        .filter(|r| !is_meta_miss(r.kind));
     let reply = fallback_hit.or_else(|| slot.parts.iter().find_map(answered));
     let Some(reply) = reply else {
         // Nobody could answer: a miss, as memcached words it (with the
@@ -506,13 +497,17 @@ pub fn render_meta(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
         }
         return;
     };
-    if req.meta.quiet && reply.kind == ResponseKind::Meta(MetaStatus::En) {
-        return;
-    }
     if reply.kind == ResponseKind::Error {
         w.stats.server_errors.incr();
     }
-    out.put_bytes(reply.bytes.clone());
+    if let Some(b) = super::meta_client_reply(req, super::meta_wire(req, false), reply) {
+        out.put_bytes(b);
+    }
+}
+
+/// A meta get that found nothing: `EN`, or nothing at all in quiet mode.
+fn is_meta_miss(kind: ResponseKind) -> bool {
+    matches!(kind, ResponseKind::Meta(MetaStatus::En | MetaStatus::Mn))
 }
 
 /// memcached echoes `O` and `k` flags even on a miss.

@@ -25,6 +25,7 @@ use crate::backend::ReplyTo;
 use crate::proxy::session::Inbox;
 use crate::proxy::slot::{Local, Part, Role, Slot, Stage};
 use crate::proxy::Worker;
+use smallvec::SmallVec;
 
 /// What a backup must do after the primary answered a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,12 +83,16 @@ fn expect_of(command: Command) -> Expect {
 
 /// Writes the request line for `command` (the value is sent separately).
 /// `key` is the key as the client wrote it (base64 for meta `b`).
-fn compose_line(b: &mut BytesMut, frame: &[u8], req: &Request, command: Command, key: &[u8]) {
+fn compose_line(
+    b: &mut BytesMut,
+    frame: &[u8],
+    req: &Request,
+    command: Command,
+    key: &[u8],
+    wire: super::MetaWire,
+) {
     match command {
-        c if c.is_meta() => {
-            let len = (c == Command::MetaSet).then_some(req.value.len as usize);
-            compose::meta_line(b, c, key, len, req.meta.flags.of(frame))
-        }
+        c if c.is_meta() => super::write_meta(b, frame, req, key, wire),
         Command::Delete => compose::delete(b, key),
         Command::Incr | Command::Decr => compose::arith(b, command, key, req.delta),
         Command::Touch => compose::touch(b, key, req.exptime),
@@ -106,7 +111,11 @@ fn compose_line(b: &mut BytesMut, frame: &[u8], req: &Request, command: Command,
 /// Starts a write: sends it to the first replica that can take it.
 pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
     let key = super::route_key(&slot.frame, req);
-    slot.replicas = Some(w.router.replicas(&key));
+    let replicas = w.router.replicas(&key);
+    for s in replicas.iter() {
+        w.servers[s].health().note_write(&key);
+    }
+    slot.replicas = Some(replicas);
     attempt(w, inbox, seq, slot, req, 0);
 }
 
@@ -130,11 +139,11 @@ fn attempt(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Reque
     let wire_key = req.key.of(&frame);
     let route = super::route_key(&frame, req);
     let key: &[u8] = &route;
-    let tier = super::first_serving(w, &replicas, key, from, |skipped| {
+    let target = super::serving(w, &replicas, key, from, |skipped| {
         // The write goes past this replica: it misses the key.
         w.servers[skipped].health().missed.record(key);
     });
-    let Some(tier) = tier else {
+    let Some((tier, server)) = target else {
         slot.stage = Stage::Done;
         if slot.parts.is_empty() {
             w.stats.server_errors.incr();
@@ -145,18 +154,23 @@ fn attempt(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Reque
     if tier > 0 {
         w.stats.failovers.incr();
     }
-    let server = replicas.get(tier).unwrap_or(0);
     let value = has_value(req).then(|| frame.slice(req.value.start as usize..req.value.end()));
     let reply = ReplyTo {
         sink: inbox.clone(),
         token: seq,
         part: slot.parts.len() as u32,
     };
+    let wire = super::meta_wire(req, replicas.len() > 1);
+    let expect = if req.command.is_meta() {
+        wire.expect
+    } else {
+        expect_of(req.command)
+    };
     let queued = w.servers[server].send_for_key(
         key,
-        expect_of(req.command),
+        expect,
         reply,
-        |b| compose_line(b, &frame, req, req.command, wire_key),
+        |b| compose_line(b, &frame, req, req.command, wire_key, wire),
         value,
     );
     slot.stage = Stage::Write { tier: tier as u8 };
@@ -196,28 +210,39 @@ pub fn advance(
     slot.stage = Stage::Done;
     match slot.result(main) {
         Some(Ok(reply)) => {
-            let (kind, number) = (
-                reply.kind,
-                match reply.kind {
-                    ResponseKind::Number(n) => Some(n),
-                    _ => None,
-                },
-            );
-            if mirrored_in_parallel {
-                // The primary did not store it: the copies must not stand.
-                if !matches!(
-                    kind,
-                    ResponseKind::Stored | ResponseKind::Meta(MetaStatus::Hd)
-                ) {
-                    for p in slot
-                        .parts
-                        .iter()
-                        .filter(|p| matches!(p.role, Role::Mirror(_)))
-                    {
-                        w.servers[p.server as usize].health().missed.record(&route);
+            // A quiet meta write whose reply memcached suppressed succeeded.
+            let kind = match reply.kind {
+                ResponseKind::Meta(MetaStatus::Mn) => ResponseKind::Meta(MetaStatus::Hd),
+                k => k,
+            };
+            let number = match reply.kind {
+                ResponseKind::Number(n) => Some(n),
+                ResponseKind::Meta(MetaStatus::Value) if req.command == Command::MetaArith => {
+                    super::meta_number(reply)
+                }
+                _ => None,
+            };
+            if req.command == Command::MetaArith
+                && number.is_none()
+                && mirror_plan(req.command, 0, kind) == MirrorPlan::Same
+            {
+                // The new value is unknown (a quiet `ma ... N` that
+                // incremented): a copy could not be checked, so the
+                // backups must not serve the key until it is invalidated.
+                for next in tier + 1..replicas.len() {
+                    if let Some(server) = replicas.get(next) {
+                        w.servers[server].health().missed.record(&route);
                     }
                 }
-                return after_mirrors(w, slot, req);
+                return;
+            }
+            if mirrored_in_parallel {
+                // The primary did not store it: the copies must not stand.
+                let refused = !matches!(
+                    kind,
+                    ResponseKind::Stored | ResponseKind::Meta(MetaStatus::Hd)
+                );
+                return settle_mirrors(w, inbox, seq, slot, req, refused);
             }
             // Bring the tiers after the one that answered to its state; the
             // client's reply waits for them, so a write it makes next can
@@ -239,7 +264,7 @@ pub fn advance(
                 // The backups already have it, exactly once: their answer
                 // is the client's (see `answer`).
                 w.stats.failovers.incr();
-                return after_mirrors(w, slot, req);
+                return settle_mirrors(w, inbox, seq, slot, req, false);
             }
             attempt(w, inbox, seq, slot, req, tier + 1);
         }
@@ -250,29 +275,105 @@ pub fn advance(
 /// The copies on the backups are in: a backup that failed or answered
 /// otherwise than the primary is recorded as having missed the key, so it
 /// never serves it until the key is invalidated there.
-pub fn after_mirrors(w: &Worker, slot: &mut Slot, req: &Request) {
+pub fn after_mirrors(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+    settle_mirrors(w, inbox, seq, slot, req, false);
+}
+
+/// Judges every mirror not yet judged. A backup that answered but ended in
+/// another state than the primary (or took a copy the primary refused) has
+/// its copy deleted before the client is answered, so it holds the
+/// primary's item or nothing; one that failed is recorded as having missed
+/// the key.
+fn settle_mirrors(
+    w: &Worker,
+    inbox: &Rc<Inbox>,
+    seq: u64,
+    slot: &mut Slot,
+    req: &Request,
+    primary_refused: bool,
+) {
     slot.stage = Stage::Done;
     let route = super::route_key(&slot.frame, req);
-    for p in &slot.parts {
-        let Role::Mirror(number) = p.role else {
-            continue;
-        };
-        let good = match (&p.result, number) {
-            (Some(Ok(r)), _) if r.kind == ResponseKind::Error => false,
-            (Some(Ok(r)), Some(n)) => matches!(r.kind, ResponseKind::Number(m) if m == n),
-            (Some(Ok(_)), None) => true,
-            _ => false,
-        };
-        if !good {
-            w.stats.mirror_failures.incr();
-            w.servers[p.server as usize].health().missed.record(&route);
+    let mut compensate: SmallVec<[usize; 2]> = SmallVec::new();
+    for p in slot.parts.iter_mut().filter(|p| !p.settled) {
+        match p.role {
+            Role::Mirror(number) => {
+                p.settled = true;
+                let good = match (&p.result, number) {
+                    (Some(Ok(_)), _) if primary_refused => false,
+                    (Some(Ok(r)), _) if r.kind == ResponseKind::Error => false,
+                    (Some(Ok(r)), Some(n)) => match r.kind {
+                        ResponseKind::Number(m) => m == n,
+                        ResponseKind::Meta(MetaStatus::Value) => super::meta_number(r) == Some(n),
+                        ResponseKind::NotFound | ResponseKind::Meta(MetaStatus::Nf) => true,
+                        _ => false,
+                    },
+                    (Some(Ok(_)), None) => true,
+                    _ => false,
+                };
+                if good {
+                    continue;
+                }
+                w.stats.mirror_failures.incr();
+                match &p.result {
+                    Some(Ok(_)) => compensate.push(p.server as usize),
+                    _ => w.servers[p.server as usize].health().missed.record(&route),
+                }
+            }
+            Role::Compensate => {
+                p.settled = true;
+                if !matches!(&p.result, Some(Ok(r)) if r.kind != ResponseKind::Error) {
+                    w.servers[p.server as usize].health().missed.record(&route);
+                }
+            }
+            _ => {}
         }
+    }
+    for server in compensate {
+        let reply = ReplyTo {
+            sink: inbox.clone(),
+            token: seq,
+            part: slot.parts.len() as u32,
+        };
+        let key: &[u8] = &route;
+        let pool = &w.servers[server];
+        let queued = if super::is_text_key(key) {
+            pool.send_for_key(
+                key,
+                Expect::Delete,
+                reply,
+                |b| compose::delete(b, key),
+                None,
+            )
+        } else {
+            let mut enc = Vec::with_capacity(key.len() * 4 / 3 + 4);
+            memrelay_protocol::base64::encode(key, &mut enc);
+            pool.send_for_key(
+                key,
+                Expect::Meta,
+                reply,
+                |b| compose::meta_line(b, Command::MetaDelete, &enc, None, b"b"),
+                None,
+            )
+        };
+        slot.push_part(Part::with_role(server, Role::Compensate), queued);
+    }
+    if slot.pending > 0 {
+        slot.stage = Stage::Mirror;
+    } else if slot
+        .parts
+        .iter()
+        .any(|p| p.role == Role::Compensate && !p.settled)
+    {
+        // A compensation failed at once: settle it now.
+        settle_mirrors(w, inbox, seq, slot, req, false);
     }
 }
 
 /// The reply the client gets: the answer of the replica that took the write
-/// (for a set copied in parallel whose primary failed, the backup's).
-pub fn answer(slot: &Slot) -> Option<&crate::backend::BackendResult> {
+/// (for a set copied in parallel whose primary failed, the backup's), and
+/// whether it came from a mirror.
+pub fn answer(slot: &Slot) -> Option<(&crate::backend::BackendResult, bool)> {
     let main = slot.parts.iter().rposition(|p| p.role == Role::Main)?;
     let main_result = slot.result(main)?;
     if main_result.is_err() {
@@ -282,10 +383,28 @@ pub fn answer(slot: &Slot) -> Option<&crate::backend::BackendResult> {
             .filter(|p| matches!(p.role, Role::Mirror(_)))
             .find_map(|p| p.result.as_ref().filter(|r| r.is_ok()))
         {
-            return Some(r);
+            return Some((r, true));
         }
     }
-    Some(main_result)
+    Some((main_result, false))
+}
+
+/// A meta write's reply as the client must see it.
+pub fn meta_reply_bytes(
+    slot: &Slot,
+    req: &Request,
+    reply: &crate::backend::BackendReply,
+    from_mirror: bool,
+) -> Option<bytes::Bytes> {
+    if from_mirror {
+        // A parallel copy: sent without q, so apply quiet mode here.
+        if req.meta.quiet && reply.kind == ResponseKind::Meta(MetaStatus::Hd) {
+            return None;
+        }
+        return Some(reply.bytes.clone());
+    }
+    let mirrored = slot.replicas.map(|r| r.len() > 1).unwrap_or(false);
+    super::meta_client_reply(req, super::meta_wire(req, mirrored), reply)
 }
 
 /// Sends `plan` to one backup as part of the slot.
@@ -346,11 +465,27 @@ fn send_mirror(
             // primary (C compares the primary's CAS, I goes with it; q, O,
             // k and return flags store nothing), and for a set-like result
             // without the mode: the primary now holds exactly this item.
+            // A plain set copied in parallel may become the client's reply
+            // (if the primary fails): it keeps every flag but q. Otherwise
+            // only what changes the stored item is kept.
+            let parallel = slot
+                .parts
+                .iter()
+                .all(|p| p.role == Role::Main && p.result.is_none());
             let drop_mode = plan == MirrorPlan::Set;
             let keep = |t: &[u8]| match t[0] {
+                b'q' => false,
+                _ if parallel => true,
                 b'C' | b'I' | b'O' | b'k' | b'c' | b's' | b't' | b'f' | b'v' | b'h' | b'l' => false,
                 b'M' => !drop_mode,
                 _ => true,
+            };
+            // An ma copy reports its new value, to be checked against the
+            // primary's.
+            let extra: &[u8] = if req.command == Command::MetaArith && number.is_some() {
+                b" v"
+            } else {
+                b""
             };
             let len = (req.command == Command::MetaSet).then_some(req.value.len as usize);
             let value = len.map(|_| frame.slice(req.value.start as usize..req.value.end()));
@@ -360,7 +495,7 @@ fn send_mirror(
                 key,
                 Expect::Meta,
                 reply,
-                |b| compose::meta_line_filtered(b, req.command, wire_key, len, flags, keep),
+                |b| compose::meta_line_filtered(b, req.command, wire_key, len, flags, keep, extra),
                 value,
             )
         }
@@ -382,7 +517,16 @@ fn send_mirror(
                 key,
                 expect_of(req.command),
                 reply,
-                |b| compose_line(b, &frame, req, req.command, key),
+                |b| {
+                    compose_line(
+                        b,
+                        &frame,
+                        req,
+                        req.command,
+                        key,
+                        super::meta_wire(req, false),
+                    )
+                },
                 value,
             )
         }

@@ -70,6 +70,7 @@ pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, frame: Bytes, req: Request
         Command::Quit => slot.local = Some(Local::Close(b"")),
         Command::MetaNoop => slot.local = Some(Local::Static(b"MN\r\n")),
         Command::Stats => slot.local = Some(stats(w, &slot.frame, &req)),
+        Command::Admin => slot.local = Some(admin(w, &slot.frame, &req)),
     }
     slot
 }
@@ -101,7 +102,7 @@ pub fn advance(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot) {
         Stage::Fallback => ha::read::after_fallback(w, inbox, seq, slot, &req),
         Stage::Repair => ha::read::after_repair(w, slot),
         Stage::Write { tier } => ha::write::advance(w, inbox, seq, slot, &req, tier as usize),
-        Stage::Mirror => ha::write::after_mirrors(w, slot, &req),
+        Stage::Mirror => ha::write::after_mirrors(w, inbox, seq, slot, &req),
     }
 }
 
@@ -114,6 +115,33 @@ pub fn unlink(w: &Worker, frame: &Bytes, key: &[u8]) {
     let key_bytes = frame.slice_ref(key);
     for server in w.router.replicas(key).iter() {
         w.mirror.delete(server, key_bytes.clone());
+    }
+}
+
+/// `memrelay <subcommand>`: the proxy's own administration.
+/// - `memrelay resync <host:port>`: copy that server's items back from the
+///   other tier (a primary from the backups, a backup from the primaries).
+fn admin(w: &Worker, frame: &[u8], req: &Request) -> Local {
+    let args = req.args.of(frame);
+    let mut toks = args.split(|&b| b == b' ').filter(|t| !t.is_empty());
+    match (toks.next(), toks.next(), toks.next()) {
+        (Some(b"resync"), Some(name), None) => {
+            let Some(requests) = &w.resync else {
+                return Local::Static(
+                    b"CLIENT_ERROR nothing to resync from: no backups configured\r\n",
+                );
+            };
+            let Some(server) = w.servers.iter().find(|s| s.name.as_bytes() == name) else {
+                return Local::Static(
+                    b"CLIENT_ERROR no such server (use host:port as configured)\r\n",
+                );
+            };
+            match requests.send(server.index) {
+                Ok(()) => Local::Static(b"OK\r\n"),
+                Err(_) => Local::Static(b"SERVER_ERROR resync is not available\r\n"),
+            }
+        }
+        _ => Local::Static(b"CLIENT_ERROR usage: memrelay resync <host:port>\r\n"),
     }
 }
 

@@ -33,6 +33,10 @@ pub struct Worker {
     pub limits: Limits,
     /// Ask the backup when the primary misses.
     pub miss_fallback: bool,
+    /// No backups: move a dead server's keys to the next server on the ring.
+    pub auto_eject: bool,
+    /// Where `memrelay resync` requests go (None without backups).
+    pub resync: Option<crate::ha::resync::Requests>,
     /// Background writes to backups (mirrors, repairs).
     pub mirror: Rc<Mirror>,
     pub stats: Arc<WorkerStats>,

@@ -43,33 +43,29 @@ pub fn render(w: &Worker, slot: Slot, out: &mut OutQueue) -> bool {
                 return false;
             }
             match ha::write::answer(&slot) {
-                Some(Ok(reply)) if req.meta.quiet && quiet_hides(req.command, reply.kind) => {}
-                Some(Ok(reply)) => {
+                Some((Ok(reply), from_mirror)) => {
                     if reply.kind == ResponseKind::Error {
                         w.stats.server_errors.incr();
                     }
-                    out.put_bytes(reply.bytes.clone())
+                    if req.command.is_meta() {
+                        if let Some(b) =
+                            ha::write::meta_reply_bytes(&slot, &req, reply, from_mirror)
+                        {
+                            out.put_bytes(b);
+                        }
+                    } else {
+                        out.put_bytes(reply.bytes.clone());
+                    }
                 }
-                Some(Err(e)) => {
+                Some((Err(e), _)) => {
                     w.stats.server_errors.incr();
                     out.put_slice(e.reply())
                 }
-                None => out.put_slice(b"SERVER_ERROR no server is available for this key\r\n"),
+                None => out.put_slice(ha::write::NO_SERVER),
             }
         }
     }
     false
-}
-
-/// In quiet mode memcached leaves out a meta write's success reply (`HD`,
-/// or `ma`'s `VA`); failures are always sent.
-fn quiet_hides(command: Command, kind: ResponseKind) -> bool {
-    use memrelay_protocol::MetaStatus as M;
-    match command {
-        Command::MetaSet | Command::MetaDelete => kind == ResponseKind::Meta(M::Hd),
-        Command::MetaArith => matches!(kind, ResponseKind::Meta(M::Hd | M::Value)),
-        _ => false,
-    }
 }
 
 /// Every server must say OK; otherwise the first refusal or failure.

@@ -26,6 +26,8 @@ pub enum Role {
     Mirror(Option<u64>),
     /// A backup hit written back to the primary (`add`).
     Repair,
+    /// A delete of a backup's copy that disagreed with the primary.
+    Compensate,
 }
 
 /// One sub-request and, once it came, its result.
@@ -34,6 +36,8 @@ pub struct Part {
     pub server: u16,
     pub role: Role,
     pub result: Option<BackendResult>,
+    /// Its result was acted upon (a mirror checked once, not again).
+    pub settled: bool,
 }
 
 impl Part {
@@ -46,6 +50,7 @@ impl Part {
             server: server as u16,
             role,
             result: None,
+            settled: false,
         }
     }
 }

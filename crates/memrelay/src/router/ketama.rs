@@ -45,6 +45,28 @@ impl Continuum {
         Continuum { points }
     }
 
+    /// The first server at or after the key's point, walking the circle,
+    /// that `usable` accepts: the server that takes a key while its own
+    /// server is ejected. Every other key keeps its server.
+    pub fn lookup_where(&self, hash: u32, usable: impl Fn(usize) -> bool) -> Option<usize> {
+        let n = self.points.len();
+        let start = self.points.partition_point(|p| p.0 < hash) % n.max(1);
+        let mut tried = 0u64; // servers already refused (bitmap of the first 64)
+        for i in 0..n {
+            let s = self.points[(start + i) % n].1 as usize;
+            if s < 64 && tried & (1 << s) != 0 {
+                continue;
+            }
+            if usable(s) {
+                return Some(s);
+            }
+            if s < 64 {
+                tried |= 1 << s;
+            }
+        }
+        None
+    }
+
     /// The server index for a key hash.
     pub fn lookup(&self, hash: u32) -> usize {
         let i = self.points.partition_point(|p| p.0 < hash);

@@ -132,6 +132,21 @@ impl Router {
         r
     }
 
+    /// With `--auto-eject` (no backups): the server that takes `key` while
+    /// its primary cannot, among the primaries `usable` accepts. Ketama walks
+    /// on along the circle; modula and magent probe the next servers in
+    /// order.
+    pub fn ejected_primary(&self, key: &[u8], usable: impl Fn(usize) -> bool) -> Option<usize> {
+        let hash = key_hash(self.kind, key);
+        match &self.tiers[0].0 {
+            Ring::Ketama(c) => c.lookup_where(hash, usable),
+            Ring::Modula(n) | Ring::Magent(n) => {
+                let first = hash as usize % n;
+                (1..*n).map(|i| (first + i) % n).find(|&s| usable(s))
+            }
+        }
+    }
+
     /// Whether keys have backups at all.
     pub fn has_backups(&self) -> bool {
         self.tiers.len() > 1

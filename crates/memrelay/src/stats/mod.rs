@@ -202,6 +202,23 @@ impl StatsRegistry {
                 &format!("server:{i}:flushed"),
                 &h.missed.flushes.load(Ordering::Relaxed),
             );
+            let r = &h.resync;
+            stat(&format!("server:{i}:resync_state"), &r.state());
+            for (name, v) in [
+                ("runs", &r.runs),
+                ("scanned", &r.scanned),
+                ("selected", &r.selected),
+                ("copied", &r.copied),
+                ("skipped", &r.skipped),
+                ("errors", &r.errors),
+                ("rate", &r.rate),
+                ("eta", &r.eta),
+            ] {
+                stat(
+                    &format!("server:{i}:resync_{name}"),
+                    &v.load(Ordering::Relaxed),
+                );
+            }
         }
         drop(stat);
         out.extend_from_slice(b"END\r\n");

@@ -1,0 +1,562 @@
+//! Warming a server back from its replicas, in the background.
+//!
+//! When the prober sees a primary restart (its pid or boot time changed),
+//! or an operator asks (`memrelay resync <host:port>`), this copies back
+//! the items that belong on that server:
+//!
+//! 1. list the keys of every server of the other tier (backups for a
+//!    primary, primaries for a backup) with `lru_crawler metadump hash`,
+//!    keeping those whose replica is the target;
+//! 2. for each, in pipelined batches: `mg <key> v f t` on the source, then
+//!    `ms <key> <len> F<flags> T<ttl> ME` on the target. Mode E is "add": a
+//!    value written by a client meanwhile always wins, and repeating a copy
+//!    is harmless, so a failed run simply starts over, and several memrelay
+//!    processes resyncing the same server at once only waste work;
+//! 3. at most `rate` items per second, so client traffic is not disturbed;
+//!    one resync per server at a time; progress in `stats`
+//!    (`server:N:resync_*`) and in the log every few seconds.
+//!
+//! Memory: the selected keys are kept in one byte arena (no allocation per
+//! key), bounded by `MAX_KEYS`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::backend::health::Health;
+use crate::router::Router;
+
+/// Most keys one resync copies (a larger server is copied partly; the log
+/// says so).
+const MAX_KEYS: usize = 20_000_000;
+/// Keys per pipelined batch.
+const BATCH: usize = 200;
+/// How often progress is logged.
+const LOG_EVERY: Duration = Duration::from_secs(5);
+/// Longest a source or target may take to answer a batch.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A resync's progress, per server, for `stats`.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// 0 never ran, 1 running, 2 done, 3 failed (will retry).
+    state: AtomicU8,
+    running: AtomicBool,
+    pub runs: AtomicU64,
+    pub scanned: AtomicU64,
+    pub selected: AtomicU64,
+    pub copied: AtomicU64,
+    pub skipped: AtomicU64,
+    pub errors: AtomicU64,
+    /// Items per second over the current or last run.
+    pub rate: AtomicU64,
+    /// Seconds left, estimated.
+    pub eta: AtomicU64,
+}
+
+impl Progress {
+    /// Whether a resync of this server is under way (one relaxed load: the
+    /// write path asks on every write).
+    #[inline]
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    pub fn state(&self) -> &'static str {
+        match self.state.load(Ordering::Relaxed) {
+            1 => "running",
+            2 => "done",
+            3 => "retrying",
+            _ => "idle",
+        }
+    }
+}
+
+/// One server as the resync sees it.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub health: Arc<Health>,
+}
+
+/// Everything a resync needs; shared by the manager and its runs.
+#[derive(Debug)]
+pub struct Resync {
+    pub router: Router,
+    /// Primaries then backups, like `Config::servers`.
+    pub nodes: Vec<Node>,
+    pub nprimaries: usize,
+    pub rate: u64,
+    pub connect_timeout: Duration,
+}
+
+/// Requests to resync a server (its index), from the prober and from the
+/// admin command on any worker.
+pub type Requests = mpsc::UnboundedSender<usize>;
+
+impl Resync {
+    /// The manager: starts a run for every request, unless one is running
+    /// for that server already.
+    pub async fn serve(self: Arc<Self>, mut requests: mpsc::UnboundedReceiver<usize>) {
+        while let Some(target) = requests.recv().await {
+            let Some(node) = self.nodes.get(target) else {
+                continue;
+            };
+            if node.health.resync.running.swap(true, Ordering::AcqRel) {
+                tracing::info!(server = %node.name, "resync already running");
+                continue;
+            }
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.run_until_done(target).await;
+                if let Some(n) = me.nodes.get(target) {
+                    n.health.resync.running.store(false, Ordering::Release);
+                    n.health.touched.clear();
+                }
+            });
+        }
+    }
+
+    /// The servers to copy from for `target`, and which tier of a key's
+    /// replicas `target` is.
+    fn sources(&self, target: usize) -> (Vec<usize>, usize) {
+        if target < self.nprimaries {
+            ((self.nprimaries..self.nodes.len()).collect(), 0)
+        } else {
+            ((0..self.nprimaries).collect(), 1)
+        }
+    }
+
+    async fn run_until_done(&self, target: usize) {
+        let node = &self.nodes[target];
+        let p = &node.health.resync;
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            // A server that is down cannot take copies: wait for it.
+            while node.health.is_down() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            p.state.store(1, Ordering::Relaxed);
+            p.runs.fetch_add(1, Ordering::Relaxed);
+            match self.run(target).await {
+                Ok(()) => {
+                    p.state.store(2, Ordering::Relaxed);
+                    tracing::warn!(
+                        server = %node.name,
+                        scanned = p.scanned.load(Ordering::Relaxed),
+                        copied = p.copied.load(Ordering::Relaxed),
+                        skipped = p.skipped.load(Ordering::Relaxed),
+                        "resync finished"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    p.state.store(3, Ordering::Relaxed);
+                    p.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(server = %node.name, error = %e, retry_in = ?backoff, "resync failed; it will start over");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    /// One complete pass.
+    async fn run(&self, target: usize) -> Result<(), String> {
+        let node = &self.nodes[target];
+        let p = &node.health.resync;
+        for c in [
+            &p.scanned,
+            &p.selected,
+            &p.copied,
+            &p.skipped,
+            &p.rate,
+            &p.eta,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+        // Writes before this run cannot race its copies: the source already
+        // has them.
+        node.health.touched.clear();
+        let (sources, tier) = self.sources(target);
+        if sources.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(server = %node.name, sources = sources.len(), rate = self.rate, "resync started");
+        let started = Instant::now();
+        let mut last_log = Instant::now();
+        for &source in &sources {
+            let src = &self.nodes[source];
+            let keys = self.select_keys(src, target, tier).await?;
+            let mut from = connect(src.addr, self.connect_timeout).await?;
+            let mut to = connect(node.addr, self.connect_timeout).await?;
+            for batch in keys.chunks(BATCH) {
+                let batch_started = Instant::now();
+                // While a key is being copied the target does not serve it:
+                // a client's delete landing between our read of the source
+                // and our add to the target would otherwise be undone.
+                for k in &batch {
+                    node.health.copying.record(k);
+                }
+                let copied = match fetch(&mut from, &batch).await {
+                    Ok(items) => store(&mut to, &items)
+                        .await
+                        .map(|landed| (items.len(), landed)),
+                    Err(e) => Err(e),
+                };
+                let (_fetched, landed) = match copied {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Unknown outcome: keep the target off these keys
+                        // until the prober has deleted them there.
+                        for k in &batch {
+                            node.health.missed.record(k);
+                        }
+                        settle_copying(&node.health, &batch);
+                        return Err(e);
+                    }
+                };
+                let mut n_copied = 0u64;
+                for k in &landed {
+                    if node.health.touched.contains(k) {
+                        // A client wrote this key during the resync: the
+                        // copy may be older. Invalidate it before serving.
+                        node.health.missed.record(k);
+                    } else {
+                        n_copied += 1;
+                    }
+                }
+                settle_copying(&node.health, &batch);
+                p.copied.fetch_add(n_copied, Ordering::Relaxed);
+                p.skipped.fetch_add(
+                    (batch.len() as u64).saturating_sub(n_copied),
+                    Ordering::Relaxed,
+                );
+                // Rate limit: this batch may take no less than its share.
+                let share = Duration::from_secs_f64(batch.len() as f64 / self.rate.max(1) as f64);
+                if let Some(wait) = share.checked_sub(batch_started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+                let done = p.copied.load(Ordering::Relaxed) + p.skipped.load(Ordering::Relaxed);
+                let rate = (done as f64 / started.elapsed().as_secs_f64().max(0.001)) as u64;
+                p.rate.store(rate, Ordering::Relaxed);
+                let left = p.selected.load(Ordering::Relaxed).saturating_sub(done);
+                p.eta.store(left / rate.max(1), Ordering::Relaxed);
+                if last_log.elapsed() >= LOG_EVERY {
+                    last_log = Instant::now();
+                    tracing::info!(
+                        server = %node.name,
+                        scanned = p.scanned.load(Ordering::Relaxed),
+                        selected = p.selected.load(Ordering::Relaxed),
+                        copied = p.copied.load(Ordering::Relaxed),
+                        skipped = p.skipped.load(Ordering::Relaxed),
+                        rate,
+                        eta_s = p.eta.load(Ordering::Relaxed),
+                        "resync progress"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Lists `src`'s keys and keeps those whose replica at `tier` is `target`.
+    async fn select_keys(
+        &self,
+        src: &Node,
+        target: usize,
+        tier: usize,
+    ) -> Result<KeyArena, String> {
+        let p = &self.nodes[target].health.resync;
+        let mut conn = connect(src.addr, self.connect_timeout).await?;
+        conn.write_all(b"lru_crawler metadump hash\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut keys = KeyArena::default();
+        let mut buf = Vec::with_capacity(64 * 1024);
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut decoded = Vec::with_capacity(256);
+        loop {
+            let n = tokio::time::timeout(IO_TIMEOUT, conn.read(&mut chunk))
+                .await
+                .map_err(|_| format!("{}: metadump timed out", src.name))?
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err(format!("{}: closed during metadump", src.name));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let mut consumed = 0;
+            while let Some(nl) = buf[consumed..].iter().position(|&b| b == b'\n') {
+                let line = &buf[consumed..consumed + nl];
+                consumed += nl + 1;
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                if line == b"END" {
+                    return Ok(keys);
+                }
+                if line.starts_with(b"ERROR")
+                    || line.starts_with(b"BUSY")
+                    || line.starts_with(b"CLIENT_ERROR")
+                {
+                    return Err(format!(
+                        "{}: metadump refused: {}",
+                        src.name,
+                        String::from_utf8_lossy(line)
+                    ));
+                }
+                let Some(enc) = line
+                    .strip_prefix(b"key=")
+                    .and_then(|r| r.split(|&b| b == b' ').next())
+                else {
+                    continue;
+                };
+                if !url_decode(enc, &mut decoded) {
+                    continue;
+                }
+                p.scanned.fetch_add(1, Ordering::Relaxed);
+                let replicas = self.router.replicas(&decoded);
+                if replicas.get(tier) == Some(target) && keys.len() < MAX_KEYS {
+                    keys.push(&decoded);
+                    p.selected.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            buf.drain(..consumed);
+            if buf.len() > 1 << 20 {
+                return Err(format!("{}: metadump line too long", src.name));
+            }
+        }
+    }
+}
+
+/// Ends the copy window of a batch.
+fn settle_copying(health: &Health, batch: &[&[u8]]) {
+    let keys: Vec<Box<[u8]>> = batch.iter().map(|k| Box::<[u8]>::from(*k)).collect();
+    health.copying.confirm_quietly(&keys);
+}
+
+/// Keys stored back to back, with their end offsets.
+#[derive(Debug, Default)]
+struct KeyArena {
+    bytes: Vec<u8>,
+    ends: Vec<u32>,
+}
+
+impl KeyArena {
+    fn push(&mut self, key: &[u8]) {
+        self.bytes.extend_from_slice(key);
+        self.ends.push(self.bytes.len() as u32);
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn chunks(&self, n: usize) -> impl Iterator<Item = Vec<&[u8]>> + '_ {
+        self.ends.chunks(n).enumerate().map(move |(c, ends)| {
+            let mut start = if c == 0 {
+                0
+            } else {
+                self.ends[c * n - 1] as usize
+            };
+            ends.iter()
+                .map(|&e| {
+                    let k = &self.bytes[start..e as usize];
+                    start = e as usize;
+                    k
+                })
+                .collect()
+        })
+    }
+}
+
+/// `%xx` decoding of metadump's keys.
+fn url_decode(enc: &[u8], out: &mut Vec<u8>) -> bool {
+    out.clear();
+    let mut i = 0;
+    while i < enc.len() {
+        if enc[i] == b'%' {
+            let Some(h) = enc.get(i + 1..i + 3) else {
+                return false;
+            };
+            let Ok(v) = u8::from_str_radix(std::str::from_utf8(h).unwrap_or("zz"), 16) else {
+                return false;
+            };
+            out.push(v);
+            i += 3;
+        } else {
+            out.push(enc[i]);
+            i += 1;
+        }
+    }
+    !out.is_empty()
+}
+
+async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
+    let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| format!("{addr}: connect timed out"))?
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// Writes a key into a meta command: as is, or base64 with `b` appended to
+/// the flags when it cannot travel in the text protocol.
+fn put_key(out: &mut Vec<u8>, key: &[u8]) -> bool {
+    if super::is_text_key(key) {
+        out.extend_from_slice(key);
+        false
+    } else {
+        memrelay_protocol::base64::encode(key, out);
+        true
+    }
+}
+
+/// One item read from a source.
+struct Item<'a> {
+    key: &'a [u8],
+    flags: u32,
+    ttl: i64,
+    value: Vec<u8>,
+}
+
+/// `mg <key> v f t` for a batch, pipelined; the keys that are gone (or
+/// expiring now) are left out.
+async fn fetch<'a>(conn: &mut TcpStream, keys: &[&'a [u8]]) -> Result<Vec<Item<'a>>, String> {
+    let mut req = Vec::with_capacity(keys.len() * 48);
+    for k in keys {
+        req.extend_from_slice(b"mg ");
+        let b64 = put_key(&mut req, k);
+        req.extend_from_slice(if b64 { b" b v f t\r\n" } else { b" v f t\r\n" });
+    }
+    conn.write_all(&req).await.map_err(|e| e.to_string())?;
+    let mut reader = Replies::default();
+    let mut items = Vec::with_capacity(keys.len());
+    for k in keys {
+        let reply = reader.next(conn).await?;
+        let mf = memrelay_protocol::meta_flags(&reply);
+        let Some((off, len)) = mf.data else { continue };
+        let ttl = match mf.ttl {
+            Some(-1) | None => 0,
+            Some(0) => continue,
+            Some(t) if t > 60 * 60 * 24 * 30 => unix_now() + t,
+            Some(t) => t,
+        };
+        items.push(Item {
+            key: k,
+            flags: mf.flags.unwrap_or(0),
+            ttl,
+            value: reply[off..off + len].to_vec(),
+        });
+    }
+    Ok(items)
+}
+
+/// `ms <key> <len> F T ME` for a batch, pipelined: (copied, skipped because
+/// the target already had a value).
+async fn store<'a>(conn: &mut TcpStream, items: &[Item<'a>]) -> Result<Vec<&'a [u8]>, String> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut req = Vec::with_capacity(items.iter().map(|i| i.value.len() + 64).sum());
+    for it in items {
+        req.extend_from_slice(b"ms ");
+        let b64 = put_key(&mut req, it.key);
+        req.extend_from_slice(
+            format!(
+                " {} F{} T{} ME{}\r\n",
+                it.value.len(),
+                it.flags,
+                it.ttl,
+                if b64 { " b" } else { "" }
+            )
+            .as_bytes(),
+        );
+        req.extend_from_slice(&it.value);
+        req.extend_from_slice(b"\r\n");
+    }
+    conn.write_all(&req).await.map_err(|e| e.to_string())?;
+    let mut reader = Replies::default();
+    let mut landed = Vec::with_capacity(items.len());
+    for it in items {
+        let reply = reader.next(conn).await?;
+        if reply.starts_with(b"HD") {
+            landed.push(it.key);
+        } else if !reply.starts_with(b"NS") {
+            return Err(format!(
+                "unexpected reply to a copy: {}",
+                String::from_utf8_lossy(&reply)
+            ));
+        }
+    }
+    Ok(landed)
+}
+
+/// Reads meta replies one by one.
+#[derive(Default)]
+struct Replies {
+    buf: Vec<u8>,
+}
+
+impl Replies {
+    async fn next(&mut self, conn: &mut TcpStream) -> Result<Vec<u8>, String> {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match memrelay_protocol::parse_response(
+                &self.buf,
+                memrelay_protocol::Expect::Meta,
+                1 << 30,
+            ) {
+                Ok(Some((_, n))) => return Ok(self.buf.drain(..n).collect()),
+                Ok(None) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            let n = tokio::time::timeout(IO_TIMEOUT, conn.read(&mut chunk))
+                .await
+                .map_err(|_| "server timed out during resync".to_string())?
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("server closed the connection during resync".into());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadump_keys_are_url_decoded() {
+        let mut out = Vec::new();
+        assert!(url_decode(b"a%2520b", &mut out));
+        assert_eq!(out, b"a%20b");
+        assert!(url_decode(b"plain", &mut out));
+        assert_eq!(out, b"plain");
+        assert!(!url_decode(b"bad%2", &mut out));
+    }
+
+    #[test]
+    fn arena_chunks_give_back_every_key() {
+        let mut a = KeyArena::default();
+        for i in 0..7 {
+            a.push(format!("k{i}").as_bytes());
+        }
+        let all: Vec<Vec<u8>> = a.chunks(3).flatten().map(|k| k.to_vec()).collect();
+        assert_eq!(all.len(), 7);
+        assert_eq!(all[6], b"k6");
+    }
+}
