@@ -679,7 +679,7 @@ fn parse_meta(
     if command == Command::MetaSet && t.ntokens == 3 {
         return err(ErrorKind::BadFormat);
     }
-    if t.ntokens > MFLAG_MAX_OPT_LENGTH && command != Command::MetaDebug {
+    if t.ntokens > MFLAG_MAX_OPT_LENGTH {
         return err(if command == Command::MetaGet {
             ErrorKind::MetaFlagsTooLongMg
         } else {

@@ -89,7 +89,7 @@ impl Model {
                 }
             }
             Command::Verbosity => toks.push(num(&self.delta)),
-            Command::Stats => {
+            Command::Stats | Command::Admin => {
                 if !self.args.is_empty() {
                     toks.push(self.args.clone());
                 }
@@ -150,7 +150,9 @@ impl Model {
                     prop_assert_eq!(req.exptime, self.exptime);
                 }
             }
-            Command::Stats => prop_assert_eq!(req.args.of(frame), &self.args[..]),
+            Command::Stats | Command::Admin => {
+                prop_assert_eq!(req.args.of(frame), &self.args[..])
+            }
             _ => {}
         }
         if self.command == Command::MetaDebug {
@@ -160,6 +162,7 @@ impl Model {
             prop_assert_eq!(req.meta.flags.of(frame), want);
             prop_assert_eq!(req.meta.base64, b);
             prop_assert!(!req.meta.quiet && !req.meta.value && !req.meta.cas);
+            prop_assert!(!req.meta.vivify);
             prop_assert_eq!(req.meta.mode, 0);
         } else if self.command.is_meta() {
             let flags: Vec<&[u8]> = req
@@ -176,6 +179,7 @@ impl Model {
             prop_assert_eq!(req.meta.base64, has(b'b'));
             prop_assert_eq!(req.meta.cas, has(b'C'));
             prop_assert_eq!(req.meta.value, has(b'v'));
+            prop_assert_eq!(req.meta.vivify, has(b'N'));
             let mode = self
                 .meta_flags
                 .iter()
@@ -223,6 +227,7 @@ fn meta_flags() -> impl Strategy<Value = Vec<Vec<u8>>> {
         Just(b"s".to_vec()),
         Just(b"b".to_vec()),
         Just(b"I".to_vec()),
+        Just(b"N30".to_vec()),
         (b'A'..=b'Z').prop_map(|m| vec![b'M', m]),
         any::<u32>().prop_map(|n| format!("T{n}").into_bytes()),
         any::<u32>().prop_map(|n| format!("F{n}").into_bytes()),
@@ -258,12 +263,23 @@ fn stats_args() -> impl Strategy<Value = Vec<u8>> {
     .prop_map(<[u8]>::to_vec)
 }
 
+/// `memrelay <subcommand> [args]`, the proxy's own commands.
+fn admin_args() -> impl Strategy<Value = Vec<u8>> {
+    prop::sample::select(vec![
+        &b""[..],
+        b"resync 10.0.0.11:11211",
+        b"resync [::1]:11212",
+        b"help",
+    ])
+    .prop_map(<[u8]>::to_vec)
+}
+
 /// Any valid request.
 fn request() -> impl Strategy<Value = Model> {
     use Command::*;
     let command = prop::sample::select(vec![
         Get, Gets, Gat, Gats, Set, Add, Replace, Append, Prepend, Cas, Delete, Incr, Decr, Touch,
-        FlushAll, Version, Verbosity, Quit, Stats, MetaNoop, MetaGet, MetaSet, MetaDelete,
+        FlushAll, Version, Verbosity, Quit, Stats, Admin, MetaNoop, MetaGet, MetaSet, MetaDelete,
         MetaArith, MetaDebug,
     ]);
     (
@@ -275,13 +291,26 @@ fn request() -> impl Strategy<Value = Model> {
         value(),
         any::<bool>(),
         any::<bool>(),
-        stats_args(),
+        (stats_args(), admin_args()),
         meta_flags(),
         1usize..=3,
         any::<bool>(),
     )
         .prop_map(
-            |(command, keys, flags, exptime, num, value, noreply, opt, args, mflags, gap, crlf)| {
+            |(
+                command,
+                keys,
+                flags,
+                exptime,
+                num,
+                value,
+                noreply,
+                opt,
+                (args, admin_args),
+                mflags,
+                gap,
+                crlf,
+            )| {
                 let mut m = Model::new(command);
                 m.gap = gap;
                 m.crlf = crlf;
@@ -327,6 +356,7 @@ fn request() -> impl Strategy<Value = Model> {
                         m.noreply = noreply;
                     }
                     Stats => m.args = args,
+                    Admin => m.args = admin_args,
                     Version | Quit | MetaNoop => {}
                     MetaGet | MetaSet | MetaDelete | MetaArith | MetaDebug => {
                         m.keys = one_key();

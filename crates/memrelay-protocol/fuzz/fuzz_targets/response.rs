@@ -12,7 +12,7 @@ use memrelay_protocol::{
 
 type Outcome = Result<Option<(ResponseKind, usize)>, ResponseError>;
 
-const EXPECTS: [Expect; 8] = [
+const EXPECTS: [Expect; 9] = [
     Expect::Retrieval,
     Expect::Storage,
     Expect::Delete,
@@ -21,6 +21,7 @@ const EXPECTS: [Expect; 8] = [
     Expect::Ok,
     Expect::Version,
     Expect::Meta,
+    Expect::MetaQuiet,
 ];
 
 /// The proxy's largest value limit (`-I 1g` plus slack), a default one,
@@ -59,11 +60,23 @@ fn check_outcome(data: &[u8], expect: Expect, outcome: &Outcome) {
         return;
     };
     assert!(n > 0 && n <= data.len(), "consumed {n} of {}", data.len());
-    let reply = &data[..n];
+    let mut reply = &data[..n];
     assert!(
         reply.ends_with(b"\r\n"),
         "reply {reply:?} not ended by CRLF"
     );
+    if expect == Expect::MetaQuiet {
+        // The reply memcached did not suppress, then the `MN` the proxy
+        // sent after it; or only `MN`.
+        assert!(
+            reply.ends_with(b"MN\r\n"),
+            "quiet reply {reply:?} without MN"
+        );
+        if kind != ResponseKind::Meta(MetaStatus::Mn) {
+            reply = &reply[..n - 4];
+            assert!(!reply.is_empty());
+        }
+    }
     match kind {
         ResponseKind::Values { hits } => {
             assert_eq!(expect, Expect::Retrieval);
@@ -86,7 +99,7 @@ fn check_outcome(data: &[u8], expect: Expect, outcome: &Outcome) {
             let Some((off, len)) = f.data else {
                 panic!("VA reply {reply:?} without a data block");
             };
-            assert_eq!(off + len + 2, n, "VA data must end the reply");
+            assert_eq!(off + len + 2, reply.len(), "VA data must end the reply");
         }
         _ => {}
     }
