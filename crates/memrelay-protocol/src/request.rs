@@ -199,7 +199,7 @@ pub struct Request {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MetaOpts {
     /// The flag tokens after the key (after the data length for `ms`),
-    /// as sent.
+    /// as sent. For `me`, only the `b` memcached reads, if present.
     pub flags: Span,
     /// `q`: quiet mode. The proxy strips it before forwarding, so every
     /// request gets a reply from the server, and suppresses the replies
@@ -665,11 +665,21 @@ fn parse_meta(
     if req.key.len as usize > KEY_MAX_LENGTH {
         return err(ErrorKind::BadFormat);
     }
+    if command == Command::MetaDebug {
+        // memcached's `me` reads one flag, a `b` right after the key, and
+        // ignores the rest of the line: no quiet mode, no duplicate check.
+        // Only that flag is kept, so it is all the server is sent.
+        if t.n > 2 && t.get(line, 2) == b"b" {
+            req.meta.base64 = true;
+            req.meta.flags = t.spans[2];
+        }
+        return Ok(Some((req, consumed_line)));
+    }
     let first_flag = if command == Command::MetaSet { 3 } else { 2 };
     if command == Command::MetaSet && t.ntokens == 3 {
         return err(ErrorKind::BadFormat);
     }
-    if t.ntokens > MFLAG_MAX_OPT_LENGTH && command != Command::MetaDebug {
+    if t.ntokens > MFLAG_MAX_OPT_LENGTH {
         return err(if command == Command::MetaGet {
             ErrorKind::MetaFlagsTooLongMg
         } else {
@@ -978,6 +988,31 @@ mod tests {
         assert_eq!(kind(b"mx k\r\n"), ErrorKind::Error);
         let many = format!("mg k {}\r\n", vec!["v"; 20].join(" "));
         assert_eq!(kind(many.as_bytes()), ErrorKind::MetaFlagsTooLongMg);
+    }
+
+    /// memcached's `me` reads a `b` right after the key and nothing else
+    /// (checked against memcached 1.6.18): no quiet mode, no duplicate
+    /// flags, no `b` further on. Found by the request fuzz target's round
+    /// trip: stripping a `q` moved a later `b` into the parsed tokens.
+    #[test]
+    fn meta_debug_reads_only_b_after_the_key() {
+        let (req, _) = parse(b"me nokey q\r\n").unwrap().unwrap();
+        assert!(!req.meta.quiet, "memcached answers `me k q`");
+        assert!(parse(b"me k q q\r\n").unwrap().is_some());
+        let input = b"me aw== b\r\n";
+        let (req, _) = parse(input).unwrap().unwrap();
+        assert!(req.meta.base64);
+        assert_eq!(req.meta.flags.of(input), b"b");
+        let input = b"me aw== x b v\r\n";
+        let (req, _) = parse(input).unwrap().unwrap();
+        assert!(!req.meta.base64 && !req.meta.value);
+        assert!(
+            req.meta.flags.is_empty(),
+            "only the flag memcached reads is kept"
+        );
+        let input = b"me k q a c d e f g h i j k l m n o p r s t u w b\r\n";
+        let (req, _) = parse(input).unwrap().unwrap();
+        assert!(!req.meta.base64);
     }
 
     #[test]

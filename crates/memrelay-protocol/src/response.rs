@@ -133,7 +133,8 @@ impl ResponseParser {
                 }
                 Some((kind, n)) => match parse_meta_reply(&buf[n..], max_value)? {
                     None => Ok(None),
-                    Some((ResponseKind::Meta(MetaStatus::Mn), m)) => Ok(Some((kind, n + m))),
+                    // Exactly `MN\r\n`: the caller strips those 4 bytes.
+                    Some((ResponseKind::Meta(MetaStatus::Mn), 4)) => Ok(Some((kind, n + 4))),
                     Some(_) => Err(ResponseError::Unexpected),
                 },
             },
@@ -529,6 +530,21 @@ mod tests {
             Err(ResponseError::Unexpected)
         );
         assert_eq!(parse_response(b"VA 3\r\nab", Expect::Meta, MAX), Ok(None));
+    }
+
+    /// Found by the response fuzz target: an `MN` line with more on it
+    /// was taken as the end of a quiet reply, and the caller, which strips
+    /// the last 4 bytes, would have forwarded the rest of it to the client.
+    #[test]
+    fn quiet_meta_reply_ends_with_exactly_mn() {
+        assert_eq!(
+            parse_response(b"HD\r\nMN    \r\n", Expect::MetaQuiet, MAX),
+            Err(ResponseError::Unexpected)
+        );
+        assert_eq!(
+            parse_response(b"HD\r\nMN\r\n", Expect::MetaQuiet, MAX),
+            Ok(Some((ResponseKind::Meta(MetaStatus::Hd), 8)))
+        );
     }
 
     #[test]
