@@ -1343,6 +1343,7 @@ fn garbage_floods_without_newline_are_cut_off() {
             escape_max(&reply, 300)
         );
         let rss_after = vm_rss_kib(relay.pid());
+        eprintln!("[{name}] flood: {sent} bytes sent, RSS {rss_before} -> {rss_after} KiB");
         assert!(
             rss_after < rss_before + 64 * 1024,
             "[{name}] memrelay's RSS grew from {rss_before} KiB to {rss_after} KiB (bound: +64 MiB) \
@@ -1431,6 +1432,10 @@ fn a_client_that_never_reads_cannot_make_memory_grow() {
         peak = peak.max(vm_rss_kib(relay.pid()));
         thread::sleep(Duration::from_millis(100));
     }
+    eprintln!(
+        "hog: sent {sent} of {} bytes of gets; memrelay RSS {rss_before} KiB -> peak {peak} KiB",
+        pipeline.len()
+    );
     assert!(
         peak < rss_before + BOUND_KIB,
         "memrelay's RSS went from {rss_before} KiB to {peak} KiB (bound +{BOUND_KIB} KiB) with a \
