@@ -506,12 +506,7 @@ impl Scene {
 
     fn with_timeout(fake: FakeServer, timeout: &str) -> Scene {
         let real = Memcached::start();
-        let servers = vec![
-            "-s".to_string(),
-            fake.addr(),
-            "-s".to_string(),
-            real.addr(),
-        ];
+        let servers = vec!["-s".to_string(), fake.addr(), "-s".to_string(), real.addr()];
         let router = match parse_args(servers.clone()) {
             Ok(Action::Run(cfg)) => Router::new(&cfg),
             other => panic!("bad server args: {other:?}"),
@@ -622,7 +617,11 @@ fn run_scene(name: &str, fake: FakeServer, expect: Expect) {
 
     // get of a key on the fake.
     let before = sc.fake_failures();
-    let (r, took) = timed(&mut c, format!("get {fk}\r\n").as_bytes(), complete_retrieval);
+    let (r, took) = timed(
+        &mut c,
+        format!("get {fk}\r\n").as_bytes(),
+        complete_retrieval,
+    );
     seen.extend_from_slice(&r.bytes);
     let ok = match expect.get {
         GetOk::MissOnly => r.bytes == b"END\r\n",
@@ -772,7 +771,11 @@ fn run_scene(name: &str, fake: FakeServer, expect: Expect) {
         escape(&r.bytes),
         sc.diag()
     );
-    let (r, _) = timed(&mut c, format!("get {hk}\r\n").as_bytes(), complete_retrieval);
+    let (r, _) = timed(
+        &mut c,
+        format!("get {hk}\r\n").as_bytes(),
+        complete_retrieval,
+    );
     seen.extend_from_slice(&r.bytes);
     assert_eq!(
         r.bytes,
@@ -795,7 +798,11 @@ fn run_scene(name: &str, fake: FakeServer, expect: Expect) {
     );
     assert_alive(&mut sc.relay, name);
     let mut fresh = relay_client(&sc.relay);
-    let (r, _) = timed(&mut fresh, format!("get {hk}\r\n").as_bytes(), complete_retrieval);
+    let (r, _) = timed(
+        &mut fresh,
+        format!("get {hk}\r\n").as_bytes(),
+        complete_retrieval,
+    );
     assert_eq!(
         r.bytes,
         [value_reply(&hk, "still"), b"END\r\n".to_vec()].concat(),
@@ -811,7 +818,9 @@ fn run_scene(name: &str, fake: FakeServer, expect: Expect) {
 
 #[test]
 fn server_replies_garbage_to_everything() {
-    let fake = FakeServer::start(answer_each(|_| format!("HELLO {EVIL} WORLD\r\n").into_bytes()));
+    let fake = FakeServer::start(answer_each(|_| {
+        format!("HELLO {EVIL} WORLD\r\n").into_bytes()
+    }));
     run_scene("garbage line", fake, STRICT);
 }
 
@@ -949,11 +958,7 @@ fn server_announces_a_2gb_value() {
 #[test]
 fn server_announces_a_value_length_that_overflows() {
     let fake = FakeServer::start(answer_then_hold(|req| {
-        format!(
-            "VALUE {} 0 184467440737095516160\r\n{EVIL}",
-            first_key(req)
-        )
-        .into_bytes()
+        format!("VALUE {} 0 184467440737095516160\r\n{EVIL}", first_key(req)).into_bytes()
     }));
     run_scene("overflowing VALUE length", fake, STRICT);
 }
@@ -1007,7 +1012,11 @@ fn assert_wrong_keys_fail_the_connection(name: &str, fake: FakeServer) {
     let fk = sc.key_on(0, "fake");
     let mut c = relay_client(&sc.relay);
     let before = sc.fake_failures();
-    let (r, took) = timed(&mut c, format!("get {fk}\r\n").as_bytes(), complete_retrieval);
+    let (r, took) = timed(
+        &mut c,
+        format!("get {fk}\r\n").as_bytes(),
+        complete_retrieval,
+    );
     assert!(
         r.end == End::Complete && took <= ANSWER_BOUND && !contains(&r.bytes, EVIL.as_bytes()),
         "[{name}] get {fk}: {:?} after {took:?}: {}\n{}",
@@ -1088,7 +1097,11 @@ fn server_sends_an_extra_end_and_the_connection_is_dropped() {
     let mut sc = Scene::new(fake);
     let fk = sc.key_on(0, "fake");
     let mut c = relay_client(&sc.relay);
-    let (r, took) = timed(&mut c, format!("get {fk}\r\n").as_bytes(), complete_retrieval);
+    let (r, took) = timed(
+        &mut c,
+        format!("get {fk}\r\n").as_bytes(),
+        complete_retrieval,
+    );
     assert!(
         r.bytes == b"END\r\n" && took <= ANSWER_BOUND,
         "get {fk}: expected END within {ANSWER_BOUND:?}, got {:?} after {took:?}: {}\n{}",
@@ -1103,7 +1116,11 @@ fn server_sends_an_extra_end_and_the_connection_is_dropped() {
         sc.diag()
     );
     // And the proxy still works with the same server and client.
-    let (r, took) = timed(&mut c, format!("get {fk}\r\n").as_bytes(), complete_retrieval);
+    let (r, took) = timed(
+        &mut c,
+        format!("get {fk}\r\n").as_bytes(),
+        complete_retrieval,
+    );
     assert!(
         r.bytes == b"END\r\n" && took <= ANSWER_BOUND,
         "second get {fk}: got {:?} after {took:?}: {}\n{}",
@@ -1140,15 +1157,29 @@ fn server_speaks_while_idle_and_is_dropped() {
     let mut sc = Scene::new(fake);
     let fk = sc.key_on(0, "fake");
     let mut c = relay_client(&sc.relay);
-    let (r, _) = timed(&mut c, format!("get {fk}\r\n").as_bytes(), complete_retrieval);
-    assert_eq!(r.bytes, b"END\r\n", "first get: {}\n{}", escape(&r.bytes), sc.diag());
+    let (r, _) = timed(
+        &mut c,
+        format!("get {fk}\r\n").as_bytes(),
+        complete_retrieval,
+    );
+    assert_eq!(
+        r.bytes,
+        b"END\r\n",
+        "first get: {}\n{}",
+        escape(&r.bytes),
+        sc.diag()
+    );
     let dropped = wait_until(CONVERGE, || sc.fake.closed_by_proxy() >= 1);
     assert!(
         dropped,
         "memrelay kept a server connection that sent a VALUE block while nothing was asked\n{}",
         sc.diag()
     );
-    let (r, took) = timed(&mut c, format!("get {fk}\r\n").as_bytes(), complete_retrieval);
+    let (r, took) = timed(
+        &mut c,
+        format!("get {fk}\r\n").as_bytes(),
+        complete_retrieval,
+    );
     assert!(
         r.bytes == b"END\r\n" && took <= ANSWER_BOUND,
         "get after the unsolicited VALUE: expected END within {ANSWER_BOUND:?}, got {:?} after {took:?}: {}\n{}",
@@ -1193,7 +1224,13 @@ fn server_answers_a_few_requests_then_garbage() {
     let req = format!("get {fk}\r\n");
     for i in 0..3 {
         let (r, _) = timed(&mut c, req.as_bytes(), complete_retrieval);
-        assert_eq!(r.bytes, good, "get #{i}: {}\n{}", escape(&r.bytes), sc.diag());
+        assert_eq!(
+            r.bytes,
+            good,
+            "get #{i}: {}\n{}",
+            escape(&r.bytes),
+            sc.diag()
+        );
     }
     let before = sc.fake_failures();
     let (r, took) = timed(&mut c, req.as_bytes(), complete_retrieval);
@@ -1248,7 +1285,11 @@ fn a_misbehaving_server_does_not_delay_other_clients() {
             c.set_deadline(CLIENT_DEADLINE);
             let mut worst = Duration::ZERO;
             while !stop.load(Ordering::SeqCst) {
-                let (r, took) = timed(&mut c, format!("get {fk}\r\n").as_bytes(), complete_retrieval);
+                let (r, took) = timed(
+                    &mut c,
+                    format!("get {fk}\r\n").as_bytes(),
+                    complete_retrieval,
+                );
                 assert_eq!(r.bytes, b"END\r\n", "the stuck client's get");
                 worst = worst.max(took);
             }
@@ -1260,8 +1301,18 @@ fn a_misbehaving_server_does_not_delay_other_clients() {
     let end = Instant::now() + Duration::from_secs(2);
     let mut n = 0;
     while Instant::now() < end {
-        let (r, took) = timed(&mut setup, format!("get {hk}\r\n").as_bytes(), complete_retrieval);
-        assert_eq!(r.bytes, want, "healthy get #{n}: {}\n{}", escape(&r.bytes), sc.diag());
+        let (r, took) = timed(
+            &mut setup,
+            format!("get {hk}\r\n").as_bytes(),
+            complete_retrieval,
+        );
+        assert_eq!(
+            r.bytes,
+            want,
+            "healthy get #{n}: {}\n{}",
+            escape(&r.bytes),
+            sc.diag()
+        );
         worst = worst.max(took);
         n += 1;
     }
@@ -1294,7 +1345,7 @@ fn relay_on(m: &Memcached, extra: &[&str]) -> Memrelay {
         "--timeout".to_string(),
         TIMEOUT.to_string(),
     ];
-    if !extra.iter().any(|a| *a == "-t") {
+    if !extra.contains(&"-t") {
         args.extend(["-t".to_string(), "1".to_string()]);
     }
     args.extend(extra.iter().map(|s| s.to_string()));
@@ -1307,8 +1358,17 @@ fn well_behaved(addr: &str, key: &str, value: &str, bound: Duration) -> Duration
     let mut c = Client::connect(addr);
     c.set_deadline(CLIENT_DEADLINE);
     let (r, t1) = timed(&mut c, &set_req(key, value), line_done);
-    assert_eq!(r.bytes, b"STORED\r\n", "well-behaved set {key}: {}", escape(&r.bytes));
-    let (r, t2) = timed(&mut c, format!("get {key}\r\n").as_bytes(), complete_retrieval);
+    assert_eq!(
+        r.bytes,
+        b"STORED\r\n",
+        "well-behaved set {key}: {}",
+        escape(&r.bytes)
+    );
+    let (r, t2) = timed(
+        &mut c,
+        format!("get {key}\r\n").as_bytes(),
+        complete_retrieval,
+    );
     assert_eq!(
         r.bytes,
         [value_reply(key, value), b"END\r\n".to_vec()].concat(),
@@ -1316,7 +1376,10 @@ fn well_behaved(addr: &str, key: &str, value: &str, bound: Duration) -> Duration
         escape(&r.bytes)
     );
     let worst = t1.max(t2);
-    assert!(worst <= bound, "well-behaved client took {worst:?} (bound {bound:?})");
+    assert!(
+        worst <= bound,
+        "well-behaved client took {worst:?} (bound {bound:?})"
+    );
     worst
 }
 
@@ -1430,7 +1493,12 @@ fn a_slow_client_does_not_hold_up_others() {
             let mut worst = Duration::ZERO;
             let mut n = 0;
             while !stop.load(Ordering::SeqCst) {
-                worst = worst.max(well_behaved(&addr, &format!("busy{}", n % 50), "v", ANSWER_BOUND));
+                worst = worst.max(well_behaved(
+                    &addr,
+                    &format!("busy{}", n % 50),
+                    "v",
+                    ANSWER_BOUND,
+                ));
                 n += 1;
             }
             (worst, n)
@@ -1460,7 +1528,10 @@ fn a_slow_client_does_not_hold_up_others() {
     well_behaved(&addr, "slowkey2", "x", ANSWER_BOUND);
     let mut c = relay_client(&relay);
     let r = c.send_until(b"get slowkey\r\n", complete_retrieval);
-    assert_eq!(r.bytes, [value_reply("slowkey", "drip"), b"END\r\n".to_vec()].concat());
+    assert_eq!(
+        r.bytes,
+        [value_reply("slowkey", "drip"), b"END\r\n".to_vec()].concat()
+    );
     assert_alive(&mut relay, "with a slow client");
 }
 
@@ -1484,7 +1555,10 @@ fn a_client_that_never_reads_cannot_make_memory_grow() {
     let mut hog = TcpStream::connect(&addr).unwrap();
     let pipeline = "get hog\r\n".repeat(GETS).into_bytes();
     let (sent, closed) = flood(&mut hog, &pipeline, pipeline.len(), Duration::from_secs(20));
-    assert!(!closed, "memrelay closed a pipelining client after {sent} bytes");
+    assert!(
+        !closed,
+        "memrelay closed a pipelining client after {sent} bytes"
+    );
     // Give the proxy time to do whatever it would do with what it read.
     let mut peak = vm_rss_kib(relay.pid());
     let settle_end = Instant::now() + Duration::from_secs(3);
@@ -1560,17 +1634,33 @@ fn odd_bytes_from_clients() {
         ("NUL command", b"\0\0\0\0\r\n".to_vec(), true),
         ("0xff bytes", vec![0xff, 0xfe, 0xff, b'\r', b'\n'], true),
         ("0xff in a key", b"get k\xff\xfe\r\n".to_vec(), true),
-        ("\\r without \\n, then a line", b"get a\rb\r\n".to_vec(), true),
+        (
+            "\\r without \\n, then a line",
+            b"get a\rb\r\n".to_vec(),
+            true,
+        ),
         ("lone \\r then a newline", b"\r\r\r\r\n".to_vec(), true),
         ("bare \\n", b"get a\n".to_vec(), true),
-        ("251-byte key get", format!("get {long_key}\r\n").into_bytes(), true),
-        ("10,000-byte key get", format!("get {huge_key}\r\n").into_bytes(), true),
+        (
+            "251-byte key get",
+            format!("get {long_key}\r\n").into_bytes(),
+            true,
+        ),
+        (
+            "10,000-byte key get",
+            format!("get {huge_key}\r\n").into_bytes(),
+            true,
+        ),
         (
             "251-byte key set",
             format!("set {long_key} 0 0 1\r\nx\r\n").into_bytes(),
             true,
         ),
-        ("data without \\r\\n", b"set a 0 0 1\r\nxyz\r\n".to_vec(), true),
+        (
+            "data without \\r\\n",
+            b"set a 0 0 1\r\nxyz\r\n".to_vec(),
+            true,
+        ),
         ("negative length set", b"set a 0 0 -1\r\n".to_vec(), true),
         ("2 GB set", b"set a 0 0 2147483648\r\n".to_vec(), false),
         ("empty line", b"\r\n".to_vec(), true),
@@ -1735,14 +1825,17 @@ fn connection_limit_reached_then_released() {
             r.bytes == [value_reply("half0", "abcdefghij"), b"END\r\n".to_vec()].concat()
         })
     });
-    assert!(ok, "after the holders left, {LIMIT} new clients could not all be served");
+    assert!(
+        ok,
+        "after the holders left, {LIMIT} new clients could not all be served"
+    );
     assert_alive(&mut relay, "after the connection limit");
 }
 
 /// Raises this process's soft RLIMIT_NOFILE towards `want` (children
 /// started afterwards, memrelay included, inherit it). Returns the soft
 /// limit now in force.
-fn raise_nofile(want: u64) -> u64 {
+fn raise_nofile(want: libc::rlim_t) -> libc::rlim_t {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -1750,9 +1843,9 @@ fn raise_nofile(want: u64) -> u64 {
     // SAFETY: getrlimit/setrlimit with a valid pointer.
     unsafe {
         assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
-        if lim.rlim_cur < want as libc::rlim_t {
+        if lim.rlim_cur < want {
             let raised = libc::rlimit {
-                rlim_cur: (want as libc::rlim_t).min(lim.rlim_max),
+                rlim_cur: (want).min(lim.rlim_max),
                 rlim_max: lim.rlim_max,
             };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
@@ -1760,14 +1853,14 @@ fn raise_nofile(want: u64) -> u64 {
             }
         }
     }
-    lim.rlim_cur as u64
+    lim.rlim_cur
 }
 
 #[test]
 fn two_thousand_concurrent_connections() {
     const WANT: usize = 2000;
     // Client sockets, plus headroom for the harness and the test runner.
-    let limit = raise_nofile(WANT as u64 + 512);
+    let limit = raise_nofile((WANT + 512) as libc::rlim_t);
     let n = WANT.min((limit as usize).saturating_sub(256));
     let m = Memcached::start();
     let mut relay = relay_on(&m, &["-n", "5000", "-t", "2"]);
