@@ -176,8 +176,9 @@ fn dropping_privileges_after_binding() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         let relay = Memrelay::start(&["-u", "nobody", "-s", &m.addr()]);
-        let uid = uid_of(relay.pid());
-        assert_ne!(uid, 0, "still root after -u nobody");
+        // The port opens when memrelay binds, just before it drops root.
+        let dropped = wait_until(START_DEADLINE, || uid_of(relay.pid()) != 0);
+        assert!(dropped, "still root after -u nobody");
         let mut c = Client::connect(&relay.addr());
         let r = c.send_until(b"set p 0 0 1\r\nx\r\n", |b| b.ends_with(b"\r\n"));
         assert_eq!(r.bytes, b"STORED\r\n");
