@@ -65,6 +65,8 @@ struct Inner {
     queued: Cell<u64>,
     written: Cell<u64>,
     wake: LocalNotify,
+    /// Set by `poison`: the task closes the connection at its next turn.
+    poisoned: Cell<bool>,
     health: Arc<Health>,
     settings: Rc<BackendSettings>,
 }
@@ -91,6 +93,7 @@ impl Conn {
             queued: Cell::new(0),
             written: Cell::new(0),
             wake: LocalNotify::default(),
+            poisoned: Cell::new(false),
             health,
             settings,
         });
@@ -100,6 +103,14 @@ impl Conn {
 
     pub fn is_closed(&self) -> bool {
         self.inner.state.get() == State::Closed
+    }
+
+    /// The server sent something a well-behaved memcached never does (seen
+    /// above the framing, e.g. a VALUE for a key nobody asked for): close
+    /// the connection; whatever is still in flight on it fails.
+    pub fn poison(&self) {
+        self.inner.poisoned.set(true);
+        self.inner.wake.notify();
     }
 
     /// Queues a request: `write` appends its line, then `value` (a storage
@@ -164,6 +175,12 @@ async fn drive(inner: Rc<Inner>, addr: SocketAddr) {
     let mut armed: Option<Instant> = None;
 
     loop {
+        if inner.poisoned.get() {
+            return fail(
+                &inner,
+                Failure::Protocol(memrelay_protocol::ResponseError::Unexpected),
+            );
+        }
         // Write whatever is queued; most of the time the socket takes it all.
         if let Err(f) = flush(&inner, &stream) {
             return fail(&inner, f);

@@ -215,6 +215,16 @@ impl ServerPool {
         self.conn(i % self.nconns).send(expect, reply, write, value)
     }
 
+    /// The server misbehaved above the framing: count a failure and close
+    /// this worker's connections to it (new ones are opened on demand).
+    pub fn poison(&self, why: &str) {
+        self.health
+            .record_failure(self.settings.failure_limit, &why);
+        for c in self.conns.borrow().iter().flatten() {
+            c.poison();
+        }
+    }
+
     /// Connection `i`, replaced by a new one if it was closed.
     fn conn(&self, i: usize) -> Conn {
         let mut conns = self.conns.borrow_mut();

@@ -111,6 +111,35 @@ pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Req
     }
 }
 
+/// A server whose reply holds VALUE blocks that answer no requested key (a
+/// key nobody asked for, a second block for one key) is broken: it is
+/// counted as failed and its connections are closed. The blocks themselves
+/// never reach the client (`walk` only takes blocks that match a key).
+fn drop_misbehaving_servers(w: &Worker, slot: &Slot, req: &Request) {
+    let round_one = slot
+        .parts
+        .iter()
+        .take_while(|p| p.role == Role::Main)
+        .count();
+    let mut matched: SmallVec<[u32; 4]> = SmallVec::from_elem(0, round_one);
+    walk(slot, req, |_, _, p, hit| {
+        if hit.is_some() {
+            if let Some(m) = matched.get_mut(p) {
+                *m += 1;
+            }
+        }
+    });
+    for (p, part) in slot.parts[..round_one].iter().enumerate() {
+        if let Some(Ok(r)) = &part.result {
+            if let ResponseKind::Values { hits } = r.kind {
+                if hits > matched[p] {
+                    w.servers[part.server as usize].poison("VALUE for a key not asked for");
+                }
+            }
+        }
+    }
+}
+
 /// Walks the keys in request order with their round-one outcome: the part
 /// that served them and the VALUE block, if it was a hit.
 fn walk<'a>(
@@ -148,6 +177,7 @@ fn walk<'a>(
 /// Round one is in: ask backups for what missed, or finish.
 pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
+    drop_misbehaving_servers(w, slot, req);
     if !w.router.has_backups() {
         return;
     }
