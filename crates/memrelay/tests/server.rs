@@ -479,3 +479,62 @@ fn metrics_endpoint_serves_prometheus_text_and_health() {
     });
     assert!(unready, "/readyz still ready with the only primary down");
 }
+
+#[test]
+fn flush_all_is_refused_unless_enabled() {
+    let m = Memcached::start();
+    let relay = Memrelay::start(&["-s", &m.addr()]);
+    let mut c = Client::connect(&relay.addr());
+    let r = c.send_until(
+        b"set f 0 0 1\r\nx\r\nflush_all\r\nflush_all noreply\r\nget f\r\n",
+        |b| b.ends_with(b"END\r\n"),
+    );
+    assert_eq!(
+        r.bytes,
+        b"STORED\r\nCLIENT_ERROR flush_all not allowed\r\nVALUE f 0 1\r\nx\r\nEND\r\n",
+        "{}",
+        String::from_utf8_lossy(&r.bytes)
+    );
+    let relay = Memrelay::start(&["--enable-flush-all", "-s", &m.addr()]);
+    let mut c = Client::connect(&relay.addr());
+    let r = c.send_until(b"flush_all\r\nget f\r\n", |b| b.ends_with(b"END\r\n"));
+    assert_eq!(
+        r.bytes,
+        b"OK\r\nEND\r\n",
+        "{}",
+        String::from_utf8_lossy(&r.bytes)
+    );
+}
+
+#[test]
+fn idle_clients_are_closed_only_with_idle_timeout() {
+    let m = Memcached::start();
+    let relay = Memrelay::start(&["--idle-timeout", "300ms", "-s", &m.addr()]);
+    // An idle client is closed.
+    let mut idle = std::net::TcpStream::connect(relay.addr()).unwrap();
+    idle.set_read_timeout(Some(IO_DEADLINE)).unwrap();
+    idle.write_all(b"get x\r\n").unwrap();
+    let t = std::time::Instant::now();
+    assert_eq!(read_to_close(&mut idle), b"END\r\n");
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "closed only after {:?}",
+        t.elapsed()
+    );
+    // A client that keeps talking is not.
+    let mut busy = Client::connect(&relay.addr());
+    for _ in 0..10 {
+        let r = busy.send_until(b"get x\r\n", |b| b.ends_with(b"END\r\n"));
+        assert_eq!(r.bytes, b"END\r\n");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Without the flag, nobody is closed for being idle.
+    let relay = Memrelay::start(&["-s", &m.addr()]);
+    let mut quiet = std::net::TcpStream::connect(relay.addr()).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    quiet.write_all(b"get x\r\n").unwrap();
+    quiet.set_read_timeout(Some(IO_DEADLINE)).unwrap();
+    let mut buf = [0u8; 16];
+    let n = quiet.read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"END\r\n");
+}
