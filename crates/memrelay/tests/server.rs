@@ -318,9 +318,10 @@ fn a_new_process_takes_over_the_port_without_refusing_anyone() {
     .is_ok()));
     assert!(wait_until(START_DEADLINE, || handoff.exists()));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let load: Vec<_> = (0..4)
         .map(|t| {
-            let (addr, stop) = (addr.clone(), stop.clone());
+            let (addr, stop, done) = (addr.clone(), stop.clone(), done.clone());
             std::thread::spawn(move || {
                 let (mut ok, mut failed) = (0u32, Vec::new());
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -359,8 +360,13 @@ fn a_new_process_takes_over_the_port_without_refusing_anyone() {
     // The new process takes the sockets over; the old one drains and exits.
     let new = Proc(spawn());
     let old_exited = wait_until(START_DEADLINE, || matches!(old.0.try_wait(), Ok(Some(_))));
-    std::thread::sleep(Duration::from_millis(300));
+    // Keep the load on until the new process alone has served a good many.
+    let after = done.load(std::sync::atomic::Ordering::Relaxed);
+    let served = wait_until(START_DEADLINE, || {
+        done.load(std::sync::atomic::Ordering::Relaxed) >= after + 200
+    });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(served, "the new process did not serve 200 exchanges");
     let mut ok = 0;
     let mut failed = Vec::new();
     for h in load {
@@ -383,7 +389,7 @@ fn a_new_process_takes_over_the_port_without_refusing_anyone() {
     );
     drop(new);
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(ok > 100, "only {ok} exchanges");
+    assert!(ok >= 200, "only {ok} exchanges");
     assert!(
         failed.is_empty(),
         "{} of {} exchanges failed during the hand-over: {:?}",
