@@ -298,6 +298,12 @@ fn worker_main(
             limits: cfg.limits.clone(),
             miss_fallback: cfg.miss_fallback,
             auto_eject: cfg.auto_eject,
+            flush_enabled: cfg.flush_enabled,
+            client_limits: crate::proxy::ClientLimits {
+                max_pipeline: cfg.max_pipeline,
+                max_buffer: cfg.max_client_buffer,
+                idle_timeout: cfg.idle_timeout,
+            },
             resync,
             draining: std::cell::Cell::new(false),
             sessions: std::cell::RefCell::new(Vec::new()),

@@ -38,7 +38,8 @@ impl Target {
             Ok("memcached") => Target::Memcached(Memcached::start()),
             Ok("memrelay") | Ok("") | Err(_) => {
                 let shards = vec![Memcached::start(), Memcached::start()];
-                let mut args = Vec::new();
+                // flush_all is part of what is compared: allow it.
+                let mut args = vec!["--enable-flush-all".to_string()];
                 for s in &shards {
                     args.push("-s".to_string());
                     args.push(s.addr());

@@ -74,6 +74,8 @@ more options:
       --connect-timeout D  time to connect to a server (default 300ms)
       --timeout D          time for a server to answer (default 500ms)
       --failure-limit N    consecutive failures that mark a server down (default 3)
+      --enable-flush-all   let clients run flush_all, which empties every server
+                           (refused by default: CLIENT_ERROR flush_all not allowed)
       --no-miss-fallback   do not ask the backup when the primary misses
       --auto-eject         without backups: while a server is down, its keys go
                            to the next server on the ring (twemproxy's
@@ -92,6 +94,12 @@ more options:
       --unix-mode MODE     permissions of the unix socket, octal (default 0700)
       --max-value-size N   largest value in bytes (default 1048576, as memcached -I)
       --max-keys N         most keys in one get (default 100000)
+      --max-pipeline N     requests one client may have outstanding before it is
+                           not read any more (default 1024)
+      --max-client-buffer N  reply bytes queued for one client before it is not
+                           read any more (default 4194304)
+      --idle-timeout D     close a client that sent nothing for D and has nothing
+                           outstanding (default: never, as memcached)
       --version            print the version
 
 Durations are like 250ms, 2s, or a number of milliseconds.
@@ -201,6 +209,11 @@ where
             "--resync-rate" => cfg.resync_rate = parse_num(f, &value, 1, 10_000_000)?,
             "--shutdown-timeout" => cfg.shutdown_timeout = parse_dur(f, &value)?,
             "--handoff" => cfg.handoff = Some(PathBuf::from(value)),
+            "--max-pipeline" => cfg.max_pipeline = parse_num(f, &value, 1, 1_000_000)? as usize,
+            "--max-client-buffer" => {
+                cfg.max_client_buffer = parse_num(f, &value, 4096, 1 << 32)? as usize
+            }
+            "--idle-timeout" => cfg.idle_timeout = Some(parse_dur(f, &value)?),
             "--metrics" => {
                 cfg.metrics = Some(
                     value
@@ -280,6 +293,7 @@ fn switch(flag: &str, cfg: &mut Config) -> Result<Option<Action>, UsageError> {
         "--no-miss-fallback" => cfg.miss_fallback = false,
         "--auto-eject" => cfg.auto_eject = true,
         "--no-resync" => cfg.resync = false,
+        "--enable-flush-all" => cfg.flush_enabled = true,
         other => return Err(err(other, "needs a value")),
     }
     Ok(None)
@@ -311,9 +325,13 @@ fn canonical(flag: &str) -> Option<&'static str> {
         "--no-miss-fallback" => "--no-miss-fallback",
         "--auto-eject" => "--auto-eject",
         "--no-resync" => "--no-resync",
+        "--enable-flush-all" => "--enable-flush-all",
         "--resync-rate" => "--resync-rate",
         "--shutdown-timeout" => "--shutdown-timeout",
         "--handoff" => "--handoff",
+        "--max-pipeline" => "--max-pipeline",
+        "--max-client-buffer" => "--max-client-buffer",
+        "--idle-timeout" => "--idle-timeout",
         "--metrics" => "--metrics",
         "--unix-mode" => "--unix-mode",
         "--max-value-size" => "--max-value-size",
@@ -340,6 +358,7 @@ fn takes_value_canonical(c: &str) -> bool {
             | "--no-miss-fallback"
             | "--auto-eject"
             | "--no-resync"
+            | "--enable-flush-all"
     )
 }
 

@@ -158,6 +158,14 @@ pub struct Config {
     pub auto_eject: bool,
     /// Copy a restarted server's items back from the other tier.
     pub resync: bool,
+    /// Let clients run `flush_all`, which empties every server.
+    pub flush_enabled: bool,
+    /// Requests one client may have outstanding before it is not read.
+    pub max_pipeline: usize,
+    /// Reply bytes queued for one client before it is not read.
+    pub max_client_buffer: usize,
+    /// Close clients idle this long (off by default, as in memcached).
+    pub idle_timeout: Option<Duration>,
     /// Items per second a resync copies.
     pub resync_rate: u64,
     /// SIGTERM: longest wait for clients to finish before closing them.
@@ -195,6 +203,10 @@ impl Default for Config {
             miss_fallback: true,
             auto_eject: false,
             resync: true,
+            flush_enabled: false,
+            max_pipeline: 1024,
+            max_client_buffer: 4 * 1024 * 1024,
+            idle_timeout: None,
             resync_rate: 5000,
             shutdown_timeout: Duration::from_secs(10),
             handoff: None,

@@ -42,6 +42,16 @@ pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, frame: Bytes, req: Request
             count_write(w, req.command);
             ha::write::start(w, inbox, seq, &mut slot, &req)
         }
+        Command::FlushAll if !w.flush_enabled => {
+            // It would wipe every server behind the proxy: only when the
+            // operator allowed it. memcached's words when run with -F.
+            w.stats.cmd_flush.incr();
+            slot.local = Some(Local::Static(if req.noreply {
+                b""
+            } else {
+                b"CLIENT_ERROR flush_all not allowed\r\n"
+            }));
+        }
         Command::FlushAll => {
             w.stats.cmd_flush.incr();
             let delay = req.has_delay.then_some(req.exptime);

@@ -35,6 +35,9 @@ pub struct Worker {
     pub miss_fallback: bool,
     /// No backups: move a dead server's keys to the next server on the ring.
     pub auto_eject: bool,
+    /// `flush_all` is allowed (`--enable-flush-all`).
+    pub flush_enabled: bool,
+    pub client_limits: ClientLimits,
     /// Where `memrelay resync` requests go (None without backups).
     pub resync: Option<crate::ha::resync::Requests>,
     /// Set on SIGTERM: sessions finish what they were sent, then close.
@@ -80,10 +83,15 @@ impl Sink for Discard {
     fn deliver(&self, _token: u64, _part: u32, _result: BackendResult) {}
 }
 
-/// Bound on requests a client may have outstanding before we stop reading
-/// its socket (backpressure: a client that does not read its replies stops
-/// being read, without affecting anyone else).
-pub const MAX_PIPELINE: usize = 1024;
-
-/// Bound on reply bytes queued for one client before we stop reading it.
-pub const MAX_PENDING_OUTPUT: usize = 4 * 1024 * 1024;
+/// Bounds on one client connection.
+#[derive(Debug, Clone)]
+pub struct ClientLimits {
+    /// Requests a client may have outstanding before its socket is not read
+    /// (backpressure: a client that does not read its replies stops being
+    /// read, without affecting anyone else).
+    pub max_pipeline: usize,
+    /// Reply bytes queued for one client before it is not read.
+    pub max_buffer: usize,
+    /// Close a client idle this long (nothing sent, nothing outstanding).
+    pub idle_timeout: Option<std::time::Duration>,
+}

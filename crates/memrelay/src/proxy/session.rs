@@ -8,8 +8,8 @@
 //! front of the FIFO as soon as they are complete, so the client always sees
 //! replies in request order.
 //!
-//! Backpressure: the session stops reading while it has `MAX_PIPELINE`
-//! requests outstanding or `MAX_PENDING_OUTPUT` bytes unsent.
+//! Backpressure: the session stops reading while it has `--max-pipeline`
+//! requests outstanding or `--max-client-buffer` bytes unsent.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -23,7 +23,7 @@ use tokio::io::Interest;
 use super::dispatch::{advance, start};
 use super::reply::render;
 use super::slot::{Local, Slot, Stage};
-use super::{Worker, MAX_PENDING_OUTPUT, MAX_PIPELINE};
+use super::Worker;
 use crate::backend::{BackendResult, Sink};
 use crate::net::notify::LocalNotify;
 use crate::net::outqueue::OutQueue;
@@ -126,7 +126,7 @@ impl Session {
             // Requests already buffered while the pipeline was full.
             if !self.closing
                 && !self.rbuf.is_empty()
-                && self.inbox.slots.borrow().len() < MAX_PIPELINE
+                && self.inbox.slots.borrow().len() < self.worker.client_limits.max_pipeline
             {
                 self.process();
                 self.emit_ready();
@@ -143,8 +143,9 @@ impl Session {
             if self.out.is_empty() && (self.close_after_flush || (finished && outstanding == 0)) {
                 return;
             }
-            let can_read =
-                !finished && outstanding < MAX_PIPELINE && self.out.len() < MAX_PENDING_OUTPUT;
+            let can_read = !finished
+                && outstanding < self.worker.client_limits.max_pipeline
+                && self.out.len() < self.worker.client_limits.max_buffer;
             let interest = match (can_read, !self.out.is_empty()) {
                 (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
                 (true, false) => Some(Interest::READABLE),
@@ -152,9 +153,20 @@ impl Session {
                 (false, false) => None,
             };
             let inbox = self.inbox.clone();
+            // With --idle-timeout, a client with nothing outstanding that
+            // sends nothing for that long is closed (memcached's
+            // idle_timeout; off by default, as in memcached).
+            let idle = self
+                .worker
+                .client_limits
+                .idle_timeout
+                .filter(|_| outstanding == 0 && self.out.is_empty());
             tokio::select! {
                 biased;
                 _ = inbox.wake.notified() => {}
+                _ = async { match idle { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => {
+                    return;
+                }
                 ready = async { match interest { Some(i) => stream.ready(i).await, None => std::future::pending().await } } => {
                     match ready {
                         Ok(r) if r.is_readable() && can_read => {
@@ -185,7 +197,9 @@ impl Session {
                 Ok(n) => {
                     self.worker.stats.bytes_read.add(n as u64);
                     self.process();
-                    if self.closing || self.inbox.slots.borrow().len() >= MAX_PIPELINE {
+                    if self.closing
+                        || self.inbox.slots.borrow().len() >= self.worker.client_limits.max_pipeline
+                    {
                         return true;
                     }
                 }
@@ -207,7 +221,9 @@ impl Session {
                     return;
                 }
             }
-            if self.rbuf.is_empty() || self.inbox.slots.borrow().len() >= MAX_PIPELINE {
+            if self.rbuf.is_empty()
+                || self.inbox.slots.borrow().len() >= self.worker.client_limits.max_pipeline
+            {
                 return;
             }
             match parse_request(&self.rbuf, &self.worker.limits) {
