@@ -840,7 +840,7 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
             println!("  {l}");
         }
     }
-    if !ok && !log_tail.is_empty() && cfg.verbose {
+    if !ok && !log_tail.is_empty() {
         println!("memrelay log (last lines):\n{log_tail}");
     }
     println!("{}", if ok { "PASS" } else { "FAIL" });

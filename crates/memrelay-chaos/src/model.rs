@@ -157,7 +157,8 @@ impl KeyModel {
             })
             .collect();
         format!(
-            "model {}{} [{}]; recent: {:?}",
+            "primary {}; model {}{} [{}]; recent: {:?}",
+            self.primary,
             if self.exact {
                 "exact"
             } else {
