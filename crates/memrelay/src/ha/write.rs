@@ -337,25 +337,13 @@ fn settle_mirrors(
         };
         let key: &[u8] = &route;
         let pool = &w.servers[server];
-        let queued = if super::is_text_key(key) {
-            pool.send_for_key(
-                key,
-                Expect::Delete,
-                reply,
-                |b| compose::delete(b, key),
-                None,
-            )
-        } else {
-            let mut enc = Vec::with_capacity(key.len() * 4 / 3 + 4);
-            memrelay_protocol::base64::encode(key, &mut enc);
-            pool.send_for_key(
-                key,
-                Expect::Meta,
-                reply,
-                |b| compose::meta_line(b, Command::MetaDelete, &enc, None, b"b"),
-                None,
-            )
-        };
+        let queued = pool.send_for_key(
+            key,
+            super::delete_expect(key),
+            reply,
+            |b| super::write_delete(b, key),
+            None,
+        );
         slot.push_part(Part::with_role(server, Role::Compensate), queued);
     }
     if slot.pending > 0 {
@@ -439,27 +427,13 @@ fn send_mirror(
     let pool = &w.servers[server];
     let queued = match plan {
         MirrorPlan::Nothing => return,
-        MirrorPlan::Delete => {
-            if super::is_text_key(key) {
-                pool.send_for_key(
-                    key,
-                    Expect::Delete,
-                    reply,
-                    |b| compose::delete(b, key),
-                    None,
-                )
-            } else {
-                let mut enc = Vec::with_capacity(key.len() * 4 / 3 + 4);
-                memrelay_protocol::base64::encode(key, &mut enc);
-                pool.send_for_key(
-                    key,
-                    Expect::Meta,
-                    reply,
-                    |b| compose::meta_line(b, Command::MetaDelete, &enc, None, b"b"),
-                    None,
-                )
-            }
-        }
+        MirrorPlan::Delete => pool.send_for_key(
+            key,
+            super::delete_expect(key),
+            reply,
+            |b| super::write_delete(b, key),
+            None,
+        ),
         _ if req.command.is_meta() => {
             // The same command, without what only makes sense on the
             // primary (C compares the primary's CAS, I goes with it; q, O,
