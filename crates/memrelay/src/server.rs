@@ -139,7 +139,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     // admin command), to the manager on this thread.
     let (resync_tx, resync_rx) = tokio::sync::mpsc::unbounded_channel();
     // SIGTERM reaches every worker through this.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(crate::net::STOP_RUNNING);
     let cfg = Arc::new(cfg);
 
     tracing::info!(
@@ -215,7 +215,12 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         }
         if wait_for_signal().await == Signal::Terminate {
             // Graceful: stop accepting, finish requests in flight, close.
-            let _ = stop_tx.send(true);
+            let how = if handed_off.load(std::sync::atomic::Ordering::Acquire) {
+                crate::net::STOP_HANDED_OFF
+            } else {
+                crate::net::STOP_TERMINATE
+            };
+            let _ = stop_tx.send(how);
             let deadline = tokio::time::Instant::now() + cfg.shutdown_timeout;
             while conns.load(std::sync::atomic::Ordering::Acquire) > 0
                 && tokio::time::Instant::now() < deadline
@@ -254,7 +259,7 @@ fn worker_main(
     listeners: Vec<BoundListener>,
     conns: Arc<AtomicUsize>,
     resync: Option<crate::ha::resync::Requests>,
-    stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<u8>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -344,6 +344,7 @@ fn a_new_process_takes_over_the_port_without_refusing_anyone() {
                             if g == format!("STORED\r\nVALUE h{t} 0 1\r\nx\r\nEND\r\n")
                                 .into_bytes() =>
                         {
+                            done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             ok += 1
                         }
                         Ok(g) => {
@@ -373,6 +374,10 @@ fn a_new_process_takes_over_the_port_without_refusing_anyone() {
         ok += o;
         failed.extend(f);
     }
+    assert!(
+        served,
+        "the new process did not serve 50 exchanges after the hand-over"
+    );
     assert!(
         old_exited,
         "the old memrelay did not exit after handing over"

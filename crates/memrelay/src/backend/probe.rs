@@ -225,8 +225,10 @@ async fn check(
     let restarted = known.map(|k| !k.same_process(&id)).unwrap_or(false);
     if restarted {
         tracing::warn!(server = %health.name, pid = id.pid, "server restarted (its data is gone)");
-        // An empty server holds nothing stale.
-        health.missed.clear();
+        // Its missed keys are kept: this may be seen seconds after the
+        // restart, and writes it missed since then (or took, and missed
+        // a delete of) are on the list too. Deleting them on an empty
+        // server costs a little work and is always right.
         if let Some((requests, index)) = on_restart {
             // Warm it back up from the other tier.
             let _ = requests.send(*index);

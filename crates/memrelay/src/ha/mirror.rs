@@ -111,26 +111,14 @@ impl Mirror {
     /// the key cannot be written in a classic command).
     pub fn delete(&self, server: usize, key: Bytes) {
         let k = key.clone();
-        if super::is_text_key(&k) {
-            self.send(
-                server,
-                key,
-                Check::Applied,
-                Expect::Delete,
-                |b| compose::delete(b, &k),
-                None,
-            );
-        } else {
-            let enc = encode(&k);
-            self.send(
-                server,
-                key,
-                Check::Applied,
-                Expect::Meta,
-                |b| compose::meta_line(b, Command::MetaDelete, &enc, None, b"b"),
-                None,
-            );
-        }
+        self.send(
+            server,
+            key,
+            Check::Applied,
+            super::delete_expect(&k),
+            |b| super::write_delete(b, &k),
+            None,
+        );
     }
 
     /// Copies `key` from `backup` to `primary` if the primary has no value
@@ -168,11 +156,8 @@ impl Mirror {
     fn repair_store(&self, primary: usize, key: Bytes, reply: &Bytes) {
         let mf = memrelay_protocol::meta_flags(reply);
         let Some((off, len)) = mf.data else { return };
-        let ttl = match mf.ttl {
-            Some(-1) | None => 0,
-            Some(0) => return,
-            Some(t) if t > 60 * 60 * 24 * 30 => unix_now() + t,
-            Some(t) => t,
+        let Some(ttl) = super::exptime_from_ttl(mf.ttl) else {
+            return;
         };
         let mut flags = format!("F{} T{} ME", mf.flags.unwrap_or(0), ttl).into_bytes();
         let value = reply.slice(off..off + len);
@@ -243,11 +228,4 @@ impl Sink for Mirror {
             (Check::Applied, Ok(_)) => {}
         }
     }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }

@@ -160,6 +160,50 @@ pub fn meta_number(reply: &crate::backend::BackendReply) -> Option<u64> {
     memrelay_protocol::number::parse_u64(reply.bytes.get(off..off + len)?)
 }
 
+/// Deleting any key on a server: `delete <key>` when the key can travel in
+/// a classic command, `md <base64> b` when it cannot (a binary key from a
+/// meta `b` request). The reply shape to expect, then the writer.
+pub fn delete_expect(key: &[u8]) -> memrelay_protocol::Expect {
+    if is_text_key(key) {
+        memrelay_protocol::Expect::Delete
+    } else {
+        memrelay_protocol::Expect::Meta
+    }
+}
+
+/// Writes the delete `delete_expect` describes.
+pub fn write_delete(b: &mut bytes::BytesMut, key: &[u8]) {
+    use memrelay_protocol::{compose, Command};
+    if is_text_key(key) {
+        compose::delete(b, key);
+    } else {
+        let mut enc = Vec::with_capacity(key.len() * 4 / 3 + 4);
+        memrelay_protocol::base64::encode(key, &mut enc);
+        compose::meta_line(b, Command::MetaDelete, &enc, None, b"b");
+    }
+}
+
+/// A relative TTL longer than this is an absolute unix time to memcached.
+const MAX_RELATIVE_TTL: i64 = 60 * 60 * 24 * 30;
+
+/// The exptime to copy an item with, from the remaining TTL an `mg ... t`
+/// reported: `None` when it is about to expire (not worth copying).
+pub fn exptime_from_ttl(ttl: Option<i64>) -> Option<i64> {
+    match ttl {
+        Some(-1) | None => Some(0),
+        Some(0) => None,
+        Some(t) if t > MAX_RELATIVE_TTL => Some(unix_now() + t),
+        Some(t) => Some(t),
+    }
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 /// Whether `key` can be written in a classic command (`delete <key>`):
 /// otherwise it must go through a meta command in base64.
 pub fn is_text_key(key: &[u8]) -> bool {

@@ -25,9 +25,6 @@ use crate::proxy::Worker;
 /// No server can serve this key (in `key_parts`).
 const NO_PART: u16 = u16::MAX;
 
-/// A relative TTL longer than this is an absolute unix time to memcached.
-const MAX_RELATIVE_TTL: i64 = 60 * 60 * 24 * 30;
-
 fn reply_to(inbox: &Rc<Inbox>, seq: u64, part: usize) -> ReplyTo {
     ReplyTo {
         sink: inbox.clone(),
@@ -272,11 +269,9 @@ pub fn after_fallback(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, 
         let Some((off, len)) = mf.data else { continue };
         let exptime = match req.command {
             Command::Gat | Command::Gats => i64::from(req.exptime),
-            _ => match mf.ttl {
-                Some(-1) | None => 0,
-                Some(0) => continue, // expiring now: not worth copying
-                Some(t) if t > MAX_RELATIVE_TTL => unix_now() + t,
-                Some(t) => t,
+            _ => match super::exptime_from_ttl(mf.ttl) {
+                Some(e) => e,
+                None => continue, // expiring now: not worth copying
             },
         };
         let Ok(exptime) = i32::try_from(exptime) else {
@@ -316,13 +311,6 @@ pub fn after_repair(w: &Worker, slot: &mut Slot) {
             _ => w.stats.repairs_skipped.incr(),
         }
     }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// The client's reply: hits in request order, then `END`.

@@ -441,11 +441,8 @@ async fn fetch<'a>(conn: &mut TcpStream, keys: &[&'a [u8]]) -> Result<Vec<Item<'
         let reply = reader.next(conn).await?;
         let mf = memrelay_protocol::meta_flags(&reply);
         let Some((off, len)) = mf.data else { continue };
-        let ttl = match mf.ttl {
-            Some(-1) | None => 0,
-            Some(0) => continue,
-            Some(t) if t > 60 * 60 * 24 * 30 => unix_now() + t,
-            Some(t) => t,
+        let Some(ttl) = super::exptime_from_ttl(mf.ttl) else {
+            continue;
         };
         items.push(Item {
             key: k,
@@ -526,13 +523,6 @@ impl Replies {
             self.buf.extend_from_slice(&chunk[..n]);
         }
     }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -209,54 +209,25 @@ pub fn advance(
     let mirrored_in_parallel = slot.parts.iter().any(|p| matches!(p.role, Role::Mirror(_)));
     slot.stage = Stage::Done;
     match slot.result(main) {
-        Some(Ok(reply)) => {
-            // A quiet meta write whose reply memcached suppressed succeeded.
-            let kind = match reply.kind {
-                ResponseKind::Meta(MetaStatus::Mn) => ResponseKind::Meta(MetaStatus::Hd),
-                k => k,
-            };
-            let number = match reply.kind {
-                ResponseKind::Number(n) => Some(n),
-                ResponseKind::Meta(MetaStatus::Value) if req.command == Command::MetaArith => {
-                    super::meta_number(reply)
-                }
-                _ => None,
-            };
-            if req.command == Command::MetaArith
-                && number.is_none()
-                && mirror_plan(req.command, 0, kind) == MirrorPlan::Same
-            {
-                // The new value is unknown (a quiet `ma ... N` that
-                // incremented): a copy could not be checked, so the
-                // backups must not serve the key until it is invalidated.
-                for next in tier + 1..replicas.len() {
-                    if let Some(server) = replicas.get(next) {
-                        w.servers[server].health().missed.record(&route);
-                    }
-                }
-                return;
-            }
-            if mirrored_in_parallel {
-                // The primary did not store it: the copies must not stand.
-                let refused = !matches!(
-                    kind,
-                    ResponseKind::Stored | ResponseKind::Meta(MetaStatus::Hd)
-                );
-                return settle_mirrors(w, inbox, seq, slot, req, refused);
-            }
-            // Bring the tiers after the one that answered to its state; the
-            // client's reply waits for them, so a write it makes next can
-            // never be overtaken by this one's copies.
-            let plan = mirror_plan(req.command, req.meta.mode, kind);
-            for next in tier + 1..replicas.len() {
-                if let Some(server) = replicas.get(next) {
-                    send_mirror(w, inbox, seq, slot, req, &route, server, plan, number);
-                }
-            }
-            if slot.pending > 0 {
-                slot.stage = Stage::Mirror;
+        // The primary does not have the item but a backup may (the
+        // primary restarted or had the key invalidated): like a read, the
+        // write falls back to the backup, which applies it exactly once
+        // (the primary did not), and the client gets the backup's answer.
+        Some(Ok(reply))
+            if tier == 0
+                && !mirrored_in_parallel
+                && w.miss_fallback
+                && is_miss(req, reply.kind) =>
+        {
+            attempt(w, inbox, seq, slot, req, 1);
+            if slot.parts.iter().filter(|p| p.role == Role::Main).count() == 1 {
+                // No backup could take it: the primary's answer stands, and
+                // its mirror rule (the backups' copies are deleted) applies.
+                slot.local = None;
+                mirror_after(w, inbox, seq, slot, req, tier, &replicas, &route);
             }
         }
+        Some(Ok(_)) => mirror_after(w, inbox, seq, slot, req, tier, &replicas, &route),
         Some(Err(_)) => {
             let server = slot.parts[main].server as usize;
             w.servers[server].health().missed.record(&route);
@@ -269,6 +240,98 @@ pub fn advance(
             attempt(w, inbox, seq, slot, req, tier + 1);
         }
         None => {}
+    }
+}
+
+/// The replica at `tier` answered: bring the tiers after it to its state
+/// (the client's reply waits for them, so a write it makes next can never
+/// be overtaken by this one's copies).
+#[allow(clippy::too_many_arguments)]
+fn mirror_after(
+    w: &Worker,
+    inbox: &Rc<Inbox>,
+    seq: u64,
+    slot: &mut Slot,
+    req: &Request,
+    tier: usize,
+    replicas: &crate::router::Replicas,
+    route: &bytes::Bytes,
+) {
+    let main = slot
+        .parts
+        .iter()
+        .rposition(|p| p.role == Role::Main)
+        .unwrap_or(0);
+    let mirrored_in_parallel = slot.parts.iter().any(|p| matches!(p.role, Role::Mirror(_)));
+    let Some(Ok(reply)) = slot.result(main) else {
+        return;
+    };
+    let (reply_kind, number) = (
+        reply.kind,
+        match reply.kind {
+            ResponseKind::Number(n) => Some(n),
+            ResponseKind::Meta(MetaStatus::Value) if req.command == Command::MetaArith => {
+                super::meta_number(reply)
+            }
+            _ => None,
+        },
+    );
+    // A quiet meta write whose reply memcached suppressed succeeded.
+    let kind = match reply_kind {
+        ResponseKind::Meta(MetaStatus::Mn) => ResponseKind::Meta(MetaStatus::Hd),
+        k => k,
+    };
+    if req.command == Command::MetaArith
+        && number.is_none()
+        && mirror_plan(req.command, 0, kind) == MirrorPlan::Same
+    {
+        // The new value is unknown (a quiet `ma ... N` that
+        // incremented): a copy could not be checked, so the
+        // backups must not serve the key until it is invalidated.
+        for next in tier + 1..replicas.len() {
+            if let Some(server) = replicas.get(next) {
+                w.servers[server].health().missed.record(route);
+            }
+        }
+        return;
+    }
+    if mirrored_in_parallel {
+        // The primary did not store it: the copies must not stand.
+        let refused = !matches!(
+            kind,
+            ResponseKind::Stored | ResponseKind::Meta(MetaStatus::Hd)
+        );
+        return settle_mirrors(w, inbox, seq, slot, req, refused);
+    }
+    // Bring the tiers after the one that answered to its state; the
+    // client's reply waits for them, so a write it makes next can
+    // never be overtaken by this one's copies.
+    let plan = mirror_plan(req.command, req.meta.mode, kind);
+    for next in tier + 1..replicas.len() {
+        if let Some(server) = replicas.get(next) {
+            send_mirror(w, inbox, seq, slot, req, route, server, plan, number);
+        }
+    }
+    if slot.pending > 0 {
+        slot.stage = Stage::Mirror;
+    }
+}
+
+/// Whether the primary's answer means it does not hold the item, for a
+/// write that would have applied to one the backup may hold.
+fn is_miss(req: &Request, kind: ResponseKind) -> bool {
+    use MetaStatus as M;
+    use ResponseKind as R;
+    match (req.command, kind) {
+        (
+            Command::Incr | Command::Decr | Command::Touch | Command::Delete | Command::Cas,
+            R::NotFound,
+        ) => true,
+        (Command::Append | Command::Prepend | Command::Replace, R::NotStored) => true,
+        (Command::MetaDelete | Command::MetaArith, R::Meta(M::Nf)) => true,
+        (Command::MetaSet, R::Meta(M::Nf)) => true,
+        (Command::MetaSet, R::Meta(M::Ns)) => matches!(req.meta.mode, b'R' | b'A' | b'P'),
+        _ => false,
     }
 }
 
@@ -337,25 +400,13 @@ fn settle_mirrors(
         };
         let key: &[u8] = &route;
         let pool = &w.servers[server];
-        let queued = if super::is_text_key(key) {
-            pool.send_for_key(
-                key,
-                Expect::Delete,
-                reply,
-                |b| compose::delete(b, key),
-                None,
-            )
-        } else {
-            let mut enc = Vec::with_capacity(key.len() * 4 / 3 + 4);
-            memrelay_protocol::base64::encode(key, &mut enc);
-            pool.send_for_key(
-                key,
-                Expect::Meta,
-                reply,
-                |b| compose::meta_line(b, Command::MetaDelete, &enc, None, b"b"),
-                None,
-            )
-        };
+        let queued = pool.send_for_key(
+            key,
+            super::delete_expect(key),
+            reply,
+            |b| super::write_delete(b, key),
+            None,
+        );
         slot.push_part(Part::with_role(server, Role::Compensate), queued);
     }
     if slot.pending > 0 {
@@ -439,27 +490,13 @@ fn send_mirror(
     let pool = &w.servers[server];
     let queued = match plan {
         MirrorPlan::Nothing => return,
-        MirrorPlan::Delete => {
-            if super::is_text_key(key) {
-                pool.send_for_key(
-                    key,
-                    Expect::Delete,
-                    reply,
-                    |b| compose::delete(b, key),
-                    None,
-                )
-            } else {
-                let mut enc = Vec::with_capacity(key.len() * 4 / 3 + 4);
-                memrelay_protocol::base64::encode(key, &mut enc);
-                pool.send_for_key(
-                    key,
-                    Expect::Meta,
-                    reply,
-                    |b| compose::meta_line(b, Command::MetaDelete, &enc, None, b"b"),
-                    None,
-                )
-            }
-        }
+        MirrorPlan::Delete => pool.send_for_key(
+            key,
+            super::delete_expect(key),
+            reply,
+            |b| super::write_delete(b, key),
+            None,
+        ),
         _ if req.command.is_meta() => {
             // The same command, without what only makes sense on the
             // primary (C compares the primary's CAS, I goes with it; q, O,

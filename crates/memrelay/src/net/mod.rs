@@ -73,6 +73,12 @@ macro_rules! stream_impl {
 stream_impl!(tokio::net::TcpStream);
 stream_impl!(tokio::net::UnixStream);
 
+/// Values of the stop signal workers watch: running, SIGTERM, or listening
+/// sockets handed to a new process.
+pub const STOP_RUNNING: u8 = 0;
+pub const STOP_TERMINATE: u8 = 1;
+pub const STOP_HANDED_OFF: u8 = 2;
+
 /// memcached's words when it is over its connection limit.
 const TOO_MANY: &[u8] = b"ERROR Too many open connections\r\n";
 
@@ -169,7 +175,7 @@ impl BoundListener {
         worker: Rc<Worker>,
         conns: Arc<AtomicUsize>,
         max_conns: usize,
-        mut stop: tokio::sync::watch::Receiver<bool>,
+        mut stop: tokio::sync::watch::Receiver<u8>,
     ) {
         match self {
             BoundListener::Tcp(l) => {
@@ -187,13 +193,21 @@ impl BoundListener {
                             Err(e) => backoff_on_accept_error(e).await,
                         },
                         _ = stop.changed() => {
-                            // Take what already waits in the backlog.
-                            while let Some(Ok((s, _))) = std::future::poll_fn(|cx| match l.poll_accept(cx) {
-                                std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
-                                std::task::Poll::Pending => std::task::Poll::Ready(None),
-                            })
-                            .await
-                            {
+                            if *stop.borrow() == STOP_HANDED_OFF {
+                                // The socket lives on in the new process,
+                                // which accepts what is queued.
+                                return;
+                            }
+                            // Our own socket is about to close: take what
+                            // already waits in its backlog (bounded: the
+                            // queue may refill as fast as we empty it).
+                            for _ in 0..1024 {
+                                let next = std::future::poll_fn(|cx| match l.poll_accept(cx) {
+                                    std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
+                                    std::task::Poll::Pending => std::task::Poll::Ready(None),
+                                })
+                                .await;
+                                let Some(Ok((s, _))) = next else { break };
                                 let _ = s.set_nodelay(true);
                                 admit(s, &worker, &conns, max_conns);
                             }

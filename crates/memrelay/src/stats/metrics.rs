@@ -135,7 +135,7 @@ fn render(r: &StatsRegistry) -> String {
         }
     }
     type Field = fn(&crate::backend::health::Health) -> u64;
-    let per_server: [(&str, &str, &str, Field); 9] = [
+    let per_server: [(&str, &str, &str, Field); 12] = [
         (
             "server_up",
             "gauge",
@@ -183,6 +183,24 @@ fn render(r: &StatsRegistry) -> String {
             "counter",
             "Items copied to the server by its current or last resync.",
             |h| h.resync.copied.load(Ordering::Relaxed),
+        ),
+        (
+            "server_resync_scanned_total",
+            "counter",
+            "Keys listed on the source tier by the server's current or last resync.",
+            |h| h.resync.scanned.load(Ordering::Relaxed),
+        ),
+        (
+            "server_resync_skipped_total",
+            "counter",
+            "Items the resync did not copy (a newer value was there, or it was gone).",
+            |h| h.resync.skipped.load(Ordering::Relaxed),
+        ),
+        (
+            "server_resync_rate",
+            "gauge",
+            "Items per second of the server's current or last resync.",
+            |h| h.resync.rate.load(Ordering::Relaxed),
         ),
         (
             "server_resync_eta_seconds",

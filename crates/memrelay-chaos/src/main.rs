@@ -1,0 +1,851 @@
+//! memrelay-chaos: drives concurrent load through memrelay while memcached
+//! servers are killed, restarted (same port, empty), stopped (SIGSTOP) and
+//! resumed at random, checks every reply against a model of each key, and
+//! prints the counts. Exit status: 0 no violation, 1 violations, 2 the run
+//! could not be set up (or a process misbehaved outside the checks).
+//!
+//! The rules checked are in model.rs and docs/chaos.md.
+
+mod chaos;
+mod conn;
+mod model;
+mod procs;
+mod rng;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chaos::{ChaosCfg, ChaosTally, Watch};
+use conn::{Conn, Fail, Reply};
+use model::{Ctx, Item, KeyModel, Op, Tally};
+use procs::{Memcached, Memrelay};
+use rng::Rng;
+
+const USAGE: &str = "\
+usage: memrelay-chaos [options] [-- extra memrelay args]
+
+Starts N memcached primaries and one backup on 127.0.0.1, memrelay in front
+of them, then runs client threads (each owning its keys; set, get,
+multi-get, delete, incr, append; every third client pipelines) for the
+duration while a chaos thread kills, restarts (same port, empty), SIGSTOPs
+and SIGCONTs servers. Every reply is checked against a model: no stale
+value, nothing acknowledged lost while a replica holding it stayed up, no
+wrong reply, no answer later than the bound. Prints the counts; exits 1 on
+any violation, 2 if the run could not be set up.
+
+options:
+  --duration D       how long the chaos lasts (default 15s; 90 = 90s, 5m)
+  --clients N        client threads (default 8)
+  --keys N           keys per client (default 16; every 4th a counter)
+  --primaries N      memcached primaries (default 2)
+  --seed N           seed for every random choice (default: from the clock)
+  --timeout D        memrelay --timeout (default 500ms)
+  --slack D          latency bound = 2 x timeout + 300ms connect + slack
+                     (default 1s)
+  --settle D         how long after an event a server counts as disturbed
+                     for the loss check (default 5s)
+  --chaos-backup     also kill/stop the backup (only while every primary
+                     is up, unless --overlap)
+  --overlap          allow a key's primary and backup out at the same time
+  --no-pipeline      no client pipelines
+  --strict-writes    an incr/append answering NOT_FOUND/NOT_STORED while a
+                     replica untouched since the value's set held it counts
+                     as lost (docs/ha.md allows it; see docs/chaos.md)
+  --pause A..B       pause between chaos actions in ms (default 150..600)
+  --memrelay PATH    memrelay binary (default: next to this binary, else the
+                     newest of target/{release,debug}/memrelay)
+  --memcached PATH   memcached binary (default: memcached on PATH)
+  -v, --verbose      print the chaos log
+  -h, --help         this text
+";
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+#[derive(Debug, Clone)]
+struct Cfg {
+    duration: Duration,
+    clients: usize,
+    keys: usize,
+    primaries: usize,
+    seed: u64,
+    timeout: Duration,
+    timeout_arg: String,
+    slack: Duration,
+    settle: Duration,
+    chaos_backup: bool,
+    overlap: bool,
+    pipeline: bool,
+    strict_writes: bool,
+    pause_ms: (u64, u64),
+    memrelay: Option<String>,
+    memcached: String,
+    verbose: bool,
+    extra: Vec<String>,
+}
+
+/// "250ms", "2s", "1.5s", "5m"; a bare number is in `unit`.
+fn parse_duration(s: &str, unit: Duration) -> Result<Duration, String> {
+    let bad = || format!("bad duration {s:?}");
+    let (num, mul) = if let Some(n) = s.strip_suffix("ms") {
+        (n, Duration::from_millis(1))
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, Duration::from_secs(1))
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, Duration::from_secs(60))
+    } else {
+        (s, unit)
+    };
+    let v: f64 = num.parse().map_err(|_| bad())?;
+    if !(0.0..1e7).contains(&v) {
+        return Err(bad());
+    }
+    Ok(mul.mul_f64(v))
+}
+
+fn parse_args(args: &[String]) -> Result<Option<Cfg>, String> {
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+        ^ u64::from(std::process::id());
+    let mut c = Cfg {
+        duration: Duration::from_secs(15),
+        clients: 8,
+        keys: 16,
+        primaries: 2,
+        seed: seed % 1_000_000_000,
+        timeout: Duration::from_millis(500),
+        timeout_arg: "500ms".into(),
+        slack: Duration::from_secs(1),
+        settle: Duration::from_secs(5),
+        chaos_backup: false,
+        overlap: false,
+        pipeline: true,
+        strict_writes: false,
+        pause_ms: (150, 600),
+        memrelay: None,
+        memcached: "memcached".into(),
+        verbose: false,
+        extra: Vec::new(),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{a} needs a value"))
+        };
+        let num = |v: String| -> Result<u64, String> {
+            v.parse().map_err(|_| format!("{a}: bad number {v:?}"))
+        };
+        match a.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--duration" => c.duration = parse_duration(&val()?, Duration::from_secs(1))?,
+            "--clients" => c.clients = num(val()?)?.clamp(1, 512) as usize,
+            "--keys" => c.keys = num(val()?)?.clamp(1, 10_000) as usize,
+            "--primaries" => c.primaries = num(val()?)?.clamp(1, 16) as usize,
+            "--seed" => c.seed = num(val()?)?,
+            "--timeout" => {
+                let v = val()?;
+                c.timeout = parse_duration(&v, Duration::from_millis(1))?;
+                c.timeout_arg = v;
+            }
+            "--slack" => c.slack = parse_duration(&val()?, Duration::from_millis(1))?,
+            "--settle" => c.settle = parse_duration(&val()?, Duration::from_millis(1))?,
+            "--chaos-backup" => c.chaos_backup = true,
+            "--overlap" => c.overlap = true,
+            "--no-pipeline" => c.pipeline = false,
+            "--strict-writes" => c.strict_writes = true,
+            "--pause" => {
+                let v = val()?;
+                let (a, b) = v
+                    .split_once("..")
+                    .ok_or_else(|| format!("--pause: expected A..B, got {v:?}"))?;
+                let (a, b) = (num(a.into())?, num(b.into())?);
+                if a > b || b == 0 {
+                    return Err(format!("--pause: bad range {v:?}"));
+                }
+                c.pause_ms = (a, b);
+            }
+            "--memrelay" => c.memrelay = Some(val()?),
+            "--memcached" => c.memcached = val()?,
+            "-v" | "--verbose" => c.verbose = true,
+            "--" => {
+                c.extra = it.by_ref().cloned().collect();
+            }
+            other => return Err(format!("unknown argument {other:?} (see --help)")),
+        }
+    }
+    Ok(Some(c))
+}
+
+/// memrelay next to this binary (same build profile), else the newest of
+/// target/{release,debug}/memrelay (honouring CARGO_TARGET_DIR).
+fn find_memrelay() -> Option<PathBuf> {
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            let p = dir.join("memrelay");
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target"));
+    ["release", "debug"]
+        .iter()
+        .map(|p| target.join(p).join("memrelay"))
+        .filter(|p| p.is_file())
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cfg = match parse_args(&args) {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("memrelay-chaos: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        procs::kill_all_children();
+        prev(info);
+    }));
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    let handler: extern "C" fn(libc::c_int) = on_signal;
+    unsafe {
+        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+    }
+    let code = match run(&cfg) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("memrelay-chaos: {e}");
+            ExitCode::from(2)
+        }
+    };
+    procs::kill_all_children();
+    code
+}
+
+/// A `stats` of `addr` as a map (empty on failure).
+fn stats(addr: &str) -> HashMap<String, String> {
+    let Ok(mut c) = Conn::connect(addr) else {
+        return HashMap::new();
+    };
+    c.stats(Instant::now() + Duration::from_secs(5))
+        .map(|v| v.into_iter().collect())
+        .unwrap_or_default()
+}
+
+fn all_up(addr: &str, n: usize) -> bool {
+    let s = stats(addr);
+    (0..n).all(|i| s.get(&format!("server:{i}:state")).map(String::as_str) == Some("up"))
+}
+
+fn wait_for(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + deadline;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Stores every key through the proxy, then asks each primary directly
+/// which keys it holds: the key's primary as memrelay routes it (learned,
+/// so the tool does not depend on the hash). Deletes them again.
+fn learn_routing(
+    relay: &str,
+    primaries: &[Memcached],
+    names: &[String],
+) -> Result<Vec<usize>, String> {
+    let dl = || Instant::now() + Duration::from_secs(10);
+    let mut px = Conn::connect(relay)?;
+    for chunk in names.chunks(100) {
+        let mut req = String::new();
+        for k in chunk {
+            req.push_str(&format!("set {k} 0 0 5\r\nprobe\r\n"));
+        }
+        px.send(req.as_bytes()).map_err(|e| e.to_string())?;
+        for k in chunk {
+            let l = px.line(dl()).map_err(|e| format!("setup set {k}: {e}"))?;
+            if l != "STORED" {
+                return Err(format!("setup: set {k} through memrelay answered {l:?}"));
+            }
+        }
+    }
+    let mut owner: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, p) in primaries.iter().enumerate() {
+        let mut c = Conn::connect(&p.addr())?;
+        for chunk in names.chunks(50) {
+            c.send(format!("get {}\r\n", chunk.join(" ")).as_bytes())
+                .map_err(|e| e.to_string())?;
+            match c.retrieval(dl()) {
+                Ok(Reply::Values(vals)) => {
+                    for v in vals {
+                        if let Some(k) = chunk.iter().find(|k| **k == v.key) {
+                            owner.entry(k.as_str()).or_default().push(i);
+                        }
+                    }
+                }
+                other => return Err(format!("setup: get on primary {i}: {other:?}")),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for k in names {
+        match owner.get(k.as_str()).map(Vec::as_slice) {
+            Some([p]) => out.push(*p),
+            other => {
+                return Err(format!(
+                    "setup: {k} stored through memrelay is on primaries {other:?}, expected exactly one"
+                ))
+            }
+        }
+    }
+    for chunk in names.chunks(100) {
+        let mut req = String::new();
+        for k in chunk {
+            req.push_str(&format!("delete {k}\r\n"));
+        }
+        px.send(req.as_bytes()).map_err(|e| e.to_string())?;
+        for k in chunk {
+            let l = px
+                .line(dl())
+                .map_err(|e| format!("setup delete {k}: {e}"))?;
+            if l != "DELETED" {
+                return Err(format!("setup: delete {k} answered {l:?}"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// What one client thread ends with.
+struct ClientEnd {
+    tally: Tally,
+    keys: Vec<KeyModel>,
+    error: Option<String>,
+}
+
+/// Picks a batch: 1 op, or 2..=6 for a pipelining client, never the same
+/// key twice in a batch.
+fn pick_batch(rng: &mut Rng, keys: &[KeyModel], size: usize, seq: &mut u64) -> Vec<Op> {
+    let mut used = vec![false; keys.len()];
+    let mut ops = Vec::new();
+    let free = |used: &[bool], rng: &mut Rng| -> Option<usize> {
+        for _ in 0..8 {
+            let k = rng.below(keys.len() as u64) as usize;
+            if !used[k] {
+                return Some(k);
+            }
+        }
+        None
+    };
+    while ops.len() < size {
+        let Some(k) = free(&used, rng) else { break };
+        used[k] = true;
+        if rng.below(100) < 12 && keys.len() > 1 {
+            let mut ks = vec![k];
+            let want = 2 + rng.below(4) as usize;
+            while ks.len() < want {
+                match free(&used, rng) {
+                    Some(k2) => {
+                        used[k2] = true;
+                        ks.push(k2);
+                    }
+                    None => break,
+                }
+            }
+            ops.push(Op::Get { ks });
+            continue;
+        }
+        let m = &keys[k];
+        let r = rng.below(100);
+        *seq += 1;
+        let s = *seq;
+        let flags = (s % 1000) as u32 + 1;
+        let op = if m.counter {
+            match r {
+                0..=24 => Op::Set {
+                    k,
+                    item: Item {
+                        data: (s * 1_000_000).to_string(),
+                        flags,
+                    },
+                },
+                25..=54 => Op::Incr {
+                    k,
+                    delta: 1 + rng.below(9),
+                },
+                55..=61 => Op::Delete { k },
+                _ => Op::Get { ks: vec![k] },
+            }
+        } else {
+            match r {
+                0..=34 => Op::Set {
+                    k,
+                    item: Item {
+                        data: format!("{}s{s}", m.tag),
+                        flags,
+                    },
+                },
+                35..=44 => Op::Append {
+                    k,
+                    suffix: format!(".a{s}"),
+                },
+                45..=54 => Op::Delete { k },
+                _ => Op::Get { ks: vec![k] },
+            }
+        };
+        ops.push(op);
+    }
+    ops
+}
+
+/// Reads the replies to `ops` (sent together at `sent`) and checks them.
+/// False when the connection must be replaced.
+fn answer_batch(
+    conn: &mut Conn,
+    ctx: &Ctx,
+    tally: &mut Tally,
+    keys: &mut [KeyModel],
+    ops: &[Op],
+    sent: Instant,
+    deadline: Instant,
+) -> bool {
+    for (n, op) in ops.iter().enumerate() {
+        let reply = if op.is_read() {
+            conn.retrieval(deadline)
+        } else {
+            conn.line(deadline).map(Reply::Line)
+        };
+        let now = Instant::now();
+        if !model::check(ctx, tally, keys, op, &reply, sent, now) {
+            // The rest of the batch got no reply we can trust.
+            for rest in &ops[n + 1..] {
+                let f = Fail::Closed("an earlier reply in the pipeline failed".into());
+                model::abandon(ctx, tally, keys, rest, &f);
+            }
+            return false;
+        }
+    }
+    true
+}
+
+#[allow(clippy::too_many_arguments)]
+fn client(
+    t: usize,
+    cfg: &Cfg,
+    relay: &str,
+    mut keys: Vec<KeyModel>,
+    watch: &Watch,
+    stop: &AtomicBool,
+) -> ClientEnd {
+    let mut rng = Rng::new(cfg.seed ^ (0x5bd1_e995_u64.wrapping_mul(t as u64 + 1)));
+    let mut tally = Tally::new();
+    let pipelining = cfg.pipeline && t % 3 == 2;
+    let live = |p: usize, since: Instant| watch.live_replica(p, since);
+    let ctx = Ctx {
+        start: watch.start,
+        client: t,
+        phase: "during chaos",
+        bound: bound(cfg),
+        live_replica: &live,
+        strict_writes: cfg.strict_writes,
+    };
+    let client_deadline = ctx.bound + Duration::from_secs(5);
+    let mut conns: Vec<Option<Conn>> = vec![None, None];
+    let mut seq = 0u64;
+    let mut req = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        let size = if pipelining {
+            2 + rng.below(5) as usize
+        } else {
+            1
+        };
+        let ops = pick_batch(&mut rng, &keys, size, &mut seq);
+        let ci = rng.below(conns.len() as u64) as usize;
+        if conns[ci].is_none() {
+            match Conn::connect(relay) {
+                Ok(c) => conns[ci] = Some(c),
+                Err(e) => {
+                    return ClientEnd {
+                        tally,
+                        keys,
+                        error: Some(format!("client {t}: cannot connect to memrelay: {e}")),
+                    }
+                }
+            }
+        }
+        let Some(conn) = conns[ci].as_mut() else {
+            continue;
+        };
+        req.clear();
+        for op in &ops {
+            op.render(&keys, &mut req);
+        }
+        tally.batches += 1;
+        if ops.len() > 1 {
+            tally.pipelined_batches += 1;
+        }
+        let sent = Instant::now();
+        let ok = match conn.send(req.as_bytes()) {
+            Ok(()) => answer_batch(
+                conn,
+                &ctx,
+                &mut tally,
+                &mut keys,
+                &ops,
+                sent,
+                sent + client_deadline,
+            ),
+            Err(f) => {
+                for op in &ops {
+                    model::abandon(&ctx, &mut tally, &mut keys, op, &f);
+                }
+                false
+            }
+        };
+        if !ok {
+            conns[ci] = None;
+        }
+    }
+    ClientEnd {
+        tally,
+        keys,
+        error: None,
+    }
+}
+
+fn bound(cfg: &Cfg) -> Duration {
+    cfg.timeout * 2 + Duration::from_millis(300) + cfg.slack
+}
+
+/// Reads every key of one client once, through a fresh connection.
+fn final_reads(cfg: &Cfg, relay: &str, watch: &Watch, t: usize, end: &mut ClientEnd, phase: &str) {
+    let live = |p: usize, since: Instant| watch.live_replica(p, since);
+    let ctx = Ctx {
+        start: watch.start,
+        client: t,
+        phase,
+        bound: bound(cfg),
+        live_replica: &live,
+        strict_writes: cfg.strict_writes,
+    };
+    let mut conn: Option<Conn> = None;
+    for k in 0..end.keys.len() {
+        if conn.is_none() {
+            match Conn::connect(relay) {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    end.error.get_or_insert(format!("{phase}: {e}"));
+                    return;
+                }
+            }
+        }
+        let Some(c) = conn.as_mut() else { return };
+        let op = Op::Get { ks: vec![k] };
+        let mut req = String::new();
+        op.render(&end.keys, &mut req);
+        let sent = Instant::now();
+        let ok = match c.send(req.as_bytes()) {
+            Ok(()) => answer_batch(
+                c,
+                &ctx,
+                &mut end.tally,
+                &mut end.keys,
+                std::slice::from_ref(&op),
+                sent,
+                sent + ctx.bound + Duration::from_secs(5),
+            ),
+            Err(_) => false,
+        };
+        if !ok {
+            conn = None;
+        }
+    }
+}
+
+fn run(cfg: &Cfg) -> Result<bool, String> {
+    let relay_bin = match &cfg.memrelay {
+        Some(p) => PathBuf::from(p),
+        None => find_memrelay().ok_or(
+            "no memrelay binary found (next to this one, or target/{release,debug}/memrelay): \
+             build it, or pass --memrelay PATH",
+        )?,
+    };
+    if !Path::new(&relay_bin).is_file() {
+        return Err(format!("{}: no such file", relay_bin.display()));
+    }
+    let mut servers = Vec::new();
+    for _ in 0..=cfg.primaries {
+        servers.push(Memcached::start(&cfg.memcached)?);
+    }
+    let b = cfg.primaries;
+    let mut args: Vec<String> = Vec::new();
+    for s in &servers[..b] {
+        args.extend(["-s".to_string(), s.addr()]);
+    }
+    args.extend(["-b".to_string(), servers[b].addr()]);
+    args.extend(["--timeout".to_string(), cfg.timeout_arg.clone()]);
+    args.extend(cfg.extra.iter().cloned());
+    let mut relay = Memrelay::start(&relay_bin.to_string_lossy(), &args)?;
+    let addr = relay.addr();
+    if !wait_for(Duration::from_secs(10), || all_up(&addr, b + 1)) {
+        return Err(format!(
+            "memrelay never reported every server up: {:?}",
+            stats(&addr)
+        ));
+    }
+    // Keys: client t owns c{t}k{i}; every 4th is a counter.
+    let names: Vec<Vec<String>> = (0..cfg.clients)
+        .map(|t| (0..cfg.keys).map(|i| format!("chaos:c{t}:k{i}")).collect())
+        .collect();
+    let flat: Vec<String> = names.iter().flatten().cloned().collect();
+    let routes = learn_routing(&addr, &servers[..b], &flat)?;
+    let mut per_primary = vec![0usize; b];
+    for p in &routes {
+        per_primary[*p] += 1;
+    }
+    let models: Vec<Vec<KeyModel>> = names
+        .iter()
+        .enumerate()
+        .map(|(t, ks)| {
+            ks.iter()
+                .enumerate()
+                .map(|(i, name)| {
+                    KeyModel::new(
+                        name.clone(),
+                        format!("c{t}k{i}"),
+                        i % 4 == 3,
+                        routes[t * cfg.keys + i],
+                    )
+                })
+                .collect()
+        })
+        .collect();
+
+    println!(
+        "memrelay-chaos: seed {}, {:?}, {} clients ({} pipelining) x {} keys, {} primaries + 1 backup; keys per primary {:?}",
+        cfg.seed,
+        cfg.duration,
+        cfg.clients,
+        if cfg.pipeline { (0..cfg.clients).filter(|t| t % 3 == 2).count() } else { 0 },
+        cfg.keys,
+        cfg.primaries,
+        per_primary
+    );
+    println!("memrelay: {} {}", relay_bin.display(), args.join(" "));
+    println!(
+        "chaos: primaries{}{}, pause {}..{} ms; latency bound {:?}; settle {:?}",
+        if cfg.chaos_backup {
+            " and backup"
+        } else {
+            " only"
+        },
+        if cfg.overlap {
+            ", overlapping outages allowed"
+        } else {
+            ""
+        },
+        cfg.pause_ms.0,
+        cfg.pause_ms.1,
+        bound(cfg),
+        cfg.settle
+    );
+
+    let watch = Watch::new(Instant::now(), cfg.settle, b + 1);
+    let stop = AtomicBool::new(false);
+    let chaos_cfg = ChaosCfg {
+        backup: cfg.chaos_backup,
+        overlap: cfg.overlap,
+        pause_ms: cfg.pause_ms,
+    };
+    let mut relay_died = None;
+    let (mut ends, chaos_tally): (Vec<ClientEnd>, ChaosTally) = thread::scope(|s| {
+        let (watch, stop, servers) = (&watch, &stop, &mut servers);
+        let seed = cfg.seed;
+        let ch = s.spawn(move || chaos::run(servers, watch, chaos_cfg, seed, stop));
+        let hs: Vec<_> = models
+            .into_iter()
+            .enumerate()
+            .map(|(t, keys)| {
+                let addr = addr.clone();
+                s.spawn(move || client(t, cfg, &addr, keys, watch, stop))
+            })
+            .collect();
+        // Pacing: how long the run lasts.
+        let end = Instant::now() + cfg.duration;
+        while Instant::now() < end && !INTERRUPTED.load(Ordering::SeqCst) {
+            if let Some(st) = relay.exited() {
+                relay_died = Some(st);
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        stop.store(true, Ordering::SeqCst);
+        let ends = hs
+            .into_iter()
+            .enumerate()
+            .map(|(t, h)| {
+                h.join().unwrap_or_else(|_| ClientEnd {
+                    tally: Tally::new(),
+                    keys: Vec::new(),
+                    error: Some(format!("client {t} panicked")),
+                })
+            })
+            .collect();
+        let ct = ch.join().unwrap_or_else(|_| ChaosTally {
+            error: Some("chaos thread panicked".into()),
+            ..ChaosTally::default()
+        });
+        (ends, ct)
+    });
+    let chaos_elapsed = watch.start.elapsed();
+
+    // Right after every server is back (invalidation may be under way),
+    // then once memrelay reports every server up.
+    for (t, e) in ends.iter_mut().enumerate() {
+        final_reads(cfg, &addr, &watch, t, e, "after chaos");
+    }
+    let settled = wait_for(Duration::from_secs(20), || all_up(&addr, b + 1));
+    for (t, e) in ends.iter_mut().enumerate() {
+        final_reads(cfg, &addr, &watch, t, e, "all up");
+    }
+    let st = stats(&addr);
+    if relay_died.is_none() {
+        relay_died = relay.exited();
+    }
+    let log_tail = relay.log_tail(30);
+    relay.stop(Duration::from_secs(2));
+    drop(servers);
+
+    // Report.
+    let mut total = Tally::new();
+    let mut errors = Vec::new();
+    for e in &ends {
+        total.merge(&e.tally);
+        errors.extend(e.error.clone());
+    }
+    if let Some(e) = &chaos_tally.error {
+        errors.push(format!("chaos thread: {e}"));
+    }
+    if let Some(s) = &relay_died {
+        errors.push(format!("memrelay exited during the run ({s}):\n{log_tail}"));
+    }
+    if !settled {
+        errors.push(
+            "memrelay did not report every server up within 20 s of the end of the chaos".into(),
+        );
+    }
+    let stat = |k: &str| st.get(k).cloned().unwrap_or_else(|| "?".into());
+    let pct = |n: u64, d: u64| {
+        if d == 0 {
+            0.0
+        } else {
+            100.0 * n as f64 / d as f64
+        }
+    };
+    let reads = total.hits + total.misses;
+    println!(
+        "\nran {:.1?}: {} requests in {} batches ({} pipelined): set {}, get {}, multi-get {} ({} keys), delete {}, incr {}, append {}",
+        chaos_elapsed,
+        total.ops(),
+        total.batches,
+        total.pipelined_batches,
+        total.sets,
+        total.gets,
+        total.multigets,
+        total.multiget_keys,
+        total.deletes,
+        total.incrs,
+        total.appends
+    );
+    println!(
+        "chaos events: {} (kill {}, restart {}, SIGSTOP {}, SIGCONT {}; {} on the backup)",
+        chaos_tally.events(),
+        chaos_tally.kills,
+        chaos_tally.restarts,
+        chaos_tally.stops,
+        chaos_tally.conts,
+        chaos_tally.backup_events
+    );
+    println!(
+        "reads: {} keys: hits {} ({:.1}%), misses {}; guarded reads (had to hit) {}; unchecked hits {}",
+        reads,
+        total.hits,
+        pct(total.hits, reads),
+        total.misses,
+        total.guarded_reads,
+        total.unchecked_hits
+    );
+    println!(
+        "errors: SERVER_ERROR {}, no reply {}; incr/append NOT_FOUND/NOT_STORED on a modelled value {} (of which with a replica untouched since the set: {})",
+        total.server_errors, total.failures, total.write_misses, total.write_misses_guarded
+    );
+    println!(
+        "latency: p50 {:?}, p99 {:?}, p99.9 {:?}, max {:?} (bound {:?})",
+        total.quantile(0.5),
+        total.quantile(0.99),
+        total.quantile(0.999),
+        total.max_latency,
+        bound(cfg)
+    );
+    println!(
+        "memrelay: failovers {}, backup_hits {}, repairs {}, mirrors {}, mirror_failures {}",
+        stat("failovers"),
+        stat("backup_hits"),
+        stat("repairs"),
+        stat("mirrors"),
+        stat("mirror_failures")
+    );
+    println!(
+        "violations: stale {}, lost {}, wrong {}, late {}",
+        total.stale, total.lost, total.wrong, total.late
+    );
+    let ok = total.violations() == 0 && errors.is_empty() && total.ops() > 0;
+    if !ok {
+        for d in total.details.iter().take(40) {
+            println!("  {d}");
+        }
+        for e in &errors {
+            println!("  run error: {e}");
+        }
+    }
+    if cfg.verbose || !ok {
+        println!("chaos log:");
+        for l in &chaos_tally.log {
+            println!("  {l}");
+        }
+    }
+    if !ok && !log_tail.is_empty() {
+        println!("memrelay log (last lines):\n{log_tail}");
+    }
+    println!("{}", if ok { "PASS" } else { "FAIL" });
+    if total.violations() == 0 && !errors.is_empty() {
+        return Err("the run did not complete cleanly (see above)".into());
+    }
+    Ok(ok)
+}

@@ -1,0 +1,928 @@
+//! What each client knows about its own keys, and the checks made on every
+//! reply. See docs/chaos.md for the rules in prose.
+//!
+//! Each key is written by one client only, one request at a time (a
+//! pipelined batch never holds the same key twice), so "the latest
+//! acknowledged state" of a key is well defined: the state its owner's last
+//! answered write left.
+//!
+//! A key's model is the set of states it may be in (`cands`):
+//! - after an acknowledged write, exactly one (`Some(item)`, or `None` for
+//!   absent);
+//! - a write whose outcome is unknown (`SERVER_ERROR`, timeout, closed
+//!   connection) may or may not have been applied, so its result joins the
+//!   set until the next acknowledged write that fixes the state (set,
+//!   delete, or a miss reported by a write).
+//!
+//! A read hit must be one of the candidates (else: stale if it is an older
+//! value of the key, wrong otherwise). A read miss is always allowed, except
+//! when the state is exactly known, is a value, and one replica of the key
+//! was up and untouched by the chaos thread from `settle` before the write
+//! that set the value until the read answered: that replica holds the value
+//! and serves it, so a miss means it was lost.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use crate::conn::{is_error_line, Fail, Reply, Val};
+
+/// Candidates kept before a key's state is declared unknown ("wild"): its
+/// hits are then not checked until the next set or delete is acknowledged.
+const MAX_CANDS: usize = 64;
+/// Detailed violation lines kept per client (all are counted).
+const MAX_DETAILS: usize = 40;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub data: String,
+    pub flags: u32,
+}
+
+/// A request a client sends.
+#[derive(Debug, Clone)]
+pub enum Op {
+    Set { k: usize, item: Item },
+    Get { ks: Vec<usize> },
+    Delete { k: usize },
+    Incr { k: usize, delta: u64 },
+    Append { k: usize, suffix: String },
+}
+
+impl Op {
+    /// The keys it touches.
+    pub fn keys(&self) -> Vec<usize> {
+        match self {
+            Op::Set { k, .. } | Op::Delete { k } | Op::Incr { k, .. } | Op::Append { k, .. } => {
+                vec![*k]
+            }
+            Op::Get { ks } => ks.clone(),
+        }
+    }
+
+    pub fn is_read(&self) -> bool {
+        matches!(self, Op::Get { .. })
+    }
+
+    pub fn render(&self, keys: &[KeyModel], out: &mut String) {
+        let _ = match self {
+            Op::Set { k, item } => write!(
+                out,
+                "set {} {} 0 {}\r\n{}\r\n",
+                keys[*k].name,
+                item.flags,
+                item.data.len(),
+                item.data
+            ),
+            Op::Get { ks } => {
+                out.push_str("get");
+                for k in ks {
+                    out.push(' ');
+                    out.push_str(&keys[*k].name);
+                }
+                out.push_str("\r\n");
+                Ok(())
+            }
+            Op::Delete { k } => write!(out, "delete {}\r\n", keys[*k].name),
+            Op::Incr { k, delta } => write!(out, "incr {} {delta}\r\n", keys[*k].name),
+            Op::Append { k, suffix } => write!(
+                out,
+                "append {} 0 0 {}\r\n{suffix}\r\n",
+                keys[*k].name,
+                suffix.len()
+            ),
+        };
+    }
+}
+
+/// One key as its owning client knows it.
+#[derive(Debug, Clone)]
+pub struct KeyModel {
+    pub name: String,
+    /// Counter keys hold numbers (set, incr); the others text (set, append).
+    pub counter: bool,
+    /// A tag every value of this key starts with (text keys).
+    pub tag: String,
+    /// Index of the key's primary (learned at setup).
+    pub primary: usize,
+    /// The states the key may be in.
+    cands: Vec<Option<Item>>,
+    /// One state, fixed by acknowledged writes only (no unknown outcome
+    /// since the last set or delete).
+    exact: bool,
+    /// When the set that began the current value was sent.
+    base_sent: Option<Instant>,
+    /// Too many unknown outcomes: hits unchecked until the next set/delete.
+    wild: bool,
+    history: VecDeque<String>,
+}
+
+impl KeyModel {
+    pub fn new(name: String, tag: String, counter: bool, primary: usize) -> KeyModel {
+        KeyModel {
+            name,
+            counter,
+            tag,
+            primary,
+            cands: vec![None],
+            exact: true,
+            base_sent: None,
+            wild: false,
+            history: VecDeque::new(),
+        }
+    }
+
+    /// The value if the state is exactly known to be one (else None).
+    pub fn known_value(&self) -> Option<&Item> {
+        match self.cands.as_slice() {
+            [Some(i)] if self.exact && !self.wild => Some(i),
+            _ => None,
+        }
+    }
+
+    fn log(&mut self, at: u128, what: String) {
+        if self.history.len() == 8 {
+            self.history.pop_front();
+        }
+        self.history.push_back(format!("{at}ms {what}"));
+    }
+
+    fn describe(&self) -> String {
+        let c: Vec<String> = self
+            .cands
+            .iter()
+            .map(|c| match c {
+                None => "absent".to_string(),
+                Some(i) => format!("{:?}/f{}", i.data, i.flags),
+            })
+            .collect();
+        format!(
+            "primary {}; model {}{} [{}]; recent: {:?}",
+            self.primary,
+            if self.exact {
+                "exact"
+            } else {
+                "unknown-outcome"
+            },
+            if self.wild { " (wild)" } else { "" },
+            c.join(", "),
+            self.history
+        )
+    }
+
+    fn ack_value(&mut self, item: Item, sent: Instant) {
+        self.cands = vec![Some(item)];
+        self.exact = true;
+        self.wild = false;
+        self.base_sent = Some(sent);
+    }
+
+    fn ack_absent(&mut self) {
+        self.cands = vec![None];
+        self.exact = true;
+        self.wild = false;
+        self.base_sent = None;
+    }
+
+    /// An unknown outcome: the state may be any candidate, or `f` of it.
+    fn maybe(&mut self, f: impl Fn(&Option<Item>) -> Option<Option<Item>>) {
+        let extra: Vec<Option<Item>> = self.cands.iter().filter_map(f).collect();
+        for e in extra {
+            if !self.cands.contains(&e) {
+                self.cands.push(e);
+            }
+        }
+        self.exact = false;
+        if self.cands.len() > MAX_CANDS {
+            self.wild = true;
+            self.cands.truncate(MAX_CANDS);
+        }
+    }
+
+    fn allows(&self, v: &Val) -> bool {
+        self.cands.iter().flatten().any(|c| {
+            c.flags == v.flags
+                && if self.counter {
+                    c.data == v.data.trim_end_matches(' ')
+                } else {
+                    c.data == v.data
+                }
+        })
+    }
+
+    /// Is `data` something this key held at some point (a stale value) as
+    /// opposed to something it never held (wrong)?
+    fn could_be_ours(&self, data: &str) -> bool {
+        if self.counter {
+            data.trim_end_matches(' ').parse::<u64>().is_ok()
+        } else {
+            data.starts_with(&self.tag)
+        }
+    }
+}
+
+/// Counts, and the details of the first violations.
+#[derive(Debug, Default, Clone)]
+pub struct Tally {
+    pub sets: u64,
+    pub gets: u64,
+    pub multigets: u64,
+    pub multiget_keys: u64,
+    pub deletes: u64,
+    pub incrs: u64,
+    pub appends: u64,
+    pub batches: u64,
+    pub pipelined_batches: u64,
+    pub hits: u64,
+    pub misses: u64,
+    /// Reads of keys whose value a live, untouched replica held: each had
+    /// to hit.
+    pub guarded_reads: u64,
+    /// Hits not checked (key state unknown after too many failed writes).
+    pub unchecked_hits: u64,
+    /// NOT_FOUND / NOT_STORED from incr or append on a key the model holds
+    /// a value for (allowed: a failure can lose a key).
+    pub write_misses: u64,
+    /// ... of which one replica had been untouched since the value was set.
+    pub write_misses_guarded: u64,
+    pub server_errors: u64,
+    /// No reply (timeout, closed, garbled).
+    pub failures: u64,
+    pub stale: u64,
+    pub lost: u64,
+    pub wrong: u64,
+    pub late: u64,
+    pub max_latency: Duration,
+    /// Latency histogram, 1 ms buckets up to 10 s (last bucket: above).
+    pub hist: Vec<u64>,
+    pub details: Vec<String>,
+}
+
+impl Tally {
+    pub fn new() -> Tally {
+        Tally {
+            hist: vec![0; 10_001],
+            ..Tally::default()
+        }
+    }
+
+    pub fn merge(&mut self, o: &Tally) {
+        macro_rules! add {
+            ($($f:ident),*) => { $( self.$f += o.$f; )* };
+        }
+        add!(
+            sets,
+            gets,
+            multigets,
+            multiget_keys,
+            deletes,
+            incrs,
+            appends,
+            batches,
+            pipelined_batches,
+            hits,
+            misses,
+            guarded_reads,
+            unchecked_hits,
+            write_misses,
+            write_misses_guarded,
+            server_errors,
+            failures,
+            stale,
+            lost,
+            wrong,
+            late
+        );
+        self.max_latency = self.max_latency.max(o.max_latency);
+        for (a, b) in self.hist.iter_mut().zip(&o.hist) {
+            *a += b;
+        }
+        self.details.extend(o.details.iter().cloned());
+    }
+
+    pub fn ops(&self) -> u64 {
+        self.sets + self.gets + self.multigets + self.deletes + self.incrs + self.appends
+    }
+
+    pub fn violations(&self) -> u64 {
+        self.stale + self.lost + self.wrong + self.late
+    }
+
+    /// The latency below which `q` (0..1) of the requests were answered.
+    pub fn quantile(&self, q: f64) -> Duration {
+        let total: u64 = self.hist.iter().sum();
+        let want = (total as f64 * q).ceil() as u64;
+        let mut seen = 0;
+        for (ms, n) in self.hist.iter().enumerate() {
+            seen += n;
+            if seen >= want.max(1) {
+                return Duration::from_millis(ms as u64);
+            }
+        }
+        Duration::from_millis(self.hist.len() as u64)
+    }
+
+    fn detail(&mut self, s: String) {
+        if self.details.len() < MAX_DETAILS {
+            self.details.push(s);
+        }
+    }
+}
+
+/// What a check needs besides the key: when the run started (for
+/// timestamps), the latency bound, and whether one replica of a key (given
+/// its primary) has been up and untouched since `settle` before an instant.
+pub struct Ctx<'a> {
+    pub start: Instant,
+    pub client: usize,
+    pub phase: &'a str,
+    pub bound: Duration,
+    pub live_replica: &'a dyn Fn(usize, Instant) -> bool,
+    /// Count an incr/append that found no item although a replica held
+    /// the key's value as lost (docs/ha.md allows it: see docs/chaos.md).
+    pub strict_writes: bool,
+}
+
+impl Ctx<'_> {
+    fn ms(&self, t: Instant) -> u128 {
+        t.saturating_duration_since(self.start).as_millis()
+    }
+}
+
+/// Checks the reply to `op` (sent at `sent`, answered at `now`) and updates
+/// the model. Returns false when the connection must be replaced (no reply,
+/// or a reply that leaves the stream's framing in doubt).
+pub fn check(
+    ctx: &Ctx,
+    tally: &mut Tally,
+    keys: &mut [KeyModel],
+    op: &Op,
+    reply: &Result<Reply, Fail>,
+    sent: Instant,
+    now: Instant,
+) -> bool {
+    let took = now.saturating_duration_since(sent);
+    tally.max_latency = tally.max_latency.max(took);
+    let bucket = (took.as_millis() as usize).min(tally.hist.len() - 1);
+    tally.hist[bucket] += 1;
+    let at = ctx.ms(sent);
+    let who = format!("[{at:>7}ms] {} client {}", ctx.phase, ctx.client);
+    match op {
+        Op::Set { .. } => tally.sets += 1,
+        Op::Get { ks } if ks.len() == 1 => tally.gets += 1,
+        Op::Get { ks } => {
+            tally.multigets += 1;
+            tally.multiget_keys += ks.len() as u64;
+        }
+        Op::Delete { .. } => tally.deletes += 1,
+        Op::Incr { .. } => tally.incrs += 1,
+        Op::Append { .. } => tally.appends += 1,
+    }
+    let render = {
+        let mut s = String::new();
+        op.render(keys, &mut s);
+        let first = s.lines().next().unwrap_or("").to_string();
+        first
+    };
+    if took > ctx.bound {
+        tally.late += 1;
+        tally.detail(format!(
+            "{who}: LATE: {render:?} answered after {took:?} (bound {:?}): {reply:?}",
+            ctx.bound
+        ));
+    }
+    let reply = match reply {
+        Ok(r) => r,
+        Err(f) => {
+            tally.failures += 1;
+            for k in op.keys() {
+                keys[k].log(at, format!("{render} -> {f}"));
+            }
+            unknown_outcome(keys, op);
+            return false;
+        }
+    };
+    match (op, reply) {
+        (Op::Get { ks }, Reply::Values(vals)) => {
+            check_values(ctx, tally, keys, ks, vals, sent, now, &who);
+            true
+        }
+        (Op::Get { ks }, Reply::Line(l)) => {
+            tally.server_errors += 1;
+            tally.wrong += 1;
+            tally.detail(format!(
+                "{who}: WRONG: {render:?} answered {l:?}; a read must answer (misses at worst) with END"
+            ));
+            for k in ks {
+                keys[*k].log(at, format!("get -> {l}"));
+            }
+            false
+        }
+        (_, Reply::Values(v)) => {
+            tally.wrong += 1;
+            tally.detail(format!("{who}: WRONG: {render:?} answered values {v:?}"));
+            unknown_outcome(keys, op);
+            false
+        }
+        (_, Reply::Line(l)) => {
+            check_write(ctx, tally, keys, op, l, sent, now, &who, &render);
+            true
+        }
+    }
+}
+
+/// The effect of a write that may or may not have been applied.
+fn unknown_outcome(keys: &mut [KeyModel], op: &Op) {
+    match op {
+        Op::Get { .. } => {}
+        Op::Set { k, item } => keys[*k].maybe(|_| Some(Some(item.clone()))),
+        Op::Delete { k } => keys[*k].maybe(|_| Some(None)),
+        Op::Incr { k, delta } => keys[*k].maybe(|c| {
+            let c = c.as_ref()?;
+            let n: u64 = c.data.parse().ok()?;
+            Some(Some(Item {
+                data: n.wrapping_add(*delta).to_string(),
+                flags: c.flags,
+            }))
+        }),
+        Op::Append { k, suffix } => keys[*k].maybe(|c| {
+            let c = c.as_ref()?;
+            Some(Some(Item {
+                data: format!("{}{suffix}", c.data),
+                flags: c.flags,
+            }))
+        }),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_values(
+    ctx: &Ctx,
+    tally: &mut Tally,
+    keys: &mut [KeyModel],
+    ks: &[usize],
+    vals: &[Val],
+    sent: Instant,
+    now: Instant,
+    who: &str,
+) {
+    let at = ctx.ms(sent);
+    // Values come in request order, each key at most once, only keys asked.
+    let mut next = 0;
+    let mut got: Vec<Option<&Val>> = vec![None; ks.len()];
+    for v in vals {
+        match ks[next..].iter().position(|k| keys[*k].name == v.key) {
+            Some(p) => {
+                got[next + p] = Some(v);
+                next += p + 1;
+            }
+            None => {
+                tally.wrong += 1;
+                tally.detail(format!(
+                    "{who}: WRONG: get of {:?} returned {:?} out of order or unasked",
+                    ks.iter().map(|k| &keys[*k].name).collect::<Vec<_>>(),
+                    v.key
+                ));
+                return;
+            }
+        }
+    }
+    for (k, v) in ks.iter().zip(got) {
+        let m = &mut keys[*k];
+        let guarded = m.known_value().is_some()
+            && m.base_sent
+                .is_some_and(|b| (ctx.live_replica)(m.primary, b));
+        if guarded {
+            tally.guarded_reads += 1;
+        }
+        match v {
+            None => {
+                tally.misses += 1;
+                if guarded {
+                    tally.lost += 1;
+                    let d = format!(
+                        "{who}: LOST: get {} missed although replica(s) of it stayed up and untouched since its value was set; {}",
+                        m.name,
+                        m.describe()
+                    );
+                    tally.detail(d);
+                }
+                m.log(at, "get -> miss".into());
+            }
+            Some(v) => {
+                tally.hits += 1;
+                m.log(at, format!("get -> {:?}/f{}", v.data, v.flags));
+                if m.wild {
+                    tally.unchecked_hits += 1;
+                } else if !m.allows(v) {
+                    // The right data with other flags is wrong, not stale.
+                    let same_data = m.cands.iter().flatten().any(|c| c.data == v.data);
+                    let stale = !same_data && m.could_be_ours(&v.data);
+                    if stale {
+                        tally.stale += 1;
+                    } else {
+                        tally.wrong += 1;
+                    }
+                    tally.detail(format!(
+                        "{who}: {}: get {} served {:?} flags {} (answered after {:?}); {}",
+                        if stale { "STALE" } else { "WRONG" },
+                        m.name,
+                        v.data,
+                        v.flags,
+                        now.saturating_duration_since(sent),
+                        m.describe()
+                    ));
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_write(
+    ctx: &Ctx,
+    tally: &mut Tally,
+    keys: &mut [KeyModel],
+    op: &Op,
+    l: &str,
+    sent: Instant,
+    now: Instant,
+    who: &str,
+    render: &str,
+) {
+    let at = ctx.ms(sent);
+    let k = op.keys()[0];
+    let m = &mut keys[k];
+    m.log(at, format!("{render} -> {l}"));
+    let guarded = m.known_value().is_some()
+        && m.base_sent
+            .is_some_and(|b| (ctx.live_replica)(m.primary, b));
+    let wrong = |tally: &mut Tally, m: &KeyModel, why: &str| {
+        tally.wrong += 1;
+        tally.detail(format!(
+            "{who}: WRONG: {render:?} answered {l:?}: {why}; {}",
+            m.describe()
+        ));
+    };
+    if l.starts_with("SERVER_ERROR") {
+        tally.server_errors += 1;
+        // Only when both replicas are unreachable; one that was up and
+        // untouched since `settle` before the request was sent is not.
+        if (ctx.live_replica)(m.primary, sent) {
+            wrong(tally, m, "a replica of the key was up and untouched");
+        }
+        unknown_outcome(keys, op);
+        return;
+    }
+    if is_error_line(l) {
+        wrong(tally, m, "an error for a well-formed request");
+        unknown_outcome(keys, op);
+        return;
+    }
+    match op {
+        Op::Get { .. } => {}
+        Op::Set { item, .. } => {
+            if l == "STORED" {
+                m.ack_value(item.clone(), sent);
+            } else {
+                wrong(tally, m, "set answers STORED");
+                unknown_outcome(keys, op);
+            }
+        }
+        Op::Delete { .. } => match l {
+            "DELETED" => {
+                if !m.wild && m.cands.iter().all(Option::is_none) {
+                    wrong(tally, m, "the key was deleted: something brought it back");
+                }
+                m.ack_absent();
+            }
+            "NOT_FOUND" => m.ack_absent(),
+            _ => {
+                wrong(tally, m, "delete answers DELETED or NOT_FOUND");
+                unknown_outcome(keys, op);
+            }
+        },
+        Op::Incr { delta, .. } => {
+            if l == "NOT_FOUND" {
+                write_miss(ctx, tally, m, guarded, who, render, l);
+                m.ack_absent();
+            } else if let Ok(n) = l.parse::<u64>() {
+                let from: Vec<Option<Item>> = m
+                    .cands
+                    .iter()
+                    .filter(|c| {
+                        c.as_ref()
+                            .and_then(|c| c.data.parse::<u64>().ok())
+                            .is_some_and(|v| v.wrapping_add(*delta) == n)
+                    })
+                    .map(|c| {
+                        c.as_ref().map(|c| Item {
+                            data: n.to_string(),
+                            flags: c.flags,
+                        })
+                    })
+                    .collect();
+                if from.is_empty() && !m.wild {
+                    let stale = n >= *delta;
+                    if stale {
+                        tally.stale += 1;
+                    } else {
+                        tally.wrong += 1;
+                    }
+                    tally.detail(format!(
+                        "{who}: {}: {render:?} answered {n}: incremented {}, not a value the key may hold; {}",
+                        if stale { "STALE" } else { "WRONG" },
+                        n.wrapping_sub(*delta),
+                        m.describe()
+                    ));
+                    m.cands = vec![Some(Item {
+                        data: n.to_string(),
+                        flags: 0,
+                    })];
+                    m.wild = true;
+                } else if !from.is_empty() {
+                    m.cands = from;
+                    m.cands.dedup();
+                } else {
+                    // Wild: the value is now known, its flags are not.
+                    m.cands = vec![Some(Item {
+                        data: n.to_string(),
+                        flags: 0,
+                    })];
+                }
+            } else {
+                wrong(tally, m, "incr answers a number or NOT_FOUND");
+                unknown_outcome(keys, op);
+            }
+        }
+        Op::Append { suffix, .. } => match l {
+            "STORED" => {
+                let next: Vec<Option<Item>> = m
+                    .cands
+                    .iter()
+                    .flatten()
+                    .map(|c| {
+                        Some(Item {
+                            data: format!("{}{suffix}", c.data),
+                            flags: c.flags,
+                        })
+                    })
+                    .collect();
+                if next.is_empty() && !m.wild {
+                    wrong(tally, m, "append to a key the model says is absent");
+                    m.wild = true;
+                } else {
+                    m.cands = next;
+                }
+            }
+            "NOT_STORED" => {
+                write_miss(ctx, tally, m, guarded, who, render, l);
+                m.ack_absent();
+            }
+            _ => {
+                wrong(tally, m, "append answers STORED or NOT_STORED");
+                unknown_outcome(keys, op);
+            }
+        },
+    }
+    let _ = now;
+}
+
+/// incr or append found no item: allowed by docs/ha.md after a failure
+/// (the primary answered, its backup's copy is dropped), counted; a loss
+/// under --strict-writes when a replica held the value all along.
+fn write_miss(
+    ctx: &Ctx,
+    tally: &mut Tally,
+    m: &KeyModel,
+    guarded: bool,
+    who: &str,
+    render: &str,
+    l: &str,
+) {
+    if !m.cands.iter().any(Option::is_some) {
+        return;
+    }
+    tally.write_misses += 1;
+    if guarded {
+        tally.write_misses_guarded += 1;
+        if ctx.strict_writes {
+            tally.lost += 1;
+            tally.detail(format!(
+                "{who}: LOST (strict writes): {render:?} answered {l:?} although replica(s) of the key stayed up and untouched since its value was set; {}",
+                m.describe()
+            ));
+        }
+    }
+}
+
+/// A request that got no reply (the connection failed before it was
+/// answered): its outcome is unknown.
+pub fn abandon(ctx: &Ctx, tally: &mut Tally, keys: &mut [KeyModel], op: &Op, why: &Fail) {
+    tally.failures += 1;
+    let mut s = String::new();
+    op.render(keys, &mut s);
+    let first = s.lines().next().unwrap_or("").to_string();
+    let at = ctx.ms(Instant::now());
+    for k in op.keys() {
+        keys[k].log(at, format!("{first} -> no reply: {why}"));
+    }
+    unknown_outcome(keys, op);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(d: &str, f: u32) -> Item {
+        Item {
+            data: d.into(),
+            flags: f,
+        }
+    }
+
+    fn val(k: &str, d: &str, f: u32) -> Val {
+        Val {
+            key: k.into(),
+            flags: f,
+            data: d.into(),
+        }
+    }
+
+    /// Runs `steps` (op, reply) on one text key and one counter key;
+    /// `live`: whether a replica counts as untouched.
+    fn run(live: bool, steps: &[(Op, Result<Reply, Fail>)]) -> Tally {
+        let f = move |_: usize, _: Instant| live;
+        let ctx = Ctx {
+            start: Instant::now(),
+            client: 0,
+            phase: "test",
+            bound: Duration::from_secs(60),
+            live_replica: &f,
+            strict_writes: false,
+        };
+        let mut keys = vec![
+            KeyModel::new("t".into(), "c0k0".into(), false, 0),
+            KeyModel::new("n".into(), "c0k1".into(), true, 0),
+        ];
+        let mut tally = Tally::new();
+        for (op, r) in steps {
+            let now = Instant::now();
+            check(&ctx, &mut tally, &mut keys, op, r, now, now);
+        }
+        tally
+    }
+
+    fn set(k: usize, d: &str, f: u32) -> Op {
+        Op::Set {
+            k,
+            item: item(d, f),
+        }
+    }
+    fn get(k: usize) -> Op {
+        Op::Get { ks: vec![k] }
+    }
+    fn line(s: &str) -> Result<Reply, Fail> {
+        Ok(Reply::Line(s.into()))
+    }
+    fn vals(v: Vec<Val>) -> Result<Reply, Fail> {
+        Ok(Reply::Values(v))
+    }
+
+    #[test]
+    fn latest_value_and_misses_pass() {
+        let t = run(
+            false,
+            &[
+                (set(0, "c0k0s1", 1), line("STORED")),
+                (get(0), vals(vec![val("t", "c0k0s1", 1)])),
+                (get(0), vals(vec![])),
+                (set(1, "5000", 2), line("STORED")),
+                (Op::Incr { k: 1, delta: 3 }, line("5003")),
+                (get(1), vals(vec![val("n", "5003", 2)])),
+            ],
+        );
+        assert_eq!(t.violations(), 0, "{:?}", t.details);
+        assert_eq!((t.hits, t.misses), (2, 1));
+    }
+
+    #[test]
+    fn an_older_value_is_stale() {
+        let t = run(
+            false,
+            &[
+                (set(0, "c0k0s1", 1), line("STORED")),
+                (set(0, "c0k0s2", 2), line("STORED")),
+                (get(0), vals(vec![val("t", "c0k0s1", 1)])),
+            ],
+        );
+        assert_eq!(t.stale, 1, "{:?}", t.details);
+    }
+
+    #[test]
+    fn a_value_after_an_acknowledged_delete_is_stale() {
+        let t = run(
+            false,
+            &[
+                (set(0, "c0k0s1", 1), line("STORED")),
+                (Op::Delete { k: 0 }, line("DELETED")),
+                (get(0), vals(vec![val("t", "c0k0s1", 1)])),
+            ],
+        );
+        assert_eq!(t.stale, 1, "{:?}", t.details);
+    }
+
+    #[test]
+    fn unknown_outcomes_are_allowed_until_the_next_ack() {
+        let t = run(
+            false,
+            &[
+                (set(0, "c0k0s1", 1), line("STORED")),
+                (set(0, "c0k0s2", 2), line("SERVER_ERROR down")),
+                (get(0), vals(vec![val("t", "c0k0s2", 2)])),
+                (get(0), vals(vec![val("t", "c0k0s1", 1)])),
+                (set(0, "c0k0s3", 3), line("STORED")),
+                (get(0), vals(vec![val("t", "c0k0s2", 2)])),
+            ],
+        );
+        assert_eq!(t.stale, 1, "{:?}", t.details);
+    }
+
+    #[test]
+    fn a_miss_with_an_untouched_replica_is_lost() {
+        let steps = [
+            (set(0, "c0k0s1", 1), line("STORED")),
+            (get(0), vals(vec![])),
+        ];
+        assert_eq!(run(true, &steps).lost, 1);
+        assert_eq!(run(false, &steps).lost, 0);
+    }
+
+    #[test]
+    fn incr_from_an_older_value_is_stale_and_flags_are_checked() {
+        let t = run(
+            false,
+            &[
+                (set(1, "1000", 1), line("STORED")),
+                (set(1, "2000", 1), line("STORED")),
+                (Op::Incr { k: 1, delta: 1 }, line("1001")),
+            ],
+        );
+        assert_eq!(t.stale, 1, "{:?}", t.details);
+        let t = run(
+            false,
+            &[
+                (set(0, "c0k0s1", 1), line("STORED")),
+                (
+                    Op::Append {
+                        k: 0,
+                        suffix: ".a2".into(),
+                    },
+                    line("STORED"),
+                ),
+                (get(0), vals(vec![val("t", "c0k0s1.a2", 1)])),
+                (get(0), vals(vec![val("t", "c0k0s1.a2", 9)])),
+            ],
+        );
+        assert_eq!(t.wrong, 1, "{:?}", t.details);
+    }
+
+    #[test]
+    fn a_read_error_and_an_unasked_key_are_wrong() {
+        let t = run(
+            false,
+            &[
+                (get(0), line("SERVER_ERROR x")),
+                (get(0), vals(vec![val("n", "1", 0)])),
+            ],
+        );
+        assert_eq!(t.wrong, 2, "{:?}", t.details);
+    }
+
+    #[test]
+    fn a_late_reply_is_counted() {
+        let f = |_: usize, _: Instant| false;
+        let ctx = Ctx {
+            start: Instant::now(),
+            client: 0,
+            phase: "test",
+            bound: Duration::from_millis(10),
+            live_replica: &f,
+            strict_writes: false,
+        };
+        let mut keys = vec![KeyModel::new("t".into(), "c0k0".into(), false, 0)];
+        let mut tally = Tally::new();
+        let sent = Instant::now();
+        let now = sent + Duration::from_millis(50);
+        check(
+            &ctx,
+            &mut tally,
+            &mut keys,
+            &get(0),
+            &vals(vec![]),
+            sent,
+            now,
+        );
+        assert_eq!(tally.late, 1);
+    }
+}
