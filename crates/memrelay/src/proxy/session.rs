@@ -29,8 +29,9 @@ use crate::net::notify::LocalNotify;
 use crate::net::outqueue::OutQueue;
 use crate::net::Stream;
 
-/// Read buffer growth step.
-const READ_CHUNK: usize = 16 * 1024;
+/// Read buffer growth step; the buffer is allocated at the first read, not
+/// at accept, so a client that never sends costs none.
+const READ_CHUNK: usize = 4 * 1024;
 
 /// Where backend connections deliver this session's replies.
 #[derive(Debug, Default)]
@@ -81,7 +82,7 @@ pub async fn serve<S: Stream>(stream: S, worker: Rc<Worker>) {
     let mut s = Session {
         worker,
         inbox,
-        rbuf: BytesMut::with_capacity(READ_CHUNK),
+        rbuf: BytesMut::new(),
         out: OutQueue::new(),
         next_seq: 0,
         ready: Vec::new(),
