@@ -307,11 +307,17 @@ fn close_quietly(inner: &Inner) {
 fn fail(inner: &Inner, failure: Failure) {
     inner.state.set(State::Closed);
     inner.out.borrow_mut().clear();
-    let had_requests = !inner.inflight.borrow().is_empty();
-    if had_requests || failure == Failure::Connect {
+    // When the oldest request went out: a server that has answered since
+    // then is alive, and this failure is the tail of a stall it is over.
+    let sent = inner
+        .inflight
+        .borrow()
+        .front()
+        .map(|f| (f.deadline - inner.settings.timeout).into_std());
+    if sent.is_some() || failure == Failure::Connect {
         inner
             .health
-            .record_failure(inner.settings.failure_limit, &failure);
+            .record_failure(inner.settings.failure_limit, &failure, sent);
     }
     let written = inner.written.get();
     loop {

@@ -5,8 +5,16 @@
 //! once, however many requests it carried) and up again when a probe
 //! succeeds. Marking is rare and done with atomics; the hot path only loads
 //! one flag. A state change is logged once, by whoever made it.
+//!
+//! A failure of a request sent *before* the server last recovered (a reply
+//! ended a failure streak, or a probe marked it up) does not count: after a
+//! stall (a SIGSTOP, a long GC-like pause, a congested link) the server
+//! answers again while requests queued during the stall are still timing
+//! out, and those must not mark a server down that has just proved alive.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::Instant;
 
 use crate::ha::missed::MissedKeys;
 
@@ -15,6 +23,9 @@ pub struct Health {
     pub name: String,
     down: AtomicBool,
     consecutive_failures: AtomicU32,
+    /// When the server last recovered (see the module comment), as
+    /// nanoseconds since `epoch()`; written only while ending a streak.
+    recovered_at: AtomicU64,
     /// Times this server was marked down (for `stats`).
     pub downs: AtomicU64,
     /// Failed connections or requests, in total (for `stats`).
@@ -36,6 +47,7 @@ impl Health {
             name,
             down: AtomicBool::new(false),
             consecutive_failures: AtomicU32::new(0),
+            recovered_at: AtomicU64::new(0),
             downs: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             missed: MissedKeys::new(missed_cap),
@@ -66,17 +78,32 @@ impl Health {
         self.down.load(Ordering::Relaxed)
     }
 
-    /// A reply arrived: the streak of failures is over.
+    /// A reply arrived: the streak of failures is over. (Only the end of a
+    /// streak writes shared state, so the hot path stays a load.)
     #[inline]
     pub fn record_success(&self) {
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
             self.consecutive_failures.store(0, Ordering::Relaxed);
+            self.recovered_at
+                .store(since_epoch(Instant::now()), Ordering::Relaxed);
         }
     }
 
-    /// A connection failed. Returns true if this marked the server down.
-    pub fn record_failure(&self, limit: u32, why: &dyn std::fmt::Display) -> bool {
+    /// A connection failed. `sent` is when its oldest request was sent, if
+    /// it carried one. Returns true if this marked the server down.
+    pub fn record_failure(
+        &self,
+        limit: u32,
+        why: &dyn std::fmt::Display,
+        sent: Option<Instant>,
+    ) -> bool {
         self.failures.fetch_add(1, Ordering::Relaxed);
+        if let Some(sent) = sent {
+            if since_epoch(sent) < self.recovered_at.load(Ordering::Relaxed) {
+                tracing::debug!(server = %self.name, reason = %why, "failure of a request sent before the server recovered: not counted");
+                return false;
+            }
+        }
         let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= limit && !self.down.swap(true, Ordering::AcqRel) {
             self.downs.fetch_add(1, Ordering::Relaxed);
@@ -90,8 +117,66 @@ impl Health {
     /// A probe succeeded: serve from this server again.
     pub fn mark_up(&self) {
         self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.recovered_at
+            .store(since_epoch(Instant::now()), Ordering::Relaxed);
         if self.down.swap(false, Ordering::AcqRel) {
             tracing::warn!(server = %self.name, "server marked up");
         }
+    }
+}
+
+/// Nanoseconds from a process-wide origin to `t` (0 for instants before it).
+fn since_epoch(t: Instant) -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    // Later than epoch + 584 years cannot happen; saturate anyway.
+    u64::try_from(t.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn failures_mark_down_at_the_limit() {
+        let h = Health::new("s".into(), 16);
+        let now = Instant::now();
+        assert!(!h.record_failure(3, &"x", Some(now)));
+        assert!(!h.record_failure(3, &"x", None));
+        assert!(h.record_failure(3, &"x", Some(now)));
+        assert!(h.is_down());
+    }
+
+    #[test]
+    fn a_reply_ends_the_streak() {
+        let h = Health::new("s".into(), 16);
+        h.record_failure(3, &"x", None);
+        h.record_failure(3, &"x", None);
+        h.record_success();
+        let later = Instant::now() + Duration::from_millis(1);
+        assert!(!h.record_failure(3, &"x", Some(later)));
+        assert!(!h.record_failure(3, &"x", Some(later)));
+        assert!(!h.is_down());
+        assert!(h.record_failure(3, &"x", Some(later)));
+    }
+
+    #[test]
+    fn requests_sent_before_a_recovery_do_not_count() {
+        let h = Health::new("s".into(), 16);
+        let stalled = Instant::now();
+        h.record_failure(3, &"x", Some(stalled));
+        // The server answers again (the stall is over) ...
+        h.record_success();
+        // ... while requests queued during the stall time out.
+        for _ in 0..10 {
+            assert!(!h.record_failure(3, &"timeout", Some(stalled)));
+        }
+        assert!(!h.is_down());
+        // Connect failures carry no request: they still count.
+        h.record_failure(3, &"connect", None);
+        h.record_failure(3, &"connect", None);
+        assert!(h.record_failure(3, &"connect", None));
+        assert!(h.is_down());
     }
 }

@@ -219,7 +219,7 @@ impl ServerPool {
     /// this worker's connections to it (new ones are opened on demand).
     pub fn poison(&self, why: &str) {
         self.health
-            .record_failure(self.settings.failure_limit, &why);
+            .record_failure(self.settings.failure_limit, &why, None);
         for c in self.conns.borrow().iter().flatten() {
             c.poison();
         }
