@@ -411,6 +411,17 @@ impl Tokens {
     }
 }
 
+/// The key (token 1; the caller has checked there are at least 3 tokens),
+/// refused as memcached does (`CLIENT_ERROR bad command line format`) past
+/// 250 bytes.
+fn key_token(t: &Tokens, consumed: usize, noreply: bool) -> Result<Span, RequestError> {
+    let key = t.spans[1];
+    if key.len as usize > KEY_MAX_LENGTH {
+        return Err(RequestError::at(ErrorKind::BadFormat, consumed).noreply(noreply));
+    }
+    Ok(key)
+}
+
 /// Parses one request from the start of `buf`.
 ///
 /// Returns `Ok(None)` when more bytes are needed, `Ok(Some((request,
@@ -527,20 +538,10 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Parsed>, Requ
                 return err(ErrorKind::Error);
             }
             req.noreply = t.noreply(line);
-            let key = t.spans[1];
-            if key.len as usize > KEY_MAX_LENGTH {
-                return Err(
-                    RequestError::at(ErrorKind::BadFormat, consumed_line).noreply(req.noreply)
-                );
-            }
-            req.key = key;
-            req.delta = match parse_u64(t.get(line, 2)) {
-                Some(d) => d,
-                None => {
-                    return Err(RequestError::at(ErrorKind::InvalidDelta, consumed_line)
-                        .noreply(req.noreply))
-                }
-            };
+            req.key = key_token(&t, consumed_line, req.noreply)?;
+            req.delta = parse_u64(t.get(line, 2)).ok_or_else(|| {
+                RequestError::at(ErrorKind::InvalidDelta, consumed_line).noreply(req.noreply)
+            })?;
             Ok(Some((req, consumed_line)))
         }
         Command::Touch => {
@@ -548,20 +549,10 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Parsed>, Requ
                 return err(ErrorKind::Error);
             }
             req.noreply = t.noreply(line);
-            let key = t.spans[1];
-            if key.len as usize > KEY_MAX_LENGTH {
-                return Err(
-                    RequestError::at(ErrorKind::BadFormat, consumed_line).noreply(req.noreply)
-                );
-            }
-            req.key = key;
-            req.exptime = match parse_i32(t.get(line, 2)) {
-                Some(e) => e,
-                None => {
-                    return Err(RequestError::at(ErrorKind::InvalidExptime, consumed_line)
-                        .noreply(req.noreply))
-                }
-            };
+            req.key = key_token(&t, consumed_line, req.noreply)?;
+            req.exptime = parse_i32(t.get(line, 2)).ok_or_else(|| {
+                RequestError::at(ErrorKind::InvalidExptime, consumed_line).noreply(req.noreply)
+            })?;
             Ok(Some((req, consumed_line)))
         }
         Command::Delete => {
@@ -580,13 +571,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Parsed>, Requ
                     );
                 }
             }
-            let key = t.spans[1];
-            if key.len as usize > KEY_MAX_LENGTH {
-                return Err(
-                    RequestError::at(ErrorKind::BadFormat, consumed_line).noreply(req.noreply)
-                );
-            }
-            req.key = key;
+            req.key = key_token(&t, consumed_line, req.noreply)?;
             Ok(Some((req, consumed_line)))
         }
         Command::FlushAll => {
@@ -785,11 +770,7 @@ fn parse_storage(
     }
     req.noreply = t.noreply(line);
     let bad = |kind| Err(RequestError::at(kind, consumed_line).noreply(req.noreply));
-    let key = t.spans[1];
-    if key.len as usize > KEY_MAX_LENGTH {
-        return bad(ErrorKind::BadFormat);
-    }
-    req.key = key;
+    req.key = key_token(&t, consumed_line, req.noreply)?;
     let (flags, exptime, vlen) = match (
         parse_u32_wrapping(t.get(line, 2)),
         parse_i32(t.get(line, 3)),
@@ -814,7 +795,7 @@ fn parse_storage(
         let mut e = RequestError::at(ErrorKind::TooLarge, consumed_line).noreply(req.noreply);
         e.swallow = vlen + 2;
         if req.command == Command::Set {
-            e.unlink_key = Some(key);
+            e.unlink_key = Some(req.key);
         }
         return Err(e);
     }

@@ -307,14 +307,14 @@ fn close_quietly(inner: &Inner) {
 fn fail(inner: &Inner, failure: Failure) {
     inner.state.set(State::Closed);
     inner.out.borrow_mut().clear();
-    // When the oldest request went out: a server that has answered since
-    // then is alive, and this failure is the tail of a stall it is over.
-    let sent = inner
-        .inflight
-        .borrow()
-        .front()
-        .map(|f| (f.deadline - inner.settings.timeout).into_std());
-    if sent.is_some() || failure == Failure::Connect {
+    let oldest_deadline = inner.inflight.borrow().front().map(|f| f.deadline);
+    if oldest_deadline.is_some() || failure == Failure::Connect {
+        // When the oldest request went out: a server that has answered
+        // since then is alive, and this failure is the tail of a stall that
+        // is over (see `Health`).
+        let sent = oldest_deadline
+            .and_then(|d| d.checked_sub(inner.settings.timeout))
+            .map(|t| t.into_std());
         inner
             .health
             .record_failure(inner.settings.failure_limit, &failure, sent);

@@ -201,12 +201,8 @@ pub fn advance(
     };
     let frame = slot.frame.clone();
     let route = super::route_key(&frame, req);
-    let main = slot
-        .parts
-        .iter()
-        .rposition(|p| p.role == Role::Main)
-        .unwrap_or(0);
-    let mirrored_in_parallel = slot.parts.iter().any(|p| matches!(p.role, Role::Mirror(_)));
+    let main = slot.main_part().unwrap_or(0);
+    let mirrored_in_parallel = slot.mirrored_in_parallel();
     slot.stage = Stage::Done;
     match slot.result(main) {
         // The primary does not have the item but a backup may (the
@@ -257,12 +253,8 @@ fn mirror_after(
     replicas: &crate::router::Replicas,
     route: &bytes::Bytes,
 ) {
-    let main = slot
-        .parts
-        .iter()
-        .rposition(|p| p.role == Role::Main)
-        .unwrap_or(0);
-    let mirrored_in_parallel = slot.parts.iter().any(|p| matches!(p.role, Role::Mirror(_)));
+    let main = slot.main_part().unwrap_or(0);
+    let mirrored_in_parallel = slot.mirrored_in_parallel();
     let Some(Ok(reply)) = slot.result(main) else {
         return;
     };
@@ -425,7 +417,7 @@ fn settle_mirrors(
 /// (for a set copied in parallel whose primary failed, the backup's), and
 /// whether it came from a mirror.
 pub fn answer(slot: &Slot) -> Option<(&crate::backend::BackendResult, bool)> {
-    let main = slot.parts.iter().rposition(|p| p.role == Role::Main)?;
+    let main = slot.main_part()?;
     let main_result = slot.result(main)?;
     if main_result.is_err() {
         if let Some(r) = slot

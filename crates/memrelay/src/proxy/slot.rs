@@ -150,4 +150,16 @@ impl Slot {
     pub fn result(&self, part: usize) -> Option<&BackendResult> {
         self.parts.get(part).and_then(|p| p.result.as_ref())
     }
+
+    /// The write's latest main part: the replica that took it (earlier
+    /// main parts are replicas it failed over from).
+    pub fn main_part(&self) -> Option<usize> {
+        self.parts.iter().rposition(|p| p.role == Role::Main)
+    }
+
+    /// Whether the write was copied to the backups in parallel with the
+    /// primary (a blind set) rather than after its answer.
+    pub fn mirrored_in_parallel(&self) -> bool {
+        self.parts.iter().any(|p| matches!(p.role, Role::Mirror(_)))
+    }
 }
