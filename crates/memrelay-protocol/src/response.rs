@@ -331,7 +331,8 @@ pub fn meta_flags(reply: &[u8]) -> MetaFlags {
                 out.ttl = if v == b"-1" {
                     Some(-1)
                 } else {
-                    parse_u64(v).map(|x| x as i64)
+                    // A TTL past i64 is clamped, never wrapped negative.
+                    parse_u64(v).map(|x| i64::try_from(x).unwrap_or(i64::MAX))
                 }
             }
             b'c' => out.cas = parse_u64(v),

@@ -193,6 +193,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             nprimaries: cfg.primaries.len(),
             rate: cfg.resync_rate,
             connect_timeout: cfg.connect_timeout,
+            max_value_len: cfg.limits.max_value_len,
         });
         tokio::spawn(resync.serve(resync_rx));
         if let Some(l) = metrics_listener {

@@ -192,7 +192,8 @@ pub fn exptime_from_ttl(ttl: Option<i64>) -> Option<i64> {
     match ttl {
         Some(-1) | None => Some(0),
         Some(0) => None,
-        Some(t) if t > MAX_RELATIVE_TTL => Some(unix_now() + t),
+        // Saturating: the TTL comes from a server's reply.
+        Some(t) if t > MAX_RELATIVE_TTL => Some(unix_now().saturating_add(t)),
         Some(t) => Some(t),
     }
 }
@@ -229,4 +230,21 @@ pub fn first_serving(
         on_skip(server);
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_to_exptime() {
+        assert_eq!(exptime_from_ttl(None), Some(0));
+        assert_eq!(exptime_from_ttl(Some(-1)), Some(0));
+        assert_eq!(exptime_from_ttl(Some(0)), None);
+        assert_eq!(exptime_from_ttl(Some(60)), Some(60));
+        let far = exptime_from_ttl(Some(MAX_RELATIVE_TTL + 1)).unwrap();
+        assert!(far > MAX_RELATIVE_TTL);
+        // A server's absurd TTL saturates instead of overflowing.
+        assert_eq!(exptime_from_ttl(Some(i64::MAX)), Some(i64::MAX));
+    }
 }

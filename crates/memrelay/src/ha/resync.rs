@@ -94,6 +94,10 @@ pub struct Resync {
     pub nprimaries: usize,
     pub rate: u64,
     pub connect_timeout: Duration,
+    /// Largest value a copy may carry (`--max-value-size`): a bigger one
+    /// could not have been written through memrelay, and a server claiming
+    /// one must not make the resync buffer it.
+    pub max_value_len: usize,
 }
 
 /// Requests to resync a server (its index), from the prober and from the
@@ -204,8 +208,8 @@ impl Resync {
                 for k in &batch {
                     node.health.copying.record(k);
                 }
-                let copied = match fetch(&mut from, &batch).await {
-                    Ok(items) => store(&mut to, &items)
+                let copied = match fetch(&mut from, &batch, self.max_value_len).await {
+                    Ok(items) => store(&mut to, &items, self.max_value_len)
                         .await
                         .map(|landed| (items.len(), landed)),
                     Err(e) => Err(e),
@@ -275,9 +279,7 @@ impl Resync {
     ) -> Result<KeyArena, String> {
         let p = &self.nodes[target].health.resync;
         let mut conn = connect(src.addr, self.connect_timeout).await?;
-        conn.write_all(b"lru_crawler metadump hash\r\n")
-            .await
-            .map_err(|e| e.to_string())?;
+        write_timed(&mut conn, b"lru_crawler metadump hash\r\n").await?;
         let mut keys = KeyArena::default();
         let mut buf = Vec::with_capacity(64 * 1024);
         let mut chunk = vec![0u8; 64 * 1024];
@@ -427,15 +429,19 @@ struct Item<'a> {
 
 /// `mg <key> v f t` for a batch, pipelined; the keys that are gone (or
 /// expiring now) are left out.
-async fn fetch<'a>(conn: &mut TcpStream, keys: &[&'a [u8]]) -> Result<Vec<Item<'a>>, String> {
+async fn fetch<'a>(
+    conn: &mut TcpStream,
+    keys: &[&'a [u8]],
+    max_value: usize,
+) -> Result<Vec<Item<'a>>, String> {
     let mut req = Vec::with_capacity(keys.len() * 48);
     for k in keys {
         req.extend_from_slice(b"mg ");
         let b64 = put_key(&mut req, k);
         req.extend_from_slice(if b64 { b" b v f t\r\n" } else { b" v f t\r\n" });
     }
-    conn.write_all(&req).await.map_err(|e| e.to_string())?;
-    let mut reader = Replies::default();
+    write_timed(conn, &req).await?;
+    let mut reader = Replies::new(max_value);
     let mut items = Vec::with_capacity(keys.len());
     for k in keys {
         let reply = reader.next(conn).await?;
@@ -456,7 +462,11 @@ async fn fetch<'a>(conn: &mut TcpStream, keys: &[&'a [u8]]) -> Result<Vec<Item<'
 
 /// `ms <key> <len> F T ME` for a batch, pipelined: (copied, skipped because
 /// the target already had a value).
-async fn store<'a>(conn: &mut TcpStream, items: &[Item<'a>]) -> Result<Vec<&'a [u8]>, String> {
+async fn store<'a>(
+    conn: &mut TcpStream,
+    items: &[Item<'a>],
+    max_value: usize,
+) -> Result<Vec<&'a [u8]>, String> {
     if items.is_empty() {
         return Ok(Vec::new());
     }
@@ -477,8 +487,8 @@ async fn store<'a>(conn: &mut TcpStream, items: &[Item<'a>]) -> Result<Vec<&'a [
         req.extend_from_slice(&it.value);
         req.extend_from_slice(b"\r\n");
     }
-    conn.write_all(&req).await.map_err(|e| e.to_string())?;
-    let mut reader = Replies::default();
+    write_timed(conn, &req).await?;
+    let mut reader = Replies::new(max_value);
     let mut landed = Vec::with_capacity(items.len());
     for it in items {
         let reply = reader.next(conn).await?;
@@ -494,20 +504,36 @@ async fn store<'a>(conn: &mut TcpStream, items: &[Item<'a>]) -> Result<Vec<&'a [
     Ok(landed)
 }
 
+/// Writes a whole request, bounded like the reads: a server that stops
+/// reading must not hold the resync task forever.
+async fn write_timed(conn: &mut TcpStream, bytes: &[u8]) -> Result<(), String> {
+    tokio::time::timeout(IO_TIMEOUT, conn.write_all(bytes))
+        .await
+        .map_err(|_| "server stopped reading during resync".to_string())?
+        .map_err(|e| e.to_string())
+}
+
 /// Reads meta replies one by one.
-#[derive(Default)]
 struct Replies {
     buf: Vec<u8>,
+    max_value: usize,
 }
 
 impl Replies {
+    fn new(max_value: usize) -> Replies {
+        Replies {
+            buf: Vec::new(),
+            max_value,
+        }
+    }
+
     async fn next(&mut self, conn: &mut TcpStream) -> Result<Vec<u8>, String> {
         let mut chunk = [0u8; 16 * 1024];
         loop {
             match memrelay_protocol::parse_response(
                 &self.buf,
                 memrelay_protocol::Expect::Meta,
-                1 << 30,
+                self.max_value,
             ) {
                 Ok(Some((_, n))) => return Ok(self.buf.drain(..n).collect()),
                 Ok(None) => {}
