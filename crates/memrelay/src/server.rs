@@ -311,7 +311,7 @@ fn worker_main(
                 idle_timeout: cfg.idle_timeout,
             },
             resync,
-            draining: std::cell::Cell::new(false),
+            draining: std::cell::Cell::new(None),
             sessions: std::cell::RefCell::new(Vec::new()),
             stats,
             registry: registry.clone(),

@@ -40,8 +40,9 @@ pub struct Worker {
     pub client_limits: ClientLimits,
     /// Where `memrelay resync` requests go (None without backups).
     pub resync: Option<crate::ha::resync::Requests>,
-    /// Set on SIGTERM: sessions finish what they were sent, then close.
-    pub draining: std::cell::Cell<bool>,
+    /// Set on SIGTERM (or a hand-over) to when the drain began: sessions
+    /// finish what they were sent, then close (see `session::DRAIN_QUIET`).
+    pub draining: std::cell::Cell<Option<std::time::Instant>>,
     /// Every session's inbox, to wake idle sessions when draining starts.
     pub sessions: std::cell::RefCell<Vec<std::rc::Weak<session::Inbox>>>,
     /// Background writes to backups (mirrors, repairs).
@@ -53,10 +54,10 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Starts draining: every session stops reading, finishes the requests
-    /// it has, and closes.
+    /// Starts draining: every session answers what it is sent until it goes
+    /// quiet (or for at most `DRAIN_BUSY`), then closes.
     pub fn drain(&self) {
-        self.draining.set(true);
+        self.draining.set(Some(std::time::Instant::now()));
         for inbox in self.sessions.borrow_mut().drain(..) {
             if let Some(inbox) = inbox.upgrade() {
                 inbox.wake();

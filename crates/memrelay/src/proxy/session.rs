@@ -33,6 +33,17 @@ use crate::net::Stream;
 /// at accept, so a client that never sends costs none.
 const READ_CHUNK: usize = 4 * 1024;
 
+/// While draining, a client is closed once it has sent nothing and is owed
+/// nothing for this long. Closing it at once would race with a request
+/// already on its way: a connection accepted just before the drain (or a
+/// hand-over) has usually not sent its first request yet, and closing a
+/// socket with unread input resets it. Long enough for that request to
+/// arrive, short enough that idle pools are let go quickly.
+const DRAIN_QUIET: std::time::Duration = std::time::Duration::from_millis(200);
+/// While draining, a client that never goes quiet stops being read after
+/// this long, and is closed once everything it sent is answered.
+const DRAIN_BUSY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Where backend connections deliver this session's replies.
 #[derive(Debug, Default)]
 pub struct Inbox {
@@ -118,8 +129,10 @@ struct Session {
 impl Session {
     async fn run<S: Stream>(&mut self, stream: &S) {
         loop {
-            if self.worker.draining.get() {
-                // Shutting down: finish what was sent, read nothing more.
+            let draining = self.worker.draining.get();
+            if draining.is_some_and(|t| t.elapsed() >= DRAIN_BUSY) {
+                // Shutting down, and this client keeps sending: finish what
+                // was sent, read nothing more.
                 self.eof = true;
             }
             self.advance_ready();
@@ -156,12 +169,13 @@ impl Session {
             let inbox = self.inbox.clone();
             // With --idle-timeout, a client with nothing outstanding that
             // sends nothing for that long is closed (memcached's
-            // idle_timeout; off by default, as in memcached).
-            let idle = self
-                .worker
-                .client_limits
-                .idle_timeout
-                .filter(|_| outstanding == 0 && self.out.is_empty());
+            // idle_timeout; off by default, as in memcached). Draining
+            // shortens it to DRAIN_QUIET.
+            let idle = match draining {
+                Some(_) => Some(DRAIN_QUIET),
+                None => self.worker.client_limits.idle_timeout,
+            }
+            .filter(|_| outstanding == 0 && self.out.is_empty());
             tokio::select! {
                 biased;
                 _ = inbox.wake.notified() => {}
