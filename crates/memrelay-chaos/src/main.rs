@@ -59,6 +59,9 @@ options:
   --memrelay PATH    memrelay binary (default: next to this binary, else the
                      newest of target/{release,debug}/memrelay)
   --memcached PATH   memcached binary (default: memcached on PATH)
+  --relay-log FILE   write all of memrelay's log to FILE, each line
+                     prefixed with the run's clock (ms, as in the chaos and
+                     key histories); set RUST_LOG=memrelay=debug for detail
   -v, --verbose      print the chaos log
   -h, --help         this text
 ";
@@ -87,6 +90,7 @@ struct Cfg {
     pause_ms: (u64, u64),
     memrelay: Option<String>,
     memcached: String,
+    relay_log: Option<PathBuf>,
     verbose: bool,
     extra: Vec<String>,
 }
@@ -133,6 +137,7 @@ fn parse_args(args: &[String]) -> Result<Option<Cfg>, String> {
         pause_ms: (150, 600),
         memrelay: None,
         memcached: "memcached".into(),
+        relay_log: None,
         verbose: false,
         extra: Vec::new(),
     };
@@ -177,6 +182,7 @@ fn parse_args(args: &[String]) -> Result<Option<Cfg>, String> {
             }
             "--memrelay" => c.memrelay = Some(val()?),
             "--memcached" => c.memcached = val()?,
+            "--relay-log" => c.relay_log = Some(PathBuf::from(val()?)),
             "-v" | "--verbose" => c.verbose = true,
             "--" => {
                 c.extra = it.by_ref().cloned().collect();
@@ -611,7 +617,15 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
     args.extend(["-b".to_string(), servers[b].addr()]);
     args.extend(["--timeout".to_string(), cfg.timeout_arg.clone()]);
     args.extend(cfg.extra.iter().cloned());
-    let mut relay = Memrelay::start(&relay_bin.to_string_lossy(), &args)?;
+    // The run's clock starts here, so memrelay's log lines and the
+    // histories share one time line.
+    let origin = Instant::now();
+    let mut relay = Memrelay::start(
+        &relay_bin.to_string_lossy(),
+        &args,
+        origin,
+        cfg.relay_log.as_deref(),
+    )?;
     let addr = relay.addr();
     if !wait_for(Duration::from_secs(10), || all_up(&addr, b + 1)) {
         return Err(format!(
@@ -676,7 +690,7 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
         cfg.settle
     );
 
-    let watch = Watch::new(Instant::now(), cfg.settle, b + 1);
+    let watch = Watch::new(origin, cfg.settle, b + 1);
     let stop = AtomicBool::new(false);
     let chaos_cfg = ChaosCfg {
         backup: cfg.chaos_backup,

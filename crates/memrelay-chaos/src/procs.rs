@@ -264,8 +264,21 @@ pub struct Memrelay {
 const LOG_LINES: usize = 400;
 
 impl Memrelay {
-    pub fn start(bin: &str, args: &[String]) -> Result<Memrelay, String> {
+    /// `log_file`: where all of memrelay's log goes too, each line prefixed
+    /// with the milliseconds since `origin`.
+    pub fn start(
+        bin: &str,
+        args: &[String],
+        origin: Instant,
+        log_file: Option<&std::path::Path>,
+    ) -> Result<Memrelay, String> {
         let port = free_port()?;
+        let mut file = match log_file {
+            Some(p) => Some(std::io::LineWriter::new(
+                std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?,
+            )),
+            None => None,
+        };
         let mut child = Command::new(bin)
             .args(["-l", "127.0.0.1", "-p", &port.to_string()])
             .args(args)
@@ -281,6 +294,9 @@ impl Memrelay {
             thread::spawn(move || {
                 for line in BufReader::new(err).lines() {
                     let Ok(line) = line else { break };
+                    if let Some(f) = file.as_mut() {
+                        let _ = writeln!(f, "{:>8} {line}", origin.elapsed().as_millis());
+                    }
                     if let Ok(mut l) = log.lock() {
                         if l.len() == LOG_LINES {
                             l.remove(0);

@@ -207,10 +207,12 @@ fn a_value_written_during_the_resync_is_never_overwritten() {
 #[test]
 fn client_latency_during_a_resync_stays_bounded() {
     // The bound this test states: during a resync at 5000 items/s, every
-    // client request through the proxy answers within 250 ms (normally
-    // well under a millisecond). A resync that blocked the proxy, or
+    // client request through the proxy answers within 500 ms (normally
+    // well under a millisecond; the margin is for a debug build on a
+    // 2-core machine also running other tests, where 250 ms was once
+    // exceeded). A resync that blocked the proxy for its duration, or
     // flooded the servers, would break it.
-    const BOUND: Duration = Duration::from_millis(250);
+    const BOUND: Duration = Duration::from_millis(500);
     let mut cl = cluster(&["--resync-rate", "5000"]);
     let mut c = Client::connect(&cl.relay.addr());
     let items = fill(&mut c, 6000);

@@ -154,6 +154,12 @@ impl Mirror {
     /// Step two of `repair_from`: add the fetched item to the primary
     /// (mode E: only if it still has none).
     fn repair_store(&self, primary: usize, key: Bytes, reply: &Bytes) {
+        // A write that went past the primary meanwhile (and recorded it as
+        // missing the key) may have changed the backup after this read.
+        if !self.servers[primary].health().serves(&key) {
+            self.stats.repairs_skipped.incr();
+            return;
+        }
         let mf = memrelay_protocol::meta_flags(reply);
         let Some((off, len)) = mf.data else { return };
         let Some(ttl) = super::exptime_from_ttl(mf.ttl) else {

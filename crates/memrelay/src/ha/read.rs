@@ -265,6 +265,13 @@ pub fn after_fallback(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, 
         if first.server as usize != primary || !matches!(&first.result, Some(Ok(_))) {
             continue;
         }
+        // A write that went past the primary since its miss (recorded it
+        // as missing the key) may have changed the backup after we read
+        // it: the value in hand may be older than an acknowledged write.
+        if !w.servers[primary].health().serves(key) {
+            w.stats.repairs_skipped.incr();
+            continue;
+        }
         let mf = meta_flags(&reply.bytes);
         let Some((off, len)) = mf.data else { continue };
         let exptime = match req.command {

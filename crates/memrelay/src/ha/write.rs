@@ -223,7 +223,12 @@ pub fn advance(
                 mirror_after(w, inbox, seq, slot, req, tier, &replicas, &route);
             }
         }
-        Some(Ok(_)) => mirror_after(w, inbox, seq, slot, req, tier, &replicas, &route),
+        Some(Ok(reply)) => {
+            if tier > 0 && !is_miss(req, reply.kind) {
+                bypassed(w, &replicas, tier, &route);
+            }
+            mirror_after(w, inbox, seq, slot, req, tier, &replicas, &route)
+        }
         Some(Err(_)) => {
             let server = slot.parts[main].server as usize;
             w.servers[server].health().missed.record(&route);
@@ -236,6 +241,22 @@ pub fn advance(
             attempt(w, inbox, seq, slot, req, tier + 1);
         }
         None => {}
+    }
+}
+
+/// A write changed the item at `tier` and not on the tiers before it: they
+/// failed or were down (and were recorded as having missed the key then),
+/// or answered that they had no item (a restarted primary: the write fell
+/// back). Record them now, before the client is answered: a copy of the
+/// item as it was before this write (a read repair or a resync that read
+/// this tier a moment ago) may be landing on them, and the prober's delete,
+/// which comes after this record, removes it before they serve the key
+/// again. Repairs not yet sent see the record and are dropped.
+fn bypassed(w: &Worker, replicas: &crate::router::Replicas, tier: usize, route: &[u8]) {
+    for before in 0..tier {
+        if let Some(server) = replicas.get(before) {
+            w.servers[server].health().missed.record(route);
+        }
     }
 }
 
