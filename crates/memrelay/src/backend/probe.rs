@@ -7,10 +7,12 @@
 //! - Before a server serves again, and whenever it is reachable with keys
 //!   recorded as missed, it invalidates those keys on it (pipelined
 //!   `delete`s), or flushes it if the list overflowed: a server never serves
-//!   a value older than a write it missed.
+//!   a value older than a write it missed. A key recorded on an up server
+//!   wakes it at once (the server does not serve the key until then).
 //! - It remembers each server's identity (pid and boot time from `stats`):
-//!   a server that restarted is empty, so nothing on it can be stale and no
-//!   flush is needed; the restart is logged once.
+//!   a restart is logged once and starts a resync. The missed keys are
+//!   still deleted: a copy (resync, read repair) may have landed on the
+//!   restarted server before a write that went past it was known.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -170,7 +172,10 @@ pub async fn probe_loop(
             successes = 0;
             let due = last_identity.elapsed() >= IDENTITY_INTERVAL;
             if !due && health.missed.is_empty() {
-                tokio::time::sleep(WATCH_INTERVAL).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+                    _ = health.missed.recorded_signal.notified() => {}
+                }
                 continue;
             }
         } else {

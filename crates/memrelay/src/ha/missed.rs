@@ -31,6 +31,11 @@ pub struct MissedKeys {
     pub invalidated: AtomicU64,
     /// Whole-server flushes because the set overflowed (for `stats`).
     pub flushes: AtomicU64,
+    /// Signalled at every record, so the prober of an up server invalidates
+    /// at once instead of at its next pass (while a key is listed, the
+    /// server does not serve it, and with its other replica down nothing
+    /// does).
+    pub recorded_signal: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -58,6 +63,7 @@ impl MissedKeys {
             recorded: AtomicU64::new(0),
             invalidated: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
+            recorded_signal: tokio::sync::Notify::new(),
         }
     }
 
@@ -93,6 +99,7 @@ impl MissedKeys {
     /// Records that a write for `key` went past this server.
     pub fn record(&self, key: &[u8]) {
         self.recorded.fetch_add(1, Ordering::Relaxed);
+        self.recorded_signal.notify_one();
         let mut inner = self.lock();
         if inner.overflowed {
             return;
@@ -127,6 +134,8 @@ impl MissedKeys {
         inner.overflowed = true;
         inner.keys = HashMap::new();
         self.count.store(1, Ordering::Release);
+        drop(inner);
+        self.recorded_signal.notify_one();
     }
 
     /// Takes up to `n` keys to invalidate. They stay "missed" (readers keep
