@@ -436,11 +436,21 @@ fn settle_mirrors(
 
 /// The reply the client gets: the answer of the replica that took the write
 /// (for a set copied in parallel whose primary failed, the backup's), and
-/// whether it came from a mirror.
+/// whether it came from a mirror. A write that fell back from a primary
+/// without the item to a backup that then failed gets the primary's answer
+/// ("not found"): the fall-back was a second chance, and the failed backup
+/// is recorded as having missed the key, so it will hold no item either.
 pub fn answer(slot: &Slot) -> Option<(&crate::backend::BackendResult, bool)> {
     let main = slot.main_part()?;
     let main_result = slot.result(main)?;
     if main_result.is_err() {
+        if let Some(r) = slot.parts[..main]
+            .iter()
+            .filter(|p| p.role == Role::Main)
+            .find_map(|p| p.result.as_ref().filter(|r| r.is_ok()))
+        {
+            return Some((r, false));
+        }
         if let Some(r) = slot
             .parts
             .iter()
