@@ -491,4 +491,130 @@ mod tests {
         assert_eq!(c.verbosity, 1);
         assert_eq!(c.log_format, crate::config::LogFormat::Json);
     }
+
+    /// The example with its commented-out settings (`# key = value`,
+    /// `# [[table]]`, and `# # comment` inside such a block) uncommented.
+    fn uncommented(text: &str) -> String {
+        let setting = |rest: &str| {
+            rest.starts_with('[')
+                || rest.starts_with("# ")
+                || rest.split_once(" = ").is_some_and(|(k, _)| {
+                    !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                })
+        };
+        text.lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if setting(rest) => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// examples/memrelay.toml documents every key: uncommented, it sets
+    /// them all. The destructuring has no `..`, so a key added to the file
+    /// format and not to the example fails to compile here.
+    #[test]
+    fn the_documented_example_shows_every_key() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/memrelay.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let all = uncommented(&text);
+        let f: File = toml::from_str(&all).unwrap_or_else(|e| panic!("{}\n{all}", e));
+        let File {
+            listen,
+            pools:
+                Pools {
+                    primaries,
+                    backups,
+                    hash,
+                    backend_conns,
+                },
+            timeouts:
+                Timeouts {
+                    connect,
+                    request,
+                    idle,
+                    shutdown,
+                },
+            health: Health { failure_limit },
+            limits:
+                Limits {
+                    max_conns,
+                    max_pipeline,
+                    max_client_buffer,
+                    max_value_size,
+                    max_keys,
+                },
+            ha:
+                Ha {
+                    miss_fallback,
+                    auto_eject,
+                    resync,
+                    resync_rate,
+                    enable_flush_all,
+                },
+            process:
+                Process {
+                    threads,
+                    user,
+                    group,
+                    daemon,
+                    handoff,
+                },
+            metrics: Metrics {
+                listen: metrics_listen,
+            },
+            log: Log { level, format },
+        } = f;
+        let mut shown = vec![
+            ("pools.primaries", primaries.is_some()),
+            ("pools.backups", backups.is_some()),
+            ("pools.hash", hash.is_some()),
+            ("pools.backend_conns", backend_conns.is_some()),
+            ("timeouts.connect", connect.is_some()),
+            ("timeouts.request", request.is_some()),
+            ("timeouts.idle", idle.is_some()),
+            ("timeouts.shutdown", shutdown.is_some()),
+            ("health.failure_limit", failure_limit.is_some()),
+            ("limits.max_conns", max_conns.is_some()),
+            ("limits.max_pipeline", max_pipeline.is_some()),
+            ("limits.max_client_buffer", max_client_buffer.is_some()),
+            ("limits.max_value_size", max_value_size.is_some()),
+            ("limits.max_keys", max_keys.is_some()),
+            ("ha.miss_fallback", miss_fallback.is_some()),
+            ("ha.auto_eject", auto_eject.is_some()),
+            ("ha.resync", resync.is_some()),
+            ("ha.resync_rate", resync_rate.is_some()),
+            ("ha.enable_flush_all", enable_flush_all.is_some()),
+            ("process.threads", threads.is_some()),
+            ("process.user", user.is_some()),
+            ("process.group", group.is_some()),
+            ("process.daemon", daemon.is_some()),
+            ("process.handoff", handoff.is_some()),
+            ("metrics.listen", metrics_listen.is_some()),
+            ("log.level", level.is_some()),
+            ("log.format", format.is_some()),
+        ];
+        for l in &listen {
+            let ListenKeys {
+                address,
+                port,
+                unix,
+                mode,
+            } = l;
+            shown.push(("listen.address", address.is_some()));
+            shown.push(("listen.port", port.is_some()));
+            shown.push(("listen.unix", unix.is_some()));
+            shown.push(("listen.mode", mode.is_some()));
+        }
+        for key in shown.iter().map(|(k, _)| *k) {
+            assert!(
+                shown.iter().any(|(k, is)| *k == key && *is),
+                "{} does not show {key}",
+                path.display()
+            );
+        }
+        // And the uncommented whole is a valid configuration.
+        assert!(load_str(&all).is_ok(), "{:?}", load_str(&all));
+    }
 }

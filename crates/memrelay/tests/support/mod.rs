@@ -380,12 +380,24 @@ impl Memrelay {
     /// accepts connections. Panics with its output if it never does.
     pub fn start<S: AsRef<str>>(args: &[S]) -> Memrelay {
         let args: Vec<String> = args.iter().map(|a| a.as_ref().to_string()).collect();
+        Memrelay::start_with(|port| {
+            let mut all: Vec<String> = vec!["-l".into(), "127.0.0.1".into(), "-p".into()];
+            all.push(port.to_string());
+            all.extend(args.iter().cloned());
+            all
+        })
+    }
+
+    /// Starts memrelay with exactly the arguments `args(port)` returns for
+    /// a free port on 127.0.0.1 (which they must make it listen on, with
+    /// flags or a config file), and waits as `start` does.
+    pub fn start_with(args: impl Fn(u16) -> Vec<String>) -> Memrelay {
         let mut failures = Vec::new();
         for _ in 0..3 {
             let port = free_port("127.0.0.1");
+            let args = args(port);
             let log = Arc::new(Mutex::new(Vec::new()));
             let mut child = Command::new(memrelay_bin())
-                .args(["-l", "127.0.0.1", "-p", &port.to_string()])
                 .args(&args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -432,10 +444,7 @@ impl Memrelay {
                 }
             }
         }
-        panic!(
-            "memrelay {args:?} did not start:\n{}",
-            failures.join("\n---\n")
-        );
+        panic!("memrelay did not start:\n{}", failures.join("\n---\n"));
     }
 
     pub fn port(&self) -> u16 {
