@@ -570,6 +570,29 @@ pub fn run_memrelay<S: AsRef<str>>(
     }
 }
 
+/// A plain HTTP GET (the metrics endpoint): status code and body. The
+/// server closes the connection after its reply.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(IO_DEADLINE)).expect("read timeout");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap_or_else(|e| panic!("write to {addr}: {e}"));
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply)
+        .unwrap_or_else(|e| panic!("read from {addr}: {e}"));
+    let text = String::from_utf8(reply).expect("an HTTP reply in UTF-8");
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
 // ---------------------------------------------------------------------------
 // Client
 // ---------------------------------------------------------------------------
