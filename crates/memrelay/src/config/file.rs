@@ -120,63 +120,54 @@ struct Log {
     format: Option<String>,
 }
 
-/// A whole number. Its own type so that a wrong one is refused in words an
-/// operator reads ("a whole number"), not Rust's ("u64"); its range is the
-/// flag's, checked by the setter.
+/// A whole number (a count, a size, a port), as the command line takes it.
+/// Its own type so that a wrong one is refused in words an operator reads
+/// ("a whole number"), not Rust's ("u64"); its range is the flag's, checked
+/// by the setter, which also refuses a negative one as the flag would.
 #[derive(Debug)]
-struct Count(u64);
-
-impl fmt::Display for Count {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for Count {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Number;
-        impl Visitor<'_> for Number {
-            type Value = Count;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a whole number, not negative")
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Count, E> {
-                u64::try_from(v)
-                    .map(Count)
-                    .map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Count, E> {
-                Ok(Count(v))
-            }
-        }
-        d.deserialize_any(Number)
-    }
-}
+struct Count(String);
 
 /// A duration as the command line takes it: `"250ms"`, `"2s"`, or a bare
 /// number of milliseconds (a TOML integer or string).
 #[derive(Debug)]
 struct DurationText(String);
 
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(AsText("a whole number")).map(Count)
+    }
+}
+
 impl<'de> Deserialize<'de> for DurationText {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Text;
-        impl Visitor<'_> for Text {
-            type Value = DurationText;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a duration like \"250ms\" or \"2s\"")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<DurationText, E> {
-                Ok(DurationText(v.to_string()))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<DurationText, E> {
-                Ok(DurationText(v.to_string()))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<DurationText, E> {
-                Ok(DurationText(v.to_string()))
-            }
-        }
-        d.deserialize_any(Text)
+        d.deserialize_any(AsText("a duration like \"250ms\" or \"2s\""))
+            .map(DurationText)
+    }
+}
+
+impl fmt::Display for Count {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Takes a TOML string or integer as the text a flag would be given; says
+/// what it expected (its field) when it is neither.
+struct AsText(&'static str);
+
+impl Visitor<'_> for AsText {
+    type Value = String;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<String, E> {
+        Ok(v.to_string())
     }
 }
 
@@ -334,7 +325,7 @@ fn listener(path: &Path, key: &str, l: ListenKeys) -> Result<Listen, ConfigError
         ));
     }
     let p = match l.port {
-        Some(p) => port(&p.0.to_string()).map_err(|e| ConfigError::new(&at("port"), e))?,
+        Some(p) => port(&p.0).map_err(|e| ConfigError::new(&at("port"), e))?,
         None => DEFAULT_PORT,
     };
     let host = l.address.as_deref().unwrap_or(DEFAULT_HOST);
