@@ -380,13 +380,14 @@ fn a_memrelay_configured_by_a_file_serves_on_every_listener() {
 fn flags_override_the_file_when_serving() {
     let real = Memcached::start();
     let dir = TempDir::new("override");
-    // The file's primary does not exist and its listener is elsewhere:
-    // serving at all shows -p and -s replaced them.
-    let unused = free_port("127.0.0.1");
+    // The file's primary does not exist, and its listener is on a port this
+    // test holds: memrelay starts and serves only if -p and -s replaced them.
+    let held = TcpListener::bind(("127.0.0.1", 0)).unwrap();
     let path = dir.file(
         "memrelay.toml",
         &format!(
-            "[[listen]]\nport = {unused}\n[pools]\nprimaries = [\"127.0.0.1:{}\"]\n",
+            "[[listen]]\nport = {}\n[pools]\nprimaries = [\"127.0.0.1:{}\"]\n",
+            held.local_addr().unwrap().port(),
             free_port("127.0.0.1")
         ),
     );
@@ -405,7 +406,7 @@ fn flags_override_the_file_when_serving() {
     assert_eq!(r.bytes, b"STORED\r\n", "{}", relay.output());
     let r = real.client().send_until(b"get ov\r\n", complete_retrieval);
     assert_eq!(r.bytes, b"VALUE ov 0 1\r\nx\r\nEND\r\n");
-    assert!(std::net::TcpStream::connect(("127.0.0.1", unused)).is_err());
+    drop(held);
 }
 
 /// Every line memrelay wrote (stdout and stderr) so far, as JSON objects.
@@ -459,4 +460,5 @@ fn json_logs_are_one_object_a_line() {
         .find(|j| j["message"] == "memrelay started")
         .unwrap();
     assert_eq!(start["primaries"], m.addr(), "{start}");
+    assert_eq!(start["config"], s(&path), "{start}");
 }
