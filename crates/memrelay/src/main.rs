@@ -1,6 +1,7 @@
 //! The `memrelay` binary: arguments in, proxy running. Nothing else.
 
 use memrelay::config::cli::{parse_args, Action, EXIT_USAGE, HELP, USAGE_LINE};
+use memrelay::config::{Config, LogFormat, Origin};
 
 #[global_allocator]
 static ALLOC: memrelay::alloc::CountingAlloc = memrelay::alloc::CountingAlloc;
@@ -8,6 +9,10 @@ static ALLOC: memrelay::alloc::CountingAlloc = memrelay::alloc::CountingAlloc;
 fn main() {
     let cfg = match parse_args(std::env::args().skip(1)) {
         Ok(Action::Run(cfg)) => cfg,
+        Ok(Action::Check(cfg)) => {
+            print!("{}", cfg.summary());
+            return;
+        }
         Ok(Action::Help) => {
             print!("{HELP}");
             return;
@@ -18,10 +23,24 @@ fn main() {
         }
         Err(e) => {
             eprintln!("{e}");
-            eprintln!("{USAGE_LINE}");
+            // The usage line helps with a mistyped flag; for a key of the
+            // file, the one line naming it is all there is to say.
+            if matches!(e.origin, Origin::Flag(_)) {
+                eprintln!("{USAGE_LINE}");
+            }
             std::process::exit(EXIT_USAGE);
         }
     };
+    init_logging(&cfg);
+    if let Err(e) = memrelay::server::run(*cfg) {
+        // Logged, not just printed, so that a log collector reading JSON
+        // sees why the process stopped.
+        tracing::error!(error = %e, "cannot start");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(cfg: &Config) {
     let level = match cfg.verbosity {
         0 => "info",
         1 => "debug",
@@ -29,12 +48,13 @@ fn main() {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("MEMRELAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("memrelay={level}")));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(filter)
-        .init();
-    if let Err(e) = memrelay::server::run(*cfg) {
-        eprintln!("memrelay: {e}");
-        std::process::exit(1);
+        .with_env_filter(filter);
+    match cfg.log_format {
+        LogFormat::Text => logs.init(),
+        // One object a line, the event's fields at the top level next to
+        // `message`, so a collector can index them without unnesting.
+        LogFormat::Json => logs.json().flatten_event(true).init(),
     }
 }

@@ -149,6 +149,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         backups = %cfg.backups.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(","),
         hash = %cfg.hash,
         threads = cfg.threads,
+        config = %cfg.config_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
         "memrelay started"
     );
 

@@ -12,7 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use support::{
-    free_port, memrelay_bin, wait_until, Client, Memcached, Memrelay, IO_DEADLINE, START_DEADLINE,
+    free_port, http_get, memrelay_bin, wait_until, Client, Memcached, Memrelay, IO_DEADLINE,
+    START_DEADLINE,
 };
 
 /// Reads until EOF or the deadline.
@@ -401,24 +402,6 @@ fn a_new_process_takes_over_the_port_without_refusing_anyone() {
         ok as usize + failed.len(),
         &failed[..failed.len().min(5)]
     );
-}
-
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(IO_DEADLINE)).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .unwrap();
-    let text = String::from_utf8(read_to_close(&mut s)).unwrap();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
 }
 
 #[test]

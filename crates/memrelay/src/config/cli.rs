@@ -4,38 +4,31 @@
 //! exactly one line naming the flag (then the usage line), and so that
 //! getopt's conventions that magent users rely on keep working: `-p12000`,
 //! `-p 12000`, bundled switches like `-Dv`, and `--long=value`.
+//!
+//! The arguments are read in two steps: first their shape (known flag, value
+//! present), then, after the `--config` file wherever it was named, their
+//! values, on top of the file's ([`super::settings`]).
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
-use super::{parse_duration, Config, HashKind, Listen, ServerAddr};
+use super::settings::{Draft, Value};
+use super::{Config, ConfigError, Origin};
 
 /// What the command line asks for.
 #[derive(Debug)]
 pub enum Action {
     Run(Box<Config>),
+    /// `--check-config`: the configuration is valid; show it and exit.
+    Check(Box<Config>),
     Help,
     Version,
-}
-
-/// A command-line mistake: the flag it concerns and what is wrong.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UsageError {
-    pub flag: String,
-    pub message: String,
-}
-
-impl std::fmt::Display for UsageError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "memrelay: {}: {}", self.flag, self.message)
-    }
 }
 
 /// The exit code for usage errors (`EX_USAGE` from sysexits.h).
 pub const EXIT_USAGE: i32 = 64;
 
 pub const USAGE_LINE: &str =
-    "usage: memrelay [-p port] [-l addr] -s host:port [-s host:port ...] [-b host:port ...] [options] (-h for help)";
+    "usage: memrelay [--config FILE] [-p port] [-l addr] -s host:port [-s host:port ...] [-b host:port ...] [options] (-h for help)";
 
 pub const HELP: &str = "\
 memrelay: a high-availability memcached proxy, a drop-in successor to magent.
@@ -45,6 +38,7 @@ every write is copied to the key's backup too, and reads are served from the
 backup while its primary is down or has lost the key.
 
 usage: memrelay [options] -s host:port [-s host:port ...] [-b host:port ...]
+       memrelay --config FILE [options]
 
 magent-compatible options:
   -p, --port PORT          TCP port to listen on (default 11211)
@@ -66,6 +60,14 @@ magent-compatible options:
                            --hash ketama)
   -v, --verbose            log more (repeat for debug: -vv)
   -h, --help               this help
+
+configuration file:
+      --config FILE        read settings from a TOML file first; flags given
+                           too override it (a -s, -b, or -l/-p/-f replaces the
+                           file's list rather than adding to it)
+      --check-config       validate the file and flags, print the effective
+                           configuration, and exit (0 if valid, 64 if not)
+                           without binding anything
 
 more options:
   -t, --threads N          worker threads (default: one per available core)
@@ -100,25 +102,24 @@ more options:
                            read any more (default 4194304)
       --idle-timeout D     close a client that sent nothing for D and has nothing
                            outstanding (default: never, as memcached)
+      --log-format FORMAT  text (default) or json: one JSON object a line
       --version            print the version
 
 Durations are like 250ms, 2s, or a number of milliseconds.
 ";
 
-/// Parses the arguments (without the program name).
-pub fn parse_args<I, S>(args: I) -> Result<Action, UsageError>
+/// Parses the arguments (without the program name), reading the `--config`
+/// file they name, if any.
+pub fn parse_args<I, S>(args: I) -> Result<Action, ConfigError>
 where
     I: IntoIterator<Item = S>,
     S: Into<String>,
 {
     let args: Vec<String> = args.into_iter().map(Into::into).collect();
-    let mut cfg = Config::default();
-    let mut port: u16 = 11211;
-    let mut listen_host = String::from("127.0.0.1");
-    let mut unix: Option<PathBuf> = None;
-    let mut unix_mode: u32 = 0o700;
-    let mut primaries: Vec<String> = Vec::new();
-    let mut backups: Vec<String> = Vec::new();
+    // (flag as written, canonical name, value)
+    let mut given: Vec<(String, &'static str, Option<String>)> = Vec::new();
+    let mut config: Option<PathBuf> = None;
+    let mut check = false;
 
     let mut i = 0;
     while i < args.len() {
@@ -145,9 +146,11 @@ where
                     if takes_value(&c.to_string()) {
                         return Err(err(&f, "takes a value and cannot be bundled"));
                     }
-                    if let Some(a) = switch(&f, &mut cfg)? {
+                    let canonical = canonical(&f).ok_or_else(|| err(&f, "unknown option"))?;
+                    if let Some(a) = ends_parsing(canonical) {
                         return Ok(a);
                     }
+                    given.push((f, canonical, None));
                 }
                 (format!("-{short}"), None)
             } else {
@@ -162,8 +165,13 @@ where
             if inline.is_some() {
                 return Err(err(&flag, "takes no value"));
             }
-            if let Some(a) = switch(canonical, &mut cfg)? {
+            if let Some(a) = ends_parsing(canonical) {
                 return Ok(a);
+            }
+            if canonical == "--check-config" {
+                check = true;
+            } else {
+                given.push((flag, canonical, None));
             }
             continue;
         }
@@ -178,125 +186,39 @@ where
                 v
             }
         };
-        let f = flag.as_str();
-        match canonical {
-            "-p" => port = parse_num(f, &value, 1, 65535)? as u16,
-            "-l" => {
-                listen_host = value
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_string()
-            }
-            "-s" => primaries.push(value),
-            "-b" => backups.push(value),
-            "-n" => cfg.max_conns = parse_num(f, &value, 1, 10_000_000)? as usize,
-            "-i" => cfg.backend_conns = parse_num(f, &value, 1, 1_000_000)?.min(64) as usize,
-            "-u" => cfg.user = Some(value),
-            "-g" => cfg.group = Some(value),
-            "-f" => unix = Some(PathBuf::from(value)),
-            "-t" => cfg.threads = parse_num(f, &value, 1, 1024)? as usize,
-            "--hash" => {
-                cfg.hash = HashKind::parse(&value).ok_or_else(|| {
-                    err(
-                        f,
-                        &format!("'{value}' is not one of ketama, modula, magent"),
-                    )
-                })?
-            }
-            "--connect-timeout" => cfg.connect_timeout = parse_dur(f, &value)?,
-            "--timeout" => cfg.timeout = parse_dur(f, &value)?,
-            "--failure-limit" => cfg.failure_limit = parse_num(f, &value, 1, 1000)? as u32,
-            "--resync-rate" => cfg.resync_rate = parse_num(f, &value, 1, 10_000_000)?,
-            "--shutdown-timeout" => cfg.shutdown_timeout = parse_dur(f, &value)?,
-            "--handoff" => cfg.handoff = Some(PathBuf::from(value)),
-            "--max-pipeline" => cfg.max_pipeline = parse_num(f, &value, 1, 1_000_000)? as usize,
-            "--max-client-buffer" => {
-                cfg.max_client_buffer = parse_num(f, &value, 4096, 1 << 32)? as usize
-            }
-            "--idle-timeout" => cfg.idle_timeout = Some(parse_dur(f, &value)?),
-            "--metrics" => {
-                cfg.metrics = Some(
-                    value
-                        .to_socket_addrs()
-                        .ok()
-                        .and_then(|mut a| a.next())
-                        .ok_or_else(|| {
-                            err(
-                                f,
-                                &format!("'{value}' is not an address like 127.0.0.1:9150"),
-                            )
-                        })?,
-                )
-            }
-            "--unix-mode" => {
-                unix_mode = u32::from_str_radix(&value, 8)
-                    .ok()
-                    .filter(|m| *m <= 0o777)
-                    .ok_or_else(|| err(f, &format!("'{value}' is not an octal mode like 0700")))?
-            }
-            "--max-value-size" => {
-                cfg.limits.max_value_len = parse_num(f, &value, 1, 1 << 30)? as usize
-            }
-            "--max-keys" => cfg.limits.max_keys = parse_num(f, &value, 1, 10_000_000)? as usize,
-            other => return Err(err(other, "unknown option")),
+        if canonical == "--config" {
+            config = Some(PathBuf::from(value));
+        } else {
+            given.push((flag, canonical, Some(value)));
         }
     }
 
-    if primaries.is_empty() {
-        return Err(err(
-            "-s",
-            "at least one primary server is required (-s host:port)",
-        ));
+    let mut draft = Draft::default();
+    if let Some(path) = &config {
+        super::file::load(path, &mut draft)?;
     }
-    for s in &primaries {
-        cfg.primaries
-            .push(ServerAddr::parse(s).map_err(|m| err("-s", &m))?);
+    for (flag, canonical, value) in &given {
+        let value = match value {
+            Some(v) => Value::Text(v),
+            None => Value::Switch(true),
+        };
+        draft.set(&Origin::Flag(flag.clone()), canonical, value)?;
     }
-    for b in &backups {
-        cfg.backups
-            .push(ServerAddr::parse(b).map_err(|m| err("-b", &m))?);
-    }
-    check_duplicates(&cfg)?;
-    if cfg.auto_eject && !cfg.backups.is_empty() {
-        return Err(err(
-            "--auto-eject",
-            "only without backups: with -b, a dead primary's keys are served by their backup",
-        ));
-    }
-    cfg.listen = match unix {
-        Some(path) => vec![Listen::Unix {
-            path,
-            mode: unix_mode,
-        }],
-        None => {
-            let addr: SocketAddr = (listen_host.as_str(), port)
-                .to_socket_addrs()
-                .map_err(|e| err("-l", &format!("'{listen_host}': {e}")))?
-                .next()
-                .ok_or_else(|| err("-l", &format!("'{listen_host}' has no address")))?;
-            vec![Listen::Tcp(addr)]
-        }
-    };
-    Ok(Action::Run(Box::new(cfg)))
+    let cfg = Box::new(draft.finish()?);
+    Ok(if check {
+        Action::Check(cfg)
+    } else {
+        Action::Run(cfg)
+    })
 }
 
-/// Applies a switch (a flag without value). Returns an action that ends
-/// parsing (help, version).
-fn switch(flag: &str, cfg: &mut Config) -> Result<Option<Action>, UsageError> {
-    match canonical(flag).ok_or_else(|| err(flag, "unknown option"))? {
-        "-h" => return Ok(Some(Action::Help)),
-        "--version" => return Ok(Some(Action::Version)),
-        "-D" => cfg.daemonize = false,
-        "-d" => cfg.daemonize = true,
-        "-v" => cfg.verbosity = cfg.verbosity.saturating_add(1),
-        "-k" => cfg.hash = HashKind::Ketama,
-        "--no-miss-fallback" => cfg.miss_fallback = false,
-        "--auto-eject" => cfg.auto_eject = true,
-        "--no-resync" => cfg.resync = false,
-        "--enable-flush-all" => cfg.flush_enabled = true,
-        other => return Err(err(other, "needs a value")),
+/// `-h` and `--version` answer at once, whatever else is on the line.
+fn ends_parsing(canonical: &str) -> Option<Action> {
+    match canonical {
+        "-h" => Some(Action::Help),
+        "--version" => Some(Action::Version),
+        _ => None,
     }
-    Ok(None)
 }
 
 /// Maps every spelling of a flag to one canonical name.
@@ -336,6 +258,9 @@ fn canonical(flag: &str) -> Option<&'static str> {
         "--unix-mode" => "--unix-mode",
         "--max-value-size" => "--max-value-size",
         "--max-keys" => "--max-keys",
+        "--log-format" => "--log-format",
+        "--config" => "--config",
+        "--check-config" => "--check-config",
         _ => return None,
     })
 }
@@ -359,48 +284,20 @@ fn takes_value_canonical(c: &str) -> bool {
             | "--auto-eject"
             | "--no-resync"
             | "--enable-flush-all"
+            | "--check-config"
     )
 }
 
-fn err(flag: &str, message: &str) -> UsageError {
-    UsageError {
-        flag: flag.to_string(),
-        message: message.to_string(),
-    }
-}
-
-fn parse_num(flag: &str, v: &str, min: u64, max: u64) -> Result<u64, UsageError> {
-    v.parse::<u64>()
-        .ok()
-        .filter(|n| (min..=max).contains(n))
-        .ok_or_else(|| err(flag, &format!("'{v}' is not a number from {min} to {max}")))
-}
-
-fn parse_dur(flag: &str, v: &str) -> Result<std::time::Duration, UsageError> {
-    parse_duration(v).ok_or_else(|| err(flag, &format!("'{v}' is not a duration like 250ms or 2s")))
-}
-
-fn check_duplicates(cfg: &Config) -> Result<(), UsageError> {
-    let all: Vec<&ServerAddr> = cfg.servers().collect();
-    for (i, a) in all.iter().enumerate() {
-        for b in &all[..i] {
-            if a.addr == b.addr {
-                let flag = if i < cfg.primaries.len() { "-s" } else { "-b" };
-                return Err(err(
-                    flag,
-                    &format!("'{}' is listed twice (as '{}' too)", a.name, b.name),
-                ));
-            }
-        }
-    }
-    Ok(())
+fn err(flag: &str, message: &str) -> ConfigError {
+    ConfigError::new(&Origin::Flag(flag.to_string()), message)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{HashKind, Listen};
 
-    fn run(args: &[&str]) -> Result<Config, UsageError> {
+    fn run(args: &[&str]) -> Result<Config, ConfigError> {
         match parse_args(args.iter().copied())? {
             Action::Run(c) => Ok(*c),
             other => panic!("unexpected {other:?}"),
@@ -466,7 +363,7 @@ mod tests {
         ];
         for (args, flag) in cases {
             let e = run(args).unwrap_err();
-            assert_eq!(e.flag, *flag, "{args:?}: {e}");
+            assert_eq!(e.origin, Origin::Flag(flag.to_string()), "{args:?}: {e}");
         }
     }
 }

@@ -1,15 +1,21 @@
-//! Configuration: one validated, immutable [`Config`] built from the command
-//! line (magent-compatible flags plus long options).
+//! Configuration: one validated, immutable [`Config`] built from a TOML
+//! file (`--config`, [`file`]) and the command line (magent-compatible flags
+//! plus long options, [`cli`]) applied on top of it.
 //!
 //! Everything here is checked before a socket is bound: an operator who
-//! mistypes a flag gets one line naming it and exit code 64 (`EX_USAGE`),
-//! never a half-started proxy.
+//! mistypes a flag or a key gets one line naming it (and the file) and exit
+//! code 64 (`EX_USAGE`), never a half-started proxy. Both sources go through
+//! the same setters ([`settings`]) and value parsers (below), so a value means
+//! the same, and is refused the same way, wherever it is written.
 
 pub mod cli;
+pub mod file;
+mod settings;
+mod summary;
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use memrelay_protocol::Limits;
@@ -47,6 +53,89 @@ impl fmt::Display for HashKind {
         })
     }
 }
+
+/// How log lines are written to standard error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// For a person at a terminal (or journald, which timestamps itself).
+    Text,
+    /// One JSON object a line, for log collectors.
+    Json,
+}
+
+impl LogFormat {
+    pub fn parse(s: &str) -> Option<LogFormat> {
+        match s {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        })
+    }
+}
+
+/// Where a setting was written, so that an error can point at it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A command-line flag, as the operator spelled it (`-s`, `--timeout`).
+    Flag(String),
+    /// A key of the configuration file (`pools.primaries[1]`).
+    Key { file: PathBuf, key: String },
+    /// The configuration file as a whole (missing, unreadable, not TOML).
+    File(PathBuf),
+}
+
+impl Origin {
+    pub fn key(file: &Path, key: impl Into<String>) -> Origin {
+        Origin::Key {
+            file: file.to_path_buf(),
+            key: key.into(),
+        }
+    }
+
+    pub fn is_flag(&self) -> bool {
+        matches!(self, Origin::Flag(_))
+    }
+}
+
+/// A configuration mistake: where it is and what is wrong. One line when
+/// displayed, so that it is the first thing an operator reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub origin: Origin,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(origin: &Origin, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            origin: origin.clone(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.origin {
+            Origin::Flag(flag) => write!(f, "memrelay: {flag}: {}", self.message),
+            Origin::Key { file, key } => {
+                write!(f, "memrelay: {}: {key}: {}", file.display(), self.message)
+            }
+            Origin::File(file) => write!(f, "memrelay: {}: {}", file.display(), self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 /// A memcached server as the operator named it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -182,7 +271,12 @@ pub struct Config {
     pub user: Option<String>,
     pub group: Option<String>,
     pub daemonize: bool,
+    /// 0: info, 1: debug (`-v`), 2 and more: trace (`-vv`).
     pub verbosity: u8,
+    pub log_format: LogFormat,
+    /// The `--config` file the settings were read from (for the summary and
+    /// the start-up log line), if any.
+    pub config_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -217,6 +311,8 @@ impl Default for Config {
             group: None,
             daemonize: false,
             verbosity: 0,
+            log_format: LogFormat::Text,
+            config_file: None,
         }
     }
 }
@@ -241,6 +337,54 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     let n: u64 = num.parse().ok()?;
     let ms = n.checked_mul(mult)?;
     (ms > 0).then(|| Duration::from_millis(ms))
+}
+
+// The value parsers every source shares. Each returns the message of what is
+// wrong; the caller knows which flag or key to name.
+
+/// A whole number within `min..=max`.
+pub fn number(v: &str, min: u64, max: u64) -> Result<u64, String> {
+    v.parse::<u64>()
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| format!("'{v}' is not a number from {min} to {max}"))
+}
+
+/// A duration (see [`parse_duration`]).
+pub fn duration(v: &str) -> Result<Duration, String> {
+    parse_duration(v).ok_or_else(|| format!("'{v}' is not a duration like 250ms or 2s"))
+}
+
+/// A TCP port to listen on.
+pub fn port(v: &str) -> Result<u16, String> {
+    number(v, 1, 65535).map(|p| p as u16)
+}
+
+/// A permission mode in octal, like `0700`.
+pub fn unix_mode(v: &str) -> Result<u32, String> {
+    u32::from_str_radix(v, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("'{v}' is not an octal mode like 0700"))
+}
+
+/// The address to listen on for `host` (an address or a name, brackets
+/// allowed around IPv6) and `port`, resolved now.
+pub fn listen_addr(host: &str, port: u16) -> Result<SocketAddr, String> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("'{host}': {e}"))?
+        .next()
+        .ok_or_else(|| format!("'{host}' has no address"))
+}
+
+/// An address like `127.0.0.1:9150` (the metrics endpoint), resolved now.
+pub fn socket_addr(v: &str) -> Result<SocketAddr, String> {
+    v.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| format!("'{v}' is not an address like 127.0.0.1:9150"))
 }
 
 #[cfg(test)]

@@ -380,12 +380,24 @@ impl Memrelay {
     /// accepts connections. Panics with its output if it never does.
     pub fn start<S: AsRef<str>>(args: &[S]) -> Memrelay {
         let args: Vec<String> = args.iter().map(|a| a.as_ref().to_string()).collect();
+        Memrelay::start_with(|port| {
+            let mut all: Vec<String> = vec!["-l".into(), "127.0.0.1".into(), "-p".into()];
+            all.push(port.to_string());
+            all.extend(args.iter().cloned());
+            all
+        })
+    }
+
+    /// Starts memrelay with exactly the arguments `args(port)` returns for
+    /// a free port on 127.0.0.1 (which they must make it listen on, with
+    /// flags or a config file), and waits as `start` does.
+    pub fn start_with(args: impl Fn(u16) -> Vec<String>) -> Memrelay {
         let mut failures = Vec::new();
         for _ in 0..3 {
             let port = free_port("127.0.0.1");
+            let args = args(port);
             let log = Arc::new(Mutex::new(Vec::new()));
             let mut child = Command::new(memrelay_bin())
-                .args(["-l", "127.0.0.1", "-p", &port.to_string()])
                 .args(&args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -432,10 +444,7 @@ impl Memrelay {
                 }
             }
         }
-        panic!(
-            "memrelay {args:?} did not start:\n{}",
-            failures.join("\n---\n")
-        );
+        panic!("memrelay did not start:\n{}", failures.join("\n---\n"));
     }
 
     pub fn port(&self) -> u16 {
@@ -559,6 +568,29 @@ pub fn run_memrelay<S: AsRef<str>>(
         stderr,
         port_was_bound: bound,
     }
+}
+
+/// A plain HTTP GET (the metrics endpoint): status code and body. The
+/// server closes the connection after its reply.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(IO_DEADLINE)).expect("read timeout");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap_or_else(|e| panic!("write to {addr}: {e}"));
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply)
+        .unwrap_or_else(|e| panic!("read from {addr}: {e}"));
+    let text = String::from_utf8(reply).expect("an HTTP reply in UTF-8");
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
 
 // ---------------------------------------------------------------------------

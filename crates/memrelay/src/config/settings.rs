@@ -1,0 +1,247 @@
+//! One setting at a time, whichever source gives it: the configuration file
+//! first, then the command line on top.
+//!
+//! Settings are named by the command line's canonical flag (`-s`,
+//! `--timeout`), so a file key and its flag share one setter and one value
+//! parser: they cannot drift apart. Whatever can only be checked once every
+//! setting is in (servers resolved, listed twice, a primary required,
+//! `--auto-eject` without backups) is checked by [`Draft::finish`], naming
+//! where the offending value was written.
+
+use std::path::{Path, PathBuf};
+
+use super::{
+    duration, listen_addr, number, port, socket_addr, unix_mode, Config, ConfigError, HashKind,
+    Listen, LogFormat, Origin, ServerAddr,
+};
+
+/// Where memrelay listens when nothing says otherwise (magent listened on
+/// every interface; a cache open to the network by default is a risk).
+pub(super) const DEFAULT_HOST: &str = "127.0.0.1";
+/// memcached's own port, as magent's default.
+pub(super) const DEFAULT_PORT: u16 = 11211;
+/// A unix socket is for its owner unless the operator opens it up.
+pub(super) const DEFAULT_UNIX_MODE: u32 = 0o700;
+
+/// A setting's value as its source wrote it.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Value<'a> {
+    /// What follows a flag, or a file value rendered as the flag would take it.
+    Text(&'a str),
+    /// A flag without a value (given: `true`), or a file's boolean.
+    Switch(bool),
+}
+
+/// A configuration being put together.
+#[derive(Debug, Default)]
+pub(super) struct Draft {
+    cfg: Config,
+    /// The file read before the command line, if any (named in errors about
+    /// what it lacks, and in the summary).
+    file: Option<PathBuf>,
+    /// The file's listeners, already resolved.
+    file_listen: Vec<Listen>,
+    /// The command line's listener: any of `-l`, `-p`, `-f` replaces the
+    /// file's listeners with this one.
+    cli_host: Option<(Origin, String)>,
+    cli_port: Option<u16>,
+    cli_unix: Option<PathBuf>,
+    /// `--unix-mode`: for the command line's socket, or the file's.
+    cli_unix_mode: Option<u32>,
+    primaries: Vec<(Origin, String)>,
+    backups: Vec<(Origin, String)>,
+    auto_eject_origin: Option<Origin>,
+    /// Settings the command line gave so far: the first `-s` (or `-b`, or
+    /// `-v`) replaces what the file said rather than adding to it.
+    from_cli: Vec<&'static str>,
+}
+
+impl Draft {
+    /// Settings that follow come from `file` (until the command line's).
+    pub(super) fn read_from(&mut self, file: &Path) {
+        self.file = Some(file.to_path_buf());
+        self.cfg.config_file = Some(file.to_path_buf());
+    }
+
+    /// A listener from the file, resolved by the caller.
+    pub(super) fn add_listener(&mut self, l: Listen) {
+        self.file_listen.push(l);
+    }
+
+    /// Applies one setting, named by its canonical flag.
+    pub(super) fn set(
+        &mut self,
+        origin: &Origin,
+        name: &'static str,
+        value: Value<'_>,
+    ) -> Result<(), ConfigError> {
+        if origin.is_flag() && !self.from_cli.contains(&name) {
+            self.from_cli.push(name);
+            match name {
+                "-s" => self.primaries.clear(),
+                "-b" => self.backups.clear(),
+                "-v" => self.cfg.verbosity = 0,
+                _ => {}
+            }
+        }
+        let v = match value {
+            Value::Switch(on) => return self.switch(origin, name, on),
+            Value::Text(v) => v,
+        };
+        let fail = |m: String| ConfigError::new(origin, m);
+        let cfg = &mut self.cfg;
+        match name {
+            "-p" => self.cli_port = Some(port(v).map_err(fail)?),
+            "-l" => self.cli_host = Some((origin.clone(), v.to_string())),
+            "-f" => self.cli_unix = Some(PathBuf::from(v)),
+            "--unix-mode" => self.cli_unix_mode = Some(unix_mode(v).map_err(fail)?),
+            "-s" => self.primaries.push((origin.clone(), v.to_string())),
+            "-b" => self.backups.push((origin.clone(), v.to_string())),
+            "-n" => cfg.max_conns = number(v, 1, 10_000_000).map_err(fail)? as usize,
+            // More than 64 connections per server per thread buys nothing
+            // but file descriptors: the connections pipeline.
+            "-i" => cfg.backend_conns = number(v, 1, 1_000_000).map_err(fail)?.min(64) as usize,
+            "-u" => cfg.user = Some(v.to_string()),
+            "-g" => cfg.group = Some(v.to_string()),
+            "-t" => cfg.threads = number(v, 1, 1024).map_err(fail)? as usize,
+            "--hash" => {
+                cfg.hash = HashKind::parse(v)
+                    .ok_or_else(|| fail(format!("'{v}' is not one of ketama, modula, magent")))?
+            }
+            "--connect-timeout" => cfg.connect_timeout = duration(v).map_err(fail)?,
+            "--timeout" => cfg.timeout = duration(v).map_err(fail)?,
+            "--failure-limit" => cfg.failure_limit = number(v, 1, 1000).map_err(fail)? as u32,
+            "--resync-rate" => cfg.resync_rate = number(v, 1, 10_000_000).map_err(fail)?,
+            "--shutdown-timeout" => cfg.shutdown_timeout = duration(v).map_err(fail)?,
+            "--handoff" => cfg.handoff = Some(PathBuf::from(v)),
+            "--max-pipeline" => cfg.max_pipeline = number(v, 1, 1_000_000).map_err(fail)? as usize,
+            "--max-client-buffer" => {
+                cfg.max_client_buffer = number(v, 4096, 1 << 32).map_err(fail)? as usize
+            }
+            "--idle-timeout" => cfg.idle_timeout = Some(duration(v).map_err(fail)?),
+            "--metrics" => cfg.metrics = Some(socket_addr(v).map_err(fail)?),
+            "--max-value-size" => {
+                cfg.limits.max_value_len = number(v, 1, 1 << 30).map_err(fail)? as usize
+            }
+            "--max-keys" => cfg.limits.max_keys = number(v, 1, 10_000_000).map_err(fail)? as usize,
+            "--log-format" => {
+                cfg.log_format = LogFormat::parse(v)
+                    .ok_or_else(|| fail(format!("'{v}' is not one of text, json")))?
+            }
+            // The file's `log.level`; on the command line, -v and -vv.
+            "--log-level" => {
+                cfg.verbosity = match v {
+                    "info" => 0,
+                    "debug" => 1,
+                    "trace" => 2,
+                    _ => return Err(fail(format!("'{v}' is not one of info, debug, trace"))),
+                }
+            }
+            _ => return Err(fail("takes no value".to_string())),
+        }
+        Ok(())
+    }
+
+    /// A setting that is on or off.
+    fn switch(&mut self, origin: &Origin, name: &str, on: bool) -> Result<(), ConfigError> {
+        let cfg = &mut self.cfg;
+        match name {
+            "-D" => cfg.daemonize = !on,
+            "-d" => cfg.daemonize = on,
+            "-v" => cfg.verbosity = cfg.verbosity.saturating_add(1),
+            "-k" => cfg.hash = HashKind::Ketama,
+            "--no-miss-fallback" => cfg.miss_fallback = !on,
+            "--auto-eject" => {
+                cfg.auto_eject = on;
+                self.auto_eject_origin = Some(origin.clone());
+            }
+            "--no-resync" => cfg.resync = !on,
+            "--enable-flush-all" => cfg.flush_enabled = on,
+            _ => return Err(ConfigError::new(origin, "needs a value")),
+        }
+        Ok(())
+    }
+
+    /// Resolves what could not be checked one setting at a time.
+    pub(super) fn finish(self) -> Result<Config, ConfigError> {
+        let mut cfg = self.cfg;
+        if self.primaries.is_empty() {
+            let (origin, how) = match &self.file {
+                Some(f) => (Origin::key(f, "pools.primaries"), "pools.primaries or -s"),
+                None => (Origin::Flag("-s".into()), "-s host:port"),
+            };
+            return Err(ConfigError::new(
+                &origin,
+                format!("at least one primary server is required ({how})"),
+            ));
+        }
+        let resolve = |list: &[(Origin, String)]| -> Result<Vec<ServerAddr>, ConfigError> {
+            list.iter()
+                .map(|(o, s)| ServerAddr::parse(s).map_err(|m| ConfigError::new(o, m)))
+                .collect()
+        };
+        cfg.primaries = resolve(&self.primaries)?;
+        cfg.backups = resolve(&self.backups)?;
+        let origins: Vec<&Origin> = self
+            .primaries
+            .iter()
+            .chain(self.backups.iter())
+            .map(|(o, _)| o)
+            .collect();
+        check_duplicates(&cfg, &origins)?;
+        if cfg.auto_eject && !cfg.backups.is_empty() {
+            let origin = self
+                .auto_eject_origin
+                .unwrap_or_else(|| Origin::Flag("--auto-eject".into()));
+            return Err(ConfigError::new(
+                &origin,
+                "only without backups: with backups, a dead primary's keys are served by their backup",
+            ));
+        }
+        let from_cli =
+            self.cli_host.is_some() || self.cli_port.is_some() || self.cli_unix.is_some();
+        cfg.listen = if from_cli || self.file_listen.is_empty() {
+            match self.cli_unix {
+                Some(path) => vec![Listen::Unix {
+                    path,
+                    mode: self.cli_unix_mode.unwrap_or(DEFAULT_UNIX_MODE),
+                }],
+                None => {
+                    let (origin, host) = self
+                        .cli_host
+                        .unwrap_or_else(|| (Origin::Flag("-l".into()), DEFAULT_HOST.into()));
+                    let port = self.cli_port.unwrap_or(DEFAULT_PORT);
+                    let addr =
+                        listen_addr(&host, port).map_err(|m| ConfigError::new(&origin, m))?;
+                    vec![Listen::Tcp(addr)]
+                }
+            }
+        } else {
+            let mut listen = self.file_listen;
+            if let Some(m) = self.cli_unix_mode {
+                for l in &mut listen {
+                    if let Listen::Unix { mode, .. } = l {
+                        *mode = m;
+                    }
+                }
+            }
+            listen
+        };
+        Ok(cfg)
+    }
+}
+
+/// The same server listed twice (under any two names) would get every
+/// write twice and skew the ring: refuse it, naming the second listing.
+fn check_duplicates(cfg: &Config, origins: &[&Origin]) -> Result<(), ConfigError> {
+    let all: Vec<&ServerAddr> = cfg.servers().collect();
+    for (i, a) in all.iter().enumerate() {
+        if let Some(b) = all[..i].iter().find(|b| b.addr == a.addr) {
+            return Err(ConfigError::new(
+                origins[i],
+                format!("'{}' is listed twice (as '{}' too)", a.name, b.name),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! The effective configuration in a few lines, for `--check-config`: what
+//! an operator wants to see before a restart (where it listens, which
+//! servers in which order, the timeouts), not every default.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use super::Config;
+
+impl Config {
+    /// A short, human-readable account of the configuration.
+    pub fn summary(&self) -> String {
+        fn names(list: &[super::ServerAddr]) -> String {
+            if list.is_empty() {
+                return "none".into();
+            }
+            let names: Vec<String> = list
+                .iter()
+                .map(|s| {
+                    if s.name == s.addr.to_string() {
+                        s.name.clone()
+                    } else {
+                        format!("{} ({})", s.name, s.addr)
+                    }
+                })
+                .collect();
+            names.join(", ")
+        }
+        fn on(b: bool) -> &'static str {
+            if b {
+                "on"
+            } else {
+                "off"
+            }
+        }
+        // As the operator would write it: `10s`, `250ms`.
+        fn ms(d: Duration) -> String {
+            if d.subsec_millis() == 0 {
+                format!("{}s", d.as_secs())
+            } else {
+                format!("{}ms", d.as_millis())
+            }
+        }
+        let mut out = String::new();
+        let source = match &self.config_file {
+            Some(f) => format!("{} and the command line", f.display()),
+            None => "the command line".into(),
+        };
+        let _ = writeln!(out, "configuration OK (from {source})");
+        let listen: Vec<String> = self.listen.iter().map(|l| l.to_string()).collect();
+        let _ = writeln!(out, "listen:     {}", listen.join(", "));
+        let _ = writeln!(out, "primaries:  {}", names(&self.primaries));
+        let _ = writeln!(out, "backups:    {}", names(&self.backups));
+        let _ = writeln!(
+            out,
+            "routing:    hash {}, worker threads {}, connections per server per thread {}",
+            self.hash, self.threads, self.backend_conns
+        );
+        let _ = writeln!(
+            out,
+            "timeouts:   connect {}, request {}, idle {}, shutdown {}",
+            ms(self.connect_timeout),
+            ms(self.timeout),
+            self.idle_timeout.map_or("never".into(), ms),
+            ms(self.shutdown_timeout)
+        );
+        let _ = writeln!(
+            out,
+            "health:     down after {} consecutive failures",
+            self.failure_limit
+        );
+        let _ = writeln!(
+            out,
+            "limits:     {} clients, pipeline {}, client buffer {} bytes, value {} bytes, {} keys per get",
+            self.max_conns,
+            self.max_pipeline,
+            self.max_client_buffer,
+            self.limits.max_value_len,
+            self.limits.max_keys
+        );
+        let _ = writeln!(
+            out,
+            "ha:         miss fallback {}, auto eject {}, resync {} at {} items/s, flush_all {}",
+            on(self.miss_fallback),
+            on(self.auto_eject),
+            on(self.resync),
+            self.resync_rate,
+            if self.flush_enabled {
+                "allowed"
+            } else {
+                "refused"
+            }
+        );
+        let _ = writeln!(
+            out,
+            "metrics:    {}",
+            self.metrics.map_or("off".into(), |a| a.to_string())
+        );
+        let _ = writeln!(
+            out,
+            "handoff:    {}",
+            self.handoff
+                .as_ref()
+                .map_or("off".into(), |p| p.display().to_string())
+        );
+        let level = match self.verbosity {
+            0 => "info",
+            1 => "debug",
+            _ => "trace",
+        };
+        let _ = writeln!(out, "log:        {level}, {}", self.log_format);
+        let who = match (&self.user, &self.group) {
+            (None, None) => "as started".to_string(),
+            (u, g) => format!(
+                "user {}, group {}",
+                u.as_deref().unwrap_or("unchanged"),
+                g.as_deref().unwrap_or("unchanged")
+            ),
+        };
+        let _ = writeln!(
+            out,
+            "process:    {who}, {}",
+            if self.daemonize {
+                "detached"
+            } else {
+                "foreground"
+            }
+        );
+        out
+    }
+}
