@@ -195,6 +195,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             rate: cfg.resync_rate,
             connect_timeout: cfg.connect_timeout,
             max_value_len: cfg.limits.max_value_len,
+            write_life: crate::ha::resync::write_life(cfg.connect_timeout, cfg.timeout),
         });
         tokio::spawn(resync.serve(resync_rx));
         if let Some(l) = metrics_listener {

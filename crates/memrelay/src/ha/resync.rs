@@ -98,6 +98,15 @@ pub struct Resync {
     /// could not have been written through memrelay, and a server claiming
     /// one must not make the resync buffer it.
     pub max_value_len: usize,
+    /// The longest a client write can be in flight (see `write_life`).
+    pub write_life: Duration,
+}
+
+/// The longest a client write can be in flight: an attempt on the primary
+/// and one on the backup, then the mirrors, each of which may need a
+/// connection and a reply.
+pub fn write_life(connect_timeout: Duration, timeout: Duration) -> Duration {
+    (connect_timeout + timeout) * 3
 }
 
 /// Requests to resync a server (its index), from the prober and from the
@@ -185,9 +194,13 @@ impl Resync {
         ] {
             c.store(0, Ordering::Relaxed);
         }
-        // Writes before this run cannot race its copies: the source already
-        // has them.
+        // From now on every client write of a key of this server is noted
+        // in `touched`. A write already in flight is not, and may not have
+        // reached the source yet (a delete waiting on a stopped primary
+        // before its mirror): a copy read before it lands would undo it.
+        // So wait until every such write has ended before reading.
         node.health.touched.clear();
+        tokio::time::sleep(self.write_life).await;
         let (sources, tier) = self.sources(target);
         if sources.is_empty() {
             return Ok(());
