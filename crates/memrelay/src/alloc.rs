@@ -43,3 +43,13 @@ unsafe impl GlobalAlloc for CountingAlloc {
 pub fn allocations() -> u64 {
     ALLOCATIONS.load(Ordering::Relaxed)
 }
+
+/// Returns the allocator's free pages to the kernel (glibc's
+/// `malloc_trim`), after many sessions gave their buffers back.
+pub fn trim() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -23,6 +23,11 @@ use crate::proxy::{Discard, Worker};
 use crate::router::Router;
 use crate::stats::StatsRegistry;
 
+/// How often each worker asks its idle sessions to give their buffers back.
+const IDLE_SWEEP: Duration = Duration::from_secs(2);
+/// Sessions released in one sweep that make it worth returning memory.
+const TRIM_AFTER: usize = 64;
+
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -327,6 +332,24 @@ fn worker_main(
                 stop.clone(),
             ));
         }
+        // Idle sessions give their buffers back: a session idle for one to
+        // two sweeps costs its task and socket only.
+        let sweeper = worker.clone();
+        tokio::task::spawn_local(async move {
+            let mut tick = tokio::time::interval(IDLE_SWEEP);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if sweeper.sweep_idle() >= TRIM_AFTER {
+                    // Let the sessions give their buffers back, then hand
+                    // the free pages to the kernel: glibc keeps freed
+                    // memory in the middle of its heap otherwise, and the
+                    // process would stay at its busiest size.
+                    tokio::task::yield_now().await;
+                    crate::alloc::trim();
+                }
+            }
+        });
         // SIGTERM: stop accepting and let every session finish.
         let mut stop = stop;
         let _ = stop.changed().await;

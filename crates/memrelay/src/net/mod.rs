@@ -24,6 +24,8 @@ pub trait Stream {
         interest: tokio::io::Interest,
     ) -> impl std::future::Future<Output = io::Result<tokio::io::Ready>>;
     fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize>;
+    /// Reads into `buf` (a plain `try_read`).
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
     /// Reads into the spare capacity of `buf`. `Ok(0)` is end of input;
     /// `WouldBlock` means nothing was there.
     ///
@@ -46,6 +48,9 @@ macro_rules! stream_impl {
             }
             fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
                 <$t>::try_write_vectored(self, bufs)
+            }
+            fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+                <$t>::try_read(self, buf)
             }
             fn read_drained(&self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
                 let mut got = 0;

@@ -65,6 +65,22 @@ impl Worker {
         }
     }
 
+    /// Asks every session idle since the last sweep to give its buffers
+    /// back (see `session::Inbox::sweep_idle`); forgets ended sessions.
+    /// Returns how many were asked.
+    pub fn sweep_idle(&self) -> usize {
+        let mut asked = 0;
+        let mut sessions = self.sessions.borrow_mut();
+        sessions.retain(|s| match s.upgrade() {
+            Some(inbox) => {
+                asked += usize::from(inbox.sweep_idle());
+                true
+            }
+            None => false,
+        });
+        asked
+    }
+
     /// Remembers a session so `drain` can reach it.
     pub fn register(&self, inbox: &Rc<session::Inbox>) {
         let mut sessions = self.sessions.borrow_mut();

@@ -44,6 +44,9 @@ const DRAIN_QUIET: std::time::Duration = std::time::Duration::from_millis(200);
 /// this long, and is closed once everything it sent is answered.
 const DRAIN_BUSY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Stack buffer for a read into a session without a read buffer.
+const FIRST_READ: usize = 1024;
+
 /// Where backend connections deliver this session's replies.
 #[derive(Debug, Default)]
 pub struct Inbox {
@@ -53,12 +56,30 @@ pub struct Inbox {
     /// Slots whose parts are all in since the session last looked.
     ready: RefCell<Vec<u64>>,
     wake: LocalNotify,
+    /// The session read something since the worker's last idle sweep.
+    active: Cell<bool>,
+    /// The session holds buffers it could give back when idle.
+    holds_buffers: Cell<bool>,
+    /// Set by the idle sweep: give the buffers back if still idle.
+    release: Cell<bool>,
 }
 
 impl Inbox {
     /// Wakes the session (to notice that the worker is draining).
     pub fn wake(&self) {
         self.wake.notify();
+    }
+
+    /// The worker's idle sweep: a session that holds buffers and read
+    /// nothing since the last sweep is asked to give them back. Costs the
+    /// request path one flag store per read.
+    pub fn sweep_idle(&self) -> bool {
+        if !self.active.replace(false) && self.holds_buffers.get() {
+            self.release.set(true);
+            self.wake.notify();
+            return true;
+        }
+        false
     }
 }
 
@@ -101,6 +122,7 @@ pub async fn serve<S: Stream>(stream: S, worker: Rc<Worker>) {
         eof: false,
         closing: false,
         close_after_flush: false,
+        idle_timer: None,
     };
     s.run(&stream).await;
     // Replies still in flight will find no slot and be dropped.
@@ -124,12 +146,17 @@ struct Session {
     closing: bool,
     /// Close once everything before the closing reply is written.
     close_after_flush: bool,
+    /// The idle/drain timer (see `run`), boxed and made on first use.
+    idle_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Session {
     async fn run<S: Stream>(&mut self, stream: &S) {
         loop {
             let draining = self.worker.draining.get();
+            if self.inbox.release.take() {
+                self.release_if_idle();
+            }
             if draining.is_some_and(|t| t.elapsed() >= DRAIN_BUSY) {
                 // Shutting down, and this client keeps sending: finish what
                 // was sent, read nothing more.
@@ -179,7 +206,23 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = inbox.wake.notified() => {}
-                _ = async { match idle { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => {
+                _ = async {
+                    match idle {
+                        Some(d) => {
+                            // One timer per session, made the first time it
+                            // is needed and re-armed after: it is not in
+                            // the session's future, so an idle connection
+                            // without --idle-timeout does not carry it.
+                            let deadline = tokio::time::Instant::now() + d;
+                            let timer = self.idle_timer.get_or_insert_with(|| {
+                                Box::pin(tokio::time::sleep_until(deadline))
+                            });
+                            timer.as_mut().reset(deadline);
+                            timer.as_mut().await
+                        }
+                        None => std::future::pending().await,
+                    }
+                } => {
                     return;
                 }
                 ready = async { match interest { Some(i) => stream.ready(i).await, None => std::future::pending().await } } => {
@@ -197,20 +240,59 @@ impl Session {
         }
     }
 
+    /// Gives the buffers back to the allocator if nothing is buffered or
+    /// owed: an idle connection then costs its task and socket, not the
+    /// read buffer and reply queue its busiest moment grew (memcached
+    /// shrinks idle connections' buffers the same way).
+    fn release_if_idle(&mut self) {
+        if !self.rbuf.is_empty() || self.swallow > 0 || !self.out.is_empty() {
+            return;
+        }
+        let mut slots = self.inbox.slots.borrow_mut();
+        if !slots.is_empty() {
+            return;
+        }
+        *slots = VecDeque::new();
+        *self.inbox.ready.borrow_mut() = Vec::new();
+        self.rbuf = BytesMut::new();
+        self.out = OutQueue::new();
+        self.ready = Vec::new();
+        self.inbox.holds_buffers.set(false);
+    }
+
     /// Reads what is available and handles every complete request. Returns
     /// false at end of input.
     fn read<S: Stream>(&mut self, stream: &S) -> bool {
         loop {
-            if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
-                self.rbuf.reserve(READ_CHUNK);
-            }
-            match stream.read_drained(&mut self.rbuf) {
+            let r = if self.rbuf.capacity() == 0 {
+                // No buffer (a new session, or one that gave it back when
+                // idle), and a readiness event is not always data: read
+                // into the stack first, so a client that sends nothing
+                // costs no buffer.
+                let mut first = [0u8; FIRST_READ];
+                match stream.try_read(&mut first) {
+                    Ok(n) if n > 0 => {
+                        self.rbuf.reserve(READ_CHUNK.max(n));
+                        self.rbuf.extend_from_slice(&first[..n]);
+                        Ok(n)
+                    }
+                    other => other,
+                }
+            } else {
+                if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+                    self.rbuf.reserve(READ_CHUNK);
+                }
+                stream.read_drained(&mut self.rbuf)
+            };
+            match r {
                 Ok(0) => {
                     self.process();
                     return false;
                 }
                 Ok(n) => {
                     self.worker.stats.bytes_read.add(n as u64);
+                    self.inbox.active.set(true);
+                    self.inbox.holds_buffers.set(true);
                     self.process();
                     if self.closing
                         || self.inbox.slots.borrow().len() >= self.worker.client_limits.max_pipeline
