@@ -279,6 +279,7 @@ fn worker_main(
             timeout: cfg.timeout,
             failure_limit: cfg.failure_limit,
             max_value_len: cfg.limits.max_value_len + 1024,
+            max_reply_len: cfg.max_reply_size,
             max_inflight: 100_000,
         });
         let servers: Rc<[ServerPool]> = cfg
@@ -308,6 +309,7 @@ fn worker_main(
             client_limits: crate::proxy::ClientLimits {
                 max_pipeline: cfg.max_pipeline,
                 max_buffer: cfg.max_client_buffer,
+                max_reply: cfg.max_reply_size,
                 idle_timeout: cfg.idle_timeout,
             },
             resync,

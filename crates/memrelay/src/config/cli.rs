@@ -8,7 +8,9 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
-use super::{parse_duration, Config, HashKind, Listen, ServerAddr};
+use super::{
+    default_max_reply, parse_duration, Config, HashKind, Listen, ServerAddr, REPLY_HEADROOM,
+};
 
 /// What the command line asks for.
 #[derive(Debug)]
@@ -96,8 +98,13 @@ more options:
       --max-keys N         most keys in one get (default 100000)
       --max-pipeline N     requests one client may have outstanding before it is
                            not read any more (default 1024)
-      --max-client-buffer N  reply bytes queued for one client before it is not
-                           read any more (default 4194304)
+      --max-client-buffer N  reply bytes a client may be owed (queued to write,
+                           or held for requests not yet answered) before it is
+                           not read any more (default 4194304)
+      --max-reply-size N   largest reply buffered for one request; a get whose
+                           reply is larger gets SERVER_ERROR reply too large
+                           (default 67108864, or 4 x --max-value-size if more;
+                           at least --max-value-size + 32768)
       --idle-timeout D     close a client that sent nothing for D and has nothing
                            outstanding (default: never, as memcached)
       --version            print the version
@@ -119,6 +126,7 @@ where
     let mut unix_mode: u32 = 0o700;
     let mut primaries: Vec<String> = Vec::new();
     let mut backups: Vec<String> = Vec::new();
+    let mut max_reply: Option<usize> = None;
 
     let mut i = 0;
     while i < args.len() {
@@ -213,6 +221,7 @@ where
             "--max-client-buffer" => {
                 cfg.max_client_buffer = parse_num(f, &value, 4096, 1 << 32)? as usize
             }
+            "--max-reply-size" => max_reply = Some(parse_num(f, &value, 1, 1 << 40)? as usize),
             "--idle-timeout" => cfg.idle_timeout = Some(parse_dur(f, &value)?),
             "--metrics" => {
                 cfg.metrics = Some(
@@ -257,6 +266,20 @@ where
             .push(ServerAddr::parse(b).map_err(|m| err("-b", &m))?);
     }
     check_duplicates(&cfg)?;
+    let least_reply = cfg.limits.max_value_len + REPLY_HEADROOM;
+    cfg.max_reply_size = match max_reply {
+        Some(n) if n < least_reply => {
+            return Err(err(
+                "--max-reply-size",
+                &format!(
+                    "{n} cannot hold one largest value: it must be at least \
+                     --max-value-size + {REPLY_HEADROOM} = {least_reply}"
+                ),
+            ))
+        }
+        Some(n) => n,
+        None => default_max_reply(cfg.limits.max_value_len),
+    };
     if cfg.auto_eject && !cfg.backups.is_empty() {
         return Err(err(
             "--auto-eject",
@@ -331,6 +354,7 @@ fn canonical(flag: &str) -> Option<&'static str> {
         "--handoff" => "--handoff",
         "--max-pipeline" => "--max-pipeline",
         "--max-client-buffer" => "--max-client-buffer",
+        "--max-reply-size" => "--max-reply-size",
         "--idle-timeout" => "--idle-timeout",
         "--metrics" => "--metrics",
         "--unix-mode" => "--unix-mode",
@@ -451,6 +475,22 @@ mod tests {
     }
 
     #[test]
+    fn reply_cap_follows_the_value_size() {
+        let cap = |extra: &[&str]| {
+            let args: Vec<&str> = ["-s", "127.0.0.1:1"].iter().chain(extra).copied().collect();
+            run(&args).map(|c| c.max_reply_size)
+        };
+        assert_eq!(cap(&[]), Ok(64 << 20));
+        assert_eq!(cap(&["--max-value-size", "67108864"]), Ok(256 << 20));
+        assert_eq!(cap(&["--max-reply-size", "2097152"]), Ok(2 << 20));
+        let least = ((1 << 20) + REPLY_HEADROOM).to_string();
+        assert_eq!(
+            cap(&["--max-reply-size", &least]),
+            Ok((1 << 20) + REPLY_HEADROOM)
+        );
+    }
+
+    #[test]
     fn errors_name_the_flag() {
         let cases: &[(&[&str], &str)] = &[
             (&["-x"], "-x"),
@@ -463,6 +503,10 @@ mod tests {
             (&["-s", "127.0.0.1:1", "--hash", "crc"], "--hash"),
             (&["-s", "127.0.0.1:1", "stray"], "stray"),
             (&["-s", "127.0.0.1:1", "--timeout", "soon"], "--timeout"),
+            (
+                &["-s", "127.0.0.1:1", "--max-reply-size", "1048576"],
+                "--max-reply-size",
+            ),
         ];
         for (args, flag) in cases {
             let e = run(args).unwrap_err();

@@ -91,8 +91,14 @@ pub struct ClientLimits {
     /// (backpressure: a client that does not read its replies stops being
     /// read, without affecting anyone else).
     pub max_pipeline: usize,
-    /// Reply bytes queued for one client before it is not read.
+    /// Reply bytes a client may be owed (queued, or held for requests not
+    /// yet answered) before it is not read and nothing more it sent is
+    /// dispatched.
     pub max_buffer: usize,
+    /// Most reply bytes one request may bring (`--max-reply-size`); also
+    /// how far past `max_buffer` a client's replies may go before a read's
+    /// reply is dropped.
+    pub max_reply: usize,
     /// Close a client idle this long (nothing sent, nothing outstanding).
     pub idle_timeout: Option<std::time::Duration>,
 }

@@ -167,6 +167,8 @@ worker_counters!(
     get_misses,
     client_errors,
     server_errors,
+    replies_too_large,
+    replies_over_client_buffer,
     failovers,
     backup_hits,
     repairs,
