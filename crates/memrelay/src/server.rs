@@ -62,6 +62,9 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             .map(|l| BoundListener::bind(l).map_err(|e| StartError::Bind(l.to_string(), e)))
             .collect::<Result<_, _>>()?,
     };
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
     if took_over {
         tracing::info!("took over the listening sockets of the running memrelay");
     }
@@ -306,6 +309,7 @@ fn worker_main(
             miss_fallback: cfg.miss_fallback,
             auto_eject: cfg.auto_eject,
             flush_enabled: cfg.flush_enabled,
+            auth: cfg.auth.clone(),
             client_limits: crate::proxy::ClientLimits {
                 max_pipeline: cfg.max_pipeline,
                 max_buffer: cfg.max_client_buffer,

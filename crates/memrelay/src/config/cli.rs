@@ -8,6 +8,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
+use super::auth::Credentials;
 use super::{
     default_max_reply, parse_duration, Config, HashKind, Listen, ServerAddr, REPLY_HEADROOM,
 };
@@ -105,6 +106,11 @@ more options:
                            reply is larger gets SERVER_ERROR reply too large
                            (default 67108864, or 4 x --max-value-size if more;
                            at least --max-value-size + 32768)
+      --auth-file PATH     clients must authenticate first, as with memcached -Y:
+                           `set <any key> 0 0 <len>` with data `<user> <password>`
+                           matching a user:password line of PATH (read at start;
+                           keep it chmod 600). memrelay's own connections to the
+                           servers do not authenticate
       --idle-timeout D     close a client that sent nothing for D and has nothing
                            outstanding (default: never, as memcached)
       --version            print the version
@@ -223,6 +229,12 @@ where
             }
             "--max-reply-size" => max_reply = Some(parse_num(f, &value, 1, 1 << 40)? as usize),
             "--idle-timeout" => cfg.idle_timeout = Some(parse_dur(f, &value)?),
+            "--auth-file" => {
+                let (creds, warning) =
+                    Credentials::load(std::path::Path::new(&value)).map_err(|m| err(f, &m))?;
+                cfg.auth = Some(std::sync::Arc::new(creds));
+                cfg.warnings.extend(warning);
+            }
             "--metrics" => {
                 cfg.metrics = Some(
                     value
@@ -356,6 +368,7 @@ fn canonical(flag: &str) -> Option<&'static str> {
         "--max-client-buffer" => "--max-client-buffer",
         "--max-reply-size" => "--max-reply-size",
         "--idle-timeout" => "--idle-timeout",
+        "--auth-file" => "--auth-file",
         "--metrics" => "--metrics",
         "--unix-mode" => "--unix-mode",
         "--max-value-size" => "--max-value-size",

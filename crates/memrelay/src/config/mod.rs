@@ -5,6 +5,7 @@
 //! mistypes a flag gets one line naming it and exit code 64 (`EX_USAGE`),
 //! never a half-started proxy.
 
+pub mod auth;
 pub mod cli;
 
 use std::fmt;
@@ -166,6 +167,11 @@ pub struct Config {
     pub max_client_buffer: usize,
     /// Largest reply buffered for one request (see [`default_max_reply`]).
     pub max_reply_size: usize,
+    /// `--auth-file`: clients must authenticate (memcached's `-Y`).
+    pub auth: Option<std::sync::Arc<auth::Credentials>>,
+    /// Things worth an operator's attention found while reading the
+    /// configuration, logged once logging is up.
+    pub warnings: Vec<String>,
     /// Close clients idle this long (off by default, as in memcached).
     pub idle_timeout: Option<Duration>,
     /// Items per second a resync copies.
@@ -209,6 +215,8 @@ impl Default for Config {
             max_pipeline: 1024,
             max_client_buffer: 4 * 1024 * 1024,
             max_reply_size: default_max_reply(Limits::default().max_value_len),
+            auth: None,
+            warnings: Vec::new(),
             idle_timeout: None,
             resync_rate: 5000,
             shutdown_timeout: Duration::from_secs(10),

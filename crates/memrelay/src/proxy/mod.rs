@@ -37,6 +37,8 @@ pub struct Worker {
     pub auto_eject: bool,
     /// `flush_all` is allowed (`--enable-flush-all`).
     pub flush_enabled: bool,
+    /// Clients must authenticate first (`--auth-file`).
+    pub auth: Option<Arc<crate::config::auth::Credentials>>,
     pub client_limits: ClientLimits,
     /// Where `memrelay resync` requests go (None without backups).
     pub resync: Option<crate::ha::resync::Requests>,

@@ -24,6 +24,7 @@ use std::io;
 use std::rc::Rc;
 
 use bytes::BytesMut;
+use memrelay_protocol::auth::{self, AuthInput};
 use memrelay_protocol::{parse_request, MetaStatus, ResponseKind};
 use tokio::io::Interest;
 
@@ -152,6 +153,7 @@ impl Sink for Inbox {
 pub async fn serve<S: Stream>(stream: S, worker: Rc<Worker>) {
     let inbox = Rc::new(Inbox::new(&worker.client_limits));
     worker.register(&inbox);
+    let open = worker.auth.is_none();
     let mut s = Session {
         worker,
         inbox,
@@ -163,6 +165,7 @@ pub async fn serve<S: Stream>(stream: S, worker: Rc<Worker>) {
         eof: false,
         closing: false,
         close_after_flush: false,
+        authenticated: open,
     };
     s.run(&stream).await;
     // Replies still in flight will find no slot and be dropped.
@@ -186,6 +189,10 @@ struct Session {
     closing: bool,
     /// Close once everything before the closing reply is written.
     close_after_flush: bool,
+    /// The client may send requests: it authenticated, or `--auth-file`
+    /// is not set. Until then everything it sends is read as memcached
+    /// reads it with `-Y` (see `authenticate`).
+    authenticated: bool,
 }
 
 impl Session {
@@ -305,6 +312,12 @@ impl Session {
             if self.rbuf.is_empty() || !self.may_dispatch() {
                 return;
             }
+            if !self.authenticated {
+                if !self.authenticate() {
+                    return;
+                }
+                continue;
+            }
             match parse_request(&self.rbuf, &self.worker.limits) {
                 Ok(None) => return,
                 Ok(Some((req, n))) => {
@@ -343,6 +356,45 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Handles one input of a client that has not authenticated: an attempt
+    /// (answered `STORED` or `CLIENT_ERROR authentication failure`), or
+    /// anything else (memcached's error line). Nothing reaches a server.
+    /// Returns false when the input is incomplete.
+    fn authenticate(&mut self) -> bool {
+        let Some(creds) = self.worker.auth.clone() else {
+            self.authenticated = true;
+            return true;
+        };
+        let stats = &self.worker.stats;
+        let (local, n) = match auth::parse_auth(&self.rbuf) {
+            Ok(None) => return false,
+            Ok(Some((AuthInput::Credentials { user, password }, n))) => {
+                stats.auth_cmds.incr();
+                if creds.check(user, password) {
+                    self.authenticated = true;
+                    (Local::Static(auth::AUTH_OK), n)
+                } else {
+                    stats.auth_errors.incr();
+                    tracing::debug!("client authentication failed");
+                    (Local::Static(auth::AUTH_FAILED), n)
+                }
+            }
+            Ok(Some((input, n))) => (Local::Static(input.reply()), n),
+            Err(e) => {
+                if e == auth::AuthError::DataTooLong {
+                    stats.auth_cmds.incr();
+                    stats.auth_errors.incr();
+                }
+                self.closing = true;
+                (Local::Close(e.reply()), self.rbuf.len())
+            }
+        };
+        let _ = self.rbuf.split_to(n);
+        self.next_seq += 1;
+        self.inbox.slots.borrow_mut().push_back(Slot::local(local));
+        true
     }
 
     /// Takes the next step for every slot whose parts all came in.

@@ -169,6 +169,8 @@ worker_counters!(
     server_errors,
     replies_too_large,
     replies_over_client_buffer,
+    auth_cmds,
+    auth_errors,
     failovers,
     backup_hits,
     repairs,
