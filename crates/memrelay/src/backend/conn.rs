@@ -24,8 +24,11 @@
 //! VALUE block. Dropping the connection instead would fail every other
 //! request pipelined on it, so one client's oversized get would disturb
 //! other clients; skipping keeps them. The skip has the failed request's
-//! deadline: a reply that has not ended by then (a server that never stops)
-//! fails the connection like any timeout.
+//! deadline: a reply that has not ended by then (a server that never stops,
+//! or a reply far too large to drop in time) closes the connection, failing
+//! what is behind it with a timeout, but is not counted against the
+//! server's health: a client must not be able to mark a healthy server
+//! down by asking for huge replies.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -232,8 +235,13 @@ async fn drive(inner: Rc<Inner>, addr: SocketAddr) {
                 };
                 if ready.is_readable() {
                     match read_and_dispatch(&inner, &stream, &mut rbuf, &mut parser) {
-                        Ok(true) => {}
-                        Ok(false) => return close_quietly(&inner),
+                        Ok(Read::Drained) => {}
+                        // More is waiting: let this worker's other tasks
+                        // run first, so a server streaming at full speed
+                        // (a huge reply being dropped, a hostile server)
+                        // does not hold up every other client.
+                        Ok(Read::Batch) => tokio::task::yield_now().await,
+                        Ok(Read::Idle) => return close_quietly(&inner),
                         Err(f) => return fail(&inner, f),
                     }
                 }
@@ -241,7 +249,15 @@ async fn drive(inner: Rc<Inner>, addr: SocketAddr) {
             _ = inner.wake.notified() => {}
             _ = &mut timer, if armed.is_some() => {
                 armed = None;
-                let expired = oldest_deadline(&inner).is_some_and(|d| d <= Instant::now());
+                let now = Instant::now();
+                if inner.skipping.get().is_some_and(|d| d <= now) {
+                    // A reply over the cap did not end in time. Its size
+                    // is the request's doing (a client could otherwise
+                    // mark a healthy server down with a few huge gets):
+                    // the connection goes, the server is not blamed.
+                    return fail_requests(&inner, Failure::Timeout);
+                }
+                let expired = oldest_deadline(&inner).is_some_and(|d| d <= now);
                 if expired {
                     return fail(&inner, Failure::Timeout);
                 }
@@ -266,16 +282,26 @@ fn flush(inner: &Inner, stream: &TcpStream) -> Result<(), Failure> {
     }
 }
 
-/// Reads what is available and hands out every complete reply. Returns
-/// `Ok(false)` when the server closed an idle connection cleanly.
+/// What one read turn found.
+enum Read {
+    /// Everything the server had sent was read.
+    Drained,
+    /// A full batch was read; more may be waiting.
+    Batch,
+    /// The server closed an idle connection cleanly.
+    Idle,
+}
+
+/// Reads a batch and hands out every complete reply.
 fn read_and_dispatch(
     inner: &Inner,
     stream: &TcpStream,
     rbuf: &mut BytesMut,
     parser: &mut ResponseParser,
-) -> Result<bool, Failure> {
+) -> Result<Read, Failure> {
     // A batch, then parse: the socket stays readable for the next turn.
     let mut read = 0;
+    let mut outcome = Read::Batch;
     while read < READ_BATCH {
         if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
             rbuf.reserve(READ_CHUNK);
@@ -283,12 +309,15 @@ fn read_and_dispatch(
         match Stream::read_drained(stream, rbuf) {
             Ok(0) => {
                 if inner.inflight.borrow().is_empty() && rbuf.is_empty() {
-                    return Ok(false);
+                    return Ok(Read::Idle);
                 }
                 return Err(Failure::Closed);
             }
             Ok(n) => read += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                outcome = Read::Drained;
+                break;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => return Err(Failure::Io),
         }
@@ -352,7 +381,7 @@ fn read_and_dispatch(
             Err(e) => return Err(Failure::Protocol(e)),
         }
     }
-    Ok(true)
+    Ok(outcome)
 }
 
 /// After a large reply is split off, the read buffer still shares its
@@ -398,8 +427,6 @@ fn close_quietly(inner: &Inner) {
 
 /// Fails every request on the connection and closes it for good.
 fn fail(inner: &Inner, failure: Failure) {
-    inner.state.set(State::Closed);
-    inner.out.borrow_mut().clear();
     let oldest_deadline = oldest_deadline(inner);
     if oldest_deadline.is_some() || failure == Failure::Connect {
         // When the oldest request went out: a server that has answered
@@ -412,6 +439,14 @@ fn fail(inner: &Inner, failure: Failure) {
             .health
             .record_failure(inner.settings.failure_limit, &failure, sent);
     }
+    fail_requests(inner, failure);
+}
+
+/// Fails every request on the connection and closes it for good, without
+/// counting it against the server's health.
+fn fail_requests(inner: &Inner, failure: Failure) {
+    inner.state.set(State::Closed);
+    inner.out.borrow_mut().clear();
     let written = inner.written.get();
     loop {
         let Some(f) = inner.inflight.borrow_mut().pop_front() else {
