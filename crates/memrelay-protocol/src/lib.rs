@@ -13,6 +13,7 @@
 //! copying or fighting lifetimes.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod base64;
 pub mod compose;
 pub mod limits;

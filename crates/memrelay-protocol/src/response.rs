@@ -146,6 +146,15 @@ impl ResponseParser {
         r
     }
 
+    /// For a retrieval reply still incomplete: how many bytes at the front
+    /// of the buffer are whole VALUE blocks already validated, which the
+    /// caller may now drop (the parser carries on from the new front). A
+    /// reply too large to keep is framed this way to its end, so the
+    /// connection stays in step, while holding at most one block.
+    pub fn take_validated(&mut self) -> usize {
+        std::mem::take(&mut self.scanned)
+    }
+
     fn parse_retrieval(
         &mut self,
         buf: &[u8],
@@ -173,7 +182,9 @@ impl ResponseParser {
                     return Err(ResponseError::BadDataChunk);
                 }
                 self.scanned = block_end;
-                self.hits += 1;
+                // Saturating: a server may stream blocks for longer than a
+                // u32 counts while the caller skips a reply too large to keep.
+                self.hits = self.hits.saturating_add(1);
                 continue;
             }
             if is_error_line(line) {
@@ -461,6 +472,25 @@ mod tests {
         assert_eq!(
             p.parse(full, Expect::Retrieval, MAX),
             Ok(Some((ResponseKind::Values { hits: 1 }, full.len())))
+        );
+    }
+
+    #[test]
+    fn retrieval_skipped_block_by_block() {
+        // The caller drops validated blocks as they come; the reply still
+        // ends where it ends, with every block counted.
+        let full = b"VALUE a 0 3\r\nabc\r\nVALUE a 0 3\r\nabc\r\nEND\r\nnext";
+        let mut p = ResponseParser::new();
+        let mut buf = full[..20].to_vec();
+        assert_eq!(p.parse(&buf, Expect::Retrieval, MAX), Ok(None));
+        let n = p.take_validated();
+        assert_eq!(n, 18);
+        buf.drain(..n);
+        assert_eq!(p.take_validated(), 0);
+        buf.extend_from_slice(&full[20..]);
+        assert_eq!(
+            p.parse(&buf, Expect::Retrieval, MAX),
+            Ok(Some((ResponseKind::Values { hits: 2 }, buf.len() - 4)))
         );
     }
 

@@ -67,6 +67,9 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             .map(|l| BoundListener::bind(l).map_err(|e| StartError::Bind(l.to_string(), e)))
             .collect::<Result<_, _>>()?,
     };
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
     if took_over {
         tracing::info!("took over the listening sockets of the running memrelay");
     }
@@ -286,6 +289,7 @@ fn worker_main(
             timeout: cfg.timeout,
             failure_limit: cfg.failure_limit,
             max_value_len: cfg.limits.max_value_len + 1024,
+            max_reply_len: cfg.max_reply_size,
             max_inflight: 100_000,
         });
         let servers: Rc<[ServerPool]> = cfg
@@ -312,9 +316,11 @@ fn worker_main(
             miss_fallback: cfg.miss_fallback,
             auto_eject: cfg.auto_eject,
             flush_enabled: cfg.flush_enabled,
+            auth: cfg.auth.clone(),
             client_limits: crate::proxy::ClientLimits {
                 max_pipeline: cfg.max_pipeline,
                 max_buffer: cfg.max_client_buffer,
+                max_reply: cfg.max_reply_size,
                 idle_timeout: cfg.idle_timeout,
             },
             resync,

@@ -7,7 +7,7 @@ mod support;
 
 use std::net::TcpListener;
 use std::time::Duration;
-use support::{complete_retrieval, escape, free_port, run_memrelay, Memcached, Memrelay};
+use support::{complete_retrieval, escape, free_port, run_memrelay, Memcached, Memrelay, TempFile};
 
 const EXIT_DEADLINE: Duration = Duration::from_secs(10);
 const EX_USAGE: i32 = 64;
@@ -234,4 +234,43 @@ fn threads_flag_rejects_garbage() {
         let (a, port) = with_port(&["-s", "127.0.0.1:11211", "--threads", bad]);
         expect_usage_error(&a, "--threads", Some(port));
     }
+}
+
+#[test]
+fn auth_file_that_cannot_be_used_stops_the_start() {
+    let empty = TempFile::new("empty", b"", 0o600);
+    let malformed = TempFile::new("malformed", b"user:pass\nnocolon\n", 0o600);
+    let spaced = TempFile::new("spaced", b"user:pass word\n", 0o600);
+    let missing =
+        std::env::temp_dir().join(format!("memrelay-no-such-file-{}", std::process::id()));
+    for path in [
+        empty.path(),
+        malformed.path(),
+        spaced.path(),
+        missing.to_str().unwrap(),
+    ] {
+        let (a, port) = with_port(&["-s", "127.0.0.1:11211", "--auth-file", path]);
+        expect_usage_error(&a, "--auth-file", Some(port));
+    }
+}
+
+#[test]
+fn max_reply_size_must_hold_one_value() {
+    // At least --max-value-size + 32 KiB (default value size 1 MiB).
+    let (a, port) = with_port(&["-s", "127.0.0.1:11211", "--max-reply-size", "1048576"]);
+    expect_usage_error(&a, "--max-reply-size", Some(port));
+    let (a, port) = with_port(&[
+        "-s",
+        "127.0.0.1:11211",
+        "--max-value-size",
+        "1000",
+        "--max-reply-size",
+        "40000",
+    ]);
+    let out = run_memrelay(&a, Duration::from_millis(500), Some(port));
+    assert!(
+        out.status.is_none(),
+        "a reply cap over value size + 32 KiB was refused: {}",
+        out.stderr
+    );
 }

@@ -501,27 +501,28 @@ struct Scene {
 
 impl Scene {
     fn new(fake: FakeServer) -> Scene {
-        Scene::with_timeout(fake, TIMEOUT)
+        Scene::with_args(fake, &[])
     }
 
-    fn with_timeout(fake: FakeServer, timeout: &str) -> Scene {
+    /// memrelay gets `extra` after the scene's own arguments.
+    fn with_args(fake: FakeServer, extra: &[&str]) -> Scene {
         let real = Memcached::start();
         let servers = vec!["-s".to_string(), fake.addr(), "-s".to_string(), real.addr()];
-        let router = match parse_args(servers.clone()) {
-            Ok(Action::Run(cfg)) => Router::new(&cfg),
-            other => panic!("bad server args: {other:?}"),
-        };
+        let router = router_for(&servers);
         let mut args = servers;
         for a in [
             "--timeout",
-            timeout,
+            TIMEOUT,
             "--connect-timeout",
-            timeout,
+            TIMEOUT,
             "--failure-limit",
             "1000",
             "-t",
             "1",
-        ] {
+        ]
+        .iter()
+        .chain(extra)
+        {
             args.push(a.to_string());
         }
         let relay = Memrelay::start(&args);
@@ -535,10 +536,7 @@ impl Scene {
 
     /// A key (`prefix` + a number) whose primary is server `s`.
     fn key_on(&self, s: usize, prefix: &str) -> String {
-        (0..100_000)
-            .map(|i| format!("{prefix}{i}"))
-            .find(|k| self.router.primary(k.as_bytes()) == s)
-            .unwrap_or_else(|| panic!("no key maps to server {s}"))
+        key_on(&self.router, s, prefix)
     }
 
     fn fake_failures(&self) -> u64 {
@@ -563,6 +561,22 @@ impl Scene {
             self.fake.closed_by_proxy(),
             tail(&self.relay.output())
         )
+    }
+}
+
+/// A key (`prefix` + a number) whose primary is server `s`.
+fn key_on(router: &Router, s: usize, prefix: &str) -> String {
+    (0..100_000)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|k| router.primary(k.as_bytes()) == s)
+        .unwrap_or_else(|| panic!("no key maps to server {s}"))
+}
+
+/// The router memrelay builds for these server arguments.
+fn router_for(servers: &[String]) -> Router {
+    match parse_args(servers.to_vec()) {
+        Ok(Action::Run(cfg)) => Router::new(&cfg),
+        other => panic!("bad server args: {other:?}"),
     }
 }
 
@@ -1924,4 +1938,353 @@ fn two_thousand_concurrent_connections() {
         "connections were not released after the 2,000 clients left"
     );
     well_behaved(&addr, "after-crowd", "fine", ANSWER_BOUND);
+}
+
+// ---------------------------------------------------------------------------
+// Replies too large to hold
+// ---------------------------------------------------------------------------
+
+/// `--max-reply-size` in these tests: 2 MiB, a little over the least it
+/// may be with 1 MiB values, so the tests cross it with a few megabytes.
+const REPLY_CAP: &str = "2097152";
+const REPLY_TOO_LARGE: &[u8] = b"SERVER_ERROR reply too large\r\n";
+/// A read dropped because its client is owed too much already.
+const CLIENT_BEHIND: &[u8] = b"SERVER_ERROR out of memory writing get response\r\n";
+
+/// memrelay (one worker thread) over `servers` (`-s`/`-b` arguments), with
+/// the tests' reply cap.
+fn relay_with_cap(servers: &[String]) -> Memrelay {
+    let mut args = servers.to_vec();
+    args.extend(
+        [
+            "--timeout",
+            TIMEOUT,
+            "-t",
+            "1",
+            "--max-reply-size",
+            REPLY_CAP,
+        ]
+        .map(String::from),
+    );
+    Memrelay::start(&args)
+}
+
+/// `get key key ...`, `key` named `n` times.
+fn get_repeated(key: &str, n: usize) -> String {
+    format!("get {}\r\n", vec![key; n].join(" "))
+}
+
+/// The reply to a get that found `key` = `value` at each of `n` names.
+fn values_reply(key: &str, value: &str, n: usize) -> Vec<u8> {
+    [value_reply(key, value).repeat(n), b"END\r\n".to_vec()].concat()
+}
+
+#[test]
+fn server_streams_values_without_end() {
+    // Every get is answered with 1 KiB VALUE blocks for its key, without
+    // end, until the proxy hangs up.
+    let fake = FakeServer::start(|c: &mut FakeConn| {
+        while let Some(req) = c.read_request() {
+            if !req.starts_with(b"get ") {
+                c.send(b"STORED\r\n");
+                continue;
+            }
+            let block = format!(
+                "VALUE {} 0 1024\r\n{}\r\n",
+                first_key(&req),
+                EVIL.repeat(256)
+            );
+            while !c.stopped() {
+                if c.stream.write_all(block.as_bytes()).is_err() {
+                    c.peer_closed();
+                    return;
+                }
+            }
+        }
+    });
+    let mut sc = Scene::with_args(fake, &["--max-reply-size", REPLY_CAP]);
+    let fk = sc.key_on(0, "fake");
+    let hk = sc.key_on(1, "healthy");
+    let mut c = relay_client(&sc.relay);
+    let (r, _) = timed(&mut c, &set_req(&hk, "fine"), line_done);
+    assert_eq!(r.bytes, b"STORED\r\n", "{}", sc.diag());
+    let rss_before = vm_rss_kib(sc.relay.pid());
+
+    let (r, took) = timed(&mut c, format!("get {fk}\r\n").as_bytes(), line_done);
+    assert!(
+        r.bytes == REPLY_TOO_LARGE && took <= ANSWER_BOUND,
+        "get {fk} from a server that never stops: expected {} within {ANSWER_BOUND:?}, \
+         got {:?} after {took:?}: {}\n{}",
+        escape(REPLY_TOO_LARGE),
+        r.end,
+        escape_max(&r.bytes, 300),
+        sc.diag()
+    );
+    // The rest of the stream is dropped as it comes, and the connection
+    // given up once the request's timeout has passed.
+    assert!(
+        wait_until(CONVERGE, || sc.fake.closed_by_proxy() >= 1),
+        "memrelay never hung up on a server streaming one reply without end\n{}",
+        sc.diag()
+    );
+    let rss_after = vm_rss_kib(sc.relay.pid());
+    eprintln!("endless reply: memrelay RSS {rss_before} -> {rss_after} KiB");
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "memrelay's RSS grew from {rss_before} KiB to {rss_after} KiB (bound +32 MiB) while \
+         a server streamed one reply without end\n{}",
+        sc.diag()
+    );
+    // A multi-get that includes the endless server fails as a whole.
+    let (r, _) = timed(&mut c, format!("get {hk} {fk}\r\n").as_bytes(), line_done);
+    assert_eq!(r.bytes, REPLY_TOO_LARGE, "{}", sc.diag());
+    // The same client goes on, with the healthy server and a new client.
+    let hk_reply = values_reply(&hk, "fine", 1);
+    let (r, _) = timed(
+        &mut c,
+        format!("get {hk}\r\n").as_bytes(),
+        complete_retrieval,
+    );
+    assert_eq!(r.bytes, hk_reply, "{}", sc.diag());
+    let mut fresh = relay_client(&sc.relay);
+    let (r, _) = timed(
+        &mut fresh,
+        format!("get {hk}\r\n").as_bytes(),
+        complete_retrieval,
+    );
+    assert_eq!(r.bytes, hk_reply, "{}", sc.diag());
+    assert_alive(&mut sc.relay, "after an endless reply");
+}
+
+#[test]
+fn a_reply_over_the_cap_fails_alone() {
+    let m = Memcached::start();
+    let mut relay = relay_on(&m, &["--max-reply-size", REPLY_CAP]);
+    let addr = relay.addr();
+    let big = "b".repeat(100 * 1024);
+    let mut c = relay_client(&relay);
+    for (k, v) in [("big", big.as_str()), ("small", "x")] {
+        let r = c.send_until(&set_req(k, v), line_done);
+        assert_eq!(r.bytes, b"STORED\r\n");
+    }
+    // 30 names of a 100 KiB item: memcached sends 3 MB, over the 2 MiB
+    // cap. Behind it, on the same server connection (one worker, one
+    // connection per server), another get: it must not be disturbed.
+    let small = values_reply("small", "x", 1);
+    let req = get_repeated("big", 30) + "get small\r\n";
+    let want = [REPLY_TOO_LARGE, &small].concat();
+    let (r, took) = timed(&mut c, req.as_bytes(), |b| b.len() >= want.len());
+    assert!(
+        r.bytes == want && took <= ANSWER_BOUND,
+        "a get over the cap, then a small get: expected {} after {took:?}, got {:?} {}",
+        escape(&want),
+        r.end,
+        escape_max(&r.bytes, 300)
+    );
+    // Under the cap, the same connection gets every value.
+    let want = values_reply("big", &big, 10);
+    let (r, _) = timed(&mut c, get_repeated("big", 10).as_bytes(), |b| {
+        b.len() >= want.len()
+    });
+    assert!(
+        r.bytes == want,
+        "10 names of big: {}",
+        escape_max(&r.bytes, 300)
+    );
+    // The size is the request's doing: the server is not blamed.
+    let st = stats(&addr);
+    assert_eq!(st["server:0:failures"], "0", "{st:?}");
+    assert_eq!(st["server:0:state"], "up", "{st:?}");
+    assert_eq!(st["replies_too_large"], "1", "{st:?}");
+    assert_alive(&mut relay, "after a reply over the cap");
+    well_behaved(&addr, "after-cap", "fine", ANSWER_BOUND);
+}
+
+#[test]
+fn a_multi_get_over_the_cap_across_servers_is_refused() {
+    // Each server's part is under the cap; together they are over it.
+    let (m0, m1) = (Memcached::start(), Memcached::start());
+    let servers = ["-s".to_string(), m0.addr(), "-s".to_string(), m1.addr()];
+    let router = router_for(&servers);
+    let (k0, k1) = (key_on(&router, 0, "zero"), key_on(&router, 1, "one"));
+    let mut relay = relay_with_cap(&servers);
+    let big = "m".repeat(100 * 1024);
+    let mut c = relay_client(&relay);
+    for k in [&k0, &k1] {
+        let r = c.send_until(&set_req(k, &big), line_done);
+        assert_eq!(r.bytes, b"STORED\r\n");
+    }
+    let names =
+        |n: usize| -> Vec<&str> { (0..n).flat_map(|_| [k0.as_str(), k1.as_str()]).collect() };
+    // 12 names on each server: 1.2 MB from each, 2.4 MB in all.
+    let req = format!("get {}\r\n", names(12).join(" "));
+    let (r, _) = timed(&mut c, req.as_bytes(), line_done);
+    assert_eq!(r.bytes, REPLY_TOO_LARGE, "{}", escape_max(&r.bytes, 300));
+    // 6 on each: 1.2 MB in all, merged in request order.
+    let want: Vec<u8> = names(6)
+        .iter()
+        .flat_map(|k| value_reply(k, &big))
+        .chain(b"END\r\n".iter().copied())
+        .collect();
+    let req = format!("get {}\r\n", names(6).join(" "));
+    let (r, _) = timed(&mut c, req.as_bytes(), |b| b.len() >= want.len());
+    assert!(
+        r.bytes == want,
+        "6 names on each server: {}",
+        escape_max(&r.bytes, 300)
+    );
+    assert_alive(&mut relay, "after a multi-get over the cap");
+}
+
+#[test]
+fn backup_lookups_over_the_cap_are_refused() {
+    // The primary misses; each name of the key is looked up on the backup
+    // (one `mg` each): their replies together are over the cap.
+    let (primary, backup) = (Memcached::start(), Memcached::start());
+    let mut relay = relay_with_cap(&[
+        "-s".to_string(),
+        primary.addr(),
+        "-b".to_string(),
+        backup.addr(),
+    ]);
+    let big = "f".repeat(100 * 1024);
+    let mut direct = backup.client();
+    let r = direct.send_until(&set_req("onbackup", &big), line_done);
+    assert_eq!(r.bytes, b"STORED\r\n");
+    let mut c = relay_client(&relay);
+    let (r, _) = timed(&mut c, get_repeated("onbackup", 30).as_bytes(), line_done);
+    assert_eq!(r.bytes, REPLY_TOO_LARGE, "{}", escape_max(&r.bytes, 300));
+    let want = values_reply("onbackup", &big, 1);
+    let (r, _) = timed(&mut c, b"get onbackup\r\n", |b| b.len() >= want.len());
+    assert!(
+        r.bytes == want,
+        "get onbackup: {}",
+        escape_max(&r.bytes, 300)
+    );
+    assert_alive(&mut relay, "after backup lookups over the cap");
+}
+
+/// Reads `n` replies to `get big` from `s`: each is `big`'s value or
+/// CLIENT_BEHIND. Returns (values, errors); panics on anything else.
+fn read_big_replies(s: &mut TcpStream, n: usize, value_len: usize) -> (usize, usize) {
+    let header = format!("VALUE big 0 {value_len}\r\n");
+    let value_total = header.len() + value_len + 2 + 5;
+    let end = Instant::now() + Duration::from_secs(120);
+    let (mut values, mut errors) = (0, 0);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 256 * 1024];
+    while values + errors < n {
+        if buf.starts_with(CLIENT_BEHIND) {
+            buf.drain(..CLIENT_BEHIND.len());
+            errors += 1;
+            continue;
+        }
+        if buf.starts_with(header.as_bytes()) && buf.len() >= value_total {
+            assert!(
+                buf[..value_total].ends_with(b"\r\nEND\r\n"),
+                "reply #{}: {}",
+                values + errors,
+                escape_max(&buf[..value_total], 300)
+            );
+            buf.drain(..value_total);
+            values += 1;
+            continue;
+        }
+        // Incomplete: what is there must begin one of the two replies.
+        let begins = |p: &[u8]| p.starts_with(&buf[..buf.len().min(p.len())]);
+        let known = begins(header.as_bytes()) || begins(CLIENT_BEHIND);
+        assert!(
+            known,
+            "reply #{} is neither the value nor {}: {}",
+            values + errors,
+            escape(CLIENT_BEHIND),
+            escape_max(&buf, 300)
+        );
+        let now = Instant::now();
+        assert!(
+            now < end,
+            "only {values} values and {errors} errors of {n} replies came in time"
+        );
+        s.set_read_timeout(Some(end - now)).unwrap();
+        match s.read(&mut chunk) {
+            Ok(0) => panic!("memrelay closed after {values} values and {errors} errors of {n}"),
+            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("reading replies: {e} after {values} values and {errors} errors"),
+        }
+    }
+    assert!(
+        buf.is_empty(),
+        "more than {n} replies: {}",
+        escape_max(&buf, 300)
+    );
+    (values, errors)
+}
+
+#[test]
+fn replies_owed_to_a_client_that_never_reads_are_bounded() {
+    // 2,000 pipelined gets of a 50 KiB value (100 MB of replies), not
+    // read. The client may be owed its buffer (1 MiB) plus one largest
+    // reply (2 MiB); past that its reads' replies are dropped (and
+    // answered with an error line), and nothing more it sent is
+    // dispatched until it reads.
+    const GETS: usize = 2000;
+    const VALUE_LEN: usize = 50 * 1024;
+    const BOUND_KIB: u64 = 40 * 1024;
+    let m = Memcached::start();
+    // A burst of 1024 such gets (the pipeline limit) is 50 MB for the
+    // server connection to get through, which a debug build on a busy
+    // machine may not do within the usual 1 s: the requests at its end
+    // would time out (and read as misses). Not what this test is about.
+    let mut relay = relay_on(
+        &m,
+        &[
+            "--max-client-buffer",
+            "1048576",
+            "--max-reply-size",
+            REPLY_CAP,
+            "--timeout",
+            "10s",
+        ],
+    );
+    let addr = relay.addr();
+    let mut c = relay_client(&relay);
+    let r = c.send_until(&set_req("big", &"v".repeat(VALUE_LEN)), line_done);
+    assert_eq!(r.bytes, b"STORED\r\n");
+    let rss_before = vm_rss_kib(relay.pid());
+
+    let mut hog = TcpStream::connect(&addr).unwrap();
+    hog.write_all("get big\r\n".repeat(GETS).as_bytes())
+        .unwrap();
+    let mut peak = vm_rss_kib(relay.pid());
+    let settle_end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < settle_end {
+        peak = peak.max(vm_rss_kib(relay.pid()));
+        thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("never-reading client: memrelay RSS {rss_before} KiB -> peak {peak} KiB");
+    assert!(
+        peak < rss_before + BOUND_KIB,
+        "memrelay's RSS went from {rss_before} KiB to {peak} KiB (bound +{BOUND_KIB} KiB) \
+         for a client owed {GETS} replies of {VALUE_LEN} bytes it does not read"
+    );
+    well_behaved(&addr, "beside-the-hog", "fine", ANSWER_BOUND);
+
+    // Every get is answered, in order: the value, or the error line.
+    let (values, errors) = read_big_replies(&mut hog, GETS, VALUE_LEN);
+    eprintln!("never-reading client: {values} values, {errors} refused");
+    assert!(
+        errors > 0,
+        "all {GETS} replies were held for a client that did not read them"
+    );
+    // The connection is still usable.
+    hog.write_all(b"get big\r\n").unwrap();
+    assert_eq!(read_big_replies(&mut hog, 1, VALUE_LEN), (1, 0));
+    assert_alive(&mut relay, "with a client owed more than its buffer");
+    let st = stats(&addr);
+    assert_eq!(
+        st["replies_over_client_buffer"],
+        errors.to_string(),
+        "{st:?}"
+    );
 }

@@ -16,6 +16,19 @@
 //! A request is *sent* once all its bytes were written; one that was only
 //! partly written cannot have been executed by memcached (it waits for the
 //! rest), so it counts as unsent.
+//!
+//! A reply larger than `--max-reply-size` (a multi-get naming a large item
+//! many times, or a server streaming VALUE blocks without end) is not
+//! buffered: its request fails at once with `ReplyTooLarge`, and the rest
+//! of the reply is framed as it arrives and dropped, holding at most one
+//! VALUE block. Dropping the connection instead would fail every other
+//! request pipelined on it, so one client's oversized get would disturb
+//! other clients; skipping keeps them. The skip has the failed request's
+//! deadline: a reply that has not ended by then (a server that never stops,
+//! or a reply far too large to drop in time) closes the connection, failing
+//! what is behind it with a timeout, but is not counted against the
+//! server's health: a client must not be able to mark a healthy server
+//! down by asking for huge replies.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -23,7 +36,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use memrelay_protocol::response::ResponseParser;
 use memrelay_protocol::Expect;
 use tokio::io::Interest;
@@ -38,6 +51,14 @@ use crate::net::Stream;
 
 /// Read buffer growth step.
 const READ_CHUNK: usize = 16 * 1024;
+/// Most bytes read in one turn before they are parsed. Replies are slices
+/// of the read buffer, and a reply held for a slow client keeps the whole
+/// allocation it was read into alive: reading in small batches keeps that
+/// allocation not much larger than the reply being completed (with
+/// `unshare`), so memory held follows the reply bytes the sessions count.
+/// Reading up to `--max-reply-size` before parsing made each 50 KiB reply
+/// pin megabytes.
+const READ_BATCH: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -67,6 +88,9 @@ struct Inner {
     wake: LocalNotify,
     /// Set by `poison`: the task closes the connection at its next turn.
     poisoned: Cell<bool>,
+    /// While the rest of a reply too large to keep is read and dropped:
+    /// the deadline of the request it answered.
+    skipping: Cell<Option<Instant>>,
     health: Arc<Health>,
     settings: Rc<BackendSettings>,
 }
@@ -94,6 +118,7 @@ impl Conn {
             written: Cell::new(0),
             wake: LocalNotify::default(),
             poisoned: Cell::new(false),
+            skipping: Cell::new(None),
             health,
             settings,
         });
@@ -191,7 +216,7 @@ async fn drive(inner: Rc<Inner>, addr: SocketAddr) {
         // is never earlier than the one armed, and resetting the timer for
         // every batch would cost more than the occasional early wake-up.
         if armed.is_none() {
-            if let Some(d) = inner.inflight.borrow().front().map(|f| f.deadline) {
+            if let Some(d) = oldest_deadline(&inner) {
                 timer.as_mut().reset(d);
                 armed = Some(d);
             }
@@ -210,8 +235,13 @@ async fn drive(inner: Rc<Inner>, addr: SocketAddr) {
                 };
                 if ready.is_readable() {
                     match read_and_dispatch(&inner, &stream, &mut rbuf, &mut parser) {
-                        Ok(true) => {}
-                        Ok(false) => return close_quietly(&inner),
+                        Ok(Read::Drained) => {}
+                        // More is waiting: let this worker's other tasks
+                        // run first, so a server streaming at full speed
+                        // (a huge reply being dropped, a hostile server)
+                        // does not hold up every other client.
+                        Ok(Read::Batch) => tokio::task::yield_now().await,
+                        Ok(Read::Idle) => return close_quietly(&inner),
                         Err(f) => return fail(&inner, f),
                     }
                 }
@@ -219,7 +249,15 @@ async fn drive(inner: Rc<Inner>, addr: SocketAddr) {
             _ = inner.wake.notified() => {}
             _ = &mut timer, if armed.is_some() => {
                 armed = None;
-                let expired = inner.inflight.borrow().front().map(|f| f.deadline <= Instant::now()).unwrap_or(false);
+                let now = Instant::now();
+                if inner.skipping.get().is_some_and(|d| d <= now) {
+                    // A reply over the cap did not end in time. Its size
+                    // is the request's doing (a client could otherwise
+                    // mark a healthy server down with a few huge gets):
+                    // the connection goes, the server is not blamed.
+                    return fail_requests(&inner, Failure::Timeout);
+                }
+                let expired = oldest_deadline(&inner).is_some_and(|d| d <= now);
                 if expired {
                     return fail(&inner, Failure::Timeout);
                 }
@@ -244,33 +282,63 @@ fn flush(inner: &Inner, stream: &TcpStream) -> Result<(), Failure> {
     }
 }
 
-/// Reads what is available and hands out every complete reply. Returns
-/// `Ok(false)` when the server closed an idle connection cleanly.
+/// What one read turn found.
+enum Read {
+    /// Everything the server had sent was read.
+    Drained,
+    /// A full batch was read; more may be waiting.
+    Batch,
+    /// The server closed an idle connection cleanly.
+    Idle,
+}
+
+/// Reads a batch and hands out every complete reply.
 fn read_and_dispatch(
     inner: &Inner,
     stream: &TcpStream,
     rbuf: &mut BytesMut,
     parser: &mut ResponseParser,
-) -> Result<bool, Failure> {
-    loop {
+) -> Result<Read, Failure> {
+    // A batch, then parse: the socket stays readable for the next turn.
+    let mut read = 0;
+    let mut outcome = Read::Batch;
+    while read < READ_BATCH {
         if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
             rbuf.reserve(READ_CHUNK);
         }
         match Stream::read_drained(stream, rbuf) {
             Ok(0) => {
                 if inner.inflight.borrow().is_empty() && rbuf.is_empty() {
-                    return Ok(false);
+                    return Ok(Read::Idle);
                 }
                 return Err(Failure::Closed);
             }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Ok(n) => read += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                outcome = Read::Drained;
+                break;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => return Err(Failure::Io),
         }
     }
-    let max_value = inner.settings.max_value_len;
+    let (max_value, max_reply) = (inner.settings.max_value_len, inner.settings.max_reply_len);
     while !rbuf.is_empty() {
+        if inner.skipping.get().is_some() {
+            // The rest of a reply too large to keep: frame it, drop it.
+            match parser.parse(rbuf, Expect::Retrieval, max_value) {
+                Ok(Some((_, n))) => {
+                    rbuf.advance(n);
+                    inner.skipping.set(None);
+                    continue;
+                }
+                Ok(None) => {
+                    rbuf.advance(parser.take_validated());
+                    break;
+                }
+                Err(e) => return Err(Failure::Protocol(e)),
+            }
+        }
         let expect = match inner.inflight.borrow().front() {
             Some(f) => f.expect,
             // Bytes nobody asked for: the stream can no longer be trusted.
@@ -281,19 +349,73 @@ fn read_and_dispatch(
             }
         };
         match parser.parse(rbuf, expect, max_value) {
-            Ok(Some((kind, n))) => {
+            Ok(Some((kind, n))) if n <= max_reply => {
                 let bytes = rbuf.split_to(n).freeze();
+                if n > READ_CHUNK {
+                    unshare(rbuf);
+                }
                 let Some(f) = inner.inflight.borrow_mut().pop_front() else {
                     break;
                 };
                 inner.health.record_success();
                 f.reply.deliver(Ok(BackendReply { kind, bytes }));
             }
+            Ok(Some((_, n))) => {
+                // Complete, but over the cap: as if it had been skipped.
+                rbuf.advance(n);
+                refuse_front(inner);
+            }
+            Ok(None) if rbuf.len() > max_reply => {
+                // Only a retrieval reply can grow past the cap (the cap
+                // leaves room for one value and its lines, see config).
+                if expect != Expect::Retrieval {
+                    return Err(Failure::ReplyTooLarge);
+                }
+                if let Some(deadline) = refuse_front(inner) {
+                    inner.skipping.set(Some(deadline));
+                }
+                rbuf.advance(parser.take_validated());
+                break;
+            }
             Ok(None) => break,
             Err(e) => return Err(Failure::Protocol(e)),
         }
     }
-    Ok(true)
+    Ok(outcome)
+}
+
+/// After a large reply is split off, the read buffer still shares its
+/// allocation: the replies read next would be slices of it too, and any one
+/// of them held for a slow client would keep the whole large allocation
+/// alive, beyond what the client's reply bytes account for. What follows
+/// the large reply moves to a buffer of its own.
+fn unshare(rbuf: &mut BytesMut) {
+    let rest = std::mem::take(rbuf);
+    let mut fresh = BytesMut::with_capacity(READ_CHUNK.max(rest.len()));
+    fresh.extend_from_slice(&rest);
+    *rbuf = fresh;
+}
+
+/// The request at the front gets `ReplyTooLarge` (without counting against
+/// the server's health: the size is the request's doing). Returns its
+/// deadline.
+fn refuse_front(inner: &Inner) -> Option<Instant> {
+    let f = inner.inflight.borrow_mut().pop_front()?;
+    let deadline = f.deadline;
+    f.reply.deliver(Err(BackendError {
+        failure: Failure::ReplyTooLarge,
+        sent: true,
+    }));
+    Some(deadline)
+}
+
+/// The earliest deadline the connection must meet: a reply being skipped,
+/// else the oldest request in flight.
+fn oldest_deadline(inner: &Inner) -> Option<Instant> {
+    inner
+        .skipping
+        .get()
+        .or_else(|| inner.inflight.borrow().front().map(|f| f.deadline))
 }
 
 /// The server closed an idle connection (a restart, an idle timeout): not a
@@ -305,9 +427,7 @@ fn close_quietly(inner: &Inner) {
 
 /// Fails every request on the connection and closes it for good.
 fn fail(inner: &Inner, failure: Failure) {
-    inner.state.set(State::Closed);
-    inner.out.borrow_mut().clear();
-    let oldest_deadline = inner.inflight.borrow().front().map(|f| f.deadline);
+    let oldest_deadline = oldest_deadline(inner);
     if oldest_deadline.is_some() || failure == Failure::Connect {
         // When the oldest request went out: a server that has answered
         // since then is alive, and this failure is the tail of a stall that
@@ -319,6 +439,14 @@ fn fail(inner: &Inner, failure: Failure) {
             .health
             .record_failure(inner.settings.failure_limit, &failure, sent);
     }
+    fail_requests(inner, failure);
+}
+
+/// Fails every request on the connection and closes it for good, without
+/// counting it against the server's health.
+fn fail_requests(inner: &Inner, failure: Failure) {
+    inner.state.set(State::Closed);
+    inner.out.borrow_mut().clear();
     let written = inner.written.get();
     loop {
         let Some(f) = inner.inflight.borrow_mut().pop_front() else {

@@ -48,6 +48,25 @@ pub enum Failure {
     Io,
     #[error("too many requests queued for server")]
     Overloaded,
+    /// The reply to this request is larger than `--max-reply-size` (one
+    /// server's reply, or all of a multi-get's replies together). Not the
+    /// server's fault: it does not count against its health, and a read is
+    /// not retried elsewhere, where it would be just as large.
+    #[error("reply larger than --max-reply-size")]
+    ReplyTooLarge,
+    /// The client is already owed `--max-client-buffer` plus
+    /// `--max-reply-size` bytes of replies it has not read: a read's reply
+    /// that arrives then is dropped instead of held.
+    #[error("client owes too many reply bytes")]
+    ClientBehind,
+}
+
+impl Failure {
+    /// A read refused for its size (the request's or its client's), never
+    /// for the server's health: answered with an error, not failed over.
+    pub fn is_oversize(self) -> bool {
+        matches!(self, Failure::ReplyTooLarge | Failure::ClientBehind)
+    }
 }
 
 /// A failed request, classified for retry decisions: a request that was
@@ -77,6 +96,9 @@ impl BackendError {
             Failure::Protocol(_) => b"SERVER_ERROR bad reply from server\r\n",
             Failure::Io => b"SERVER_ERROR network error talking to server\r\n",
             Failure::Overloaded => b"SERVER_ERROR too many requests queued for server\r\n",
+            Failure::ReplyTooLarge => b"SERVER_ERROR reply too large\r\n",
+            // memcached's words when it cannot buffer a get's reply.
+            Failure::ClientBehind => b"SERVER_ERROR out of memory writing get response\r\n",
         }
     }
 }
@@ -117,6 +139,9 @@ pub struct BackendSettings {
     pub failure_limit: u32,
     /// Largest value accepted in a reply (a bigger one is a broken server).
     pub max_value_len: usize,
+    /// Largest reply buffered for one request (`--max-reply-size`); the
+    /// rest of a larger one is read and dropped (see `conn`).
+    pub max_reply_len: usize,
     /// Most requests queued or in flight on one connection.
     pub max_inflight: usize,
 }

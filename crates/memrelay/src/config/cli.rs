@@ -98,8 +98,18 @@ more options:
       --max-keys N         most keys in one get (default 100000)
       --max-pipeline N     requests one client may have outstanding before it is
                            not read any more (default 1024)
-      --max-client-buffer N  reply bytes queued for one client before it is not
-                           read any more (default 4194304)
+      --max-client-buffer N  reply bytes a client may be owed (queued to write,
+                           or held for requests not yet answered) before it is
+                           not read any more (default 4194304)
+      --max-reply-size N   largest reply buffered for one request; a get whose
+                           reply is larger gets SERVER_ERROR reply too large
+                           (default 67108864, or 4 x --max-value-size if more;
+                           at least --max-value-size + 32768)
+      --auth-file PATH     clients must authenticate first, as with memcached -Y:
+                           `set <any key> 0 0 <len>` with data `<user> <password>`
+                           matching a user:password line of PATH (read at start;
+                           keep it chmod 600). memrelay's own connections to the
+                           servers do not authenticate
       --idle-timeout D     close a client that sent nothing for D and has nothing
                            outstanding (default: never, as memcached)
       --log-format FORMAT  text (default) or json: one JSON object a line
@@ -253,7 +263,9 @@ fn canonical(flag: &str) -> Option<&'static str> {
         "--handoff" => "--handoff",
         "--max-pipeline" => "--max-pipeline",
         "--max-client-buffer" => "--max-client-buffer",
+        "--max-reply-size" => "--max-reply-size",
         "--idle-timeout" => "--idle-timeout",
+        "--auth-file" => "--auth-file",
         "--metrics" => "--metrics",
         "--unix-mode" => "--unix-mode",
         "--max-value-size" => "--max-value-size",
@@ -295,7 +307,7 @@ fn err(flag: &str, message: &str) -> ConfigError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{HashKind, Listen};
+    use crate::config::{HashKind, Listen, REPLY_HEADROOM};
 
     fn run(args: &[&str]) -> Result<Config, ConfigError> {
         match parse_args(args.iter().copied())? {
@@ -348,6 +360,22 @@ mod tests {
     }
 
     #[test]
+    fn reply_cap_follows_the_value_size() {
+        let cap = |extra: &[&str]| {
+            let args: Vec<&str> = ["-s", "127.0.0.1:1"].iter().chain(extra).copied().collect();
+            run(&args).map(|c| c.max_reply_size)
+        };
+        assert_eq!(cap(&[]), Ok(64 << 20));
+        assert_eq!(cap(&["--max-value-size", "67108864"]), Ok(256 << 20));
+        assert_eq!(cap(&["--max-reply-size", "2097152"]), Ok(2 << 20));
+        let least = ((1 << 20) + REPLY_HEADROOM).to_string();
+        assert_eq!(
+            cap(&["--max-reply-size", &least]),
+            Ok((1 << 20) + REPLY_HEADROOM)
+        );
+    }
+
+    #[test]
     fn errors_name_the_flag() {
         let cases: &[(&[&str], &str)] = &[
             (&["-x"], "-x"),
@@ -360,6 +388,10 @@ mod tests {
             (&["-s", "127.0.0.1:1", "--hash", "crc"], "--hash"),
             (&["-s", "127.0.0.1:1", "stray"], "stray"),
             (&["-s", "127.0.0.1:1", "--timeout", "soon"], "--timeout"),
+            (
+                &["-s", "127.0.0.1:1", "--max-reply-size", "1048576"],
+                "--max-reply-size",
+            ),
         ];
         for (args, flag) in cases {
             let e = run(args).unwrap_err();

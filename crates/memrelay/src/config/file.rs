@@ -85,6 +85,7 @@ struct Limits {
     max_client_buffer: Option<Count>,
     max_value_size: Option<Count>,
     max_keys: Option<Count>,
+    max_reply_size: Option<Count>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -105,6 +106,7 @@ struct Process {
     group: Option<String>,
     daemon: Option<bool>,
     handoff: Option<String>,
+    auth_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -233,6 +235,11 @@ fn apply(path: &Path, f: File, draft: &mut Draft) -> Result<(), ConfigError> {
         l.max_value_size,
     )?;
     put.text("limits.max_keys", "--max-keys", l.max_keys)?;
+    put.text(
+        "limits.max_reply_size",
+        "--max-reply-size",
+        l.max_reply_size,
+    )?;
     let ha = f.ha;
     // The flags are named for turning a default off: `--no-resync` is
     // `resync = false`.
@@ -255,6 +262,7 @@ fn apply(path: &Path, f: File, draft: &mut Draft) -> Result<(), ConfigError> {
     put.text("process.group", "-g", p.group)?;
     put.switch("process.daemon", "-d", p.daemon)?;
     put.text("process.handoff", "--handoff", p.handoff)?;
+    put.text("process.auth_file", "--auth-file", p.auth_file)?;
     put.text("metrics.listen", "--metrics", f.metrics.listen)?;
     put.text("log.level", "--log-level", f.log.level)?;
     put.text("log.format", "--log-format", f.log.format)?;
@@ -535,6 +543,7 @@ mod tests {
                     max_client_buffer,
                     max_value_size,
                     max_keys,
+                    max_reply_size,
                 },
             ha:
                 Ha {
@@ -551,6 +560,7 @@ mod tests {
                     group,
                     daemon,
                     handoff,
+                    auth_file,
                 },
             metrics: Metrics {
                 listen: metrics_listen,
@@ -572,6 +582,7 @@ mod tests {
             ("limits.max_client_buffer", max_client_buffer.is_some()),
             ("limits.max_value_size", max_value_size.is_some()),
             ("limits.max_keys", max_keys.is_some()),
+            ("limits.max_reply_size", max_reply_size.is_some()),
             ("ha.miss_fallback", miss_fallback.is_some()),
             ("ha.auto_eject", auto_eject.is_some()),
             ("ha.resync", resync.is_some()),
@@ -582,6 +593,7 @@ mod tests {
             ("process.group", group.is_some()),
             ("process.daemon", daemon.is_some()),
             ("process.handoff", handoff.is_some()),
+            ("process.auth_file", auth_file.is_some()),
             ("metrics.listen", metrics_listen.is_some()),
             ("log.level", level.is_some()),
             ("log.format", format.is_some()),
@@ -605,7 +617,16 @@ mod tests {
                 path.display()
             );
         }
-        // And the uncommented whole is a valid configuration.
-        assert!(load_str(&all).is_ok(), "{:?}", load_str(&all));
+        // And the uncommented whole is a valid configuration (with an auth
+        // file that exists).
+        let auth =
+            std::env::temp_dir().join(format!("memrelay-example-auth-{}", std::process::id()));
+        std::fs::write(&auth, "user:secret\n").unwrap();
+        std::fs::set_permissions(&auth, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let all = all.replace("/etc/memrelay/auth", &auth.to_string_lossy());
+        let loaded = load_str(&all);
+        let _ = std::fs::remove_file(&auth);
+        assert!(loaded.is_ok(), "{loaded:?}");
     }
 }

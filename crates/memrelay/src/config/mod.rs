@@ -8,6 +8,7 @@
 //! the same setters ([`settings`]) and value parsers (below), so a value means
 //! the same, and is refused the same way, wherever it is written.
 
+pub mod auth;
 pub mod cli;
 pub mod file;
 mod settings;
@@ -251,8 +252,15 @@ pub struct Config {
     pub flush_enabled: bool,
     /// Requests one client may have outstanding before it is not read.
     pub max_pipeline: usize,
-    /// Reply bytes queued for one client before it is not read.
+    /// Reply bytes a client may be owed before it is not read.
     pub max_client_buffer: usize,
+    /// Largest reply buffered for one request (see [`default_max_reply`]).
+    pub max_reply_size: usize,
+    /// `--auth-file`: clients must authenticate (memcached's `-Y`).
+    pub auth: Option<std::sync::Arc<auth::Credentials>>,
+    /// Things worth an operator's attention found while reading the
+    /// configuration, logged once logging is up.
+    pub warnings: Vec<String>,
     /// Close clients idle this long (off by default, as in memcached).
     pub idle_timeout: Option<Duration>,
     /// Items per second a resync copies.
@@ -300,6 +308,9 @@ impl Default for Config {
             flush_enabled: false,
             max_pipeline: 1024,
             max_client_buffer: 4 * 1024 * 1024,
+            max_reply_size: default_max_reply(Limits::default().max_value_len),
+            auth: None,
+            warnings: Vec::new(),
             idle_timeout: None,
             resync_rate: 5000,
             shutdown_timeout: Duration::from_secs(10),
@@ -323,6 +334,29 @@ impl Config {
     pub fn servers(&self) -> impl Iterator<Item = &ServerAddr> {
         self.primaries.iter().chain(self.backups.iter())
     }
+}
+
+/// What a reply carrying one value may hold beyond the value: a VALUE or
+/// `VA` line (memrelay accepts reply lines up to 8 KiB), the slack memrelay
+/// allows a server's value over `--max-value-size` (1 KiB), the closing
+/// `END` or `MN` line, and room to spare. `--max-reply-size` may not be
+/// smaller than one largest value plus this, so any single value can be
+/// read whatever the setting.
+pub const REPLY_HEADROOM: usize = 32 * 1024;
+
+/// The default `--max-reply-size`: 64 MiB, or four of the largest values
+/// if `--max-value-size` makes that more.
+///
+/// Why 64 MiB: it bounds what one request can make memrelay buffer (without
+/// it, `get k k k ...` naming a 1 MiB item 100,000 times would be 100 GB),
+/// while no ordinary multi-get comes near it: that is 64 values of
+/// memcached's largest default size in one reply, where typical replies are
+/// kilobytes. What one worker can hold for replies in the making is this
+/// cap per server connection, so it must stay far below a proxy host's
+/// memory. A larger `--max-value-size` raises it so that a few of the
+/// largest values still fit in one reply.
+pub fn default_max_reply(max_value_len: usize) -> usize {
+    (64 << 20).max(max_value_len.saturating_mul(4))
 }
 
 /// Parses a duration: `250ms`, `2s`, or a bare number of milliseconds.

@@ -10,9 +10,10 @@
 
 use std::path::{Path, PathBuf};
 
+use super::auth::Credentials;
 use super::{
-    duration, listen_addr, number, port, socket_addr, unix_mode, Config, ConfigError, HashKind,
-    Listen, LogFormat, Origin, ServerAddr,
+    default_max_reply, duration, listen_addr, number, port, socket_addr, unix_mode, Config,
+    ConfigError, HashKind, Listen, LogFormat, Origin, ServerAddr, REPLY_HEADROOM,
 };
 
 /// Where memrelay listens when nothing says otherwise (magent listened on
@@ -51,6 +52,8 @@ pub(super) struct Draft {
     primaries: Vec<(Origin, String)>,
     backups: Vec<(Origin, String)>,
     auto_eject_origin: Option<Origin>,
+    /// `--max-reply-size`, checked against `--max-value-size` at the end.
+    max_reply: Option<(Origin, usize)>,
     /// Settings the command line gave so far: the first `-s` (or `-b`, or
     /// `-v`) replaces what the file said rather than adding to it.
     from_cli: Vec<&'static str>,
@@ -119,6 +122,17 @@ impl Draft {
                 cfg.max_client_buffer = number(v, 4096, 1 << 32).map_err(fail)? as usize
             }
             "--idle-timeout" => cfg.idle_timeout = Some(duration(v).map_err(fail)?),
+            "--max-reply-size" => {
+                self.max_reply = Some((
+                    origin.clone(),
+                    number(v, 1, 1 << 40).map_err(fail)? as usize,
+                ))
+            }
+            "--auth-file" => {
+                let (creds, warning) = Credentials::load(Path::new(v)).map_err(fail)?;
+                cfg.auth = Some(std::sync::Arc::new(creds));
+                cfg.warnings.extend(warning);
+            }
             "--metrics" => cfg.metrics = Some(socket_addr(v).map_err(fail)?),
             "--max-value-size" => {
                 cfg.limits.max_value_len = number(v, 1, 1 << 30).map_err(fail)? as usize
@@ -189,6 +203,20 @@ impl Draft {
             .map(|(o, _)| o)
             .collect();
         check_duplicates(&cfg, &origins)?;
+        let least_reply = cfg.limits.max_value_len + REPLY_HEADROOM;
+        cfg.max_reply_size = match self.max_reply {
+            Some((origin, n)) if n < least_reply => {
+                return Err(ConfigError::new(
+                    &origin,
+                    format!(
+                        "{n} cannot hold one largest value: it must be at least \
+                         --max-value-size + {REPLY_HEADROOM} = {least_reply}"
+                    ),
+                ))
+            }
+            Some((_, n)) => n,
+            None => default_max_reply(cfg.limits.max_value_len),
+        };
         if cfg.auto_eject && !cfg.backups.is_empty() {
             let origin = self
                 .auto_eject_origin

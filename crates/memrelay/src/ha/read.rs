@@ -16,7 +16,7 @@ use memrelay_protocol::response::{ValueBlock, ValueBlocks};
 use memrelay_protocol::{compose, meta_flags, Command, Expect, MetaStatus, Request, ResponseKind};
 use smallvec::SmallVec;
 
-use crate::backend::ReplyTo;
+use crate::backend::{Failure, ReplyTo};
 use crate::net::outqueue::OutQueue;
 use crate::proxy::session::Inbox;
 use crate::proxy::slot::{Local, Part, Role, Slot, Stage};
@@ -175,7 +175,8 @@ fn walk<'a>(
 pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
     drop_misbehaving_servers(w, slot, req);
-    if !w.router.has_backups() {
+    // Refused for its size: the backup's answer would be no smaller.
+    if !w.router.has_backups() || slot.oversize().is_some() {
         return;
     }
     // Every key found (the common case): nothing to look for elsewhere.
@@ -324,6 +325,9 @@ pub fn after_repair(w: &Worker, slot: &mut Slot) {
 pub fn render(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
     let nkeys = u64::from(req.nkeys);
     w.stats.cmd_get.add(nkeys);
+    if refused_for_size(w, slot, out) {
+        return;
+    }
     // The common case: one server answered for every key, nothing else to add.
     if slot.parts.len() == 1 && slot.key_parts.is_empty() {
         if let Some(Ok(reply)) = &slot.parts[0].result {
@@ -382,6 +386,21 @@ pub fn render(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
     out.put_slice(b"END\r\n");
     w.stats.get_hits.add(hits);
     w.stats.get_misses.add(nkeys.saturating_sub(hits));
+}
+
+/// A read refused for its size gets one error line instead of a partial
+/// answer (missing values would read as misses).
+fn refused_for_size(w: &Worker, slot: &Slot, out: &mut OutQueue) -> bool {
+    let Some(e) = slot.oversize() else {
+        return false;
+    };
+    w.stats.server_errors.incr();
+    match e.failure {
+        Failure::ReplyTooLarge => w.stats.replies_too_large.incr(),
+        _ => w.stats.replies_over_client_buffer.incr(),
+    }
+    out.put_slice(e.reply());
+    true
 }
 
 /// Whether the reply's VALUE keys are, in order, among the requested keys
@@ -455,7 +474,7 @@ pub fn after_meta_round_one(
     };
     let missed = match &first.result {
         Some(Ok(r)) => is_meta_miss(r.kind) && w.miss_fallback,
-        Some(Err(_)) => true,
+        Some(Err(e)) => !e.failure.is_oversize(),
         None => false,
     };
     if !missed {
@@ -498,6 +517,9 @@ pub fn after_meta_fallback(w: &Worker, slot: &mut Slot, req: &Request) {
 /// The reply to `mg`/`me`: the backup's when it found the item, else the
 /// primary's; with `q`, a miss says nothing.
 pub fn render_meta(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
+    if refused_for_size(w, slot, out) {
+        return;
+    }
     fn answered(p: &Part) -> Option<&crate::backend::BackendReply> {
         match &p.result {
             Some(Ok(r)) => Some(r),

@@ -37,6 +37,8 @@ pub struct Worker {
     pub auto_eject: bool,
     /// `flush_all` is allowed (`--enable-flush-all`).
     pub flush_enabled: bool,
+    /// Clients must authenticate first (`--auth-file`).
+    pub auth: Option<Arc<crate::config::auth::Credentials>>,
     pub client_limits: ClientLimits,
     /// Where `memrelay resync` requests go (None without backups).
     pub resync: Option<crate::ha::resync::Requests>,
@@ -107,8 +109,14 @@ pub struct ClientLimits {
     /// (backpressure: a client that does not read its replies stops being
     /// read, without affecting anyone else).
     pub max_pipeline: usize,
-    /// Reply bytes queued for one client before it is not read.
+    /// Reply bytes a client may be owed (queued, or held for requests not
+    /// yet answered) before it is not read and nothing more it sent is
+    /// dispatched.
     pub max_buffer: usize,
+    /// Most reply bytes one request may bring (`--max-reply-size`); also
+    /// how far past `max_buffer` a client's replies may go before a read's
+    /// reply is dropped.
+    pub max_reply: usize,
     /// Close a client idle this long (nothing sent, nothing outstanding).
     pub idle_timeout: Option<std::time::Duration>,
 }

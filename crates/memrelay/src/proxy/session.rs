@@ -8,8 +8,15 @@
 //! front of the FIFO as soon as they are complete, so the client always sees
 //! replies in request order.
 //!
-//! Backpressure: the session stops reading while it has `--max-pipeline`
-//! requests outstanding or `--max-client-buffer` bytes unsent.
+//! Backpressure: the session stops reading, and stops dispatching requests
+//! it has already read, while it has `--max-pipeline` requests outstanding
+//! or owes the client `--max-client-buffer` bytes: replies queued to write
+//! plus replies that came in for requests not yet answered. Requests
+//! already sent still bring their replies; a read's reply that would take
+//! what the client is owed past `--max-client-buffer` + `--max-reply-size`
+//! is dropped and the read answered `SERVER_ERROR out of memory writing get
+//! response` (memcached's words when it cannot buffer a get). So a client
+//! that never reads holds at most that much, plus a few bytes per write.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -17,14 +24,15 @@ use std::io;
 use std::rc::Rc;
 
 use bytes::BytesMut;
-use memrelay_protocol::parse_request;
+use memrelay_protocol::auth::{self, AuthInput};
+use memrelay_protocol::{parse_request, MetaStatus, ResponseKind};
 use tokio::io::Interest;
 
 use super::dispatch::{advance, start};
 use super::reply::render;
 use super::slot::{Local, Slot, Stage};
 use super::Worker;
-use crate::backend::{BackendResult, Sink};
+use crate::backend::{BackendError, BackendResult, Failure, Sink};
 use crate::net::notify::LocalNotify;
 use crate::net::outqueue::OutQueue;
 use crate::net::Stream;
@@ -48,7 +56,7 @@ const DRAIN_BUSY: std::time::Duration = std::time::Duration::from_secs(1);
 const FIRST_READ: usize = 1024;
 
 /// Where backend connections deliver this session's replies.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Inbox {
     slots: RefCell<VecDeque<Slot>>,
     /// Sequence number of `slots[0]`.
@@ -62,9 +70,35 @@ pub struct Inbox {
     holds_buffers: Cell<bool>,
     /// Set by the idle sweep: give the buffers back if still idle.
     release: Cell<bool>,
+    /// Bytes of server replies held in `slots`, not yet rendered.
+    held: Cell<usize>,
+    /// Bytes queued to the client, as of the session's last turn (replies
+    /// are delivered only while the session waits, so this is current).
+    unsent: Cell<usize>,
+    /// Most reply bytes one read may hold (`--max-reply-size`).
+    max_reply: usize,
+    /// Most reply bytes the client may be owed in all before a read's reply
+    /// is dropped: its buffer plus one largest reply.
+    max_owed: usize,
 }
 
 impl Inbox {
+    pub fn new(limits: &super::ClientLimits) -> Inbox {
+        Inbox {
+            slots: RefCell::default(),
+            base: Cell::default(),
+            ready: RefCell::default(),
+            wake: LocalNotify::default(),
+            active: Cell::new(false),
+            holds_buffers: Cell::new(false),
+            release: Cell::new(false),
+            held: Cell::new(0),
+            unsent: Cell::new(0),
+            max_reply: limits.max_reply,
+            max_owed: limits.max_buffer.saturating_add(limits.max_reply),
+        }
+    }
+
     /// Wakes the session (to notice that the worker is draining).
     pub fn wake(&self) {
         self.wake.notify();
@@ -81,6 +115,26 @@ impl Inbox {
         }
         false
     }
+
+    /// Whether a read's reply of `n` bytes may not be held: the read's
+    /// replies together would pass the reply cap (a multi-get over several
+    /// servers, or many backup lookups), or the client would be owed more
+    /// than it may. Only reads are refused: their replies are the large
+    /// ones, and a write's answer is never dropped, since the HA layer acts
+    /// on it.
+    fn refuse(&self, slot: &Slot, reply: &BackendResult, n: usize) -> Option<Failure> {
+        let carries_values = matches!(reply, Ok(r) if matches!(r.kind,
+            ResponseKind::Values { .. } | ResponseKind::Meta(MetaStatus::Value)));
+        if !carries_values || !slot.is_read() {
+            None
+        } else if slot.held + n > self.max_reply {
+            Some(Failure::ReplyTooLarge)
+        } else if self.held.get() + self.unsent.get() + n > self.max_owed {
+            Some(Failure::ClientBehind)
+        } else {
+            None
+        }
+    }
 }
 
 impl Sink for Inbox {
@@ -92,13 +146,25 @@ impl Sink for Inbox {
         else {
             return; // the session is gone; nobody waits for this reply
         };
-        let Some(p) = slot.parts.get_mut(part as usize) else {
-            return;
-        };
-        if p.result.is_some() {
+        let awaited = matches!(slot.parts.get(part as usize), Some(p) if p.result.is_none());
+        if !awaited {
             return;
         }
-        p.result = Some(result);
+        let n = result.as_ref().map_or(0, |r| r.bytes.len());
+        let result = match self.refuse(slot, &result, n) {
+            Some(failure) => Err(BackendError {
+                failure,
+                sent: true,
+            }),
+            None => {
+                slot.held += n;
+                self.held.set(self.held.get() + n);
+                result
+            }
+        };
+        if let Some(p) = slot.parts.get_mut(part as usize) {
+            p.result = Some(result);
+        }
         slot.pending -= 1;
         if slot.pending == 0 {
             self.ready.borrow_mut().push(token);
@@ -109,8 +175,9 @@ impl Sink for Inbox {
 
 /// Serves one client until it leaves, errs, or is told to close.
 pub async fn serve<S: Stream>(stream: S, worker: Rc<Worker>) {
-    let inbox = Rc::new(Inbox::default());
+    let inbox = Rc::new(Inbox::new(&worker.client_limits));
     worker.register(&inbox);
+    let open = worker.auth.is_none();
     let mut s = Session {
         worker,
         inbox,
@@ -123,6 +190,7 @@ pub async fn serve<S: Stream>(stream: S, worker: Rc<Worker>) {
         closing: false,
         close_after_flush: false,
         idle_timer: None,
+        authenticated: open,
     };
     s.run(&stream).await;
     // Replies still in flight will find no slot and be dropped.
@@ -148,6 +216,10 @@ struct Session {
     close_after_flush: bool,
     /// The idle/drain timer (see `run`), boxed and made on first use.
     idle_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// The client may send requests: it authenticated, or `--auth-file`
+    /// is not set. Until then everything it sends is read as memcached
+    /// reads it with `-Y` (see `authenticate`).
+    authenticated: bool,
 }
 
 impl Session {
@@ -165,10 +237,7 @@ impl Session {
             self.advance_ready();
             self.emit_ready();
             // Requests already buffered while the pipeline was full.
-            if !self.closing
-                && !self.rbuf.is_empty()
-                && self.inbox.slots.borrow().len() < self.worker.client_limits.max_pipeline
-            {
+            if !self.closing && !self.rbuf.is_empty() && self.may_dispatch() {
                 self.process();
                 self.emit_ready();
             }
@@ -184,9 +253,9 @@ impl Session {
             if self.out.is_empty() && (self.close_after_flush || (finished && outstanding == 0)) {
                 return;
             }
-            let can_read = !finished
-                && outstanding < self.worker.client_limits.max_pipeline
-                && self.out.len() < self.worker.client_limits.max_buffer;
+            let can_read = !finished && self.may_dispatch();
+            // Replies are delivered only while the session waits below.
+            self.inbox.unsent.set(self.out.len());
             let interest = match (can_read, !self.out.is_empty()) {
                 (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
                 (true, false) => Some(Interest::READABLE),
@@ -294,9 +363,7 @@ impl Session {
                     self.inbox.active.set(true);
                     self.inbox.holds_buffers.set(true);
                     self.process();
-                    if self.closing
-                        || self.inbox.slots.borrow().len() >= self.worker.client_limits.max_pipeline
-                    {
+                    if self.closing || !self.may_dispatch() {
                         return true;
                     }
                 }
@@ -305,6 +372,15 @@ impl Session {
                 Err(_) => return false,
             }
         }
+    }
+
+    /// Whether another request may be dispatched: fewer than
+    /// `--max-pipeline` outstanding, and the client owed less than
+    /// `--max-client-buffer` (replies queued plus replies held in slots).
+    fn may_dispatch(&self) -> bool {
+        let limits = &self.worker.client_limits;
+        self.inbox.slots.borrow().len() < limits.max_pipeline
+            && self.out.len() + self.inbox.held.get() < limits.max_buffer
     }
 
     /// Parses and dispatches every complete request in the read buffer.
@@ -318,10 +394,14 @@ impl Session {
                     return;
                 }
             }
-            if self.rbuf.is_empty()
-                || self.inbox.slots.borrow().len() >= self.worker.client_limits.max_pipeline
-            {
+            if self.rbuf.is_empty() || !self.may_dispatch() {
                 return;
+            }
+            if !self.authenticated {
+                if !self.authenticate() {
+                    return;
+                }
+                continue;
             }
             match parse_request(&self.rbuf, &self.worker.limits) {
                 Ok(None) => return,
@@ -363,6 +443,45 @@ impl Session {
         }
     }
 
+    /// Handles one input of a client that has not authenticated: an attempt
+    /// (answered `STORED` or `CLIENT_ERROR authentication failure`), or
+    /// anything else (memcached's error line). Nothing reaches a server.
+    /// Returns false when the input is incomplete.
+    fn authenticate(&mut self) -> bool {
+        let Some(creds) = self.worker.auth.clone() else {
+            self.authenticated = true;
+            return true;
+        };
+        let stats = &self.worker.stats;
+        let (local, n) = match auth::parse_auth(&self.rbuf) {
+            Ok(None) => return false,
+            Ok(Some((AuthInput::Credentials { user, password }, n))) => {
+                stats.auth_cmds.incr();
+                if creds.check(user, password) {
+                    self.authenticated = true;
+                    (Local::Static(auth::AUTH_OK), n)
+                } else {
+                    stats.auth_errors.incr();
+                    tracing::debug!("client authentication failed");
+                    (Local::Static(auth::AUTH_FAILED), n)
+                }
+            }
+            Ok(Some((input, n))) => (Local::Static(input.reply()), n),
+            Err(e) => {
+                if e == auth::AuthError::DataTooLong {
+                    stats.auth_cmds.incr();
+                    stats.auth_errors.incr();
+                }
+                self.closing = true;
+                (Local::Close(e.reply()), self.rbuf.len())
+            }
+        };
+        let _ = self.rbuf.split_to(n);
+        self.next_seq += 1;
+        self.inbox.slots.borrow_mut().push_back(Slot::local(local));
+        true
+    }
+
     /// Takes the next step for every slot whose parts all came in.
     fn advance_ready(&mut self) {
         loop {
@@ -399,10 +518,12 @@ impl Session {
                 slots.pop_front()
             };
             let Some(slot) = slot else { return };
+            self.inbox.held.set(self.inbox.held.get() - slot.held);
             if render(&self.worker, slot, &mut self.out) {
                 self.close_after_flush = true;
                 self.closing = true;
                 self.inbox.slots.borrow_mut().clear();
+                self.inbox.held.set(0);
                 return;
             }
         }

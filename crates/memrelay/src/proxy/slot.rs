@@ -8,10 +8,10 @@
 //! time all its pending parts are in, until it is `Done`.
 
 use bytes::Bytes;
-use memrelay_protocol::Request;
+use memrelay_protocol::{Command, Request};
 use smallvec::SmallVec;
 
-use crate::backend::BackendResult;
+use crate::backend::{BackendError, BackendResult};
 use crate::router::Replicas;
 
 /// What a sub-request is for.
@@ -97,6 +97,8 @@ pub struct Slot {
     pub local: Option<Local>,
     /// When the request was parsed (for the latency histograms).
     pub started: std::time::Instant,
+    /// Bytes of server replies held in `parts` (see `session::Inbox`).
+    pub held: usize,
 }
 
 impl Slot {
@@ -111,6 +113,7 @@ impl Slot {
             stage: Stage::Done,
             local: None,
             started: std::time::Instant::now(),
+            held: 0,
         }
     }
 
@@ -125,7 +128,24 @@ impl Slot {
             stage: Stage::Done,
             local: Some(local),
             started: std::time::Instant::now(),
+            held: 0,
         }
+    }
+
+    /// A read: its replies carry values, and only they can be large.
+    pub fn is_read(&self) -> bool {
+        self.req.is_some_and(|r| {
+            r.command.is_retrieval() || matches!(r.command, Command::MetaGet | Command::MetaDebug)
+        })
+    }
+
+    /// Why a read is refused for its size, if it is: one of its replies
+    /// was too large, or arrived while its client was owed too much.
+    pub fn oversize(&self) -> Option<BackendError> {
+        self.parts.iter().find_map(|p| match &p.result {
+            Some(Err(e)) if e.failure.is_oversize() => Some(*e),
+            _ => None,
+        })
     }
 
     pub fn is_done(&self) -> bool {
@@ -134,7 +154,7 @@ impl Slot {
 
     /// Records the outcome of queueing a sub-request: wait for it, or keep
     /// the immediate failure as its result.
-    pub fn push_part(&mut self, mut part: Part, queued: Result<(), crate::backend::BackendError>) {
+    pub fn push_part(&mut self, mut part: Part, queued: Result<(), BackendError>) {
         match queued {
             Ok(()) => self.pending += 1,
             Err(e) => part.result = Some(Err(e)),

@@ -178,6 +178,8 @@ pub struct Memcached {
     child: Option<Child>,
     host: String,
     port: u16,
+    /// Arguments beyond the harness's own (kept for restarts).
+    extra: Vec<String>,
 }
 
 impl Memcached {
@@ -188,15 +190,22 @@ impl Memcached {
 
     /// memcached on `host` (a loopback literal: "127.0.0.1" or "::1").
     pub fn start_on(host: &str) -> Memcached {
+        Memcached::start_with(host, &[])
+    }
+
+    /// memcached on `host` with more arguments (e.g. `-Y authfile`).
+    pub fn start_with(host: &str, extra: &[&str]) -> Memcached {
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
         let mut last_err = String::new();
         for _ in 0..5 {
             let port = free_port(host);
-            match spawn_memcached(host, port) {
+            match spawn_memcached(host, port, &extra) {
                 Ok(child) => {
                     return Memcached {
                         child: Some(child),
                         host: host.to_string(),
                         port,
+                        extra,
                     };
                 }
                 Err(e) => last_err = e,
@@ -234,7 +243,7 @@ impl Memcached {
         self.kill();
         let end = Instant::now() + START_DEADLINE;
         loop {
-            match spawn_memcached(&self.host, self.port) {
+            match spawn_memcached(&self.host, self.port, &self.extra) {
                 Ok(child) => {
                     self.child = Some(child);
                     return;
@@ -280,7 +289,7 @@ impl Drop for Memcached {
 
 /// Starts memcached and waits (with a deadline) until it answers `version`.
 /// Err when it exited early (port taken) or never became ready.
-fn spawn_memcached(host: &str, port: u16) -> Result<Child, String> {
+fn spawn_memcached(host: &str, port: u16, extra: &[String]) -> Result<Child, String> {
     let bin = memcached_bin();
     let mut cmd = Command::new(&bin);
     cmd.args([
@@ -298,6 +307,7 @@ fn spawn_memcached(host: &str, port: u16) -> Result<Child, String> {
     if is_root() {
         cmd.args(["-u", "root"]);
     }
+    cmd.args(extra);
     // stderr is drained on a thread: `verbosity` makes memcached log there,
     // and an undrained pipe would eventually block it.
     cmd.stdin(Stdio::null())
@@ -321,7 +331,7 @@ fn spawn_memcached(host: &str, port: u16) -> Result<Child, String> {
             let err = String::from_utf8_lossy(&log.lock().expect("log")).into_owned();
             return Err(format!("memcached exited early ({status}): {}", err.trim()));
         }
-        if answers_version(&addr) {
+        if answers(&addr) {
             // Still ours? (Another process could own the port.)
             if let Ok(None) = child.try_wait() {
                 return Ok(child);
@@ -338,7 +348,9 @@ fn spawn_memcached(host: &str, port: u16) -> Result<Child, String> {
     }
 }
 
-fn answers_version(addr: &str) -> bool {
+/// Whether a memcached answers `version` (or, started with `-Y`, refuses
+/// it for want of authentication: it is up all the same).
+fn answers(addr: &str) -> bool {
     let Ok(mut s) = TcpStream::connect_timeout(&resolve(addr), Duration::from_millis(500)) else {
         return false;
     };
@@ -354,7 +366,7 @@ fn answers_version(addr: &str) -> bool {
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     }
-    buf.starts_with(b"VERSION ")
+    buf.starts_with(b"VERSION ") || buf == b"CLIENT_ERROR unauthenticated\r\n"
 }
 
 // ---------------------------------------------------------------------------
@@ -870,5 +882,40 @@ pub fn complete_retrieval(buf: &[u8]) -> bool {
         } else {
             return pos == buf.len(); // an error line
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Files
+// ---------------------------------------------------------------------------
+
+/// A file in the temporary directory, with the given contents and mode,
+/// removed on drop.
+#[derive(Debug)]
+pub struct TempFile {
+    path: std::path::PathBuf,
+}
+
+impl TempFile {
+    pub fn new(name: &str, contents: &[u8], mode: u32) -> TempFile {
+        use std::os::unix::fs::PermissionsExt;
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("memrelay-test-{}-{n}-{name}", std::process::id()));
+        std::fs::write(&path, contents).unwrap_or_else(|e| panic!("write {path:?}: {e}"));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .unwrap_or_else(|e| panic!("chmod {path:?}: {e}"));
+        TempFile { path }
+    }
+
+    pub fn path(&self) -> &str {
+        self.path.to_str().expect("temporary paths are UTF-8")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
