@@ -221,19 +221,31 @@ impl Resync {
                 for k in &batch {
                     node.health.copying.record(k);
                 }
-                let copied = match fetch(&mut from, &batch, self.max_value_len).await {
-                    Ok(items) => store(&mut to, &items, self.max_value_len)
-                        .await
-                        .map(|landed| (items.len(), landed)),
-                    Err(e) => Err(e),
-                };
-                let (_fetched, landed) = match copied {
-                    Ok(r) => r,
+                let items = match fetch(&mut from, &batch, self.max_value_len).await {
+                    Ok(items) => items,
                     Err(e) => {
-                        // Unknown outcome: keep the target off these keys
-                        // until the prober has deleted them there.
+                        // Nothing was written to the target.
+                        settle_copying(&node.health, &batch);
+                        return Err(e);
+                    }
+                };
+                // A copy that may be older than a client's write is deleted
+                // on the target (recorded as missed) before it serves, but
+                // only while the source still serves the key: otherwise the
+                // target is the one replica left, it may hold writes made
+                // there since (the source down, writes fail over to it),
+                // and deleting them would lose acknowledged data.
+                let invalidate = |k: &[u8]| {
+                    if src.health.serves(k) {
+                        node.health.missed.record(k);
+                    }
+                };
+                let landed = match store(&mut to, &items, self.max_value_len).await {
+                    Ok(landed) => landed,
+                    Err(e) => {
+                        // Unknown outcome: some adds may have landed.
                         for k in &batch {
-                            node.health.missed.record(k);
+                            invalidate(k);
                         }
                         settle_copying(&node.health, &batch);
                         return Err(e);
@@ -243,8 +255,8 @@ impl Resync {
                 for k in &landed {
                     if node.health.touched.contains(k) {
                         // A client wrote this key during the resync: the
-                        // copy may be older. Invalidate it before serving.
-                        node.health.missed.record(k);
+                        // copy may be older.
+                        invalidate(k);
                     } else {
                         n_copied += 1;
                     }
