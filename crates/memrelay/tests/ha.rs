@@ -2186,3 +2186,49 @@ fn a_fall_back_write_whose_backup_fails_gets_the_primarys_answer() {
         assert_eq!(px.get(k).map(|v| v.value), None, "{k}");
     }
 }
+
+/// A client that resets its connection while its write is on the primary:
+/// the primary applies it after the client is gone. Whether the session
+/// still finishes the write (it noticed the reset while reading) or ends
+/// at once (a reply write failed; then nobody copies the write and the
+/// backup is recorded as having missed the key), the backup must not keep
+/// the older item: a read after the primary dies would serve it, though
+/// other clients may have read the new one.
+#[test]
+fn a_write_whose_client_left_never_leaves_the_backup_behind() {
+    let mut cl = Cluster::start(1, 1, &["-t", "1", "--timeout", "3s"]);
+    let mut px = cl.px();
+    assert_eq!(px.set("left", 0, "10"), "STORED\r\n");
+    assert_eq!(
+        peek(&cl.backups[0], "left").map(|i| i.value).as_deref(),
+        Some("10")
+    );
+    cl.primaries[0].stop();
+    {
+        use std::io::Write;
+        let mut gone = std::net::TcpStream::connect(cl.relay.addr()).unwrap();
+        gone.write_all(b"version\r\nincr left 5\r\n").unwrap();
+        // Let memrelay read it and send the incr to the paused primary.
+        thread::sleep(Duration::from_millis(200));
+        socket2::SockRef::from(&gone)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    } // closed with a reset
+    cl.primaries[0].cont();
+    assert!(
+        wait_until(CONVERGE, || peek(&cl.primaries[0], "left")
+            .map(|i| i.value)
+            .as_deref()
+            == Some("15")),
+        "the primary never applied the incr"
+    );
+    let settled = wait_until(CONVERGE, || {
+        let b = peek(&cl.backups[0], "left").map(|i| i.value);
+        b.is_none() || b.as_deref() == Some("15")
+    });
+    assert!(
+        settled,
+        "the backup kept {:?} while the primary holds 15",
+        peek(&cl.backups[0], "left")
+    );
+}

@@ -193,6 +193,7 @@ pub async fn serve<S: Stream>(stream: S, worker: Rc<Worker>) {
         authenticated: open,
     };
     s.run(&stream).await;
+    s.abandon_writes();
     // Replies still in flight will find no slot and be dropped.
     s.inbox.slots.borrow_mut().clear();
     s.inbox.base.set(u64::MAX);
@@ -304,6 +305,30 @@ impl Session {
                         Ok(_) => {}
                         Err(_) => return,
                     }
+                }
+            }
+        }
+    }
+
+    /// The client is gone with writes in flight on the primary or being
+    /// copied to the backups. Nobody advances those slots any more, so
+    /// their copies will not be made or checked: the backups may keep an
+    /// older item than the primary's. Record them as having missed the key
+    /// (the prober deletes it there; the primary holds the truth). A write
+    /// already failed over to a backup is left alone: that backup may hold
+    /// the key's only copy.
+    fn abandon_writes(&self) {
+        for slot in self.inbox.slots.borrow().iter() {
+            let (Some(req), Some(replicas)) = (&slot.req, slot.replicas) else {
+                continue;
+            };
+            if !matches!(slot.stage, Stage::Write { tier: 0 } | Stage::Mirror) {
+                continue;
+            }
+            let key = crate::ha::route_key(&slot.frame, req);
+            for tier in 1..replicas.len() {
+                if let Some(server) = replicas.get(tier) {
+                    self.worker.servers[server].health().missed.record(&key);
                 }
             }
         }
