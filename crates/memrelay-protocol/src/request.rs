@@ -674,7 +674,7 @@ fn parse_meta(
     let mut vlen = 0usize;
     if command == Command::MetaSet {
         match parse_i32(t.get(line, 2)) {
-            Some(v) if v >= 0 && v <= i32::MAX - 2 => vlen = v as usize,
+            Some(v) if (0..=i32::MAX - 2).contains(&v) => vlen = v as usize,
             _ => return err(ErrorKind::BadFormat),
         }
     }
@@ -770,7 +770,7 @@ fn parse_storage(
     }
     req.noreply = t.noreply(line);
     let bad = |kind| Err(RequestError::at(kind, consumed_line).noreply(req.noreply));
-    req.key = key_token(&t, consumed_line, req.noreply)?;
+    req.key = key_token(t, consumed_line, req.noreply)?;
     let (flags, exptime, vlen) = match (
         parse_u32_wrapping(t.get(line, 2)),
         parse_i32(t.get(line, 3)),
@@ -787,7 +787,7 @@ fn parse_storage(
             None => return bad(ErrorKind::BadFormat),
         };
     }
-    if vlen < 0 || vlen > i32::MAX - 2 {
+    if !(0..=i32::MAX - 2).contains(&vlen) {
         return bad(ErrorKind::BadFormat);
     }
     let vlen = vlen as usize;

@@ -116,10 +116,10 @@ pub fn write_meta(
 
 /// The client's bytes for a meta reply that travelled as `wire`: what
 /// memcached would have sent for the request as the client wrote it.
-pub fn meta_client_reply<'a>(
+pub fn meta_client_reply(
     req: &Request,
     wire: MetaWire,
-    reply: &'a crate::backend::BackendReply,
+    reply: &crate::backend::BackendReply,
 ) -> Option<bytes::Bytes> {
     use memrelay_protocol::{Command, Expect, MetaStatus, ResponseKind};
     let kind = reply.kind;
