@@ -16,6 +16,10 @@
 //! A request is *sent* once all its bytes were written; one that was only
 //! partly written cannot have been executed by memcached (it waits for the
 //! rest), so it counts as unsent.
+//!
+//! A connection whose pool was dropped (a reload removed the server, or
+//! changed its address) is *retired*: it takes no new requests and closes
+//! once those on it are answered.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -50,6 +54,9 @@ enum State {
 struct InFlight {
     expect: Expect,
     reply: ReplyTo,
+    /// When it was queued: a failure of a request sent before the server
+    /// last recovered does not count against it (see `Health`).
+    sent: Instant,
     deadline: Instant,
     /// Offset in the connection's byte stream just past this request.
     end: u64,
@@ -57,7 +64,6 @@ struct InFlight {
 
 #[derive(Debug)]
 struct Inner {
-    server: usize,
     state: Cell<State>,
     out: RefCell<OutQueue>,
     inflight: RefCell<VecDeque<InFlight>>,
@@ -67,8 +73,11 @@ struct Inner {
     wake: LocalNotify,
     /// Set by `poison`: the task closes the connection at its next turn.
     poisoned: Cell<bool>,
+    /// Set by `retire`: close once nothing is queued or in flight.
+    retired: Cell<bool>,
     health: Arc<Health>,
-    settings: Rc<BackendSettings>,
+    /// The worker's settings, read at each use (a reload changes them).
+    settings: Rc<Cell<BackendSettings>>,
 }
 
 /// A handle to a connection; cheap to clone.
@@ -80,13 +89,11 @@ pub struct Conn {
 impl Conn {
     /// Starts connecting in the background; requests can be queued at once.
     pub fn open(
-        server: usize,
         addr: SocketAddr,
         health: Arc<Health>,
-        settings: Rc<BackendSettings>,
+        settings: Rc<Cell<BackendSettings>>,
     ) -> Conn {
         let inner = Rc::new(Inner {
-            server,
             state: Cell::new(State::Connecting),
             out: RefCell::new(OutQueue::new()),
             inflight: RefCell::new(VecDeque::new()),
@@ -94,6 +101,7 @@ impl Conn {
             written: Cell::new(0),
             wake: LocalNotify::default(),
             poisoned: Cell::new(false),
+            retired: Cell::new(false),
             health,
             settings,
         });
@@ -113,6 +121,13 @@ impl Conn {
         self.inner.wake.notify();
     }
 
+    /// Nobody will send on this connection again: close it once every
+    /// request on it is answered (or failed).
+    pub fn retire(&self) {
+        self.inner.retired.set(true);
+        self.inner.wake.notify();
+    }
+
     /// Queues a request: `write` appends its line, then `value` (a storage
     /// command's data block, without `\r\n`) follows, by reference when large.
     pub fn send(
@@ -123,8 +138,9 @@ impl Conn {
         value: Option<bytes::Bytes>,
     ) -> Result<(), BackendError> {
         let inner = &self.inner;
+        let settings = inner.settings.get();
         let mut inflight = inner.inflight.borrow_mut();
-        if inflight.len() >= inner.settings.max_inflight {
+        if inflight.len() >= settings.max_inflight {
             return Err(BackendError::unsent(Failure::Overloaded));
         }
         let mut out = inner.out.borrow_mut();
@@ -140,10 +156,12 @@ impl Conn {
         }
         let end = inner.queued.get() + (out.len() - before) as u64;
         inner.queued.set(end);
+        let now = Instant::now();
         inflight.push_back(InFlight {
             expect,
             reply,
-            deadline: Instant::now() + inner.settings.timeout,
+            sent: now,
+            deadline: now + settings.timeout,
             end,
         });
         drop(out);
@@ -155,16 +173,15 @@ impl Conn {
 
 /// The connection's task: connect, then write and read until it fails.
 async fn drive(inner: Rc<Inner>, addr: SocketAddr) {
-    let settings = inner.settings.clone();
-    let stream =
-        match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::debug!(server = inner.server, error = %e, "connect failed");
-                return fail(&inner, Failure::Connect);
-            }
-            Err(_) => return fail(&inner, Failure::Connect),
-        };
+    let connect_timeout = inner.settings.get().connect_timeout;
+    let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(server = %inner.health.name, error = %e, "connect failed");
+            return fail(&inner, Failure::Connect);
+        }
+        Err(_) => return fail(&inner, Failure::Connect),
+    };
     let _ = stream.set_nodelay(true);
     inner.state.set(State::Ready);
 
@@ -175,6 +192,12 @@ async fn drive(inner: Rc<Inner>, addr: SocketAddr) {
     let mut armed: Option<Instant> = None;
 
     loop {
+        if inner.retired.get()
+            && inner.inflight.borrow().is_empty()
+            && inner.out.borrow().is_empty()
+        {
+            return close_quietly(&inner);
+        }
         if inner.poisoned.get() {
             return fail(
                 &inner,
@@ -186,12 +209,15 @@ async fn drive(inner: Rc<Inner>, addr: SocketAddr) {
             return fail(&inner, f);
         }
         let want_write = !inner.out.borrow().is_empty();
-        // One timer per connection, re-armed only when it fires or was
-        // idle: deadlines only grow along the FIFO, so the front's deadline
-        // is never earlier than the one armed, and resetting the timer for
-        // every batch would cost more than the occasional early wake-up.
-        if armed.is_none() {
-            if let Some(d) = inner.inflight.borrow().front().map(|f| f.deadline) {
+        // One timer per connection, re-armed when it fires or was idle, not
+        // for every batch (that would cost more than the occasional early
+        // wake-up): with one timeout, deadlines only grow along the FIFO.
+        // A reload that shortens the timeout gives the front an earlier
+        // deadline than the one armed: then it is re-armed too. (A request
+        // queued behind one sent with the longer timeout waits for that one
+        // at most: replies come in order.)
+        if let Some(d) = inner.inflight.borrow().front().map(|f| f.deadline) {
+            if !matches!(armed, Some(a) if a <= d) {
                 timer.as_mut().reset(d);
                 armed = Some(d);
             }
@@ -269,7 +295,7 @@ fn read_and_dispatch(
             Err(_) => return Err(Failure::Io),
         }
     }
-    let max_value = inner.settings.max_value_len;
+    let max_value = inner.settings.get().max_value_len;
     while !rbuf.is_empty() {
         let expect = match inner.inflight.borrow().front() {
             Some(f) => f.expect,
@@ -307,17 +333,15 @@ fn close_quietly(inner: &Inner) {
 fn fail(inner: &Inner, failure: Failure) {
     inner.state.set(State::Closed);
     inner.out.borrow_mut().clear();
-    let oldest_deadline = inner.inflight.borrow().front().map(|f| f.deadline);
-    if oldest_deadline.is_some() || failure == Failure::Connect {
+    let oldest = inner.inflight.borrow().front().map(|f| f.sent);
+    if oldest.is_some() || failure == Failure::Connect {
         // When the oldest request went out: a server that has answered
         // since then is alive, and this failure is the tail of a stall that
         // is over (see `Health`).
-        let sent = oldest_deadline
-            .and_then(|d| d.checked_sub(inner.settings.timeout))
-            .map(|t| t.into_std());
+        let sent = oldest.map(|t| t.into_std());
         inner
             .health
-            .record_failure(inner.settings.failure_limit, &failure, sent);
+            .record_failure(inner.settings.get().failure_limit, &failure, sent);
     }
     let written = inner.written.get();
     loop {

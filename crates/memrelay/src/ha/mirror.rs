@@ -49,14 +49,14 @@ struct Ctx {
 #[derive(Debug)]
 pub struct Mirror {
     me: Weak<Mirror>,
-    servers: Rc<[ServerPool]>,
+    servers: Rc<[Rc<ServerPool>]>,
     stats: Arc<WorkerStats>,
     ctxs: RefCell<Vec<Option<Ctx>>>,
     free: RefCell<Vec<u32>>,
 }
 
 impl Mirror {
-    pub fn new(servers: Rc<[ServerPool]>, stats: Arc<WorkerStats>) -> Rc<Mirror> {
+    pub fn new(servers: Rc<[Rc<ServerPool>]>, stats: Arc<WorkerStats>) -> Rc<Mirror> {
         Rc::new_cyclic(|me| Mirror {
             me: me.clone(),
             servers,

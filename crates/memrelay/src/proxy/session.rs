@@ -10,6 +10,11 @@
 //!
 //! Backpressure: the session stops reading while it has `--max-pipeline`
 //! requests outstanding or `--max-client-buffer` bytes unsent.
+//!
+//! Reloads: the session takes up the thread's current configuration before
+//! each request it starts (and when woken), and starts none while a swap is
+//! between its two phases. Each slot keeps the configuration its request
+//! started under.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -23,7 +28,7 @@ use tokio::io::Interest;
 use super::dispatch::{advance, start};
 use super::reply::render;
 use super::slot::{Local, Slot, Stage};
-use super::Worker;
+use super::{Worker, WorkerThread};
 use crate::backend::{BackendResult, Sink};
 use crate::net::notify::LocalNotify;
 use crate::net::outqueue::OutQueue;
@@ -87,11 +92,12 @@ impl Sink for Inbox {
 }
 
 /// Serves one client until it leaves, errs, or is told to close.
-pub async fn serve<S: Stream>(stream: S, worker: Rc<Worker>) {
+pub async fn serve<S: Stream>(stream: S, thread: Rc<WorkerThread>) {
     let inbox = Rc::new(Inbox::default());
-    worker.register(&inbox);
+    thread.register(&inbox);
     let mut s = Session {
-        worker,
+        worker: thread.current(),
+        thread,
         inbox,
         rbuf: BytesMut::new(),
         out: OutQueue::new(),
@@ -109,6 +115,8 @@ pub async fn serve<S: Stream>(stream: S, worker: Rc<Worker>) {
 }
 
 struct Session {
+    thread: Rc<WorkerThread>,
+    /// The configuration of the requests this session starts.
     worker: Rc<Worker>,
     inbox: Rc<Inbox>,
     rbuf: BytesMut,
@@ -129,7 +137,8 @@ struct Session {
 impl Session {
     async fn run<S: Stream>(&mut self, stream: &S) {
         loop {
-            let draining = self.worker.draining.get();
+            self.take_up_reload();
+            let draining = self.thread.draining.get();
             if draining.is_some_and(|t| t.elapsed() >= DRAIN_BUSY) {
                 // Shutting down, and this client keeps sending: finish what
                 // was sent, read nothing more.
@@ -158,6 +167,7 @@ impl Session {
                 return;
             }
             let can_read = !finished
+                && !self.thread.is_paused()
                 && outstanding < self.worker.client_limits.max_pipeline
                 && self.out.len() < self.worker.client_limits.max_buffer;
             let interest = match (can_read, !self.out.is_empty()) {
@@ -225,9 +235,23 @@ impl Session {
         }
     }
 
+    /// Uses the thread's current configuration for the requests to come.
+    #[inline]
+    fn take_up_reload(&mut self) {
+        if !self.thread.is_current(&self.worker) {
+            self.worker = self.thread.current();
+        }
+    }
+
     /// Parses and dispatches every complete request in the read buffer.
     fn process(&mut self) {
         while !self.closing {
+            if self.thread.is_paused() {
+                // A swap is under way: the rest waits for it (the install
+                // wakes this session).
+                return;
+            }
+            self.take_up_reload();
             if self.swallow > 0 {
                 let n = self.swallow.min(self.rbuf.len());
                 let _ = self.rbuf.split_to(n);
@@ -249,6 +273,7 @@ impl Session {
                     let seq = self.next_seq;
                     self.next_seq += 1;
                     let mut slot = start(&self.worker, &self.inbox, seq, frame, req);
+                    slot.worker = Some(self.worker.clone());
                     // Sub-requests that failed at once (servers down) leave
                     // the slot ready for its next step right away.
                     while slot.pending == 0 && slot.stage != Stage::Done {
@@ -296,8 +321,9 @@ impl Session {
                 else {
                     continue;
                 };
+                let w = slot.worker.clone().unwrap_or_else(|| self.worker.clone());
                 while slot.pending == 0 && slot.stage != Stage::Done {
-                    advance(&self.worker, &self.inbox, seq, slot);
+                    advance(&w, &self.inbox, seq, slot);
                 }
             }
             self.ready.clear();
@@ -316,8 +342,9 @@ impl Session {
                 self.inbox.base.set(self.inbox.base.get() + 1);
                 slots.pop_front()
             };
-            let Some(slot) = slot else { return };
-            if render(&self.worker, slot, &mut self.out) {
+            let Some(mut slot) = slot else { return };
+            let w = slot.worker.take().unwrap_or_else(|| self.worker.clone());
+            if render(&w, slot, &mut self.out) {
                 self.close_after_flush = true;
                 self.closing = true;
                 self.inbox.slots.borrow_mut().clear();

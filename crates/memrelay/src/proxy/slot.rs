@@ -7,10 +7,13 @@
 //! primary failed is sent to the backup. The session advances a slot each
 //! time all its pending parts are in, until it is `Done`.
 
+use std::rc::Rc;
+
 use bytes::Bytes;
 use memrelay_protocol::Request;
 use smallvec::SmallVec;
 
+use super::Worker;
 use crate::backend::BackendResult;
 use crate::router::Replicas;
 
@@ -97,6 +100,11 @@ pub struct Slot {
     pub local: Option<Local>,
     /// When the request was parsed (for the latency histograms).
     pub started: std::time::Instant,
+    /// The configuration the request started under: its later stages use
+    /// it too, whatever a reload installed meanwhile (server indexes and
+    /// routing mean what they meant when it started). None for a reply the
+    /// proxy made at once.
+    pub worker: Option<Rc<Worker>>,
 }
 
 impl Slot {
@@ -111,6 +119,7 @@ impl Slot {
             stage: Stage::Done,
             local: None,
             started: std::time::Instant::now(),
+            worker: None,
         }
     }
 
@@ -125,6 +134,7 @@ impl Slot {
             stage: Stage::Done,
             local: Some(local),
             started: std::time::Instant::now(),
+            worker: None,
         }
     }
 
