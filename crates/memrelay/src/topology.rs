@@ -301,9 +301,14 @@ impl Control {
         self.swap(topology).await;
 
         // Resyncs under the old routing stop, and start again under this
-        // one; servers just emptied are warmed from the other tier.
+        // one (if no key changed servers, they go on: a reload that changes
+        // nothing restarts nothing); servers just emptied are warmed from
+        // the other tier.
         let resync = Arc::new(new_resync(&cfg, &router, &health));
-        self.resync.send_replace(resync).cancel();
+        let old = self.resync.send_replace(resync);
+        if !(moves.gains.is_empty() && moves.loses.is_empty() && flushed.is_empty()) {
+            old.cancel();
+        }
         for server in flushed {
             let _ = self.resync_requests.send(Request {
                 server,
