@@ -386,11 +386,7 @@ impl Control {
         let generation = topology.generation;
         self.live.insert(generation, self.workers);
         self.topology.send_replace(topology);
-        let prepared = self
-            .wait_for(
-                |e| matches!(e, WorkerEvent::Prepared { generation: g, .. } if g == generation),
-            )
-            .await;
+        let prepared = self.wait_for(generation, Phase::Prepared).await;
         if prepared < self.workers {
             tracing::warn!(
                 generation,
@@ -400,11 +396,7 @@ impl Control {
             );
         }
         self.commit.send_replace(generation);
-        let installed = self
-            .wait_for(
-                |e| matches!(e, WorkerEvent::Installed { generation: g, .. } if g == generation),
-            )
-            .await;
+        let installed = self.wait_for(generation, Phase::Installed).await;
         if installed < self.workers {
             tracing::warn!(
                 generation,
@@ -415,20 +407,22 @@ impl Control {
         }
     }
 
-    /// Counts the events `want` accepts, one per worker, until there is
-    /// one from each or `PHASE_DEADLINE` passes.
-    async fn wait_for(&mut self, want: impl Fn(WorkerEvent) -> bool) -> usize {
+    /// Counts the workers that report `phase` done for `generation`, until
+    /// all have or `PHASE_DEADLINE` passes.
+    async fn wait_for(&mut self, generation: u64, phase: Phase) -> usize {
         let deadline = tokio::time::Instant::now() + PHASE_DEADLINE;
         let mut seen = 0;
         while seen < self.workers {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(e)) => {
-                    if want(e) {
-                        seen += 1;
-                    } else {
-                        self.note(e);
+                Ok(Some(e)) => match (e, phase) {
+                    (WorkerEvent::Prepared { generation: g, .. }, Phase::Prepared)
+                    | (WorkerEvent::Installed { generation: g, .. }, Phase::Installed)
+                        if g == generation =>
+                    {
+                        seen += 1
                     }
-                }
+                    _ => self.note(e),
+                },
                 Ok(None) | Err(_) => break,
             }
         }
@@ -456,6 +450,13 @@ impl Control {
             }
         }
     }
+}
+
+/// The phases of a swap, as the main thread waits for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Prepared,
+    Installed,
 }
 
 /// Why a reload flushes a server (logged).
