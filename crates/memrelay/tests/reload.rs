@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -21,6 +21,8 @@ use support::{
 /// Longest wait for a reload to be logged, or for what follows it.
 const DEADLINE: Duration = Duration::from_secs(15);
 const RELOADED: &str = "configuration reloaded";
+/// The configuration file's name in each test's directory.
+const FILE: &str = "memrelay.toml";
 
 /// A configuration file's text: the servers, and `extra` tables.
 fn config(primaries: &[&Memcached], backups: &[&Memcached], extra: &str) -> String {
@@ -38,15 +40,26 @@ fn config(primaries: &[&Memcached], backups: &[&Memcached], extra: &str) -> Stri
     )
 }
 
-/// memrelay reading `file` (its listener from the command line, which a
-/// reload applies again), once it is watching its signals.
-fn start(file: &Path, extra: &[&str]) -> Memrelay {
+/// A directory of its own named `name`, the configuration `text` in it, and
+/// memrelay reading it (with `extra` flags, and its listener from the
+/// command line, which a reload applies again), once it watches signals.
+fn start(name: &str, text: &str, extra: &[&str]) -> (TempDir, PathBuf, Memrelay) {
+    let dir = TempDir::new(name);
+    let file = dir.file(FILE, text);
     let mut args = vec!["--config", file.to_str().unwrap()];
     args.extend_from_slice(extra);
     let relay = Memrelay::start(&args);
     // Logged once SIGHUP is handled (before that it would end the process).
     relay.wait_for_output("memrelay started", 1, DEADLINE);
-    relay
+    (dir, file, relay)
+}
+
+/// Writes the configuration file anew, sends SIGHUP, and waits until the
+/// `nth` reload of this memrelay is done.
+fn reload_to(relay: &Memrelay, dir: &TempDir, text: &str, nth: usize) {
+    dir.file(FILE, text);
+    relay.hangup();
+    relay.wait_for_output(RELOADED, nth, DEADLINE);
 }
 
 fn set(c: &mut Client, key: &str, value: &str) -> Vec<u8> {
@@ -118,6 +131,10 @@ impl Load {
     }
 }
 
+/// One request of a load client: what it is, its bytes, when its reply is
+/// complete, and the reply it must get.
+type Step<'a> = (&'a str, &'a [u8], fn(&[u8]) -> bool, Vec<u8>);
+
 fn client(t: usize, addr: &str, stop: &AtomicBool, ops: &AtomicU64, errors: &Mutex<Vec<String>>) {
     let mut c = Client::connect(addr);
     let fail = |what: String| {
@@ -130,27 +147,29 @@ fn client(t: usize, addr: &str, stop: &AtomicBool, ops: &AtomicU64, errors: &Mut
     while !stop.load(Ordering::Relaxed) {
         let key = format!("reload:{t}:{}", seq % 300);
         let value = format!("v{t}.{seq}");
-        let req = format!("set {key} 0 0 {}\r\n{value}\r\n", value.len());
-        let r = c.send_until(req.as_bytes(), |b| b.ends_with(b"\r\n"));
-        if r.end != End::Complete || r.bytes != b"STORED\r\n" {
-            fail(format!(
-                "client {t}: set {key}: {:?} {}",
-                r.end,
-                escape(&r.bytes)
-            ));
-            if r.end != End::Complete {
-                return;
-            }
-        }
-        let r = c.send_until(format!("get {key}\r\n").as_bytes(), complete_retrieval);
-        if r.end != End::Complete || r.bytes != hit(&key, &value) {
-            fail(format!(
-                "client {t}: get {key} after setting {value}: {:?} {}",
-                r.end,
-                escape(&r.bytes)
-            ));
-            if r.end != End::Complete {
-                return;
+        let set = format!("set {key} 0 0 {}\r\n{value}\r\n", value.len());
+        let get = format!("get {key}\r\n");
+        let steps: [Step<'_>; 2] = [
+            (
+                "set",
+                set.as_bytes(),
+                |b| b.ends_with(b"\r\n"),
+                b"STORED\r\n".to_vec(),
+            ),
+            ("get", get.as_bytes(), complete_retrieval, hit(&key, &value)),
+        ];
+        for (what, req, done, want) in steps {
+            let r = c.send_until(req, done);
+            if r.end != End::Complete || r.bytes != want {
+                fail(format!(
+                    "client {t}: {what} {key} (value {value}): {:?} {}",
+                    r.end,
+                    escape(&r.bytes)
+                ));
+                if r.end != End::Complete {
+                    // The connection dropped or hung: nothing more to learn.
+                    return;
+                }
             }
         }
         ops.fetch_add(1, Ordering::Relaxed);
@@ -168,16 +187,16 @@ fn sighup_adds_then_removes_a_server_under_load() {
     );
     // What p1 counts with nobody but this stats query connected.
     let p1_alone = stat_u64(&p1.addr(), "curr_connections");
-    let dir = TempDir::new("reload-load");
-    let file = dir.file("memrelay.toml", &config(&[&p1, &p2], &[&b1], ""));
-    let relay = start(&file, &["-t", "2"]);
+    let (dir, _file, relay) = start(
+        "reload-load",
+        &config(&[&p1, &p2], &[&b1], ""),
+        &["-t", "2"],
+    );
     let load = Load::start(&relay.addr(), 4);
     load.wait_for_ops(300);
 
     // Add a primary: some keys move to it, and are served by it.
-    dir.file("memrelay.toml", &config(&[&p1, &p2, &p3], &[&b1], ""));
-    relay.hangup();
-    relay.wait_for_output(RELOADED, 1, DEADLINE);
+    reload_to(&relay, &dir, &config(&[&p1, &p2, &p3], &[&b1], ""), 1);
     load.wait_for_ops(1000);
     let served = wait_until(DEADLINE, || stat_u64(&p3.addr(), "get_hits") > 0);
     assert!(
@@ -188,9 +207,7 @@ fn sighup_adds_then_removes_a_server_under_load() {
 
     // Remove one of the first primaries: its keys move to the others, and
     // memrelay lets go of it once its requests are answered.
-    dir.file("memrelay.toml", &config(&[&p2, &p3], &[&b1], ""));
-    relay.hangup();
-    relay.wait_for_output(RELOADED, 2, DEADLINE);
+    reload_to(&relay, &dir, &config(&[&p2, &p3], &[&b1], ""), 2);
     load.wait_for_ops(1000);
     let released = wait_until(DEADLINE, || {
         stat_u64(&p1.addr(), "curr_connections") == p1_alone
@@ -222,27 +239,21 @@ fn sighup_adds_then_removes_a_server_under_load() {
 #[test]
 fn a_key_that_moves_away_and_back_is_never_served_stale() {
     let (p1, p2) = (Memcached::start(), Memcached::start());
-    let dir = TempDir::new("reload-stale");
-    let file = dir.file("memrelay.toml", &config(&[&p1], &[], ""));
-    let relay = start(&file, &[]);
+    let (dir, _file, relay) = start("reload-stale", &config(&[&p1], &[], ""), &[]);
     let mut c = relay.client();
     let keys: Vec<String> = (0..100).map(|i| format!("moving:{i}")).collect();
     for k in &keys {
         assert_eq!(set(&mut c, k, "old"), b"STORED\r\n");
     }
     // Some keys move to p2 and are written there; p1 keeps its old copies.
-    dir.file("memrelay.toml", &config(&[&p1, &p2], &[], ""));
-    relay.hangup();
-    relay.wait_for_output(RELOADED, 1, DEADLINE);
+    reload_to(&relay, &dir, &config(&[&p1, &p2], &[], ""), 1);
     for k in &keys {
         assert_eq!(set(&mut c, k, "new"), b"STORED\r\n");
     }
     let moved = stat_u64(&p2.addr(), "curr_items");
     assert!(moved > 0 && moved < 100, "{moved} keys moved to p2");
     // Back to p1: it must not serve the copies it kept.
-    dir.file("memrelay.toml", &config(&[&p1], &[], ""));
-    relay.hangup();
-    relay.wait_for_output(RELOADED, 2, DEADLINE);
+    reload_to(&relay, &dir, &config(&[&p1], &[], ""), 2);
     for k in &keys {
         let r = get(&mut c, k);
         assert!(
@@ -257,15 +268,13 @@ fn a_key_that_moves_away_and_back_is_never_served_stale() {
 #[test]
 fn an_invalid_configuration_is_refused_and_the_running_one_kept() {
     let (p1, p2) = (Memcached::start(), Memcached::start());
-    let dir = TempDir::new("reload-invalid");
-    let file = dir.file("memrelay.toml", &config(&[&p1], &[], ""));
-    let relay = start(&file, &[]);
+    let (dir, file, relay) = start("reload-invalid", &config(&[&p1], &[], ""), &[]);
     let mut c = relay.client();
     assert_eq!(set(&mut c, "kept", "1"), b"STORED\r\n");
 
     // Not host:port: refused, named, and nothing changes.
     dir.file(
-        "memrelay.toml",
+        FILE,
         "[pools]\nprimaries = [\"127.0.0.1:1\", \"nothost\"]\n",
     );
     relay.hangup();
@@ -281,12 +290,8 @@ fn an_invalid_configuration_is_refused_and_the_running_one_kept() {
 
     // Valid again, with a setting that waits for a restart: the rest
     // applies, that one is named.
-    dir.file(
-        "memrelay.toml",
-        &config(&[&p1, &p2], &[], "[process]\nthreads = 7\n"),
-    );
-    relay.hangup();
-    relay.wait_for_output(RELOADED, 1, DEADLINE);
+    let threads = "[process]\nthreads = 7\n";
+    reload_to(&relay, &dir, &config(&[&p1, &p2], &[], threads), 1);
     let out = relay.output();
     let line = out
         .lines()
@@ -304,9 +309,7 @@ fn an_invalid_configuration_is_refused_and_the_running_one_kept() {
 #[test]
 fn the_admin_command_reloads_and_says_why_not() {
     let (p1, p2) = (Memcached::start(), Memcached::start());
-    let dir = TempDir::new("reload-admin");
-    let file = dir.file("memrelay.toml", &config(&[&p1], &[], ""));
-    let relay = start(&file, &[]);
+    let (dir, _file, relay) = start("reload-admin", &config(&[&p1], &[], ""), &[]);
     let mut c = relay.client();
     let reload = |c: &mut Client| {
         let r = c.send_until(b"memrelay reload\r\n", |b| b.ends_with(b"\r\n"));
@@ -315,12 +318,12 @@ fn the_admin_command_reloads_and_says_why_not() {
     };
 
     assert_eq!(reload(&mut c), "OK\r\n");
-    dir.file("memrelay.toml", &config(&[&p1, &p2], &[], ""));
+    dir.file(FILE, &config(&[&p1, &p2], &[], ""));
     assert_eq!(reload(&mut c), "OK\r\n");
     // Answered once the new configuration runs: stats show it already.
     assert_eq!(stats(&relay.addr())["servers"], "2");
 
-    dir.file("memrelay.toml", "[timeouts]\nrequest = \"soon\"\n");
+    dir.file(FILE, "[timeouts]\nrequest = \"soon\"\n");
     let answer = reload(&mut c);
     assert!(
         answer.starts_with("SERVER_ERROR reload failed: ") && answer.contains("timeouts.request"),
@@ -343,17 +346,13 @@ fn the_admin_command_reloads_and_says_why_not() {
 #[test]
 fn a_shorter_timeout_takes_effect_at_the_reload() {
     let mut p1 = Memcached::start();
-    let dir = TempDir::new("reload-timeout");
     let slow = "[timeouts]\nrequest = \"4s\"\n";
-    let file = dir.file("memrelay.toml", &config(&[&p1], &[], slow));
-    let relay = start(&file, &[]);
+    let (dir, _file, relay) = start("reload-timeout", &config(&[&p1], &[], slow), &[]);
     let mut c = relay.client();
     assert_eq!(set(&mut c, "k", "v"), b"STORED\r\n");
 
     let fast = "[timeouts]\nrequest = \"200ms\"\n";
-    dir.file("memrelay.toml", &config(&[&p1], &[], fast));
-    relay.hangup();
-    relay.wait_for_output(RELOADED, 1, DEADLINE);
+    reload_to(&relay, &dir, &config(&[&p1], &[], fast), 1);
 
     // A hung server now costs 200 ms, not 4 s, on the connection already
     // open to it.

@@ -174,9 +174,11 @@ impl Drop for TempDir {
     }
 }
 
-/// `stats` of a memcached or of the proxy, as a map.
+/// `stats` of a memcached or of the proxy, as a map. (The deadline allows
+/// for a proxy under a hostile load.)
 pub fn stats(addr: &str) -> HashMap<String, String> {
     let mut c = Client::connect(addr);
+    c.set_deadline(Duration::from_secs(10));
     let r = c.send_until(b"stats\r\n", |b| b.ends_with(b"END\r\n"));
     assert_eq!(
         r.end,
@@ -184,7 +186,12 @@ pub fn stats(addr: &str) -> HashMap<String, String> {
         "stats from {addr}: {}",
         escape(&r.bytes)
     );
-    String::from_utf8_lossy(&r.bytes)
+    parse_stats(&r.bytes)
+}
+
+/// A `stats` reply's `STAT name value` lines, as a map.
+pub fn parse_stats(reply: &[u8]) -> HashMap<String, String> {
+    String::from_utf8_lossy(reply)
         .lines()
         .filter_map(|l| {
             let mut t = l.strip_prefix("STAT ")?.splitn(2, ' ');
