@@ -8,7 +8,8 @@
 //! - `proxy/`: client sessions: parse, dispatch, reply in order;
 //! - `ha/`: replica choice, write mirroring, read fallback and repair;
 //! - `net/`: listeners, the connection limit, write queues;
-//! - `stats/`: counters and the `stats` reply.
+//! - `stats/`: counters and the `stats` reply;
+//! - `topology`: the configuration the workers run, and its reload.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod alloc;
@@ -21,6 +22,7 @@ pub mod proxy;
 pub mod router;
 pub mod server;
 pub mod stats;
+pub mod topology;
 
 /// memrelay's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

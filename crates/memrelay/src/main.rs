@@ -1,13 +1,14 @@
 //! The `memrelay` binary: arguments in, proxy running. Nothing else.
 
-use memrelay::config::cli::{parse_args, Action, EXIT_USAGE, HELP, USAGE_LINE};
+use memrelay::config::cli::{parse_args, reread, Action, EXIT_USAGE, HELP, USAGE_LINE};
 use memrelay::config::{Config, LogFormat, Origin};
 
 #[global_allocator]
 static ALLOC: memrelay::alloc::CountingAlloc = memrelay::alloc::CountingAlloc;
 
 fn main() {
-    let cfg = match parse_args(std::env::args().skip(1)) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cfg = match parse_args(args.iter().cloned()) {
         Ok(Action::Run(cfg)) => cfg,
         Ok(Action::Check(cfg)) => {
             print!("{}", cfg.summary());
@@ -32,7 +33,9 @@ fn main() {
         }
     };
     init_logging(&cfg);
-    if let Err(e) = memrelay::server::run(*cfg) {
+    // A reload reads the same file and applies the same flags again.
+    let again = Box::new(move || reread(&args));
+    if let Err(e) = memrelay::server::run(*cfg, again) {
         // Logged, not just printed, so that a log collector reading JSON
         // sees why the process stopped.
         tracing::error!(error = %e, "cannot start");

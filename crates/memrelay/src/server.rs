@@ -5,23 +5,20 @@
 //! asked, drop privileges, raise the file limit, then start one worker thread
 //! per core. Each worker runs a single-threaded runtime that owns its client
 //! sessions and its own connections to every server, so the request path
-//! takes no locks and crosses no threads. The main thread watches signals
-//! and probes servers that are marked down.
+//! takes no locks and crosses no threads. The main thread watches signals,
+//! probes servers, resyncs them, and reloads the configuration on SIGHUP or
+//! `memrelay reload` (`crate::topology`).
 
 use std::rc::Rc;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::backend::health::Health;
-use crate::backend::{BackendSettings, ServerPool};
-use crate::config::{Config, Listen};
-use crate::ha::mirror::Mirror;
-use crate::ha::resync::{Node, Resync};
+use crate::config::{Config, ConfigError, Listen};
 use crate::net::BoundListener;
-use crate::proxy::{Discard, Worker};
-use crate::router::Router;
+use crate::proxy::{Discard, ThreadContext, WorkerThread};
 use crate::stats::StatsRegistry;
+use crate::topology::{Control, WorkerEvent, WorkerLinks};
 
 /// How often each worker asks its idle sessions to give their buffers back.
 const IDLE_SWEEP: Duration = Duration::from_secs(2);
@@ -43,7 +40,12 @@ pub enum StartError {
     Handoff(String),
 }
 
-pub fn run(cfg: Config) -> Result<(), StartError> {
+/// Runs the proxy until SIGTERM or SIGINT. `reread` reads the
+/// configuration again for a reload (the same file and flags as `cfg`).
+pub fn run(
+    cfg: Config,
+    reread: Box<dyn Fn() -> Result<Config, ConfigError>>,
+) -> Result<(), StartError> {
     // A running memrelay on the hand-off path gives us its sockets;
     // otherwise bind them.
     let taken = match &cfg.handoff {
@@ -123,32 +125,18 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     let per_thread_backend = cfg.servers().count() * cfg.backend_conns;
     crate::privileges::raise_nofile(cfg.max_conns + per_thread_backend * cfg.threads + 64);
 
-    let health: Vec<Arc<Health>> = cfg
-        .servers()
-        .map(|s| Arc::new(Health::new(s.name.clone(), cfg.missed_keys_cap)))
-        .collect();
-    let roles = cfg
-        .primaries
-        .iter()
-        .map(|_| "primary")
-        .chain(cfg.backups.iter().map(|_| "backup"));
-    let registry = Arc::new(StatsRegistry::new(
-        cfg.threads,
-        cfg.max_conns,
-        cfg.servers()
-            .zip(roles)
-            .zip(&health)
-            .map(|((s, r), h)| (s.name.clone(), r, h.clone()))
-            .collect(),
-    ));
+    // The main thread's runtime, and the signals, before any worker runs:
+    // a SIGHUP must never find the default action (exit) in place once
+    // clients can be served.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartError::Thread)?;
+    let mut signals = rt.block_on(async { Signals::new() });
+    let registry = Arc::new(StatsRegistry::new(cfg.threads, cfg.max_conns, Vec::new()));
     let conns = Arc::new(AtomicUsize::new(0));
-    let router = Router::new(&cfg);
-    // Resync requests: from the probers (a restart) and any worker (the
-    // admin command), to the manager on this thread.
-    let (resync_tx, resync_rx) = tokio::sync::mpsc::unbounded_channel();
     // SIGTERM reaches every worker through this.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(crate::net::STOP_RUNNING);
-    let cfg = Arc::new(cfg);
 
     tracing::info!(
         version = crate::VERSION,
@@ -160,71 +148,57 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         config = %cfg.config_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
         "memrelay started"
     );
+    let threads = cfg.threads;
+    let metrics = cfg.metrics;
+    let (mut control, links, mut reloads) = {
+        let _main = rt.enter();
+        Control::start(cfg, registry.clone(), reread)
+    };
 
-    for id in 0..cfg.threads {
+    for id in 0..threads {
         let mine: Vec<BoundListener> = listeners
             .iter()
             .map(|l| l.try_clone())
             .collect::<Result<_, _>>()
             .map_err(StartError::Thread)?;
-        let cfg = cfg.clone();
-        let health = health.clone();
         let registry = registry.clone();
         let conns = conns.clone();
-        let router = router.clone();
-        let resync = (!cfg.backups.is_empty()).then(|| resync_tx.clone());
+        let links = links.clone();
         let stop = stop_rx.clone();
         std::thread::Builder::new()
             .name(format!("memrelay-w{id}"))
-            .spawn(move || {
-                worker_main(id, cfg, router, health, registry, mine, conns, resync, stop)
-            })
+            .spawn(move || worker_main(id, registry, links, mine, conns, stop))
             .map_err(StartError::Thread)?;
     }
     drop(listeners);
+    drop(links);
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(StartError::Thread)?;
     rt.block_on(async {
-        let resync = Arc::new(Resync {
-            router: router.clone(),
-            nodes: cfg
-                .servers()
-                .zip(&health)
-                .map(|(s, h)| Node {
-                    addr: s.addr,
-                    name: s.name.clone(),
-                    health: h.clone(),
-                })
-                .collect(),
-            nprimaries: cfg.primaries.len(),
-            rate: cfg.resync_rate,
-            connect_timeout: cfg.connect_timeout,
-            max_value_len: cfg.limits.max_value_len,
-            write_life: crate::ha::resync::write_life(cfg.connect_timeout, cfg.timeout),
-        });
-        tokio::spawn(resync.serve(resync_rx));
-        if let Some(l) = metrics_listener {
+        if let (Some(addr), Some(l)) = (metrics, metrics_listener) {
             match tokio::net::TcpListener::from_std(l) {
                 Ok(l) => {
                     tokio::spawn(crate::stats::metrics::serve(l, registry.clone()));
                 }
-                Err(e) => tracing::error!(error = %e, "cannot serve metrics"),
+                Err(e) => tracing::error!(error = %e, %addr, "cannot serve metrics"),
             }
         }
-        let automatic = cfg.resync && !cfg.backups.is_empty();
-        for (i, (s, h)) in cfg.servers().zip(&health).enumerate() {
-            tokio::spawn(crate::backend::probe::probe_loop(
-                h.clone(),
-                s.addr,
-                cfg.connect_timeout,
-                cfg.timeout,
-                automatic.then(|| (resync_tx.clone(), i)),
-            ));
-        }
-        if wait_for_signal().await == Signal::Terminate {
+        let signal = loop {
+            tokio::select! {
+                sig = signals.next() => match sig {
+                    Signal::Hangup => {
+                        tracing::info!("SIGHUP: reloading the configuration");
+                        let _ = control.reload("SIGHUP").await;
+                    }
+                    other => break other,
+                },
+                Some(req) = reloads.recv() => {
+                    tracing::info!("memrelay reload: reloading the configuration");
+                    let result = control.reload("memrelay reload").await;
+                    let _ = req.reply.send(result);
+                }
+            }
+        };
+        if signal == Signal::Terminate {
             // Graceful: stop accepting, finish requests in flight, close.
             let how = if handed_off.load(std::sync::atomic::Ordering::Acquire) {
                 crate::net::STOP_HANDED_OFF
@@ -232,7 +206,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
                 crate::net::STOP_TERMINATE
             };
             let _ = stop_tx.send(how);
-            let deadline = tokio::time::Instant::now() + cfg.shutdown_timeout;
+            let deadline = tokio::time::Instant::now() + control.config().shutdown_timeout;
             while conns.load(std::sync::atomic::Ordering::Acquire) > 0
                 && tokio::time::Instant::now() < deadline
             {
@@ -250,7 +224,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     if !handed_off.load(std::sync::atomic::Ordering::Acquire) {
         // The socket files are ours to remove, unless a new memrelay now
         // serves them.
-        for l in &cfg.listen {
+        for l in &control.config().listen {
             if let Listen::Unix { path, .. } = l {
                 let _ = std::fs::remove_file(path);
             }
@@ -260,16 +234,12 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 fn worker_main(
     id: usize,
-    cfg: Arc<Config>,
-    router: Router,
-    health: Vec<Arc<Health>>,
     registry: Arc<StatsRegistry>,
+    links: WorkerLinks,
     listeners: Vec<BoundListener>,
     conns: Arc<AtomicUsize>,
-    resync: Option<crate::ha::resync::Requests>,
     stop: tokio::sync::watch::Receiver<u8>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -284,63 +254,34 @@ fn worker_main(
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let settings = Rc::new(BackendSettings {
-            connect_timeout: cfg.connect_timeout,
-            timeout: cfg.timeout,
-            failure_limit: cfg.failure_limit,
-            max_value_len: cfg.limits.max_value_len + 1024,
-            max_reply_len: cfg.max_reply_size,
-            max_inflight: 100_000,
-        });
-        let servers: Rc<[ServerPool]> = cfg
-            .servers()
-            .enumerate()
-            .map(|(i, s)| {
-                ServerPool::new(
-                    i,
-                    s.name.clone(),
-                    s.addr,
-                    cfg.backend_conns,
-                    health[i].clone(),
-                    settings.clone(),
-                )
-            })
-            .collect();
-        let stats = registry.workers[id].clone();
-        let worker = Rc::new(Worker {
-            id,
-            router,
-            mirror: Mirror::new(servers.clone(), stats.clone()),
-            servers,
-            limits: cfg.limits.clone(),
-            miss_fallback: cfg.miss_fallback,
-            auto_eject: cfg.auto_eject,
-            flush_enabled: cfg.flush_enabled,
-            auth: cfg.auth.clone(),
-            client_limits: crate::proxy::ClientLimits {
-                max_pipeline: cfg.max_pipeline,
-                max_buffer: cfg.max_client_buffer,
-                max_reply: cfg.max_reply_size,
-                idle_timeout: cfg.idle_timeout,
-            },
+        let WorkerLinks {
+            topology: mut topology_rx,
+            commit: mut commit_rx,
+            events,
+            reload,
             resync,
-            draining: std::cell::Cell::new(None),
-            sessions: std::cell::RefCell::new(Vec::new()),
-            stats,
+        } = links;
+        let first = topology_rx.borrow_and_update().clone();
+        let ctx = ThreadContext {
+            id,
+            stats: registry.workers[id].clone(),
             registry: registry.clone(),
+            resync,
+            reload: Some(reload),
+            events: Some(events.clone()),
             discard: Rc::new(Discard),
-        });
+            backend: Rc::new(std::cell::Cell::new(crate::backend::BackendSettings::of(
+                &first.config,
+            ))),
+        };
+        let thread = Rc::new(WorkerThread::new(ctx, &first));
+        drop(first);
         for l in listeners {
-            tokio::task::spawn_local(l.accept_loop(
-                worker.clone(),
-                conns.clone(),
-                cfg.max_conns,
-                stop.clone(),
-            ));
+            tokio::task::spawn_local(l.accept_loop(thread.clone(), conns.clone(), stop.clone()));
         }
         // Idle sessions give their buffers back: a session idle for one to
         // two sweeps costs its task and socket only.
-        let sweeper = worker.clone();
+        let sweeper = thread.clone();
         tokio::task::spawn_local(async move {
             let mut tick = tokio::time::interval(IDLE_SWEEP);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -356,38 +297,81 @@ fn worker_main(
                 }
             }
         });
-        // SIGTERM: stop accepting and let every session finish.
         let mut stop = stop;
-        let _ = stop.changed().await;
-        worker.drain();
+        loop {
+            tokio::select! {
+                _ = stop.changed() => break,
+                changed = topology_rx.changed() => {
+                    if changed.is_err() {
+                        // The main thread is gone: so is the process.
+                        std::future::pending::<()>().await;
+                    }
+                    // A reload: phase one, then wait for phase two (see
+                    // `crate::topology`).
+                    let topology = topology_rx.borrow_and_update().clone();
+                    let generation = topology.generation;
+                    let next = thread.prepare(&topology);
+                    drop(topology);
+                    let _ = events.send(WorkerEvent::Prepared { worker: id, generation });
+                    let _ = commit_rx.wait_for(|&g| g >= generation).await;
+                    thread.install(next);
+                    let _ = events.send(WorkerEvent::Installed { worker: id, generation });
+                }
+            }
+        }
+        // SIGTERM: stop accepting and let every session finish.
+        thread.drain();
         std::future::pending::<()>().await;
     });
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Signal {
     Terminate,
     Interrupt,
+    Hangup,
 }
 
-/// Waits for SIGTERM (graceful) or SIGINT (fast).
-async fn wait_for_signal() -> Signal {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot watch signals; stop memrelay with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {
-            tracing::info!("SIGTERM: draining");
-            Signal::Terminate
-        }
-        _ = int.recv() => {
-            tracing::info!("SIGINT: stopping");
-            Signal::Interrupt
+/// The signals memrelay acts on: SIGTERM (drain), SIGINT (stop at once),
+/// SIGHUP (reload the configuration).
+struct Signals {
+    /// None if they could not be watched (then only SIGKILL stops it).
+    watched: Option<[tokio::signal::unix::Signal; 3]>,
+}
+
+impl Signals {
+    /// Installs the handlers; needs the runtime it is awaited on.
+    fn new() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        let watched = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(term), Ok(int), Ok(hup)) => Some([term, int, hup]),
+            _ => {
+                tracing::error!("cannot watch signals; stop memrelay with SIGKILL");
+                None
+            }
+        };
+        Signals { watched }
+    }
+
+    /// The next signal.
+    async fn next(&mut self) -> Signal {
+        let Some([term, int, hup]) = &mut self.watched else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: draining");
+                Signal::Terminate
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: stopping");
+                Signal::Interrupt
+            }
+            _ = hup.recv() => Signal::Hangup,
         }
     }
 }

@@ -12,37 +12,11 @@ use std::time::Duration;
 
 use support::{
     complete_retrieval, escape, free_port, run_memrelay, wait_until, Client, Memcached, Memrelay,
-    RunOutput, START_DEADLINE,
+    RunOutput, TempDir, START_DEADLINE,
 };
 
 const EXIT_DEADLINE: Duration = Duration::from_secs(10);
 const EX_USAGE: i32 = 64;
-
-/// A directory of its own for each test, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir =
-            std::env::temp_dir().join(format!("memrelay-config-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    /// Writes `text` to `name` in the directory and returns its path.
-    fn file(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.0.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn s(p: &Path) -> String {
     p.to_str().unwrap().to_string()
@@ -157,7 +131,7 @@ fn a_file_that_is_not_toml_names_the_line() {
 #[test]
 fn a_missing_file_is_named() {
     let dir = TempDir::new("missing");
-    let path = dir.0.join("nope.toml");
+    let path = dir.path("nope.toml");
     let args = vec!["--config".to_string(), s(&path)];
     let out = run_memrelay(&args, EXIT_DEADLINE, None);
     let ctx = context(&args, &out);
@@ -307,7 +281,7 @@ fn a_memrelay_configured_by_a_file_serves_on_every_listener() {
     let p2 = Memcached::start();
     let b = Memcached::start();
     let dir = TempDir::new("serve");
-    let sock = dir.0.join("memrelay.sock");
+    let sock = dir.path("memrelay.sock");
     let relay = Memrelay::start_with(|port| {
         let path = dir.file(
             "memrelay.toml",

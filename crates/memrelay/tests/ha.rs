@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 
 use memrelay::config::cli::{parse_args, Action};
 use memrelay::router::Router;
-use support::{complete_retrieval, escape, wait_until, Client, End, Memcached, Memrelay, Reply};
+use support::{
+    complete_retrieval, escape, stats, wait_until, Client, End, Memcached, Memrelay, Reply,
+};
 
 /// The proxy's per-request server timeout in these tests.
 const TIMEOUT: &str = "300ms";
@@ -407,26 +409,6 @@ impl Px {
     fn write_raw(&mut self, req: &str) {
         self.c.write_raw(req.as_bytes());
     }
-}
-
-/// `stats` of the proxy (or a memcached) as a map.
-fn stats(addr: &str) -> HashMap<String, String> {
-    let mut c = Client::connect(addr);
-    c.set_deadline(CLIENT_DEADLINE);
-    let r = c.send_until(b"stats\r\n", |b| b.ends_with(b"END\r\n"));
-    assert_eq!(
-        r.end,
-        End::Complete,
-        "stats from {addr}: {}",
-        escape(&r.bytes)
-    );
-    String::from_utf8_lossy(&r.bytes)
-        .lines()
-        .filter_map(|l| {
-            let mut t = l.strip_prefix("STAT ")?.splitn(2, ' ');
-            Some((t.next()?.to_string(), t.next()?.to_string()))
-        })
-        .collect()
 }
 
 fn stat_u64(s: &HashMap<String, String>, name: &str) -> u64 {

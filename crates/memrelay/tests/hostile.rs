@@ -19,7 +19,7 @@
 
 mod support;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use memrelay::config::cli::{parse_args, Action};
 use memrelay::router::Router;
 use support::{
-    complete_retrieval, escape, escape_max, free_port, wait_until, Client, End, Memcached,
-    Memrelay, Reply,
+    complete_retrieval, escape, escape_max, free_port, stat_u64, stats, wait_until, Client, End,
+    Memcached, Memrelay, Reply,
 };
 
 /// memrelay's server timeout (and connect timeout) in these tests. A full
@@ -395,33 +395,6 @@ fn answer_then_hold(
 // ---------------------------------------------------------------------------
 // Stats, processes, small helpers
 // ---------------------------------------------------------------------------
-
-fn stats(addr: &str) -> HashMap<String, String> {
-    let mut c = Client::connect(addr);
-    c.set_deadline(CLIENT_DEADLINE);
-    let r = c.send_until(b"stats\r\n", |b| b.ends_with(b"END\r\n"));
-    assert_eq!(
-        r.end,
-        End::Complete,
-        "stats from {addr}: {}",
-        escape(&r.bytes)
-    );
-    String::from_utf8_lossy(&r.bytes)
-        .lines()
-        .filter_map(|l| {
-            let mut t = l.strip_prefix("STAT ")?.splitn(2, ' ');
-            Some((t.next()?.to_string(), t.next()?.to_string()))
-        })
-        .collect()
-}
-
-fn stat_u64(addr: &str, name: &str) -> u64 {
-    let s = stats(addr);
-    s.get(name)
-        .unwrap_or_else(|| panic!("stats of {addr} has no {name}: {s:?}"))
-        .parse()
-        .unwrap_or_else(|_| panic!("stats {name} of {addr} is not a number: {s:?}"))
-}
 
 /// Resident memory of a process, in KiB, from /proc/PID/status.
 fn vm_rss_kib(pid: u32) -> u64 {

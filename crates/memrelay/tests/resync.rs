@@ -71,13 +71,7 @@ fn mg(c: &mut Client, key: &str) -> Option<(String, u32, i64)> {
 
 fn stats(c: &mut Client) -> HashMap<String, String> {
     let r = c.send_until(b"stats\r\n", |b| b.ends_with(b"END\r\n"));
-    String::from_utf8_lossy(&r.bytes)
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.strip_prefix("STAT ")?.splitn(2, ' ');
-            Some((it.next()?.to_string(), it.next()?.to_string()))
-        })
-        .collect()
+    support::parse_stats(&r.bytes)
 }
 
 /// Stores `n` keys through the proxy; every third one with a TTL.

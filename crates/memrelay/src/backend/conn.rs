@@ -29,6 +29,10 @@
 //! what is behind it with a timeout, but is not counted against the
 //! server's health: a client must not be able to mark a healthy server
 //! down by asking for huge replies.
+//!
+//! A connection whose pool was dropped (a reload removed the server, or
+//! changed its address) is *retired*: it takes no new requests and closes
+//! once those on it are answered.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -71,6 +75,9 @@ enum State {
 struct InFlight {
     expect: Expect,
     reply: ReplyTo,
+    /// When it was queued: a failure of a request sent before the server
+    /// last recovered does not count against it (see `Health`).
+    sent: Instant,
     deadline: Instant,
     /// Offset in the connection's byte stream just past this request.
     end: u64,
@@ -78,7 +85,6 @@ struct InFlight {
 
 #[derive(Debug)]
 struct Inner {
-    server: usize,
     state: Cell<State>,
     out: RefCell<OutQueue>,
     inflight: RefCell<VecDeque<InFlight>>,
@@ -91,8 +97,11 @@ struct Inner {
     /// While the rest of a reply too large to keep is read and dropped:
     /// the deadline of the request it answered.
     skipping: Cell<Option<Instant>>,
+    /// Set by `retire`: close once nothing is queued or in flight.
+    retired: Cell<bool>,
     health: Arc<Health>,
-    settings: Rc<BackendSettings>,
+    /// The worker's settings, read at each use (a reload changes them).
+    settings: Rc<Cell<BackendSettings>>,
 }
 
 /// A handle to a connection; cheap to clone.
@@ -104,13 +113,11 @@ pub struct Conn {
 impl Conn {
     /// Starts connecting in the background; requests can be queued at once.
     pub fn open(
-        server: usize,
         addr: SocketAddr,
         health: Arc<Health>,
-        settings: Rc<BackendSettings>,
+        settings: Rc<Cell<BackendSettings>>,
     ) -> Conn {
         let inner = Rc::new(Inner {
-            server,
             state: Cell::new(State::Connecting),
             out: RefCell::new(OutQueue::new()),
             inflight: RefCell::new(VecDeque::new()),
@@ -119,6 +126,7 @@ impl Conn {
             wake: LocalNotify::default(),
             poisoned: Cell::new(false),
             skipping: Cell::new(None),
+            retired: Cell::new(false),
             health,
             settings,
         });
@@ -138,6 +146,13 @@ impl Conn {
         self.inner.wake.notify();
     }
 
+    /// Nobody will send on this connection again: close it once every
+    /// request on it is answered (or failed).
+    pub fn retire(&self) {
+        self.inner.retired.set(true);
+        self.inner.wake.notify();
+    }
+
     /// Queues a request: `write` appends its line, then `value` (a storage
     /// command's data block, without `\r\n`) follows, by reference when large.
     pub fn send(
@@ -148,8 +163,9 @@ impl Conn {
         value: Option<bytes::Bytes>,
     ) -> Result<(), BackendError> {
         let inner = &self.inner;
+        let settings = inner.settings.get();
         let mut inflight = inner.inflight.borrow_mut();
-        if inflight.len() >= inner.settings.max_inflight {
+        if inflight.len() >= settings.max_inflight {
             return Err(BackendError::unsent(Failure::Overloaded));
         }
         let mut out = inner.out.borrow_mut();
@@ -165,10 +181,12 @@ impl Conn {
         }
         let end = inner.queued.get() + (out.len() - before) as u64;
         inner.queued.set(end);
+        let now = Instant::now();
         inflight.push_back(InFlight {
             expect,
             reply,
-            deadline: Instant::now() + inner.settings.timeout,
+            sent: now,
+            deadline: now + settings.timeout,
             end,
         });
         drop(out);
@@ -180,16 +198,15 @@ impl Conn {
 
 /// The connection's task: connect, then write and read until it fails.
 async fn drive(inner: Rc<Inner>, addr: SocketAddr) {
-    let settings = inner.settings.clone();
-    let stream =
-        match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::debug!(server = inner.server, error = %e, "connect failed");
-                return fail(&inner, Failure::Connect);
-            }
-            Err(_) => return fail(&inner, Failure::Connect),
-        };
+    let connect_timeout = inner.settings.get().connect_timeout;
+    let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(server = %inner.health.name, error = %e, "connect failed");
+            return fail(&inner, Failure::Connect);
+        }
+        Err(_) => return fail(&inner, Failure::Connect),
+    };
     let _ = stream.set_nodelay(true);
     inner.state.set(State::Ready);
 
@@ -200,6 +217,12 @@ async fn drive(inner: Rc<Inner>, addr: SocketAddr) {
     let mut armed: Option<Instant> = None;
 
     loop {
+        if inner.retired.get()
+            && inner.inflight.borrow().is_empty()
+            && inner.out.borrow().is_empty()
+        {
+            return close_quietly(&inner);
+        }
         if inner.poisoned.get() {
             return fail(
                 &inner,
@@ -211,12 +234,15 @@ async fn drive(inner: Rc<Inner>, addr: SocketAddr) {
             return fail(&inner, f);
         }
         let want_write = !inner.out.borrow().is_empty();
-        // One timer per connection, re-armed only when it fires or was
-        // idle: deadlines only grow along the FIFO, so the front's deadline
-        // is never earlier than the one armed, and resetting the timer for
-        // every batch would cost more than the occasional early wake-up.
-        if armed.is_none() {
-            if let Some(d) = oldest_deadline(&inner) {
+        // One timer per connection, re-armed when it fires or was idle, not
+        // for every batch (that would cost more than the occasional early
+        // wake-up): with one timeout, deadlines only grow along the FIFO.
+        // A reload that shortens the timeout gives the front an earlier
+        // deadline than the one armed: then it is re-armed too. (A request
+        // queued behind one sent with the longer timeout waits for that one
+        // at most: replies come in order.)
+        if let Some(d) = oldest_deadline(&inner) {
+            if !matches!(armed, Some(a) if a <= d) {
                 timer.as_mut().reset(d);
                 armed = Some(d);
             }
@@ -322,7 +348,8 @@ fn read_and_dispatch(
             Err(_) => return Err(Failure::Io),
         }
     }
-    let (max_value, max_reply) = (inner.settings.max_value_len, inner.settings.max_reply_len);
+    let settings = inner.settings.get();
+    let (max_value, max_reply) = (settings.max_value_len, settings.max_reply_len);
     while !rbuf.is_empty() {
         if inner.skipping.get().is_some() {
             // The rest of a reply too large to keep: frame it, drop it.
@@ -427,17 +454,15 @@ fn close_quietly(inner: &Inner) {
 
 /// Fails every request on the connection and closes it for good.
 fn fail(inner: &Inner, failure: Failure) {
-    let oldest_deadline = oldest_deadline(inner);
-    if oldest_deadline.is_some() || failure == Failure::Connect {
+    let oldest = inner.inflight.borrow().front().map(|f| f.sent);
+    if oldest_deadline(inner).is_some() || failure == Failure::Connect {
         // When the oldest request went out: a server that has answered
         // since then is alive, and this failure is the tail of a stall that
         // is over (see `Health`).
-        let sent = oldest_deadline
-            .and_then(|d| d.checked_sub(inner.settings.timeout))
-            .map(|t| t.into_std());
+        let sent = oldest.map(|t| t.into_std());
         inner
             .health
-            .record_failure(inner.settings.failure_limit, &failure, sent);
+            .record_failure(inner.settings.get().failure_limit, &failure, sent);
     }
     fail_requests(inner, failure);
 }

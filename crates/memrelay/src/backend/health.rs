@@ -39,6 +39,11 @@ pub struct Health {
     pub copying: MissedKeys,
     /// Keys clients wrote while a resync of this server ran.
     pub touched: MissedKeys,
+    /// A reload routed elsewhere keys this server held: the copies it kept
+    /// stop being updated, and must not be served if a later reload routes
+    /// those keys back to it (it is flushed first). See docs/ha.md,
+    /// "Reloading the configuration".
+    pub keys_moved_away: AtomicBool,
 }
 
 impl Health {
@@ -54,6 +59,7 @@ impl Health {
             resync: Default::default(),
             copying: MissedKeys::labelled("resync copy set", 100_000),
             touched: MissedKeys::labelled("resync touched set", missed_cap),
+            keys_moved_away: AtomicBool::new(false),
         }
     }
 

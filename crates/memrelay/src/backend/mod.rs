@@ -131,8 +131,10 @@ impl ReplyTo {
     }
 }
 
-/// Settings every connection to servers needs.
-#[derive(Debug, Clone)]
+/// Settings every connection to servers needs. A worker thread keeps one
+/// copy in a shared `Cell` that its pools and connections read at each use,
+/// so a reload changes them in place for connections already open.
+#[derive(Debug, Clone, Copy)]
 pub struct BackendSettings {
     pub connect_timeout: Duration,
     pub timeout: Duration,
@@ -146,30 +148,61 @@ pub struct BackendSettings {
     pub max_inflight: usize,
 }
 
+/// Requests in flight on one server connection before it refuses more.
+const MAX_INFLIGHT: usize = 100_000;
+/// Reply bytes past `--max-value-size` a server's VALUE may carry (its
+/// header) before the reply counts as broken.
+const VALUE_SLACK: usize = 1024;
+
+impl BackendSettings {
+    /// The settings a configuration gives.
+    pub fn of(cfg: &crate::config::Config) -> BackendSettings {
+        BackendSettings {
+            connect_timeout: cfg.connect_timeout,
+            timeout: cfg.timeout,
+            failure_limit: cfg.failure_limit,
+            max_value_len: cfg.limits.max_value_len + VALUE_SLACK,
+            max_reply_len: cfg.max_reply_size,
+            max_inflight: MAX_INFLIGHT,
+        }
+    }
+}
+
 /// One server as seen by one worker thread: its connections and shared health.
+///
+/// A reload that keeps the server (same name, same address) hands the same
+/// pool to the new configuration, so a key's requests stay on one connection
+/// across the reload and reach the server in the order they were sent. When
+/// no configuration uses a pool any more, it is dropped and its connections
+/// close once the requests on them are answered.
 #[derive(Debug)]
 pub struct ServerPool {
-    pub index: usize,
     pub name: String,
     addr: SocketAddr,
     conns: RefCell<Vec<Option<Conn>>>,
     nconns: usize,
     next: Cell<usize>,
     health: Arc<Health>,
-    settings: Rc<BackendSettings>,
+    settings: Rc<Cell<BackendSettings>>,
+}
+
+impl Drop for ServerPool {
+    fn drop(&mut self) {
+        for c in self.conns.borrow().iter().flatten() {
+            c.retire();
+        }
+    }
 }
 
 impl ServerPool {
     pub fn new(
-        index: usize,
         name: String,
         addr: SocketAddr,
         nconns: usize,
         health: Arc<Health>,
-        settings: Rc<BackendSettings>,
+        settings: Rc<Cell<BackendSettings>>,
     ) -> ServerPool {
         ServerPool {
-            index,
             name,
             addr,
             conns: RefCell::new((0..nconns.max(1)).map(|_| None).collect()),
@@ -182,6 +215,11 @@ impl ServerPool {
 
     pub fn health(&self) -> &Arc<Health> {
         &self.health
+    }
+
+    /// Where its connections go (resolved when the configuration was read).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     pub fn is_down(&self) -> bool {
@@ -244,7 +282,7 @@ impl ServerPool {
     /// this worker's connections to it (new ones are opened on demand).
     pub fn poison(&self, why: &str) {
         self.health
-            .record_failure(self.settings.failure_limit, &why, None);
+            .record_failure(self.settings.get().failure_limit, &why, None);
         for c in self.conns.borrow().iter().flatten() {
             c.poison();
         }
@@ -256,12 +294,7 @@ impl ServerPool {
         match &conns[i] {
             Some(c) if !c.is_closed() => c.clone(),
             _ => {
-                let c = Conn::open(
-                    self.index,
-                    self.addr,
-                    self.health.clone(),
-                    self.settings.clone(),
-                );
+                let c = Conn::open(self.addr, self.health.clone(), self.settings.clone());
                 conns[i] = Some(c.clone());
                 c
             }

@@ -35,6 +35,14 @@ const DELETE_BATCH: usize = 512;
 /// Reply bytes accepted from one probe read before giving up on the server.
 const MAX_PROBE_REPLY: usize = 1 << 20;
 
+/// The timeouts probes use: the proxy's `--connect-timeout` and
+/// `--timeout`, which a reload may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeTimeouts {
+    pub connect: Duration,
+    pub request: Duration,
+}
+
 /// Who a server is: a restart changes its pid or its boot time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Identity {
@@ -57,12 +65,8 @@ struct ProbeConn {
 }
 
 impl ProbeConn {
-    async fn open(
-        addr: SocketAddr,
-        connect_timeout: Duration,
-        timeout: Duration,
-    ) -> Option<ProbeConn> {
-        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
+    async fn open(addr: SocketAddr, t: ProbeTimeouts) -> Option<ProbeConn> {
+        let stream = tokio::time::timeout(t.connect, TcpStream::connect(addr))
             .await
             .ok()?
             .ok()?;
@@ -70,7 +74,7 @@ impl ProbeConn {
         Some(ProbeConn {
             stream,
             buf: Vec::new(),
-            timeout,
+            timeout: t.request,
         })
     }
 
@@ -150,14 +154,24 @@ impl ProbeConn {
     }
 }
 
-/// Watches one server. `on_restart`: where to ask for a resync when it is
-/// seen to restart (the resync manager, and this server's index).
+/// Flushes a server now, on a connection of its own: true when it said OK.
+/// (A reload empties a server this way before giving it keys it may hold
+/// stale copies of.)
+pub async fn flush(addr: SocketAddr, t: ProbeTimeouts) -> bool {
+    match ProbeConn::open(addr, t).await {
+        Some(mut c) => c.flush_all().await,
+        None => false,
+    }
+}
+
+/// Watches one server until the task is aborted (a reload removed the
+/// server or changed its address). `on_restart`: where to ask for a resync
+/// when it is seen to restart (the resync manager decides whether to).
 pub async fn probe_loop(
     health: Arc<Health>,
     addr: SocketAddr,
-    connect_timeout: Duration,
-    timeout: Duration,
-    on_restart: Option<(crate::ha::resync::Requests, usize)>,
+    timeouts: tokio::sync::watch::Receiver<ProbeTimeouts>,
+    on_restart: crate::ha::resync::Requests,
 ) {
     let mut rng = seed(&health.name);
     let mut backoff = MIN_BACKOFF;
@@ -189,11 +203,15 @@ pub async fn probe_loop(
             tokio::time::sleep(wait).await;
         }
 
+        let t = *timeouts.borrow();
         if conn.is_none() {
-            conn = ProbeConn::open(addr, connect_timeout, timeout).await;
+            conn = ProbeConn::open(addr, t).await;
         }
         let ok = match conn.as_mut() {
-            Some(c) => check(c, &health, &mut known, on_restart.as_ref()).await,
+            Some(c) => {
+                c.timeout = t.request;
+                check(c, &health, &mut known, &on_restart).await
+            }
             None => false,
         };
         last_identity = tokio::time::Instant::now();
@@ -222,7 +240,7 @@ async fn check(
     c: &mut ProbeConn,
     health: &Health,
     known: &mut Option<Identity>,
-    on_restart: Option<&(crate::ha::resync::Requests, usize)>,
+    on_restart: &crate::ha::resync::Requests,
 ) -> bool {
     let Some(id) = c.identity().await else {
         return false;
@@ -234,10 +252,11 @@ async fn check(
         // restart, and writes it missed since then (or took, and missed
         // a delete of) are on the list too. Deleting them on an empty
         // server costs a little work and is always right.
-        if let Some((requests, index)) = on_restart {
-            // Warm it back up from the other tier.
-            let _ = requests.send(*index);
-        }
+        // Warm it back up from the other tier (if resync is automatic).
+        let _ = on_restart.send(crate::ha::resync::Request {
+            server: health.name.clone(),
+            automatic: true,
+        });
     }
     *known = Some(id);
     if health.missed.is_overflowed() {
@@ -248,7 +267,7 @@ async fn check(
             .missed
             .flushes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::warn!(server = %health.name, "flushed: it missed more writes than could be remembered");
+        tracing::warn!(server = %health.name, "flushed: it could hold stale copies of more keys than are remembered");
         health.missed.clear();
     }
     loop {

@@ -222,6 +222,19 @@ where
     })
 }
 
+/// The configuration the same arguments give now, for a reload: the
+/// `--config` file is read again and the flags applied on top of it, as at
+/// start, and hostnames are resolved again.
+pub fn reread(args: &[String]) -> Result<Config, ConfigError> {
+    match parse_args(args.iter().cloned())? {
+        Action::Run(cfg) | Action::Check(cfg) => Ok(*cfg),
+        Action::Help | Action::Version => Err(ConfigError::new(
+            &Origin::Flag("-h".into()),
+            "the command line asks for no configuration",
+        )),
+    }
+}
+
 /// `-h` and `--version` answer at once, whatever else is on the line.
 fn ends_parsing(canonical: &str) -> Option<Action> {
     match canonical {

@@ -334,6 +334,43 @@ impl Config {
     pub fn servers(&self) -> impl Iterator<Item = &ServerAddr> {
         self.primaries.iter().chain(self.backups.iter())
     }
+
+    /// Each server's role, in `servers()` order.
+    pub fn roles(&self) -> impl Iterator<Item = &'static str> + '_ {
+        let primaries = self.primaries.iter().map(|_| "primary");
+        primaries.chain(self.backups.iter().map(|_| "backup"))
+    }
+
+    /// A reload: `new` as the running proxy can take it. Settings fixed
+    /// when the process started (its sockets, threads, identity, logging)
+    /// keep their running values; the names of those that `new` changed
+    /// are returned, for the operator to be told they wait for a restart.
+    pub fn keep_restart_only(&self, mut new: Config) -> (Config, Vec<&'static str>) {
+        let mut ignored = Vec::new();
+        macro_rules! keep {
+            ($($field:ident: $name:literal),* $(,)?) => {$(
+                if new.$field != self.$field {
+                    ignored.push($name);
+                    new.$field = self.$field.clone();
+                }
+            )*};
+        }
+        keep!(
+            listen: "listen (-l, -p, -f)",
+            threads: "process.threads (-t)",
+            user: "process.user (-u)",
+            group: "process.group (-g)",
+            daemonize: "process.daemon (-d)",
+            handoff: "process.handoff (--handoff)",
+            metrics: "metrics.listen (--metrics)",
+            // A key's requests to a server keep their connection across a
+            // reload (which orders them) only while the count stays.
+            backend_conns: "pools.backend_conns (-i)",
+            verbosity: "log.level (-v)",
+            log_format: "log.format (--log-format)",
+        );
+        (new, ignored)
+    }
 }
 
 /// What a reply carrying one value may hold beyond the value: a VALUE or

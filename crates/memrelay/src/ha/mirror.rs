@@ -32,11 +32,13 @@ pub enum Check {
     Applied,
     /// `incr`/`decr`: the backup must reach the primary's number.
     Number(u64),
-    /// A read repair on the primary.
-    Repair,
+    /// A read repair on the primary; `seq`: the primary's count of keys
+    /// recorded as missed before the backup was read (see
+    /// `ha::read::after_repair`: a record since undoes the copy).
+    Repair { seq: u64 },
     /// Step one of a meta read repair: the backup's item (value, flags,
     /// TTL) is fetched, then added to this primary.
-    RepairFetch { primary: u16 },
+    RepairFetch { primary: u16, seq: u64 },
 }
 
 #[derive(Debug)]
@@ -49,14 +51,14 @@ struct Ctx {
 #[derive(Debug)]
 pub struct Mirror {
     me: Weak<Mirror>,
-    servers: Rc<[ServerPool]>,
+    servers: Rc<[Rc<ServerPool>]>,
     stats: Arc<WorkerStats>,
     ctxs: RefCell<Vec<Option<Ctx>>>,
     free: RefCell<Vec<u32>>,
 }
 
 impl Mirror {
-    pub fn new(servers: Rc<[ServerPool]>, stats: Arc<WorkerStats>) -> Rc<Mirror> {
+    pub fn new(servers: Rc<[Rc<ServerPool>]>, stats: Arc<WorkerStats>) -> Rc<Mirror> {
         Rc::new_cyclic(|me| Mirror {
             me: me.clone(),
             servers,
@@ -128,6 +130,11 @@ impl Mirror {
         let k = key.clone();
         let check = Check::RepairFetch {
             primary: primary as u16,
+            seq: self.servers[primary]
+                .health()
+                .missed
+                .recorded
+                .load(std::sync::atomic::Ordering::SeqCst),
         };
         if super::is_text_key(&k) {
             self.send(
@@ -153,7 +160,7 @@ impl Mirror {
 
     /// Step two of `repair_from`: add the fetched item to the primary
     /// (mode E: only if it still has none).
-    fn repair_store(&self, primary: usize, key: Bytes, reply: &Bytes) {
+    fn repair_store(&self, primary: usize, key: Bytes, reply: &Bytes, seq: u64) {
         // A write that went past the primary meanwhile (and recorded it as
         // missing the key) may have changed the backup after this read.
         if !self.servers[primary].health().serves(&key) {
@@ -176,7 +183,7 @@ impl Mirror {
         self.send(
             primary,
             key,
-            Check::Repair,
+            Check::Repair { seq },
             Expect::Meta,
             |b| compose::meta_line(b, Command::MetaSet, &wire, Some(len), &flags),
             Some(value),
@@ -203,16 +210,29 @@ impl Sink for Mirror {
         };
         let health = self.servers[ctx.server].health();
         match (ctx.check, result) {
-            (Check::Repair, Ok(r)) => match r.kind {
+            (Check::Repair { seq }, Ok(r)) => match r.kind {
                 ResponseKind::Stored | ResponseKind::Meta(MetaStatus::Hd) => {
-                    self.stats.repairs.incr()
+                    if health
+                        .missed
+                        .recorded
+                        .load(std::sync::atomic::Ordering::SeqCst)
+                        == seq
+                    {
+                        self.stats.repairs.incr()
+                    } else {
+                        // A write went past the primary since the backup
+                        // was read: the copy may be older than it. Delete
+                        // it, on the connection the add took.
+                        self.stats.repairs_skipped.incr();
+                        self.delete(ctx.server, ctx.key);
+                    }
                 }
                 _ => self.stats.repairs_skipped.incr(),
             },
-            (Check::Repair, Err(_)) => self.stats.repairs_skipped.incr(),
-            (Check::RepairFetch { primary }, Ok(r)) => {
+            (Check::Repair { .. }, Err(_)) => self.stats.repairs_skipped.incr(),
+            (Check::RepairFetch { primary, seq }, Ok(r)) => {
                 if r.kind == ResponseKind::Meta(MetaStatus::Value) {
-                    self.repair_store(primary as usize, ctx.key, &r.bytes);
+                    self.repair_store(primary as usize, ctx.key, &r.bytes, seq);
                 }
             }
             (Check::RepairFetch { .. }, Err(_)) => {}

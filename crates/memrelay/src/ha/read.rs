@@ -223,6 +223,14 @@ pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot,
         let Some((_, key)) = keys.find(|(k, _)| *k == i as usize) else {
             break;
         };
+        // Before the backup is read: a write that goes past the primary
+        // from now on (and may change the backup after this read) records
+        // a key on it, which `after_repair` sees.
+        let recorded = w.servers[w.router.primary(key)]
+            .health()
+            .missed
+            .recorded
+            .load(std::sync::atomic::Ordering::SeqCst);
         let part = slot.parts.len();
         let queued = w.servers[server].send(
             Expect::Meta,
@@ -230,7 +238,7 @@ pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot,
             |b| compose::meta_get(b, key, flags, touch),
             None,
         );
-        slot.push_part(Part::with_role(server, Role::Fallback(i)), queued);
+        slot.push_part(Part::with_role(server, Role::Fallback(i, recorded)), queued);
     }
     slot.stage = Stage::Fallback;
 }
@@ -243,7 +251,7 @@ pub fn after_fallback(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, 
     let frame = slot.frame.clone();
     let mut repairs: SmallVec<[(usize, u32, i32, usize, usize, usize); 4]> = SmallVec::new();
     for (idx, part) in slot.parts.iter().enumerate() {
-        let Role::Fallback(i) = part.role else {
+        let Role::Fallback(i, _) = part.role else {
             continue;
         };
         let Some(Ok(reply)) = &part.result else {
@@ -292,7 +300,7 @@ pub fn after_fallback(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, 
             continue;
         };
         let value = reply.bytes.slice(off..off + len);
-        let Role::Fallback(i) = slot.parts[idx].role else {
+        let Role::Fallback(i, recorded) = slot.parts[idx].role else {
             continue;
         };
         let Some(key) = req.keys(&frame).nth(i as usize) else {
@@ -305,19 +313,66 @@ pub fn after_fallback(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, 
             |b| compose::storage_line(b, Command::Add, key, flags, exptime, len, 0),
             Some(value),
         );
-        slot.push_part(Part::with_role(primary, Role::Repair), queued);
+        slot.push_part(
+            Part::with_role(
+                primary,
+                Role::Repair {
+                    key: i,
+                    seq: recorded,
+                },
+            ),
+            queued,
+        );
         slot.stage = Stage::Repair;
     }
 }
 
-/// The repairs are in: count them.
-pub fn after_repair(w: &Worker, slot: &mut Slot) {
+/// The repairs are in: count them, and undo any that may be older than a
+/// write. A write that went past the primary after the backup was read
+/// (a fall-back write on a restarted primary, a failover) may have changed
+/// the backup's item after this copy of it was taken; it records a key on
+/// the primary, and its invalidation (the prober's delete, on another
+/// connection) could reach memcached before this add did. Any record on
+/// the primary since the backup was read therefore deletes the copy, on
+/// the connection the add took, so after it. Records are rare (failure
+/// episodes), and a deleted copy only costs the next read a fallback.
+pub fn after_repair(w: &Worker, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
-    for part in slot.parts.iter().filter(|p| p.role == Role::Repair) {
-        match &part.result {
-            Some(Ok(r)) if r.kind == ResponseKind::Stored => w.stats.repairs.incr(),
-            _ => w.stats.repairs_skipped.incr(),
+    let frame = slot.frame.clone();
+    for part in slot.parts.iter() {
+        let Role::Repair { key, seq } = part.role else {
+            continue;
+        };
+        if !matches!(&part.result, Some(Ok(r)) if r.kind == ResponseKind::Stored) {
+            w.stats.repairs_skipped.incr();
+            continue;
         }
+        let primary = part.server as usize;
+        let health = w.servers[primary].health();
+        if health
+            .missed
+            .recorded
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == seq
+        {
+            w.stats.repairs.incr();
+            continue;
+        }
+        w.stats.repairs_skipped.incr();
+        let Some(k) = req.keys(&frame).nth(key as usize) else {
+            continue;
+        };
+        let _ = w.servers[primary].send_for_key(
+            k,
+            super::delete_expect(k),
+            ReplyTo {
+                sink: w.discard.clone(),
+                token: 0,
+                part: 0,
+            },
+            |b| super::write_delete(b, k),
+            None,
+        );
     }
 }
 
@@ -347,14 +402,14 @@ pub fn render(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
         .count();
     let fallback: SmallVec<[&Part; 4]> = slot.parts[round_one..]
         .iter()
-        .filter(|p| matches!(p.role, Role::Fallback(_)))
+        .filter(|p| matches!(p.role, Role::Fallback(..)))
         .collect();
     let mut fb = 0;
     let mut hits = 0;
     let gets = matches!(req.command, Command::Gets | Command::Gats);
     walk(slot, req, |i, key, p, hit| {
         let key_of = |p: &Part| match p.role {
-            Role::Fallback(k) => k as usize,
+            Role::Fallback(k, _) => k as usize,
             _ => usize::MAX,
         };
         while fb < fallback.len() && key_of(fallback[fb]) < i {
@@ -490,7 +545,7 @@ pub fn after_meta_round_one(
     let server = replicas.get(next).unwrap_or(0);
     send_meta(w, inbox, seq, slot, req, server);
     if let Some(p) = slot.parts.last_mut() {
-        p.role = Role::Fallback(0);
+        p.role = Role::Fallback(0, 0);
     }
     slot.stage = Stage::Fallback;
 }

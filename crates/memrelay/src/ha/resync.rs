@@ -18,6 +18,12 @@
 //!
 //! Memory: the selected keys are kept in one byte arena (no allocation per
 //! key), bounded by `MAX_KEYS`.
+//!
+//! A reload replaces the [`Resync`] (its router picks the keys and their
+//! sources): runs under the old one stop at their next batch and are asked
+//! for again, so they start over under the new configuration, or end if
+//! their server is gone. A copy from a source that is no longer the key's
+//! replica could bring back a value a client has since deleted.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -26,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::backend::health::Health;
 use crate::router::Router;
@@ -40,6 +46,8 @@ const BATCH: usize = 200;
 const LOG_EVERY: Duration = Duration::from_secs(5);
 /// Longest a source or target may take to answer a batch.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Why a run stopped early when a reload replaced its configuration.
+const CANCELLED: &str = "cancelled by a reload";
 
 /// A resync's progress, per server, for `stats`.
 #[derive(Debug, Default)]
@@ -85,7 +93,8 @@ pub struct Node {
     pub health: Arc<Health>,
 }
 
-/// Everything a resync needs; shared by the manager and its runs.
+/// Everything a resync needs under one configuration; shared by the
+/// manager and its runs.
 #[derive(Debug)]
 pub struct Resync {
     pub router: Router,
@@ -100,6 +109,11 @@ pub struct Resync {
     pub max_value_len: usize,
     /// The longest a client write can be in flight (see `write_life`).
     pub write_life: Duration,
+    /// A server seen restarting is resynced (`--no-resync` not given, and
+    /// there are backups).
+    pub automatic: bool,
+    /// Set when a reload replaced this configuration.
+    cancel: watch::Sender<bool>,
 }
 
 /// The longest a client write can be in flight: an attempt on the primary
@@ -109,30 +123,105 @@ pub fn write_life(connect_timeout: Duration, timeout: Duration) -> Duration {
     (connect_timeout + timeout) * 3
 }
 
-/// Requests to resync a server (its index), from the prober and from the
-/// admin command on any worker.
-pub type Requests = mpsc::UnboundedSender<usize>;
+/// A request to resync a server, named (indexes change with a reload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub server: String,
+    /// From the prober, which saw the server restart: honoured only when
+    /// resync is automatic. False: an operator asked (`memrelay resync`).
+    pub automatic: bool,
+}
+
+/// Where resync requests go: from the probers and from the admin command
+/// on any worker, to the manager ([`serve`]).
+pub type Requests = mpsc::UnboundedSender<Request>;
+
+/// How a resync's runs ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    Done,
+    /// A reload replaced the configuration it ran under.
+    Cancelled,
+}
+
+/// The manager: starts a run for every request under the configuration
+/// current then, unless one is running for that server already. A run a
+/// reload interrupts is asked for again through `again`.
+pub async fn serve(
+    current: watch::Receiver<Arc<Resync>>,
+    mut requests: mpsc::UnboundedReceiver<Request>,
+    again: Requests,
+) {
+    while let Some(req) = requests.recv().await {
+        let me = current.borrow().clone();
+        if req.automatic && !me.automatic {
+            continue;
+        }
+        let Some(target) = me.nodes.iter().position(|n| n.name == req.server) else {
+            tracing::info!(server = %req.server, "not resynced: no longer configured");
+            continue;
+        };
+        let node = &me.nodes[target];
+        if node.health.resync.running.swap(true, Ordering::AcqRel) {
+            tracing::info!(server = %node.name, "resync already running");
+            continue;
+        }
+        let again = again.clone();
+        tokio::spawn(async move {
+            let ended = me.run_until_done(target).await;
+            if let Some(n) = me.nodes.get(target) {
+                n.health.resync.running.store(false, Ordering::Release);
+                n.health.touched.clear();
+            }
+            if ended == Ended::Cancelled {
+                let _ = again.send(req);
+            }
+        });
+    }
+}
 
 impl Resync {
-    /// The manager: starts a run for every request, unless one is running
-    /// for that server already.
-    pub async fn serve(self: Arc<Self>, mut requests: mpsc::UnboundedReceiver<usize>) {
-        while let Some(target) = requests.recv().await {
-            let Some(node) = self.nodes.get(target) else {
-                continue;
-            };
-            if node.health.resync.running.swap(true, Ordering::AcqRel) {
-                tracing::info!(server = %node.name, "resync already running");
-                continue;
-            }
-            let me = self.clone();
-            tokio::spawn(async move {
-                me.run_until_done(target).await;
-                if let Some(n) = me.nodes.get(target) {
-                    n.health.resync.running.store(false, Ordering::Release);
-                    n.health.touched.clear();
-                }
-            });
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        router: Router,
+        nodes: Vec<Node>,
+        nprimaries: usize,
+        rate: u64,
+        connect_timeout: Duration,
+        max_value_len: usize,
+        write_life: Duration,
+        automatic: bool,
+    ) -> Resync {
+        Resync {
+            router,
+            nodes,
+            nprimaries,
+            rate,
+            connect_timeout,
+            max_value_len,
+            write_life,
+            automatic,
+            cancel: watch::channel(false).0,
+        }
+    }
+
+    /// A reload replaced this configuration: its runs stop at their next
+    /// batch (the one under way completes: its copies are guarded like any
+    /// other) and are asked for again.
+    pub fn cancel(&self) {
+        self.cancel.send_replace(true);
+    }
+
+    fn cancelled(&self) -> bool {
+        *self.cancel.borrow()
+    }
+
+    /// Sleeps for `d`, or less if the run is cancelled meanwhile.
+    async fn pause(&self, d: Duration) {
+        let mut rx = self.cancel.subscribe();
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = rx.wait_for(|&c| c) => {}
         }
     }
 
@@ -146,18 +235,29 @@ impl Resync {
         }
     }
 
-    async fn run_until_done(&self, target: usize) {
+    async fn run_until_done(&self, target: usize) -> Ended {
         let node = &self.nodes[target];
         let p = &node.health.resync;
         let mut backoff = Duration::from_secs(1);
         loop {
-            // A server that is down cannot take copies: wait for it.
-            while node.health.is_down() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            // A server that is down cannot take copies, and one waiting to
+            // be flushed would lose them: wait for it.
+            while node.health.is_down() || node.health.missed.is_overflowed() {
+                if self.cancelled() {
+                    p.state.store(0, Ordering::Relaxed);
+                    return Ended::Cancelled;
+                }
+                self.pause(Duration::from_millis(200)).await;
             }
             p.state.store(1, Ordering::Relaxed);
             p.runs.fetch_add(1, Ordering::Relaxed);
-            match self.run(target).await {
+            let result = self.run(target).await;
+            if self.cancelled() {
+                p.state.store(0, Ordering::Relaxed);
+                tracing::info!(server = %node.name, "resync interrupted by a reload");
+                return Ended::Cancelled;
+            }
+            match result {
                 Ok(()) => {
                     p.state.store(2, Ordering::Relaxed);
                     tracing::warn!(
@@ -167,13 +267,13 @@ impl Resync {
                         skipped = p.skipped.load(Ordering::Relaxed),
                         "resync finished"
                     );
-                    return;
+                    return Ended::Done;
                 }
                 Err(e) => {
                     p.state.store(3, Ordering::Relaxed);
                     p.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(server = %node.name, error = %e, retry_in = ?backoff, "resync failed; it will start over");
-                    tokio::time::sleep(backoff).await;
+                    self.pause(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
             }
@@ -209,11 +309,17 @@ impl Resync {
         let started = Instant::now();
         let mut last_log = Instant::now();
         for &source in &sources {
+            if self.cancelled() {
+                return Err(CANCELLED.into());
+            }
             let src = &self.nodes[source];
             let keys = self.select_keys(src, target, tier).await?;
             let mut from = connect(src.addr, self.connect_timeout).await?;
             let mut to = connect(node.addr, self.connect_timeout).await?;
             for batch in keys.chunks(BATCH) {
+                if self.cancelled() {
+                    return Err(CANCELLED.into());
+                }
                 let batch_started = Instant::now();
                 // While a key is being copied the target does not serve it:
                 // a client's delete landing between our read of the source
@@ -251,15 +357,20 @@ impl Resync {
                         return Err(e);
                     }
                 };
-                let mut n_copied = 0u64;
-                for k in &landed {
-                    if node.health.touched.contains(k) {
-                        // A client wrote this key during the resync: the
-                        // copy may be older.
+                // A client wrote these keys during the resync: the copy
+                // may be older than the write. The target does not serve
+                // them yet (they are in `copying`): delete each copy that
+                // no client write has replaced since it landed.
+                let (touched, fresh): (Vec<_>, Vec<_>) = landed
+                    .iter()
+                    .partition(|(k, _)| node.health.touched.contains(k));
+                let n_copied = fresh.len() as u64;
+                if let Err(e) = unstore(&mut to, &touched, self.max_value_len).await {
+                    for (k, _) in &touched {
                         invalidate(k);
-                    } else {
-                        n_copied += 1;
                     }
+                    settle_copying(&node.health, &batch);
+                    return Err(e);
                 }
                 settle_copying(&node.health, &batch);
                 p.copied.fetch_add(n_copied, Ordering::Relaxed);
@@ -310,6 +421,9 @@ impl Resync {
         let mut chunk = vec![0u8; 64 * 1024];
         let mut decoded = Vec::with_capacity(256);
         loop {
+            if self.cancelled() {
+                return Err(CANCELLED.into());
+            }
             let n = tokio::time::timeout(IO_TIMEOUT, conn.read(&mut chunk))
                 .await
                 .map_err(|_| format!("{}: metadump timed out", src.name))?
@@ -487,11 +601,13 @@ async fn fetch<'a>(
 
 /// `ms <key> <len> F T ME` for a batch, pipelined: (copied, skipped because
 /// the target already had a value).
+/// Adds the items to the target; returns the keys whose copy landed, with
+/// the CAS value memcached gave each copy.
 async fn store<'a>(
     conn: &mut TcpStream,
     items: &[Item<'a>],
     max_value: usize,
-) -> Result<Vec<&'a [u8]>, String> {
+) -> Result<Vec<(&'a [u8], u64)>, String> {
     if items.is_empty() {
         return Ok(Vec::new());
     }
@@ -501,7 +617,7 @@ async fn store<'a>(
         let b64 = put_key(&mut req, it.key);
         req.extend_from_slice(
             format!(
-                " {} F{} T{} ME{}\r\n",
+                " {} F{} T{} ME c{}\r\n",
                 it.value.len(),
                 it.flags,
                 it.ttl,
@@ -518,7 +634,17 @@ async fn store<'a>(
     for it in items {
         let reply = reader.next(conn).await?;
         if reply.starts_with(b"HD") {
-            landed.push(it.key);
+            let cas = reply
+                .split(|&b| b == b' ' || b == b'\r')
+                .find_map(|t| t.strip_prefix(b"c"))
+                .and_then(|c| std::str::from_utf8(c).ok()?.parse().ok())
+                .ok_or_else(|| {
+                    format!(
+                        "a copy's reply has no CAS value: {}",
+                        String::from_utf8_lossy(&reply)
+                    )
+                })?;
+            landed.push((it.key, cas));
         } else if !reply.starts_with(b"NS") {
             return Err(format!(
                 "unexpected reply to a copy: {}",
@@ -527,6 +653,41 @@ async fn store<'a>(
         }
     }
     Ok(landed)
+}
+
+/// Deletes copies that may be older than a client's write, each only if it
+/// is still exactly the copy (its CAS unchanged): a client write that
+/// reached the target since the copy landed (the source down, writes
+/// failing over to the target) is kept. Returns how many were deleted.
+async fn unstore(
+    conn: &mut TcpStream,
+    copies: &[(&[u8], u64)],
+    max_value: usize,
+) -> Result<usize, String> {
+    if copies.is_empty() {
+        return Ok(0);
+    }
+    let mut req = Vec::with_capacity(copies.len() * 64);
+    for (key, cas) in copies {
+        req.extend_from_slice(b"md ");
+        let b64 = put_key(&mut req, key);
+        req.extend_from_slice(format!(" C{cas}{}\r\n", if b64 { " b" } else { "" }).as_bytes());
+    }
+    write_timed(conn, &req).await?;
+    let mut reader = Replies::new(max_value);
+    let mut deleted = 0;
+    for _ in copies {
+        let reply = reader.next(conn).await?;
+        if reply.starts_with(b"HD") {
+            deleted += 1;
+        } else if !reply.starts_with(b"EX") && !reply.starts_with(b"NF") {
+            return Err(format!(
+                "unexpected reply to a conditional delete: {}",
+                String::from_utf8_lossy(&reply)
+            ));
+        }
+    }
+    Ok(deleted)
 }
 
 /// Writes a whole request, bounded like the reads: a server that stops

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::Listen;
-use crate::proxy::{session, Worker};
+use crate::proxy::{session, WorkerThread};
 
 /// The byte streams memrelay talks over (TCP, unix sockets), through
 /// tokio's readiness API: no futures per read or write, and no system call
@@ -177,9 +177,8 @@ impl BoundListener {
     /// socket are accepted and served first, then the listener is closed.
     pub async fn accept_loop(
         self,
-        worker: Rc<Worker>,
+        worker: Rc<WorkerThread>,
         conns: Arc<AtomicUsize>,
-        max_conns: usize,
         mut stop: tokio::sync::watch::Receiver<u8>,
     ) {
         match self {
@@ -193,7 +192,7 @@ impl BoundListener {
                         r = l.accept() => match r {
                             Ok((s, _)) => {
                                 let _ = s.set_nodelay(true);
-                                admit(s, &worker, &conns, max_conns);
+                                admit(s, &worker, &conns);
                             }
                             Err(e) => backoff_on_accept_error(e).await,
                         },
@@ -214,7 +213,7 @@ impl BoundListener {
                                 .await;
                                 let Some(Ok((s, _))) = next else { break };
                                 let _ = s.set_nodelay(true);
-                                admit(s, &worker, &conns, max_conns);
+                                admit(s, &worker, &conns);
                             }
                             return;
                         }
@@ -229,7 +228,7 @@ impl BoundListener {
                 loop {
                     tokio::select! {
                         r = l.accept() => match r {
-                            Ok((s, _)) => admit(s, &worker, &conns, max_conns),
+                            Ok((s, _)) => admit(s, &worker, &conns),
                             Err(e) => backoff_on_accept_error(e).await,
                         },
                         _ = stop.changed() => return,
@@ -246,25 +245,28 @@ async fn backoff_on_accept_error(e: io::Error) {
     tokio::time::sleep(Duration::from_millis(20)).await;
 }
 
-/// Starts a session for a new client, or turns it away over the limit.
-fn admit<S>(s: S, worker: &Rc<Worker>, conns: &Arc<AtomicUsize>, max_conns: usize)
+/// Starts a session for a new client, or turns it away over the limit
+/// (`-n` of the configuration current now).
+fn admit<S>(s: S, worker: &Rc<WorkerThread>, conns: &Arc<AtomicUsize>)
 where
     S: Stream + 'static,
 {
+    let max_conns = worker.current().max_conns;
+    let stats = &worker.ctx.stats;
     if conns.fetch_add(1, Ordering::AcqRel) >= max_conns {
         conns.fetch_sub(1, Ordering::AcqRel);
-        worker.stats.rejected_connections.incr();
+        stats.rejected_connections.incr();
         // Best effort, like memcached: one write, then close.
         let _ = s.try_write_vectored(&[io::IoSlice::new(TOO_MANY)]);
         return;
     }
-    worker.stats.curr_connections.incr();
-    worker.stats.total_connections.incr();
+    stats.curr_connections.incr();
+    stats.total_connections.incr();
     let worker = worker.clone();
     let conns = conns.clone();
     tokio::task::spawn_local(async move {
         session::serve(s, worker.clone()).await;
-        worker.stats.curr_connections.sub(1);
+        worker.ctx.stats.curr_connections.sub(1);
         conns.fetch_sub(1, Ordering::AcqRel);
     });
 }

@@ -9,12 +9,12 @@
 use std::rc::Rc;
 
 use bytes::Bytes;
-use memrelay_protocol::{compose, Command, Expect, Request};
+use memrelay_protocol::{compose, Command, Expect, Request, ResponseKind};
 
 use super::session::Inbox;
 use super::slot::{Local, Part, Slot, Stage};
 use super::Worker;
-use crate::backend::ReplyTo;
+use crate::backend::{BackendReply, ReplyTo};
 use crate::ha;
 
 /// memcached's answer to `version`, with ours after it: clients parse the
@@ -62,7 +62,7 @@ pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, frame: Bytes, req: Request
                     part: i as u32,
                 };
                 let queued = server.send(Expect::Ok, reply, |b| compose::flush_all(b, delay), None);
-                slot.push_part(Part::new(server.index), queued);
+                slot.push_part(Part::new(i), queued);
             }
         }
         Command::MetaGet | Command::MetaDebug => {
@@ -80,7 +80,7 @@ pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, frame: Bytes, req: Request
         Command::Quit => slot.local = Some(Local::Close(b"")),
         Command::MetaNoop => slot.local = Some(Local::Static(b"MN\r\n")),
         Command::Stats => slot.local = Some(stats(w, &slot.frame, &req)),
-        Command::Admin => slot.local = Some(admin(w, &slot.frame, &req)),
+        Command::Admin => admin(w, inbox, seq, &mut slot, &req),
     }
     slot
 }
@@ -110,7 +110,7 @@ pub fn advance(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot) {
         Stage::Fallback if req.command.is_meta() => ha::read::after_meta_fallback(w, slot, &req),
         Stage::Read => ha::read::after_round_one(w, inbox, seq, slot, &req),
         Stage::Fallback => ha::read::after_fallback(w, inbox, seq, slot, &req),
-        Stage::Repair => ha::read::after_repair(w, slot),
+        Stage::Repair => ha::read::after_repair(w, slot, &req),
         Stage::Write { tier } => ha::write::advance(w, inbox, seq, slot, &req, tier as usize),
         Stage::Mirror => ha::write::after_mirrors(w, inbox, seq, slot, &req),
     }
@@ -130,29 +130,90 @@ pub fn unlink(w: &Worker, frame: &Bytes, key: &[u8]) {
 
 /// `memrelay <subcommand>`: the proxy's own administration.
 /// - `memrelay resync <host:port>`: copy that server's items back from the
-///   other tier (a primary from the backups, a backup from the primaries).
-fn admin(w: &Worker, frame: &[u8], req: &Request) -> Local {
-    let args = req.args.of(frame);
+///   other tier (a primary from the backups, a backup from the primaries);
+/// - `memrelay reload`: read the configuration again, as SIGHUP does; the
+///   answer (`OK`, or `SERVER_ERROR reload failed: <why>`) comes once every
+///   worker runs the new configuration, or the old one is kept.
+fn admin(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+    let args = req.args.of(&slot.frame);
     let mut toks = args.split(|&b| b == b' ').filter(|t| !t.is_empty());
-    match (toks.next(), toks.next(), toks.next()) {
-        (Some(b"resync"), Some(name), None) => {
-            let Some(requests) = &w.resync else {
-                return Local::Static(
-                    b"CLIENT_ERROR nothing to resync from: no backups configured\r\n",
-                );
-            };
-            let Some(server) = w.servers.iter().find(|s| s.name.as_bytes() == name) else {
-                return Local::Static(
-                    b"CLIENT_ERROR no such server (use host:port as configured)\r\n",
-                );
-            };
-            match requests.send(server.index) {
-                Ok(()) => Local::Static(b"OK\r\n"),
-                Err(_) => Local::Static(b"SERVER_ERROR resync is not available\r\n"),
+    let local = match (toks.next(), toks.next(), toks.next()) {
+        (Some(b"resync"), Some(name), None) => resync(w, name),
+        (Some(b"reload"), None, None) => match reload(w, inbox, seq) {
+            Ok(()) => {
+                slot.push_part(Part::new(0), Ok(()));
+                return;
             }
+            Err(reply) => reply,
+        },
+        _ => {
+            Local::Static(b"CLIENT_ERROR usage: memrelay resync <host:port> | memrelay reload\r\n")
         }
-        _ => Local::Static(b"CLIENT_ERROR usage: memrelay resync <host:port>\r\n"),
+    };
+    slot.local = Some(local);
+}
+
+fn resync(w: &Worker, name: &[u8]) -> Local {
+    let Some(requests) = &w.resync else {
+        return Local::Static(b"CLIENT_ERROR nothing to resync from: no backups configured\r\n");
+    };
+    let Some(server) = w.servers.iter().find(|s| s.name.as_bytes() == name) else {
+        return Local::Static(b"CLIENT_ERROR no such server (use host:port as configured)\r\n");
+    };
+    let request = crate::ha::resync::Request {
+        server: server.name.clone(),
+        automatic: false,
+    };
+    match requests.send(request) {
+        Ok(()) => Local::Static(b"OK\r\n"),
+        Err(_) => Local::Static(b"SERVER_ERROR resync is not available\r\n"),
     }
+}
+
+/// Asks the main thread to reload; its answer is delivered to the slot as
+/// the reply of part 0 (see `reply::render`).
+fn reload(w: &Worker, inbox: &Rc<Inbox>, seq: u64) -> Result<(), Local> {
+    const UNAVAILABLE: &[u8] = b"SERVER_ERROR reload failed: reloading is not available\r\n";
+    let Some(requests) = &w.reload else {
+        return Err(Local::Static(UNAVAILABLE));
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if requests
+        .send(crate::topology::ReloadRequest { reply })
+        .is_err()
+    {
+        return Err(Local::Static(UNAVAILABLE));
+    }
+    let to = ReplyTo {
+        sink: inbox.clone(),
+        token: seq,
+        part: 0,
+    };
+    tokio::task::spawn_local(async move {
+        let (kind, line) = match answer.await {
+            Ok(Ok(())) => (ResponseKind::Ok, "OK\r\n".to_string()),
+            Ok(Err(why)) => (
+                ResponseKind::Error,
+                format!("SERVER_ERROR reload failed: {}\r\n", one_line(&why)),
+            ),
+            Err(_) => (
+                ResponseKind::Error,
+                String::from_utf8_lossy(UNAVAILABLE).into(),
+            ),
+        };
+        to.deliver(Ok(BackendReply {
+            kind,
+            bytes: Bytes::from(line),
+        }));
+    });
+    Ok(())
+}
+
+/// A reason fit for one reply line.
+fn one_line(why: &str) -> String {
+    why.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// `stats`, `stats reset`, `stats servers`; anything else is memcached's

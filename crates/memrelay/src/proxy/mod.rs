@@ -5,31 +5,39 @@
 //! - [`dispatch`]: one request -> the sub-requests sent to servers;
 //! - [`reply`]: the sub-replies -> the bytes the client gets.
 //!
-//! A [`Worker`] is everything one worker thread shares among its sessions:
-//! the routing table, its own connections to every server, its counters.
+//! A [`Worker`] is what one worker thread's sessions dispatch with under one
+//! configuration: the routing table, the thread's connections to every
+//! server, the limits and policies. It is immutable; a reload builds a new
+//! one ([`Worker::build`]) and the [`WorkerThread`] swaps it in between
+//! requests (see `crate::topology` for the barrier). A request keeps the
+//! `Worker` it started with until it is answered.
 
 pub mod dispatch;
 pub mod reply;
 pub mod session;
 pub mod slot;
 
-use std::rc::Rc;
+use std::cell::{Cell, RefCell};
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
+use std::time::Instant;
 
 use memrelay_protocol::Limits;
 
-use crate::backend::{BackendResult, ServerPool, Sink};
+use crate::backend::{BackendResult, BackendSettings, ServerPool, Sink};
 use crate::ha::mirror::Mirror;
 use crate::router::Router;
 use crate::stats::{StatsRegistry, WorkerStats};
+use crate::topology::{ReloadRequests, Topology, WorkerEvent, WorkerEvents};
 
-/// Per-thread state shared by that thread's sessions.
+/// One worker thread's view of one configuration.
 #[derive(Debug)]
 pub struct Worker {
-    pub id: usize,
+    /// The configuration's generation (see `Topology`).
+    pub generation: u64,
     pub router: Router,
     /// Primaries then backups, indexed like `Config::servers`.
-    pub servers: Rc<[ServerPool]>,
+    pub servers: Rc<[Rc<ServerPool>]>,
     pub limits: Limits,
     /// Ask the backup when the primary misses.
     pub miss_fallback: bool,
@@ -40,31 +48,180 @@ pub struct Worker {
     /// Clients must authenticate first (`--auth-file`).
     pub auth: Option<Arc<crate::config::auth::Credentials>>,
     pub client_limits: ClientLimits,
+    /// `-n`: client connections accepted at once (over every worker).
+    pub max_conns: usize,
+    /// The timeouts and bounds of server connections under this
+    /// configuration (installed in the thread's shared copy).
+    pub backend: BackendSettings,
     /// Where `memrelay resync` requests go (None without backups).
     pub resync: Option<crate::ha::resync::Requests>,
-    /// Set on SIGTERM (or a hand-over) to when the drain began: sessions
-    /// finish what they were sent, then close (see `session::DRAIN_QUIET`).
-    pub draining: std::cell::Cell<Option<std::time::Instant>>,
-    /// Every session's inbox, to wake idle sessions when draining starts.
-    pub sessions: std::cell::RefCell<Vec<std::rc::Weak<session::Inbox>>>,
+    /// Where `memrelay reload` requests go.
+    pub reload: Option<ReloadRequests>,
     /// Background writes to backups (mirrors, repairs).
     pub mirror: Rc<Mirror>,
     pub stats: Arc<WorkerStats>,
     pub registry: Arc<StatsRegistry>,
     /// Where replies nobody waits for go (clean-up deletes).
     pub discard: Rc<Discard>,
+    /// Told when this `Worker` is dropped: its last request is done.
+    events: Option<WorkerEvents>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(events) = &self.events {
+            let _ = events.send(WorkerEvent::Retired {
+                generation: self.generation,
+            });
+        }
+    }
+}
+
+/// What a worker thread keeps whatever the configuration.
+#[derive(Debug)]
+pub struct ThreadContext {
+    pub id: usize,
+    pub stats: Arc<WorkerStats>,
+    pub registry: Arc<StatsRegistry>,
+    pub resync: crate::ha::resync::Requests,
+    pub reload: Option<ReloadRequests>,
+    pub events: Option<WorkerEvents>,
+    pub discard: Rc<Discard>,
+    /// The thread's server-connection settings, read by every connection
+    /// at each use: installing a configuration changes them in place.
+    pub backend: Rc<Cell<BackendSettings>>,
 }
 
 impl Worker {
+    /// This thread's view of `topo`. The connection pools of `previous`
+    /// are reused for every server that stays (same name, same address,
+    /// same health), so a key's requests keep their connection.
+    pub fn build(ctx: &ThreadContext, topo: &Topology, previous: Option<&Worker>) -> Worker {
+        let cfg = &topo.config;
+        let servers: Rc<[Rc<ServerPool>]> = cfg
+            .servers()
+            .zip(&topo.health)
+            .map(|(s, health)| {
+                let kept = previous.and_then(|p| {
+                    p.servers.iter().find(|pool| {
+                        pool.name == s.name
+                            && pool.addr() == s.addr
+                            && Arc::ptr_eq(pool.health(), health)
+                    })
+                });
+                match kept {
+                    Some(pool) => pool.clone(),
+                    None => Rc::new(ServerPool::new(
+                        s.name.clone(),
+                        s.addr,
+                        cfg.backend_conns,
+                        health.clone(),
+                        ctx.backend.clone(),
+                    )),
+                }
+            })
+            .collect();
+        Worker {
+            generation: topo.generation,
+            router: topo.router.clone(),
+            mirror: Mirror::new(servers.clone(), ctx.stats.clone()),
+            servers,
+            limits: cfg.limits.clone(),
+            miss_fallback: cfg.miss_fallback,
+            auto_eject: cfg.auto_eject,
+            flush_enabled: cfg.flush_enabled,
+            auth: cfg.auth.clone(),
+            client_limits: ClientLimits {
+                max_pipeline: cfg.max_pipeline,
+                max_buffer: cfg.max_client_buffer,
+                max_reply: cfg.max_reply_size,
+                idle_timeout: cfg.idle_timeout,
+            },
+            max_conns: cfg.max_conns,
+            backend: BackendSettings::of(cfg),
+            resync: (!cfg.backups.is_empty()).then(|| ctx.resync.clone()),
+            reload: ctx.reload.clone(),
+            stats: ctx.stats.clone(),
+            registry: ctx.registry.clone(),
+            discard: ctx.discard.clone(),
+            events: ctx.events.clone(),
+        }
+    }
+}
+
+/// One worker thread: its sessions, and the configuration they use now.
+#[derive(Debug)]
+pub struct WorkerThread {
+    pub ctx: ThreadContext,
+    /// Set on SIGTERM (or a hand-over) to when the drain began: sessions
+    /// finish what they were sent, then close (see `session::DRAIN_QUIET`).
+    pub draining: Cell<Option<Instant>>,
+    /// Every session's inbox, to wake sessions when draining starts or a
+    /// configuration is installed.
+    pub sessions: RefCell<Vec<Weak<session::Inbox>>>,
+    /// The configuration new requests use.
+    current: RefCell<Rc<Worker>>,
+    /// Its generation, for sessions to compare theirs with (one load).
+    generation: Cell<u64>,
+    /// Between the two phases of a swap: sessions start no new request.
+    paused: Cell<bool>,
+}
+
+impl WorkerThread {
+    pub fn new(ctx: ThreadContext, topo: &Topology) -> WorkerThread {
+        let worker = Worker::build(&ctx, topo, None);
+        ctx.backend.set(worker.backend);
+        WorkerThread {
+            ctx,
+            draining: Cell::new(None),
+            sessions: RefCell::new(Vec::new()),
+            generation: Cell::new(worker.generation),
+            current: RefCell::new(Rc::new(worker)),
+            paused: Cell::new(false),
+        }
+    }
+
+    /// The configuration new requests use.
+    pub fn current(&self) -> Rc<Worker> {
+        self.current.borrow().clone()
+    }
+
+    /// Whether `w` is still the configuration new requests use.
+    #[inline]
+    pub fn is_current(&self, w: &Worker) -> bool {
+        w.generation == self.generation.get()
+    }
+
+    /// Whether sessions may start new requests.
+    #[inline]
+    pub fn is_paused(&self) -> bool {
+        self.paused.get()
+    }
+
+    /// Phase one of a swap: build this thread's view of `topo` and stop
+    /// starting requests until [`install`](Self::install).
+    pub fn prepare(&self, topo: &Topology) -> Worker {
+        let next = Worker::build(&self.ctx, topo, Some(&self.current()));
+        self.paused.set(true);
+        next
+    }
+
+    /// Phase two: new requests use `next`; sessions are woken to pick it up
+    /// (an idle one lets go of the old configuration, so that connections
+    /// only it used can close).
+    pub fn install(&self, next: Worker) {
+        self.ctx.backend.set(next.backend);
+        self.generation.set(next.generation);
+        *self.current.borrow_mut() = Rc::new(next);
+        self.paused.set(false);
+        self.wake_sessions();
+    }
+
     /// Starts draining: every session answers what it is sent until it goes
     /// quiet (or for at most `DRAIN_BUSY`), then closes.
     pub fn drain(&self) {
-        self.draining.set(Some(std::time::Instant::now()));
-        for inbox in self.sessions.borrow_mut().drain(..) {
-            if let Some(inbox) = inbox.upgrade() {
-                inbox.wake();
-            }
-        }
+        self.draining.set(Some(Instant::now()));
+        self.wake_sessions();
     }
 
     /// Asks every session idle since the last sweep to give its buffers
@@ -83,7 +240,18 @@ impl Worker {
         asked
     }
 
-    /// Remembers a session so `drain` can reach it.
+    fn wake_sessions(&self) {
+        let mut sessions = self.sessions.borrow_mut();
+        sessions.retain(|s| match s.upgrade() {
+            Some(inbox) => {
+                inbox.wake();
+                true
+            }
+            None => false,
+        });
+    }
+
+    /// Remembers a session so `drain` and `install` can reach it.
     pub fn register(&self, inbox: &Rc<session::Inbox>) {
         let mut sessions = self.sessions.borrow_mut();
         if sessions.len() >= 64 && sessions.len() == sessions.capacity() {

@@ -37,6 +37,12 @@ pub fn render(w: &Worker, slot: Slot, out: &mut OutQueue) -> bool {
             ha::read::render(w, &slot, &req, out)
         }
         Command::FlushAll => flush_all(w, &slot, &req, out),
+        // `memrelay reload`: the main thread's answer, as it came.
+        Command::Admin => {
+            if let Some(Some(Ok(reply))) = slot.parts.first().map(|p| &p.result) {
+                out.put_bytes(reply.bytes.clone());
+            }
+        }
         Command::MetaGet | Command::MetaDebug => ha::read::render_meta(w, &slot, &req, out),
         _ => {
             // Writes: the answer of the replica that took it last.

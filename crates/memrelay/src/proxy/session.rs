@@ -17,6 +17,11 @@
 //! is dropped and the read answered `SERVER_ERROR out of memory writing get
 //! response` (memcached's words when it cannot buffer a get). So a client
 //! that never reads holds at most that much, plus a few bytes per write.
+//!
+//! Reloads: the session takes up the thread's current configuration before
+//! each request it starts (and when woken), and starts none while a swap is
+//! between its two phases. Each slot keeps the configuration its request
+//! started under.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -31,7 +36,7 @@ use tokio::io::Interest;
 use super::dispatch::{advance, start};
 use super::reply::render;
 use super::slot::{Local, Slot, Stage};
-use super::Worker;
+use super::{Worker, WorkerThread};
 use crate::backend::{BackendError, BackendResult, Failure, Sink};
 use crate::net::notify::LocalNotify;
 use crate::net::outqueue::OutQueue;
@@ -174,12 +179,14 @@ impl Sink for Inbox {
 }
 
 /// Serves one client until it leaves, errs, or is told to close.
-pub async fn serve<S: Stream>(stream: S, worker: Rc<Worker>) {
+pub async fn serve<S: Stream>(stream: S, thread: Rc<WorkerThread>) {
+    let worker = thread.current();
     let inbox = Rc::new(Inbox::new(&worker.client_limits));
-    worker.register(&inbox);
+    thread.register(&inbox);
     let open = worker.auth.is_none();
     let mut s = Session {
         worker,
+        thread,
         inbox,
         rbuf: BytesMut::new(),
         out: OutQueue::new(),
@@ -200,6 +207,8 @@ pub async fn serve<S: Stream>(stream: S, worker: Rc<Worker>) {
 }
 
 struct Session {
+    thread: Rc<WorkerThread>,
+    /// The configuration of the requests this session starts.
     worker: Rc<Worker>,
     inbox: Rc<Inbox>,
     rbuf: BytesMut,
@@ -226,7 +235,8 @@ struct Session {
 impl Session {
     async fn run<S: Stream>(&mut self, stream: &S) {
         loop {
-            let draining = self.worker.draining.get();
+            self.take_up_reload();
+            let draining = self.thread.draining.get();
             if self.inbox.release.take() {
                 self.release_if_idle();
             }
@@ -254,7 +264,7 @@ impl Session {
             if self.out.is_empty() && (self.close_after_flush || (finished && outstanding == 0)) {
                 return;
             }
-            let can_read = !finished && self.may_dispatch();
+            let can_read = !finished && !self.thread.is_paused() && self.may_dispatch();
             // Replies are delivered only while the session waits below.
             self.inbox.unsent.set(self.out.len());
             let interest = match (can_read, !self.out.is_empty()) {
@@ -325,10 +335,13 @@ impl Session {
             if !matches!(slot.stage, Stage::Write { tier: 0 } | Stage::Mirror) {
                 continue;
             }
+            // Server indexes mean what they meant under the slot's own
+            // configuration.
+            let w = slot.worker.as_deref().unwrap_or(&self.worker);
             let key = crate::ha::route_key(&slot.frame, req);
             for tier in 1..replicas.len() {
                 if let Some(server) = replicas.get(tier) {
-                    self.worker.servers[server].health().missed.record(&key);
+                    w.servers[server].health().missed.record(&key);
                 }
             }
         }
@@ -408,9 +421,23 @@ impl Session {
             && self.out.len() + self.inbox.held.get() < limits.max_buffer
     }
 
+    /// Uses the thread's current configuration for the requests to come.
+    #[inline]
+    fn take_up_reload(&mut self) {
+        if !self.thread.is_current(&self.worker) {
+            self.worker = self.thread.current();
+        }
+    }
+
     /// Parses and dispatches every complete request in the read buffer.
     fn process(&mut self) {
         while !self.closing {
+            if self.thread.is_paused() {
+                // A swap is under way: the rest waits for it (the install
+                // wakes this session).
+                return;
+            }
+            self.take_up_reload();
             if self.swallow > 0 {
                 let n = self.swallow.min(self.rbuf.len());
                 let _ = self.rbuf.split_to(n);
@@ -436,6 +463,7 @@ impl Session {
                     let seq = self.next_seq;
                     self.next_seq += 1;
                     let mut slot = start(&self.worker, &self.inbox, seq, frame, req);
+                    slot.worker = Some(self.worker.clone());
                     // Sub-requests that failed at once (servers down) leave
                     // the slot ready for its next step right away.
                     while slot.pending == 0 && slot.stage != Stage::Done {
@@ -522,8 +550,9 @@ impl Session {
                 else {
                     continue;
                 };
+                let w = slot.worker.clone().unwrap_or_else(|| self.worker.clone());
                 while slot.pending == 0 && slot.stage != Stage::Done {
-                    advance(&self.worker, &self.inbox, seq, slot);
+                    advance(&w, &self.inbox, seq, slot);
                 }
             }
             self.ready.clear();
@@ -542,9 +571,10 @@ impl Session {
                 self.inbox.base.set(self.inbox.base.get() + 1);
                 slots.pop_front()
             };
-            let Some(slot) = slot else { return };
+            let Some(mut slot) = slot else { return };
             self.inbox.held.set(self.inbox.held.get() - slot.held);
-            if render(&self.worker, slot, &mut self.out) {
+            let w = slot.worker.take().unwrap_or_else(|| self.worker.clone());
+            if render(&w, slot, &mut self.out) {
                 self.close_after_flush = true;
                 self.closing = true;
                 self.inbox.slots.borrow_mut().clear();

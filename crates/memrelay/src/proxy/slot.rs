@@ -7,10 +7,13 @@
 //! primary failed is sent to the backup. The session advances a slot each
 //! time all its pending parts are in, until it is `Done`.
 
+use std::rc::Rc;
+
 use bytes::Bytes;
 use memrelay_protocol::{Command, Request};
 use smallvec::SmallVec;
 
+use super::Worker;
 use crate::backend::{BackendError, BackendResult};
 use crate::router::Replicas;
 
@@ -19,13 +22,16 @@ use crate::router::Replicas;
 pub enum Role {
     /// The request itself, on the replica that takes it.
     Main,
-    /// A read's second round: key number `.0` looked up on a backup.
-    Fallback(u32),
+    /// A read's second round: key number `.0` looked up on a backup; `.1`
+    /// is how many keys its primary had been recorded as missing just
+    /// before (see `ha::read::after_repair`).
+    Fallback(u32, u64),
     /// A write copied to a backup; `Some(n)`: an `incr`/`decr` whose copy
     /// must reach the primary's number.
     Mirror(Option<u64>),
-    /// A backup hit written back to the primary (`add`).
-    Repair,
+    /// A backup hit (key number `key`) written back to the primary
+    /// (`add`); `seq` as in `Fallback`.
+    Repair { key: u32, seq: u64 },
     /// A delete of a backup's copy that disagreed with the primary.
     Compensate,
 }
@@ -99,6 +105,11 @@ pub struct Slot {
     pub started: std::time::Instant,
     /// Bytes of server replies held in `parts` (see `session::Inbox`).
     pub held: usize,
+    /// The configuration the request started under: its later stages use
+    /// it too, whatever a reload installed meanwhile (server indexes and
+    /// routing mean what they meant when it started). None for a reply the
+    /// proxy made at once.
+    pub worker: Option<Rc<Worker>>,
 }
 
 impl Slot {
@@ -114,6 +125,7 @@ impl Slot {
             local: None,
             started: std::time::Instant::now(),
             held: 0,
+            worker: None,
         }
     }
 
@@ -129,6 +141,7 @@ impl Slot {
             local: Some(local),
             started: std::time::Instant::now(),
             held: 0,
+            worker: None,
         }
     }
 

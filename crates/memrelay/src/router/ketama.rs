@@ -67,6 +67,12 @@ impl Continuum {
         None
     }
 
+    /// Every point on the circle, in order (a point is where an arc of
+    /// hashes ends; see `router::moves`).
+    pub fn points(&self) -> impl Iterator<Item = u32> + '_ {
+        self.points.iter().map(|p| p.0)
+    }
+
     /// The server index for a key hash.
     pub fn lookup(&self, hash: u32) -> usize {
         let i = self.points.partition_point(|p| p.0 < hash);

@@ -6,6 +6,9 @@
 //! are global: primaries first, then backups (see `Config::servers`).
 
 pub mod ketama;
+mod moves;
+
+pub use moves::{moves, Moves};
 
 use crate::config::{Config, HashKind, ServerAddr};
 
@@ -120,11 +123,15 @@ impl Router {
     }
 
     pub fn replicas(&self, key: &[u8]) -> Replicas {
+        self.replicas_of_hash(key_hash(self.kind, key))
+    }
+
+    /// The replicas of every key whose hash is `hash`.
+    fn replicas_of_hash(&self, hash: u32) -> Replicas {
         let mut r = Replicas {
             servers: [0; MAX_TIERS],
             len: 0,
         };
-        let hash = key_hash(self.kind, key);
         for (ring, offset) in &self.tiers {
             r.servers[r.len as usize] = (offset + ring.pick(hash)) as u16;
             r.len += 1;

@@ -134,6 +134,21 @@ fn render(r: &StatsRegistry) -> String {
             let _ = writeln!(out, "memrelay_{name}_total {v}");
         }
     }
+    for (name, help, v) in [
+        (
+            "reloads_total",
+            "Configurations reloaded (SIGHUP, memrelay reload).",
+            &r.reloads,
+        ),
+        (
+            "reload_failures_total",
+            "Reloads refused: the configuration was invalid, the running one kept.",
+            &r.reload_failures,
+        ),
+    ] {
+        metric(&mut out, name, "counter", help);
+        let _ = writeln!(out, "memrelay_{name} {}", v.load(Ordering::Relaxed));
+    }
     type Field = fn(&crate::backend::health::Health) -> u64;
     let per_server: [(&str, &str, &str, Field); 12] = [
         (
@@ -209,9 +224,10 @@ fn render(r: &StatsRegistry) -> String {
             |h| h.resync.eta.load(Ordering::Relaxed),
         ),
     ];
+    let servers = r.servers();
     for (name, kind, help, f) in per_server {
         metric(&mut out, name, kind, help);
-        for (addr, role, h) in &r.servers {
+        for (addr, role, h) in servers.iter() {
             let _ = writeln!(
                 out,
                 "memrelay_{name}{{server=\"{addr}\",role=\"{role}\"}} {}",

@@ -5,8 +5,8 @@
 //! writes: no locked instruction, no contention on the hot path. Readers
 //! (the `stats` command) sum every worker's counters.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::backend::health::Health;
@@ -182,24 +182,28 @@ worker_counters!(
     bytes_written,
 );
 
+/// A server as `stats` shows it: name, role (`primary` or `backup`), health.
+pub type ServerEntry = (String, &'static str, Arc<Health>);
+
 /// Process-wide facts and every worker's counters.
 #[derive(Debug)]
 pub struct StatsRegistry {
     pub started: Instant,
     pub started_unix: u64,
     pub threads: usize,
-    pub max_conns: usize,
+    /// `-n`, which a reload may change.
+    pub max_conns: AtomicUsize,
     pub workers: Vec<Arc<WorkerStats>>,
-    /// Per server (primaries then backups): name, role, health.
-    pub servers: Vec<(String, &'static str, Arc<Health>)>,
+    /// Primaries then backups, as configured now: a reload replaces the
+    /// list (read by `stats` and `/metrics`, never on the request path).
+    servers: RwLock<Arc<[ServerEntry]>>,
+    /// Configurations reloaded, and reloads refused (the running one kept).
+    pub reloads: AtomicU64,
+    pub reload_failures: AtomicU64,
 }
 
 impl StatsRegistry {
-    pub fn new(
-        threads: usize,
-        max_conns: usize,
-        servers: Vec<(String, &'static str, Arc<Health>)>,
-    ) -> StatsRegistry {
+    pub fn new(threads: usize, max_conns: usize, servers: Vec<ServerEntry>) -> StatsRegistry {
         StatsRegistry {
             started: Instant::now(),
             started_unix: SystemTime::now()
@@ -207,22 +211,39 @@ impl StatsRegistry {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             threads,
-            max_conns,
+            max_conns: AtomicUsize::new(max_conns),
             workers: (0..threads)
                 .map(|_| Arc::new(WorkerStats::default()))
                 .collect(),
-            servers,
+            servers: RwLock::new(servers.into()),
+            reloads: AtomicU64::new(0),
+            reload_failures: AtomicU64::new(0),
         }
+    }
+
+    /// The servers as configured now.
+    pub fn servers(&self) -> Arc<[ServerEntry]> {
+        // A panic while the lock was held cannot leave a half-written list
+        // (the write is one assignment).
+        self.servers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A reload changed the servers.
+    pub fn set_servers(&self, servers: Vec<ServerEntry>) {
+        *self.servers.write().unwrap_or_else(|p| p.into_inner()) = servers.into();
     }
 
     /// Why not every key can be served now, if so: a primary that is down
     /// with no backup up.
     pub fn unready(&self) -> Option<String> {
-        let backup_up = self
-            .servers
+        let servers = self.servers();
+        let backup_up = servers
             .iter()
             .any(|(_, role, h)| *role == "backup" && !h.is_down());
-        self.servers
+        servers
             .iter()
             .find(|(_, role, h)| *role == "primary" && h.is_down() && !backup_up)
             .map(|(name, _, _)| format!("primary {name} is down and no backup is up"))
@@ -256,7 +277,7 @@ impl StatsRegistry {
         stat("version", &crate::VERSION);
         stat("proxy", &"memrelay");
         stat("threads", &self.threads);
-        stat("max_connections", &self.max_conns);
+        stat("max_connections", &self.max_conns.load(Ordering::Relaxed));
         stat("allocations", &crate::alloc::allocations());
         let mut sums: Vec<(&'static str, u64)> = Vec::new();
         for w in &self.workers {
@@ -271,8 +292,14 @@ impl StatsRegistry {
         for (name, v) in &sums {
             stat(name, v);
         }
-        stat("servers", &self.servers.len());
-        for (i, (name, role, h)) in self.servers.iter().enumerate() {
+        stat("reloads", &self.reloads.load(Ordering::Relaxed));
+        stat(
+            "reload_failures",
+            &self.reload_failures.load(Ordering::Relaxed),
+        );
+        let servers = self.servers();
+        stat("servers", &servers.len());
+        for (i, (name, role, h)) in servers.iter().enumerate() {
             let state = if h.is_down() { "down" } else { "up" };
             stat(&format!("server:{i}:address"), name);
             stat(&format!("server:{i}:role"), role);

@@ -6,8 +6,10 @@
 #![allow(dead_code)]
 #![allow(clippy::panic, clippy::unwrap_used)]
 
+use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -137,6 +139,74 @@ fn drain_into(mut pipe: impl Read + Send + 'static, buf: Arc<Mutex<Vec<u8>>>) {
             }
         }
     });
+}
+
+/// A directory of its own for each test (configuration files), removed
+/// when dropped.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let dir =
+            std::env::temp_dir().join(format!("memrelay-config-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    /// Where `name` in the directory is.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// Writes `text` to `name` in the directory and returns its path.
+    pub fn file(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `stats` of a memcached or of the proxy, as a map. (The deadline allows
+/// for a proxy under a hostile load.)
+pub fn stats(addr: &str) -> HashMap<String, String> {
+    let mut c = Client::connect(addr);
+    c.set_deadline(Duration::from_secs(10));
+    let r = c.send_until(b"stats\r\n", |b| b.ends_with(b"END\r\n"));
+    assert_eq!(
+        r.end,
+        End::Complete,
+        "stats from {addr}: {}",
+        escape(&r.bytes)
+    );
+    parse_stats(&r.bytes)
+}
+
+/// A `stats` reply's `STAT name value` lines, as a map.
+pub fn parse_stats(reply: &[u8]) -> HashMap<String, String> {
+    String::from_utf8_lossy(reply)
+        .lines()
+        .filter_map(|l| {
+            let mut t = l.strip_prefix("STAT ")?.splitn(2, ' ');
+            Some((t.next()?.to_string(), t.next()?.to_string()))
+        })
+        .collect()
+}
+
+/// One number from `stats`.
+pub fn stat_u64(addr: &str, name: &str) -> u64 {
+    let s = stats(addr);
+    s.get(name)
+        .unwrap_or_else(|| panic!("stats of {addr} has no {name}: {s:?}"))
+        .parse()
+        .unwrap_or_else(|_| panic!("stats {name} of {addr} is not a number: {s:?}"))
 }
 
 // ---------------------------------------------------------------------------
@@ -504,6 +574,22 @@ impl Memrelay {
         if let Some(mut c) = self.child.take() {
             kill_and_reap(&mut c);
         }
+    }
+
+    /// SIGHUP: reload the configuration.
+    pub fn hangup(&self) {
+        signal(self.pid(), libc::SIGHUP);
+    }
+
+    /// Waits until the output holds `text` at least `n` times; panics with
+    /// the output after `deadline`.
+    pub fn wait_for_output(&self, text: &str, n: usize, deadline: Duration) {
+        let seen = wait_until(deadline, || self.output().matches(text).count() >= n);
+        assert!(
+            seen,
+            "{text:?} not logged {n} time(s) within {deadline:?}; output:\n{}",
+            self.output()
+        );
     }
 
     pub fn client(&self) -> Client {

@@ -1,0 +1,520 @@
+//! The configuration the workers run, and how a reload replaces it.
+//!
+//! A [`Topology`] is one configuration as the main thread built it: the
+//! settings, the routing table, and every server's shared health. It is
+//! immutable; a reload (SIGHUP, `memrelay reload`) builds a new one, reusing
+//! the health (down state, missed keys) of every server it keeps, by name.
+//! Each worker thread turns it into its own `proxy::Worker` (its connection
+//! pools, reused for the servers that stay) and swaps it in.
+//!
+//! The swap is a barrier in two phases, so that the reload is one point in
+//! the order of requests, the same on every thread:
+//! 1. *prepare*: every worker builds its new `Worker`, then stops starting
+//!    new requests (sessions keep reading replies, and requests already
+//!    started keep going), and says so;
+//! 2. *commit*: once every worker is paused, each installs its new `Worker`
+//!    and resumes. Requests started before use the old configuration to
+//!    the end (their `Slot` holds its `Worker`); requests after, the new.
+//!
+//! Without the barrier, a thread still on the old configuration could write
+//! a key to its old primary after another thread had written it, through
+//! the new configuration, to its new one: the new primary would then serve
+//! the older value. The pause lasts two messages between threads.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::backend::health::Health;
+use crate::backend::probe::ProbeTimeouts;
+use crate::config::{Config, ConfigError};
+use crate::ha::resync::{Node, Request, Requests, Resync};
+use crate::router::Router;
+use crate::stats::{ServerEntry, StatsRegistry};
+
+/// One configuration, as the workers run it.
+#[derive(Debug)]
+pub struct Topology {
+    /// 1 at start, one more at each reload.
+    pub generation: u64,
+    pub config: Arc<Config>,
+    pub router: Router,
+    /// Every server's health, in `config.servers()` order.
+    pub health: Vec<Arc<Health>>,
+}
+
+/// `memrelay reload` from a client: the main thread reloads and answers
+/// through `reply` (the reason, if the new configuration was refused).
+#[derive(Debug)]
+pub struct ReloadRequest {
+    pub reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// Where workers send reload requests (to the main thread).
+pub type ReloadRequests = tokio::sync::mpsc::UnboundedSender<ReloadRequest>;
+
+/// What a worker thread tells the main thread during and after a swap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerEvent {
+    /// Phase one done: the new configuration is built and the worker
+    /// starts no new request.
+    Prepared { worker: usize, generation: u64 },
+    /// Phase two done: the worker runs the new configuration.
+    Installed { worker: usize, generation: u64 },
+    /// The last request of an older configuration finished on one worker:
+    /// nothing there uses it any more (its dropped connections close).
+    Retired { generation: u64 },
+}
+
+/// Where workers send those events.
+pub type WorkerEvents = tokio::sync::mpsc::UnboundedSender<WorkerEvent>;
+
+/// How long the main thread waits for every worker at each phase of a swap.
+/// A worker answers as soon as its thread gets to run; this bound only
+/// matters if one is stuck, and then the swap goes on without it (logged).
+const PHASE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// One configured server as the main thread keeps it.
+#[derive(Debug)]
+struct Running {
+    name: String,
+    addr: SocketAddr,
+    role: &'static str,
+    health: Arc<Health>,
+    /// Its prober, aborted when a reload removes the server (or changes
+    /// its address, and starts another).
+    prober: JoinHandle<()>,
+}
+
+/// The ends of the channels a worker thread needs.
+#[derive(Debug, Clone)]
+pub struct WorkerLinks {
+    pub topology: watch::Receiver<Arc<Topology>>,
+    pub commit: watch::Receiver<u64>,
+    pub events: WorkerEvents,
+    pub reload: ReloadRequests,
+    pub resync: Requests,
+}
+
+/// The main thread's side: the configuration running now, each server's
+/// prober, and reloads.
+pub struct Control {
+    cfg: Arc<Config>,
+    generation: u64,
+    router: Router,
+    servers: Vec<Running>,
+    registry: Arc<StatsRegistry>,
+    workers: usize,
+    topology: watch::Sender<Arc<Topology>>,
+    commit: watch::Sender<u64>,
+    events: mpsc::UnboundedReceiver<WorkerEvent>,
+    /// Per generation, how many worker threads still run requests under it.
+    live: BTreeMap<u64, usize>,
+    probe_timeouts: watch::Sender<ProbeTimeouts>,
+    resync: watch::Sender<Arc<Resync>>,
+    resync_requests: Requests,
+    /// Reads the configuration again (the file and the command line).
+    reread: Box<dyn Fn() -> Result<Config, ConfigError>>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("generation", &self.generation)
+            .field("servers", &self.servers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Control {
+    /// Generation 1: `cfg` as the process starts with it. Probers and the
+    /// resync manager start on the current runtime (the main thread's).
+    /// Returns the channels for the workers and for reload requests.
+    pub fn start(
+        cfg: Config,
+        registry: Arc<StatsRegistry>,
+        reread: Box<dyn Fn() -> Result<Config, ConfigError>>,
+    ) -> (Control, WorkerLinks, mpsc::UnboundedReceiver<ReloadRequest>) {
+        let cfg = Arc::new(cfg);
+        let router = Router::new(&cfg);
+        let (resync_requests, resync_rx) = mpsc::unbounded_channel();
+        let (probe_timeouts, _) = watch::channel(probe_timeouts(&cfg));
+        let servers: Vec<Running> = cfg
+            .servers()
+            .zip(cfg.roles())
+            .map(|(s, role)| {
+                let health = Arc::new(Health::new(s.name.clone(), cfg.missed_keys_cap));
+                let prober = spawn_prober(&health, s.addr, &probe_timeouts, &resync_requests);
+                Running {
+                    name: s.name.clone(),
+                    addr: s.addr,
+                    role,
+                    health,
+                    prober,
+                }
+            })
+            .collect();
+        let health: Vec<Arc<Health>> = servers.iter().map(|s| s.health.clone()).collect();
+        registry.set_servers(entries(&servers));
+        let (resync, resync_current) = watch::channel(Arc::new(new_resync(&cfg, &router, &health)));
+        tokio::spawn(crate::ha::resync::serve(
+            resync_current,
+            resync_rx,
+            resync_requests.clone(),
+        ));
+        let (topology, topology_rx) = watch::channel(Arc::new(Topology {
+            generation: 1,
+            config: cfg.clone(),
+            router: router.clone(),
+            health,
+        }));
+        let (commit, commit_rx) = watch::channel(1);
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (reload_tx, reload_rx) = mpsc::unbounded_channel();
+        let workers = cfg.threads;
+        let control = Control {
+            cfg,
+            generation: 1,
+            router,
+            servers,
+            registry,
+            workers,
+            topology,
+            commit,
+            events,
+            live: BTreeMap::from([(1, workers)]),
+            probe_timeouts,
+            resync,
+            resync_requests: resync_requests.clone(),
+            reread,
+        };
+        let links = WorkerLinks {
+            topology: topology_rx,
+            commit: commit_rx,
+            events: events_tx,
+            reload: reload_tx,
+            resync: resync_requests,
+        };
+        (control, links, reload_rx)
+    }
+
+    /// The configuration running now.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.cfg
+    }
+
+    /// Reads the configuration again and, if it is valid, makes every
+    /// worker run it. Refused: the running configuration is kept, and the
+    /// reason logged (one line) and returned. `trigger` says who asked.
+    pub async fn reload(&mut self, trigger: &str) -> Result<(), String> {
+        let new = match (self.reread)() {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                self.registry
+                    .reload_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                let e = e.to_string();
+                let why = e.strip_prefix("memrelay: ").unwrap_or(&e).to_string();
+                tracing::error!(trigger, error = %why, "reload failed; the running configuration is kept");
+                return Err(why);
+            }
+        };
+        let (cfg, ignored) = self.cfg.keep_restart_only(new);
+        if !ignored.is_empty() {
+            tracing::warn!(
+                settings = %ignored.join(", "),
+                "restart to apply: these settings changed but only take effect at a restart"
+            );
+        }
+        let cfg = Arc::new(cfg);
+        let generation = self.generation + 1;
+        self.take_events();
+        let router = Router::new(&cfg);
+        let old_names: Vec<String> = self.servers.iter().map(|s| s.name.clone()).collect();
+        let new_names: Vec<String> = cfg.servers().map(|s| s.name.clone()).collect();
+        let moves = crate::router::moves(&self.router, &old_names, &router, &new_names);
+        // Requests of configurations older than the running one may still
+        // land copies of keys that moved away before it.
+        let older_live = self.live.keys().any(|&g| g < self.generation);
+        self.probe_timeouts.send_replace(probe_timeouts(&cfg));
+
+        let mut old: Vec<Option<Running>> = std::mem::take(&mut self.servers)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut servers = Vec::with_capacity(new_names.len());
+        let mut flushes: Vec<(Arc<Health>, SocketAddr, &'static str)> = Vec::new();
+        for (s, role) in cfg.servers().zip(cfg.roles()) {
+            let kept = old
+                .iter_mut()
+                .find(|r| r.as_ref().is_some_and(|r| r.name == s.name))
+                .and_then(Option::take);
+            let running = match kept {
+                Some(r) if r.addr == s.addr => {
+                    let moved_away = r.health.keys_moved_away.load(Ordering::Relaxed);
+                    let loses = moves.loses.contains(&s.name);
+                    let flush = moved_away && moves.gains.contains(&s.name);
+                    if flush {
+                        flushes.push((r.health.clone(), s.addr, FLUSH_RETURNING));
+                    }
+                    // A flush removes the copies of keys that moved away
+                    // before, unless older requests may still write some.
+                    let still = loses || (moved_away && (!flush || older_live));
+                    r.health.keys_moved_away.store(still, Ordering::Relaxed);
+                    Running { role, ..r }
+                }
+                Some(r) => {
+                    r.prober.abort();
+                    tracing::info!(server = %s.name, from = %r.addr, to = %s.addr, "server address changed");
+                    flushes.push((r.health.clone(), s.addr, FLUSH_READDRESSED));
+                    r.health.keys_moved_away.store(false, Ordering::Relaxed);
+                    self.running(s.name.clone(), s.addr, role, r.health)
+                }
+                None => {
+                    tracing::info!(server = %s.name, role, "server added");
+                    let health = Arc::new(Health::new(s.name.clone(), cfg.missed_keys_cap));
+                    flushes.push((health.clone(), s.addr, FLUSH_ADDED));
+                    self.running(s.name.clone(), s.addr, role, health)
+                }
+            };
+            servers.push(running);
+        }
+        for r in old.into_iter().flatten() {
+            tracing::info!(server = %r.name, "server removed");
+            r.prober.abort();
+        }
+        self.servers = servers;
+        let flushed = self.flush(&flushes, probe_timeouts(&cfg)).await;
+
+        let health: Vec<Arc<Health>> = self.servers.iter().map(|s| s.health.clone()).collect();
+        let topology = Arc::new(Topology {
+            generation,
+            config: cfg.clone(),
+            router: router.clone(),
+            health: health.clone(),
+        });
+        self.swap(topology).await;
+
+        // Resyncs under the old routing stop, and start again under this
+        // one (if no key changed servers, they go on: a reload that changes
+        // nothing restarts nothing); servers just emptied are warmed from
+        // the other tier.
+        let resync = Arc::new(new_resync(&cfg, &router, &health));
+        let old = self.resync.send_replace(resync);
+        if !(moves.gains.is_empty() && moves.loses.is_empty() && flushed.is_empty()) {
+            old.cancel();
+        }
+        for server in flushed {
+            let _ = self.resync_requests.send(Request {
+                server,
+                automatic: true,
+            });
+        }
+        self.registry.set_servers(entries(&self.servers));
+        self.registry
+            .max_conns
+            .store(cfg.max_conns, Ordering::Relaxed);
+        let per_thread = cfg.servers().count() * cfg.backend_conns;
+        crate::privileges::raise_nofile(cfg.max_conns + per_thread * cfg.threads + 64);
+        self.registry.reloads.fetch_add(1, Ordering::Relaxed);
+        self.cfg = cfg;
+        self.router = router;
+        self.generation = generation;
+        tracing::info!(
+            trigger,
+            generation,
+            primaries = %names(&self.cfg.primaries),
+            backups = %names(&self.cfg.backups),
+            hash = %self.cfg.hash,
+            keys_moved = %format!("{:.1}%", moves.primaries_moved * 100.0),
+            "configuration reloaded"
+        );
+        Ok(())
+    }
+
+    /// A server's entry, its prober started.
+    fn running(
+        &self,
+        name: String,
+        addr: SocketAddr,
+        role: &'static str,
+        health: Arc<Health>,
+    ) -> Running {
+        let prober = spawn_prober(&health, addr, &self.probe_timeouts, &self.resync_requests);
+        Running {
+            name,
+            addr,
+            role,
+            health,
+            prober,
+        }
+    }
+
+    /// Empties servers before they are given keys they may hold stale
+    /// copies of, all at once. One that cannot be flushed now serves no key
+    /// until its prober has flushed it. Returns the servers' names.
+    async fn flush(
+        &self,
+        flushes: &[(Arc<Health>, SocketAddr, &'static str)],
+        t: ProbeTimeouts,
+    ) -> Vec<String> {
+        let tasks: Vec<_> = flushes
+            .iter()
+            .map(|(_, addr, _)| tokio::spawn(crate::backend::probe::flush(*addr, t)))
+            .collect();
+        let mut names = Vec::with_capacity(flushes.len());
+        for ((health, _, why), task) in flushes.iter().zip(tasks) {
+            if task.await.unwrap_or(false) {
+                health.missed.flushes.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(server = %health.name, reason = why, "flushed");
+            } else {
+                health.missed.record_all();
+                tracing::warn!(server = %health.name, reason = why, "cannot flush it now: it serves nothing until it is flushed");
+            }
+            names.push(health.name.clone());
+        }
+        names
+    }
+
+    /// The two-phase swap (see the module comment).
+    async fn swap(&mut self, topology: Arc<Topology>) {
+        let generation = topology.generation;
+        self.live.insert(generation, self.workers);
+        self.topology.send_replace(topology);
+        let prepared = self.wait_for(generation, Phase::Prepared).await;
+        if prepared < self.workers {
+            tracing::warn!(
+                generation,
+                paused = prepared,
+                workers = self.workers,
+                "not every worker paused in time; switching anyway"
+            );
+        }
+        self.commit.send_replace(generation);
+        let installed = self.wait_for(generation, Phase::Installed).await;
+        if installed < self.workers {
+            tracing::warn!(
+                generation,
+                installed,
+                workers = self.workers,
+                "not every worker took the configuration in time"
+            );
+        }
+    }
+
+    /// Counts the workers that report `phase` done for `generation`, until
+    /// all have or `PHASE_DEADLINE` passes.
+    async fn wait_for(&mut self, generation: u64, phase: Phase) -> usize {
+        let deadline = tokio::time::Instant::now() + PHASE_DEADLINE;
+        let mut seen = 0;
+        while seen < self.workers {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(e)) => match (e, phase) {
+                    (WorkerEvent::Prepared { generation: g, .. }, Phase::Prepared)
+                    | (WorkerEvent::Installed { generation: g, .. }, Phase::Installed)
+                        if g == generation =>
+                    {
+                        seen += 1
+                    }
+                    _ => self.note(e),
+                },
+                Ok(None) | Err(_) => break,
+            }
+        }
+        seen
+    }
+
+    /// Takes in what the workers said since the last reload.
+    fn take_events(&mut self) {
+        while let Ok(e) = self.events.try_recv() {
+            self.note(e);
+        }
+    }
+
+    fn note(&mut self, e: WorkerEvent) {
+        if let WorkerEvent::Retired { generation } = e {
+            if let Some(n) = self.live.get_mut(&generation) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.live.remove(&generation);
+                    tracing::debug!(
+                        generation,
+                        "configuration retired: its dropped connections close"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The phases of a swap, as the main thread waits for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Prepared,
+    Installed,
+}
+
+/// Why a reload flushes a server (logged).
+const FLUSH_ADDED: &str =
+    "added by a reload: it may hold copies from before, when it was not in the list";
+const FLUSH_READDRESSED: &str = "its address changed: it may be another server, with old copies";
+const FLUSH_RETURNING: &str =
+    "keys that an earlier reload moved away from it come back: its copies may be stale";
+
+fn probe_timeouts(cfg: &Config) -> ProbeTimeouts {
+    ProbeTimeouts {
+        connect: cfg.connect_timeout,
+        request: cfg.timeout,
+    }
+}
+
+fn spawn_prober(
+    health: &Arc<Health>,
+    addr: SocketAddr,
+    timeouts: &watch::Sender<ProbeTimeouts>,
+    resync: &Requests,
+) -> JoinHandle<()> {
+    tokio::spawn(crate::backend::probe::probe_loop(
+        health.clone(),
+        addr,
+        timeouts.subscribe(),
+        resync.clone(),
+    ))
+}
+
+fn new_resync(cfg: &Config, router: &Router, health: &[Arc<Health>]) -> Resync {
+    Resync::new(
+        router.clone(),
+        cfg.servers()
+            .zip(health)
+            .map(|(s, h)| Node {
+                addr: s.addr,
+                name: s.name.clone(),
+                health: h.clone(),
+            })
+            .collect(),
+        cfg.primaries.len(),
+        cfg.resync_rate,
+        cfg.connect_timeout,
+        cfg.limits.max_value_len,
+        crate::ha::resync::write_life(cfg.connect_timeout, cfg.timeout),
+        cfg.resync && !cfg.backups.is_empty(),
+    )
+}
+
+fn entries(servers: &[Running]) -> Vec<ServerEntry> {
+    servers
+        .iter()
+        .map(|s| (s.name.clone(), s.role, s.health.clone()))
+        .collect()
+}
+
+fn names(servers: &[crate::config::ServerAddr]) -> String {
+    let names: Vec<&str> = servers.iter().map(|s| s.name.as_str()).collect();
+    names.join(",")
+}
