@@ -335,6 +335,7 @@ fn worker_main(
                 worker.clone(),
                 conns.clone(),
                 cfg.max_conns,
+                cfg.tls.as_ref().map(|t| t.server.clone()),
                 stop.clone(),
             ));
         }

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod file;
 mod settings;
 mod summary;
+pub mod tls;
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -256,6 +257,8 @@ pub struct Config {
     pub max_client_buffer: usize,
     /// Largest reply buffered for one request (see [`default_max_reply`]).
     pub max_reply_size: usize,
+    /// `--tls-cert` and `--tls-key`: every TCP listener speaks TLS.
+    pub tls: Option<tls::Tls>,
     /// `--auth-file`: clients must authenticate (memcached's `-Y`).
     pub auth: Option<std::sync::Arc<auth::Credentials>>,
     /// Things worth an operator's attention found while reading the
@@ -309,6 +312,7 @@ impl Default for Config {
             max_pipeline: 1024,
             max_client_buffer: 4 * 1024 * 1024,
             max_reply_size: default_max_reply(Limits::default().max_value_len),
+            tls: None,
             auth: None,
             warnings: Vec::new(),
             idle_timeout: None,
