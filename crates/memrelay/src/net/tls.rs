@@ -255,11 +255,9 @@ impl Stream for TlsStream {
     }
 
     async fn finish(&self) {
-        let mut conn = self.conn.borrow_mut();
         if !self.failed.get() {
-            conn.send_close_notify();
+            self.conn.borrow_mut().send_close_notify();
         }
-        drop(conn);
         let _ = tokio::time::timeout(FLUSH_AT_CLOSE, async {
             while self.conn.borrow().wants_write() {
                 self.tcp.ready(Interest::WRITABLE).await?;
