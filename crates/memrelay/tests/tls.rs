@@ -73,6 +73,14 @@ impl Pki {
         self.dir.join(name).to_str().unwrap().to_string()
     }
 
+    /// memrelay in front of `mc`, with this PKI's TLS flags and `extra`.
+    fn relay(&self, mc: &Memcached, extra: &[String]) -> Memrelay {
+        let mut args = self.server_args();
+        args.extend(["-s".into(), mc.addr()]);
+        args.extend(extra.iter().cloned());
+        Memrelay::start(&args)
+    }
+
     /// memrelay's TLS flags for this PKI.
     fn server_args(&self) -> Vec<String> {
         vec![
@@ -162,6 +170,11 @@ impl TlsClient {
         self.ask_until(req, |got| got.ends_with(end))
     }
 
+    /// A `get` of one key: the whole reply.
+    fn get(&mut self, key: &str) -> Vec<u8> {
+        self.ask(format!("get {key}\r\n").as_bytes(), b"END\r\n")
+    }
+
     /// Writes `req`, then reads `len` bytes (or more: the test then fails).
     fn ask_len(&mut self, req: &[u8], len: usize) -> Vec<u8> {
         self.ask_until(req, |got| got.len() >= len)
@@ -215,6 +228,13 @@ fn set(key: &str, v: &[u8]) -> Vec<u8> {
     r
 }
 
+/// The reply to a `get` of `key` holding `v`.
+fn found(key: &str, v: &[u8]) -> Vec<u8> {
+    let mut r = hit(key, v);
+    r.extend_from_slice(b"END\r\n");
+    r
+}
+
 fn hit(key: &str, v: &[u8]) -> Vec<u8> {
     let mut r = format!("VALUE {key} 0 {}\r\n", v.len()).into_bytes();
     r.extend_from_slice(v);
@@ -226,19 +246,14 @@ fn hit(key: &str, v: &[u8]) -> Vec<u8> {
 fn commands_large_values_pipelines_and_concurrent_clients() {
     let pki = Pki::make();
     let mc = Memcached::start();
-    let mut args = pki.server_args();
     // A short pipeline limit: memrelay stops reading a client's requests
     // with some of them already decrypted and waiting in the TLS layer.
-    args.extend(["--max-pipeline".into(), "4".into(), "-s".into(), mc.addr()]);
-    let relay = Memrelay::start(&args);
+    let relay = pki.relay(&mc, &["--max-pipeline".into(), "4".into()]);
     let config = pki.client_config(None);
     let mut c = TlsClient::connect(&relay.addr(), config.clone());
 
     assert_eq!(c.ask(b"set a 0 0 1\r\nx\r\n", b"\r\n"), b"STORED\r\n");
-    assert_eq!(
-        c.ask(b"get a\r\n", b"END\r\n"),
-        b"VALUE a 0 1\r\nx\r\nEND\r\n"
-    );
+    assert_eq!(c.get("a"), found("a", b"x"));
     assert!(c.ask(b"version\r\n", b"\r\n").starts_with(b"VERSION "));
 
     // A value of many TLS records, both ways.
@@ -325,10 +340,7 @@ fn commands_large_values_pipelines_and_concurrent_clients() {
     assert!(got == want, "after close_notify: got {} bytes", got.len());
 
     // The client holding a connection all along still works.
-    assert_eq!(
-        c.ask(b"get a\r\n", b"END\r\n"),
-        b"VALUE a 0 1\r\nx\r\nEND\r\n"
-    );
+    assert_eq!(c.get("a"), found("a", b"x"));
 }
 
 /// Reads a plain socket until it closes (or the deadline): what came back.
@@ -356,9 +368,7 @@ fn read_to_close(s: &mut TcpStream) -> Result<Vec<u8>, String> {
 fn a_plaintext_client_is_closed_and_tls_clients_go_on() {
     let pki = Pki::make();
     let mc = Memcached::start();
-    let mut args = pki.server_args();
-    args.extend(["-s".into(), mc.addr()]);
-    let mut relay = Memrelay::start(&args);
+    let mut relay = pki.relay(&mc, &[]);
     let config = pki.client_config(None);
     let mut before = TlsClient::connect(&relay.addr(), config.clone());
     assert_eq!(before.ask(b"set p 0 0 1\r\n1\r\n", b"\r\n"), b"STORED\r\n");
@@ -380,29 +390,16 @@ fn a_plaintext_client_is_closed_and_tls_clients_go_on() {
         );
     }
     assert!(relay.exited().is_none(), "{}", relay.output());
-    assert_eq!(
-        before.ask(b"get p\r\n", b"END\r\n"),
-        b"VALUE p 0 1\r\n1\r\nEND\r\n"
-    );
+    assert_eq!(before.get("p"), found("p", b"1"));
     let mut after = TlsClient::connect(&relay.addr(), config);
-    assert_eq!(
-        after.ask(b"get p\r\n", b"END\r\n"),
-        b"VALUE p 0 1\r\n1\r\nEND\r\n"
-    );
+    assert_eq!(after.get("p"), found("p", b"1"));
 }
 
 #[test]
 fn client_certificates_when_asked_for() {
     let pki = Pki::make();
     let mc = Memcached::start();
-    let mut args = pki.server_args();
-    args.extend([
-        "--tls-client-ca".into(),
-        pki.path("ca.pem"),
-        "-s".into(),
-        mc.addr(),
-    ]);
-    let relay = Memrelay::start(&args);
+    let relay = pki.relay(&mc, &["--tls-client-ca".into(), pki.path("ca.pem")]);
 
     // Refused: no certificate, or one from a CA memrelay does not trust.
     // (With TLS 1.3 the client learns it at its first read.)
@@ -415,10 +412,7 @@ fn client_certificates_when_asked_for() {
     }
     let mut c = TlsClient::connect(&relay.addr(), pki.client_config(Some("client")));
     assert_eq!(c.ask(b"set m 0 0 2\r\nok\r\n", b"\r\n"), b"STORED\r\n");
-    assert_eq!(
-        c.ask(b"get m\r\n", b"END\r\n"),
-        b"VALUE m 0 2\r\nok\r\nEND\r\n"
-    );
+    assert_eq!(c.get("m"), found("m", b"ok"));
 }
 
 #[test]
