@@ -535,3 +535,35 @@ fn unusable_files_stop_the_start_naming_the_flag() {
     );
     assert!(out.stderr.contains(": tls.cert: "), "{}", out.stderr);
 }
+
+#[test]
+fn unix_sockets_stay_plaintext() {
+    let pki = Pki::make();
+    let mc = Memcached::start();
+    let sock = pki.path("memrelay.sock");
+    let conf = pki.path("memrelay.toml");
+    let relay = Memrelay::start_with(|port| {
+        std::fs::write(
+            &conf,
+            format!(
+                "[[listen]]\naddress = \"127.0.0.1\"\nport = {port}\n\
+                 [[listen]]\nunix = \"{sock}\"\n"
+            ),
+        )
+        .unwrap();
+        let mut args = vec!["--config".to_string(), conf.clone()];
+        args.extend(pki.server_args());
+        args.extend(["-s".into(), mc.addr()]);
+        args
+    });
+    let mut c = TlsClient::connect(&relay.addr(), pki.client_config(None));
+    assert_eq!(c.ask(b"set u 0 0 3\r\nyes\r\n", b"\r\n"), b"STORED\r\n");
+
+    let mut u = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    u.set_read_timeout(Some(DEADLINE)).unwrap();
+    u.write_all(b"get u\r\n").unwrap();
+    let want = found("u", b"yes");
+    let mut got = vec![0u8; want.len()];
+    u.read_exact(&mut got).unwrap();
+    assert_eq!(escape(&got), escape(&want));
+}
