@@ -76,7 +76,9 @@ impl Pki {
     /// memrelay in front of `mc`, with this PKI's TLS flags and `extra`.
     fn relay(&self, mc: &Memcached, extra: &[String]) -> Memrelay {
         let mut args = self.server_args();
-        args.extend(["-s".into(), mc.addr()]);
+        // Generous: a loaded test machine must not turn into SERVER_ERROR.
+        args.extend(["--timeout", "5s", "--connect-timeout", "2s", "-s"].map(String::from));
+        args.push(mc.addr());
         args.extend(extra.iter().cloned());
         Memrelay::start(&args)
     }
@@ -160,9 +162,21 @@ impl TlsClient {
         tcp.set_write_timeout(Some(DEADLINE)).unwrap();
         let name = ServerName::try_from("localhost").unwrap();
         let conn = rustls::ClientConnection::new(config, name).unwrap();
-        TlsClient {
-            s: rustls::StreamOwned::new(conn, tcp),
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        // The handshake first, through the short read timeout (a loaded
+        // machine may take longer to answer), so that later writes only
+        // write.
+        let start = Instant::now();
+        while s.conn.is_handshaking() {
+            match s.conn.complete_io(&mut s.sock) {
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    assert!(start.elapsed() < DEADLINE, "no TLS handshake in time");
+                }
+                Err(e) => panic!("TLS handshake: {e}"),
+            }
         }
+        TlsClient { s }
     }
 
     /// Writes `req`, then reads until the reply ends with `end`.
@@ -553,7 +567,8 @@ fn unix_sockets_stay_plaintext() {
         .unwrap();
         let mut args = vec!["--config".to_string(), conf.clone()];
         args.extend(pki.server_args());
-        args.extend(["-s".into(), mc.addr()]);
+        args.extend(["--timeout", "5s", "-s"].map(String::from));
+        args.push(mc.addr());
         args
     });
     let mut c = TlsClient::connect(&relay.addr(), pki.client_config(None));
