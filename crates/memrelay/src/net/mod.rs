@@ -1,5 +1,6 @@
-//! Sockets: listening, accepting within the connection limit, and the
-//! byte-queue and wake-up helpers the sessions and backends share.
+//! Sockets: listening, accepting within the connection limit (over TLS
+//! when configured, [`tls`]), and the byte-queue and wake-up helpers the
+//! sessions and backends share.
 
 pub mod handoff;
 pub mod notify;
@@ -16,8 +17,8 @@ use std::time::Duration;
 use crate::config::Listen;
 use crate::proxy::{session, Worker};
 
-/// The byte streams memrelay talks over (TCP, unix sockets), through
-/// tokio's readiness API: no futures per read or write, and no system call
+/// The byte streams memrelay talks over (TCP, unix sockets, TLS over TCP:
+/// [`tls::TlsStream`]), through tokio's readiness API: no futures per read or write, and no system call
 /// that is known in advance to return `EAGAIN`.
 pub trait Stream {
     fn ready(

@@ -179,6 +179,9 @@ impl Stream for TlsStream {
                     now |= Ready::READABLE;
                 }
                 // Room for more replies once rustls has sent what it holds.
+                // (A session writes only replies, so only after it read a
+                // request: after the handshake, when rustls encrypts what
+                // it takes at once instead of holding it as plaintext.)
                 let wants_write = conn.wants_write();
                 if interest.is_writable() && !wants_write {
                     now |= Ready::WRITABLE;
