@@ -262,6 +262,8 @@ fn worker_main(
             resync,
         } = links;
         let first = topology_rx.borrow_and_update().clone();
+        // TLS is a listener setting: fixed at start, not reloaded.
+        let tls = first.config.tls.as_ref().map(|t| t.server.clone());
         let ctx = ThreadContext {
             id,
             stats: registry.workers[id].clone(),
@@ -277,7 +279,12 @@ fn worker_main(
         let thread = Rc::new(WorkerThread::new(ctx, &first));
         drop(first);
         for l in listeners {
-            tokio::task::spawn_local(l.accept_loop(thread.clone(), conns.clone(), stop.clone()));
+            tokio::task::spawn_local(l.accept_loop(
+                thread.clone(),
+                conns.clone(),
+                tls.clone(),
+                stop.clone(),
+            ));
         }
         // Idle sessions give their buffers back: a session idle for one to
         // two sweeps costs its task and socket only.

@@ -110,6 +110,12 @@ more options:
                            matching a user:password line of PATH (read at start;
                            keep it chmod 600). memrelay's own connections to the
                            servers do not authenticate
+      --tls-cert PATH      serve clients over TLS on every TCP listener (unix
+                           sockets stay plain): PATH is the PEM certificate
+                           chain, server certificate first; read at start
+      --tls-key PATH       the PEM private key of --tls-cert (keep it chmod 600)
+      --tls-client-ca PATH clients must present a certificate signed by a CA
+                           of this PEM file (mutual TLS)
       --idle-timeout D     close a client that sent nothing for D and has nothing
                            outstanding (default: never, as memcached)
       --log-format FORMAT  text (default) or json: one JSON object a line
@@ -280,6 +286,9 @@ fn canonical(flag: &str) -> Option<&'static str> {
         "--idle-timeout" => "--idle-timeout",
         "--auth-file" => "--auth-file",
         "--metrics" => "--metrics",
+        "--tls-cert" => "--tls-cert",
+        "--tls-key" => "--tls-key",
+        "--tls-client-ca" => "--tls-client-ca",
         "--unix-mode" => "--unix-mode",
         "--max-value-size" => "--max-value-size",
         "--max-keys" => "--max-keys",

@@ -40,6 +40,8 @@ struct File {
     metrics: Metrics,
     #[serde(default)]
     log: Log,
+    #[serde(default)]
+    tls: Tls,
 }
 
 /// One `[[listen]]` table: `unix` (and `mode`), or `address` and `port`.
@@ -120,6 +122,14 @@ struct Metrics {
 struct Log {
     level: Option<String>,
     format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct Tls {
+    cert: Option<String>,
+    key: Option<String>,
+    client_ca: Option<String>,
 }
 
 /// A whole number (a count, a size, a port), as the command line takes it.
@@ -266,6 +276,9 @@ fn apply(path: &Path, f: File, draft: &mut Draft) -> Result<(), ConfigError> {
     put.text("metrics.listen", "--metrics", f.metrics.listen)?;
     put.text("log.level", "--log-level", f.log.level)?;
     put.text("log.format", "--log-format", f.log.format)?;
+    put.text("tls.cert", "--tls-cert", f.tls.cert)?;
+    put.text("tls.key", "--tls-key", f.tls.key)?;
+    put.text("tls.client_ca", "--tls-client-ca", f.tls.client_ca)?;
     Ok(())
 }
 
@@ -566,6 +579,12 @@ mod tests {
                 listen: metrics_listen,
             },
             log: Log { level, format },
+            tls:
+                Tls {
+                    cert,
+                    key,
+                    client_ca,
+                },
         } = f;
         let mut shown = vec![
             ("pools.primaries", primaries.is_some()),
@@ -597,6 +616,9 @@ mod tests {
             ("metrics.listen", metrics_listen.is_some()),
             ("log.level", level.is_some()),
             ("log.format", format.is_some()),
+            ("tls.cert", cert.is_some()),
+            ("tls.key", key.is_some()),
+            ("tls.client_ca", client_ca.is_some()),
         ];
         for l in &listen {
             let ListenKeys {
@@ -625,8 +647,21 @@ mod tests {
         std::fs::set_permissions(&auth, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .unwrap();
         let all = all.replace("/etc/memrelay/auth", &auth.to_string_lossy());
+        // And TLS files that exist: a self-signed certificate, which is
+        // its own client CA here.
+        let tls = std::env::temp_dir().join(format!("memrelay-example-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&tls).unwrap();
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let cert = tls.join("cert.pem");
+        std::fs::write(&cert, made.cert.pem()).unwrap();
+        std::fs::write(tls.join("key.pem"), made.key_pair.serialize_pem()).unwrap();
+        let all = all
+            .replace("/etc/memrelay/tls/cert.pem", &cert.to_string_lossy())
+            .replace("/etc/memrelay/tls/client-ca.pem", &cert.to_string_lossy())
+            .replace("/etc/memrelay/tls", &tls.to_string_lossy());
         let loaded = load_str(&all);
         let _ = std::fs::remove_file(&auth);
+        let _ = std::fs::remove_dir_all(&tls);
         assert!(loaded.is_ok(), "{loaded:?}");
     }
 }

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod file;
 mod settings;
 mod summary;
+pub mod tls;
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -256,6 +257,8 @@ pub struct Config {
     pub max_client_buffer: usize,
     /// Largest reply buffered for one request (see [`default_max_reply`]).
     pub max_reply_size: usize,
+    /// `--tls-cert` and `--tls-key`: every TCP listener speaks TLS.
+    pub tls: Option<tls::Tls>,
     /// `--auth-file`: clients must authenticate (memcached's `-Y`).
     pub auth: Option<std::sync::Arc<auth::Credentials>>,
     /// Things worth an operator's attention found while reading the
@@ -309,6 +312,7 @@ impl Default for Config {
             max_pipeline: 1024,
             max_client_buffer: 4 * 1024 * 1024,
             max_reply_size: default_max_reply(Limits::default().max_value_len),
+            tls: None,
             auth: None,
             warnings: Vec::new(),
             idle_timeout: None,
@@ -369,6 +373,17 @@ impl Config {
             verbosity: "log.level (-v)",
             log_format: "log.format (--log-format)",
         );
+        // The listeners' TLS is set up at start (a changed file's content
+        // is not looked at either: restart to load new certificates).
+        let files = |c: &Config| {
+            c.tls
+                .as_ref()
+                .map(|t| (t.cert.clone(), t.key.clone(), t.client_ca.clone()))
+        };
+        if files(&new) != files(self) {
+            ignored.push("tls (--tls-cert, --tls-key, --tls-client-ca)");
+        }
+        new.tls = self.tls.clone();
         (new, ignored)
     }
 }

@@ -54,6 +54,11 @@ pub(super) struct Draft {
     auto_eject_origin: Option<Origin>,
     /// `--max-reply-size`, checked against `--max-value-size` at the end.
     max_reply: Option<(Origin, usize)>,
+    /// `--tls-cert`, `--tls-key`, `--tls-client-ca`: read together at the
+    /// end, when it is known whether both halves were given.
+    tls_cert: Option<(Origin, PathBuf)>,
+    tls_key: Option<(Origin, PathBuf)>,
+    tls_client_ca: Option<(Origin, PathBuf)>,
     /// Settings the command line gave so far: the first `-s` (or `-b`, or
     /// `-v`) replaces what the file said rather than adding to it.
     from_cli: Vec<&'static str>,
@@ -133,6 +138,9 @@ impl Draft {
                 cfg.auth = Some(std::sync::Arc::new(creds));
                 cfg.warnings.extend(warning);
             }
+            "--tls-cert" => self.tls_cert = Some((origin.clone(), PathBuf::from(v))),
+            "--tls-key" => self.tls_key = Some((origin.clone(), PathBuf::from(v))),
+            "--tls-client-ca" => self.tls_client_ca = Some((origin.clone(), PathBuf::from(v))),
             "--metrics" => cfg.metrics = Some(socket_addr(v).map_err(fail)?),
             "--max-value-size" => {
                 cfg.limits.max_value_len = number(v, 1, 1 << 30).map_err(fail)? as usize
@@ -226,6 +234,27 @@ impl Draft {
                 "only without backups: with backups, a dead primary's keys are served by their backup",
             ));
         }
+        cfg.tls =
+            match (&self.tls_cert, &self.tls_key) {
+                (Some((co, cert)), Some((ko, key))) => Some(super::tls::load(super::tls::Files {
+                    cert: (co, cert),
+                    key: (ko, key),
+                    client_ca: self.tls_client_ca.as_ref().map(|(o, p)| (o, p.as_path())),
+                })?),
+                (Some((o, _)), None) => {
+                    return Err(ConfigError::new(o, "needs --tls-key (tls.key) too"))
+                }
+                (None, Some((o, _))) => {
+                    return Err(ConfigError::new(o, "needs --tls-cert (tls.cert) too"))
+                }
+                (None, None) => match &self.tls_client_ca {
+                    Some((o, _)) => return Err(ConfigError::new(
+                        o,
+                        "needs --tls-cert and --tls-key: client certificates are checked over TLS",
+                    )),
+                    None => None,
+                },
+            };
         let from_cli =
             self.cli_host.is_some() || self.cli_port.is_some() || self.cli_unix.is_some();
         cfg.listen = if from_cli || self.file_listen.is_empty() {

@@ -91,6 +91,20 @@ impl Config {
                 "refused"
             }
         );
+        let tls = match &self.tls {
+            None => "off".to_string(),
+            Some(t) => format!(
+                "on for TCP listeners, certificate {}, {}",
+                t.cert.display(),
+                t.client_ca
+                    .as_ref()
+                    .map_or("no client certificate".into(), |ca| format!(
+                        "client certificate required (CA {})",
+                        ca.display()
+                    ))
+            ),
+        };
+        let _ = writeln!(out, "tls:        {tls}");
         let _ = writeln!(
             out,
             "metrics:    {}",

@@ -1,9 +1,11 @@
-//! Sockets: listening, accepting within the connection limit, and the
-//! byte-queue and wake-up helpers the sessions and backends share.
+//! Sockets: listening, accepting within the connection limit (over TLS
+//! when configured, [`tls`]), and the byte-queue and wake-up helpers the
+//! sessions and backends share.
 
 pub mod handoff;
 pub mod notify;
 pub mod outqueue;
+pub mod tls;
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -15,8 +17,8 @@ use std::time::Duration;
 use crate::config::Listen;
 use crate::proxy::{session, WorkerThread};
 
-/// The byte streams memrelay talks over (TCP, unix sockets), through
-/// tokio's readiness API: no futures per read or write, and no system call
+/// The byte streams memrelay talks over (TCP, unix sockets, TLS over TCP:
+/// [`tls::TlsStream`]), through tokio's readiness API: no futures per read or write, and no system call
 /// that is known in advance to return `EAGAIN`.
 pub trait Stream {
     fn ready(
@@ -35,6 +37,12 @@ pub trait Stream {
     /// meanwhile) instead of paying one more `recv` just to see `EAGAIN`.
     /// twemproxy does the same with its `recv_ready` flag.
     fn read_drained(&self, buf: &mut bytes::BytesMut) -> io::Result<usize>;
+    /// Called once the session is over, before the stream is dropped: a
+    /// stream that holds bytes of its own (TLS) sends them here. A plain
+    /// socket has nothing to do: the kernel sends what it was given.
+    fn finish(&self) -> impl std::future::Future<Output = ()> {
+        async {}
+    }
 }
 
 macro_rules! stream_impl {
@@ -175,10 +183,13 @@ impl BoundListener {
     /// takes the next client.
     /// Stops when `stop` fires (SIGTERM): the clients already queued on the
     /// socket are accepted and served first, then the listener is closed.
+    /// With `tls`, TCP clients are served over TLS (and only TLS); unix
+    /// socket clients are not, whoever can open the socket is local.
     pub async fn accept_loop(
         self,
         worker: Rc<WorkerThread>,
         conns: Arc<AtomicUsize>,
+        tls: Option<Arc<rustls::ServerConfig>>,
         mut stop: tokio::sync::watch::Receiver<u8>,
     ) {
         match self {
@@ -191,8 +202,7 @@ impl BoundListener {
                     tokio::select! {
                         r = l.accept() => match r {
                             Ok((s, _)) => {
-                                let _ = s.set_nodelay(true);
-                                admit(s, &worker, &conns);
+                                admit_tcp(s, &worker, &conns, tls.as_ref());
                             }
                             Err(e) => backoff_on_accept_error(e).await,
                         },
@@ -212,8 +222,7 @@ impl BoundListener {
                                 })
                                 .await;
                                 let Some(Ok((s, _))) = next else { break };
-                                let _ = s.set_nodelay(true);
-                                admit(s, &worker, &conns);
+                                admit_tcp(s, &worker, &conns, tls.as_ref());
                             }
                             return;
                         }
@@ -243,6 +252,23 @@ impl BoundListener {
 async fn backoff_on_accept_error(e: io::Error) {
     tracing::warn!(error = %e, "accept failed");
     tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+/// A TCP client, over TLS when it is configured.
+fn admit_tcp(
+    s: tokio::net::TcpStream,
+    worker: &Rc<WorkerThread>,
+    conns: &Arc<AtomicUsize>,
+    tls: Option<&Arc<rustls::ServerConfig>>,
+) {
+    let _ = s.set_nodelay(true);
+    match tls {
+        None => admit(s, worker, conns),
+        Some(config) => match tls::TlsStream::new(s, config.clone()) {
+            Ok(s) => admit(s, worker, conns),
+            Err(e) => tracing::debug!(error = %e, "cannot start a TLS session"),
+        },
+    }
 }
 
 /// Starts a session for a new client, or turns it away over the limit

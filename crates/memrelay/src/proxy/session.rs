@@ -204,6 +204,8 @@ pub async fn serve<S: Stream>(stream: S, thread: Rc<WorkerThread>) {
     // Replies still in flight will find no slot and be dropped.
     s.inbox.slots.borrow_mut().clear();
     s.inbox.base.set(u64::MAX);
+    drop(s);
+    stream.finish().await;
 }
 
 struct Session {

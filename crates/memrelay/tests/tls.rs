@@ -1,0 +1,584 @@
+//! TLS to clients (`--tls-cert`, `--tls-key`, `--tls-client-ca`): a real
+//! memcached behind memrelay, and blocking rustls clients in front.
+//!
+//! The certificates are made here (a CA, a server certificate for
+//! `localhost` and 127.0.0.1, client certificates from that CA and from
+//! another), into a temporary directory. What is checked: the ordinary
+//! commands, values larger than a TLS record and pipelines (where bytes can
+//! wait inside the TLS layer while the socket has none, the way a TLS
+//! stream hangs if it gets readiness wrong), a pipeline longer than
+//! `--max-pipeline`, concurrent clients, a plaintext client turned away
+//! without harm to the others, client certificates when asked for, and
+//! unusable files refused at start with exit 64 naming the flag.
+#![allow(clippy::panic, clippy::unwrap_used)]
+
+mod support;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, Certificate, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use support::{escape, run_memrelay, Memcached, Memrelay};
+
+/// Longest wait for one exchange.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A directory of PEM files, removed on drop.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    /// A CA, a server certificate and a client certificate signed by it,
+    /// and a client certificate from a CA memrelay does not trust.
+    fn make() -> Pki {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("memrelay-tls-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pki = Pki { dir };
+
+        let (ca_pem, ca) = authority("memrelay test CA");
+        pki.write("ca.pem", &ca_pem);
+        let (server_cert, server_key) = leaf(
+            &ca,
+            &["localhost", "127.0.0.1"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        pki.write("server.pem", &server_cert);
+        pki.write("server.key", &server_key);
+        let (client_cert, client_key) = leaf(&ca, &["client"], ExtendedKeyUsagePurpose::ClientAuth);
+        pki.write("client.pem", &client_cert);
+        pki.write("client.key", &client_key);
+        let (_, other) = authority("someone else's CA");
+        let (stranger_cert, stranger_key) =
+            leaf(&other, &["stranger"], ExtendedKeyUsagePurpose::ClientAuth);
+        pki.write("stranger.pem", &stranger_cert);
+        pki.write("stranger.key", &stranger_key);
+        pki
+    }
+
+    fn write(&self, name: &str, pem: &str) {
+        std::fs::write(self.dir.join(name), pem).unwrap();
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_str().unwrap().to_string()
+    }
+
+    /// memrelay in front of `mc`, with this PKI's TLS flags and `extra`.
+    fn relay(&self, mc: &Memcached, extra: &[String]) -> Memrelay {
+        let mut args = self.server_args();
+        // Generous: a loaded test machine must not turn into SERVER_ERROR.
+        args.extend(["--timeout", "5s", "--connect-timeout", "2s", "-s"].map(String::from));
+        args.push(mc.addr());
+        args.extend(extra.iter().cloned());
+        Memrelay::start(&args)
+    }
+
+    /// memrelay's TLS flags for this PKI.
+    fn server_args(&self) -> Vec<String> {
+        vec![
+            "--tls-cert".into(),
+            self.path("server.pem"),
+            "--tls-key".into(),
+            self.path("server.key"),
+        ]
+    }
+
+    /// A client that trusts this CA, showing `cert` (`client`, `stranger`)
+    /// if given.
+    fn client_config(&self, cert: Option<&str>) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(self.dir.join("ca.pem")).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        Arc::new(match cert {
+            None => builder.with_no_client_auth(),
+            Some(name) => {
+                let chain = CertificateDer::pem_file_iter(self.dir.join(format!("{name}.pem")))
+                    .unwrap()
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap();
+                let key =
+                    PrivateKeyDer::from_pem_file(self.dir.join(format!("{name}.key"))).unwrap();
+                builder.with_client_auth_cert(chain, key).unwrap()
+            }
+        })
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A certificate authority: its PEM, and what signs with it.
+type Authority = (Certificate, KeyPair);
+
+fn authority(name: &str) -> (String, Authority) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), (cert, key))
+}
+
+fn leaf(ca: &Authority, names: &[&str], usage: ExtendedKeyUsagePurpose) -> (String, String) {
+    let mut params =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    params.extended_key_usages = vec![usage];
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca.0, &ca.1).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// A blocking TLS client whose every read has a deadline.
+struct TlsClient {
+    s: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+}
+
+impl TlsClient {
+    fn connect(addr: &str, config: Arc<rustls::ClientConfig>) -> TlsClient {
+        let tcp = TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        tcp.set_write_timeout(Some(DEADLINE)).unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let conn = rustls::ClientConnection::new(config, name).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        // The handshake first, through the short read timeout (a loaded
+        // machine may take longer to answer), so that later writes only
+        // write.
+        let start = Instant::now();
+        while s.conn.is_handshaking() {
+            match s.conn.complete_io(&mut s.sock) {
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    assert!(start.elapsed() < DEADLINE, "no TLS handshake in time");
+                }
+                Err(e) => panic!("TLS handshake: {e}"),
+            }
+        }
+        TlsClient { s }
+    }
+
+    /// Writes `req`, then reads until the reply ends with `end`.
+    fn ask(&mut self, req: &[u8], end: &[u8]) -> Vec<u8> {
+        self.ask_until(req, |got| got.ends_with(end))
+    }
+
+    /// A `get` of one key: the whole reply.
+    fn get(&mut self, key: &str) -> Vec<u8> {
+        self.ask(format!("get {key}\r\n").as_bytes(), b"END\r\n")
+    }
+
+    /// Writes `req`, then reads `len` bytes (or more: the test then fails).
+    fn ask_len(&mut self, req: &[u8], len: usize) -> Vec<u8> {
+        self.ask_until(req, |got| got.len() >= len)
+    }
+
+    fn ask_until(&mut self, req: &[u8], done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+        self.try_ask(req, done)
+            .unwrap_or_else(|(got, e)| panic!("{e}; got {}", escape(&got)))
+    }
+
+    /// As `ask_until`, or what was read and why it stopped short.
+    fn try_ask(
+        &mut self,
+        req: &[u8],
+        done: impl Fn(&[u8]) -> bool,
+    ) -> Result<Vec<u8>, (Vec<u8>, String)> {
+        if let Err(e) = self.s.write_all(req).and_then(|()| self.s.flush()) {
+            return Err((Vec::new(), format!("write: {e}")));
+        }
+        let start = Instant::now();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        while !done(&got) {
+            if start.elapsed() > DEADLINE {
+                return Err((got, "no complete reply in time".into()));
+            }
+            match self.s.read(&mut buf) {
+                Ok(0) => return Err((got, "closed".into())),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) => return Err((got, format!("read: {e}"))),
+            }
+        }
+        Ok(got)
+    }
+}
+
+/// A value of `len` bytes that differs per key, so a mix-up shows.
+fn value(key: &str, len: usize) -> Vec<u8> {
+    key.bytes()
+        .chain(b"0123456789".iter().copied())
+        .cycle()
+        .take(len)
+        .collect()
+}
+
+fn set(key: &str, v: &[u8]) -> Vec<u8> {
+    let mut r = format!("set {key} 0 0 {}\r\n", v.len()).into_bytes();
+    r.extend_from_slice(v);
+    r.extend_from_slice(b"\r\n");
+    r
+}
+
+/// The reply to a `get` of `key` holding `v`.
+fn found(key: &str, v: &[u8]) -> Vec<u8> {
+    let mut r = hit(key, v);
+    r.extend_from_slice(b"END\r\n");
+    r
+}
+
+fn hit(key: &str, v: &[u8]) -> Vec<u8> {
+    let mut r = format!("VALUE {key} 0 {}\r\n", v.len()).into_bytes();
+    r.extend_from_slice(v);
+    r.extend_from_slice(b"\r\n");
+    r
+}
+
+#[test]
+fn commands_large_values_pipelines_and_concurrent_clients() {
+    let pki = Pki::make();
+    let mc = Memcached::start();
+    // A short pipeline limit: memrelay stops reading a client's requests
+    // with some of them already decrypted and waiting in the TLS layer.
+    let relay = pki.relay(&mc, &["--max-pipeline".into(), "4".into()]);
+    let config = pki.client_config(None);
+    let mut c = TlsClient::connect(&relay.addr(), config.clone());
+
+    assert_eq!(c.ask(b"set a 0 0 1\r\nx\r\n", b"\r\n"), b"STORED\r\n");
+    assert_eq!(c.get("a"), found("a", b"x"));
+    assert!(c.ask(b"version\r\n", b"\r\n").starts_with(b"VERSION "));
+
+    // A value of many TLS records, both ways.
+    let big = value("big", 500 * 1024);
+    assert_eq!(c.ask(&set("big", &big), b"\r\n"), b"STORED\r\n");
+    let mut want = hit("big", &big);
+    want.extend_from_slice(b"END\r\n");
+    let got = c.ask(b"get big\r\n", b"END\r\n");
+    assert!(got == want, "500 KiB value: got {} bytes", got.len());
+
+    // 40 sets of 20 KiB (each over one record) in one write, then a
+    // multi-get of them all, then 200 gets in one write.
+    let keys: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+    let mut sets = Vec::new();
+    for k in &keys {
+        sets.extend(set(k, &value(k, 20 * 1024)));
+    }
+    let stored = c.ask_len(&sets, 8 * 40);
+    assert_eq!(stored, b"STORED\r\n".repeat(40), "{}", escape(&stored));
+    let mut want = Vec::new();
+    for k in &keys {
+        want.extend(hit(k, &value(k, 20 * 1024)));
+    }
+    want.extend_from_slice(b"END\r\n");
+    let got = c.ask(format!("get {}\r\n", keys.join(" ")).as_bytes(), b"END\r\n");
+    assert!(
+        got == want,
+        "multi-get: got {} bytes of {}",
+        got.len(),
+        want.len()
+    );
+    let mut gets = Vec::new();
+    let mut want = Vec::new();
+    for i in 0..200 {
+        let k = &keys[i % keys.len()];
+        gets.extend(format!("get {k}\r\n").into_bytes());
+        want.extend(hit(k, &value(k, 20 * 1024)));
+        want.extend_from_slice(b"END\r\n");
+    }
+    let got = c.ask_len(&gets, want.len());
+    assert!(
+        got == want,
+        "200 pipelined gets: got {} bytes of {}",
+        got.len(),
+        want.len()
+    );
+
+    // Several clients at once, each with its own keys.
+    let addr = relay.addr();
+    let threads: Vec<_> = (0..6)
+        .map(|t| {
+            let addr = addr.clone();
+            let config = config.clone();
+            std::thread::spawn(move || {
+                let mut c = TlsClient::connect(&addr, config);
+                for i in 0..30 {
+                    let k = format!("t{t}-{i}");
+                    let v = value(&k, 1000 + 997 * i);
+                    assert_eq!(c.ask(&set(&k, &v), b"\r\n"), b"STORED\r\n");
+                    let mut want = hit(&k, &v);
+                    want.extend_from_slice(b"END\r\n");
+                    assert!(c.ask(format!("get {k}\r\n").as_bytes(), b"END\r\n") == want);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    // A client that asks and then closes its side (close_notify) still
+    // gets the whole reply: memrelay sends what TLS holds before closing.
+    // (4 MB of reply, read only after a pause: the sockets fill up, and
+    // the last of it waits in memrelay's TLS layer when the session ends.)
+    let mut last = TlsClient::connect(&relay.addr(), config.clone());
+    last.s
+        .write_all(format!("get{}\r\n", " big".repeat(8)).as_bytes())
+        .unwrap();
+    last.s.conn.send_close_notify();
+    last.s.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut want = hit("big", &big).repeat(8);
+    want.extend_from_slice(b"END\r\n");
+    let got = last.ask_len(b"", want.len());
+    assert!(got == want, "after close_notify: got {} bytes", got.len());
+
+    // The client holding a connection all along still works.
+    assert_eq!(c.get("a"), found("a", b"x"));
+}
+
+/// Reads a plain socket until it closes (or the deadline): what came back.
+fn read_to_close(s: &mut TcpStream) -> Result<Vec<u8>, String> {
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if start.elapsed() > DEADLINE {
+            return Err(format!("not closed in time; got {}", escape(&got)));
+        }
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return Ok(got),
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+}
+
+#[test]
+fn a_plaintext_client_is_closed_and_tls_clients_go_on() {
+    let pki = Pki::make();
+    let mc = Memcached::start();
+    let mut relay = pki.relay(&mc, &[]);
+    let config = pki.client_config(None);
+    let mut before = TlsClient::connect(&relay.addr(), config.clone());
+    assert_eq!(before.ask(b"set p 0 0 1\r\n1\r\n", b"\r\n"), b"STORED\r\n");
+
+    for req in [
+        &b"get p\r\n"[..],
+        b"set p 0 0 1\r\n2\r\n",
+        b"\x16\x03\x01\x00\x05hello",
+    ] {
+        let mut plain = TcpStream::connect(relay.addr()).unwrap();
+        plain.write_all(req).unwrap();
+        let got = read_to_close(&mut plain).unwrap();
+        // At most a TLS alert record, never a memcached reply.
+        assert!(
+            got.is_empty() || got[0] == 0x15,
+            "{:?}: {}",
+            escape(req),
+            escape(&got)
+        );
+    }
+    assert!(relay.exited().is_none(), "{}", relay.output());
+    assert_eq!(before.get("p"), found("p", b"1"));
+    let mut after = TlsClient::connect(&relay.addr(), config);
+    assert_eq!(after.get("p"), found("p", b"1"));
+}
+
+#[test]
+fn client_certificates_when_asked_for() {
+    let pki = Pki::make();
+    let mc = Memcached::start();
+    let relay = pki.relay(&mc, &["--tls-client-ca".into(), pki.path("ca.pem")]);
+
+    // Refused: no certificate, or one from a CA memrelay does not trust.
+    // (With TLS 1.3 the client learns it at its first read.)
+    for cert in [None, Some("stranger")] {
+        let mut c = TlsClient::connect(&relay.addr(), pki.client_config(cert));
+        match c.try_ask(b"version\r\n", |got| got.ends_with(b"\r\n")) {
+            Ok(got) => panic!("{cert:?} was served: {}", escape(&got)),
+            Err((got, _)) => assert!(got.is_empty(), "{cert:?}: {}", escape(&got)),
+        }
+    }
+    let mut c = TlsClient::connect(&relay.addr(), pki.client_config(Some("client")));
+    assert_eq!(c.ask(b"set m 0 0 2\r\nok\r\n", b"\r\n"), b"STORED\r\n");
+    assert_eq!(c.get("m"), found("m", b"ok"));
+}
+
+#[test]
+fn unusable_files_stop_the_start_naming_the_flag() {
+    let pki = Pki::make();
+    let port = support::free_port("127.0.0.1");
+    let missing = pki.path("missing.pem");
+    let not_pem = pki.path("not.pem");
+    std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "--tls-cert".into(),
+                missing.clone(),
+                "--tls-key".into(),
+                pki.path("server.key"),
+            ],
+            "--tls-cert",
+        ),
+        (
+            vec![
+                "--tls-cert".into(),
+                not_pem.clone(),
+                "--tls-key".into(),
+                pki.path("server.key"),
+            ],
+            "--tls-cert",
+        ),
+        (
+            vec![
+                "--tls-cert".into(),
+                pki.path("server.pem"),
+                "--tls-key".into(),
+                missing.clone(),
+            ],
+            "--tls-key",
+        ),
+        (
+            vec![
+                "--tls-cert".into(),
+                pki.path("server.pem"),
+                "--tls-key".into(),
+                not_pem.clone(),
+            ],
+            "--tls-key",
+        ),
+        // A key that is not the certificate's.
+        (
+            vec![
+                "--tls-cert".into(),
+                pki.path("server.pem"),
+                "--tls-key".into(),
+                pki.path("client.key"),
+            ],
+            "--tls-key",
+        ),
+        (
+            vec!["--tls-cert".into(), pki.path("server.pem")],
+            "--tls-cert",
+        ),
+        (
+            vec!["--tls-key".into(), pki.path("server.key")],
+            "--tls-key",
+        ),
+        (
+            [
+                pki.server_args(),
+                vec!["--tls-client-ca".into(), missing.clone()],
+            ]
+            .concat(),
+            "--tls-client-ca",
+        ),
+    ];
+    for (tls, flag) in cases {
+        let mut args: Vec<String> = vec![
+            "-l".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "-s".into(),
+            "127.0.0.1:1".into(),
+        ];
+        args.extend(tls.iter().cloned());
+        let out = run_memrelay(&args, DEADLINE, Some(port));
+        assert_eq!(
+            out.status.and_then(|s| s.code()),
+            Some(64),
+            "{tls:?}: {}",
+            out.stderr
+        );
+        assert!(!out.port_was_bound, "{tls:?}");
+        // One line naming the flag (then the usage line, as for any flag).
+        let line = out.stderr.lines().next().unwrap_or_default();
+        assert!(
+            line.starts_with(&format!("memrelay: {flag}: ")),
+            "{tls:?}: {line}"
+        );
+    }
+
+    // The same from a file, naming the key.
+    let file = Path::new(&pki.path("memrelay.toml")).to_path_buf();
+    std::fs::write(
+        &file,
+        format!(
+            "[pools]\nprimaries = [\"127.0.0.1:1\"]\n[tls]\ncert = \"{missing}\"\nkey = \"{}\"\n",
+            pki.path("server.key")
+        ),
+    )
+    .unwrap();
+    let out = run_memrelay(
+        &["--config", file.to_str().unwrap(), "--check-config"],
+        DEADLINE,
+        None,
+    );
+    assert_eq!(
+        out.status.and_then(|s| s.code()),
+        Some(64),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains(": tls.cert: "), "{}", out.stderr);
+}
+
+#[test]
+fn unix_sockets_stay_plaintext() {
+    let pki = Pki::make();
+    let mc = Memcached::start();
+    let sock = pki.path("memrelay.sock");
+    let conf = pki.path("memrelay.toml");
+    let relay = Memrelay::start_with(|port| {
+        std::fs::write(
+            &conf,
+            format!(
+                "[[listen]]\naddress = \"127.0.0.1\"\nport = {port}\n\
+                 [[listen]]\nunix = \"{sock}\"\n"
+            ),
+        )
+        .unwrap();
+        let mut args = vec!["--config".to_string(), conf.clone()];
+        args.extend(pki.server_args());
+        args.extend(["--timeout", "5s", "-s"].map(String::from));
+        args.push(mc.addr());
+        args
+    });
+    let mut c = TlsClient::connect(&relay.addr(), pki.client_config(None));
+    assert_eq!(c.ask(b"set u 0 0 3\r\nyes\r\n", b"\r\n"), b"STORED\r\n");
+
+    let mut u = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    u.set_read_timeout(Some(DEADLINE)).unwrap();
+    u.write_all(b"get u\r\n").unwrap();
+    let want = found("u", b"yes");
+    let mut got = vec![0u8; want.len()];
+    u.read_exact(&mut got).unwrap();
+    assert_eq!(escape(&got), escape(&want));
+}
