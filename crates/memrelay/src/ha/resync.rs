@@ -321,20 +321,20 @@ impl Resync {
                     return Err(CANCELLED.into());
                 }
                 let batch_started = Instant::now();
-                // While a key is being copied the target does not serve it:
-                // a client's delete landing between our read of the source
-                // and our add to the target would otherwise be undone.
+                let items = match fetch(&mut from, &batch, self.max_value_len).await {
+                    Ok(items) => items,
+                    // Nothing was written to the target.
+                    Err(e) => return Err(e),
+                };
+                // From before our adds are sent until each landed copy is
+                // checked against client writes (`unstore`), the target
+                // does not serve these keys: a copy that undoes a client's
+                // delete or append must never be read. Not before the
+                // fetch: while a stalled source holds the fetch, the target
+                // may be the one replica serving them.
                 for k in &batch {
                     node.health.copying.record(k);
                 }
-                let items = match fetch(&mut from, &batch, self.max_value_len).await {
-                    Ok(items) => items,
-                    Err(e) => {
-                        // Nothing was written to the target.
-                        settle_copying(&node.health, &batch);
-                        return Err(e);
-                    }
-                };
                 // A copy that may be older than a client's write is deleted
                 // on the target (recorded as missed) before it serves, but
                 // only while the source still serves the key: otherwise the
