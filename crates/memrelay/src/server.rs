@@ -242,6 +242,7 @@ fn worker_main(
     conns: Arc<AtomicUsize>,
     stop: tokio::sync::watch::Receiver<u8>,
 ) {
+    crate::stats::set_worker_index(id);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

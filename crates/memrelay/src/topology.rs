@@ -148,7 +148,11 @@ impl Control {
             .servers()
             .zip(cfg.roles())
             .map(|(s, role)| {
-                let health = Arc::new(Health::new(s.name.clone(), cfg.missed_keys_cap));
+                let health = Arc::new(Health::new(
+                    s.name.clone(),
+                    cfg.missed_keys_cap,
+                    cfg.threads,
+                ));
                 let prober = spawn_prober(&health, s.addr, &probe_timeouts, &resync_requests);
                 Running {
                     name: s.name.clone(),
@@ -277,7 +281,11 @@ impl Control {
                 }
                 None => {
                     tracing::info!(server = %s.name, role, "server added");
-                    let health = Arc::new(Health::new(s.name.clone(), cfg.missed_keys_cap));
+                    let health = Arc::new(Health::new(
+                        s.name.clone(),
+                        cfg.missed_keys_cap,
+                        cfg.threads,
+                    ));
                     flushes.push((health.clone(), s.addr, FLUSH_ADDED));
                     self.running(s.name.clone(), s.addr, role, health)
                 }

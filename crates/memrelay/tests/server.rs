@@ -461,6 +461,12 @@ fn metrics_endpoint_serves_prometheus_text_and_health() {
         )],
         1.0
     );
+    // Per server: the 50 gets (and whatever the prober does not count).
+    let per_server = values[&format!(
+        "memrelay_server_request_duration_seconds_count{{server=\"{}\",role=\"primary\"}}",
+        m.addr()
+    )];
+    assert!(per_server >= 50.0, "{body}");
     assert_eq!(http_get(&maddr, "/healthz").0, 200);
     assert_eq!(http_get(&maddr, "/readyz").0, 200);
     assert_eq!(http_get(&maddr, "/nothing").0, 404);

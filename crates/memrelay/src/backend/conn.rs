@@ -385,6 +385,9 @@ fn read_and_dispatch(
                     break;
                 };
                 inner.health.record_success();
+                if let Some(h) = inner.health.latency.get(crate::stats::worker_index()) {
+                    h.record(f.sent.elapsed());
+                }
                 f.reply.deliver(Ok(BackendReply { kind, bytes }));
             }
             Ok(Some((_, n))) => {

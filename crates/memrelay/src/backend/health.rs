@@ -21,6 +21,9 @@ use crate::ha::missed::MissedKeys;
 #[derive(Debug)]
 pub struct Health {
     pub name: String,
+    /// Time from queueing a request to this server to its reply, one
+    /// histogram per worker thread (each written by its own thread only).
+    pub latency: Box<[crate::stats::Histogram]>,
     down: AtomicBool,
     consecutive_failures: AtomicU32,
     /// When the server last recovered (see the module comment), as
@@ -47,8 +50,12 @@ pub struct Health {
 }
 
 impl Health {
-    pub fn new(name: String, missed_cap: usize) -> Health {
+    /// `threads`: worker threads, each with its own latency histogram.
+    pub fn new(name: String, missed_cap: usize, threads: usize) -> Health {
         Health {
+            latency: (0..threads.max(1))
+                .map(|_| crate::stats::Histogram::default())
+                .collect(),
             name,
             down: AtomicBool::new(false),
             consecutive_failures: AtomicU32::new(0),
@@ -146,7 +153,7 @@ mod tests {
 
     #[test]
     fn failures_mark_down_at_the_limit() {
-        let h = Health::new("s".into(), 16);
+        let h = Health::new("s".into(), 16, 1);
         let now = Instant::now();
         assert!(!h.record_failure(3, &"x", Some(now)));
         assert!(!h.record_failure(3, &"x", None));
@@ -156,7 +163,7 @@ mod tests {
 
     #[test]
     fn a_reply_ends_the_streak() {
-        let h = Health::new("s".into(), 16);
+        let h = Health::new("s".into(), 16, 1);
         h.record_failure(3, &"x", None);
         h.record_failure(3, &"x", None);
         h.record_success();
@@ -169,7 +176,7 @@ mod tests {
 
     #[test]
     fn requests_sent_before_a_recovery_do_not_count() {
-        let h = Health::new("s".into(), 16);
+        let h = Health::new("s".into(), 16, 1);
         let stalled = Instant::now();
         h.record_failure(3, &"x", Some(stalled));
         // The server answers again (the stall is over) ...

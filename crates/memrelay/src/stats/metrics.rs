@@ -246,26 +246,54 @@ fn render(r: &StatsRegistry) -> String {
         for w in &r.workers {
             total.add(&w.latency[c].snapshot());
         }
-        let mut cumulative = 0;
-        for (i, bound) in LATENCY_BOUNDS_US.iter().enumerate() {
-            cumulative += total.buckets[i];
-            let _ = writeln!(
-                out,
-                "memrelay_request_duration_seconds_bucket{{command=\"{class}\",le=\"{}\"}} {cumulative}",
-                *bound as f64 / 1e6
-            );
-        }
-        cumulative += total.buckets[LATENCY_BOUNDS_US.len()];
-        let _ = writeln!(out, "memrelay_request_duration_seconds_bucket{{command=\"{class}\",le=\"+Inf\"}} {cumulative}");
-        let _ = writeln!(
-            out,
-            "memrelay_request_duration_seconds_sum{{command=\"{class}\"}} {}",
-            total.sum_us as f64 / 1e6
+        histogram(
+            &mut out,
+            "request_duration_seconds",
+            &format!("command=\"{class}\""),
+            &total,
         );
-        let _ = writeln!(
-            out,
-            "memrelay_request_duration_seconds_count{{command=\"{class}\"}} {cumulative}"
+    }
+    metric(
+        &mut out,
+        "server_request_duration_seconds",
+        "histogram",
+        "Time from queueing a request to a server to its reply, per server.",
+    );
+    for (addr, role, h) in servers.iter() {
+        let mut total = Histogram::default().snapshot();
+        for w in h.latency.iter() {
+            total.add(&w.snapshot());
+        }
+        histogram(
+            &mut out,
+            "server_request_duration_seconds",
+            &format!("server=\"{addr}\",role=\"{role}\""),
+            &total,
         );
     }
     out
+}
+
+/// One histogram's series (cumulative buckets, sum, count) under `labels`.
+fn histogram(out: &mut String, name: &str, labels: &str, h: &super::HistogramSnapshot) {
+    let mut cumulative = 0;
+    for (i, bound) in LATENCY_BOUNDS_US.iter().enumerate() {
+        cumulative += h.buckets[i];
+        let _ = writeln!(
+            out,
+            "memrelay_{name}_bucket{{{labels},le=\"{}\"}} {cumulative}",
+            *bound as f64 / 1e6
+        );
+    }
+    cumulative += h.buckets[LATENCY_BOUNDS_US.len()];
+    let _ = writeln!(
+        out,
+        "memrelay_{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}"
+    );
+    let _ = writeln!(
+        out,
+        "memrelay_{name}_sum{{{labels}}} {}",
+        h.sum_us as f64 / 1e6
+    );
+    let _ = writeln!(out, "memrelay_{name}_count{{{labels}}} {cumulative}");
 }

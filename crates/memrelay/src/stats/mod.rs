@@ -83,6 +83,23 @@ pub const LATENCY_BOUNDS_US: [u64; 14] = [
     1_000_000,
 ];
 
+thread_local! {
+    /// Which worker this thread is (0 off the worker threads), for
+    /// per-worker slots in shared structures (see `Health::latency`).
+    static WORKER_INDEX: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Called once by each worker thread at its start.
+pub fn set_worker_index(i: usize) {
+    WORKER_INDEX.with(|w| w.set(i));
+}
+
+/// This thread's worker index.
+#[inline]
+pub fn worker_index() -> usize {
+    WORKER_INDEX.with(|w| w.get())
+}
+
 /// A latency histogram with one writer (its worker): fixed buckets, no
 /// locks, no allocation.
 #[derive(Debug, Default)]
