@@ -29,6 +29,7 @@ fn server(i: usize) -> ServerAddr {
         port: 11211,
         // Routing only looks at names; nothing here connects.
         addr: SocketAddr::from(([127, 0, 0, 1], 11211)),
+        weight: 1,
     }
 }
 

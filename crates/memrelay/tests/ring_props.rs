@@ -19,6 +19,7 @@ fn server(name: &str) -> ServerAddr {
         port: port.parse().expect("port"),
         // Routing only looks at names; nothing here connects.
         addr: SocketAddr::from(([127, 0, 0, 1], 11211)),
+        weight: 1,
     }
 }
 

@@ -46,8 +46,11 @@ magent-compatible options:
                            listened on every interface: use -l 0.0.0.0 or -l ::
                            to do that on purpose)
   -s, --server HOST:PORT   a primary memcached server; repeat for more, order
-                           matters for --hash modula and magent
-  -b, --backup HOST:PORT   a backup memcached server; repeat for more
+                           matters for --hash modula and magent; HOST:PORT:W
+                           gives it weight W (twemproxy's syntax: W shares of
+                           the keys; ketama and modula only)
+  -b, --backup HOST:PORT   a backup memcached server; repeat for more (a weight
+                           too, among the backups)
   -n, --max-conns N        most client connections at once (default 4096)
   -i, --backend-conns N    persistent connections kept per server per thread,
                            each carrying many requests (default 1, max 64)

@@ -149,12 +149,33 @@ pub struct ServerAddr {
     pub port: u16,
     /// Resolved at start-up; the first address is used.
     pub addr: SocketAddr,
+    /// Share of keys relative to the other servers of its tier
+    /// (twemproxy's `host:port:weight`; 1 unless given).
+    pub weight: u32,
 }
 
 impl ServerAddr {
-    /// Parses `host:port`, `[v6]:port`, resolving the host.
-    pub fn parse(s: &str) -> Result<ServerAddr, String> {
-        let (host, port) = split_host_port(s).ok_or_else(|| format!("'{s}' is not host:port"))?;
+    /// Parses `host:port`, `[v6]:port`, either with an optional `:weight`
+    /// (twemproxy's syntax), resolving the host. The name (logs, `stats`,
+    /// ketama) leaves the weight out, as twemproxy's does.
+    pub fn parse(given: &str) -> Result<ServerAddr, String> {
+        let (s, weight) = match given.rsplit_once(':') {
+            Some((head, w))
+                if split_host_port(head).is_some()
+                    && !w.is_empty()
+                    && w.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                let weight = w
+                    .parse()
+                    .ok()
+                    .filter(|w| (1..=10_000).contains(w))
+                    .ok_or_else(|| format!("'{given}': weight must be 1-10000"))?;
+                (head, weight)
+            }
+            _ => (given, 1),
+        };
+        let (host, port) =
+            split_host_port(s).ok_or_else(|| format!("'{given}' is not host:port"))?;
         let port: u16 = port
             .parse()
             .ok()
@@ -173,6 +194,7 @@ impl ServerAddr {
             host: host.to_string(),
             port,
             addr,
+            weight,
         })
     }
 

@@ -211,6 +211,14 @@ impl Draft {
             .map(|(o, _)| o)
             .collect();
         check_duplicates(&cfg, &origins)?;
+        if cfg.hash == HashKind::Magent {
+            if let Some(i) = cfg.servers().position(|s| s.weight != 1) {
+                return Err(ConfigError::new(
+                    origins[i],
+                    "weights need --hash ketama or modula (magent's hash has none)",
+                ));
+            }
+        }
         let least_reply = cfg.limits.max_value_len + REPLY_HEADROOM;
         cfg.max_reply_size = match self.max_reply {
             Some((origin, n)) if n < least_reply => {

@@ -23,17 +23,24 @@ impl Continuum {
     /// Builds the continuum for servers named as ketama names them, each of
     /// weight 1.
     pub fn new<S: AsRef<str>>(names: &[S]) -> Continuum {
-        let n = names.len();
-        let mut points = Vec::with_capacity(n * 160);
-        let total_weight = n as f32;
-        for (index, name) in names.iter().enumerate() {
-            let pct = 1.0f32 / total_weight;
+        let weighted: Vec<(&str, u32)> = names.iter().map(|n| (n.as_ref(), 1)).collect();
+        Continuum::weighted(&weighted)
+    }
+
+    /// The same with weights: a server's share of the points is its weight
+    /// over the total, computed as twemproxy computes it.
+    pub fn weighted(servers: &[(&str, u32)]) -> Continuum {
+        let n = servers.len();
+        let total_weight = servers.iter().map(|s| s.1 as f32).sum::<f32>();
+        let mut points = Vec::with_capacity(servers.iter().map(|s| s.1 as usize * 160).sum());
+        for (index, (name, weight)) in servers.iter().enumerate() {
+            let pct = *weight as f32 / total_weight;
             // Mirrors twemproxy: the product in f32, the epsilon added in f64,
             // the result cast back to f32 and floored.
             let v = pct * POINTS_PER_SERVER / 4.0 * n as f32;
             let per_server = ((v as f64 + 0.000_000_000_1) as f32).floor() as u32 * 4;
             for p in 0..per_server as usize / POINTS_PER_HASH {
-                let digest = Md5::digest(format!("{}-{}", name.as_ref(), p).as_bytes());
+                let digest = Md5::digest(format!("{name}-{p}").as_bytes());
                 for a in 0..POINTS_PER_HASH {
                     let b = &digest[a * 4..a * 4 + 4];
                     let value = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);

@@ -16,7 +16,9 @@ use crate::config::{Config, HashKind, ServerAddr};
 #[derive(Debug, Clone)]
 enum Ring {
     Ketama(ketama::Continuum),
-    Modula(usize),
+    /// twemproxy's modula: each server index repeated `weight` times, the
+    /// key's hash modulo their number picks one.
+    Modula(Vec<u32>),
     Magent(usize),
 }
 
@@ -25,9 +27,21 @@ impl Ring {
         match kind {
             HashKind::Ketama => {
                 let names: Vec<String> = servers.iter().map(ServerAddr::ketama_name).collect();
-                Ring::Ketama(ketama::Continuum::new(&names))
+                let weighted: Vec<(&str, u32)> = names
+                    .iter()
+                    .zip(servers)
+                    .map(|(n, s)| (n.as_str(), s.weight))
+                    .collect();
+                Ring::Ketama(ketama::Continuum::weighted(&weighted))
             }
-            HashKind::Modula => Ring::Modula(servers.len()),
+            HashKind::Modula => Ring::Modula(
+                servers
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, s)| std::iter::repeat_n(i as u32, s.weight as usize))
+                    .collect(),
+            ),
+            // magent's hash has no weights (refused in the configuration).
             HashKind::Magent => Ring::Magent(servers.len()),
         }
     }
@@ -36,7 +50,8 @@ impl Ring {
     fn pick(&self, hash: u32) -> usize {
         match self {
             Ring::Ketama(c) => c.lookup(hash),
-            Ring::Modula(n) | Ring::Magent(n) => hash as usize % n,
+            Ring::Modula(c) => c[hash as usize % c.len()] as usize,
+            Ring::Magent(n) => hash as usize % n,
         }
     }
 }
@@ -147,7 +162,13 @@ impl Router {
         let hash = key_hash(self.kind, key);
         match &self.tiers[0].0 {
             Ring::Ketama(c) => c.lookup_where(hash, usable),
-            Ring::Modula(n) | Ring::Magent(n) => {
+            Ring::Modula(c) => {
+                let first = hash as usize % c.len();
+                (1..c.len())
+                    .map(|i| c[(first + i) % c.len()] as usize)
+                    .find(|&s| usable(s))
+            }
+            Ring::Magent(n) => {
                 let first = hash as usize % n;
                 (1..*n).map(|i| (first + i) % n).find(|&s| usable(s))
             }

@@ -79,7 +79,13 @@ fn pieces(old: &Router, new: &Router) -> Option<Vec<(u32, f64)>> {
     for ring in rings() {
         match ring {
             Ring::Ketama(c) => points.extend(c.points()),
-            Ring::Modula(n) | Ring::Magent(n) => {
+            Ring::Modula(c) => {
+                residues = lcm(residues, c.len() as u64);
+                if residues > MAX_RESIDUES {
+                    return None;
+                }
+            }
+            Ring::Magent(n) => {
                 residues = lcm(residues, *n as u64);
                 if residues > MAX_RESIDUES {
                     return None;

@@ -1,0 +1,162 @@
+//! Server weights (`host:port:weight`) route keys exactly as twemproxy
+//! does: a differential test against a live nutcracker (Debian's
+//! twemproxy, installed by scripts/test) over the same real memcached
+//! servers. Keys are stored through nutcracker, then read through memrelay
+//! (no backups, so memrelay reads only the key's primary): every key is a
+//! hit exactly when both pick the same server.
+#![allow(clippy::panic, clippy::unwrap_used)]
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use support::{free_port, wait_until, Client, Memcached, Memrelay, TempDir};
+
+/// nutcracker, stopped when dropped.
+struct Nutcracker(Child);
+
+impl Drop for Nutcracker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn nutcracker_bin() -> &'static str {
+    for p in ["/usr/sbin/nutcracker", "/usr/bin/nutcracker"] {
+        if std::path::Path::new(p).exists() {
+            return p;
+        }
+    }
+    panic!("nutcracker is not installed: scripts/test installs it (apt-get install nutcracker)");
+}
+
+fn nutcracker(
+    dir: &TempDir,
+    distribution: &str,
+    servers: &[(String, u32)],
+) -> (Nutcracker, String) {
+    let port = free_port("127.0.0.1");
+    let stats = free_port("127.0.0.1");
+    let mut conf = format!(
+        "pool:\n  listen: 127.0.0.1:{port}\n  hash: md5\n  distribution: {distribution}\n  \
+         auto_eject_hosts: false\n  servers:\n"
+    );
+    for (addr, w) in servers {
+        conf.push_str(&format!("    - {addr}:{w}\n"));
+    }
+    let path = dir.file(&format!("{distribution}.yml"), &conf);
+    let child = Command::new(nutcracker_bin())
+        .arg("-c")
+        .arg(&path)
+        .args(["-a", "127.0.0.1", "-s", &stats.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    assert!(
+        wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(
+            &addr
+        )
+        .is_ok()),
+        "nutcracker did not start"
+    );
+    (Nutcracker(child), addr)
+}
+
+fn same_routing(distribution: &str, hash: &str) {
+    // twemproxy sorts its server list by name when it loads it (checking
+    // for duplicates), so its modula order is the names' order, where
+    // memrelay's (like magent's) is the configured order: list them sorted
+    // so that both mean the same order.
+    let mut servers: Vec<Memcached> = (0..3).map(|_| Memcached::start()).collect();
+    servers.sort_by_key(|m| m.addr());
+    let weighted: Vec<(String, u32)> = servers
+        .iter()
+        .zip([1u32, 2, 5])
+        .map(|(m, w)| (m.addr(), w))
+        .collect();
+    let dir = TempDir::new(&format!("weights-{distribution}"));
+    let (_twem, twem_addr) = nutcracker(&dir, distribution, &weighted);
+    let mut args: Vec<String> = vec!["--hash".into(), hash.into()];
+    for (addr, w) in &weighted {
+        args.push("-s".into());
+        args.push(format!("{addr}:{w}"));
+    }
+    let relay = Memrelay::start(&args);
+    let mut t = Client::connect(&twem_addr);
+    let keys: Vec<String> = (0..400).map(|i| format!("weighted:{i}")).collect();
+    for k in &keys {
+        let r = t.send_until(format!("set {k} 0 0 1\r\nx\r\n").as_bytes(), |b| {
+            b.ends_with(b"\r\n")
+        });
+        assert_eq!(r.bytes, b"STORED\r\n", "set {k} through nutcracker");
+    }
+    // Each server holds a share close to its weight (1:2:5 of 400).
+    let held: Vec<usize> = servers
+        .iter()
+        .map(|m| {
+            let mut c = Client::connect(&m.addr());
+            keys.iter()
+                .filter(|k| {
+                    c.send_until(format!("get {k}\r\n").as_bytes(), |b| {
+                        b.ends_with(b"END\r\n")
+                    })
+                    .bytes
+                    .starts_with(b"VALUE")
+                })
+                .count()
+        })
+        .collect();
+    assert_eq!(held.iter().sum::<usize>(), keys.len());
+    assert!(
+        held[0] < held[1] && held[1] < held[2],
+        "{distribution}: keys per server {held:?} do not follow weights 1:2:5"
+    );
+    let mut m = Client::connect(&relay.addr());
+    let misrouted: Vec<&String> = keys
+        .iter()
+        .filter(|k| {
+            !m.send_until(format!("get {k}\r\n").as_bytes(), |b| {
+                b.ends_with(b"END\r\n")
+            })
+            .bytes
+            .starts_with(b"VALUE")
+        })
+        .collect();
+    assert!(
+        misrouted.is_empty(),
+        "{distribution}: {} of {} keys routed elsewhere than by nutcracker, e.g. {:?} \
+         (keys per server through nutcracker {held:?})",
+        misrouted.len(),
+        keys.len(),
+        &misrouted[..misrouted.len().min(5)]
+    );
+}
+
+#[test]
+fn weighted_ketama_routes_like_twemproxy() {
+    same_routing("ketama", "ketama");
+}
+
+#[test]
+fn weighted_modula_routes_like_twemproxy() {
+    same_routing("modula", "modula");
+}
+
+#[test]
+fn weights_are_refused_with_magents_hash() {
+    let out = Command::new(env!("CARGO_BIN_EXE_memrelay"))
+        .args(["--hash", "magent", "-s", "127.0.0.1:1:2", "--check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("weights need --hash ketama or modula"),
+        "{err}"
+    );
+}
