@@ -436,3 +436,57 @@ fn json_logs_are_one_object_a_line() {
     assert_eq!(start["primaries"], m.addr(), "{start}");
     assert_eq!(start["config"], s(&path), "{start}");
 }
+
+#[test]
+fn further_backup_tiers_from_the_file_and_the_command_line() {
+    let dir = TempDir::new("tiers");
+    let path = dir.file(
+        "memrelay.toml",
+        "[pools]\nprimaries = [\"127.0.0.1:21001\"]\nbackups = [\"127.0.0.1:21002\"]\n\
+         more_backup_tiers = [[\"127.0.0.1:21003\", \"127.0.0.1:21004\"]]\n",
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_memrelay"))
+        .arg("--config")
+        .arg(&path)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("backups 2:  127.0.0.1:21003, 127.0.0.1:21004")
+            || text.contains("backups 2:  127.0.0.1:21003 127.0.0.1:21004"),
+        "{text}"
+    );
+    // A further tier needs a first one; at most three backup tiers.
+    for (args, why) in [
+        (
+            vec!["-s", "127.0.0.1:21001", "--backup-tier", "127.0.0.1:21003"],
+            "needs a first one",
+        ),
+        (
+            vec![
+                "-s",
+                "127.0.0.1:21001",
+                "-b",
+                "127.0.0.1:21002",
+                "--backup-tier",
+                "127.0.0.1:21003",
+                "--backup-tier",
+                "127.0.0.1:21004",
+                "--backup-tier",
+                "127.0.0.1:21005",
+            ],
+            "at most three backup tiers",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_memrelay"))
+            .args(&args)
+            .arg("--check-config")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        assert!(err.contains("--backup-tier") && err.contains(why), "{err}");
+    }
+}

@@ -2214,3 +2214,64 @@ fn a_write_whose_client_left_never_leaves_the_backup_behind() {
         peek(&cl.backups[0], "left")
     );
 }
+
+/// A second backup tier (`--backup-tier`): every write reaches all three
+/// replicas; with the primary and the first backup dead, reads and writes
+/// are served by the second backup tier; once they return (empty), nothing
+/// older is served and the value written meanwhile is read back.
+#[test]
+fn a_second_backup_tier_serves_when_the_first_two_are_down() {
+    let primary = Memcached::start();
+    let first = Memcached::start();
+    let second = Memcached::start();
+    let relay = Memrelay::start(&[
+        "-t",
+        "1",
+        "--timeout",
+        TIMEOUT,
+        "--connect-timeout",
+        TIMEOUT,
+        "-s",
+        &primary.addr(),
+        "-b",
+        &first.addr(),
+        "--backup-tier",
+        &second.addr(),
+    ]);
+    let mut px = Px::connect(&relay.addr());
+    assert_eq!(px.set("tiered", 3, "one"), "STORED\r\n");
+    for m in [&primary, &first, &second] {
+        assert_eq!(
+            peek(m, "tiered").map(|i| (i.value, i.flags)),
+            Some(("one".to_string(), 3)),
+            "{} did not get the write",
+            m.addr()
+        );
+    }
+    let (mut primary, mut first) = (primary, first);
+    primary.kill();
+    first.kill();
+    // A read asks one more tier after a failed one: until the two dead
+    // servers are marked down (the failed reads count), it may miss.
+    let served = wait_until(CONVERGE, || {
+        px.get("tiered").map(|v| v.value).as_deref() == Some("one")
+    });
+    assert!(served, "the second backup tier never served the key");
+    let (r, took) = px.line_timed("set tiered 4 0 3\r\ntwo\r\n");
+    assert_eq!(String::from_utf8_lossy(&r.bytes), "STORED\r\n");
+    assert!(took < ANSWER_BOUND, "the write took {took:?}");
+    assert_eq!(
+        peek(&second, "tiered").map(|i| i.value).as_deref(),
+        Some("two")
+    );
+    // Both come back empty: the value written meanwhile is what is read.
+    primary.restart();
+    first.restart();
+    let ok = wait_until(CONVERGE, || {
+        px.get("tiered").map(|v| v.value).as_deref() == Some("two")
+    });
+    assert!(ok, "after the restarts: {:?}", px.get("tiered"));
+    for _ in 0..20 {
+        assert_eq!(px.get("tiered").map(|v| v.value).as_deref(), Some("two"));
+    }
+}

@@ -51,6 +51,10 @@ magent-compatible options:
                            the keys; ketama and modula only)
   -b, --backup HOST:PORT   a backup memcached server; repeat for more (a weight
                            too, among the backups)
+      --backup-tier LIST   a further backup tier, after the -b one: servers
+                           HOST:PORT[:W] separated by commas; repeat for a
+                           third (every write is copied to one server of each
+                           tier; reads and writes fall back tier by tier)
   -n, --max-conns N        most client connections at once (default 4096)
   -i, --backend-conns N    persistent connections kept per server per thread,
                            each carrying many requests (default 1, max 64)
@@ -260,6 +264,7 @@ fn canonical(flag: &str) -> Option<&'static str> {
         "-l" | "--listen" => "-l",
         "-s" | "--server" => "-s",
         "-b" | "--backup" => "-b",
+        "--backup-tier" => "--backup-tier",
         "-n" | "--max-conns" => "-n",
         "-i" | "--backend-conns" => "-i",
         "-u" | "--user" => "-u",

@@ -58,8 +58,10 @@ struct ListenKeys {
 #[serde(deny_unknown_fields, expecting = "a table")]
 struct Pools {
     primaries: Option<Vec<String>>,
-    /// One backup tier: that is what the proxy keeps (a key has one backup).
+    /// The first backup tier.
     backups: Option<Vec<String>>,
+    /// Further backup tiers, each a list.
+    more_backup_tiers: Option<Vec<Vec<String>>>,
     hash: Option<String>,
     backend_conns: Option<Count>,
 }
@@ -210,6 +212,19 @@ fn apply(path: &Path, f: File, draft: &mut Draft) -> Result<(), ConfigError> {
         for (i, s) in list.unwrap_or_default().iter().enumerate() {
             put.text(&format!("{key}[{i}]"), name, Some(s))?;
         }
+    }
+    for (i, tier) in f
+        .pools
+        .more_backup_tiers
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        put.text(
+            &format!("pools.more_backup_tiers[{i}]"),
+            "--backup-tier",
+            Some(tier.join(",")),
+        )?;
     }
     put.text("pools.hash", "--hash", f.pools.hash)?;
     put.text("pools.backend_conns", "-i", f.pools.backend_conns)?;
@@ -538,6 +553,7 @@ mod tests {
                 Pools {
                     primaries,
                     backups,
+                    more_backup_tiers,
                     hash,
                     backend_conns,
                 },
@@ -589,6 +605,7 @@ mod tests {
         let mut shown = vec![
             ("pools.primaries", primaries.is_some()),
             ("pools.backups", backups.is_some()),
+            ("pools.more_backup_tiers", more_backup_tiers.is_some()),
             ("pools.hash", hash.is_some()),
             ("pools.backend_conns", backend_conns.is_some()),
             ("timeouts.connect", connect.is_some()),

@@ -251,8 +251,12 @@ pub struct Config {
     pub listen: Vec<Listen>,
     /// `-s`: primaries, in order (order matters for `modula` and `magent`).
     pub primaries: Vec<ServerAddr>,
-    /// `-b`: backups, one tier.
+    /// `-b`: backups, the first backup tier.
     pub backups: Vec<ServerAddr>,
+    /// `--backup-tier`: further backup tiers, each a list, in order (a key
+    /// is copied to one server of every tier; reads and writes fall back
+    /// tier by tier). At most three backup tiers in all.
+    pub more_tiers: Vec<Vec<ServerAddr>>,
     pub hash: HashKind,
     /// `-n`: most client connections at once.
     pub max_conns: usize,
@@ -318,6 +322,7 @@ impl Default for Config {
             listen: Vec::new(),
             primaries: Vec::new(),
             backups: Vec::new(),
+            more_tiers: Vec::new(),
             hash: HashKind::Ketama,
             max_conns: 4096,
             threads: std::thread::available_parallelism()
@@ -358,13 +363,27 @@ impl Config {
     /// Every server, primaries first then backups: the index space that
     /// per-server state (pools, health, stats) is kept in.
     pub fn servers(&self) -> impl Iterator<Item = &ServerAddr> {
-        self.primaries.iter().chain(self.backups.iter())
+        self.tiers().flatten()
+    }
+
+    /// The tiers: primaries, then each backup tier (empty ones left out).
+    pub fn tiers(&self) -> impl Iterator<Item = &Vec<ServerAddr>> {
+        std::iter::once(&self.primaries)
+            .chain(std::iter::once(&self.backups))
+            .chain(self.more_tiers.iter())
+            .filter(|t| !t.is_empty())
     }
 
     /// Each server's role, in `servers()` order.
     pub fn roles(&self) -> impl Iterator<Item = &'static str> + '_ {
-        let primaries = self.primaries.iter().map(|_| "primary");
-        primaries.chain(self.backups.iter().map(|_| "backup"))
+        self.tiers().enumerate().flat_map(|(i, t)| {
+            t.iter().map(move |_| match i {
+                0 => "primary",
+                1 => "backup",
+                2 => "backup2",
+                _ => "backup3",
+            })
+        })
     }
 
     /// A reload: `new` as the running proxy can take it. Settings fixed

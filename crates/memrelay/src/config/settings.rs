@@ -51,6 +51,8 @@ pub(super) struct Draft {
     cli_unix_mode: Option<u32>,
     primaries: Vec<(Origin, String)>,
     backups: Vec<(Origin, String)>,
+    /// `--backup-tier`: each a whole tier, `host:port[:w],host:port...`.
+    more_tiers: Vec<(Origin, String)>,
     auto_eject_origin: Option<Origin>,
     /// `--max-reply-size`, checked against `--max-value-size` at the end.
     max_reply: Option<(Origin, usize)>,
@@ -88,6 +90,7 @@ impl Draft {
             match name {
                 "-s" => self.primaries.clear(),
                 "-b" => self.backups.clear(),
+                "--backup-tier" => self.more_tiers.clear(),
                 "-v" => self.cfg.verbosity = 0,
                 _ => {}
             }
@@ -105,6 +108,7 @@ impl Draft {
             "--unix-mode" => self.cli_unix_mode = Some(unix_mode(v).map_err(fail)?),
             "-s" => self.primaries.push((origin.clone(), v.to_string())),
             "-b" => self.backups.push((origin.clone(), v.to_string())),
+            "--backup-tier" => self.more_tiers.push((origin.clone(), v.to_string())),
             "-n" => cfg.max_conns = number(v, 1, 10_000_000).map_err(fail)? as usize,
             // More than 64 connections per server per thread buys nothing
             // but file descriptors: the connections pipeline.
@@ -204,11 +208,34 @@ impl Draft {
         };
         cfg.primaries = resolve(&self.primaries)?;
         cfg.backups = resolve(&self.backups)?;
+        // Further tiers: each entry a comma-separated list of servers.
+        let mut tier_origins: Vec<&Origin> = Vec::new();
+        for (origin, list) in &self.more_tiers {
+            if self.backups.is_empty() {
+                return Err(ConfigError::new(
+                    origin,
+                    "a further backup tier needs a first one (-b or pools.backups)",
+                ));
+            }
+            let tier: Vec<ServerAddr> = list
+                .split(',')
+                .map(|s| ServerAddr::parse(s.trim()).map_err(|m| ConfigError::new(origin, m)))
+                .collect::<Result<_, _>>()?;
+            tier_origins.extend(std::iter::repeat_n(origin, tier.len()));
+            cfg.more_tiers.push(tier);
+        }
+        if let Some((origin, _)) = self.more_tiers.get(2) {
+            return Err(ConfigError::new(
+                origin,
+                "at most three backup tiers (-b and two --backup-tier)",
+            ));
+        }
         let origins: Vec<&Origin> = self
             .primaries
             .iter()
             .chain(self.backups.iter())
             .map(|(o, _)| o)
+            .chain(tier_origins)
             .collect();
         check_duplicates(&cfg, &origins)?;
         if cfg.hash == HashKind::Magent {

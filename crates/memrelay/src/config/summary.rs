@@ -51,6 +51,9 @@ impl Config {
         let _ = writeln!(out, "listen:     {}", listen.join(", "));
         let _ = writeln!(out, "primaries:  {}", names(&self.primaries));
         let _ = writeln!(out, "backups:    {}", names(&self.backups));
+        for (i, tier) in self.more_tiers.iter().enumerate() {
+            let _ = writeln!(out, "backups {}:  {}", i + 2, names(tier));
+        }
         let _ = writeln!(
             out,
             "routing:    hash {}, worker threads {}, connections per server per thread {}",

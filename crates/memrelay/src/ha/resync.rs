@@ -229,9 +229,11 @@ impl Resync {
     /// replicas `target` is.
     fn sources(&self, target: usize) -> (Vec<usize>, usize) {
         if target < self.nprimaries {
+            // Every backup tier: copies of one key from several are adds
+            // of the same item, harmless.
             ((self.nprimaries..self.nodes.len()).collect(), 0)
         } else {
-            ((0..self.nprimaries).collect(), 1)
+            ((0..self.nprimaries).collect(), self.router.tier_of(target))
         }
     }
 

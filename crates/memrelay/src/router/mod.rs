@@ -121,11 +121,12 @@ pub struct Router {
 
 impl Router {
     pub fn new(cfg: &Config) -> Router {
-        let mut tiers = vec![(Ring::new(cfg.hash, &cfg.primaries), 0)];
-        if !cfg.backups.is_empty() {
-            tiers.push((Ring::new(cfg.hash, &cfg.backups), cfg.primaries.len()));
+        let mut tiers = Vec::new();
+        let mut offset = 0;
+        for tier in cfg.tiers().take(MAX_TIERS) {
+            tiers.push((Ring::new(cfg.hash, tier), offset));
+            offset += tier.len();
         }
-        tiers.truncate(MAX_TIERS);
         Router {
             tiers,
             kind: cfg.hash,
@@ -173,6 +174,14 @@ impl Router {
                 (1..*n).map(|i| (first + i) % n).find(|&s| usable(s))
             }
         }
+    }
+
+    /// The tier of server `index` (0: a primary).
+    pub fn tier_of(&self, index: usize) -> usize {
+        self.tiers
+            .iter()
+            .rposition(|(_, offset)| *offset <= index)
+            .unwrap_or(0)
     }
 
     /// Whether keys have backups at all.
