@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 use memrelay::config::cli::{parse_args, Action};
 use memrelay::router::Router;
 use support::{
-    complete_retrieval, escape, stats, wait_until, Client, End, Memcached, Memrelay, Reply,
+    complete_retrieval, escape, meta_done, parse_mg, same_item, stats, wait_until, Client, End,
+    Item, Memcached, Memrelay, Reply,
 };
 
 /// The proxy's per-request server timeout in these tests.
@@ -169,28 +170,6 @@ impl Cluster {
 // Items, direct access to memcached
 // ---------------------------------------------------------------------------
 
-/// An item as memcached holds it: value, flags, remaining TTL (-1: none).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Item {
-    value: String,
-    flags: u32,
-    ttl: i64,
-}
-
-/// Same value and flags, and TTLs within two seconds of each other (they
-/// are read at slightly different times).
-fn same_item(a: &Option<Item>, b: &Option<Item>) -> bool {
-    match (a, b) {
-        (None, None) => true,
-        (Some(a), Some(b)) => {
-            a.value == b.value
-                && a.flags == b.flags
-                && (a.ttl == b.ttl || (a.ttl >= 0 && b.ttl >= 0 && (a.ttl - b.ttl).abs() <= 2))
-        }
-        _ => false,
-    }
-}
-
 fn direct_client(m: &Memcached) -> Client {
     let mut c = m.client();
     c.set_deadline(Duration::from_secs(3));
@@ -204,9 +183,7 @@ fn line_done(b: &[u8]) -> bool {
 /// The item for `key` on `m` (via `mg`, which also reports the TTL).
 fn peek(m: &Memcached, key: &str) -> Option<Item> {
     let mut c = direct_client(m);
-    let r = c.send_until(format!("mg {key} v f t\r\n").as_bytes(), |b| {
-        b == b"EN\r\n" || (b.starts_with(b"VA ") && mg_complete(b))
-    });
+    let r = c.send_until(format!("mg {key} v f t\r\n").as_bytes(), meta_done);
     assert_eq!(
         r.end,
         End::Complete,
@@ -215,46 +192,6 @@ fn peek(m: &Memcached, key: &str) -> Option<Item> {
         escape(&r.bytes)
     );
     parse_mg(&r.bytes).unwrap_or_else(|e| panic!("mg {key} on {}: {e}", m.addr()))
-}
-
-fn mg_complete(b: &[u8]) -> bool {
-    let Some(nl) = b.windows(2).position(|w| w == b"\r\n") else {
-        return false;
-    };
-    let head = String::from_utf8_lossy(&b[..nl]);
-    let len: usize = head
-        .split(' ')
-        .nth(1)
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(0);
-    b.len() >= nl + 2 + len + 2
-}
-
-fn parse_mg(b: &[u8]) -> Result<Option<Item>, String> {
-    if b == b"EN\r\n" {
-        return Ok(None);
-    }
-    let nl = b
-        .windows(2)
-        .position(|w| w == b"\r\n")
-        .ok_or_else(|| format!("no line: {}", escape(b)))?;
-    let head = String::from_utf8_lossy(&b[..nl]).into_owned();
-    let toks: Vec<&str> = head.split(' ').collect();
-    if toks.first() != Some(&"VA") {
-        return Err(format!("unexpected mg reply: {}", escape(b)));
-    }
-    let len: usize = toks[1].parse().map_err(|_| format!("bad len: {head}"))?;
-    let mut flags = 0;
-    let mut ttl = -1;
-    for t in &toks[2..] {
-        if let Some(f) = t.strip_prefix('f') {
-            flags = f.parse().map_err(|_| format!("bad flags: {head}"))?;
-        } else if let Some(v) = t.strip_prefix('t') {
-            ttl = v.parse().map_err(|_| format!("bad ttl: {head}"))?;
-        }
-    }
-    let value = String::from_utf8_lossy(&b[nl + 2..nl + 2 + len]).into_owned();
-    Ok(Some(Item { value, flags, ttl }))
 }
 
 /// Stores an item straight on `m`.

@@ -14,7 +14,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::{escape, wait_until, Client, End, Memcached, Memrelay};
+use support::{
+    escape, meta_done, parse_mg, same_item, wait_until, Client, End, Item, Memcached, Memrelay,
+};
 
 const TIMEOUT: &str = "300ms";
 /// Deadline for background work (repairs, marking a server down).
@@ -107,45 +109,8 @@ fn stat(addr: &str, name: &str) -> Option<String> {
 // Meta replies and items
 // ---------------------------------------------------------------------------
 
-/// One complete meta reply: a line, or `VA <len> ...` and its data block.
-fn meta_done(b: &[u8]) -> bool {
-    let Some(nl) = b.windows(2).position(|w| w == b"\r\n") else {
-        return false;
-    };
-    if !b.starts_with(b"VA ") {
-        return b.len() == nl + 2;
-    }
-    let head = String::from_utf8_lossy(&b[..nl]);
-    let len: usize = head
-        .split(' ')
-        .nth(1)
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(0);
-    b.len() >= nl + 2 + len + 2
-}
-
 fn mn_done(b: &[u8]) -> bool {
     b.ends_with(b"MN\r\n")
-}
-
-/// An item as memcached holds it: value, client flags, TTL (-1: none).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Item {
-    value: String,
-    flags: u32,
-    ttl: i64,
-}
-
-fn same_item(a: &Option<Item>, b: &Option<Item>) -> bool {
-    match (a, b) {
-        (None, None) => true,
-        (Some(a), Some(b)) => {
-            a.value == b.value
-                && a.flags == b.flags
-                && (a.ttl == b.ttl || (a.ttl >= 0 && b.ttl >= 0 && (a.ttl - b.ttl).abs() <= 2))
-        }
-        _ => false,
-    }
 }
 
 fn direct(m: &Memcached) -> Client {
@@ -166,32 +131,6 @@ fn peek(m: &Memcached, key: &str) -> Option<Item> {
         escape(&r.bytes)
     );
     parse_mg(&r.bytes).unwrap_or_else(|e| panic!("mg {key} on {}: {e}", m.addr()))
-}
-
-fn parse_mg(b: &[u8]) -> Result<Option<Item>, String> {
-    if b == b"EN\r\n" {
-        return Ok(None);
-    }
-    let nl = b
-        .windows(2)
-        .position(|w| w == b"\r\n")
-        .ok_or_else(|| format!("no line: {}", escape(b)))?;
-    let head = String::from_utf8_lossy(&b[..nl]).into_owned();
-    let toks: Vec<&str> = head.split(' ').collect();
-    if toks.first() != Some(&"VA") {
-        return Err(format!("unexpected mg reply: {}", escape(b)));
-    }
-    let len: usize = toks[1].parse().map_err(|_| format!("bad len: {head}"))?;
-    let (mut flags, mut ttl) = (0, -1);
-    for t in &toks[2..] {
-        if let Some(f) = t.strip_prefix('f') {
-            flags = f.parse().map_err(|_| format!("bad flags: {head}"))?;
-        } else if let Some(v) = t.strip_prefix('t') {
-            ttl = v.parse().map_err(|_| format!("bad ttl: {head}"))?;
-        }
-    }
-    let value = String::from_utf8_lossy(&b[nl + 2..nl + 2 + len]).into_owned();
-    Ok(Some(Item { value, flags, ttl }))
 }
 
 /// Sends raw `req` straight to `m` and returns its reply up to `MN`.

@@ -1005,3 +1005,70 @@ impl Drop for TempFile {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+// ---------------------------------------------------------------------------
+// memcached's meta get, read straight from a server
+// ---------------------------------------------------------------------------
+
+/// One complete meta reply: a line, or `VA <len> ...` and its data block.
+pub fn meta_done(b: &[u8]) -> bool {
+    let Some(nl) = b.windows(2).position(|w| w == b"\r\n") else {
+        return false;
+    };
+    if !b.starts_with(b"VA ") {
+        return b.len() == nl + 2;
+    }
+    let head = String::from_utf8_lossy(&b[..nl]);
+    let len: usize = head
+        .split(' ')
+        .nth(1)
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    b.len() >= nl + 2 + len + 2
+}
+
+/// An item as memcached holds it: value, client flags, TTL (-1: none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub value: String,
+    pub flags: u32,
+    pub ttl: i64,
+}
+
+pub fn same_item(a: &Option<Item>, b: &Option<Item>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            a.value == b.value
+                && a.flags == b.flags
+                && (a.ttl == b.ttl || (a.ttl >= 0 && b.ttl >= 0 && (a.ttl - b.ttl).abs() <= 2))
+        }
+        _ => false,
+    }
+}
+
+pub fn parse_mg(b: &[u8]) -> Result<Option<Item>, String> {
+    if b == b"EN\r\n" {
+        return Ok(None);
+    }
+    let nl = b
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .ok_or_else(|| format!("no line: {}", escape(b)))?;
+    let head = String::from_utf8_lossy(&b[..nl]).into_owned();
+    let toks: Vec<&str> = head.split(' ').collect();
+    if toks.first() != Some(&"VA") {
+        return Err(format!("unexpected mg reply: {}", escape(b)));
+    }
+    let len: usize = toks[1].parse().map_err(|_| format!("bad len: {head}"))?;
+    let (mut flags, mut ttl) = (0, -1);
+    for t in &toks[2..] {
+        if let Some(f) = t.strip_prefix('f') {
+            flags = f.parse().map_err(|_| format!("bad flags: {head}"))?;
+        } else if let Some(v) = t.strip_prefix('t') {
+            ttl = v.parse().map_err(|_| format!("bad ttl: {head}"))?;
+        }
+    }
+    let value = String::from_utf8_lossy(&b[nl + 2..nl + 2 + len]).into_owned();
+    Ok(Some(Item { value, flags, ttl }))
+}
