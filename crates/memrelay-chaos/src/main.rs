@@ -265,19 +265,6 @@ fn all_up(addr: &str, n: usize) -> bool {
     (0..n).all(|i| s.get(&format!("server:{i}:state")).map(String::as_str) == Some("up"))
 }
 
-fn wait_for(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + deadline;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Stores every key through the proxy, then asks each primary directly
 /// which keys it holds: the key's primary as memrelay routes it (learned,
 /// so the tool does not depend on the hash). Deletes them again.
@@ -627,7 +614,7 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
         cfg.relay_log.as_deref(),
     )?;
     let addr = relay.addr();
-    if !wait_for(Duration::from_secs(10), || all_up(&addr, b + 1)) {
+    if !procs::wait_until(Duration::from_secs(10), || all_up(&addr, b + 1)) {
         return Err(format!(
             "memrelay never reported every server up: {:?}",
             stats(&addr)
@@ -744,7 +731,7 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
     for (t, e) in ends.iter_mut().enumerate() {
         final_reads(cfg, &addr, &watch, t, e, "after chaos");
     }
-    let settled = wait_for(Duration::from_secs(20), || all_up(&addr, b + 1));
+    let settled = procs::wait_until(Duration::from_secs(20), || all_up(&addr, b + 1));
     for (t, e) in ends.iter_mut().enumerate() {
         final_reads(cfg, &addr, &watch, t, e, "all up");
     }

@@ -60,7 +60,8 @@ fn proc_state(pid: u32) -> Option<char> {
     stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
-fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
+/// Polls `cond` until it holds or `deadline` passes.
+pub fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + deadline;
     loop {
         if cond() {

@@ -32,7 +32,10 @@ impl Continuum {
     pub fn weighted(servers: &[(&str, u32)]) -> Continuum {
         let n = servers.len();
         let total_weight = servers.iter().map(|s| s.1 as f32).sum::<f32>();
-        let mut points = Vec::with_capacity(servers.iter().map(|s| s.1 as usize * 160).sum());
+        // Weights share out the same budget: about 160 points per server
+        // whatever the weights (a weight of 10,000 must not reserve 1.6
+        // million).
+        let mut points = Vec::with_capacity(n * 160 + n * 4);
         for (index, (name, weight)) in servers.iter().enumerate() {
             let pct = *weight as f32 / total_weight;
             // Mirrors twemproxy: the product in f32, the epsilon added in f64,
