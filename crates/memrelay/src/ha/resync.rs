@@ -302,7 +302,11 @@ impl Resync {
         // before its mirror): a copy read before it lands would undo it.
         // So wait until every such write has ended before reading.
         node.health.touched.clear();
-        tokio::time::sleep(self.write_life).await;
+        // A reload that replaces this configuration ends the wait too.
+        self.pause(self.write_life).await;
+        if self.cancelled() {
+            return Err(CANCELLED.into());
+        }
         let (sources, tier) = self.sources(target);
         if sources.is_empty() {
             return Ok(());
