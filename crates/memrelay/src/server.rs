@@ -150,8 +150,13 @@ pub fn run(
     );
     let threads = cfg.threads;
     let metrics = cfg.metrics;
+    // The probers and resyncs run on this thread, in a LocalSet: their
+    // connections (TLS ones included) are the thread's own, as on the
+    // workers, and need not be shareable across threads.
+    let local = tokio::task::LocalSet::new();
     let (mut control, links, mut reloads) = {
         let _main = rt.enter();
+        let _local = local.enter();
         Control::start(cfg, registry.clone(), reread)
     };
 
@@ -173,7 +178,7 @@ pub fn run(
     drop(listeners);
     drop(links);
 
-    rt.block_on(async {
+    rt.block_on(local.run_until(async {
         if let (Some(addr), Some(l)) = (metrics, metrics_listener) {
             match tokio::net::TcpListener::from_std(l) {
                 Ok(l) => {
@@ -220,7 +225,7 @@ pub fn run(
                 );
             }
         }
-    });
+    }));
     if !handed_off.load(std::sync::atomic::Ordering::Acquire) {
         // The socket files are ours to remove, unless a new memrelay now
         // serves them.

@@ -30,6 +30,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::backend::connect::Dial;
 use crate::backend::health::Health;
 use crate::backend::probe::ProbeTimeouts;
 use crate::config::{Config, ConfigError};
@@ -153,7 +154,8 @@ impl Control {
                     cfg.missed_keys_cap,
                     cfg.threads,
                 ));
-                let prober = spawn_prober(&health, s.addr, &probe_timeouts, &resync_requests);
+                let dial = Dial::to(s, cfg.server_tls.as_ref());
+                let prober = spawn_prober(&health, dial, &probe_timeouts, &resync_requests);
                 Running {
                     name: s.name.clone(),
                     addr: s.addr,
@@ -166,7 +168,7 @@ impl Control {
         let health: Vec<Arc<Health>> = servers.iter().map(|s| s.health.clone()).collect();
         registry.set_servers(entries(&servers));
         let (resync, resync_current) = watch::channel(Arc::new(new_resync(&cfg, &router, &health)));
-        tokio::spawn(crate::ha::resync::serve(
+        tokio::task::spawn_local(crate::ha::resync::serve(
             resync_current,
             resync_rx,
             resync_requests.clone(),
@@ -252,19 +254,20 @@ impl Control {
             .map(Some)
             .collect();
         let mut servers = Vec::with_capacity(new_names.len());
-        let mut flushes: Vec<(Arc<Health>, SocketAddr, &'static str)> = Vec::new();
+        let mut flushes: Vec<(Arc<Health>, Dial, &'static str)> = Vec::new();
         for (s, role) in cfg.servers().zip(cfg.roles()) {
             let kept = old
                 .iter_mut()
                 .find(|r| r.as_ref().is_some_and(|r| r.name == s.name))
                 .and_then(Option::take);
+            let dial = Dial::to(s, cfg.server_tls.as_ref());
             let running = match kept {
                 Some(r) if r.addr == s.addr => {
                     let moved_away = r.health.keys_moved_away.load(Ordering::Relaxed);
                     let loses = moves.loses.contains(&s.name);
                     let flush = moved_away && moves.gains.contains(&s.name);
                     if flush {
-                        flushes.push((r.health.clone(), s.addr, FLUSH_RETURNING));
+                        flushes.push((r.health.clone(), dial, FLUSH_RETURNING));
                     }
                     // A flush removes the copies of keys that moved away
                     // before, unless older requests may still write some.
@@ -275,9 +278,9 @@ impl Control {
                 Some(r) => {
                     r.prober.abort();
                     tracing::info!(server = %s.name, from = %r.addr, to = %s.addr, "server address changed");
-                    flushes.push((r.health.clone(), s.addr, FLUSH_READDRESSED));
+                    flushes.push((r.health.clone(), dial.clone(), FLUSH_READDRESSED));
                     r.health.keys_moved_away.store(false, Ordering::Relaxed);
-                    self.running(s.name.clone(), s.addr, role, r.health)
+                    self.running(s.name.clone(), dial, role, r.health)
                 }
                 None => {
                     tracing::info!(server = %s.name, role, "server added");
@@ -286,8 +289,8 @@ impl Control {
                         cfg.missed_keys_cap,
                         cfg.threads,
                     ));
-                    flushes.push((health.clone(), s.addr, FLUSH_ADDED));
-                    self.running(s.name.clone(), s.addr, role, health)
+                    flushes.push((health.clone(), dial.clone(), FLUSH_ADDED));
+                    self.running(s.name.clone(), dial, role, health)
                 }
             };
             servers.push(running);
@@ -349,11 +352,12 @@ impl Control {
     fn running(
         &self,
         name: String,
-        addr: SocketAddr,
+        dial: Dial,
         role: &'static str,
         health: Arc<Health>,
     ) -> Running {
-        let prober = spawn_prober(&health, addr, &self.probe_timeouts, &self.resync_requests);
+        let addr = dial.addr;
+        let prober = spawn_prober(&health, dial, &self.probe_timeouts, &self.resync_requests);
         Running {
             name,
             addr,
@@ -368,12 +372,14 @@ impl Control {
     /// until its prober has flushed it. Returns the servers' names.
     async fn flush(
         &self,
-        flushes: &[(Arc<Health>, SocketAddr, &'static str)],
+        flushes: &[(Arc<Health>, Dial, &'static str)],
         t: ProbeTimeouts,
     ) -> Vec<String> {
         let tasks: Vec<_> = flushes
             .iter()
-            .map(|(_, addr, _)| tokio::spawn(crate::backend::probe::flush(*addr, t)))
+            .map(|(_, dial, _)| {
+                tokio::task::spawn_local(crate::backend::probe::flush(dial.clone(), t))
+            })
             .collect();
         let mut names = Vec::with_capacity(flushes.len());
         for ((health, _, why), task) in flushes.iter().zip(tasks) {
@@ -483,13 +489,13 @@ fn probe_timeouts(cfg: &Config) -> ProbeTimeouts {
 
 fn spawn_prober(
     health: &Arc<Health>,
-    addr: SocketAddr,
+    dial: Dial,
     timeouts: &watch::Sender<ProbeTimeouts>,
     resync: &Requests,
 ) -> JoinHandle<()> {
-    tokio::spawn(crate::backend::probe::probe_loop(
+    tokio::task::spawn_local(crate::backend::probe::probe_loop(
         health.clone(),
-        addr,
+        dial,
         timeouts.subscribe(),
         resync.clone(),
     ))
@@ -501,7 +507,7 @@ fn new_resync(cfg: &Config, router: &Router, health: &[Arc<Health>]) -> Resync {
         cfg.servers()
             .zip(health)
             .map(|(s, h)| Node {
-                addr: s.addr,
+                dial: Dial::to(s, cfg.server_tls.as_ref()),
                 name: s.name.clone(),
                 health: h.clone(),
             })

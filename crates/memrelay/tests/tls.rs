@@ -1,15 +1,22 @@
-//! TLS to clients (`--tls-cert`, `--tls-key`, `--tls-client-ca`): a real
-//! memcached behind memrelay, and blocking rustls clients in front.
+//! TLS to clients (`--tls-cert`, `--tls-key`, `--tls-client-ca`) and to
+//! the servers (`--server-tls-ca`, `--server-tls-cert`, `--server-tls-key`,
+//! `--server-tls-name`): real memcached behind memrelay (started with `-Z`
+//! for the second), and blocking rustls clients in front.
 //!
 //! The certificates are made here (a CA, a server certificate for
 //! `localhost` and 127.0.0.1, client certificates from that CA and from
-//! another), into a temporary directory. What is checked: the ordinary
-//! commands, values larger than a TLS record and pipelines (where bytes can
-//! wait inside the TLS layer while the socket has none, the way a TLS
-//! stream hangs if it gets readiness wrong), a pipeline longer than
-//! `--max-pipeline`, concurrent clients, a plaintext client turned away
-//! without harm to the others, client certificates when asked for, and
-//! unusable files refused at start with exit 64 naming the flag.
+//! another), into a temporary directory. What is checked towards clients:
+//! the ordinary commands, values larger than a TLS record and pipelines
+//! (where bytes can wait inside the TLS layer while the socket has none,
+//! the way a TLS stream hangs if it gets readiness wrong), a pipeline
+//! longer than `--max-pipeline`, concurrent clients, a plaintext client
+//! turned away without harm to the others, client certificates when asked
+//! for, and unusable files refused at start with exit 64 naming the flag.
+//! Towards servers: requests, failover to a backup and the resync of a
+//! restarted primary all over TLS; a server whose certificate is not
+//! trusted, carries another name, or that speaks no TLS is an error, not a
+//! hang and not plaintext; client certificates for memcached's
+//! `ssl_verify_mode`.
 #![allow(clippy::panic, clippy::unwrap_used)]
 
 mod support;
@@ -57,7 +64,8 @@ impl Pki {
         let (client_cert, client_key) = leaf(&ca, &["client"], ExtendedKeyUsagePurpose::ClientAuth);
         pki.write("client.pem", &client_cert);
         pki.write("client.key", &client_key);
-        let (_, other) = authority("someone else's CA");
+        let (other_pem, other) = authority("someone else's CA");
+        pki.write("other-ca.pem", &other_pem);
         let (stranger_cert, stranger_key) =
             leaf(&other, &["stranger"], ExtendedKeyUsagePurpose::ClientAuth);
         pki.write("stranger.pem", &stranger_cert);
@@ -81,6 +89,21 @@ impl Pki {
         args.push(mc.addr());
         args.extend(extra.iter().cloned());
         Memrelay::start(&args)
+    }
+
+    /// memcached speaking only TLS with this PKI's server certificate, and
+    /// `extra` options (`-o` suboptions, comma-separated).
+    fn tls_memcached(&self, extra: &str) -> Memcached {
+        let mut opts = format!(
+            "ssl_chain_cert={},ssl_key={}",
+            self.path("server.pem"),
+            self.path("server.key")
+        );
+        if !extra.is_empty() {
+            opts.push(',');
+            opts.push_str(extra);
+        }
+        Memcached::start_with("127.0.0.1", &["-Z", "-o", &opts])
     }
 
     /// memrelay's TLS flags for this PKI.
@@ -499,6 +522,48 @@ fn unusable_files_stop_the_start_naming_the_flag() {
             .concat(),
             "--tls-client-ca",
         ),
+        (
+            vec!["--server-tls-ca".into(), missing.clone()],
+            "--server-tls-ca",
+        ),
+        (
+            vec!["--server-tls-ca".into(), not_pem.clone()],
+            "--server-tls-ca",
+        ),
+        // Without a CA, no other server TLS flag means anything.
+        (
+            vec!["--server-tls-name".into(), "localhost".into()],
+            "--server-tls-name",
+        ),
+        (
+            vec![
+                "--server-tls-ca".into(),
+                pki.path("ca.pem"),
+                "--server-tls-cert".into(),
+                pki.path("client.pem"),
+            ],
+            "--server-tls-cert",
+        ),
+        (
+            vec![
+                "--server-tls-ca".into(),
+                pki.path("ca.pem"),
+                "--server-tls-cert".into(),
+                pki.path("client.pem"),
+                "--server-tls-key".into(),
+                pki.path("server.key"),
+            ],
+            "--server-tls-key",
+        ),
+        (
+            vec![
+                "--server-tls-ca".into(),
+                pki.path("ca.pem"),
+                "--server-tls-name".into(),
+                "not a name".into(),
+            ],
+            "--server-tls-name",
+        ),
     ];
     for (tls, flag) in cases {
         let mut args: Vec<String> = vec![
@@ -581,4 +646,233 @@ fn unix_sockets_stay_plaintext() {
     let mut got = vec![0u8; want.len()];
     u.read_exact(&mut got).unwrap();
     assert_eq!(escape(&got), escape(&want));
+}
+
+// ---------------------------------------------------------------------------
+// TLS to the servers
+// ---------------------------------------------------------------------------
+
+/// memrelay, plain towards its clients, with `args` (servers and TLS
+/// flags); generous timeouts, as above.
+fn relay_to(args: &[String]) -> Memrelay {
+    let mut all: Vec<String> = ["--timeout", "5s", "--connect-timeout", "2s"]
+        .map(String::from)
+        .to_vec();
+    all.extend(args.iter().cloned());
+    Memrelay::start(&all)
+}
+
+/// One request through a plain client, the reply up to its last line.
+fn ask(c: &mut support::Client, req: &[u8]) -> Vec<u8> {
+    c.send_until(req, |b| {
+        b.ends_with(b"END\r\n")
+            || b.ends_with(b"STORED\r\n")
+            || b.ends_with(b"DELETED\r\n")
+            || b.ends_with(b"NOT_FOUND\r\n")
+            || (b.starts_with(b"SERVER_ERROR") && b.ends_with(b"\r\n"))
+    })
+    .bytes
+}
+
+/// A server's copy of `key`, read straight from it over TLS.
+fn direct_get(pki: &Pki, mc: &Memcached, key: &str) -> Vec<u8> {
+    TlsClient::connect(&mc.addr(), pki.client_config(None)).get(key)
+}
+
+#[test]
+fn requests_failover_and_resync_all_go_over_tls_to_the_servers() {
+    let pki = Pki::make();
+    let mut primary = pki.tls_memcached("");
+    let backup = pki.tls_memcached("");
+    // Short timeouts: a resync waits 3 x (connect timeout + timeout) for
+    // writes in flight before it reads a source.
+    let relay = relay_to(&[
+        "--timeout".into(),
+        "1s".into(),
+        "--connect-timeout".into(),
+        "1s".into(),
+        "--server-tls-ca".into(),
+        pki.path("ca.pem"),
+        "-s".into(),
+        primary.addr(),
+        "-b".into(),
+        backup.addr(),
+    ]);
+    let mut c = relay.client();
+    let big = value("big", 300 * 1024);
+    for i in 0..50 {
+        let key = format!("k{i}");
+        assert_eq!(ask(&mut c, &set(&key, &value(&key, 100))), b"STORED\r\n");
+    }
+    // A value larger than a TLS record, both ways.
+    assert_eq!(ask(&mut c, &set("big", &big)), b"STORED\r\n");
+    assert_eq!(ask(&mut c, b"get big\r\n"), found("big", &big));
+    // Both servers hold the writes (read over TLS: they speak nothing else).
+    assert_eq!(
+        direct_get(&pki, &primary, "k7"),
+        found("k7", &value("k7", 100))
+    );
+    assert_eq!(
+        direct_get(&pki, &backup, "k7"),
+        found("k7", &value("k7", 100))
+    );
+
+    // The primary dies: its backup serves.
+    primary.kill();
+    assert_eq!(ask(&mut c, b"get k3\r\n"), found("k3", &value("k3", 100)));
+
+    // It comes back empty: the prober (over TLS) sees it restarted and the
+    // resync (over TLS) copies every key back from the backup.
+    primary.restart();
+    let copied = support::wait_until(Duration::from_secs(30), || {
+        direct_get(&pki, &primary, "k49") == found("k49", &value("k49", 100))
+    });
+    assert!(copied, "no resync over TLS:\n{}", relay.output());
+    for i in 0..50 {
+        let key = format!("k{i}");
+        assert_eq!(
+            direct_get(&pki, &primary, &key),
+            found(&key, &value(&key, 100))
+        );
+    }
+    assert_eq!(direct_get(&pki, &primary, "big"), found("big", &big));
+    assert_eq!(ask(&mut c, b"get k0\r\n"), found("k0", &value("k0", 100)));
+}
+
+#[test]
+fn an_untrusted_misnamed_or_plaintext_server_is_an_error_not_a_hang() {
+    let pki = Pki::make();
+    let tls_mc = pki.tls_memcached("");
+    let plain_mc = Memcached::start();
+    let cases: Vec<(&str, Vec<String>, &Memcached)> = vec![
+        (
+            "a CA that did not sign the server's certificate",
+            vec!["--server-tls-ca".into(), pki.path("other-ca.pem")],
+            &tls_mc,
+        ),
+        (
+            "a name the certificate does not carry",
+            vec![
+                "--server-tls-ca".into(),
+                pki.path("ca.pem"),
+                "--server-tls-name".into(),
+                "cache.example.com".into(),
+            ],
+            &tls_mc,
+        ),
+        (
+            "a server without TLS",
+            vec!["--server-tls-ca".into(), pki.path("ca.pem")],
+            &plain_mc,
+        ),
+    ];
+    for (what, flags, mc) in cases {
+        let mut args = flags.clone();
+        args.extend(["-s".into(), mc.addr()]);
+        let relay = relay_to(&args);
+        let mut c = relay.client();
+        let started = Instant::now();
+        // (A get would be answered as a miss: a set says what happened.)
+        let got = ask(&mut c, &set("k", b"v"));
+        assert!(got.starts_with(b"SERVER_ERROR"), "{what}: {}", escape(&got));
+        // Within the connect timeout (2 s), with room for a loaded machine.
+        assert!(started.elapsed() < Duration::from_secs(4), "{what}");
+        relay.wait_for_output("TLS handshake failed", 1, DEADLINE);
+    }
+    // The right name, given explicitly, works (the servers are addressed
+    // by IP; the certificate also says localhost).
+    let relay = relay_to(&[
+        "--server-tls-ca".into(),
+        pki.path("ca.pem"),
+        "--server-tls-name".into(),
+        "localhost".into(),
+        "-s".into(),
+        tls_mc.addr(),
+    ]);
+    let mut c = relay.client();
+    assert_eq!(ask(&mut c, &set("n", b"v")), b"STORED\r\n");
+    assert_eq!(ask(&mut c, b"get n\r\n"), found("n", b"v"));
+}
+
+#[test]
+fn a_server_that_asks_for_a_client_certificate_gets_memrelays() {
+    let pki = Pki::make();
+    // ssl_verify_mode 2: memcached requires a certificate from its CA.
+    let mc = pki.tls_memcached(&format!(
+        "ssl_verify_mode=2,ssl_ca_cert={}",
+        pki.path("ca.pem")
+    ));
+    let without = relay_to(&[
+        "--server-tls-ca".into(),
+        pki.path("ca.pem"),
+        "-s".into(),
+        mc.addr(),
+    ]);
+    let got = ask(&mut without.client(), &set("k", b"v"));
+    assert!(got.starts_with(b"SERVER_ERROR"), "{}", escape(&got));
+
+    let with = relay_to(&[
+        "--server-tls-ca".into(),
+        pki.path("ca.pem"),
+        "--server-tls-cert".into(),
+        pki.path("client.pem"),
+        "--server-tls-key".into(),
+        pki.path("client.key"),
+        "-s".into(),
+        mc.addr(),
+    ]);
+    let mut c = with.client();
+    let got = ask(&mut c, &set("m", b"mtls"));
+    assert_eq!(got, b"STORED\r\n", "{}\n{}", escape(&got), with.output());
+    assert_eq!(ask(&mut c, b"get m\r\n"), found("m", b"mtls"));
+}
+
+#[test]
+fn deep_pipelines_and_large_values_do_not_stall_a_tls_memcached() {
+    // memcached 1.6 over TLS leaves requests unread inside OpenSSL when a
+    // record holds more than it reads at once, and waits for the socket:
+    // 1,000 pipelined 100-byte sets, or anything after a 300 KiB value in
+    // the same write, stall there until the client sends more (see
+    // backend::records). Through memrelay, every request is answered.
+    let pki = Pki::make();
+    let mc = pki.tls_memcached("");
+    let relay = relay_to(&[
+        "--server-tls-ca".into(),
+        pki.path("ca.pem"),
+        "-s".into(),
+        mc.addr(),
+    ]);
+    let mut c = relay.client();
+    let mut pipeline = Vec::new();
+    for i in 0..1000 {
+        pipeline.extend_from_slice(&set(&format!("p{i}"), &value(&format!("p{i}"), 100)));
+    }
+    let got = c.send_until(&pipeline, |b| {
+        b.windows(8).filter(|w| w == b"STORED\r\n").count() == 1000
+            || b.windows(12).any(|w| w == b"SERVER_ERROR")
+    });
+    assert_eq!(
+        got.bytes.windows(8).filter(|w| *w == b"STORED\r\n").count(),
+        1000,
+        "{}",
+        escape(&got.bytes[got.bytes.len().saturating_sub(200)..])
+    );
+
+    let big = value("big", 300 * 1024);
+    let mut pipeline = set("big", &big);
+    for i in 0..20 {
+        pipeline.extend_from_slice(&set(&format!("after{i}"), b"x"));
+    }
+    pipeline.extend_from_slice(b"get big after19\r\n");
+    let mut want = b"STORED\r\n".repeat(21);
+    want.extend_from_slice(&hit("big", &big));
+    want.extend_from_slice(&found("after19", b"x"));
+    let got = c.send_until(&pipeline, |b| {
+        b.ends_with(b"END\r\n") || b.windows(12).any(|w| w == b"SERVER_ERROR")
+    });
+    assert!(
+        got.bytes == want,
+        "{}",
+        escape(&got.bytes[got.bytes.len().saturating_sub(200)..])
+    );
 }

@@ -36,7 +36,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -44,9 +43,9 @@ use bytes::{Buf, BytesMut};
 use memrelay_protocol::response::ResponseParser;
 use memrelay_protocol::Expect;
 use tokio::io::Interest;
-use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
 
+use super::connect::{Dial, ServerStream};
 use super::health::Health;
 use super::{BackendError, BackendReply, BackendSettings, Failure, ReplyTo};
 use crate::net::notify::LocalNotify;
@@ -102,6 +101,10 @@ struct Inner {
     health: Arc<Health>,
     /// The worker's settings, read at each use (a reload changes them).
     settings: Rc<Cell<BackendSettings>>,
+    /// Over TLS: where the requests not yet written end, in the byte
+    /// stream (the quiet `mn` of a meta request counts as a request of its
+    /// own), so writes can follow `records`' rule.
+    ends: Option<RefCell<VecDeque<u64>>>,
 }
 
 /// A handle to a connection; cheap to clone.
@@ -112,11 +115,7 @@ pub struct Conn {
 
 impl Conn {
     /// Starts connecting in the background; requests can be queued at once.
-    pub fn open(
-        addr: SocketAddr,
-        health: Arc<Health>,
-        settings: Rc<Cell<BackendSettings>>,
-    ) -> Conn {
+    pub fn open(dial: Dial, health: Arc<Health>, settings: Rc<Cell<BackendSettings>>) -> Conn {
         let inner = Rc::new(Inner {
             state: Cell::new(State::Connecting),
             out: RefCell::new(OutQueue::new()),
@@ -129,8 +128,9 @@ impl Conn {
             retired: Cell::new(false),
             health,
             settings,
+            ends: dial.is_tls().then(|| RefCell::new(VecDeque::new())),
         });
-        tokio::task::spawn_local(drive(inner.clone(), addr));
+        tokio::task::spawn_local(drive(inner.clone(), dial));
         Conn { inner }
     }
 
@@ -176,10 +176,17 @@ impl Conn {
             out.put_slice(b"\r\n");
         }
         if expect == Expect::MetaQuiet {
+            if let Some(ends) = &inner.ends {
+                ends.borrow_mut()
+                    .push_back(inner.queued.get() + (out.len() - before) as u64);
+            }
             // Closes a quiet request's reply, which may be empty.
             out.put_slice(b"mn\r\n");
         }
         let end = inner.queued.get() + (out.len() - before) as u64;
+        if let Some(ends) = &inner.ends {
+            ends.borrow_mut().push_back(end);
+        }
         inner.queued.set(end);
         let now = Instant::now();
         inflight.push_back(InFlight {
@@ -197,17 +204,26 @@ impl Conn {
 }
 
 /// The connection's task: connect, then write and read until it fails.
-async fn drive(inner: Rc<Inner>, addr: SocketAddr) {
+async fn drive(inner: Rc<Inner>, dial: Dial) {
     let connect_timeout = inner.settings.get().connect_timeout;
-    let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::debug!(server = %inner.health.name, error = %e, "connect failed");
-            return fail(&inner, Failure::Connect);
+    match dial.connect(connect_timeout).await {
+        Ok(ServerStream::Plain(s)) => run(inner, s).await,
+        Ok(ServerStream::Tls(s)) => run(inner, *s).await,
+        Err(e) => {
+            // A TLS failure (an untrusted certificate, a server without
+            // TLS) is worth a warning: it will not heal by itself.
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                tracing::warn!(server = %inner.health.name, error = %e, "TLS handshake failed");
+            } else {
+                tracing::debug!(server = %inner.health.name, error = %e, "connect failed");
+            }
+            fail(&inner, Failure::Connect)
         }
-        Err(_) => return fail(&inner, Failure::Connect),
-    };
-    let _ = stream.set_nodelay(true);
+    }
+}
+
+/// Writes and reads on a connected stream until it fails.
+async fn run<S: Stream>(inner: Rc<Inner>, stream: S) {
     inner.state.set(State::Ready);
 
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
@@ -293,10 +309,13 @@ async fn drive(inner: Rc<Inner>, addr: SocketAddr) {
 }
 
 /// Writes queued bytes without blocking.
-fn flush(inner: &Inner, stream: &TcpStream) -> Result<(), Failure> {
+fn flush(inner: &Inner, stream: &impl Stream) -> Result<(), Failure> {
     let mut out = inner.out.borrow_mut();
     if out.is_empty() {
         return Ok(());
+    }
+    if let Some(ends) = &inner.ends {
+        return flush_records(inner, &mut out, &mut ends.borrow_mut(), stream);
     }
     match out.write_to(|iov| Stream::try_write_vectored(stream, iov)) {
         Ok(n) => {
@@ -306,6 +325,36 @@ fn flush(inner: &Inner, stream: &TcpStream) -> Result<(), Failure> {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
         Err(_) => Err(Failure::Io),
     }
+}
+
+/// Over TLS: writes in `records`' cuts, each handed over whole once the
+/// socket took the one before (so rustls holds one write at most).
+fn flush_records(
+    inner: &Inner,
+    out: &mut OutQueue,
+    ends: &mut VecDeque<u64>,
+    stream: &impl Stream,
+) -> Result<(), Failure> {
+    while !out.is_empty() && !stream.backlogged() {
+        let written = inner.written.get();
+        while ends.front().is_some_and(|&e| e <= written) {
+            ends.pop_front();
+        }
+        let span = out.span();
+        let len =
+            match super::records::next_write(ends.iter().map(|&e| (e - written) as usize), span) {
+                // Cannot happen (a request is a few pieces, and every request
+                // has its end): write what one call carries rather than stall.
+                0 => span,
+                n => n,
+            };
+        match out.write_prefix(len, |iov| stream.try_write_vectored(iov)) {
+            Ok(n) => inner.written.set(written + n as u64),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(_) => return Err(Failure::Io),
+        }
+    }
+    Ok(())
 }
 
 /// What one read turn found.
@@ -321,7 +370,7 @@ enum Read {
 /// Reads a batch and hands out every complete reply.
 fn read_and_dispatch(
     inner: &Inner,
-    stream: &TcpStream,
+    stream: &impl Stream,
     rbuf: &mut BytesMut,
     parser: &mut ResponseParser,
 ) -> Result<Read, Failure> {
@@ -452,7 +501,15 @@ fn oldest_deadline(inner: &Inner) -> Option<Instant> {
 /// failure of any request.
 fn close_quietly(inner: &Inner) {
     inner.state.set(State::Closed);
+    discard_unsent(inner);
+}
+
+/// Drops what was queued and never written (the connection is closing).
+fn discard_unsent(inner: &Inner) {
     inner.out.borrow_mut().clear();
+    if let Some(ends) = &inner.ends {
+        ends.borrow_mut().clear();
+    }
 }
 
 /// Fails every request on the connection and closes it for good.
@@ -474,7 +531,7 @@ fn fail(inner: &Inner, failure: Failure) {
 /// counting it against the server's health.
 fn fail_requests(inner: &Inner, failure: Failure) {
     inner.state.set(State::Closed);
-    inner.out.borrow_mut().clear();
+    discard_unsent(inner);
     let written = inner.written.get();
     loop {
         let Some(f) = inner.inflight.borrow_mut().pop_front() else {

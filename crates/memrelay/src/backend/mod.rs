@@ -3,13 +3,15 @@
 //! Each worker thread keeps, per server, a few persistent connections
 //! ([`ServerPool`]); each connection carries many requests at once
 //! (pipelined) and matches replies to a FIFO of requests in flight
-//! ([`conn`]). A connection that saw an error, a timeout or stray bytes is
+//! ([`conn`]), plain or over TLS ([`connect`]). A connection that saw an error, a timeout or stray bytes is
 //! closed and never reused. Whether a server is up is shared by all workers
 //! ([`health`]), so a dead server is failed fast everywhere at once.
 
 pub mod conn;
+pub mod connect;
 pub mod health;
 pub mod probe;
+pub mod records;
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
@@ -21,6 +23,7 @@ use bytes::{Bytes, BytesMut};
 use memrelay_protocol::{Expect, ResponseError, ResponseKind};
 
 use self::conn::Conn;
+use self::connect::Dial;
 use self::health::Health;
 
 /// A complete reply from a server.
@@ -178,7 +181,7 @@ impl BackendSettings {
 #[derive(Debug)]
 pub struct ServerPool {
     pub name: String,
-    addr: SocketAddr,
+    dial: Dial,
     conns: RefCell<Vec<Option<Conn>>>,
     nconns: usize,
     next: Cell<usize>,
@@ -197,14 +200,14 @@ impl Drop for ServerPool {
 impl ServerPool {
     pub fn new(
         name: String,
-        addr: SocketAddr,
+        dial: Dial,
         nconns: usize,
         health: Arc<Health>,
         settings: Rc<Cell<BackendSettings>>,
     ) -> ServerPool {
         ServerPool {
             name,
-            addr,
+            dial,
             conns: RefCell::new((0..nconns.max(1)).map(|_| None).collect()),
             nconns: nconns.max(1),
             next: Cell::new(0),
@@ -219,7 +222,7 @@ impl ServerPool {
 
     /// Where its connections go (resolved when the configuration was read).
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.dial.addr
     }
 
     pub fn is_down(&self) -> bool {
@@ -294,7 +297,11 @@ impl ServerPool {
         match &conns[i] {
             Some(c) if !c.is_closed() => c.clone(),
             _ => {
-                let c = Conn::open(self.addr, self.health.clone(), self.settings.clone());
+                let c = Conn::open(
+                    self.dial.clone(),
+                    self.health.clone(),
+                    self.settings.clone(),
+                );
                 conns[i] = Some(c.clone());
                 c
             }

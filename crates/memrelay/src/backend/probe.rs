@@ -14,14 +14,12 @@
 //!   still deleted: a copy (resync, read repair) may have landed on the
 //!   restarted server before a write that went past it was known.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
+use super::connect::{Dial, ServerStream};
 use super::health::Health;
+use crate::net::read_some;
 
 const SUCCESSES_TO_MARK_UP: u32 = 2;
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
@@ -59,34 +57,35 @@ impl Identity {
 
 /// One probe connection to a server.
 struct ProbeConn {
-    stream: TcpStream,
+    stream: ServerStream,
     buf: Vec<u8>,
     timeout: Duration,
 }
 
 impl ProbeConn {
-    async fn open(addr: SocketAddr, t: ProbeTimeouts) -> Option<ProbeConn> {
-        let stream = tokio::time::timeout(t.connect, TcpStream::connect(addr))
-            .await
-            .ok()?
-            .ok()?;
-        let _ = stream.set_nodelay(true);
-        Some(ProbeConn {
-            stream,
+    async fn open(dial: &Dial, t: ProbeTimeouts) -> std::io::Result<ProbeConn> {
+        Ok(ProbeConn {
+            stream: dial.connect(t.connect).await?,
             buf: Vec::new(),
             timeout: t.request,
         })
     }
 
-    /// Sends `req` and reads until `done(reply)` says the reply is complete.
-    async fn exchange(&mut self, req: &[u8], done: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
+    /// Sends `req` (pipelined requests ending at `ends`) and reads until
+    /// `done(reply)` says the reply is complete.
+    async fn exchange(
+        &mut self,
+        req: &[u8],
+        ends: &[usize],
+        done: impl Fn(&[u8]) -> bool,
+    ) -> Option<Vec<u8>> {
         let timeout = self.timeout;
         let run = async {
-            self.stream.write_all(req).await.ok()?;
+            self.stream.write_requests(req, ends).await.ok()?;
             self.buf.clear();
             let mut chunk = [0u8; 16 * 1024];
             while !done(&self.buf) {
-                let n = self.stream.read(&mut chunk).await.ok()?;
+                let n = read_some(&self.stream, &mut chunk).await.ok()?;
                 if n == 0 || self.buf.len() + n > MAX_PROBE_REPLY {
                     return None;
                 }
@@ -99,8 +98,9 @@ impl ProbeConn {
 
     /// `stats`: the server's pid and boot time.
     async fn identity(&mut self) -> Option<Identity> {
+        let req = b"stats\r\n";
         let reply = self
-            .exchange(b"stats\r\n", |b| {
+            .exchange(req, &[req.len()], |b| {
                 b.ends_with(b"END\r\n") || b.ends_with(b"ERROR\r\n")
             })
             .await?;
@@ -125,6 +125,7 @@ impl ProbeConn {
     /// meta `b` request) is deleted as `md <base64> b`.
     async fn delete_all(&mut self, keys: &[(Box<[u8]>, u64)]) -> bool {
         let mut req = Vec::with_capacity(keys.len() * 32);
+        let mut ends = Vec::with_capacity(keys.len());
         for (k, _) in keys {
             if crate::ha::is_text_key(k) {
                 req.extend_from_slice(b"delete ");
@@ -135,10 +136,13 @@ impl ProbeConn {
                 req.extend_from_slice(b" b");
             }
             req.extend_from_slice(b"\r\n");
+            ends.push(req.len());
         }
         let n = keys.len();
         match self
-            .exchange(&req, |b| b.iter().filter(|&&c| c == b'\n').count() >= n)
+            .exchange(&req, &ends, |b| {
+                b.iter().filter(|&&c| c == b'\n').count() >= n
+            })
             .await
         {
             Some(reply) => reply
@@ -150,17 +154,21 @@ impl ProbeConn {
     }
 
     async fn flush_all(&mut self) -> bool {
-        matches!(self.exchange(b"flush_all\r\n", |b| b.ends_with(b"\r\n")).await, Some(r) if r == b"OK\r\n")
+        let req = b"flush_all\r\n";
+        let reply = self
+            .exchange(req, &[req.len()], |b| b.ends_with(b"\r\n"))
+            .await;
+        matches!(reply, Some(r) if r == b"OK\r\n")
     }
 }
 
 /// Flushes a server now, on a connection of its own: true when it said OK.
 /// (A reload empties a server this way before giving it keys it may hold
 /// stale copies of.)
-pub async fn flush(addr: SocketAddr, t: ProbeTimeouts) -> bool {
-    match ProbeConn::open(addr, t).await {
-        Some(mut c) => c.flush_all().await,
-        None => false,
+pub async fn flush(dial: Dial, t: ProbeTimeouts) -> bool {
+    match ProbeConn::open(&dial, t).await {
+        Ok(mut c) => c.flush_all().await,
+        Err(_) => false,
     }
 }
 
@@ -169,7 +177,7 @@ pub async fn flush(addr: SocketAddr, t: ProbeTimeouts) -> bool {
 /// when it is seen to restart (the resync manager decides whether to).
 pub async fn probe_loop(
     health: Arc<Health>,
-    addr: SocketAddr,
+    dial: Dial,
     timeouts: tokio::sync::watch::Receiver<ProbeTimeouts>,
     on_restart: crate::ha::resync::Requests,
 ) {
@@ -179,6 +187,10 @@ pub async fn probe_loop(
     let mut known: Option<Identity> = None;
     let mut conn: Option<ProbeConn> = None;
     let mut last_identity = tokio::time::Instant::now() - IDENTITY_INTERVAL;
+    // The last TLS failure logged: a server whose certificate is not
+    // trusted fails every probe the same way, and is worth one warning,
+    // not one every backoff.
+    let mut tls_failure: Option<String> = None;
     loop {
         let down = health.is_down();
         if !down {
@@ -205,7 +217,22 @@ pub async fn probe_loop(
 
         let t = *timeouts.borrow();
         if conn.is_none() {
-            conn = ProbeConn::open(addr, t).await;
+            conn = match ProbeConn::open(&dial, t).await {
+                Ok(c) => {
+                    tls_failure = None;
+                    Some(c)
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    if e.kind() == std::io::ErrorKind::InvalidData
+                        && tls_failure.as_ref() != Some(&why)
+                    {
+                        tracing::warn!(server = %health.name, error = %why, "TLS handshake failed");
+                        tls_failure = Some(why);
+                    }
+                    None
+                }
+            };
         }
         let ok = match conn.as_mut() {
             Some(c) => {

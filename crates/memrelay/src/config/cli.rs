@@ -123,6 +123,17 @@ more options:
       --tls-key PATH       the PEM private key of --tls-cert (keep it chmod 600)
       --tls-client-ca PATH clients must present a certificate signed by a CA
                            of this PEM file (mutual TLS)
+      --server-tls-ca PATH talk TLS to every server (memcached -Z), trusting the
+                           server certificates signed by a CA of this PEM file;
+                           read at start
+      --server-tls-cert PATH  the PEM certificate memrelay shows the servers
+                           (for memcached -o ssl_verify_mode=2); needs
+                           --server-tls-key
+      --server-tls-key PATH   its PEM private key (keep it chmod 600)
+      --server-tls-name NAME  the name every server certificate must carry
+                           (default: each server's host as given in -s/-b, an
+                           IP address then being checked against the
+                           certificate's IP addresses)
       --idle-timeout D     close a client that sent nothing for D and has nothing
                            outstanding (default: never, as memcached)
       --log-format FORMAT  text (default) or json: one JSON object a line
@@ -297,6 +308,10 @@ fn canonical(flag: &str) -> Option<&'static str> {
         "--tls-cert" => "--tls-cert",
         "--tls-key" => "--tls-key",
         "--tls-client-ca" => "--tls-client-ca",
+        "--server-tls-ca" => "--server-tls-ca",
+        "--server-tls-cert" => "--server-tls-cert",
+        "--server-tls-key" => "--server-tls-key",
+        "--server-tls-name" => "--server-tls-name",
         "--unix-mode" => "--unix-mode",
         "--max-value-size" => "--max-value-size",
         "--max-keys" => "--max-keys",

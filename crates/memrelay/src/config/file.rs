@@ -42,6 +42,8 @@ struct File {
     log: Log,
     #[serde(default)]
     tls: Tls,
+    #[serde(default)]
+    server_tls: ServerTls,
 }
 
 /// One `[[listen]]` table: `unix` (and `mode`), or `address` and `port`.
@@ -132,6 +134,15 @@ struct Tls {
     cert: Option<String>,
     key: Option<String>,
     client_ca: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct ServerTls {
+    ca: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    name: Option<String>,
 }
 
 /// A whole number (a count, a size, a port), as the command line takes it.
@@ -294,6 +305,11 @@ fn apply(path: &Path, f: File, draft: &mut Draft) -> Result<(), ConfigError> {
     put.text("tls.cert", "--tls-cert", f.tls.cert)?;
     put.text("tls.key", "--tls-key", f.tls.key)?;
     put.text("tls.client_ca", "--tls-client-ca", f.tls.client_ca)?;
+    let st = f.server_tls;
+    put.text("server_tls.ca", "--server-tls-ca", st.ca)?;
+    put.text("server_tls.cert", "--server-tls-cert", st.cert)?;
+    put.text("server_tls.key", "--server-tls-key", st.key)?;
+    put.text("server_tls.name", "--server-tls-name", st.name)?;
     Ok(())
 }
 
@@ -601,6 +617,13 @@ mod tests {
                     key,
                     client_ca,
                 },
+            server_tls:
+                ServerTls {
+                    ca: server_ca,
+                    cert: server_cert,
+                    key: server_key,
+                    name: server_name,
+                },
         } = f;
         let mut shown = vec![
             ("pools.primaries", primaries.is_some()),
@@ -636,6 +659,10 @@ mod tests {
             ("tls.cert", cert.is_some()),
             ("tls.key", key.is_some()),
             ("tls.client_ca", client_ca.is_some()),
+            ("server_tls.ca", server_ca.is_some()),
+            ("server_tls.cert", server_cert.is_some()),
+            ("server_tls.key", server_key.is_some()),
+            ("server_tls.name", server_name.is_some()),
         ];
         for l in &listen {
             let ListenKeys {
@@ -675,6 +702,15 @@ mod tests {
         let all = all
             .replace("/etc/memrelay/tls/cert.pem", &cert.to_string_lossy())
             .replace("/etc/memrelay/tls/client-ca.pem", &cert.to_string_lossy())
+            .replace("/etc/memrelay/tls/servers-ca.pem", &cert.to_string_lossy())
+            .replace(
+                "/etc/memrelay/tls/memrelay-client.pem",
+                &cert.to_string_lossy(),
+            )
+            .replace(
+                "/etc/memrelay/tls/memrelay-client.key",
+                &tls.join("key.pem").to_string_lossy(),
+            )
             .replace("/etc/memrelay/tls", &tls.to_string_lossy());
         let loaded = load_str(&all);
         let _ = std::fs::remove_file(&auth);

@@ -285,6 +285,9 @@ pub struct Config {
     pub max_reply_size: usize,
     /// `--tls-cert` and `--tls-key`: every TCP listener speaks TLS.
     pub tls: Option<tls::Tls>,
+    /// `--server-tls-ca` (and the rest): every connection to a server
+    /// speaks TLS.
+    pub server_tls: Option<tls::ServerTls>,
     /// `--auth-file`: clients must authenticate (memcached's `-Y`).
     pub auth: Option<std::sync::Arc<auth::Credentials>>,
     /// Things worth an operator's attention found while reading the
@@ -340,6 +343,7 @@ impl Default for Config {
             max_client_buffer: 4 * 1024 * 1024,
             max_reply_size: default_max_reply(Limits::default().max_value_len),
             tls: None,
+            server_tls: None,
             auth: None,
             warnings: Vec::new(),
             idle_timeout: None,
@@ -425,6 +429,21 @@ impl Config {
             ignored.push("tls (--tls-cert, --tls-key, --tls-client-ca)");
         }
         new.tls = self.tls.clone();
+        // Likewise TLS to the servers: the pools and probes of servers a
+        // reload keeps go on with the connections they have.
+        let files = |c: &Config| {
+            c.server_tls.as_ref().map(|t| {
+                (
+                    t.ca.clone(),
+                    t.cert.clone(),
+                    t.name.as_ref().map(|n| n.to_str().into_owned()),
+                )
+            })
+        };
+        if files(&new) != files(self) {
+            ignored.push("server_tls (--server-tls-ca, --server-tls-cert, --server-tls-key, --server-tls-name)");
+        }
+        new.server_tls = self.server_tls.clone();
         (new, ignored)
     }
 }

@@ -61,6 +61,11 @@ pub(super) struct Draft {
     tls_cert: Option<(Origin, PathBuf)>,
     tls_key: Option<(Origin, PathBuf)>,
     tls_client_ca: Option<(Origin, PathBuf)>,
+    /// `--server-tls-*`: likewise read together at the end.
+    server_tls_ca: Option<(Origin, PathBuf)>,
+    server_tls_cert: Option<(Origin, PathBuf)>,
+    server_tls_key: Option<(Origin, PathBuf)>,
+    server_tls_name: Option<(Origin, String)>,
     /// Settings the command line gave so far: the first `-s` (or `-b`, or
     /// `-v`) replaces what the file said rather than adding to it.
     from_cli: Vec<&'static str>,
@@ -145,6 +150,10 @@ impl Draft {
             "--tls-cert" => self.tls_cert = Some((origin.clone(), PathBuf::from(v))),
             "--tls-key" => self.tls_key = Some((origin.clone(), PathBuf::from(v))),
             "--tls-client-ca" => self.tls_client_ca = Some((origin.clone(), PathBuf::from(v))),
+            "--server-tls-ca" => self.server_tls_ca = Some((origin.clone(), PathBuf::from(v))),
+            "--server-tls-cert" => self.server_tls_cert = Some((origin.clone(), PathBuf::from(v))),
+            "--server-tls-key" => self.server_tls_key = Some((origin.clone(), PathBuf::from(v))),
+            "--server-tls-name" => self.server_tls_name = Some((origin.clone(), v.to_string())),
             "--metrics" => cfg.metrics = Some(socket_addr(v).map_err(fail)?),
             "--max-value-size" => {
                 cfg.limits.max_value_len = number(v, 1, 1 << 30).map_err(fail)? as usize
@@ -238,6 +247,23 @@ impl Draft {
             .chain(tier_origins)
             .collect();
         check_duplicates(&cfg, &origins)?;
+        cfg.server_tls = super::tls::load_server(super::tls::ServerFiles {
+            ca: self.server_tls_ca.as_ref().map(|(o, p)| (o, p.as_path())),
+            cert: self.server_tls_cert.as_ref().map(|(o, p)| (o, p.as_path())),
+            key: self.server_tls_key.as_ref().map(|(o, p)| (o, p.as_path())),
+            name: self.server_tls_name.as_ref().map(|(o, n)| (o, n.as_str())),
+        })?;
+        if let Some(t) = &cfg.server_tls {
+            // Each server's certificate is checked against its host: one
+            // rustls cannot check against is refused now, not at each
+            // connect.
+            if let Some(i) = cfg.servers().position(|s| t.name_for(&s.host).is_none()) {
+                return Err(ConfigError::new(
+                    origins[i],
+                    "its host cannot be checked against a certificate (not a DNS name or IP address): give --server-tls-name",
+                ));
+            }
+        }
         if cfg.hash == HashKind::Magent {
             if let Some(i) = cfg.servers().position(|s| s.weight != 1) {
                 return Err(ConfigError::new(

@@ -25,13 +25,12 @@
 //! their server is gone. A copy from a source that is no longer the key's
 //! replica could bring back a value a client has since deleted.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use crate::backend::connect::{Dial, ServerStream};
+use crate::net::read_some;
 use tokio::sync::{mpsc, watch};
 
 use crate::backend::health::Health;
@@ -88,7 +87,7 @@ impl Progress {
 /// One server as the resync sees it.
 #[derive(Debug, Clone)]
 pub struct Node {
-    pub addr: SocketAddr,
+    pub dial: Dial,
     pub name: String,
     pub health: Arc<Health>,
 }
@@ -167,7 +166,7 @@ pub async fn serve(
             continue;
         }
         let again = again.clone();
-        tokio::spawn(async move {
+        tokio::task::spawn_local(async move {
             let ended = me.run_until_done(target).await;
             if let Some(n) = me.nodes.get(target) {
                 n.health.resync.running.store(false, Ordering::Release);
@@ -320,8 +319,8 @@ impl Resync {
             }
             let src = &self.nodes[source];
             let keys = self.select_keys(src, target, tier).await?;
-            let mut from = connect(src.addr, self.connect_timeout).await?;
-            let mut to = connect(node.addr, self.connect_timeout).await?;
+            let mut from = connect(&src.dial, self.connect_timeout).await?;
+            let mut to = connect(&node.dial, self.connect_timeout).await?;
             for batch in keys.chunks(BATCH) {
                 if self.cancelled() {
                     return Err(CANCELLED.into());
@@ -420,8 +419,9 @@ impl Resync {
         tier: usize,
     ) -> Result<KeyArena, String> {
         let p = &self.nodes[target].health.resync;
-        let mut conn = connect(src.addr, self.connect_timeout).await?;
-        write_timed(&mut conn, b"lru_crawler metadump hash\r\n").await?;
+        let mut conn = connect(&src.dial, self.connect_timeout).await?;
+        let req = b"lru_crawler metadump hash\r\n";
+        write_timed(&mut conn, req, &[req.len()]).await?;
         let mut keys = KeyArena::default();
         let mut buf = Vec::with_capacity(64 * 1024);
         let mut chunk = vec![0u8; 64 * 1024];
@@ -430,7 +430,7 @@ impl Resync {
             if self.cancelled() {
                 return Err(CANCELLED.into());
             }
-            let n = tokio::time::timeout(IO_TIMEOUT, conn.read(&mut chunk))
+            let n = tokio::time::timeout(IO_TIMEOUT, read_some(&conn, &mut chunk))
                 .await
                 .map_err(|_| format!("{}: metadump timed out", src.name))?
                 .map_err(|e| e.to_string())?;
@@ -543,13 +543,10 @@ fn url_decode(enc: &[u8], out: &mut Vec<u8>) -> bool {
     !out.is_empty()
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
-    let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
+async fn connect(dial: &Dial, timeout: Duration) -> Result<ServerStream, String> {
+    dial.connect(timeout)
         .await
-        .map_err(|_| format!("{addr}: connect timed out"))?
-        .map_err(|e| format!("{addr}: {e}"))?;
-    let _ = s.set_nodelay(true);
-    Ok(s)
+        .map_err(|e| format!("{}: {e}", dial.addr))
 }
 
 /// Writes a key into a meta command: as is, or base64 with `b` appended to
@@ -575,17 +572,19 @@ struct Item<'a> {
 /// `mg <key> v f t` for a batch, pipelined; the keys that are gone (or
 /// expiring now) are left out.
 async fn fetch<'a>(
-    conn: &mut TcpStream,
+    conn: &mut ServerStream,
     keys: &[&'a [u8]],
     max_value: usize,
 ) -> Result<Vec<Item<'a>>, String> {
     let mut req = Vec::with_capacity(keys.len() * 48);
+    let mut ends = Vec::with_capacity(keys.len());
     for k in keys {
         req.extend_from_slice(b"mg ");
         let b64 = put_key(&mut req, k);
         req.extend_from_slice(if b64 { b" b v f t\r\n" } else { b" v f t\r\n" });
+        ends.push(req.len());
     }
-    write_timed(conn, &req).await?;
+    write_timed(conn, &req, &ends).await?;
     let mut reader = Replies::new(max_value);
     let mut items = Vec::with_capacity(keys.len());
     for k in keys {
@@ -610,7 +609,7 @@ async fn fetch<'a>(
 /// Adds the items to the target; returns the keys whose copy landed, with
 /// the CAS value memcached gave each copy.
 async fn store<'a>(
-    conn: &mut TcpStream,
+    conn: &mut ServerStream,
     items: &[Item<'a>],
     max_value: usize,
 ) -> Result<Vec<(&'a [u8], u64)>, String> {
@@ -618,6 +617,7 @@ async fn store<'a>(
         return Ok(Vec::new());
     }
     let mut req = Vec::with_capacity(items.iter().map(|i| i.value.len() + 64).sum());
+    let mut ends = Vec::with_capacity(items.len());
     for it in items {
         req.extend_from_slice(b"ms ");
         let b64 = put_key(&mut req, it.key);
@@ -633,8 +633,9 @@ async fn store<'a>(
         );
         req.extend_from_slice(&it.value);
         req.extend_from_slice(b"\r\n");
+        ends.push(req.len());
     }
-    write_timed(conn, &req).await?;
+    write_timed(conn, &req, &ends).await?;
     let mut reader = Replies::new(max_value);
     let mut landed = Vec::with_capacity(items.len());
     for it in items {
@@ -666,7 +667,7 @@ async fn store<'a>(
 /// reached the target since the copy landed (the source down, writes
 /// failing over to the target) is kept. Returns how many were deleted.
 async fn unstore(
-    conn: &mut TcpStream,
+    conn: &mut ServerStream,
     copies: &[(&[u8], u64)],
     max_value: usize,
 ) -> Result<usize, String> {
@@ -674,12 +675,14 @@ async fn unstore(
         return Ok(0);
     }
     let mut req = Vec::with_capacity(copies.len() * 64);
+    let mut ends = Vec::with_capacity(copies.len());
     for (key, cas) in copies {
         req.extend_from_slice(b"md ");
         let b64 = put_key(&mut req, key);
         req.extend_from_slice(format!(" C{cas}{}\r\n", if b64 { " b" } else { "" }).as_bytes());
+        ends.push(req.len());
     }
-    write_timed(conn, &req).await?;
+    write_timed(conn, &req, &ends).await?;
     let mut reader = Replies::new(max_value);
     let mut deleted = 0;
     for _ in copies {
@@ -696,10 +699,11 @@ async fn unstore(
     Ok(deleted)
 }
 
-/// Writes a whole request, bounded like the reads: a server that stops
-/// reading must not hold the resync task forever.
-async fn write_timed(conn: &mut TcpStream, bytes: &[u8]) -> Result<(), String> {
-    tokio::time::timeout(IO_TIMEOUT, conn.write_all(bytes))
+/// Writes pipelined requests (`ends`: where each ends), bounded like the
+/// reads: a server that stops reading must not hold the resync task
+/// forever.
+async fn write_timed(conn: &mut ServerStream, bytes: &[u8], ends: &[usize]) -> Result<(), String> {
+    tokio::time::timeout(IO_TIMEOUT, conn.write_requests(bytes, ends))
         .await
         .map_err(|_| "server stopped reading during resync".to_string())?
         .map_err(|e| e.to_string())
@@ -719,7 +723,7 @@ impl Replies {
         }
     }
 
-    async fn next(&mut self, conn: &mut TcpStream) -> Result<Vec<u8>, String> {
+    async fn next(&mut self, conn: &mut ServerStream) -> Result<Vec<u8>, String> {
         let mut chunk = [0u8; 16 * 1024];
         loop {
             match memrelay_protocol::parse_response(
@@ -731,7 +735,7 @@ impl Replies {
                 Ok(None) => {}
                 Err(e) => return Err(e.to_string()),
             }
-            let n = tokio::time::timeout(IO_TIMEOUT, conn.read(&mut chunk))
+            let n = tokio::time::timeout(IO_TIMEOUT, read_some(conn, &mut chunk))
                 .await
                 .map_err(|_| "server timed out during resync".to_string())?
                 .map_err(|e| e.to_string())?;

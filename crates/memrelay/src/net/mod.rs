@@ -37,11 +37,44 @@ pub trait Stream {
     /// meanwhile) instead of paying one more `recv` just to see `EAGAIN`.
     /// twemproxy does the same with its `recv_ready` flag.
     fn read_drained(&self, buf: &mut bytes::BytesMut) -> io::Result<usize>;
+    /// Whether the stream holds bytes of its own that the socket has not
+    /// taken yet (TLS records); a plain socket holds none.
+    fn backlogged(&self) -> bool {
+        false
+    }
     /// Called once the session is over, before the stream is dropped: a
     /// stream that holds bytes of its own (TLS) sends them here. A plain
     /// socket has nothing to do: the kernel sends what it was given.
     fn finish(&self) -> impl std::future::Future<Output = ()> {
         async {}
+    }
+}
+
+/// Writes all of `bytes`, waiting for room as needed (for the connections
+/// that send one request and wait for its reply: probes, resync).
+pub async fn write_all(s: &impl Stream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        match s.try_write_vectored(&[io::IoSlice::new(bytes)]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                s.ready(tokio::io::Interest::WRITABLE).await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads what is there, waiting until something is; `Ok(0)` is the end.
+pub async fn read_some(s: &impl Stream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match s.try_read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                s.ready(tokio::io::Interest::READABLE).await?;
+            }
+            r => return r,
+        }
     }
 }
 
@@ -264,7 +297,7 @@ fn admit_tcp(
     let _ = s.set_nodelay(true);
     match tls {
         None => admit(s, worker, conns),
-        Some(config) => match tls::TlsStream::new(s, config.clone()) {
+        Some(config) => match tls::TlsStream::accept(s, config.clone()) {
             Ok(s) => admit(s, worker, conns),
             Err(e) => tracing::debug!(error = %e, "cannot start a TLS session"),
         },

@@ -85,39 +85,10 @@ impl OutQueue {
     ) -> io::Result<usize> {
         let mut total = 0;
         while self.len > 0 {
-            let n = if self.chunks.is_empty() {
-                // Fast path: only the tail; write it in place, no split.
-                let n = write(&[IoSlice::new(&self.tail)])?;
-                self.tail.advance(n);
-                n
-            } else {
-                self.seal();
-                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-                let mut count = 0;
-                for c in self.chunks.iter().take(MAX_IOVECS) {
-                    slices[count] = IoSlice::new(c);
-                    count += 1;
-                }
-                let n = write(&slices[..count])?;
-                let mut left = n;
-                while left > 0 {
-                    let Some(front) = self.chunks.front_mut() else {
-                        break;
-                    };
-                    if front.len() <= left {
-                        left -= front.len();
-                        self.chunks.pop_front();
-                    } else {
-                        front.advance(left);
-                        left = 0;
-                    }
-                }
-                n
-            };
+            let n = self.write_once(usize::MAX, &mut write)?;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
-            self.len -= n;
             total += n;
         }
         if self.tail.is_empty() && self.tail.capacity() > 256 * 1024 {
@@ -125,6 +96,73 @@ impl OutQueue {
             self.tail = BytesMut::new();
         }
         Ok(total)
+    }
+
+    /// How many bytes from the front one vectored write can carry (all of
+    /// them, unless they lie in more than `MAX_IOVECS` pieces).
+    pub fn span(&mut self) -> usize {
+        if self.chunks.is_empty() {
+            return self.tail.len();
+        }
+        self.seal();
+        self.chunks.iter().take(MAX_IOVECS).map(Bytes::len).sum()
+    }
+
+    /// One vectored write of the first `limit` bytes at most (see `span`);
+    /// drops what `write` took and returns how much that was. For a writer
+    /// whose write boundaries mean something (TLS records, see
+    /// `backend::records`).
+    pub fn write_prefix(
+        &mut self,
+        limit: usize,
+        mut write: impl FnMut(&[IoSlice<'_>]) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        self.write_once(limit, &mut write)
+    }
+
+    fn write_once(
+        &mut self,
+        limit: usize,
+        write: &mut impl FnMut(&[IoSlice<'_>]) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        let n = if self.chunks.is_empty() {
+            // Fast path: only the tail; write it in place, no split.
+            let end = self.tail.len().min(limit);
+            let n = write(&[IoSlice::new(&self.tail[..end])])?;
+            self.tail.advance(n);
+            n
+        } else {
+            self.seal();
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut count = 0;
+            let mut left = limit;
+            for c in self.chunks.iter().take(MAX_IOVECS) {
+                if left == 0 {
+                    break;
+                }
+                let take = c.len().min(left);
+                slices[count] = IoSlice::new(&c[..take]);
+                count += 1;
+                left -= take;
+            }
+            let n = write(&slices[..count])?;
+            let mut left = n;
+            while left > 0 {
+                let Some(front) = self.chunks.front_mut() else {
+                    break;
+                };
+                if front.len() <= left {
+                    left -= front.len();
+                    self.chunks.pop_front();
+                } else {
+                    front.advance(left);
+                    left = 0;
+                }
+            }
+            n
+        };
+        self.len -= n;
+        Ok(n)
     }
 }
 

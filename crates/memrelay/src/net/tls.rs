@@ -1,6 +1,8 @@
-//! TLS to clients (`--tls-cert`): a TCP connection with a rustls server
-//! session on it, behind the same readiness-based [`Stream`] trait as a
-//! plain socket, so the client sessions do not know which one they serve.
+//! TLS on a TCP connection, behind the same readiness-based [`Stream`]
+//! trait as a plain socket: towards clients (`--tls-cert`, a rustls server
+//! session), so the client sessions do not know which one they serve, and
+//! towards memcached servers (`--server-tls-ca`, a client session), so the
+//! server connections, probes and resyncs do not either.
 //!
 //! rustls does no I/O itself: ciphertext read from the socket is handed to
 //! it (`read_tls`), it decrypts into its own plaintext buffer, and what it
@@ -18,15 +20,23 @@
 //!   waits for the socket to be writable while rustls wants to write, and
 //!   flushes then, so the connection always makes progress.
 //!
+//! A connection to a server finishes its handshake before it is used
+//! ([`TlsStream::connect`]), within the connect timeout: after it, rustls
+//! encrypts what it is given at once, as for a client session (which writes
+//! only after it read), so a writer never has plaintext waiting on a
+//! handshake that only a read would advance.
+//!
 //! Nothing here touches the plain TCP path: a listener without TLS hands
-//! its sockets to the sessions as they are.
+//! its sockets to the sessions as they are, and a server without TLS gets
+//! a plain socket.
 
 use std::cell::{Cell, RefCell};
 use std::io::{self, BufRead, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::{ServerConfig, ServerConnection};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
 use tokio::io::{Interest, Ready};
 use tokio::net::TcpStream;
 
@@ -44,13 +54,13 @@ const CIPHERTEXT_LIMIT: usize = 64 * 1024;
 /// nothing must not keep the task alive.
 const FLUSH_AT_CLOSE: Duration = Duration::from_secs(5);
 
-/// A client connection over TLS.
+/// A connection over TLS: from a client, or to a server.
 #[derive(Debug)]
 pub struct TlsStream {
     tcp: TcpStream,
     /// The TLS session. Borrowed only inside a call, never across an
-    /// await: the session's task is the only user.
-    conn: RefCell<ServerConnection>,
+    /// await: the task that owns the stream is the only user.
+    conn: RefCell<Connection>,
     /// The socket reached end of input: reads end once rustls is drained.
     eof: Cell<bool>,
     /// The peer broke the protocol (not TLS, a bad certificate, a bad
@@ -61,20 +71,68 @@ pub struct TlsStream {
 impl TlsStream {
     /// Starts the server side of a handshake on an accepted socket. The
     /// handshake itself happens as the session reads.
-    pub fn new(tcp: TcpStream, config: Arc<ServerConfig>) -> Result<TlsStream, rustls::Error> {
-        let mut conn = ServerConnection::new(config)?;
+    pub fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> Result<TlsStream, rustls::Error> {
+        let conn = ServerConnection::new(config)?;
+        Ok(TlsStream::over(tcp, conn.into()))
+    }
+
+    /// The client side, on a socket connected to a server: the whole
+    /// handshake, the server's certificate checked against `name`. The
+    /// caller bounds the time it takes. A certificate the configuration
+    /// does not trust (or a server that does not speak TLS) is an
+    /// `InvalidData` error saying why.
+    pub async fn connect(
+        tcp: TcpStream,
+        config: Arc<ClientConfig>,
+        name: ServerName<'static>,
+    ) -> io::Result<TlsStream> {
+        let conn = ClientConnection::new(config, name)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let stream = TlsStream::over(tcp, conn.into());
+        loop {
+            // Send what the handshake queued, then read the server's answer
+            // until rustls has nothing more to ask.
+            while stream.conn.borrow().wants_write() {
+                stream.tcp.writable().await?;
+                flush(&mut stream.conn.borrow_mut(), &stream.tcp)?;
+            }
+            if !stream.conn.borrow().is_handshaking() {
+                // Every write is taken whole, so that write boundaries are
+                // record boundaries (`backend::records`): the callers bound
+                // what they hand over instead (one batch at a time, and
+                // only once the socket took the last: `backlogged`).
+                stream.conn.borrow_mut().set_buffer_limit(None);
+                return Ok(stream);
+            }
+            stream.tcp.readable().await?;
+            let mut conn = stream.conn.borrow_mut();
+            match conn.read_tls(&mut Socket(&stream.tcp)) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+            if let Err(e) = conn.process_new_packets() {
+                // The alert saying why goes to the server, best effort.
+                let _ = flush(&mut conn, &stream.tcp);
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+        }
+    }
+
+    fn over(tcp: TcpStream, mut conn: Connection) -> TlsStream {
         conn.set_buffer_limit(Some(CIPHERTEXT_LIMIT));
-        Ok(TlsStream {
+        TlsStream {
             tcp,
             conn: RefCell::new(conn),
             eof: Cell::new(false),
             failed: Cell::new(false),
-        })
+        }
     }
 
     /// Whether a read would return something now without the socket:
     /// plaintext already decrypted, the end of input, or an error.
-    fn readable_now(&self, conn: &mut ServerConnection) -> bool {
+    fn readable_now(&self, conn: &mut Connection) -> bool {
         if self.failed.get() || self.eof.get() {
             return true;
         }
@@ -115,7 +173,7 @@ impl TlsStream {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Whatever the handshake queued goes out now, so the
-                    // client is not left waiting for it.
+                    // peer is not left waiting for it.
                     flush(&mut conn, &self.tcp)?;
                     return Err(e);
                 }
@@ -123,10 +181,10 @@ impl TlsStream {
             }
             if let Err(e) = conn.process_new_packets() {
                 self.failed.set(true);
-                // rustls queued an alert telling the client why: send it,
+                // rustls queued an alert telling the peer why: send it,
                 // best effort.
                 let _ = flush(&mut conn, &self.tcp);
-                tracing::debug!(error = %e, "TLS error, closing the client");
+                tracing::debug!(error = %e, "TLS error, closing the connection");
                 return Err(io::Error::new(io::ErrorKind::InvalidData, e));
             }
             flush(&mut conn, &self.tcp)?;
@@ -136,7 +194,7 @@ impl TlsStream {
 
 /// Writes what rustls wants to send until the socket is full. `WouldBlock`
 /// is not an error here: the rest waits for the socket to be writable.
-fn flush(conn: &mut ServerConnection, tcp: &TcpStream) -> io::Result<()> {
+fn flush(conn: &mut Connection, tcp: &TcpStream) -> io::Result<()> {
     while conn.wants_write() {
         match conn.write_tls(&mut Socket(tcp)) {
             Ok(_) => {}
@@ -255,6 +313,13 @@ impl Stream for TlsStream {
             }
         }
         Ok(got)
+    }
+
+    fn backlogged(&self) -> bool {
+        let mut conn = self.conn.borrow_mut();
+        // Whatever the socket takes now does not count.
+        let _ = flush(&mut conn, &self.tcp);
+        conn.wants_write()
     }
 
     async fn finish(&self) {

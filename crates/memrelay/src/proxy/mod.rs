@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use memrelay_protocol::Limits;
 
+use crate::backend::connect::Dial;
 use crate::backend::{BackendResult, BackendSettings, ServerPool, Sink};
 use crate::ha::mirror::Mirror;
 use crate::router::Router;
@@ -113,7 +114,7 @@ impl Worker {
                     Some(pool) => pool.clone(),
                     None => Rc::new(ServerPool::new(
                         s.name.clone(),
-                        s.addr,
+                        Dial::to(s, cfg.server_tls.as_ref()),
                         cfg.backend_conns,
                         health.clone(),
                         ctx.backend.clone(),

@@ -401,7 +401,15 @@ fn spawn_memcached(host: &str, port: u16, extra: &[String]) -> Result<Child, Str
             let err = String::from_utf8_lossy(&log.lock().expect("log")).into_owned();
             return Err(format!("memcached exited early ({status}): {}", err.trim()));
         }
-        if answers(&addr) {
+        // A memcached speaking TLS (-Z) would take `version` for a broken
+        // handshake: for it, an accepted connection is the sign of life
+        // (the kernel queues connections once memcached listens).
+        let up = if extra.iter().any(|a| a == "-Z") {
+            TcpStream::connect_timeout(&resolve(&addr), Duration::from_millis(500)).is_ok()
+        } else {
+            answers(&addr)
+        };
+        if up {
             // Still ours? (Another process could own the port.)
             if let Ok(None) = child.try_wait() {
                 return Ok(child);
