@@ -268,8 +268,9 @@ fn worker_main(
             resync,
         } = links;
         let first = topology_rx.borrow_and_update().clone();
-        // TLS is a listener setting: fixed at start, not reloaded.
-        let tls = first.config.tls.as_ref().map(|t| t.server.clone());
+        // Whether the TCP listeners speak TLS is fixed at start; with
+        // which certificates, a reload may change.
+        let tls = first.config.tls.is_some();
         let ctx = ThreadContext {
             id,
             stats: registry.workers[id].clone(),
@@ -288,7 +289,7 @@ fn worker_main(
             tokio::task::spawn_local(l.accept_loop(
                 thread.clone(),
                 conns.clone(),
-                tls.clone(),
+                tls,
                 stop.clone(),
             ));
         }

@@ -87,9 +87,40 @@ struct Running {
     addr: SocketAddr,
     role: &'static str,
     health: Arc<Health>,
+    /// How its prober reaches it (a reload reads the TLS files again).
+    dial: watch::Sender<Dial>,
     /// Its prober, aborted when a reload removes the server (or changes
     /// its address, and starts another).
     prober: JoinHandle<()>,
+}
+
+impl Running {
+    /// A server's entry, its prober started.
+    fn start(
+        name: String,
+        dial: Dial,
+        role: &'static str,
+        health: Arc<Health>,
+        timeouts: &watch::Sender<ProbeTimeouts>,
+        resync: &Requests,
+    ) -> Running {
+        let addr = dial.addr;
+        let (dial, dial_rx) = watch::channel(dial);
+        let prober = tokio::task::spawn_local(crate::backend::probe::probe_loop(
+            health.clone(),
+            dial_rx,
+            timeouts.subscribe(),
+            resync.clone(),
+        ));
+        Running {
+            name,
+            addr,
+            role,
+            health,
+            dial,
+            prober,
+        }
+    }
 }
 
 /// The ends of the channels a worker thread needs.
@@ -154,15 +185,14 @@ impl Control {
                     cfg.missed_keys_cap,
                     cfg.threads,
                 ));
-                let dial = Dial::to(s, cfg.server_tls.as_ref());
-                let prober = spawn_prober(&health, dial, &probe_timeouts, &resync_requests);
-                Running {
-                    name: s.name.clone(),
-                    addr: s.addr,
+                Running::start(
+                    s.name.clone(),
+                    Dial::to(s, cfg.server_tls.as_ref()),
                     role,
                     health,
-                    prober,
-                }
+                    &probe_timeouts,
+                    &resync_requests,
+                )
             })
             .collect();
         let health: Vec<Arc<Health>> = servers.iter().map(|s| s.health.clone()).collect();
@@ -267,8 +297,9 @@ impl Control {
                     let loses = moves.loses.contains(&s.name);
                     let flush = moved_away && moves.gains.contains(&s.name);
                     if flush {
-                        flushes.push((r.health.clone(), dial, FLUSH_RETURNING));
+                        flushes.push((r.health.clone(), dial.clone(), FLUSH_RETURNING));
                     }
+                    r.dial.send_replace(dial);
                     // A flush removes the copies of keys that moved away
                     // before, unless older requests may still write some.
                     let still = loses || (moved_away && (!flush || older_live));
@@ -356,15 +387,14 @@ impl Control {
         role: &'static str,
         health: Arc<Health>,
     ) -> Running {
-        let addr = dial.addr;
-        let prober = spawn_prober(&health, dial, &self.probe_timeouts, &self.resync_requests);
-        Running {
+        Running::start(
             name,
-            addr,
+            dial,
             role,
             health,
-            prober,
-        }
+            &self.probe_timeouts,
+            &self.resync_requests,
+        )
     }
 
     /// Empties servers before they are given keys they may hold stale
@@ -485,20 +515,6 @@ fn probe_timeouts(cfg: &Config) -> ProbeTimeouts {
         connect: cfg.connect_timeout,
         request: cfg.timeout,
     }
-}
-
-fn spawn_prober(
-    health: &Arc<Health>,
-    dial: Dial,
-    timeouts: &watch::Sender<ProbeTimeouts>,
-    resync: &Requests,
-) -> JoinHandle<()> {
-    tokio::task::spawn_local(crate::backend::probe::probe_loop(
-        health.clone(),
-        dial,
-        timeouts.subscribe(),
-        resync.clone(),
-    ))
 }
 
 fn new_resync(cfg: &Config, router: &Router, health: &[Arc<Health>]) -> Resync {

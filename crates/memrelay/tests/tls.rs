@@ -40,6 +40,8 @@ const DEADLINE: Duration = Duration::from_secs(10);
 /// A directory of PEM files, removed on drop.
 struct Pki {
     dir: PathBuf,
+    /// The CA, to sign renewed certificates with.
+    ca: Authority,
 }
 
 impl Pki {
@@ -50,18 +52,18 @@ impl Pki {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("memrelay-tls-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let pki = Pki { dir };
-
         let (ca_pem, ca) = authority("memrelay test CA");
+        let pki = Pki { dir, ca };
         pki.write("ca.pem", &ca_pem);
         let (server_cert, server_key) = leaf(
-            &ca,
+            &pki.ca,
             &["localhost", "127.0.0.1"],
             ExtendedKeyUsagePurpose::ServerAuth,
         );
         pki.write("server.pem", &server_cert);
         pki.write("server.key", &server_key);
-        let (client_cert, client_key) = leaf(&ca, &["client"], ExtendedKeyUsagePurpose::ClientAuth);
+        let (client_cert, client_key) =
+            leaf(&pki.ca, &["client"], ExtendedKeyUsagePurpose::ClientAuth);
         pki.write("client.pem", &client_cert);
         pki.write("client.key", &client_key);
         let (other_pem, other) = authority("someone else's CA");
@@ -875,4 +877,54 @@ fn deep_pipelines_and_large_values_do_not_stall_a_tls_memcached() {
         "{}",
         escape(&got.bytes[got.bytes.len().saturating_sub(200)..])
     );
+}
+
+#[test]
+fn a_reload_picks_up_renewed_certificates_on_both_sides() {
+    let pki = Pki::make();
+    let mc = pki.tls_memcached("");
+    // Files the test renews in place: memrelay's own certificate, and the
+    // CA it checks the servers against (wrong at first).
+    std::fs::copy(pki.path("server.pem"), pki.path("relay.pem")).unwrap();
+    std::fs::copy(pki.path("server.key"), pki.path("relay.key")).unwrap();
+    std::fs::copy(pki.path("other-ca.pem"), pki.path("servers-ca.pem")).unwrap();
+    let relay = relay_to(&[
+        "--tls-cert".into(),
+        pki.path("relay.pem"),
+        "--tls-key".into(),
+        pki.path("relay.key"),
+        "--server-tls-ca".into(),
+        pki.path("servers-ca.pem"),
+        "-s".into(),
+        mc.addr(),
+    ]);
+    let config = pki.client_config(None);
+    let mut before = TlsClient::connect(&relay.addr(), config.clone());
+    let got = before.ask(&set("r", b"1"), b"\r\n");
+    assert!(got.starts_with(b"SERVER_ERROR"), "{}", escape(&got));
+
+    let (cert, key) = leaf(
+        &pki.ca,
+        &["localhost", "127.0.0.1"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    pki.write("relay.pem", &cert);
+    pki.write("relay.key", &key);
+    std::fs::copy(pki.path("ca.pem"), pki.path("servers-ca.pem")).unwrap();
+    relay.hangup();
+    relay.wait_for_output("configuration reloaded", 1, DEADLINE);
+
+    // New clients get the renewed certificate; the one connected before
+    // goes on.
+    let after = TlsClient::connect(&relay.addr(), config);
+    let shown = after.s.conn.peer_certificates().unwrap()[0].clone();
+    let renewed = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+    assert_eq!(shown, renewed);
+    // The server is trusted now: once its prober (redialled too) marks it
+    // up again, writes go through.
+    let stored = support::wait_until(Duration::from_secs(15), || {
+        before.ask(&set("r", b"2"), b"\r\n") == b"STORED\r\n"
+    });
+    assert!(stored, "{}", relay.output());
+    assert_eq!(before.get("r"), found("r", b"2"));
 }

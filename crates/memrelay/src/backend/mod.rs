@@ -181,7 +181,7 @@ impl BackendSettings {
 #[derive(Debug)]
 pub struct ServerPool {
     pub name: String,
-    dial: Dial,
+    dial: RefCell<Dial>,
     conns: RefCell<Vec<Option<Conn>>>,
     nconns: usize,
     next: Cell<usize>,
@@ -207,7 +207,7 @@ impl ServerPool {
     ) -> ServerPool {
         ServerPool {
             name,
-            dial,
+            dial: RefCell::new(dial),
             conns: RefCell::new((0..nconns.max(1)).map(|_| None).collect()),
             nconns: nconns.max(1),
             next: Cell::new(0),
@@ -222,7 +222,13 @@ impl ServerPool {
 
     /// Where its connections go (resolved when the configuration was read).
     pub fn addr(&self) -> SocketAddr {
-        self.dial.addr
+        self.dial.borrow().addr
+    }
+
+    /// How new connections reach the server from now on (a reload read the
+    /// TLS files again); open ones go on as they are.
+    pub fn redial(&self, dial: Dial) {
+        *self.dial.borrow_mut() = dial;
     }
 
     pub fn is_down(&self) -> bool {
@@ -298,7 +304,7 @@ impl ServerPool {
             Some(c) if !c.is_closed() => c.clone(),
             _ => {
                 let c = Conn::open(
-                    self.dial.clone(),
+                    self.dial.borrow().clone(),
                     self.health.clone(),
                     self.settings.clone(),
                 );

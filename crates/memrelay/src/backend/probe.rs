@@ -177,7 +177,7 @@ pub async fn flush(dial: Dial, t: ProbeTimeouts) -> bool {
 /// when it is seen to restart (the resync manager decides whether to).
 pub async fn probe_loop(
     health: Arc<Health>,
-    dial: Dial,
+    dial: tokio::sync::watch::Receiver<Dial>,
     timeouts: tokio::sync::watch::Receiver<ProbeTimeouts>,
     on_restart: crate::ha::resync::Requests,
 ) {
@@ -217,7 +217,8 @@ pub async fn probe_loop(
 
         let t = *timeouts.borrow();
         if conn.is_none() {
-            conn = match ProbeConn::open(&dial, t).await {
+            let to = dial.borrow().clone();
+            conn = match ProbeConn::open(&to, t).await {
                 Ok(c) => {
                     tls_failure = None;
                     Some(c)

@@ -418,32 +418,19 @@ impl Config {
             verbosity: "log.level (-v)",
             log_format: "log.format (--log-format)",
         );
-        // The listeners' TLS is set up at start (a changed file's content
-        // is not looked at either: restart to load new certificates).
-        let files = |c: &Config| {
-            c.tls
-                .as_ref()
-                .map(|t| (t.cert.clone(), t.key.clone(), t.client_ca.clone()))
-        };
-        if files(&new) != files(self) {
-            ignored.push("tls (--tls-cert, --tls-key, --tls-client-ca)");
+        // Whether the listeners speak TLS, and whether the servers are
+        // spoken to over TLS, is fixed at start (a port does not change
+        // protocol under its clients). With TLS, the files were read again
+        // with the rest: new clients, and new connections to servers, get
+        // the renewed certificates.
+        if new.tls.is_some() != self.tls.is_some() {
+            ignored.push("tls on or off (--tls-cert, --tls-key)");
+            new.tls = self.tls.clone();
         }
-        new.tls = self.tls.clone();
-        // Likewise TLS to the servers: the pools and probes of servers a
-        // reload keeps go on with the connections they have.
-        let files = |c: &Config| {
-            c.server_tls.as_ref().map(|t| {
-                (
-                    t.ca.clone(),
-                    t.cert.clone(),
-                    t.name.as_ref().map(|n| n.to_str().into_owned()),
-                )
-            })
-        };
-        if files(&new) != files(self) {
-            ignored.push("server_tls (--server-tls-ca, --server-tls-cert, --server-tls-key, --server-tls-name)");
+        if new.server_tls.is_some() != self.server_tls.is_some() {
+            ignored.push("server_tls on or off (--server-tls-ca)");
+            new.server_tls = self.server_tls.clone();
         }
-        new.server_tls = self.server_tls.clone();
         (new, ignored)
     }
 }

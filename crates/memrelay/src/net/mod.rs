@@ -216,13 +216,14 @@ impl BoundListener {
     /// takes the next client.
     /// Stops when `stop` fires (SIGTERM): the clients already queued on the
     /// socket are accepted and served first, then the listener is closed.
-    /// With `tls`, TCP clients are served over TLS (and only TLS); unix
-    /// socket clients are not, whoever can open the socket is local.
+    /// With `tls`, TCP clients are served over TLS (and only TLS), with
+    /// the certificates of the configuration current when they connect;
+    /// unix socket clients are not, whoever can open the socket is local.
     pub async fn accept_loop(
         self,
         worker: Rc<WorkerThread>,
         conns: Arc<AtomicUsize>,
-        tls: Option<Arc<rustls::ServerConfig>>,
+        tls: bool,
         mut stop: tokio::sync::watch::Receiver<u8>,
     ) {
         match self {
@@ -235,7 +236,7 @@ impl BoundListener {
                     tokio::select! {
                         r = l.accept() => match r {
                             Ok((s, _)) => {
-                                admit_tcp(s, &worker, &conns, tls.as_ref());
+                                admit_tcp(s, &worker, &conns, tls);
                             }
                             Err(e) => backoff_on_accept_error(e).await,
                         },
@@ -255,7 +256,7 @@ impl BoundListener {
                                 })
                                 .await;
                                 let Some(Ok((s, _))) = next else { break };
-                                admit_tcp(s, &worker, &conns, tls.as_ref());
+                                admit_tcp(s, &worker, &conns, tls);
                             }
                             return;
                         }
@@ -292,10 +293,16 @@ fn admit_tcp(
     s: tokio::net::TcpStream,
     worker: &Rc<WorkerThread>,
     conns: &Arc<AtomicUsize>,
-    tls: Option<&Arc<rustls::ServerConfig>>,
+    tls: bool,
 ) {
     let _ = s.set_nodelay(true);
-    match tls {
+    // A reload cannot turn TLS on or off (see `Config::keep_restart_only`).
+    let config = if tls {
+        worker.current().tls.clone()
+    } else {
+        None
+    };
+    match config {
         None => admit(s, worker, conns),
         Some(config) => match tls::TlsStream::accept(s, config.clone()) {
             Ok(s) => admit(s, worker, conns),

@@ -51,6 +51,9 @@ pub struct Worker {
     pub client_limits: ClientLimits,
     /// `-n`: client connections accepted at once (over every worker).
     pub max_conns: usize,
+    /// What a TLS listener's new clients are served with (a reload reads
+    /// the certificate files again).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The timeouts and bounds of server connections under this
     /// configuration (installed in the thread's shared copy).
     pub backend: BackendSettings,
@@ -111,7 +114,11 @@ impl Worker {
                     })
                 });
                 match kept {
-                    Some(pool) => pool.clone(),
+                    Some(pool) => {
+                        // New connections use the certificates read now.
+                        pool.redial(Dial::to(s, cfg.server_tls.as_ref()));
+                        pool.clone()
+                    }
                     None => Rc::new(ServerPool::new(
                         s.name.clone(),
                         Dial::to(s, cfg.server_tls.as_ref()),
@@ -139,6 +146,7 @@ impl Worker {
                 idle_timeout: cfg.idle_timeout,
             },
             max_conns: cfg.max_conns,
+            tls: cfg.tls.as_ref().map(|t| t.server.clone()),
             backend: BackendSettings::of(cfg),
             resync: (!cfg.backups.is_empty()).then(|| ctx.resync.clone()),
             reload: ctx.reload.clone(),
