@@ -25,8 +25,10 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::rc::Rc;
+use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use memrelay_protocol::auth::{self, AuthInput};
@@ -40,7 +42,7 @@ use super::{Worker, WorkerThread};
 use crate::backend::{BackendError, BackendResult, Failure, Sink};
 use crate::net::notify::LocalNotify;
 use crate::net::outqueue::OutQueue;
-use crate::net::Stream;
+use crate::net::{Stream, Woken};
 
 /// Read buffer growth step; the buffer is allocated at the first read, not
 /// at accept, so a client that never sends costs none.
@@ -178,8 +180,20 @@ impl Sink for Inbox {
     }
 }
 
-/// Serves one client until it leaves, errs, or is told to close.
-pub async fn serve<S: Stream>(stream: S, thread: Rc<WorkerThread>) {
+/// Serves one client until it leaves, errs, or is told to close, then
+/// calls `done`.
+///
+/// The future is the session task's, held for as long as the client stays
+/// connected, mostly idle: what it holds across its wait is paid per
+/// connection (see docs/performance.md). So it is an async block, which
+/// keeps one copy of what it captures, where an async fn keeps its
+/// arguments twice (as arguments and as the locals they are moved into);
+/// and the wait holds a few words ([`Stream::ready_or`]).
+pub fn serve<S: Stream>(
+    stream: S,
+    thread: Rc<WorkerThread>,
+    done: impl FnOnce(&WorkerThread),
+) -> impl Future<Output = ()> {
     let worker = thread.current();
     let inbox = Rc::new(Inbox::new(&worker.client_limits));
     thread.register(&inbox);
@@ -199,13 +213,27 @@ pub async fn serve<S: Stream>(stream: S, thread: Rc<WorkerThread>) {
         idle_timer: None,
         authenticated: open,
     };
-    s.run(&stream).await;
-    s.abandon_writes();
-    // Replies still in flight will find no slot and be dropped.
-    s.inbox.slots.borrow_mut().clear();
-    s.inbox.base.set(u64::MAX);
-    drop(s);
-    stream.finish().await;
+    async move {
+        while let Some(Wait {
+            interest,
+            can_read,
+            idle,
+        }) = s.turn(&stream)
+        {
+            let woken = stream.ready_or(interest, |cx| s.poll_wake(cx, idle)).await;
+            if !s.woken(&stream, woken, can_read) {
+                break;
+            }
+        }
+        s.abandon_writes();
+        // Replies still in flight will find no slot and be dropped.
+        s.inbox.slots.borrow_mut().clear();
+        s.inbox.base.set(u64::MAX);
+        let thread = s.thread.clone();
+        drop(s);
+        stream.finish().await;
+        done(&thread);
+    }
 }
 
 struct Session {
@@ -226,7 +254,7 @@ struct Session {
     closing: bool,
     /// Close once everything before the closing reply is written.
     close_after_flush: bool,
-    /// The idle/drain timer (see `run`), boxed and made on first use.
+    /// The idle/drain timer (see `turn`), boxed and made on first use.
     idle_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// The client may send requests: it authenticated, or `--auth-file`
     /// is not set. Until then everything it sends is read as memcached
@@ -234,91 +262,120 @@ struct Session {
     authenticated: bool,
 }
 
+/// What a session waits for between two turns.
+struct Wait {
+    /// What of the socket: reading, writing, both or neither.
+    interest: Option<Interest>,
+    /// The session reads when the socket is readable.
+    can_read: bool,
+    /// The idle timer is armed.
+    idle: bool,
+}
+
+/// What woke a waiting session other than its socket.
+enum Wake {
+    /// Its inbox: replies came in, a reload, a drain, an idle sweep.
+    Inbox,
+    /// Its idle timer: it is closed.
+    Idle,
+}
+
 impl Session {
-    async fn run<S: Stream>(&mut self, stream: &S) {
-        loop {
-            self.take_up_reload();
-            let draining = self.thread.draining.get();
-            if self.inbox.release.take() {
-                self.release_if_idle();
-            }
-            if draining.is_some_and(|t| t.elapsed() >= DRAIN_BUSY) {
-                // Shutting down, and this client keeps sending: finish what
-                // was sent, read nothing more.
-                self.eof = true;
-            }
-            self.advance_ready();
+    /// Everything the session can do without waiting: take up a reload,
+    /// advance and answer the requests whose replies came in, dispatch
+    /// what was read, write what the socket takes. Returns what to wait
+    /// for next, or None when the session is over.
+    fn turn<S: Stream>(&mut self, stream: &S) -> Option<Wait> {
+        self.take_up_reload();
+        let draining = self.thread.draining.get();
+        if self.inbox.release.take() {
+            self.release_if_idle();
+        }
+        if draining.is_some_and(|t| t.elapsed() >= DRAIN_BUSY) {
+            // Shutting down, and this client keeps sending: finish what
+            // was sent, read nothing more.
+            self.eof = true;
+        }
+        self.advance_ready();
+        self.emit_ready();
+        // Requests already buffered while the pipeline was full.
+        if !self.closing && !self.rbuf.is_empty() && self.may_dispatch() {
+            self.process();
             self.emit_ready();
-            // Requests already buffered while the pipeline was full.
-            if !self.closing && !self.rbuf.is_empty() && self.may_dispatch() {
-                self.process();
-                self.emit_ready();
+        }
+        if !self.out.is_empty() {
+            match self.out.write_to(|iov| stream.try_write_vectored(iov)) {
+                Ok(n) => self.worker.stats.bytes_written.add(n as u64),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return None,
             }
-            if !self.out.is_empty() {
-                match self.out.write_to(|iov| stream.try_write_vectored(iov)) {
-                    Ok(n) => self.worker.stats.bytes_written.add(n as u64),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => return,
+        }
+        let unsent = self.out.len();
+        let outstanding = self.inbox.slots.borrow().len();
+        let finished = self.closing || self.eof;
+        if unsent == 0 && (self.close_after_flush || (finished && outstanding == 0)) {
+            return None;
+        }
+        let can_read = !finished && !self.thread.is_paused() && self.may_dispatch();
+        // Replies are delivered only while the session waits.
+        self.inbox.unsent.set(unsent);
+        let interest = match (can_read, unsent > 0) {
+            (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
+            (true, false) => Some(Interest::READABLE),
+            (false, true) => Some(Interest::WRITABLE),
+            (false, false) => None,
+        };
+        // With --idle-timeout, a client with nothing outstanding that sends
+        // nothing for that long is closed (memcached's idle_timeout; off by
+        // default, as in memcached). Draining shortens it to DRAIN_QUIET.
+        let idle = match draining {
+            Some(_) => Some(DRAIN_QUIET),
+            None => self.worker.client_limits.idle_timeout,
+        }
+        .filter(|_| outstanding == 0 && unsent == 0);
+        if let Some(d) = idle {
+            // One timer per session, made the first time it is needed and
+            // re-armed after: it is not in the session's future, so an idle
+            // connection without --idle-timeout does not carry it.
+            let deadline = tokio::time::Instant::now() + d;
+            let timer = self
+                .idle_timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            timer.as_mut().reset(deadline);
+        }
+        Some(Wait {
+            interest,
+            can_read,
+            idle: idle.is_some(),
+        })
+    }
+
+    /// The sources of a waiting session's wake-ups other than its socket,
+    /// in order: its inbox, then (if armed) its idle timer.
+    fn poll_wake(&mut self, cx: &mut Context<'_>, idle: bool) -> Poll<Wake> {
+        if self.inbox.wake.poll_notified(cx).is_ready() {
+            return Poll::Ready(Wake::Inbox);
+        }
+        if let Some(timer) = self.idle_timer.as_mut().filter(|_| idle) {
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Idle);
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Acts on what ended a wait. Returns false when the session is over.
+    fn woken<S: Stream>(&mut self, stream: &S, woken: Woken<Wake>, can_read: bool) -> bool {
+        match woken {
+            Woken::Other(Wake::Inbox) => true,
+            Woken::Other(Wake::Idle) => false,
+            Woken::Stream(Ok(r)) => {
+                if r.is_readable() && can_read && !self.read(stream) {
+                    self.eof = true;
                 }
+                true
             }
-            let outstanding = self.inbox.slots.borrow().len();
-            let finished = self.closing || self.eof;
-            if self.out.is_empty() && (self.close_after_flush || (finished && outstanding == 0)) {
-                return;
-            }
-            let can_read = !finished && !self.thread.is_paused() && self.may_dispatch();
-            // Replies are delivered only while the session waits below.
-            self.inbox.unsent.set(self.out.len());
-            let interest = match (can_read, !self.out.is_empty()) {
-                (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
-                (true, false) => Some(Interest::READABLE),
-                (false, true) => Some(Interest::WRITABLE),
-                (false, false) => None,
-            };
-            let inbox = self.inbox.clone();
-            // With --idle-timeout, a client with nothing outstanding that
-            // sends nothing for that long is closed (memcached's
-            // idle_timeout; off by default, as in memcached). Draining
-            // shortens it to DRAIN_QUIET.
-            let idle = match draining {
-                Some(_) => Some(DRAIN_QUIET),
-                None => self.worker.client_limits.idle_timeout,
-            }
-            .filter(|_| outstanding == 0 && self.out.is_empty());
-            tokio::select! {
-                biased;
-                _ = inbox.wake.notified() => {}
-                _ = async {
-                    match idle {
-                        Some(d) => {
-                            // One timer per session, made the first time it
-                            // is needed and re-armed after: it is not in
-                            // the session's future, so an idle connection
-                            // without --idle-timeout does not carry it.
-                            let deadline = tokio::time::Instant::now() + d;
-                            let timer = self.idle_timer.get_or_insert_with(|| {
-                                Box::pin(tokio::time::sleep_until(deadline))
-                            });
-                            timer.as_mut().reset(deadline);
-                            timer.as_mut().await
-                        }
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    return;
-                }
-                ready = async { match interest { Some(i) => stream.ready(i).await, None => std::future::pending().await } } => {
-                    match ready {
-                        Ok(r) if r.is_readable() && can_read => {
-                            if !self.read(stream) {
-                                self.eof = true;
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(_) => return,
-                    }
-                }
-            }
+            Woken::Stream(Err(_)) => false,
         }
     }
 
