@@ -12,6 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crate::config::Listen;
@@ -48,6 +49,51 @@ pub trait Stream {
     fn finish(&self) -> impl std::future::Future<Output = ()> {
         async {}
     }
+    /// Waits until the stream is ready for `interest` (never, with `None`)
+    /// or `other` is ready, checking `other` first: the one wait of an
+    /// idle client session, which lasts as long as the client stays
+    /// connected, so what this future holds is paid per connection.
+    ///
+    /// This default holds the `ready` future. Plain sockets override it
+    /// with tokio's `poll_read_ready`/`poll_write_ready`, which keep their
+    /// waker in the socket's registration instead: no waiter node in the
+    /// future, a few words in all. (Those polls count against tokio's
+    /// cooperative budget, as any tokio I/O does: a session that finds its
+    /// socket ready over and over in one poll yields now and then.)
+    fn ready_or<T, F>(
+        &self,
+        interest: Option<tokio::io::Interest>,
+        mut other: F,
+    ) -> impl std::future::Future<Output = Woken<T>>
+    where
+        F: FnMut(&mut Context<'_>) -> Poll<T>,
+    {
+        async move {
+            let ready = async {
+                match interest {
+                    Some(i) => self.ready(i).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let mut ready = std::pin::pin!(ready);
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(t) = other(cx) {
+                    return Poll::Ready(Woken::Other(t));
+                }
+                std::future::Future::poll(ready.as_mut(), cx).map(Woken::Stream)
+            })
+            .await
+        }
+    }
+}
+
+/// What ended a [`Stream::ready_or`] wait.
+#[derive(Debug)]
+pub enum Woken<T> {
+    /// The stream is ready (or failed).
+    Stream(io::Result<tokio::io::Ready>),
+    /// The other source is.
+    Other(T),
 }
 
 /// Writes all of `bytes`, waiting for room as needed (for the connections
@@ -112,6 +158,44 @@ macro_rules! stream_impl {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
                     other => other,
                 }
+            }
+            fn ready_or<T, F>(
+                &self,
+                interest: Option<tokio::io::Interest>,
+                mut other: F,
+            ) -> impl std::future::Future<Output = Woken<T>>
+            where
+                F: FnMut(&mut Context<'_>) -> Poll<T>,
+            {
+                // Two flags rather than the word-sized Interest: the
+                // future lives in every idle session's task.
+                let (read, write) =
+                    interest.map_or((false, false), |i| (i.is_readable(), i.is_writable()));
+                std::future::poll_fn(move |cx| {
+                    if let Poll::Ready(t) = other(cx) {
+                        return Poll::Ready(Woken::Other(t));
+                    }
+                    let mut ready = tokio::io::Ready::EMPTY;
+                    if read {
+                        match self.poll_read_ready(cx) {
+                            Poll::Ready(Ok(())) => ready |= tokio::io::Ready::READABLE,
+                            Poll::Ready(Err(e)) => return Poll::Ready(Woken::Stream(Err(e))),
+                            Poll::Pending => {}
+                        }
+                    }
+                    if write {
+                        match self.poll_write_ready(cx) {
+                            Poll::Ready(Ok(())) => ready |= tokio::io::Ready::WRITABLE,
+                            Poll::Ready(Err(e)) => return Poll::Ready(Woken::Stream(Err(e))),
+                            Poll::Pending => {}
+                        }
+                    }
+                    if ready.is_empty() {
+                        Poll::Pending
+                    } else {
+                        Poll::Ready(Woken::Stream(Ok(ready)))
+                    }
+                })
             }
         }
     };
@@ -328,11 +412,11 @@ where
     }
     stats.curr_connections.incr();
     stats.total_connections.incr();
-    let worker = worker.clone();
     let conns = conns.clone();
-    tokio::task::spawn_local(async move {
-        session::serve(s, worker.clone()).await;
-        worker.ctx.stats.curr_connections.sub(1);
+    // The session's own future is the task's: wrapping it in another async
+    // block would keep a second copy of the stream in every task.
+    tokio::task::spawn_local(session::serve(s, worker.clone(), move |thread| {
+        thread.ctx.stats.curr_connections.sub(1);
         conns.fetch_sub(1, Ordering::AcqRel);
-    });
+    }));
 }

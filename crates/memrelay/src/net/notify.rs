@@ -6,7 +6,7 @@
 
 use std::cell::Cell;
 use std::future::poll_fn;
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 
 #[derive(Default)]
 pub struct LocalNotify {
@@ -32,17 +32,20 @@ impl LocalNotify {
 
     /// Resolves once `notify` has been called since the last time it resolved.
     pub async fn notified(&self) {
-        poll_fn(|cx| {
-            if self.notified.replace(false) {
-                return Poll::Ready(());
-            }
-            match self.waker.take() {
-                Some(w) if w.will_wake(cx.waker()) => self.waker.set(Some(w)),
-                _ => self.waker.set(Some(cx.waker().clone())),
-            }
-            Poll::Pending
-        })
-        .await
+        poll_fn(|cx| self.poll_notified(cx)).await
+    }
+
+    /// `notified` as a poll: ready if `notify` has been called since the
+    /// last time it was, otherwise `cx`'s task is woken by the next call.
+    pub fn poll_notified(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.notified.replace(false) {
+            return Poll::Ready(());
+        }
+        match self.waker.take() {
+            Some(w) if w.will_wake(cx.waker()) => self.waker.set(Some(w)),
+            _ => self.waker.set(Some(cx.waker().clone())),
+        }
+        Poll::Pending
     }
 
     /// Whether a notification is pending (without consuming it).

@@ -25,8 +25,10 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::rc::Rc;
+use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use memrelay_protocol::auth::{self, AuthInput};
@@ -40,7 +42,7 @@ use super::{Worker, WorkerThread};
 use crate::backend::{BackendError, BackendResult, Failure, Sink};
 use crate::net::notify::LocalNotify;
 use crate::net::outqueue::OutQueue;
-use crate::net::Stream;
+use crate::net::{Stream, Woken};
 
 /// Read buffer growth step; the buffer is allocated at the first read, not
 /// at accept, so a client that never sends costs none.
@@ -178,8 +180,21 @@ impl Sink for Inbox {
     }
 }
 
-/// Serves one client until it leaves, errs, or is told to close.
-pub async fn serve<S: Stream>(stream: S, thread: Rc<WorkerThread>) {
+/// Serves one client until it leaves, errs, or is told to close, then
+/// calls `done`.
+///
+/// The future is the session task's, held for as long as the client stays
+/// connected, mostly idle: what it holds across its wait is paid per
+/// connection (see docs/performance.md). So it is an async block, which
+/// keeps one copy of what it captures, where an async fn keeps its
+/// arguments twice (as arguments and as the locals they are moved into);
+/// the buffers are out of line and only while there is work
+/// ([`Buffers`]); and the wait holds a few words ([`Stream::ready_or`]).
+pub fn serve<S: Stream>(
+    stream: S,
+    thread: Rc<WorkerThread>,
+    done: impl FnOnce(&WorkerThread),
+) -> impl Future<Output = ()> {
     let worker = thread.current();
     let inbox = Rc::new(Inbox::new(&worker.client_limits));
     thread.register(&inbox);
@@ -188,24 +203,48 @@ pub async fn serve<S: Stream>(stream: S, thread: Rc<WorkerThread>) {
         worker,
         thread,
         inbox,
-        rbuf: BytesMut::new(),
-        out: OutQueue::new(),
+        bufs: None,
         next_seq: 0,
-        ready: Vec::new(),
-        swallow: 0,
         eof: false,
         closing: false,
         close_after_flush: false,
         idle_timer: None,
         authenticated: open,
     };
-    s.run(&stream).await;
-    s.abandon_writes();
-    // Replies still in flight will find no slot and be dropped.
-    s.inbox.slots.borrow_mut().clear();
-    s.inbox.base.set(u64::MAX);
-    drop(s);
-    stream.finish().await;
+    async move {
+        while let Some(Wait {
+            interest,
+            can_read,
+            idle,
+        }) = s.turn(&stream)
+        {
+            let woken = stream.ready_or(interest, |cx| s.poll_wake(cx, idle)).await;
+            if !s.woken(&stream, woken, can_read) {
+                break;
+            }
+        }
+        s.abandon_writes();
+        // Replies still in flight will find no slot and be dropped.
+        s.inbox.slots.borrow_mut().clear();
+        s.inbox.base.set(u64::MAX);
+        let thread = s.thread.clone();
+        drop(s);
+        stream.finish().await;
+        done(&thread);
+    }
+}
+
+/// What a session holds only while it has work: made at its first data
+/// (or reply), given back once it is idle (see `release_if_idle`), so that
+/// an idle session's task carries one pointer instead of these.
+#[derive(Default)]
+struct Buffers {
+    rbuf: BytesMut,
+    out: OutQueue,
+    /// Reused list of slots to advance (swapped with the inbox's).
+    ready: Vec<u64>,
+    /// Input bytes still to discard (the data of a value that was too large).
+    swallow: usize,
 }
 
 struct Session {
@@ -213,20 +252,15 @@ struct Session {
     /// The configuration of the requests this session starts.
     worker: Rc<Worker>,
     inbox: Rc<Inbox>,
-    rbuf: BytesMut,
-    out: OutQueue,
+    bufs: Option<Box<Buffers>>,
     next_seq: u64,
-    /// Reused list of slots to advance (swapped with the inbox's).
-    ready: Vec<u64>,
-    /// Input bytes still to discard (the data of a value that was too large).
-    swallow: usize,
     /// The client sent EOF: read nothing more, but finish what was sent.
     eof: bool,
     /// `quit` or a fatal input: parse nothing more.
     closing: bool,
     /// Close once everything before the closing reply is written.
     close_after_flush: bool,
-    /// The idle/drain timer (see `run`), boxed and made on first use.
+    /// The idle/drain timer (see `turn`), boxed and made on first use.
     idle_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// The client may send requests: it authenticated, or `--auth-file`
     /// is not set. Until then everything it sends is read as memcached
@@ -234,92 +268,127 @@ struct Session {
     authenticated: bool,
 }
 
+/// What a session waits for between two turns.
+struct Wait {
+    /// What of the socket: reading, writing, both or neither.
+    interest: Option<Interest>,
+    /// The session reads when the socket is readable.
+    can_read: bool,
+    /// The idle timer is armed.
+    idle: bool,
+}
+
+/// What woke a waiting session other than its socket.
+enum Wake {
+    /// Its inbox: replies came in, a reload, a drain, an idle sweep.
+    Inbox,
+    /// Its idle timer: it is closed.
+    Idle,
+}
+
 impl Session {
-    async fn run<S: Stream>(&mut self, stream: &S) {
-        loop {
-            self.take_up_reload();
-            let draining = self.thread.draining.get();
-            if self.inbox.release.take() {
-                self.release_if_idle();
-            }
-            if draining.is_some_and(|t| t.elapsed() >= DRAIN_BUSY) {
-                // Shutting down, and this client keeps sending: finish what
-                // was sent, read nothing more.
-                self.eof = true;
-            }
-            self.advance_ready();
+    /// Everything the session can do without waiting: take up a reload,
+    /// advance and answer the requests whose replies came in, dispatch
+    /// what was read, write what the socket takes. Returns what to wait
+    /// for next, or None when the session is over.
+    fn turn<S: Stream>(&mut self, stream: &S) -> Option<Wait> {
+        self.take_up_reload();
+        let draining = self.thread.draining.get();
+        if self.inbox.release.take() {
+            self.release_if_idle();
+        }
+        if draining.is_some_and(|t| t.elapsed() >= DRAIN_BUSY) {
+            // Shutting down, and this client keeps sending: finish what
+            // was sent, read nothing more.
+            self.eof = true;
+        }
+        self.advance_ready();
+        self.emit_ready();
+        // Requests already buffered while the pipeline was full.
+        let buffered = self.bufs.as_ref().is_some_and(|b| !b.rbuf.is_empty());
+        if !self.closing && buffered && self.may_dispatch() {
+            self.process();
             self.emit_ready();
-            // Requests already buffered while the pipeline was full.
-            if !self.closing && !self.rbuf.is_empty() && self.may_dispatch() {
-                self.process();
-                self.emit_ready();
-            }
-            if !self.out.is_empty() {
-                match self.out.write_to(|iov| stream.try_write_vectored(iov)) {
-                    Ok(n) => self.worker.stats.bytes_written.add(n as u64),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => return,
-                }
-            }
-            let outstanding = self.inbox.slots.borrow().len();
-            let finished = self.closing || self.eof;
-            if self.out.is_empty() && (self.close_after_flush || (finished && outstanding == 0)) {
-                return;
-            }
-            let can_read = !finished && !self.thread.is_paused() && self.may_dispatch();
-            // Replies are delivered only while the session waits below.
-            self.inbox.unsent.set(self.out.len());
-            let interest = match (can_read, !self.out.is_empty()) {
-                (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
-                (true, false) => Some(Interest::READABLE),
-                (false, true) => Some(Interest::WRITABLE),
-                (false, false) => None,
-            };
-            let inbox = self.inbox.clone();
-            // With --idle-timeout, a client with nothing outstanding that
-            // sends nothing for that long is closed (memcached's
-            // idle_timeout; off by default, as in memcached). Draining
-            // shortens it to DRAIN_QUIET.
-            let idle = match draining {
-                Some(_) => Some(DRAIN_QUIET),
-                None => self.worker.client_limits.idle_timeout,
-            }
-            .filter(|_| outstanding == 0 && self.out.is_empty());
-            tokio::select! {
-                biased;
-                _ = inbox.wake.notified() => {}
-                _ = async {
-                    match idle {
-                        Some(d) => {
-                            // One timer per session, made the first time it
-                            // is needed and re-armed after: it is not in
-                            // the session's future, so an idle connection
-                            // without --idle-timeout does not carry it.
-                            let deadline = tokio::time::Instant::now() + d;
-                            let timer = self.idle_timer.get_or_insert_with(|| {
-                                Box::pin(tokio::time::sleep_until(deadline))
-                            });
-                            timer.as_mut().reset(deadline);
-                            timer.as_mut().await
-                        }
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    return;
-                }
-                ready = async { match interest { Some(i) => stream.ready(i).await, None => std::future::pending().await } } => {
-                    match ready {
-                        Ok(r) if r.is_readable() && can_read => {
-                            if !self.read(stream) {
-                                self.eof = true;
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(_) => return,
-                    }
-                }
+        }
+        if let Some(b) = self.bufs.as_deref_mut().filter(|b| !b.out.is_empty()) {
+            match b.out.write_to(|iov| stream.try_write_vectored(iov)) {
+                Ok(n) => self.worker.stats.bytes_written.add(n as u64),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return None,
             }
         }
+        let unsent = self.unsent();
+        let outstanding = self.inbox.slots.borrow().len();
+        let finished = self.closing || self.eof;
+        if unsent == 0 && (self.close_after_flush || (finished && outstanding == 0)) {
+            return None;
+        }
+        let can_read = !finished && !self.thread.is_paused() && self.may_dispatch();
+        // Replies are delivered only while the session waits.
+        self.inbox.unsent.set(unsent);
+        let interest = match (can_read, unsent > 0) {
+            (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
+            (true, false) => Some(Interest::READABLE),
+            (false, true) => Some(Interest::WRITABLE),
+            (false, false) => None,
+        };
+        // With --idle-timeout, a client with nothing outstanding that sends
+        // nothing for that long is closed (memcached's idle_timeout; off by
+        // default, as in memcached). Draining shortens it to DRAIN_QUIET.
+        let idle = match draining {
+            Some(_) => Some(DRAIN_QUIET),
+            None => self.worker.client_limits.idle_timeout,
+        }
+        .filter(|_| outstanding == 0 && unsent == 0);
+        if let Some(d) = idle {
+            // One timer per session, made the first time it is needed and
+            // re-armed after: it is not in the session's future, so an idle
+            // connection without --idle-timeout does not carry it.
+            let deadline = tokio::time::Instant::now() + d;
+            let timer = self
+                .idle_timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            timer.as_mut().reset(deadline);
+        }
+        Some(Wait {
+            interest,
+            can_read,
+            idle: idle.is_some(),
+        })
+    }
+
+    /// The sources of a waiting session's wake-ups other than its socket,
+    /// in order: its inbox, then (if armed) its idle timer.
+    fn poll_wake(&mut self, cx: &mut Context<'_>, idle: bool) -> Poll<Wake> {
+        if self.inbox.wake.poll_notified(cx).is_ready() {
+            return Poll::Ready(Wake::Inbox);
+        }
+        if let Some(timer) = self.idle_timer.as_mut().filter(|_| idle) {
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Idle);
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Acts on what ended a wait. Returns false when the session is over.
+    fn woken<S: Stream>(&mut self, stream: &S, woken: Woken<Wake>, can_read: bool) -> bool {
+        match woken {
+            Woken::Other(Wake::Inbox) => true,
+            Woken::Other(Wake::Idle) => false,
+            Woken::Stream(Ok(r)) => {
+                if r.is_readable() && can_read && !self.read(stream) {
+                    self.eof = true;
+                }
+                true
+            }
+            Woken::Stream(Err(_)) => false,
+        }
+    }
+
+    /// Reply bytes queued to the client.
+    fn unsent(&self) -> usize {
+        self.bufs.as_ref().map_or(0, |b| b.out.len())
     }
 
     /// The client is gone with writes in flight on the primary or being
@@ -354,8 +423,10 @@ impl Session {
     /// read buffer and reply queue its busiest moment grew (memcached
     /// shrinks idle connections' buffers the same way).
     fn release_if_idle(&mut self) {
-        if !self.rbuf.is_empty() || self.swallow > 0 || !self.out.is_empty() {
-            return;
+        if let Some(b) = &self.bufs {
+            if !b.rbuf.is_empty() || b.swallow > 0 || !b.out.is_empty() {
+                return;
+            }
         }
         let mut slots = self.inbox.slots.borrow_mut();
         if !slots.is_empty() {
@@ -363,9 +434,7 @@ impl Session {
         }
         *slots = VecDeque::new();
         *self.inbox.ready.borrow_mut() = Vec::new();
-        self.rbuf = BytesMut::new();
-        self.out = OutQueue::new();
-        self.ready = Vec::new();
+        self.bufs = None;
         self.inbox.holds_buffers.set(false);
     }
 
@@ -373,25 +442,29 @@ impl Session {
     /// false at end of input.
     fn read<S: Stream>(&mut self, stream: &S) -> bool {
         loop {
-            let r = if self.rbuf.capacity() == 0 {
-                // No buffer (a new session, or one that gave it back when
-                // idle), and a readiness event is not always data: read
-                // into the stack first, so a client that sends nothing
-                // costs no buffer.
-                let mut first = [0u8; FIRST_READ];
-                match stream.try_read(&mut first) {
-                    Ok(n) if n > 0 => {
-                        self.rbuf.reserve(READ_CHUNK.max(n));
-                        self.rbuf.extend_from_slice(&first[..n]);
-                        Ok(n)
+            let r = match self.bufs.as_deref_mut().filter(|b| b.rbuf.capacity() > 0) {
+                Some(b) => {
+                    if b.rbuf.capacity() - b.rbuf.len() < READ_CHUNK / 4 {
+                        b.rbuf.reserve(READ_CHUNK);
                     }
-                    other => other,
+                    stream.read_drained(&mut b.rbuf)
                 }
-            } else {
-                if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
-                    self.rbuf.reserve(READ_CHUNK);
+                None => {
+                    // No buffer (a new session, or one that gave it back
+                    // when idle), and a readiness event is not always
+                    // data: read into the stack first, so a client that
+                    // sends nothing costs no buffer.
+                    let mut first = [0u8; FIRST_READ];
+                    match stream.try_read(&mut first) {
+                        Ok(n) if n > 0 => {
+                            let rbuf = &mut self.bufs.get_or_insert_with(Box::default).rbuf;
+                            rbuf.reserve(READ_CHUNK.max(n));
+                            rbuf.extend_from_slice(&first[..n]);
+                            Ok(n)
+                        }
+                        other => other,
+                    }
                 }
-                stream.read_drained(&mut self.rbuf)
             };
             match r {
                 Ok(0) => {
@@ -420,7 +493,7 @@ impl Session {
     fn may_dispatch(&self) -> bool {
         let limits = &self.worker.client_limits;
         self.inbox.slots.borrow().len() < limits.max_pipeline
-            && self.out.len() + self.inbox.held.get() < limits.max_buffer
+            && self.unsent() + self.inbox.held.get() < limits.max_buffer
     }
 
     /// Uses the thread's current configuration for the requests to come.
@@ -440,15 +513,19 @@ impl Session {
                 return;
             }
             self.take_up_reload();
-            if self.swallow > 0 {
-                let n = self.swallow.min(self.rbuf.len());
-                let _ = self.rbuf.split_to(n);
-                self.swallow -= n;
-                if self.swallow > 0 {
+            let may_dispatch = self.may_dispatch();
+            let Some(b) = self.bufs.as_deref_mut() else {
+                return;
+            };
+            if b.swallow > 0 {
+                let n = b.swallow.min(b.rbuf.len());
+                let _ = b.rbuf.split_to(n);
+                b.swallow -= n;
+                if b.swallow > 0 {
                     return;
                 }
             }
-            if self.rbuf.is_empty() || !self.may_dispatch() {
+            if b.rbuf.is_empty() || !may_dispatch {
                 return;
             }
             if !self.authenticated {
@@ -457,10 +534,10 @@ impl Session {
                 }
                 continue;
             }
-            match parse_request(&self.rbuf, &self.worker.limits) {
+            match parse_request(&b.rbuf, &self.worker.limits) {
                 Ok(None) => return,
                 Ok(Some((req, n))) => {
-                    let frame = self.rbuf.split_to(n).freeze();
+                    let frame = b.rbuf.split_to(n).freeze();
                     let quit = req.command == memrelay_protocol::Command::Quit;
                     let seq = self.next_seq;
                     self.next_seq += 1;
@@ -477,8 +554,8 @@ impl Session {
                     }
                 }
                 Err(e) => {
-                    let frame = self.rbuf.split_to(e.consumed.min(self.rbuf.len())).freeze();
-                    self.swallow = e.swallow;
+                    let frame = b.rbuf.split_to(e.consumed.min(b.rbuf.len())).freeze();
+                    b.swallow = e.swallow;
                     self.worker.stats.client_errors.incr();
                     if let Some(key) = e.unlink_key {
                         super::dispatch::unlink(&self.worker, &frame, key.of(&frame));
@@ -507,8 +584,11 @@ impl Session {
             self.authenticated = true;
             return true;
         };
+        let Some(b) = self.bufs.as_deref_mut() else {
+            return false;
+        };
         let stats = &self.worker.stats;
-        let (local, n) = match auth::parse_auth(&self.rbuf) {
+        let (local, n) = match auth::parse_auth(&b.rbuf) {
             Ok(None) => return false,
             Ok(Some((AuthInput::Credentials { user, password }, n))) => {
                 stats.auth_cmds.incr();
@@ -528,10 +608,10 @@ impl Session {
                     stats.auth_errors.incr();
                 }
                 self.closing = true;
-                (Local::Close(e.reply()), self.rbuf.len())
+                (Local::Close(e.reply()), b.rbuf.len())
             }
         };
-        let _ = self.rbuf.split_to(n);
+        let _ = b.rbuf.split_to(n);
         self.next_seq += 1;
         self.inbox.slots.borrow_mut().push_back(Slot::local(local));
         true
@@ -539,12 +619,16 @@ impl Session {
 
     /// Takes the next step for every slot whose parts all came in.
     fn advance_ready(&mut self) {
+        if self.inbox.ready.borrow().is_empty() {
+            return;
+        }
+        let b = self.bufs.get_or_insert_with(Box::default);
         loop {
-            std::mem::swap(&mut self.ready, &mut *self.inbox.ready.borrow_mut());
-            if self.ready.is_empty() {
+            std::mem::swap(&mut b.ready, &mut *self.inbox.ready.borrow_mut());
+            if b.ready.is_empty() {
                 return;
             }
-            for &seq in &self.ready {
+            for &seq in &b.ready {
                 let mut slots = self.inbox.slots.borrow_mut();
                 let Some(slot) = seq
                     .checked_sub(self.inbox.base.get())
@@ -557,7 +641,7 @@ impl Session {
                     advance(&w, &self.inbox, seq, slot);
                 }
             }
-            self.ready.clear();
+            b.ready.clear();
         }
     }
 
@@ -576,7 +660,8 @@ impl Session {
             let Some(mut slot) = slot else { return };
             self.inbox.held.set(self.inbox.held.get() - slot.held);
             let w = slot.worker.take().unwrap_or_else(|| self.worker.clone());
-            if render(&w, slot, &mut self.out) {
+            let out = &mut self.bufs.get_or_insert_with(Box::default).out;
+            if render(&w, slot, out) {
                 self.close_after_flush = true;
                 self.closing = true;
                 self.inbox.slots.borrow_mut().clear();
@@ -584,5 +669,75 @@ impl Session {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::backend::health::Health;
+    use crate::backend::BackendSettings;
+    use crate::config::cli::{parse_args, Action};
+    use crate::proxy::{Discard, ThreadContext};
+    use crate::router::Router;
+    use crate::stats::StatsRegistry;
+    use crate::topology::Topology;
+
+    /// An idle connection's memory is mostly its task (docs/performance.md).
+    /// tokio allocates a task as one block, aligned and sized in steps of
+    /// 128 bytes, with 104 bytes of its own besides the future: a session
+    /// future of at most 152 bytes keeps a plain socket's task at 256. One
+    /// more field in `Session`, or one more value held across its wait,
+    /// can take it to 384. (A test build lays the future out a little
+    /// larger than a release build: 144 bytes against 136 when written.)
+    #[test]
+    fn an_idle_session_task_takes_256_bytes() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async {
+            let Action::Run(cfg) = parse_args(["-s", "127.0.0.1:11211"]).unwrap() else {
+                panic!("not a run");
+            };
+            let cfg = Arc::new(*cfg);
+            let topo = Topology {
+                generation: 1,
+                config: cfg.clone(),
+                router: Router::new(&cfg),
+                health: cfg
+                    .servers()
+                    .map(|s| Arc::new(Health::new(s.name.clone(), 16, 1)))
+                    .collect(),
+            };
+            let registry = Arc::new(StatsRegistry::new(1, 16, Vec::new()));
+            let (resync, _requests) = tokio::sync::mpsc::unbounded_channel();
+            let ctx = ThreadContext {
+                id: 0,
+                stats: registry.workers[0].clone(),
+                registry,
+                resync,
+                reload: None,
+                events: None,
+                discard: Rc::new(Discard),
+                backend: Rc::new(Cell::new(BackendSettings::of(&cfg))),
+            };
+            let thread = Rc::new(WorkerThread::new(ctx, &topo));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+            // As the accept loop spawns it.
+            let conns = Arc::new(AtomicUsize::new(1));
+            let session = serve(client, thread, move |_| {
+                conns.fetch_sub(1, Ordering::AcqRel);
+            });
+            let size = std::mem::size_of_val(&session);
+            assert!(size <= 152, "the session future takes {size} bytes");
+        });
     }
 }
