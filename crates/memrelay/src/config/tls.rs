@@ -63,16 +63,9 @@ pub(super) fn load(f: Files<'_>) -> Result<Tls, ConfigError> {
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let server = builder.with_single_cert(chain, key).map_err(|e| {
-        ConfigError::new(
-            key_origin,
-            format!(
-                "{} is not the private key of {}: {e}",
-                key_path.display(),
-                cert_path.display()
-            ),
-        )
-    })?;
+    let server = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| not_its_key(key_origin, key_path, cert_path, e))?;
     Ok(Tls {
         cert: cert_path.to_path_buf(),
         key: key_path.to_path_buf(),
@@ -166,16 +159,9 @@ pub(super) fn load_server(f: ServerFiles<'_>) -> Result<Option<ServerTls>, Confi
         (Some((cert_origin, cert_path)), Some((key_origin, key_path))) => {
             let chain = certificates(cert_origin, cert_path)?;
             let key = private_key(key_origin, key_path)?;
-            let client = builder.with_client_auth_cert(chain, key).map_err(|e| {
-                ConfigError::new(
-                    key_origin,
-                    format!(
-                        "{} is not the private key of {}: {e}",
-                        key_path.display(),
-                        cert_path.display()
-                    ),
-                )
-            })?;
+            let client = builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| not_its_key(key_origin, key_path, cert_path, e))?;
             (
                 client,
                 Some((cert_path.to_path_buf(), key_path.to_path_buf())),
@@ -198,6 +184,18 @@ pub(super) fn load_server(f: ServerFiles<'_>) -> Result<Option<ServerTls>, Confi
         name,
         client: Arc::new(client),
     }))
+}
+
+/// rustls refused a certificate and key pair.
+fn not_its_key(origin: &Origin, key: &Path, cert: &Path, e: rustls::Error) -> ConfigError {
+    ConfigError::new(
+        origin,
+        format!(
+            "{} is not the private key of {}: {e}",
+            key.display(),
+            cert.display()
+        ),
+    )
 }
 
 /// A PEM private key.
