@@ -120,12 +120,13 @@ more options:
       --tls-cert PATH      serve clients over TLS on every TCP listener (unix
                            sockets stay plain): PATH is the PEM certificate
                            chain, server certificate first; read at start
+                           and at each reload
       --tls-key PATH       the PEM private key of --tls-cert (keep it chmod 600)
       --tls-client-ca PATH clients must present a certificate signed by a CA
                            of this PEM file (mutual TLS)
       --server-tls-ca PATH talk TLS to every server (memcached -Z), trusting the
                            server certificates signed by a CA of this PEM file;
-                           read at start
+                           read at start and at each reload
       --server-tls-cert PATH  the PEM certificate memrelay shows the servers
                            (for memcached -o ssl_verify_mode=2); needs
                            --server-tls-key
