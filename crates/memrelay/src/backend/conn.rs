@@ -101,11 +101,13 @@ struct Inner {
     health: Arc<Health>,
     /// The worker's settings, read at each use (a reload changes them).
     settings: Rc<Cell<BackendSettings>>,
-    /// Over TLS: where the requests not yet written end, in the byte
-    /// stream (the quiet `mn` of a meta request counts as a request of its
-    /// own), so writes can follow `records`' rule.
-    ends: Option<RefCell<VecDeque<u64>>>,
+    /// Over TLS: writes follow `records`' rule, cut at the ends of the
+    /// requests in flight.
+    records: bool,
 }
+
+/// What closes a quiet meta request's reply (which may be empty).
+const MN: &[u8] = b"mn\r\n";
 
 /// A handle to a connection; cheap to clone.
 #[derive(Debug, Clone)]
@@ -128,7 +130,7 @@ impl Conn {
             retired: Cell::new(false),
             health,
             settings,
-            ends: dial.is_tls().then(|| RefCell::new(VecDeque::new())),
+            records: dial.is_tls(),
         });
         tokio::task::spawn_local(drive(inner.clone(), dial));
         Conn { inner }
@@ -176,17 +178,9 @@ impl Conn {
             out.put_slice(b"\r\n");
         }
         if expect == Expect::MetaQuiet {
-            if let Some(ends) = &inner.ends {
-                ends.borrow_mut()
-                    .push_back(inner.queued.get() + (out.len() - before) as u64);
-            }
-            // Closes a quiet request's reply, which may be empty.
-            out.put_slice(b"mn\r\n");
+            out.put_slice(MN);
         }
         let end = inner.queued.get() + (out.len() - before) as u64;
-        if let Some(ends) = &inner.ends {
-            ends.borrow_mut().push_back(end);
-        }
         inner.queued.set(end);
         let now = Instant::now();
         inflight.push_back(InFlight {
@@ -314,8 +308,8 @@ fn flush(inner: &Inner, stream: &impl Stream) -> Result<(), Failure> {
     if out.is_empty() {
         return Ok(());
     }
-    if let Some(ends) = &inner.ends {
-        return flush_records(inner, &mut out, &mut ends.borrow_mut(), stream);
+    if inner.records {
+        return flush_records(inner, &mut out, stream);
     }
     match out.write_to(|iov| Stream::try_write_vectored(stream, iov)) {
         Ok(n) => {
@@ -328,26 +322,33 @@ fn flush(inner: &Inner, stream: &impl Stream) -> Result<(), Failure> {
 }
 
 /// Over TLS: writes in `records`' cuts, each handed over whole once the
-/// socket took the one before (so rustls holds one write at most).
-fn flush_records(
-    inner: &Inner,
-    out: &mut OutQueue,
-    ends: &mut VecDeque<u64>,
-    stream: &impl Stream,
-) -> Result<(), Failure> {
+/// socket took the one before (so rustls holds one write at most). The
+/// cuts are the ends of the requests not yet written, which are all still
+/// in flight (a reply comes only after its request went out); a quiet
+/// meta request's `mn` counts as a request of its own.
+fn flush_records(inner: &Inner, out: &mut OutQueue, stream: &impl Stream) -> Result<(), Failure> {
     while !out.is_empty() && !stream.backlogged() {
         let written = inner.written.get();
-        while ends.front().is_some_and(|&e| e <= written) {
-            ends.pop_front();
-        }
         let span = out.span();
-        let len =
-            match super::records::next_write(ends.iter().map(|&e| (e - written) as usize), span) {
-                // Cannot happen (a request is a few pieces, and every request
-                // has its end): write what one call carries rather than stall.
-                0 => span,
-                n => n,
-            };
+        let next = {
+            let inflight = inner.inflight.borrow();
+            let unwritten = inflight.partition_point(|f| f.end <= written);
+            let ends = inflight.range(unwritten..).flat_map(|f| {
+                let mn = (f.expect == Expect::MetaQuiet).then(|| f.end - MN.len() as u64);
+                mn.into_iter().chain([f.end])
+            });
+            super::records::next_write(
+                ends.filter(|&e| e > written)
+                    .map(|e| (e - written) as usize),
+                span,
+            )
+        };
+        let len = match next {
+            // Cannot happen (a request is a few pieces, and every request
+            // is in flight): write what one call carries rather than stall.
+            0 => span,
+            n => n,
+        };
         match out.write_prefix(len, |iov| stream.try_write_vectored(iov)) {
             Ok(n) => inner.written.set(written + n as u64),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
@@ -501,15 +502,7 @@ fn oldest_deadline(inner: &Inner) -> Option<Instant> {
 /// failure of any request.
 fn close_quietly(inner: &Inner) {
     inner.state.set(State::Closed);
-    discard_unsent(inner);
-}
-
-/// Drops what was queued and never written (the connection is closing).
-fn discard_unsent(inner: &Inner) {
     inner.out.borrow_mut().clear();
-    if let Some(ends) = &inner.ends {
-        ends.borrow_mut().clear();
-    }
 }
 
 /// Fails every request on the connection and closes it for good.
@@ -531,7 +524,7 @@ fn fail(inner: &Inner, failure: Failure) {
 /// counting it against the server's health.
 fn fail_requests(inner: &Inner, failure: Failure) {
     inner.state.set(State::Closed);
-    discard_unsent(inner);
+    inner.out.borrow_mut().clear();
     let written = inner.written.get();
     loop {
         let Some(f) = inner.inflight.borrow_mut().pop_front() else {
