@@ -824,8 +824,17 @@ fn a_server_that_asks_for_a_client_certificate_gets_memrelays() {
         mc.addr(),
     ]);
     let mut c = with.client();
-    let got = ask(&mut c, &set("m", b"mtls"));
-    assert_eq!(got, b"STORED\r\n", "{}\n{}", escape(&got), with.output());
+    // memcached 1.6.18 now and then answers a valid handshake with an
+    // `InternalError` alert (seen in about one full run of this file in
+    // five, just after it refused the relay without a certificate; never
+    // alone): memrelay counts it as a failed connect and the next request
+    // connects again. So: accepted within a few attempts.
+    let mut got = Vec::new();
+    let stored = support::wait_until(DEADLINE, || {
+        got = ask(&mut c, &set("m", b"mtls"));
+        got == b"STORED\r\n"
+    });
+    assert!(stored, "{}\n{}", escape(&got), with.output());
     assert_eq!(ask(&mut c, b"get m\r\n"), found("m", b"mtls"));
 }
 
