@@ -386,37 +386,65 @@ fn admit_tcp(
     } else {
         None
     };
-    match config {
-        None => admit(s, worker, conns),
-        Some(config) => match tls::TlsStream::accept(s, config.clone()) {
-            Ok(s) => admit(s, worker, conns),
-            Err(e) => tracing::debug!(error = %e, "cannot start a TLS session"),
-        },
+    let Some(config) = config else {
+        return admit(s, worker, conns);
+    };
+    // Over the limit, a TLS client is closed before anything is spent on
+    // it: memcached's error line would have to follow a whole handshake.
+    if !reserve(worker, conns) {
+        return;
+    }
+    match tls::TlsStream::accept(s, config) {
+        Ok(s) => start(s, worker, conns),
+        Err(e) => {
+            release(worker, conns);
+            tracing::debug!(error = %e, "cannot start a TLS session");
+        }
     }
 }
 
-/// Starts a session for a new client, or turns it away over the limit
-/// (`-n` of the configuration current now).
+/// Starts a session for a new client, or turns it away over the limit.
 fn admit<S>(s: S, worker: &Rc<WorkerThread>, conns: &Arc<AtomicUsize>)
 where
     S: Stream + 'static,
 {
-    let max_conns = worker.current().max_conns;
-    let stats = &worker.ctx.stats;
-    if conns.fetch_add(1, Ordering::AcqRel) >= max_conns {
-        conns.fetch_sub(1, Ordering::AcqRel);
-        stats.rejected_connections.incr();
+    if reserve(worker, conns) {
+        start(s, worker, conns);
+    } else {
         // Best effort, like memcached: one write, then close.
         let _ = s.try_write_vectored(&[io::IoSlice::new(TOO_MANY)]);
-        return;
+    }
+}
+
+/// Counts a new client in, unless that would pass `-n` (of the
+/// configuration current now): then counts it as rejected.
+fn reserve(worker: &WorkerThread, conns: &AtomicUsize) -> bool {
+    let stats = &worker.ctx.stats;
+    if conns.fetch_add(1, Ordering::AcqRel) >= worker.current().max_conns {
+        conns.fetch_sub(1, Ordering::AcqRel);
+        stats.rejected_connections.incr();
+        return false;
     }
     stats.curr_connections.incr();
     stats.total_connections.incr();
+    true
+}
+
+/// Counts a client out (see `reserve`).
+fn release(worker: &WorkerThread, conns: &AtomicUsize) {
+    worker.ctx.stats.curr_connections.sub(1);
+    conns.fetch_sub(1, Ordering::AcqRel);
+}
+
+/// Serves a client counted in by `reserve` until it leaves.
+fn start<S>(s: S, worker: &Rc<WorkerThread>, conns: &Arc<AtomicUsize>)
+where
+    S: Stream + 'static,
+{
     let conns = conns.clone();
     // The session's own future is the task's: wrapping it in another async
     // block would keep a second copy of the stream in every task.
     tokio::task::spawn_local(session::serve(s, worker.clone(), move |thread| {
-        thread.ctx.stats.curr_connections.sub(1);
-        conns.fetch_sub(1, Ordering::AcqRel);
+        release(thread, &conns)
     }));
 }
