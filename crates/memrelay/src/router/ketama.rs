@@ -14,7 +14,7 @@ const POINTS_PER_SERVER: f32 = 160.0;
 const POINTS_PER_HASH: usize = 4;
 
 /// A sorted continuum of (point, server index).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Continuum {
     points: Vec<(u32, u32)>,
 }

@@ -13,7 +13,7 @@ pub use moves::{moves, Moves};
 use crate::config::{Config, HashKind, ServerAddr};
 
 /// One tier of servers and how keys are spread over it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 enum Ring {
     Ketama(ketama::Continuum),
     /// twemproxy's modula: each server index repeated `weight` times, the
@@ -111,7 +111,7 @@ impl Replicas {
 }
 
 /// Routes keys to replica sets. Immutable once built.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Router {
     /// Tier 0 is the primaries; each tier's ring picks within its servers,
     /// and `offset` turns that into a global server index.

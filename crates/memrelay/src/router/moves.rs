@@ -16,7 +16,7 @@
 
 use std::collections::BTreeSet;
 
-use super::{Replicas, Ring, Router};
+use super::{Ring, Router};
 
 /// Beyond this many residues (servers counts with a huge least common
 /// multiple) the change is not computed: every server is taken to gain and
@@ -39,6 +39,12 @@ pub struct Moves {
 /// Compares two configurations' routing. `*_names` name the servers by
 /// their global index (primaries then backups, as `Config::servers`).
 pub fn moves(old: &Router, old_names: &[String], new: &Router, new_names: &[String]) -> Moves {
+    if old == new && old_names == new_names {
+        // The same servers, weights and hash: every key stays where it is
+        // (and a reload that changes nothing else must not be taken for one
+        // that moves everything, below).
+        return Moves::default();
+    }
     let mut m = Moves::default();
     let Some(pieces) = pieces(old, new) else {
         // Another hash, or too many residues: assume the worst.
@@ -47,22 +53,44 @@ pub fn moves(old: &Router, old_names: &[String], new: &Router, new_names: &[Stri
         m.primaries_moved = 1.0;
         return m;
     };
-    let names = |r: Replicas, all: &[String]| -> Vec<String> {
-        r.iter().filter_map(|i| all.get(i).cloned()).collect()
-    };
+    // Servers by new index; an old one's new index, if it stays. Pieces
+    // can be a million: compared by index, flagged, named once at the end.
+    let to_new: Vec<Option<usize>> = old_names
+        .iter()
+        .map(|n| new_names.iter().position(|x| x == n))
+        .collect();
+    let mut gains = vec![false; new_names.len()];
+    let mut loses = vec![false; old_names.len()];
     for (hash, share) in pieces {
-        let before = names(old.replicas_of_hash(hash), old_names);
-        let after = names(new.replicas_of_hash(hash), new_names);
-        for n in after.iter().filter(|n| !before.contains(n)) {
-            m.gains.insert(n.clone());
+        let before = old.replicas_of_hash(hash);
+        let after = new.replicas_of_hash(hash);
+        let renamed = |b: usize| to_new.get(b).copied().flatten();
+        for a in after.iter() {
+            if !before.iter().any(|b| renamed(b) == Some(a)) {
+                gains[a] = true;
+            }
         }
-        for n in before.iter().filter(|n| !after.contains(n)) {
-            m.loses.insert(n.clone());
+        for b in before.iter() {
+            if !renamed(b).is_some_and(|n| after.iter().any(|a| a == n)) {
+                loses[b] = true;
+            }
         }
-        if before.first() != after.first() {
+        let old_primary = before.iter().next().map(renamed);
+        let new_primary = after.iter().next().map(Some);
+        if old_primary != new_primary {
             m.primaries_moved += share;
         }
     }
+    let named = |flags: Vec<bool>, all: &[String]| -> BTreeSet<String> {
+        flags
+            .iter()
+            .zip(all)
+            .filter(|(f, _)| **f)
+            .map(|(_, n)| n.clone())
+            .collect()
+    };
+    m.gains = named(gains, new_names);
+    m.loses = named(loses, old_names);
     m
 }
 
@@ -208,6 +236,25 @@ mod tests {
             let (m, _, _) = between(hash, (&[1, 2], &[3]), (&[1, 2], &[3]));
             assert_eq!(m, Moves::default(), "{hash}");
         }
+    }
+
+    #[test]
+    fn an_unchanged_configuration_moves_nothing_even_past_the_residue_bound() {
+        // Modula tiers of 1,031 and 1,033 weight units: their least common
+        // multiple is past MAX_RESIDUES, where a real change is assumed to
+        // move everything. An unchanged one must not be (a reload that only
+        // renews certificates would flush every server).
+        let addr = |s: &str| ServerAddr::parse(s).unwrap();
+        let cfg = Config {
+            hash: HashKind::Modula,
+            primaries: vec![addr("127.0.0.1:1:1000"), addr("127.0.0.1:2:31")],
+            backups: vec![addr("127.0.0.1:3:1033")],
+            ..Config::default()
+        };
+        let names: Vec<String> = cfg.servers().map(|s| s.name.clone()).collect();
+        let (a, b) = (Router::new(&cfg), Router::new(&cfg));
+        assert!(pieces(&a, &b).is_none());
+        assert_eq!(moves(&a, &names, &b, &names), Moves::default());
     }
 
     #[test]
