@@ -32,13 +32,13 @@ pub enum Check {
     Applied,
     /// `incr`/`decr`: the backup must reach the primary's number.
     Number(u64),
-    /// A read repair on the primary; `seq`: the primary's count of keys
-    /// recorded as missed before the backup was read (see
-    /// `ha::read::after_repair`: a record since undoes the copy).
-    Repair { seq: u64 },
+    /// A read repair on the primary; `epoch`: the primary's missed-key
+    /// epoch before the backup was read (see `ha::read::after_repair`: a
+    /// record since undoes the copy).
+    Repair { epoch: u64 },
     /// Step one of a meta read repair: the backup's item (value, flags,
     /// TTL) is fetched, then added to this primary.
-    RepairFetch { primary: u16, seq: u64 },
+    RepairFetch { primary: u16, epoch: u64 },
 }
 
 #[derive(Debug)]
@@ -130,11 +130,7 @@ impl Mirror {
         let k = key.clone();
         let check = Check::RepairFetch {
             primary: primary as u16,
-            seq: self.servers[primary]
-                .health()
-                .missed
-                .recorded
-                .load(std::sync::atomic::Ordering::SeqCst),
+            epoch: self.servers[primary].health().missed.epoch(),
         };
         if super::is_text_key(&k) {
             self.send(
@@ -160,7 +156,7 @@ impl Mirror {
 
     /// Step two of `repair_from`: add the fetched item to the primary
     /// (mode E: only if it still has none).
-    fn repair_store(&self, primary: usize, key: Bytes, reply: &Bytes, seq: u64) {
+    fn repair_store(&self, primary: usize, key: Bytes, reply: &Bytes, epoch: u64) {
         // A write that went past the primary meanwhile (and recorded it as
         // missing the key) may have changed the backup after this read.
         if !self.servers[primary].health().serves(&key) {
@@ -183,7 +179,7 @@ impl Mirror {
         self.send(
             primary,
             key,
-            Check::Repair { seq },
+            Check::Repair { epoch },
             Expect::Meta,
             |b| compose::meta_line(b, Command::MetaSet, &wire, Some(len), &flags),
             Some(value),
@@ -210,29 +206,30 @@ impl Sink for Mirror {
         };
         let health = self.servers[ctx.server].health();
         match (ctx.check, result) {
-            (Check::Repair { seq }, Ok(r)) => match r.kind {
-                ResponseKind::Stored | ResponseKind::Meta(MetaStatus::Hd) => {
-                    if health
-                        .missed
-                        .recorded
-                        .load(std::sync::atomic::Ordering::SeqCst)
-                        == seq
-                    {
-                        self.stats.repairs.incr()
-                    } else {
-                        // A write went past the primary since the backup
-                        // was read: the copy may be older than it. Delete
-                        // it, on the connection the add took.
-                        self.stats.repairs_skipped.incr();
-                        self.delete(ctx.server, ctx.key);
-                    }
+            (Check::Repair { epoch }, result) => {
+                // As `read::after_repair`: an add whose outcome is unknown
+                // may have landed; a copy that may be older than a write
+                // that went past the primary since the backup was read is
+                // deleted, on the connection the add took.
+                let landed = match &result {
+                    Ok(r) => matches!(
+                        r.kind,
+                        ResponseKind::Stored | ResponseKind::Meta(MetaStatus::Hd)
+                    ),
+                    Err(_) => true,
+                };
+                if landed && health.missed.epoch() != epoch {
+                    self.stats.repairs_skipped.incr();
+                    self.delete(ctx.server, ctx.key);
+                } else if landed && result.is_ok() {
+                    self.stats.repairs.incr();
+                } else {
+                    self.stats.repairs_skipped.incr();
                 }
-                _ => self.stats.repairs_skipped.incr(),
-            },
-            (Check::Repair { .. }, Err(_)) => self.stats.repairs_skipped.incr(),
-            (Check::RepairFetch { primary, seq }, Ok(r)) => {
+            }
+            (Check::RepairFetch { primary, epoch }, Ok(r)) => {
                 if r.kind == ResponseKind::Meta(MetaStatus::Value) {
-                    self.repair_store(primary as usize, ctx.key, &r.bytes, seq);
+                    self.repair_store(primary as usize, ctx.key, &r.bytes, epoch);
                 }
             }
             (Check::RepairFetch { .. }, Err(_)) => {}

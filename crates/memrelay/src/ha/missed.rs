@@ -27,6 +27,8 @@ pub struct MissedKeys {
     cap: usize,
     /// Keys ever recorded (for `stats`).
     pub recorded: AtomicU64,
+    /// Moves at every record, of one key or of all (see `epoch`).
+    epoch: AtomicU64,
     /// Keys deleted on the server after it came back (for `stats`).
     pub invalidated: AtomicU64,
     /// Whole-server flushes because the set overflowed (for `stats`).
@@ -61,6 +63,7 @@ impl MissedKeys {
             inner: Mutex::new(Inner::default()),
             cap: cap.max(1),
             recorded: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
             invalidated: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             recorded_signal: tokio::sync::Notify::new(),
@@ -96,9 +99,19 @@ impl MissedKeys {
         self.lock().keys.len()
     }
 
+    /// A value that changes whenever something is recorded. A read repair
+    /// takes it before reading the backup and compares it once its copy
+    /// landed: a change means a write went past this server meanwhile, and
+    /// the copy may be older than it. (SeqCst on both sides: the order that
+    /// matters runs through memcached, not through any lock here.)
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
     /// Records that a write for `key` went past this server.
     pub fn record(&self, key: &[u8]) {
         self.recorded.fetch_add(1, Ordering::Relaxed);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         self.recorded_signal.notify_one();
         let mut inner = self.lock();
         if inner.overflowed {
@@ -130,6 +143,7 @@ impl MissedKeys {
     /// The server missed a write to every key (a `flush_all`): it must be
     /// flushed before it serves again.
     pub fn record_all(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         let mut inner = self.lock();
         inner.overflowed = true;
         inner.keys = HashMap::new();
@@ -200,6 +214,19 @@ impl MissedKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_epoch_moves_at_every_record_of_a_key_or_of_all() {
+        let m = MissedKeys::new(2);
+        let e0 = m.epoch();
+        m.record(b"a");
+        let e1 = m.epoch();
+        assert_ne!(e0, e1);
+        // A flush_all the server missed: a repair taken before it must see
+        // it (it used to move only a statistics counter).
+        m.record_all();
+        assert_ne!(m.epoch(), e1);
+    }
 
     #[test]
     fn records_confirms_and_overflows() {

@@ -187,7 +187,8 @@ pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot,
         return;
     }
     let fallback = w.miss_fallback;
-    let mut wanted: SmallVec<[(u32, usize); 4]> = SmallVec::new();
+    // (key number, backup to ask, the key's primary)
+    let mut wanted: SmallVec<[(u32, usize, usize); 4]> = SmallVec::new();
     walk(slot, req, |i, key, p, hit| {
         if hit.is_some() || slot.part_of_key(i) as u16 == NO_PART {
             return;
@@ -205,7 +206,11 @@ pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot,
             return;
         };
         if let Some(next) = super::first_serving(w, &replicas, key, tier + 1, |_| {}) {
-            wanted.push((i as u32, replicas.get(next).unwrap_or(0)));
+            wanted.push((
+                i as u32,
+                replicas.get(next).unwrap_or(0),
+                replicas.primary(),
+            ));
         }
     });
     if wanted.is_empty() {
@@ -219,18 +224,14 @@ pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot,
     };
     let touch = matches!(req.command, Command::Gat | Command::Gats).then_some(req.exptime);
     let mut keys = req.keys(&frame).enumerate();
-    for (i, server) in wanted {
+    for (i, server, primary) in wanted {
         let Some((_, key)) = keys.find(|(k, _)| *k == i as usize) else {
             break;
         };
         // Before the backup is read: a write that goes past the primary
         // from now on (and may change the backup after this read) records
         // a key on it, which `after_repair` sees.
-        let recorded = w.servers[w.router.primary(key)]
-            .health()
-            .missed
-            .recorded
-            .load(std::sync::atomic::Ordering::SeqCst);
+        let epoch = w.servers[primary].health().missed.epoch();
         let part = slot.parts.len();
         let queued = w.servers[server].send(
             Expect::Meta,
@@ -238,7 +239,10 @@ pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot,
             |b| compose::meta_get(b, key, flags, touch),
             None,
         );
-        slot.push_part(Part::with_role(server, Role::Fallback(i, recorded)), queued);
+        slot.push_part(
+            Part::with_role(server, Role::Fallback { key: i, epoch }),
+            queued,
+        );
     }
     slot.stage = Stage::Fallback;
 }
@@ -251,7 +255,7 @@ pub fn after_fallback(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, 
     let frame = slot.frame.clone();
     let mut repairs: SmallVec<[(usize, u32, i32, usize, usize, usize); 4]> = SmallVec::new();
     for (idx, part) in slot.parts.iter().enumerate() {
-        let Role::Fallback(i, _) = part.role else {
+        let Role::Fallback { key: i, .. } = part.role else {
             continue;
         };
         let Some(Ok(reply)) = &part.result else {
@@ -300,7 +304,7 @@ pub fn after_fallback(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, 
             continue;
         };
         let value = reply.bytes.slice(off..off + len);
-        let Role::Fallback(i, recorded) = slot.parts[idx].role else {
+        let Role::Fallback { key: i, epoch } = slot.parts[idx].role else {
             continue;
         };
         let Some(key) = req.keys(&frame).nth(i as usize) else {
@@ -314,13 +318,7 @@ pub fn after_fallback(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, 
             Some(value),
         );
         slot.push_part(
-            Part::with_role(
-                primary,
-                Role::Repair {
-                    key: i,
-                    seq: recorded,
-                },
-            ),
+            Part::with_role(primary, Role::Repair { key: i, epoch }),
             queued,
         );
         slot.stage = Stage::Repair;
@@ -330,49 +328,43 @@ pub fn after_fallback(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, 
 /// The repairs are in: count them, and undo any that may be older than a
 /// write. A write that went past the primary after the backup was read
 /// (a fall-back write on a restarted primary, a failover) may have changed
-/// the backup's item after this copy of it was taken; it records a key on
-/// the primary, and its invalidation (the prober's delete, on another
-/// connection) could reach memcached before this add did. Any record on
-/// the primary since the backup was read therefore deletes the copy, on
-/// the connection the add took, so after it. Records are rare (failure
+/// the backup's item after this copy of it was taken; it moved the
+/// primary's missed-key epoch, and its invalidation (the prober's delete,
+/// on another connection) could reach memcached before this add did. Any
+/// move since the backup was read therefore deletes the copy, on the
+/// connection the add took, so after it (`Mirror::delete`, which records
+/// the key as missed if that delete fails too). An add whose outcome is
+/// unknown (a timeout) is treated as landed. Records are rare (failure
 /// episodes), and a deleted copy only costs the next read a fallback.
 pub fn after_repair(w: &Worker, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
     let frame = slot.frame.clone();
     for part in slot.parts.iter() {
-        let Role::Repair { key, seq } = part.role else {
+        let Role::Repair { key, epoch } = part.role else {
             continue;
         };
-        if !matches!(&part.result, Some(Ok(r)) if r.kind == ResponseKind::Stored) {
-            w.stats.repairs_skipped.incr();
-            continue;
-        }
+        let stored = match &part.result {
+            Some(Ok(r)) if r.kind == ResponseKind::Stored => true,
+            Some(Err(_)) => false,
+            // Not stored (the primary had a value by then): nothing landed.
+            _ => {
+                w.stats.repairs_skipped.incr();
+                continue;
+            }
+        };
         let primary = part.server as usize;
-        let health = w.servers[primary].health();
-        if health
-            .missed
-            .recorded
-            .load(std::sync::atomic::Ordering::SeqCst)
-            == seq
-        {
-            w.stats.repairs.incr();
+        if w.servers[primary].health().missed.epoch() == epoch {
+            if stored {
+                w.stats.repairs.incr();
+            } else {
+                w.stats.repairs_skipped.incr();
+            }
             continue;
         }
         w.stats.repairs_skipped.incr();
-        let Some(k) = req.keys(&frame).nth(key as usize) else {
-            continue;
-        };
-        let _ = w.servers[primary].send_for_key(
-            k,
-            super::delete_expect(k),
-            ReplyTo {
-                sink: w.discard.clone(),
-                token: 0,
-                part: 0,
-            },
-            |b| super::write_delete(b, k),
-            None,
-        );
+        if let Some(k) = req.keys(&frame).nth(key as usize) {
+            w.mirror.delete(primary, frame.slice_ref(k));
+        }
     }
 }
 
@@ -402,14 +394,14 @@ pub fn render(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
         .count();
     let fallback: SmallVec<[&Part; 4]> = slot.parts[round_one..]
         .iter()
-        .filter(|p| matches!(p.role, Role::Fallback(..)))
+        .filter(|p| matches!(p.role, Role::Fallback { .. }))
         .collect();
     let mut fb = 0;
     let mut hits = 0;
     let gets = matches!(req.command, Command::Gets | Command::Gats);
     walk(slot, req, |i, key, p, hit| {
         let key_of = |p: &Part| match p.role {
-            Role::Fallback(k, _) => k as usize,
+            Role::Fallback { key, .. } => key as usize,
             _ => usize::MAX,
         };
         while fb < fallback.len() && key_of(fallback[fb]) < i {
@@ -545,7 +537,7 @@ pub fn after_meta_round_one(
     let server = replicas.get(next).unwrap_or(0);
     send_meta(w, inbox, seq, slot, req, server);
     if let Some(p) = slot.parts.last_mut() {
-        p.role = Role::Fallback(0, 0);
+        p.role = Role::Fallback { key: 0, epoch: 0 };
     }
     slot.stage = Stage::Fallback;
 }

@@ -22,16 +22,17 @@ use crate::router::Replicas;
 pub enum Role {
     /// The request itself, on the replica that takes it.
     Main,
-    /// A read's second round: key number `.0` looked up on a backup; `.1`
-    /// is how many keys its primary had been recorded as missing just
-    /// before (see `ha::read::after_repair`).
-    Fallback(u32, u64),
+    /// A read's second round: key number `key` looked up on a backup;
+    /// `epoch`, its primary's missed-key epoch just before (see
+    /// `ha::read::after_repair`; unused by meta reads, whose repair takes
+    /// its own).
+    Fallback { key: u32, epoch: u64 },
     /// A write copied to a backup; `Some(n)`: an `incr`/`decr` whose copy
     /// must reach the primary's number.
     Mirror(Option<u64>),
     /// A backup hit (key number `key`) written back to the primary
-    /// (`add`); `seq` as in `Fallback`.
-    Repair { key: u32, seq: u64 },
+    /// (`add`); `epoch` as in `Fallback`.
+    Repair { key: u32, epoch: u64 },
     /// A delete of a backup's copy that disagreed with the primary.
     Compensate,
 }
