@@ -490,3 +490,24 @@ fn further_backup_tiers_from_the_file_and_the_command_line() {
         assert!(err.contains("--backup-tier") && err.contains(why), "{err}");
     }
 }
+
+#[test]
+fn the_command_lines_auth_file_replaces_the_files_unread() {
+    // Flags override the file: the file's auth_file is not even read when
+    // --auth-file names another (it was, and a missing one stopped the
+    // start).
+    let dir = TempDir::new("authoverride");
+    let auth = dir.file("auth", "user:secret\n");
+    std::fs::set_permissions(&auth, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let path = dir.file(
+        "memrelay.toml",
+        "[pools]\nprimaries = [\"127.0.0.1:11211\"]\n[process]\nauth_file = \"/nonexistent/auth\"\n",
+    );
+    check_config(&[
+        "--config".into(),
+        s(&path),
+        "--auth-file".into(),
+        s(&auth),
+        "--check-config".into(),
+    ]);
+}

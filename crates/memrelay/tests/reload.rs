@@ -365,3 +365,27 @@ fn a_shorter_timeout_takes_effect_at_the_reload() {
     assert!(took < Duration::from_millis(2000), "took {took:?}");
     assert!(took >= Duration::from_millis(150), "took {took:?}");
 }
+
+#[test]
+fn authentication_is_not_turned_on_by_a_reload() {
+    // Sessions decide at accept whether they must authenticate: a reload
+    // that turned it on would leave every connected client in. So it
+    // waits for a restart, and says so.
+    let p1 = Memcached::start();
+    let (dir, _file, relay) = start("reload-auth", &config(&[&p1], &[], ""), &[]);
+    let mut c = relay.client();
+    assert_eq!(set(&mut c, "open", "1"), b"STORED\r\n");
+    let auth = dir.file("auth", "user:secret\n");
+    std::fs::set_permissions(&auth, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let with_auth = format!("[process]\nauth_file = \"{}\"\n", auth.display());
+    reload_to(&relay, &dir, &config(&[&p1], &[], &with_auth), 1);
+    let out = relay.output();
+    let line = out
+        .lines()
+        .find(|l| l.contains("restart to apply"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("authentication on or off"), "{line}");
+    // Old and new clients alike: still no authentication.
+    assert_eq!(get(&mut c, "open"), hit("open", "1"));
+    assert_eq!(get(&mut relay.client(), "open"), hit("open", "1"));
+}

@@ -431,6 +431,14 @@ impl Config {
             ignored.push("server_tls on or off (--server-tls-ca)");
             new.server_tls = self.server_tls.clone();
         }
+        // Sessions decide at accept whether they must authenticate: turned
+        // on by a reload, it would leave every connected client in without
+        // a password. New credentials (the file read again) apply to the
+        // clients that authenticate after the reload.
+        if new.auth.is_some() != self.auth.is_some() {
+            ignored.push("authentication on or off (process.auth_file, --auth-file)");
+            new.auth = self.auth.clone();
+        }
         (new, ignored)
     }
 }

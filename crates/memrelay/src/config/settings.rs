@@ -61,6 +61,8 @@ pub(super) struct Draft {
     tls_cert: Option<(Origin, PathBuf)>,
     tls_key: Option<(Origin, PathBuf)>,
     tls_client_ca: Option<(Origin, PathBuf)>,
+    /// `--auth-file`, read at the end.
+    auth_file: Option<(Origin, PathBuf)>,
     /// `--server-tls-*`: likewise read together at the end.
     server_tls_ca: Option<(Origin, PathBuf)>,
     server_tls_cert: Option<(Origin, PathBuf)>,
@@ -142,11 +144,9 @@ impl Draft {
                     number(v, 1, 1 << 40).map_err(fail)? as usize,
                 ))
             }
-            "--auth-file" => {
-                let (creds, warning) = Credentials::load(Path::new(v)).map_err(fail)?;
-                cfg.auth = Some(std::sync::Arc::new(creds));
-                cfg.warnings.extend(warning);
-            }
+            // Read at the end, once it is known which one counts (the
+            // command line's replaces the file's without reading it).
+            "--auth-file" => self.auth_file = Some((origin.clone(), PathBuf::from(v))),
             "--tls-cert" => self.tls_cert = Some((origin.clone(), PathBuf::from(v))),
             "--tls-key" => self.tls_key = Some((origin.clone(), PathBuf::from(v))),
             "--tls-client-ca" => self.tls_client_ca = Some((origin.clone(), PathBuf::from(v))),
@@ -247,6 +247,12 @@ impl Draft {
             .chain(tier_origins)
             .collect();
         check_duplicates(&cfg, &origins)?;
+        if let Some((origin, path)) = &self.auth_file {
+            let (creds, warning) =
+                Credentials::load(path).map_err(|m| ConfigError::new(origin, m))?;
+            cfg.auth = Some(std::sync::Arc::new(creds));
+            cfg.warnings.extend(warning);
+        }
         cfg.server_tls = super::tls::load_server(super::tls::ServerFiles {
             ca: self.server_tls_ca.as_ref().map(|(o, p)| (o, p.as_path())),
             cert: self.server_tls_cert.as_ref().map(|(o, p)| (o, p.as_path())),
