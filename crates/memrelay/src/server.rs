@@ -197,9 +197,23 @@ pub fn run(
                     other => break other,
                 },
                 Some(req) = reloads.recv() => {
-                    tracing::info!("memrelay reload: reloading the configuration");
+                    // Every request queued by now was made before the file
+                    // is read: one reload answers them all, so clients
+                    // pipelining `memrelay reload` cannot queue up work.
+                    // Those whose client left get nothing done for them.
+                    let mut waiting = vec![req];
+                    while let Ok(more) = reloads.try_recv() {
+                        waiting.push(more);
+                    }
+                    waiting.retain(|r| !r.reply.is_closed());
+                    if waiting.is_empty() {
+                        continue;
+                    }
+                    tracing::info!(requests = waiting.len(), "memrelay reload: reloading the configuration");
                     let result = control.reload("memrelay reload").await;
-                    let _ = req.reply.send(result);
+                    for r in waiting {
+                        let _ = r.reply.send(result.clone());
+                    }
                 }
             }
         };

@@ -389,3 +389,23 @@ fn authentication_is_not_turned_on_by_a_reload() {
     assert_eq!(get(&mut c, "open"), hit("open", "1"));
     assert_eq!(get(&mut relay.client(), "open"), hit("open", "1"));
 }
+
+#[test]
+fn pipelined_reload_commands_share_reloads() {
+    // Each `memrelay reload` used to queue a whole reload (files read,
+    // names resolved, every worker paused) behind the others: a client
+    // could keep the proxy reloading. Those waiting together share one.
+    let p1 = Memcached::start();
+    let (_dir, _file, relay) = start("reload-pipelined", &config(&[&p1], &[], ""), &[]);
+    let mut c = relay.client();
+    let n = 200;
+    let r = c.send_until(&b"memrelay reload\r\n".repeat(n), |b| {
+        b.windows(2).filter(|w| w == b"\r\n").count() >= n
+    });
+    assert_eq!(r.bytes, b"OK\r\n".repeat(n), "{}", escape(&r.bytes));
+    let reloads: usize = stats(&relay.addr())["reloads"].parse().unwrap();
+    assert!(
+        (1..n / 2).contains(&reloads),
+        "{reloads} reloads for {n} commands"
+    );
+}
