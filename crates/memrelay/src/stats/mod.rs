@@ -199,7 +199,8 @@ worker_counters!(
     bytes_written,
 );
 
-/// A server as `stats` shows it: name, role (`primary` or `backup`), health.
+/// A server as `stats` shows it: name, role (`primary`, `backup`, or
+/// `backup2`/`backup3` for further tiers), health.
 pub type ServerEntry = (String, &'static str, Arc<Health>);
 
 /// Process-wide facts and every worker's counters.
@@ -259,7 +260,7 @@ impl StatsRegistry {
         let servers = self.servers();
         let backup_up = servers
             .iter()
-            .any(|(_, role, h)| *role == "backup" && !h.is_down());
+            .any(|(_, role, h)| *role != "primary" && !h.is_down());
         servers
             .iter()
             .find(|(_, role, h)| *role == "primary" && h.is_down() && !backup_up)
@@ -367,5 +368,39 @@ impl StatsRegistry {
         drop(stat);
         out.extend_from_slice(b"END\r\n");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_further_backup_tier_keeps_the_proxy_ready() {
+        let server = |name: &str, role: &'static str, down: bool| {
+            let h = Arc::new(Health::new(name.into(), 16, 1));
+            if down {
+                // Past any failure limit: marked down.
+                for _ in 0..10 {
+                    h.record_failure(1, &"test", None);
+                }
+            }
+            (name.to_string(), role, h)
+        };
+        let r = StatsRegistry::new(
+            1,
+            16,
+            vec![
+                server("p", "primary", true),
+                server("b", "backup", true),
+                server("b2", "backup2", false),
+            ],
+        );
+        assert_eq!(r.unready(), None);
+        r.set_servers(vec![
+            server("p", "primary", true),
+            server("b", "backup", true),
+        ]);
+        assert!(r.unready().is_some());
     }
 }
