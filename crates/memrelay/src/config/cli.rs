@@ -167,8 +167,10 @@ where
                 None => (arg.clone(), None),
             }
         } else if arg.starts_with('-') && arg.len() > 1 {
-            let short = &arg[1..2];
-            let rest = &arg[2..];
+            // By character: a non-ASCII one must get "unknown option", not
+            // a slice through the middle of it.
+            let width = arg[1..].chars().next().map_or(1, char::len_utf8);
+            let (short, rest) = arg[1..].split_at(width);
             if takes_value(short) {
                 (
                     format!("-{short}"),
@@ -386,6 +388,20 @@ mod tests {
         );
         assert_eq!(c.primaries.len(), 2);
         assert_eq!(c.user.as_deref(), Some("root"));
+    }
+
+    #[test]
+    fn a_non_ascii_flag_is_an_unknown_option_not_a_panic() {
+        for arg in ["-é", "-éx", "-pé"] {
+            let r = run(&[arg, "-s", "127.0.0.1:1"]);
+            if arg == "-pé" {
+                // -p with an inline value: a bad port, said as such.
+                assert!(r.is_err(), "{arg}");
+                continue;
+            }
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("unknown option"), "{arg}: {e}");
+        }
     }
 
     #[test]
