@@ -11,6 +11,9 @@ fn main() {
     let cfg = match parse_args(args.iter().cloned()) {
         Ok(Action::Run(cfg)) => cfg,
         Ok(Action::Check(cfg)) => {
+            for w in &cfg.warnings {
+                eprintln!("memrelay: warning: {w}");
+            }
             print!("{}", cfg.summary());
             return;
         }

@@ -260,6 +260,9 @@ impl Control {
                 return Err(why);
             }
         };
+        for w in &new.warnings {
+            tracing::warn!("{w}");
+        }
         let (cfg, ignored) = self.cfg.keep_restart_only(new);
         if !ignored.is_empty() {
             tracing::warn!(

@@ -339,3 +339,25 @@ fn an_auth_file_others_can_read_is_warned_about() {
     let r = c.send_until(login("user pass").as_bytes(), |b| b.ends_with(b"\r\n"));
     assert_eq!(r.bytes, b"STORED\r\n");
 }
+
+#[test]
+fn check_config_says_what_a_start_would_warn_about() {
+    let file = TempFile::new("auth", AUTH_FILE, 0o644);
+    let out = support::run_memrelay(
+        &[
+            "--auth-file",
+            file.path(),
+            "-s",
+            "127.0.0.1:1",
+            "--check-config",
+        ],
+        std::time::Duration::from_secs(10),
+        None,
+    );
+    assert_eq!(out.status.and_then(|s| s.code()), Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("warning") && out.stderr.contains("readable by group or others"),
+        "{}",
+        out.stderr
+    );
+}
