@@ -20,13 +20,17 @@ fn dashboard() -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: not JSON: {e}", path.display()))
 }
 
-/// Every string under a key named `expr`, anywhere in the document.
+/// Every query in the document: panels' `expr`, and the template
+/// variables' `query`/`definition` (the `$instance` list every panel
+/// filters by).
 fn exprs(v: &serde_json::Value, out: &mut Vec<String>) {
     match v {
         serde_json::Value::Object(m) => {
             for (k, v) in m {
                 match (k.as_str(), v) {
-                    ("expr", serde_json::Value::String(s)) => out.push(s.clone()),
+                    ("expr" | "query" | "definition", serde_json::Value::String(s)) => {
+                        out.push(s.clone())
+                    }
                     _ => exprs(v, out),
                 }
             }

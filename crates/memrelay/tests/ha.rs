@@ -2083,6 +2083,11 @@ fn a_read_repair_never_copies_back_a_value_older_than_a_fallen_back_write() {
 fn a_fall_back_write_whose_backup_fails_gets_the_primarys_answer() {
     let mut cl = Cluster::start(1, 1, &["-t", "1"]);
     let mut px = cl.px();
+    // Items only the backup holds (as after the primary restarted empty):
+    // each write misses on the primary and falls back to the backup.
+    for k in ["gone1", "gone2", "gone3", "gone4"] {
+        poke(&cl.backups[0], k, 0, 0, "7");
+    }
     cl.backups[0].stop();
     for (req, want) in [
         ("delete gone1\r\n", "NOT_FOUND\r\n"),
@@ -2099,11 +2104,18 @@ fn a_fall_back_write_whose_backup_fails_gets_the_primarys_answer() {
         assert!(took < ANSWER_BOUND, "{req:?} took {took:?}");
     }
     cl.backups[0].cont();
-    // The paused backup may have applied those writes: it is invalidated
-    // before it serves them, so nothing reappears.
+    // The paused backup may have applied those writes (or not: the client
+    // was told they did not happen): it is recorded as having missed the
+    // keys, so its copies are invalidated before they are served again.
     for k in ["gone1", "gone2", "gone3", "gone4"] {
         assert_eq!(px.get(k).map(|v| v.value), None, "{k}");
     }
+    assert!(
+        wait_until(CONVERGE, || ["gone2", "gone3", "gone4"]
+            .iter()
+            .all(|k| peek(&cl.backups[0], k).is_none())),
+        "the backup kept its copies"
+    );
 }
 
 /// A client that resets its connection while its write is on the primary:
@@ -2127,8 +2139,13 @@ fn a_write_whose_client_left_never_leaves_the_backup_behind() {
         use std::io::Write;
         let mut gone = std::net::TcpStream::connect(cl.relay.addr()).unwrap();
         gone.write_all(b"version\r\nincr left 5\r\n").unwrap();
-        // Let memrelay read it and send the incr to the paused primary.
-        thread::sleep(Duration::from_millis(200));
+        // Until memrelay has read it and sent the incr to the paused
+        // primary (its incr count moves at dispatch).
+        assert!(
+            wait_until(CONVERGE, || support::stat_u64(&cl.relay.addr(), "cmd_incr")
+                >= 1),
+            "the incr was never dispatched"
+        );
         socket2::SockRef::from(&gone)
             .set_linger(Some(Duration::ZERO))
             .unwrap();

@@ -47,15 +47,19 @@ fn nutcracker(
         conf.push_str(&format!("    - {addr}:{w}\n"));
     }
     let path = dir.file(&format!("{distribution}.yml"), &conf);
-    let child = Command::new(nutcracker_bin())
-        .arg("-c")
-        .arg(&path)
-        .args(["-a", "127.0.0.1", "-s", &stats.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // Owned by its guard from the start: a failed wait below must not
+    // leave it running.
+    let guard = Nutcracker(
+        Command::new(nutcracker_bin())
+            .arg("-c")
+            .arg(&path)
+            .args(["-a", "127.0.0.1", "-s", &stats.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let addr = format!("127.0.0.1:{port}");
     assert!(
         wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(
@@ -64,7 +68,7 @@ fn nutcracker(
         .is_ok()),
         "nutcracker did not start"
     );
-    (Nutcracker(child), addr)
+    (guard, addr)
 }
 
 fn same_routing(distribution: &str, hash: &str) {
