@@ -65,7 +65,7 @@ magent-compatible options:
   -d, --daemon             detach and run in the background
   -k                       use ketama consistent hashing (the default; same as
                            --hash ketama)
-  -v, --verbose            log more (repeat for debug: -vv)
+  -v, --verbose            log more: -v debug, -vv trace
   -h, --help               this help
 
 configuration file:
