@@ -51,15 +51,12 @@ pub(super) fn load(f: Files<'_>) -> Result<Tls, ConfigError> {
     let builder = match f.client_ca {
         None => builder.with_no_client_auth(),
         Some((origin, path)) => {
-            let mut roots = RootCertStore::empty();
-            for c in certificates(origin, path)? {
-                roots
-                    .add(c)
-                    .map_err(|e| ConfigError::new(origin, format!("{}: {e}", path.display())))?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| ConfigError::new(origin, format!("{}: {e}", path.display())))?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots(origin, path)?),
+                provider,
+            )
+            .build()
+            .map_err(|e| ConfigError::new(origin, format!("{}: {e}", path.display())))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -132,12 +129,7 @@ pub(super) fn load_server(f: ServerFiles<'_>) -> Result<Option<ServerTls>, Confi
         };
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = RootCertStore::empty();
-    for c in certificates(ca_origin, ca_path)? {
-        roots
-            .add(c)
-            .map_err(|e| ConfigError::new(ca_origin, format!("{}: {e}", ca_path.display())))?;
-    }
+    let roots = roots(ca_origin, ca_path)?;
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| ConfigError::new(ca_origin, e.to_string()))?
@@ -196,6 +188,17 @@ fn not_its_key(origin: &Origin, key: &Path, cert: &Path, e: rustls::Error) -> Co
             cert.display()
         ),
     )
+}
+
+/// The CAs of a PEM file, to check the other side's certificate against.
+fn roots(origin: &Origin, path: &Path) -> Result<RootCertStore, ConfigError> {
+    let mut roots = RootCertStore::empty();
+    for c in certificates(origin, path)? {
+        roots
+            .add(c)
+            .map_err(|e| ConfigError::new(origin, format!("{}: {e}", path.display())))?;
+    }
+    Ok(roots)
 }
 
 /// A PEM private key.
