@@ -37,7 +37,7 @@ fn main() {
     };
     init_logging(&cfg);
     // A reload reads the same file and applies the same flags again.
-    let again = Box::new(move || reread(&args));
+    let again = std::sync::Arc::new(move || reread(&args));
     if let Err(e) = memrelay::server::run(*cfg, again) {
         // Logged, not just printed, so that a log collector reading JSON
         // sees why the process stopped.

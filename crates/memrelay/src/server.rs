@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Config, ConfigError, Listen};
+use crate::config::{Config, Listen};
 use crate::net::BoundListener;
 use crate::proxy::{Discard, ThreadContext, WorkerThread};
 use crate::stats::StatsRegistry;
@@ -42,10 +42,7 @@ pub enum StartError {
 
 /// Runs the proxy until SIGTERM or SIGINT. `reread` reads the
 /// configuration again for a reload (the same file and flags as `cfg`).
-pub fn run(
-    cfg: Config,
-    reread: Box<dyn Fn() -> Result<Config, ConfigError>>,
-) -> Result<(), StartError> {
+pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartError> {
     // A running memrelay on the hand-off path gives us its sockets;
     // otherwise bind them.
     let taken = match &cfg.handoff {

@@ -151,8 +151,13 @@ pub struct Control {
     resync: watch::Sender<Arc<Resync>>,
     resync_requests: Requests,
     /// Reads the configuration again (the file and the command line).
-    reread: Box<dyn Fn() -> Result<Config, ConfigError>>,
+    reread: Reread,
 }
+
+/// Reads the configuration again for a reload. It reads files and
+/// resolves server names, so it runs on a blocking thread: the probers,
+/// resyncs and `/metrics` share the main thread and must not wait on DNS.
+pub type Reread = Arc<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
 
 impl std::fmt::Debug for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -170,7 +175,7 @@ impl Control {
     pub fn start(
         cfg: Config,
         registry: Arc<StatsRegistry>,
-        reread: Box<dyn Fn() -> Result<Config, ConfigError>>,
+        reread: Reread,
     ) -> (Control, WorkerLinks, mpsc::UnboundedReceiver<ReloadRequest>) {
         let cfg = Arc::new(cfg);
         let router = Router::new(&cfg);
@@ -248,13 +253,16 @@ impl Control {
     /// worker run it. Refused: the running configuration is kept, and the
     /// reason logged (one line) and returned. `trigger` says who asked.
     pub async fn reload(&mut self, trigger: &str) -> Result<(), String> {
-        let new = match (self.reread)() {
+        let reread = self.reread.clone();
+        let read = tokio::task::spawn_blocking(move || reread().map_err(|e| e.to_string()))
+            .await
+            .unwrap_or_else(|e| Err(format!("memrelay: reading the configuration failed: {e}")));
+        let new = match read {
             Ok(cfg) => cfg,
             Err(e) => {
                 self.registry
                     .reload_failures
                     .fetch_add(1, Ordering::Relaxed);
-                let e = e.to_string();
                 let why = e.strip_prefix("memrelay: ").unwrap_or(&e).to_string();
                 tracing::error!(trigger, error = %why, "reload failed; the running configuration is kept");
                 return Err(why);
