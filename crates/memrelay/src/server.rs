@@ -119,8 +119,7 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
     }
     crate::privileges::drop_to(cfg.group.as_deref(), cfg.user.as_deref())
         .map_err(StartError::Privileges)?;
-    let per_thread_backend = cfg.servers().count() * cfg.backend_conns;
-    crate::privileges::raise_nofile(cfg.max_conns + per_thread_backend * cfg.threads + 64);
+    crate::privileges::raise_nofile(cfg.fds_needed());
 
     // The main thread's runtime, and the signals, before any worker runs:
     // a SIGHUP must never find the default action (exit) in place once

@@ -372,8 +372,7 @@ impl Control {
         self.registry
             .max_conns
             .store(cfg.max_conns, Ordering::Relaxed);
-        let per_thread = cfg.servers().count() * cfg.backend_conns;
-        crate::privileges::raise_nofile(cfg.max_conns + per_thread * cfg.threads + 64);
+        crate::privileges::raise_nofile(cfg.fds_needed());
         self.registry.reloads.fetch_add(1, Ordering::Relaxed);
         self.cfg = cfg;
         self.router = router;

@@ -190,6 +190,8 @@ fn check_config_validates_without_binding_and_shows_the_flags_on_top() {
         "backups:    127.0.0.1:11213\n",
         "request 250ms",
         "connect 1s",
+        "server tls: off\n",
+        "auth:       off\n",
     ] {
         assert!(file_only.contains(want), "no {want:?} in\n{file_only}");
     }

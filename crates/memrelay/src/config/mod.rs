@@ -370,6 +370,12 @@ impl Config {
         self.tiers().flatten()
     }
 
+    /// File descriptors the process may need: every client, and each
+    /// worker's connections to every server, with room for the rest.
+    pub fn fds_needed(&self) -> usize {
+        self.max_conns + self.servers().count() * self.backend_conns * self.threads + 64
+    }
+
     /// The tiers: primaries, then each backup tier (empty ones left out).
     pub fn tiers(&self) -> impl Iterator<Item = &Vec<ServerAddr>> {
         std::iter::once(&self.primaries)

@@ -17,11 +17,14 @@ impl Config {
             let names: Vec<String> = list
                 .iter()
                 .map(|s| {
-                    if s.name == s.addr.to_string() {
-                        s.name.clone()
-                    } else {
-                        format!("{} ({})", s.name, s.addr)
+                    let mut n = s.name.clone();
+                    if s.weight != 1 {
+                        let _ = write!(n, " weight {}", s.weight);
                     }
+                    if s.name != s.addr.to_string() {
+                        let _ = write!(n, " ({})", s.addr);
+                    }
+                    n
                 })
                 .collect();
             names.join(", ")
@@ -74,11 +77,12 @@ impl Config {
         );
         let _ = writeln!(
             out,
-            "limits:     {} clients, pipeline {}, client buffer {} bytes, value {} bytes, {} keys per get",
+            "limits:     {} clients, pipeline {}, client buffer {} bytes, value {} bytes, reply {} bytes, {} keys per get",
             self.max_conns,
             self.max_pipeline,
             self.max_client_buffer,
             self.limits.max_value_len,
+            self.max_reply_size,
             self.limits.max_keys
         );
         let _ = writeln!(
@@ -108,6 +112,35 @@ impl Config {
             ),
         };
         let _ = writeln!(out, "tls:        {tls}");
+        let server_tls = match &self.server_tls {
+            None => "off".to_string(),
+            Some(t) => format!(
+                "on, CA {}, {}, {}",
+                t.ca.display(),
+                t.cert
+                    .as_ref()
+                    .map_or("no client certificate".into(), |(c, _)| format!(
+                        "client certificate {}",
+                        c.display()
+                    )),
+                t.name
+                    .as_ref()
+                    .map_or("each server's host checked".into(), |n| format!(
+                        "name {} checked",
+                        n.to_str()
+                    ))
+            ),
+        };
+        let _ = writeln!(out, "server tls: {server_tls}");
+        let _ = writeln!(
+            out,
+            "auth:       {}",
+            if self.auth.is_some() {
+                "clients must authenticate (--auth-file)"
+            } else {
+                "off"
+            }
+        );
         let _ = writeln!(
             out,
             "metrics:    {}",
