@@ -86,7 +86,10 @@ impl Cluster {
         let ok = wait_until(CONVERGE, || {
             let mut c = self.px();
             let _ = c.send_until(b"mg nudge v\r\n", meta_done);
-            stat(&self.relay.addr(), "server:0:state").as_deref() == Some("down")
+            support::stats(&self.relay.addr())
+                .get("server:0:state")
+                .map(String::as_str)
+                == Some("down")
         });
         if !ok {
             let d = self.diag();
@@ -94,17 +97,6 @@ impl Cluster {
         }
     }
 }
-
-fn stat(addr: &str, name: &str) -> Option<String> {
-    let mut c = Client::connect(addr);
-    c.set_deadline(Duration::from_secs(5));
-    let r = c.send_until(b"stats\r\n", |b| b.ends_with(b"END\r\n"));
-    String::from_utf8_lossy(&r.bytes).lines().find_map(|l| {
-        let mut t = l.strip_prefix("STAT ")?.splitn(2, ' ');
-        (t.next()? == name).then(|| t.next().unwrap_or("").to_string())
-    })
-}
-
 // ---------------------------------------------------------------------------
 // Meta replies and items
 // ---------------------------------------------------------------------------
