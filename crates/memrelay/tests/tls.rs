@@ -55,11 +55,7 @@ impl Pki {
         let (ca_pem, ca) = authority("memrelay test CA");
         let pki = Pki { dir, ca };
         pki.write("ca.pem", &ca_pem);
-        let (server_cert, server_key) = leaf(
-            &pki.ca,
-            &["localhost", "127.0.0.1"],
-            ExtendedKeyUsagePurpose::ServerAuth,
-        );
+        let (server_cert, server_key) = pki.server_leaf();
         pki.write("server.pem", &server_cert);
         pki.write("server.key", &server_key);
         let (client_cert, client_key) =
@@ -73,6 +69,16 @@ impl Pki {
         pki.write("stranger.pem", &stranger_cert);
         pki.write("stranger.key", &stranger_key);
         pki
+    }
+
+    /// A new server certificate for `localhost` and 127.0.0.1 from this
+    /// CA, and its key (PEM).
+    fn server_leaf(&self) -> (String, String) {
+        leaf(
+            &self.ca,
+            &["localhost", "127.0.0.1"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )
     }
 
     fn write(&self, name: &str, pem: &str) {
@@ -919,11 +925,7 @@ fn a_reload_picks_up_renewed_certificates_on_both_sides() {
     let got = before.ask(&set("r", b"1"), b"\r\n");
     assert!(got.starts_with(b"SERVER_ERROR"), "{}", escape(&got));
 
-    let (cert, key) = leaf(
-        &pki.ca,
-        &["localhost", "127.0.0.1"],
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
+    let (cert, key) = pki.server_leaf();
     pki.write("relay.pem", &cert);
     pki.write("relay.key", &key);
     std::fs::copy(pki.path("ca.pem"), pki.path("servers-ca.pem")).unwrap();
