@@ -253,7 +253,9 @@ pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot,
 pub fn after_fallback(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
     let frame = slot.frame.clone();
-    let mut repairs: SmallVec<[(usize, u32, i32, usize, usize, usize); 4]> = SmallVec::new();
+    // (primary, flags, exptime, value offset and length in the reply, part)
+    type Repair = (usize, u32, i32, usize, usize, usize);
+    let mut repairs: SmallVec<[Repair; 4]> = SmallVec::new();
     for (idx, part) in slot.parts.iter().enumerate() {
         let Role::Fallback { key: i, .. } = part.role else {
             continue;

@@ -365,7 +365,7 @@ impl StatsRegistry {
                 );
             }
         }
-        drop(stat);
+        // The closure's borrow of `out` ends at its last use above.
         out.extend_from_slice(b"END\r\n");
         out
     }
