@@ -13,6 +13,7 @@
 //! `Worker` it started with until it is answered.
 
 pub mod dispatch;
+mod fence;
 pub mod reply;
 pub mod session;
 pub mod slot;

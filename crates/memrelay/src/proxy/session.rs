@@ -210,6 +210,7 @@ pub fn serve<S: Stream>(
         close_after_flush: false,
         idle_timer: None,
         authenticated: open,
+        fenced: false,
     };
     async move {
         while let Some(Wait {
@@ -245,6 +246,8 @@ struct Buffers {
     ready: Vec<u64>,
     /// Input bytes still to discard (the data of a value that was too large).
     swallow: usize,
+    /// The keys of unfinished requests (see `proxy::fence`).
+    fences: super::fence::Fences,
 }
 
 struct Session {
@@ -266,6 +269,9 @@ struct Session {
     /// is not set. Until then everything it sends is read as memcached
     /// reads it with `-Y` (see `authenticate`).
     authenticated: bool,
+    /// The next request waits for an earlier one on its key to finish
+    /// (see `proxy::fence`): nothing more is dispatched or read until then.
+    fenced: bool,
 }
 
 /// What a session waits for between two turns.
@@ -492,7 +498,8 @@ impl Session {
     /// `--max-client-buffer` (replies queued plus replies held in slots).
     fn may_dispatch(&self) -> bool {
         let limits = &self.worker.client_limits;
-        self.inbox.slots.borrow().len() < limits.max_pipeline
+        !self.fenced
+            && self.inbox.slots.borrow().len() < limits.max_pipeline
             && self.unsent() + self.inbox.held.get() < limits.max_buffer
     }
 
@@ -537,6 +544,12 @@ impl Session {
             match parse_request(&b.rbuf, &self.worker.limits) {
                 Ok(None) => return,
                 Ok(Some((req, n))) => {
+                    if b.fences.blocks(&b.rbuf[..n], &req) {
+                        // It stays in the buffer, parsed again once the
+                        // earlier request on its key is finished.
+                        self.fenced = true;
+                        return;
+                    }
                     let frame = b.rbuf.split_to(n).freeze();
                     let quit = req.command == memrelay_protocol::Command::Quit;
                     let seq = self.next_seq;
@@ -547,6 +560,10 @@ impl Session {
                     // the slot ready for its next step right away.
                     while slot.pending == 0 && slot.stage != Stage::Done {
                         advance(&self.worker, &self.inbox, seq, &mut slot);
+                    }
+                    if !slot.is_done() && self.worker.router.has_backups() {
+                        b.fences.hold(&slot.frame, &req);
+                        slot.fenced = true;
                     }
                     self.inbox.slots.borrow_mut().push_back(slot);
                     if quit {
@@ -639,6 +656,13 @@ impl Session {
                 let w = slot.worker.clone().unwrap_or_else(|| self.worker.clone());
                 while slot.pending == 0 && slot.stage != Stage::Done {
                     advance(&w, &self.inbox, seq, slot);
+                }
+                if slot.fenced && slot.is_done() {
+                    slot.fenced = false;
+                    if let Some(req) = &slot.req {
+                        b.fences.release(&slot.frame, req);
+                    }
+                    self.fenced = false;
                 }
             }
             b.ready.clear();

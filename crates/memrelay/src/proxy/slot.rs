@@ -111,6 +111,9 @@ pub struct Slot {
     /// routing mean what they meant when it started). None for a reply the
     /// proxy made at once.
     pub worker: Option<Rc<Worker>>,
+    /// The request holds its keys in the session's fences until it is
+    /// finished (see `proxy::fence`).
+    pub fenced: bool,
 }
 
 impl Slot {
@@ -127,6 +130,7 @@ impl Slot {
             started: std::time::Instant::now(),
             held: 0,
             worker: None,
+            fenced: false,
         }
     }
 
@@ -143,6 +147,7 @@ impl Slot {
             started: std::time::Instant::now(),
             held: 0,
             worker: None,
+            fenced: false,
         }
     }
 

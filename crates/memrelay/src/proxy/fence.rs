@@ -1,0 +1,220 @@
+//! The ordering rule: a connection's requests take effect in request order
+//! on every replica.
+//!
+//! With backups, a request has legs sent *after* a server answered: the
+//! copy of a write that depends on the primary's answer, a read's fallback
+//! to the backup and its repair of the primary, the delete that undoes a
+//! backup's copy that disagreed. A later request of the same connection
+//! dispatched meanwhile would overtake them on the servers (a pipelined
+//! `append K` then `set K` left the backup with the set's value plus the
+//! append). So a request that shares a key with an earlier request of its
+//! connection that is not finished (all its legs answered) waits until that
+//! one is; the requests after it wait too, as they would behind a full
+//! pipeline, so the connection's order is kept on the wire. `flush_all`
+//! waits for every earlier request and holds every later one.
+//!
+//! This is the one place that decides it: the session asks [`Fences`]
+//! before dispatching a request, holds its keys while it is unfinished, and
+//! releases them when it is. Without backups a request has one leg, on one
+//! connection per key, whose order is already the connection's: nothing is
+//! held. Keys are compared by a 64-bit hash; a collision only makes a
+//! request wait for one it did not need to.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use memrelay_protocol::{Command, Request};
+
+/// The keys a connection's unfinished requests hold.
+#[derive(Debug, Default)]
+pub(crate) struct Fences {
+    /// Key hash -> unfinished requests holding it.
+    held: HashMap<u64, u32, BuildHasherDefault<Prehashed>>,
+    /// Unfinished requests that hold every key (`flush_all`).
+    all: u32,
+}
+
+/// What a request holds while it is unfinished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// Nothing: the proxy answers it itself, or it touches no key.
+    None,
+    /// Its key or keys.
+    Keys,
+    /// Every key (`flush_all`).
+    All,
+}
+
+pub(crate) fn scope(req: &Request) -> Scope {
+    match req.command {
+        Command::FlushAll => Scope::All,
+        Command::Version
+        | Command::Verbosity
+        | Command::Quit
+        | Command::MetaNoop
+        | Command::Stats
+        | Command::Admin => Scope::None,
+        _ => Scope::Keys,
+    }
+}
+
+impl Fences {
+    /// Whether `req` (parsed from `frame`) must wait for an earlier,
+    /// unfinished request.
+    pub(crate) fn blocks(&self, frame: &[u8], req: &Request) -> bool {
+        if self.held.is_empty() && self.all == 0 {
+            return false;
+        }
+        match scope(req) {
+            Scope::None => false,
+            Scope::All => true,
+            Scope::Keys => self.all > 0 || any_key(frame, req, |h| self.held.contains_key(&h)),
+        }
+    }
+
+    /// `req` was dispatched and is not finished: hold its keys.
+    pub(crate) fn hold(&mut self, frame: &[u8], req: &Request) {
+        match scope(req) {
+            Scope::None => {}
+            Scope::All => self.all += 1,
+            Scope::Keys => {
+                any_key(frame, req, |h| {
+                    *self.held.entry(h).or_insert(0) += 1;
+                    false
+                });
+            }
+        }
+    }
+
+    /// `req`, held by [`hold`](Self::hold), is finished.
+    pub(crate) fn release(&mut self, frame: &[u8], req: &Request) {
+        match scope(req) {
+            Scope::None => {}
+            Scope::All => self.all = self.all.saturating_sub(1),
+            Scope::Keys => {
+                any_key(frame, req, |h| {
+                    if let Some(n) = self.held.get_mut(&h) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.held.remove(&h);
+                        }
+                    }
+                    false
+                });
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.held.is_empty() && self.all == 0
+    }
+}
+
+/// Calls `f` with the hash of each key of `req` (as routed: a meta `b` key
+/// decoded) until it returns true; returns whether it did.
+fn any_key(frame: &[u8], req: &Request, mut f: impl FnMut(u64) -> bool) -> bool {
+    if req.command.is_meta() {
+        if req.meta.base64 {
+            let raw = req.key.of(frame);
+            if let Some(decoded) = memrelay_protocol::base64::decode(raw) {
+                return f(hash(&decoded));
+            }
+        }
+        return f(hash(req.key.of(frame)));
+    }
+    if req.nkeys > 1 {
+        return req.keys(frame).any(|k| f(hash(k)));
+    }
+    f(hash(req.key.of(frame)))
+}
+
+/// FNV-1a: keys are short, and a collision only costs a needless wait.
+fn hash(key: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in key {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The map's keys are hashes already.
+#[derive(Debug, Default)]
+pub(crate) struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use memrelay_protocol::{parse_request, Limits};
+
+    fn req(line: &[u8]) -> Request {
+        parse_request(line, &Limits::default()).unwrap().unwrap().0
+    }
+
+    #[test]
+    fn a_request_waits_for_an_unfinished_one_on_its_key() {
+        let mut f = Fences::default();
+        let (a, b, c) = (
+            &b"append k 0 0 1\r\nx\r\n"[..],
+            &b"set k 0 0 2\r\nv2\r\n"[..],
+            &b"get other k2\r\n"[..],
+        );
+        assert!(!f.blocks(a, &req(a)));
+        f.hold(a, &req(a));
+        assert!(f.blocks(b, &req(b)), "same key");
+        assert!(!f.blocks(c, &req(c)), "other keys");
+        let mg = &b"mg aw== b v\r\n"[..]; // "k" in base64
+        assert!(f.blocks(mg, &req(mg)), "a meta b key is compared decoded");
+        let mget = &b"get z k y\r\n"[..];
+        assert!(f.blocks(mget, &req(mget)), "one of several keys");
+        f.release(a, &req(a));
+        assert!(!f.blocks(b, &req(b)));
+        assert!(f.is_empty());
+    }
+
+    #[test]
+    fn flush_all_waits_for_everything_and_holds_everything() {
+        let mut f = Fences::default();
+        let (set, flush, ver) = (
+            &b"set k 0 0 1\r\nx\r\n"[..],
+            &b"flush_all\r\n"[..],
+            &b"version\r\n"[..],
+        );
+        f.hold(set, &req(set));
+        assert!(f.blocks(flush, &req(flush)));
+        f.release(set, &req(set));
+        f.hold(flush, &req(flush));
+        assert!(f.blocks(set, &req(set)));
+        assert!(!f.blocks(ver, &req(ver)), "local commands never wait");
+        f.release(flush, &req(flush));
+        assert!(f.is_empty());
+    }
+
+    #[test]
+    fn a_key_held_twice_is_held_until_both_finish() {
+        let mut f = Fences::default();
+        let g = &b"get k\r\n"[..];
+        f.hold(g, &req(g));
+        f.hold(g, &req(g));
+        f.release(g, &req(g));
+        assert!(f.blocks(g, &req(g)));
+        f.release(g, &req(g));
+        assert!(!f.blocks(g, &req(g)));
+    }
+}

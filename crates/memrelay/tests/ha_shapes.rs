@@ -1,0 +1,237 @@
+//! The HA contract for request shapes beyond one request at a time: the same
+//! key several times in one pipeline, TTL changes, create-if-absent commands
+//! and copies made from a replica that missed writes. One primary and one
+//! backup (real memcached processes) behind memrelay; where a reply is
+//! checked, a lone reference memcached given the same requests says what it
+//! must be.
+#![allow(clippy::panic, clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use support::{escape, meta_done, parse_mg, Client, End, Item, Memcached, Memrelay};
+
+const TIMEOUT: &str = "300ms";
+
+/// One primary, one backup, one memrelay.
+struct Pair {
+    primary: Memcached,
+    backup: Memcached,
+    relay: Memrelay,
+}
+
+impl Pair {
+    fn start(extra: &[&str]) -> Pair {
+        let primary = Memcached::start();
+        let backup = Memcached::start();
+        let mut args = vec![
+            "-s".to_string(),
+            primary.addr(),
+            "-b".to_string(),
+            backup.addr(),
+            "--timeout".into(),
+            TIMEOUT.into(),
+            "--connect-timeout".into(),
+            TIMEOUT.into(),
+            "-t".into(),
+            "2".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let relay = Memrelay::start(&args);
+        Pair {
+            primary,
+            backup,
+            relay,
+        }
+    }
+
+    fn px(&self) -> Client {
+        let mut c = Client::with_sentinel(&self.relay.addr());
+        c.set_deadline(Duration::from_secs(5));
+        c
+    }
+}
+
+/// The item for `key` on `m`, read straight from it.
+fn peek(m: &Memcached, key: &str) -> Option<Item> {
+    let mut c = m.client();
+    c.set_deadline(Duration::from_secs(3));
+    let r = c.send_until(format!("mg {key} v f t\r\n").as_bytes(), meta_done);
+    assert_eq!(r.end, End::Complete, "mg {key}: {}", escape(&r.bytes));
+    parse_mg(&r.bytes).unwrap_or_else(|e| panic!("mg {key} on {}: {e}", m.addr()))
+}
+
+fn value_of(m: &Memcached, key: &str) -> Option<String> {
+    peek(m, key).map(|i| i.value)
+}
+
+/// Sends raw requests straight to `m` and returns the replies (`mn`-framed).
+fn direct(m: &Memcached, req: &str) -> String {
+    let mut c = m.client();
+    c.set_deadline(Duration::from_secs(3));
+    let r = c.send_until(format!("{req}mn\r\n").as_bytes(), |b| {
+        b.ends_with(b"MN\r\n")
+    });
+    assert_eq!(r.end, End::Complete, "{req}: {}", escape(&r.bytes));
+    let s = String::from_utf8_lossy(&r.bytes).into_owned();
+    s[..s.len() - 4].to_string()
+}
+
+fn exchange(c: &mut Client, req: &str) -> String {
+    let r = c.exchange(req.as_bytes());
+    assert_eq!(r.end, End::Complete, "{req}: {}", escape(&r.bytes));
+    String::from_utf8_lossy(&r.bytes).into_owned()
+}
+
+/// Replaces the CAS unique of every `VALUE` line (the proxy forwards the
+/// primary's, a reference memcached has its own counter).
+fn mask_cas(s: &str) -> String {
+    s.split("\r\n")
+        .map(|l| {
+            let t: Vec<&str> = l.split(' ').collect();
+            if t.len() == 5 && t[0] == "VALUE" {
+                format!("{} {} {} {} C", t[0], t[1], t[2], t[3])
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
+// ---------------------------------------------------------------------------
+// The same key several times in one pipeline
+// ---------------------------------------------------------------------------
+
+/// A write whose backup copy waits for the primary's answer, followed in
+/// the same write by a plain `set` of the key (whose copy goes at once):
+/// the set must not overtake the first write's copy on the backup.
+#[test]
+fn pipelined_writes_to_one_key_leave_the_replicas_alike() {
+    let pair = Pair::start(&[]);
+    let mut px = pair.px();
+    let firsts = [
+        "append k 0 0 1\r\nx\r\n",
+        "prepend k 0 0 1\r\nx\r\n",
+        "add k 0 0 1\r\nx\r\n",
+        "replace k 0 0 1\r\nx\r\n",
+        "cas k 0 0 1 1\r\nx\r\n",
+        "delete k\r\n",
+        "incr k 1\r\n",
+        "touch k 100\r\n",
+        "ms k 1 MA\r\nx\r\n",
+        "md k\r\n",
+        "ma k\r\n",
+    ];
+    for (i, first) in firsts.iter().enumerate() {
+        let key = format!("k{i}");
+        let first = first.replace(" k", &format!(" {key}"));
+        let initial = if first.starts_with("incr") || first.starts_with("ma") {
+            "5"
+        } else {
+            "v1"
+        };
+        let r = exchange(
+            &mut px,
+            &format!("set {key} 0 0 {}\r\n{initial}\r\n", initial.len()),
+        );
+        assert_eq!(r, "STORED\r\n");
+        let reply = exchange(&mut px, &format!("{first}set {key} 0 0 2\r\nv2\r\n"));
+        assert!(reply.ends_with("STORED\r\n"), "{first}: {reply}");
+        let (p, b) = (value_of(&pair.primary, &key), value_of(&pair.backup, &key));
+        assert_eq!(p.as_deref(), Some("v2"), "primary after {first:?}");
+        assert!(
+            b.is_none() || b == p,
+            "after {first:?} + set in one write, the backup holds {b:?}, the primary {p:?}"
+        );
+    }
+}
+
+/// With the primary lacking J and the backup holding it, `get J` followed
+/// by `set J` in one write: the get sees the value before the set, as one
+/// memcached would answer, and the set is not undone by the get's repair.
+#[test]
+fn a_pipelined_fallback_read_is_not_overtaken_by_a_later_set() {
+    let pair = Pair::start(&[]);
+    let mut px = pair.px();
+    assert_eq!(direct(&pair.backup, "set j 0 0 2\r\nv1\r\n"), "STORED\r\n");
+    let r = exchange(&mut px, "get j\r\nset j 0 0 2\r\nv2\r\nget j\r\n");
+    assert_eq!(
+        r,
+        "VALUE j 0 2\r\nv1\r\nEND\r\nSTORED\r\nVALUE j 0 2\r\nv2\r\nEND\r\n"
+    );
+    assert_eq!(value_of(&pair.primary, "j").as_deref(), Some("v2"));
+    assert_eq!(value_of(&pair.backup, "j").as_deref(), Some("v2"));
+}
+
+/// A tiny deterministic generator (xorshift), so a failure names its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A pipeline of mixed commands over a few keys.
+fn random_pipeline(rng: &mut Rng, len: usize, keys: usize) -> String {
+    let mut out = String::new();
+    for _ in 0..len {
+        let k = format!("p{}", rng.below(keys as u64));
+        let v = format!("v{}", rng.below(100));
+        let line = match rng.below(12) {
+            0 | 1 => format!("set {k} 0 0 {}\r\n{v}\r\n", v.len()),
+            2 => format!("get {k}\r\n"),
+            3 => format!("append {k} 0 0 1\r\nx\r\n"),
+            4 => format!("prepend {k} 0 0 1\r\ny\r\n"),
+            5 => format!("delete {k}\r\n"),
+            6 => format!("incr {k} 3\r\n"),
+            7 => format!("gets {k}\r\n"),
+            8 => format!("add {k} 0 0 {}\r\n{v}\r\n", v.len()),
+            9 => format!("replace {k} 0 0 {}\r\n{v}\r\n", v.len()),
+            10 => format!("set {k} 0 0 1\r\n{}\r\n", rng.below(10)),
+            _ => {
+                let k2 = format!("p{}", rng.below(keys as u64));
+                format!("get {k} {k2}\r\n")
+            }
+        };
+        out.push_str(&line);
+    }
+    out
+}
+
+/// Several seeds of a 60-command pipeline over 20 keys, sent in one write:
+/// the proxy's replies are one memcached's, and the backup ends holding the
+/// primary's item (or nothing) for every key.
+#[test]
+fn a_pipeline_over_few_keys_answers_as_one_memcached() {
+    let pair = Pair::start(&[]);
+    for seed in 1..=8u64 {
+        let reference = Memcached::start();
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed);
+        let pipeline = random_pipeline(&mut rng, 60, 20);
+        // Start from nothing on every side.
+        assert_eq!(direct(&pair.primary, "flush_all\r\n"), "OK\r\n");
+        assert_eq!(direct(&pair.backup, "flush_all\r\n"), "OK\r\n");
+        let mut px = pair.px();
+        let got = mask_cas(&exchange(&mut px, &pipeline));
+        let want = mask_cas(&direct(&reference, &pipeline));
+        assert_eq!(got, want, "seed {seed}, pipeline:\n{pipeline}");
+        for k in 0..20 {
+            let key = format!("p{k}");
+            let (p, b) = (value_of(&pair.primary, &key), value_of(&pair.backup, &key));
+            assert!(
+                b.is_none() || b == p,
+                "seed {seed}: backup holds {b:?} for {key}, primary {p:?}"
+            );
+            assert_eq!(p, value_of(&reference, &key), "seed {seed}: {key}");
+        }
+    }
+}
