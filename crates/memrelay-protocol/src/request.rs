@@ -215,6 +215,10 @@ pub struct MetaOpts {
     pub value: bool,
     /// `N`: create the item on a miss (`mg`, `ma`, `ms` append).
     pub vivify: bool,
+    /// `T<ttl>` as a number (`mg`: the item's TTL is updated; the HA layer
+    /// copies that change to the other replicas). None when absent or not
+    /// a number (memcached then refuses the request itself).
+    pub touch: Option<i32>,
 }
 
 impl Request {
@@ -688,6 +692,7 @@ fn parse_meta(
             b'C' => req.meta.cas = true,
             b'v' => req.meta.value = true,
             b'N' => req.meta.vivify = true,
+            b'T' => req.meta.touch = parse_i32(&tok[1..]),
             _ => {}
         }
     }

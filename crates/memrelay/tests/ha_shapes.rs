@@ -13,6 +13,7 @@ use std::time::Duration;
 use support::{escape, meta_done, parse_mg, Client, End, Item, Memcached, Memrelay};
 
 const TIMEOUT: &str = "300ms";
+const CONVERGE: Duration = Duration::from_secs(5);
 
 /// One primary, one backup, one memrelay.
 struct Pair {
@@ -234,4 +235,93 @@ fn a_pipeline_over_few_keys_answers_as_one_memcached() {
             assert_eq!(p, value_of(&reference, &key), "seed {seed}: {key}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// TTL changes reach every replica
+// ---------------------------------------------------------------------------
+
+fn ttl_of(m: &Memcached, key: &str) -> Option<i64> {
+    peek(m, key).map(|i| i.ttl)
+}
+
+#[test]
+fn gat_and_mg_t_change_the_ttl_on_every_replica() {
+    let pair = Pair::start(&[]);
+    let mut px = pair.px();
+    // Shortened: the backup must not keep the old, longer TTL.
+    assert_eq!(exchange(&mut px, "set a 0 100 2\r\nv1\r\n"), "STORED\r\n");
+    assert_eq!(
+        exchange(&mut px, "gat 2 a\r\n"),
+        "VALUE a 0 2\r\nv1\r\nEND\r\n"
+    );
+    let (p, b) = (ttl_of(&pair.primary, "a"), ttl_of(&pair.backup, "a"));
+    assert!(
+        matches!(b, Some(t) if t <= 2),
+        "backup TTL {b:?}, primary {p:?}"
+    );
+    // Lengthened: the backup must not expire early.
+    assert_eq!(exchange(&mut px, "set b 0 2 2\r\nv1\r\n"), "STORED\r\n");
+    let r = exchange(&mut px, "gats 100 b\r\n");
+    assert!(r.starts_with("VALUE b 0 2 "), "{r}");
+    let b = ttl_of(&pair.backup, "b");
+    assert!(matches!(b, Some(t) if t > 90), "backup TTL {b:?}");
+    // Expired at once: memcached misses right after, so must the proxy.
+    assert_eq!(exchange(&mut px, "set c 0 100 2\r\nv1\r\n"), "STORED\r\n");
+    assert_eq!(
+        exchange(&mut px, "gat -1 c\r\nget c\r\n"),
+        "VALUE c 0 2\r\nv1\r\nEND\r\nEND\r\n"
+    );
+    assert_eq!(value_of(&pair.backup, "c"), None);
+    // The meta form.
+    assert_eq!(exchange(&mut px, "set d 0 100 2\r\nv1\r\n"), "STORED\r\n");
+    assert_eq!(exchange(&mut px, "mg d T1 v\r\n"), "VA 2\r\nv1\r\n");
+    let b = ttl_of(&pair.backup, "d");
+    assert!(
+        matches!(b, Some(t) if t <= 1),
+        "backup TTL after mg T1: {b:?}"
+    );
+    // A multi-key gat: every key found gets the TTL on the backup.
+    assert_eq!(
+        exchange(&mut px, "set e1 0 100 1\r\nx\r\nset e2 0 100 1\r\ny\r\n"),
+        "STORED\r\nSTORED\r\n"
+    );
+    let r = exchange(&mut px, "gat 5 e1 nothere e2\r\n");
+    assert_eq!(r, "VALUE e1 0 1\r\nx\r\nVALUE e2 0 1\r\ny\r\nEND\r\n");
+    for k in ["e1", "e2"] {
+        let b = ttl_of(&pair.backup, k);
+        assert!(matches!(b, Some(t) if t <= 5), "{k}: backup TTL {b:?}");
+    }
+}
+
+/// A `gat` served by the backup while the primary is down changed the TTL
+/// there only: the primary's copy, with the old TTL, is invalidated before
+/// it serves the key again.
+#[test]
+fn a_gat_that_went_past_a_down_primary_is_recorded_as_missed() {
+    let mut pair = Pair::start(&["--failure-limit", "1"]);
+    let mut px = pair.px();
+    assert_eq!(exchange(&mut px, "set k 0 100 2\r\nv1\r\n"), "STORED\r\n");
+    pair.primary.stop();
+    let addr = pair.relay.addr();
+    let down = support::wait_until(CONVERGE, || {
+        let _ = exchange(&mut px, "get nudge\r\n");
+        support::stats(&addr)
+            .get("server:0:state")
+            .map(String::as_str)
+            == Some("down")
+    });
+    assert!(down, "the stopped primary was never marked down");
+    assert_eq!(
+        exchange(&mut px, "gat 1 k\r\n"),
+        "VALUE k 0 2\r\nv1\r\n".to_string() + "END\r\n"
+    );
+    pair.primary.cont();
+    // The primary still holds k with the old TTL until it is invalidated.
+    let gone = support::wait_until(CONVERGE, || value_of(&pair.primary, "k").is_none());
+    assert!(
+        gone,
+        "the primary kept k with its old TTL: {:?}",
+        peek(&pair.primary, "k")
+    );
 }

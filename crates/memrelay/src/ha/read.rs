@@ -46,7 +46,9 @@ pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Req
         let key = req.key.of(&frame);
         let replicas = w.router.replicas(key);
         slot.replicas = Some(replicas);
-        let Some((tier, server)) = super::serving(w, &replicas, key, 0, |_| {}) else {
+        let Some((tier, server)) =
+            super::serving(w, &replicas, key, 0, |s| skipped_ttl_change(w, req, s, key))
+        else {
             return;
         };
         if tier > 0 {
@@ -66,7 +68,9 @@ pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Req
     let mut unserved = false;
     for key in req.keys(&frame) {
         let replicas = w.router.replicas(key);
-        let Some((tier, s)) = super::serving(w, &replicas, key, 0, |_| {}) else {
+        let Some((tier, s)) =
+            super::serving(w, &replicas, key, 0, |s| skipped_ttl_change(w, req, s, key))
+        else {
             key_parts.push(NO_PART);
             unserved = true;
             continue;
@@ -105,6 +109,113 @@ pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Req
     }
     if servers.len() > 1 || unserved {
         slot.key_parts = key_parts;
+    }
+}
+
+/// Whether the read changes the TTL of what it finds (`gat`, `gats`,
+/// `mg ... T`): then every replica must get the change, like a write's.
+fn changes_ttl(req: &Request) -> bool {
+    match req.command {
+        Command::Gat | Command::Gats => true,
+        Command::MetaGet => req.meta.touch.is_some(),
+        _ => false,
+    }
+}
+
+/// A TTL-changing read went past `server` (down, stale for the key, or
+/// failed): its copy keeps the old TTL, so it is recorded as having missed
+/// the key, as for a write.
+fn skipped_ttl_change(w: &Worker, req: &Request, server: usize, key: &[u8]) {
+    if changes_ttl(req) {
+        w.servers[server].health().missed.record(key);
+    }
+}
+
+/// A TTL-changing read found these keys (key number, route key, server
+/// that answered): the tiers after that server get the same TTL, so the
+/// item does not outlive (or expire before) its primary's after a
+/// failover. A tier that cannot take it now is recorded as having missed
+/// the key. The client's reply waits for these, as for a write's copies.
+fn mirror_ttl_changes(
+    w: &Worker,
+    inbox: &Rc<Inbox>,
+    seq: u64,
+    slot: &mut Slot,
+    req: &Request,
+    found: &[(u32, bytes::Bytes, usize)],
+) {
+    let meta_flags = req.meta.touch.map(|ttl| {
+        let mut f = format!("T{ttl}").into_bytes();
+        if req.meta.base64 {
+            f.extend_from_slice(b" b");
+        }
+        f
+    });
+    let frame = slot.frame.clone();
+    for (i, key, server) in found {
+        let replicas = w.router.replicas(key);
+        let Some(tier) = replicas.iter().position(|s| s == *server) else {
+            continue;
+        };
+        for next in tier + 1..replicas.len() {
+            let Some(b) = replicas.get(next) else {
+                continue;
+            };
+            if !w.servers[b].health().serves(key) {
+                w.servers[b].health().missed.record(key);
+                continue;
+            }
+            w.stats.mirrors.incr();
+            let part = slot.parts.len();
+            let queued = match &meta_flags {
+                Some(flags) => {
+                    let wire_key = req.key.of(&frame);
+                    w.servers[b].send_for_key(
+                        key,
+                        Expect::Meta,
+                        reply_to(inbox, seq, part),
+                        |out| compose::meta_line(out, Command::MetaGet, wire_key, None, flags),
+                        None,
+                    )
+                }
+                None => w.servers[b].send_for_key(
+                    key,
+                    Expect::Touch,
+                    reply_to(inbox, seq, part),
+                    |out| compose::touch(out, key, req.exptime),
+                    None,
+                ),
+            };
+            slot.push_part(Part::with_role(b, Role::Touch { key: *i }), queued);
+        }
+    }
+}
+
+/// The TTL copies are in: a tier that failed or refused one is recorded as
+/// having missed the key.
+fn settle_ttl_changes(w: &Worker, slot: &mut Slot, req: &Request) {
+    let frame = slot.frame.clone();
+    for p in slot.parts.iter_mut() {
+        let Role::Touch { key } = p.role else {
+            continue;
+        };
+        if std::mem::replace(&mut p.settled, true) {
+            continue;
+        }
+        let applied = matches!(&p.result, Some(Ok(r)) if r.kind != ResponseKind::Error);
+        if applied {
+            continue;
+        }
+        w.stats.mirror_failures.incr();
+        let route = if req.command.is_meta() {
+            super::route_key(&frame, req)
+        } else {
+            match req.keys(&frame).nth(key as usize) {
+                Some(k) => frame.slice_ref(k),
+                None => continue,
+            }
+        };
+        w.servers[p.server as usize].health().missed.record(&route);
     }
 }
 
@@ -175,8 +286,31 @@ fn walk<'a>(
 pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
     drop_misbehaving_servers(w, slot, req);
+    if !w.router.has_backups() {
+        return;
+    }
+    if changes_ttl(req) {
+        let frame = slot.frame.clone();
+        let mut found: SmallVec<[(u32, bytes::Bytes, usize); 4]> = SmallVec::new();
+        walk(slot, req, |i, key, p, hit| {
+            if hit.is_some() {
+                if let Some(part) = slot.parts.get(p) {
+                    found.push((i as u32, frame.slice_ref(key), part.server as usize));
+                }
+            }
+        });
+        mirror_ttl_changes(w, inbox, seq, slot, req, &found);
+        if slot
+            .parts
+            .iter()
+            .any(|p| matches!(p.role, Role::Touch { .. }))
+        {
+            // Settled in `after_fallback`, whether or not a key falls back.
+            slot.stage = Stage::Fallback;
+        }
+    }
     // Refused for its size: the backup's answer would be no smaller.
-    if !w.router.has_backups() || slot.oversize().is_some() {
+    if slot.oversize().is_some() {
         return;
     }
     // Every key found (the common case): nothing to look for elsewhere.
@@ -198,6 +332,10 @@ pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot,
         };
         let failed =
             !matches!(&part.result, Some(Ok(r)) if matches!(r.kind, ResponseKind::Values { .. }));
+        if failed {
+            // It may or may not have applied a TTL change.
+            skipped_ttl_change(w, req, part.server as usize, key);
+        }
         if !failed && !fallback {
             return;
         }
@@ -252,6 +390,7 @@ pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot,
 /// cannot be overtaken by this repair.
 pub fn after_fallback(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
+    settle_ttl_changes(w, slot, req);
     let frame = slot.frame.clone();
     // (primary, flags, exptime, value offset and length in the reply, part)
     type Repair = (usize, u32, i32, usize, usize, usize);
@@ -475,7 +614,9 @@ pub fn start_meta(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req:
     let replicas = w.router.replicas(&route);
     slot.replicas = Some(replicas);
     slot.stage = Stage::Read;
-    let Some((tier, server)) = super::serving(w, &replicas, &route, 0, |_| {}) else {
+    let Some((tier, server)) = super::serving(w, &replicas, &route, 0, |s| {
+        skipped_ttl_change(w, req, s, &route)
+    }) else {
         return;
     };
     if tier > 0 {
@@ -521,15 +662,26 @@ pub fn after_meta_round_one(
     let Some(first) = slot.parts.first() else {
         return;
     };
+    let route = super::route_key(&slot.frame, req);
+    let found = matches!(&first.result, Some(Ok(r)) if !is_meta_miss(r.kind) && r.kind != ResponseKind::Error);
+    if found && changes_ttl(req) {
+        let server = first.server as usize;
+        mirror_ttl_changes(w, inbox, seq, slot, req, &[(0, route, server)]);
+        // Settled in `after_meta_fallback`.
+        slot.stage = Stage::Fallback;
+        return;
+    }
     let missed = match &first.result {
         Some(Ok(r)) => is_meta_miss(r.kind) && w.miss_fallback,
         Some(Err(e)) => !e.failure.is_oversize(),
         None => false,
     };
+    if matches!(&first.result, Some(Err(_))) {
+        skipped_ttl_change(w, req, first.server as usize, &route);
+    }
     if !missed {
         return;
     }
-    let route = super::route_key(&slot.frame, req);
     let Some(tier) = replicas.iter().position(|s| s == first.server as usize) else {
         return;
     };
@@ -547,7 +699,8 @@ pub fn after_meta_round_one(
 /// A backup hit for a primary that missed: copy it back in the background.
 pub fn after_meta_fallback(w: &Worker, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
-    let (Some(first), Some(second)) = (slot.parts.first(), slot.parts.get(1)) else {
+    settle_ttl_changes(w, slot, req);
+    let (Some(first), Some(second)) = (slot.parts.first(), meta_fallback_part(slot)) else {
         return;
     };
     let hit = matches!(&second.result, Some(Ok(r)) if matches!(r.kind, ResponseKind::Meta(MetaStatus::Value | MetaStatus::Hd)));
@@ -575,9 +728,7 @@ pub fn render_meta(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
             _ => None,
         }
     }
-    let fallback_hit = slot
-        .parts
-        .get(1)
+    let fallback_hit = meta_fallback_part(slot)
         .and_then(answered)
         .filter(|r| !is_meta_miss(r.kind));
     let reply = fallback_hit.or_else(|| slot.parts.iter().find_map(answered));
@@ -599,6 +750,13 @@ pub fn render_meta(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
     if let Some(b) = super::meta_client_reply(req, super::meta_wire(req, false), reply) {
         out.put_bytes(b);
     }
+}
+
+/// An `mg`'s second round, if it had one (its TTL copies are not).
+fn meta_fallback_part(slot: &Slot) -> Option<&Part> {
+    slot.parts
+        .iter()
+        .find(|p| matches!(p.role, Role::Fallback { .. }))
 }
 
 /// A meta get that found nothing: `EN`, or nothing at all in quiet mode.

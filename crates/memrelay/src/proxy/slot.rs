@@ -35,6 +35,9 @@ pub enum Role {
     Repair { key: u32, epoch: u64 },
     /// A delete of a backup's copy that disagreed with the primary.
     Compensate,
+    /// A read that changed a TTL (`gat`, `gats`, `mg ... T`): the same TTL
+    /// set on a later tier for key number `key`.
+    Touch { key: u32 },
 }
 
 /// One sub-request and, once it came, its result.
