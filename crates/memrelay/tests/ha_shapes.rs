@@ -325,3 +325,97 @@ fn a_gat_that_went_past_a_down_primary_is_recorded_as_missed() {
         peek(&pair.primary, "k")
     );
 }
+
+// ---------------------------------------------------------------------------
+// Create-if-absent asks the replica that may hold what the primary lost
+// ---------------------------------------------------------------------------
+
+/// The seeds' users' lock: `add` after the primary restarted empty must
+/// not steal a lock the backup still holds.
+#[test]
+fn add_after_the_primary_restarted_empty_does_not_steal_the_lock() {
+    let mut pair = Pair::start(&[]);
+    let mut px = pair.px();
+    assert_eq!(
+        exchange(&mut px, "set lock 0 0 6\r\nholder\r\n"),
+        "STORED\r\n"
+    );
+    pair.primary.restart();
+    let mut px = pair.px();
+    let r = exchange(&mut px, "add lock 0 0 5\r\nthief\r\n");
+    assert_eq!(r, "NOT_STORED\r\n");
+    assert_eq!(value_of(&pair.backup, "lock").as_deref(), Some("holder"));
+    assert_eq!(
+        exchange(&mut px, "get lock\r\n"),
+        "VALUE lock 0 6\r\nholder\r\nEND\r\n"
+    );
+    // The meta form, on a key the restarted primary lacks as well.
+    assert_eq!(direct(&pair.backup, "set m 0 0 2\r\nv1\r\n"), "STORED\r\n");
+    assert_eq!(exchange(&mut px, "ms m 2 ME\r\nv3\r\n"), "NS\r\n");
+    assert_eq!(value_of(&pair.backup, "m").as_deref(), Some("v1"));
+    // A free key is created on both replicas.
+    assert_eq!(exchange(&mut px, "add free 0 0 1\r\nx\r\n"), "STORED\r\n");
+    assert_eq!(value_of(&pair.primary, "free").as_deref(), Some("x"));
+    assert_eq!(value_of(&pair.backup, "free").as_deref(), Some("x"));
+    assert_eq!(
+        exchange(&mut px, "ms free2 1 ME q\r\ny\r\nmn\r\n"),
+        "MN\r\n"
+    );
+    assert_eq!(value_of(&pair.primary, "free2").as_deref(), Some("y"));
+    assert_eq!(value_of(&pair.backup, "free2").as_deref(), Some("y"));
+}
+
+/// The same without a restart: a write that went to the backup while the
+/// primary was stopped, then invalidated on the primary when it resumed.
+#[test]
+fn add_after_an_invalidation_answers_from_the_backup() {
+    let mut pair = Pair::start(&["--failure-limit", "1"]);
+    let mut px = pair.px();
+    assert_eq!(exchange(&mut px, "set k 0 0 2\r\nv1\r\n"), "STORED\r\n");
+    pair.primary.stop();
+    let addr = pair.relay.addr();
+    let down = support::wait_until(CONVERGE, || {
+        let _ = exchange(&mut px, "get nudge\r\n");
+        support::stats(&addr)
+            .get("server:0:state")
+            .map(String::as_str)
+            == Some("down")
+    });
+    assert!(down, "the stopped primary was never marked down");
+    assert_eq!(exchange(&mut px, "set k 0 0 2\r\nv2\r\n"), "STORED\r\n");
+    pair.primary.cont();
+    let invalidated = support::wait_until(CONVERGE, || {
+        support::stats(&addr)
+            .get("server:0:state")
+            .map(String::as_str)
+            == Some("up")
+            && value_of(&pair.primary, "k").is_none()
+    });
+    assert!(invalidated, "k was never invalidated on the primary");
+    assert_eq!(exchange(&mut px, "add k 0 0 2\r\nv3\r\n"), "NOT_STORED\r\n");
+    assert_eq!(
+        exchange(&mut px, "get k\r\n"),
+        "VALUE k 0 2\r\nv2\r\nEND\r\n"
+    );
+}
+
+/// The other way round: the primary holds an item the backup lacks (the
+/// backup restarted). `add` answers as the primary does, and the item the
+/// backup created meanwhile does not stand.
+#[test]
+fn add_on_a_key_only_the_primary_holds_is_refused_and_leaves_no_copy() {
+    let pair = Pair::start(&[]);
+    let mut px = pair.px();
+    assert_eq!(direct(&pair.primary, "set p 0 0 2\r\nv1\r\n"), "STORED\r\n");
+    assert_eq!(
+        exchange(&mut px, "add p 0 0 5\r\nthief\r\n"),
+        "NOT_STORED\r\n"
+    );
+    assert_eq!(value_of(&pair.primary, "p").as_deref(), Some("v1"));
+    let gone = support::wait_until(CONVERGE, || value_of(&pair.backup, "p").is_none());
+    assert!(gone, "the backup kept {:?}", value_of(&pair.backup, "p"));
+    assert_eq!(
+        exchange(&mut px, "get p\r\n"),
+        "VALUE p 0 2\r\nv1\r\nEND\r\n"
+    );
+}

@@ -116,7 +116,123 @@ pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Req
         w.servers[s].health().note_write(&key);
     }
     slot.replicas = Some(replicas);
+    if creates_if_absent(req) {
+        if let (Some(p), Some(b)) = (replicas.get(0), replicas.get(1)) {
+            let key: &[u8] = &key;
+            if w.servers[p].health().serves(key) && w.servers[b].health().serves(key) {
+                return ask_backup_first(w, inbox, seq, slot, req, b);
+            }
+        }
+    }
     attempt(w, inbox, seq, slot, req, 0);
+}
+
+/// `add` and `ms ... ME` store only if the key holds no item. The primary
+/// alone cannot say: after it restarted, or had the key invalidated, it
+/// lacks an item the backup still holds, and a lock taken with `add` would
+/// be stolen. So the first backup is asked first: if it holds an item, that
+/// is the answer (`NOT_STORED`), and the primary is not touched (a read
+/// repairs it); if it stored, the primary is asked next, and its answer is
+/// the client's (see `after_create`). Both replicas then hold the new item
+/// or the answer is "not stored". This costs what the primary-then-mirror
+/// order cost: two round trips when stored, one when not.
+fn creates_if_absent(req: &Request) -> bool {
+    match req.command {
+        Command::Add => true,
+        Command::MetaSet => req.meta.mode == b'E' && !req.meta.cas,
+        _ => false,
+    }
+}
+
+fn ask_backup_first(
+    w: &Worker,
+    inbox: &Rc<Inbox>,
+    seq: u64,
+    slot: &mut Slot,
+    req: &Request,
+    backup: usize,
+) {
+    let frame = slot.frame.clone();
+    let route = super::route_key(&frame, req);
+    let wire_key = req.key.of(&frame);
+    let value = frame.slice(req.value.start as usize..req.value.end());
+    let wire = super::meta_wire(req, true);
+    let expect = if req.command.is_meta() {
+        wire.expect
+    } else {
+        expect_of(req.command)
+    };
+    let reply = ReplyTo {
+        sink: inbox.clone(),
+        token: seq,
+        part: slot.parts.len() as u32,
+    };
+    let queued = w.servers[backup].send_for_key(
+        &route,
+        expect,
+        reply,
+        |b| compose_line(b, &frame, req, req.command, wire_key, wire),
+        Some(value),
+    );
+    slot.stage = Stage::Create;
+    slot.push_part(Part::with_role(backup, Role::Create), queued);
+}
+
+/// Whether a create-if-absent write stored its item.
+fn stored(kind: ResponseKind) -> Option<bool> {
+    match kind {
+        // A quiet `ms` whose success memcached suppressed.
+        ResponseKind::Stored | ResponseKind::Meta(MetaStatus::Hd | MetaStatus::Mn) => Some(true),
+        ResponseKind::NotStored | ResponseKind::Meta(MetaStatus::Ns) => Some(false),
+        _ => None,
+    }
+}
+
+/// The first backup answered a create-if-absent write.
+pub fn after_create(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+    slot.stage = Stage::Done;
+    let Some(replicas) = slot.replicas else {
+        return;
+    };
+    let route = super::route_key(&slot.frame, req);
+    let Some(first) = slot.parts.first() else {
+        return;
+    };
+    let backup = first.server as usize;
+    match first
+        .result
+        .as_ref()
+        .map(|r| r.as_ref().map(|r| stored(r.kind)))
+    {
+        // An item exists: "not stored" is the answer, nothing changed.
+        Some(Ok(Some(false))) => {}
+        Some(Ok(Some(true))) => {
+            let primary = replicas.primary();
+            if w.servers[primary].health().serves(&route) {
+                attempt(w, inbox, seq, slot, req, 0);
+            } else {
+                // The primary went down meanwhile: the backup's item is the
+                // key's, and the primary missed it.
+                w.servers[primary].health().missed.record(&route);
+            }
+        }
+        // Failed, or refused for another reason: the backup may hold
+        // anything now. It misses the key; the primary takes the write.
+        _ => {
+            w.servers[backup].health().missed.record(&route);
+            attempt(w, inbox, seq, slot, req, 0);
+        }
+    }
+}
+
+/// The backup a create-if-absent write stored on first, if it did.
+fn created_ahead(slot: &Slot) -> Option<usize> {
+    slot.parts.iter().find_map(|p| match &p.result {
+        Some(Ok(r)) if p.role == Role::Create && stored(r.kind) == Some(true) => {
+            Some(p.server as usize)
+        }
+        _ => None,
+    })
 }
 
 /// Whether the write overwrites the item whatever it was (a plain set): then
@@ -232,6 +348,12 @@ pub fn advance(
         Some(Err(_)) => {
             let server = slot.parts[main].server as usize;
             w.servers[server].health().missed.record(&route);
+            if tier == 0 && created_ahead(slot).is_some() {
+                // The backup stored it already (exactly once): its answer
+                // is the client's (see `answer`).
+                w.stats.failovers.incr();
+                return;
+            }
             if mirrored_in_parallel {
                 // The backups already have it, exactly once: their answer
                 // is the client's (see `answer`).
@@ -320,8 +442,19 @@ fn mirror_after(
     // client's reply waits for them, so a write it makes next can
     // never be overtaken by this one's copies.
     let plan = mirror_plan(req.command, req.meta.mode, kind);
+    let ahead = created_ahead(slot);
+    if ahead.is_some() && stored(kind) != Some(true) {
+        // The primary holds an item the backup lacked (it was invalidated
+        // or restarted): the item the backup just created must not stand.
+        if let Some(b) = ahead {
+            w.servers[b].health().missed.record(route);
+        }
+    }
     for next in tier + 1..replicas.len() {
         if let Some(server) = replicas.get(next) {
+            if Some(server) == ahead {
+                continue; // it stored this very item already
+            }
             send_mirror(w, inbox, seq, slot, req, route, server, plan, number);
         }
     }
@@ -441,12 +574,16 @@ fn settle_mirrors(
 /// ("not found"): the fall-back was a second chance, and the failed backup
 /// is recorded as having missed the key, so it will hold no item either.
 pub fn answer(slot: &Slot) -> Option<(&crate::backend::BackendResult, bool)> {
-    let main = slot.main_part()?;
+    let Some(main) = slot.main_part() else {
+        // A create-if-absent write the first backup answered alone.
+        let first = slot.parts.first().filter(|p| p.role == Role::Create)?;
+        return Some((first.result.as_ref()?, false));
+    };
     let main_result = slot.result(main)?;
     if main_result.is_err() {
         if let Some(r) = slot.parts[..main]
             .iter()
-            .filter(|p| p.role == Role::Main)
+            .filter(|p| matches!(p.role, Role::Main | Role::Create))
             .find_map(|p| p.result.as_ref().filter(|r| r.is_ok()))
         {
             return Some((r, false));

@@ -113,6 +113,7 @@ pub fn advance(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot) {
         Stage::Repair => ha::read::after_repair(w, slot, &req),
         Stage::Write { tier } => ha::write::advance(w, inbox, seq, slot, &req, tier as usize),
         Stage::Mirror => ha::write::after_mirrors(w, inbox, seq, slot, &req),
+        Stage::Create => ha::write::after_create(w, inbox, seq, slot, &req),
     }
 }
 

@@ -409,7 +409,10 @@ impl Session {
             let (Some(req), Some(replicas)) = (&slot.req, slot.replicas) else {
                 continue;
             };
-            if !matches!(slot.stage, Stage::Write { tier: 0 } | Stage::Mirror) {
+            if !matches!(
+                slot.stage,
+                Stage::Write { tier: 0 } | Stage::Mirror | Stage::Create
+            ) {
                 continue;
             }
             // Server indexes mean what they meant under the slot's own

@@ -35,6 +35,10 @@ pub enum Role {
     Repair { key: u32, epoch: u64 },
     /// A delete of a backup's copy that disagreed with the primary.
     Compensate,
+    /// A create-if-absent write (`add`, `ms ... ME`) sent to the first
+    /// backup before the primary: the backup may hold an acknowledged item
+    /// the primary lost (see `ha::write::start`).
+    Create,
     /// A read that changed a TTL (`gat`, `gats`, `mg ... T`): the same TTL
     /// set on a later tier for key number `key`.
     Touch { key: u32 },
@@ -78,6 +82,8 @@ pub enum Stage {
     Write { tier: u8 },
     /// A write's copies on the backups, which the client's reply waits for.
     Mirror,
+    /// A create-if-absent write asked the first backup first.
+    Create,
     /// A read's backup hits being written back to primaries.
     Repair,
 }
