@@ -326,11 +326,24 @@ impl Resync {
                     return Err(CANCELLED.into());
                 }
                 let batch_started = Instant::now();
-                let items = match fetch(&mut from, &batch, self.max_value_len).await {
+                let mut items = match fetch(&mut from, &batch, self.max_value_len).await {
                     Ok(items) => items,
                     // Nothing was written to the target.
                     Err(e) => return Err(e),
                 };
+                // Copy only what the source may serve: a source marked
+                // down, or one that missed a write of a key (its copy may
+                // be older than an acknowledged write, or a deleted value),
+                // is no source for it. Checked after the read, so a write
+                // that went past the source while it was read counts too;
+                // one that goes past it later reaches the target and is
+                // noted in `touched`, below.
+                if src.health.is_down() {
+                    return Err(format!("source {} is down", src.name));
+                }
+                items.retain(|i| {
+                    !src.health.missed.contains(i.key) && !src.health.copying.contains(i.key)
+                });
                 // From before our adds are sent until each landed copy is
                 // checked against client writes (`unstore`), the target
                 // does not serve these keys: a copy that undoes a client's
