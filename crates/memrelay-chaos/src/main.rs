@@ -342,10 +342,13 @@ struct ClientEnd {
     error: Option<String>,
 }
 
-/// Picks a batch: 1 op, or 2..=6 for a pipelining client, never the same
-/// key twice in a batch.
+/// Picks a batch: 1 op, or 2..=6 for a pipelining client. A quarter of a
+/// pipelined batch's single-key requests reuse a key already in the batch
+/// (the model checks replies in order, so each sees the ones before it):
+/// the proxy must apply them in order on every replica.
 fn pick_batch(rng: &mut Rng, keys: &[KeyModel], size: usize, seq: &mut u64) -> Vec<Op> {
     let mut used = vec![false; keys.len()];
+    let mut in_batch: Vec<usize> = Vec::new();
     let mut ops = Vec::new();
     let free = |used: &[bool], rng: &mut Rng| -> Option<usize> {
         for _ in 0..8 {
@@ -357,9 +360,16 @@ fn pick_batch(rng: &mut Rng, keys: &[KeyModel], size: usize, seq: &mut u64) -> V
         None
     };
     while ops.len() < size {
-        let Some(k) = free(&used, rng) else { break };
+        let again = !in_batch.is_empty() && rng.below(100) < 25;
+        let k = if again {
+            in_batch[rng.below(in_batch.len() as u64) as usize]
+        } else {
+            let Some(k) = free(&used, rng) else { break };
+            k
+        };
         used[k] = true;
-        if rng.below(100) < 12 && keys.len() > 1 {
+        in_batch.push(k);
+        if !again && rng.below(100) < 12 && keys.len() > 1 {
             let mut ks = vec![k];
             let want = 2 + rng.below(4) as usize;
             while ks.len() < want {
@@ -397,10 +407,17 @@ fn pick_batch(rng: &mut Rng, keys: &[KeyModel], size: usize, seq: &mut u64) -> V
             }
         } else {
             match r {
-                0..=34 => Op::Set {
+                0..=29 => Op::Set {
                     k,
                     item: Item {
                         data: format!("{}s{s}", m.tag),
+                        flags,
+                    },
+                },
+                30..=34 => Op::Add {
+                    k,
+                    item: Item {
+                        data: format!("{}d{s}", m.tag),
                         flags,
                     },
                 },
@@ -502,6 +519,13 @@ fn client(
         tally.batches += 1;
         if ops.len() > 1 {
             tally.pipelined_batches += 1;
+            let mut seen: Vec<usize> = ops.iter().flat_map(Op::keys).collect();
+            let n = seen.len();
+            seen.sort_unstable();
+            seen.dedup();
+            if seen.len() < n {
+                tally.repeated_key_batches += 1;
+            }
         }
         let sent = Instant::now();
         let ok = match conn.send(req.as_bytes()) {
@@ -771,12 +795,14 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
     };
     let reads = total.hits + total.misses;
     println!(
-        "\nran {:.1?}: {} requests in {} batches ({} pipelined): set {}, get {}, multi-get {} ({} keys), delete {}, incr {}, append {}",
+        "\nran {:.1?}: {} requests in {} batches ({} pipelined, {} with a key twice or more): set {}, add {}, get {}, multi-get {} ({} keys), delete {}, incr {}, append {}",
         chaos_elapsed,
         total.ops(),
         total.batches,
         total.pipelined_batches,
+        total.repeated_key_batches,
         total.sets,
+        total.adds,
         total.gets,
         total.multigets,
         total.multiget_keys,

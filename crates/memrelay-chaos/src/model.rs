@@ -42,18 +42,40 @@ pub struct Item {
 /// A request a client sends.
 #[derive(Debug, Clone)]
 pub enum Op {
-    Set { k: usize, item: Item },
-    Get { ks: Vec<usize> },
-    Delete { k: usize },
-    Incr { k: usize, delta: u64 },
-    Append { k: usize, suffix: String },
+    Set {
+        k: usize,
+        item: Item,
+    },
+    Get {
+        ks: Vec<usize>,
+    },
+    Delete {
+        k: usize,
+    },
+    Incr {
+        k: usize,
+        delta: u64,
+    },
+    Append {
+        k: usize,
+        suffix: String,
+    },
+    /// `add`: stores only if the key holds no item (a lock).
+    Add {
+        k: usize,
+        item: Item,
+    },
 }
 
 impl Op {
     /// The keys it touches.
     pub fn keys(&self) -> Vec<usize> {
         match self {
-            Op::Set { k, .. } | Op::Delete { k } | Op::Incr { k, .. } | Op::Append { k, .. } => {
+            Op::Set { k, .. }
+            | Op::Add { k, .. }
+            | Op::Delete { k }
+            | Op::Incr { k, .. }
+            | Op::Append { k, .. } => {
                 vec![*k]
             }
             Op::Get { ks } => ks.clone(),
@@ -83,6 +105,14 @@ impl Op {
                 out.push_str("\r\n");
                 Ok(())
             }
+            Op::Add { k, item } => write!(
+                out,
+                "add {} {} 0 {}\r\n{}\r\n",
+                keys[*k].name,
+                item.flags,
+                item.data.len(),
+                item.data
+            ),
             Op::Delete { k } => write!(out, "delete {}\r\n", keys[*k].name),
             Op::Incr { k, delta } => write!(out, "incr {} {delta}\r\n", keys[*k].name),
             Op::Append { k, suffix } => write!(
@@ -231,6 +261,9 @@ pub struct Tally {
     pub deletes: u64,
     pub incrs: u64,
     pub appends: u64,
+    pub adds: u64,
+    /// Batches that hold one key more than once.
+    pub repeated_key_batches: u64,
     pub batches: u64,
     pub pipelined_batches: u64,
     pub hits: u64,
@@ -278,6 +311,8 @@ impl Tally {
             deletes,
             incrs,
             appends,
+            adds,
+            repeated_key_batches,
             batches,
             pipelined_batches,
             hits,
@@ -301,7 +336,13 @@ impl Tally {
     }
 
     pub fn ops(&self) -> u64 {
-        self.sets + self.gets + self.multigets + self.deletes + self.incrs + self.appends
+        self.sets
+            + self.gets
+            + self.multigets
+            + self.deletes
+            + self.incrs
+            + self.appends
+            + self.adds
     }
 
     pub fn violations(&self) -> u64 {
@@ -377,6 +418,7 @@ pub fn check(
         Op::Delete { .. } => tally.deletes += 1,
         Op::Incr { .. } => tally.incrs += 1,
         Op::Append { .. } => tally.appends += 1,
+        Op::Add { .. } => tally.adds += 1,
     }
     let render = {
         let mut s = String::new();
@@ -436,6 +478,7 @@ fn unknown_outcome(keys: &mut [KeyModel], op: &Op) {
     match op {
         Op::Get { .. } => {}
         Op::Set { k, item } => keys[*k].maybe(|_| Some(Some(item.clone()))),
+        Op::Add { k, item } => keys[*k].maybe(|c| c.is_none().then(|| Some(item.clone()))),
         Op::Delete { k } => keys[*k].maybe(|_| Some(None)),
         Op::Incr { k, delta } => keys[*k].maybe(|c| {
             let c = c.as_ref()?;
@@ -589,6 +632,32 @@ fn check_write(
                 unknown_outcome(keys, op);
             }
         }
+        Op::Add { item, .. } => match l {
+            "STORED" => {
+                if !m.wild && m.cands.iter().all(Option::is_some) {
+                    // The key held a value: the add should have been
+                    // refused. Allowed only if every replica lost it.
+                    write_miss(ctx, tally, m, guarded, who, render, l);
+                }
+                m.ack_value(item.clone(), sent);
+            }
+            "NOT_STORED" => {
+                if !m.wild && m.cands.iter().all(Option::is_none) {
+                    wrong(
+                        tally,
+                        m,
+                        "add refused on a key the model says is absent: an old item came back",
+                    );
+                    m.wild = true;
+                } else {
+                    m.cands.retain(Option::is_some);
+                }
+            }
+            _ => {
+                wrong(tally, m, "add answers STORED or NOT_STORED");
+                unknown_outcome(keys, op);
+            }
+        },
         Op::Delete { .. } => match l {
             "DELETED" => {
                 if !m.wild && m.cands.iter().all(Option::is_none) {
@@ -787,6 +856,36 @@ mod tests {
     }
     fn vals(v: Vec<Val>) -> Result<Reply, Fail> {
         Ok(Reply::Values(v))
+    }
+
+    #[test]
+    fn add_answers_follow_the_model() {
+        let add = |d: &str| Op::Add {
+            k: 0,
+            item: item(d, 3),
+        };
+        let t = run(
+            true,
+            &[
+                (add("c0k0d1"), line("STORED")),
+                (get(0), vals(vec![val("t", "c0k0d1", 3)])),
+                (add("c0k0d2"), line("NOT_STORED")),
+                (get(0), vals(vec![val("t", "c0k0d1", 3)])),
+            ],
+        );
+        assert_eq!(t.violations(), 0, "{:?}", t.details);
+        // Refused on a key known to be absent: an old item came back.
+        let t = run(true, &[(add("c0k0d1"), line("NOT_STORED"))]);
+        assert_eq!(t.wrong, 1);
+        // Stored over a value a live replica held: counted as a write miss.
+        let t = run(
+            true,
+            &[
+                (set(0, "c0k0s1", 1), line("STORED")),
+                (add("c0k0d2"), line("STORED")),
+            ],
+        );
+        assert_eq!(t.write_misses, 1);
     }
 
     #[test]
