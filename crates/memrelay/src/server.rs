@@ -153,7 +153,7 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
     let (mut control, links, mut reloads) = {
         let _main = rt.enter();
         let _local = local.enter();
-        Control::start(cfg, registry.clone(), reread)
+        Control::start(cfg, registry.clone(), reread, took_over)
     };
 
     for id in 0..threads {
@@ -213,6 +213,9 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
                 }
             }
         };
+        if handed_off.load(std::sync::atomic::Ordering::Acquire) {
+            control.hand_off_state();
+        }
         if signal == Signal::Terminate {
             // Graceful: stop accepting, finish requests in flight, close.
             let how = if handed_off.load(std::sync::atomic::Ordering::Acquire) {
@@ -235,6 +238,7 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
                 );
             }
         }
+        control.save_state();
     }));
     if !handed_off.load(std::sync::atomic::Ordering::Acquire) {
         // The socket files are ours to remove, unless a new memrelay now

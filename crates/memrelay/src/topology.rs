@@ -152,6 +152,8 @@ pub struct Control {
     resync_requests: Requests,
     /// Reads the configuration again (the file and the command line).
     reread: Reread,
+    /// `--state-file`: the missed-key lists across restarts of memrelay.
+    persist: Option<Arc<crate::ha::persist::Persist>>,
 }
 
 /// Reads the configuration again for a reload. It reads files and
@@ -172,10 +174,13 @@ impl Control {
     /// Generation 1: `cfg` as the process starts with it. Probers and the
     /// resync manager start on the current runtime (the main thread's).
     /// Returns the channels for the workers and for reload requests.
+    /// `took_over`: the listening sockets came from a running memrelay
+    /// (`--handoff`), which hands over its missed-key lists too.
     pub fn start(
         cfg: Config,
         registry: Arc<StatsRegistry>,
         reread: Reread,
+        took_over: bool,
     ) -> (Control, WorkerLinks, mpsc::UnboundedReceiver<ReloadRequest>) {
         let cfg = Arc::new(cfg);
         let router = Router::new(&cfg);
@@ -201,6 +206,13 @@ impl Control {
             })
             .collect();
         let health: Vec<Arc<Health>> = servers.iter().map(|s| s.health.clone()).collect();
+        // Before any worker serves: what the servers missed while this
+        // process was not running (or was another one).
+        let persist = cfg.state_file.clone().map(|path| {
+            let p = crate::ha::persist::Persist::new(path);
+            p.start(&health, took_over);
+            p
+        });
         registry.set_servers(entries(&servers));
         let (resync, resync_current) = watch::channel(Arc::new(new_resync(&cfg, &router, &health)));
         tokio::task::spawn_local(crate::ha::resync::serve(
@@ -214,6 +226,9 @@ impl Control {
             router: router.clone(),
             health,
         }));
+        if let Some(p) = &persist {
+            tokio::task::spawn_local(keep_state(p.clone(), topology.subscribe()));
+        }
         let (commit, commit_rx) = watch::channel(1);
         let (events_tx, events) = mpsc::unbounded_channel();
         let (reload_tx, reload_rx) = mpsc::unbounded_channel();
@@ -233,6 +248,7 @@ impl Control {
             resync,
             resync_requests: resync_requests.clone(),
             reread,
+            persist,
         };
         let links = WorkerLinks {
             topology: topology_rx,
@@ -247,6 +263,26 @@ impl Control {
     /// The configuration running now.
     pub fn config(&self) -> &Arc<Config> {
         &self.cfg
+    }
+
+    fn health(&self) -> Vec<Arc<Health>> {
+        self.servers.iter().map(|s| s.health.clone()).collect()
+    }
+
+    /// The listening sockets went to a new memrelay: so do the missed-key
+    /// lists, from now on through the hand-off file.
+    pub fn hand_off_state(&self) {
+        if let Some(p) = &self.persist {
+            p.hand_off(&self.health());
+        }
+    }
+
+    /// The process is exiting after its drain: what servers still missed
+    /// is written for the next one.
+    pub fn save_state(&self) {
+        if let Some(p) = &self.persist {
+            p.save(&self.health());
+        }
     }
 
     /// Reads the configuration again and, if it is valid, makes every
@@ -331,6 +367,9 @@ impl Control {
                         cfg.missed_keys_cap,
                         cfg.threads,
                     ));
+                    if let Some(p) = &self.persist {
+                        p.watch(&health);
+                    }
                     flushes.push((health.clone(), dial.clone(), FLUSH_ADDED));
                     self.running(s.name.clone(), dial, role, health)
                 }
@@ -519,6 +558,21 @@ const FLUSH_ADDED: &str =
 const FLUSH_READDRESSED: &str = "its address changed: it may be another server, with old copies";
 const FLUSH_RETURNING: &str =
     "keys that an earlier reload moved away from it come back: its copies may be stale";
+
+/// Keeps the state file current: servers marked clean once their lists
+/// empty, a hand-off's late records carried (`ha::persist`).
+async fn keep_state(
+    persist: Arc<crate::ha::persist::Persist>,
+    topology: watch::Receiver<Arc<Topology>>,
+) {
+    let mut every = tokio::time::interval(Duration::from_millis(200));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let health = topology.borrow().health.clone();
+        persist.tick(&health);
+    }
+}
 
 fn probe_timeouts(cfg: &Config) -> ProbeTimeouts {
     ProbeTimeouts {

@@ -100,6 +100,9 @@ more options:
       --handoff PATH       zero-downtime restart: a memrelay started with the same
                            PATH takes over the listening sockets of the one
                            running, which then drains and exits
+      --state-file PATH    where memrelay keeps which keys each server missed
+                           across its own restarts (docs/ha.md, Restarts of
+                           memrelay); without it a restart forgets them
       --unix-mode MODE     permissions of the unix socket, octal (default 0700)
       --max-value-size N   largest value in bytes (default 1048576, as memcached -I)
       --max-keys N         most keys in one get (default 100000)
@@ -302,6 +305,7 @@ fn canonical(flag: &str) -> Option<&'static str> {
         "--resync-rate" => "--resync-rate",
         "--shutdown-timeout" => "--shutdown-timeout",
         "--handoff" => "--handoff",
+        "--state-file" => "--state-file",
         "--max-pipeline" => "--max-pipeline",
         "--max-client-buffer" => "--max-client-buffer",
         "--max-reply-size" => "--max-reply-size",

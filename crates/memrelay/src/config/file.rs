@@ -112,6 +112,7 @@ struct Process {
     group: Option<String>,
     daemon: Option<bool>,
     handoff: Option<String>,
+    state_file: Option<String>,
     auth_file: Option<String>,
 }
 
@@ -298,6 +299,7 @@ fn apply(path: &Path, f: File, draft: &mut Draft) -> Result<(), ConfigError> {
     put.text("process.group", "-g", p.group)?;
     put.switch("process.daemon", "-d", p.daemon)?;
     put.text("process.handoff", "--handoff", p.handoff)?;
+    put.text("process.state_file", "--state-file", p.state_file)?;
     put.text("process.auth_file", "--auth-file", p.auth_file)?;
     put.text("metrics.listen", "--metrics", f.metrics.listen)?;
     put.text("log.level", "--log-level", f.log.level)?;
@@ -605,6 +607,7 @@ mod tests {
                     group,
                     daemon,
                     handoff,
+                    state_file,
                     auth_file,
                 },
             metrics: Metrics {
@@ -652,6 +655,7 @@ mod tests {
             ("process.group", group.is_some()),
             ("process.daemon", daemon.is_some()),
             ("process.handoff", handoff.is_some()),
+            ("process.state_file", state_file.is_some()),
             ("process.auth_file", auth_file.is_some()),
             ("metrics.listen", metrics_listen.is_some()),
             ("log.level", level.is_some()),

@@ -302,6 +302,8 @@ pub struct Config {
     /// Where running and starting memrelays meet to hand over the
     /// listening sockets (zero-downtime restart).
     pub handoff: Option<PathBuf>,
+    /// Where the missed-key lists outlive the process (`ha::persist`).
+    pub state_file: Option<PathBuf>,
     /// The monitoring endpoint (`/metrics`, `/healthz`, `/readyz`).
     pub metrics: Option<SocketAddr>,
     /// Keys remembered per server as missed while it could not be written;
@@ -350,6 +352,7 @@ impl Default for Config {
             resync_rate: 5000,
             shutdown_timeout: Duration::from_secs(10),
             handoff: None,
+            state_file: None,
             metrics: None,
             missed_keys_cap: 100_000,
             limits: Limits::default(),
@@ -417,6 +420,7 @@ impl Config {
             group: "process.group (-g)",
             daemonize: "process.daemon (-d)",
             handoff: "process.handoff (--handoff)",
+            state_file: "process.state_file (--state-file)",
             metrics: "metrics.listen (--metrics)",
             // A key's requests to a server keep their connection across a
             // reload (which orders them) only while the count stays.

@@ -153,6 +153,13 @@ impl Config {
                 .as_ref()
                 .map_or("off".into(), |p| p.display().to_string())
         );
+        let _ = writeln!(
+            out,
+            "state file: {}",
+            self.state_file
+                .as_ref()
+                .map_or("off".into(), |p| p.display().to_string())
+        );
         let level = match self.verbosity {
             0 => "info",
             1 => "debug",

@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-#[derive(Debug)]
 pub struct MissedKeys {
     /// What the set is for, in its log lines.
     label: &'static str,
@@ -38,6 +37,21 @@ pub struct MissedKeys {
     /// server does not serve it, and with its other replica down nothing
     /// does).
     pub recorded_signal: tokio::sync::Notify,
+    /// Called when the set stops being empty (outside the lock): the state
+    /// file marks the server as holding stale copies (`ha::persist`)
+    /// before the write that missed it is acknowledged.
+    on_dirty: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for MissedKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MissedKeys")
+            .field("label", &self.label)
+            .field("count", &self.count)
+            .field("cap", &self.cap)
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -67,6 +81,18 @@ impl MissedKeys {
             invalidated: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             recorded_signal: tokio::sync::Notify::new(),
+            on_dirty: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Installs the hook called when the set stops being empty (once).
+    pub fn on_dirty(&self, hook: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.on_dirty.set(hook);
+    }
+
+    fn dirtied(&self) {
+        if let Some(hook) = self.on_dirty.get() {
+            hook();
         }
     }
 
@@ -113,6 +139,14 @@ impl MissedKeys {
         self.recorded.fetch_add(1, Ordering::Relaxed);
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.recorded_signal.notify_one();
+        let was_empty = self.count.load(Ordering::Acquire) == 0;
+        self.insert(key);
+        if was_empty {
+            self.dirtied();
+        }
+    }
+
+    fn insert(&self, key: &[u8]) {
         let mut inner = self.lock();
         if inner.overflowed {
             return;
@@ -149,7 +183,14 @@ impl MissedKeys {
         inner.keys = HashMap::new();
         self.count.store(1, Ordering::Release);
         drop(inner);
+        self.dirtied();
         self.recorded_signal.notify_one();
+    }
+
+    /// Every key recorded (empty when overflowed: see `is_overflowed`),
+    /// for the state file.
+    pub fn snapshot(&self) -> Vec<Box<[u8]>> {
+        self.lock().keys.keys().cloned().collect()
     }
 
     /// Takes up to `n` keys to invalidate. They stay "missed" (readers keep

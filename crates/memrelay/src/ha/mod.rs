@@ -16,6 +16,7 @@
 
 pub mod mirror;
 pub mod missed;
+pub mod persist;
 pub mod read;
 pub mod resync;
 pub mod write;

@@ -584,6 +584,18 @@ impl Memrelay {
         }
     }
 
+    /// SIGTERM, then waits (deadline) for the process to exit; returns its
+    /// exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        signal(self.pid(), libc::SIGTERM);
+        let mut code = None;
+        wait_until(Duration::from_secs(15), || {
+            code = self.try_exit();
+            code.is_some()
+        });
+        code
+    }
+
     /// SIGHUP: reload the configuration.
     pub fn hangup(&self) {
         signal(self.pid(), libc::SIGHUP);

@@ -1,0 +1,636 @@
+//! Missed-key knowledge that outlives the process (`--state-file`).
+//!
+//! A server's missed-key list says which keys it may hold stale copies of;
+//! a memrelay that restarts with empty lists would serve them. So:
+//!
+//! - **while running**, the file names the servers whose lists (or resync
+//!   copy sets) are not empty: a server is marked *dirty*, and the file
+//!   rewritten, the moment its list stops being empty, before the write
+//!   that went past it is acknowledged (a rare event: failure episodes).
+//!   It is marked clean again, lazily, once its lists are empty;
+//! - **on a clean exit** (SIGTERM, SIGINT, after the drain), the file gets
+//!   every server's listed keys and the word `clean`;
+//! - **at start**, a clean file gives each server its keys back (invalidated
+//!   by the prober before the server serves them); a file that still says
+//!   `running` means the last process died without saving: every server
+//!   it marked dirty may hold stale copies of keys nobody remembers, so it
+//!   is treated as overflowed (flushed before it serves; with backups its
+//!   keys are read from them and repaired). No file: nothing is known, as
+//!   without `--state-file`.
+//!
+//! - **across a hand-off** (`--handoff`), the old process writes its lists
+//!   to `<state-file>.handoff` as soon as the new one has the sockets, and
+//!   again whenever they change while it drains, the last time marked
+//!   final. The new process waits (up to `HANDOFF_WAIT`) for that file
+//!   before it serves, then merges what the old one adds until it is
+//!   final; only the new process writes the state file from then on.
+//!
+//! The file is text, one record a line: `memrelay-state 1`, a status
+//! (`clean`, `running`, `handoff`, `handoff-final`), then per server
+//! `server <name> clean|dirty|overflowed` followed by `key <base64>` lines.
+//! It is replaced atomically (written beside, synced, renamed).
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::backend::health::Health;
+
+const MAGIC: &str = "memrelay-state 1";
+
+/// How long a process that took the sockets over waits for the old one's
+/// lists before it serves; past it, it serves with what the state file
+/// says (a crash's rules: servers marked dirty are flushed first).
+const HANDOFF_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Keys written per server at a clean exit, at most (the lists' own cap
+/// bounds it too).
+const MAX_KEYS: usize = 1_000_000;
+
+/// What the file says of one server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Mark {
+    Clean,
+    Dirty,
+    Overflowed,
+}
+
+/// The state file of one memrelay process.
+#[derive(Debug)]
+pub struct Persist {
+    path: PathBuf,
+    /// Each server's mark as last written while running.
+    marks: Mutex<BTreeMap<String, Mark>>,
+    /// Another process owns the file now (the sockets were handed over).
+    disowned: std::sync::atomic::AtomicBool,
+    /// Hand-off bookkeeping (see the module comment).
+    handoff: Mutex<HandoffState>,
+}
+
+#[derive(Debug, Default)]
+struct HandoffState {
+    /// New side: keys already taken from the old process's file.
+    merged: std::collections::HashSet<(String, Vec<u8>)>,
+    /// New side: still merging, until this deadline.
+    until: Option<std::time::Instant>,
+    /// Old side: the lists' counters when last written.
+    written: u64,
+}
+
+/// Who wrote a state file, and when.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    /// At a clean exit: the lists are complete.
+    #[default]
+    Clean,
+    /// While running: only which servers were dirty.
+    Running,
+    /// A draining process after a hand-off; more may come.
+    Handoff,
+    /// A drained process after a hand-off: its last word.
+    HandoffFinal,
+}
+
+/// What a start found in the file.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Loaded {
+    status: Status,
+    /// Per server: overflowed, and the keys it missed.
+    pub servers: BTreeMap<String, (bool, Vec<Vec<u8>>)>,
+}
+
+impl Persist {
+    pub fn new(path: PathBuf) -> Arc<Persist> {
+        Arc::new(Persist {
+            path,
+            marks: Mutex::new(BTreeMap::new()),
+            disowned: std::sync::atomic::AtomicBool::new(false),
+            handoff: Mutex::new(HandoffState::default()),
+        })
+    }
+
+    fn marks(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Mark>> {
+        self.marks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies what the file says to the servers about to run, then marks
+    /// the file `running`. Returns the names of servers treated as stale
+    /// for every key because the last process did not exit cleanly.
+    pub fn start(self: &Arc<Self>, health: &[Arc<Health>], took_over: bool) -> Vec<String> {
+        if took_over {
+            if let Some(stale) = self.start_from_handoff(health) {
+                return stale;
+            }
+        }
+        let loaded = match std::fs::read_to_string(&self.path) {
+            Ok(text) => parse(&text).unwrap_or_else(|why| {
+                tracing::warn!(file = %self.path.display(), %why, "state file unreadable: treating every server it may name as stale");
+                Loaded {
+                    status: Status::Running,
+                    servers: health
+                        .iter()
+                        .map(|h| (h.name.clone(), (true, Vec::new())))
+                        .collect(),
+                }
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Loaded::default(),
+            Err(e) => {
+                tracing::warn!(file = %self.path.display(), error = %e, "cannot read the state file: treating every server as stale");
+                Loaded {
+                    status: Status::Running,
+                    servers: health
+                        .iter()
+                        .map(|h| (h.name.clone(), (true, Vec::new())))
+                        .collect(),
+                }
+            }
+        };
+        let stale = apply(&loaded, health);
+        self.own(health);
+        stale
+    }
+
+    /// The process owns the file from now on.
+    fn own(self: &Arc<Self>, health: &[Arc<Health>]) {
+        for h in health {
+            self.watch(h);
+        }
+        self.write_running();
+    }
+
+    fn handoff_path(&self) -> PathBuf {
+        let mut p = self.path.as_os_str().to_owned();
+        p.push(".handoff");
+        PathBuf::from(p)
+    }
+
+    /// A start that took the sockets over: the old process's lists, once
+    /// its file appears. None if it never did (then the state file rules).
+    fn start_from_handoff(self: &Arc<Self>, health: &[Arc<Health>]) -> Option<Vec<String>> {
+        let deadline = std::time::Instant::now() + HANDOFF_WAIT;
+        let loaded = loop {
+            match std::fs::read_to_string(self.handoff_path()).map(|t| parse(&t)) {
+                Ok(Ok(l)) if matches!(l.status, Status::Handoff | Status::HandoffFinal) => break l,
+                _ if std::time::Instant::now() >= deadline => {
+                    tracing::warn!(file = %self.handoff_path().display(), "the old memrelay never said what servers missed: using the state file");
+                    return None;
+                }
+                _ => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        };
+        let stale = apply(&loaded, health);
+        let final_ = loaded.status == Status::HandoffFinal;
+        {
+            let mut h = self.handoff_state();
+            for (name, (_, keys)) in &loaded.servers {
+                for k in keys {
+                    h.merged.insert((name.clone(), k.clone()));
+                }
+            }
+            // The old process drains for at most its shutdown timeout;
+            // its last word comes then.
+            h.until =
+                (!final_).then(|| std::time::Instant::now() + std::time::Duration::from_secs(120));
+        }
+        if final_ {
+            let _ = std::fs::remove_file(self.handoff_path());
+        }
+        tracing::info!(
+            servers = loaded.servers.len(),
+            "took over what the old memrelay knew servers missed"
+        );
+        self.own(health);
+        Some(stale)
+    }
+
+    fn handoff_state(&self) -> std::sync::MutexGuard<'_, HandoffState> {
+        self.handoff.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called periodically on the main thread: marks servers clean, and
+    /// carries a hand-off's late records either way.
+    pub fn tick(&self, health: &[Arc<Health>]) {
+        if self.disowned.load(std::sync::atomic::Ordering::Acquire) {
+            let count = changes(health);
+            let mut h = self.handoff_state();
+            if h.written != count {
+                h.written = count;
+                drop(h);
+                self.write_lists(&self.handoff_path(), Status::Handoff, health);
+            }
+            return;
+        }
+        self.merge_handoff(health);
+        self.refresh(health);
+    }
+
+    /// New side: takes up what the draining process recorded since.
+    fn merge_handoff(&self, health: &[Arc<Health>]) {
+        let Some(until) = self.handoff_state().until else {
+            return;
+        };
+        let loaded = match std::fs::read_to_string(self.handoff_path()).map(|t| parse(&t)) {
+            Ok(Ok(l)) => l,
+            _ => return,
+        };
+        let mut h = self.handoff_state();
+        for server in health {
+            let Some((overflowed, keys)) = loaded.servers.get(&server.name) else {
+                continue;
+            };
+            if *overflowed {
+                server.missed.record_all();
+            }
+            for k in keys {
+                if h.merged.insert((server.name.clone(), k.clone())) {
+                    server.missed.record(k);
+                }
+            }
+        }
+        if loaded.status == Status::HandoffFinal {
+            h.until = None;
+            h.merged.clear();
+            let _ = std::fs::remove_file(self.handoff_path());
+        } else if std::time::Instant::now() >= until {
+            tracing::warn!("the old memrelay never finished its hand-off: what it recorded last may be missing");
+            h.until = None;
+        }
+    }
+
+    /// Old side: the sockets are the new process's now; so is the state
+    /// file. What this one knows goes to the hand-off file.
+    pub fn hand_off(&self, health: &[Arc<Health>]) {
+        self.disown();
+        self.handoff_state().written = changes(health);
+        self.write_lists(&self.handoff_path(), Status::Handoff, health);
+    }
+
+    /// Marks `health`'s server dirty in the file whenever its lists stop
+    /// being empty (a server added by a reload is watched from then on).
+    pub fn watch(self: &Arc<Self>, health: &Arc<Health>) {
+        for set in [&health.missed, &health.copying] {
+            let me = Arc::downgrade(self);
+            let name = health.name.clone();
+            set.on_dirty(Box::new(move || {
+                if let Some(me) = me.upgrade() {
+                    me.mark(&name, Mark::Dirty);
+                }
+            }));
+        }
+        let mark = mark_of(health);
+        self.marks().insert(health.name.clone(), mark);
+    }
+
+    fn mark(&self, name: &str, mark: Mark) {
+        {
+            let mut marks = self.marks();
+            if marks.get(name) == Some(&mark) {
+                return;
+            }
+            marks.insert(name.to_string(), mark);
+        }
+        self.write_running();
+    }
+
+    /// Marks clean the servers whose lists emptied (called periodically;
+    /// a late clean mark only costs a needless flush after a crash).
+    pub fn refresh(&self, health: &[Arc<Health>]) {
+        let changed = {
+            let mut marks = self.marks();
+            let mut changed = false;
+            for h in health {
+                let now = mark_of(h);
+                if marks.get(&h.name) != Some(&now) {
+                    marks.insert(h.name.clone(), now);
+                    changed = true;
+                }
+            }
+            let names: Vec<&String> = health.iter().map(|h| &h.name).collect();
+            let before = marks.len();
+            marks.retain(|n, _| names.contains(&n));
+            changed || marks.len() != before
+        };
+        if changed {
+            self.write_running();
+        }
+    }
+
+    /// The sockets went to another process, which owns the file from now on.
+    pub fn disown(&self) {
+        self.disowned
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn write_running(&self) {
+        let text = {
+            let marks = self.marks();
+            let mut out = format!("{MAGIC}\nstatus running\n");
+            for (name, mark) in marks.iter() {
+                let word = match mark {
+                    Mark::Clean => "clean",
+                    Mark::Dirty => "dirty",
+                    Mark::Overflowed => "overflowed",
+                };
+                out.push_str(&format!("server {name} {word}\n"));
+            }
+            out
+        };
+        self.write(&text);
+    }
+
+    /// A clean exit: every server's listed keys, in the state file, or
+    /// after a hand-off in the hand-off file, as the last word.
+    pub fn save(&self, health: &[Arc<Health>]) {
+        if self.disowned.load(std::sync::atomic::Ordering::Acquire) {
+            self.write_lists(&self.handoff_path(), Status::HandoffFinal, health);
+        } else {
+            self.write_lists(&self.path, Status::Clean, health);
+        }
+    }
+
+    fn write_lists(&self, path: &Path, status: Status, health: &[Arc<Health>]) {
+        let word = match status {
+            Status::Clean => "clean",
+            Status::Running => "running",
+            Status::Handoff => "handoff",
+            Status::HandoffFinal => "handoff-final",
+        };
+        let mut out = format!("{MAGIC}\nstatus {word}\n");
+        for h in health {
+            let overflowed = h.missed.is_overflowed() || h.copying.is_overflowed();
+            let word = if overflowed { "overflowed" } else { "clean" };
+            out.push_str(&format!("server {} {word}\n", h.name));
+            if overflowed {
+                continue;
+            }
+            // Keys being copied by a resync count as missed: the copy may
+            // not have been checked against a client's write.
+            let mut keys = h.missed.snapshot();
+            keys.extend(h.copying.snapshot());
+            for k in keys.iter().take(MAX_KEYS) {
+                let mut enc = Vec::with_capacity(k.len() * 4 / 3 + 4);
+                memrelay_protocol::base64::encode(k, &mut enc);
+                out.push_str("key ");
+                out.push_str(&String::from_utf8_lossy(&enc));
+                out.push('\n');
+            }
+        }
+        if let Err(e) = write_atomically(path, out.as_bytes()) {
+            tracing::error!(file = %path.display(), error = %e, "cannot write what servers missed: a restart of memrelay may forget it");
+        }
+    }
+
+    fn write(&self, text: &str) {
+        if self.disowned.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        if let Err(e) = write_atomically(&self.path, text.as_bytes()) {
+            tracing::error!(file = %self.path.display(), error = %e, "cannot write the state file: a restart of memrelay may forget what servers missed");
+        }
+    }
+}
+
+/// Applies a loaded file to the servers; returns those made stale for
+/// every key (overflowed, or dirty in a file a crashed process left).
+fn apply(loaded: &Loaded, health: &[Arc<Health>]) -> Vec<String> {
+    let mut stale = Vec::new();
+    for h in health {
+        let Some((overflowed, keys)) = loaded.servers.get(&h.name) else {
+            continue;
+        };
+        if *overflowed || loaded.status == Status::Running {
+            h.missed.record_all();
+            stale.push(h.name.clone());
+        } else {
+            for k in keys {
+                h.missed.record(k);
+            }
+        }
+    }
+    if !stale.is_empty() {
+        tracing::warn!(
+            servers = %stale.join(","),
+            "the last memrelay did not save what these servers missed: each is flushed before it serves"
+        );
+    }
+    stale
+}
+
+/// Moves whenever a server's lists may have changed.
+fn changes(health: &[Arc<Health>]) -> u64 {
+    use std::sync::atomic::Ordering::Relaxed;
+    health
+        .iter()
+        .map(|h| {
+            h.missed.recorded.load(Relaxed)
+                + h.missed.invalidated.load(Relaxed)
+                + h.copying.recorded.load(Relaxed)
+                + h.missed.flushes.load(Relaxed)
+        })
+        .fold(0u64, u64::wrapping_add)
+}
+
+fn mark_of(h: &Health) -> Mark {
+    if h.missed.is_overflowed() || h.copying.is_overflowed() {
+        Mark::Overflowed
+    } else if h.missed.is_empty() && h.copying.is_empty() {
+        Mark::Clean
+    } else {
+        Mark::Dirty
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Reads a state file's text.
+fn parse(text: &str) -> Result<Loaded, String> {
+    let mut lines = text.lines();
+    if lines.next() != Some(MAGIC) {
+        return Err("not a memrelay state file".into());
+    }
+    let status = match lines.next() {
+        Some("status clean") => Status::Clean,
+        Some("status running") => Status::Running,
+        Some("status handoff") => Status::Handoff,
+        Some("status handoff-final") => Status::HandoffFinal,
+        other => return Err(format!("bad status line {other:?}")),
+    };
+    let mut loaded = Loaded {
+        status,
+        ..Loaded::default()
+    };
+    let mut current: Option<String> = None;
+    for line in lines {
+        if let Some(rest) = line.strip_prefix("server ") {
+            let (name, word) = rest
+                .rsplit_once(' ')
+                .ok_or_else(|| format!("bad server line {line:?}"))?;
+            let overflowed = match word {
+                "clean" => false,
+                "dirty" => {
+                    // Only a running process writes dirty: its keys are
+                    // not in the file.
+                    true
+                }
+                "overflowed" => true,
+                _ => return Err(format!("bad server line {line:?}")),
+            };
+            let stale = overflowed;
+            loaded.servers.insert(name.to_string(), (stale, Vec::new()));
+            current = Some(name.to_string());
+        } else if let Some(enc) = line.strip_prefix("key ") {
+            let name = current
+                .as_ref()
+                .ok_or_else(|| "a key before any server".to_string())?;
+            let key = memrelay_protocol::base64::decode(enc.as_bytes())
+                .ok_or_else(|| format!("bad key line {line:?}"))?;
+            if let Some((_, keys)) = loaded.servers.get_mut(name) {
+                keys.push(key);
+            }
+        } else if !line.is_empty() {
+            return Err(format!("unknown line {line:?}"));
+        }
+    }
+    if status == Status::Running {
+        // A crash: only the servers marked dirty (or overflowed) are
+        // stale; a clean mark while running is trustworthy.
+        loaded.servers.retain(|_, (stale, _)| *stale);
+    }
+    Ok(loaded)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn health(name: &str) -> Arc<Health> {
+        Arc::new(Health::new(name.into(), 16, 1))
+    }
+
+    fn temp(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("memrelay-persist-{}-{name}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        dir.join("state")
+    }
+
+    #[test]
+    fn a_clean_exit_gives_the_next_start_its_keys() {
+        let path = temp("clean");
+        let (a, b) = (health("a:1"), health("b:2"));
+        let p = Persist::new(path.clone());
+        assert!(p.start(&[a.clone(), b.clone()], false).is_empty());
+        a.missed.record(b"k1");
+        a.missed.record(&[0, 159, 32]);
+        p.save(&[a.clone(), b.clone()]);
+        let (a2, b2) = (health("a:1"), health("b:2"));
+        let p2 = Persist::new(path.clone());
+        assert!(p2.start(&[a2.clone(), b2.clone()], false).is_empty());
+        assert!(a2.missed.contains(b"k1"));
+        assert!(a2.missed.contains(&[0, 159, 32]));
+        assert!(!a2.missed.is_overflowed());
+        assert!(b2.missed.is_empty());
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn after_a_crash_the_servers_marked_dirty_are_stale_for_every_key() {
+        let path = temp("crash");
+        let (a, b) = (health("a:1"), health("b:2"));
+        let p = Persist::new(path.clone());
+        p.start(&[a.clone(), b.clone()], false);
+        // The first record marks the file before the write is answered.
+        a.missed.record(b"k1");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("server a:1 dirty"), "{text}");
+        assert!(text.contains("status running"), "{text}");
+        // No save: the process dies.
+        drop(p);
+        let (a2, b2) = (health("a:1"), health("b:2"));
+        let stale = Persist::new(path.clone()).start(&[a2.clone(), b2.clone()], false);
+        assert_eq!(stale, vec!["a:1".to_string()]);
+        assert!(a2.missed.is_overflowed());
+        assert!(b2.missed.is_empty());
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_server_whose_list_emptied_is_marked_clean_again() {
+        let path = temp("refresh");
+        let a = health("a:1");
+        let p = Persist::new(path.clone());
+        p.start(std::slice::from_ref(&a), false);
+        a.missed.record(b"k1");
+        let batch = a.missed.peek_batch(10);
+        a.missed.confirm(&batch);
+        p.refresh(std::slice::from_ref(&a));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("server a:1 clean"), "{text}");
+        let a2 = health("a:1");
+        assert!(Persist::new(path.clone())
+            .start(std::slice::from_ref(&a2), false)
+            .is_empty());
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_hand_off_carries_the_lists_and_what_the_draining_process_adds() {
+        let path = temp("handoff");
+        let old_a = health("a:1");
+        let old = Persist::new(path.clone());
+        old.start(std::slice::from_ref(&old_a), false);
+        old_a.missed.record(b"before");
+        // The new process has the sockets: the old one hands over.
+        old.hand_off(std::slice::from_ref(&old_a));
+        let new_a = health("a:1");
+        let new = Persist::new(path.clone());
+        assert!(new.start(std::slice::from_ref(&new_a), true).is_empty());
+        assert!(new_a.missed.contains(b"before"));
+        // While it drains, the old process records one more.
+        old_a.missed.record(b"during");
+        old.tick(std::slice::from_ref(&old_a));
+        new.tick(std::slice::from_ref(&new_a));
+        assert!(new_a.missed.contains(b"during"));
+        old_a.missed.record(b"last");
+        old.save(std::slice::from_ref(&old_a));
+        new.tick(std::slice::from_ref(&new_a));
+        assert!(new_a.missed.contains(b"last"));
+        assert!(
+            !new.handoff_path().exists(),
+            "the final hand-off file is consumed"
+        );
+        // The old process never wrote the state file after handing off.
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("status running"), "{text}");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        assert!(parse("hello\n").is_err());
+        assert!(parse(&format!("{MAGIC}\nstatus maybe\n")).is_err());
+        assert!(parse(&format!("{MAGIC}\nstatus clean\nkey aGk=\n")).is_err());
+        assert!(parse(&format!(
+            "{MAGIC}\nstatus clean\nserver a:1 clean\nkey !!\n"
+        ))
+        .is_err());
+    }
+}
