@@ -155,6 +155,8 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
         let _local = local.enter();
         Control::start(cfg, registry.clone(), reread, took_over)
     };
+    // Before any client is served: who each server process is.
+    rt.block_on(local.run_until(control.identified(Duration::from_millis(500))));
 
     for id in 0..threads {
         let mine: Vec<BoundListener> = listeners

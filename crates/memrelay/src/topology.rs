@@ -265,6 +265,18 @@ impl Control {
         &self.cfg
     }
 
+    /// Waits (at most `within`) until the prober has read every reachable
+    /// server's identity: the CAS tokens handed out from the first request
+    /// on then carry the server process's stamp (`ha::cas`).
+    pub async fn identified(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline
+            && !self.servers.iter().all(|s| s.health.identified())
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     fn health(&self) -> Vec<Arc<Health>> {
         self.servers.iter().map(|s| s.health.clone()).collect()
     }

@@ -474,3 +474,95 @@ fn a_resync_never_copies_a_value_its_source_missed_an_overwrite_of() {
 fn a_resync_never_copies_a_value_its_source_missed_the_delete_of() {
     a_resync_never_copies_what_its_source_missed("delete k\r\n");
 }
+
+// ---------------------------------------------------------------------------
+// CAS uniques across a restart and a failover
+// ---------------------------------------------------------------------------
+
+/// One request on a connection without the sentinel (so the servers hold
+/// no item the test did not write, and their CAS counters are predictable).
+fn plain(addr: &str, req: &str) -> String {
+    let mut c = Client::connect(addr);
+    c.set_deadline(Duration::from_secs(5));
+    let r = c.send_until(req.as_bytes(), |b| {
+        b.ends_with(b"END\r\n") || (!b.starts_with(b"VALUE") && b.ends_with(b"\r\n"))
+    });
+    assert_eq!(r.end, End::Complete, "{req}: {}", escape(&r.bytes));
+    String::from_utf8_lossy(&r.bytes).into_owned()
+}
+
+fn unique_of(gets_reply: &str) -> u64 {
+    let line = gets_reply.lines().next().unwrap_or_default();
+    line.split(' ')
+        .nth(4)
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no unique in {gets_reply:?}"))
+}
+
+/// `gets` hands out a unique; the primary dies, a write goes to the backup,
+/// the primary restarts empty and is repaired with that write, under its
+/// fresh counter's first unique again. The old unique must not match it.
+#[test]
+fn a_cas_unique_from_before_a_restart_never_matches_a_newer_item() {
+    let mut pair = Pair::start(&[]);
+    let addr = pair.relay.addr();
+    assert_eq!(plain(&addr, "set k 0 0 2\r\nv1\r\n"), "STORED\r\n");
+    let old = unique_of(&plain(&addr, "gets k\r\n"));
+    pair.primary.kill();
+    assert_eq!(plain(&addr, "set k 0 0 2\r\nv2\r\n"), "STORED\r\n");
+    pair.primary.restart();
+    // Wait until the proxy uses the restarted primary again, and k was
+    // copied back to it (read repair or resync).
+    let repaired = support::wait_until(Duration::from_secs(10), || {
+        let _ = plain(&addr, "get k\r\n");
+        value_of(&pair.primary, "k").as_deref() == Some("v2")
+    });
+    assert!(repaired, "k never came back to the primary");
+    let direct_unique = direct(&pair.primary, "gets k\r\n");
+    let r = plain(&addr, &format!("cas k 0 0 2 {old}\r\nv3\r\n"));
+    assert_eq!(
+        r, "EXISTS\r\n",
+        "a unique from before the restart ({old}) matched; the primary's item: {direct_unique:?}"
+    );
+    assert_eq!(plain(&addr, "get k\r\n"), "VALUE k 0 2\r\nv2\r\nEND\r\n");
+    // A unique the proxy hands out now works, and so does the meta form.
+    let fresh = unique_of(&plain(&addr, "gets k\r\n"));
+    assert_eq!(
+        plain(&addr, &format!("cas k 0 0 2 {fresh}\r\nv4\r\n")),
+        "STORED\r\n"
+    );
+    let mg = plain(&addr, "mg k c\r\n");
+    let tok: u64 = mg
+        .trim_end()
+        .split(' ')
+        .find_map(|t| t.strip_prefix('c').and_then(|n| n.parse().ok()))
+        .unwrap_or_else(|| panic!("no c flag in {mg:?}"));
+    assert_eq!(plain(&addr, &format!("ms k 2 C{old}\r\nv5\r\n")), "EX\r\n");
+    assert_eq!(plain(&addr, &format!("ms k 2 C{tok}\r\nv5\r\n")), "HD\r\n");
+    assert_eq!(plain(&addr, "get k\r\n"), "VALUE k 0 2\r\nv5\r\nEND\r\n");
+}
+
+/// A unique the backup handed out (the primary was down) does not match
+/// the primary's item once the primary serves again.
+#[test]
+fn a_cas_unique_from_the_backup_never_matches_the_primarys_item() {
+    let pair = Pair::start(&[]);
+    let addr = pair.relay.addr();
+    // The backup holds k alone (the primary lost it): gets falls back.
+    assert_eq!(direct(&pair.backup, "set k 0 0 2\r\nv1\r\n"), "STORED\r\n");
+    assert_eq!(
+        direct(&pair.primary, "set other 0 0 1\r\nx\r\n"),
+        "STORED\r\n"
+    );
+    let from_backup = unique_of(&plain(&addr, "gets k\r\n"));
+    // The repair gave the primary k, under its own counter (which here
+    // gives the same number: only the token tells the two apart).
+    assert_eq!(value_of(&pair.primary, "k").as_deref(), Some("v1"));
+    let r = plain(&addr, &format!("cas k 0 0 2 {from_backup}\r\nv2\r\n"));
+    assert_eq!(
+        r,
+        "EXISTS\r\n",
+        "backup's {from_backup}, primary's {:?}",
+        direct(&pair.primary, "gets k\r\n")
+    );
+}

@@ -47,11 +47,14 @@ pub struct Health {
     /// those keys back to it (it is flushed first). See docs/ha.md,
     /// "Reloading the configuration".
     pub keys_moved_away: AtomicBool,
+    /// The CAS stamp of the server process (`ha::cas`), from its identity.
+    stamp: std::sync::atomic::AtomicU32,
 }
 
 impl Health {
     /// `threads`: worker threads, each with its own latency histogram.
     pub fn new(name: String, missed_cap: usize, threads: usize) -> Health {
+        let name_for_stamp = name.clone();
         Health {
             latency: (0..threads.max(1))
                 .map(|_| crate::stats::Histogram::default())
@@ -67,7 +70,30 @@ impl Health {
             copying: MissedKeys::labelled("resync copy set", 100_000),
             touched: MissedKeys::labelled("resync touched set", missed_cap),
             keys_moved_away: AtomicBool::new(false),
+            stamp: std::sync::atomic::AtomicU32::new(u32::from(crate::ha::cas::stamp(
+                &name_for_stamp,
+                0,
+                0,
+            ))),
         }
+    }
+
+    /// The CAS stamp of the server process now (see `ha::cas`).
+    #[inline]
+    pub fn stamp(&self) -> u16 {
+        self.stamp.load(Ordering::Relaxed) as u16
+    }
+
+    /// The prober read who the server process is.
+    pub fn set_identity(&self, pid: u64, boot: i64) {
+        let s = crate::ha::cas::stamp(&self.name, pid, boot);
+        // Bit 16: the identity is known.
+        self.stamp.store(u32::from(s) | 1 << 16, Ordering::Relaxed);
+    }
+
+    /// Whether the prober has read who the server process is.
+    pub fn identified(&self) -> bool {
+        self.stamp.load(Ordering::Relaxed) & 1 << 16 != 0
     }
 
     /// Whether this server may answer for `key`: it is up and holds no

@@ -287,6 +287,7 @@ async fn check(
         });
     }
     *known = Some(id);
+    health.set_identity(id.pid, id.boot);
     if health.missed.is_overflowed() {
         if !c.flush_all().await {
             return false;

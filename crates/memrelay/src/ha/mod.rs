@@ -14,6 +14,7 @@
 //! - [`resync`]: copying a restarted (empty) server's items back from the
 //!   other tier in the background.
 
+pub mod cas;
 pub mod mirror;
 pub mod missed;
 pub mod persist;
@@ -73,6 +74,8 @@ pub struct MetaWire {
     /// The proxy added `v` (an `ma` whose result must be checked on the
     /// backup); the value is taken out of the client's reply.
     pub add_v: bool,
+    /// The unique to send in place of the client's `C<token>` (`ha::cas`).
+    pub cas: Option<u64>,
 }
 
 /// Quiet requests keep their `q` and are closed by an `mn`, except an `ma`
@@ -90,6 +93,7 @@ pub fn meta_wire(req: &Request, mirrored: bool) -> MetaWire {
             Expect::Meta
         },
         add_v: req.command == Command::MetaArith && mirrored && !req.meta.value && !quiet_framed,
+        cas: None,
     }
 }
 
@@ -104,15 +108,48 @@ pub fn write_meta(
     use memrelay_protocol::{compose, Command, Expect};
     let keep_q = wire.expect == Expect::MetaQuiet;
     let len = (req.command == Command::MetaSet).then_some(req.value.len as usize);
+    let mut extra: smallvec::SmallVec<[u8; 24]> = smallvec::SmallVec::new();
+    if wire.add_v {
+        extra.extend_from_slice(b" v");
+    }
+    if let Some(unique) = wire.cas {
+        extra.extend_from_slice(b" C");
+        extra.extend_from_slice(unique.to_string().as_bytes());
+    }
+    let swap_cas = wire.cas.is_some();
     compose::meta_line_filtered(
         b,
         req.command,
         key,
         len,
         req.meta.flags.of(frame),
-        |t| keep_q || t[0] != b'q',
-        if wire.add_v { b" v" } else { b"" },
+        |t| (keep_q || t[0] != b'q') && !(swap_cas && t[0] == b'C'),
+        &extra,
     );
+}
+
+/// The client's `C<token>` of a meta request, if any.
+pub fn meta_cas_token(frame: &[u8], req: &Request) -> Option<u64> {
+    if !req.meta.cas {
+        return None;
+    }
+    req.meta
+        .flags
+        .of(frame)
+        .split(|&b| b == b' ')
+        .find(|t| t.first() == Some(&b'C'))
+        .and_then(|t| memrelay_protocol::number::parse_u64(&t[1..]))
+}
+
+/// The server whose answer `reply` is, among the slot's parts.
+pub fn server_of(
+    slot: &crate::proxy::slot::Slot,
+    reply: &crate::backend::BackendReply,
+) -> Option<usize> {
+    slot.parts
+        .iter()
+        .find(|p| matches!(&p.result, Some(Ok(r)) if std::ptr::eq(r, reply)))
+        .map(|p| p.server as usize)
 }
 
 /// The client's bytes for a meta reply that travelled as `wire`: what

@@ -516,8 +516,10 @@ pub fn render(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
     if refused_for_size(w, slot, out) {
         return;
     }
-    // The common case: one server answered for every key, nothing else to add.
-    if slot.parts.len() == 1 && slot.key_parts.is_empty() {
+    let gets = matches!(req.command, Command::Gets | Command::Gats);
+    // The common case: one server answered for every key, nothing else to
+    // add (`gets` has its uniques made into tokens: `ha::cas`).
+    if slot.parts.len() == 1 && slot.key_parts.is_empty() && !gets {
         if let Some(Ok(reply)) = &slot.parts[0].result {
             if let ResponseKind::Values { hits } = reply.kind {
                 if u64::from(hits) <= nkeys && keys_match(slot, req, reply) {
@@ -539,7 +541,6 @@ pub fn render(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
         .collect();
     let mut fb = 0;
     let mut hits = 0;
-    let gets = matches!(req.command, Command::Gets | Command::Gats);
     walk(slot, req, |i, key, p, hit| {
         let key_of = |p: &Part| match p.role {
             Role::Fallback { key, .. } => key as usize,
@@ -550,7 +551,16 @@ pub fn render(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
         }
         if let Some(block) = hit {
             if let Some(Ok(reply)) = &slot.parts[p].result {
-                out.put_bytes(reply.bytes.slice(block.start..block.end));
+                if gets {
+                    let h = &block.header;
+                    let stamp = w.servers[slot.parts[p].server as usize].health().stamp();
+                    let cas = super::cas::token(stamp, h.cas.unwrap_or(0));
+                    out.compose(|b| compose::value_header(b, key, h.flags, h.len, Some(cas)));
+                    let data = block.end.saturating_sub(h.len + 2);
+                    out.put_bytes(reply.bytes.slice(data..block.end));
+                } else {
+                    out.put_bytes(reply.bytes.slice(block.start..block.end));
+                }
                 hits += 1;
             }
             return;
@@ -560,7 +570,8 @@ pub fn render(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
                 if reply.kind == ResponseKind::Meta(MetaStatus::Value) {
                     let mf = meta_flags(&reply.bytes);
                     if let Some((off, len)) = mf.data {
-                        let cas = gets.then(|| mf.cas.unwrap_or(0));
+                        let stamp = w.servers[fallback[fb].server as usize].health().stamp();
+                        let cas = gets.then(|| super::cas::token(stamp, mf.cas.unwrap_or(0)));
                         out.compose(|b| {
                             compose::value_header(b, key, mf.flags.unwrap_or(0), len, cas)
                         });
@@ -748,7 +759,32 @@ pub fn render_meta(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
         w.stats.server_errors.incr();
     }
     if let Some(b) = super::meta_client_reply(req, super::meta_wire(req, false), reply) {
-        out.put_bytes(b);
+        out.put_bytes(with_cas_token(
+            w,
+            slot,
+            req,
+            super::server_of(slot, reply),
+            b,
+        ));
+    }
+}
+
+/// A meta reply with its `c` flag made a token (`ha::cas`), when the
+/// request asked for it.
+pub fn with_cas_token(
+    w: &Worker,
+    slot: &Slot,
+    req: &Request,
+    server: Option<usize>,
+    reply: bytes::Bytes,
+) -> bytes::Bytes {
+    let Some(server) = server else { return reply };
+    if !super::cas::asks_cas(req.meta.flags.of(&slot.frame)) {
+        return reply;
+    }
+    match super::cas::meta_reply_with_token(&reply, w.servers[server].health().stamp()) {
+        Some(v) => bytes::Bytes::from(v),
+        None => reply,
     }
 }
 

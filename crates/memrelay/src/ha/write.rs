@@ -282,11 +282,19 @@ fn attempt(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Reque
     } else {
         expect_of(req.command)
     };
+    // A CAS token (`ha::cas`) becomes this replica's own unique, or 0 if
+    // another replica or process issued it.
+    let mut req_here = *req;
+    let stamp = w.servers[server].health().stamp();
+    req_here.cas = super::cas::unique_for(req.cas, stamp);
+    let req_here = &req_here;
+    let mut wire = wire;
+    wire.cas = super::meta_cas_token(&frame, req).map(|t| super::cas::unique_for(t, stamp));
     let queued = w.servers[server].send_for_key(
         key,
         expect,
         reply,
-        |b| compose_line(b, &frame, req, req.command, wire_key, wire),
+        |b| compose_line(b, &frame, req_here, req.command, wire_key, wire),
         value,
     );
     slot.stage = Stage::Write { tier: tier as u8 };

@@ -58,7 +58,8 @@ pub fn render(w: &Worker, slot: Slot, out: &mut OutQueue) -> bool {
                         if let Some(b) =
                             ha::write::meta_reply_bytes(&slot, &req, reply, from_mirror)
                         {
-                            out.put_bytes(b);
+                            let server = ha::server_of(&slot, reply);
+                            out.put_bytes(ha::read::with_cas_token(w, &slot, &req, server, b));
                         }
                     } else {
                         out.put_bytes(reply.bytes.clone());
