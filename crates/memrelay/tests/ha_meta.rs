@@ -148,6 +148,15 @@ fn poke(m: &Memcached, key: &str, flags: u32, value: &str) {
 }
 
 /// The item's cas on `m` (0 when there is none).
+/// The CAS token memrelay hands out for `key`'s item on `m` (the server's
+/// unique under the stamp of its process: see memrelay's `ha::cas`).
+fn token_of(m: &Memcached, key: &str) -> u64 {
+    let s = support::stats(&m.addr());
+    let num = |k: &str| -> i64 { s.get(k).and_then(|v| v.parse().ok()).unwrap_or(0) };
+    let stamp = memrelay::ha::cas::stamp(&m.addr(), num("pid") as u64, num("time") - num("uptime"));
+    memrelay::ha::cas::token(stamp, cas_of(m, key))
+}
+
 fn cas_of(m: &Memcached, key: &str) -> u64 {
     let got = direct_mn(m, &format!("mg {key} c\r\n"));
     got.split_whitespace()
@@ -317,7 +326,7 @@ fn meta_writes_are_mirrored_to_the_backup() {
         if let Some(v) = pre_b {
             poke(&cl.backup, &key, 7, v);
         }
-        let req = render(tmpl, &key, cas_of(&cl.primary, &key));
+        let req = render(tmpl, &key, token_of(&cl.primary, &key));
         // A quiet template ends in `mn`, which both sides answer.
         let ref_req = render(tmpl, &key, cas_of(&reference, &key));
         let want_reply = on_reference(&reference, ref_req.trim_end_matches("mn\r\n"));
@@ -412,7 +421,7 @@ fn meta_writes_with_primary_killed(wait_marked_down: bool) {
             poke(&cl.backup, &key, 7, v);
             poke(&reference, &key, 7, v);
         }
-        let req = render(tmpl, &key, cas_of(&cl.backup, &key));
+        let req = render(tmpl, &key, token_of(&cl.backup, &key));
         let want_reply = on_reference(&reference, &render(tmpl, &key, cas_of(&reference, &key)));
         let got_reply = through(&mut px, &req);
         if got_reply != want_reply {

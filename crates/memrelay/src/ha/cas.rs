@@ -14,9 +14,10 @@
 //! the prober), so every memrelay in front of the same servers hands out
 //! the same tokens. A `cas` (or `C<token>`) is sent to its replica with the
 //! server's own unique only if the stamp is that replica's current one;
-//! otherwise with 0, which memcached never gives an item: the server then
-//! answers `EXISTS` or `NOT_FOUND` itself, exactly as for any stale unique,
-//! and never stores. A unique too large for 48 bits (one set by a client
+//! otherwise with [`NO_ITEM`], a unique memcached's counter never reaches
+//! (not 0: `ma ... C0` means "no compare"): the server then answers
+//! `EXISTS` or `NOT_FOUND` itself, exactly as for any stale unique, and
+//! never stores. A unique too large for 48 bits (one set by a client
 //! with the meta `E` flag) is handed out as a token that never matches.
 
 /// Bits of the server's own unique kept in a token.
@@ -24,6 +25,8 @@ const RAW_BITS: u32 = 48;
 const RAW_MASK: u64 = (1 << RAW_BITS) - 1;
 /// A stamp no server has: tokens that must never match.
 const NEVER: u16 = 0xffff;
+/// The unique sent for a token that is not the replica's: no item has it.
+pub const NO_ITEM: u64 = u64::MAX;
 
 /// The stamp of a server process: its name, pid and start time.
 pub fn stamp(name: &str, pid: u64, boot: i64) -> u16 {
@@ -53,13 +56,13 @@ pub fn token(stamp: u16, unique: u64) -> u64 {
 }
 
 /// The unique to send to the server with `stamp` for a client's `token`:
-/// the server's own when the token is its, else 0 (never an item's).
+/// the server's own when the token is its, else [`NO_ITEM`].
 pub fn unique_for(token: u64, stamp: u16) -> u64 {
     let issued = (token >> RAW_BITS) as u16;
     if issued == stamp && issued != NEVER {
         token & RAW_MASK
     } else {
-        0
+        NO_ITEM
     }
 }
 
@@ -111,18 +114,18 @@ mod tests {
         assert_ne!(a, backup);
         let t = token(a, 7);
         assert_eq!(unique_for(t, a), 7);
-        assert_eq!(unique_for(t, restarted), 0, "issued before a restart");
-        assert_eq!(unique_for(t, backup), 0, "issued by another replica");
+        assert_eq!(unique_for(t, restarted), NO_ITEM, "issued before a restart");
+        assert_eq!(unique_for(t, backup), NO_ITEM, "issued by another replica");
         // A client's own number, never handed out by memrelay.
-        assert_eq!(unique_for(7, a), 0);
+        assert_eq!(unique_for(7, a), NO_ITEM);
     }
 
     #[test]
     fn a_unique_past_48_bits_never_matches() {
         let a = stamp("s", 1, 1);
         let t = token(a, 1 << 50);
-        assert_eq!(unique_for(t, a), 0);
-        assert_eq!(unique_for(t, NEVER), 0);
+        assert_eq!(unique_for(t, a), NO_ITEM);
+        assert_eq!(unique_for(t, NEVER), NO_ITEM);
     }
 
     #[test]

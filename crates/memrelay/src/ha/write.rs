@@ -282,8 +282,8 @@ fn attempt(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Reque
     } else {
         expect_of(req.command)
     };
-    // A CAS token (`ha::cas`) becomes this replica's own unique, or 0 if
-    // another replica or process issued it.
+    // A CAS token (`ha::cas`) becomes this replica's own unique, or one no
+    // item has if another replica or process issued it.
     let mut req_here = *req;
     let stamp = w.servers[server].health().stamp();
     req_here.cas = super::cas::unique_for(req.cas, stamp);
