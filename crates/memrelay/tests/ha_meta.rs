@@ -305,8 +305,10 @@ fn meta_writes_are_mirrored_to_the_backup() {
         // The primary lost an item the backup holds: a write that needs the
         // item (replace, append, prepend, delete, ma without N) falls back to
         // the backup's, as a read would; the primary stays empty. A
-        // create-if-absent (ME) is refused because of the backup's item.
+        // create-if-absent (ME) is refused because of the backup's item,
+        // and an autovivifying ma (N) uses it instead of creating one.
         let needs_item = [
+            "ma {k} N0 J7",
             "ms {k} 1 F5 ME",
             "ms {k} 1 F5 MR",
             "ms {k} 1 MA",

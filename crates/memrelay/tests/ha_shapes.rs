@@ -566,3 +566,32 @@ fn a_cas_unique_from_the_backup_never_matches_the_primarys_item() {
         direct(&pair.primary, "gets k\r\n")
     );
 }
+
+/// Autovivifying meta commands (`ma ... N`, `mg ... N`) on a primary that
+/// lost the item the backup holds: the acknowledged item is used, not a
+/// fresh one; with no item anywhere, they create it as memcached does.
+#[test]
+fn autovivify_uses_the_backups_item_and_creates_only_when_none_exists() {
+    let mut pair = Pair::start(&[]);
+    let mut px = pair.px();
+    assert_eq!(exchange(&mut px, "set cnt 0 0 2\r\n20\r\n"), "STORED\r\n");
+    assert_eq!(exchange(&mut px, "set lease 0 0 2\r\nv1\r\n"), "STORED\r\n");
+    pair.primary.restart();
+    let mut px = pair.px();
+    assert_eq!(exchange(&mut px, "ma cnt N0 J13 v\r\n"), "VA 2\r\n21\r\n");
+    assert_eq!(value_of(&pair.backup, "cnt").as_deref(), Some("21"));
+    assert_eq!(exchange(&mut px, "mg lease N30 v\r\n"), "VA 2\r\nv1\r\n");
+    // Nothing anywhere: exactly what one memcached answers.
+    let reference = Memcached::start();
+    for req in [
+        "ma fresh N0 J13 v\r\n",
+        "ma fresh N0 J13 v\r\n",
+        "mg newlease N30 v\r\n",
+        "mg newlease N30 v\r\n",
+    ] {
+        let want = direct(&reference, req);
+        assert_eq!(exchange(&mut px, req), want, "{req}");
+    }
+    assert_eq!(value_of(&pair.primary, "fresh").as_deref(), Some("14"));
+    assert_eq!(value_of(&pair.backup, "fresh").as_deref(), Some("14"));
+}

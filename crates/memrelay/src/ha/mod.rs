@@ -76,6 +76,8 @@ pub struct MetaWire {
     pub add_v: bool,
     /// The unique to send in place of the client's `C<token>` (`ha::cas`).
     pub cas: Option<u64>,
+    /// Leave `N` out: create nothing yet (see `vivifies_later`).
+    pub strip_n: bool,
 }
 
 /// Quiet requests keep their `q` and are closed by an `mn`, except an `ma`
@@ -94,7 +96,25 @@ pub fn meta_wire(req: &Request, mirrored: bool) -> MetaWire {
         },
         add_v: req.command == Command::MetaArith && mirrored && !req.meta.value && !quiet_framed,
         cas: None,
+        strip_n: false,
     }
+}
+
+/// Whether an autovivifying request (`ma ... N`, `mg ... N`) first travels
+/// without its `N`. The primary alone cannot tell "no item" from "lost the
+/// item the backup holds" (after a restart or an invalidation); created
+/// there, a fresh counter or lease would hide an acknowledged one. So the
+/// request goes as a plain `ma`/`mg`, falls back to the backup on a miss
+/// like any read or write, and only when no replica has the item is it
+/// sent whole, creating it. Quiet requests keep the old path (their
+/// replies are framed differently with and without `N`).
+pub fn vivifies_later(w: &Worker, req: &Request) -> bool {
+    use memrelay_protocol::Command;
+    matches!(req.command, Command::MetaArith | Command::MetaGet)
+        && req.meta.vivify
+        && !req.meta.quiet
+        && w.miss_fallback
+        && w.router.has_backups()
 }
 
 /// Writes a meta request's line as `wire` says.
@@ -117,13 +137,14 @@ pub fn write_meta(
         extra.extend_from_slice(unique.to_string().as_bytes());
     }
     let swap_cas = wire.cas.is_some();
+    let strip_n = wire.strip_n;
     compose::meta_line_filtered(
         b,
         req.command,
         key,
         len,
         req.meta.flags.of(frame),
-        |t| (keep_q || t[0] != b'q') && !(swap_cas && t[0] == b'C'),
+        |t| (keep_q || t[0] != b'q') && !(swap_cas && t[0] == b'C') && !(strip_n && t[0] == b'N'),
         &extra,
     );
 }

@@ -625,6 +625,7 @@ pub fn start_meta(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req:
     let replicas = w.router.replicas(&route);
     slot.replicas = Some(replicas);
     slot.stage = Stage::Read;
+    slot.vivify_pending = super::vivifies_later(w, req);
     let Some((tier, server)) = super::serving(w, &replicas, &route, 0, |s| {
         skipped_ttl_change(w, req, s, &route)
     }) else {
@@ -645,7 +646,8 @@ fn send_meta(
     server: usize,
 ) {
     let frame = slot.frame.clone();
-    let wire = super::meta_wire(req, false);
+    let mut wire = super::meta_wire(req, false);
+    wire.strip_n = slot.vivify_pending;
     let queued = w.servers[server].send(
         wire.expect,
         reply_to(inbox, seq, slot.parts.len()),
@@ -697,7 +699,7 @@ pub fn after_meta_round_one(
         return;
     };
     let Some(next) = super::first_serving(w, &replicas, &route, tier + 1, |_| {}) else {
-        return;
+        return vivify(w, inbox, seq, slot, req);
     };
     let server = replicas.get(next).unwrap_or(0);
     send_meta(w, inbox, seq, slot, req, server);
@@ -708,9 +710,23 @@ pub fn after_meta_round_one(
 }
 
 /// A backup hit for a primary that missed: copy it back in the background.
-pub fn after_meta_fallback(w: &Worker, slot: &mut Slot, req: &Request) {
+pub fn after_meta_fallback(
+    w: &Worker,
+    inbox: &Rc<Inbox>,
+    seq: u64,
+    slot: &mut Slot,
+    req: &Request,
+) {
     slot.stage = Stage::Done;
     settle_ttl_changes(w, slot, req);
+    if slot.parts.iter().any(|p| p.role == Role::Vivify) {
+        return; // the item was created: nothing to repair
+    }
+    let fell_back_to_a_miss = matches!(meta_fallback_part(slot).map(|p| &p.result),
+        Some(Some(Ok(r))) if is_meta_miss(r.kind));
+    if fell_back_to_a_miss {
+        return vivify(w, inbox, seq, slot, req);
+    }
     let (Some(first), Some(second)) = (slot.parts.first(), meta_fallback_part(slot)) else {
         return;
     };
@@ -742,7 +758,15 @@ pub fn render_meta(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
     let fallback_hit = meta_fallback_part(slot)
         .and_then(answered)
         .filter(|r| !is_meta_miss(r.kind));
-    let reply = fallback_hit.or_else(|| slot.parts.iter().find_map(answered));
+    let vivified = slot
+        .parts
+        .iter()
+        .rev()
+        .find(|p| p.role == Role::Vivify)
+        .and_then(answered);
+    let reply = vivified
+        .or(fallback_hit)
+        .or_else(|| slot.parts.iter().find_map(answered));
     let Some(reply) = reply else {
         // Nobody could answer: a miss, as memcached words it (with the
         // opaque and key echoed, so pipelining clients can match it).
@@ -786,6 +810,28 @@ pub fn with_cas_token(
         Some(v) => bytes::Bytes::from(v),
         None => reply,
     }
+}
+
+/// No replica has the item an `mg ... N` asked for: send it whole to the
+/// first replica that serves the key, which creates it (and hands out the
+/// win flag). Nothing when the request was not held back.
+fn vivify(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+    if !slot.vivify_pending {
+        return;
+    }
+    slot.vivify_pending = false;
+    let Some(replicas) = slot.replicas else {
+        return;
+    };
+    let route = super::route_key(&slot.frame, req);
+    let Some((_, server)) = super::serving(w, &replicas, &route, 0, |_| {}) else {
+        return;
+    };
+    send_meta(w, inbox, seq, slot, req, server);
+    if let Some(p) = slot.parts.last_mut() {
+        p.role = Role::Vivify;
+    }
+    slot.stage = Stage::Fallback;
 }
 
 /// An `mg`'s second round, if it had one (its TTL copies are not).

@@ -116,6 +116,7 @@ pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Req
         w.servers[s].health().note_write(&key);
     }
     slot.replicas = Some(replicas);
+    slot.vivify_pending = super::vivifies_later(w, req);
     if creates_if_absent(req) {
         if let (Some(p), Some(b)) = (replicas.get(0), replicas.get(1)) {
             let key: &[u8] = &key;
@@ -290,6 +291,7 @@ fn attempt(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Reque
     let req_here = &req_here;
     let mut wire = wire;
     wire.cas = super::meta_cas_token(&frame, req).map(|t| super::cas::unique_for(t, stamp));
+    wire.strip_n = slot.vivify_pending;
     let queued = w.servers[server].send_for_key(
         key,
         expect,
@@ -340,12 +342,24 @@ pub fn advance(
                 && is_miss(req, reply.kind) =>
         {
             attempt(w, inbox, seq, slot, req, 1);
-            if slot.parts.iter().filter(|p| p.role == Role::Main).count() == 1 {
+            if slot.parts.iter().filter(|p| p.role == Role::Main).count() == 1
+                && slot.vivify_pending
+            {
+                // No backup could be asked: create it on the primary.
+                slot.vivify_pending = false;
+                attempt(w, inbox, seq, slot, req, 0);
+            } else if slot.parts.iter().filter(|p| p.role == Role::Main).count() == 1 {
                 // No backup could take it: the primary's answer stands, and
                 // its mirror rule (the backups' copies are deleted) applies.
                 slot.local = None;
                 mirror_after(w, inbox, seq, slot, req, tier, &replicas, &route);
             }
+        }
+        Some(Ok(reply)) if slot.vivify_pending && is_miss(req, reply.kind) => {
+            // No replica had the item: now create it, from the first tier
+            // that serves the key, and copy it as usual.
+            slot.vivify_pending = false;
+            attempt(w, inbox, seq, slot, req, 0);
         }
         Some(Ok(reply)) => {
             if tier > 0 && !is_miss(req, reply.kind) {

@@ -107,7 +107,9 @@ pub fn advance(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot) {
         Stage::Read if req.command.is_meta() => {
             ha::read::after_meta_round_one(w, inbox, seq, slot, &req)
         }
-        Stage::Fallback if req.command.is_meta() => ha::read::after_meta_fallback(w, slot, &req),
+        Stage::Fallback if req.command.is_meta() => {
+            ha::read::after_meta_fallback(w, inbox, seq, slot, &req)
+        }
         Stage::Read => ha::read::after_round_one(w, inbox, seq, slot, &req),
         Stage::Fallback => ha::read::after_fallback(w, inbox, seq, slot, &req),
         Stage::Repair => ha::read::after_repair(w, slot, &req),

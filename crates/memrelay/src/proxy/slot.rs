@@ -39,6 +39,9 @@ pub enum Role {
     /// backup before the primary: the backup may hold an acknowledged item
     /// the primary lost (see `ha::write::start`).
     Create,
+    /// An `mg ... N` sent whole (with `N`) once neither replica had the
+    /// item (see `ha::read::start_meta`).
+    Vivify,
     /// A read that changed a TTL (`gat`, `gats`, `mg ... T`): the same TTL
     /// set on a later tier for key number `key`.
     Touch { key: u32 },
@@ -123,6 +126,9 @@ pub struct Slot {
     /// The request holds its keys in the session's fences until it is
     /// finished (see `proxy::fence`).
     pub fenced: bool,
+    /// An autovivifying request (`ma ... N`, `mg ... N`) still travels
+    /// without its `N`: it creates the item only once no replica has it.
+    pub vivify_pending: bool,
 }
 
 impl Slot {
@@ -140,6 +146,7 @@ impl Slot {
             held: 0,
             worker: None,
             fenced: false,
+            vivify_pending: false,
         }
     }
 
@@ -157,6 +164,7 @@ impl Slot {
             held: 0,
             worker: None,
             fenced: false,
+            vivify_pending: false,
         }
     }
 
