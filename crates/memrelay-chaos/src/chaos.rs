@@ -64,6 +64,16 @@ impl Watch {
         ((last - 1) as i64) < from
     }
 
+    /// memrelay itself crashed: the next one flushes the servers it had
+    /// marked dirty, so every server counts as disturbed from now on (a
+    /// planned restart or a hand-off passes the lists on and does not).
+    pub fn relay_crashed(&self) {
+        let now = self.now_ms() + 1;
+        for s in &self.servers {
+            s.last_event.store(now, Ordering::SeqCst);
+        }
+    }
+
     /// One replica of a key with primary `p` (the primary, or the backup,
     /// the last server) untouched since `since`.
     pub fn live_replica(&self, p: usize, since: Instant) -> bool {

@@ -52,6 +52,12 @@ options:
                      is up, unless --overlap)
   --overlap          allow a key's primary and backup out at the same time
   --no-pipeline      no client pipelines
+  --relay-chaos      also restart memrelay itself every 3..8 s, on the same
+                     port with --state-file and --handoff: a planned
+                     restart (SIGTERM), a crash (SIGKILL) or a hand-off
+                     (a second memrelay takes the sockets over). After a
+                     crash every server counts as disturbed (the new
+                     process flushes those it had marked dirty)
   --strict-writes    an incr/append answering NOT_FOUND/NOT_STORED while a
                      replica untouched since the value's set held it counts
                      as lost (docs/ha.md allows it; see docs/chaos.md)
@@ -92,6 +98,8 @@ struct Cfg {
     memcached: String,
     relay_log: Option<PathBuf>,
     verbose: bool,
+    /// Also restart memrelay itself: SIGTERM, SIGKILL, or a hand-off.
+    relay_chaos: bool,
     extra: Vec<String>,
 }
 
@@ -139,6 +147,7 @@ fn parse_args(args: &[String]) -> Result<Option<Cfg>, String> {
         memcached: "memcached".into(),
         relay_log: None,
         verbose: false,
+        relay_chaos: false,
         extra: Vec::new(),
     };
     let mut it = args.iter();
@@ -169,6 +178,7 @@ fn parse_args(args: &[String]) -> Result<Option<Cfg>, String> {
             "--overlap" => c.overlap = true,
             "--no-pipeline" => c.pipeline = false,
             "--strict-writes" => c.strict_writes = true,
+            "--relay-chaos" => c.relay_chaos = true,
             "--pause" => {
                 let v = val()?;
                 let (a, b) = v
@@ -498,7 +508,7 @@ fn client(
         let ops = pick_batch(&mut rng, &keys, size, &mut seq);
         let ci = rng.below(conns.len() as u64) as usize;
         if conns[ci].is_none() {
-            match Conn::connect(relay) {
+            match connect_retrying(relay, stop) {
                 Ok(c) => conns[ci] = Some(c),
                 Err(e) => {
                     return ClientEnd {
@@ -556,6 +566,19 @@ fn client(
     }
 }
 
+/// Connects to memrelay, retrying for a while: with --relay-chaos it is
+/// being restarted now and then (a few hundred ms without a listener).
+fn connect_retrying(relay: &str, stop: &AtomicBool) -> Result<Conn, String> {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        match Conn::connect(relay) {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() >= end || stop.load(Ordering::Relaxed) => return Err(e),
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
 fn bound(cfg: &Cfg) -> Duration {
     cfg.timeout * 2 + Duration::from_millis(300) + cfg.slack
 }
@@ -605,6 +628,59 @@ fn final_reads(cfg: &Cfg, relay: &str, watch: &Watch, t: usize, end: &mut Client
     }
 }
 
+/// How --relay-chaos restarts memrelay.
+#[derive(Debug, Clone, Copy)]
+enum RelayAct {
+    /// SIGTERM: it drains and saves what servers missed; then a new one.
+    Terminate,
+    /// SIGKILL: a crash; the new one flushes the servers marked dirty.
+    Kill,
+    /// A second memrelay takes the sockets over; the old one drains.
+    Handoff,
+}
+
+/// Restarts memrelay on its port; returns a line for the chaos log.
+fn restart_relay(
+    relay: &mut Memrelay,
+    how: RelayAct,
+    bin: &Path,
+    args: &[String],
+    origin: Instant,
+    cfg: &Cfg,
+    watch: &Watch,
+) -> Result<String, String> {
+    let began = Instant::now();
+    let port = relay.port();
+    let bin = bin.to_string_lossy();
+    let start = || Memrelay::start(&bin, args, origin, cfg.relay_log.as_deref(), Some(port));
+    match how {
+        RelayAct::Terminate => {
+            if !relay.signal_and_wait(libc::SIGTERM, Duration::from_secs(10)) {
+                return Err("memrelay did not exit within 10 s of SIGTERM".into());
+            }
+            *relay = start()?;
+        }
+        RelayAct::Kill => {
+            watch.relay_crashed();
+            relay.signal_and_wait(libc::SIGKILL, Duration::from_secs(5));
+            watch.relay_crashed();
+            *relay = start()?;
+        }
+        RelayAct::Handoff => {
+            let new = start()?;
+            let mut old = std::mem::replace(relay, new);
+            if !old.wait_exit(Duration::from_secs(10)) {
+                return Err("the old memrelay did not exit within 10 s of a hand-off".into());
+            }
+        }
+    }
+    Ok(format!(
+        "[{:>7}ms] memrelay {how:?}, took {} ms",
+        began.saturating_duration_since(watch.start).as_millis(),
+        began.elapsed().as_millis()
+    ))
+}
+
 fn run(cfg: &Cfg) -> Result<bool, String> {
     let relay_bin = match &cfg.memrelay {
         Some(p) => PathBuf::from(p),
@@ -627,6 +703,20 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
     }
     args.extend(["-b".to_string(), servers[b].addr()]);
     args.extend(["--timeout".to_string(), cfg.timeout_arg.clone()]);
+    // With --relay-chaos: where the missed-key lists outlive a memrelay, and
+    // where a new one takes the sockets over.
+    let state_dir = std::env::temp_dir().join(format!("memrelay-chaos-{}", std::process::id()));
+    if cfg.relay_chaos {
+        std::fs::create_dir_all(&state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
+        args.extend([
+            "--state-file".to_string(),
+            state_dir.join("state").display().to_string(),
+            "--handoff".to_string(),
+            state_dir.join("handoff.sock").display().to_string(),
+            "--shutdown-timeout".to_string(),
+            "2s".to_string(),
+        ]);
+    }
     args.extend(cfg.extra.iter().cloned());
     // The run's clock starts here, so memrelay's log lines and the
     // histories share one time line.
@@ -636,6 +726,7 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
         &args,
         origin,
         cfg.relay_log.as_deref(),
+        None,
     )?;
     let addr = relay.addr();
     if !procs::wait_until(Duration::from_secs(10), || all_up(&addr, b + 1)) {
@@ -709,6 +800,7 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
         pause_ms: cfg.pause_ms,
     };
     let mut relay_died = None;
+    let mut relay_log: Vec<String> = Vec::new();
     let (mut ends, chaos_tally): (Vec<ClientEnd>, ChaosTally) = thread::scope(|s| {
         let (watch, stop, servers) = (&watch, &stop, &mut servers);
         let seed = cfg.seed;
@@ -723,10 +815,27 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
             .collect();
         // Pacing: how long the run lasts.
         let end = Instant::now() + cfg.duration;
+        let mut rng = Rng::new(seed ^ 0x7265_6c61_79);
+        let mut next_restart = Instant::now() + Duration::from_millis(3000 + rng.below(5000));
         while Instant::now() < end && !INTERRUPTED.load(Ordering::SeqCst) {
             if let Some(st) = relay.exited() {
                 relay_died = Some(st);
                 break;
+            }
+            if cfg.relay_chaos && Instant::now() >= next_restart {
+                let how = match rng.below(3) {
+                    0 => RelayAct::Terminate,
+                    1 => RelayAct::Kill,
+                    _ => RelayAct::Handoff,
+                };
+                match restart_relay(&mut relay, how, &relay_bin, &args, origin, cfg, watch) {
+                    Ok(line) => relay_log.push(line),
+                    Err(e) => {
+                        relay_died = Some(e);
+                        break;
+                    }
+                }
+                next_restart = Instant::now() + Duration::from_millis(3000 + rng.below(5000));
             }
             thread::sleep(Duration::from_millis(100));
         }
@@ -819,6 +928,16 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
         chaos_tally.conts,
         chaos_tally.backup_events
     );
+    if cfg.relay_chaos {
+        let count = |w: &str| relay_log.iter().filter(|l| l.contains(w)).count();
+        println!(
+            "memrelay restarts: {} (SIGTERM {}, SIGKILL {}, hand-off {})",
+            relay_log.len(),
+            count("Terminate"),
+            count("Kill"),
+            count("Handoff")
+        );
+    }
     println!(
         "reads: {} keys: hits {} ({:.1}%), misses {}; guarded reads (had to hit) {}; unchecked hits {}",
         reads,
@@ -863,7 +982,9 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
     }
     if cfg.verbose || !ok {
         println!("chaos log:");
-        for l in &chaos_tally.log {
+        let mut all: Vec<&String> = chaos_tally.log.iter().chain(relay_log.iter()).collect();
+        all.sort();
+        for l in all {
             println!("  {l}");
         }
     }

@@ -146,6 +146,7 @@ impl Memcached {
         format!("127.0.0.1:{}", self.port)
     }
 
+
     /// SIGKILL and reap: the port is closed afterwards, the cache gone.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -267,16 +268,29 @@ const LOG_LINES: usize = 400;
 impl Memrelay {
     /// `log_file`: where all of memrelay's log goes too, each line prefixed
     /// with the milliseconds since `origin`.
+    /// `port`: the port to listen on (a restart keeps it), or None for a
+    /// free one; the log file is appended to when a port is given.
     pub fn start(
         bin: &str,
         args: &[String],
         origin: Instant,
         log_file: Option<&std::path::Path>,
+        port: Option<u16>,
     ) -> Result<Memrelay, String> {
-        let port = free_port()?;
+        let restart = port.is_some();
+        let port = match port {
+            Some(p) => p,
+            None => free_port()?,
+        };
         let mut file = match log_file {
             Some(p) => Some(std::io::LineWriter::new(
-                std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?,
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .append(restart)
+                    .truncate(!restart)
+                    .open(p)
+                    .map_err(|e| format!("{}: {e}", p.display()))?,
             )),
             None => None,
         };
@@ -335,6 +349,35 @@ impl Memrelay {
 
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Sends `sig` and waits (at most `grace`) for the process to exit;
+    /// SIGKILL after that. True if it exited by itself.
+    pub fn signal_and_wait(&mut self, sig: libc::c_int, grace: Duration) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        signal(c.id(), sig);
+        let end = Instant::now() + grace;
+        while Instant::now() < end {
+            if let Ok(Some(_)) = c.try_wait() {
+                unregister(c.id());
+                return true;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        reap(&mut c);
+        false
+    }
+
+    /// Waits (at most `grace`) for the process to exit by itself (after a
+    /// hand-off); SIGKILL after that. True if it exited by itself.
+    pub fn wait_exit(&mut self, grace: Duration) -> bool {
+        self.signal_and_wait(0, grace)
     }
 
     /// Still running? (Some(status) once it exited.)

@@ -66,6 +66,10 @@ pub struct Persist {
     disowned: std::sync::atomic::AtomicBool,
     /// Hand-off bookkeeping (see the module comment).
     handoff: Mutex<HandoffState>,
+    /// One writer at a time (worker threads mark servers dirty while the
+    /// main thread marks them clean): the text is made and written under
+    /// it, so a later write never carries older marks.
+    writing: Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -107,6 +111,7 @@ impl Persist {
             marks: Mutex::new(BTreeMap::new()),
             disowned: std::sync::atomic::AtomicBool::new(false),
             handoff: Mutex::new(HandoffState::default()),
+            writing: Mutex::new(()),
         })
     }
 
@@ -323,6 +328,7 @@ impl Persist {
     }
 
     fn write_running(&self) {
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let text = {
             let marks = self.marks();
             let mut out = format!("{MAGIC}\nstatus running\n");
@@ -350,6 +356,7 @@ impl Persist {
     }
 
     fn write_lists(&self, path: &Path, status: Status, health: &[Arc<Health>]) {
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let word = match status {
             Status::Clean => "clean",
             Status::Running => "running",
@@ -442,8 +449,10 @@ fn mark_of(h: &Health) -> Mark {
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    // Named for this process: the old and the new memrelay of a hand-off
+    // never share one.
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
+    tmp.push(format!(".tmp.{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
     {
         let mut f = std::fs::File::create(&tmp)?;
