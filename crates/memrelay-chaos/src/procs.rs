@@ -146,7 +146,6 @@ impl Memcached {
         format!("127.0.0.1:{}", self.port)
     }
 
-
     /// SIGKILL and reap: the port is closed afterwards, the cache gone.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

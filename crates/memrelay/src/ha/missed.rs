@@ -41,6 +41,10 @@ pub struct MissedKeys {
     /// file marks the server as holding stale copies (`ha::persist`)
     /// before the write that missed it is acknowledged.
     on_dirty: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Called with every record (`None`: every key), outside the lock,
+    /// before the record returns: during a hand-off it tells the new
+    /// process, before the write that went past the server is answered.
+    on_record: std::sync::OnceLock<Box<dyn Fn(Option<&[u8]>) + Send + Sync>>,
 }
 
 impl std::fmt::Debug for MissedKeys {
@@ -82,6 +86,18 @@ impl MissedKeys {
             flushes: AtomicU64::new(0),
             recorded_signal: tokio::sync::Notify::new(),
             on_dirty: std::sync::OnceLock::new(),
+            on_record: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Installs the hook called with every record (once).
+    pub fn on_record(&self, hook: Box<dyn Fn(Option<&[u8]>) + Send + Sync>) {
+        let _ = self.on_record.set(hook);
+    }
+
+    fn recorded_hook(&self, key: Option<&[u8]>) {
+        if let Some(hook) = self.on_record.get() {
+            hook(key);
         }
     }
 
@@ -144,6 +160,7 @@ impl MissedKeys {
         if was_empty {
             self.dirtied();
         }
+        self.recorded_hook(Some(key));
     }
 
     fn insert(&self, key: &[u8]) {
@@ -184,6 +201,7 @@ impl MissedKeys {
         self.count.store(1, Ordering::Release);
         drop(inner);
         self.dirtied();
+        self.recorded_hook(None);
         self.recorded_signal.notify_one();
     }
 

@@ -18,12 +18,18 @@
 //!   keys are read from them and repaired). No file: nothing is known, as
 //!   without `--state-file`.
 //!
-//! - **across a hand-off** (`--handoff`), the old process writes its lists
-//!   to `<state-file>.handoff` as soon as the new one has the sockets, and
-//!   again whenever they change while it drains, the last time marked
-//!   final. The new process waits (up to `HANDOFF_WAIT`) for that file
-//!   before it serves, then merges what the old one adds until it is
-//!   final; only the new process writes the state file from then on.
+//! - **across a hand-off** (`--handoff`), the two processes serve at once
+//!   while the old one drains, so what the old one records must reach the
+//!   new one before the old one answers the write that caused it. The new
+//!   process listens on `<state-file>.records` (a unix socket) and waits
+//!   (up to `HANDOFF_WAIT`) for the old one's lists in
+//!   `<state-file>.handoff` before it serves. The old process connects to
+//!   the socket, then writes that file; from then on every key it records
+//!   is sent over the socket, and the record (so the write's answer) waits
+//!   for the new process to have it. The file is written again while the
+//!   old one drains and a last time, marked final, when it exits: what the
+//!   socket could not carry is merged from it. Only the new process writes
+//!   the state file from then on.
 //!
 //! The file is text, one record a line: `memrelay-state 1`, a status
 //! (`clean`, `running`, `handoff`, `handoff-final`), then per server
@@ -66,6 +72,8 @@ pub struct Persist {
     disowned: std::sync::atomic::AtomicBool,
     /// Hand-off bookkeeping (see the module comment).
     handoff: Mutex<HandoffState>,
+    /// Old side of a hand-off: the new process's record socket.
+    forward: Mutex<Option<std::os::unix::net::UnixStream>>,
     /// One writer at a time (worker threads mark servers dirty while the
     /// main thread marks them clean): the text is made and written under
     /// it, so a later write never carries older marks.
@@ -111,6 +119,7 @@ impl Persist {
             marks: Mutex::new(BTreeMap::new()),
             disowned: std::sync::atomic::AtomicBool::new(false),
             handoff: Mutex::new(HandoffState::default()),
+            forward: Mutex::new(None),
             writing: Mutex::new(()),
         })
     }
@@ -127,6 +136,10 @@ impl Persist {
             if let Some(stale) = self.start_from_handoff(health) {
                 return stale;
             }
+        } else {
+            // Left by a hand-off whose new process died before it read
+            // it: it must not pass for the next hand-off's.
+            let _ = std::fs::remove_file(self.handoff_path());
         }
         let loaded = match std::fs::read_to_string(&self.path) {
             Ok(text) => parse(&text).unwrap_or_else(|why| {
@@ -174,6 +187,7 @@ impl Persist {
     /// its file appears. None if it never did (then the state file rules).
     fn start_from_handoff(self: &Arc<Self>, health: &[Arc<Health>]) -> Option<Vec<String>> {
         let deadline = std::time::Instant::now() + HANDOFF_WAIT;
+        self.receive_records(health);
         let loaded = loop {
             match std::fs::read_to_string(self.handoff_path()).map(|t| parse(&t)) {
                 Ok(Ok(l)) if matches!(l.status, Status::Handoff | Status::HandoffFinal) => break l,
@@ -264,11 +278,99 @@ impl Persist {
     }
 
     /// Old side: the sockets are the new process's now; so is the state
-    /// file. What this one knows goes to the hand-off file.
-    pub fn hand_off(&self, health: &[Arc<Health>]) {
+    /// file. Every record from now on goes to the new process first (if it
+    /// listens), then what this one knows goes to the hand-off file.
+    pub fn hand_off(self: &Arc<Self>, health: &[Arc<Health>]) {
         self.disown();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(self.records_path()) {
+                Ok(s) => break Some(s),
+                Err(_) if std::time::Instant::now() >= deadline => break None,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        };
+        match stream {
+            Some(s) => {
+                let _ = s.set_read_timeout(Some(FORWARD_TIMEOUT));
+                let _ = s.set_write_timeout(Some(FORWARD_TIMEOUT));
+                *self.forward_stream() = Some(s);
+                for h in health {
+                    for set in [&h.missed, &h.copying] {
+                        let me = Arc::downgrade(self);
+                        let name = h.name.clone();
+                        set.on_record(Box::new(move |key| {
+                            if let Some(me) = me.upgrade() {
+                                me.forward_record(&name, key);
+                            }
+                        }));
+                    }
+                }
+            }
+            None => {
+                tracing::warn!(socket = %self.records_path().display(), "the new memrelay takes no records: it learns them from the hand-off file, a little later")
+            }
+        }
         self.handoff_state().written = changes(health);
         self.write_lists(&self.handoff_path(), Status::Handoff, health);
+    }
+
+    fn records_path(&self) -> PathBuf {
+        let mut p = self.path.as_os_str().to_owned();
+        p.push(".records");
+        PathBuf::from(p)
+    }
+
+    fn forward_stream(&self) -> std::sync::MutexGuard<'_, Option<std::os::unix::net::UnixStream>> {
+        self.forward.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Old side: tells the new process that `server` missed `key` (None:
+    /// every key), and waits for it to have it.
+    fn forward_record(&self, server: &str, key: Option<&[u8]>) {
+        use std::io::{Read, Write};
+        let mut guard = self.forward_stream();
+        let Some(stream) = guard.as_mut() else { return };
+        let mut line = Vec::with_capacity(server.len() + 64);
+        line.extend_from_slice(server.as_bytes());
+        line.push(b' ');
+        match key {
+            Some(k) => memrelay_protocol::base64::encode(k, &mut line),
+            None => line.push(b'*'),
+        }
+        line.push(b'\n');
+        let mut ack = [0u8; 2];
+        let sent = stream
+            .write_all(&line)
+            .and_then(|()| stream.read_exact(&mut ack));
+        if sent.is_err() || &ack != b"k\n" {
+            tracing::warn!("the new memrelay stopped taking records: it learns the rest from the hand-off file, a little later");
+            *guard = None;
+        }
+    }
+
+    /// New side: takes the old process's records as they come, on a thread
+    /// of its own, until the old process is gone.
+    fn receive_records(&self, health: &[Arc<Health>]) {
+        let path = self.records_path();
+        let _ = std::fs::remove_file(&path);
+        let listener = match std::os::unix::net::UnixListener::bind(&path) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(socket = %path.display(), error = %e, "cannot take the old memrelay's records: it learns them from the hand-off file");
+                return;
+            }
+        };
+        let health: Vec<Arc<Health>> = health.to_vec();
+        let spawned = std::thread::Builder::new()
+            .name("memrelay-records".into())
+            .spawn(move || {
+                take_records(&listener, &health);
+                let _ = std::fs::remove_file(&path);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot take the old memrelay's records");
+        }
     }
 
     /// Marks `health`'s server dirty in the file whenever its lists stop
@@ -436,6 +538,50 @@ fn changes(health: &[Arc<Health>]) -> u64 {
                 + h.missed.flushes.load(Relaxed)
         })
         .fold(0u64, u64::wrapping_add)
+}
+
+/// How long the old process waits for the new one to take a record.
+const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// New side: accepts the old process's connection (waiting at most
+/// `HANDOFF_WAIT`), and records what it sends until it closes.
+fn take_records(listener: &std::os::unix::net::UnixListener, health: &[Arc<Health>]) {
+    use std::io::{BufRead, Write};
+    let _ = listener.set_nonblocking(true);
+    let deadline = std::time::Instant::now() + HANDOFF_WAIT;
+    let stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(_) if std::time::Instant::now() >= deadline => return,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    };
+    let _ = stream.set_nonblocking(false);
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = std::io::BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let Some((name, key)) = line.trim_end().rsplit_once(' ') else {
+            return;
+        };
+        if let Some(h) = health.iter().find(|h| h.name == name) {
+            if key == "*" {
+                h.missed.record_all();
+            } else if let Some(k) = memrelay_protocol::base64::decode(key.as_bytes()) {
+                h.missed.record(&k);
+            }
+        }
+        if out.write_all(b"k\n").is_err() {
+            return;
+        }
+    }
 }
 
 fn mark_of(h: &Health) -> Mark {
@@ -607,17 +753,23 @@ mod tests {
         let old = Persist::new(path.clone());
         old.start(std::slice::from_ref(&old_a), false);
         old_a.missed.record(b"before");
-        // The new process has the sockets: the old one hands over.
-        old.hand_off(std::slice::from_ref(&old_a));
+        // The new process has the sockets and waits for the old one's
+        // lists; the old one hands over.
         let new_a = health("a:1");
         let new = Persist::new(path.clone());
-        assert!(new.start(std::slice::from_ref(&new_a), true).is_empty());
+        let starting = {
+            let (new, new_a) = (new.clone(), new_a.clone());
+            std::thread::spawn(move || new.start(std::slice::from_ref(&new_a), true))
+        };
+        old.hand_off(std::slice::from_ref(&old_a));
+        assert!(starting.join().unwrap().is_empty());
         assert!(new_a.missed.contains(b"before"));
-        // While it drains, the old process records one more.
+        // While it drains, the old process records one more: the new one
+        // has it by the time the record returns.
         old_a.missed.record(b"during");
-        old.tick(std::slice::from_ref(&old_a));
-        new.tick(std::slice::from_ref(&new_a));
         assert!(new_a.missed.contains(b"during"));
+        old_a.missed.record(&[0, 1, 255]);
+        assert!(new_a.missed.contains(&[0, 1, 255]));
         old_a.missed.record(b"last");
         old.save(std::slice::from_ref(&old_a));
         new.tick(std::slice::from_ref(&new_a));
