@@ -74,7 +74,7 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
     }
     let metrics_listener = match cfg.metrics {
         Some(addr) => Some(
-            crate::stats::metrics::bind(addr)
+            crate::stats::http::bind(addr)
                 .map_err(|e| StartError::Bind(format!("--metrics {addr}"), e))?,
         ),
         None => None,
@@ -178,7 +178,7 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
         if let (Some(addr), Some(l)) = (metrics, metrics_listener) {
             match tokio::net::TcpListener::from_std(l) {
                 Ok(l) => {
-                    tokio::spawn(crate::stats::metrics::serve(l, registry.clone()));
+                    tokio::spawn(crate::stats::http::serve(l, registry.clone()));
                 }
                 Err(e) => tracing::error!(error = %e, %addr, "cannot serve metrics"),
             }

@@ -11,6 +11,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::backend::health::Health;
 
+pub mod http;
 pub mod metrics;
 
 /// A counter with a single writer thread.
