@@ -174,11 +174,21 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
     drop(listeners);
     drop(links);
 
+    // /metrics asks for --auth-file's credentials, as renewed by reloads.
+    let metrics_auth: crate::stats::http::MetricsAuth =
+        Arc::new(std::sync::RwLock::new(control.config().auth.clone()));
+    let renew_metrics_auth = |control: &Control| {
+        *metrics_auth.write().unwrap_or_else(|p| p.into_inner()) = control.config().auth.clone();
+    };
     rt.block_on(local.run_until(async {
         if let (Some(addr), Some(l)) = (metrics, metrics_listener) {
             match tokio::net::TcpListener::from_std(l) {
                 Ok(l) => {
-                    tokio::spawn(crate::stats::http::serve(l, registry.clone()));
+                    tokio::spawn(crate::stats::http::serve(
+                        l,
+                        registry.clone(),
+                        metrics_auth.clone(),
+                    ));
                 }
                 Err(e) => tracing::error!(error = %e, %addr, "cannot serve metrics"),
             }
@@ -189,6 +199,7 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
                     Signal::Hangup => {
                         tracing::info!("SIGHUP: reloading the configuration");
                         let _ = control.reload("SIGHUP").await;
+                        renew_metrics_auth(&control);
                     }
                     other => break other,
                 },
@@ -207,6 +218,7 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
                     }
                     tracing::info!(requests = waiting.len(), "memrelay reload: reloading the configuration");
                     let result = control.reload("memrelay reload").await;
+                    renew_metrics_auth(&control);
                     for r in waiting {
                         let _ = r.reply.send(result.clone());
                     }

@@ -96,7 +96,9 @@ more options:
       --shutdown-timeout D on SIGTERM, how long clients get to finish before
                            they are closed (default 10s); SIGINT stops at once
       --metrics ADDR       serve /metrics (Prometheus), /healthz and /readyz over
-                           HTTP on ADDR, e.g. 127.0.0.1:9150
+                           HTTP on ADDR, e.g. 127.0.0.1:9150 (a port alone:
+                           on 127.0.0.1); with --auth-file, /metrics asks for
+                           one of its users (HTTP basic authentication)
       --handoff PATH       zero-downtime restart: a memrelay started with the same
                            PATH takes over the listening sockets of the one
                            running, which then drains and exits

@@ -370,10 +370,20 @@ impl Config {
         self.tiers().flatten()
     }
 
-    /// File descriptors the process may need: every client, and each
-    /// worker's connections to every server, with room for the rest.
+    /// File descriptors the process may need: every client, each worker's
+    /// connections to every server, the main thread's (a prober and a
+    /// resync per server), the metrics endpoint's scrapers, and room for
+    /// the rest (listeners, the runtime's own). Each use has its own
+    /// reserve, so no number of clients or scrapers can leave the server
+    /// connections without a descriptor.
     pub fn fds_needed(&self) -> usize {
-        self.max_conns + self.servers().count() * self.backend_conns * self.threads + 64
+        let servers = self.servers().count();
+        let metrics = if self.metrics.is_some() {
+            crate::stats::http::MAX_CONNS + 1
+        } else {
+            0
+        };
+        self.max_conns + servers * (self.backend_conns * self.threads + 2) + metrics + 64
     }
 
     /// The tiers: primaries, then each backup tier (empty ones left out).
@@ -526,8 +536,12 @@ pub fn listen_addr(host: &str, port: u16) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("'{host}' has no address"))
 }
 
-/// An address like `127.0.0.1:9150` (the metrics endpoint), resolved now.
+/// An address like `127.0.0.1:9150` (the metrics endpoint), resolved now;
+/// a port alone is on loopback.
 pub fn socket_addr(v: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = v.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
     v.to_socket_addrs()
         .ok()
         .and_then(|mut a| a.next())
