@@ -295,6 +295,13 @@ pub struct Config {
     pub warnings: Vec<String>,
     /// Close clients idle this long (off by default, as in memcached).
     pub idle_timeout: Option<Duration>,
+    /// Close a client owed replies that takes none for this long.
+    pub write_timeout: Duration,
+    /// Close a client not yet authenticated (or, over TLS, not done with
+    /// its handshake) that sends nothing for this long.
+    pub handshake_timeout: Duration,
+    /// Bytes all clients may hold in the proxy (see [`default_max_memory`]).
+    pub max_memory: usize,
     /// Items per second a resync copies.
     pub resync_rate: u64,
     /// SIGTERM: longest wait for clients to finish before closing them.
@@ -347,6 +354,9 @@ impl Default for Config {
             auth: None,
             warnings: Vec::new(),
             idle_timeout: None,
+            write_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            max_memory: default_max_memory(),
             resync_rate: 5000,
             shutdown_timeout: Duration::from_secs(10),
             handoff: None,
@@ -480,6 +490,25 @@ pub const REPLY_HEADROOM: usize = 32 * 1024;
 /// largest values still fit in one reply.
 pub fn default_max_reply(max_value_len: usize) -> usize {
     (64 << 20).max(max_value_len.saturating_mul(4))
+}
+
+/// The default `--max-memory`: half the machine's memory (the rest for the
+/// servers on the same host, the kernel's buffers, and the proxy's own
+/// structures), so a flood of clients is shed with `SERVER_ERROR out of
+/// memory` before the host swaps. 1 GiB if the size cannot be read.
+pub fn default_max_memory() -> usize {
+    // SAFETY: sysconf only reads system values.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages > 0 && page > 0 {
+        (pages as usize).saturating_mul(page as usize) / 2
+    } else {
+        1 << 30
+    }
 }
 
 /// Parses a duration: `250ms`, `2s`, or a bare number of milliseconds.

@@ -144,6 +144,9 @@ impl Worker {
                 max_buffer: cfg.max_client_buffer,
                 max_reply: cfg.max_reply_size,
                 idle_timeout: cfg.idle_timeout,
+                write_timeout: cfg.write_timeout,
+                handshake_timeout: cfg.handshake_timeout,
+                max_memory: cfg.max_memory / cfg.threads.max(1),
             },
             max_conns: cfg.max_conns,
             tls: cfg.tls.as_ref().map(|t| t.server.clone()),
@@ -296,4 +299,13 @@ pub struct ClientLimits {
     pub max_reply: usize,
     /// Close a client idle this long (nothing sent, nothing outstanding).
     pub idle_timeout: Option<std::time::Duration>,
+    /// Close a client owed replies whose socket takes none for this long
+    /// (it would otherwise pin them for ever).
+    pub write_timeout: std::time::Duration,
+    /// Close a client that has not authenticated (or finished its TLS
+    /// handshake) and sends nothing for this long.
+    pub handshake_timeout: std::time::Duration,
+    /// Bytes this worker's clients may hold in all (`--max-memory` shared
+    /// equally by the workers, so the check is the worker's own).
+    pub max_memory: usize,
 }

@@ -59,6 +59,14 @@ pub(crate) fn render(r: &StatsRegistry) -> String {
                 "Client connections open now.",
             );
             let _ = writeln!(out, "memrelay_connections {v}");
+        } else if name == "memory_held" {
+            metric(
+                &mut out,
+                "memory_held_bytes",
+                "gauge",
+                "Bytes clients hold in the proxy now (requests in flight, replies owed), against --max-memory.",
+            );
+            let _ = writeln!(out, "memrelay_memory_held_bytes {v}");
         } else {
             metric(
                 &mut out,

@@ -190,7 +190,13 @@ worker_counters!(
     mirror_mismatches,
     bytes_read,
     bytes_written,
+    memory_held,
+    memory_shed,
 );
+
+/// The counters of `WorkerStats` that are gauges: they go down as well as
+/// up, and `stats reset` leaves them alone.
+pub(crate) const GAUGES: [&str; 2] = ["curr_connections", "memory_held"];
 
 /// A server as `stats` shows it: name, role (`primary`, `backup`, or
 /// `backup2`/`backup3` for further tiers), health.
@@ -318,7 +324,7 @@ impl StatsRegistry {
             .clone();
         for (i, (name, v)) in self.sums().into_iter().enumerate() {
             let since = match baseline.get(i) {
-                Some(b) if name != "curr_connections" => v.saturating_sub(*b),
+                Some(b) if !GAUGES.contains(&name) => v.saturating_sub(*b),
                 _ => v,
             };
             stat(name, &since);
