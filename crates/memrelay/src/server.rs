@@ -24,6 +24,12 @@ use crate::topology::{Control, WorkerEvent, WorkerLinks};
 const IDLE_SWEEP: Duration = Duration::from_secs(2);
 /// Sessions released in one sweep that make it worth returning memory.
 const TRIM_AFTER: usize = 64;
+/// Least time from the end of one `memrelay reload` to the start of the
+/// next: a client sending a thousand a second once cut other clients' get
+/// rate by two thirds (each reload pauses new requests and resolves every
+/// server) and wrote a log line for each. The commands that come in the
+/// meantime wait, and the next reload answers them all.
+const RELOAD_SPACING: Duration = Duration::from_secs(1);
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -193,6 +199,7 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
                 Err(e) => tracing::error!(error = %e, %addr, "cannot serve metrics"),
             }
         }
+        let mut last_reload: Option<std::time::Instant> = None;
         let signal = loop {
             tokio::select! {
                 sig = signals.next() => match sig {
@@ -204,6 +211,9 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
                     other => break other,
                 },
                 Some(req) = reloads.recv() => {
+                    if let Some(wait) = last_reload.map(|t| RELOAD_SPACING.saturating_sub(t.elapsed())) {
+                        tokio::time::sleep(wait).await;
+                    }
                     // Every request queued by now was made before the file
                     // is read: one reload answers them all, so clients
                     // pipelining `memrelay reload` cannot queue up work.
@@ -218,6 +228,7 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
                     }
                     tracing::info!(requests = waiting.len(), "memrelay reload: reloading the configuration");
                     let result = control.reload("memrelay reload").await;
+                    last_reload = Some(std::time::Instant::now());
                     renew_metrics_auth(&control);
                     for r in waiting {
                         let _ = r.reply.send(result.clone());

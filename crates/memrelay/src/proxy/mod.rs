@@ -67,6 +67,8 @@ pub struct Worker {
     pub registry: Arc<StatsRegistry>,
     /// Where replies nobody waits for go (clean-up deletes).
     pub discard: Rc<Discard>,
+    /// Spacing of `memrelay resync` requests (see [`AdminPace`]).
+    pub admin: AdminPace,
     /// Told when this `Worker` is dropped: its last request is done.
     events: Option<WorkerEvents>,
 }
@@ -156,6 +158,7 @@ impl Worker {
             stats: ctx.stats.clone(),
             registry: ctx.registry.clone(),
             discard: ctx.discard.clone(),
+            admin: AdminPace::default(),
             events: ctx.events.clone(),
         }
     }
@@ -280,6 +283,33 @@ pub struct Discard;
 
 impl Sink for Discard {
     fn deliver(&self, _token: u64, _part: u32, _result: BackendResult) {}
+}
+
+/// Least time between two resyncs of one server this worker asks for: a
+/// client pipelining thousands of `memrelay resync` lines once queued as
+/// many requests, each logged. Those in between are answered `OK`: a
+/// resync of that server is asked for, or running, already.
+const RESYNC_SPACING: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// When this worker last asked for each server's resync.
+#[derive(Debug, Default)]
+pub struct AdminPace {
+    resyncs: RefCell<Vec<(String, Instant)>>,
+}
+
+impl AdminPace {
+    /// Whether a resync of `server` is to be asked for now (and if so,
+    /// notes it).
+    pub fn resync_due(&self, server: &str) -> bool {
+        let now = Instant::now();
+        let mut recent = self.resyncs.borrow_mut();
+        recent.retain(|(_, at)| now.duration_since(*at) < RESYNC_SPACING);
+        if recent.iter().any(|(name, _)| name == server) {
+            return false;
+        }
+        recent.push((server.to_string(), now));
+        true
+    }
 }
 
 /// Bounds on one client connection.

@@ -664,7 +664,9 @@ impl Session {
                     let quit = req.command == memrelay_protocol::Command::Quit;
                     let seq = self.next_seq;
                     self.next_seq += 1;
-                    if !quit && self.over_memory() {
+                    // Only what reaches the servers is shed: `stats` and
+                    // the like still answer, to show why.
+                    if req.key.len > 0 && self.over_memory() {
                         self.worker.stats.memory_shed.incr();
                         let slot = Slot::local(Local::Static(OUT_OF_MEMORY));
                         self.inbox.slots.borrow_mut().push_back(slot);
