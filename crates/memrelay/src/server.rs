@@ -88,10 +88,8 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
     // Serve the hand-off path for the next memrelay.
     let handed_off = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(path) = &cfg.handoff {
-        let _ = std::fs::remove_file(path);
-        let l = std::os::unix::net::UnixListener::bind(path)
+        let l = crate::net::handoff::bind(path)
             .map_err(|e| StartError::Handoff(format!("{}: {e}", path.display())))?;
-        let _ = std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
         let mine: Vec<BoundListener> = listeners
             .iter()
             .map(|l| l.try_clone())

@@ -449,7 +449,11 @@ fn the_memory_budget_sheds_new_requests() {
         "the unread replies are not counted"
     );
     let r = c.send_until(b"get big\r\n", |b| b.ends_with(b"\r\n"));
-    assert_eq!(r.bytes, b"SERVER_ERROR out of memory\r\n");
+    assert!(
+        r.bytes == b"SERVER_ERROR out of memory\r\n",
+        "{}",
+        escape_max(&r.bytes, 80)
+    );
     assert!(stat_u64(&proxy.addr(), "memory_shed") >= 1);
     let body = http_get(&metrics, "/metrics").1;
     assert!(metric(&body, "memrelay_memory_held_bytes") > 8 * MIB);
