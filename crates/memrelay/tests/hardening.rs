@@ -465,7 +465,19 @@ fn the_memory_budget_sheds_new_requests() {
 #[test]
 fn a_heavy_pipeline_slows_only_itself() {
     let (a, b) = (Memcached::start(), Memcached::start());
-    let proxy = Memrelay::start(&["-t", "1", "-s", &a.addr(), "-s", &b.addr()]);
+    // A client buffer large enough that without the per-turn bound one
+    // turn would take in the whole pipeline (as with the 100,000-key
+    // lines, which the default buffer does not stop).
+    let proxy = Memrelay::start(&[
+        "-t",
+        "1",
+        "-s",
+        &a.addr(),
+        "-s",
+        &b.addr(),
+        "--max-client-buffer",
+        "268435456",
+    ]);
     // A key on each server.
     let refs = [&a, &b];
     let keys = set_spread(&proxy.addr(), &refs, 20);
@@ -482,8 +494,8 @@ fn a_heavy_pipeline_slows_only_itself() {
             .clone()
     };
     let (heavy_key, victim_key) = (on(&a), on(&b));
-    let line = format!("get{}\r\n", format!(" {heavy_key}").repeat(2_000));
-    let data = line.repeat(400).into_bytes();
+    let line = format!("get{}\r\n", format!(" {heavy_key}").repeat(500));
+    let data = line.repeat(4000).into_bytes();
     let mut heavy = TcpStream::connect(proxy.addr()).unwrap();
     let writer = std::thread::spawn(move || {
         let _ = heavy.write_all(&data);

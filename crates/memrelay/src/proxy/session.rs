@@ -75,12 +75,14 @@ const DRAIN_BUSY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Stack buffer for a read into a session without a read buffer.
 const FIRST_READ: usize = 1024;
 
-/// Keys a session dispatches in one turn before it yields (routing costs
-/// time per key: a few hundred nanoseconds; a turn then stays well under
-/// a millisecond, one request of `--max-keys` keys aside).
-const TURN_KEYS: usize = 2_000;
+/// Keys a session dispatches in one turn before it yields. Routing costs
+/// time per key (a few hundred nanoseconds), and another client's request
+/// waits for about three such turns (its read, the server connection's
+/// write and read): a turn stays well under a millisecond. One request is
+/// never split, so a get of `--max-keys` keys is a turn of its own.
+const TURN_KEYS: usize = 1_000;
 /// Request bytes a session dispatches in one turn before it yields.
-const TURN_BYTES: usize = 256 * 1024;
+const TURN_BYTES: usize = 128 * 1024;
 
 /// memcached's words when it cannot allocate for a request.
 const OUT_OF_MEMORY: &[u8] = b"SERVER_ERROR out of memory\r\n";
