@@ -290,6 +290,10 @@ pub enum ErrorKind {
     /// No reply; close the connection (a line over 2048 bytes with no
     /// newline, or an HTTP request, exactly when memcached closes).
     Close,
+    /// A binary-protocol request (its first byte 0x80): answered with one
+    /// line, then the connection is closed. memcached with `-B ascii`
+    /// neither answers nor closes, which leaves the client hanging.
+    Binary,
 }
 
 impl ErrorKind {
@@ -314,12 +318,16 @@ impl ErrorKind {
             ErrorKind::MetaFlagsTooLongMg => b"CLIENT_ERROR options flags are too long\r\n",
             ErrorKind::MetaFlagsTooLong => b"CLIENT_ERROR options flags too long\r\n",
             ErrorKind::Close => b"",
+            ErrorKind::Binary => b"CLIENT_ERROR binary protocol not supported\r\n",
         }
     }
 
     /// Whether the connection must be closed after the reply.
     pub fn closes(self) -> bool {
-        matches!(self, ErrorKind::Close | ErrorKind::LineTooLong)
+        matches!(
+            self,
+            ErrorKind::Close | ErrorKind::LineTooLong | ErrorKind::Binary
+        )
     }
 }
 
@@ -426,16 +434,27 @@ fn key_token(t: &Tokens, consumed: usize, noreply: bool) -> Result<Span, Request
     Ok(key)
 }
 
+/// The first byte of every binary-protocol request.
+const BINARY_MAGIC: u8 = 0x80;
+
 /// Parses one request from the start of `buf`.
 ///
 /// Returns `Ok(None)` when more bytes are needed, `Ok(Some((request,
 /// consumed)))` for a request to execute, and `Err` for input memcached would
 /// refuse; the error says how many bytes it consumed and what to reply.
 pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Parsed>, RequestError> {
+    if buf.first() == Some(&BINARY_MAGIC) {
+        return Err(RequestError::at(ErrorKind::Binary, buf.len()));
+    }
     let nl = match memchr::memchr(b'\n', buf) {
         Some(nl) => nl,
         None => return no_newline_yet(buf, limits),
     };
+    // The bound holds for a line that arrived whole too, not only for one
+    // still waiting for its newline.
+    if nl > limits.max_get_line_len {
+        return Err(RequestError::at(ErrorKind::LineTooLong, nl + 1));
+    }
     let consumed_line = nl + 1;
     let mut line = &buf[..nl];
     if line.len() > 1 && line[line.len() - 1] == b'\r' {
@@ -941,6 +960,25 @@ mod tests {
             parse_request(&get, &small).unwrap_err().kind,
             ErrorKind::LineTooLong
         );
+        // Whole, with its newline, it is refused just the same.
+        get.extend_from_slice(b"\r\n");
+        let e = parse_request(&get, &small).unwrap_err();
+        assert_eq!((e.kind, e.consumed), (ErrorKind::LineTooLong, get.len()));
+    }
+
+    #[test]
+    fn binary_protocol_is_refused_and_closed() {
+        // A binary `version` request header.
+        let mut req = vec![0x80, 0x0b];
+        req.extend_from_slice(&[0; 22]);
+        let e = parse(&req).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Binary);
+        assert!(e.kind.closes());
+        assert_eq!(
+            e.kind.reply(),
+            b"CLIENT_ERROR binary protocol not supported\r\n"
+        );
+        assert_eq!(kind(&[0x80]), ErrorKind::Binary);
     }
 
     #[test]

@@ -24,6 +24,12 @@ use crate::topology::{Control, WorkerEvent, WorkerLinks};
 const IDLE_SWEEP: Duration = Duration::from_secs(2);
 /// Sessions released in one sweep that make it worth returning memory.
 const TRIM_AFTER: usize = 64;
+/// Least time from the end of one `memrelay reload` to the start of the
+/// next: a client sending a thousand a second once cut other clients' get
+/// rate by two thirds (each reload pauses new requests and resolves every
+/// server) and wrote a log line for each. The commands that come in the
+/// meantime wait, and the next reload answers them all.
+const RELOAD_SPACING: Duration = Duration::from_secs(1);
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +80,7 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
     }
     let metrics_listener = match cfg.metrics {
         Some(addr) => Some(
-            crate::stats::metrics::bind(addr)
+            crate::stats::http::bind(addr)
                 .map_err(|e| StartError::Bind(format!("--metrics {addr}"), e))?,
         ),
         None => None,
@@ -82,10 +88,8 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
     // Serve the hand-off path for the next memrelay.
     let handed_off = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(path) = &cfg.handoff {
-        let _ = std::fs::remove_file(path);
-        let l = std::os::unix::net::UnixListener::bind(path)
+        let l = crate::net::handoff::bind(path)
             .map_err(|e| StartError::Handoff(format!("{}: {e}", path.display())))?;
-        let _ = std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
         let mine: Vec<BoundListener> = listeners
             .iter()
             .map(|l| l.try_clone())
@@ -176,25 +180,40 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
     drop(listeners);
     drop(links);
 
+    // /metrics asks for --auth-file's credentials, as renewed by reloads.
+    let metrics_auth: crate::stats::http::MetricsAuth =
+        Arc::new(std::sync::RwLock::new(control.config().auth.clone()));
+    let renew_metrics_auth = |control: &Control| {
+        *metrics_auth.write().unwrap_or_else(|p| p.into_inner()) = control.config().auth.clone();
+    };
     rt.block_on(local.run_until(async {
         if let (Some(addr), Some(l)) = (metrics, metrics_listener) {
             match tokio::net::TcpListener::from_std(l) {
                 Ok(l) => {
-                    tokio::spawn(crate::stats::metrics::serve(l, registry.clone()));
+                    tokio::spawn(crate::stats::http::serve(
+                        l,
+                        registry.clone(),
+                        metrics_auth.clone(),
+                    ));
                 }
                 Err(e) => tracing::error!(error = %e, %addr, "cannot serve metrics"),
             }
         }
+        let mut last_reload: Option<std::time::Instant> = None;
         let signal = loop {
             tokio::select! {
                 sig = signals.next() => match sig {
                     Signal::Hangup => {
                         tracing::info!("SIGHUP: reloading the configuration");
                         let _ = control.reload("SIGHUP").await;
+                        renew_metrics_auth(&control);
                     }
                     other => break other,
                 },
                 Some(req) = reloads.recv() => {
+                    if let Some(wait) = last_reload.map(|t| RELOAD_SPACING.saturating_sub(t.elapsed())) {
+                        tokio::time::sleep(wait).await;
+                    }
                     // Every request queued by now was made before the file
                     // is read: one reload answers them all, so clients
                     // pipelining `memrelay reload` cannot queue up work.
@@ -209,6 +228,8 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
                     }
                     tracing::info!(requests = waiting.len(), "memrelay reload: reloading the configuration");
                     let result = control.reload("memrelay reload").await;
+                    last_reload = Some(std::time::Instant::now());
+                    renew_metrics_auth(&control);
                     for r in waiting {
                         let _ = r.reply.send(result.clone());
                     }

@@ -325,11 +325,13 @@ fn the_admin_command_reloads_and_says_why_not() {
 
     dir.file(FILE, "[timeouts]\nrequest = \"soon\"\n");
     let answer = reload(&mut c);
-    assert!(
-        answer.starts_with("SERVER_ERROR reload failed: ") && answer.contains("timeouts.request"),
-        "{answer:?}"
+    // The client learns that it failed; the reason, which names files
+    // and hosts, goes to the log only.
+    assert_eq!(
+        answer,
+        "SERVER_ERROR reload failed: the configuration was refused (see the log)\r\n"
     );
-    assert_eq!(answer.matches("\r\n").count(), 1, "{answer:?}");
+    relay.wait_for_output("timeouts.request", 1, DEADLINE);
     // The connection, and the configuration, carry on.
     assert_eq!(set(&mut c, "k", "v"), b"STORED\r\n");
     assert_eq!(get(&mut c, "k"), hit("k", "v"));

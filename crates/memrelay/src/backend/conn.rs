@@ -427,10 +427,7 @@ fn read_and_dispatch(
         };
         match parser.parse(rbuf, expect, max_value) {
             Ok(Some((kind, n))) if n <= max_reply => {
-                let bytes = rbuf.split_to(n).freeze();
-                if n > READ_CHUNK {
-                    unshare(rbuf);
-                }
+                let bytes = take_reply(rbuf, n);
                 let Some(f) = inner.inflight.borrow_mut().pop_front() else {
                     break;
                 };
@@ -462,6 +459,27 @@ fn read_and_dispatch(
         }
     }
     Ok(outcome)
+}
+
+/// The first `n` bytes of `rbuf`, a reply, as bytes of its own. A large
+/// reply was read into a buffer grown for it, often to twice its size: held
+/// for a slow client, a slice would keep the whole allocation, past what
+/// the client's reply bytes account for. So when the buffer is much larger
+/// than the reply, the reply is copied into an allocation of its size (a
+/// copy of a large reply costs less than reading it did); otherwise it is
+/// split off, and what follows moves to a buffer of its own.
+fn take_reply(rbuf: &mut BytesMut, n: usize) -> bytes::Bytes {
+    if n <= READ_CHUNK {
+        return rbuf.split_to(n).freeze();
+    }
+    if rbuf.capacity() > n + n / 8 + READ_CHUNK {
+        let bytes = bytes::Bytes::copy_from_slice(&rbuf[..n]);
+        rbuf.advance(n);
+        return bytes;
+    }
+    let bytes = rbuf.split_to(n).freeze();
+    unshare(rbuf);
+    bytes
 }
 
 /// After a large reply is split off, the read buffer still shares its

@@ -96,7 +96,9 @@ more options:
       --shutdown-timeout D on SIGTERM, how long clients get to finish before
                            they are closed (default 10s); SIGINT stops at once
       --metrics ADDR       serve /metrics (Prometheus), /healthz and /readyz over
-                           HTTP on ADDR, e.g. 127.0.0.1:9150
+                           HTTP on ADDR, e.g. 127.0.0.1:9150 (a port alone:
+                           on 127.0.0.1); with --auth-file, /metrics asks for
+                           one of its users (HTTP basic authentication)
       --handoff PATH       zero-downtime restart: a memrelay started with the same
                            PATH takes over the listening sockets of the one
                            running, which then drains and exits
@@ -140,6 +142,16 @@ more options:
                            certificate's IP addresses)
       --idle-timeout D     close a client that sent nothing for D and has nothing
                            outstanding (default: never, as memcached)
+      --write-timeout D    close a client that is owed replies and takes none of
+                           them for D (default 30s)
+      --handshake-timeout D  close a client that has not authenticated (with
+                           --auth-file) or not finished its TLS handshake D after
+                           it connected or last sent something (default 10s)
+      --max-memory N       bytes all clients together may hold in the proxy
+                           (requests in flight, replies owed), shared equally by
+                           the worker threads; past it new requests get
+                           SERVER_ERROR out of memory (default: half the
+                           machine's memory)
       --log-format FORMAT  text (default) or json: one JSON object a line
       --version            print the version
 
@@ -310,6 +322,9 @@ fn canonical(flag: &str) -> Option<&'static str> {
         "--max-client-buffer" => "--max-client-buffer",
         "--max-reply-size" => "--max-reply-size",
         "--idle-timeout" => "--idle-timeout",
+        "--write-timeout" => "--write-timeout",
+        "--handshake-timeout" => "--handshake-timeout",
+        "--max-memory" => "--max-memory",
         "--auth-file" => "--auth-file",
         "--metrics" => "--metrics",
         "--tls-cert" => "--tls-cert",

@@ -74,6 +74,8 @@ struct Timeouts {
     connect: Option<DurationText>,
     request: Option<DurationText>,
     idle: Option<DurationText>,
+    write: Option<DurationText>,
+    handshake: Option<DurationText>,
     shutdown: Option<DurationText>,
 }
 
@@ -92,6 +94,7 @@ struct Limits {
     max_value_size: Option<Count>,
     max_keys: Option<Count>,
     max_reply_size: Option<Count>,
+    max_memory: Option<Count>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -248,6 +251,12 @@ fn apply(path: &Path, f: File, draft: &mut Draft) -> Result<(), ConfigError> {
     )?;
     put.text("timeouts.request", "--timeout", t.request.map(|d| d.0))?;
     put.text("timeouts.idle", "--idle-timeout", t.idle.map(|d| d.0))?;
+    put.text("timeouts.write", "--write-timeout", t.write.map(|d| d.0))?;
+    put.text(
+        "timeouts.handshake",
+        "--handshake-timeout",
+        t.handshake.map(|d| d.0),
+    )?;
     put.text(
         "timeouts.shutdown",
         "--shutdown-timeout",
@@ -277,6 +286,7 @@ fn apply(path: &Path, f: File, draft: &mut Draft) -> Result<(), ConfigError> {
         "--max-reply-size",
         l.max_reply_size,
     )?;
+    put.text("limits.max_memory", "--max-memory", l.max_memory)?;
     let ha = f.ha;
     // The flags are named for turning a default off: `--no-resync` is
     // `resync = false`.
@@ -580,6 +590,8 @@ mod tests {
                     connect,
                     request,
                     idle,
+                    write,
+                    handshake,
                     shutdown,
                 },
             health: Health { failure_limit },
@@ -591,6 +603,7 @@ mod tests {
                     max_value_size,
                     max_keys,
                     max_reply_size,
+                    max_memory,
                 },
             ha:
                 Ha {
@@ -637,6 +650,8 @@ mod tests {
             ("timeouts.connect", connect.is_some()),
             ("timeouts.request", request.is_some()),
             ("timeouts.idle", idle.is_some()),
+            ("timeouts.write", write.is_some()),
+            ("timeouts.handshake", handshake.is_some()),
             ("timeouts.shutdown", shutdown.is_some()),
             ("health.failure_limit", failure_limit.is_some()),
             ("limits.max_conns", max_conns.is_some()),
@@ -645,6 +660,7 @@ mod tests {
             ("limits.max_value_size", max_value_size.is_some()),
             ("limits.max_keys", max_keys.is_some()),
             ("limits.max_reply_size", max_reply_size.is_some()),
+            ("limits.max_memory", max_memory.is_some()),
             ("ha.miss_fallback", miss_fallback.is_some()),
             ("ha.auto_eject", auto_eject.is_some()),
             ("ha.resync", resync.is_some()),

@@ -295,6 +295,13 @@ pub struct Config {
     pub warnings: Vec<String>,
     /// Close clients idle this long (off by default, as in memcached).
     pub idle_timeout: Option<Duration>,
+    /// Close a client owed replies that takes none for this long.
+    pub write_timeout: Duration,
+    /// Close a client not yet authenticated (or, over TLS, not done with
+    /// its handshake) that sends nothing for this long.
+    pub handshake_timeout: Duration,
+    /// Bytes all clients may hold in the proxy (see [`default_max_memory`]).
+    pub max_memory: usize,
     /// Items per second a resync copies.
     pub resync_rate: u64,
     /// SIGTERM: longest wait for clients to finish before closing them.
@@ -349,6 +356,9 @@ impl Default for Config {
             auth: None,
             warnings: Vec::new(),
             idle_timeout: None,
+            write_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            max_memory: default_max_memory(),
             resync_rate: 5000,
             shutdown_timeout: Duration::from_secs(10),
             handoff: None,
@@ -373,10 +383,20 @@ impl Config {
         self.tiers().flatten()
     }
 
-    /// File descriptors the process may need: every client, and each
-    /// worker's connections to every server, with room for the rest.
+    /// File descriptors the process may need: every client, each worker's
+    /// connections to every server, the main thread's (a prober and a
+    /// resync per server), the metrics endpoint's scrapers, and room for
+    /// the rest (listeners, the runtime's own). Each use has its own
+    /// reserve, so no number of clients or scrapers can leave the server
+    /// connections without a descriptor.
     pub fn fds_needed(&self) -> usize {
-        self.max_conns + self.servers().count() * self.backend_conns * self.threads + 64
+        let servers = self.servers().count();
+        let metrics = if self.metrics.is_some() {
+            crate::stats::http::MAX_CONNS + 1
+        } else {
+            0
+        };
+        self.max_conns + servers * (self.backend_conns * self.threads + 2) + metrics + 64
     }
 
     /// The tiers: primaries, then each backup tier (empty ones left out).
@@ -476,6 +496,25 @@ pub fn default_max_reply(max_value_len: usize) -> usize {
     (64 << 20).max(max_value_len.saturating_mul(4))
 }
 
+/// The default `--max-memory`: half the machine's memory (the rest for the
+/// servers on the same host, the kernel's buffers, and the proxy's own
+/// structures), so a flood of clients is shed with `SERVER_ERROR out of
+/// memory` before the host swaps. 1 GiB if the size cannot be read.
+pub fn default_max_memory() -> usize {
+    // SAFETY: sysconf only reads system values.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages > 0 && page > 0 {
+        (pages as usize).saturating_mul(page as usize) / 2
+    } else {
+        1 << 30
+    }
+}
+
 /// Parses a duration: `250ms`, `2s`, or a bare number of milliseconds.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
@@ -530,8 +569,12 @@ pub fn listen_addr(host: &str, port: u16) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("'{host}' has no address"))
 }
 
-/// An address like `127.0.0.1:9150` (the metrics endpoint), resolved now.
+/// An address like `127.0.0.1:9150` (the metrics endpoint), resolved now;
+/// a port alone is on loopback.
 pub fn socket_addr(v: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = v.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
     v.to_socket_addrs()
         .ok()
         .and_then(|mut a| a.next())

@@ -139,6 +139,9 @@ impl Draft {
                 cfg.max_client_buffer = number(v, 4096, 1 << 32).map_err(fail)? as usize
             }
             "--idle-timeout" => cfg.idle_timeout = Some(duration(v).map_err(fail)?),
+            "--write-timeout" => cfg.write_timeout = duration(v).map_err(fail)?,
+            "--handshake-timeout" => cfg.handshake_timeout = duration(v).map_err(fail)?,
+            "--max-memory" => cfg.max_memory = number(v, 1 << 20, 1 << 50).map_err(fail)? as usize,
             "--max-reply-size" => {
                 self.max_reply = Some((
                     origin.clone(),

@@ -64,10 +64,12 @@ impl Config {
         );
         let _ = writeln!(
             out,
-            "timeouts:   connect {}, request {}, idle {}, shutdown {}",
+            "timeouts:   connect {}, request {}, idle {}, write {}, handshake {}, shutdown {}",
             ms(self.connect_timeout),
             ms(self.timeout),
             self.idle_timeout.map_or("never".into(), ms),
+            ms(self.write_timeout),
+            ms(self.handshake_timeout),
             ms(self.shutdown_timeout)
         );
         let _ = writeln!(
@@ -77,13 +79,14 @@ impl Config {
         );
         let _ = writeln!(
             out,
-            "limits:     {} clients, pipeline {}, client buffer {} bytes, value {} bytes, reply {} bytes, {} keys per get",
+            "limits:     {} clients, pipeline {}, client buffer {} bytes, value {} bytes, reply {} bytes, {} keys per get, memory {} bytes",
             self.max_conns,
             self.max_pipeline,
             self.max_client_buffer,
             self.limits.max_value_len,
             self.max_reply_size,
-            self.limits.max_keys
+            self.limits.max_keys,
+            self.max_memory
         );
         let _ = writeln!(
             out,

@@ -20,6 +20,55 @@ use std::time::Duration;
 const MAX_FDS: usize = 16;
 const HELLO: &[u8] = b"memrelay-handoff-1\n";
 
+/// Binds the hand-off socket at `path`, readable and writable by its owner
+/// only from the start: the mode is set through the umask before `bind`
+/// creates the file, so no other user can connect in between (a chmod
+/// after `bind` left a window).
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    // SAFETY: umask(2) only swaps the process's mask; it is put back at
+    // once. Start-up runs this before any other thread creates files.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    bound
+}
+
+/// Refuses a peer that is not the same user as this process (or root):
+/// only such a process may take, or give, the listening sockets.
+fn check_peer(s: &UnixStream) -> io::Result<()> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if cred.uid == me || cred.uid == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("peer uid {} is not this process's ({me})", cred.uid),
+        ))
+    }
+}
+
 /// Asks the memrelay serving `path` for its listening sockets. `Ok(None)`
 /// when nobody serves it (a first start).
 pub fn take_over(path: &Path, expected: usize) -> io::Result<Option<Vec<OwnedFd>>> {
@@ -35,6 +84,7 @@ pub fn take_over(path: &Path, expected: usize) -> io::Result<Option<Vec<OwnedFd>
         }
         Err(e) => return Err(e),
     };
+    check_peer(&s)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.write_all(HELLO)?;
     let fds = recv_fds(&s)?;
@@ -57,6 +107,10 @@ pub fn take_over(path: &Path, expected: usize) -> io::Result<Option<Vec<OwnedFd>
 pub fn serve_once(listener: &UnixListener, fds: &[RawFd]) -> io::Result<()> {
     loop {
         let (mut s, _) = listener.accept()?;
+        if let Err(e) = check_peer(&s) {
+            tracing::warn!(error = %e, "hand-off: refused a connection");
+            continue;
+        }
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut hello = [0u8; HELLO.len()];
         if s.read_exact(&mut hello).is_err() || hello != HELLO {

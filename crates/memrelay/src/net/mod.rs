@@ -43,6 +43,11 @@ pub trait Stream {
     fn backlogged(&self) -> bool {
         false
     }
+    /// Whether the stream is still setting up (a TLS handshake): its
+    /// session is then held to `--handshake-timeout`.
+    fn handshaking(&self) -> bool {
+        false
+    }
     /// Called once the session is over, before the stream is dropped: a
     /// stream that holds bytes of its own (TLS) sends them here. A plain
     /// socket has nothing to do: the kernel sends what it was given.

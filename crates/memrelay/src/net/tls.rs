@@ -315,6 +315,10 @@ impl Stream for TlsStream {
         Ok(got)
     }
 
+    fn handshaking(&self) -> bool {
+        self.conn.borrow().is_handshaking()
+    }
+
     fn backlogged(&self) -> bool {
         let mut conn = self.conn.borrow_mut();
         // Whatever the socket takes now does not count.

@@ -163,6 +163,9 @@ fn resync(w: &Worker, name: &[u8]) -> Local {
     let Some(server) = w.servers.iter().find(|s| s.name.as_bytes() == name) else {
         return Local::Static(b"CLIENT_ERROR no such server (use host:port as configured)\r\n");
     };
+    if !w.admin.resync_due(&server.name) {
+        return Local::Static(b"OK\r\n");
+    }
     let request = crate::ha::resync::Request {
         server: server.name.clone(),
         automatic: false,
@@ -195,9 +198,12 @@ fn reload(w: &Worker, inbox: &Rc<Inbox>, seq: u64) -> Result<(), Local> {
     tokio::task::spawn_local(async move {
         let (kind, line) = match answer.await {
             Ok(Ok(())) => (ResponseKind::Ok, "OK\r\n".to_string()),
-            Ok(Err(why)) => (
+            // The reason names files and hosts: it is in the log, and a
+            // client is told only that the configuration was refused.
+            Ok(Err(_)) => (
                 ResponseKind::Error,
-                format!("SERVER_ERROR reload failed: {}\r\n", one_line(&why)),
+                "SERVER_ERROR reload failed: the configuration was refused (see the log)\r\n"
+                    .to_string(),
             ),
             Err(_) => (
                 ResponseKind::Error,
@@ -210,13 +216,6 @@ fn reload(w: &Worker, inbox: &Rc<Inbox>, seq: u64) -> Result<(), Local> {
         }));
     });
     Ok(())
-}
-
-/// A reason fit for one reply line.
-fn one_line(why: &str) -> String {
-    why.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
 }
 
 /// `stats`, `stats reset`, `stats servers`; anything else is memcached's

@@ -68,6 +68,8 @@ pub struct Worker {
     pub registry: Arc<StatsRegistry>,
     /// Where replies nobody waits for go (clean-up deletes).
     pub discard: Rc<Discard>,
+    /// Spacing of `memrelay resync` requests (see [`AdminPace`]).
+    pub admin: AdminPace,
     /// Told when this `Worker` is dropped: its last request is done.
     events: Option<WorkerEvents>,
 }
@@ -145,6 +147,9 @@ impl Worker {
                 max_buffer: cfg.max_client_buffer,
                 max_reply: cfg.max_reply_size,
                 idle_timeout: cfg.idle_timeout,
+                write_timeout: cfg.write_timeout,
+                handshake_timeout: cfg.handshake_timeout,
+                max_memory: cfg.max_memory / cfg.threads.max(1),
             },
             max_conns: cfg.max_conns,
             tls: cfg.tls.as_ref().map(|t| t.server.clone()),
@@ -154,6 +159,7 @@ impl Worker {
             stats: ctx.stats.clone(),
             registry: ctx.registry.clone(),
             discard: ctx.discard.clone(),
+            admin: AdminPace::default(),
             events: ctx.events.clone(),
         }
     }
@@ -280,6 +286,33 @@ impl Sink for Discard {
     fn deliver(&self, _token: u64, _part: u32, _result: BackendResult) {}
 }
 
+/// Least time between two resyncs of one server this worker asks for: a
+/// client pipelining thousands of `memrelay resync` lines once queued as
+/// many requests, each logged. Those in between are answered `OK`: a
+/// resync of that server is asked for, or running, already.
+const RESYNC_SPACING: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// When this worker last asked for each server's resync.
+#[derive(Debug, Default)]
+pub struct AdminPace {
+    resyncs: RefCell<Vec<(String, Instant)>>,
+}
+
+impl AdminPace {
+    /// Whether a resync of `server` is to be asked for now (and if so,
+    /// notes it).
+    pub fn resync_due(&self, server: &str) -> bool {
+        let now = Instant::now();
+        let mut recent = self.resyncs.borrow_mut();
+        recent.retain(|(_, at)| now.duration_since(*at) < RESYNC_SPACING);
+        if recent.iter().any(|(name, _)| name == server) {
+            return false;
+        }
+        recent.push((server.to_string(), now));
+        true
+    }
+}
+
 /// Bounds on one client connection.
 #[derive(Debug, Clone)]
 pub struct ClientLimits {
@@ -297,4 +330,13 @@ pub struct ClientLimits {
     pub max_reply: usize,
     /// Close a client idle this long (nothing sent, nothing outstanding).
     pub idle_timeout: Option<std::time::Duration>,
+    /// Close a client owed replies whose socket takes none for this long
+    /// (it would otherwise pin them for ever).
+    pub write_timeout: std::time::Duration,
+    /// Close a client that has not authenticated (or finished its TLS
+    /// handshake) and sends nothing for this long.
+    pub handshake_timeout: std::time::Duration,
+    /// Bytes this worker's clients may hold in all (`--max-memory` shared
+    /// equally by the workers, so the check is the worker's own).
+    pub max_memory: usize,
 }

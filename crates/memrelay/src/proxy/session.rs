@@ -15,8 +15,21 @@
 //! already sent still bring their replies; a read's reply that would take
 //! what the client is owed past `--max-client-buffer` + `--max-reply-size`
 //! is dropped and the read answered `SERVER_ERROR out of memory writing get
-//! response` (memcached's words when it cannot buffer a get). So a client
-//! that never reads holds at most that much, plus a few bytes per write.
+//! response` (memcached's words when it cannot buffer a get). The requests
+//! themselves (a storage command's value, a long get line) count against
+//! `--max-client-buffer` too until they are answered. So a client that
+//! never reads holds at most that much, plus one request; and one owed
+//! replies that takes none of them for `--write-timeout` is closed.
+//!
+//! Memory in all: what every session of a worker holds (requests in
+//! flight, replies owed) is summed in the worker's `memory_held`; past its
+//! share of `--max-memory`, new requests are answered `SERVER_ERROR out of
+//! memory` instead of dispatched.
+//!
+//! Fairness: one turn of a session dispatches at most [`TURN_KEYS`] keys
+//! and [`TURN_BYTES`] bytes of requests (at least one request), then lets
+//! the worker's other tasks run: one client's deep pipeline of huge gets
+//! slows only itself.
 //!
 //! Reloads: the session takes up the thread's current configuration before
 //! each request it starts (and when woken), and starts none while a swap is
@@ -62,6 +75,18 @@ const DRAIN_BUSY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Stack buffer for a read into a session without a read buffer.
 const FIRST_READ: usize = 1024;
 
+/// Keys a session dispatches in one turn before it yields. Routing costs
+/// time per key (a few hundred nanoseconds), and another client's request
+/// waits for about three such turns (its read, the server connection's
+/// write and read): a turn stays well under a millisecond. One request is
+/// never split, so a get of `--max-keys` keys is a turn of its own.
+const TURN_KEYS: usize = 1_000;
+/// Request bytes a session dispatches in one turn before it yields.
+const TURN_BYTES: usize = 128 * 1024;
+
+/// memcached's words when it cannot allocate for a request.
+const OUT_OF_MEMORY: &[u8] = b"SERVER_ERROR out of memory\r\n";
+
 /// Where backend connections deliver this session's replies.
 #[derive(Debug)]
 pub struct Inbox {
@@ -82,6 +107,11 @@ pub struct Inbox {
     /// Bytes queued to the client, as of the session's last turn (replies
     /// are delivered only while the session waits, so this is current).
     unsent: Cell<usize>,
+    /// Bytes of the requests held in `slots` (their frames: a storage
+    /// command's value, a get's line), until answered.
+    requests: Cell<usize>,
+    /// What this session last added to its worker's `memory_held`.
+    published: Cell<usize>,
     /// Most reply bytes one read may hold (`--max-reply-size`).
     max_reply: usize,
     /// Most reply bytes the client may be owed in all before a read's reply
@@ -101,6 +131,8 @@ impl Inbox {
             release: Cell::new(false),
             held: Cell::new(0),
             unsent: Cell::new(0),
+            requests: Cell::new(0),
+            published: Cell::new(0),
             max_reply: limits.max_reply,
             max_owed: limits.max_buffer.saturating_add(limits.max_reply),
         }
@@ -219,6 +251,12 @@ pub fn serve<S: Stream>(
             idle,
         }) = s.turn(&stream)
         {
+            if s.turn_spent() {
+                // Requests are waiting in the read buffer, but this turn's
+                // share is used: the worker's other tasks go first.
+                tokio::task::yield_now().await;
+                continue;
+            }
             let woken = stream.ready_or(interest, |cx| s.poll_wake(cx, idle)).await;
             if !s.woken(&stream, woken, can_read) {
                 break;
@@ -227,6 +265,9 @@ pub fn serve<S: Stream>(
         s.abandon_writes();
         // Replies still in flight will find no slot and be dropped.
         s.inbox.slots.borrow_mut().clear();
+        s.inbox.requests.set(0);
+        s.inbox.held.set(0);
+        s.publish_memory(0);
         s.inbox.base.set(u64::MAX);
         let thread = s.thread.clone();
         drop(s);
@@ -248,6 +289,11 @@ struct Buffers {
     swallow: usize,
     /// The keys of unfinished requests (see `proxy::fence`).
     fences: super::fence::Fences,
+    /// Keys and request bytes dispatched in this turn (see [`TURN_KEYS`]).
+    turn_keys: usize,
+    turn_bytes: usize,
+    /// Since when replies wait for a socket that takes none of them.
+    stalled_since: Option<tokio::time::Instant>,
 }
 
 struct Session {
@@ -317,11 +363,17 @@ impl Session {
             self.emit_ready();
         }
         if let Some(b) = self.bufs.as_deref_mut().filter(|b| !b.out.is_empty()) {
-            match b.out.write_to(|iov| stream.try_write_vectored(iov)) {
-                Ok(n) => self.worker.stats.bytes_written.add(n as u64),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            let wrote = match b.out.write_to(|iov| stream.try_write_vectored(iov)) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 Err(_) => return None,
-            }
+            };
+            self.worker.stats.bytes_written.add(wrote as u64);
+            b.stalled_since = match b.stalled_since {
+                _ if b.out.is_empty() => None,
+                Some(t) if wrote == 0 => Some(t),
+                _ => Some(tokio::time::Instant::now()),
+            };
         }
         let unsent = self.unsent();
         let outstanding = self.inbox.slots.borrow().len();
@@ -332,25 +384,18 @@ impl Session {
         let can_read = !finished && !self.thread.is_paused() && self.may_dispatch();
         // Replies are delivered only while the session waits.
         self.inbox.unsent.set(unsent);
+        self.publish_memory(unsent + self.inbox.held.get() + self.inbox.requests.get());
         let interest = match (can_read, unsent > 0) {
             (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
             (true, false) => Some(Interest::READABLE),
             (false, true) => Some(Interest::WRITABLE),
             (false, false) => None,
         };
-        // With --idle-timeout, a client with nothing outstanding that sends
-        // nothing for that long is closed (memcached's idle_timeout; off by
-        // default, as in memcached). Draining shortens it to DRAIN_QUIET.
-        let idle = match draining {
-            Some(_) => Some(DRAIN_QUIET),
-            None => self.worker.client_limits.idle_timeout,
-        }
-        .filter(|_| outstanding == 0 && unsent == 0);
-        if let Some(d) = idle {
+        let deadline = self.deadline(stream, draining.is_some(), outstanding, unsent);
+        if let Some(deadline) = deadline {
             // One timer per session, made the first time it is needed and
             // re-armed after: it is not in the session's future, so an idle
-            // connection without --idle-timeout does not carry it.
-            let deadline = tokio::time::Instant::now() + d;
+            // connection without a deadline does not carry it.
             let timer = self
                 .idle_timer
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -359,8 +404,68 @@ impl Session {
         Some(Wait {
             interest,
             can_read,
-            idle: idle.is_some(),
+            idle: deadline.is_some(),
         })
+    }
+
+    /// When the session is closed if nothing happens before:
+    /// - owed replies that the socket takes none of: `--write-timeout`
+    ///   after it last took some;
+    /// - nothing outstanding: `--idle-timeout` (memcached's idle_timeout;
+    ///   off by default, as in memcached), `DRAIN_QUIET` while draining,
+    ///   and `--handshake-timeout` before the client authenticated (with
+    ///   `--auth-file`) or finished its TLS handshake.
+    fn deadline<S: Stream>(
+        &self,
+        stream: &S,
+        draining: bool,
+        outstanding: usize,
+        unsent: usize,
+    ) -> Option<tokio::time::Instant> {
+        let limits = &self.worker.client_limits;
+        let now = tokio::time::Instant::now();
+        if unsent > 0 {
+            let since = self.bufs.as_ref().and_then(|b| b.stalled_since);
+            return Some(since.unwrap_or(now) + limits.write_timeout);
+        }
+        if outstanding > 0 {
+            return None;
+        }
+        let idle = if draining {
+            Some(DRAIN_QUIET)
+        } else {
+            limits.idle_timeout
+        };
+        let setting_up = !self.authenticated || stream.handshaking();
+        let idle = match (idle, setting_up) {
+            (Some(d), true) => Some(d.min(limits.handshake_timeout)),
+            (None, true) => Some(limits.handshake_timeout),
+            (d, false) => d,
+        };
+        idle.map(|d| now + d)
+    }
+
+    /// Sets what this session holds in its worker's `memory_held`.
+    fn publish_memory(&self, bytes: usize) {
+        let before = self.inbox.published.replace(bytes);
+        let held = &self.worker.stats.memory_held;
+        if bytes >= before {
+            held.add((bytes - before) as u64);
+        } else {
+            held.sub((before - bytes) as u64);
+        }
+    }
+
+    /// Whether this turn's share of work is used with requests still
+    /// buffered; if so, the next turn starts with a fresh share.
+    fn turn_spent(&mut self) -> bool {
+        let Some(b) = self.bufs.as_deref_mut() else {
+            return false;
+        };
+        let spent = b.turn_keys >= TURN_KEYS || b.turn_bytes >= TURN_BYTES;
+        b.turn_keys = 0;
+        b.turn_bytes = 0;
+        spent && !b.rbuf.is_empty() && !self.closing
     }
 
     /// The sources of a waiting session's wake-ups other than its socket,
@@ -485,7 +590,7 @@ impl Session {
                     self.inbox.active.set(true);
                     self.inbox.holds_buffers.set(true);
                     self.process();
-                    if self.closing || !self.may_dispatch() {
+                    if self.closing || !self.may_dispatch() || self.over_turn() {
                         return true;
                     }
                 }
@@ -497,13 +602,27 @@ impl Session {
     }
 
     /// Whether another request may be dispatched: fewer than
-    /// `--max-pipeline` outstanding, and the client owed less than
-    /// `--max-client-buffer` (replies queued plus replies held in slots).
+    /// `--max-pipeline` outstanding, and the client holding less than
+    /// `--max-client-buffer` (replies queued, replies held in slots, and
+    /// the requests not yet answered).
     fn may_dispatch(&self) -> bool {
         let limits = &self.worker.client_limits;
         !self.fenced
             && self.inbox.slots.borrow().len() < limits.max_pipeline
-            && self.unsent() + self.inbox.held.get() < limits.max_buffer
+            && self.unsent() + self.inbox.held.get() + self.inbox.requests.get() < limits.max_buffer
+    }
+
+    /// Whether this turn dispatched its share (see [`TURN_KEYS`]).
+    fn over_turn(&self) -> bool {
+        self.bufs
+            .as_ref()
+            .is_some_and(|b| b.turn_keys >= TURN_KEYS || b.turn_bytes >= TURN_BYTES)
+    }
+
+    /// Whether this worker's clients hold more than its share of
+    /// `--max-memory`: new requests are then shed.
+    fn over_memory(&self) -> bool {
+        self.worker.stats.memory_held.get() as usize > self.worker.client_limits.max_memory
     }
 
     /// Uses the thread's current configuration for the requests to come.
@@ -524,6 +643,7 @@ impl Session {
             }
             self.take_up_reload();
             let may_dispatch = self.may_dispatch();
+            let over_memory = self.over_memory();
             let Some(b) = self.bufs.as_deref_mut() else {
                 return;
             };
@@ -535,7 +655,11 @@ impl Session {
                     return;
                 }
             }
-            if b.rbuf.is_empty() || !may_dispatch {
+            if b.rbuf.is_empty()
+                || !may_dispatch
+                || b.turn_keys >= TURN_KEYS
+                || b.turn_bytes >= TURN_BYTES
+            {
                 return;
             }
             if !self.authenticated {
@@ -554,9 +678,20 @@ impl Session {
                         return;
                     }
                     let frame = b.rbuf.split_to(n).freeze();
+                    b.turn_keys += req.nkeys.max(1) as usize;
+                    b.turn_bytes += n;
                     let quit = req.command == memrelay_protocol::Command::Quit;
                     let seq = self.next_seq;
                     self.next_seq += 1;
+                    // Only what reaches the servers is shed: `stats` and
+                    // the like still answer, to show why.
+                    if req.key.len > 0 && over_memory {
+                        self.worker.stats.memory_shed.incr();
+                        let slot = Slot::local(Local::Static(OUT_OF_MEMORY));
+                        self.inbox.slots.borrow_mut().push_back(slot);
+                        continue;
+                    }
+                    self.inbox.requests.set(self.inbox.requests.get() + n);
                     let mut slot = start(&self.worker, &self.inbox, seq, frame, req);
                     slot.worker = Some(self.worker.clone());
                     // Sub-requests that failed at once (servers down) leave
@@ -686,6 +821,10 @@ impl Session {
             };
             let Some(mut slot) = slot else { return };
             self.inbox.held.set(self.inbox.held.get() - slot.held);
+            let requests = self.inbox.requests.get();
+            self.inbox
+                .requests
+                .set(requests.saturating_sub(slot.frame.len()));
             let w = slot.worker.take().unwrap_or_else(|| self.worker.clone());
             let out = &mut self.bufs.get_or_insert_with(Box::default).out;
             if render(&w, slot, out) {
@@ -693,6 +832,7 @@ impl Session {
                 self.closing = true;
                 self.inbox.slots.borrow_mut().clear();
                 self.inbox.held.set(0);
+                self.inbox.requests.set(0);
                 return;
             }
         }

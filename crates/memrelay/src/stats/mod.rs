@@ -11,6 +11,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::backend::health::Health;
 
+pub mod http;
 pub mod metrics;
 
 /// A counter with a single writer thread.
@@ -43,10 +44,6 @@ impl Counter {
 
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
-    }
-
-    fn reset(&self) {
-        self.0.store(0, Ordering::Relaxed);
     }
 }
 
@@ -161,10 +158,6 @@ macro_rules! worker_counters {
             pub fn each(&self) -> Vec<(&'static str, u64)> {
                 vec![$((stringify!($name), self.$name.get()),)*]
             }
-
-            fn reset_totals(&self) {
-                $(if stringify!($name) != "curr_connections" { self.$name.reset(); })*
-            }
         }
     };
 }
@@ -197,7 +190,13 @@ worker_counters!(
     mirror_mismatches,
     bytes_read,
     bytes_written,
+    memory_held,
+    memory_shed,
 );
+
+/// The counters of `WorkerStats` that are gauges: they go down as well as
+/// up, and `stats reset` leaves them alone.
+pub(crate) const GAUGES: [&str; 2] = ["curr_connections", "memory_held"];
 
 /// A server as `stats` shows it: name, role (`primary`, `backup`, or
 /// `backup2`/`backup3` for further tiers), health.
@@ -218,6 +217,12 @@ pub struct StatsRegistry {
     /// Configurations reloaded, and reloads refused (the running one kept).
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
+    /// The counters' sums (in `WorkerStats::each` order) at the last
+    /// `stats reset`: the `stats` reply shows what was counted since, as
+    /// memcached's does, while the counters themselves never go back (a
+    /// client must not be able to hide, say, failed authentications from
+    /// Prometheus, whose counters only grow).
+    since_reset: std::sync::Mutex<Vec<u64>>,
 }
 
 impl StatsRegistry {
@@ -236,6 +241,7 @@ impl StatsRegistry {
             servers: RwLock::new(servers.into()),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
+            since_reset: std::sync::Mutex::default(),
         }
     }
 
@@ -272,11 +278,25 @@ impl StatsRegistry {
         self.workers.iter().map(|w| f(w).get()).sum()
     }
 
-    /// `stats reset`: zero the totals (not the gauges).
-    pub fn reset(&self) {
+    /// Every counter summed over the workers, in `WorkerStats::each` order.
+    fn sums(&self) -> Vec<(&'static str, u64)> {
+        let mut sums: Vec<(&'static str, u64)> = Vec::new();
         for w in &self.workers {
-            w.reset_totals();
+            for (i, (name, v)) in w.each().into_iter().enumerate() {
+                match sums.get_mut(i) {
+                    Some(s) => s.1 = s.1.wrapping_add(v),
+                    None => sums.push((name, v)),
+                }
+            }
         }
+        sums
+    }
+
+    /// `stats reset`: the `stats` reply's totals start again from zero (not
+    /// its gauges); the counters, and what `/metrics` shows, go on.
+    pub fn reset(&self) {
+        let now = self.sums().into_iter().map(|(_, v)| v).collect();
+        *self.since_reset.lock().unwrap_or_else(|p| p.into_inner()) = now;
     }
 
     /// The body of the general `stats` reply: `STAT name value` lines then `END`.
@@ -297,18 +317,17 @@ impl StatsRegistry {
         stat("threads", &self.threads);
         stat("max_connections", &self.max_conns.load(Ordering::Relaxed));
         stat("allocations", &crate::alloc::allocations());
-        let mut sums: Vec<(&'static str, u64)> = Vec::new();
-        for w in &self.workers {
-            for (i, (name, v)) in w.each().into_iter().enumerate() {
-                if i < sums.len() {
-                    sums[i].1 += v;
-                } else {
-                    sums.push((name, v));
-                }
-            }
-        }
-        for (name, v) in &sums {
-            stat(name, v);
+        let baseline = self
+            .since_reset
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (i, (name, v)) in self.sums().into_iter().enumerate() {
+            let since = match baseline.get(i) {
+                Some(b) if !GAUGES.contains(&name) => v.saturating_sub(*b),
+                _ => v,
+            };
+            stat(name, &since);
         }
         stat("reloads", &self.reloads.load(Ordering::Relaxed));
         stat(
