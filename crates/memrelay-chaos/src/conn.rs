@@ -33,6 +33,8 @@ pub struct Val {
     pub key: String,
     pub flags: u32,
     pub data: String,
+    /// The CAS unique, for `gets`.
+    pub cas: Option<u64>,
 }
 
 /// A parsed reply.
@@ -161,6 +163,7 @@ impl Conn {
                 key: parts[1].to_string(),
                 flags,
                 data: String::from_utf8_lossy(&data).into_owned(),
+                cas: parts.get(4).and_then(|c| c.parse().ok()),
             });
         }
     }

@@ -417,25 +417,39 @@ fn pick_batch(rng: &mut Rng, keys: &[KeyModel], size: usize, seq: &mut u64) -> V
             }
         } else {
             match r {
-                0..=29 => Op::Set {
+                0..=27 => Op::Set {
                     k,
                     item: Item {
                         data: format!("{}s{s}", m.tag),
                         flags,
                     },
                 },
-                30..=34 => Op::Add {
+                28..=32 => Op::Add {
                     k,
                     item: Item {
                         data: format!("{}d{s}", m.tag),
                         flags,
                     },
                 },
-                35..=44 => Op::Append {
+                33..=40 => Op::Append {
                     k,
                     suffix: format!(".a{s}"),
                 },
-                45..=54 => Op::Delete { k },
+                41..=48 => Op::Delete { k },
+                49..=52 => Op::Gets { k },
+                53..=56 => match m.gets_unique {
+                    Some((unique, _)) => Op::Cas {
+                        k,
+                        item: Item {
+                            data: format!("{}c{s}", m.tag),
+                            flags,
+                        },
+                        unique,
+                    },
+                    None => Op::Gets { k },
+                },
+                57..=59 => Op::Touch { k },
+                60..=62 => Op::Gat { ks: vec![k] },
                 _ => Op::Get { ks: vec![k] },
             }
         };
@@ -904,7 +918,7 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
     };
     let reads = total.hits + total.misses;
     println!(
-        "\nran {:.1?}: {} requests in {} batches ({} pipelined, {} with a key twice or more): set {}, add {}, get {}, multi-get {} ({} keys), delete {}, incr {}, append {}",
+        "\nran {:.1?}: {} requests in {} batches ({} pipelined, {} with a key twice or more): set {}, add {}, cas {}, get/gets {}, gat {}, multi-get {} ({} keys), delete {}, incr {}, append {}, touch {}",
         chaos_elapsed,
         total.ops(),
         total.batches,
@@ -912,12 +926,15 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
         total.repeated_key_batches,
         total.sets,
         total.adds,
+        total.cases,
         total.gets,
+        total.gats,
         total.multigets,
         total.multiget_keys,
         total.deletes,
         total.incrs,
-        total.appends
+        total.appends,
+        total.touches
     );
     println!(
         "chaos events: {} (kill {}, restart {}, SIGSTOP {}, SIGCONT {}; {} on the backup)",

@@ -65,6 +65,24 @@ pub enum Op {
         k: usize,
         item: Item,
     },
+    /// `gets`: the value and its CAS unique, kept for a later `cas`.
+    Gets {
+        k: usize,
+    },
+    /// `cas` with the unique the last `gets` of the key returned.
+    Cas {
+        k: usize,
+        item: Item,
+        unique: u64,
+    },
+    /// `touch <key> 0`: the item stays, its TTL (none) is copied.
+    Touch {
+        k: usize,
+    },
+    /// `gat 0 <keys>`: a read that also sets the TTL (none).
+    Gat {
+        ks: Vec<usize>,
+    },
 }
 
 impl Op {
@@ -75,15 +93,18 @@ impl Op {
             | Op::Add { k, .. }
             | Op::Delete { k }
             | Op::Incr { k, .. }
-            | Op::Append { k, .. } => {
+            | Op::Append { k, .. }
+            | Op::Gets { k }
+            | Op::Cas { k, .. }
+            | Op::Touch { k } => {
                 vec![*k]
             }
-            Op::Get { ks } => ks.clone(),
+            Op::Get { ks } | Op::Gat { ks } => ks.clone(),
         }
     }
 
     pub fn is_read(&self) -> bool {
-        matches!(self, Op::Get { .. })
+        matches!(self, Op::Get { .. } | Op::Gets { .. } | Op::Gat { .. })
     }
 
     pub fn render(&self, keys: &[KeyModel], out: &mut String) {
@@ -113,6 +134,25 @@ impl Op {
                 item.data.len(),
                 item.data
             ),
+            Op::Gets { k } => write!(out, "gets {}\r\n", keys[*k].name),
+            Op::Cas { k, item, unique } => write!(
+                out,
+                "cas {} {} 0 {} {unique}\r\n{}\r\n",
+                keys[*k].name,
+                item.flags,
+                item.data.len(),
+                item.data
+            ),
+            Op::Touch { k } => write!(out, "touch {} 0\r\n", keys[*k].name),
+            Op::Gat { ks } => {
+                out.push_str("gat 0");
+                for k in ks {
+                    out.push(' ');
+                    out.push_str(&keys[*k].name);
+                }
+                out.push_str("\r\n");
+                Ok(())
+            }
             Op::Delete { k } => write!(out, "delete {}\r\n", keys[*k].name),
             Op::Incr { k, delta } => write!(out, "incr {} {delta}\r\n", keys[*k].name),
             Op::Append { k, suffix } => write!(
@@ -144,6 +184,10 @@ pub struct KeyModel {
     base_sent: Option<Instant>,
     /// Too many unknown outcomes: hits unchecked until the next set/delete.
     wild: bool,
+    /// Acknowledged writes that changed the item (each changes its CAS).
+    changes: u64,
+    /// The unique the last `gets` returned, with `changes` then.
+    pub gets_unique: Option<(u64, u64)>,
     history: VecDeque<String>,
 }
 
@@ -158,6 +202,8 @@ impl KeyModel {
             exact: true,
             base_sent: None,
             wild: false,
+            changes: 0,
+            gets_unique: None,
             history: VecDeque::new(),
         }
     }
@@ -201,6 +247,7 @@ impl KeyModel {
     }
 
     fn ack_value(&mut self, item: Item, sent: Instant) {
+        self.changes += 1;
         self.cands = vec![Some(item)];
         self.exact = true;
         self.wild = false;
@@ -262,6 +309,9 @@ pub struct Tally {
     pub incrs: u64,
     pub appends: u64,
     pub adds: u64,
+    pub gats: u64,
+    pub cases: u64,
+    pub touches: u64,
     /// Batches that hold one key more than once.
     pub repeated_key_batches: u64,
     pub batches: u64,
@@ -312,6 +362,9 @@ impl Tally {
             incrs,
             appends,
             adds,
+            gats,
+            cases,
+            touches,
             repeated_key_batches,
             batches,
             pipelined_batches,
@@ -343,6 +396,9 @@ impl Tally {
             + self.incrs
             + self.appends
             + self.adds
+            + self.gats
+            + self.cases
+            + self.touches
     }
 
     pub fn violations(&self) -> u64 {
@@ -419,6 +475,10 @@ pub fn check(
         Op::Incr { .. } => tally.incrs += 1,
         Op::Append { .. } => tally.appends += 1,
         Op::Add { .. } => tally.adds += 1,
+        Op::Gets { .. } => tally.gets += 1,
+        Op::Gat { .. } => tally.gats += 1,
+        Op::Cas { .. } => tally.cases += 1,
+        Op::Touch { .. } => tally.touches += 1,
     }
     let render = {
         let mut s = String::new();
@@ -445,11 +505,21 @@ pub fn check(
         }
     };
     match (op, reply) {
-        (Op::Get { ks }, Reply::Values(vals)) => {
+        (Op::Get { ks } | Op::Gat { ks }, Reply::Values(vals)) => {
             check_values(ctx, tally, keys, ks, vals, sent, now, &who);
             true
         }
-        (Op::Get { ks }, Reply::Line(l)) => {
+        (Op::Gets { k }, Reply::Values(vals)) => {
+            check_values(ctx, tally, keys, &[*k], vals, sent, now, &who);
+            let m = &mut keys[*k];
+            m.gets_unique = vals
+                .iter()
+                .find(|v| v.key == m.name)
+                .and_then(|v| v.cas)
+                .map(|c| (c, m.changes));
+            true
+        }
+        (Op::Get { ks } | Op::Gat { ks }, Reply::Line(l)) => {
             tally.server_errors += 1;
             tally.wrong += 1;
             tally.detail(format!(
@@ -476,7 +546,8 @@ pub fn check(
 /// The effect of a write that may or may not have been applied.
 fn unknown_outcome(keys: &mut [KeyModel], op: &Op) {
     match op {
-        Op::Get { .. } => {}
+        Op::Get { .. } | Op::Gets { .. } | Op::Gat { .. } | Op::Touch { .. } => {}
+        Op::Cas { k, item, .. } => keys[*k].maybe(|c| c.is_some().then(|| Some(item.clone()))),
         Op::Set { k, item } => keys[*k].maybe(|_| Some(Some(item.clone()))),
         Op::Add { k, item } => keys[*k].maybe(|c| c.is_none().then(|| Some(item.clone()))),
         Op::Delete { k } => keys[*k].maybe(|_| Some(None)),
@@ -623,7 +694,7 @@ fn check_write(
         return;
     }
     match op {
-        Op::Get { .. } => {}
+        Op::Get { .. } | Op::Gets { .. } | Op::Gat { .. } => {}
         Op::Set { item, .. } => {
             if l == "STORED" {
                 m.ack_value(item.clone(), sent);
@@ -632,6 +703,50 @@ fn check_write(
                 unknown_outcome(keys, op);
             }
         }
+        Op::Cas { item, unique, .. } => match l {
+            "STORED" => {
+                let since = m.gets_unique.filter(|(u, _)| u == unique).map(|(_, c)| c);
+                if !m.wild && since.is_some_and(|c| c != m.changes) {
+                    wrong(
+                        tally,
+                        m,
+                        "cas accepted a unique from before a later acknowledged write",
+                    );
+                }
+                m.ack_value(item.clone(), sent);
+            }
+            // A unique from before a failover or a restart: allowed.
+            "EXISTS" => {}
+            "NOT_FOUND" => {
+                write_miss(ctx, tally, m, guarded, who, render, l);
+                m.ack_absent();
+            }
+            _ => {
+                wrong(tally, m, "cas answers STORED, EXISTS or NOT_FOUND");
+                unknown_outcome(keys, op);
+            }
+        },
+        Op::Touch { .. } => match l {
+            "TOUCHED" => {
+                if !m.wild && m.cands.iter().all(Option::is_none) {
+                    wrong(
+                        tally,
+                        m,
+                        "touched a key the model says is absent: something brought it back",
+                    );
+                    m.wild = true;
+                }
+                m.cands.retain(Option::is_some);
+            }
+            "NOT_FOUND" => {
+                write_miss(ctx, tally, m, guarded, who, render, l);
+                m.ack_absent();
+            }
+            _ => {
+                wrong(tally, m, "touch answers TOUCHED or NOT_FOUND");
+                unknown_outcome(keys, op);
+            }
+        },
         Op::Add { item, .. } => match l {
             "STORED" => {
                 if !m.wild && m.cands.iter().all(Option::is_some) {
@@ -664,6 +779,7 @@ fn check_write(
                     wrong(tally, m, "the key was deleted: something brought it back");
                 }
                 m.ack_absent();
+                m.changes += 1;
             }
             "NOT_FOUND" => m.ack_absent(),
             _ => {
@@ -712,6 +828,7 @@ fn check_write(
                 } else if !from.is_empty() {
                     m.cands = from;
                     m.cands.dedup();
+                    m.changes += 1;
                 } else {
                     // Wild: the value is now known, its flags are not.
                     m.cands = vec![Some(Item {
@@ -743,6 +860,7 @@ fn check_write(
                 } else {
                     m.cands = next;
                 }
+                m.changes += 1;
             }
             "NOT_STORED" => {
                 write_miss(ctx, tally, m, guarded, who, render, l);
@@ -815,6 +933,7 @@ mod tests {
             key: k.into(),
             flags: f,
             data: d.into(),
+            cas: None,
         }
     }
 
@@ -856,6 +975,37 @@ mod tests {
     }
     fn vals(v: Vec<Val>) -> Result<Reply, Fail> {
         Ok(Reply::Values(v))
+    }
+
+    #[test]
+    fn a_cas_with_a_unique_from_before_a_write_must_not_store() {
+        let gets = Op::Gets { k: 0 };
+        let cas = |d: &str| Op::Cas {
+            k: 0,
+            item: item(d, 1),
+            unique: 77,
+        };
+        let mut hit = val("t", "c0k0s1", 1);
+        hit.cas = Some(77);
+        let t = run(
+            true,
+            &[
+                (set(0, "c0k0s1", 1), line("STORED")),
+                (gets.clone(), vals(vec![hit.clone()])),
+                (cas("c0k0c2"), line("STORED")),
+            ],
+        );
+        assert_eq!(t.violations(), 0, "{:?}", t.details);
+        let t = run(
+            true,
+            &[
+                (set(0, "c0k0s1", 1), line("STORED")),
+                (gets, vals(vec![hit])),
+                (set(0, "c0k0s3", 1), line("STORED")),
+                (cas("c0k0c4"), line("STORED")),
+            ],
+        );
+        assert_eq!(t.wrong, 1, "{:?}", t.details);
     }
 
     #[test]
