@@ -1092,3 +1092,27 @@ pub fn parse_mg(b: &[u8]) -> Result<Option<Item>, String> {
     let value = String::from_utf8_lossy(&b[nl + 2..nl + 2 + len]).into_owned();
     Ok(Some(Item { value, flags, ttl }))
 }
+
+/// Keys that land on every one of `servers` (checked on the servers
+/// themselves after a set through the proxy).
+pub fn set_spread(proxy: &str, servers: &[&Memcached], n: usize) -> Vec<String> {
+    let mut c = Client::with_sentinel(proxy);
+    let mut keys = Vec::new();
+    for i in 0..n {
+        let key = format!("spread-{i}");
+        let r = c.exchange(format!("set {key} 0 0 1\r\nx\r\n").as_bytes());
+        assert_eq!(r.bytes, b"STORED\r\n", "set {key}: {}", escape(&r.bytes));
+        keys.push(key);
+    }
+    for s in servers {
+        let mut direct = s.client();
+        let held = keys.iter().any(|k| {
+            direct
+                .send_until(format!("get {k}\r\n").as_bytes(), complete_retrieval)
+                .bytes
+                .starts_with(b"VALUE")
+        });
+        assert!(held, "no key of {n} went to {}", s.addr());
+    }
+    keys
+}
