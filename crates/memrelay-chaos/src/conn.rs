@@ -168,6 +168,33 @@ impl Conn {
         }
     }
 
+    /// A meta reply: `VA <len> [f<flags>]` and its data (as one `Val` with
+    /// no key), or any other line (`HD`, `EN`, `NF`, an error...).
+    pub fn meta(&mut self, deadline: Instant) -> Result<Reply, Fail> {
+        let l = self.line(deadline)?;
+        let Some(rest) = l.strip_prefix("VA ") else {
+            return Ok(Reply::Line(l));
+        };
+        let mut toks = rest.split(' ');
+        let n: usize = toks
+            .next()
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| Fail::Garbled(format!("bad VA line {l:?}")))?;
+        if n > 1 << 20 {
+            return Err(Fail::Garbled(format!("value too long in {l:?}")));
+        }
+        let flags = toks
+            .find_map(|t| t.strip_prefix('f').and_then(|f| f.parse().ok()))
+            .unwrap_or(0);
+        let data = self.block(n, deadline)?;
+        Ok(Reply::Values(vec![Val {
+            key: String::new(),
+            flags,
+            data: String::from_utf8_lossy(&data).into_owned(),
+            cas: None,
+        }]))
+    }
+
     /// `stats` as (name, value) pairs.
     pub fn stats(&mut self, deadline: Instant) -> Result<Vec<(String, String)>, Fail> {
         self.send(b"stats\r\n")?;

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chaos::{ChaosCfg, ChaosTally, Watch};
 use conn::{Conn, Fail, Reply};
-use model::{Ctx, Item, KeyModel, Op, Tally};
+use model::{Ctx, Item, KeyModel, Op, Shape, Tally};
 use procs::{Memcached, Memrelay};
 use rng::Rng;
 
@@ -352,6 +352,9 @@ struct ClientEnd {
     error: Option<String>,
 }
 
+/// Keys per client that carry short TTLs (see `KeyModel::ttl_key`).
+const TTL_KEYS: usize = 4;
+
 /// Picks a batch: 1 op, or 2..=6 for a pipelining client. A quarter of a
 /// pipelined batch's single-key requests reuse a key already in the batch
 /// (the model checks replies in order, so each sees the ones before it):
@@ -363,7 +366,9 @@ fn pick_batch(rng: &mut Rng, keys: &[KeyModel], size: usize, seq: &mut u64) -> V
     let free = |used: &[bool], rng: &mut Rng| -> Option<usize> {
         for _ in 0..8 {
             let k = rng.below(keys.len() as u64) as usize;
-            if !used[k] {
+            // TTL keys are picked rarely, so that they are often left
+            // alone past their expiry.
+            if !used[k] && (!keys[k].ttl_key || rng.below(100) < 3) {
                 return Some(k);
             }
         }
@@ -399,7 +404,29 @@ fn pick_batch(rng: &mut Rng, keys: &[KeyModel], size: usize, seq: &mut u64) -> V
         *seq += 1;
         let s = *seq;
         let flags = (s % 1000) as u32 + 1;
-        let op = if m.counter {
+        let op = if m.ttl_key {
+            let item = Item {
+                data: format!("{}s{s}", m.tag),
+                flags,
+            };
+            match r {
+                0..=2 => Op::SetTtl {
+                    k,
+                    item,
+                    ttl: 1 + rng.below(2) as u32,
+                },
+                3..=5 => Op::Gat {
+                    ks: vec![k],
+                    ttl: 1 + rng.below(2) as u32,
+                },
+                6 => Op::Set { k, item },
+                7 => Op::Gat {
+                    ks: vec![k],
+                    ttl: 0,
+                },
+                _ => Op::Get { ks: vec![k] },
+            }
+        } else if m.counter {
             match r {
                 0..=24 => Op::Set {
                     k,
@@ -417,12 +444,20 @@ fn pick_batch(rng: &mut Rng, keys: &[KeyModel], size: usize, seq: &mut u64) -> V
             }
         } else {
             match r {
-                0..=27 => Op::Set {
+                0..=24 => Op::Set {
                     k,
                     item: Item {
                         data: format!("{}s{s}", m.tag),
                         flags,
                     },
+                },
+                25..=27 => Op::SetTtl {
+                    k,
+                    item: Item {
+                        data: format!("{}s{s}", m.tag),
+                        flags,
+                    },
+                    ttl: 1 + rng.below(3) as u32,
                 },
                 28..=32 => Op::Add {
                     k,
@@ -449,13 +484,34 @@ fn pick_batch(rng: &mut Rng, keys: &[KeyModel], size: usize, seq: &mut u64) -> V
                     None => Op::Gets { k },
                 },
                 57..=59 => Op::Touch { k },
-                60..=62 => Op::Gat { ks: vec![k] },
+                60..=62 => Op::Gat {
+                    ks: vec![k],
+                    // Never expires, or expires a few seconds from now.
+                    ttl: [0, 0, 2, 4][rng.below(4) as usize],
+                },
                 _ => Op::Get { ks: vec![k] },
             }
+        };
+        // A fifth of what has a meta form goes in it.
+        let op = if rng.below(100) < 20 {
+            meta_form(op)
+        } else {
+            op
         };
         ops.push(op);
     }
     ops
+}
+
+/// The meta twin of a request, where it has one.
+fn meta_form(op: Op) -> Op {
+    match op {
+        Op::Set { k, item } => Op::MetaSet { k, item },
+        Op::Get { ks } if ks.len() == 1 => Op::MetaGet { k: ks[0] },
+        Op::Delete { k } => Op::MetaDelete { k },
+        Op::Incr { k, delta } => Op::MetaIncr { k, delta },
+        other => other,
+    }
 }
 
 /// Reads the replies to `ops` (sent together at `sent`) and checks them.
@@ -470,10 +526,10 @@ fn answer_batch(
     deadline: Instant,
 ) -> bool {
     for (n, op) in ops.iter().enumerate() {
-        let reply = if op.is_read() {
-            conn.retrieval(deadline)
-        } else {
-            conn.line(deadline).map(Reply::Line)
+        let reply = match op.shape() {
+            Shape::Retrieval => conn.retrieval(deadline),
+            Shape::Meta => conn.meta(deadline),
+            Shape::Line => conn.line(deadline).map(Reply::Line),
         };
         let now = Instant::now();
         if !model::check(ctx, tally, keys, op, &reply, sent, now) {
@@ -750,8 +806,14 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
         ));
     }
     // Keys: client t owns c{t}k{i}; every 4th is a counter.
+    let per_client = cfg.keys + TTL_KEYS;
     let names: Vec<Vec<String>> = (0..cfg.clients)
-        .map(|t| (0..cfg.keys).map(|i| format!("chaos:c{t}:k{i}")).collect())
+        .map(|t| {
+            (0..cfg.keys)
+                .map(|i| format!("chaos:c{t}:k{i}"))
+                .chain((0..TTL_KEYS).map(|j| format!("chaos:c{t}:t{j}")))
+                .collect()
+        })
         .collect();
     let flat: Vec<String> = names.iter().flatten().cloned().collect();
     let routes = learn_routing(&addr, &servers[..b], &flat)?;
@@ -766,12 +828,15 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
             ks.iter()
                 .enumerate()
                 .map(|(i, name)| {
-                    KeyModel::new(
+                    let ttl_key = i >= cfg.keys;
+                    let mut m = KeyModel::new(
                         name.clone(),
                         format!("c{t}k{i}"),
-                        i % 4 == 3,
-                        routes[t * cfg.keys + i],
-                    )
+                        !ttl_key && i % 4 == 3,
+                        routes[t * per_client + i],
+                    );
+                    m.ttl_key = ttl_key;
+                    m
                 })
                 .collect()
         })
@@ -918,13 +983,14 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
     };
     let reads = total.hits + total.misses;
     println!(
-        "\nran {:.1?}: {} requests in {} batches ({} pipelined, {} with a key twice or more): set {}, add {}, cas {}, get/gets {}, gat {}, multi-get {} ({} keys), delete {}, incr {}, append {}, touch {}",
+        "\nran {:.1?}: {} requests in {} batches ({} pipelined, {} with a key twice or more): set {} ({} with a TTL of 1-3 s), add {}, cas {}, get/gets {}, gat {}, multi-get {} ({} keys), delete {}, incr {}, append {}, touch {}; {} of them in meta form (ms, mg, md, ma)",
         chaos_elapsed,
         total.ops(),
         total.batches,
         total.pipelined_batches,
         total.repeated_key_batches,
         total.sets,
+        total.ttl_sets,
         total.adds,
         total.cases,
         total.gets,
@@ -934,7 +1000,8 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
         total.deletes,
         total.incrs,
         total.appends,
-        total.touches
+        total.touches,
+        total.metas
     );
     println!(
         "chaos events: {} (kill {}, restart {}, SIGSTOP {}, SIGCONT {}; {} on the backup)",

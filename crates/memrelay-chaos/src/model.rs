@@ -82,7 +82,41 @@ pub enum Op {
     /// `gat 0 <keys>`: a read that also sets the TTL (none).
     Gat {
         ks: Vec<usize>,
+        /// 0: the items never expire from now on.
+        ttl: u32,
     },
+    /// `set` with a TTL of a few seconds: checked as `set`, and from its
+    /// answer on the item must not be served past its expiry.
+    SetTtl {
+        k: usize,
+        item: Item,
+        ttl: u32,
+    },
+    /// The meta forms, checked as their classic twins (`classic`):
+    /// `ms <key> <len> F<flags>`, `mg <key> v f`, `md <key>`,
+    /// `ma <key> D<delta> v`.
+    MetaSet {
+        k: usize,
+        item: Item,
+    },
+    MetaGet {
+        k: usize,
+    },
+    MetaDelete {
+        k: usize,
+    },
+    MetaIncr {
+        k: usize,
+        delta: u64,
+    },
+}
+
+/// How a request's reply is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    Line,
+    Retrieval,
+    Meta,
 }
 
 impl Op {
@@ -96,15 +130,95 @@ impl Op {
             | Op::Append { k, .. }
             | Op::Gets { k }
             | Op::Cas { k, .. }
-            | Op::Touch { k } => {
+            | Op::Touch { k }
+            | Op::MetaSet { k, .. }
+            | Op::MetaGet { k }
+            | Op::MetaDelete { k }
+            | Op::MetaIncr { k, .. } => {
                 vec![*k]
             }
-            Op::Get { ks } | Op::Gat { ks } => ks.clone(),
+            Op::Get { ks } | Op::Gat { ks, .. } => ks.clone(),
+            Op::SetTtl { k, .. } => vec![*k],
         }
     }
 
     pub fn is_read(&self) -> bool {
-        matches!(self, Op::Get { .. } | Op::Gets { .. } | Op::Gat { .. })
+        matches!(
+            self,
+            Op::Get { .. } | Op::Gets { .. } | Op::Gat { .. } | Op::MetaGet { .. }
+        )
+    }
+
+    /// How its reply is read.
+    pub fn shape(&self) -> Shape {
+        match self {
+            Op::MetaSet { .. }
+            | Op::MetaGet { .. }
+            | Op::MetaDelete { .. }
+            | Op::MetaIncr { .. } => Shape::Meta,
+            op if op.is_read() => Shape::Retrieval,
+            _ => Shape::Line,
+        }
+    }
+
+    /// A meta request as its classic twin, with its reply as the twin's
+    /// would read (`HD` -> `STORED`/`DELETED`, `VA` -> a value or a number,
+    /// `EN` -> a miss, `NF` -> `NOT_FOUND`, `NS` -> `NOT_STORED`). Others
+    /// are returned as they are.
+    pub fn classic(&self, keys: &[KeyModel], reply: Reply) -> (Op, Reply) {
+        let line = |l: &str| Reply::Line(l.to_string());
+        match (self, reply) {
+            (Op::MetaSet { k, item }, Reply::Line(l)) => {
+                let r = match l.as_str() {
+                    "HD" => line("STORED"),
+                    "NS" => line("NOT_STORED"),
+                    _ => Reply::Line(l),
+                };
+                (
+                    Op::Set {
+                        k: *k,
+                        item: item.clone(),
+                    },
+                    r,
+                )
+            }
+            (Op::MetaGet { k }, Reply::Values(mut v)) => {
+                for val in &mut v {
+                    val.key = keys[*k].name.clone();
+                }
+                (Op::Get { ks: vec![*k] }, Reply::Values(v))
+            }
+            (Op::MetaGet { k }, Reply::Line(l)) if l == "EN" => {
+                (Op::Get { ks: vec![*k] }, Reply::Values(Vec::new()))
+            }
+            (Op::MetaGet { k }, r) => (Op::Get { ks: vec![*k] }, r),
+            (Op::MetaDelete { k }, Reply::Line(l)) => {
+                let r = match l.as_str() {
+                    "HD" => line("DELETED"),
+                    "NF" => line("NOT_FOUND"),
+                    _ => Reply::Line(l),
+                };
+                (Op::Delete { k: *k }, r)
+            }
+            (Op::MetaIncr { k, delta }, r) => {
+                let r = match r {
+                    Reply::Values(v) => match v.first() {
+                        Some(val) => Reply::Line(val.data.clone()),
+                        None => line("NOT_FOUND"),
+                    },
+                    Reply::Line(l) if l == "NF" => line("NOT_FOUND"),
+                    other => other,
+                };
+                (
+                    Op::Incr {
+                        k: *k,
+                        delta: *delta,
+                    },
+                    r,
+                )
+            }
+            (op, r) => (op.clone(), r),
+        }
     }
 
     pub fn render(&self, keys: &[KeyModel], out: &mut String) {
@@ -144,8 +258,28 @@ impl Op {
                 item.data
             ),
             Op::Touch { k } => write!(out, "touch {} 0\r\n", keys[*k].name),
-            Op::Gat { ks } => {
-                out.push_str("gat 0");
+            Op::MetaSet { k, item } => write!(
+                out,
+                "ms {} {} F{}\r\n{}\r\n",
+                keys[*k].name,
+                item.data.len(),
+                item.flags,
+                item.data
+            ),
+            Op::MetaGet { k } => write!(out, "mg {} v f\r\n", keys[*k].name),
+            Op::MetaDelete { k } => write!(out, "md {}\r\n", keys[*k].name),
+            Op::MetaIncr { k, delta } => write!(out, "ma {} D{delta} v\r\n", keys[*k].name),
+            Op::SetTtl { k, item, ttl } => write!(
+                out,
+                "set {} {} {ttl} {}\r\n{}\r\n",
+                keys[*k].name,
+                item.flags,
+                item.data.len(),
+                item.data
+            ),
+            Op::Gat { ks, ttl } => {
+                out.push_str("gat ");
+                out.push_str(&ttl.to_string());
                 for k in ks {
                     out.push(' ');
                     out.push_str(&keys[*k].name);
@@ -175,6 +309,9 @@ pub struct KeyModel {
     pub tag: String,
     /// Index of the key's primary (learned at setup).
     pub primary: usize,
+    /// Written rarely, with short TTLs, and read often: the reads that
+    /// come after its expiry check that no replica outlives it.
+    pub ttl_key: bool,
     /// The states the key may be in.
     cands: Vec<Option<Item>>,
     /// One state, fixed by acknowledged writes only (no unknown outcome
@@ -188,6 +325,9 @@ pub struct KeyModel {
     changes: u64,
     /// The unique the last `gets` returned, with `changes` then.
     pub gets_unique: Option<(u64, u64)>,
+    /// When the exactly known item has surely expired (set with a TTL, or
+    /// a `gat` that gave it one); None: it does not expire.
+    expiry: Option<Instant>,
     history: VecDeque<String>,
 }
 
@@ -198,12 +338,14 @@ impl KeyModel {
             counter,
             tag,
             primary,
+            ttl_key: false,
             cands: vec![None],
             exact: true,
             base_sent: None,
             wild: false,
             changes: 0,
             gets_unique: None,
+            expiry: None,
             history: VecDeque::new(),
         }
     }
@@ -248,6 +390,7 @@ impl KeyModel {
 
     fn ack_value(&mut self, item: Item, sent: Instant) {
         self.changes += 1;
+        self.expiry = None;
         self.cands = vec![Some(item)];
         self.exact = true;
         self.wild = false;
@@ -255,6 +398,7 @@ impl KeyModel {
     }
 
     fn ack_absent(&mut self) {
+        self.expiry = None;
         self.cands = vec![None];
         self.exact = true;
         self.wild = false;
@@ -312,6 +456,9 @@ pub struct Tally {
     pub gats: u64,
     pub cases: u64,
     pub touches: u64,
+    /// Requests sent in their meta form (counted under their twin too).
+    pub metas: u64,
+    pub ttl_sets: u64,
     /// Batches that hold one key more than once.
     pub repeated_key_batches: u64,
     pub batches: u64,
@@ -365,6 +512,8 @@ impl Tally {
             gats,
             cases,
             touches,
+            metas,
+            ttl_sets,
             repeated_key_batches,
             batches,
             pipelined_batches,
@@ -458,6 +607,32 @@ pub fn check(
     sent: Instant,
     now: Instant,
 ) -> bool {
+    if let Op::SetTtl { k, item, ttl } = op {
+        tally.ttl_sets += 1;
+        let twin = Op::Set {
+            k: *k,
+            item: item.clone(),
+        };
+        let ok = check(ctx, tally, keys, &twin, reply, sent, now);
+        if matches!(reply, Ok(Reply::Line(l)) if l == "STORED") {
+            keys[*k].expiry = expiry_after(*ttl, now);
+        }
+        return ok;
+    }
+    if op.shape() == Shape::Meta {
+        tally.metas += 1;
+        let (twin, reply) = match reply {
+            Ok(r) => {
+                let (twin, r) = op.classic(keys, r.clone());
+                (twin, Ok(r))
+            }
+            Err(f) => (
+                op.classic(keys, Reply::Line(String::new())).0,
+                Err(f.clone()),
+            ),
+        };
+        return check(ctx, tally, keys, &twin, &reply, sent, now);
+    }
     let took = now.saturating_duration_since(sent);
     tally.max_latency = tally.max_latency.max(took);
     let bucket = (took.as_millis() as usize).min(tally.hist.len() - 1);
@@ -479,6 +654,12 @@ pub fn check(
         Op::Gat { .. } => tally.gats += 1,
         Op::Cas { .. } => tally.cases += 1,
         Op::Touch { .. } => tally.touches += 1,
+        // Translated to their classic twins above.
+        Op::MetaSet { .. }
+        | Op::MetaGet { .. }
+        | Op::MetaDelete { .. }
+        | Op::MetaIncr { .. }
+        | Op::SetTtl { .. } => {}
     }
     let render = {
         let mut s = String::new();
@@ -505,8 +686,18 @@ pub fn check(
         }
     };
     match (op, reply) {
-        (Op::Get { ks } | Op::Gat { ks }, Reply::Values(vals)) => {
+        (Op::Get { ks }, Reply::Values(vals)) => {
             check_values(ctx, tally, keys, ks, vals, sent, now, &who);
+            true
+        }
+        (Op::Gat { ks, ttl }, Reply::Values(vals)) => {
+            check_values(ctx, tally, keys, ks, vals, sent, now, &who);
+            for k in ks {
+                let m = &mut keys[*k];
+                if vals.iter().any(|v| v.key == m.name) {
+                    m.expiry = expiry_after(*ttl, now);
+                }
+            }
             true
         }
         (Op::Gets { k }, Reply::Values(vals)) => {
@@ -519,7 +710,7 @@ pub fn check(
                 .map(|c| (c, m.changes));
             true
         }
-        (Op::Get { ks } | Op::Gat { ks }, Reply::Line(l)) => {
+        (Op::Get { ks } | Op::Gat { ks, .. }, Reply::Line(l)) => {
             tally.server_errors += 1;
             tally.wrong += 1;
             tally.detail(format!(
@@ -543,10 +734,26 @@ pub fn check(
     }
 }
 
+/// How long past a TTL an item may still be served: memcached's clock
+/// ticks in seconds, and a copy (mirror, repair, resync) carries the TTL
+/// in whole seconds, a moment after the original.
+const EXPIRY_SLACK: Duration = Duration::from_secs(2);
+
+/// When an item given `ttl` seconds at `now` has surely expired.
+fn expiry_after(ttl: u32, now: Instant) -> Option<Instant> {
+    (ttl > 0).then(|| now + Duration::from_secs(u64::from(ttl)) + EXPIRY_SLACK)
+}
+
 /// The effect of a write that may or may not have been applied.
 fn unknown_outcome(keys: &mut [KeyModel], op: &Op) {
+    if op.shape() == Shape::Meta {
+        let twin = op.classic(keys, Reply::Line(String::new())).0;
+        return unknown_outcome(keys, &twin);
+    }
     match op {
         Op::Get { .. } | Op::Gets { .. } | Op::Gat { .. } | Op::Touch { .. } => {}
+        Op::SetTtl { k, item, .. } => keys[*k].maybe(|_| Some(Some(item.clone()))),
+        Op::MetaSet { .. } | Op::MetaGet { .. } | Op::MetaDelete { .. } | Op::MetaIncr { .. } => {}
         Op::Cas { k, item, .. } => keys[*k].maybe(|c| c.is_some().then(|| Some(item.clone()))),
         Op::Set { k, item } => keys[*k].maybe(|_| Some(Some(item.clone()))),
         Op::Add { k, item } => keys[*k].maybe(|c| c.is_none().then(|| Some(item.clone()))),
@@ -604,8 +811,20 @@ fn check_values(
     for (k, v) in ks.iter().zip(got) {
         let m = &mut keys[*k];
         let guarded = m.known_value().is_some()
+            && m.expiry.is_none()
             && m.base_sent
                 .is_some_and(|b| (ctx.live_replica)(m.primary, b));
+        if let (Some(v), Some(e)) = (v, m.expiry) {
+            if m.exact && !m.wild && sent > e {
+                tally.stale += 1;
+                tally.detail(format!(
+                    "{who}: STALE: {:?} served {:?}, which expired {:?} before the read",
+                    m.name,
+                    v.data,
+                    sent.saturating_duration_since(e)
+                ));
+            }
+        }
         if guarded {
             tally.guarded_reads += 1;
         }
@@ -669,6 +888,7 @@ fn check_write(
     let m = &mut keys[k];
     m.log(at, format!("{render} -> {l}"));
     let guarded = m.known_value().is_some()
+        && m.expiry.is_none()
         && m.base_sent
             .is_some_and(|b| (ctx.live_replica)(m.primary, b));
     let wrong = |tally: &mut Tally, m: &KeyModel, why: &str| {
@@ -694,7 +914,14 @@ fn check_write(
         return;
     }
     match op {
-        Op::Get { .. } | Op::Gets { .. } | Op::Gat { .. } => {}
+        Op::Get { .. }
+        | Op::Gets { .. }
+        | Op::Gat { .. }
+        | Op::MetaSet { .. }
+        | Op::MetaGet { .. }
+        | Op::MetaDelete { .. }
+        | Op::MetaIncr { .. }
+        | Op::SetTtl { .. } => {}
         Op::Set { item, .. } => {
             if l == "STORED" {
                 m.ack_value(item.clone(), sent);
