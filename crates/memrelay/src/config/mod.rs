@@ -302,6 +302,12 @@ pub struct Config {
     /// Where running and starting memrelays meet to hand over the
     /// listening sockets (zero-downtime restart).
     pub handoff: Option<PathBuf>,
+    /// `--pidfile`: where the process writes its pid once it is final
+    /// (after `-d` detached), made absolute at start.
+    pub pidfile: Option<PathBuf>,
+    /// `--log-file`: logs go to this file instead of stderr, reopened on
+    /// SIGUSR1 (for logrotate); made absolute at start.
+    pub log_file: Option<PathBuf>,
     /// The monitoring endpoint (`/metrics`, `/healthz`, `/readyz`).
     pub metrics: Option<SocketAddr>,
     /// Keys remembered per server as missed while it could not be written;
@@ -350,6 +356,8 @@ impl Default for Config {
             resync_rate: 5000,
             shutdown_timeout: Duration::from_secs(10),
             handoff: None,
+            pidfile: None,
+            log_file: None,
             metrics: None,
             missed_keys_cap: 100_000,
             limits: Limits::default(),
@@ -417,6 +425,8 @@ impl Config {
             group: "process.group (-g)",
             daemonize: "process.daemon (-d)",
             handoff: "process.handoff (--handoff)",
+            pidfile: "process.pidfile (--pidfile)",
+            log_file: "log.file (--log-file)",
             metrics: "metrics.listen (--metrics)",
             // A key's requests to a server keep their connection across a
             // reload (which orders them) only while the count stays.
