@@ -202,6 +202,7 @@ impl Control {
             .collect();
         let health: Vec<Arc<Health>> = servers.iter().map(|s| s.health.clone()).collect();
         registry.set_servers(entries(&servers));
+        registry.set_config(&cfg);
         let (resync, resync_current) = watch::channel(Arc::new(new_resync(&cfg, &router, &health)));
         tokio::task::spawn_local(crate::ha::resync::serve(
             resync_current,
@@ -369,6 +370,7 @@ impl Control {
             });
         }
         self.registry.set_servers(entries(&self.servers));
+        self.registry.set_config(&cfg);
         self.registry
             .max_conns
             .store(cfg.max_conns, Ordering::Relaxed);

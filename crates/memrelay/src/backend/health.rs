@@ -47,6 +47,9 @@ pub struct Health {
     /// those keys back to it (it is flushed first). See docs/ha.md,
     /// "Reloading the configuration".
     pub keys_moved_away: AtomicBool,
+    /// Its own `stats`, `stats items` and `stats slabs`, as its prober
+    /// last read them (for memrelay's `stats` and `/metrics`).
+    pub figures: crate::stats::servers::ServerFigures,
 }
 
 impl Health {
@@ -67,6 +70,7 @@ impl Health {
             copying: MissedKeys::labelled("resync copy set", 100_000),
             touched: MissedKeys::labelled("resync touched set", missed_cap),
             keys_moved_away: AtomicBool::new(false),
+            figures: Default::default(),
         }
     }
 
@@ -133,7 +137,8 @@ impl Health {
         self.recovered_at
             .store(since_epoch(Instant::now()), Ordering::Relaxed);
         if self.down.swap(false, Ordering::AcqRel) {
-            tracing::warn!(server = %self.name, "server marked up");
+            // Recovery is good news: INFO, so that WARN means "look".
+            tracing::info!(server = %self.name, "server marked up");
         }
     }
 }
