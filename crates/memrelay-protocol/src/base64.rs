@@ -17,7 +17,7 @@ fn value(c: u8) -> Option<u32> {
 
 /// Decodes `input`; `None` if it is not valid padded base64.
 pub fn decode(input: &[u8]) -> Option<Vec<u8>> {
-    if input.is_empty() || !input.len().is_multiple_of(4) {
+    if input.is_empty() || input.len() % 4 != 0 {
         return None;
     }
     let mut out = Vec::with_capacity(input.len() / 4 * 3);
