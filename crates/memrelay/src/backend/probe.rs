@@ -203,7 +203,9 @@ pub async fn probe_loop(
     timeouts: tokio::sync::watch::Receiver<ProbeTimeouts>,
     on_restart: crate::ha::resync::Requests,
 ) {
-    let mut rng = seed(&health.name);
+    // Seeded from the clock (fastrand's default): proxies started at the
+    // same moment still draw different jitter.
+    let mut rng = fastrand::Rng::new();
     let mut backoff = MIN_BACKOFF;
     let mut successes = 0;
     let mut known: Option<Identity> = None;
@@ -230,11 +232,8 @@ pub async fn probe_loop(
         } else {
             // Jitter: between half and all of the backoff, so many proxies
             // probing the same server do not stampede it in step.
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            let wait =
-                backoff / 2 + Duration::from_millis(rng % (backoff.as_millis() as u64 / 2 + 1));
+            let half = backoff.as_millis() as u64 / 2;
+            let wait = backoff / 2 + Duration::from_millis(rng.u64(0..=half));
             tokio::time::sleep(wait).await;
         }
 
@@ -337,13 +336,4 @@ async fn check(
         }
         health.missed.confirm(&batch);
     }
-}
-
-fn seed(name: &str) -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1);
-    name.bytes()
-        .fold(t | 1, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
 }
