@@ -1,6 +1,6 @@
 # memrelay in a container:
 #   docker build -t memrelay .
-#   docker run -p 11211:11211 -p 9150:9150 memrelay -s 10.0.0.12:11211 -s 10.0.0.13:11211 -b 10.0.0.11:11211
+#   docker run -p 11211:11211 memrelay -s 10.0.0.12:11211 -s 10.0.0.13:11211 -b 10.0.0.11:11211
 # The servers are named on the command line, on top of the image's
 # configuration (packaging/docker/memrelay.toml), or in a file mounted over
 # /etc/memrelay/memrelay.toml. docs/operations.md has more.
@@ -19,8 +19,9 @@ RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin
 COPY --from=build /out/memrelay /usr/local/bin/memrelay
 COPY packaging/docker/memrelay.toml /etc/memrelay/memrelay.toml
 USER memrelay:memrelay
-# 11211: memcached clients; 9150: /metrics, /healthz, /readyz.
-EXPOSE 11211 9150
+# 11211: memcached clients. /metrics, /healthz and /readyz listen on the
+# container's loopback (127.0.0.1:9150) unless --metrics says otherwise.
+EXPOSE 11211
 # /healthz answers 200 while the process serves. bash's /dev/tcp keeps the
 # image free of an HTTP client. (/readyz, 503 while some key has no server
 # up, is for a load balancer to route by, not a reason to restart.)
