@@ -105,7 +105,6 @@ impl ProbeConn {
     async fn identity(&mut self, figures: &ServerFigures) -> Option<Identity> {
         let req = b"stats\r\n";
         let reply = self.stats_reply(req).await?;
-        figures.store(Group::General, &reply);
         let text = String::from_utf8_lossy(&reply);
         let stat = |name: &str| -> Option<i64> {
             text.lines().find_map(|l| {
@@ -119,6 +118,8 @@ impl ProbeConn {
         };
         let pid = stat("pid")? as u64;
         let boot = stat("time")? - stat("uptime")?;
+        drop(text);
+        figures.store(Group::General, reply);
         Some(Identity { pid, boot })
     }
 
@@ -137,7 +138,7 @@ impl ProbeConn {
             (&b"stats slabs\r\n"[..], Group::Slabs),
         ] {
             let reply = self.stats_reply(req).await?;
-            figures.store(group, &reply);
+            figures.store(group, reply);
         }
         Some(())
     }
