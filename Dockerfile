@@ -4,6 +4,10 @@
 # The servers are named on the command line, on top of the image's
 # configuration (packaging/docker/memrelay.toml), or in a file mounted over
 # /etc/memrelay/memrelay.toml. docs/operations.md has more.
+#
+# scripts/container-check builds this image with buildah and runs the
+# demo's self-check with the image's memrelay. It is not in CI: the base
+# images come from docker.io, which the CI machine cannot reach.
 
 # Build: the whole workspace's lock file, a release build of the binary.
 FROM rust:1-slim-bookworm AS build

@@ -44,3 +44,25 @@ stop_service_started_by_install() {
         fi
     fi
 }
+
+# ensure_py_module MODULE PACKAGE
+# Makes sure `python3 -c "import MODULE"` works: as root, installs Debian's
+# PACKAGE; if the python3 on PATH is not Debian's (pyenv, a venv), falls
+# back to `python3 -m pip install MODULE`.
+ensure_py_module() {
+    local mod=$1 pkg=$2
+    command -v python3 >/dev/null 2>&1 || ensure_pkg python3 python3 || return 1
+    python3 -c "import $mod" 2>/dev/null && return 0
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "error: the python module '$mod' is missing and we are not root." >&2
+        echo "       install it with: sudo apt-get install -y $pkg" >&2
+        return 1
+    fi
+    echo "==> installing $pkg (apt-get)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y "$pkg" || true
+    python3 -c "import $mod" 2>/dev/null && return 0
+    echo "==> python3 on PATH is not Debian's; pip install $mod"
+    python3 -m pip install --quiet "$mod" && python3 -c "import $mod" 2>/dev/null
+}

@@ -1,24 +1,17 @@
-//! A small deterministic generator (splitmix64): a run's choices follow
-//! from its seed. (Thread timing still varies from run to run.)
+//! The run's random choices: fastrand's generator (wyrand) seeded with the
+//! run's seed, so a run's choices follow from `--seed`. (Thread timing
+//! still varies from run to run.)
 
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng(fastrand::Rng);
 
 impl Rng {
     pub fn new(seed: u64) -> Rng {
-        Rng(seed)
+        Rng(fastrand::Rng::with_seed(seed))
     }
 
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in 0..n (n > 0).
+    /// Uniform in 0..n (0 when n is 0).
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n.max(1)
+        self.0.u64(0..n.max(1))
     }
 }

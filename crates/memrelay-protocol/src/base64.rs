@@ -1,60 +1,43 @@
 //! Standard base64 (RFC 4648, with padding), for meta commands' `b` flag:
 //! the proxy routes a binary key by its decoded bytes, and writes keys it
 //! must invalidate as base64 so any key survives the text protocol.
+//!
+//! The `base64` crate does the work. This module fixes the dialect in one
+//! place: padding required, and the unused low bits of the last symbol
+//! ignored rather than refused (a proxy routes the keys clients send; it
+//! does not judge their encoding).
 
-const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use base64::Engine as _;
 
-fn value(c: u8) -> Option<u32> {
-    Some(match c {
-        b'A'..=b'Z' => c - b'A',
-        b'a'..=b'z' => c - b'a' + 26,
-        b'0'..=b'9' => c - b'0' + 52,
-        b'+' => 62,
-        b'/' => 63,
-        _ => return None,
-    } as u32)
-}
+const META_KEYS: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(true)
+        .with_decode_padding_mode(DecodePaddingMode::RequireCanonical)
+        .with_decode_allow_trailing_bits(true),
+);
 
-/// Decodes `input`; `None` if it is not valid padded base64.
+/// Decodes `input`; `None` if it is not valid padded base64 (or empty: an
+/// empty key is not a key).
 pub fn decode(input: &[u8]) -> Option<Vec<u8>> {
-    if input.is_empty() || !input.len().is_multiple_of(4) {
+    if input.is_empty() {
         return None;
     }
-    let mut out = Vec::with_capacity(input.len() / 4 * 3);
-    for (n, chunk) in input.chunks(4).enumerate() {
-        let last = n == input.len() / 4 - 1;
-        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
-        if pad > 2 || (pad > 0 && !last) {
-            return None;
-        }
-        let mut v = 0u32;
-        for &c in &chunk[..4 - pad] {
-            v = (v << 6) | value(c)?;
-        }
-        v <<= 6 * pad as u32;
-        let bytes = [(v >> 16) as u8, (v >> 8) as u8, v as u8];
-        out.extend_from_slice(&bytes[..3 - pad]);
-    }
-    Some(out)
+    META_KEYS.decode(input).ok()
 }
 
-/// Encodes `input` with padding.
+/// Encodes `input` with padding, appending to `out`.
 pub fn encode(input: &[u8], out: &mut Vec<u8>) {
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let v = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[((v >> (18 - 6 * i)) & 63) as usize]);
-            } else {
-                out.push(b'=');
-            }
-        }
-    }
+    let start = out.len();
+    out.resize(
+        start + base64::encoded_len(input.len(), true).unwrap_or(0),
+        0,
+    );
+    let written = META_KEYS
+        .encode_slice(input, &mut out[start..])
+        .unwrap_or(0);
+    out.truncate(start + written);
 }
 
 #[cfg(test)]
@@ -86,5 +69,7 @@ mod tests {
         assert_eq!(decode(b"Zm9v!g=="), None);
         assert_eq!(decode(b"Zm9"), None);
         assert_eq!(decode(b"Zg==Zg=="), None);
+        assert_eq!(decode(b"Zm9vYh=="), Some(b"foob".to_vec()), "trailing bits");
+        assert_eq!(decode(b"Zm9vYg"), None, "padding is required");
     }
 }

@@ -9,6 +9,7 @@
 //! - `ha/`: replica choice, write mirroring, read fallback and repair;
 //! - `net/`: listeners, the connection limit, write queues;
 //! - `stats/`: counters and the `stats` reply;
+//! - `logging`: where log lines go (stderr or `--log-file`), colour only on a terminal;
 //! - `topology`: the configuration the workers run, and its reload.
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -16,6 +17,7 @@ pub mod alloc;
 pub mod backend;
 pub mod config;
 pub mod ha;
+pub mod logging;
 pub mod net;
 pub mod privileges;
 pub mod proxy;
@@ -24,5 +26,20 @@ pub mod server;
 pub mod stats;
 pub mod topology;
 
-/// memrelay's version.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The one version memrelay shows, everywhere: the `version` reply,
+/// `STAT version`, `--version`, `/metrics` and the start-up log line.
+/// memcached's protocol version comes first because clients parse it to
+/// decide which commands they may send (meta commands: 1.6); memrelay's
+/// own release follows.
+pub const VERSION: &str = concat!("1.6.0-memrelay-", env!("CARGO_PKG_VERSION"));
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_version_reply_is_the_one_version() {
+        assert_eq!(
+            crate::proxy::dispatch::VERSION_REPLY,
+            format!("VERSION {}\r\n", crate::VERSION).as_bytes()
+        );
+    }
+}

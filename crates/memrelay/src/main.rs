@@ -1,7 +1,7 @@
 //! The `memrelay` binary: arguments in, proxy running. Nothing else.
 
 use memrelay::config::cli::{parse_args, reread, Action, EXIT_USAGE, HELP, USAGE_LINE};
-use memrelay::config::{Config, LogFormat, Origin};
+use memrelay::config::Origin;
 
 #[global_allocator]
 static ALLOC: memrelay::alloc::CountingAlloc = memrelay::alloc::CountingAlloc;
@@ -35,32 +35,21 @@ fn main() {
             std::process::exit(EXIT_USAGE);
         }
     };
-    init_logging(&cfg);
+    if let Err(e) = memrelay::logging::init(&cfg) {
+        eprintln!("memrelay: {e}");
+        std::process::exit(1);
+    }
+    let logs_to_file = cfg.log_file.is_some();
     // A reload reads the same file and applies the same flags again.
     let again = std::sync::Arc::new(move || reread(&args));
     if let Err(e) = memrelay::server::run(*cfg, again) {
         // Logged, not just printed, so that a log collector reading JSON
         // sees why the process stopped.
         tracing::error!(error = %e, "cannot start");
-        std::process::exit(1);
-    }
-}
-
-fn init_logging(cfg: &Config) {
-    let level = match cfg.verbosity {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MEMRELAY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("memrelay={level}")));
-    let logs = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter);
-    match cfg.log_format {
-        LogFormat::Text => logs.init(),
-        // One object a line, the event's fields at the top level next to
-        // `message`, so a collector can index them without unnesting.
-        LogFormat::Json => logs.json().flatten_event(true).init(),
+        if logs_to_file {
+            // Whoever started it is looking at the terminal, not the file.
+            eprintln!("memrelay: cannot start: {e}");
+        }
+        std::process::exit(e.exit_code());
     }
 }

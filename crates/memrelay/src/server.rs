@@ -1,9 +1,11 @@
 //! Start-up and the process's threads.
 //!
 //! Order matters and is the one operators expect from memcached: bind every
-//! listener (so a port in use fails before anything else happens), detach if
-//! asked, drop privileges, raise the file limit, then start one worker thread
-//! per core. Each worker runs a single-threaded runtime that owns its client
+//! listener or take them over (so a port in use fails before anything else
+//! happens, with exit code 69), detach if asked, write the pid file, start
+//! the hand-off thread (threads do not survive `daemon()`'s fork, so none
+//! may start before it), drop privileges, raise the file limit, then start
+//! one worker thread per core. Each worker runs a single-threaded runtime that owns its client
 //! sessions and its own connections to every server, so the request path
 //! takes no locks and crosses no threads. The main thread watches signals,
 //! probes servers, resyncs them, and reloads the configuration on SIGHUP or
@@ -44,6 +46,23 @@ pub enum StartError {
     Thread(std::io::Error),
     #[error("hand-off: {0}")]
     Handoff(String),
+    #[error("cannot write the pid file {0}: {1}")]
+    Pidfile(String, std::io::Error),
+}
+
+/// `EX_UNAVAILABLE` from sysexits.h: a listening address cannot be had (in
+/// use, not local, not permitted). Usage errors exit with 64 before this.
+pub const EXIT_CANNOT_LISTEN: i32 = 69;
+
+impl StartError {
+    /// The process's exit code for this failure: 69 when a listener cannot
+    /// be bound, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StartError::Bind(..) => EXIT_CANNOT_LISTEN,
+            _ => 1,
+        }
+    }
 }
 
 /// Runs the proxy until SIGTERM or SIGINT. `reread` reads the
@@ -85,41 +104,32 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
         ),
         None => None,
     };
-    // Serve the hand-off path for the next memrelay.
-    let handed_off = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if let Some(path) = &cfg.handoff {
-        let l = crate::net::handoff::bind(path)
-            .map_err(|e| StartError::Handoff(format!("{}: {e}", path.display())))?;
-        let mine: Vec<BoundListener> = listeners
-            .iter()
-            .map(|l| l.try_clone())
-            .collect::<Result<_, _>>()
-            .map_err(StartError::Thread)?;
-        let flag = handed_off.clone();
-        std::thread::Builder::new()
-            .name("memrelay-handoff".into())
-            .spawn(move || {
-                let fds: Vec<std::os::fd::RawFd> = mine.iter().map(BoundListener::raw_fd).collect();
-                match crate::net::handoff::serve_once(&l, &fds) {
-                    Ok(()) => {
-                        tracing::warn!("listening sockets handed to a new memrelay; draining");
-                        flag.store(true, std::sync::atomic::Ordering::Release);
-                        // Drain exactly as on SIGTERM.
-                        // SAFETY: kill(2) on our own pid.
-                        unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
-                    }
-                    Err(e) => tracing::error!(error = %e, "hand-off failed"),
-                }
-                drop(mine);
-            })
-            .map_err(StartError::Thread)?;
-    }
+    // The hand-off socket is bound now, while we may still write its
+    // directory; it is served only after `daemon()`, by a thread of the
+    // process that stays (threads do not survive a fork).
+    let handoff = match &cfg.handoff {
+        Some(path) => Some(bind_handoff(path)?),
+        None => None,
+    };
     if cfg.daemonize {
-        // SAFETY: called before any thread is started; daemon(3) forks and
-        // the parent exits, which is sound in a single-threaded process.
+        if cfg.log_file.is_none() {
+            tracing::warn!("detaching without --log-file: logs are discarded from now on");
+        }
+        // SAFETY: no thread has been started yet (the hand-off thread and
+        // the workers start below); daemon(3) forks and the parent exits,
+        // which is sound in a single-threaded process.
         if unsafe { libc::daemon(0, 0) } != 0 {
             return Err(StartError::Daemon(std::io::Error::last_os_error()));
         }
+    }
+    // The pid is the final one only now, after the fork.
+    let pidfile = match &cfg.pidfile {
+        Some(path) => Some(Pidfile::write(path)?),
+        None => None,
+    };
+    let handed_off = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(l) = handoff {
+        serve_handoff(l, &listeners, handed_off.clone())?;
     }
     crate::privileges::drop_to(cfg.group.as_deref(), cfg.user.as_deref())
         .map_err(StartError::Privileges)?;
@@ -208,6 +218,7 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
                         let _ = control.reload("SIGHUP").await;
                         renew_metrics_auth(&control);
                     }
+                    Signal::ReopenLog => crate::logging::reopen(),
                     other => break other,
                 },
                 Some(req) = reloads.recv() => {
@@ -272,8 +283,77 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
             }
         }
     }
+    drop(pidfile);
     tracing::info!("memrelay stopped");
     Ok(())
+}
+
+/// Binds the hand-off path, replacing a socket file left by an earlier run.
+fn bind_handoff(path: &std::path::Path) -> Result<std::os::unix::net::UnixListener, StartError> {
+    crate::net::handoff::bind(path)
+        .map_err(|e| StartError::Handoff(format!("{}: {e}", path.display())))
+}
+
+/// Serves the hand-off path for the next memrelay, on a thread of its own:
+/// once a new process has our listening sockets, we drain as on SIGTERM.
+fn serve_handoff(
+    l: std::os::unix::net::UnixListener,
+    listeners: &[BoundListener],
+    flag: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(), StartError> {
+    let mine: Vec<BoundListener> = listeners
+        .iter()
+        .map(|l| l.try_clone())
+        .collect::<Result<_, _>>()
+        .map_err(StartError::Thread)?;
+    std::thread::Builder::new()
+        .name("memrelay-handoff".into())
+        .spawn(move || {
+            let fds: Vec<std::os::fd::RawFd> = mine.iter().map(BoundListener::raw_fd).collect();
+            match crate::net::handoff::serve_once(&l, &fds) {
+                Ok(()) => {
+                    tracing::info!("listening sockets handed to a new memrelay; draining");
+                    flag.store(true, std::sync::atomic::Ordering::Release);
+                    // Drain exactly as on SIGTERM.
+                    // SAFETY: kill(2) on our own pid.
+                    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+                }
+                Err(e) => tracing::error!(error = %e, "hand-off failed"),
+            }
+            drop(mine);
+        })
+        .map_err(StartError::Thread)?;
+    Ok(())
+}
+
+/// `--pidfile`: written once the pid is final, removed at exit if it still
+/// names this process (a new memrelay taking over may have rewritten it).
+#[derive(Debug)]
+struct Pidfile {
+    path: std::path::PathBuf,
+    pid: u32,
+}
+
+impl Pidfile {
+    fn write(path: &std::path::Path) -> Result<Pidfile, StartError> {
+        let pid = std::process::id();
+        std::fs::write(path, format!("{pid}\n"))
+            .map_err(|e| StartError::Pidfile(path.display().to_string(), e))?;
+        Ok(Pidfile {
+            path: path.to_path_buf(),
+            pid,
+        })
+    }
+}
+
+impl Drop for Pidfile {
+    fn drop(&mut self) {
+        let ours = std::fs::read_to_string(&self.path)
+            .is_ok_and(|text| text.trim() == self.pid.to_string());
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 fn worker_main(
@@ -381,13 +461,14 @@ enum Signal {
     Terminate,
     Interrupt,
     Hangup,
+    ReopenLog,
 }
 
 /// The signals memrelay acts on: SIGTERM (drain), SIGINT (stop at once),
-/// SIGHUP (reload the configuration).
+/// SIGHUP (reload the configuration), SIGUSR1 (reopen the log file).
 struct Signals {
     /// None if they could not be watched (then only SIGKILL stops it).
-    watched: Option<[tokio::signal::unix::Signal; 3]>,
+    watched: Option<[tokio::signal::unix::Signal; 4]>,
 }
 
 impl Signals {
@@ -398,8 +479,9 @@ impl Signals {
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
             signal(SignalKind::hangup()),
+            signal(SignalKind::user_defined1()),
         ) {
-            (Ok(term), Ok(int), Ok(hup)) => Some([term, int, hup]),
+            (Ok(term), Ok(int), Ok(hup), Ok(usr1)) => Some([term, int, hup, usr1]),
             _ => {
                 tracing::error!("cannot watch signals; stop memrelay with SIGKILL");
                 None
@@ -410,7 +492,7 @@ impl Signals {
 
     /// The next signal.
     async fn next(&mut self) -> Signal {
-        let Some([term, int, hup]) = &mut self.watched else {
+        let Some([term, int, hup, usr1]) = &mut self.watched else {
             return std::future::pending().await;
         };
         tokio::select! {
@@ -423,6 +505,7 @@ impl Signals {
                 Signal::Interrupt
             }
             _ = hup.recv() => Signal::Hangup,
+            _ = usr1.recv() => Signal::ReopenLog,
         }
     }
 }

@@ -214,6 +214,7 @@ impl Control {
             p
         });
         registry.set_servers(entries(&servers));
+        registry.set_config(&cfg);
         let (resync, resync_current) = watch::channel(Arc::new(new_resync(&cfg, &router, &health)));
         tokio::task::spawn_local(crate::ha::resync::serve(
             resync_current,
@@ -420,6 +421,7 @@ impl Control {
             });
         }
         self.registry.set_servers(entries(&self.servers));
+        self.registry.set_config(&cfg);
         self.registry
             .max_conns
             .store(cfg.max_conns, Ordering::Relaxed);

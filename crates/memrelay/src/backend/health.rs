@@ -49,6 +49,9 @@ pub struct Health {
     pub keys_moved_away: AtomicBool,
     /// The CAS stamp of the server process (`ha::cas`), from its identity.
     stamp: std::sync::atomic::AtomicU32,
+    /// Its own `stats`, `stats items` and `stats slabs`, as its prober
+    /// last read them (for memrelay's `stats` and `/metrics`).
+    pub figures: crate::stats::servers::ServerFigures,
 }
 
 impl Health {
@@ -75,6 +78,7 @@ impl Health {
                 0,
                 0,
             ))),
+            figures: Default::default(),
         }
     }
 
@@ -159,7 +163,8 @@ impl Health {
         self.recovered_at
             .store(since_epoch(Instant::now()), Ordering::Relaxed);
         if self.down.swap(false, Ordering::AcqRel) {
-            tracing::warn!(server = %self.name, "server marked up");
+            // Recovery is good news: INFO, so that WARN means "look".
+            tracing::info!(server = %self.name, "server marked up");
         }
     }
 }

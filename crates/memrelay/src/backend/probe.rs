@@ -20,6 +20,7 @@ use std::time::Duration;
 use super::connect::{Dial, ServerStream};
 use super::health::Health;
 use crate::net::read_some;
+use crate::stats::servers::{Group, ServerFigures};
 
 const SUCCESSES_TO_MARK_UP: u32 = 2;
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
@@ -28,6 +29,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// identity checked for restarts.
 const WATCH_INTERVAL: Duration = Duration::from_millis(50);
 const IDENTITY_INTERVAL: Duration = Duration::from_secs(1);
+/// `stats items` and `stats slabs` are read every this many identity
+/// checks: a few kilobytes per slab class, and they change slowly.
+const SLAB_FIGURES_EVERY: u32 = 5;
 /// Deletes sent per round trip while invalidating missed keys.
 const DELETE_BATCH: usize = 512;
 /// Reply bytes accepted from one probe read before giving up on the server.
@@ -96,14 +100,11 @@ impl ProbeConn {
         tokio::time::timeout(timeout, run).await.ok()?
     }
 
-    /// `stats`: the server's pid and boot time.
-    async fn identity(&mut self) -> Option<Identity> {
+    /// `stats`: the server's pid and boot time. The whole reply is kept in
+    /// `figures` for memrelay's own `stats`.
+    async fn identity(&mut self, figures: &ServerFigures) -> Option<Identity> {
         let req = b"stats\r\n";
-        let reply = self
-            .exchange(req, &[req.len()], |b| {
-                b.ends_with(b"END\r\n") || b.ends_with(b"ERROR\r\n")
-            })
-            .await?;
+        let reply = self.stats_reply(req).await?;
         let text = String::from_utf8_lossy(&reply);
         let stat = |name: &str| -> Option<i64> {
             text.lines().find_map(|l| {
@@ -117,7 +118,29 @@ impl ProbeConn {
         };
         let pid = stat("pid")? as u64;
         let boot = stat("time")? - stat("uptime")?;
+        drop(text);
+        figures.store(Group::General, reply);
         Some(Identity { pid, boot })
+    }
+
+    /// One `stats` request's reply, through its `END`.
+    async fn stats_reply(&mut self, req: &[u8]) -> Option<Vec<u8>> {
+        self.exchange(req, &[req.len()], |b| {
+            b.ends_with(b"END\r\n") || b.ends_with(b"ERROR\r\n")
+        })
+        .await
+    }
+
+    /// `stats items` and `stats slabs`, kept in `figures`.
+    async fn slab_figures(&mut self, figures: &ServerFigures) -> Option<()> {
+        for (req, group) in [
+            (&b"stats items\r\n"[..], Group::Items),
+            (&b"stats slabs\r\n"[..], Group::Slabs),
+        ] {
+            let reply = self.stats_reply(req).await?;
+            figures.store(group, reply);
+        }
+        Some(())
     }
 
     /// Deletes keys, pipelined; true when every delete was answered. A key
@@ -181,7 +204,9 @@ pub async fn probe_loop(
     timeouts: tokio::sync::watch::Receiver<ProbeTimeouts>,
     on_restart: crate::ha::resync::Requests,
 ) {
-    let mut rng = seed(&health.name);
+    // Seeded from the clock (fastrand's default): proxies started at the
+    // same moment still draw different jitter.
+    let mut rng = fastrand::Rng::new();
     let mut backoff = MIN_BACKOFF;
     let mut successes = 0;
     let mut known: Option<Identity> = None;
@@ -191,6 +216,7 @@ pub async fn probe_loop(
     // trusted fails every probe the same way, and is worth one warning,
     // not one every backoff.
     let mut tls_failure: Option<String> = None;
+    let mut checks: u32 = 0;
     loop {
         let down = health.is_down();
         if !down {
@@ -207,11 +233,8 @@ pub async fn probe_loop(
         } else {
             // Jitter: between half and all of the backoff, so many proxies
             // probing the same server do not stampede it in step.
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            let wait =
-                backoff / 2 + Duration::from_millis(rng % (backoff.as_millis() as u64 / 2 + 1));
+            let half = backoff.as_millis() as u64 / 2;
+            let wait = backoff / 2 + Duration::from_millis(rng.u64(0..=half));
             tokio::time::sleep(wait).await;
         }
 
@@ -238,10 +261,16 @@ pub async fn probe_loop(
         let ok = match conn.as_mut() {
             Some(c) => {
                 c.timeout = t.request;
-                check(c, &health, &mut known, &on_restart).await
+                let ok = check(c, &health, &mut known, &on_restart).await;
+                checks = checks.wrapping_add(1);
+                let slabs_due = checks % SLAB_FIGURES_EVERY == 1;
+                ok && (!slabs_due || c.slab_figures(&health.figures).await.is_some())
             }
             None => false,
         };
+        if !ok {
+            health.figures.clear();
+        }
         last_identity = tokio::time::Instant::now();
         if !ok {
             conn = None;
@@ -270,7 +299,7 @@ async fn check(
     known: &mut Option<Identity>,
     on_restart: &crate::ha::resync::Requests,
 ) -> bool {
-    let Some(id) = c.identity().await else {
+    let Some(id) = c.identity(&health.figures).await else {
         return false;
     };
     let restarted = known.map(|k| !k.same_process(&id)).unwrap_or(false);
@@ -309,13 +338,4 @@ async fn check(
         }
         health.missed.confirm(&batch);
     }
-}
-
-fn seed(name: &str) -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1);
-    name.bytes()
-        .fold(t | 1, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
 }

@@ -62,7 +62,8 @@ magent-compatible options:
   -g, --group GROUP        drop privileges to GROUP (name or id) after binding
   -f, --unix-socket PATH   listen on a unix socket instead of TCP
   -D, --foreground         stay in the foreground (the default)
-  -d, --daemon             detach and run in the background
+  -d, --daemon             detach and run in the background (with -d, logs go
+                           nowhere unless --log-file says where)
   -k                       use ketama consistent hashing (the default; same as
                            --hash ketama)
   -v, --verbose            log more: -v debug, -vv trace
@@ -153,6 +154,10 @@ more options:
                            SERVER_ERROR out of memory (default: half the
                            machine's memory)
       --log-format FORMAT  text (default) or json: one JSON object a line
+      --log-file PATH      write logs to PATH instead of stderr (appending);
+                           SIGUSR1 reopens it, for logrotate
+      --pidfile PATH       write the process id to PATH once started (after
+                           -d detached); removed at exit
       --version            print the version
 
 Durations are like 250ms, 2s, or a number of milliseconds.
@@ -318,6 +323,8 @@ fn canonical(flag: &str) -> Option<&'static str> {
         "--shutdown-timeout" => "--shutdown-timeout",
         "--handoff" => "--handoff",
         "--state-file" => "--state-file",
+        "--pidfile" => "--pidfile",
+        "--log-file" => "--log-file",
         "--max-pipeline" => "--max-pipeline",
         "--max-client-buffer" => "--max-client-buffer",
         "--max-reply-size" => "--max-reply-size",

@@ -116,6 +116,7 @@ struct Process {
     daemon: Option<bool>,
     handoff: Option<String>,
     state_file: Option<String>,
+    pidfile: Option<String>,
     auth_file: Option<String>,
 }
 
@@ -130,6 +131,7 @@ struct Metrics {
 struct Log {
     level: Option<String>,
     format: Option<String>,
+    file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -310,10 +312,12 @@ fn apply(path: &Path, f: File, draft: &mut Draft) -> Result<(), ConfigError> {
     put.switch("process.daemon", "-d", p.daemon)?;
     put.text("process.handoff", "--handoff", p.handoff)?;
     put.text("process.state_file", "--state-file", p.state_file)?;
+    put.text("process.pidfile", "--pidfile", p.pidfile)?;
     put.text("process.auth_file", "--auth-file", p.auth_file)?;
     put.text("metrics.listen", "--metrics", f.metrics.listen)?;
     put.text("log.level", "--log-level", f.log.level)?;
     put.text("log.format", "--log-format", f.log.format)?;
+    put.text("log.file", "--log-file", f.log.file)?;
     put.text("tls.cert", "--tls-cert", f.tls.cert)?;
     put.text("tls.key", "--tls-key", f.tls.key)?;
     put.text("tls.client_ca", "--tls-client-ca", f.tls.client_ca)?;
@@ -621,12 +625,18 @@ mod tests {
                     daemon,
                     handoff,
                     state_file,
+                    pidfile,
                     auth_file,
                 },
             metrics: Metrics {
                 listen: metrics_listen,
             },
-            log: Log { level, format },
+            log:
+                Log {
+                    level,
+                    format,
+                    file: log_file,
+                },
             tls:
                 Tls {
                     cert,
@@ -672,10 +682,12 @@ mod tests {
             ("process.daemon", daemon.is_some()),
             ("process.handoff", handoff.is_some()),
             ("process.state_file", state_file.is_some()),
+            ("process.pidfile", pidfile.is_some()),
             ("process.auth_file", auth_file.is_some()),
             ("metrics.listen", metrics_listen.is_some()),
             ("log.level", level.is_some()),
             ("log.format", format.is_some()),
+            ("log.file", log_file.is_some()),
             ("tls.cert", cert.is_some()),
             ("tls.key", key.is_some()),
             ("tls.client_ca", client_ca.is_some()),

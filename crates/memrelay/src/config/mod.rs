@@ -311,6 +311,12 @@ pub struct Config {
     pub handoff: Option<PathBuf>,
     /// Where the missed-key lists outlive the process (`ha::persist`).
     pub state_file: Option<PathBuf>,
+    /// `--pidfile`: where the process writes its pid once it is final
+    /// (after `-d` detached), made absolute at start.
+    pub pidfile: Option<PathBuf>,
+    /// `--log-file`: logs go to this file instead of stderr, reopened on
+    /// SIGUSR1 (for logrotate); made absolute at start.
+    pub log_file: Option<PathBuf>,
     /// The monitoring endpoint (`/metrics`, `/healthz`, `/readyz`).
     pub metrics: Option<SocketAddr>,
     /// Keys remembered per server as missed while it could not be written;
@@ -363,6 +369,8 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(10),
             handoff: None,
             state_file: None,
+            pidfile: None,
+            log_file: None,
             metrics: None,
             missed_keys_cap: 100_000,
             limits: Limits::default(),
@@ -441,6 +449,8 @@ impl Config {
             daemonize: "process.daemon (-d)",
             handoff: "process.handoff (--handoff)",
             state_file: "process.state_file (--state-file)",
+            pidfile: "process.pidfile (--pidfile)",
+            log_file: "log.file (--log-file)",
             metrics: "metrics.listen (--metrics)",
             // A key's requests to a server keep their connection across a
             // reload (which orders them) only while the count stays.

@@ -133,7 +133,17 @@ impl Draft {
             "--resync-rate" => cfg.resync_rate = number(v, 1, 10_000_000).map_err(fail)?,
             "--shutdown-timeout" => cfg.shutdown_timeout = duration(v).map_err(fail)?,
             "--handoff" => cfg.handoff = Some(PathBuf::from(v)),
-            "--state-file" => cfg.state_file = Some(PathBuf::from(v)),
+            // Absolute: `-d` changes the working directory to /, and the
+            // pid file is written, and the log file reopened, after that.
+            "--pidfile" => {
+                cfg.pidfile = Some(std::path::absolute(v).map_err(|e| fail(e.to_string()))?)
+            }
+            "--log-file" => {
+                cfg.log_file = Some(std::path::absolute(v).map_err(|e| fail(e.to_string()))?)
+            }
+            "--state-file" => {
+                cfg.state_file = Some(std::path::absolute(v).map_err(|e| fail(e.to_string()))?)
+            }
             "--max-pipeline" => cfg.max_pipeline = number(v, 1, 1_000_000).map_err(fail)? as usize,
             "--max-client-buffer" => {
                 cfg.max_client_buffer = number(v, 4096, 1 << 32).map_err(fail)? as usize

@@ -168,7 +168,21 @@ impl Config {
             1 => "debug",
             _ => "trace",
         };
-        let _ = writeln!(out, "log:        {level}, {}", self.log_format);
+        let _ = writeln!(
+            out,
+            "log:        {level}, {}, to {}",
+            self.log_format,
+            self.log_file
+                .as_ref()
+                .map_or("stderr".into(), |p| p.display().to_string())
+        );
+        let _ = writeln!(
+            out,
+            "pidfile:    {}",
+            self.pidfile
+                .as_ref()
+                .map_or("none".into(), |p| p.display().to_string())
+        );
         let who = match (&self.user, &self.group) {
             (None, None) => "as started".to_string(),
             (u, g) => format!(

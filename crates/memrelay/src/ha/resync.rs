@@ -261,7 +261,7 @@ impl Resync {
             match result {
                 Ok(()) => {
                     p.state.store(2, Ordering::Relaxed);
-                    tracing::warn!(
+                    tracing::info!(
                         server = %node.name,
                         scanned = p.scanned.load(Ordering::Relaxed),
                         copied = p.copied.load(Ordering::Relaxed),
@@ -310,7 +310,7 @@ impl Resync {
         if sources.is_empty() {
             return Ok(());
         }
-        tracing::warn!(server = %node.name, sources = sources.len(), rate = self.rate, "resync started");
+        tracing::info!(server = %node.name, sources = sources.len(), rate = self.rate, "resync started");
         let started = Instant::now();
         let mut last_log = Instant::now();
         for &source in &sources {

@@ -236,10 +236,13 @@ impl BoundListener {
                     socket2::Type::STREAM,
                     Some(socket2::Protocol::TCP),
                 )?;
+                // SO_REUSEADDR only lets a restart bind past connections in
+                // TIME_WAIT. No SO_REUSEPORT: with it a second memrelay
+                // started on the same port (a `-d` run twice) would bind
+                // too, and clients would be split silently between two
+                // proxies. A port in use fails the start, as in memcached;
+                // a restart that keeps the port uses `--handoff`.
                 s.set_reuse_address(true)?;
-                // A new memrelay can bind the same port while this one
-                // drains: a restart without refused connections.
-                s.set_reuse_port(true)?;
                 if addr.is_ipv6() {
                     s.set_only_v6(false).ok();
                 }

@@ -218,8 +218,8 @@ fn reload(w: &Worker, inbox: &Rc<Inbox>, seq: u64) -> Result<(), Local> {
     Ok(())
 }
 
-/// `stats`, `stats reset`, `stats servers`; anything else is memcached's
-/// `ERROR` for an unknown stats group.
+/// `stats`, `stats reset`, `stats servers`; the other groups are
+/// `crate::stats::groups`'.
 fn stats(w: &Worker, frame: &[u8], req: &Request) -> Local {
     let args = req.args.of(frame);
     let sub = args
@@ -232,6 +232,6 @@ fn stats(w: &Worker, frame: &[u8], req: &Request) -> Local {
             w.registry.reset();
             Local::Static(b"RESET\r\n")
         }
-        _ => Local::Static(b"ERROR\r\n"),
+        group => Local::Owned(crate::stats::groups::reply(&w.registry, group)),
     }
 }

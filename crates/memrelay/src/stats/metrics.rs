@@ -1,6 +1,7 @@
 //! The HTTP endpoint for monitoring (`--metrics 127.0.0.1:9150`):
 //! - `/metrics`: Prometheus text format (counters, server state, HA and
-//!   resync figures, request latency histograms per command);
+//!   resync figures, the servers' own capacity figures as their probers
+//!   last read them, request latency histograms per command);
 //! - `/healthz`: 200 while the process runs;
 //! - `/readyz`: 200 when every key can be served (each primary, or its
 //!   backup, is up), 503 otherwise, with the reason.
@@ -68,13 +69,13 @@ pub(crate) fn render(r: &StatsRegistry) -> String {
             );
             let _ = writeln!(out, "memrelay_memory_held_bytes {v}");
         } else {
-            metric(
-                &mut out,
-                &format!("{name}_total"),
-                "counter",
-                "See the stats command of the same name.",
-            );
-            let _ = writeln!(out, "memrelay_{name}_total {v}");
+            // `total_connections_total` would read as a stutter.
+            let series = match name {
+                "total_connections" => "connections_accepted_total".to_string(),
+                _ => format!("{name}_total"),
+            };
+            metric(&mut out, &series, "counter", super::help(name));
+            let _ = writeln!(out, "memrelay_{series} {v}");
         }
     }
     for (name, help, v) in [
@@ -178,6 +179,19 @@ pub(crate) fn render(r: &StatsRegistry) -> String {
             );
         }
     }
+    // The servers' own capacity figures, as their probers last read them
+    // (none for a server out of reach).
+    for (stat, name, kind, help) in CAPACITY_METRICS {
+        metric(&mut out, name, kind, help);
+        for (addr, role, h) in servers.iter() {
+            if let Some(v) = h.figures.number(stat) {
+                let _ = writeln!(
+                    out,
+                    "memrelay_{name}{{server=\"{addr}\",role=\"{role}\"}} {v}"
+                );
+            }
+        }
+    }
     metric(
         &mut out,
         "request_duration_seconds",
@@ -216,6 +230,52 @@ pub(crate) fn render(r: &StatsRegistry) -> String {
     }
     out
 }
+
+/// The servers' `stats` figures `/metrics` shows: (stat, metric, type, help).
+const CAPACITY_METRICS: [(&str, &str, &str, &str); 7] = [
+    (
+        "curr_items",
+        "server_items",
+        "gauge",
+        "Items stored on the server now (its curr_items).",
+    ),
+    (
+        "bytes",
+        "server_bytes",
+        "gauge",
+        "Bytes the server's items take now (its bytes).",
+    ),
+    (
+        "limit_maxbytes",
+        "server_limit_bytes",
+        "gauge",
+        "Memory the server may use for items (its limit_maxbytes, memcached -m).",
+    ),
+    (
+        "total_items",
+        "server_items_stored_total",
+        "counter",
+        "Items stored on the server since it started (its total_items).",
+    ),
+    (
+        "evictions",
+        "server_evictions_total",
+        "counter",
+        "Items the server evicted to make room, since it started (its evictions).",
+    ),
+    (
+        "get_expired",
+        "server_get_expired_total",
+        "counter",
+        "Reads that found an expired item on the server, since it started.",
+    ),
+    (
+        "reclaimed",
+        "server_reclaimed_total",
+        "counter",
+        "Expired items whose memory the server reused, since it started.",
+    ),
+];
 
 /// One histogram's series (cumulative buckets, sum, count) under `labels`.
 fn histogram(out: &mut String, name: &str, labels: &str, h: &super::HistogramSnapshot) {

@@ -11,8 +11,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::backend::health::Health;
 
+pub mod groups;
 pub mod http;
 pub mod metrics;
+pub mod servers;
 
 /// A counter with a single writer thread.
 #[derive(Debug, Default)]
@@ -197,6 +199,43 @@ worker_counters!(
 /// The counters of `WorkerStats` that are gauges: they go down as well as
 /// up, and `stats reset` leaves them alone.
 pub(crate) const GAUGES: [&str; 2] = ["curr_connections", "memory_held"];
+/// What a worker counter counts, for `/metrics`' HELP lines.
+pub fn help(name: &str) -> &'static str {
+    match name {
+        "curr_connections" => "Client connections open now.",
+        "total_connections" => "Client connections accepted since start.",
+        "rejected_connections" => "Client connections refused at the -n limit.",
+        "cmd_get" => "Keys requested by retrieval commands (get, gets, gat, gats, mg).",
+        "cmd_set" => "Storage commands (set, add, replace, append, prepend, cas, ms).",
+        "cmd_touch" => "touch commands.",
+        "cmd_delete" => "delete and md commands.",
+        "cmd_incr" => "incr and ma commands.",
+        "cmd_decr" => "decr commands.",
+        "cmd_flush" => "flush_all commands, allowed or refused.",
+        "get_hits" => "Keys requested and found.",
+        "get_misses" => "Keys requested and not found on any replica asked.",
+        "client_errors" => "Requests answered with CLIENT_ERROR or ERROR (bad input).",
+        "server_errors" => "Requests answered with SERVER_ERROR (no server could answer).",
+        "replies_too_large" => "Retrievals refused for a reply over --max-reply-size.",
+        "replies_over_client_buffer" => {
+            "Retrievals refused because the client was owed too much (--max-client-buffer)."
+        }
+        "auth_cmds" => "Authentication attempts (--auth-file).",
+        "auth_errors" => "Authentication attempts refused.",
+        "failovers" => "Requests served by a backup because the primary was down or failed.",
+        "backup_hits" => "Reads that missed on the primary and were found on a backup.",
+        "repairs" => "Items copied back to a primary from a backup after a miss.",
+        "repairs_skipped" => "Read repairs not done (a newer value was there, or no room).",
+        "mirrors" => "Writes copied to a backup.",
+        "mirror_failures" => "Writes a backup did not take (it was down or failed).",
+        "mirror_mismatches" => "Writes whose backup answer differed from the primary's.",
+        "bytes_read" => "Bytes read from clients.",
+        "bytes_written" => "Bytes written to clients.",
+        "memory_held" => "Bytes held for clients now: requests, replies and values in flight.",
+        "memory_shed" => "Requests refused with SERVER_ERROR out of memory (--max-memory).",
+        _ => "A memrelay counter (see the stats command of the same name).",
+    }
+}
 
 /// A server as `stats` shows it: name, role (`primary`, `backup`, or
 /// `backup2`/`backup3` for further tiers), health.
@@ -223,6 +262,17 @@ pub struct StatsRegistry {
     /// client must not be able to hide, say, failed authentications from
     /// Prometheus, whose counters only grow).
     since_reset: std::sync::Mutex<Vec<u64>>,
+    /// What `stats settings` and `stats conns` show of the running
+    /// configuration (replaced at each reload).
+    shown: RwLock<Arc<Shown>>,
+}
+
+/// The running configuration as the `stats` groups show it.
+#[derive(Debug, Default)]
+struct Shown {
+    settings: Vec<(String, String)>,
+    /// The listeners, as memcached names them (`tcp:127.0.0.1:11211`).
+    listen: Vec<String>,
 }
 
 impl StatsRegistry {
@@ -242,7 +292,51 @@ impl StatsRegistry {
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
             since_reset: std::sync::Mutex::default(),
+            shown: RwLock::new(Arc::default()),
         }
+    }
+
+    /// The configuration is (now) `cfg`: what `stats settings` shows.
+    pub fn set_config(&self, cfg: &crate::config::Config) {
+        let listen = cfg
+            .listen
+            .iter()
+            .map(|l| match l {
+                crate::config::Listen::Tcp(a) if a.is_ipv6() => format!("tcp6:{a}"),
+                crate::config::Listen::Tcp(a) => format!("tcp:{a}"),
+                crate::config::Listen::Unix { path, .. } => format!("unix:{}", path.display()),
+            })
+            .collect();
+        let shown = Shown {
+            settings: groups::settings(cfg),
+            listen,
+        };
+        *self.shown.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(shown);
+    }
+
+    fn shown(&self) -> Arc<Shown> {
+        self.shown.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// `stats settings`, but for `maxbytes`, which the servers tell.
+    pub fn settings(&self) -> Vec<(String, String)> {
+        self.shown().settings.clone()
+    }
+
+    /// The listeners, as `stats conns` names them.
+    pub fn settings_listen(&self) -> Vec<String> {
+        self.shown().listen.clone()
+    }
+
+    /// A figure of the servers' own `stats`, summed over the primaries that
+    /// can be reached (each key has one primary: this is the cache as its
+    /// clients see it).
+    pub fn primaries_sum(&self, name: &str) -> u64 {
+        self.servers()
+            .iter()
+            .filter(|(_, role, _)| *role == "primary")
+            .filter_map(|(_, _, h)| h.figures.number(name))
+            .sum()
     }
 
     /// The servers as configured now.
@@ -329,6 +423,9 @@ impl StatsRegistry {
             };
             stat(name, &since);
         }
+        for name in servers::CAPACITY {
+            stat(name, &self.primaries_sum(name));
+        }
         stat("reloads", &self.reloads.load(Ordering::Relaxed));
         stat(
             "reload_failures",
@@ -366,6 +463,11 @@ impl StatsRegistry {
                 &format!("server:{i}:flushed"),
                 &h.missed.flushes.load(Ordering::Relaxed),
             );
+            for name in servers::CAPACITY {
+                if let Some(v) = h.figures.number(name) {
+                    stat(&format!("server:{i}:{name}"), &v);
+                }
+            }
             let r = &h.resync;
             stat(&format!("server:{i}:resync_state"), &r.state());
             for (name, v) in [
