@@ -894,7 +894,7 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
             .collect();
         // Pacing: how long the run lasts.
         let end = Instant::now() + cfg.duration;
-        let mut rng = Rng::new(seed ^ 0x7265_6c61_79);
+        let mut rng = Rng::new(seed ^ 0x0072_656c_6179);
         let mut next_restart = Instant::now() + Duration::from_millis(3000 + rng.below(5000));
         while Instant::now() < end && !INTERRUPTED.load(Ordering::SeqCst) {
             if let Some(st) = relay.exited() {

@@ -44,8 +44,11 @@ pub struct MissedKeys {
     /// Called with every record (`None`: every key), outside the lock,
     /// before the record returns: during a hand-off it tells the new
     /// process, before the write that went past the server is answered.
-    on_record: std::sync::OnceLock<Box<dyn Fn(Option<&[u8]>) + Send + Sync>>,
+    on_record: std::sync::OnceLock<RecordHook>,
 }
+
+/// Told of every record: the key, or None for every key.
+pub type RecordHook = Box<dyn Fn(Option<&[u8]>) + Send + Sync>;
 
 impl std::fmt::Debug for MissedKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -91,7 +94,7 @@ impl MissedKeys {
     }
 
     /// Installs the hook called with every record (once).
-    pub fn on_record(&self, hook: Box<dyn Fn(Option<&[u8]>) + Send + Sync>) {
+    pub fn on_record(&self, hook: RecordHook) {
         let _ = self.on_record.set(hook);
     }
 
