@@ -228,7 +228,10 @@ impl Sink for Mirror {
                 }
             }
             (Check::RepairFetch { primary, epoch }, Ok(r)) => {
-                if r.kind == ResponseKind::Meta(MetaStatus::Value) {
+                // Only from a backup that may still serve the key.
+                if !health.serves(&ctx.key) {
+                    self.stats.repairs_skipped.incr();
+                } else if r.kind == ResponseKind::Meta(MetaStatus::Value) {
                     self.repair_store(primary as usize, ctx.key, &r.bytes, epoch);
                 }
             }

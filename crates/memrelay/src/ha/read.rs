@@ -422,7 +422,11 @@ pub fn after_fallback(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, 
         // A write that went past the primary since its miss (recorded it
         // as missing the key) may have changed the backup after we read
         // it: the value in hand may be older than an acknowledged write.
-        if !w.servers[primary].health().serves(key) {
+        // Nor is a value copied from a backup that may no longer serve the
+        // key (it missed a write of it since, or was marked down).
+        if !w.servers[primary].health().serves(key)
+            || !w.servers[part.server as usize].health().serves(key)
+        {
             w.stats.repairs_skipped.incr();
             continue;
         }
