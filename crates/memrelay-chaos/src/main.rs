@@ -58,6 +58,11 @@ options:
                      (a second memrelay takes the sockets over). After a
                      crash every server counts as disturbed (the new
                      process flushes those it had marked dirty)
+  --storm            also a thread of clients that pipeline 500 sets of
+                     their own keys and reset the connection 2 ms later,
+                     and 200 idle connections held open to /metrics (the
+                     memrelay gets --metrics): neither may cost the backup
+                     its copies or a modelled request its answer
   --strict-writes    an incr/append answering NOT_FOUND/NOT_STORED while a
                      replica untouched since the value's set held it counts
                      as lost (docs/ha.md allows it; see docs/chaos.md)
@@ -100,6 +105,9 @@ struct Cfg {
     verbose: bool,
     /// Also restart memrelay itself: SIGTERM, SIGKILL, or a hand-off.
     relay_chaos: bool,
+    /// Also clients that leave with writes in flight, and idle scrapers
+    /// holding connections to /metrics.
+    storm: bool,
     extra: Vec<String>,
 }
 
@@ -148,6 +156,7 @@ fn parse_args(args: &[String]) -> Result<Option<Cfg>, String> {
         relay_log: None,
         verbose: false,
         relay_chaos: false,
+        storm: false,
         extra: Vec::new(),
     };
     let mut it = args.iter();
@@ -179,6 +188,7 @@ fn parse_args(args: &[String]) -> Result<Option<Cfg>, String> {
             "--no-pipeline" => c.pipeline = false,
             "--strict-writes" => c.strict_writes = true,
             "--relay-chaos" => c.relay_chaos = true,
+            "--storm" => c.storm = true,
             "--pause" => {
                 let v = val()?;
                 let (a, b) = v
@@ -698,6 +708,50 @@ fn final_reads(cfg: &Cfg, relay: &str, watch: &Watch, t: usize, end: &mut Client
     }
 }
 
+/// --storm: clients that pipeline sets of their own keys (not modelled)
+/// and leave with them in flight, a reset 2 ms after the write.
+fn disconnect_storm(relay: &str, stop: &AtomicBool) {
+    let mut round = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(mut c) = std::net::TcpStream::connect(relay) else {
+            thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        let mut req = Vec::with_capacity(500 * 40);
+        for i in 0..500 {
+            req.extend_from_slice(format!("set storm:{round}:{i} 0 0 1\r\nx\r\n").as_bytes());
+        }
+        let _ = std::io::Write::write_all(&mut c, &req);
+        thread::sleep(Duration::from_millis(2));
+        let _ = socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO));
+        drop(c);
+        round += 1;
+        // Pacing only.
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// --storm: idle connections to /metrics, reopened as memrelay closes them.
+fn metrics_flood(port: u16, stop: &AtomicBool) {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut held: Vec<std::net::TcpStream> = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        held.retain(|c| {
+            let mut b = [0u8; 1];
+            let _ = c.set_nonblocking(true);
+            // Closed by the far end: read gives 0.
+            !matches!(std::io::Read::read(&mut &*c, &mut b), Ok(0))
+        });
+        while held.len() < 200 {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(c) => held.push(c),
+                Err(_) => break,
+            }
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// How --relay-chaos restarts memrelay.
 #[derive(Debug, Clone, Copy)]
 enum RelayAct {
@@ -787,6 +841,13 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
             "2s".to_string(),
         ]);
     }
+    let metrics_port = if cfg.storm {
+        let port = procs::free_port()?;
+        args.extend(["--metrics".to_string(), format!("127.0.0.1:{port}")]);
+        Some(port)
+    } else {
+        None
+    };
     args.extend(cfg.extra.iter().cloned());
     // The run's clock starts here, so memrelay's log lines and the
     // histories share one time line.
@@ -884,6 +945,13 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
         let (watch, stop, servers) = (&watch, &stop, &mut servers);
         let seed = cfg.seed;
         let ch = s.spawn(move || chaos::run(servers, watch, chaos_cfg, seed, stop));
+        if cfg.storm {
+            let addr = addr.clone();
+            s.spawn(move || disconnect_storm(&addr, stop));
+            if let Some(port) = metrics_port {
+                s.spawn(move || metrics_flood(port, stop));
+            }
+        }
         let hs: Vec<_> = models
             .into_iter()
             .enumerate()

@@ -154,6 +154,8 @@ pub struct Control {
     reread: Reread,
     /// `--state-file`: the missed-key lists across restarts of memrelay.
     persist: Option<Arc<crate::ha::persist::Persist>>,
+    /// Every server's health now, for the flush gates (`gate_flushes`).
+    all_health: Arc<std::sync::RwLock<Vec<Arc<Health>>>>,
 }
 
 /// Reads the configuration again for a reload. It reads files and
@@ -206,6 +208,10 @@ impl Control {
             })
             .collect();
         let health: Vec<Arc<Health>> = servers.iter().map(|s| s.health.clone()).collect();
+        let all_health = Arc::new(std::sync::RwLock::new(health.clone()));
+        for h in &health {
+            gate_flushes(h, &all_health);
+        }
         // Before any worker serves: what the servers missed while this
         // process was not running (or was another one).
         let persist = cfg.state_file.clone().map(|path| {
@@ -250,6 +256,7 @@ impl Control {
             resync_requests: resync_requests.clone(),
             reread,
             persist,
+            all_health,
         };
         let links = WorkerLinks {
             topology: topology_rx,
@@ -394,6 +401,13 @@ impl Control {
             r.prober.abort();
         }
         self.servers = servers;
+        {
+            let now: Vec<Arc<Health>> = self.servers.iter().map(|s| s.health.clone()).collect();
+            for h in &now {
+                gate_flushes(h, &self.all_health);
+            }
+            *self.all_health.write().unwrap_or_else(|p| p.into_inner()) = now;
+        }
         let flushed = self.flush(&flushes, probe_timeouts(&cfg)).await;
 
         let health: Vec<Arc<Health>> = self.servers.iter().map(|s| s.health.clone()).collect();
@@ -572,6 +586,23 @@ const FLUSH_ADDED: &str =
 const FLUSH_READDRESSED: &str = "its address changed: it may be another server, with old copies";
 const FLUSH_RETURNING: &str =
     "keys that an earlier reload moved away from it come back: its copies may be stale";
+
+/// A server whose missed-key list overflowed is flushed only while every
+/// other server is up: it may hold the only live copy of keys it is not
+/// stale for (installed once per server; a reload's new servers get theirs).
+fn gate_flushes(health: &Arc<Health>, all: &Arc<std::sync::RwLock<Vec<Arc<Health>>>>) {
+    let all = Arc::downgrade(all);
+    let name = health.name.clone();
+    let _ = health
+        .flush_gate
+        .set(crate::backend::health::FlushGate(Box::new(move || {
+            let Some(all) = all.upgrade() else {
+                return true;
+            };
+            let all = all.read().unwrap_or_else(|p| p.into_inner());
+            all.iter().filter(|h| h.name != name).all(|h| !h.is_down())
+        })));
+}
 
 /// Keeps the state file current: servers marked clean once their lists
 /// empty, a hand-off's late records carried (`ha::persist`).

@@ -545,3 +545,57 @@ fn an_admin_storm_is_absorbed() {
         proxy.output()
     );
 }
+
+/// Issue #17, 2: clients that leave with writes in flight (a pipeline of
+/// sets, then a reset) cost the backup nothing: each write finishes its
+/// legs without its client, nothing is recorded as missed, and the backup
+/// is never flushed.
+#[test]
+fn a_disconnect_storm_leaves_the_backup_whole() {
+    let (p, b) = (Memcached::start(), Memcached::start());
+    let proxy = Memrelay::start(&["-t", "1", "-s", &p.addr(), "-b", &b.addr()]);
+    let addr = proxy.addr();
+    for round in 0..20 {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        let mut req = Vec::new();
+        for i in 0..1000 {
+            req.extend_from_slice(format!("set storm-{round}-{i} 0 0 1\r\nx\r\n").as_bytes());
+        }
+        s.write_all(&req).unwrap();
+        // The scenario: the client leaves while its sets are in flight.
+        std::thread::sleep(Duration::from_millis(2));
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    }
+    // Every session ends once its requests finished their legs.
+    assert!(
+        wait_until(Duration::from_secs(10), || stat_u64(
+            &addr,
+            "curr_connections"
+        ) <= 1),
+        "sessions of clients that left never ended"
+    );
+    let s = stats(&addr);
+    for name in [
+        "server:1:missed_keys",
+        "server:1:invalidated",
+        "server:1:flushed",
+    ] {
+        assert_eq!(s.get(name).map(String::as_str), Some("0"), "{name}: {s:?}");
+    }
+    // What the primary took, the backup took too.
+    let mut on_p = p.client();
+    let mut on_b = b.client();
+    let mut both = 0;
+    for round in 0..20 {
+        for i in (0..1000).step_by(50) {
+            let get = format!("get storm-{round}-{i}\r\n");
+            let in_p = on_p.send_until(get.as_bytes(), complete_retrieval).bytes;
+            let in_b = on_b.send_until(get.as_bytes(), complete_retrieval).bytes;
+            assert_eq!(in_p, in_b, "storm-{round}-{i}");
+            both += usize::from(in_p.starts_with(b"VALUE"));
+        }
+    }
+    assert!(both > 0, "no set of the storm reached the servers");
+}

@@ -49,9 +49,22 @@ pub struct Health {
     pub keys_moved_away: AtomicBool,
     /// The CAS stamp of the server process (`ha::cas`), from its identity.
     stamp: std::sync::atomic::AtomicU32,
+    /// Whether flushing this server now loses no key's only live copy
+    /// (every other server is up); installed by the topology. Unset:
+    /// always.
+    pub flush_gate: OnceLock<FlushGate>,
     /// Its own `stats`, `stats items` and `stats slabs`, as its prober
     /// last read them (for memrelay's `stats` and `/metrics`).
     pub figures: crate::stats::servers::ServerFigures,
+}
+
+/// See `Health::flush_gate`.
+pub struct FlushGate(pub Box<dyn Fn() -> bool + Send + Sync>);
+
+impl std::fmt::Debug for FlushGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FlushGate")
+    }
 }
 
 impl Health {
@@ -79,6 +92,7 @@ impl Health {
                 0,
             ))),
             figures: Default::default(),
+            flush_gate: OnceLock::new(),
         }
     }
 

@@ -22,6 +22,9 @@ use super::health::Health;
 use crate::net::read_some;
 use crate::stats::servers::{Group, ServerFigures};
 
+/// Least time between two flushes of one server after its missed-key list
+/// overflowed.
+const FLUSH_EVERY: Duration = Duration::from_secs(60);
 const SUCCESSES_TO_MARK_UP: u32 = 2;
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -217,6 +220,9 @@ pub async fn probe_loop(
     // not one every backoff.
     let mut tls_failure: Option<String> = None;
     let mut checks: u32 = 0;
+    // When this prober last flushed the server (after its missed-key list
+    // overflowed): flushes are at least FLUSH_EVERY apart.
+    let mut last_flush: Option<tokio::time::Instant> = None;
     loop {
         let down = health.is_down();
         if !down {
@@ -261,7 +267,7 @@ pub async fn probe_loop(
         let ok = match conn.as_mut() {
             Some(c) => {
                 c.timeout = t.request;
-                let ok = check(c, &health, &mut known, &on_restart).await;
+                let ok = check(c, &health, &mut known, &on_restart, &mut last_flush).await;
                 checks = checks.wrapping_add(1);
                 let slabs_due = checks % SLAB_FIGURES_EVERY == 1;
                 ok && (!slabs_due || c.slab_figures(&health.figures).await.is_some())
@@ -298,6 +304,7 @@ async fn check(
     health: &Health,
     known: &mut Option<Identity>,
     on_restart: &crate::ha::resync::Requests,
+    last_flush: &mut Option<tokio::time::Instant>,
 ) -> bool {
     let Some(id) = c.identity(&health.figures).await else {
         return false;
@@ -318,6 +325,17 @@ async fn check(
     *known = Some(id);
     health.set_identity(id.pid, id.boot);
     if health.missed.is_overflowed() {
+        // The last resort, and it empties the server: not while another
+        // server is down (this one may hold the only live copy of keys it
+        // is not stale for; meanwhile it serves none), and at most once
+        // per FLUSH_EVERY. Until then it stays stale for every key.
+        let gate_open = health.flush_gate.get().is_none_or(|open| (open.0)());
+        let rested = last_flush.is_none_or(|t| t.elapsed() >= FLUSH_EVERY);
+        if !gate_open || !rested {
+            tracing::debug!(server = %health.name, gate_open, rested, "flush after an overflow postponed");
+            return true;
+        }
+        *last_flush = Some(tokio::time::Instant::now());
         if !c.flush_all().await {
             return false;
         }

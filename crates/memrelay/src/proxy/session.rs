@@ -262,6 +262,13 @@ pub fn serve<S: Stream>(
                 break;
             }
         }
+        // The client is gone. Requests already sent finish all their legs
+        // (a write's copies to the backups and their checks), so that a
+        // client closing its connection cannot take the backups' copies
+        // with it; what is still unfinished at the deadline has an unknown
+        // outcome, and only that is recorded as missed. Boxed: the idle
+        // session's future must not carry this wait.
+        Box::pin(s.finish_legs()).await;
         s.abandon_writes();
         // Replies still in flight will find no slot and be dropped.
         s.inbox.slots.borrow_mut().clear();
@@ -502,11 +509,11 @@ impl Session {
         self.bufs.as_ref().map_or(0, |b| b.out.len())
     }
 
-    /// The client is gone with writes in flight on the primary or being
-    /// copied to the backups. Nobody advances those slots any more, so
-    /// their copies will not be made or checked: the backups may keep an
-    /// older item than the primary's. Record them as having missed the key
-    /// (the prober deletes it there; the primary holds the truth). A write
+    /// The client is gone and `finish_legs` gave up on these writes (still
+    /// on the primary or being copied past its deadline): their copies
+    /// will not be made or checked, so the backups may keep an older item
+    /// than the primary's. Record them as having missed the key (the
+    /// prober deletes it there; the primary holds the truth). A write
     /// already failed over to a backup is left alone: that backup may hold
     /// the key's only copy.
     fn abandon_writes(&self) {
@@ -528,6 +535,24 @@ impl Session {
                 if let Some(server) = replicas.get(tier) {
                     w.servers[server].health().missed.record(&key);
                 }
+            }
+        }
+    }
+
+    /// The client left: advances its requests in flight until each is
+    /// finished (their replies go nowhere), for at most a few server
+    /// timeouts (a write that fails over walks the tiers, each bounded).
+    async fn finish_legs(&mut self) {
+        let b = self.worker.backend;
+        let deadline = tokio::time::Instant::now() + (b.connect_timeout + b.timeout) * 4;
+        loop {
+            self.advance_ready();
+            if self.inbox.slots.borrow().iter().all(Slot::is_done) {
+                return;
+            }
+            let wake = std::future::poll_fn(|cx| self.inbox.wake.poll_notified(cx));
+            if tokio::time::timeout_at(deadline, wake).await.is_err() {
+                return;
             }
         }
     }
