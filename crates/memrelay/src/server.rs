@@ -70,12 +70,19 @@ impl StartError {
 pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartError> {
     // A running memrelay on the hand-off path gives us its sockets;
     // otherwise bind them.
-    let taken = match &cfg.handoff {
-        Some(path) => crate::net::handoff::take_over(path, cfg.listen.len())
+    // The /metrics listener travels with the others, last: the old
+    // process holds its port until it exits.
+    let expected = cfg.listen.len() + usize::from(cfg.metrics.is_some());
+    let mut taken = match &cfg.handoff {
+        Some(path) => crate::net::handoff::take_over(path, expected)
             .map_err(|e| StartError::Handoff(format!("{}: {e}", path.display())))?,
         None => None,
     };
     let took_over = taken.is_some();
+    let taken_metrics = match (&mut taken, cfg.metrics) {
+        (Some(fds), Some(_)) => fds.pop(),
+        _ => None,
+    };
     let listeners: Vec<BoundListener> = match taken {
         Some(fds) => cfg
             .listen
@@ -97,12 +104,18 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
     if took_over {
         tracing::info!("took over the listening sockets of the running memrelay");
     }
-    let metrics_listener = match cfg.metrics {
-        Some(addr) => Some(
+    let metrics_listener = match (cfg.metrics, taken_metrics) {
+        (Some(addr), Some(fd)) => {
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true)
+                .map_err(|e| StartError::Bind(format!("--metrics {addr}"), e))?;
+            Some(l)
+        }
+        (Some(addr), None) => Some(
             crate::stats::http::bind(addr)
                 .map_err(|e| StartError::Bind(format!("--metrics {addr}"), e))?,
         ),
-        None => None,
+        (None, _) => None,
     };
     // The hand-off socket is bound now, while we may still write its
     // directory; it is served only after `daemon()`, by a thread of the
@@ -129,7 +142,11 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
     };
     let handed_off = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(l) = handoff {
-        serve_handoff(l, &listeners, handed_off.clone())?;
+        let metrics = match &metrics_listener {
+            Some(m) => Some(m.try_clone().map_err(StartError::Thread)?),
+            None => None,
+        };
+        serve_handoff(l, &listeners, metrics, handed_off.clone())?;
     }
     crate::privileges::drop_to(cfg.group.as_deref(), cfg.user.as_deref())
         .map_err(StartError::Privileges)?;
@@ -299,6 +316,7 @@ fn bind_handoff(path: &std::path::Path) -> Result<std::os::unix::net::UnixListen
 fn serve_handoff(
     l: std::os::unix::net::UnixListener,
     listeners: &[BoundListener],
+    metrics: Option<std::net::TcpListener>,
     flag: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<(), StartError> {
     let mine: Vec<BoundListener> = listeners
@@ -309,7 +327,10 @@ fn serve_handoff(
     std::thread::Builder::new()
         .name("memrelay-handoff".into())
         .spawn(move || {
-            let fds: Vec<std::os::fd::RawFd> = mine.iter().map(BoundListener::raw_fd).collect();
+            let mut fds: Vec<std::os::fd::RawFd> = mine.iter().map(BoundListener::raw_fd).collect();
+            if let Some(m) = &metrics {
+                fds.push(std::os::fd::AsRawFd::as_raw_fd(m));
+            }
             match crate::net::handoff::serve_once(&l, &fds) {
                 Ok(()) => {
                     tracing::info!("listening sockets handed to a new memrelay; draining");
@@ -321,6 +342,7 @@ fn serve_handoff(
                 Err(e) => tracing::error!(error = %e, "hand-off failed"),
             }
             drop(mine);
+            drop(metrics);
         })
         .map_err(StartError::Thread)?;
     Ok(())

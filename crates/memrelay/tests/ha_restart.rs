@@ -127,7 +127,10 @@ fn a_hand_off_passes_what_servers_missed_to_the_new_process() {
     let handoff = dir.path("handoff.sock");
     let port = free_port("127.0.0.1");
     let addr = format!("127.0.0.1:{port}");
-    let common = relay_args(&primary, &backup, &state);
+    // /metrics too: its port is handed over with the others.
+    let metrics = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let mut common = relay_args(&primary, &backup, &state);
+    common.extend(["--metrics".to_string(), metrics.clone()]);
     let spawn = || {
         let mut args = vec![
             "-l".to_string(),
@@ -158,5 +161,10 @@ fn a_hand_off_passes_what_servers_missed_to_the_new_process() {
         matches!(old.0.try_wait(), Ok(Some(_)))
     });
     assert!(old_exited, "the old memrelay never drained");
+    assert_eq!(
+        support::http_get(&metrics, "/healthz").0,
+        200,
+        "the new memrelay serves no /metrics"
+    );
     never_serves_the_missed_value(&addr, &mut primary, String::new);
 }
