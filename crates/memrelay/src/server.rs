@@ -300,7 +300,11 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
             }
         }
     }
-    drop(pidfile);
+    if let Some(mut p) = pidfile {
+        // After a hand-off the new process names itself there: checking
+        // the file, then removing it, would race with its write.
+        p.owned = !handed_off.load(std::sync::atomic::Ordering::Acquire);
+    }
     tracing::info!("memrelay stopped");
     Ok(())
 }
@@ -354,6 +358,8 @@ fn serve_handoff(
 struct Pidfile {
     path: std::path::PathBuf,
     pid: u32,
+    /// Removed at exit (false once a new process took over).
+    owned: bool,
 }
 
 impl Pidfile {
@@ -364,14 +370,16 @@ impl Pidfile {
         Ok(Pidfile {
             path: path.to_path_buf(),
             pid,
+            owned: true,
         })
     }
 }
 
 impl Drop for Pidfile {
     fn drop(&mut self) {
-        let ours = std::fs::read_to_string(&self.path)
-            .is_ok_and(|text| text.trim() == self.pid.to_string());
+        let ours = self.owned
+            && std::fs::read_to_string(&self.path)
+                .is_ok_and(|text| text.trim() == self.pid.to_string());
         if ours {
             let _ = std::fs::remove_file(&self.path);
         }
