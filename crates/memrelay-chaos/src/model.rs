@@ -328,6 +328,10 @@ pub struct KeyModel {
     /// When the exactly known item has surely expired (set with a TTL, or
     /// a `gat` that gave it one); None: it does not expire.
     expiry: Option<Instant>,
+    /// A `gat` with a TTL got no answer: it may or may not have set one,
+    /// so neither a hit past the old expiry nor a miss says anything
+    /// until the next acknowledged `set` or `gat`.
+    ttl_unknown: bool,
     history: VecDeque<String>,
 }
 
@@ -346,6 +350,7 @@ impl KeyModel {
             changes: 0,
             gets_unique: None,
             expiry: None,
+            ttl_unknown: false,
             history: VecDeque::new(),
         }
     }
@@ -391,6 +396,7 @@ impl KeyModel {
     fn ack_value(&mut self, item: Item, sent: Instant) {
         self.changes += 1;
         self.expiry = None;
+        self.ttl_unknown = false;
         self.cands = vec![Some(item)];
         self.exact = true;
         self.wild = false;
@@ -399,6 +405,7 @@ impl KeyModel {
 
     fn ack_absent(&mut self) {
         self.expiry = None;
+        self.ttl_unknown = false;
         self.cands = vec![None];
         self.exact = true;
         self.wild = false;
@@ -696,6 +703,7 @@ pub fn check(
                 let m = &mut keys[*k];
                 if vals.iter().any(|v| v.key == m.name) {
                     m.expiry = expiry_after(*ttl, now);
+                    m.ttl_unknown = false;
                 }
             }
             true
@@ -751,7 +759,13 @@ fn unknown_outcome(keys: &mut [KeyModel], op: &Op) {
         return unknown_outcome(keys, &twin);
     }
     match op {
-        Op::Get { .. } | Op::Gets { .. } | Op::Gat { .. } | Op::Touch { .. } => {}
+        Op::Gat { ks, .. } => {
+            // It may have set its TTL (or removed one) on any replica.
+            for k in ks {
+                keys[*k].ttl_unknown = true;
+            }
+        }
+        Op::Get { .. } | Op::Gets { .. } | Op::Touch { .. } => {}
         Op::SetTtl { k, item, .. } => keys[*k].maybe(|_| Some(Some(item.clone()))),
         Op::MetaSet { .. } | Op::MetaGet { .. } | Op::MetaDelete { .. } | Op::MetaIncr { .. } => {}
         Op::Cas { k, item, .. } => keys[*k].maybe(|c| c.is_some().then(|| Some(item.clone()))),
@@ -812,10 +826,11 @@ fn check_values(
         let m = &mut keys[*k];
         let guarded = m.known_value().is_some()
             && m.expiry.is_none()
+            && !m.ttl_unknown
             && m.base_sent
                 .is_some_and(|b| (ctx.live_replica)(m.primary, b));
         if let (Some(v), Some(e)) = (v, m.expiry) {
-            if m.exact && !m.wild && sent > e {
+            if m.exact && !m.wild && !m.ttl_unknown && sent > e {
                 tally.stale += 1;
                 tally.detail(format!(
                     "{who}: STALE: {:?} served {:?}, which expired {:?} before the read",
@@ -889,6 +904,7 @@ fn check_write(
     m.log(at, format!("{render} -> {l}"));
     let guarded = m.known_value().is_some()
         && m.expiry.is_none()
+        && !m.ttl_unknown
         && m.base_sent
             .is_some_and(|b| (ctx.live_replica)(m.primary, b));
     let wrong = |tally: &mut Tally, m: &KeyModel, why: &str| {
