@@ -574,3 +574,27 @@ fn autovivify_uses_the_backups_item_and_creates_only_when_none_exists() {
     assert_eq!(value_of(&pair.primary, "fresh").as_deref(), Some("14"));
     assert_eq!(value_of(&pair.backup, "fresh").as_deref(), Some("14"));
 }
+
+/// The backup's copy expired a moment before the primary's (each memcached's
+/// clock ticks on its own): a `gat` that finds the item on the primary and
+/// gives it a new TTL puts it back on the backup too, or the item would
+/// live on one replica only.
+#[test]
+fn a_gat_restores_a_backup_copy_that_expired_first() {
+    let pair = Pair::start(&[]);
+    let mut px = pair.px();
+    assert_eq!(
+        direct(&pair.primary, "set k 5 100 2\r\nv1\r\n"),
+        "STORED\r\n"
+    );
+    assert_eq!(value_of(&pair.backup, "k"), None);
+    assert_eq!(
+        exchange(&mut px, "gat 0 k\r\n"),
+        "VALUE k 5 2\r\nv1\r\nEND\r\n"
+    );
+    let b = peek(&pair.backup, "k");
+    assert!(
+        matches!(&b, Some(i) if i.value == "v1" && i.flags == 5 && i.ttl == -1),
+        "backup after the gat: {b:?}"
+    );
+}

@@ -192,14 +192,20 @@ fn mirror_ttl_changes(
 }
 
 /// The TTL copies are in: a tier that failed or refused one is recorded as
-/// having missed the key.
-fn settle_ttl_changes(w: &Worker, slot: &mut Slot, req: &Request) {
+/// having missed the key. Returns the (key number, server) of the `touch`
+/// copies that found no item there.
+fn settle_ttl_changes(w: &Worker, slot: &mut Slot, req: &Request) -> SmallVec<[(u32, u16); 2]> {
     let frame = slot.frame.clone();
+    let mut absent = SmallVec::new();
     for p in slot.parts.iter_mut() {
         let Role::Touch { key } = p.role else {
             continue;
         };
         if std::mem::replace(&mut p.settled, true) {
+            continue;
+        }
+        if matches!(&p.result, Some(Ok(r)) if r.kind == ResponseKind::NotFound) {
+            absent.push((key, p.server));
             continue;
         }
         let applied = matches!(&p.result, Some(Ok(r)) if r.kind != ResponseKind::Error);
@@ -216,6 +222,64 @@ fn settle_ttl_changes(w: &Worker, slot: &mut Slot, req: &Request) {
             }
         };
         w.servers[p.server as usize].health().missed.record(&route);
+    }
+    absent
+}
+
+/// A `gat`'s TTL copy found no item on a later tier while the replica that
+/// answered had it: that tier's copy expired a moment earlier (each
+/// memcached's clock ticks on its own, in whole seconds). Without a copy the
+/// item, now given a longer life, would live on one replica only; so it is
+/// added there (`add`: a value written meanwhile wins) with the new TTL, and
+/// the reply waits for it.
+fn copy_expired_copies(
+    w: &Worker,
+    inbox: &Rc<Inbox>,
+    seq: u64,
+    slot: &mut Slot,
+    req: &Request,
+    absent: &[(u32, u16)],
+) {
+    if absent.is_empty() {
+        return;
+    }
+    let frame = slot.frame.clone();
+    // (key number, flags, value as a slice of the reply that carried it)
+    let mut found: SmallVec<[(u32, u32, bytes::Bytes); 2]> = SmallVec::new();
+    walk(slot, req, |i, _key, p, hit| {
+        let (Some(block), Some(Some(Ok(reply)))) = (hit, slot.parts.get(p).map(|p| &p.result))
+        else {
+            return;
+        };
+        if absent.iter().any(|(k, _)| *k as usize == i) {
+            let len = block.header.len;
+            let data = block.end.saturating_sub(len + 2);
+            found.push((
+                i as u32,
+                block.header.flags,
+                reply.bytes.slice(data..data + len),
+            ));
+        }
+    });
+    for (i, flags, value) in found {
+        let Some(key) = req.keys(&frame).nth(i as usize) else {
+            continue;
+        };
+        for &(k, server) in absent.iter().filter(|(k, _)| *k == i) {
+            let len = value.len();
+            let queued = w.servers[server as usize].send_for_key(
+                key,
+                Expect::Storage,
+                reply_to(inbox, seq, slot.parts.len()),
+                |b| compose::storage_line(b, Command::Add, key, flags, req.exptime, len, 0),
+                Some(value.clone()),
+            );
+            slot.push_part(
+                Part::with_role(server as usize, Role::TtlCopy { key: k }),
+                queued,
+            );
+            slot.stage = Stage::Repair;
+        }
     }
 }
 
@@ -390,7 +454,8 @@ pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot,
 /// cannot be overtaken by this repair.
 pub fn after_fallback(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
-    settle_ttl_changes(w, slot, req);
+    let absent = settle_ttl_changes(w, slot, req);
+    copy_expired_copies(w, inbox, seq, slot, req, &absent);
     let frame = slot.frame.clone();
     // (primary, flags, exptime, value offset and length in the reply, part)
     type Repair = (usize, u32, i32, usize, usize, usize);
@@ -485,6 +550,17 @@ pub fn after_repair(w: &Worker, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
     let frame = slot.frame.clone();
     for part in slot.parts.iter() {
+        if let Role::TtlCopy { key } = part.role {
+            // Refused because a value got there first: fine. Unknown: the
+            // tier may hold anything, so it misses the key.
+            let failed = !matches!(&part.result, Some(Ok(r)) if r.kind != ResponseKind::Error);
+            if failed {
+                if let Some(k) = req.keys(&frame).nth(key as usize) {
+                    w.servers[part.server as usize].health().missed.record(k);
+                }
+            }
+            continue;
+        }
         let Role::Repair { key, epoch } = part.role else {
             continue;
         };
@@ -722,7 +798,9 @@ pub fn after_meta_fallback(
     req: &Request,
 ) {
     slot.stage = Stage::Done;
-    settle_ttl_changes(w, slot, req);
+    // (An `mg ... T` may not carry the value a copy would need: a tier
+    // whose copy had expired just stays without one.)
+    let _ = settle_ttl_changes(w, slot, req);
     if slot.parts.iter().any(|p| p.role == Role::Vivify) {
         return; // the item was created: nothing to repair
     }

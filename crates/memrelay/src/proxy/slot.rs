@@ -45,6 +45,10 @@ pub enum Role {
     /// A read that changed a TTL (`gat`, `gats`, `mg ... T`): the same TTL
     /// set on a later tier for key number `key`.
     Touch { key: u32 },
+    /// That tier had no item (its copy expired a moment before the
+    /// primary's: each memcached's clock ticks on its own): the item the
+    /// read found is added there with the new TTL.
+    TtlCopy { key: u32 },
 }
 
 /// One sub-request and, once it came, its result.
