@@ -598,3 +598,34 @@ fn a_gat_restores_a_backup_copy_that_expired_first() {
         "backup after the gat: {b:?}"
     );
 }
+
+/// An `mg` that found the key on the backup repairs the primary before it
+/// is answered, like a classic read: a `md` pipelined right after it must
+/// not be overtaken by the repair (the key would come back).
+#[test]
+fn an_mg_repair_is_not_overtaken_by_a_pipelined_delete() {
+    let pair = Pair::start(&[]);
+    let mut px = pair.px();
+    for i in 0..20 {
+        let key = format!("r{i}");
+        assert_eq!(
+            direct(&pair.backup, &format!("set {key} 0 0 2\r\nv1\r\n")),
+            "STORED\r\n"
+        );
+        let r = exchange(
+            &mut px,
+            &format!("mg {key} v\r\nmd {key}\r\nmg {key} v\r\n"),
+        );
+        assert_eq!(r, "VA 2\r\nv1\r\nHD\r\nEN\r\n", "{key}");
+        assert_eq!(
+            value_of(&pair.primary, &key),
+            None,
+            "{key} came back on the primary"
+        );
+        assert_eq!(
+            value_of(&pair.backup, &key),
+            None,
+            "{key} is still on the backup"
+        );
+    }
+}

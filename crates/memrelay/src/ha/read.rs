@@ -820,8 +820,117 @@ pub fn after_meta_fallback(
     let route = super::route_key(&slot.frame, req);
     let primary = w.router.primary(&route);
     let primary_missed = matches!(&first.result, Some(Ok(_))) && first.server as usize == primary;
-    if primary_missed {
-        w.mirror.repair_from(second.server as usize, primary, route);
+    if !primary_missed {
+        return;
+    }
+    // The repair is part of the request, as a classic read's is: the
+    // client's next request on the key (a delete, say) must not be
+    // overtaken by it. The reply may not carry what a copy needs (value,
+    // flags, TTL), so the backup is asked for them first.
+    let backup = second.server as usize;
+    let epoch = w.servers[primary].health().missed.epoch();
+    let wire = if super::is_text_key(&route) {
+        route.to_vec()
+    } else {
+        let mut enc = Vec::with_capacity(route.len() * 4 / 3 + 4);
+        memrelay_protocol::base64::encode(&route, &mut enc);
+        enc
+    };
+    let flags: &[u8] = if super::is_text_key(&route) {
+        b"v f t"
+    } else {
+        b"b v f t"
+    };
+    let queued = w.servers[backup].send_for_key(
+        &route,
+        Expect::Meta,
+        reply_to(inbox, seq, slot.parts.len()),
+        |b| compose::meta_get(b, &wire, flags, None),
+        None,
+    );
+    slot.push_part(Part::with_role(backup, Role::RepairFetch { epoch }), queued);
+    slot.stage = Stage::MetaRepairFetch;
+}
+
+/// An `mg` repair's fetch is in: add the item to the primary (mode E: only
+/// if it has none by then), unless a write went past the primary since,
+/// or the backup may no longer serve the key.
+pub fn after_meta_repair_fetch(
+    w: &Worker,
+    inbox: &Rc<Inbox>,
+    seq: u64,
+    slot: &mut Slot,
+    req: &Request,
+) {
+    slot.stage = Stage::Done;
+    let Some((backup, epoch, reply)) = slot.parts.iter().find_map(|p| match (&p.role, &p.result) {
+        (Role::RepairFetch { epoch }, Some(Ok(r)))
+            if r.kind == ResponseKind::Meta(MetaStatus::Value) =>
+        {
+            Some((p.server as usize, *epoch, r.bytes.clone()))
+        }
+        _ => None,
+    }) else {
+        return;
+    };
+    let route = super::route_key(&slot.frame, req);
+    let primary = w.router.primary(&route);
+    if !w.servers[primary].health().serves(&route) || !w.servers[backup].health().serves(&route) {
+        w.stats.repairs_skipped.incr();
+        return;
+    }
+    let mf = meta_flags(&reply);
+    let Some((off, len)) = mf.data else { return };
+    let Some(ttl) = super::exptime_from_ttl(mf.ttl) else {
+        return;
+    };
+    let mut flags = format!("F{} T{} ME", mf.flags.unwrap_or(0), ttl).into_bytes();
+    let wire = if super::is_text_key(&route) {
+        route.to_vec()
+    } else {
+        flags.extend_from_slice(b" b");
+        let mut enc = Vec::with_capacity(route.len() * 4 / 3 + 4);
+        memrelay_protocol::base64::encode(&route, &mut enc);
+        enc
+    };
+    let queued = w.servers[primary].send_for_key(
+        &route,
+        Expect::Meta,
+        reply_to(inbox, seq, slot.parts.len()),
+        |b| compose::meta_line(b, Command::MetaSet, &wire, Some(len), &flags),
+        Some(reply.slice(off..off + len)),
+    );
+    slot.push_part(
+        Part::with_role(primary, Role::Repair { key: 0, epoch }),
+        queued,
+    );
+    slot.stage = Stage::Repair;
+}
+
+/// An `mg` repair landed, or not: as `after_repair`, a copy that may be
+/// older than a write that went past the primary since the backup was
+/// read is deleted again (an add whose outcome is unknown counts as
+/// landed).
+pub fn after_meta_repair(w: &Worker, slot: &mut Slot, req: &Request) {
+    slot.stage = Stage::Done;
+    let route = super::route_key(&slot.frame, req);
+    for part in slot.parts.iter() {
+        let Role::Repair { epoch, .. } = part.role else {
+            continue;
+        };
+        let landed = match &part.result {
+            Some(Ok(r)) => r.kind == ResponseKind::Meta(MetaStatus::Hd),
+            _ => true,
+        };
+        let primary = part.server as usize;
+        if landed && w.servers[primary].health().missed.epoch() != epoch {
+            w.stats.repairs_skipped.incr();
+            w.mirror.delete(primary, route.clone());
+        } else if landed && part.result.as_ref().is_some_and(|r| r.is_ok()) {
+            w.stats.repairs.incr();
+        } else {
+            w.stats.repairs_skipped.incr();
+        }
     }
 }
 

@@ -112,7 +112,9 @@ pub fn advance(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot) {
         }
         Stage::Read => ha::read::after_round_one(w, inbox, seq, slot, &req),
         Stage::Fallback => ha::read::after_fallback(w, inbox, seq, slot, &req),
+        Stage::Repair if req.command.is_meta() => ha::read::after_meta_repair(w, slot, &req),
         Stage::Repair => ha::read::after_repair(w, slot, &req),
+        Stage::MetaRepairFetch => ha::read::after_meta_repair_fetch(w, inbox, seq, slot, &req),
         Stage::Write { tier } => ha::write::advance(w, inbox, seq, slot, &req, tier as usize),
         Stage::Mirror => ha::write::after_mirrors(w, inbox, seq, slot, &req),
         Stage::Create => ha::write::after_create(w, inbox, seq, slot, &req),

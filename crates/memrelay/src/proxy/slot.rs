@@ -35,6 +35,9 @@ pub enum Role {
     Repair { key: u32, epoch: u64 },
     /// A delete of a backup's copy that disagreed with the primary.
     Compensate,
+    /// An `mg` backup hit, fetched again with what a copy needs (value,
+    /// flags, TTL) to repair the primary; `epoch` as in `Repair`.
+    RepairFetch { epoch: u64 },
     /// A create-if-absent write (`add`, `ms ... ME`) sent to the first
     /// backup before the primary: the backup may hold an acknowledged item
     /// the primary lost (see `ha::write::start`).
@@ -93,6 +96,8 @@ pub enum Stage {
     Create,
     /// A read's backup hits being written back to primaries.
     Repair,
+    /// An `mg`'s backup hit being fetched for its repair.
+    MetaRepairFetch,
 }
 
 /// A reply the proxy makes itself.
