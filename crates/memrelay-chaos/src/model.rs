@@ -743,9 +743,11 @@ pub fn check(
 }
 
 /// How long past a TTL an item may still be served: memcached's clock
-/// ticks in seconds, and a copy (mirror, repair, resync) carries the TTL
-/// in whole seconds, a moment after the original.
-const EXPIRY_SLACK: Duration = Duration::from_secs(2);
+/// ticks in seconds, and a copy (mirror, repair, resync) carries the
+/// remaining TTL in whole seconds, a moment after the original: a value
+/// repaired onto a restarted primary can outlive its TTL by about a second
+/// more (docs/ha.md, Limits).
+const EXPIRY_SLACK: Duration = Duration::from_secs(4);
 
 /// When an item given `ttl` seconds at `now` has surely expired.
 fn expiry_after(ttl: u32, now: Instant) -> Option<Instant> {
