@@ -360,6 +360,8 @@ fn a_daemon_writes_its_pid_and_logs_reopens_them_and_hands_off() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Stopped too, whatever happens next.
+    let _new = Stop(new.id());
     let took_over = wait_until(START_DEADLINE, || gone(pid));
     let new_pid = new.id();
     let exited_early = new.try_wait().unwrap();
