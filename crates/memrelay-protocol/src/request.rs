@@ -444,15 +444,23 @@ const BINARY_MAGIC: u8 = 0x80;
 /// refuse; the error says how many bytes it consumed and what to reply.
 pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<Parsed>, RequestError> {
     if buf.first() == Some(&BINARY_MAGIC) {
-        return Err(RequestError::at(ErrorKind::Binary, buf.len()));
+        // The connection is closed: the magic byte alone is consumed, so
+        // the error is the same however much of the input has arrived.
+        return Err(RequestError::at(ErrorKind::Binary, 1));
     }
     let nl = match memchr::memchr(b'\n', buf) {
         Some(nl) => nl,
         None => return no_newline_yet(buf, limits),
     };
     // The bound holds for a line that arrived whole too, not only for one
-    // still waiting for its newline.
-    if nl > limits.max_get_line_len {
+    // still waiting for its newline; it counts the line without its
+    // terminator, so `\n` and `\r\n` lines are judged alike.
+    let content = if nl > 0 && buf[nl - 1] == b'\r' {
+        nl - 1
+    } else {
+        nl
+    };
+    if content > limits.max_get_line_len {
         return Err(RequestError::at(ErrorKind::LineTooLong, nl + 1));
     }
     let consumed_line = nl + 1;
