@@ -58,6 +58,8 @@ options:
                      (a second memrelay takes the sockets over). After a
                      crash every server counts as disturbed (the new
                      process flushes those it had marked dirty)
+  --relay-acts LIST  which restarts --relay-chaos makes, of term,kill,handoff
+                     (default all three)
   --storm            also a thread of clients that pipeline 500 sets of
                      their own keys and reset the connection 2 ms later,
                      and 200 idle connections held open to /metrics (the
@@ -105,6 +107,8 @@ struct Cfg {
     verbose: bool,
     /// Also restart memrelay itself: SIGTERM, SIGKILL, or a hand-off.
     relay_chaos: bool,
+    /// Which of those (`--relay-acts`).
+    relay_acts: Vec<RelayAct>,
     /// Also clients that leave with writes in flight, and idle scrapers
     /// holding connections to /metrics.
     storm: bool,
@@ -156,6 +160,7 @@ fn parse_args(args: &[String]) -> Result<Option<Cfg>, String> {
         relay_log: None,
         verbose: false,
         relay_chaos: false,
+        relay_acts: vec![RelayAct::Terminate, RelayAct::Kill, RelayAct::Handoff],
         storm: false,
         extra: Vec::new(),
     };
@@ -188,6 +193,22 @@ fn parse_args(args: &[String]) -> Result<Option<Cfg>, String> {
             "--no-pipeline" => c.pipeline = false,
             "--strict-writes" => c.strict_writes = true,
             "--relay-chaos" => c.relay_chaos = true,
+            "--relay-acts" => {
+                c.relay_acts = val()?
+                    .split(',')
+                    .map(|a| match a {
+                        "term" => Ok(RelayAct::Terminate),
+                        "kill" => Ok(RelayAct::Kill),
+                        "handoff" => Ok(RelayAct::Handoff),
+                        other => Err(format!(
+                            "--relay-acts: unknown {other:?} (term, kill, handoff)"
+                        )),
+                    })
+                    .collect::<Result<_, _>>()?;
+                if c.relay_acts.is_empty() {
+                    return Err("--relay-acts: name at least one".into());
+                }
+            }
             "--storm" => c.storm = true,
             "--pause" => {
                 let v = val()?;
@@ -970,11 +991,7 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
                 break;
             }
             if cfg.relay_chaos && Instant::now() >= next_restart {
-                let how = match rng.below(3) {
-                    0 => RelayAct::Terminate,
-                    1 => RelayAct::Kill,
-                    _ => RelayAct::Handoff,
-                };
+                let how = cfg.relay_acts[rng.below(cfg.relay_acts.len() as u64) as usize];
                 match restart_relay(&mut relay, how, &relay_bin, &args, origin, cfg, watch) {
                     Ok(line) => relay_log.push(line),
                     Err(e) => {
