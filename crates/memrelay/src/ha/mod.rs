@@ -9,7 +9,7 @@
 //!   the primary's answer before the client is answered; to the backup
 //!   (exactly once) when the primary cannot take it;
 //! - [`mirror`]: background writes nobody waits for (invalidating an
-//!   unlinked key, the two-step repair after an `mg` fallback);
+//!   unlinked key, undoing a read repair that may be older than a write);
 //! - [`missed`]: per server, the keys it must not serve until invalidated;
 //! - [`resync`]: copying a restarted (empty) server's items back from the
 //!   other tier in the background.

@@ -789,7 +789,9 @@ pub fn after_meta_round_one(
     slot.stage = Stage::Fallback;
 }
 
-/// A backup hit for a primary that missed: copy it back in the background.
+/// An `mg` that fell back: a backup hit for a primary that missed is copied
+/// back before the `mg` is answered; a miss everywhere may create the item
+/// (`N`, see `vivify`).
 pub fn after_meta_fallback(
     w: &Worker,
     inbox: &Rc<Inbox>,
@@ -829,18 +831,8 @@ pub fn after_meta_fallback(
     // flags, TTL), so the backup is asked for them first.
     let backup = second.server as usize;
     let epoch = w.servers[primary].health().missed.epoch();
-    let wire = if super::is_text_key(&route) {
-        route.to_vec()
-    } else {
-        let mut enc = Vec::with_capacity(route.len() * 4 / 3 + 4);
-        memrelay_protocol::base64::encode(&route, &mut enc);
-        enc
-    };
-    let flags: &[u8] = if super::is_text_key(&route) {
-        b"v f t"
-    } else {
-        b"b v f t"
-    };
+    let (wire, b64) = meta_wire_key(&route);
+    let flags: &[u8] = if b64 { b"b v f t" } else { b"v f t" };
     let queued = w.servers[backup].send_for_key(
         &route,
         Expect::Meta,
@@ -850,6 +842,18 @@ pub fn after_meta_fallback(
     );
     slot.push_part(Part::with_role(backup, Role::RepairFetch { epoch }), queued);
     slot.stage = Stage::MetaRepairFetch;
+}
+
+/// How a key travels in a meta request the proxy makes: as it is, or in
+/// base64 (with the `b` flag) when a classic command could not carry it.
+fn meta_wire_key(route: &[u8]) -> (Vec<u8>, bool) {
+    if super::is_text_key(route) {
+        (route.to_vec(), false)
+    } else {
+        let mut enc = Vec::with_capacity(route.len() * 4 / 3 + 4);
+        memrelay_protocol::base64::encode(route, &mut enc);
+        (enc, true)
+    }
 }
 
 /// An `mg` repair's fetch is in: add the item to the primary (mode E: only
@@ -885,14 +889,10 @@ pub fn after_meta_repair_fetch(
         return;
     };
     let mut flags = format!("F{} T{} ME", mf.flags.unwrap_or(0), ttl).into_bytes();
-    let wire = if super::is_text_key(&route) {
-        route.to_vec()
-    } else {
+    let (wire, b64) = meta_wire_key(&route);
+    if b64 {
         flags.extend_from_slice(b" b");
-        let mut enc = Vec::with_capacity(route.len() * 4 / 3 + 4);
-        memrelay_protocol::base64::encode(&route, &mut enc);
-        enc
-    };
+    }
     let queued = w.servers[primary].send_for_key(
         &route,
         Expect::Meta,
