@@ -226,6 +226,7 @@ impl Control {
             resync_current,
             resync_rx,
             resync_requests.clone(),
+            persist.as_ref().map(|p| p.shared()),
         ));
         let (topology, topology_rx) = watch::channel(Arc::new(Topology {
             generation: 1,
@@ -294,6 +295,10 @@ impl Control {
     pub fn hand_off_state(&self) {
         if let Some(p) = &self.persist {
             p.hand_off(&self.health());
+            // The resyncs under way stop at their next batch, and wait
+            // (with any new one) for a process that no longer shares its
+            // servers: this one never will again.
+            self.resync.borrow().cancel();
         }
     }
 

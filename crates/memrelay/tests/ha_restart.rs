@@ -119,6 +119,29 @@ impl Drop for Proc {
     }
 }
 
+/// Starts memrelay on `port` with `--handoff handoff` (taking the sockets
+/// over from the memrelay there, if any).
+fn spawn_handing_off(port: u16, handoff: &std::path::Path, common: &[String]) -> Proc {
+    let mut args = vec![
+        "-l".to_string(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string(),
+        "--handoff".into(),
+        handoff.display().to_string(),
+    ];
+    args.extend(common.iter().cloned());
+    Proc(
+        Command::new(support::memrelay_bin())
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 #[test]
 fn a_hand_off_passes_what_servers_missed_to_the_new_process() {
     let (mut primary, backup) = (Memcached::start(), Memcached::start());
@@ -131,26 +154,7 @@ fn a_hand_off_passes_what_servers_missed_to_the_new_process() {
     let metrics = format!("127.0.0.1:{}", free_port("127.0.0.1"));
     let mut common = relay_args(&primary, &backup, &state);
     common.extend(["--metrics".to_string(), metrics.clone()]);
-    let spawn = || {
-        let mut args = vec![
-            "-l".to_string(),
-            "127.0.0.1".into(),
-            "-p".into(),
-            port.to_string(),
-            "--handoff".into(),
-            handoff.display().to_string(),
-        ];
-        args.extend(common.iter().cloned());
-        Proc(
-            Command::new(support::memrelay_bin())
-                .args(&args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
+    let spawn = || spawn_handing_off(port, &handoff, &common);
     let mut old = spawn();
     assert!(wait_until(Duration::from_secs(10), || {
         std::net::TcpStream::connect(&addr).is_ok() && handoff.exists()
@@ -167,4 +171,78 @@ fn a_hand_off_passes_what_servers_missed_to_the_new_process() {
         "the new memrelay serves no /metrics"
     );
     never_serves_the_missed_value(&addr, &mut primary, String::new);
+}
+
+/// While the old process of a hand-off drains, it still serves the clients
+/// it had; a key the new process saw a server miss must not be read there
+/// from that server. The old process is given a long `--timeout`, so it
+/// never sees the primary stop: to it, the primary is up throughout, and
+/// only what the new one tells it keeps it from serving v1.
+#[test]
+fn the_draining_process_learns_what_the_new_one_saw_a_server_miss() {
+    let (mut primary, backup) = (Memcached::start(), Memcached::start());
+    let dir = TempDir::new("state-handoff-back");
+    let state = dir.path("state");
+    let handoff = dir.path("handoff.sock");
+    let port = free_port("127.0.0.1");
+    let addr = format!("127.0.0.1:{port}");
+    let with_timeout = |t: &str| {
+        let mut args = relay_args(&primary, &backup, &state);
+        args.extend(["--timeout".to_string(), t.into()]);
+        args
+    };
+    let mut old = spawn_handing_off(port, &handoff, &with_timeout("5s"));
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(&addr).is_ok() && handoff.exists()
+    }));
+    let old_pid = old.0.id().to_string();
+    // A client of the old process, kept busy so that its drain keeps
+    // serving it (a quiet one would be closed).
+    let client = std::sync::Arc::new(std::sync::Mutex::new(Client::with_sentinel(&addr)));
+    let r = client
+        .lock()
+        .unwrap()
+        .exchange(b"set k 0 0 2\r\nv1\r\nstats\r\n");
+    let text = String::from_utf8_lossy(&r.bytes).into_owned();
+    assert!(text.starts_with("STORED\r\n"), "{text}");
+    assert!(text.contains(&format!("STAT pid {old_pid}\r\n")), "{text}");
+    let busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let keeper = {
+        let (client, busy) = (client.clone(), busy.clone());
+        std::thread::spawn(move || {
+            while busy.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = client.lock().unwrap().exchange(b"version\r\n");
+                assert!(r.bytes.starts_with(b"VERSION "), "{}", escape(&r.bytes));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let new = spawn_handing_off(port, &handoff, &with_timeout("150ms"));
+    let new_pid = new.0.id().to_string();
+    let served_by_new = wait_until(Duration::from_secs(10), || {
+        stats(&addr).get("pid") == Some(&new_pid)
+    });
+    assert!(served_by_new, "the new memrelay never served");
+    // The new process sees the primary stop, and writes v2 past it.
+    primary.stop();
+    let down = wait_until(CONVERGE, || {
+        let _ = exchange(&addr, "get nudge\r\n");
+        stats(&addr).get("server:0:state").map(String::as_str) == Some("down")
+    });
+    assert!(down, "the new memrelay never marked the primary down");
+    assert_eq!(exchange(&addr, "set k 0 0 2\r\nv2\r\n"), "STORED\r\n");
+    primary.cont();
+    // At once, before the new process invalidates k on the primary.
+    let r = client.lock().unwrap().exchange(b"get k\r\n");
+    busy.store(false, std::sync::atomic::Ordering::Relaxed);
+    keeper.join().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&r.bytes),
+        "VALUE k 0 2\r\nv2\r\nEND\r\n",
+        "the draining memrelay served the value the primary missed"
+    );
+    let old_exited = wait_until(Duration::from_secs(15), || {
+        matches!(old.0.try_wait(), Ok(Some(_)))
+    });
+    assert!(old_exited, "the old memrelay never drained");
 }

@@ -42,7 +42,7 @@ pub struct MissedKeys {
     /// before the write that missed it is acknowledged.
     on_dirty: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// Called with every record (`None`: every key), outside the lock,
-    /// before the record returns: during a hand-off it tells the new
+    /// before the record returns: during a hand-off it tells the other
     /// process, before the write that went past the server is answered.
     on_record: std::sync::OnceLock<RecordHook>,
 }
@@ -155,6 +155,20 @@ impl MissedKeys {
 
     /// Records that a write for `key` went past this server.
     pub fn record(&self, key: &[u8]) {
+        self.note(key);
+        self.recorded_hook(Some(key));
+    }
+
+    /// Records what the other memrelay of a hand-off recorded (`None`:
+    /// every key). The hook is not told: it would send the record back.
+    pub fn learn(&self, key: Option<&[u8]>) {
+        match key {
+            Some(k) => self.note(k),
+            None => self.note_all(),
+        }
+    }
+
+    fn note(&self, key: &[u8]) {
         self.recorded.fetch_add(1, Ordering::Relaxed);
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.recorded_signal.notify_one();
@@ -163,7 +177,6 @@ impl MissedKeys {
         if was_empty {
             self.dirtied();
         }
-        self.recorded_hook(Some(key));
     }
 
     fn insert(&self, key: &[u8]) {
@@ -197,6 +210,11 @@ impl MissedKeys {
     /// The server missed a write to every key (a `flush_all`): it must be
     /// flushed before it serves again.
     pub fn record_all(&self) {
+        self.note_all();
+        self.recorded_hook(None);
+    }
+
+    fn note_all(&self) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
         let mut inner = self.lock();
         inner.overflowed = true;
@@ -204,7 +222,6 @@ impl MissedKeys {
         self.count.store(1, Ordering::Release);
         drop(inner);
         self.dirtied();
-        self.recorded_hook(None);
         self.recorded_signal.notify_one();
     }
 

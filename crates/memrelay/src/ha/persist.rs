@@ -19,17 +19,22 @@
 //!   without `--state-file`.
 //!
 //! - **across a hand-off** (`--handoff`), the two processes serve at once
-//!   while the old one drains, so what the old one records must reach the
-//!   new one before the old one answers the write that caused it. The new
-//!   process listens on `<state-file>.records` (a unix socket) and waits
-//!   (up to `HANDOFF_WAIT`) for the old one's lists in
-//!   `<state-file>.handoff` before it serves. The old process connects to
-//!   the socket, then writes that file; from then on every key it records
-//!   is sent over the socket, and the record (so the write's answer) waits
-//!   for the new process to have it. The file is written again while the
-//!   old one drains and a last time, marked final, when it exits: what the
-//!   socket could not carry is merged from it. Only the new process writes
-//!   the state file from then on.
+//!   while the old one drains, so what either records must reach the other
+//!   before it answers the write that caused it: a client that wrote
+//!   through the new process may still read through the old one (a
+//!   pipelining client keeps its old connection for up to a second), and
+//!   the reverse. The new process listens on `<state-file>.records` (a
+//!   unix socket) and waits (up to `HANDOFF_WAIT`) for the old one's lists
+//!   in `<state-file>.handoff` before it serves. The old process opens two
+//!   connections to the socket, one for each direction, then writes that
+//!   file; from then on every key either process records is sent to the
+//!   other, and the record (so the write's answer) waits for the other to
+//!   have it. The file is written again while the old one drains and a
+//!   last time, marked final, when it exits: what the socket could not
+//!   carry is merged from it. Only the new process writes the state file
+//!   from then on. While both serve, neither starts a resync
+//!   ([`Persist::shared`]): a resync checks its copies against the client
+//!   writes of its own process only.
 //!
 //! The file is text, one record a line: `memrelay-state 1`, a status
 //! (`clean`, `running`, `handoff`, `handoff-final`), then per server
@@ -72,8 +77,12 @@ pub struct Persist {
     disowned: std::sync::atomic::AtomicBool,
     /// Hand-off bookkeeping (see the module comment).
     handoff: Mutex<HandoffState>,
-    /// Old side of a hand-off: the new process's record socket.
-    forward: Mutex<Option<std::os::unix::net::UnixStream>>,
+    /// During a hand-off, the other process's record socket: every record
+    /// is sent there, and waits for it to be taken.
+    peers: Mutex<Vec<std::os::unix::net::UnixStream>>,
+    /// Another memrelay serves the same servers: this one is draining
+    /// after a hand-off, or the one it took over from still is.
+    shared: tokio::sync::watch::Sender<bool>,
     /// One writer at a time (worker threads mark servers dirty while the
     /// main thread marks them clean): the text is made and written under
     /// it, so a later write never carries older marks.
@@ -119,7 +128,8 @@ impl Persist {
             marks: Mutex::new(BTreeMap::new()),
             disowned: std::sync::atomic::AtomicBool::new(false),
             handoff: Mutex::new(HandoffState::default()),
-            forward: Mutex::new(None),
+            peers: Mutex::new(Vec::new()),
+            shared: tokio::sync::watch::channel(false).0,
             writing: Mutex::new(()),
         })
     }
@@ -187,12 +197,16 @@ impl Persist {
     /// its file appears. None if it never did (then the state file rules).
     fn start_from_handoff(self: &Arc<Self>, health: &[Arc<Health>]) -> Option<Vec<String>> {
         let deadline = std::time::Instant::now() + HANDOFF_WAIT;
+        // The old process serves until its drain ends (said when its
+        // record connection closes, or by its final file).
+        self.shared.send_replace(true);
         self.receive_records(health);
         let loaded = loop {
             match std::fs::read_to_string(self.handoff_path()).map(|t| parse(&t)) {
                 Ok(Ok(l)) if matches!(l.status, Status::Handoff | Status::HandoffFinal) => break l,
                 _ if std::time::Instant::now() >= deadline => {
                     tracing::warn!(file = %self.handoff_path().display(), "the old memrelay never said what servers missed: using the state file");
+                    self.shared.send_replace(false);
                     return None;
                 }
                 _ => std::thread::sleep(std::time::Duration::from_millis(20)),
@@ -259,11 +273,11 @@ impl Persist {
                 continue;
             };
             if *overflowed {
-                server.missed.record_all();
+                server.missed.learn(None);
             }
             for k in keys {
                 if h.merged.insert((server.name.clone(), k.clone())) {
-                    server.missed.record(k);
+                    server.missed.learn(Some(k));
                 }
             }
         }
@@ -271,48 +285,55 @@ impl Persist {
             h.until = None;
             h.merged.clear();
             let _ = std::fs::remove_file(self.handoff_path());
+            self.shared.send_replace(false);
         } else if std::time::Instant::now() >= until {
             tracing::warn!("the old memrelay never finished its hand-off: what it recorded last may be missing");
             h.until = None;
+            self.shared.send_replace(false);
         }
     }
 
     /// Old side: the sockets are the new process's now; so is the state
-    /// file. Every record from now on goes to the new process first (if it
-    /// listens), then what this one knows goes to the hand-off file.
+    /// file. From now on every record goes to the new process first (if it
+    /// listens), and what it records comes here; then what this one knows
+    /// goes to the hand-off file, which the new one waits for to serve.
     pub fn hand_off(self: &Arc<Self>, health: &[Arc<Health>]) {
         self.disown();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-        let stream = loop {
-            match std::os::unix::net::UnixStream::connect(self.records_path()) {
-                Ok(s) => break Some(s),
-                Err(_) if std::time::Instant::now() >= deadline => break None,
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
-            }
-        };
-        match stream {
-            Some(s) => {
-                let _ = s.set_read_timeout(Some(FORWARD_TIMEOUT));
-                let _ = s.set_write_timeout(Some(FORWARD_TIMEOUT));
-                *self.forward_stream() = Some(s);
-                for h in health {
-                    for set in [&h.missed, &h.copying] {
-                        let me = Arc::downgrade(self);
-                        let name = h.name.clone();
-                        set.on_record(Box::new(move |key| {
-                            if let Some(me) = me.upgrade() {
-                                me.forward_record(&name, key);
-                            }
-                        }));
-                    }
-                }
-            }
+        self.shared.send_replace(true);
+        match self.connect_records(Direction::ToNew) {
+            Some(s) => self.peers().push(s),
             None => {
                 tracing::warn!(socket = %self.records_path().display(), "the new memrelay takes no records: it learns them from the hand-off file, a little later")
             }
         }
+        match self.connect_records(Direction::ToOld) {
+            Some(s) => take_records_on_a_thread(s, health.to_vec(), None),
+            None => {
+                tracing::warn!(socket = %self.records_path().display(), "the new memrelay sends no records: while this one drains, it may serve a key the new one saw a server miss")
+            }
+        }
         self.handoff_state().written = changes(health);
         self.write_lists(&self.handoff_path(), Status::Handoff, health);
+    }
+
+    /// Old side: one connection to the new process's record socket, which
+    /// said it took it (within a second).
+    fn connect_records(&self, dir: Direction) -> Option<std::os::unix::net::UnixStream> {
+        use std::io::{Read, Write};
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        let mut s = loop {
+            match std::os::unix::net::UnixStream::connect(self.records_path()) {
+                Ok(s) => break s,
+                Err(_) if std::time::Instant::now() >= deadline => return None,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        };
+        s.set_read_timeout(Some(FORWARD_TIMEOUT)).ok()?;
+        s.set_write_timeout(Some(FORWARD_TIMEOUT)).ok()?;
+        let mut ack = [0u8; 2];
+        s.write_all(dir.hello()).ok()?;
+        s.read_exact(&mut ack).ok()?;
+        (&ack == b"k\n").then_some(s)
     }
 
     fn records_path(&self) -> PathBuf {
@@ -321,16 +342,26 @@ impl Persist {
         PathBuf::from(p)
     }
 
-    fn forward_stream(&self) -> std::sync::MutexGuard<'_, Option<std::os::unix::net::UnixStream>> {
-        self.forward.lock().unwrap_or_else(|p| p.into_inner())
+    fn peers(&self) -> std::sync::MutexGuard<'_, Vec<std::os::unix::net::UnixStream>> {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Old side: tells the new process that `server` missed `key` (None:
-    /// every key), and waits for it to have it.
-    fn forward_record(&self, server: &str, key: Option<&[u8]>) {
+    /// Whether another memrelay serves the same servers now (a hand-off
+    /// under way), as a watch: resyncs wait while it says so.
+    pub fn shared(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shared.subscribe()
+    }
+
+    /// Tells the other process of a hand-off, if there is one, that
+    /// `server` missed `key` (None: every key), and waits for it to have
+    /// it. Records are rare (failure episodes); without a peer this is one
+    /// uncontended lock.
+    fn relay(&self, server: &str, key: Option<&[u8]>) {
         use std::io::{Read, Write};
-        let mut guard = self.forward_stream();
-        let Some(stream) = guard.as_mut() else { return };
+        let mut peers = self.peers();
+        if peers.is_empty() {
+            return;
+        }
         let mut line = Vec::with_capacity(server.len() + 64);
         line.extend_from_slice(server.as_bytes());
         line.push(b' ');
@@ -339,19 +370,30 @@ impl Persist {
             None => line.push(b'*'),
         }
         line.push(b'\n');
-        let mut ack = [0u8; 2];
-        let sent = stream
-            .write_all(&line)
-            .and_then(|()| stream.read_exact(&mut ack));
-        if sent.is_err() || &ack != b"k\n" {
-            tracing::warn!("the new memrelay stopped taking records: it learns the rest from the hand-off file, a little later");
-            *guard = None;
-        }
+        peers.retain_mut(|stream| {
+            let mut ack = [0u8; 2];
+            let sent = stream
+                .write_all(&line)
+                .and_then(|()| stream.read_exact(&mut ack));
+            match sent {
+                Ok(()) if &ack == b"k\n" => true,
+                // The other process exited: its drain is over, or it is
+                // the old one's file that carries the rest.
+                Err(e) if is_gone(&e) => {
+                    tracing::debug!("the other memrelay of the hand-off is gone");
+                    false
+                }
+                _ => {
+                    tracing::warn!("the other memrelay stopped taking records: what it did not take, it learns from the hand-off file");
+                    false
+                }
+            }
+        });
     }
 
-    /// New side: takes the old process's records as they come, on a thread
-    /// of its own, until the old process is gone.
-    fn receive_records(&self, health: &[Arc<Health>]) {
+    /// New side: takes the old process's two connections (records from it,
+    /// and the one this process's records go to), until it is gone.
+    fn receive_records(self: &Arc<Self>, health: &[Arc<Health>]) {
         let path = self.records_path();
         let _ = std::fs::remove_file(&path);
         let listener = match std::os::unix::net::UnixListener::bind(&path) {
@@ -362,10 +404,11 @@ impl Persist {
             }
         };
         let health: Vec<Arc<Health>> = health.to_vec();
+        let me = self.clone();
         let spawned = std::thread::Builder::new()
             .name("memrelay-records".into())
             .spawn(move || {
-                take_records(&listener, &health);
+                me.accept_records(&listener, health);
                 let _ = std::fs::remove_file(&path);
             });
         if let Err(e) = spawned {
@@ -373,8 +416,55 @@ impl Persist {
         }
     }
 
+    /// New side: accepts the old process's connections (waiting at most
+    /// `HANDOFF_WAIT`) and sets each to its work.
+    fn accept_records(
+        self: &Arc<Self>,
+        listener: &std::os::unix::net::UnixListener,
+        health: Vec<Arc<Health>>,
+    ) {
+        use std::io::{BufRead, Write};
+        let _ = listener.set_nonblocking(true);
+        let deadline = std::time::Instant::now() + HANDOFF_WAIT;
+        let (mut to_new, mut to_old) = (false, false);
+        while !(to_new && to_old) {
+            let mut stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(_) if std::time::Instant::now() >= deadline => break,
+                Err(_) => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    continue;
+                }
+            };
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_read_timeout(Some(FORWARD_TIMEOUT));
+            let mut hello = String::new();
+            let read = std::io::BufReader::new(&stream).read_line(&mut hello);
+            let ok = read.is_ok() && stream.write_all(b"k\n").is_ok();
+            if !ok {
+                continue;
+            }
+            if hello.as_bytes() == Direction::ToOld.hello() {
+                let _ = stream.set_write_timeout(Some(FORWARD_TIMEOUT));
+                self.peers().push(stream);
+                to_old = true;
+            } else if hello.as_bytes() == Direction::ToNew.hello() && !to_new {
+                to_new = true;
+                let _ = stream.set_read_timeout(None);
+                take_records_on_a_thread(stream, health.clone(), Some(self.clone()));
+            }
+        }
+        if !to_new {
+            // No records will come: the hand-off file says the rest.
+            self.shared.send_replace(false);
+        }
+    }
+
     /// Marks `health`'s server dirty in the file whenever its lists stop
     /// being empty (a server added by a reload is watched from then on).
+    /// Every record of it is also told to the other process of a
+    /// hand-off, while there is one (keys being copied by a resync count
+    /// as missed there).
     pub fn watch(self: &Arc<Self>, health: &Arc<Health>) {
         for set in [&health.missed, &health.copying] {
             let me = Arc::downgrade(self);
@@ -382,6 +472,13 @@ impl Persist {
             set.on_dirty(Box::new(move || {
                 if let Some(me) = me.upgrade() {
                     me.mark(&name, Mark::Dirty);
+                }
+            }));
+            let me = Arc::downgrade(self);
+            let name = health.name.clone();
+            set.on_record(Box::new(move |key| {
+                if let Some(me) = me.upgrade() {
+                    me.relay(&name, key);
                 }
             }));
         }
@@ -509,11 +606,11 @@ fn apply(loaded: &Loaded, health: &[Arc<Health>]) -> Vec<String> {
             continue;
         };
         if *overflowed || loaded.status == Status::Running {
-            h.missed.record_all();
+            h.missed.learn(None);
             stale.push(h.name.clone());
         } else {
             for k in keys {
-                h.missed.record(k);
+                h.missed.learn(Some(k));
             }
         }
     }
@@ -543,20 +640,59 @@ fn changes(health: &[Arc<Health>]) -> u64 {
 /// How long the old process waits for the new one to take a record.
 const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// New side: accepts the old process's connection (waiting at most
-/// `HANDOFF_WAIT`), and records what it sends until it closes.
-fn take_records(listener: &std::os::unix::net::UnixListener, health: &[Arc<Health>]) {
-    use std::io::{BufRead, Write};
-    let _ = listener.set_nonblocking(true);
-    let deadline = std::time::Instant::now() + HANDOFF_WAIT;
-    let stream = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(_) if std::time::Instant::now() >= deadline => return,
-            Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+/// Which way the records on one connection of a hand-off travel; the old
+/// process opens both and names each in its first line.
+#[derive(Debug, Clone, Copy)]
+enum Direction {
+    /// The old process's records, to the new one.
+    ToNew,
+    /// The new process's records, to the old one while it drains.
+    ToOld,
+}
+
+impl Direction {
+    fn hello(self) -> &'static [u8] {
+        match self {
+            Direction::ToNew => b"records to-new\n",
+            Direction::ToOld => b"records to-old\n",
         }
-    };
-    let _ = stream.set_nonblocking(false);
+    }
+}
+
+/// Whether an error says the other end of a socket is gone.
+fn is_gone(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof | BrokenPipe | ConnectionReset | ConnectionAborted
+    )
+}
+
+/// Learns the other process's records as they come on `stream`, each
+/// acknowledged once learnt, until it closes; then, on the new side
+/// (`new`), the old process is gone and no longer shares the servers.
+fn take_records_on_a_thread(
+    stream: std::os::unix::net::UnixStream,
+    health: Vec<Arc<Health>>,
+    new: Option<Arc<Persist>>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("memrelay-records".into())
+        .spawn(move || {
+            take_records(stream, &health);
+            if let Some(p) = new {
+                p.shared.send_replace(false);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot take the other memrelay's records");
+    }
+}
+
+fn take_records(stream: std::os::unix::net::UnixStream, health: &[Arc<Health>]) {
+    use std::io::{BufRead, Write};
+    // A quiet peer is a peer with nothing to say: no read timeout.
+    let _ = stream.set_read_timeout(None);
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
@@ -573,9 +709,9 @@ fn take_records(listener: &std::os::unix::net::UnixListener, health: &[Arc<Healt
         };
         if let Some(h) = health.iter().find(|h| h.name == name) {
             if key == "*" {
-                h.missed.record_all();
+                h.missed.learn(None);
             } else if let Some(k) = memrelay_protocol::base64::decode(key.as_bytes()) {
-                h.missed.record(&k);
+                h.missed.learn(Some(&k));
             }
         }
         if out.write_all(b"k\n").is_err() {
@@ -770,6 +906,26 @@ mod tests {
         assert!(new_a.missed.contains(b"during"));
         old_a.missed.record(&[0, 1, 255]);
         assert!(new_a.missed.contains(&[0, 1, 255]));
+        // And the reverse: the old one still serves the clients it had, so
+        // it learns what the new one records, also before the record
+        // returns (and does not send it back).
+        new_a.missed.record(b"seen by the new one");
+        assert!(old_a.missed.contains(b"seen by the new one"));
+        new_a.copying.record(b"being copied");
+        assert!(old_a.missed.contains(b"being copied"));
+        assert_eq!(
+            new_a
+                .missed
+                .recorded
+                .load(std::sync::atomic::Ordering::Relaxed),
+            4,
+            "before, during, [0 1 255], and its own"
+        );
+        assert!(*old.shared().borrow(), "the old one shares the servers");
+        assert!(
+            *new.shared().borrow(),
+            "so does the new one, while the old one drains"
+        );
         old_a.missed.record(b"last");
         old.save(std::slice::from_ref(&old_a));
         new.tick(std::slice::from_ref(&new_a));
@@ -781,6 +937,9 @@ mod tests {
         // The old process never wrote the state file after handing off.
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("status running"), "{text}");
+        // After its last word, the new one has the servers to itself
+        // (resyncs may start).
+        assert!(!*new.shared().borrow(), "no longer shared");
         let _ = std::fs::remove_file(&path);
     }
 

@@ -146,12 +146,26 @@ enum Ended {
 /// The manager: starts a run for every request under the configuration
 /// current then, unless one is running for that server already. A run a
 /// reload interrupts is asked for again through `again`.
+///
+/// While `shared` says another memrelay serves the same servers (a
+/// hand-off under way, `ha::persist`), no run starts: a run checks its
+/// copies against its own process's client writes only, so the other
+/// process's delete could be undone by a copy.
 pub async fn serve(
     current: watch::Receiver<Arc<Resync>>,
     mut requests: mpsc::UnboundedReceiver<Request>,
     again: Requests,
+    mut shared: Option<watch::Receiver<bool>>,
 ) {
     while let Some(req) = requests.recv().await {
+        if let Some(shared) = shared.as_mut() {
+            if *shared.borrow() {
+                tracing::info!(server = %req.server, "resync waits until the hand-off's other memrelay is gone");
+            }
+            // An error: the state file's keeper is gone, and with it the
+            // process.
+            let _ = shared.wait_for(|&s| !s).await;
+        }
         let me = current.borrow().clone();
         if req.automatic && !me.automatic {
             continue;
