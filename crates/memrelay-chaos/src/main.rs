@@ -29,8 +29,10 @@ const USAGE: &str = "\
 usage: memrelay-chaos [options] [-- extra memrelay args]
 
 Starts N memcached primaries and one backup on 127.0.0.1, memrelay in front
-of them, then runs client threads (each owning its keys; set, get,
-multi-get, delete, incr, append; every third client pipelines) for the
+of them, then runs client threads (each owning its keys; set, add,
+replace, cas, get, gets, gat, gats, multi-get, delete, incr, decr, append,
+prepend, touch, TTLs of a few seconds, and the meta forms ms, mg, md, ma;
+every third client pipelines, a key may come twice in one pipeline) for the
 duration while a chaos thread kills, restarts (same port, empty), SIGSTOPs
 and SIGCONTs servers. Every reply is checked against a model: no stale
 value, nothing acknowledged lost while a replica holding it stayed up, no
@@ -449,11 +451,13 @@ fn pick_batch(rng: &mut Rng, keys: &[KeyModel], size: usize, seq: &mut u64) -> V
                 3..=5 => Op::Gat {
                     ks: vec![k],
                     ttl: 1 + rng.below(2) as u32,
+                    cas: rng.below(2) == 0,
                 },
                 6 => Op::Set { k, item },
                 7 => Op::Gat {
                     ks: vec![k],
                     ttl: 0,
+                    cas: rng.below(2) == 0,
                 },
                 _ => Op::Get { ks: vec![k] },
             }
@@ -469,16 +473,25 @@ fn pick_batch(rng: &mut Rng, keys: &[KeyModel], size: usize, seq: &mut u64) -> V
                 25..=54 => Op::Incr {
                     k,
                     delta: 1 + rng.below(9),
+                    // A third go down (the counters start at millions).
+                    down: rng.below(3) == 0,
                 },
                 55..=61 => Op::Delete { k },
                 _ => Op::Get { ks: vec![k] },
             }
         } else {
             match r {
-                0..=24 => Op::Set {
+                0..=21 => Op::Set {
                     k,
                     item: Item {
                         data: format!("{}s{s}", m.tag),
+                        flags,
+                    },
+                },
+                22..=24 => Op::Replace {
+                    k,
+                    item: Item {
+                        data: format!("{}r{s}", m.tag),
                         flags,
                     },
                 },
@@ -500,6 +513,7 @@ fn pick_batch(rng: &mut Rng, keys: &[KeyModel], size: usize, seq: &mut u64) -> V
                 33..=40 => Op::Append {
                     k,
                     suffix: format!(".a{s}"),
+                    front: rng.below(4) == 0,
                 },
                 41..=48 => Op::Delete { k },
                 49..=52 => Op::Gets { k },
@@ -519,6 +533,7 @@ fn pick_batch(rng: &mut Rng, keys: &[KeyModel], size: usize, seq: &mut u64) -> V
                     ks: vec![k],
                     // Never expires, or expires a few seconds from now.
                     ttl: [0, 0, 2, 4][rng.below(4) as usize],
+                    cas: rng.below(2) == 0,
                 },
                 _ => Op::Get { ks: vec![k] },
             }
@@ -540,7 +555,11 @@ fn meta_form(op: Op) -> Op {
         Op::Set { k, item } => Op::MetaSet { k, item },
         Op::Get { ks } if ks.len() == 1 => Op::MetaGet { k: ks[0] },
         Op::Delete { k } => Op::MetaDelete { k },
-        Op::Incr { k, delta } => Op::MetaIncr { k, delta },
+        Op::Incr {
+            k,
+            delta,
+            down: false,
+        } => Op::MetaIncr { k, delta },
         other => other,
     }
 }
@@ -1068,7 +1087,7 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
     };
     let reads = total.hits + total.misses;
     println!(
-        "\nran {:.1?}: {} requests in {} batches ({} pipelined, {} with a key twice or more): set {} ({} with a TTL of 1-3 s), add {}, cas {}, get/gets {}, gat {}, multi-get {} ({} keys), delete {}, incr {}, append {}, touch {}; {} of them in meta form (ms, mg, md, ma)",
+        "\nran {:.1?}: {} requests in {} batches ({} pipelined, {} with a key twice or more): set {} ({} with a TTL of 1-3 s), add {}, replace {}, cas {}, get/gets {}, gat/gats {}, multi-get {} ({} keys), delete {}, incr/decr {}, append/prepend {}, touch {}; {} of them in meta form (ms, mg, md, ma)",
         chaos_elapsed,
         total.ops(),
         total.batches,
@@ -1077,6 +1096,7 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
         total.sets,
         total.ttl_sets,
         total.adds,
+        total.replaces,
         total.cases,
         total.gets,
         total.gats,

@@ -52,13 +52,22 @@ pub enum Op {
     Delete {
         k: usize,
     },
+    /// `incr`, or `decr` (`down`: memcached stops at 0).
     Incr {
         k: usize,
         delta: u64,
+        down: bool,
     },
+    /// `append`, or `prepend` (`front`).
     Append {
         k: usize,
         suffix: String,
+        front: bool,
+    },
+    /// `replace`: stores only if the key holds an item.
+    Replace {
+        k: usize,
+        item: Item,
     },
     /// `add`: stores only if the key holds no item (a lock).
     Add {
@@ -84,6 +93,8 @@ pub enum Op {
         ks: Vec<usize>,
         /// 0: the items never expire from now on.
         ttl: u32,
+        /// `gats`: with the CAS unique, kept for a later `cas` like `gets`'.
+        cas: bool,
     },
     /// `set` with a TTL of a few seconds: checked as `set`, and from its
     /// answer on the item must not be served past its expiry.
@@ -128,6 +139,7 @@ impl Op {
             | Op::Delete { k }
             | Op::Incr { k, .. }
             | Op::Append { k, .. }
+            | Op::Replace { k, .. }
             | Op::Gets { k }
             | Op::Cas { k, .. }
             | Op::Touch { k }
@@ -213,6 +225,7 @@ impl Op {
                     Op::Incr {
                         k: *k,
                         delta: *delta,
+                        down: false,
                     },
                     r,
                 )
@@ -277,8 +290,16 @@ impl Op {
                 item.data.len(),
                 item.data
             ),
-            Op::Gat { ks, ttl } => {
-                out.push_str("gat ");
+            Op::Replace { k, item } => write!(
+                out,
+                "replace {} {} 0 {}\r\n{}\r\n",
+                keys[*k].name,
+                item.flags,
+                item.data.len(),
+                item.data
+            ),
+            Op::Gat { ks, ttl, cas } => {
+                out.push_str(if *cas { "gats " } else { "gat " });
                 out.push_str(&ttl.to_string());
                 for k in ks {
                     out.push(' ');
@@ -288,10 +309,16 @@ impl Op {
                 Ok(())
             }
             Op::Delete { k } => write!(out, "delete {}\r\n", keys[*k].name),
-            Op::Incr { k, delta } => write!(out, "incr {} {delta}\r\n", keys[*k].name),
-            Op::Append { k, suffix } => write!(
+            Op::Incr { k, delta, down } => write!(
                 out,
-                "append {} 0 0 {}\r\n{suffix}\r\n",
+                "{} {} {delta}\r\n",
+                if *down { "decr" } else { "incr" },
+                keys[*k].name
+            ),
+            Op::Append { k, suffix, front } => write!(
+                out,
+                "{} {} 0 0 {}\r\n{suffix}\r\n",
+                if *front { "prepend" } else { "append" },
                 keys[*k].name,
                 suffix.len()
             ),
@@ -444,7 +471,8 @@ impl KeyModel {
         if self.counter {
             data.trim_end_matches(' ').parse::<u64>().is_ok()
         } else {
-            data.starts_with(&self.tag)
+            // A prepend puts the tag after its part.
+            data.contains(&self.tag)
         }
     }
 }
@@ -460,6 +488,7 @@ pub struct Tally {
     pub incrs: u64,
     pub appends: u64,
     pub adds: u64,
+    pub replaces: u64,
     pub gats: u64,
     pub cases: u64,
     pub touches: u64,
@@ -516,6 +545,7 @@ impl Tally {
             incrs,
             appends,
             adds,
+            replaces,
             gats,
             cases,
             touches,
@@ -552,6 +582,7 @@ impl Tally {
             + self.incrs
             + self.appends
             + self.adds
+            + self.replaces
             + self.gats
             + self.cases
             + self.touches
@@ -657,6 +688,7 @@ pub fn check(
         Op::Incr { .. } => tally.incrs += 1,
         Op::Append { .. } => tally.appends += 1,
         Op::Add { .. } => tally.adds += 1,
+        Op::Replace { .. } => tally.replaces += 1,
         Op::Gets { .. } => tally.gets += 1,
         Op::Gat { .. } => tally.gats += 1,
         Op::Cas { .. } => tally.cases += 1,
@@ -697,13 +729,17 @@ pub fn check(
             check_values(ctx, tally, keys, ks, vals, sent, now, &who);
             true
         }
-        (Op::Gat { ks, ttl }, Reply::Values(vals)) => {
+        (Op::Gat { ks, ttl, cas }, Reply::Values(vals)) => {
             check_values(ctx, tally, keys, ks, vals, sent, now, &who);
             for k in ks {
                 let m = &mut keys[*k];
-                if vals.iter().any(|v| v.key == m.name) {
+                let hit = vals.iter().find(|v| v.key == m.name);
+                if hit.is_some() {
                     m.expiry = expiry_after(*ttl, now);
                     m.ttl_unknown = false;
+                }
+                if *cas {
+                    m.gets_unique = hit.and_then(|v| v.cas).map(|c| (c, m.changes));
                 }
             }
             true
@@ -742,6 +778,24 @@ pub fn check(
     }
 }
 
+/// A counter after `incr` (`down`: `decr`, which stops at 0) by `delta`.
+fn counted(n: u64, delta: u64, down: bool) -> u64 {
+    if down {
+        n.saturating_sub(delta)
+    } else {
+        n.wrapping_add(delta)
+    }
+}
+
+/// A value after `append` (`front`: `prepend`) of `part`.
+fn joined(data: &str, part: &str, front: bool) -> String {
+    if front {
+        format!("{part}{data}")
+    } else {
+        format!("{data}{part}")
+    }
+}
+
 /// How long past a TTL an item may still be served: memcached's clock
 /// ticks in seconds, and a copy (mirror, repair, resync) carries the
 /// remaining TTL in whole seconds, a moment after the original: a value
@@ -773,19 +827,20 @@ fn unknown_outcome(keys: &mut [KeyModel], op: &Op) {
         Op::Cas { k, item, .. } => keys[*k].maybe(|c| c.is_some().then(|| Some(item.clone()))),
         Op::Set { k, item } => keys[*k].maybe(|_| Some(Some(item.clone()))),
         Op::Add { k, item } => keys[*k].maybe(|c| c.is_none().then(|| Some(item.clone()))),
+        Op::Replace { k, item } => keys[*k].maybe(|c| c.is_some().then(|| Some(item.clone()))),
         Op::Delete { k } => keys[*k].maybe(|_| Some(None)),
-        Op::Incr { k, delta } => keys[*k].maybe(|c| {
+        Op::Incr { k, delta, down } => keys[*k].maybe(|c| {
             let c = c.as_ref()?;
             let n: u64 = c.data.parse().ok()?;
             Some(Some(Item {
-                data: n.wrapping_add(*delta).to_string(),
+                data: counted(n, *delta, *down).to_string(),
                 flags: c.flags,
             }))
         }),
-        Op::Append { k, suffix } => keys[*k].maybe(|c| {
+        Op::Append { k, suffix, front } => keys[*k].maybe(|c| {
             let c = c.as_ref()?;
             Some(Some(Item {
-                data: format!("{}{suffix}", c.data),
+                data: joined(&c.data, suffix, *front),
                 flags: c.flags,
             }))
         }),
@@ -1032,7 +1087,7 @@ fn check_write(
                 unknown_outcome(keys, op);
             }
         },
-        Op::Incr { delta, .. } => {
+        Op::Incr { delta, down, .. } => {
             if l == "NOT_FOUND" {
                 write_miss(ctx, tally, m, guarded, who, render, l);
                 m.ack_absent();
@@ -1043,7 +1098,7 @@ fn check_write(
                     .filter(|c| {
                         c.as_ref()
                             .and_then(|c| c.data.parse::<u64>().ok())
-                            .is_some_and(|v| v.wrapping_add(*delta) == n)
+                            .is_some_and(|v| counted(v, *delta, *down) == n)
                     })
                     .map(|c| {
                         c.as_ref().map(|c| Item {
@@ -1053,16 +1108,17 @@ fn check_write(
                     })
                     .collect();
                 if from.is_empty() && !m.wild {
-                    let stale = n >= *delta;
+                    // An increment below its delta cannot come from any
+                    // value; a decrement can.
+                    let stale = *down || n >= *delta;
                     if stale {
                         tally.stale += 1;
                     } else {
                         tally.wrong += 1;
                     }
                     tally.detail(format!(
-                        "{who}: {}: {render:?} answered {n}: incremented {}, not a value the key may hold; {}",
+                        "{who}: {}: {render:?} answered {n}: not a value the key may hold, changed by {delta}; {}",
                         if stale { "STALE" } else { "WRONG" },
-                        n.wrapping_sub(*delta),
                         m.describe()
                     ));
                     m.cands = vec![Some(Item {
@@ -1082,11 +1138,11 @@ fn check_write(
                     })];
                 }
             } else {
-                wrong(tally, m, "incr answers a number or NOT_FOUND");
+                wrong(tally, m, "incr and decr answer a number or NOT_FOUND");
                 unknown_outcome(keys, op);
             }
         }
-        Op::Append { suffix, .. } => match l {
+        Op::Append { suffix, front, .. } => match l {
             "STORED" => {
                 let next: Vec<Option<Item>> = m
                     .cands
@@ -1094,7 +1150,7 @@ fn check_write(
                     .flatten()
                     .map(|c| {
                         Some(Item {
-                            data: format!("{}{suffix}", c.data),
+                            data: joined(&c.data, suffix, *front),
                             flags: c.flags,
                         })
                     })
@@ -1112,7 +1168,27 @@ fn check_write(
                 m.ack_absent();
             }
             _ => {
-                wrong(tally, m, "append answers STORED or NOT_STORED");
+                wrong(tally, m, "append and prepend answer STORED or NOT_STORED");
+                unknown_outcome(keys, op);
+            }
+        },
+        Op::Replace { item, .. } => match l {
+            "STORED" => {
+                if !m.wild && m.cands.iter().all(Option::is_none) {
+                    wrong(
+                        tally,
+                        m,
+                        "replace stored on a key the model says is absent: something brought it back",
+                    );
+                }
+                m.ack_value(item.clone(), sent);
+            }
+            "NOT_STORED" => {
+                write_miss(ctx, tally, m, guarded, who, render, l);
+                m.ack_absent();
+            }
+            _ => {
+                wrong(tally, m, "replace answers STORED or NOT_STORED");
                 unknown_outcome(keys, op);
             }
         },
@@ -1292,12 +1368,102 @@ mod tests {
                 (get(0), vals(vec![val("t", "c0k0s1", 1)])),
                 (get(0), vals(vec![])),
                 (set(1, "5000", 2), line("STORED")),
-                (Op::Incr { k: 1, delta: 3 }, line("5003")),
+                (
+                    Op::Incr {
+                        k: 1,
+                        delta: 3,
+                        down: false,
+                    },
+                    line("5003"),
+                ),
                 (get(1), vals(vec![val("n", "5003", 2)])),
             ],
         );
         assert_eq!(t.violations(), 0, "{:?}", t.details);
         assert_eq!((t.hits, t.misses), (2, 1));
+    }
+
+    #[test]
+    fn decr_prepend_replace_and_gats_follow_memcached() {
+        let replace = |k, data: &str| Op::Replace {
+            k,
+            item: Item {
+                data: data.into(),
+                flags: 1,
+            },
+        };
+        let t = run(
+            false,
+            &[
+                (set(1, "10", 2), line("STORED")),
+                (
+                    Op::Incr {
+                        k: 1,
+                        delta: 7,
+                        down: true,
+                    },
+                    line("3"),
+                ),
+                // memcached pads a shorter number with spaces in place.
+                (get(1), vals(vec![val("n", "3 ", 2)])),
+                (
+                    Op::Incr {
+                        k: 1,
+                        delta: 7,
+                        down: true,
+                    },
+                    line("0"),
+                ),
+                (replace(0, "c0k0r1"), line("NOT_STORED")),
+                (set(0, "c0k0s2", 1), line("STORED")),
+                (
+                    Op::Append {
+                        k: 0,
+                        suffix: "p.".into(),
+                        front: true,
+                    },
+                    line("STORED"),
+                ),
+                (get(0), vals(vec![val("t", "p.c0k0s2", 1)])),
+                (replace(0, "c0k0r3"), line("STORED")),
+                (
+                    Op::Gat {
+                        ks: vec![0],
+                        ttl: 0,
+                        cas: true,
+                    },
+                    vals(vec![val("t", "c0k0r3", 1)]),
+                ),
+            ],
+        );
+        assert_eq!(t.violations(), 0, "{:?}", t.details);
+        // A replace that stores on an absent key, and a prepend served
+        // from before a later replace, are caught.
+        let t = run(
+            false,
+            &[
+                (Op::Delete { k: 0 }, line("NOT_FOUND")),
+                (replace(0, "c0k0r1"), line("STORED")),
+            ],
+        );
+        assert_eq!(t.wrong, 1, "{:?}", t.details);
+        let t = run(
+            false,
+            &[
+                (set(0, "c0k0s1", 1), line("STORED")),
+                (
+                    Op::Append {
+                        k: 0,
+                        suffix: "p.".into(),
+                        front: true,
+                    },
+                    line("STORED"),
+                ),
+                (replace(0, "c0k0r2"), line("STORED")),
+                (get(0), vals(vec![val("t", "p.c0k0s1", 1)])),
+            ],
+        );
+        assert_eq!(t.stale, 1, "{:?}", t.details);
     }
 
     #[test]
@@ -1359,7 +1525,14 @@ mod tests {
             &[
                 (set(1, "1000", 1), line("STORED")),
                 (set(1, "2000", 1), line("STORED")),
-                (Op::Incr { k: 1, delta: 1 }, line("1001")),
+                (
+                    Op::Incr {
+                        k: 1,
+                        delta: 1,
+                        down: false,
+                    },
+                    line("1001"),
+                ),
             ],
         );
         assert_eq!(t.stale, 1, "{:?}", t.details);
@@ -1371,6 +1544,7 @@ mod tests {
                     Op::Append {
                         k: 0,
                         suffix: ".a2".into(),
+                        front: false,
                     },
                     line("STORED"),
                 ),
