@@ -31,7 +31,8 @@ usage: memrelay-chaos [options] [-- extra memrelay args]
 Starts N memcached primaries and one backup on 127.0.0.1, memrelay in front
 of them, then runs client threads (each owning its keys; set, add,
 replace, cas, get, gets, gat, gats, multi-get, delete, incr, decr, append,
-prepend, touch, TTLs of a few seconds, and the meta forms ms, mg, md, ma;
+prepend, touch, TTLs of a few seconds, and the meta forms ms, mg, mg T,
+md, ma, and ma N J (autovivify);
 every third client pipelines, a key may come twice in one pipeline) for the
 duration while a chaos thread kills, restarts (same port, empty), SIGSTOPs
 and SIGCONTs servers. Every reply is checked against a model: no stale
@@ -553,13 +554,30 @@ fn pick_batch(rng: &mut Rng, keys: &[KeyModel], size: usize, seq: &mut u64) -> V
 fn meta_form(op: Op) -> Op {
     match op {
         Op::Set { k, item } => Op::MetaSet { k, item },
-        Op::Get { ks } if ks.len() == 1 => Op::MetaGet { k: ks[0] },
+        Op::Get { ks } if ks.len() == 1 => Op::MetaGet {
+            k: ks[0],
+            ttl: None,
+        },
+        Op::Gat {
+            ks,
+            ttl,
+            cas: false,
+        } if ks.len() == 1 => Op::MetaGet {
+            k: ks[0],
+            ttl: Some(ttl),
+        },
         Op::Delete { k } => Op::MetaDelete { k },
         Op::Incr {
             k,
             delta,
             down: false,
-        } => Op::MetaIncr { k, delta },
+        } => Op::MetaIncr {
+            k,
+            delta,
+            // Every third autovivifies (`N0 J<init>`): an acknowledged
+            // counter must never be reset to the initial value.
+            init: (delta % 3 == 0).then_some(7_000_000 + delta),
+        },
         other => other,
     }
 }
@@ -1087,7 +1105,7 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
     };
     let reads = total.hits + total.misses;
     println!(
-        "\nran {:.1?}: {} requests in {} batches ({} pipelined, {} with a key twice or more): set {} ({} with a TTL of 1-3 s), add {}, replace {}, cas {}, get/gets {}, gat/gats {}, multi-get {} ({} keys), delete {}, incr/decr {}, append/prepend {}, touch {}; {} of them in meta form (ms, mg, md, ma)",
+        "\nran {:.1?}: {} requests in {} batches ({} pipelined, {} with a key twice or more): set {} ({} with a TTL of 1-3 s), add {}, replace {}, cas {}, get/gets {}, gat/gats {}, multi-get {} ({} keys), delete {}, incr/decr {}, append/prepend {}, touch {}; {} of them in meta form (ms, mg, mg T, md, ma, ma N J)",
         chaos_elapsed,
         total.ops(),
         total.batches,

@@ -110,15 +110,20 @@ pub enum Op {
         k: usize,
         item: Item,
     },
+    /// `mg <key> v f`, or with `T<ttl>` (checked as `gat`).
     MetaGet {
         k: usize,
+        ttl: Option<u32>,
     },
     MetaDelete {
         k: usize,
     },
+    /// `ma <key> D<delta> v`, or with `N0 J<init>` (autovivify: an absent
+    /// counter is created holding `init`).
     MetaIncr {
         k: usize,
         delta: u64,
+        init: Option<u64>,
     },
 }
 
@@ -144,7 +149,7 @@ impl Op {
             | Op::Cas { k, .. }
             | Op::Touch { k }
             | Op::MetaSet { k, .. }
-            | Op::MetaGet { k }
+            | Op::MetaGet { k, .. }
             | Op::MetaDelete { k }
             | Op::MetaIncr { k, .. } => {
                 vec![*k]
@@ -194,16 +199,27 @@ impl Op {
                     r,
                 )
             }
-            (Op::MetaGet { k }, Reply::Values(mut v)) => {
-                for val in &mut v {
-                    val.key = keys[*k].name.clone();
-                }
-                (Op::Get { ks: vec![*k] }, Reply::Values(v))
+            (Op::MetaGet { k, ttl }, r) => {
+                let twin = match ttl {
+                    None => Op::Get { ks: vec![*k] },
+                    Some(ttl) => Op::Gat {
+                        ks: vec![*k],
+                        ttl: *ttl,
+                        cas: false,
+                    },
+                };
+                let r = match r {
+                    Reply::Values(mut v) => {
+                        for val in &mut v {
+                            val.key = keys[*k].name.clone();
+                        }
+                        Reply::Values(v)
+                    }
+                    Reply::Line(l) if l == "EN" => Reply::Values(Vec::new()),
+                    r => r,
+                };
+                (twin, r)
             }
-            (Op::MetaGet { k }, Reply::Line(l)) if l == "EN" => {
-                (Op::Get { ks: vec![*k] }, Reply::Values(Vec::new()))
-            }
-            (Op::MetaGet { k }, r) => (Op::Get { ks: vec![*k] }, r),
             (Op::MetaDelete { k }, Reply::Line(l)) => {
                 let r = match l.as_str() {
                     "HD" => line("DELETED"),
@@ -212,7 +228,7 @@ impl Op {
                 };
                 (Op::Delete { k: *k }, r)
             }
-            (Op::MetaIncr { k, delta }, r) => {
+            (Op::MetaIncr { k, delta, init }, r) => {
                 let r = match r {
                     Reply::Values(v) => match v.first() {
                         Some(val) => Reply::Line(val.data.clone()),
@@ -221,6 +237,18 @@ impl Op {
                     Reply::Line(l) if l == "NF" => line("NOT_FOUND"),
                     other => other,
                 };
+                // Created: checked as the `set` of its initial value, when
+                // the key may be absent.
+                if let (Some(init), Reply::Line(n)) = (init, &r) {
+                    let m = &keys[*k];
+                    if *n == init.to_string() && (m.wild || m.cands.iter().any(Option::is_none)) {
+                        let item = Item {
+                            data: n.clone(),
+                            flags: 0,
+                        };
+                        return (Op::Set { k: *k, item }, line("STORED"));
+                    }
+                }
                 (
                     Op::Incr {
                         k: *k,
@@ -279,9 +307,19 @@ impl Op {
                 item.flags,
                 item.data
             ),
-            Op::MetaGet { k } => write!(out, "mg {} v f\r\n", keys[*k].name),
+            Op::MetaGet { k, ttl: None } => write!(out, "mg {} v f\r\n", keys[*k].name),
+            Op::MetaGet { k, ttl: Some(t) } => write!(out, "mg {} v f T{t}\r\n", keys[*k].name),
             Op::MetaDelete { k } => write!(out, "md {}\r\n", keys[*k].name),
-            Op::MetaIncr { k, delta } => write!(out, "ma {} D{delta} v\r\n", keys[*k].name),
+            Op::MetaIncr {
+                k,
+                delta,
+                init: None,
+            } => write!(out, "ma {} D{delta} v\r\n", keys[*k].name),
+            Op::MetaIncr {
+                k,
+                delta,
+                init: Some(j),
+            } => write!(out, "ma {} N0 J{j} D{delta} v\r\n", keys[*k].name),
             Op::SetTtl { k, item, ttl } => write!(
                 out,
                 "set {} {} {ttl} {}\r\n{}\r\n",
@@ -659,6 +697,23 @@ pub fn check(
     }
     if op.shape() == Shape::Meta {
         tally.metas += 1;
+        if let (
+            Op::MetaIncr {
+                k, init: Some(j), ..
+            },
+            Err(_),
+        ) = (op, reply)
+        {
+            // It may have created the counter.
+            keys[*k].maybe(|c| {
+                c.is_none().then(|| {
+                    Some(Item {
+                        data: j.to_string(),
+                        flags: 0,
+                    })
+                })
+            });
+        }
         let (twin, reply) = match reply {
             Ok(r) => {
                 let (twin, r) = op.classic(keys, r.clone());
@@ -1381,6 +1436,31 @@ mod tests {
         );
         assert_eq!(t.violations(), 0, "{:?}", t.details);
         assert_eq!((t.hits, t.misses), (2, 1));
+    }
+
+    #[test]
+    fn an_autovivifying_ma_creates_only_an_absent_counter() {
+        let ma = |init| Op::MetaIncr {
+            k: 1,
+            delta: 3,
+            init: Some(init),
+        };
+        let va = |n: &str| vals(vec![val("n", n, 0)]);
+        let t = run(
+            false,
+            &[
+                (ma(13), va("13")),
+                (ma(13), va("16")),
+                (get(1), vals(vec![val("n", "16", 0)])),
+            ],
+        );
+        assert_eq!(t.violations(), 0, "{:?}", t.details);
+        // The seeds' counter reset: an acknowledged 20 answered as created.
+        let t = run(
+            false,
+            &[(set(1, "20", 0), line("STORED")), (ma(13), va("13"))],
+        );
+        assert_eq!(t.violations(), 1, "{:?}", t.details);
     }
 
     #[test]
