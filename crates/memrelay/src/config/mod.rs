@@ -400,7 +400,7 @@ impl Config {
     pub fn fds_needed(&self) -> usize {
         let servers = self.servers().count();
         let metrics = if self.metrics.is_some() {
-            crate::stats::http::MAX_CONNS + 1
+            METRICS_MAX_CONNS + 1
         } else {
             0
         };
@@ -490,6 +490,12 @@ impl Config {
 /// smaller than one largest value plus this, so any single value can be
 /// read whatever the setting.
 pub const REPLY_HEADROOM: usize = 32 * 1024;
+
+/// Most scrapers the metrics endpoint (`--metrics`) serves at once.
+/// Prometheus keeps one connection per target; a few more leave room for
+/// health checks and a person with curl. Declared here because the file
+/// descriptors they take are counted here (`Config::fds_needed`).
+pub(crate) const METRICS_MAX_CONNS: usize = 16;
 
 /// The default `--max-reply-size`: 64 MiB, or four of the largest values
 /// if `--max-value-size` makes that more.
