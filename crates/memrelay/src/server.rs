@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use crate::config::{Config, Listen};
 use crate::net::BoundListener;
+use crate::proxy::accept::{accept_loop, Stop};
 use crate::proxy::{Discard, ThreadContext, WorkerThread};
 use crate::stats::StatsRegistry;
 use crate::topology::{Control, WorkerEvent, WorkerLinks};
@@ -163,7 +164,7 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
     let registry = Arc::new(StatsRegistry::new(cfg.threads, cfg.max_conns, Vec::new()));
     let conns = Arc::new(AtomicUsize::new(0));
     // SIGTERM reaches every worker through this.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(crate::net::STOP_RUNNING);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(Stop::Running);
 
     tracing::info!(
         version = crate::VERSION,
@@ -270,9 +271,9 @@ pub fn run(cfg: Config, reread: crate::topology::Reread) -> Result<(), StartErro
         if signal == Signal::Terminate {
             // Graceful: stop accepting, finish requests in flight, close.
             let how = if handed_off.load(std::sync::atomic::Ordering::Acquire) {
-                crate::net::STOP_HANDED_OFF
+                Stop::HandedOff
             } else {
-                crate::net::STOP_TERMINATE
+                Stop::Terminate
             };
             let _ = stop_tx.send(how);
             let deadline = tokio::time::Instant::now() + control.config().shutdown_timeout;
@@ -392,7 +393,7 @@ fn worker_main(
     links: WorkerLinks,
     listeners: Vec<BoundListener>,
     conns: Arc<AtomicUsize>,
-    stop: tokio::sync::watch::Receiver<u8>,
+    stop: tokio::sync::watch::Receiver<Stop>,
 ) {
     crate::stats::set_worker_index(id);
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -433,7 +434,8 @@ fn worker_main(
         let thread = Rc::new(WorkerThread::new(ctx, &first));
         drop(first);
         for l in listeners {
-            tokio::task::spawn_local(l.accept_loop(
+            tokio::task::spawn_local(accept_loop(
+                l,
                 thread.clone(),
                 conns.clone(),
                 tls,

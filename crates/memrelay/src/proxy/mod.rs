@@ -12,6 +12,7 @@
 //! requests (see `crate::topology` for the barrier). A request keeps the
 //! `Worker` it started with until it is answered.
 
+pub(crate) mod accept;
 pub mod dispatch;
 mod fence;
 pub mod reply;
