@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 use crate::backend::connect::Dial;
 use crate::backend::health::Health;
 use crate::backend::probe::ProbeTimeouts;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Tier};
 use crate::ha::resync::{Node, Request, Requests, Resync};
 use crate::router::Router;
 use crate::stats::{ServerEntry, StatsRegistry};
@@ -85,7 +85,7 @@ const PHASE_DEADLINE: Duration = Duration::from_secs(2);
 struct Running {
     name: String,
     addr: SocketAddr,
-    role: &'static str,
+    role: Tier,
     health: Arc<Health>,
     /// How its prober reaches it (a reload reads the TLS files again).
     dial: watch::Sender<Dial>,
@@ -99,7 +99,7 @@ impl Running {
     fn start(
         name: String,
         dial: Dial,
-        role: &'static str,
+        role: Tier,
         health: Arc<Health>,
         timeouts: &watch::Sender<ProbeTimeouts>,
         resync: &Requests,
@@ -381,7 +381,7 @@ impl Control {
                     self.running(s.name.clone(), dial, role, r.health)
                 }
                 None => {
-                    tracing::info!(server = %s.name, role, "server added");
+                    tracing::info!(server = %s.name, role = %role, "server added");
                     let health = Arc::new(Health::new(
                         s.name.clone(),
                         cfg.missed_keys_cap,
@@ -457,13 +457,7 @@ impl Control {
     }
 
     /// A server's entry, its prober started.
-    fn running(
-        &self,
-        name: String,
-        dial: Dial,
-        role: &'static str,
-        health: Arc<Health>,
-    ) -> Running {
+    fn running(&self, name: String, dial: Dial, role: Tier, health: Arc<Health>) -> Running {
         Running::start(
             name,
             dial,
@@ -649,7 +643,11 @@ fn new_resync(cfg: &Config, router: &Router, health: &[Arc<Health>]) -> Resync {
 fn entries(servers: &[Running]) -> Vec<ServerEntry> {
     servers
         .iter()
-        .map(|s| (s.name.clone(), s.role, s.health.clone()))
+        .map(|s| ServerEntry {
+            name: s.name.clone(),
+            tier: s.role,
+            view: s.health.clone(),
+        })
         .collect()
 }
 

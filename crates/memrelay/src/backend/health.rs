@@ -183,6 +183,46 @@ impl Health {
     }
 }
 
+impl crate::stats::ServerView for Health {
+    fn is_down(&self) -> bool {
+        Health::is_down(self)
+    }
+
+    fn counts(&self) -> crate::stats::ServerCounts {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let r = &self.resync;
+        crate::stats::ServerCounts {
+            failures: load(&self.failures),
+            marked_down: load(&self.downs),
+            missed_keys: self.missed.len() as u64,
+            missed_overflowed: self.missed.is_overflowed(),
+            missed_recorded: load(&self.missed.recorded),
+            invalidated: load(&self.missed.invalidated),
+            flushed: load(&self.missed.flushes),
+            resync: crate::stats::ResyncCounts {
+                state: r.state(),
+                running: r.is_running(),
+                runs: load(&r.runs),
+                scanned: load(&r.scanned),
+                selected: load(&r.selected),
+                copied: load(&r.copied),
+                skipped: load(&r.skipped),
+                errors: load(&r.errors),
+                rate: load(&r.rate),
+                eta: load(&r.eta),
+            },
+        }
+    }
+
+    fn latency(&self) -> &[crate::stats::Histogram] {
+        &self.latency
+    }
+
+    fn figures(&self) -> &crate::stats::servers::ServerFigures {
+        &self.figures
+    }
+}
+
 /// Nanoseconds from a process-wide origin to `t` (0 for instants before it).
 fn since_epoch(t: Instant) -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
