@@ -31,10 +31,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::backend::connect::Dial;
-use crate::backend::health::Health;
 use crate::backend::probe::ProbeTimeouts;
 use crate::config::{Config, ConfigError, Tier};
+use crate::ha::replica::{FlushGate, Replica};
 use crate::ha::resync::{Node, Request, Requests, Resync};
+use crate::ha::upkeep::Upkeep;
 use crate::router::Router;
 use crate::stats::{ServerEntry, StatsRegistry};
 
@@ -46,7 +47,7 @@ pub struct Topology {
     pub config: Arc<Config>,
     pub router: Router,
     /// Every server's health, in `config.servers()` order.
-    pub health: Vec<Arc<Health>>,
+    pub health: Vec<Arc<Replica>>,
 }
 
 /// `memrelay reload` from a client: the main thread reloads and answers
@@ -86,7 +87,7 @@ struct Running {
     name: String,
     addr: SocketAddr,
     role: Tier,
-    health: Arc<Health>,
+    health: Arc<Replica>,
     /// How its prober reaches it (a reload reads the TLS files again).
     dial: watch::Sender<Dial>,
     /// Its prober, aborted when a reload removes the server (or changes
@@ -100,17 +101,17 @@ impl Running {
         name: String,
         dial: Dial,
         role: Tier,
-        health: Arc<Health>,
+        health: Arc<Replica>,
         timeouts: &watch::Sender<ProbeTimeouts>,
         resync: &Requests,
     ) -> Running {
         let addr = dial.addr;
         let (dial, dial_rx) = watch::channel(dial);
         let prober = tokio::task::spawn_local(crate::backend::probe::probe_loop(
-            health.clone(),
+            health.live().clone(),
             dial_rx,
             timeouts.subscribe(),
-            resync.clone(),
+            Upkeep::new(health.clone(), resync.clone()),
         ));
         Running {
             name,
@@ -155,7 +156,7 @@ pub struct Control {
     /// `--state-file`: the missed-key lists across restarts of memrelay.
     persist: Option<Arc<crate::ha::persist::Persist>>,
     /// Every server's health now, for the flush gates (`gate_flushes`).
-    all_health: Arc<std::sync::RwLock<Vec<Arc<Health>>>>,
+    all_health: Arc<std::sync::RwLock<Vec<Arc<Replica>>>>,
 }
 
 /// Reads the configuration again for a reload. It reads files and
@@ -192,7 +193,7 @@ impl Control {
             .servers()
             .zip(cfg.roles())
             .map(|(s, role)| {
-                let health = Arc::new(Health::new(
+                let health = Arc::new(Replica::new(
                     s.name.clone(),
                     cfg.missed_keys_cap,
                     cfg.threads,
@@ -207,7 +208,7 @@ impl Control {
                 )
             })
             .collect();
-        let health: Vec<Arc<Health>> = servers.iter().map(|s| s.health.clone()).collect();
+        let health: Vec<Arc<Replica>> = servers.iter().map(|s| s.health.clone()).collect();
         let all_health = Arc::new(std::sync::RwLock::new(health.clone()));
         for h in &health {
             gate_flushes(h, &all_health);
@@ -285,7 +286,7 @@ impl Control {
         }
     }
 
-    fn health(&self) -> Vec<Arc<Health>> {
+    fn health(&self) -> Vec<Arc<Replica>> {
         self.servers.iter().map(|s| s.health.clone()).collect()
     }
 
@@ -351,7 +352,7 @@ impl Control {
             .map(Some)
             .collect();
         let mut servers = Vec::with_capacity(new_names.len());
-        let mut flushes: Vec<(Arc<Health>, Dial, &'static str)> = Vec::new();
+        let mut flushes: Vec<(Arc<Replica>, Dial, &'static str)> = Vec::new();
         for (s, role) in cfg.servers().zip(cfg.roles()) {
             let kept = old
                 .iter_mut()
@@ -382,7 +383,7 @@ impl Control {
                 }
                 None => {
                     tracing::info!(server = %s.name, role = %role, "server added");
-                    let health = Arc::new(Health::new(
+                    let health = Arc::new(Replica::new(
                         s.name.clone(),
                         cfg.missed_keys_cap,
                         cfg.threads,
@@ -402,7 +403,7 @@ impl Control {
         }
         self.servers = servers;
         {
-            let now: Vec<Arc<Health>> = self.servers.iter().map(|s| s.health.clone()).collect();
+            let now: Vec<Arc<Replica>> = self.servers.iter().map(|s| s.health.clone()).collect();
             for h in &now {
                 gate_flushes(h, &self.all_health);
             }
@@ -410,7 +411,7 @@ impl Control {
         }
         let flushed = self.flush(&flushes, probe_timeouts(&cfg)).await;
 
-        let health: Vec<Arc<Health>> = self.servers.iter().map(|s| s.health.clone()).collect();
+        let health: Vec<Arc<Replica>> = self.servers.iter().map(|s| s.health.clone()).collect();
         let topology = Arc::new(Topology {
             generation,
             config: cfg.clone(),
@@ -457,7 +458,7 @@ impl Control {
     }
 
     /// A server's entry, its prober started.
-    fn running(&self, name: String, dial: Dial, role: Tier, health: Arc<Health>) -> Running {
+    fn running(&self, name: String, dial: Dial, role: Tier, health: Arc<Replica>) -> Running {
         Running::start(
             name,
             dial,
@@ -473,7 +474,7 @@ impl Control {
     /// until its prober has flushed it. Returns the servers' names.
     async fn flush(
         &self,
-        flushes: &[(Arc<Health>, Dial, &'static str)],
+        flushes: &[(Arc<Replica>, Dial, &'static str)],
         t: ProbeTimeouts,
     ) -> Vec<String> {
         let tasks: Vec<_> = flushes
@@ -584,18 +585,16 @@ const FLUSH_RETURNING: &str =
 /// A server whose missed-key list overflowed is flushed only while every
 /// other server is up: it may hold the only live copy of keys it is not
 /// stale for (installed once per server; a reload's new servers get theirs).
-fn gate_flushes(health: &Arc<Health>, all: &Arc<std::sync::RwLock<Vec<Arc<Health>>>>) {
+fn gate_flushes(health: &Arc<Replica>, all: &Arc<std::sync::RwLock<Vec<Arc<Replica>>>>) {
     let all = Arc::downgrade(all);
     let name = health.name.clone();
-    let _ = health
-        .flush_gate
-        .set(crate::backend::health::FlushGate(Box::new(move || {
-            let Some(all) = all.upgrade() else {
-                return true;
-            };
-            let all = all.read().unwrap_or_else(|p| p.into_inner());
-            all.iter().filter(|h| h.name != name).all(|h| !h.is_down())
-        })));
+    let _ = health.flush_gate.set(FlushGate(Box::new(move || {
+        let Some(all) = all.upgrade() else {
+            return true;
+        };
+        let all = all.read().unwrap_or_else(|p| p.into_inner());
+        all.iter().filter(|h| h.name != name).all(|h| !h.is_down())
+    })));
 }
 
 /// Keeps the state file current: servers marked clean once their lists
@@ -620,7 +619,7 @@ fn probe_timeouts(cfg: &Config) -> ProbeTimeouts {
     }
 }
 
-fn new_resync(cfg: &Config, router: &Router, health: &[Arc<Health>]) -> Resync {
+fn new_resync(cfg: &Config, router: &Router, health: &[Arc<Replica>]) -> Resync {
     Resync::new(
         router.clone(),
         cfg.servers()
