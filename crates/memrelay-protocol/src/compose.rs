@@ -67,6 +67,31 @@ pub fn delete<B: BufMut>(out: &mut B, key: &[u8]) {
     out.put_slice(b"\r\n");
 }
 
+/// Whether `key` can be written in a classic command (`delete <key>`):
+/// otherwise it must go through a meta command in base64 (a binary key
+/// from a meta `b` request).
+pub fn is_text_key(key: &[u8]) -> bool {
+    !key.is_empty()
+        && key.len() <= crate::KEY_MAX_LENGTH
+        && !key.iter().any(|&b| matches!(b, b' ' | b'\r' | b'\n' | 0))
+}
+
+/// Deletes any key: `delete <key>` when it can travel in a classic
+/// command, `md <base64> b` when it cannot. Returns the reply shape to
+/// expect. (The one way memrelay deletes a key it did not get from a
+/// client's delete: invalidations, mirrors, repairs.)
+pub fn delete_any<B: BufMut>(out: &mut B, key: &[u8]) -> crate::Expect {
+    if is_text_key(key) {
+        delete(out, key);
+        crate::Expect::Delete
+    } else {
+        let mut enc = Vec::with_capacity(key.len() * 4 / 3 + 4);
+        crate::base64::encode(key, &mut enc);
+        meta_line(out, Command::MetaDelete, &enc, None, b"b");
+        crate::Expect::Meta
+    }
+}
+
 /// `incr|decr <key> <delta>\r\n`
 pub fn arith<B: BufMut>(out: &mut B, command: Command, key: &[u8], delta: u64) {
     out.put_slice(command.name());
@@ -196,5 +221,18 @@ mod tests {
         let mut out = Vec::new();
         flush_all(&mut out, Some(10));
         assert_eq!(out, b"flush_all 10\r\n");
+    }
+
+    #[test]
+    fn any_key_is_deleted_as_text_or_as_base64_meta() {
+        let mut out = Vec::new();
+        assert_eq!(delete_any(&mut out, b"k1"), crate::Expect::Delete);
+        assert_eq!(out, b"delete k1\r\n");
+        let mut out = Vec::new();
+        assert_eq!(delete_any(&mut out, b"a b"), crate::Expect::Meta);
+        assert_eq!(out, b"md YSBi b\r\n");
+        assert!(!is_text_key(b""));
+        assert!(!is_text_key(&[b'x'; 251]));
+        assert!(is_text_key(&[b'x'; 250]));
     }
 }

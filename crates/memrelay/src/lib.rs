@@ -4,13 +4,17 @@
 //!
 //! - `config/`: command line -> one validated `Config`;
 //! - `router/`: key -> servers (ketama, modula, magent's hash); no I/O;
-//! - `backend/`: pipelined connections to memcached, health, probes;
-//! - `proxy/`: client sessions: parse, dispatch, reply in order;
-//! - `ha/`: replica choice, write mirroring, read fallback and repair;
-//! - `net/`: listeners, the connection limit, write queues;
+//! - `backend/`: pipelined connections to memcached, liveness, probes;
+//! - `proxy/`: accepting clients, sessions: parse, dispatch, reply in order;
+//! - `ha/`: replica state, replica choice, write mirroring, read fallback
+//!   and repair, resync;
+//! - `net/`: streams (plain, TLS), binding listeners, write queues;
 //! - `stats/`: counters and the `stats` reply;
 //! - `logging`: where log lines go (stderr or `--log-file`), colour only on a terminal;
 //! - `topology`: the configuration the workers run, and its reload.
+//!
+//! Each module uses only those below it, in the order of
+//! `crates/memrelay/layers.txt` (checked by `scripts/layers`).
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod alloc;

@@ -31,10 +31,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::backend::connect::Dial;
-use crate::backend::health::Health;
 use crate::backend::probe::ProbeTimeouts;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Tier};
+use crate::ha::replica::{FlushGate, Replica};
 use crate::ha::resync::{Node, Request, Requests, Resync};
+use crate::ha::upkeep::Upkeep;
 use crate::router::Router;
 use crate::stats::{ServerEntry, StatsRegistry};
 
@@ -46,7 +47,7 @@ pub struct Topology {
     pub config: Arc<Config>,
     pub router: Router,
     /// Every server's health, in `config.servers()` order.
-    pub health: Vec<Arc<Health>>,
+    pub health: Vec<Arc<Replica>>,
 }
 
 /// `memrelay reload` from a client: the main thread reloads and answers
@@ -85,8 +86,8 @@ const PHASE_DEADLINE: Duration = Duration::from_secs(2);
 struct Running {
     name: String,
     addr: SocketAddr,
-    role: &'static str,
-    health: Arc<Health>,
+    role: Tier,
+    health: Arc<Replica>,
     /// How its prober reaches it (a reload reads the TLS files again).
     dial: watch::Sender<Dial>,
     /// Its prober, aborted when a reload removes the server (or changes
@@ -99,18 +100,18 @@ impl Running {
     fn start(
         name: String,
         dial: Dial,
-        role: &'static str,
-        health: Arc<Health>,
+        role: Tier,
+        health: Arc<Replica>,
         timeouts: &watch::Sender<ProbeTimeouts>,
         resync: &Requests,
     ) -> Running {
         let addr = dial.addr;
         let (dial, dial_rx) = watch::channel(dial);
         let prober = tokio::task::spawn_local(crate::backend::probe::probe_loop(
-            health.clone(),
+            health.live().clone(),
             dial_rx,
             timeouts.subscribe(),
-            resync.clone(),
+            Upkeep::new(health.clone(), resync.clone()),
         ));
         Running {
             name,
@@ -155,7 +156,7 @@ pub struct Control {
     /// `--state-file`: the missed-key lists across restarts of memrelay.
     persist: Option<Arc<crate::ha::persist::Persist>>,
     /// Every server's health now, for the flush gates (`gate_flushes`).
-    all_health: Arc<std::sync::RwLock<Vec<Arc<Health>>>>,
+    all_health: Arc<std::sync::RwLock<Vec<Arc<Replica>>>>,
 }
 
 /// Reads the configuration again for a reload. It reads files and
@@ -192,7 +193,7 @@ impl Control {
             .servers()
             .zip(cfg.roles())
             .map(|(s, role)| {
-                let health = Arc::new(Health::new(
+                let health = Arc::new(Replica::new(
                     s.name.clone(),
                     cfg.missed_keys_cap,
                     cfg.threads,
@@ -207,7 +208,7 @@ impl Control {
                 )
             })
             .collect();
-        let health: Vec<Arc<Health>> = servers.iter().map(|s| s.health.clone()).collect();
+        let health: Vec<Arc<Replica>> = servers.iter().map(|s| s.health.clone()).collect();
         let all_health = Arc::new(std::sync::RwLock::new(health.clone()));
         for h in &health {
             gate_flushes(h, &all_health);
@@ -286,7 +287,7 @@ impl Control {
         }
     }
 
-    fn health(&self) -> Vec<Arc<Health>> {
+    fn health(&self) -> Vec<Arc<Replica>> {
         self.servers.iter().map(|s| s.health.clone()).collect()
     }
 
@@ -356,7 +357,7 @@ impl Control {
             .map(Some)
             .collect();
         let mut servers = Vec::with_capacity(new_names.len());
-        let mut flushes: Vec<(Arc<Health>, Dial, &'static str)> = Vec::new();
+        let mut flushes: Vec<(Arc<Replica>, Dial, &'static str)> = Vec::new();
         for (s, role) in cfg.servers().zip(cfg.roles()) {
             let kept = old
                 .iter_mut()
@@ -386,8 +387,8 @@ impl Control {
                     self.running(s.name.clone(), dial, role, r.health)
                 }
                 None => {
-                    tracing::info!(server = %s.name, role, "server added");
-                    let health = Arc::new(Health::new(
+                    tracing::info!(server = %s.name, role = %role, "server added");
+                    let health = Arc::new(Replica::new(
                         s.name.clone(),
                         cfg.missed_keys_cap,
                         cfg.threads,
@@ -407,7 +408,7 @@ impl Control {
         }
         self.servers = servers;
         {
-            let now: Vec<Arc<Health>> = self.servers.iter().map(|s| s.health.clone()).collect();
+            let now: Vec<Arc<Replica>> = self.servers.iter().map(|s| s.health.clone()).collect();
             for h in &now {
                 gate_flushes(h, &self.all_health);
             }
@@ -415,7 +416,7 @@ impl Control {
         }
         let flushed = self.flush(&flushes, probe_timeouts(&cfg)).await;
 
-        let health: Vec<Arc<Health>> = self.servers.iter().map(|s| s.health.clone()).collect();
+        let health: Vec<Arc<Replica>> = self.servers.iter().map(|s| s.health.clone()).collect();
         let topology = Arc::new(Topology {
             generation,
             config: cfg.clone(),
@@ -462,13 +463,7 @@ impl Control {
     }
 
     /// A server's entry, its prober started.
-    fn running(
-        &self,
-        name: String,
-        dial: Dial,
-        role: &'static str,
-        health: Arc<Health>,
-    ) -> Running {
+    fn running(&self, name: String, dial: Dial, role: Tier, health: Arc<Replica>) -> Running {
         Running::start(
             name,
             dial,
@@ -484,7 +479,7 @@ impl Control {
     /// until its prober has flushed it. Returns the servers' names.
     async fn flush(
         &self,
-        flushes: &[(Arc<Health>, Dial, &'static str)],
+        flushes: &[(Arc<Replica>, Dial, &'static str)],
         t: ProbeTimeouts,
     ) -> Vec<String> {
         let tasks: Vec<_> = flushes
@@ -595,18 +590,16 @@ const FLUSH_RETURNING: &str =
 /// A server whose missed-key list overflowed is flushed only while every
 /// other server is up: it may hold the only live copy of keys it is not
 /// stale for (installed once per server; a reload's new servers get theirs).
-fn gate_flushes(health: &Arc<Health>, all: &Arc<std::sync::RwLock<Vec<Arc<Health>>>>) {
+fn gate_flushes(health: &Arc<Replica>, all: &Arc<std::sync::RwLock<Vec<Arc<Replica>>>>) {
     let all = Arc::downgrade(all);
     let name = health.name.clone();
-    let _ = health
-        .flush_gate
-        .set(crate::backend::health::FlushGate(Box::new(move || {
-            let Some(all) = all.upgrade() else {
-                return true;
-            };
-            let all = all.read().unwrap_or_else(|p| p.into_inner());
-            all.iter().filter(|h| h.name != name).all(|h| !h.is_down())
-        })));
+    let _ = health.flush_gate.set(FlushGate(Box::new(move || {
+        let Some(all) = all.upgrade() else {
+            return true;
+        };
+        let all = all.read().unwrap_or_else(|p| p.into_inner());
+        all.iter().filter(|h| h.name != name).all(|h| !h.is_down())
+    })));
 }
 
 /// Keeps the state file current: servers marked clean once their lists
@@ -631,7 +624,7 @@ fn probe_timeouts(cfg: &Config) -> ProbeTimeouts {
     }
 }
 
-fn new_resync(cfg: &Config, router: &Router, health: &[Arc<Health>]) -> Resync {
+fn new_resync(cfg: &Config, router: &Router, health: &[Arc<Replica>]) -> Resync {
     Resync::new(
         router.clone(),
         cfg.servers()
@@ -654,7 +647,11 @@ fn new_resync(cfg: &Config, router: &Router, health: &[Arc<Health>]) -> Resync {
 fn entries(servers: &[Running]) -> Vec<ServerEntry> {
     servers
         .iter()
-        .map(|s| (s.name.clone(), s.role, s.health.clone()))
+        .map(|s| ServerEntry {
+            name: s.name.clone(),
+            tier: s.role,
+            view: s.health.clone(),
+        })
         .collect()
 }
 

@@ -11,12 +11,14 @@
 //! stall (a SIGSTOP, a long GC-like pause, a congested link) the server
 //! answers again while requests queued during the stall are still timing
 //! out, and those must not mark a server down that has just proved alive.
+//!
+//! Liveness only: what a server must not serve (missed keys), resyncs and
+//! the CAS stamp of its process are the HA layer's (`ha::replica`), which
+//! keeps a `Health` inside each replica's state.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
-
-use crate::ha::missed::MissedKeys;
 
 #[derive(Debug)]
 pub struct Health {
@@ -33,44 +35,14 @@ pub struct Health {
     pub downs: AtomicU64,
     /// Failed connections or requests, in total (for `stats`).
     pub failures: AtomicU64,
-    /// Keys this server must not serve until they are invalidated on it.
-    pub missed: MissedKeys,
-    /// Its background resync, if any.
-    pub resync: crate::ha::resync::Progress,
-    /// Keys a resync is copying to this server right now: it does not serve
-    /// them until the copy is known not to have raced a client's write.
-    pub copying: MissedKeys,
-    /// Keys clients wrote while a resync of this server ran.
-    pub touched: MissedKeys,
-    /// A reload routed elsewhere keys this server held: the copies it kept
-    /// stop being updated, and must not be served if a later reload routes
-    /// those keys back to it (it is flushed first). See docs/ha.md,
-    /// "Reloading the configuration".
-    pub keys_moved_away: AtomicBool,
-    /// The CAS stamp of the server process (`ha::cas`), from its identity.
-    stamp: std::sync::atomic::AtomicU32,
-    /// Whether flushing this server now loses no key's only live copy
-    /// (every other server is up); installed by the topology. Unset:
-    /// always.
-    pub flush_gate: OnceLock<FlushGate>,
     /// Its own `stats`, `stats items` and `stats slabs`, as its prober
     /// last read them (for memrelay's `stats` and `/metrics`).
     pub figures: crate::stats::servers::ServerFigures,
 }
 
-/// See `Health::flush_gate`.
-pub struct FlushGate(pub Box<dyn Fn() -> bool + Send + Sync>);
-
-impl std::fmt::Debug for FlushGate {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("FlushGate")
-    }
-}
-
 impl Health {
     /// `threads`: worker threads, each with its own latency histogram.
-    pub fn new(name: String, missed_cap: usize, threads: usize) -> Health {
-        let name_for_stamp = name.clone();
+    pub fn new(name: String, threads: usize) -> Health {
         Health {
             latency: (0..threads.max(1))
                 .map(|_| crate::stats::Histogram::default())
@@ -81,52 +53,7 @@ impl Health {
             recovered_at: AtomicU64::new(0),
             downs: AtomicU64::new(0),
             failures: AtomicU64::new(0),
-            missed: MissedKeys::new(missed_cap),
-            resync: Default::default(),
-            copying: MissedKeys::labelled("resync copy set", 100_000),
-            touched: MissedKeys::labelled("resync touched set", missed_cap),
-            keys_moved_away: AtomicBool::new(false),
-            stamp: std::sync::atomic::AtomicU32::new(u32::from(crate::ha::cas::stamp(
-                &name_for_stamp,
-                0,
-                0,
-            ))),
             figures: Default::default(),
-            flush_gate: OnceLock::new(),
-        }
-    }
-
-    /// The CAS stamp of the server process now (see `ha::cas`).
-    #[inline]
-    pub fn stamp(&self) -> u16 {
-        self.stamp.load(Ordering::Relaxed) as u16
-    }
-
-    /// The prober read who the server process is.
-    pub fn set_identity(&self, pid: u64, boot: i64) {
-        let s = crate::ha::cas::stamp(&self.name, pid, boot);
-        // Bit 16: the identity is known.
-        self.stamp.store(u32::from(s) | 1 << 16, Ordering::Relaxed);
-    }
-
-    /// Whether the prober has read who the server process is.
-    pub fn identified(&self) -> bool {
-        self.stamp.load(Ordering::Relaxed) & 1 << 16 != 0
-    }
-
-    /// Whether this server may answer for `key`: it is up and holds no
-    /// stale copy of it.
-    #[inline]
-    pub fn serves(&self, key: &[u8]) -> bool {
-        !self.is_down() && !self.missed.contains(key) && !self.copying.contains(key)
-    }
-
-    /// A client write for `key` involves this server: a resync running for
-    /// it must not trust a copy of `key` it is making.
-    #[inline]
-    pub fn note_write(&self, key: &[u8]) {
-        if self.resync.is_running() {
-            self.touched.record(key);
         }
     }
 
@@ -198,7 +125,7 @@ mod tests {
 
     #[test]
     fn failures_mark_down_at_the_limit() {
-        let h = Health::new("s".into(), 16, 1);
+        let h = Health::new("s".into(), 1);
         let now = Instant::now();
         assert!(!h.record_failure(3, &"x", Some(now)));
         assert!(!h.record_failure(3, &"x", None));
@@ -208,7 +135,7 @@ mod tests {
 
     #[test]
     fn a_reply_ends_the_streak() {
-        let h = Health::new("s".into(), 16, 1);
+        let h = Health::new("s".into(), 1);
         h.record_failure(3, &"x", None);
         h.record_failure(3, &"x", None);
         h.record_success();
@@ -221,7 +148,7 @@ mod tests {
 
     #[test]
     fn requests_sent_before_a_recovery_do_not_count() {
-        let h = Health::new("s".into(), 16, 1);
+        let h = Health::new("s".into(), 1);
         let stalled = Instant::now();
         h.record_failure(3, &"x", Some(stalled));
         // The server answers again (the stall is over) ...

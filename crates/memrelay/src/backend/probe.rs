@@ -4,15 +4,12 @@
 //!   notices when it is back: it connects and asks `stats`, with jittered
 //!   exponential backoff, and needs `SUCCESSES_TO_MARK_UP` good probes in a
 //!   row (one lucky connect to a flapping server is not enough).
-//! - Before a server serves again, and whenever it is reachable with keys
-//!   recorded as missed, it invalidates those keys on it (pipelined
-//!   `delete`s), or flushes it if the list overflowed: a server never serves
-//!   a value older than a write it missed. A key recorded on an up server
-//!   wakes it at once (the server does not serve the key until then).
-//! - It remembers each server's identity (pid and boot time from `stats`):
-//!   a restart is logged once and starts a resync. The missed keys are
-//!   still deleted: a copy (resync, read repair) may have landed on the
-//!   restarted server before a write that went past it was known.
+//! - It remembers each server's identity (pid and boot time from `stats`)
+//!   and reports it, and a restart, to its [`Watcher`].
+//! - What the server must be told before it serves again, and while it is
+//!   up (invalidations, a flush), is the watcher's: the HA layer runs that
+//!   upkeep over this probe's connection (`ha::upkeep`), and says when the
+//!   server may be marked up. This layer knows no replica state.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,9 +19,6 @@ use super::health::Health;
 use crate::net::read_some;
 use crate::stats::servers::{Group, ServerFigures};
 
-/// Least time between two flushes of one server after its missed-key list
-/// overflowed.
-const FLUSH_EVERY: Duration = Duration::from_secs(60);
 const SUCCESSES_TO_MARK_UP: u32 = 2;
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -35,8 +29,6 @@ const IDENTITY_INTERVAL: Duration = Duration::from_secs(1);
 /// `stats items` and `stats slabs` are read every this many identity
 /// checks: a few kilobytes per slab class, and they change slowly.
 const SLAB_FIGURES_EVERY: u32 = 5;
-/// Deletes sent per round trip while invalidating missed keys.
-const DELETE_BATCH: usize = 512;
 /// Reply bytes accepted from one probe read before giving up on the server.
 const MAX_PROBE_REPLY: usize = 1 << 20;
 
@@ -50,9 +42,26 @@ pub struct ProbeTimeouts {
 
 /// Who a server is: a restart changes its pid or its boot time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Identity {
-    pid: u64,
-    boot: i64,
+pub struct Identity {
+    pub pid: u64,
+    pub boot: i64,
+}
+
+/// What a prober tells the layer above of its server, and the upkeep it
+/// runs for it on every look at a reachable server.
+pub trait Watcher {
+    /// Work waits on the server (keys to invalidate): it is looked at
+    /// without waiting for the next check, and not marked up until done.
+    fn pending(&self) -> bool;
+    /// Resolves when work may have appeared, to wake an up server's prober
+    /// early.
+    fn wake(&self) -> impl std::future::Future<Output = ()>;
+    /// The server answered `stats`: who it is now; `restarted` when that
+    /// is another process than the one seen last (its data is gone).
+    fn seen(&mut self, who: Identity, restarted: bool);
+    /// Upkeep on the reachable server, over the probe's connection. False
+    /// when the server did not answer properly.
+    fn tend(&mut self, conn: &mut ProbeConn) -> impl std::future::Future<Output = bool>;
 }
 
 impl Identity {
@@ -63,7 +72,8 @@ impl Identity {
 }
 
 /// One probe connection to a server.
-struct ProbeConn {
+#[derive(Debug)]
+pub struct ProbeConn {
     stream: ServerStream,
     buf: Vec<u8>,
     timeout: Duration,
@@ -149,19 +159,11 @@ impl ProbeConn {
     /// Deletes keys, pipelined; true when every delete was answered. A key
     /// that cannot be written in a classic command (a binary key from a
     /// meta `b` request) is deleted as `md <base64> b`.
-    async fn delete_all(&mut self, keys: &[(Box<[u8]>, u64)]) -> bool {
+    pub async fn delete_all(&mut self, keys: &[(Box<[u8]>, u64)]) -> bool {
         let mut req = Vec::with_capacity(keys.len() * 32);
         let mut ends = Vec::with_capacity(keys.len());
         for (k, _) in keys {
-            if crate::ha::is_text_key(k) {
-                req.extend_from_slice(b"delete ");
-                req.extend_from_slice(k);
-            } else {
-                req.extend_from_slice(b"md ");
-                memrelay_protocol::base64::encode(k, &mut req);
-                req.extend_from_slice(b" b");
-            }
-            req.extend_from_slice(b"\r\n");
+            memrelay_protocol::compose::delete_any(&mut req, k);
             ends.push(req.len());
         }
         let n = keys.len();
@@ -179,7 +181,7 @@ impl ProbeConn {
         }
     }
 
-    async fn flush_all(&mut self) -> bool {
+    pub async fn flush_all(&mut self) -> bool {
         let req = b"flush_all\r\n";
         let reply = self
             .exchange(req, &[req.len()], |b| b.ends_with(b"\r\n"))
@@ -199,13 +201,12 @@ pub async fn flush(dial: Dial, t: ProbeTimeouts) -> bool {
 }
 
 /// Watches one server until the task is aborted (a reload removed the
-/// server or changed its address). `on_restart`: where to ask for a resync
-/// when it is seen to restart (the resync manager decides whether to).
+/// server or changed its address), reporting to `watcher`.
 pub async fn probe_loop(
     health: Arc<Health>,
     dial: tokio::sync::watch::Receiver<Dial>,
     timeouts: tokio::sync::watch::Receiver<ProbeTimeouts>,
-    on_restart: crate::ha::resync::Requests,
+    mut watcher: impl Watcher,
 ) {
     // Seeded from the clock (fastrand's default): proxies started at the
     // same moment still draw different jitter.
@@ -220,19 +221,16 @@ pub async fn probe_loop(
     // not one every backoff.
     let mut tls_failure: Option<String> = None;
     let mut checks: u32 = 0;
-    // When this prober last flushed the server (after its missed-key list
-    // overflowed): flushes are at least FLUSH_EVERY apart.
-    let mut last_flush: Option<tokio::time::Instant> = None;
     loop {
         let down = health.is_down();
         if !down {
             backoff = MIN_BACKOFF;
             successes = 0;
             let due = last_identity.elapsed() >= IDENTITY_INTERVAL;
-            if !due && health.missed.is_empty() {
+            if !due && !watcher.pending() {
                 tokio::select! {
                     _ = tokio::time::sleep(WATCH_INTERVAL) => {}
-                    _ = health.missed.recorded_signal.notified() => {}
+                    _ = watcher.wake() => {}
                 }
                 continue;
             }
@@ -267,7 +265,7 @@ pub async fn probe_loop(
         let ok = match conn.as_mut() {
             Some(c) => {
                 c.timeout = t.request;
-                let ok = check(c, &health, &mut known, &on_restart, &mut last_flush).await;
+                let ok = check(c, &health, &mut known, &mut watcher).await;
                 checks = checks.wrapping_add(1);
                 let slabs_due = checks % SLAB_FIGURES_EVERY == 1;
                 ok && (!slabs_due || c.slab_figures(&health.figures).await.is_some())
@@ -289,7 +287,7 @@ pub async fn probe_loop(
         }
         if down {
             successes += 1;
-            if successes >= SUCCESSES_TO_MARK_UP && health.missed.is_empty() {
+            if successes >= SUCCESSES_TO_MARK_UP && !watcher.pending() {
                 health.mark_up();
             }
             backoff = MIN_BACKOFF;
@@ -297,14 +295,13 @@ pub async fn probe_loop(
     }
 }
 
-/// One look at a reachable server: identity, then invalidation of whatever
-/// it missed. False when the server did not answer properly.
+/// One look at a reachable server: identity, then the watcher's upkeep.
+/// False when the server did not answer properly.
 async fn check(
     c: &mut ProbeConn,
     health: &Health,
     known: &mut Option<Identity>,
-    on_restart: &crate::ha::resync::Requests,
-    last_flush: &mut Option<tokio::time::Instant>,
+    watcher: &mut impl Watcher,
 ) -> bool {
     let Some(id) = c.identity(&health.figures).await else {
         return false;
@@ -312,48 +309,8 @@ async fn check(
     let restarted = known.map(|k| !k.same_process(&id)).unwrap_or(false);
     if restarted {
         tracing::warn!(server = %health.name, pid = id.pid, "server restarted (its data is gone)");
-        // Its missed keys are kept: this may be seen seconds after the
-        // restart, and writes it missed since then (or took, and missed
-        // a delete of) are on the list too. Deleting them on an empty
-        // server costs a little work and is always right.
-        // Warm it back up from the other tier (if resync is automatic).
-        let _ = on_restart.send(crate::ha::resync::Request {
-            server: health.name.clone(),
-            automatic: true,
-        });
     }
     *known = Some(id);
-    health.set_identity(id.pid, id.boot);
-    if health.missed.is_overflowed() {
-        // The last resort, and it empties the server: not while another
-        // server is down (this one may hold the only live copy of keys it
-        // is not stale for; meanwhile it serves none), and at most once
-        // per FLUSH_EVERY. Until then it stays stale for every key.
-        let gate_open = health.flush_gate.get().is_none_or(|open| (open.0)());
-        let rested = last_flush.is_none_or(|t| t.elapsed() >= FLUSH_EVERY);
-        if !gate_open || !rested {
-            tracing::debug!(server = %health.name, gate_open, rested, "flush after an overflow postponed");
-            return true;
-        }
-        *last_flush = Some(tokio::time::Instant::now());
-        if !c.flush_all().await {
-            return false;
-        }
-        health
-            .missed
-            .flushes
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::warn!(server = %health.name, "flushed: it could hold stale copies of more keys than are remembered");
-        health.missed.clear();
-    }
-    loop {
-        let batch = health.missed.peek_batch(DELETE_BATCH);
-        if batch.is_empty() {
-            return true;
-        }
-        if !c.delete_all(&batch).await {
-            return false;
-        }
-        health.missed.confirm(&batch);
-    }
+    watcher.seen(id, restarted);
+    watcher.tend(c).await
 }

@@ -400,7 +400,7 @@ impl Config {
     pub fn fds_needed(&self) -> usize {
         let servers = self.servers().count();
         let metrics = if self.metrics.is_some() {
-            crate::stats::http::MAX_CONNS + 1
+            METRICS_MAX_CONNS + 1
         } else {
             0
         };
@@ -415,15 +415,16 @@ impl Config {
             .filter(|t| !t.is_empty())
     }
 
-    /// Each server's role, in `servers()` order.
-    pub fn roles(&self) -> impl Iterator<Item = &'static str> + '_ {
+    /// Each server's tier, in `servers()` order.
+    pub fn roles(&self) -> impl Iterator<Item = Tier> + '_ {
         self.tiers().enumerate().flat_map(|(i, t)| {
-            t.iter().map(move |_| match i {
-                0 => "primary",
-                1 => "backup",
-                2 => "backup2",
-                _ => "backup3",
-            })
+            // Backup tiers past the third are shown as the third (as
+            // they always were).
+            let tier = match i {
+                0 => Tier::Primary,
+                n => Tier::Backup(n.min(3) as u8),
+            };
+            t.iter().map(move |_| tier)
         })
     }
 
@@ -490,6 +491,31 @@ impl Config {
 /// smaller than one largest value plus this, so any single value can be
 /// read whatever the setting.
 pub const REPLY_HEADROOM: usize = 32 * 1024;
+
+/// A server's place in the chain of replicas, as `stats`, `/metrics` and
+/// the logs name it: `primary`, `backup` (`-b`), `backup2`, `backup3`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Primary,
+    /// The n-th backup tier, from 1.
+    Backup(u8),
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Tier::Primary => f.write_str("primary"),
+            Tier::Backup(1) => f.write_str("backup"),
+            Tier::Backup(n) => write!(f, "backup{n}"),
+        }
+    }
+}
+
+/// Most scrapers the metrics endpoint (`--metrics`) serves at once.
+/// Prometheus keeps one connection per target; a few more leave room for
+/// health checks and a person with curl. Declared here because the file
+/// descriptors they take are counted here (`Config::fds_needed`).
+pub(crate) const METRICS_MAX_CONNS: usize = 16;
 
 /// The default `--max-reply-size`: 64 MiB, or four of the largest values
 /// if `--max-value-size` makes that more.

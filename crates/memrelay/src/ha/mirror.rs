@@ -20,7 +20,8 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use memrelay_protocol::{Expect, ResponseKind};
 
-use crate::backend::{BackendResult, ReplyTo, ServerPool, Sink};
+use super::replica::Server;
+use crate::backend::{BackendResult, ReplyTo, Sink};
 use crate::stats::WorkerStats;
 
 /// What a background write's reply must look like.
@@ -42,14 +43,14 @@ struct Ctx {
 #[derive(Debug)]
 pub struct Mirror {
     me: Weak<Mirror>,
-    servers: Rc<[Rc<ServerPool>]>,
+    servers: Rc<[Server]>,
     stats: Arc<WorkerStats>,
     ctxs: RefCell<Vec<Option<Ctx>>>,
     free: RefCell<Vec<u32>>,
 }
 
 impl Mirror {
-    pub fn new(servers: Rc<[Rc<ServerPool>]>, stats: Arc<WorkerStats>) -> Rc<Mirror> {
+    pub fn new(servers: Rc<[Server]>, stats: Arc<WorkerStats>) -> Rc<Mirror> {
         Rc::new_cyclic(|me| Mirror {
             me: me.clone(),
             servers,

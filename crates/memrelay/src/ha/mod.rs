@@ -19,7 +19,9 @@ pub mod mirror;
 pub mod missed;
 pub mod persist;
 pub mod read;
+pub mod replica;
 pub mod resync;
+pub mod upkeep;
 pub mod write;
 
 use bytes::Bytes;
@@ -232,14 +234,7 @@ pub fn delete_expect(key: &[u8]) -> memrelay_protocol::Expect {
 
 /// Writes the delete `delete_expect` describes.
 pub fn write_delete(b: &mut bytes::BytesMut, key: &[u8]) {
-    use memrelay_protocol::{compose, Command};
-    if is_text_key(key) {
-        compose::delete(b, key);
-    } else {
-        let mut enc = Vec::with_capacity(key.len() * 4 / 3 + 4);
-        memrelay_protocol::base64::encode(key, &mut enc);
-        compose::meta_line(b, Command::MetaDelete, &enc, None, b"b");
-    }
+    memrelay_protocol::compose::delete_any(b, key);
 }
 
 /// A relative TTL longer than this is an absolute unix time to memcached.
@@ -267,9 +262,7 @@ pub fn unix_now() -> i64 {
 /// Whether `key` can be written in a classic command (`delete <key>`):
 /// otherwise it must go through a meta command in base64.
 pub fn is_text_key(key: &[u8]) -> bool {
-    !key.is_empty()
-        && key.len() <= memrelay_protocol::KEY_MAX_LENGTH
-        && !key.iter().any(|&b| matches!(b, b' ' | b'\r' | b'\n' | 0))
+    memrelay_protocol::compose::is_text_key(key)
 }
 
 /// The first tier, from `from` on, whose server can serve `key`. Tiers that

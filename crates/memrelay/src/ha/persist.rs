@@ -46,7 +46,9 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::backend::health::Health;
+// Named Health here, as before replica state left backend::health, to
+// keep this change to persist.rs to this line.
+use super::replica::Replica as Health;
 
 const MAGIC: &str = "memrelay-state 1";
 

@@ -33,7 +33,7 @@ use crate::backend::connect::{Dial, ServerStream};
 use crate::net::read_some;
 use tokio::sync::{mpsc, watch};
 
-use crate::backend::health::Health;
+use super::replica::Replica;
 use crate::router::Router;
 
 /// Most keys one resync copies (a larger server is copied partly; the log
@@ -89,7 +89,7 @@ impl Progress {
 pub struct Node {
     pub dial: Dial,
     pub name: String,
-    pub health: Arc<Health>,
+    pub health: Arc<Replica>,
 }
 
 /// Everything a resync needs under one configuration; shared by the
@@ -508,7 +508,7 @@ impl Resync {
 }
 
 /// Ends the copy window of a batch.
-fn settle_copying(health: &Health, batch: &[&[u8]]) {
+fn settle_copying(health: &Replica, batch: &[&[u8]]) {
     let keys: Vec<Box<[u8]>> = batch.iter().map(|k| Box::<[u8]>::from(*k)).collect();
     health.copying.confirm_quietly(&keys);
 }

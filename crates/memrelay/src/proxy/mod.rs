@@ -12,6 +12,7 @@
 //! requests (see `crate::topology` for the barrier). A request keeps the
 //! `Worker` it started with until it is answered.
 
+pub(crate) mod accept;
 pub mod dispatch;
 mod fence;
 pub mod reply;
@@ -28,6 +29,7 @@ use memrelay_protocol::Limits;
 use crate::backend::connect::Dial;
 use crate::backend::{BackendResult, BackendSettings, ServerPool, Sink};
 use crate::ha::mirror::Mirror;
+use crate::ha::replica::Server;
 use crate::router::Router;
 use crate::stats::{StatsRegistry, WorkerStats};
 use crate::topology::{ReloadRequests, Topology, WorkerEvent, WorkerEvents};
@@ -39,7 +41,7 @@ pub struct Worker {
     pub generation: u64,
     pub router: Router,
     /// Primaries then backups, indexed like `Config::servers`.
-    pub servers: Rc<[Rc<ServerPool>]>,
+    pub servers: Rc<[Server]>,
     pub limits: Limits,
     /// Ask the backup when the primary misses.
     pub miss_fallback: bool,
@@ -105,7 +107,7 @@ impl Worker {
     /// same health), so a key's requests keep their connection.
     pub fn build(ctx: &ThreadContext, topo: &Topology, previous: Option<&Worker>) -> Worker {
         let cfg = &topo.config;
-        let servers: Rc<[Rc<ServerPool>]> = cfg
+        let servers: Rc<[Server]> = cfg
             .servers()
             .zip(&topo.health)
             .map(|(s, health)| {
@@ -122,13 +124,16 @@ impl Worker {
                         pool.redial(Dial::to(s, cfg.server_tls.as_ref()));
                         pool.clone()
                     }
-                    None => Rc::new(ServerPool::new(
-                        s.name.clone(),
-                        Dial::to(s, cfg.server_tls.as_ref()),
-                        cfg.backend_conns,
+                    None => Server::new(
+                        Rc::new(ServerPool::new(
+                            s.name.clone(),
+                            Dial::to(s, cfg.server_tls.as_ref()),
+                            cfg.backend_conns,
+                            health.live().clone(),
+                            ctx.backend.clone(),
+                        )),
                         health.clone(),
-                        ctx.backend.clone(),
-                    )),
+                    ),
                 }
             })
             .collect();

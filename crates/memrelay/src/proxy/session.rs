@@ -871,9 +871,9 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::backend::health::Health;
     use crate::backend::BackendSettings;
     use crate::config::cli::{parse_args, Action};
+    use crate::ha::replica::Replica;
     use crate::proxy::{Discard, ThreadContext};
     use crate::router::Router;
     use crate::stats::StatsRegistry;
@@ -904,7 +904,7 @@ mod tests {
                 router: Router::new(&cfg),
                 health: cfg
                     .servers()
-                    .map(|s| Arc::new(Health::new(s.name.clone(), 16, 1)))
+                    .map(|s| Arc::new(Replica::new(s.name.clone(), 16, 1)))
                     .collect(),
             };
             let registry = Arc::new(StatsRegistry::new(1, 16, Vec::new()));

@@ -23,7 +23,7 @@ use std::fmt::Write as _;
 
 use super::servers::{combined, Group, Stats};
 use super::StatsRegistry;
-use crate::config::{Config, Listen};
+use crate::config::{Config, Listen, Tier};
 
 /// The settings `stats settings` shows, in order.
 pub fn settings(cfg: &Config) -> Vec<(String, String)> {
@@ -112,8 +112,8 @@ pub fn reply(r: &StatsRegistry, group: &[u8]) -> Vec<u8> {
                     "STAT {i}:addr {l}\r\nSTAT {i}:state conn_listening\r\n"
                 );
             }
-            for (i, (_, _, h)) in r.servers().iter().enumerate() {
-                if let Some(n) = h.figures.number("curr_connections") {
+            for (i, s) in r.servers().iter().enumerate() {
+                if let Some(n) = s.view.figures().number("curr_connections") {
                     let _ = write!(out, "STAT server:{i}:curr_connections {n}\r\n");
                 }
             }
@@ -137,14 +137,14 @@ fn server_group(r: &StatsRegistry, g: Group, out: &mut String) {
     let servers = r.servers();
     let primaries: Vec<Stats> = servers
         .iter()
-        .filter(|(_, role, _)| *role == "primary")
-        .filter_map(|(_, _, h)| h.figures.get(g))
+        .filter(|s| s.tier == Tier::Primary)
+        .filter_map(|s| s.view.figures().get(g))
         .collect();
     for (name, v) in combined(&primaries) {
         let _ = write!(out, "STAT {name} {v}\r\n");
     }
-    for (i, (_, _, h)) in servers.iter().enumerate() {
-        for (name, v) in h.figures.get(g).iter().flat_map(|s| s.iter()) {
+    for (i, s) in servers.iter().enumerate() {
+        for (name, v) in s.view.figures().get(g).iter().flat_map(|s| s.iter()) {
             let _ = write!(out, "STAT server:{i}:{name} {v}\r\n");
         }
     }

@@ -28,9 +28,9 @@ use super::metrics::render;
 use super::StatsRegistry;
 use crate::config::auth::Credentials;
 
-/// Most scrapers served at once. Prometheus keeps one connection per
-/// target; a few more leave room for health checks and a person with curl.
-pub(crate) const MAX_CONNS: usize = 16;
+/// Most scrapers served at once (declared with the configuration, which
+/// counts the file descriptors they take).
+const MAX_CONNS: usize = crate::config::METRICS_MAX_CONNS;
 /// Time for a request's head to arrive: a scraper sends it at once.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest life of one connection, reply included (a scraper that does not

@@ -93,89 +93,95 @@ pub(crate) fn render(r: &StatsRegistry) -> String {
         metric(&mut out, name, "counter", help);
         let _ = writeln!(out, "memrelay_{name} {}", v.load(Ordering::Relaxed));
     }
-    type Field = fn(&crate::backend::health::Health) -> u64;
+    type Field = fn(bool, &super::ServerCounts) -> u64;
     let per_server: [(&str, &str, &str, Field); 12] = [
         (
             "server_up",
             "gauge",
             "1 if the server is up, 0 if marked down.",
-            |h| u64::from(!h.is_down()),
+            |down, _| u64::from(!down),
         ),
         (
             "server_failures_total",
             "counter",
             "Failed connections to the server.",
-            |h| h.failures.load(Ordering::Relaxed),
+            |_, c| c.failures,
         ),
         (
             "server_marked_down_total",
             "counter",
             "Times the server was marked down.",
-            |h| h.downs.load(Ordering::Relaxed),
+            |_, c| c.marked_down,
         ),
         (
             "server_missed_keys",
             "gauge",
             "Keys the server must not serve until invalidated on it.",
-            |h| h.missed.len() as u64,
+            |_, c| c.missed_keys,
         ),
         (
             "server_invalidated_total",
             "counter",
             "Missed keys deleted on the server after it came back.",
-            |h| h.missed.invalidated.load(Ordering::Relaxed),
+            |_, c| c.invalidated,
         ),
         (
             "server_flushed_total",
             "counter",
             "Flushes after the missed-key list overflowed.",
-            |h| h.missed.flushes.load(Ordering::Relaxed),
+            |_, c| c.flushed,
         ),
         (
             "server_resync_running",
             "gauge",
             "1 while the server is being resynced.",
-            |h| u64::from(h.resync.is_running()),
+            |_, c| u64::from(c.resync.running),
         ),
         (
             "server_resync_copied_total",
             "counter",
             "Items copied to the server by its current or last resync.",
-            |h| h.resync.copied.load(Ordering::Relaxed),
+            |_, c| c.resync.copied,
         ),
         (
             "server_resync_scanned_total",
             "counter",
             "Keys listed on the source tier by the server's current or last resync.",
-            |h| h.resync.scanned.load(Ordering::Relaxed),
+            |_, c| c.resync.scanned,
         ),
         (
             "server_resync_skipped_total",
             "counter",
             "Items the resync did not copy (a newer value was there, or it was gone).",
-            |h| h.resync.skipped.load(Ordering::Relaxed),
+            |_, c| c.resync.skipped,
         ),
         (
             "server_resync_rate",
             "gauge",
             "Items per second of the server's current or last resync.",
-            |h| h.resync.rate.load(Ordering::Relaxed),
+            |_, c| c.resync.rate,
         ),
         (
             "server_resync_eta_seconds",
             "gauge",
             "Estimated seconds left in the server's resync.",
-            |h| h.resync.eta.load(Ordering::Relaxed),
+            |_, c| c.resync.eta,
         ),
     ];
     let servers = r.servers();
+    // One reading of each server for every per-server metric.
+    let counts: Vec<_> = servers
+        .iter()
+        .map(|s| (s.view.is_down(), s.view.counts()))
+        .collect();
     for (name, kind, help, f) in per_server {
         metric(&mut out, name, kind, help);
-        for (addr, role, h) in servers.iter() {
+        for (s, (down, c)) in servers.iter().zip(&counts) {
+            let (addr, role) = (&s.name, s.tier);
             let _ = writeln!(
                 out,
                 "memrelay_{name}{{server=\"{addr}\",role=\"{role}\"}} {}",
-                f(h)
+                f(*down, c)
             );
         }
     }
@@ -183,8 +189,9 @@ pub(crate) fn render(r: &StatsRegistry) -> String {
     // (none for a server out of reach).
     for (stat, name, kind, help) in CAPACITY_METRICS {
         metric(&mut out, name, kind, help);
-        for (addr, role, h) in servers.iter() {
-            if let Some(v) = h.figures.number(stat) {
+        for s in servers.iter() {
+            let (addr, role) = (&s.name, s.tier);
+            if let Some(v) = s.view.figures().number(stat) {
                 let _ = writeln!(
                     out,
                     "memrelay_{name}{{server=\"{addr}\",role=\"{role}\"}} {v}"
@@ -216,9 +223,10 @@ pub(crate) fn render(r: &StatsRegistry) -> String {
         "histogram",
         "Time from queueing a request to a server to its reply, per server.",
     );
-    for (addr, role, h) in servers.iter() {
+    for s in servers.iter() {
+        let (addr, role) = (&s.name, s.tier);
         let mut total = Histogram::default().snapshot();
-        for w in h.latency.iter() {
+        for w in s.view.latency() {
             total.add(&w.snapshot());
         }
         histogram(

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use crate::backend::health::Health;
+use crate::config::Tier;
+use servers::ServerFigures;
 
 pub mod groups;
 pub mod http;
@@ -237,9 +238,66 @@ pub fn help(name: &str) -> &'static str {
     }
 }
 
-/// A server as `stats` shows it: name, role (`primary`, `backup`, or
-/// `backup2`/`backup3` for further tiers), health.
-pub type ServerEntry = (String, &'static str, Arc<Health>);
+/// A server as `stats` shows it: its name, its tier, and a view of its
+/// state.
+#[derive(Debug, Clone)]
+pub struct ServerEntry {
+    pub name: String,
+    pub tier: Tier,
+    pub view: Arc<dyn ServerView>,
+}
+
+/// What `stats` and `/metrics` read of one server when they render. The
+/// layers that keep a server's state (its liveness, latency and own
+/// figures in `backend`, its missed keys and resyncs in `ha`) implement
+/// it: stats, below them, names none of their types.
+pub trait ServerView: Send + Sync + std::fmt::Debug {
+    fn is_down(&self) -> bool;
+    /// Its counters, read now.
+    fn counts(&self) -> ServerCounts;
+    /// Time from queueing a request to its reply, one histogram per
+    /// worker thread.
+    fn latency(&self) -> &[Histogram];
+    /// Its own `stats` groups, as its prober last read them.
+    fn figures(&self) -> &ServerFigures;
+}
+
+/// A server's counters, as `stats` and `/metrics` show them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ServerCounts {
+    /// Failed connections or requests.
+    pub failures: u64,
+    /// Times it was marked down.
+    pub marked_down: u64,
+    /// Keys it must not serve until they are invalidated on it.
+    pub missed_keys: u64,
+    /// Whether its missed-key list overflowed (a flush is due).
+    pub missed_overflowed: bool,
+    pub missed_recorded: u64,
+    /// Missed keys deleted on it after it came back.
+    pub invalidated: u64,
+    /// Flushes after the missed-key list overflowed.
+    pub flushed: u64,
+    pub resync: ResyncCounts,
+}
+
+/// The state of a server's current or last resync.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ResyncCounts {
+    /// `idle`, `running`, `done` or `retrying`.
+    pub state: &'static str,
+    pub running: bool,
+    pub runs: u64,
+    pub scanned: u64,
+    pub selected: u64,
+    pub copied: u64,
+    pub skipped: u64,
+    pub errors: u64,
+    /// Items per second.
+    pub rate: u64,
+    /// Seconds left, estimated.
+    pub eta: u64,
+}
 
 /// Process-wide facts and every worker's counters.
 #[derive(Debug)]
@@ -334,8 +392,8 @@ impl StatsRegistry {
     pub fn primaries_sum(&self, name: &str) -> u64 {
         self.servers()
             .iter()
-            .filter(|(_, role, _)| *role == "primary")
-            .filter_map(|(_, _, h)| h.figures.number(name))
+            .filter(|s| s.tier == Tier::Primary)
+            .filter_map(|s| s.view.figures().number(name))
             .sum()
     }
 
@@ -360,11 +418,11 @@ impl StatsRegistry {
         let servers = self.servers();
         let backup_up = servers
             .iter()
-            .any(|(_, role, h)| *role != "primary" && !h.is_down());
+            .any(|s| s.tier != Tier::Primary && !s.view.is_down());
         servers
             .iter()
-            .find(|(_, role, h)| *role == "primary" && h.is_down() && !backup_up)
-            .map(|(name, _, _)| format!("primary {name} is down and no backup is up"))
+            .find(|s| s.tier == Tier::Primary && s.view.is_down() && !backup_up)
+            .map(|s| format!("primary {} is down and no backup is up", s.name))
     }
 
     /// Sum of one counter over every worker.
@@ -433,57 +491,41 @@ impl StatsRegistry {
         );
         let servers = self.servers();
         stat("servers", &servers.len());
-        for (i, (name, role, h)) in servers.iter().enumerate() {
+        for (i, server) in servers.iter().enumerate() {
+            let h = &server.view;
+            let c = h.counts();
             let state = if h.is_down() { "down" } else { "up" };
-            stat(&format!("server:{i}:address"), name);
-            stat(&format!("server:{i}:role"), role);
+            stat(&format!("server:{i}:address"), &server.name);
+            stat(&format!("server:{i}:role"), &server.tier);
             stat(&format!("server:{i}:state"), &state);
-            stat(
-                &format!("server:{i}:failures"),
-                &h.failures.load(Ordering::Relaxed),
-            );
-            stat(
-                &format!("server:{i}:marked_down"),
-                &h.downs.load(Ordering::Relaxed),
-            );
-            stat(&format!("server:{i}:missed_keys"), &h.missed.len());
+            stat(&format!("server:{i}:failures"), &c.failures);
+            stat(&format!("server:{i}:marked_down"), &c.marked_down);
+            stat(&format!("server:{i}:missed_keys"), &c.missed_keys);
             stat(
                 &format!("server:{i}:missed_overflowed"),
-                &u8::from(h.missed.is_overflowed()),
+                &u8::from(c.missed_overflowed),
             );
-            stat(
-                &format!("server:{i}:missed_recorded"),
-                &h.missed.recorded.load(Ordering::Relaxed),
-            );
-            stat(
-                &format!("server:{i}:invalidated"),
-                &h.missed.invalidated.load(Ordering::Relaxed),
-            );
-            stat(
-                &format!("server:{i}:flushed"),
-                &h.missed.flushes.load(Ordering::Relaxed),
-            );
+            stat(&format!("server:{i}:missed_recorded"), &c.missed_recorded);
+            stat(&format!("server:{i}:invalidated"), &c.invalidated);
+            stat(&format!("server:{i}:flushed"), &c.flushed);
             for name in servers::CAPACITY {
-                if let Some(v) = h.figures.number(name) {
+                if let Some(v) = h.figures().number(name) {
                     stat(&format!("server:{i}:{name}"), &v);
                 }
             }
-            let r = &h.resync;
-            stat(&format!("server:{i}:resync_state"), &r.state());
+            let r = &c.resync;
+            stat(&format!("server:{i}:resync_state"), &r.state);
             for (name, v) in [
-                ("runs", &r.runs),
-                ("scanned", &r.scanned),
-                ("selected", &r.selected),
-                ("copied", &r.copied),
-                ("skipped", &r.skipped),
-                ("errors", &r.errors),
-                ("rate", &r.rate),
-                ("eta", &r.eta),
+                ("runs", r.runs),
+                ("scanned", r.scanned),
+                ("selected", r.selected),
+                ("copied", r.copied),
+                ("skipped", r.skipped),
+                ("errors", r.errors),
+                ("rate", r.rate),
+                ("eta", r.eta),
             ] {
-                stat(
-                    &format!("server:{i}:resync_{name}"),
-                    &v.load(Ordering::Relaxed),
-                );
+                stat(&format!("server:{i}:resync_{name}"), &v);
             }
         }
         // The closure's borrow of `out` ends at its last use above.
@@ -498,29 +540,46 @@ mod tests {
 
     #[test]
     fn a_further_backup_tier_keeps_the_proxy_ready() {
-        let server = |name: &str, role: &'static str, down: bool| {
-            let h = Arc::new(Health::new(name.into(), 16, 1));
-            if down {
-                // Past any failure limit: marked down.
-                for _ in 0..10 {
-                    h.record_failure(1, &"test", None);
-                }
+        #[derive(Debug, Default)]
+        struct Server {
+            down: bool,
+            figures: ServerFigures,
+        }
+        impl ServerView for Server {
+            fn is_down(&self) -> bool {
+                self.down
             }
-            (name.to_string(), role, h)
+            fn counts(&self) -> ServerCounts {
+                ServerCounts::default()
+            }
+            fn latency(&self) -> &[Histogram] {
+                &[]
+            }
+            fn figures(&self) -> &ServerFigures {
+                &self.figures
+            }
+        }
+        let server = |name: &str, tier: Tier, down: bool| ServerEntry {
+            name: name.to_string(),
+            tier,
+            view: Arc::new(Server {
+                down,
+                ..Default::default()
+            }),
         };
         let r = StatsRegistry::new(
             1,
             16,
             vec![
-                server("p", "primary", true),
-                server("b", "backup", true),
-                server("b2", "backup2", false),
+                server("p", Tier::Primary, true),
+                server("b", Tier::Backup(1), true),
+                server("b2", Tier::Backup(2), false),
             ],
         );
         assert_eq!(r.unready(), None);
         r.set_servers(vec![
-            server("p", "primary", true),
-            server("b", "backup", true),
+            server("p", Tier::Primary, true),
+            server("b", Tier::Backup(1), true),
         ]);
         assert!(r.unready().is_some());
     }

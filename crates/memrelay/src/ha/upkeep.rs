@@ -1,0 +1,126 @@
+//! What a server's prober does for HA on every look at a reachable server
+//! (`backend::probe` runs it through its `Watcher` trait):
+//!
+//! - Before a server serves again, and whenever it is reachable with keys
+//!   recorded as missed, those keys are invalidated on it (pipelined
+//!   deletes), or it is flushed if the list overflowed: a server never
+//!   serves a value older than a write it missed. A key recorded on an up
+//!   server wakes its prober at once (the server does not serve the key
+//!   until then), and a server with keys listed is not marked up.
+//! - A restart starts a resync. The missed keys are still deleted: a copy
+//!   (resync, read repair) may have landed on the restarted server before
+//!   a write that went past it was known.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::replica::Replica;
+use super::resync::{Request, Requests};
+use crate::backend::probe::{Identity, ProbeConn, Watcher};
+
+/// Least time between two flushes of one server after its missed-key list
+/// overflowed.
+const FLUSH_EVERY: Duration = Duration::from_secs(60);
+/// Deletes sent per round trip while invalidating missed keys.
+const DELETE_BATCH: usize = 512;
+
+/// The upkeep of one server, owned by its prober.
+#[derive(Debug)]
+pub struct Upkeep {
+    replica: Arc<Replica>,
+    /// Where to ask for a resync when the server is seen to restart (the
+    /// resync manager decides whether to).
+    on_restart: Requests,
+    /// When this prober last flushed the server (after its missed-key list
+    /// overflowed): flushes are at least FLUSH_EVERY apart.
+    last_flush: Option<tokio::time::Instant>,
+}
+
+impl Upkeep {
+    pub fn new(replica: Arc<Replica>, on_restart: Requests) -> Upkeep {
+        Upkeep {
+            replica,
+            on_restart,
+            last_flush: None,
+        }
+    }
+
+    /// After an overflow: flushes the server, unless that must wait.
+    async fn flush_if_due(&mut self, c: &mut ProbeConn) -> Flush {
+        let r = &self.replica;
+        // The last resort, and it empties the server: not while another
+        // server is down (this one may hold the only live copy of keys it
+        // is not stale for; meanwhile it serves none), and at most once
+        // per FLUSH_EVERY. Until then it stays stale for every key.
+        let gate_open = r.flush_gate.get().is_none_or(|open| (open.0)());
+        let rested = self.last_flush.is_none_or(|t| t.elapsed() >= FLUSH_EVERY);
+        if !gate_open || !rested {
+            tracing::debug!(server = %r.name, gate_open, rested, "flush after an overflow postponed");
+            return Flush::Postponed;
+        }
+        self.last_flush = Some(tokio::time::Instant::now());
+        if !c.flush_all().await {
+            return Flush::Failed;
+        }
+        r.missed.flushes.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(server = %r.name, "flushed: it could hold stale copies of more keys than are remembered");
+        r.missed.clear();
+        Flush::Done
+    }
+}
+
+/// What became of a flush after an overflow.
+enum Flush {
+    Done,
+    /// Not now (see `flush_if_due`): the server stays stale for every key.
+    Postponed,
+    /// The server did not answer it properly.
+    Failed,
+}
+
+impl Watcher for Upkeep {
+    fn pending(&self) -> bool {
+        !self.replica.missed.is_empty()
+    }
+
+    fn wake(&self) -> impl std::future::Future<Output = ()> {
+        self.replica.missed.recorded_signal.notified()
+    }
+
+    fn seen(&mut self, who: Identity, restarted: bool) {
+        if restarted {
+            // Its missed keys are kept: this may be seen seconds after the
+            // restart, and writes it missed since then (or took, and missed
+            // a delete of) are on the list too. Deleting them on an empty
+            // server costs a little work and is always right.
+            // Warm it back up from the other tier (if resync is automatic).
+            let _ = self.on_restart.send(Request {
+                server: self.replica.name.clone(),
+                automatic: true,
+            });
+        }
+        self.replica.set_identity(who.pid, who.boot);
+    }
+
+    async fn tend(&mut self, c: &mut ProbeConn) -> bool {
+        if self.replica.missed.is_overflowed() {
+            match self.flush_if_due(c).await {
+                Flush::Done => {}
+                Flush::Postponed => return true,
+                Flush::Failed => return false,
+            }
+        }
+        let missed = &self.replica.missed;
+        loop {
+            let batch = missed.peek_batch(DELETE_BATCH);
+            if batch.is_empty() {
+                return true;
+            }
+            if !c.delete_all(&batch).await {
+                return false;
+            }
+            missed.confirm(&batch);
+        }
+    }
+}
