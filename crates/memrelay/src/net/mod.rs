@@ -50,6 +50,19 @@ pub trait Stream {
     fn finish(&self) -> impl std::future::Future<Output = ()> {
         async {}
     }
+    /// Whether an idle session on this stream may hand its socket to the
+    /// worker's parking lot (`proxy::park`): a plain socket may, TLS may not.
+    fn parkable(&self) -> bool {
+        false
+    }
+    /// The socket, out of tokio's hands, for the parking lot (only called
+    /// when `parkable`).
+    fn into_parked(self) -> io::Result<ParkedSocket>
+    where
+        Self: Sized,
+    {
+        Err(io::ErrorKind::Unsupported.into())
+    }
     /// Waits until the stream is ready for `interest` (never, with `None`)
     /// or `other` is ready, checking `other` first: the one wait of an
     /// idle client session, which lasts as long as the client stays
@@ -125,9 +138,33 @@ pub async fn read_some(s: &impl Stream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// A client's socket out of tokio's hands, parked while its client is idle
+/// (`proxy::park`).
+#[derive(Debug)]
+pub enum ParkedSocket {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl ParkedSocket {
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            ParkedSocket::Tcp(s) => s.as_raw_fd(),
+            ParkedSocket::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
 macro_rules! stream_impl {
-    ($t:ty) => {
+    ($t:ty, $parked:path) => {
         impl Stream for $t {
+            fn parkable(&self) -> bool {
+                true
+            }
+            fn into_parked(self) -> io::Result<ParkedSocket> {
+                self.into_std().map($parked)
+            }
             fn ready(
                 &self,
                 interest: tokio::io::Interest,
@@ -201,8 +238,8 @@ macro_rules! stream_impl {
         }
     };
 }
-stream_impl!(tokio::net::TcpStream);
-stream_impl!(tokio::net::UnixStream);
+stream_impl!(tokio::net::TcpStream, ParkedSocket::Tcp);
+stream_impl!(tokio::net::UnixStream, ParkedSocket::Unix);
 
 /// A bound listening socket, not yet attached to any runtime, so that each
 /// worker thread can register its own copy.

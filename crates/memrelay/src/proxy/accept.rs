@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{session, WorkerThread};
+use super::{park, session, WorkerThread};
 use crate::net::tls::TlsStream;
-use crate::net::{BoundListener, Stream};
+use crate::net::{BoundListener, ParkedSocket, Stream};
 
 /// The stop signal workers watch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,7 +125,7 @@ fn admit_tcp(
         return;
     }
     match TlsStream::accept(s, config) {
-        Ok(s) => start(s, worker, conns),
+        Ok(s) => start(s, worker, conns, false),
         Err(e) => {
             release(worker, conns);
             tracing::debug!(error = %e, "cannot start a TLS session");
@@ -139,7 +139,7 @@ where
     S: Stream + 'static,
 {
     if reserve(worker, conns) {
-        start(s, worker, conns);
+        start(s, worker, conns, false);
     } else {
         // Best effort, like memcached: one write, then close.
         let _ = s.try_write_vectored(&[io::IoSlice::new(TOO_MANY)]);
@@ -166,15 +166,46 @@ fn release(worker: &WorkerThread, conns: &AtomicUsize) {
     conns.fetch_sub(1, Ordering::AcqRel);
 }
 
-/// Serves a client counted in by `reserve` until it leaves.
-fn start<S>(s: S, worker: &Rc<WorkerThread>, conns: &Arc<AtomicUsize>)
+/// Serves a client counted in by `reserve` until it leaves or is parked
+/// (`authenticated`: a parked client that had, see [`park`]).
+fn start<S>(s: S, worker: &Rc<WorkerThread>, conns: &Arc<AtomicUsize>, authenticated: bool)
 where
     S: Stream + 'static,
 {
     let conns = conns.clone();
     // The session's own future is the task's: wrapping it in another async
     // block would keep a second copy of the stream in every task.
-    tokio::task::spawn_local(session::serve(s, worker.clone(), move |thread| {
-        release(thread, &conns)
-    }));
+    tokio::task::spawn_local(session::serve(
+        s,
+        worker.clone(),
+        authenticated,
+        move |thread, ending| match ending {
+            park::Ending::Closed => release(thread, &conns),
+            park::Ending::Parked {
+                socket,
+                authenticated,
+            } => park::park(socket, authenticated, thread, &conns),
+        },
+    ));
+}
+
+/// A parked client sent something (or closed): its session starts again.
+pub(super) fn resume(
+    socket: ParkedSocket,
+    authenticated: bool,
+    worker: &Rc<WorkerThread>,
+    conns: &Arc<AtomicUsize>,
+) {
+    let registered = match socket {
+        ParkedSocket::Tcp(s) => {
+            tokio::net::TcpStream::from_std(s).map(|s| start(s, worker, conns, authenticated))
+        }
+        ParkedSocket::Unix(s) => {
+            tokio::net::UnixStream::from_std(s).map(|s| start(s, worker, conns, authenticated))
+        }
+    };
+    if let Err(e) = registered {
+        tracing::debug!(error = %e, "cannot resume a parked connection");
+        release(worker, conns);
+    }
 }

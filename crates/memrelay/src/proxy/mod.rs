@@ -15,6 +15,7 @@
 pub(crate) mod accept;
 pub mod dispatch;
 mod fence;
+pub mod park;
 pub mod reply;
 pub mod session;
 pub mod slot;

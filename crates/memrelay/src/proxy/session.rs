@@ -49,6 +49,7 @@ use memrelay_protocol::{parse_request, MetaStatus, ResponseKind};
 use tokio::io::Interest;
 
 use super::dispatch::{advance, start};
+use super::park::Ending;
 use super::reply::render;
 use super::slot::{Local, Slot, Stage};
 use super::{Worker, WorkerThread};
@@ -98,7 +99,8 @@ pub struct Inbox {
     wake: LocalNotify,
     /// The session read something since the worker's last idle sweep.
     active: Cell<bool>,
-    /// The session holds buffers it could give back when idle.
+    /// The session holds buffers it could give back when idle, or a
+    /// socket it could park (`proxy::park`).
     holds_buffers: Cell<bool>,
     /// Set by the idle sweep: give the buffers back if still idle.
     release: Cell<bool>,
@@ -212,8 +214,10 @@ impl Sink for Inbox {
     }
 }
 
-/// Serves one client until it leaves, errs, or is told to close, then
-/// calls `done`.
+/// Serves one client until it leaves, errs, or is told to close, or until
+/// it has been idle long enough to be parked (`proxy::park`), then
+/// calls `done` with how it ended. `authenticated`: the client already
+/// authenticated (a parked session's successor).
 ///
 /// The future is the session task's, held for as long as the client stays
 /// connected, mostly idle: what it holds across its wait is paid per
@@ -225,12 +229,15 @@ impl Sink for Inbox {
 pub fn serve<S: Stream>(
     stream: S,
     thread: Rc<WorkerThread>,
-    done: impl FnOnce(&WorkerThread),
+    authenticated: bool,
+    done: impl FnOnce(&Rc<WorkerThread>, Ending),
 ) -> impl Future<Output = ()> {
     let worker = thread.current();
     let inbox = Rc::new(Inbox::new(&worker.client_limits));
     thread.register(&inbox);
-    let open = worker.auth.is_none();
+    let open = worker.auth.is_none() || authenticated;
+    // A client that connects and sends nothing is parked too.
+    inbox.holds_buffers.set(stream.parkable());
     let mut s = Session {
         worker,
         thread,
@@ -243,6 +250,7 @@ pub fn serve<S: Stream>(
         idle_timer: None,
         authenticated: open,
         fenced: false,
+        park: false,
     };
     async move {
         while let Some(Wait {
@@ -262,6 +270,22 @@ pub fn serve<S: Stream>(
                 break;
             }
         }
+        if s.park {
+            // Idle, nothing outstanding, buffers given back: the socket
+            // waits in the worker's parking lot, without this task.
+            s.inbox.base.set(u64::MAX);
+            s.publish_memory(0);
+            let (thread, authenticated) = (s.thread.clone(), s.authenticated);
+            drop(s);
+            let ending = match stream.into_parked() {
+                Ok(socket) => Ending::Parked {
+                    socket,
+                    authenticated,
+                },
+                Err(_) => Ending::Closed,
+            };
+            return done(&thread, ending);
+        }
         // The client is gone. Requests already sent finish all their legs
         // (a write's copies to the backups and their checks), so that a
         // client closing its connection cannot take the backups' copies
@@ -279,7 +303,7 @@ pub fn serve<S: Stream>(
         let thread = s.thread.clone();
         drop(s);
         stream.finish().await;
-        done(&thread);
+        done(&thread, Ending::Closed);
     }
 }
 
@@ -325,6 +349,8 @@ struct Session {
     /// The next request waits for an earlier one on its key to finish
     /// (see `proxy::fence`): nothing more is dispatched or read until then.
     fenced: bool,
+    /// Idle with nothing held: the session ends, its socket parked.
+    park: bool,
 }
 
 /// What a session waits for between two turns.
@@ -355,6 +381,10 @@ impl Session {
         let draining = self.thread.draining.get();
         if self.inbox.release.take() {
             self.release_if_idle();
+            if self.may_park(stream, draining.is_some()) {
+                self.park = true;
+                return None;
+            }
         }
         if draining.is_some_and(|t| t.elapsed() >= DRAIN_BUSY) {
             // Shutting down, and this client keeps sending: finish what
@@ -450,6 +480,24 @@ impl Session {
             (d, false) => d,
         };
         idle.map(|d| now + d)
+    }
+
+    /// Whether this session, just asked by the idle sweep to give its
+    /// buffers back, may end with its socket parked: it gave them back
+    /// (nothing read, owed or in flight), it is past setting up, and no
+    /// timer of its own must run (`--idle-timeout`, a drain).
+    fn may_park<S: Stream>(&self, stream: &S, draining: bool) -> bool {
+        self.bufs.is_none()
+            && stream.parkable()
+            && self.authenticated
+            && !stream.handshaking()
+            && !draining
+            && !self.eof
+            && !self.closing
+            && !self.fenced
+            && self.worker.client_limits.idle_timeout.is_none()
+            && self.inbox.slots.borrow().is_empty()
+            && self.inbox.ready.borrow().is_empty()
     }
 
     /// Sets what this session holds in its worker's `memory_held`.
@@ -925,7 +973,7 @@ mod tests {
             let client = tokio::net::TcpStream::connect(addr).await.unwrap();
             // As the accept loop spawns it.
             let conns = Arc::new(AtomicUsize::new(1));
-            let session = serve(client, thread, move |_| {
+            let session = serve(client, thread, false, move |_, _| {
                 conns.fetch_sub(1, Ordering::AcqRel);
             });
             let size = std::mem::size_of_val(&session);

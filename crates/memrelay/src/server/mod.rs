@@ -398,6 +398,9 @@ fn worker_main(
         }
         // SIGTERM: stop accepting and let every session finish.
         thread.drain();
+        // Parked idle clients get their sessions back, to be closed as
+        // quiet clients are.
+        crate::proxy::park::unpark_all();
         std::future::pending::<()>().await;
     });
 }

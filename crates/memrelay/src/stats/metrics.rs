@@ -60,6 +60,9 @@ pub(crate) fn render(r: &StatsRegistry) -> String {
                 "Client connections open now.",
             );
             let _ = writeln!(out, "memrelay_connections {v}");
+        } else if name == "parked_connections" {
+            metric(&mut out, "connections_parked", "gauge", super::help(name));
+            let _ = writeln!(out, "memrelay_connections_parked {v}");
         } else if name == "memory_held" {
             metric(
                 &mut out,

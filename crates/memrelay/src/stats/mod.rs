@@ -167,6 +167,7 @@ macro_rules! worker_counters {
 
 worker_counters!(
     curr_connections,
+    parked_connections,
     total_connections,
     rejected_connections,
     cmd_get,
@@ -199,11 +200,14 @@ worker_counters!(
 
 /// The counters of `WorkerStats` that are gauges: they go down as well as
 /// up, and `stats reset` leaves them alone.
-pub(crate) const GAUGES: [&str; 2] = ["curr_connections", "memory_held"];
+pub(crate) const GAUGES: [&str; 3] = ["curr_connections", "parked_connections", "memory_held"];
 /// What a worker counter counts, for `/metrics`' HELP lines.
 pub fn help(name: &str) -> &'static str {
     match name {
         "curr_connections" => "Client connections open now.",
+        "parked_connections" => {
+            "Idle client connections parked now: a socket without a session task (counted in curr_connections)."
+        }
         "total_connections" => "Client connections accepted since start.",
         "rejected_connections" => "Client connections refused at the -n limit.",
         "cmd_get" => "Keys requested by retrieval commands (get, gets, gat, gats, mg).",
