@@ -5,8 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::procs::Memcached;
-use crate::rng::Rng;
+use memrelay_testkit::{Memcached, Rng};
 
 const UP: u8 = 0;
 const STOPPED: u8 = 1;
@@ -149,15 +148,15 @@ fn act(
         }
         Act::Restart => {
             tally.restarts += 1;
-            servers[i].restart()
+            servers[i].try_restart()
         }
         Act::Stop => {
             tally.stops += 1;
-            servers[i].stop()
+            servers[i].try_stop()
         }
         Act::Cont => {
             tally.conts += 1;
-            servers[i].cont()
+            servers[i].try_cont()
         }
     };
     watch.event(i, after);

@@ -7,10 +7,6 @@
 //! The rules checked are in model.rs and docs/chaos.md.
 
 mod chaos;
-mod conn;
-mod model;
-mod procs;
-mod rng;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,10 +16,10 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chaos::{ChaosCfg, ChaosTally, Watch};
-use conn::{Conn, Fail, Reply};
-use model::{Ctx, Item, KeyModel, Op, Shape, Tally};
-use procs::{Memcached, Memrelay};
-use rng::Rng;
+use memrelay_testkit::conn::{Conn, Reply};
+use memrelay_testkit::model::{self, Ctx, Item, KeyModel, Op, Tally};
+use memrelay_testkit::process::{kill_all_children, try_free_port, wait_until};
+use memrelay_testkit::{Memcached, Memrelay, MemrelayCmd, Rng};
 
 const USAGE: &str = "\
 usage: memrelay-chaos [options] [-- extra memrelay args]
@@ -237,27 +233,6 @@ fn parse_args(args: &[String]) -> Result<Option<Cfg>, String> {
     Ok(Some(c))
 }
 
-/// memrelay next to this binary (same build profile), else the newest of
-/// target/{release,debug}/memrelay (honouring CARGO_TARGET_DIR).
-fn find_memrelay() -> Option<PathBuf> {
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(dir) = exe.parent() {
-            let p = dir.join("memrelay");
-            if p.is_file() {
-                return Some(p);
-            }
-        }
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target"));
-    ["release", "debug"]
-        .iter()
-        .map(|p| target.join(p).join("memrelay"))
-        .filter(|p| p.is_file())
-        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
-}
-
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cfg = match parse_args(&args) {
@@ -273,7 +248,7 @@ fn main() -> ExitCode {
     };
     let prev = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        procs::kill_all_children();
+        kill_all_children();
         prev(info);
     }));
     // SAFETY: the handler only stores to an atomic (async-signal-safe).
@@ -290,7 +265,7 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     };
-    procs::kill_all_children();
+    kill_all_children();
     code
 }
 
@@ -582,37 +557,6 @@ fn meta_form(op: Op) -> Op {
     }
 }
 
-/// Reads the replies to `ops` (sent together at `sent`) and checks them.
-/// False when the connection must be replaced.
-fn answer_batch(
-    conn: &mut Conn,
-    ctx: &Ctx,
-    tally: &mut Tally,
-    keys: &mut [KeyModel],
-    ops: &[Op],
-    sent: Instant,
-    deadline: Instant,
-) -> bool {
-    for (n, op) in ops.iter().enumerate() {
-        let reply = match op.shape() {
-            Shape::Retrieval => conn.retrieval(deadline),
-            Shape::Meta => conn.meta(deadline),
-            Shape::Line => conn.line(deadline).map(Reply::Line),
-        };
-        let now = Instant::now();
-        if !model::check(ctx, tally, keys, op, &reply, sent, now) {
-            // The rest of the batch got no reply we can trust.
-            for rest in &ops[n + 1..] {
-                let f = Fail::Closed("an earlier reply in the pipeline failed".into());
-                model::abandon(ctx, tally, keys, rest, &f);
-            }
-            return false;
-        }
-    }
-    true
-}
-
-#[allow(clippy::too_many_arguments)]
 fn client(
     t: usize,
     cfg: &Cfg,
@@ -636,7 +580,6 @@ fn client(
     let client_deadline = ctx.bound + Duration::from_secs(5);
     let mut conns: Vec<Option<Conn>> = vec![None, None];
     let mut seq = 0u64;
-    let mut req = String::new();
     while !stop.load(Ordering::Relaxed) {
         let size = if pipelining {
             2 + rng.below(5) as usize
@@ -660,10 +603,6 @@ fn client(
         let Some(conn) = conns[ci].as_mut() else {
             continue;
         };
-        req.clear();
-        for op in &ops {
-            op.render(&keys, &mut req);
-        }
         tally.batches += 1;
         if ops.len() > 1 {
             tally.pipelined_batches += 1;
@@ -675,24 +614,7 @@ fn client(
                 tally.repeated_key_batches += 1;
             }
         }
-        let sent = Instant::now();
-        let ok = match conn.send(req.as_bytes()) {
-            Ok(()) => answer_batch(
-                conn,
-                &ctx,
-                &mut tally,
-                &mut keys,
-                &ops,
-                sent,
-                sent + client_deadline,
-            ),
-            Err(f) => {
-                for op in &ops {
-                    model::abandon(&ctx, &mut tally, &mut keys, op, &f);
-                }
-                false
-            }
-        };
+        let ok = model::exchange(conn, &ctx, &mut tally, &mut keys, &ops, client_deadline);
         if !ok {
             conns[ci] = None;
         }
@@ -745,21 +667,15 @@ fn final_reads(cfg: &Cfg, relay: &str, watch: &Watch, t: usize, end: &mut Client
         }
         let Some(c) = conn.as_mut() else { return };
         let op = Op::Get { ks: vec![k] };
-        let mut req = String::new();
-        op.render(&end.keys, &mut req);
-        let sent = Instant::now();
-        let ok = match c.send(req.as_bytes()) {
-            Ok(()) => answer_batch(
-                c,
-                &ctx,
-                &mut end.tally,
-                &mut end.keys,
-                std::slice::from_ref(&op),
-                sent,
-                sent + ctx.bound + Duration::from_secs(5),
-            ),
-            Err(_) => false,
-        };
+        let deadline = ctx.bound + Duration::from_secs(5);
+        let ok = model::exchange(
+            c,
+            &ctx,
+            &mut end.tally,
+            &mut end.keys,
+            std::slice::from_ref(&op),
+            deadline,
+        );
         if !ok {
             conn = None;
         }
@@ -821,6 +737,20 @@ enum RelayAct {
     Handoff,
 }
 
+/// Bytes of memrelay's output kept in memory for the report (its whole
+/// log goes to --relay-log).
+const RELAY_OUTPUT_KEPT: usize = 256 * 1024;
+
+/// How memrelay is started: `bin args`, its log kept (the tail) and
+/// copied to --relay-log with the run's clock.
+fn relay_cmd(bin: &Path, args: &[String], origin: Instant, cfg: &Cfg) -> MemrelayCmd {
+    let cmd = Memrelay::cmd(args).bin(bin).keep_last(RELAY_OUTPUT_KEPT);
+    match cfg.relay_log.as_deref() {
+        Some(p) => cmd.log_file(p, origin),
+        None => cmd,
+    }
+}
+
 /// Restarts memrelay on its port; returns a line for the chaos log.
 fn restart_relay(
     relay: &mut Memrelay,
@@ -833,8 +763,7 @@ fn restart_relay(
 ) -> Result<String, String> {
     let began = Instant::now();
     let port = relay.port();
-    let bin = bin.to_string_lossy();
-    let start = || Memrelay::start(&bin, args, origin, cfg.relay_log.as_deref(), Some(port));
+    let start = || relay_cmd(bin, args, origin, cfg).port(port).try_start();
     match how {
         RelayAct::Terminate => {
             if !relay.signal_and_wait(libc::SIGTERM, Duration::from_secs(10)) {
@@ -866,8 +795,8 @@ fn restart_relay(
 fn run(cfg: &Cfg) -> Result<bool, String> {
     let relay_bin = match &cfg.memrelay {
         Some(p) => PathBuf::from(p),
-        None => find_memrelay().ok_or(
-            "no memrelay binary found (next to this one, or target/{release,debug}/memrelay): \
+        None => memrelay_testkit::memrelay::find_memrelay().ok_or(
+            "no memrelay binary found ($MEMRELAY_BIN, next to this one, or target/{release,debug}/memrelay): \
              build it, or pass --memrelay PATH",
         )?,
     };
@@ -876,7 +805,7 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
     }
     let mut servers = Vec::new();
     for _ in 0..=cfg.primaries {
-        servers.push(Memcached::start(&cfg.memcached)?);
+        servers.push(Memcached::launch(&cfg.memcached, "127.0.0.1", &[])?);
     }
     let b = cfg.primaries;
     let mut args: Vec<String> = Vec::new();
@@ -900,7 +829,7 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
         ]);
     }
     let metrics_port = if cfg.storm {
-        let port = procs::free_port()?;
+        let port = try_free_port("127.0.0.1")?;
         args.extend(["--metrics".to_string(), format!("127.0.0.1:{port}")]);
         Some(port)
     } else {
@@ -910,15 +839,9 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
     // The run's clock starts here, so memrelay's log lines and the
     // histories share one time line.
     let origin = Instant::now();
-    let mut relay = Memrelay::start(
-        &relay_bin.to_string_lossy(),
-        &args,
-        origin,
-        cfg.relay_log.as_deref(),
-        None,
-    )?;
+    let mut relay = relay_cmd(&relay_bin, &args, origin, cfg).try_start()?;
     let addr = relay.addr();
-    if !procs::wait_until(Duration::from_secs(10), || all_up(&addr, b + 1)) {
+    if !wait_until(Duration::from_secs(10), || all_up(&addr, b + 1)) {
         return Err(format!(
             "memrelay never reported every server up: {:?}",
             stats(&addr)
@@ -1024,7 +947,7 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
         let mut next_restart = Instant::now() + Duration::from_millis(3000 + rng.below(5000));
         while Instant::now() < end && !INTERRUPTED.load(Ordering::SeqCst) {
             if let Some(st) = relay.exited() {
-                relay_died = Some(st);
+                relay_died = Some(st.to_string());
                 break;
             }
             if cfg.relay_chaos && Instant::now() >= next_restart {
@@ -1065,15 +988,15 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
     for (t, e) in ends.iter_mut().enumerate() {
         final_reads(cfg, &addr, &watch, t, e, "after chaos");
     }
-    let settled = procs::wait_until(Duration::from_secs(20), || all_up(&addr, b + 1));
+    let settled = wait_until(Duration::from_secs(20), || all_up(&addr, b + 1));
     for (t, e) in ends.iter_mut().enumerate() {
         final_reads(cfg, &addr, &watch, t, e, "all up");
     }
     let st = stats(&addr);
     if relay_died.is_none() {
-        relay_died = relay.exited();
+        relay_died = relay.exited().map(|st| st.to_string());
     }
-    let log_tail = relay.log_tail(30);
+    let log_tail = relay.output_tail(30);
     relay.stop(Duration::from_secs(2));
     drop(servers);
 

@@ -26,9 +26,11 @@ use std::time::{Duration, Instant};
 
 use memrelay::config::cli::{parse_args, Action};
 use memrelay::router::Router;
+use support::conn::Conn;
+use support::model::{self, Ctx, KeyModel, Op, Tally};
 use support::{
-    complete_retrieval, escape, meta_done, parse_mg, same_item, stats, wait_until, Client, End,
-    Item, Memcached, Memrelay, Reply,
+    complete_retrieval, escape, meta_done, parse_mg, parse_values, same_item, stats, wait_until,
+    Client, Cluster, End, Item, Memcached, Memrelay, Reply, Rng, Val,
 };
 
 /// The proxy's per-request server timeout in these tests.
@@ -48,76 +50,54 @@ const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
 // Cluster: primaries, backups, one memrelay, and where keys live
 // ---------------------------------------------------------------------------
 
-struct Cluster {
-    primaries: Vec<Memcached>,
-    backups: Vec<Memcached>,
-    relay: Memrelay,
-    /// The arguments after `-l/-p` (to start a second proxy the same way).
-    args: Vec<String>,
-    router: Router,
+/// `np` primaries, `nb` backups and memrelay in front (the kit's
+/// `HA_FLAGS`: 300 ms server timeouts, two workers), with `extra` flags.
+fn cluster(np: usize, nb: usize, extra: &[&str]) -> Cluster {
+    Cluster::builder()
+        .primaries(np)
+        .backups(nb)
+        .flags(extra)
+        .start()
 }
 
-fn server_args(primaries: &[Memcached], backups: &[Memcached]) -> Vec<String> {
-    let mut a = Vec::new();
-    for p in primaries {
-        a.push("-s".to_string());
-        a.push(p.addr());
-    }
-    for b in backups {
-        a.push("-b".to_string());
-        a.push(b.addr());
-    }
-    a
+/// What these tests add to the kit's cluster: where memrelay puts a key
+/// (its own router, built from the same server list), and a client of
+/// the proxy that frames replies by their shape.
+trait HaCluster {
+    fn router(&self) -> Router;
+    /// Index (into `primaries`) of the key's primary.
+    fn primary_of(&self, key: &str) -> usize;
+    /// Index (into `backups`) of the key's backup.
+    fn backup_of(&self, key: &str) -> usize;
+    /// `n` keys `prefix0, prefix1...` (skipping some) whose primary is `p`.
+    fn keys_on(&self, p: usize, prefix: &str, n: usize) -> Vec<String>;
+    fn px(&self) -> Px;
 }
 
-impl Cluster {
-    fn start(np: usize, nb: usize, extra: &[&str]) -> Cluster {
-        let primaries: Vec<Memcached> = (0..np).map(|_| Memcached::start()).collect();
-        let backups: Vec<Memcached> = (0..nb).map(|_| Memcached::start()).collect();
-        let mut args = server_args(&primaries, &backups);
-        for a in [
-            "--timeout",
-            TIMEOUT,
-            "--connect-timeout",
-            TIMEOUT,
-            "-t",
-            "2",
-        ] {
-            args.push(a.to_string());
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let router = match parse_args(server_args(&primaries, &backups)) {
+impl HaCluster for Cluster {
+    fn router(&self) -> Router {
+        match parse_args(self.server_args()) {
             Ok(Action::Run(cfg)) => Router::new(&cfg),
             other => panic!("bad server args: {other:?}"),
-        };
-        let relay = Memrelay::start(&args);
-        Cluster {
-            primaries,
-            backups,
-            relay,
-            args,
-            router,
         }
     }
 
-    /// Index (into `primaries`) of the key's primary.
     fn primary_of(&self, key: &str) -> usize {
-        self.router.primary(key.as_bytes())
+        self.router().primary(key.as_bytes())
     }
 
-    /// Index (into `backups`) of the key's backup.
     fn backup_of(&self, key: &str) -> usize {
-        let r = self.router.replicas(key.as_bytes());
+        let r = self.router().replicas(key.as_bytes());
         r.get(1).expect("key has a backup") - self.primaries.len()
     }
 
-    /// `n` keys `prefix0, prefix1...` (skipping some) whose primary is `p`.
     fn keys_on(&self, p: usize, prefix: &str, n: usize) -> Vec<String> {
+        let router = self.router();
         let mut out = Vec::new();
         let mut i = 0;
         while out.len() < n {
             let k = format!("{prefix}{i}");
-            if self.primary_of(&k) == p {
+            if router.primary(k.as_bytes()) == p {
                 out.push(k);
             }
             i += 1;
@@ -128,41 +108,6 @@ impl Cluster {
 
     fn px(&self) -> Px {
         Px::connect(&self.relay.addr())
-    }
-
-    /// The proxy's recent output, for failure messages.
-    fn diag(&mut self) -> String {
-        let exited = match self.relay.exited() {
-            Some(st) => format!("memrelay EXITED: {st}\n"),
-            None => String::new(),
-        };
-        let out = self.relay.output();
-        let tail = if out.len() > 3000 {
-            out[out.len() - 3000..].to_string()
-        } else {
-            out
-        };
-        format!("{exited}memrelay output (tail):\n{tail}")
-    }
-
-    /// Waits until `stats` says server `index` (global: primaries then
-    /// backups) is `state`, calling `nudge` between polls (a server is only
-    /// marked down by failing requests, so tests send some).
-    fn wait_state(&mut self, index: usize, state: &str, mut nudge: impl FnMut(&Cluster)) {
-        let name = format!("server:{index}:state");
-        let mut last = String::new();
-        let ok = wait_until(CONVERGE, || {
-            nudge(self);
-            last = stats(&self.relay.addr())
-                .get(&name)
-                .cloned()
-                .unwrap_or_default();
-            last == state
-        });
-        if !ok {
-            let d = self.diag();
-            panic!("{name} never became {state} within {CONVERGE:?} (last: {last:?})\n{d}");
-        }
     }
 }
 
@@ -218,74 +163,18 @@ fn direct_cas(m: &Memcached, key: &str) -> Option<u64> {
 // A client of the proxy
 // ---------------------------------------------------------------------------
 
-/// One `VALUE` block of a retrieval reply.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Val {
-    key: String,
-    flags: u32,
-    value: String,
-    cas: Option<u64>,
-}
-
-/// Parses `VALUE ...` blocks up to `END`.
-fn parse_values(b: &[u8]) -> Result<Vec<Val>, String> {
-    let mut out = Vec::new();
-    let mut pos = 0;
-    loop {
-        let nl = b[pos..]
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or_else(|| format!("incomplete reply: {}", escape(b)))?;
-        let line = String::from_utf8_lossy(&b[pos..pos + nl]).into_owned();
-        pos += nl + 2;
-        if line == "END" {
-            if pos != b.len() {
-                return Err(format!("bytes after END: {}", escape(b)));
-            }
-            return Ok(out);
-        }
-        let toks: Vec<&str> = line.split(' ').collect();
-        if toks.len() < 4 || toks[0] != "VALUE" {
-            return Err(format!("unexpected line {line:?} in {}", escape(b)));
-        }
-        let len: usize = toks[3]
-            .parse()
-            .map_err(|_| format!("bad len in {line:?}"))?;
-        if pos + len + 2 > b.len() {
-            return Err(format!("short data block: {}", escape(b)));
-        }
-        out.push(Val {
-            key: toks[1].to_string(),
-            flags: toks[2]
-                .parse()
-                .map_err(|_| format!("bad flags in {line:?}"))?,
-            value: String::from_utf8_lossy(&b[pos..pos + len]).into_owned(),
-            cas: toks.get(4).and_then(|t| t.parse().ok()),
-        });
-        pos += len + 2;
-    }
-}
-
 /// A connection to memrelay. The sentinel-based `exchange` is not used:
 /// the sentinel key is routed like any other, and these tests take its
 /// servers down. Replies are framed by their own shape instead.
 struct Px {
     c: Client,
-    addr: String,
 }
 
 impl Px {
     fn connect(addr: &str) -> Px {
         let mut c = Client::connect(addr);
         c.set_deadline(CLIENT_DEADLINE);
-        Px {
-            c,
-            addr: addr.to_string(),
-        }
-    }
-
-    fn reconnect(&mut self) {
-        *self = Px::connect(&self.addr);
+        Px { c }
     }
 
     /// Sends `req`, reads one reply line; returns it and how long it took.
@@ -500,7 +389,7 @@ fn case_name(w: W, pre: Option<&str>, noreply: bool) -> String {
 
 #[test]
 fn seed_scenario_values_survive_primaries_dying_and_are_repaired() {
-    let mut cl = Cluster::start(2, 1, &[]);
+    let mut cl = cluster(2, 1, &[]);
     let keys = [("key1", 3u32, "value-one"), ("key2", 9u32, "value-two")];
     let mut px = cl.px();
     for (k, f, v) in keys {
@@ -544,7 +433,7 @@ fn seed_scenario_values_survive_primaries_dying_and_are_repaired() {
             let got = px.get(k);
             assert!(t.elapsed() < ANSWER_BOUND, "get {k} took {:?}", t.elapsed());
             assert_eq!(
-                got.map(|g| (g.flags, g.value)),
+                got.map(|g| (g.flags, g.data)),
                 Some((f, v.to_string())),
                 "get {k} (round {round}) with both primaries dead"
             );
@@ -566,7 +455,7 @@ fn seed_scenario_values_survive_primaries_dying_and_are_repaired() {
         });
         let mut served = Vec::new();
         let repaired = wait_until(CONVERGE, || {
-            served.push(px.get(k).map(|g| (g.flags, g.value)));
+            served.push(px.get(k).map(|g| (g.flags, g.data)));
             peek(&cl.primaries[p], k) == want
         });
         let wrong: Vec<_> = served
@@ -610,7 +499,7 @@ fn writes_with_primary_killed(wait_marked_down: bool) {
         // Never marked down: every command meets the dead primary itself.
         &["--failure-limit", "1000"]
     };
-    let mut cl = Cluster::start(1, 1, extra);
+    let mut cl = cluster(1, 1, extra);
     let reference = Memcached::start();
     cl.primaries[0].kill();
     if wait_marked_down {
@@ -665,7 +554,7 @@ fn writes_with_primary_killed(wait_marked_down: bool) {
                 continue;
             }
             // And the proxy serves exactly that.
-            let served = px.get(&key).map(|v| (v.flags, v.value));
+            let served = px.get(&key).map(|v| (v.flags, v.data));
             let want_served = want.as_ref().map(|i| (i.flags, i.value.clone()));
             if served != want_served {
                 failures.push(format!(
@@ -730,7 +619,7 @@ enum BackupEnd {
 
 #[test]
 fn backup_mirrors_the_primary_after_every_write() {
-    let mut cl = Cluster::start(1, 1, &[]);
+    let mut cl = cluster(1, 1, &[]);
     let reference = Memcached::start();
     let mut px = cl.px();
     // (command, primary's pre-state, backup's pre-state, backup's end state)
@@ -850,7 +739,7 @@ fn backup_mirrors_the_primary_after_every_write() {
 
 #[test]
 fn hung_primary_is_bypassed_and_never_serves_stale_after_it_resumes() {
-    let mut cl = Cluster::start(2, 1, &[]);
+    let mut cl = cluster(2, 1, &[]);
     let key = "hung-key";
     let p = cl.primary_of(key);
     let mut px = cl.px();
@@ -869,7 +758,7 @@ fn hung_primary_is_bypassed_and_never_serves_stale_after_it_resumes() {
     let took = t.elapsed();
     assert!(took < ANSWER_BOUND, "get with a hung primary took {took:?}");
     assert_eq!(
-        got.map(|v| v.value),
+        got.map(|v| v.data),
         Some("v1".into()),
         "get with a hung primary"
     );
@@ -883,7 +772,7 @@ fn hung_primary_is_bypassed_and_never_serves_stale_after_it_resumes() {
         took < ANSWER_BOUND,
         "multi-get with a hung primary took {took:?}"
     );
-    let got: Vec<(String, String)> = got.into_iter().map(|v| (v.key, v.value)).collect();
+    let got: Vec<(String, String)> = got.into_iter().map(|v| (v.key, v.data)).collect();
     assert_eq!(
         got,
         vec![
@@ -915,7 +804,7 @@ fn hung_primary_is_bypassed_and_never_serves_stale_after_it_resumes() {
     );
     assert_eq!(r.bytes, b"STORED\r\n", "second set: {}", escape(&r.bytes));
     let t = Instant::now();
-    let got = px.get(key).map(|v| v.value);
+    let got = px.get(key).map(|v| v.data);
     assert!(t.elapsed() < ANSWER_BOUND, "get took {:?}", t.elapsed());
     assert_eq!(got, Some("v3".into()), "get while the primary hangs");
 
@@ -926,7 +815,7 @@ fn hung_primary_is_bypassed_and_never_serves_stale_after_it_resumes() {
     let mut bad = Vec::new();
     while Instant::now() < end {
         let t = Instant::now();
-        let got = px.get(key).map(|v| v.value);
+        let got = px.get(key).map(|v| v.data);
         let took = t.elapsed();
         reads += 1;
         if took > ANSWER_BOUND {
@@ -967,7 +856,7 @@ enum BackupOutage {
 /// ones. `settle`: wait until the backup holds no old value before killing
 /// the primary (else kill it right after the backup resumes).
 fn backup_outage(outage: BackupOutage, settle: bool) {
-    let mut cl = Cluster::start(1, 1, &[]);
+    let mut cl = cluster(1, 1, &[]);
     let mut px = cl.px();
     let keys: Vec<String> = (0..20).map(|i| format!("bo{i}")).collect();
     for k in &keys {
@@ -1049,7 +938,7 @@ fn backup_outage(outage: BackupOutage, settle: bool) {
         rounds += 1;
         for k in &keys {
             let t = Instant::now();
-            let got = px.get(k).map(|v| v.value);
+            let got = px.get(k).map(|v| v.data);
             if t.elapsed() > ANSWER_BOUND {
                 bad.push(format!("get {k} took {:?}", t.elapsed()));
             }
@@ -1089,7 +978,7 @@ fn backup_stopped_and_resumed_then_primary_dies_at_once() {
 
 #[test]
 fn both_replicas_down_reads_miss_fast_and_writes_fail() {
-    let mut cl = Cluster::start(2, 1, &[]);
+    let mut cl = cluster(2, 1, &[]);
     let live = cl.keys_on(0, "live", 3);
     let dead = cl.keys_on(1, "dead", 3);
     let mut px = cl.px();
@@ -1123,7 +1012,7 @@ fn both_replicas_down_reads_miss_fast_and_writes_fail() {
             .filter(|k| live.contains(k))
             .map(|k| (k.to_string(), format!("v-{k}")))
             .collect();
-        let got: Vec<(String, String)> = got.into_iter().map(|v| (v.key, v.value)).collect();
+        let got: Vec<(String, String)> = got.into_iter().map(|v| (v.key, v.data)).collect();
         assert_eq!(got, want, "{phase}: multi-get over live and dead keys");
         let (r, took) = px.line_timed(&format!("set {} 0 0 1\r\nz\r\n", dead[0]));
         assert!(took < ANSWER_BOUND, "{phase}: set took {took:?}");
@@ -1162,7 +1051,7 @@ fn both_replicas_down_reads_miss_fast_and_writes_fail() {
 
 #[test]
 fn no_miss_fallback_does_not_read_the_backup_on_a_plain_miss() {
-    let mut cl = Cluster::start(1, 1, &["--no-miss-fallback"]);
+    let mut cl = cluster(1, 1, &["--no-miss-fallback"]);
     poke(&cl.backups[0], "only-on-backup", 6, 0, "b");
     let mut px = cl.px();
     for _ in 0..3 {
@@ -1175,7 +1064,7 @@ fn no_miss_fallback_does_not_read_the_backup_on_a_plain_miss() {
     assert_eq!(peek(&cl.primaries[0], "only-on-backup"), None, "no repair");
     // A primary failure still goes to the backup.
     cl.primaries[0].kill();
-    let got = px.get("only-on-backup").map(|v| (v.flags, v.value));
+    let got = px.get("only-on-backup").map(|v| (v.flags, v.data));
     assert_eq!(
         got,
         Some((6, "b".into())),
@@ -1184,9 +1073,9 @@ fn no_miss_fallback_does_not_read_the_backup_on_a_plain_miss() {
     let _ = cl.diag();
 
     // Control: without the flag the same miss is answered from the backup.
-    let cl2 = Cluster::start(1, 1, &[]);
+    let cl2 = cluster(1, 1, &[]);
     poke(&cl2.backups[0], "only-on-backup", 6, 0, "b");
-    let got = cl2.px().get("only-on-backup").map(|v| (v.flags, v.value));
+    let got = cl2.px().get("only-on-backup").map(|v| (v.flags, v.data));
     assert_eq!(
         got,
         Some((6, "b".into())),
@@ -1200,7 +1089,7 @@ fn no_miss_fallback_does_not_read_the_backup_on_a_plain_miss() {
 
 #[test]
 fn two_proxies_on_the_same_servers_route_identically() {
-    let mut cl = Cluster::start(3, 2, &[]);
+    let mut cl = cluster(3, 2, &[]);
     let other = Memrelay::start(&cl.args);
     let mut a = cl.px();
     let mut b = Px::connect(&other.addr());
@@ -1216,7 +1105,7 @@ fn two_proxies_on_the_same_servers_route_identically() {
             assert_eq!(has, i == p, "{k}: on primary {i}? (its primary is {p})");
         }
         assert_eq!(
-            b.get(k).map(|v| v.value),
+            b.get(k).map(|v| v.data),
             Some(format!("A-{k}")),
             "{k} set through proxy A, read through proxy B"
         );
@@ -1244,7 +1133,7 @@ fn two_proxies_on_the_same_servers_route_identically() {
     cl.primaries[0].kill();
     for k in keys.iter().filter(|k| cl.primary_of(k) == 0) {
         assert_eq!(a.set(k, 1, &format!("A2-{k}")), "STORED\r\n");
-        assert_eq!(b.get(k).map(|v| v.value), Some(format!("A2-{k}")), "{k}");
+        assert_eq!(b.get(k).map(|v| v.data), Some(format!("A2-{k}")), "{k}");
     }
     let _ = cl.diag();
 }
@@ -1284,214 +1173,106 @@ struct ModelCfg {
     conns: usize,
 }
 
-#[derive(Default)]
-struct Tally {
-    ops: u64,
-    gets: u64,
-    hits: u64,
-    misses: u64,
-    sets: u64,
-    deletes: u64,
-    errors: u64,
-    slow: u64,
-    max_latency: Duration,
-    violations: Vec<String>,
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// One key as its owning client knows it.
-#[derive(Clone, Default)]
-struct KeyModel {
-    /// The latest acknowledged state (None: deleted or never set).
-    acked: Option<String>,
-    /// Writes since that ack whose outcome is unknown (error or no answer):
-    /// their values may be served too.
-    maybe: Vec<String>,
-    /// The last operations on the key (for failure reports).
-    history: Vec<String>,
-}
-
-impl KeyModel {
-    fn log(&mut self, ms: u128, conn: usize, what: String) {
-        if self.history.len() == 8 {
-            self.history.remove(0);
-        }
-        self.history.push(format!("{ms}ms conn{conn} {what}"));
-    }
-}
-
-impl KeyModel {
-    fn allows(&self, v: &str) -> bool {
-        self.acked.as_deref() == Some(v) || self.maybe.iter().any(|m| m == v)
-    }
-}
-
-fn is_error_line(b: &[u8]) -> bool {
-    b.starts_with(b"SERVER_ERROR") || b.starts_with(b"ERROR") || b.starts_with(b"CLIENT_ERROR")
-}
-
 /// One client thread: random sets, gets and deletes on its own keys, each
-/// read checked against the model. Returns its tally.
+/// reply judged by the kit's model checker (the one memrelay-chaos uses).
+/// Returns its tally and what it knows of its keys.
 fn model_client(
     addr: &str,
     t: usize,
     cfg: &ModelCfg,
     start: Instant,
     stop: &AtomicBool,
-) -> (Tally, Vec<String>, Vec<KeyModel>) {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((t as u64 + 1) * 0x1000_0001));
-    let keys: Vec<String> = (0..cfg.keys_per_client)
-        .map(|i| format!("c{t}-k{i}"))
+) -> (Tally, Vec<KeyModel>) {
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15 ^ ((t as u64 + 1) * 0x1000_0001));
+    // Every value of key i starts with "t:i:" (its tag: an older value of
+    // the key is stale, anything else is wrong). The key's primary is not
+    // needed: no replica is known to be untouched (see `ctx`).
+    let mut keys: Vec<KeyModel> = (0..cfg.keys_per_client)
+        .map(|i| KeyModel::new(format!("c{t}-k{i}"), format!("{t}:{i}:"), false, 0))
         .collect();
-    let mut model = vec![KeyModel::default(); keys.len()];
-    let mut tally = Tally::default();
-    let mut pxs: Vec<Px> = (0..cfg.conns.max(1)).map(|_| Px::connect(addr)).collect();
+    let ctx = model_ctx(t, start, "during chaos");
+    let mut tally = Tally::new();
+    let mut conns: Vec<Option<Conn>> = (0..cfg.conns.max(1)).map(|_| None).collect();
     let mut seq = 0u64;
-    let note = |tally: &mut Tally, took: Duration, what: &str| {
-        tally.ops += 1;
-        tally.max_latency = tally.max_latency.max(took);
-        if took > ANSWER_BOUND {
-            tally.slow += 1;
-            if tally.violations.len() < 50 {
-                tally.violations.push(format!(
-                    "[{:>6}ms] client {t}: {what} answered in {took:?}",
-                    start.elapsed().as_millis()
-                ));
-            }
-        }
-    };
-    let check_get = |tally: &mut Tally, i: usize, m: &KeyModel, got: &[Val], phase: &str| match got
-    {
-        [] => tally.misses += 1,
-        [v] if v.key == keys[i] => {
-            tally.hits += 1;
-            if !m.allows(&v.value) && tally.violations.len() < 50 {
-                tally.violations.push(format!(
-                        "[{:>6}ms] client {t} {phase}: get {} served {:?}; latest acked {:?}, unknown-outcome {:?}; its history: {:?}",
-                        start.elapsed().as_millis(),
-                        keys[i],
-                        v.value,
-                        m.acked,
-                        m.maybe,
-                        m.history
-                    ));
-            }
-        }
-        _ => tally
-            .violations
-            .push(format!("client {t}: get {} returned {got:?}", keys[i])),
-    };
     while !stop.load(Ordering::Relaxed) {
-        let i = rng.below(keys.len() as u64) as usize;
-        let k = &keys[i];
-        let op = rng.below(100);
-        let ci = rng.below(cfg.conns.max(1) as u64) as usize;
-        let px = &mut pxs[ci];
-        let t0 = start.elapsed().as_millis();
-        if op < 45 {
+        let k = rng.below(keys.len() as u64) as usize;
+        let roll = rng.below(100);
+        let ci = rng.below(conns.len() as u64) as usize;
+        let op = if roll < 45 {
             seq += 1;
-            let v = format!("{t}:{i}:{seq}");
-            let (r, took) = px.line_timed(&format!("set {k} 0 0 {}\r\n{v}\r\n", v.len()));
-            note(&mut tally, took, "set");
-            tally.sets += 1;
-            model[i].log(
-                t0,
-                ci,
-                format!("set {v} -> {}", escape(&r.bytes).trim_end()),
-            );
-            if r.end == End::Complete && r.bytes == b"STORED\r\n" {
-                model[i].acked = Some(v);
-                model[i].maybe.clear();
-            } else {
-                tally.errors += 1;
-                model[i].maybe.push(v);
-                if r.end != End::Complete || !is_error_line(&r.bytes) {
-                    px.reconnect();
-                }
-            }
-        } else if op < 60 {
-            let (r, took) = px.line_timed(&format!("delete {k}\r\n"));
-            note(&mut tally, took, "delete");
-            tally.deletes += 1;
-            model[i].log(t0, ci, format!("delete -> {}", escape(&r.bytes).trim_end()));
-            if r.end == End::Complete && (r.bytes == b"DELETED\r\n" || r.bytes == b"NOT_FOUND\r\n")
-            {
-                model[i].acked = None;
-                model[i].maybe.clear();
-            } else {
-                tally.errors += 1;
-                if r.end != End::Complete || !is_error_line(&r.bytes) {
-                    px.reconnect();
-                }
-            }
+            let item = model::Item {
+                data: format!("{t}:{k}:{seq}"),
+                flags: 0,
+            };
+            Op::Set { k, item }
+        } else if roll < 60 {
+            Op::Delete { k }
         } else {
-            let (r, took) = px.retrieval_timed(&format!("get {k}\r\n"));
-            note(&mut tally, took, "get");
-            tally.gets += 1;
-            match (r.end, parse_values(&r.bytes)) {
-                (End::Complete, Ok(vals)) => {
-                    check_get(&mut tally, i, &model[i], &vals, "during chaos");
-                    let got = vals.first().map(|v| v.value.clone());
-                    model[i].log(t0, ci, format!("get -> {got:?}"));
-                }
-                _ => {
-                    tally.errors += 1;
-                    px.reconnect();
-                }
-            }
+            Op::Get { ks: vec![k] }
+        };
+        let conn = conns[ci].get_or_insert_with(|| connect(addr));
+        if !model::exchange(conn, &ctx, &mut tally, &mut keys, &[op], CLIENT_DEADLINE) {
+            conns[ci] = None;
         }
     }
-    (tally, keys, model)
+    (tally, keys)
+}
+
+/// No replica is ever counted as untouched: the chaos thread does not
+/// report what it does, so a miss is always allowed here (memrelay-chaos,
+/// which tracks it, also checks misses).
+fn no_replica_known(_primary: usize, _since: Instant) -> bool {
+    false
+}
+
+/// How the model judges client `t`'s replies: answered within
+/// ANSWER_BOUND, misses allowed (`no_replica_known`).
+fn model_ctx(t: usize, start: Instant, phase: &str) -> Ctx<'_> {
+    Ctx {
+        start,
+        client: t,
+        phase,
+        bound: ANSWER_BOUND,
+        live_replica: &no_replica_known,
+        strict_writes: false,
+    }
+}
+
+fn connect(addr: &str) -> Conn {
+    Conn::connect(addr).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Reads every key once through a fresh connection: each must be its
-/// latest acknowledged value (or an unknown-outcome one) or a miss.
+/// latest acknowledged value (or an unknown-outcome one) or a miss, and
+/// must be answered. Returns the problems.
 fn final_reads(
     addr: &str,
     t: usize,
-    keys: &[String],
-    model: &[KeyModel],
+    keys: &mut [KeyModel],
+    start: Instant,
     phase: &str,
 ) -> Vec<String> {
-    let mut px = Px::connect(addr);
-    let mut bad = Vec::new();
-    for (k, m) in keys.iter().zip(model) {
-        let (r, took) = px.retrieval_timed(&format!("get {k}\r\n"));
-        if took > ANSWER_BOUND {
-            bad.push(format!("{phase}: client {t}: get {k} took {took:?}"));
+    let ctx = model_ctx(t, start, phase);
+    let mut tally = Tally::new();
+    let mut conn = connect(addr);
+    for k in 0..keys.len() {
+        let op = Op::Get { ks: vec![k] };
+        if !model::exchange(&mut conn, &ctx, &mut tally, keys, &[op], CLIENT_DEADLINE) {
+            conn = connect(addr);
         }
-        match (r.end, parse_values(&r.bytes)) {
-            (End::Complete, Ok(v)) => {
-                if let Some(v) = v.first() {
-                    if !m.allows(&v.value) {
-                        bad.push(format!(
-                            "{phase}: client {t}: get {k} served {:?}; latest acked {:?}, unknown-outcome {:?}",
-                            v.value, m.acked, m.maybe
-                        ));
-                    }
-                }
-            }
-            (end, _) => {
-                bad.push(format!(
-                    "{phase}: client {t}: get {k}: {end:?} {}",
-                    escape(&r.bytes)
-                ));
-                px.reconnect();
-            }
-        }
+    }
+    let mut bad = tally.details.clone();
+    if tally.failures > 0 {
+        bad.push(format!(
+            "{phase}: client {t}: {} final read(s) got no complete reply",
+            tally.failures
+        ));
+    }
+    if tally.violations() > tally.details.len() as u64 {
+        bad.push(format!(
+            "{phase}: client {t}: {} violations in all",
+            tally.violations()
+        ));
     }
     bad
 }
@@ -1505,7 +1286,7 @@ fn chaos(
     stop: &AtomicBool,
     start: Instant,
 ) -> Vec<String> {
-    let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ start.elapsed().as_nanos() as u64);
+    let mut rng = Rng::new(0x2545_f491_4f6c_dd1d ^ start.elapsed().as_nanos() as u64);
     let mut state = vec![Run::Up; primaries.len()];
     let mut log = Vec::new();
     let stamp = |log: &mut Vec<String>, what: String| {
@@ -1601,7 +1382,7 @@ fn chaos(
 /// Clients hammer their own keys while the chaos thread breaks servers;
 /// every read is checked against each client's model.
 fn run_model(name: &str, cfg: ModelCfg) {
-    let mut cl = Cluster::start(cfg.primaries, 1, &[]);
+    let mut cl = cluster(cfg.primaries, 1, &[]);
     let addr = cl.relay.addr();
     let stop = AtomicBool::new(false);
     let start = Instant::now();
@@ -1622,21 +1403,20 @@ fn run_model(name: &str, cfg: ModelCfg) {
         let results: Vec<_> = clients.into_iter().map(|h| h.join().unwrap()).collect();
         (results, chaos_h.join().unwrap())
     });
-    let mut total = Tally::default();
+    let mut total = Tally::new();
     let mut violations = Vec::new();
-    for (t, (tally, keys, model)) in results.iter().enumerate() {
-        total.ops += tally.ops;
-        total.gets += tally.gets;
-        total.hits += tally.hits;
-        total.misses += tally.misses;
-        total.sets += tally.sets;
-        total.deletes += tally.deletes;
-        total.errors += tally.errors;
-        total.slow += tally.slow;
-        total.max_latency = total.max_latency.max(tally.max_latency);
-        violations.extend(tally.violations.iter().cloned());
+    let mut results = results;
+    for (t, (tally, keys)) in results.iter_mut().enumerate() {
+        total.merge(tally);
+        violations.extend(tally.details.iter().cloned());
+        if tally.violations() > tally.details.len() as u64 {
+            violations.push(format!(
+                "client {t}: {} violations in all",
+                tally.violations()
+            ));
+        }
         // Right after every server is back: invalidation may be under way.
-        violations.extend(final_reads(&addr, t, keys, model, "after chaos"));
+        violations.extend(final_reads(&addr, t, keys, start, "after chaos"));
     }
     // Once the proxy sees every server up again.
     let n = cl.primaries.len() + cl.backups.len();
@@ -1653,24 +1433,25 @@ fn run_model(name: &str, cfg: ModelCfg) {
                 .collect::<Vec<_>>()
         ));
     }
-    for (t, (_, keys, model)) in results.iter().enumerate() {
-        violations.extend(final_reads(&addr, t, keys, model, "all up"));
+    for (t, (_, keys)) in results.iter_mut().enumerate() {
+        violations.extend(final_reads(&addr, t, keys, start, "all up"));
     }
     let s = stats(&addr);
+    let errors = total.server_errors + total.failures;
     println!(
-        "{name}: {:?}, {} clients x {} keys, {} chaos events: {} ops ({} sets, {} deletes, {} gets: {} hits, {} misses), {} errors, {} slow (> {ANSWER_BOUND:?}), max latency {:?}; proxy failovers {}, backup_hits {}, repairs {}, mirror_failures {}",
+        "{name}: {:?}, {} clients x {} keys, {} chaos events: {} ops ({} sets, {} deletes, {} gets: {} hits, {} misses), {} errors, {} late (> {ANSWER_BOUND:?}), max latency {:?}; proxy failovers {}, backup_hits {}, repairs {}, mirror_failures {}",
         cfg.run_for,
         cfg.clients,
         cfg.keys_per_client,
         log.len(),
-        total.ops,
+        total.ops(),
         total.sets,
         total.deletes,
         total.gets,
         total.hits,
         total.misses,
-        total.errors,
-        total.slow,
+        errors,
+        total.late,
         total.max_latency,
         s.get("failovers").cloned().unwrap_or_default(),
         s.get("backup_hits").cloned().unwrap_or_default(),
@@ -1678,10 +1459,9 @@ fn run_model(name: &str, cfg: ModelCfg) {
         s.get("mirror_failures").cloned().unwrap_or_default(),
     );
     // With the backup never out, a write always has somewhere to go.
-    if cfg.chaos != Chaos::PrimariesAndBackup && total.errors > 0 {
+    if cfg.chaos != Chaos::PrimariesAndBackup && errors > 0 {
         violations.push(format!(
-            "{} requests failed although every key's backup stayed up",
-            total.errors
+            "{errors} requests failed although every key's backup stayed up"
         ));
     }
     if !violations.is_empty() {
@@ -1694,7 +1474,11 @@ fn run_model(name: &str, cfg: ModelCfg) {
             log.join("\n  ")
         );
     }
-    assert!(total.ops > 100, "{name}: only {} operations ran", total.ops);
+    assert!(
+        total.ops() > 100,
+        "{name}: only {} operations ran",
+        total.ops()
+    );
 }
 
 #[test]
@@ -1748,7 +1532,7 @@ fn model_concurrent_clients_with_primaries_and_backup_failing() {
 
 #[test]
 fn stats_show_server_states_and_ha_counters() {
-    let mut cl = Cluster::start(1, 1, &[]);
+    let mut cl = cluster(1, 1, &[]);
     let mut px = cl.px();
     assert_eq!(px.set("st", 0, "v1"), "STORED\r\n");
     let s = stats(&cl.relay.addr());
@@ -1788,7 +1572,7 @@ fn stats_show_server_states_and_ha_counters() {
     cl.wait_state(0, "down", |cl| {
         let _ = cl.px().get("st");
     });
-    assert_eq!(px.get("st").map(|v| v.value), Some("v2".into()));
+    assert_eq!(px.get("st").map(|v| v.data), Some("v2".into()));
 }
 
 #[test]
@@ -1812,10 +1596,10 @@ fn model_clients_spread_over_proxy_workers_with_primaries_failing() {
 /// whose mirror overtook a newer one.
 #[test]
 fn mirrors_from_different_workers_keep_the_latest_value() {
-    let mut cl = Cluster::start(1, 1, &["-t", "4"]);
+    let mut cl = cluster(1, 1, &["-t", "4"]);
     let mut pxs: Vec<Px> = (0..6).map(|_| cl.px()).collect();
     let keys: Vec<String> = (0..40).map(|i| format!("order{i}")).collect();
-    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let mut rng = Rng::new(0x1234_5678_9abc_def1);
     let mut last: HashMap<String, Option<String>> = HashMap::new();
     for n in 0..3000 {
         let k = &keys[rng.below(keys.len() as u64) as usize];
@@ -1857,7 +1641,7 @@ fn mirrors_from_different_workers_keep_the_latest_value() {
 /// nothing may bring the value back on the primary (the read repair `add`).
 #[test]
 fn a_get_after_an_acknowledged_delete_never_resurrects_the_value() {
-    let mut cl = Cluster::start(1, 1, &["-t", "4"]);
+    let mut cl = cluster(1, 1, &["-t", "4"]);
     let mut pxs: Vec<Px> = (0..8).map(|_| cl.px()).collect();
     let mut stale = Vec::new();
     let rounds = 1500;
@@ -1868,7 +1652,7 @@ fn a_get_after_an_acknowledged_delete_never_resurrects_the_value() {
         assert_eq!(pxs[a].set(&k, 0, &v), "STORED\r\n");
         let r = pxs[b].line(&format!("delete {k}\r\n"));
         assert_eq!(r, "DELETED\r\n", "delete {k}");
-        let got = pxs[(n + 5) % 8].get(&k).map(|v| v.value);
+        let got = pxs[(n + 5) % 8].get(&k).map(|v| v.data);
         if got.is_some() {
             stale.push(format!("round {n}: get {k} after DELETED served {got:?}"));
         }
@@ -1908,7 +1692,7 @@ fn a_get_after_an_acknowledged_delete_never_resurrects_the_value() {
 fn mirrors_from_different_workers_keep_the_latest_value_when_the_backup_lags() {
     // -i 4: each worker keeps four connections to each server and spreads
     // requests over them, so even one worker's mirrors travel apart.
-    let mut cl = Cluster::start(1, 1, &["-t", "4", "-i", "4", "--timeout", "3s"]);
+    let mut cl = cluster(1, 1, &["-t", "4", "-i", "4", "--timeout", "3s"]);
     let mut pxs: Vec<Px> = (0..8).map(|_| cl.px()).collect();
     let keys: Vec<String> = (0..20).map(|i| format!("lag{i}")).collect();
     for k in &keys {
@@ -1968,7 +1752,7 @@ fn mirrors_from_different_workers_keep_the_latest_value_when_the_backup_lags() {
     let mut stale = Vec::new();
     let mut px = cl.px();
     for k in &keys {
-        let got = px.get(k).map(|v| v.value);
+        let got = px.get(k).map(|v| v.data);
         if got.is_some() && &got != &last[k] {
             stale.push(format!(
                 "get {k} served {got:?}, latest acknowledged {:?}",
@@ -2019,7 +1803,7 @@ fn backup_mismatches(m: &Memcached, want: &HashMap<String, Option<String>>) -> V
 /// pre-increment value from then on (the chaos tool's stale incr/append).
 #[test]
 fn a_read_repair_never_copies_back_a_value_older_than_a_fallen_back_write() {
-    let mut cl = Cluster::start(1, 1, &["-t", "1"]);
+    let mut cl = cluster(1, 1, &["-t", "1"]);
     let mut px = cl.px();
     for (n, cmd) in [
         "incr {k} 7\r\n",
@@ -2060,7 +1844,7 @@ fn a_read_repair_never_copies_back_a_value_older_than_a_fallen_back_write() {
             assert_eq!(after, acked, "{write:?}");
             // Every later read sees the write.
             for _ in 0..3 {
-                let got = px.get(&k).map(|v| v.value);
+                let got = px.get(&k).map(|v| v.data);
                 // memcached may keep a decremented number's length, padded
                 // with spaces.
                 if got.as_deref().map(str::trim_end) != Some(want) {
@@ -2083,7 +1867,7 @@ fn a_read_repair_never_copies_back_a_value_older_than_a_fallen_back_write() {
 /// backup paused).
 #[test]
 fn a_fall_back_write_whose_backup_fails_gets_the_primarys_answer() {
-    let mut cl = Cluster::start(1, 1, &["-t", "1"]);
+    let mut cl = cluster(1, 1, &["-t", "1"]);
     let mut px = cl.px();
     // Items only the backup holds (as after the primary restarted empty):
     // each write misses on the primary and falls back to the backup.
@@ -2110,7 +1894,7 @@ fn a_fall_back_write_whose_backup_fails_gets_the_primarys_answer() {
     // was told they did not happen): it is recorded as having missed the
     // keys, so its copies are invalidated before they are served again.
     for k in ["gone1", "gone2", "gone3", "gone4"] {
-        assert_eq!(px.get(k).map(|v| v.value), None, "{k}");
+        assert_eq!(px.get(k).map(|v| v.data), None, "{k}");
     }
     assert!(
         wait_until(CONVERGE, || ["gone2", "gone3", "gone4"]
@@ -2129,7 +1913,7 @@ fn a_fall_back_write_whose_backup_fails_gets_the_primarys_answer() {
 /// other clients may have read the new one.
 #[test]
 fn a_write_whose_client_left_never_leaves_the_backup_behind() {
-    let mut cl = Cluster::start(1, 1, &["-t", "1", "--timeout", "3s"]);
+    let mut cl = cluster(1, 1, &["-t", "1", "--timeout", "3s"]);
     let mut px = cl.px();
     assert_eq!(px.set("left", 0, "10"), "STORED\r\n");
     assert_eq!(
@@ -2210,7 +1994,7 @@ fn a_second_backup_tier_serves_when_the_first_two_are_down() {
     // A read asks one more tier after a failed one: until the two dead
     // servers are marked down (the failed reads count), it may miss.
     let served = wait_until(CONVERGE, || {
-        px.get("tiered").map(|v| v.value).as_deref() == Some("one")
+        px.get("tiered").map(|v| v.data).as_deref() == Some("one")
     });
     assert!(served, "the second backup tier never served the key");
     let (r, took) = px.line_timed("set tiered 4 0 3\r\ntwo\r\n");
@@ -2224,10 +2008,10 @@ fn a_second_backup_tier_serves_when_the_first_two_are_down() {
     primary.restart();
     first.restart();
     let ok = wait_until(CONVERGE, || {
-        px.get("tiered").map(|v| v.value).as_deref() == Some("two")
+        px.get("tiered").map(|v| v.data).as_deref() == Some("two")
     });
     assert!(ok, "after the restarts: {:?}", px.get("tiered"));
     for _ in 0..20 {
-        assert_eq!(px.get("tiered").map(|v| v.value).as_deref(), Some("two"));
+        assert_eq!(px.get("tiered").map(|v| v.data).as_deref(), Some("two"));
     }
 }

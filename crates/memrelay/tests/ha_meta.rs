@@ -15,88 +15,24 @@ mod support;
 use std::time::Duration;
 
 use support::{
-    escape, meta_done, parse_mg, same_item, wait_until, Client, End, Item, Memcached, Memrelay,
+    escape, meta_done, parse_mg, same_item, wait_until, Client, Cluster, End, Item, Memcached,
+    CONVERGE,
 };
 
-const TIMEOUT: &str = "300ms";
-/// Deadline for background work (repairs, marking a server down).
-const CONVERGE: Duration = Duration::from_secs(5);
-
-// ---------------------------------------------------------------------------
-// Cluster: one primary, one backup, one memrelay
-// ---------------------------------------------------------------------------
-
-struct Cluster {
-    primary: Memcached,
-    backup: Memcached,
-    relay: Memrelay,
+/// One primary, one backup and memrelay in front (the kit's `HA_FLAGS`:
+/// 300 ms server timeouts, two workers), with `extra` memrelay flags.
+fn cluster(extra: &[&str]) -> Cluster {
+    Cluster::builder().flags(extra).start()
 }
 
-impl Cluster {
-    fn start(extra: &[&str]) -> Cluster {
-        let primary = Memcached::start();
-        let backup = Memcached::start();
-        let mut args = vec![
-            "-s".to_string(),
-            primary.addr(),
-            "-b".to_string(),
-            backup.addr(),
-        ];
-        for a in [
-            "--timeout",
-            TIMEOUT,
-            "--connect-timeout",
-            TIMEOUT,
-            "-t",
-            "2",
-        ] {
-            args.push(a.to_string());
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let relay = Memrelay::start(&args);
-        Cluster {
-            primary,
-            backup,
-            relay,
-        }
-    }
-
-    fn px(&self) -> Client {
-        let mut c = self.relay.client();
-        c.set_deadline(Duration::from_secs(5));
-        c
-    }
-
-    fn diag(&mut self) -> String {
-        let exited = match self.relay.exited() {
-            Some(st) => format!("memrelay EXITED: {st}\n"),
-            None => String::new(),
-        };
-        let out = self.relay.output();
-        let tail = if out.len() > 3000 {
-            out[out.len() - 3000..].to_string()
-        } else {
-            out
-        };
-        format!("{exited}memrelay output (tail):\n{tail}")
-    }
-
-    /// Waits until the proxy's `stats` says the primary is `down`.
-    fn wait_primary_down(&mut self) {
-        let ok = wait_until(CONVERGE, || {
-            let mut c = self.px();
-            let _ = c.send_until(b"mg nudge v\r\n", meta_done);
-            support::stats(&self.relay.addr())
-                .get("server:0:state")
-                .map(String::as_str)
-                == Some("down")
-        });
-        if !ok {
-            let d = self.diag();
-            panic!("the primary was never marked down\n{d}");
-        }
-    }
+/// Waits until the proxy's `stats` says the primary is `down`, nudging it
+/// with a request that goes there (a server is marked down by failures).
+fn wait_primary_down(cl: &mut Cluster) {
+    cl.wait_state(0, "down", |cl| {
+        let _ = cl.client().send_until(b"mg nudge v\r\n", meta_done);
+    });
 }
+
 // ---------------------------------------------------------------------------
 // Meta replies and items
 // ---------------------------------------------------------------------------
@@ -264,9 +200,9 @@ fn on_reference(r: &Memcached, req: &str) -> String {
 
 #[test]
 fn meta_writes_are_mirrored_to_the_backup() {
-    let mut cl = Cluster::start(&[]);
+    let mut cl = cluster(&[]);
     let reference = Memcached::start();
-    let mut px = cl.px();
+    let mut px = cl.client();
     // (template, primary's pre-state, backup's pre-state)
     let mut cases: Vec<(&str, Option<&str>, Option<&str>)> =
         meta_writes().into_iter().map(|(t, p)| (t, p, p)).collect();
@@ -320,15 +256,15 @@ fn meta_writes_are_mirrored_to_the_backup() {
         .any(|p| tmpl.starts_with(p));
         let takes = pre_p.is_none() && pre_b.is_some() && needs_item;
         if let Some(v) = pre_p {
-            poke(&cl.primary, &key, 7, v);
+            poke(&cl.primaries[0], &key, 7, v);
         }
         if let Some(v) = if takes { pre_b } else { pre_p } {
             poke(&reference, &key, 7, v);
         }
         if let Some(v) = pre_b {
-            poke(&cl.backup, &key, 7, v);
+            poke(&cl.backups[0], &key, 7, v);
         }
-        let req = render(tmpl, &key, token_of(&cl.primary, &key));
+        let req = render(tmpl, &key, token_of(&cl.primaries[0], &key));
         // A quiet template ends in `mn`, which both sides answer.
         let ref_req = render(tmpl, &key, cas_of(&reference, &key));
         let want_reply = on_reference(&reference, ref_req.trim_end_matches("mn\r\n"));
@@ -346,14 +282,14 @@ fn meta_writes_are_mirrored_to_the_backup() {
         }
         // The reply waited for the mirror: no waiting here.
         let want_p = if takes { None } else { peek(&reference, &key) };
-        let got_p = peek(&cl.primary, &key);
+        let got_p = peek(&cl.primaries[0], &key);
         if !same_item(&got_p, &want_p) {
             failures.push(format!(
                 "{name}: primary holds {got_p:?}, expected {want_p:?}"
             ));
             continue;
         }
-        let got_b = peek(&cl.backup, &key);
+        let got_b = peek(&cl.backups[0], &key);
         if takes {
             let want_b = peek(&reference, &key);
             if !same_item(&got_b, &want_b) {
@@ -403,13 +339,13 @@ fn meta_writes_with_primary_killed(wait_marked_down: bool) {
     } else {
         &["--failure-limit", "1000"]
     };
-    let mut cl = Cluster::start(extra);
+    let mut cl = cluster(extra);
     let reference = Memcached::start();
-    cl.primary.kill();
+    cl.primaries[0].kill();
     if wait_marked_down {
-        cl.wait_primary_down();
+        wait_primary_down(&mut cl);
     }
-    let mut px = cl.px();
+    let mut px = cl.client();
     let mut failures = Vec::new();
     let cases = meta_writes();
     for (i, (tmpl, pre)) in cases.iter().copied().enumerate() {
@@ -420,10 +356,10 @@ fn meta_writes_with_primary_killed(wait_marked_down: bool) {
             pre_name(pre)
         );
         if let Some(v) = pre {
-            poke(&cl.backup, &key, 7, v);
+            poke(&cl.backups[0], &key, 7, v);
             poke(&reference, &key, 7, v);
         }
-        let req = render(tmpl, &key, token_of(&cl.backup, &key));
+        let req = render(tmpl, &key, token_of(&cl.backups[0], &key));
         let want_reply = on_reference(&reference, &render(tmpl, &key, cas_of(&reference, &key)));
         let got_reply = through(&mut px, &req);
         if got_reply != want_reply {
@@ -431,7 +367,7 @@ fn meta_writes_with_primary_killed(wait_marked_down: bool) {
                 "{name}: memrelay answered {got_reply:?}, a lone memcached {want_reply:?}"
             ));
         }
-        let (got, want) = (peek(&cl.backup, &key), peek(&reference, &key));
+        let (got, want) = (peek(&cl.backups[0], &key), peek(&reference, &key));
         if !same_item(&got, &want) {
             failures.push(format!("{name}: backup holds {got:?}, expected {want:?}"));
         }
@@ -468,9 +404,9 @@ fn meta_writes_go_to_the_backup_once_when_the_primary_just_died() {
 
 #[test]
 fn mg_miss_falls_back_to_the_backup_and_repairs_the_primary() {
-    let mut cl = Cluster::start(&[]);
+    let mut cl = cluster(&[]);
     let reference = Memcached::start();
-    let mut px = cl.px();
+    let mut px = cl.client();
     let mut failures = Vec::new();
     // (mg flags, key as sent, key as peeked, value, client flags, TTL)
     let bk = b64(b"fb key\x00\xff");
@@ -487,7 +423,7 @@ fn mg_miss_falls_back_to_the_backup_and_repairs_the_primary() {
         let value = format!("val-{key}");
         let b = if peek_key.ends_with(" b") { " b" } else { "" };
         let set = format!("ms {key} {}{b} F{cf} T{ttl}\r\n{value}\r\n", value.len());
-        assert_eq!(direct_mn(&cl.backup, &set), "HD\r\nMN\r\n");
+        assert_eq!(direct_mn(&cl.backups[0], &set), "HD\r\nMN\r\n");
         assert_eq!(direct_mn(&reference, &set), "HD\r\nMN\r\n");
         let req = format!("mg {key} {flags}\r\n")
             .replace("  ", " ")
@@ -502,14 +438,14 @@ fn mg_miss_falls_back_to_the_backup_and_repairs_the_primary() {
         if got != want {
             failures.push(format!("{name}: memrelay answered {got:?}, a lone memcached with the backup's item {want:?}"));
         }
-        let want_item = peek(&cl.backup, peek_key);
+        let want_item = peek(&cl.backups[0], peek_key);
         let repaired = wait_until(CONVERGE, || {
-            same_item(&peek(&cl.primary, peek_key), &want_item)
+            same_item(&peek(&cl.primaries[0], peek_key), &want_item)
         });
         if !repaired {
             failures.push(format!(
                 "{name}: primary never repaired: holds {:?}, backup {want_item:?}",
-                peek(&cl.primary, peek_key)
+                peek(&cl.primaries[0], peek_key)
             ));
         }
     }
@@ -523,14 +459,26 @@ fn mg_miss_falls_back_to_the_backup_and_repairs_the_primary() {
     }
     // A repaired value never overwrites one written meanwhile (add mode):
     // value on the backup, a newer one written on the primary directly.
-    poke(&cl.backup, "fb-race", 1, "old");
+    poke(&cl.backups[0], "fb-race", 1, "old");
     let first = through(&mut px, "mg fb-race v f\r\n");
     if first != "VA 3 f1\r\nold\r\n" {
         failures.push(format!("mg fb-race: {first:?}"));
     }
-    poke(&cl.primary, "fb-race", 2, "new");
-    thread_sleep_short();
-    let now = peek(&cl.primary, "fb-race");
+    poke(&cl.primaries[0], "fb-race", 2, "new");
+    // Whatever the repair left queued for the primary (its add, or a
+    // delete undoing it) was queued before the mg above was answered, on
+    // the one connection (-i 1) from this client's worker to the primary.
+    // A read of the key through the same client follows it there: once it
+    // is answered, memcached has executed all of that, so what the
+    // primary holds now is final. (A late write showing up here is a
+    // failure too: this read finds the key missing and falls back.)
+    let barrier = through(&mut px, "mg fb-race v f\r\n");
+    if barrier != "VA 3 f2\r\nnew\r\n" {
+        failures.push(format!(
+            "mg fb-race after a direct newer write: {barrier:?}"
+        ));
+    }
+    let now = peek(&cl.primaries[0], "fb-race");
     if now.as_ref().map(|i| i.value.as_str()) != Some("new") {
         failures.push(format!(
             "fb-race: primary holds {now:?} after a direct newer write"
@@ -546,24 +494,18 @@ fn mg_miss_falls_back_to_the_backup_and_repairs_the_primary() {
     }
 }
 
-fn thread_sleep_short() {
-    // Only paces the check that a late repair did not overwrite: the
-    // outcome is decided by the peek after it.
-    std::thread::sleep(Duration::from_millis(300));
-}
-
 // ---------------------------------------------------------------------------
 // (d) Quiet mode under failover, (e) base64 keys under failover
 // ---------------------------------------------------------------------------
 
 #[test]
 fn quiet_meta_writes_to_a_dead_primary_stay_quiet_and_land_on_the_backup() {
-    let mut cl = Cluster::start(&[]);
+    let mut cl = cluster(&[]);
     let reference = Memcached::start();
-    cl.primary.kill();
-    let mut px = cl.px();
+    cl.primaries[0].kill();
+    let mut px = cl.client();
     let mut failures = Vec::new();
-    for m in [&cl.backup, &reference] {
+    for m in [&cl.backups[0], &reference] {
         poke(m, "q-exists", 7, "e");
         poke(m, "q-num", 7, "5");
         poke(m, "q-del", 7, "d");
@@ -591,7 +533,7 @@ fn quiet_meta_writes_to_a_dead_primary_stay_quiet_and_land_on_the_backup() {
         "q-num",
         &format!("{bk} b"),
     ] {
-        let (g, w) = (peek(&cl.backup, key), peek(&reference, key));
+        let (g, w) = (peek(&cl.backups[0], key), peek(&reference, key));
         if !same_item(&g, &w) {
             failures.push(format!("{key}: backup holds {g:?}, expected {w:?}"));
         }
@@ -601,7 +543,7 @@ fn quiet_meta_writes_to_a_dead_primary_stay_quiet_and_land_on_the_backup() {
     if r.bytes != b"MN\r\n" {
         failures.push(format!("ms q-alone 1 q + mn: {}", escape(&r.bytes)));
     }
-    let got = peek(&cl.backup, "q-alone");
+    let got = peek(&cl.backups[0], "q-alone");
     if got.as_ref().map(|i| i.value.as_str()) != Some("1") {
         failures.push(format!("q-alone on the backup: {got:?}"));
     }
@@ -617,8 +559,8 @@ fn quiet_meta_writes_to_a_dead_primary_stay_quiet_and_land_on_the_backup() {
 
 #[test]
 fn base64_keys_are_mirrored_and_fail_over_by_their_decoded_key() {
-    let mut cl = Cluster::start(&[]);
-    let mut px = cl.px();
+    let mut cl = cluster(&[]);
+    let mut px = cl.client();
     let mut failures = Vec::new();
     let keys: Vec<Vec<u8>> = vec![
         b"a b".to_vec(),
@@ -634,7 +576,7 @@ fn base64_keys_are_mirrored_and_fail_over_by_their_decoded_key() {
             failures.push(format!("ms {e} b (all up): {got:?}"));
         }
         let pk = format!("{e} b");
-        let (p, b) = (peek(&cl.primary, &pk), peek(&cl.backup, &pk));
+        let (p, b) = (peek(&cl.primaries[0], &pk), peek(&cl.backups[0], &pk));
         let want = Some(Item {
             value: format!("v{i}"),
             flags: i as u32,
@@ -655,7 +597,7 @@ fn base64_keys_are_mirrored_and_fail_over_by_their_decoded_key() {
     // an append: memcached 1.6.18 drops an item's binary-key mark when
     // `ms ... b MA` appends to it, and then echoes the raw key, CR LF
     // included, in `k`, a reply no client can frame. That is memcached's.)
-    cl.primary.kill();
+    cl.primaries[0].kill();
     for (i, k) in keys.iter().enumerate() {
         let e = b64(k);
         let got = through(&mut px, &format!("ms {e} 2 b F{}\r\nn{i}\r\n", i + 10));
@@ -675,7 +617,7 @@ fn base64_keys_are_mirrored_and_fail_over_by_their_decoded_key() {
     if got != "HD\r\n" {
         failures.push(format!("md {e0} b (primary dead): {got:?}"));
     }
-    if let Some(it) = peek(&cl.backup, &format!("{e0} b")) {
+    if let Some(it) = peek(&cl.backups[0], &format!("{e0} b")) {
         failures.push(format!("{e0} still on the backup after md: {it:?}"));
     }
     let ev = b64(b"viv \x02");
@@ -683,24 +625,24 @@ fn base64_keys_are_mirrored_and_fail_over_by_their_decoded_key() {
     if got != "VA 2\r\n41\r\n" {
         failures.push(format!("ma {ev} b N0 J41 v (primary dead): {got:?}"));
     }
-    let got = peek(&cl.backup, &format!("{ev} b"));
+    let got = peek(&cl.backups[0], &format!("{ev} b"));
     if got.as_ref().map(|i| i.value.as_str()) != Some("41") {
         failures.push(format!("{ev} on the backup after ma N0 J41: {got:?}"));
     }
     // Back empty: reads fall back to the backup and repair under the key.
-    cl.primary.restart();
+    cl.primaries[0].restart();
     let e2 = b64(&keys[2]);
     let pk = format!("{e2} b");
-    let want = peek(&cl.backup, &pk);
+    let want = peek(&cl.backups[0], &pk);
     let mut served = Vec::new();
     let repaired = wait_until(CONVERGE, || {
         served.push(through(&mut px, &format!("mg {e2} b v f\r\n")));
-        same_item(&peek(&cl.primary, &pk), &want)
+        same_item(&peek(&cl.primaries[0], &pk), &want)
     });
     if !repaired {
         failures.push(format!(
             "{e2} never repaired onto the primary: {:?}, backup {want:?}",
-            peek(&cl.primary, &pk)
+            peek(&cl.primaries[0], &pk)
         ));
     }
     let wrong: Vec<&String> = served
@@ -722,10 +664,10 @@ fn base64_keys_are_mirrored_and_fail_over_by_their_decoded_key() {
 
 #[test]
 fn meta_with_both_replicas_down_misses_and_fails_writes() {
-    let mut cl = Cluster::start(&[]);
-    cl.primary.kill();
-    cl.backup.kill();
-    let mut px = cl.px();
+    let mut cl = cluster(&[]);
+    cl.primaries[0].kill();
+    cl.backups[0].kill();
+    let mut px = cl.client();
     let got = through(&mut px, "mg gone v k O7\r\n");
     assert_eq!(got, "EN kgone O7\r\n", "{}", cl.diag());
     for req in ["ms gone 1\r\nx\r\n", "md gone\r\n", "ma gone\r\n"] {

@@ -10,66 +10,33 @@ mod support;
 
 use std::time::Duration;
 
-use support::{escape, meta_done, parse_mg, Client, End, Item, Memcached, Memrelay};
+use support::{escape, meta_done, parse_mg, Client, Cluster, End, Item, Memcached, CONVERGE};
 
-const TIMEOUT: &str = "300ms";
-const CONVERGE: Duration = Duration::from_secs(5);
-
-/// One primary, one backup, one memrelay.
-struct Pair {
-    primary: Memcached,
-    backup: Memcached,
-    relay: Memrelay,
+/// One primary, one backup and memrelay in front (the kit's `HA_FLAGS`:
+/// 300 ms server timeouts, two workers), with `extra` memrelay flags.
+fn pair(extra: &[&str]) -> Cluster {
+    Cluster::builder().flags(extra).start()
 }
 
-impl Pair {
-    fn start(extra: &[&str]) -> Pair {
-        let primary = Memcached::start();
-        let backup = Memcached::start();
-        let mut args = vec![
-            "-s".to_string(),
-            primary.addr(),
-            "-b".to_string(),
-            backup.addr(),
-            "--timeout".into(),
-            TIMEOUT.into(),
-            "--connect-timeout".into(),
-            TIMEOUT.into(),
-            "-t".into(),
-            "2".into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let relay = Memrelay::start(&args);
-        Pair {
-            primary,
-            backup,
-            relay,
-        }
-    }
+/// A client of the proxy whose `exchange` frames replies by a sentinel.
+fn proxy_client(pair: &Cluster) -> Client {
+    let mut c = Client::with_sentinel(&pair.relay.addr());
+    c.set_deadline(Duration::from_secs(5));
+    c
+}
 
-    fn px(&self) -> Client {
-        let mut c = Client::with_sentinel(&self.relay.addr());
-        c.set_deadline(Duration::from_secs(5));
-        c
-    }
-
-    /// SIGSTOPs server `index` (0 the primary, 1 the backup) and waits
-    /// until memrelay marks it down, nudging it with requests through `px`
-    /// (a server is marked down by requests that fail).
-    fn stop_until_down(&mut self, index: usize, px: &mut Client) {
-        let (server, nudge) = match index {
-            0 => (&mut self.primary, "get nudge\r\n"),
-            _ => (&mut self.backup, "set nudge 0 0 1\r\nx\r\n"),
-        };
-        server.stop();
-        let addr = self.relay.addr();
-        let state = format!("server:{index}:state");
-        let down = support::wait_until(CONVERGE, || {
-            let _ = exchange(px, nudge);
-            support::stats(&addr).get(&state).map(String::as_str) == Some("down")
-        });
-        assert!(down, "the stopped server {index} was never marked down");
-    }
+/// SIGSTOPs server `index` (0 the primary, 1 the backup) and waits
+/// until memrelay marks it down, nudging it with requests through `px`
+/// (a server is marked down by requests that fail).
+fn stop_until_down(pair: &mut Cluster, index: usize, px: &mut Client) {
+    let nudge = match index {
+        0 => "get nudge\r\n",
+        _ => "set nudge 0 0 1\r\nx\r\n",
+    };
+    pair.server(index).stop();
+    pair.wait_state(index, "down", |_| {
+        let _ = exchange(px, nudge);
+    });
 }
 
 /// The item for `key` on `m`, read straight from it.
@@ -128,8 +95,8 @@ fn mask_cas(s: &str) -> String {
 /// the set must not overtake the first write's copy on the backup.
 #[test]
 fn pipelined_writes_to_one_key_leave_the_replicas_alike() {
-    let pair = Pair::start(&[]);
-    let mut px = pair.px();
+    let pair = pair(&[]);
+    let mut px = proxy_client(&pair);
     let firsts = [
         "append k 0 0 1\r\nx\r\n",
         "prepend k 0 0 1\r\nx\r\n",
@@ -158,7 +125,10 @@ fn pipelined_writes_to_one_key_leave_the_replicas_alike() {
         assert_eq!(r, "STORED\r\n");
         let reply = exchange(&mut px, &format!("{first}set {key} 0 0 2\r\nv2\r\n"));
         assert!(reply.ends_with("STORED\r\n"), "{first}: {reply}");
-        let (p, b) = (value_of(&pair.primary, &key), value_of(&pair.backup, &key));
+        let (p, b) = (
+            value_of(&pair.primaries[0], &key),
+            value_of(&pair.backups[0], &key),
+        );
         assert_eq!(p.as_deref(), Some("v2"), "primary after {first:?}");
         assert!(
             b.is_none() || b == p,
@@ -172,16 +142,19 @@ fn pipelined_writes_to_one_key_leave_the_replicas_alike() {
 /// memcached would answer, and the set is not undone by the get's repair.
 #[test]
 fn a_pipelined_fallback_read_is_not_overtaken_by_a_later_set() {
-    let pair = Pair::start(&[]);
-    let mut px = pair.px();
-    assert_eq!(direct(&pair.backup, "set j 0 0 2\r\nv1\r\n"), "STORED\r\n");
+    let pair = pair(&[]);
+    let mut px = proxy_client(&pair);
+    assert_eq!(
+        direct(&pair.backups[0], "set j 0 0 2\r\nv1\r\n"),
+        "STORED\r\n"
+    );
     let r = exchange(&mut px, "get j\r\nset j 0 0 2\r\nv2\r\nget j\r\n");
     assert_eq!(
         r,
         "VALUE j 0 2\r\nv1\r\nEND\r\nSTORED\r\nVALUE j 0 2\r\nv2\r\nEND\r\n"
     );
-    assert_eq!(value_of(&pair.primary, "j").as_deref(), Some("v2"));
-    assert_eq!(value_of(&pair.backup, "j").as_deref(), Some("v2"));
+    assert_eq!(value_of(&pair.primaries[0], "j").as_deref(), Some("v2"));
+    assert_eq!(value_of(&pair.backups[0], "j").as_deref(), Some("v2"));
 }
 
 /// A pipeline of mixed commands over a few keys.
@@ -216,22 +189,25 @@ fn random_pipeline(rng: &mut fastrand::Rng, len: usize, keys: usize) -> String {
 /// primary's item (or nothing) for every key.
 #[test]
 fn a_pipeline_over_few_keys_answers_as_one_memcached() {
-    let pair = Pair::start(&[]);
+    let pair = pair(&[]);
     for seed in 1..=8u64 {
         let reference = Memcached::start();
         // Seeded, so a failure names its pipeline.
         let mut rng = fastrand::Rng::with_seed(seed);
         let pipeline = random_pipeline(&mut rng, 60, 20);
         // Start from nothing on every side.
-        assert_eq!(direct(&pair.primary, "flush_all\r\n"), "OK\r\n");
-        assert_eq!(direct(&pair.backup, "flush_all\r\n"), "OK\r\n");
-        let mut px = pair.px();
+        assert_eq!(direct(&pair.primaries[0], "flush_all\r\n"), "OK\r\n");
+        assert_eq!(direct(&pair.backups[0], "flush_all\r\n"), "OK\r\n");
+        let mut px = proxy_client(&pair);
         let got = mask_cas(&exchange(&mut px, &pipeline));
         let want = mask_cas(&direct(&reference, &pipeline));
         assert_eq!(got, want, "seed {seed}, pipeline:\n{pipeline}");
         for k in 0..20 {
             let key = format!("p{k}");
-            let (p, b) = (value_of(&pair.primary, &key), value_of(&pair.backup, &key));
+            let (p, b) = (
+                value_of(&pair.primaries[0], &key),
+                value_of(&pair.backups[0], &key),
+            );
             assert!(
                 b.is_none() || b == p,
                 "seed {seed}: backup holds {b:?} for {key}, primary {p:?}"
@@ -251,15 +227,18 @@ fn ttl_of(m: &Memcached, key: &str) -> Option<i64> {
 
 #[test]
 fn gat_and_mg_t_change_the_ttl_on_every_replica() {
-    let pair = Pair::start(&[]);
-    let mut px = pair.px();
+    let pair = pair(&[]);
+    let mut px = proxy_client(&pair);
     // Shortened: the backup must not keep the old, longer TTL.
     assert_eq!(exchange(&mut px, "set a 0 100 2\r\nv1\r\n"), "STORED\r\n");
     assert_eq!(
         exchange(&mut px, "gat 2 a\r\n"),
         "VALUE a 0 2\r\nv1\r\nEND\r\n"
     );
-    let (p, b) = (ttl_of(&pair.primary, "a"), ttl_of(&pair.backup, "a"));
+    let (p, b) = (
+        ttl_of(&pair.primaries[0], "a"),
+        ttl_of(&pair.backups[0], "a"),
+    );
     assert!(
         matches!(b, Some(t) if t <= 2),
         "backup TTL {b:?}, primary {p:?}"
@@ -268,7 +247,7 @@ fn gat_and_mg_t_change_the_ttl_on_every_replica() {
     assert_eq!(exchange(&mut px, "set b 0 2 2\r\nv1\r\n"), "STORED\r\n");
     let r = exchange(&mut px, "gats 100 b\r\n");
     assert!(r.starts_with("VALUE b 0 2 "), "{r}");
-    let b = ttl_of(&pair.backup, "b");
+    let b = ttl_of(&pair.backups[0], "b");
     assert!(matches!(b, Some(t) if t > 90), "backup TTL {b:?}");
     // Expired at once: memcached misses right after, so must the proxy.
     assert_eq!(exchange(&mut px, "set c 0 100 2\r\nv1\r\n"), "STORED\r\n");
@@ -276,11 +255,11 @@ fn gat_and_mg_t_change_the_ttl_on_every_replica() {
         exchange(&mut px, "gat -1 c\r\nget c\r\n"),
         "VALUE c 0 2\r\nv1\r\nEND\r\nEND\r\n"
     );
-    assert_eq!(value_of(&pair.backup, "c"), None);
+    assert_eq!(value_of(&pair.backups[0], "c"), None);
     // The meta form.
     assert_eq!(exchange(&mut px, "set d 0 100 2\r\nv1\r\n"), "STORED\r\n");
     assert_eq!(exchange(&mut px, "mg d T1 v\r\n"), "VA 2\r\nv1\r\n");
-    let b = ttl_of(&pair.backup, "d");
+    let b = ttl_of(&pair.backups[0], "d");
     assert!(
         matches!(b, Some(t) if t <= 1),
         "backup TTL after mg T1: {b:?}"
@@ -293,7 +272,7 @@ fn gat_and_mg_t_change_the_ttl_on_every_replica() {
     let r = exchange(&mut px, "gat 5 e1 nothere e2\r\n");
     assert_eq!(r, "VALUE e1 0 1\r\nx\r\nVALUE e2 0 1\r\ny\r\nEND\r\n");
     for k in ["e1", "e2"] {
-        let b = ttl_of(&pair.backup, k);
+        let b = ttl_of(&pair.backups[0], k);
         assert!(matches!(b, Some(t) if t <= 5), "{k}: backup TTL {b:?}");
     }
 }
@@ -303,21 +282,21 @@ fn gat_and_mg_t_change_the_ttl_on_every_replica() {
 /// it serves the key again.
 #[test]
 fn a_gat_that_went_past_a_down_primary_is_recorded_as_missed() {
-    let mut pair = Pair::start(&["--failure-limit", "1"]);
-    let mut px = pair.px();
+    let mut pair = pair(&["--failure-limit", "1"]);
+    let mut px = proxy_client(&pair);
     assert_eq!(exchange(&mut px, "set k 0 100 2\r\nv1\r\n"), "STORED\r\n");
-    pair.stop_until_down(0, &mut px);
+    stop_until_down(&mut pair, 0, &mut px);
     assert_eq!(
         exchange(&mut px, "gat 1 k\r\n"),
         "VALUE k 0 2\r\nv1\r\n".to_string() + "END\r\n"
     );
-    pair.primary.cont();
+    pair.primaries[0].cont();
     // The primary still holds k with the old TTL until it is invalidated.
-    let gone = support::wait_until(CONVERGE, || value_of(&pair.primary, "k").is_none());
+    let gone = support::wait_until(CONVERGE, || value_of(&pair.primaries[0], "k").is_none());
     assert!(
         gone,
         "the primary kept k with its old TTL: {:?}",
-        peek(&pair.primary, "k")
+        peek(&pair.primaries[0], "k")
     );
 }
 
@@ -329,54 +308,60 @@ fn a_gat_that_went_past_a_down_primary_is_recorded_as_missed() {
 /// not steal a lock the backup still holds.
 #[test]
 fn add_after_the_primary_restarted_empty_does_not_steal_the_lock() {
-    let mut pair = Pair::start(&[]);
-    let mut px = pair.px();
+    let mut pair = pair(&[]);
+    let mut px = proxy_client(&pair);
     assert_eq!(
         exchange(&mut px, "set lock 0 0 6\r\nholder\r\n"),
         "STORED\r\n"
     );
-    pair.primary.restart();
-    let mut px = pair.px();
+    pair.primaries[0].restart();
+    let mut px = proxy_client(&pair);
     let r = exchange(&mut px, "add lock 0 0 5\r\nthief\r\n");
     assert_eq!(r, "NOT_STORED\r\n");
-    assert_eq!(value_of(&pair.backup, "lock").as_deref(), Some("holder"));
+    assert_eq!(
+        value_of(&pair.backups[0], "lock").as_deref(),
+        Some("holder")
+    );
     assert_eq!(
         exchange(&mut px, "get lock\r\n"),
         "VALUE lock 0 6\r\nholder\r\nEND\r\n"
     );
     // The meta form, on a key the restarted primary lacks as well.
-    assert_eq!(direct(&pair.backup, "set m 0 0 2\r\nv1\r\n"), "STORED\r\n");
+    assert_eq!(
+        direct(&pair.backups[0], "set m 0 0 2\r\nv1\r\n"),
+        "STORED\r\n"
+    );
     assert_eq!(exchange(&mut px, "ms m 2 ME\r\nv3\r\n"), "NS\r\n");
-    assert_eq!(value_of(&pair.backup, "m").as_deref(), Some("v1"));
+    assert_eq!(value_of(&pair.backups[0], "m").as_deref(), Some("v1"));
     // A free key is created on both replicas.
     assert_eq!(exchange(&mut px, "add free 0 0 1\r\nx\r\n"), "STORED\r\n");
-    assert_eq!(value_of(&pair.primary, "free").as_deref(), Some("x"));
-    assert_eq!(value_of(&pair.backup, "free").as_deref(), Some("x"));
+    assert_eq!(value_of(&pair.primaries[0], "free").as_deref(), Some("x"));
+    assert_eq!(value_of(&pair.backups[0], "free").as_deref(), Some("x"));
     assert_eq!(
         exchange(&mut px, "ms free2 1 ME q\r\ny\r\nmn\r\n"),
         "MN\r\n"
     );
-    assert_eq!(value_of(&pair.primary, "free2").as_deref(), Some("y"));
-    assert_eq!(value_of(&pair.backup, "free2").as_deref(), Some("y"));
+    assert_eq!(value_of(&pair.primaries[0], "free2").as_deref(), Some("y"));
+    assert_eq!(value_of(&pair.backups[0], "free2").as_deref(), Some("y"));
 }
 
 /// The same without a restart: a write that went to the backup while the
 /// primary was stopped, then invalidated on the primary when it resumed.
 #[test]
 fn add_after_an_invalidation_answers_from_the_backup() {
-    let mut pair = Pair::start(&["--failure-limit", "1"]);
-    let mut px = pair.px();
+    let mut pair = pair(&["--failure-limit", "1"]);
+    let mut px = proxy_client(&pair);
     assert_eq!(exchange(&mut px, "set k 0 0 2\r\nv1\r\n"), "STORED\r\n");
-    pair.stop_until_down(0, &mut px);
+    stop_until_down(&mut pair, 0, &mut px);
     let addr = pair.relay.addr();
     assert_eq!(exchange(&mut px, "set k 0 0 2\r\nv2\r\n"), "STORED\r\n");
-    pair.primary.cont();
+    pair.primaries[0].cont();
     let invalidated = support::wait_until(CONVERGE, || {
         support::stats(&addr)
             .get("server:0:state")
             .map(String::as_str)
             == Some("up")
-            && value_of(&pair.primary, "k").is_none()
+            && value_of(&pair.primaries[0], "k").is_none()
     });
     assert!(invalidated, "k was never invalidated on the primary");
     assert_eq!(exchange(&mut px, "add k 0 0 2\r\nv3\r\n"), "NOT_STORED\r\n");
@@ -391,16 +376,23 @@ fn add_after_an_invalidation_answers_from_the_backup() {
 /// backup created meanwhile does not stand.
 #[test]
 fn add_on_a_key_only_the_primary_holds_is_refused_and_leaves_no_copy() {
-    let pair = Pair::start(&[]);
-    let mut px = pair.px();
-    assert_eq!(direct(&pair.primary, "set p 0 0 2\r\nv1\r\n"), "STORED\r\n");
+    let pair = pair(&[]);
+    let mut px = proxy_client(&pair);
+    assert_eq!(
+        direct(&pair.primaries[0], "set p 0 0 2\r\nv1\r\n"),
+        "STORED\r\n"
+    );
     assert_eq!(
         exchange(&mut px, "add p 0 0 5\r\nthief\r\n"),
         "NOT_STORED\r\n"
     );
-    assert_eq!(value_of(&pair.primary, "p").as_deref(), Some("v1"));
-    let gone = support::wait_until(CONVERGE, || value_of(&pair.backup, "p").is_none());
-    assert!(gone, "the backup kept {:?}", value_of(&pair.backup, "p"));
+    assert_eq!(value_of(&pair.primaries[0], "p").as_deref(), Some("v1"));
+    let gone = support::wait_until(CONVERGE, || value_of(&pair.backups[0], "p").is_none());
+    assert!(
+        gone,
+        "the backup kept {:?}",
+        value_of(&pair.backups[0], "p")
+    );
     assert_eq!(
         exchange(&mut px, "get p\r\n"),
         "VALUE p 0 2\r\nv1\r\nEND\r\n"
@@ -415,15 +407,15 @@ fn add_on_a_key_only_the_primary_holds_is_refused_and_leaves_no_copy() {
 /// primary, which held it, restarted empty: the resync of the primary must
 /// not copy the backup's older value (or a value deleted since) back.
 fn a_resync_never_copies_what_its_source_missed(second: &str) {
-    let mut pair = Pair::start(&["--failure-limit", "1"]);
-    let mut px = pair.px();
+    let mut pair = pair(&["--failure-limit", "1"]);
+    let mut px = proxy_client(&pair);
     assert_eq!(exchange(&mut px, "set k 0 0 2\r\nv1\r\n"), "STORED\r\n");
-    pair.stop_until_down(1, &mut px);
+    stop_until_down(&mut pair, 1, &mut px);
     let addr = pair.relay.addr();
     let r = exchange(&mut px, second);
     assert!(r == "STORED\r\n" || r == "DELETED\r\n", "{second}: {r}");
-    pair.primary.restart();
-    pair.backup.cont();
+    pair.primaries[0].restart();
+    pair.backups[0].cont();
     // The resync runs (or gives up and retries); whatever it copied is
     // visible once it finished and both servers are up.
     let settled = support::wait_until(Duration::from_secs(20), || {
@@ -436,7 +428,7 @@ fn a_resync_never_copies_what_its_source_missed(second: &str) {
         "the resync never finished: {}",
         pair.relay.output()
     );
-    let mut px = pair.px();
+    let mut px = proxy_client(&pair);
     let r = exchange(&mut px, "get k\r\n");
     assert!(
         r == "END\r\n" || r == "VALUE k 0 2\r\nv2\r\nEND\r\n",
@@ -483,21 +475,21 @@ fn unique_of(gets_reply: &str) -> u64 {
 /// fresh counter's first unique again. The old unique must not match it.
 #[test]
 fn a_cas_unique_from_before_a_restart_never_matches_a_newer_item() {
-    let mut pair = Pair::start(&[]);
+    let mut pair = pair(&[]);
     let addr = pair.relay.addr();
     assert_eq!(plain(&addr, "set k 0 0 2\r\nv1\r\n"), "STORED\r\n");
     let old = unique_of(&plain(&addr, "gets k\r\n"));
-    pair.primary.kill();
+    pair.primaries[0].kill();
     assert_eq!(plain(&addr, "set k 0 0 2\r\nv2\r\n"), "STORED\r\n");
-    pair.primary.restart();
+    pair.primaries[0].restart();
     // Wait until the proxy uses the restarted primary again, and k was
     // copied back to it (read repair or resync).
     let repaired = support::wait_until(Duration::from_secs(10), || {
         let _ = plain(&addr, "get k\r\n");
-        value_of(&pair.primary, "k").as_deref() == Some("v2")
+        value_of(&pair.primaries[0], "k").as_deref() == Some("v2")
     });
     assert!(repaired, "k never came back to the primary");
-    let direct_unique = direct(&pair.primary, "gets k\r\n");
+    let direct_unique = direct(&pair.primaries[0], "gets k\r\n");
     let r = plain(&addr, &format!("cas k 0 0 2 {old}\r\nv3\r\n"));
     assert_eq!(
         r, "EXISTS\r\n",
@@ -525,24 +517,27 @@ fn a_cas_unique_from_before_a_restart_never_matches_a_newer_item() {
 /// the primary's item once the primary serves again.
 #[test]
 fn a_cas_unique_from_the_backup_never_matches_the_primarys_item() {
-    let pair = Pair::start(&[]);
+    let pair = pair(&[]);
     let addr = pair.relay.addr();
     // The backup holds k alone (the primary lost it): gets falls back.
-    assert_eq!(direct(&pair.backup, "set k 0 0 2\r\nv1\r\n"), "STORED\r\n");
     assert_eq!(
-        direct(&pair.primary, "set other 0 0 1\r\nx\r\n"),
+        direct(&pair.backups[0], "set k 0 0 2\r\nv1\r\n"),
+        "STORED\r\n"
+    );
+    assert_eq!(
+        direct(&pair.primaries[0], "set other 0 0 1\r\nx\r\n"),
         "STORED\r\n"
     );
     let from_backup = unique_of(&plain(&addr, "gets k\r\n"));
     // The repair gave the primary k, under its own counter (which here
     // gives the same number: only the token tells the two apart).
-    assert_eq!(value_of(&pair.primary, "k").as_deref(), Some("v1"));
+    assert_eq!(value_of(&pair.primaries[0], "k").as_deref(), Some("v1"));
     let r = plain(&addr, &format!("cas k 0 0 2 {from_backup}\r\nv2\r\n"));
     assert_eq!(
         r,
         "EXISTS\r\n",
         "backup's {from_backup}, primary's {:?}",
-        direct(&pair.primary, "gets k\r\n")
+        direct(&pair.primaries[0], "gets k\r\n")
     );
 }
 
@@ -551,14 +546,14 @@ fn a_cas_unique_from_the_backup_never_matches_the_primarys_item() {
 /// fresh one; with no item anywhere, they create it as memcached does.
 #[test]
 fn autovivify_uses_the_backups_item_and_creates_only_when_none_exists() {
-    let mut pair = Pair::start(&[]);
-    let mut px = pair.px();
+    let mut pair = pair(&[]);
+    let mut px = proxy_client(&pair);
     assert_eq!(exchange(&mut px, "set cnt 0 0 2\r\n20\r\n"), "STORED\r\n");
     assert_eq!(exchange(&mut px, "set lease 0 0 2\r\nv1\r\n"), "STORED\r\n");
-    pair.primary.restart();
-    let mut px = pair.px();
+    pair.primaries[0].restart();
+    let mut px = proxy_client(&pair);
     assert_eq!(exchange(&mut px, "ma cnt N0 J13 v\r\n"), "VA 2\r\n21\r\n");
-    assert_eq!(value_of(&pair.backup, "cnt").as_deref(), Some("21"));
+    assert_eq!(value_of(&pair.backups[0], "cnt").as_deref(), Some("21"));
     assert_eq!(exchange(&mut px, "mg lease N30 v\r\n"), "VA 2\r\nv1\r\n");
     // Nothing anywhere: exactly what one memcached answers.
     let reference = Memcached::start();
@@ -571,8 +566,8 @@ fn autovivify_uses_the_backups_item_and_creates_only_when_none_exists() {
         let want = direct(&reference, req);
         assert_eq!(exchange(&mut px, req), want, "{req}");
     }
-    assert_eq!(value_of(&pair.primary, "fresh").as_deref(), Some("14"));
-    assert_eq!(value_of(&pair.backup, "fresh").as_deref(), Some("14"));
+    assert_eq!(value_of(&pair.primaries[0], "fresh").as_deref(), Some("14"));
+    assert_eq!(value_of(&pair.backups[0], "fresh").as_deref(), Some("14"));
 }
 
 /// The backup's copy expired a moment before the primary's (each memcached's
@@ -581,18 +576,18 @@ fn autovivify_uses_the_backups_item_and_creates_only_when_none_exists() {
 /// live on one replica only.
 #[test]
 fn a_gat_restores_a_backup_copy_that_expired_first() {
-    let pair = Pair::start(&[]);
-    let mut px = pair.px();
+    let pair = pair(&[]);
+    let mut px = proxy_client(&pair);
     assert_eq!(
-        direct(&pair.primary, "set k 5 100 2\r\nv1\r\n"),
+        direct(&pair.primaries[0], "set k 5 100 2\r\nv1\r\n"),
         "STORED\r\n"
     );
-    assert_eq!(value_of(&pair.backup, "k"), None);
+    assert_eq!(value_of(&pair.backups[0], "k"), None);
     assert_eq!(
         exchange(&mut px, "gat 0 k\r\n"),
         "VALUE k 5 2\r\nv1\r\nEND\r\n"
     );
-    let b = peek(&pair.backup, "k");
+    let b = peek(&pair.backups[0], "k");
     assert!(
         matches!(&b, Some(i) if i.value == "v1" && i.flags == 5 && i.ttl == -1),
         "backup after the gat: {b:?}"
@@ -604,12 +599,12 @@ fn a_gat_restores_a_backup_copy_that_expired_first() {
 /// not be overtaken by the repair (the key would come back).
 #[test]
 fn an_mg_repair_is_not_overtaken_by_a_pipelined_delete() {
-    let pair = Pair::start(&[]);
-    let mut px = pair.px();
+    let pair = pair(&[]);
+    let mut px = proxy_client(&pair);
     for i in 0..20 {
         let key = format!("r{i}");
         assert_eq!(
-            direct(&pair.backup, &format!("set {key} 0 0 2\r\nv1\r\n")),
+            direct(&pair.backups[0], &format!("set {key} 0 0 2\r\nv1\r\n")),
             "STORED\r\n"
         );
         let r = exchange(
@@ -618,12 +613,12 @@ fn an_mg_repair_is_not_overtaken_by_a_pipelined_delete() {
         );
         assert_eq!(r, "VA 2\r\nv1\r\nHD\r\nEN\r\n", "{key}");
         assert_eq!(
-            value_of(&pair.primary, &key),
+            value_of(&pair.primaries[0], &key),
             None,
             "{key} came back on the primary"
         );
         assert_eq!(
-            value_of(&pair.backup, &key),
+            value_of(&pair.backups[0], &key),
             None,
             "{key} is still on the backup"
         );

@@ -12,8 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use support::{
-    free_port, http_get, memrelay_bin, wait_until, Client, Memcached, Memrelay, IO_DEADLINE,
-    START_DEADLINE,
+    free_port, http_get, memrelay_bin, stat_u64, wait_until, Client, Memcached, Memrelay,
+    IO_DEADLINE, START_DEADLINE,
 };
 
 /// Reads until EOF or the deadline.
@@ -261,8 +261,19 @@ fn sigterm_finishes_requests_in_flight_then_exits() {
     m.stop();
     let mut s = std::net::TcpStream::connect(relay.addr()).unwrap();
     s.set_read_timeout(Some(IO_DEADLINE)).unwrap();
+    let before = stat_u64(&relay.addr(), "bytes_read");
     s.write_all(b"get d\r\n").unwrap();
-    std::thread::sleep(Duration::from_millis(100)); // let it reach the paused server
+    // memrelay counts a client's bytes as it reads them and dispatches the
+    // requests they hold in the same turn: once the get's 7 bytes are
+    // counted, it is in flight to the paused server. Each poll's own
+    // `stats\r\n` (7 bytes, like the first one, already in `before`)
+    // counts too.
+    let mut polls = 0;
+    let in_flight = wait_until(START_DEADLINE, || {
+        polls += 1;
+        stat_u64(&relay.addr(), "bytes_read") >= before + 7 * polls + 7
+    });
+    assert!(in_flight, "memrelay never read the get");
     sigterm(relay.pid());
     // New clients are turned away once the listener is closed.
     assert!(wait_until(START_DEADLINE, || std::net::TcpStream::connect(
@@ -358,7 +369,11 @@ fn a_new_process_takes_over_the_port_without_refusing_anyone() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    // The hand-over happens under load: wait until the load is served.
+    let loaded = wait_until(START_DEADLINE, || {
+        done.load(std::sync::atomic::Ordering::Relaxed) >= 20
+    });
+    assert!(loaded, "the load never got going before the hand-over");
     // The new process takes the sockets over; the old one drains and exits.
     let new = Proc(spawn());
     let old_exited = wait_until(START_DEADLINE, || matches!(old.0.try_wait(), Ok(Some(_))));

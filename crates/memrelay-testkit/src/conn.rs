@@ -1,10 +1,14 @@
-//! A blocking client connection speaking the memcached text protocol, with
-//! a deadline on every reply (so a slow answer is measured, and a missing
-//! one does not hang the tool).
+//! A blocking connection that reads parsed replies (lines, `VALUE` blocks,
+//! meta replies), with a deadline on every reply (so a slow answer is
+//! measured, and a missing one does not hang the reader). Replies to a
+//! pipelined batch are read one by one from its buffer: the model checker
+//! reads through this, the byte-for-byte tests through `client::Client`.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
+
+use crate::wire::{is_error_line, va_header, value_header, Val};
 
 /// Why no reply could be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,16 +31,6 @@ impl std::fmt::Display for Fail {
     }
 }
 
-/// One item of a retrieval reply.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Val {
-    pub key: String,
-    pub flags: u32,
-    pub data: String,
-    /// The CAS unique, for `gets`.
-    pub cas: Option<u64>,
-}
-
 /// A parsed reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
@@ -46,15 +40,15 @@ pub enum Reply {
     Values(Vec<Val>),
 }
 
+/// Longest value the reader accepts: the tests' values are short, and a
+/// length past this is a framing error, not a value to wait for.
+const MAX_VALUE: usize = 1 << 20;
+
 #[derive(Debug)]
 pub struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
     pos: usize,
-}
-
-pub fn is_error_line(l: &str) -> bool {
-    l.starts_with("SERVER_ERROR") || l.starts_with("CLIENT_ERROR") || l == "ERROR"
 }
 
 impl Conn {
@@ -145,25 +139,16 @@ impl Conn {
             if is_error_line(&l) {
                 return Ok(Reply::Line(l));
             }
-            let parts: Vec<&str> = l.split(' ').collect();
-            if parts.len() < 4 || parts.len() > 5 || parts[0] != "VALUE" {
-                return Err(Fail::Garbled(format!("expected VALUE or END, got {l:?}")));
-            }
-            let flags: u32 = parts[2]
-                .parse()
-                .map_err(|_| Fail::Garbled(format!("bad flags in {l:?}")))?;
-            let n: usize = parts[3]
-                .parse()
-                .map_err(|_| Fail::Garbled(format!("bad length in {l:?}")))?;
-            if n > 1 << 20 {
+            let h = value_header(&l).map_err(Fail::Garbled)?;
+            if h.len > MAX_VALUE {
                 return Err(Fail::Garbled(format!("value too long in {l:?}")));
             }
-            let data = self.block(n, deadline)?;
+            let data = self.block(h.len, deadline)?;
             vals.push(Val {
-                key: parts[1].to_string(),
-                flags,
+                key: h.key,
+                flags: h.flags,
                 data: String::from_utf8_lossy(&data).into_owned(),
-                cas: parts.get(4).and_then(|c| c.parse().ok()),
+                cas: h.cas,
             });
         }
     }
@@ -172,21 +157,15 @@ impl Conn {
     /// no key), or any other line (`HD`, `EN`, `NF`, an error...).
     pub fn meta(&mut self, deadline: Instant) -> Result<Reply, Fail> {
         let l = self.line(deadline)?;
-        let Some(rest) = l.strip_prefix("VA ") else {
+        if !l.starts_with("VA ") {
             return Ok(Reply::Line(l));
-        };
-        let mut toks = rest.split(' ');
-        let n: usize = toks
-            .next()
-            .and_then(|t| t.parse().ok())
-            .ok_or_else(|| Fail::Garbled(format!("bad VA line {l:?}")))?;
-        if n > 1 << 20 {
+        }
+        let h = va_header(&l).map_err(Fail::Garbled)?;
+        if h.len > MAX_VALUE {
             return Err(Fail::Garbled(format!("value too long in {l:?}")));
         }
-        let flags = toks
-            .find_map(|t| t.strip_prefix('f').and_then(|f| f.parse().ok()))
-            .unwrap_or(0);
-        let data = self.block(n, deadline)?;
+        let flags = h.flags;
+        let data = self.block(h.len, deadline)?;
         Ok(Reply::Values(vec![Val {
             key: String::new(),
             flags,

@@ -1,6 +1,6 @@
-//! The run's random choices: fastrand's generator (wyrand) seeded with the
-//! run's seed, so a run's choices follow from `--seed`. (Thread timing
-//! still varies from run to run.)
+//! Random choices: fastrand's generator (wyrand) seeded by the caller, so
+//! a run's choices follow from its seed (memrelay-chaos's `--seed`, a
+//! test's constant). Thread timing still varies from run to run.
 
 #[derive(Debug, Clone)]
 pub struct Rng(fastrand::Rng);

@@ -20,12 +20,18 @@
 //! was up and untouched by the chaos thread from `settle` before the write
 //! that set the value until the read answered: that replica holds the value
 //! and serves it, so a miss means it was lost.
+//!
+//! The one model checker: memrelay-chaos and the HA tests (tests/ha.rs)
+//! both generate `Op`s, send them with [`exchange`] and judge the replies
+//! with [`check`]; what a caller knows of the chaos comes in through
+//! `Ctx::live_replica`.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use crate::conn::{is_error_line, Fail, Reply, Val};
+use crate::conn::{Conn, Fail, Reply};
+use crate::wire::{is_error_line, Val};
 
 /// Candidates kept before a key's state is declared unknown ("wild"): its
 /// hits are then not checked until the next set or delete is acknowledged.
@@ -665,6 +671,17 @@ pub struct Ctx<'a> {
     pub strict_writes: bool,
 }
 
+impl std::fmt::Debug for Ctx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("client", &self.client)
+            .field("phase", &self.phase)
+            .field("bound", &self.bound)
+            .field("strict_writes", &self.strict_writes)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Ctx<'_> {
     fn ms(&self, t: Instant) -> u128 {
         t.saturating_duration_since(self.start).as_millis()
@@ -779,13 +796,19 @@ pub fn check(
             return false;
         }
     };
+    let asked = Asked {
+        sent,
+        now,
+        who: &who,
+        render: &render,
+    };
     match (op, reply) {
         (Op::Get { ks }, Reply::Values(vals)) => {
-            check_values(ctx, tally, keys, ks, vals, sent, now, &who);
+            check_values(ctx, tally, keys, ks, vals, &asked);
             true
         }
         (Op::Gat { ks, ttl, cas }, Reply::Values(vals)) => {
-            check_values(ctx, tally, keys, ks, vals, sent, now, &who);
+            check_values(ctx, tally, keys, ks, vals, &asked);
             for k in ks {
                 let m = &mut keys[*k];
                 let hit = vals.iter().find(|v| v.key == m.name);
@@ -800,7 +823,7 @@ pub fn check(
             true
         }
         (Op::Gets { k }, Reply::Values(vals)) => {
-            check_values(ctx, tally, keys, &[*k], vals, sent, now, &who);
+            check_values(ctx, tally, keys, &[*k], vals, &asked);
             let m = &mut keys[*k];
             m.gets_unique = vals
                 .iter()
@@ -827,7 +850,7 @@ pub fn check(
             false
         }
         (_, Reply::Line(l)) => {
-            check_write(ctx, tally, keys, op, l, sent, now, &who, &render);
+            check_write(ctx, tally, keys, op, l, &asked);
             true
         }
     }
@@ -849,6 +872,15 @@ fn joined(data: &str, part: &str, front: bool) -> String {
     } else {
         format!("{data}{part}")
     }
+}
+
+/// One request as the checks report it: when it was sent and answered,
+/// who sent it, and its first line.
+struct Asked<'a> {
+    sent: Instant,
+    now: Instant,
+    who: &'a str,
+    render: &'a str,
 }
 
 /// How long past a TTL an item may still be served: memcached's clock
@@ -902,17 +934,15 @@ fn unknown_outcome(keys: &mut [KeyModel], op: &Op) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn check_values(
     ctx: &Ctx,
     tally: &mut Tally,
     keys: &mut [KeyModel],
     ks: &[usize],
     vals: &[Val],
-    sent: Instant,
-    now: Instant,
-    who: &str,
+    asked: &Asked,
 ) {
+    let (sent, now, who) = (asked.sent, asked.now, asked.who);
     let at = ctx.ms(sent);
     // Values come in request order, each key at most once, only keys asked.
     let mut next = 0;
@@ -998,18 +1028,15 @@ fn check_values(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn check_write(
     ctx: &Ctx,
     tally: &mut Tally,
     keys: &mut [KeyModel],
     op: &Op,
     l: &str,
-    sent: Instant,
-    now: Instant,
-    who: &str,
-    render: &str,
+    asked: &Asked,
 ) {
+    let (sent, who, render) = (asked.sent, asked.who, asked.render);
     let at = ctx.ms(sent);
     let k = op.keys()[0];
     let m = &mut keys[k];
@@ -1248,7 +1275,6 @@ fn check_write(
             }
         },
     }
-    let _ = now;
 }
 
 /// incr or append found no item: allowed by docs/ha.md after a failure
@@ -1291,6 +1317,64 @@ pub fn abandon(ctx: &Ctx, tally: &mut Tally, keys: &mut [KeyModel], op: &Op, why
         keys[k].log(at, format!("{first} -> no reply: {why}"));
     }
     unknown_outcome(keys, op);
+}
+
+/// Sends `ops` on `conn` in one write (a pipelined batch when there are
+/// several), reads and checks each reply in order. False when the
+/// connection must be replaced (a reply failed or left the framing in
+/// doubt; the requests after it are abandoned).
+pub fn exchange(
+    conn: &mut Conn,
+    ctx: &Ctx,
+    tally: &mut Tally,
+    keys: &mut [KeyModel],
+    ops: &[Op],
+    deadline: Duration,
+) -> bool {
+    let mut req = String::new();
+    for op in ops {
+        op.render(keys, &mut req);
+    }
+    let sent = Instant::now();
+    match conn.send(req.as_bytes()) {
+        Ok(()) => answer_batch(conn, ctx, tally, keys, ops, sent, sent + deadline),
+        Err(f) => {
+            for op in ops {
+                abandon(ctx, tally, keys, op, &f);
+            }
+            false
+        }
+    }
+}
+
+/// Reads the replies to `ops` (sent together at `sent`) and checks them.
+/// False when the connection must be replaced.
+fn answer_batch(
+    conn: &mut Conn,
+    ctx: &Ctx,
+    tally: &mut Tally,
+    keys: &mut [KeyModel],
+    ops: &[Op],
+    sent: Instant,
+    deadline: Instant,
+) -> bool {
+    for (n, op) in ops.iter().enumerate() {
+        let reply = match op.shape() {
+            Shape::Retrieval => conn.retrieval(deadline),
+            Shape::Meta => conn.meta(deadline),
+            Shape::Line => conn.line(deadline).map(Reply::Line),
+        };
+        let now = Instant::now();
+        if !check(ctx, tally, keys, op, &reply, sent, now) {
+            // The rest of the batch got no reply we can trust.
+            for rest in &ops[n + 1..] {
+                let f = Fail::Closed("an earlier reply in the pipeline failed".into());
+                abandon(ctx, tally, keys, rest, &f);
+            }
+            return false;
+        }
+    }
+    true
 }
 
 #[cfg(test)]
