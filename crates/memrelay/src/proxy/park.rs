@@ -51,6 +51,8 @@ struct Lot {
     /// Indexed by the sockets' mio tokens; `free` lists the empty slots.
     entries: RefCell<Vec<Option<Entry>>>,
     free: RefCell<Vec<usize>>,
+    /// Connections parked since the worker's sweeper last asked.
+    parked: std::cell::Cell<usize>,
 }
 
 thread_local! {
@@ -94,7 +96,10 @@ pub fn park(
         mio::Interest::READABLE,
     );
     match watched {
-        Ok(()) => thread.ctx.stats.parked_connections.incr(),
+        Ok(()) => {
+            thread.ctx.stats.parked_connections.incr();
+            lot.parked.set(lot.parked.get() + 1);
+        }
         Err(e) => {
             tracing::debug!(error = %e, "cannot park an idle connection");
             if let Some(entry) = lot.take(idx) {
@@ -116,6 +121,12 @@ pub fn unpark_all() {
     }
 }
 
+/// How many connections this worker thread parked since the last call
+/// (the sweeper's: their sessions' memory is free to give back).
+pub fn parked_since_last_asked() -> usize {
+    LOT.with(|l| l.borrow().as_ref().map_or(0, |lot| lot.parked.replace(0)))
+}
+
 /// This thread's lot, made (with the task that watches it) the first time
 /// a connection is parked.
 fn lot(thread: &Rc<WorkerThread>, conns: &Arc<AtomicUsize>) -> io::Result<Rc<Lot>> {
@@ -134,6 +145,7 @@ fn lot(thread: &Rc<WorkerThread>, conns: &Arc<AtomicUsize>) -> io::Result<Rc<Lot
         registry,
         entries: RefCell::new(Vec::new()),
         free: RefCell::new(Vec::new()),
+        parked: std::cell::Cell::new(0),
     });
     LOT.with(|l| *l.borrow_mut() = Some(lot.clone()));
     tokio::task::spawn_local(watch_lot(watch, lot.clone()));

@@ -413,7 +413,10 @@ fn spawn_sweeper(sweeper: Rc<WorkerThread>) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if sweeper.sweep_idle() >= TRIM_AFTER {
+            // Sessions parked since the last sweep freed their tasks (and
+            // this sweep forgets them): worth a trim as well.
+            let parked = crate::proxy::park::parked_since_last_asked();
+            if sweeper.sweep_idle() + parked >= TRIM_AFTER {
                 // Let the sessions give their buffers back, then hand
                 // the free pages to the kernel: glibc keeps freed
                 // memory in the middle of its heap otherwise, and the
