@@ -30,6 +30,7 @@ fn server(i: usize) -> ServerAddr {
         // Routing only looks at names; nothing here connects.
         addr: SocketAddr::from(([127, 0, 0, 1], 11211)),
         weight: 1,
+        label: None,
     }
 }
 

@@ -220,7 +220,7 @@ impl Control {
             p.start(&health, took_over);
             p
         });
-        registry.set_servers(entries(&servers));
+        registry.set_servers(entries(&servers, &cfg));
         registry.set_config(&cfg);
         let (resync, resync_current) = watch::channel(Arc::new(new_resync(&cfg, &router, &health)));
         tokio::task::spawn_local(crate::ha::resync::serve(
@@ -440,7 +440,7 @@ impl Control {
                 automatic: true,
             });
         }
-        self.registry.set_servers(entries(&self.servers));
+        self.registry.set_servers(entries(&self.servers, &cfg));
         self.registry.set_config(&cfg);
         self.registry
             .max_conns
@@ -644,11 +644,15 @@ fn new_resync(cfg: &Config, router: &Router, health: &[Arc<Replica>]) -> Resync 
     )
 }
 
-fn entries(servers: &[Running]) -> Vec<ServerEntry> {
+fn entries(servers: &[Running], cfg: &Config) -> Vec<ServerEntry> {
     servers
         .iter()
         .map(|s| ServerEntry {
             name: s.name.clone(),
+            label: cfg
+                .servers()
+                .find(|c| c.name == s.name)
+                .and_then(|c| c.label.clone()),
             tier: s.role,
             view: s.health.clone(),
         })

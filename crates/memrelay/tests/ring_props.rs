@@ -20,6 +20,7 @@ fn server(name: &str) -> ServerAddr {
         // Routing only looks at names; nothing here connects.
         addr: SocketAddr::from(([127, 0, 0, 1], 11211)),
         weight: 1,
+        label: None,
     }
 }
 

@@ -11,7 +11,7 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use support::{free_port, wait_until, Client, Memcached, Memrelay, TempDir};
+use support::{free_port, stats, wait_until, Client, Memcached, Memrelay, TempDir};
 
 /// nutcracker, stopped when dropped.
 struct Nutcracker(Child);
@@ -37,14 +37,20 @@ fn nutcracker(
     distribution: &str,
     servers: &[(String, u32)],
 ) -> (Nutcracker, String) {
+    let lines: Vec<String> = servers.iter().map(|(a, w)| format!("{a}:{w}")).collect();
+    nutcracker_with(dir, distribution, &lines)
+}
+
+/// nutcracker with these `servers:` entries, as written.
+fn nutcracker_with(dir: &TempDir, distribution: &str, servers: &[String]) -> (Nutcracker, String) {
     let port = free_port("127.0.0.1");
     let stats = free_port("127.0.0.1");
     let mut conf = format!(
         "pool:\n  listen: 127.0.0.1:{port}\n  hash: md5\n  distribution: {distribution}\n  \
          auto_eject_hosts: false\n  servers:\n"
     );
-    for (addr, w) in servers {
-        conf.push_str(&format!("    - {addr}:{w}\n"));
+    for line in servers {
+        conf.push_str(&format!("    - {line}\n"));
     }
     let path = dir.file(&format!("{distribution}.yml"), &conf);
     // Owned by its guard from the start: a failed wait below must not
@@ -69,6 +75,93 @@ fn nutcracker(
         "nutcracker did not start"
     );
     (guard, addr)
+}
+
+/// How many of `keys` a get through `addr` misses.
+fn misses(addr: &str, keys: &[String]) -> Vec<String> {
+    let mut c = Client::connect(addr);
+    keys.iter()
+        .filter(|k| {
+            !c.send_until(format!("get {k}\r\n").as_bytes(), |b| {
+                b.ends_with(b"END\r\n")
+            })
+            .bytes
+            .starts_with(b"VALUE")
+        })
+        .cloned()
+        .collect()
+}
+
+/// Named servers (`host:port:weight name`): ketama hashes the names, as
+/// twemproxy does, so a memrelay that reaches the same servers by other
+/// addresses (here `localhost` for `127.0.0.1`) routes every key alike.
+#[test]
+fn named_servers_route_like_twemproxy_whatever_their_address() {
+    let servers: Vec<Memcached> = (0..3).map(|_| Memcached::start()).collect();
+    let names = ["alpha", "beta", "gamma"];
+    let lines: Vec<String> = servers
+        .iter()
+        .zip(names)
+        .map(|(m, n)| format!("127.0.0.1:{}:1 {n}", m.port()))
+        .collect();
+    let dir = TempDir::new("weights-named");
+    let (_twem, twem_addr) = nutcracker_with(&dir, "ketama", &lines);
+    let mut t = Client::connect(&twem_addr);
+    let keys: Vec<String> = (0..300).map(|i| format!("named:{i}")).collect();
+    for k in &keys {
+        let r = t.send_until(format!("set {k} 0 0 1\r\nx\r\n").as_bytes(), |b| {
+            b.ends_with(b"\r\n")
+        });
+        assert_eq!(r.bytes, b"STORED\r\n", "set {k} through nutcracker");
+    }
+    let relay_args = |host: &str, named: bool| -> Vec<String> {
+        servers
+            .iter()
+            .zip(names)
+            .flat_map(|(m, n)| {
+                let addr = format!("{host}:{}:1", m.port());
+                [
+                    "-s".to_string(),
+                    if named { format!("{addr} {n}") } else { addr },
+                ]
+            })
+            .collect()
+    };
+    for host in ["127.0.0.1", "localhost"] {
+        let relay = Memrelay::start(&relay_args(host, true));
+        let missed = misses(&relay.addr(), &keys);
+        assert!(
+            missed.is_empty(),
+            "named servers at {host}: {} of {} keys routed elsewhere than by nutcracker, e.g. {:?}",
+            missed.len(),
+            keys.len(),
+            &missed[..missed.len().min(5)]
+        );
+        assert_eq!(stats(&relay.addr())["server:1:name"], "beta");
+    }
+    // Without the names, ketama hashes the addresses: other points.
+    let relay = Memrelay::start(&relay_args("localhost", false));
+    assert!(
+        misses(&relay.addr(), &keys).len() > keys.len() / 4,
+        "the names made no difference"
+    );
+}
+
+#[test]
+fn two_servers_under_one_name_are_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_memrelay"))
+        .args([
+            "-s",
+            "127.0.0.1:1:1 same",
+            "-s",
+            "127.0.0.1:2:1 same",
+            "--check-config",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("both named 'same'"), "{err}");
 }
 
 fn same_routing(distribution: &str, hash: &str) {

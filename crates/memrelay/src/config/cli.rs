@@ -48,7 +48,9 @@ magent-compatible options:
   -s, --server HOST:PORT   a primary memcached server; repeat for more, order
                            matters for --hash modula and magent; HOST:PORT:W
                            gives it weight W (twemproxy's syntax: W shares of
-                           the keys; ketama and modula only)
+                           the keys; ketama and modula only); 'HOST:PORT:W NAME'
+                           (one argument) names it: ketama hashes the name,
+                           as twemproxy does, not the address
   -b, --backup HOST:PORT   a backup memcached server; repeat for more (a weight
                            too, among the backups)
       --backup-tier LIST   a further backup tier, after the -b one: servers

@@ -152,13 +152,32 @@ pub struct ServerAddr {
     /// Share of keys relative to the other servers of its tier
     /// (twemproxy's `host:port:weight`; 1 unless given).
     pub weight: u32,
+    /// twemproxy's server name (`host:port:weight name`): ketama hashes it
+    /// instead of the address, so proxies that reach a server by
+    /// different addresses (a sidecar, a NAT, a host replaced under a new
+    /// IP) still agree on where each key goes.
+    pub label: Option<String>,
 }
 
 impl ServerAddr {
     /// Parses `host:port`, `[v6]:port`, either with an optional `:weight`
-    /// (twemproxy's syntax), resolving the host. The name (logs, `stats`,
-    /// ketama) leaves the weight out, as twemproxy's does.
+    /// and then an optional ` name` (twemproxy's syntax), resolving the
+    /// host. The name (logs, `stats`, ketama) leaves the weight out, as
+    /// twemproxy's does.
     pub fn parse(given: &str) -> Result<ServerAddr, String> {
+        let given = given.trim();
+        let (given, label) = match given.split_once(char::is_whitespace) {
+            Some((addr, label)) => {
+                let label = label.trim();
+                if label.split_whitespace().count() != 1 || !label.is_ascii() {
+                    return Err(format!(
+                        "'{given}': a server name is one word of printable ASCII"
+                    ));
+                }
+                (addr, Some(label.to_string()))
+            }
+            None => (given, None),
+        };
         let (s, weight) = match given.rsplit_once(':') {
             Some((head, w))
                 if split_host_port(head).is_some()
@@ -195,13 +214,17 @@ impl ServerAddr {
             port,
             addr,
             weight,
+            label,
         })
     }
 
-    /// The string ketama hashes for this server: twemproxy (and libmemcached)
-    /// leave out the port when it is memcached's default, 11211.
+    /// The string ketama hashes for this server: its name when it has one;
+    /// else its address, where twemproxy (and libmemcached) leave out the
+    /// port when it is memcached's default, 11211.
     pub fn ketama_name(&self) -> String {
-        if self.port == 11211 {
+        if let Some(label) = &self.label {
+            label.clone()
+        } else if self.port == 11211 {
             let host = self
                 .name
                 .rsplit_once(':')
@@ -640,6 +663,18 @@ mod tests {
         assert!(ServerAddr::parse("127.0.0.1:99999").is_err());
         assert!(ServerAddr::parse("::1:11211").is_err());
         assert!(ServerAddr::parse(":11211").is_err());
+        let named = ServerAddr::parse("127.0.0.1:11212:3 cache-a").unwrap();
+        assert_eq!(
+            (named.name.as_str(), named.weight, named.ketama_name()),
+            ("127.0.0.1:11212", 3, "cache-a".to_string())
+        );
+        assert_eq!(
+            ServerAddr::parse(" 127.0.0.1:11211  b ")
+                .unwrap()
+                .ketama_name(),
+            "b"
+        );
+        assert!(ServerAddr::parse("127.0.0.1:11211:1 two words").is_err());
     }
 
     #[test]

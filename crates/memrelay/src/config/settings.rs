@@ -380,6 +380,15 @@ fn check_duplicates(cfg: &Config, origins: &[&Origin]) -> Result<(), ConfigError
                 format!("'{}' is listed twice (as '{}' too)", a.name, b.name),
             ));
         }
+        // Two servers under one name would hash to the same points.
+        if let Some(label) = &a.label {
+            if let Some(b) = all[..i].iter().find(|b| b.label.as_ref() == Some(label)) {
+                return Err(ConfigError::new(
+                    origins[i],
+                    format!("'{}' and '{}' are both named '{label}'", b.name, a.name),
+                ));
+            }
+        }
     }
     Ok(())
 }

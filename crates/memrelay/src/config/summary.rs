@@ -21,6 +21,9 @@ impl Config {
                     if s.weight != 1 {
                         let _ = write!(n, " weight {}", s.weight);
                     }
+                    if let Some(label) = &s.label {
+                        let _ = write!(n, " named {label}");
+                    }
                     if s.name != s.addr.to_string() {
                         let _ = write!(n, " ({})", s.addr);
                     }

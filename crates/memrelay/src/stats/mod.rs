@@ -247,6 +247,8 @@ pub fn help(name: &str) -> &'static str {
 #[derive(Debug, Clone)]
 pub struct ServerEntry {
     pub name: String,
+    /// Its name in the configuration (`host:port:weight name`), if any.
+    pub label: Option<String>,
     pub tier: Tier,
     pub view: Arc<dyn ServerView>,
 }
@@ -500,6 +502,9 @@ impl StatsRegistry {
             let c = h.counts();
             let state = if h.is_down() { "down" } else { "up" };
             stat(&format!("server:{i}:address"), &server.name);
+            if let Some(label) = &server.label {
+                stat(&format!("server:{i}:name"), label);
+            }
             stat(&format!("server:{i}:role"), &server.tier);
             stat(&format!("server:{i}:state"), &state);
             stat(&format!("server:{i}:failures"), &c.failures);
@@ -565,6 +570,7 @@ mod tests {
         }
         let server = |name: &str, tier: Tier, down: bool| ServerEntry {
             name: name.to_string(),
+            label: None,
             tier,
             view: Arc::new(Server {
                 down,
