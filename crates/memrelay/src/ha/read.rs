@@ -16,16 +16,15 @@ use memrelay_protocol::response::{ValueBlock, ValueBlocks};
 use memrelay_protocol::{compose, meta_flags, Command, Expect, MetaStatus, Request, ResponseKind};
 use smallvec::SmallVec;
 
+use super::slot::{Local, Part, Role, Slot, Stage};
+use super::{Cluster, Inbox};
 use crate::backend::{Failure, ReplyTo};
 use crate::net::outqueue::OutQueue;
-use crate::proxy::session::Inbox;
-use crate::proxy::slot::{Local, Part, Role, Slot, Stage};
-use crate::proxy::Worker;
 
 /// No server can serve this key (in `key_parts`).
 const NO_PART: u16 = u16::MAX;
 
-fn reply_to(inbox: &Rc<Inbox>, seq: u64, part: usize) -> ReplyTo {
+fn reply_to(inbox: &Rc<impl Inbox>, seq: u64, part: usize) -> ReplyTo {
     ReplyTo {
         sink: inbox.clone(),
         token: seq,
@@ -34,7 +33,7 @@ fn reply_to(inbox: &Rc<Inbox>, seq: u64, part: usize) -> ReplyTo {
 }
 
 /// Round one.
-pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+pub fn start(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
     let frame = slot.frame.clone();
     let (cmd, exptime) = (req.command, req.exptime);
     if req.nkeys == 0 {
@@ -125,7 +124,7 @@ fn changes_ttl(req: &Request) -> bool {
 /// A TTL-changing read went past `server` (down, stale for the key, or
 /// failed): its copy keeps the old TTL, so it is recorded as having missed
 /// the key, as for a write.
-fn skipped_ttl_change(w: &Worker, req: &Request, server: usize, key: &[u8]) {
+fn skipped_ttl_change(w: &Cluster, req: &Request, server: usize, key: &[u8]) {
     if changes_ttl(req) {
         w.servers[server].health().missed.record(key);
     }
@@ -137,8 +136,8 @@ fn skipped_ttl_change(w: &Worker, req: &Request, server: usize, key: &[u8]) {
 /// failover. A tier that cannot take it now is recorded as having missed
 /// the key. The client's reply waits for these, as for a write's copies.
 fn mirror_ttl_changes(
-    w: &Worker,
-    inbox: &Rc<Inbox>,
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
     seq: u64,
     slot: &mut Slot,
     req: &Request,
@@ -194,7 +193,7 @@ fn mirror_ttl_changes(
 /// The TTL copies are in: a tier that failed or refused one is recorded as
 /// having missed the key. Returns the (key number, server) of the `touch`
 /// copies that found no item there.
-fn settle_ttl_changes(w: &Worker, slot: &mut Slot, req: &Request) -> SmallVec<[(u32, u16); 2]> {
+fn settle_ttl_changes(w: &Cluster, slot: &mut Slot, req: &Request) -> SmallVec<[(u32, u16); 2]> {
     let frame = slot.frame.clone();
     let mut absent = SmallVec::new();
     for p in slot.parts.iter_mut() {
@@ -233,8 +232,8 @@ fn settle_ttl_changes(w: &Worker, slot: &mut Slot, req: &Request) -> SmallVec<[(
 /// added there (`add`: a value written meanwhile wins) with the new TTL, and
 /// the reply waits for it.
 fn copy_expired_copies(
-    w: &Worker,
-    inbox: &Rc<Inbox>,
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
     seq: u64,
     slot: &mut Slot,
     req: &Request,
@@ -287,7 +286,7 @@ fn copy_expired_copies(
 /// key nobody asked for, a second block for one key) is broken: it is
 /// counted as failed and its connections are closed. The blocks themselves
 /// never reach the client (`walk` only takes blocks that match a key).
-fn drop_misbehaving_servers(w: &Worker, slot: &Slot, req: &Request) {
+fn drop_misbehaving_servers(w: &Cluster, slot: &Slot, req: &Request) {
     let round_one = slot
         .parts
         .iter()
@@ -347,7 +346,13 @@ fn walk<'a>(
 }
 
 /// Round one is in: ask backups for what missed, or finish.
-pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+pub fn after_round_one(
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
+    seq: u64,
+    slot: &mut Slot,
+    req: &Request,
+) {
     slot.stage = Stage::Done;
     drop_misbehaving_servers(w, slot, req);
     if !w.router.has_backups() {
@@ -452,7 +457,13 @@ pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot,
 /// Round two is in: write backup hits back to the primaries that missed
 /// them, and answer once that is done, so a write the client makes next
 /// cannot be overtaken by this repair.
-pub fn after_fallback(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+pub fn after_fallback(
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
+    seq: u64,
+    slot: &mut Slot,
+    req: &Request,
+) {
     slot.stage = Stage::Done;
     let absent = settle_ttl_changes(w, slot, req);
     copy_expired_copies(w, inbox, seq, slot, req, &absent);
@@ -546,7 +557,7 @@ pub fn after_fallback(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, 
 /// the key as missed if that delete fails too). An add whose outcome is
 /// unknown (a timeout) is treated as landed. Records are rare (failure
 /// episodes), and a deleted copy only costs the next read a fallback.
-pub fn after_repair(w: &Worker, slot: &mut Slot, req: &Request) {
+pub fn after_repair(w: &Cluster, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
     let frame = slot.frame.clone();
     for part in slot.parts.iter() {
@@ -590,7 +601,7 @@ pub fn after_repair(w: &Worker, slot: &mut Slot, req: &Request) {
 }
 
 /// The client's reply: hits in request order, then `END`.
-pub fn render(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
+pub fn render(w: &Cluster, slot: &Slot, req: &Request, out: &mut OutQueue) {
     let nkeys = u64::from(req.nkeys);
     w.stats.cmd_get.add(nkeys);
     if refused_for_size(w, slot, out) {
@@ -669,7 +680,7 @@ pub fn render(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
 
 /// A read refused for its size gets one error line instead of a partial
 /// answer (missing values would read as misses).
-fn refused_for_size(w: &Worker, slot: &Slot, out: &mut OutQueue) -> bool {
+fn refused_for_size(w: &Cluster, slot: &Slot, out: &mut OutQueue) -> bool {
     let Some(e) = slot.oversize() else {
         return false;
     };
@@ -699,7 +710,7 @@ fn keys_match(slot: &Slot, req: &Request, reply: &crate::backend::BackendReply) 
 
 /// `mg` (and `me`): one key, sent to its first serving replica as the
 /// client wrote it, minus `q`.
-pub fn start_meta(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+pub fn start_meta(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
     let frame = slot.frame.clone();
     let route = super::route_key(&frame, req);
     let replicas = w.router.replicas(&route);
@@ -718,8 +729,8 @@ pub fn start_meta(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req:
 }
 
 fn send_meta(
-    w: &Worker,
-    inbox: &Rc<Inbox>,
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
     seq: u64,
     slot: &mut Slot,
     req: &Request,
@@ -739,8 +750,8 @@ fn send_meta(
 
 /// An `mg` that missed (`EN`) or failed on its replica asks the next one.
 pub fn after_meta_round_one(
-    w: &Worker,
-    inbox: &Rc<Inbox>,
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
     seq: u64,
     slot: &mut Slot,
     req: &Request,
@@ -793,8 +804,8 @@ pub fn after_meta_round_one(
 /// back before the `mg` is answered; a miss everywhere may create the item
 /// (`N`, see `vivify`).
 pub fn after_meta_fallback(
-    w: &Worker,
-    inbox: &Rc<Inbox>,
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
     seq: u64,
     slot: &mut Slot,
     req: &Request,
@@ -860,8 +871,8 @@ fn meta_wire_key(route: &[u8]) -> (Vec<u8>, bool) {
 /// if it has none by then), unless a write went past the primary since,
 /// or the backup may no longer serve the key.
 pub fn after_meta_repair_fetch(
-    w: &Worker,
-    inbox: &Rc<Inbox>,
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
     seq: u64,
     slot: &mut Slot,
     req: &Request,
@@ -911,7 +922,7 @@ pub fn after_meta_repair_fetch(
 /// older than a write that went past the primary since the backup was
 /// read is deleted again (an add whose outcome is unknown counts as
 /// landed).
-pub fn after_meta_repair(w: &Worker, slot: &mut Slot, req: &Request) {
+pub fn after_meta_repair(w: &Cluster, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
     let route = super::route_key(&slot.frame, req);
     for part in slot.parts.iter() {
@@ -936,7 +947,7 @@ pub fn after_meta_repair(w: &Worker, slot: &mut Slot, req: &Request) {
 
 /// The reply to `mg`/`me`: the backup's when it found the item, else the
 /// primary's; with `q`, a miss says nothing.
-pub fn render_meta(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
+pub fn render_meta(w: &Cluster, slot: &Slot, req: &Request, out: &mut OutQueue) {
     if refused_for_size(w, slot, out) {
         return;
     }
@@ -987,7 +998,7 @@ pub fn render_meta(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
 /// A meta reply with its `c` flag made a token (`ha::cas`), when the
 /// request asked for it.
 pub fn with_cas_token(
-    w: &Worker,
+    w: &Cluster,
     slot: &Slot,
     req: &Request,
     server: Option<usize>,
@@ -1006,7 +1017,7 @@ pub fn with_cas_token(
 /// No replica has the item an `mg ... N` asked for: send it whole to the
 /// first replica that serves the key, which creates it (and hands out the
 /// win flag). Nothing when the request was not held back.
-fn vivify(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+fn vivify(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
     if !slot.vivify_pending {
         return;
     }

@@ -21,10 +21,9 @@ use std::rc::Rc;
 use bytes::BytesMut;
 use memrelay_protocol::{compose, Command, Expect, MetaStatus, Request, ResponseKind};
 
+use super::slot::{Local, Part, Role, Slot, Stage};
+use super::{Cluster, Inbox};
 use crate::backend::ReplyTo;
-use crate::proxy::session::Inbox;
-use crate::proxy::slot::{Local, Part, Role, Slot, Stage};
-use crate::proxy::Worker;
 use smallvec::SmallVec;
 
 /// What a backup must do after the primary answered a write.
@@ -109,7 +108,7 @@ fn compose_line(
 }
 
 /// Starts a write: sends it to the first replica that can take it.
-pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+pub fn start(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
     let key = super::route_key(&slot.frame, req);
     let replicas = w.router.replicas(&key);
     for s in replicas.iter() {
@@ -146,8 +145,8 @@ fn creates_if_absent(req: &Request) -> bool {
 }
 
 fn ask_backup_first(
-    w: &Worker,
-    inbox: &Rc<Inbox>,
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
     seq: u64,
     slot: &mut Slot,
     req: &Request,
@@ -190,7 +189,7 @@ fn stored(kind: ResponseKind) -> Option<bool> {
 }
 
 /// The first backup answered a create-if-absent write.
-pub fn after_create(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+pub fn after_create(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
     let Some(replicas) = slot.replicas else {
         return;
@@ -248,7 +247,14 @@ fn blind_overwrite(req: &Request) -> bool {
 }
 
 /// Sends the write to the first serving replica at or after `from`.
-fn attempt(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request, from: usize) {
+fn attempt(
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
+    seq: u64,
+    slot: &mut Slot,
+    req: &Request,
+    from: usize,
+) {
     let Some(replicas) = slot.replicas else {
         return;
     };
@@ -314,8 +320,8 @@ fn attempt(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Reque
 
 /// The replica answered or failed: mirror, or move to the next replica.
 pub fn advance(
-    w: &Worker,
-    inbox: &Rc<Inbox>,
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
     seq: u64,
     slot: &mut Slot,
     req: &Request,
@@ -396,7 +402,7 @@ pub fn advance(
 /// this tier a moment ago) may be landing on them, and the prober's delete,
 /// which comes after this record, removes it before they serve the key
 /// again. Repairs not yet sent see the record and are dropped.
-fn bypassed(w: &Worker, replicas: &crate::router::Replicas, tier: usize, route: &[u8]) {
+fn bypassed(w: &Cluster, replicas: &crate::router::Replicas, tier: usize, route: &[u8]) {
     for before in 0..tier {
         if let Some(server) = replicas.get(before) {
             w.servers[server].health().missed.record(route);
@@ -409,8 +415,8 @@ fn bypassed(w: &Worker, replicas: &crate::router::Replicas, tier: usize, route: 
 /// be overtaken by this one's copies).
 #[allow(clippy::too_many_arguments)]
 fn mirror_after(
-    w: &Worker,
-    inbox: &Rc<Inbox>,
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
     seq: u64,
     slot: &mut Slot,
     req: &Request,
@@ -506,7 +512,13 @@ fn is_miss(req: &Request, kind: ResponseKind) -> bool {
 /// The copies on the backups are in: a backup that failed or answered
 /// otherwise than the primary is recorded as having missed the key, so it
 /// never serves it until the key is invalidated there.
-pub fn after_mirrors(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+pub fn after_mirrors(
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
+    seq: u64,
+    slot: &mut Slot,
+    req: &Request,
+) {
     settle_mirrors(w, inbox, seq, slot, req, false);
 }
 
@@ -516,8 +528,8 @@ pub fn after_mirrors(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, r
 /// primary's item or nothing; one that failed is recorded as having missed
 /// the key.
 fn settle_mirrors(
-    w: &Worker,
-    inbox: &Rc<Inbox>,
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
     seq: u64,
     slot: &mut Slot,
     req: &Request,
@@ -643,8 +655,8 @@ pub fn meta_reply_bytes(
 /// Sends `plan` to one backup as part of the slot.
 #[allow(clippy::too_many_arguments)]
 fn send_mirror(
-    w: &Worker,
-    inbox: &Rc<Inbox>,
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
     seq: u64,
     slot: &mut Slot,
     req: &Request,
