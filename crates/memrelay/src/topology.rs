@@ -655,11 +655,13 @@ fn new_resync(cfg: &Config, router: &Router, health: &[Arc<Replica>]) -> Resync 
             })
             .collect(),
         cfg.primaries.len(),
-        cfg.resync_rate,
-        cfg.connect_timeout,
-        cfg.limits.max_value_len,
-        crate::ha::resync::write_life(cfg.connect_timeout, cfg.timeout),
-        cfg.resync && !cfg.backups.is_empty(),
+        crate::ha::resync::Settings {
+            rate: cfg.resync_rate,
+            connect_timeout: cfg.connect_timeout,
+            max_value_len: cfg.limits.max_value_len,
+            write_life: crate::ha::resync::write_life(cfg.connect_timeout, cfg.timeout),
+            automatic: cfg.resync && !cfg.backups.is_empty(),
+        },
     )
 }
 
