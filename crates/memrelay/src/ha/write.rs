@@ -312,7 +312,19 @@ fn attempt(
         // costs one round trip, not two.
         for next in 1..replicas.len() {
             if let Some(b) = replicas.get(next) {
-                send_mirror(w, inbox, seq, slot, req, &route, b, MirrorPlan::Set, None);
+                send_mirror(
+                    w,
+                    inbox,
+                    seq,
+                    slot,
+                    req,
+                    &route,
+                    MirrorTo {
+                        server: b,
+                        plan: MirrorPlan::Set,
+                        number: None,
+                    },
+                );
             }
         }
     }
@@ -358,7 +370,18 @@ pub fn advance(
                 // No backup could take it: the primary's answer stands, and
                 // its mirror rule (the backups' copies are deleted) applies.
                 slot.local = None;
-                mirror_after(w, inbox, seq, slot, req, tier, &replicas, &route);
+                mirror_after(
+                    w,
+                    inbox,
+                    seq,
+                    slot,
+                    req,
+                    tier,
+                    KeyRoute {
+                        replicas: &replicas,
+                        route: &route,
+                    },
+                );
             }
         }
         Some(Ok(reply)) if slot.vivify_pending && is_miss(req, reply.kind) => {
@@ -371,7 +394,18 @@ pub fn advance(
             if tier > 0 && !is_miss(req, reply.kind) {
                 bypassed(w, &replicas, tier, &route);
             }
-            mirror_after(w, inbox, seq, slot, req, tier, &replicas, &route)
+            mirror_after(
+                w,
+                inbox,
+                seq,
+                slot,
+                req,
+                tier,
+                KeyRoute {
+                    replicas: &replicas,
+                    route: &route,
+                },
+            )
         }
         Some(Err(_)) => {
             let server = slot.parts[main].server as usize;
@@ -413,7 +447,6 @@ fn bypassed(w: &Cluster, replicas: &crate::router::Replicas, tier: usize, route:
 /// The replica at `tier` answered: bring the tiers after it to its state
 /// (the client's reply waits for them, so a write it makes next can never
 /// be overtaken by this one's copies).
-#[allow(clippy::too_many_arguments)]
 fn mirror_after(
     w: &Cluster,
     inbox: &Rc<impl Inbox>,
@@ -421,9 +454,9 @@ fn mirror_after(
     slot: &mut Slot,
     req: &Request,
     tier: usize,
-    replicas: &crate::router::Replicas,
-    route: &bytes::Bytes,
+    key: KeyRoute<'_>,
 ) {
+    let KeyRoute { replicas, route } = key;
     let main = slot.main_part().unwrap_or(0);
     let mirrored_in_parallel = slot.mirrored_in_parallel();
     let Some(Ok(reply)) = slot.result(main) else {
@@ -483,7 +516,19 @@ fn mirror_after(
             if Some(server) == ahead {
                 continue; // it stored this very item already
             }
-            send_mirror(w, inbox, seq, slot, req, route, server, plan, number);
+            send_mirror(
+                w,
+                inbox,
+                seq,
+                slot,
+                req,
+                route,
+                MirrorTo {
+                    server,
+                    plan,
+                    number,
+                },
+            );
         }
     }
     if slot.pending > 0 {
@@ -652,8 +697,24 @@ pub fn meta_reply_bytes(
     super::meta_client_reply(req, super::meta_wire(req, mirrored), reply)
 }
 
-/// Sends `plan` to one backup as part of the slot.
-#[allow(clippy::too_many_arguments)]
+/// Where a write's key lives: its replicas and the key it is routed by.
+#[derive(Clone, Copy)]
+struct KeyRoute<'a> {
+    replicas: &'a crate::router::Replicas,
+    route: &'a bytes::Bytes,
+}
+
+/// One copy of a write to make on a backup.
+#[derive(Debug, Clone, Copy)]
+struct MirrorTo {
+    server: usize,
+    plan: MirrorPlan,
+    /// An `incr`/`decr` (or `ma`) copy must reach this number (see
+    /// `Role::Mirror`).
+    number: Option<u64>,
+}
+
+/// Sends `to.plan` to one backup as part of the slot.
 fn send_mirror(
     w: &Cluster,
     inbox: &Rc<impl Inbox>,
@@ -661,10 +722,13 @@ fn send_mirror(
     slot: &mut Slot,
     req: &Request,
     route: &bytes::Bytes,
-    server: usize,
-    plan: MirrorPlan,
-    number: Option<u64>,
+    to: MirrorTo,
 ) {
+    let MirrorTo {
+        server,
+        plan,
+        number,
+    } = to;
     if plan == MirrorPlan::Nothing {
         return;
     }
@@ -692,25 +756,11 @@ fn send_mirror(
             None,
         ),
         _ if req.command.is_meta() => {
-            // The same command, without what only makes sense on the
-            // primary (C compares the primary's CAS, I goes with it; q, O,
-            // k and return flags store nothing), and for a set-like result
-            // without the mode: the primary now holds exactly this item.
-            // A plain set copied in parallel may become the client's reply
-            // (if the primary fails): it keeps every flag but q. Otherwise
-            // only what changes the stored item is kept.
             let parallel = slot
                 .parts
                 .iter()
                 .all(|p| p.role == Role::Main && p.result.is_none());
-            let drop_mode = plan == MirrorPlan::Set;
-            let keep = |t: &[u8]| match t[0] {
-                b'q' => false,
-                _ if parallel => true,
-                b'C' | b'I' | b'O' | b'k' | b'c' | b's' | b't' | b'f' | b'v' | b'h' | b'l' => false,
-                b'M' => !drop_mode,
-                _ => true,
-            };
+            let keep = meta_copy_keeps(parallel, plan);
             // An ma copy reports its new value, to be checked against the
             // primary's.
             let extra: &[u8] = if req.command == Command::MetaArith && number.is_some() {
@@ -763,6 +813,24 @@ fn send_mirror(
         }
     };
     slot.push_part(Part::with_role(server, Role::Mirror(number)), queued);
+}
+
+/// Which of a meta write's flags its copy on a backup keeps: the same
+/// command, without what only makes sense on the primary (C compares the
+/// primary's CAS, I goes with it; q, O, k and return flags store nothing),
+/// and for a set-like result without the mode: the primary now holds
+/// exactly this item. A plain set copied in parallel may become the
+/// client's reply (if the primary fails): it keeps every flag but q.
+/// Otherwise only what changes the stored item is kept.
+fn meta_copy_keeps(parallel: bool, plan: MirrorPlan) -> impl Fn(&[u8]) -> bool {
+    let drop_mode = plan == MirrorPlan::Set;
+    move |t: &[u8]| match t[0] {
+        b'q' => false,
+        _ if parallel => true,
+        b'C' | b'I' | b'O' | b'k' | b'c' | b's' | b't' | b'f' | b'v' | b'h' | b'l' => false,
+        b'M' => !drop_mode,
+        _ => true,
+    }
 }
 
 /// Whether the request carries a data block.
