@@ -389,9 +389,29 @@ pub fn after_round_one(
     if all_hit {
         return;
     }
+    let wanted = fallbacks_wanted(w, slot, req);
+    if wanted.is_empty() {
+        return;
+    }
+    ask_backups(w, inbox, seq, slot, req, wanted);
+}
+
+/// A key of a read that a backup is asked for in round two.
+#[derive(Debug, Clone, Copy)]
+struct Wanted {
+    /// The key's number in the request.
+    key: u32,
+    /// The backup to ask.
+    backup: usize,
+    /// The key's primary.
+    primary: usize,
+}
+
+/// The keys round one did not find (or could not look up) that a backup
+/// may serve.
+fn fallbacks_wanted(w: &Cluster, slot: &Slot, req: &Request) -> SmallVec<[Wanted; 4]> {
     let fallback = w.miss_fallback;
-    // (key number, backup to ask, the key's primary)
-    let mut wanted: SmallVec<[(u32, usize, usize); 4]> = SmallVec::new();
+    let mut wanted: SmallVec<[Wanted; 4]> = SmallVec::new();
     walk(slot, req, |i, key, p, hit| {
         if hit.is_some() || slot.part_of_key(i) as u16 == NO_PART {
             return;
@@ -413,16 +433,26 @@ pub fn after_round_one(
             return;
         };
         if let Some(next) = super::first_serving(w, &replicas, key, tier + 1, |_| {}) {
-            wanted.push((
-                i as u32,
-                replicas.get(next).unwrap_or(0),
-                replicas.primary(),
-            ));
+            wanted.push(Wanted {
+                key: i as u32,
+                backup: replicas.get(next).unwrap_or(0),
+                primary: replicas.primary(),
+            });
         }
     });
-    if wanted.is_empty() {
-        return;
-    }
+    wanted
+}
+
+/// Round two: each wanted key asked of its backup with `mg`, so flags,
+/// remaining TTL (and CAS) come back.
+fn ask_backups(
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
+    seq: u64,
+    slot: &mut Slot,
+    req: &Request,
+    wanted: SmallVec<[Wanted; 4]>,
+) {
     let frame = slot.frame.clone();
     let flags: &[u8] = if matches!(req.command, Command::Gets | Command::Gats) {
         b"v f t c"
@@ -431,7 +461,12 @@ pub fn after_round_one(
     };
     let touch = matches!(req.command, Command::Gat | Command::Gats).then_some(req.exptime);
     let mut keys = req.keys(&frame).enumerate();
-    for (i, server, primary) in wanted {
+    for Wanted {
+        key: i,
+        backup: server,
+        primary,
+    } in wanted
+    {
         let Some((_, key)) = keys.find(|(k, _)| *k == i as usize) else {
             break;
         };
@@ -468,8 +503,61 @@ pub fn after_fallback(
     let absent = settle_ttl_changes(w, slot, req);
     copy_expired_copies(w, inbox, seq, slot, req, &absent);
     let frame = slot.frame.clone();
-    // (primary, flags, exptime, value offset and length in the reply, part)
-    type Repair = (usize, u32, i32, usize, usize, usize);
+    let repairs = repairs_wanted(w, slot, req, &frame);
+    for Repair {
+        primary,
+        flags,
+        exptime,
+        value,
+        part: idx,
+    } in repairs
+    {
+        let Some(Some(Ok(reply))) = slot.parts.get(idx).map(|p| p.result.as_ref()) else {
+            continue;
+        };
+        let len = value.len();
+        let value = reply.bytes.slice(value);
+        let Role::Fallback { key: i, epoch } = slot.parts[idx].role else {
+            continue;
+        };
+        let Some(key) = req.keys(&frame).nth(i as usize) else {
+            continue;
+        };
+        let queued = w.servers[primary].send_for_key(
+            key,
+            Expect::Storage,
+            reply_to(inbox, seq, slot.parts.len()),
+            |b| compose::storage_line(b, Command::Add, key, flags, exptime, len, 0),
+            Some(value),
+        );
+        slot.push_part(
+            Part::with_role(primary, Role::Repair { key: i, epoch }),
+            queued,
+        );
+        slot.stage = Stage::Repair;
+    }
+}
+
+/// A backup hit of round two to write back to its primary.
+#[derive(Debug, Clone)]
+struct Repair {
+    primary: usize,
+    flags: u32,
+    exptime: i32,
+    /// Where the value is in the backup's reply.
+    value: std::ops::Range<usize>,
+    /// The fallback part that holds that reply.
+    part: usize,
+}
+
+/// The backup hits to write back: those whose primary answered round one
+/// (a miss) and whose primary and backup both still serve the key.
+fn repairs_wanted(
+    w: &Cluster,
+    slot: &Slot,
+    req: &Request,
+    frame: &bytes::Bytes,
+) -> SmallVec<[Repair; 4]> {
     let mut repairs: SmallVec<[Repair; 4]> = SmallVec::new();
     for (idx, part) in slot.parts.iter().enumerate() {
         let Role::Fallback { key: i, .. } = part.role else {
@@ -483,7 +571,7 @@ pub fn after_fallback(
         }
         w.stats.backup_hits.incr();
         let i = i as usize;
-        let Some(key) = req.keys(&frame).nth(i) else {
+        let Some(key) = req.keys(frame).nth(i) else {
             continue;
         };
         // Repair only a primary that answered (a miss): not one that failed.
@@ -518,32 +606,15 @@ pub fn after_fallback(
         let Ok(exptime) = i32::try_from(exptime) else {
             continue;
         };
-        repairs.push((primary, mf.flags.unwrap_or(0), exptime, off, len, idx));
+        repairs.push(Repair {
+            primary,
+            flags: mf.flags.unwrap_or(0),
+            exptime,
+            value: off..off + len,
+            part: idx,
+        });
     }
-    for (primary, flags, exptime, off, len, idx) in repairs {
-        let Some(Some(Ok(reply))) = slot.parts.get(idx).map(|p| p.result.as_ref()) else {
-            continue;
-        };
-        let value = reply.bytes.slice(off..off + len);
-        let Role::Fallback { key: i, epoch } = slot.parts[idx].role else {
-            continue;
-        };
-        let Some(key) = req.keys(&frame).nth(i as usize) else {
-            continue;
-        };
-        let queued = w.servers[primary].send_for_key(
-            key,
-            Expect::Storage,
-            reply_to(inbox, seq, slot.parts.len()),
-            |b| compose::storage_line(b, Command::Add, key, flags, exptime, len, 0),
-            Some(value),
-        );
-        slot.push_part(
-            Part::with_role(primary, Role::Repair { key: i, epoch }),
-            queued,
-        );
-        slot.stage = Stage::Repair;
-    }
+    repairs
 }
 
 /// The repairs are in: count them, and undo any that may be older than a
