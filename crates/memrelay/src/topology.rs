@@ -36,7 +36,7 @@ use crate::config::{Config, ConfigError, Tier};
 use crate::ha::replica::{FlushGate, Replica};
 use crate::ha::resync::{Node, Request, Requests, Resync};
 use crate::ha::upkeep::Upkeep;
-use crate::router::Router;
+use crate::router::{Moves, Router};
 use crate::stats::{ServerEntry, StatsRegistry};
 
 /// One configuration, as the workers run it.
@@ -315,6 +315,70 @@ impl Control {
     /// worker run it. Refused: the running configuration is kept, and the
     /// reason logged (one line) and returned. `trigger` says who asked.
     pub async fn reload(&mut self, trigger: &str) -> Result<(), String> {
+        let cfg = Arc::new(self.read_again(trigger).await?);
+        let generation = self.generation + 1;
+        self.take_events();
+        let router = Router::new(&cfg);
+        let old_names: Vec<String> = self.servers.iter().map(|s| s.name.clone()).collect();
+        let new_names: Vec<String> = cfg.servers().map(|s| s.name.clone()).collect();
+        let moves = crate::router::moves(&self.router, &old_names, &router, &new_names);
+        // Requests of configurations older than the running one may still
+        // land copies of keys that moved away before it.
+        let older_live = self.live.keys().any(|&g| g < self.generation);
+        self.probe_timeouts.send_replace(probe_timeouts(&cfg));
+
+        let flushes = self.replace_servers(&cfg, &moves, older_live);
+        let flushed = self.flush(&flushes, probe_timeouts(&cfg)).await;
+
+        let health: Vec<Arc<Replica>> = self.servers.iter().map(|s| s.health.clone()).collect();
+        let topology = Arc::new(Topology {
+            generation,
+            config: cfg.clone(),
+            router: router.clone(),
+            health: health.clone(),
+        });
+        self.swap(topology).await;
+
+        // Resyncs under the old routing stop, and start again under this
+        // one (if no key changed servers, they go on: a reload that changes
+        // nothing restarts nothing); servers just emptied are warmed from
+        // the other tier.
+        let resync = Arc::new(new_resync(&cfg, &router, &health));
+        let old = self.resync.send_replace(resync);
+        if !(moves.gains.is_empty() && moves.loses.is_empty() && flushed.is_empty()) {
+            old.cancel();
+        }
+        for server in flushed {
+            let _ = self.resync_requests.send(Request {
+                server,
+                automatic: true,
+            });
+        }
+        self.registry.set_servers(entries(&self.servers, &cfg));
+        self.registry.set_config(&cfg);
+        self.registry
+            .max_conns
+            .store(cfg.max_conns, Ordering::Relaxed);
+        crate::privileges::raise_nofile(cfg.fds_needed());
+        self.registry.reloads.fetch_add(1, Ordering::Relaxed);
+        self.cfg = cfg;
+        self.router = router;
+        self.generation = generation;
+        tracing::info!(
+            trigger,
+            generation,
+            primaries = %names(&self.cfg.primaries),
+            backups = %names(&self.cfg.backups),
+            hash = %self.cfg.hash,
+            keys_moved = %format!("{:.1}%", moves.primaries_moved * 100.0),
+            "configuration reloaded"
+        );
+        Ok(())
+    }
+
+    /// The configuration read again, with what only a restart can change
+    /// kept as it runs. Refused: counted and logged, and the reason.
+    async fn read_again(&self, trigger: &str) -> Result<Config, String> {
         let reread = self.reread.clone();
         let read = tokio::task::spawn_blocking(move || reread().map_err(|e| e.to_string()))
             .await
@@ -340,23 +404,23 @@ impl Control {
                 "restart to apply: these settings changed but only take effect at a restart"
             );
         }
-        let cfg = Arc::new(cfg);
-        let generation = self.generation + 1;
-        self.take_events();
-        let router = Router::new(&cfg);
-        let old_names: Vec<String> = self.servers.iter().map(|s| s.name.clone()).collect();
-        let new_names: Vec<String> = cfg.servers().map(|s| s.name.clone()).collect();
-        let moves = crate::router::moves(&self.router, &old_names, &router, &new_names);
-        // Requests of configurations older than the running one may still
-        // land copies of keys that moved away before it.
-        let older_live = self.live.keys().any(|&g| g < self.generation);
-        self.probe_timeouts.send_replace(probe_timeouts(&cfg));
+        Ok(cfg)
+    }
 
+    /// The running servers for `cfg`: those that stay keep their state
+    /// (and their prober), the others are started or stopped. Returns the
+    /// servers to flush before the new configuration runs, and why.
+    fn replace_servers(
+        &mut self,
+        cfg: &Config,
+        moves: &Moves,
+        older_live: bool,
+    ) -> Vec<(Arc<Replica>, Dial, &'static str)> {
         let mut old: Vec<Option<Running>> = std::mem::take(&mut self.servers)
             .into_iter()
             .map(Some)
             .collect();
-        let mut servers = Vec::with_capacity(new_names.len());
+        let mut servers = Vec::with_capacity(cfg.servers().count());
         let mut flushes: Vec<(Arc<Replica>, Dial, &'static str)> = Vec::new();
         for (s, role) in cfg.servers().zip(cfg.roles()) {
             let kept = old
@@ -414,52 +478,7 @@ impl Control {
             }
             *self.all_health.write().unwrap_or_else(|p| p.into_inner()) = now;
         }
-        let flushed = self.flush(&flushes, probe_timeouts(&cfg)).await;
-
-        let health: Vec<Arc<Replica>> = self.servers.iter().map(|s| s.health.clone()).collect();
-        let topology = Arc::new(Topology {
-            generation,
-            config: cfg.clone(),
-            router: router.clone(),
-            health: health.clone(),
-        });
-        self.swap(topology).await;
-
-        // Resyncs under the old routing stop, and start again under this
-        // one (if no key changed servers, they go on: a reload that changes
-        // nothing restarts nothing); servers just emptied are warmed from
-        // the other tier.
-        let resync = Arc::new(new_resync(&cfg, &router, &health));
-        let old = self.resync.send_replace(resync);
-        if !(moves.gains.is_empty() && moves.loses.is_empty() && flushed.is_empty()) {
-            old.cancel();
-        }
-        for server in flushed {
-            let _ = self.resync_requests.send(Request {
-                server,
-                automatic: true,
-            });
-        }
-        self.registry.set_servers(entries(&self.servers, &cfg));
-        self.registry.set_config(&cfg);
-        self.registry
-            .max_conns
-            .store(cfg.max_conns, Ordering::Relaxed);
-        crate::privileges::raise_nofile(cfg.fds_needed());
-        self.registry.reloads.fetch_add(1, Ordering::Relaxed);
-        self.cfg = cfg;
-        self.router = router;
-        self.generation = generation;
-        tracing::info!(
-            trigger,
-            generation,
-            primaries = %names(&self.cfg.primaries),
-            backups = %names(&self.cfg.backups),
-            hash = %self.cfg.hash,
-            keys_moved = %format!("{:.1}%", moves.primaries_moved * 100.0),
-            "configuration reloaded"
-        );
-        Ok(())
+        flushes
     }
 
     /// A server's entry, its prober started.
@@ -636,11 +655,13 @@ fn new_resync(cfg: &Config, router: &Router, health: &[Arc<Replica>]) -> Resync 
             })
             .collect(),
         cfg.primaries.len(),
-        cfg.resync_rate,
-        cfg.connect_timeout,
-        cfg.limits.max_value_len,
-        crate::ha::resync::write_life(cfg.connect_timeout, cfg.timeout),
-        cfg.resync && !cfg.backups.is_empty(),
+        crate::ha::resync::Settings {
+            rate: cfg.resync_rate,
+            connect_timeout: cfg.connect_timeout,
+            max_value_len: cfg.limits.max_value_len,
+            write_life: crate::ha::resync::write_life(cfg.connect_timeout, cfg.timeout),
+            automatic: cfg.resync && !cfg.backups.is_empty(),
+        },
     )
 }
 

@@ -252,23 +252,31 @@ where
         }
     }
 
+    let cfg = Box::new(configure(config.as_deref(), &given)?);
+    Ok(if check {
+        Action::Check(cfg)
+    } else {
+        Action::Run(cfg)
+    })
+}
+
+/// The `--config` file's settings, if one is named, then the flags on top.
+fn configure(
+    config: Option<&std::path::Path>,
+    given: &[(String, &'static str, Option<String>)],
+) -> Result<Config, ConfigError> {
     let mut draft = Draft::default();
-    if let Some(path) = &config {
+    if let Some(path) = config {
         super::file::load(path, &mut draft)?;
     }
-    for (flag, canonical, value) in &given {
+    for (flag, canonical, value) in given {
         let value = match value {
             Some(v) => Value::Text(v),
             None => Value::Switch(true),
         };
         draft.set(&Origin::Flag(flag.clone()), canonical, value)?;
     }
-    let cfg = Box::new(draft.finish()?);
-    Ok(if check {
-        Action::Check(cfg)
-    } else {
-        Action::Run(cfg)
-    })
+    draft.finish()
 }
 
 /// The configuration the same arguments give now, for a reload: the

@@ -222,89 +222,10 @@ fn apply(path: &Path, f: File, draft: &mut Draft) -> Result<(), ConfigError> {
         let listener = listener(path, &format!("listen[{i}]"), l)?;
         put.draft.add_listener(listener);
     }
-    for (key, name, list) in [
-        ("pools.primaries", "-s", f.pools.primaries),
-        ("pools.backups", "-b", f.pools.backups),
-    ] {
-        for (i, s) in list.unwrap_or_default().iter().enumerate() {
-            put.text(&format!("{key}[{i}]"), name, Some(s))?;
-        }
-    }
-    for (i, tier) in f
-        .pools
-        .more_backup_tiers
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-    {
-        put.text(
-            &format!("pools.more_backup_tiers[{i}]"),
-            "--backup-tier",
-            Some(tier.join(",")),
-        )?;
-    }
-    put.text("pools.hash", "--hash", f.pools.hash)?;
-    put.text("pools.backend_conns", "-i", f.pools.backend_conns)?;
-    let t = f.timeouts;
-    put.text(
-        "timeouts.connect",
-        "--connect-timeout",
-        t.connect.map(|d| d.0),
-    )?;
-    put.text("timeouts.request", "--timeout", t.request.map(|d| d.0))?;
-    put.text("timeouts.idle", "--idle-timeout", t.idle.map(|d| d.0))?;
-    put.text("timeouts.write", "--write-timeout", t.write.map(|d| d.0))?;
-    put.text(
-        "timeouts.handshake",
-        "--handshake-timeout",
-        t.handshake.map(|d| d.0),
-    )?;
-    put.text(
-        "timeouts.shutdown",
-        "--shutdown-timeout",
-        t.shutdown.map(|d| d.0),
-    )?;
-    put.text(
-        "health.failure_limit",
-        "--failure-limit",
-        f.health.failure_limit,
-    )?;
-    let l = f.limits;
-    put.text("limits.max_conns", "-n", l.max_conns)?;
-    put.text("limits.max_pipeline", "--max-pipeline", l.max_pipeline)?;
-    put.text(
-        "limits.max_client_buffer",
-        "--max-client-buffer",
-        l.max_client_buffer,
-    )?;
-    put.text(
-        "limits.max_value_size",
-        "--max-value-size",
-        l.max_value_size,
-    )?;
-    put.text("limits.max_keys", "--max-keys", l.max_keys)?;
-    put.text(
-        "limits.max_reply_size",
-        "--max-reply-size",
-        l.max_reply_size,
-    )?;
-    put.text("limits.max_memory", "--max-memory", l.max_memory)?;
-    let ha = f.ha;
-    // The flags are named for turning a default off: `--no-resync` is
-    // `resync = false`.
-    put.switch(
-        "ha.miss_fallback",
-        "--no-miss-fallback",
-        ha.miss_fallback.map(|b| !b),
-    )?;
-    put.switch("ha.auto_eject", "--auto-eject", ha.auto_eject)?;
-    put.switch("ha.resync", "--no-resync", ha.resync.map(|b| !b))?;
-    put.text("ha.resync_rate", "--resync-rate", ha.resync_rate)?;
-    put.switch(
-        "ha.enable_flush_all",
-        "--enable-flush-all",
-        ha.enable_flush_all,
-    )?;
+    apply_pools(&mut put, f.pools)?;
+    apply_timeouts(&mut put, f.timeouts, f.health)?;
+    apply_limits(&mut put, f.limits)?;
+    apply_ha(&mut put, f.ha)?;
     let p = f.process;
     put.text("process.threads", "-t", p.threads)?;
     put.text("process.user", "-u", p.user)?;
@@ -326,6 +247,105 @@ fn apply(path: &Path, f: File, draft: &mut Draft) -> Result<(), ConfigError> {
     put.text("server_tls.cert", "--server-tls-cert", st.cert)?;
     put.text("server_tls.key", "--server-tls-key", st.key)?;
     put.text("server_tls.name", "--server-tls-name", st.name)?;
+    Ok(())
+}
+
+/// `[pools]`: the servers of each tier, the hash, the connections.
+fn apply_pools(put: &mut Put<'_>, pools: Pools) -> Result<(), ConfigError> {
+    for (key, name, list) in [
+        ("pools.primaries", "-s", pools.primaries),
+        ("pools.backups", "-b", pools.backups),
+    ] {
+        for (i, s) in list.unwrap_or_default().iter().enumerate() {
+            put.text(&format!("{key}[{i}]"), name, Some(s))?;
+        }
+    }
+    for (i, tier) in pools
+        .more_backup_tiers
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        put.text(
+            &format!("pools.more_backup_tiers[{i}]"),
+            "--backup-tier",
+            Some(tier.join(",")),
+        )?;
+    }
+    put.text("pools.hash", "--hash", pools.hash)?;
+    put.text("pools.backend_conns", "-i", pools.backend_conns)?;
+    Ok(())
+}
+
+/// `[timeouts]` and `[health]`.
+fn apply_timeouts(put: &mut Put<'_>, t: Timeouts, health: Health) -> Result<(), ConfigError> {
+    put.text(
+        "timeouts.connect",
+        "--connect-timeout",
+        t.connect.map(|d| d.0),
+    )?;
+    put.text("timeouts.request", "--timeout", t.request.map(|d| d.0))?;
+    put.text("timeouts.idle", "--idle-timeout", t.idle.map(|d| d.0))?;
+    put.text("timeouts.write", "--write-timeout", t.write.map(|d| d.0))?;
+    put.text(
+        "timeouts.handshake",
+        "--handshake-timeout",
+        t.handshake.map(|d| d.0),
+    )?;
+    put.text(
+        "timeouts.shutdown",
+        "--shutdown-timeout",
+        t.shutdown.map(|d| d.0),
+    )?;
+    put.text(
+        "health.failure_limit",
+        "--failure-limit",
+        health.failure_limit,
+    )?;
+    Ok(())
+}
+
+/// `[limits]`.
+fn apply_limits(put: &mut Put<'_>, l: Limits) -> Result<(), ConfigError> {
+    put.text("limits.max_conns", "-n", l.max_conns)?;
+    put.text("limits.max_pipeline", "--max-pipeline", l.max_pipeline)?;
+    put.text(
+        "limits.max_client_buffer",
+        "--max-client-buffer",
+        l.max_client_buffer,
+    )?;
+    put.text(
+        "limits.max_value_size",
+        "--max-value-size",
+        l.max_value_size,
+    )?;
+    put.text("limits.max_keys", "--max-keys", l.max_keys)?;
+    put.text(
+        "limits.max_reply_size",
+        "--max-reply-size",
+        l.max_reply_size,
+    )?;
+    put.text("limits.max_memory", "--max-memory", l.max_memory)?;
+    Ok(())
+}
+
+/// `[ha]`.
+fn apply_ha(put: &mut Put<'_>, ha: Ha) -> Result<(), ConfigError> {
+    // The flags are named for turning a default off: `--no-resync` is
+    // `resync = false`.
+    put.switch(
+        "ha.miss_fallback",
+        "--no-miss-fallback",
+        ha.miss_fallback.map(|b| !b),
+    )?;
+    put.switch("ha.auto_eject", "--auto-eject", ha.auto_eject)?;
+    put.switch("ha.resync", "--no-resync", ha.resync.map(|b| !b))?;
+    put.text("ha.resync_rate", "--resync-rate", ha.resync_rate)?;
+    put.switch(
+        "ha.enable_flush_all",
+        "--enable-flush-all",
+        ha.enable_flush_all,
+    )?;
     Ok(())
 }
 
@@ -570,88 +590,35 @@ mod tests {
             .join("\n")
     }
 
-    /// examples/memrelay.toml documents every key: uncommented, it sets
-    /// them all. The destructuring has no `..`, so a key added to the file
-    /// format and not to the example fails to compile here.
-    #[test]
-    fn the_documented_example_shows_every_key() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/memrelay.toml");
-        let text = std::fs::read_to_string(&path).unwrap();
-        let all = uncommented(&text);
-        let f: File = toml::from_str(&all).unwrap_or_else(|e| panic!("{}\n{all}", e));
-        let File {
-            listen,
-            pools:
-                Pools {
-                    primaries,
-                    backups,
-                    more_backup_tiers,
-                    hash,
-                    backend_conns,
-                },
-            timeouts:
-                Timeouts {
-                    connect,
-                    request,
-                    idle,
-                    write,
-                    handshake,
-                    shutdown,
-                },
-            health: Health { failure_limit },
-            limits:
-                Limits {
-                    max_conns,
-                    max_pipeline,
-                    max_client_buffer,
-                    max_value_size,
-                    max_keys,
-                    max_reply_size,
-                    max_memory,
-                },
-            ha:
-                Ha {
-                    miss_fallback,
-                    auto_eject,
-                    resync,
-                    resync_rate,
-                    enable_flush_all,
-                },
-            process:
-                Process {
-                    threads,
-                    user,
-                    group,
-                    daemon,
-                    handoff,
-                    state_file,
-                    pidfile,
-                    auth_file,
-                },
-            metrics: Metrics {
-                listen: metrics_listen,
-            },
-            log:
-                Log {
-                    level,
-                    format,
-                    file: log_file,
-                },
-            tls:
-                Tls {
-                    cert,
-                    key,
-                    client_ca,
-                },
-            server_tls:
-                ServerTls {
-                    ca: server_ca,
-                    cert: server_cert,
-                    key: server_key,
-                    name: server_name,
-                },
-        } = f;
-        let mut shown = vec![
+    /// Which keys of `[pools]`, `[timeouts]`, `[health]` and `[limits]` the example sets.
+    fn servers_and_limits_shown(
+        Pools {
+            primaries,
+            backups,
+            more_backup_tiers,
+            hash,
+            backend_conns,
+        }: Pools,
+        Timeouts {
+            connect,
+            request,
+            idle,
+            write,
+            handshake,
+            shutdown,
+        }: Timeouts,
+        Health { failure_limit }: Health,
+        Limits {
+            max_conns,
+            max_pipeline,
+            max_client_buffer,
+            max_value_size,
+            max_keys,
+            max_reply_size,
+            max_memory,
+        }: Limits,
+    ) -> Vec<(&'static str, bool)> {
+        vec![
             ("pools.primaries", primaries.is_some()),
             ("pools.backups", backups.is_some()),
             ("pools.more_backup_tiers", more_backup_tiers.is_some()),
@@ -671,6 +638,49 @@ mod tests {
             ("limits.max_keys", max_keys.is_some()),
             ("limits.max_reply_size", max_reply_size.is_some()),
             ("limits.max_memory", max_memory.is_some()),
+        ]
+    }
+
+    /// Which keys of `[ha]`, `[process]`, `[metrics]`, `[log]`, `[tls]` and `[server_tls]` the example sets.
+    fn process_and_security_shown(
+        Ha {
+            miss_fallback,
+            auto_eject,
+            resync,
+            resync_rate,
+            enable_flush_all,
+        }: Ha,
+        Process {
+            threads,
+            user,
+            group,
+            daemon,
+            handoff,
+            state_file,
+            pidfile,
+            auth_file,
+        }: Process,
+        Metrics {
+            listen: metrics_listen,
+        }: Metrics,
+        Log {
+            level,
+            format,
+            file: log_file,
+        }: Log,
+        Tls {
+            cert,
+            key,
+            client_ca,
+        }: Tls,
+        ServerTls {
+            ca: server_ca,
+            cert: server_cert,
+            key: server_key,
+            name: server_name,
+        }: ServerTls,
+    ) -> Vec<(&'static str, bool)> {
+        vec![
             ("ha.miss_fallback", miss_fallback.is_some()),
             ("ha.auto_eject", auto_eject.is_some()),
             ("ha.resync", resync.is_some()),
@@ -695,7 +705,36 @@ mod tests {
             ("server_tls.cert", server_cert.is_some()),
             ("server_tls.key", server_key.is_some()),
             ("server_tls.name", server_name.is_some()),
-        ];
+        ]
+    }
+
+    /// examples/memrelay.toml documents every key: uncommented, it sets
+    /// them all. The destructurings (here and in the two `*_shown`
+    /// helpers) have no `..`, so a key added to the file format and not to
+    /// the example fails to compile here.
+    #[test]
+    fn the_documented_example_shows_every_key() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/memrelay.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let all = uncommented(&text);
+        let f: File = toml::from_str(&all).unwrap_or_else(|e| panic!("{}\n{all}", e));
+        let File {
+            listen,
+            pools,
+            timeouts,
+            health,
+            limits,
+            ha,
+            process,
+            metrics,
+            log,
+            tls,
+            server_tls,
+        } = f;
+        let mut shown = servers_and_limits_shown(pools, timeouts, health, limits);
+        shown.extend(process_and_security_shown(
+            ha, process, metrics, log, tls, server_tls,
+        ));
         for l in &listen {
             let ListenKeys {
                 address,

@@ -106,8 +106,16 @@ impl Draft {
             Value::Switch(on) => return self.switch(origin, name, on),
             Value::Text(v) => v,
         };
+        if self.set_deferred(origin, name, v)? {
+            return Ok(());
+        }
+        set_value(&mut self.cfg, origin, name, v)
+    }
+
+    /// A setting kept on the draft (listeners, servers, files), resolved
+    /// by [`finish`](Self::finish); false when `name` is not one.
+    fn set_deferred(&mut self, origin: &Origin, name: &str, v: &str) -> Result<bool, ConfigError> {
         let fail = |m: String| ConfigError::new(origin, m);
-        let cfg = &mut self.cfg;
         match name {
             "-p" => self.cli_port = Some(port(v).map_err(fail)?),
             "-l" => self.cli_host = Some((origin.clone(), v.to_string())),
@@ -116,42 +124,6 @@ impl Draft {
             "-s" => self.primaries.push((origin.clone(), v.to_string())),
             "-b" => self.backups.push((origin.clone(), v.to_string())),
             "--backup-tier" => self.more_tiers.push((origin.clone(), v.to_string())),
-            "-n" => cfg.max_conns = number(v, 1, 10_000_000).map_err(fail)? as usize,
-            // More than 64 connections per server per thread buys nothing
-            // but file descriptors: the connections pipeline.
-            "-i" => cfg.backend_conns = number(v, 1, 1_000_000).map_err(fail)?.min(64) as usize,
-            "-u" => cfg.user = Some(v.to_string()),
-            "-g" => cfg.group = Some(v.to_string()),
-            "-t" => cfg.threads = number(v, 1, 1024).map_err(fail)? as usize,
-            "--hash" => {
-                cfg.hash = HashKind::parse(v)
-                    .ok_or_else(|| fail(format!("'{v}' is not one of ketama, modula, magent")))?
-            }
-            "--connect-timeout" => cfg.connect_timeout = duration(v).map_err(fail)?,
-            "--timeout" => cfg.timeout = duration(v).map_err(fail)?,
-            "--failure-limit" => cfg.failure_limit = number(v, 1, 1000).map_err(fail)? as u32,
-            "--resync-rate" => cfg.resync_rate = number(v, 1, 10_000_000).map_err(fail)?,
-            "--shutdown-timeout" => cfg.shutdown_timeout = duration(v).map_err(fail)?,
-            "--handoff" => cfg.handoff = Some(PathBuf::from(v)),
-            // Absolute: `-d` changes the working directory to /, and the
-            // pid file is written, and the log file reopened, after that.
-            "--pidfile" => {
-                cfg.pidfile = Some(std::path::absolute(v).map_err(|e| fail(e.to_string()))?)
-            }
-            "--log-file" => {
-                cfg.log_file = Some(std::path::absolute(v).map_err(|e| fail(e.to_string()))?)
-            }
-            "--state-file" => {
-                cfg.state_file = Some(std::path::absolute(v).map_err(|e| fail(e.to_string()))?)
-            }
-            "--max-pipeline" => cfg.max_pipeline = number(v, 1, 1_000_000).map_err(fail)? as usize,
-            "--max-client-buffer" => {
-                cfg.max_client_buffer = number(v, 4096, 1 << 32).map_err(fail)? as usize
-            }
-            "--idle-timeout" => cfg.idle_timeout = Some(duration(v).map_err(fail)?),
-            "--write-timeout" => cfg.write_timeout = duration(v).map_err(fail)?,
-            "--handshake-timeout" => cfg.handshake_timeout = duration(v).map_err(fail)?,
-            "--max-memory" => cfg.max_memory = number(v, 1 << 20, 1 << 50).map_err(fail)? as usize,
             "--max-reply-size" => {
                 self.max_reply = Some((
                     origin.clone(),
@@ -168,27 +140,9 @@ impl Draft {
             "--server-tls-cert" => self.server_tls_cert = Some((origin.clone(), PathBuf::from(v))),
             "--server-tls-key" => self.server_tls_key = Some((origin.clone(), PathBuf::from(v))),
             "--server-tls-name" => self.server_tls_name = Some((origin.clone(), v.to_string())),
-            "--metrics" => cfg.metrics = Some(socket_addr(v).map_err(fail)?),
-            "--max-value-size" => {
-                cfg.limits.max_value_len = number(v, 1, 1 << 30).map_err(fail)? as usize
-            }
-            "--max-keys" => cfg.limits.max_keys = number(v, 1, 10_000_000).map_err(fail)? as usize,
-            "--log-format" => {
-                cfg.log_format = LogFormat::parse(v)
-                    .ok_or_else(|| fail(format!("'{v}' is not one of text, json")))?
-            }
-            // The file's `log.level`; on the command line, -v and -vv.
-            "--log-level" => {
-                cfg.verbosity = match v {
-                    "info" => 0,
-                    "debug" => 1,
-                    "trace" => 2,
-                    _ => return Err(fail(format!("'{v}' is not one of info, debug, trace"))),
-                }
-            }
-            _ => return Err(fail("takes no value".to_string())),
+            _ => return Ok(false),
         }
-        Ok(())
+        Ok(true)
     }
 
     /// A setting that is on or off.
@@ -212,8 +166,19 @@ impl Draft {
     }
 
     /// Resolves what could not be checked one setting at a time.
-    pub(super) fn finish(self) -> Result<Config, ConfigError> {
-        let mut cfg = self.cfg;
+    pub(super) fn finish(mut self) -> Result<Config, ConfigError> {
+        let mut cfg = std::mem::take(&mut self.cfg);
+        let origins = self.resolve_servers(&mut cfg)?;
+        self.load_server_files(&mut cfg, &origins)?;
+        self.check_sizes(&mut cfg)?;
+        cfg.tls = self.client_tls()?;
+        cfg.listen = self.listen()?;
+        Ok(cfg)
+    }
+
+    /// The servers of every tier, resolved and checked for duplicates; the
+    /// origin of each, in `Config::servers` order.
+    fn resolve_servers(&self, cfg: &mut Config) -> Result<Vec<&Origin>, ConfigError> {
         if self.primaries.is_empty() {
             let (origin, how) = match &self.file {
                 Some(f) => (Origin::key(f, "pools.primaries"), "pools.primaries or -s"),
@@ -260,7 +225,13 @@ impl Draft {
             .map(|(o, _)| o)
             .chain(tier_origins)
             .collect();
-        check_duplicates(&cfg, &origins)?;
+        check_duplicates(cfg, &origins)?;
+        Ok(origins)
+    }
+
+    /// The client credentials and the certificates for servers, checked
+    /// against the servers they are for; weights against the hash.
+    fn load_server_files(&self, cfg: &mut Config, origins: &[&Origin]) -> Result<(), ConfigError> {
         if let Some((origin, path)) = &self.auth_file {
             let (creds, warning) =
                 Credentials::load(path).map_err(|m| ConfigError::new(origin, m))?;
@@ -292,30 +263,42 @@ impl Draft {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// `--max-reply-size` against the largest value; `--auto-eject` only
+    /// without backups.
+    fn check_sizes(&self, cfg: &mut Config) -> Result<(), ConfigError> {
         let least_reply = cfg.limits.max_value_len + REPLY_HEADROOM;
-        cfg.max_reply_size = match self.max_reply {
-            Some((origin, n)) if n < least_reply => {
+        cfg.max_reply_size = match &self.max_reply {
+            Some((origin, n)) if *n < least_reply => {
                 return Err(ConfigError::new(
-                    &origin,
+                    origin,
                     format!(
                         "{n} cannot hold one largest value: it must be at least \
                          --max-value-size + {REPLY_HEADROOM} = {least_reply}"
                     ),
                 ))
             }
-            Some((_, n)) => n,
+            Some((_, n)) => *n,
             None => default_max_reply(cfg.limits.max_value_len),
         };
         if cfg.auto_eject && !cfg.backups.is_empty() {
             let origin = self
                 .auto_eject_origin
+                .clone()
                 .unwrap_or_else(|| Origin::Flag("--auto-eject".into()));
             return Err(ConfigError::new(
                 &origin,
                 "only without backups: with backups, a dead primary's keys are served by their backup",
             ));
         }
-        cfg.tls =
+        Ok(())
+    }
+
+    /// The listeners' TLS: certificate and key come together.
+    fn client_tls(&self) -> Result<Option<super::tls::Tls>, ConfigError> {
+        let tls =
             match (&self.tls_cert, &self.tls_key) {
                 (Some((co, cert)), Some((ko, key))) => Some(super::tls::load(super::tls::Files {
                     cert: (co, cert),
@@ -336,9 +319,15 @@ impl Draft {
                     None => None,
                 },
             };
+        Ok(tls)
+    }
+
+    /// The command line's listener if it named one (or the file none),
+    /// else the file's.
+    fn listen(self) -> Result<Vec<Listen>, ConfigError> {
         let from_cli =
             self.cli_host.is_some() || self.cli_port.is_some() || self.cli_unix.is_some();
-        cfg.listen = if from_cli || self.file_listen.is_empty() {
+        Ok(if from_cli || self.file_listen.is_empty() {
             match self.cli_unix {
                 Some(path) => vec![Listen::Unix {
                     path,
@@ -364,9 +353,69 @@ impl Draft {
                 }
             }
             listen
-        };
-        Ok(cfg)
+        })
     }
+}
+
+/// A setting that goes straight into the configuration.
+fn set_value(cfg: &mut Config, origin: &Origin, name: &str, v: &str) -> Result<(), ConfigError> {
+    let fail = |m: String| ConfigError::new(origin, m);
+    match name {
+        "-n" => cfg.max_conns = number(v, 1, 10_000_000).map_err(fail)? as usize,
+        // More than 64 connections per server per thread buys nothing
+        // but file descriptors: the connections pipeline.
+        "-i" => cfg.backend_conns = number(v, 1, 1_000_000).map_err(fail)?.min(64) as usize,
+        "-u" => cfg.user = Some(v.to_string()),
+        "-g" => cfg.group = Some(v.to_string()),
+        "-t" => cfg.threads = number(v, 1, 1024).map_err(fail)? as usize,
+        "--hash" => {
+            cfg.hash = HashKind::parse(v)
+                .ok_or_else(|| fail(format!("'{v}' is not one of ketama, modula, magent")))?
+        }
+        "--connect-timeout" => cfg.connect_timeout = duration(v).map_err(fail)?,
+        "--timeout" => cfg.timeout = duration(v).map_err(fail)?,
+        "--failure-limit" => cfg.failure_limit = number(v, 1, 1000).map_err(fail)? as u32,
+        "--resync-rate" => cfg.resync_rate = number(v, 1, 10_000_000).map_err(fail)?,
+        "--shutdown-timeout" => cfg.shutdown_timeout = duration(v).map_err(fail)?,
+        "--handoff" => cfg.handoff = Some(PathBuf::from(v)),
+        // Absolute: `-d` changes the working directory to /, and the
+        // pid file is written, and the log file reopened, after that.
+        "--pidfile" => cfg.pidfile = Some(std::path::absolute(v).map_err(|e| fail(e.to_string()))?),
+        "--log-file" => {
+            cfg.log_file = Some(std::path::absolute(v).map_err(|e| fail(e.to_string()))?)
+        }
+        "--state-file" => {
+            cfg.state_file = Some(std::path::absolute(v).map_err(|e| fail(e.to_string()))?)
+        }
+        "--max-pipeline" => cfg.max_pipeline = number(v, 1, 1_000_000).map_err(fail)? as usize,
+        "--max-client-buffer" => {
+            cfg.max_client_buffer = number(v, 4096, 1 << 32).map_err(fail)? as usize
+        }
+        "--idle-timeout" => cfg.idle_timeout = Some(duration(v).map_err(fail)?),
+        "--write-timeout" => cfg.write_timeout = duration(v).map_err(fail)?,
+        "--handshake-timeout" => cfg.handshake_timeout = duration(v).map_err(fail)?,
+        "--max-memory" => cfg.max_memory = number(v, 1 << 20, 1 << 50).map_err(fail)? as usize,
+        "--metrics" => cfg.metrics = Some(socket_addr(v).map_err(fail)?),
+        "--max-value-size" => {
+            cfg.limits.max_value_len = number(v, 1, 1 << 30).map_err(fail)? as usize
+        }
+        "--max-keys" => cfg.limits.max_keys = number(v, 1, 10_000_000).map_err(fail)? as usize,
+        "--log-format" => {
+            cfg.log_format = LogFormat::parse(v)
+                .ok_or_else(|| fail(format!("'{v}' is not one of text, json")))?
+        }
+        // The file's `log.level`; on the command line, -v and -vv.
+        "--log-level" => {
+            cfg.verbosity = match v {
+                "info" => 0,
+                "debug" => 1,
+                "trace" => 2,
+                _ => return Err(fail(format!("'{v}' is not one of info, debug, trace"))),
+            }
+        }
+        _ => return Err(fail("takes no value".to_string())),
+    }
+    Ok(())
 }
 
 /// The same server listed twice (under any two names) would get every

@@ -10,44 +10,16 @@ use super::Config;
 impl Config {
     /// A short, human-readable account of the configuration.
     pub fn summary(&self) -> String {
-        fn names(list: &[super::ServerAddr]) -> String {
-            if list.is_empty() {
-                return "none".into();
-            }
-            let names: Vec<String> = list
-                .iter()
-                .map(|s| {
-                    let mut n = s.name.clone();
-                    if s.weight != 1 {
-                        let _ = write!(n, " weight {}", s.weight);
-                    }
-                    if let Some(label) = &s.label {
-                        let _ = write!(n, " named {label}");
-                    }
-                    if s.name != s.addr.to_string() {
-                        let _ = write!(n, " ({})", s.addr);
-                    }
-                    n
-                })
-                .collect();
-            names.join(", ")
-        }
-        fn on(b: bool) -> &'static str {
-            if b {
-                "on"
-            } else {
-                "off"
-            }
-        }
-        // As the operator would write it: `10s`, `250ms`.
-        fn ms(d: Duration) -> String {
-            if d.subsec_millis() == 0 {
-                format!("{}s", d.as_secs())
-            } else {
-                format!("{}ms", d.as_millis())
-            }
-        }
         let mut out = String::new();
+        self.summary_servers(&mut out);
+        self.summary_limits(&mut out);
+        self.summary_security(&mut out);
+        self.summary_process(&mut out);
+        out
+    }
+
+    /// Where it listens, the servers of each tier, how keys are routed.
+    fn summary_servers(&self, out: &mut String) {
         let source = match &self.config_file {
             Some(f) => format!("{} and the command line", f.display()),
             None => "the command line".into(),
@@ -65,6 +37,10 @@ impl Config {
             "routing:    hash {}, worker threads {}, connections per server per thread {}",
             self.hash, self.threads, self.backend_conns
         );
+    }
+
+    /// Timeouts, health, limits and the HA policies.
+    fn summary_limits(&self, out: &mut String) {
         let _ = writeln!(
             out,
             "timeouts:   connect {}, request {}, idle {}, write {}, handshake {}, shutdown {}",
@@ -104,6 +80,10 @@ impl Config {
                 "refused"
             }
         );
+    }
+
+    /// TLS on both sides and client authentication.
+    fn summary_security(&self, out: &mut String) {
         let tls = match &self.tls {
             None => "off".to_string(),
             Some(t) => format!(
@@ -147,6 +127,10 @@ impl Config {
                 "off"
             }
         );
+    }
+
+    /// Monitoring, hand-off, state, logging and the process itself.
+    fn summary_process(&self, out: &mut String) {
         let _ = writeln!(
             out,
             "metrics:    {}",
@@ -203,6 +187,45 @@ impl Config {
                 "foreground"
             }
         );
-        out
+    }
+}
+
+/// A tier's servers as the operator named them.
+fn names(list: &[super::ServerAddr]) -> String {
+    if list.is_empty() {
+        return "none".into();
+    }
+    let names: Vec<String> = list
+        .iter()
+        .map(|s| {
+            let mut n = s.name.clone();
+            if s.weight != 1 {
+                let _ = write!(n, " weight {}", s.weight);
+            }
+            if let Some(label) = &s.label {
+                let _ = write!(n, " named {label}");
+            }
+            if s.name != s.addr.to_string() {
+                let _ = write!(n, " ({})", s.addr);
+            }
+            n
+        })
+        .collect();
+    names.join(", ")
+}
+/// A switch.
+fn on(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+// As the operator would write it: `10s`, `250ms`.
+fn ms(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
     }
 }

@@ -21,14 +21,44 @@ pub mod persist;
 pub mod read;
 pub mod replica;
 pub mod resync;
+pub mod slot;
 pub mod upkeep;
 pub mod write;
+
+use std::rc::Rc;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use memrelay_protocol::{base64, Request};
 
-use crate::proxy::Worker;
-use crate::router::Replicas;
+use crate::backend::Sink;
+use crate::router::{Replicas, Router};
+use crate::stats::WorkerStats;
+
+/// What the HA steps of one worker thread use under one configuration: the
+/// routing, the thread's servers, the policies, the counters and the
+/// background writes. It is part of the proxy's `Worker` (which derefs to
+/// it), declared here so that ha does not depend on the layer above it.
+#[derive(Debug)]
+pub struct Cluster {
+    pub router: Router,
+    /// Primaries then backups, indexed like `Config::servers`.
+    pub servers: Rc<[replica::Server]>,
+    /// Ask the backup when the primary misses.
+    pub miss_fallback: bool,
+    /// No backups: move a dead server's keys to the next server on the ring.
+    pub auto_eject: bool,
+    /// Background writes to backups (mirrors, repairs).
+    pub mirror: Rc<mirror::Mirror>,
+    pub stats: Arc<WorkerStats>,
+}
+
+/// Where the server replies of a request go: the session's inbox
+/// (`proxy::session::Inbox`), named here by what ha needs of it (a `Sink`
+/// it can address replies to) so that ha does not depend on proxy.
+pub trait Inbox: Sink + 'static {}
+
+impl<T: Sink + 'static> Inbox for T {}
 
 /// The key a request is routed by: the key itself, or for a meta command
 /// with the `b` flag, its base64-decoded bytes (so `mg a2V5 b` and `get key`
@@ -49,7 +79,7 @@ pub fn route_key(frame: &Bytes, req: &Request) -> Bytes {
 /// reported as tier `replicas.len()` (past the real tiers, so a retry after
 /// it finds nothing more).
 pub fn serving(
-    w: &Worker,
+    w: &Cluster,
     replicas: &Replicas,
     key: &[u8],
     from: usize,
@@ -110,7 +140,7 @@ pub fn meta_wire(req: &Request, mirrored: bool) -> MetaWire {
 /// like any read or write, and only when no replica has the item is it
 /// sent whole, creating it. Quiet requests keep the old path (their
 /// replies are framed differently with and without `N`).
-pub fn vivifies_later(w: &Worker, req: &Request) -> bool {
+pub fn vivifies_later(w: &Cluster, req: &Request) -> bool {
     use memrelay_protocol::Command;
     matches!(req.command, Command::MetaArith | Command::MetaGet)
         && req.meta.vivify
@@ -165,10 +195,7 @@ pub fn meta_cas_token(frame: &[u8], req: &Request) -> Option<u64> {
 }
 
 /// The server whose answer `reply` is, among the slot's parts.
-pub fn server_of(
-    slot: &crate::proxy::slot::Slot,
-    reply: &crate::backend::BackendReply,
-) -> Option<usize> {
+pub fn server_of(slot: &slot::Slot, reply: &crate::backend::BackendReply) -> Option<usize> {
     slot.parts
         .iter()
         .find(|p| matches!(&p.result, Some(Ok(r)) if std::ptr::eq(r, reply)))
@@ -268,7 +295,7 @@ pub fn is_text_key(key: &[u8]) -> bool {
 /// The first tier, from `from` on, whose server can serve `key`. Tiers that
 /// cannot are returned in `skipped` order through `on_skip`.
 pub fn first_serving(
-    w: &Worker,
+    w: &Cluster,
     replicas: &Replicas,
     key: &[u8],
     from: usize,

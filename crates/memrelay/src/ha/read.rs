@@ -16,16 +16,15 @@ use memrelay_protocol::response::{ValueBlock, ValueBlocks};
 use memrelay_protocol::{compose, meta_flags, Command, Expect, MetaStatus, Request, ResponseKind};
 use smallvec::SmallVec;
 
+use super::slot::{Local, Part, Role, Slot, Stage};
+use super::{Cluster, Inbox};
 use crate::backend::{Failure, ReplyTo};
 use crate::net::outqueue::OutQueue;
-use crate::proxy::session::Inbox;
-use crate::proxy::slot::{Local, Part, Role, Slot, Stage};
-use crate::proxy::Worker;
 
 /// No server can serve this key (in `key_parts`).
 const NO_PART: u16 = u16::MAX;
 
-fn reply_to(inbox: &Rc<Inbox>, seq: u64, part: usize) -> ReplyTo {
+fn reply_to(inbox: &Rc<impl Inbox>, seq: u64, part: usize) -> ReplyTo {
     ReplyTo {
         sink: inbox.clone(),
         token: seq,
@@ -34,7 +33,7 @@ fn reply_to(inbox: &Rc<Inbox>, seq: u64, part: usize) -> ReplyTo {
 }
 
 /// Round one.
-pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+pub fn start(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
     let frame = slot.frame.clone();
     let (cmd, exptime) = (req.command, req.exptime);
     if req.nkeys == 0 {
@@ -125,7 +124,7 @@ fn changes_ttl(req: &Request) -> bool {
 /// A TTL-changing read went past `server` (down, stale for the key, or
 /// failed): its copy keeps the old TTL, so it is recorded as having missed
 /// the key, as for a write.
-fn skipped_ttl_change(w: &Worker, req: &Request, server: usize, key: &[u8]) {
+fn skipped_ttl_change(w: &Cluster, req: &Request, server: usize, key: &[u8]) {
     if changes_ttl(req) {
         w.servers[server].health().missed.record(key);
     }
@@ -137,8 +136,8 @@ fn skipped_ttl_change(w: &Worker, req: &Request, server: usize, key: &[u8]) {
 /// failover. A tier that cannot take it now is recorded as having missed
 /// the key. The client's reply waits for these, as for a write's copies.
 fn mirror_ttl_changes(
-    w: &Worker,
-    inbox: &Rc<Inbox>,
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
     seq: u64,
     slot: &mut Slot,
     req: &Request,
@@ -194,7 +193,7 @@ fn mirror_ttl_changes(
 /// The TTL copies are in: a tier that failed or refused one is recorded as
 /// having missed the key. Returns the (key number, server) of the `touch`
 /// copies that found no item there.
-fn settle_ttl_changes(w: &Worker, slot: &mut Slot, req: &Request) -> SmallVec<[(u32, u16); 2]> {
+fn settle_ttl_changes(w: &Cluster, slot: &mut Slot, req: &Request) -> SmallVec<[(u32, u16); 2]> {
     let frame = slot.frame.clone();
     let mut absent = SmallVec::new();
     for p in slot.parts.iter_mut() {
@@ -233,8 +232,8 @@ fn settle_ttl_changes(w: &Worker, slot: &mut Slot, req: &Request) -> SmallVec<[(
 /// added there (`add`: a value written meanwhile wins) with the new TTL, and
 /// the reply waits for it.
 fn copy_expired_copies(
-    w: &Worker,
-    inbox: &Rc<Inbox>,
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
     seq: u64,
     slot: &mut Slot,
     req: &Request,
@@ -287,7 +286,7 @@ fn copy_expired_copies(
 /// key nobody asked for, a second block for one key) is broken: it is
 /// counted as failed and its connections are closed. The blocks themselves
 /// never reach the client (`walk` only takes blocks that match a key).
-fn drop_misbehaving_servers(w: &Worker, slot: &Slot, req: &Request) {
+fn drop_misbehaving_servers(w: &Cluster, slot: &Slot, req: &Request) {
     let round_one = slot
         .parts
         .iter()
@@ -347,7 +346,13 @@ fn walk<'a>(
 }
 
 /// Round one is in: ask backups for what missed, or finish.
-pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+pub fn after_round_one(
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
+    seq: u64,
+    slot: &mut Slot,
+    req: &Request,
+) {
     slot.stage = Stage::Done;
     drop_misbehaving_servers(w, slot, req);
     if !w.router.has_backups() {
@@ -384,9 +389,29 @@ pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot,
     if all_hit {
         return;
     }
+    let wanted = fallbacks_wanted(w, slot, req);
+    if wanted.is_empty() {
+        return;
+    }
+    ask_backups(w, inbox, seq, slot, req, wanted);
+}
+
+/// A key of a read that a backup is asked for in round two.
+#[derive(Debug, Clone, Copy)]
+struct Wanted {
+    /// The key's number in the request.
+    key: u32,
+    /// The backup to ask.
+    backup: usize,
+    /// The key's primary.
+    primary: usize,
+}
+
+/// The keys round one did not find (or could not look up) that a backup
+/// may serve.
+fn fallbacks_wanted(w: &Cluster, slot: &Slot, req: &Request) -> SmallVec<[Wanted; 4]> {
     let fallback = w.miss_fallback;
-    // (key number, backup to ask, the key's primary)
-    let mut wanted: SmallVec<[(u32, usize, usize); 4]> = SmallVec::new();
+    let mut wanted: SmallVec<[Wanted; 4]> = SmallVec::new();
     walk(slot, req, |i, key, p, hit| {
         if hit.is_some() || slot.part_of_key(i) as u16 == NO_PART {
             return;
@@ -408,16 +433,26 @@ pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot,
             return;
         };
         if let Some(next) = super::first_serving(w, &replicas, key, tier + 1, |_| {}) {
-            wanted.push((
-                i as u32,
-                replicas.get(next).unwrap_or(0),
-                replicas.primary(),
-            ));
+            wanted.push(Wanted {
+                key: i as u32,
+                backup: replicas.get(next).unwrap_or(0),
+                primary: replicas.primary(),
+            });
         }
     });
-    if wanted.is_empty() {
-        return;
-    }
+    wanted
+}
+
+/// Round two: each wanted key asked of its backup with `mg`, so flags,
+/// remaining TTL (and CAS) come back.
+fn ask_backups(
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
+    seq: u64,
+    slot: &mut Slot,
+    req: &Request,
+    wanted: SmallVec<[Wanted; 4]>,
+) {
     let frame = slot.frame.clone();
     let flags: &[u8] = if matches!(req.command, Command::Gets | Command::Gats) {
         b"v f t c"
@@ -426,7 +461,12 @@ pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot,
     };
     let touch = matches!(req.command, Command::Gat | Command::Gats).then_some(req.exptime);
     let mut keys = req.keys(&frame).enumerate();
-    for (i, server, primary) in wanted {
+    for Wanted {
+        key: i,
+        backup: server,
+        primary,
+    } in wanted
+    {
         let Some((_, key)) = keys.find(|(k, _)| *k == i as usize) else {
             break;
         };
@@ -452,13 +492,72 @@ pub fn after_round_one(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot,
 /// Round two is in: write backup hits back to the primaries that missed
 /// them, and answer once that is done, so a write the client makes next
 /// cannot be overtaken by this repair.
-pub fn after_fallback(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+pub fn after_fallback(
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
+    seq: u64,
+    slot: &mut Slot,
+    req: &Request,
+) {
     slot.stage = Stage::Done;
     let absent = settle_ttl_changes(w, slot, req);
     copy_expired_copies(w, inbox, seq, slot, req, &absent);
     let frame = slot.frame.clone();
-    // (primary, flags, exptime, value offset and length in the reply, part)
-    type Repair = (usize, u32, i32, usize, usize, usize);
+    let repairs = repairs_wanted(w, slot, req, &frame);
+    for Repair {
+        primary,
+        flags,
+        exptime,
+        value,
+        part: idx,
+    } in repairs
+    {
+        let Some(Some(Ok(reply))) = slot.parts.get(idx).map(|p| p.result.as_ref()) else {
+            continue;
+        };
+        let len = value.len();
+        let value = reply.bytes.slice(value);
+        let Role::Fallback { key: i, epoch } = slot.parts[idx].role else {
+            continue;
+        };
+        let Some(key) = req.keys(&frame).nth(i as usize) else {
+            continue;
+        };
+        let queued = w.servers[primary].send_for_key(
+            key,
+            Expect::Storage,
+            reply_to(inbox, seq, slot.parts.len()),
+            |b| compose::storage_line(b, Command::Add, key, flags, exptime, len, 0),
+            Some(value),
+        );
+        slot.push_part(
+            Part::with_role(primary, Role::Repair { key: i, epoch }),
+            queued,
+        );
+        slot.stage = Stage::Repair;
+    }
+}
+
+/// A backup hit of round two to write back to its primary.
+#[derive(Debug, Clone)]
+struct Repair {
+    primary: usize,
+    flags: u32,
+    exptime: i32,
+    /// Where the value is in the backup's reply.
+    value: std::ops::Range<usize>,
+    /// The fallback part that holds that reply.
+    part: usize,
+}
+
+/// The backup hits to write back: those whose primary answered round one
+/// (a miss) and whose primary and backup both still serve the key.
+fn repairs_wanted(
+    w: &Cluster,
+    slot: &Slot,
+    req: &Request,
+    frame: &bytes::Bytes,
+) -> SmallVec<[Repair; 4]> {
     let mut repairs: SmallVec<[Repair; 4]> = SmallVec::new();
     for (idx, part) in slot.parts.iter().enumerate() {
         let Role::Fallback { key: i, .. } = part.role else {
@@ -472,7 +571,7 @@ pub fn after_fallback(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, 
         }
         w.stats.backup_hits.incr();
         let i = i as usize;
-        let Some(key) = req.keys(&frame).nth(i) else {
+        let Some(key) = req.keys(frame).nth(i) else {
             continue;
         };
         // Repair only a primary that answered (a miss): not one that failed.
@@ -507,32 +606,15 @@ pub fn after_fallback(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, 
         let Ok(exptime) = i32::try_from(exptime) else {
             continue;
         };
-        repairs.push((primary, mf.flags.unwrap_or(0), exptime, off, len, idx));
+        repairs.push(Repair {
+            primary,
+            flags: mf.flags.unwrap_or(0),
+            exptime,
+            value: off..off + len,
+            part: idx,
+        });
     }
-    for (primary, flags, exptime, off, len, idx) in repairs {
-        let Some(Some(Ok(reply))) = slot.parts.get(idx).map(|p| p.result.as_ref()) else {
-            continue;
-        };
-        let value = reply.bytes.slice(off..off + len);
-        let Role::Fallback { key: i, epoch } = slot.parts[idx].role else {
-            continue;
-        };
-        let Some(key) = req.keys(&frame).nth(i as usize) else {
-            continue;
-        };
-        let queued = w.servers[primary].send_for_key(
-            key,
-            Expect::Storage,
-            reply_to(inbox, seq, slot.parts.len()),
-            |b| compose::storage_line(b, Command::Add, key, flags, exptime, len, 0),
-            Some(value),
-        );
-        slot.push_part(
-            Part::with_role(primary, Role::Repair { key: i, epoch }),
-            queued,
-        );
-        slot.stage = Stage::Repair;
-    }
+    repairs
 }
 
 /// The repairs are in: count them, and undo any that may be older than a
@@ -546,7 +628,7 @@ pub fn after_fallback(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, 
 /// the key as missed if that delete fails too). An add whose outcome is
 /// unknown (a timeout) is treated as landed. Records are rare (failure
 /// episodes), and a deleted copy only costs the next read a fallback.
-pub fn after_repair(w: &Worker, slot: &mut Slot, req: &Request) {
+pub fn after_repair(w: &Cluster, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
     let frame = slot.frame.clone();
     for part in slot.parts.iter() {
@@ -590,7 +672,7 @@ pub fn after_repair(w: &Worker, slot: &mut Slot, req: &Request) {
 }
 
 /// The client's reply: hits in request order, then `END`.
-pub fn render(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
+pub fn render(w: &Cluster, slot: &Slot, req: &Request, out: &mut OutQueue) {
     let nkeys = u64::from(req.nkeys);
     w.stats.cmd_get.add(nkeys);
     if refused_for_size(w, slot, out) {
@@ -669,7 +751,7 @@ pub fn render(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
 
 /// A read refused for its size gets one error line instead of a partial
 /// answer (missing values would read as misses).
-fn refused_for_size(w: &Worker, slot: &Slot, out: &mut OutQueue) -> bool {
+fn refused_for_size(w: &Cluster, slot: &Slot, out: &mut OutQueue) -> bool {
     let Some(e) = slot.oversize() else {
         return false;
     };
@@ -699,7 +781,7 @@ fn keys_match(slot: &Slot, req: &Request, reply: &crate::backend::BackendReply) 
 
 /// `mg` (and `me`): one key, sent to its first serving replica as the
 /// client wrote it, minus `q`.
-pub fn start_meta(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+pub fn start_meta(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
     let frame = slot.frame.clone();
     let route = super::route_key(&frame, req);
     let replicas = w.router.replicas(&route);
@@ -718,8 +800,8 @@ pub fn start_meta(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req:
 }
 
 fn send_meta(
-    w: &Worker,
-    inbox: &Rc<Inbox>,
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
     seq: u64,
     slot: &mut Slot,
     req: &Request,
@@ -739,8 +821,8 @@ fn send_meta(
 
 /// An `mg` that missed (`EN`) or failed on its replica asks the next one.
 pub fn after_meta_round_one(
-    w: &Worker,
-    inbox: &Rc<Inbox>,
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
     seq: u64,
     slot: &mut Slot,
     req: &Request,
@@ -793,8 +875,8 @@ pub fn after_meta_round_one(
 /// back before the `mg` is answered; a miss everywhere may create the item
 /// (`N`, see `vivify`).
 pub fn after_meta_fallback(
-    w: &Worker,
-    inbox: &Rc<Inbox>,
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
     seq: u64,
     slot: &mut Slot,
     req: &Request,
@@ -860,8 +942,8 @@ fn meta_wire_key(route: &[u8]) -> (Vec<u8>, bool) {
 /// if it has none by then), unless a write went past the primary since,
 /// or the backup may no longer serve the key.
 pub fn after_meta_repair_fetch(
-    w: &Worker,
-    inbox: &Rc<Inbox>,
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
     seq: u64,
     slot: &mut Slot,
     req: &Request,
@@ -911,7 +993,7 @@ pub fn after_meta_repair_fetch(
 /// older than a write that went past the primary since the backup was
 /// read is deleted again (an add whose outcome is unknown counts as
 /// landed).
-pub fn after_meta_repair(w: &Worker, slot: &mut Slot, req: &Request) {
+pub fn after_meta_repair(w: &Cluster, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
     let route = super::route_key(&slot.frame, req);
     for part in slot.parts.iter() {
@@ -936,7 +1018,7 @@ pub fn after_meta_repair(w: &Worker, slot: &mut Slot, req: &Request) {
 
 /// The reply to `mg`/`me`: the backup's when it found the item, else the
 /// primary's; with `q`, a miss says nothing.
-pub fn render_meta(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
+pub fn render_meta(w: &Cluster, slot: &Slot, req: &Request, out: &mut OutQueue) {
     if refused_for_size(w, slot, out) {
         return;
     }
@@ -987,7 +1069,7 @@ pub fn render_meta(w: &Worker, slot: &Slot, req: &Request, out: &mut OutQueue) {
 /// A meta reply with its `c` flag made a token (`ha::cas`), when the
 /// request asked for it.
 pub fn with_cas_token(
-    w: &Worker,
+    w: &Cluster,
     slot: &Slot,
     req: &Request,
     server: Option<usize>,
@@ -1006,7 +1088,7 @@ pub fn with_cas_token(
 /// No replica has the item an `mg ... N` asked for: send it whole to the
 /// first replica that serves the key, which creates it (and hands out the
 /// win flag). Nothing when the request was not held back.
-fn vivify(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+fn vivify(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
     if !slot.vivify_pending {
         return;
     }

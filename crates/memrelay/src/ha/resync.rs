@@ -51,8 +51,8 @@ const CANCELLED: &str = "cancelled by a reload";
 /// A resync's progress, per server, for `stats`.
 #[derive(Debug, Default)]
 pub struct Progress {
-    /// 0 never ran, 1 running, 2 done, 3 failed (will retry).
-    state: AtomicU8,
+    /// Where the last run stands.
+    state: AtomicState,
     running: AtomicBool,
     pub runs: AtomicU64,
     pub scanned: AtomicU64,
@@ -75,12 +75,51 @@ impl Progress {
     }
 
     pub fn state(&self) -> &'static str {
-        match self.state.load(Ordering::Relaxed) {
-            1 => "running",
-            2 => "done",
-            3 => "retrying",
-            _ => "idle",
+        self.state.load().name()
+    }
+}
+
+/// Where a server's resync stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum RunState {
+    /// Never ran, or a reload interrupted it.
+    #[default]
+    Idle = 0,
+    Running = 1,
+    Done = 2,
+    /// The last run failed; it will start over.
+    Retrying = 3,
+}
+
+impl RunState {
+    /// As `stats` shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            RunState::Idle => "idle",
+            RunState::Running => "running",
+            RunState::Done => "done",
+            RunState::Retrying => "retrying",
         }
+    }
+}
+
+/// A [`RunState`] the resync task writes and `stats` reads from any thread.
+#[derive(Debug, Default)]
+struct AtomicState(AtomicU8);
+
+impl AtomicState {
+    fn load(&self) -> RunState {
+        match self.0.load(Ordering::Relaxed) {
+            1 => RunState::Running,
+            2 => RunState::Done,
+            3 => RunState::Retrying,
+            _ => RunState::Idle,
+        }
+    }
+
+    fn store(&self, state: RunState) {
+        self.0.store(state as u8, Ordering::Relaxed);
     }
 }
 
@@ -113,6 +152,17 @@ pub struct Resync {
     pub automatic: bool,
     /// Set when a reload replaced this configuration.
     cancel: watch::Sender<bool>,
+}
+
+/// What of the configuration a resync runs by (see the fields of
+/// [`Resync`] of the same names).
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub rate: u64,
+    pub connect_timeout: Duration,
+    pub max_value_len: usize,
+    pub write_life: Duration,
+    pub automatic: bool,
 }
 
 /// The longest a client write can be in flight: an attempt on the primary
@@ -194,17 +244,14 @@ pub async fn serve(
 }
 
 impl Resync {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        router: Router,
-        nodes: Vec<Node>,
-        nprimaries: usize,
-        rate: u64,
-        connect_timeout: Duration,
-        max_value_len: usize,
-        write_life: Duration,
-        automatic: bool,
-    ) -> Resync {
+    pub fn new(router: Router, nodes: Vec<Node>, nprimaries: usize, settings: Settings) -> Resync {
+        let Settings {
+            rate,
+            connect_timeout,
+            max_value_len,
+            write_life,
+            automatic,
+        } = settings;
         Resync {
             router,
             nodes,
@@ -259,22 +306,22 @@ impl Resync {
             // be flushed would lose them: wait for it.
             while node.health.is_down() || node.health.missed.is_overflowed() {
                 if self.cancelled() {
-                    p.state.store(0, Ordering::Relaxed);
+                    p.state.store(RunState::Idle);
                     return Ended::Cancelled;
                 }
                 self.pause(Duration::from_millis(200)).await;
             }
-            p.state.store(1, Ordering::Relaxed);
+            p.state.store(RunState::Running);
             p.runs.fetch_add(1, Ordering::Relaxed);
             let result = self.run(target).await;
             if self.cancelled() {
-                p.state.store(0, Ordering::Relaxed);
+                p.state.store(RunState::Idle);
                 tracing::info!(server = %node.name, "resync interrupted by a reload");
                 return Ended::Cancelled;
             }
             match result {
                 Ok(()) => {
-                    p.state.store(2, Ordering::Relaxed);
+                    p.state.store(RunState::Done);
                     tracing::info!(
                         server = %node.name,
                         scanned = p.scanned.load(Ordering::Relaxed),
@@ -285,7 +332,7 @@ impl Resync {
                     return Ended::Done;
                 }
                 Err(e) => {
-                    p.state.store(3, Ordering::Relaxed);
+                    p.state.store(RunState::Retrying);
                     p.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(server = %node.name, error = %e, retry_in = ?backoff, "resync failed; it will start over");
                     self.pause(backoff).await;
@@ -340,71 +387,9 @@ impl Resync {
                     return Err(CANCELLED.into());
                 }
                 let batch_started = Instant::now();
-                let mut items = match fetch(&mut from, &batch, self.max_value_len).await {
-                    Ok(items) => items,
-                    // Nothing was written to the target.
-                    Err(e) => return Err(e),
-                };
-                // Copy only what the source may serve: a source marked
-                // down, or one that missed a write of a key (its copy may
-                // be older than an acknowledged write, or a deleted value),
-                // is no source for it. Checked after the read, so a write
-                // that went past the source while it was read counts too;
-                // one that goes past it later reaches the target and is
-                // noted in `touched`, below.
-                if src.health.is_down() {
-                    return Err(format!("source {} is down", src.name));
-                }
-                items.retain(|i| {
-                    !src.health.missed.contains(i.key) && !src.health.copying.contains(i.key)
-                });
-                // From before our adds are sent until each landed copy is
-                // checked against client writes (`unstore`), the target
-                // does not serve these keys: a copy that undoes a client's
-                // delete or append must never be read. Not before the
-                // fetch: while a stalled source holds the fetch, the target
-                // may be the one replica serving them.
-                for k in &batch {
-                    node.health.copying.record(k);
-                }
-                // A copy that may be older than a client's write is deleted
-                // on the target (recorded as missed) before it serves, but
-                // only while the source still serves the key: otherwise the
-                // target is the one replica left, it may hold writes made
-                // there since (the source down, writes fail over to it),
-                // and deleting them would lose acknowledged data.
-                let invalidate = |k: &[u8]| {
-                    if src.health.serves(k) {
-                        node.health.missed.record(k);
-                    }
-                };
-                let landed = match store(&mut to, &items, self.max_value_len).await {
-                    Ok(landed) => landed,
-                    Err(e) => {
-                        // Unknown outcome: some adds may have landed.
-                        for k in &batch {
-                            invalidate(k);
-                        }
-                        settle_copying(&node.health, &batch);
-                        return Err(e);
-                    }
-                };
-                // A client wrote these keys during the resync: the copy
-                // may be older than the write. The target does not serve
-                // them yet (they are in `copying`): delete each copy that
-                // no client write has replaced since it landed.
-                let (touched, fresh): (Vec<_>, Vec<_>) = landed
-                    .iter()
-                    .partition(|(k, _)| node.health.touched.contains(k));
-                let n_copied = fresh.len() as u64;
-                if let Err(e) = unstore(&mut to, &touched, self.max_value_len).await {
-                    for (k, _) in &touched {
-                        invalidate(k);
-                    }
-                    settle_copying(&node.health, &batch);
-                    return Err(e);
-                }
-                settle_copying(&node.health, &batch);
+                let n_copied = self
+                    .copy_batch(src, node, &mut from, &mut to, &batch)
+                    .await?;
                 p.copied.fetch_add(n_copied, Ordering::Relaxed);
                 p.skipped.fetch_add(
                     (batch.len() as u64).saturating_sub(n_copied),
@@ -415,27 +400,111 @@ impl Resync {
                 if let Some(wait) = share.checked_sub(batch_started.elapsed()) {
                     tokio::time::sleep(wait).await;
                 }
-                let done = p.copied.load(Ordering::Relaxed) + p.skipped.load(Ordering::Relaxed);
-                let rate = (done as f64 / started.elapsed().as_secs_f64().max(0.001)) as u64;
-                p.rate.store(rate, Ordering::Relaxed);
-                let left = p.selected.load(Ordering::Relaxed).saturating_sub(done);
-                p.eta.store(left / rate.max(1), Ordering::Relaxed);
-                if last_log.elapsed() >= LOG_EVERY {
-                    last_log = Instant::now();
-                    tracing::info!(
-                        server = %node.name,
-                        scanned = p.scanned.load(Ordering::Relaxed),
-                        selected = p.selected.load(Ordering::Relaxed),
-                        copied = p.copied.load(Ordering::Relaxed),
-                        skipped = p.skipped.load(Ordering::Relaxed),
-                        rate,
-                        eta_s = p.eta.load(Ordering::Relaxed),
-                        "resync progress"
-                    );
-                }
+                self.note_progress(node, started, &mut last_log);
             }
         }
         Ok(())
+    }
+
+    /// Copies one batch of keys from `src` to the target `node`: fetched,
+    /// left out where the source may not serve them, added, and checked
+    /// against the client writes made meanwhile. Returns how many copies
+    /// stand.
+    async fn copy_batch(
+        &self,
+        src: &Node,
+        node: &Node,
+        from: &mut ServerStream,
+        to: &mut ServerStream,
+        batch: &[&[u8]],
+    ) -> Result<u64, String> {
+        let mut items = match fetch(from, batch, self.max_value_len).await {
+            Ok(items) => items,
+            // Nothing was written to the target.
+            Err(e) => return Err(e),
+        };
+        // Copy only what the source may serve: a source marked
+        // down, or one that missed a write of a key (its copy may
+        // be older than an acknowledged write, or a deleted value),
+        // is no source for it. Checked after the read, so a write
+        // that went past the source while it was read counts too;
+        // one that goes past it later reaches the target and is
+        // noted in `touched`, below.
+        if src.health.is_down() {
+            return Err(format!("source {} is down", src.name));
+        }
+        items.retain(|i| !src.health.missed.contains(i.key) && !src.health.copying.contains(i.key));
+        // From before our adds are sent until each landed copy is
+        // checked against client writes (`unstore`), the target
+        // does not serve these keys: a copy that undoes a client's
+        // delete or append must never be read. Not before the
+        // fetch: while a stalled source holds the fetch, the target
+        // may be the one replica serving them.
+        for k in batch {
+            node.health.copying.record(k);
+        }
+        // A copy that may be older than a client's write is deleted
+        // on the target (recorded as missed) before it serves, but
+        // only while the source still serves the key: otherwise the
+        // target is the one replica left, it may hold writes made
+        // there since (the source down, writes fail over to it),
+        // and deleting them would lose acknowledged data.
+        let invalidate = |k: &[u8]| {
+            if src.health.serves(k) {
+                node.health.missed.record(k);
+            }
+        };
+        let landed = match store(to, &items, self.max_value_len).await {
+            Ok(landed) => landed,
+            Err(e) => {
+                // Unknown outcome: some adds may have landed.
+                for k in batch {
+                    invalidate(k);
+                }
+                settle_copying(&node.health, batch);
+                return Err(e);
+            }
+        };
+        // A client wrote these keys during the resync: the copy
+        // may be older than the write. The target does not serve
+        // them yet (they are in `copying`): delete each copy that
+        // no client write has replaced since it landed.
+        let (touched, fresh): (Vec<_>, Vec<_>) = landed
+            .iter()
+            .partition(|(k, _)| node.health.touched.contains(k));
+        let n_copied = fresh.len() as u64;
+        if let Err(e) = unstore(to, &touched, self.max_value_len).await {
+            for (k, _) in &touched {
+                invalidate(k);
+            }
+            settle_copying(&node.health, batch);
+            return Err(e);
+        }
+        settle_copying(&node.health, batch);
+        Ok(n_copied)
+    }
+
+    /// The run's rate and time left, and a log line every `LOG_EVERY`.
+    fn note_progress(&self, node: &Node, started: Instant, last_log: &mut Instant) {
+        let p = &node.health.resync;
+        let done = p.copied.load(Ordering::Relaxed) + p.skipped.load(Ordering::Relaxed);
+        let rate = (done as f64 / started.elapsed().as_secs_f64().max(0.001)) as u64;
+        p.rate.store(rate, Ordering::Relaxed);
+        let left = p.selected.load(Ordering::Relaxed).saturating_sub(done);
+        p.eta.store(left / rate.max(1), Ordering::Relaxed);
+        if last_log.elapsed() >= LOG_EVERY {
+            *last_log = Instant::now();
+            tracing::info!(
+                server = %node.name,
+                scanned = p.scanned.load(Ordering::Relaxed),
+                selected = p.selected.load(Ordering::Relaxed),
+                copied = p.copied.load(Ordering::Relaxed),
+                skipped = p.skipped.load(Ordering::Relaxed),
+                rate,
+                eta_s = p.eta.load(Ordering::Relaxed),
+                "resync progress"
+            );
+        }
     }
 
     /// Lists `src`'s keys and keeps those whose replica at `tier` is `target`.

@@ -21,10 +21,9 @@ use std::rc::Rc;
 use bytes::BytesMut;
 use memrelay_protocol::{compose, Command, Expect, MetaStatus, Request, ResponseKind};
 
+use super::slot::{Local, Part, Role, Slot, Stage};
+use super::{Cluster, Inbox};
 use crate::backend::ReplyTo;
-use crate::proxy::session::Inbox;
-use crate::proxy::slot::{Local, Part, Role, Slot, Stage};
-use crate::proxy::Worker;
 use smallvec::SmallVec;
 
 /// What a backup must do after the primary answered a write.
@@ -109,7 +108,7 @@ fn compose_line(
 }
 
 /// Starts a write: sends it to the first replica that can take it.
-pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+pub fn start(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
     let key = super::route_key(&slot.frame, req);
     let replicas = w.router.replicas(&key);
     for s in replicas.iter() {
@@ -146,8 +145,8 @@ fn creates_if_absent(req: &Request) -> bool {
 }
 
 fn ask_backup_first(
-    w: &Worker,
-    inbox: &Rc<Inbox>,
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
     seq: u64,
     slot: &mut Slot,
     req: &Request,
@@ -190,7 +189,7 @@ fn stored(kind: ResponseKind) -> Option<bool> {
 }
 
 /// The first backup answered a create-if-absent write.
-pub fn after_create(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+pub fn after_create(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
     let Some(replicas) = slot.replicas else {
         return;
@@ -248,7 +247,14 @@ fn blind_overwrite(req: &Request) -> bool {
 }
 
 /// Sends the write to the first serving replica at or after `from`.
-fn attempt(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request, from: usize) {
+fn attempt(
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
+    seq: u64,
+    slot: &mut Slot,
+    req: &Request,
+    from: usize,
+) {
     let Some(replicas) = slot.replicas else {
         return;
     };
@@ -306,7 +312,19 @@ fn attempt(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Reque
         // costs one round trip, not two.
         for next in 1..replicas.len() {
             if let Some(b) = replicas.get(next) {
-                send_mirror(w, inbox, seq, slot, req, &route, b, MirrorPlan::Set, None);
+                send_mirror(
+                    w,
+                    inbox,
+                    seq,
+                    slot,
+                    req,
+                    &route,
+                    MirrorTo {
+                        server: b,
+                        plan: MirrorPlan::Set,
+                        number: None,
+                    },
+                );
             }
         }
     }
@@ -314,8 +332,8 @@ fn attempt(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Reque
 
 /// The replica answered or failed: mirror, or move to the next replica.
 pub fn advance(
-    w: &Worker,
-    inbox: &Rc<Inbox>,
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
     seq: u64,
     slot: &mut Slot,
     req: &Request,
@@ -352,7 +370,18 @@ pub fn advance(
                 // No backup could take it: the primary's answer stands, and
                 // its mirror rule (the backups' copies are deleted) applies.
                 slot.local = None;
-                mirror_after(w, inbox, seq, slot, req, tier, &replicas, &route);
+                mirror_after(
+                    w,
+                    inbox,
+                    seq,
+                    slot,
+                    req,
+                    tier,
+                    KeyRoute {
+                        replicas: &replicas,
+                        route: &route,
+                    },
+                );
             }
         }
         Some(Ok(reply)) if slot.vivify_pending && is_miss(req, reply.kind) => {
@@ -365,7 +394,18 @@ pub fn advance(
             if tier > 0 && !is_miss(req, reply.kind) {
                 bypassed(w, &replicas, tier, &route);
             }
-            mirror_after(w, inbox, seq, slot, req, tier, &replicas, &route)
+            mirror_after(
+                w,
+                inbox,
+                seq,
+                slot,
+                req,
+                tier,
+                KeyRoute {
+                    replicas: &replicas,
+                    route: &route,
+                },
+            )
         }
         Some(Err(_)) => {
             let server = slot.parts[main].server as usize;
@@ -396,7 +436,7 @@ pub fn advance(
 /// this tier a moment ago) may be landing on them, and the prober's delete,
 /// which comes after this record, removes it before they serve the key
 /// again. Repairs not yet sent see the record and are dropped.
-fn bypassed(w: &Worker, replicas: &crate::router::Replicas, tier: usize, route: &[u8]) {
+fn bypassed(w: &Cluster, replicas: &crate::router::Replicas, tier: usize, route: &[u8]) {
     for before in 0..tier {
         if let Some(server) = replicas.get(before) {
             w.servers[server].health().missed.record(route);
@@ -407,17 +447,16 @@ fn bypassed(w: &Worker, replicas: &crate::router::Replicas, tier: usize, route: 
 /// The replica at `tier` answered: bring the tiers after it to its state
 /// (the client's reply waits for them, so a write it makes next can never
 /// be overtaken by this one's copies).
-#[allow(clippy::too_many_arguments)]
 fn mirror_after(
-    w: &Worker,
-    inbox: &Rc<Inbox>,
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
     seq: u64,
     slot: &mut Slot,
     req: &Request,
     tier: usize,
-    replicas: &crate::router::Replicas,
-    route: &bytes::Bytes,
+    key: KeyRoute<'_>,
 ) {
+    let KeyRoute { replicas, route } = key;
     let main = slot.main_part().unwrap_or(0);
     let mirrored_in_parallel = slot.mirrored_in_parallel();
     let Some(Ok(reply)) = slot.result(main) else {
@@ -477,7 +516,19 @@ fn mirror_after(
             if Some(server) == ahead {
                 continue; // it stored this very item already
             }
-            send_mirror(w, inbox, seq, slot, req, route, server, plan, number);
+            send_mirror(
+                w,
+                inbox,
+                seq,
+                slot,
+                req,
+                route,
+                MirrorTo {
+                    server,
+                    plan,
+                    number,
+                },
+            );
         }
     }
     if slot.pending > 0 {
@@ -506,7 +557,13 @@ fn is_miss(req: &Request, kind: ResponseKind) -> bool {
 /// The copies on the backups are in: a backup that failed or answered
 /// otherwise than the primary is recorded as having missed the key, so it
 /// never serves it until the key is invalidated there.
-pub fn after_mirrors(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+pub fn after_mirrors(
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
+    seq: u64,
+    slot: &mut Slot,
+    req: &Request,
+) {
     settle_mirrors(w, inbox, seq, slot, req, false);
 }
 
@@ -516,8 +573,8 @@ pub fn after_mirrors(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, r
 /// primary's item or nothing; one that failed is recorded as having missed
 /// the key.
 fn settle_mirrors(
-    w: &Worker,
-    inbox: &Rc<Inbox>,
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
     seq: u64,
     slot: &mut Slot,
     req: &Request,
@@ -640,19 +697,38 @@ pub fn meta_reply_bytes(
     super::meta_client_reply(req, super::meta_wire(req, mirrored), reply)
 }
 
-/// Sends `plan` to one backup as part of the slot.
-#[allow(clippy::too_many_arguments)]
+/// Where a write's key lives: its replicas and the key it is routed by.
+#[derive(Clone, Copy)]
+struct KeyRoute<'a> {
+    replicas: &'a crate::router::Replicas,
+    route: &'a bytes::Bytes,
+}
+
+/// One copy of a write to make on a backup.
+#[derive(Debug, Clone, Copy)]
+struct MirrorTo {
+    server: usize,
+    plan: MirrorPlan,
+    /// An `incr`/`decr` (or `ma`) copy must reach this number (see
+    /// `Role::Mirror`).
+    number: Option<u64>,
+}
+
+/// Sends `to.plan` to one backup as part of the slot.
 fn send_mirror(
-    w: &Worker,
-    inbox: &Rc<Inbox>,
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
     seq: u64,
     slot: &mut Slot,
     req: &Request,
     route: &bytes::Bytes,
-    server: usize,
-    plan: MirrorPlan,
-    number: Option<u64>,
+    to: MirrorTo,
 ) {
+    let MirrorTo {
+        server,
+        plan,
+        number,
+    } = to;
     if plan == MirrorPlan::Nothing {
         return;
     }
@@ -680,25 +756,11 @@ fn send_mirror(
             None,
         ),
         _ if req.command.is_meta() => {
-            // The same command, without what only makes sense on the
-            // primary (C compares the primary's CAS, I goes with it; q, O,
-            // k and return flags store nothing), and for a set-like result
-            // without the mode: the primary now holds exactly this item.
-            // A plain set copied in parallel may become the client's reply
-            // (if the primary fails): it keeps every flag but q. Otherwise
-            // only what changes the stored item is kept.
             let parallel = slot
                 .parts
                 .iter()
                 .all(|p| p.role == Role::Main && p.result.is_none());
-            let drop_mode = plan == MirrorPlan::Set;
-            let keep = |t: &[u8]| match t[0] {
-                b'q' => false,
-                _ if parallel => true,
-                b'C' | b'I' | b'O' | b'k' | b'c' | b's' | b't' | b'f' | b'v' | b'h' | b'l' => false,
-                b'M' => !drop_mode,
-                _ => true,
-            };
+            let keep = meta_copy_keeps(parallel, plan);
             // An ma copy reports its new value, to be checked against the
             // primary's.
             let extra: &[u8] = if req.command == Command::MetaArith && number.is_some() {
@@ -751,6 +813,24 @@ fn send_mirror(
         }
     };
     slot.push_part(Part::with_role(server, Role::Mirror(number)), queued);
+}
+
+/// Which of a meta write's flags its copy on a backup keeps: the same
+/// command, without what only makes sense on the primary (C compares the
+/// primary's CAS, I goes with it; q, O, k and return flags store nothing),
+/// and for a set-like result without the mode: the primary now holds
+/// exactly this item. A plain set copied in parallel may become the
+/// client's reply (if the primary fails): it keeps every flag but q.
+/// Otherwise only what changes the stored item is kept.
+fn meta_copy_keeps(parallel: bool, plan: MirrorPlan) -> impl Fn(&[u8]) -> bool {
+    let drop_mode = plan == MirrorPlan::Set;
+    move |t: &[u8]| match t[0] {
+        b'q' => false,
+        _ if parallel => true,
+        b'C' | b'I' | b'O' | b'k' | b'c' | b's' | b't' | b'f' | b'v' | b'h' | b'l' => false,
+        b'M' => !drop_mode,
+        _ => true,
+    }
 }
 
 /// Whether the request carries a data block.

@@ -31,7 +31,7 @@ use crate::backend::connect::Dial;
 use crate::backend::{BackendResult, BackendSettings, ServerPool, Sink};
 use crate::ha::mirror::Mirror;
 use crate::ha::replica::Server;
-use crate::router::Router;
+use crate::ha::Cluster;
 use crate::stats::{StatsRegistry, WorkerStats};
 use crate::topology::{ReloadRequests, Topology, WorkerEvent, WorkerEvents};
 
@@ -40,14 +40,9 @@ use crate::topology::{ReloadRequests, Topology, WorkerEvent, WorkerEvents};
 pub struct Worker {
     /// The configuration's generation (see `Topology`).
     pub generation: u64,
-    pub router: Router,
-    /// Primaries then backups, indexed like `Config::servers`.
-    pub servers: Rc<[Server]>,
+    /// Routing, servers and what the HA steps use (`Worker` derefs to it).
+    pub cluster: Cluster,
     pub limits: Limits,
-    /// Ask the backup when the primary misses.
-    pub miss_fallback: bool,
-    /// No backups: move a dead server's keys to the next server on the ring.
-    pub auto_eject: bool,
     /// `flush_all` is allowed (`--enable-flush-all`).
     pub flush_enabled: bool,
     /// Clients must authenticate first (`--auth-file`).
@@ -65,9 +60,6 @@ pub struct Worker {
     pub resync: Option<crate::ha::resync::Requests>,
     /// Where `memrelay reload` requests go.
     pub reload: Option<ReloadRequests>,
-    /// Background writes to backups (mirrors, repairs).
-    pub mirror: Rc<Mirror>,
-    pub stats: Arc<WorkerStats>,
     pub registry: Arc<StatsRegistry>,
     /// Where replies nobody waits for go (clean-up deletes).
     pub discard: Rc<Discard>,
@@ -75,6 +67,14 @@ pub struct Worker {
     pub admin: AdminPace,
     /// Told when this `Worker` is dropped: its last request is done.
     events: Option<WorkerEvents>,
+}
+
+impl std::ops::Deref for Worker {
+    type Target = Cluster;
+
+    fn deref(&self) -> &Cluster {
+        &self.cluster
+    }
 }
 
 impl Drop for Worker {
@@ -140,12 +140,15 @@ impl Worker {
             .collect();
         Worker {
             generation: topo.generation,
-            router: topo.router.clone(),
-            mirror: Mirror::new(servers.clone(), ctx.stats.clone()),
-            servers,
+            cluster: Cluster {
+                router: topo.router.clone(),
+                mirror: Mirror::new(servers.clone(), ctx.stats.clone()),
+                servers,
+                miss_fallback: cfg.miss_fallback,
+                auto_eject: cfg.auto_eject,
+                stats: ctx.stats.clone(),
+            },
             limits: cfg.limits.clone(),
-            miss_fallback: cfg.miss_fallback,
-            auto_eject: cfg.auto_eject,
             flush_enabled: cfg.flush_enabled,
             auth: cfg.auth.clone(),
             client_limits: ClientLimits {
@@ -162,7 +165,6 @@ impl Worker {
             backend: BackendSettings::of(cfg),
             resync: (!cfg.backups.is_empty()).then(|| ctx.resync.clone()),
             reload: ctx.reload.clone(),
-            stats: ctx.stats.clone(),
             registry: ctx.registry.clone(),
             discard: ctx.discard.clone(),
             admin: AdminPace::default(),

@@ -51,7 +51,7 @@ use tokio::io::Interest;
 use super::dispatch::{advance, start};
 use super::park::Ending;
 use super::reply::render;
-use super::slot::{Local, Slot, Stage};
+use super::slot::{Local, Queued, Slot, Stage};
 use super::{Worker, WorkerThread};
 use crate::backend::{BackendError, BackendResult, Failure, Sink};
 use crate::net::notify::LocalNotify;
@@ -91,7 +91,7 @@ const OUT_OF_MEMORY: &[u8] = b"SERVER_ERROR out of memory\r\n";
 /// Where backend connections deliver this session's replies.
 #[derive(Debug)]
 pub struct Inbox {
-    slots: RefCell<VecDeque<Slot>>,
+    slots: RefCell<VecDeque<Queued>>,
     /// Sequence number of `slots[0]`.
     base: Cell<u64>,
     /// Slots whose parts are all in since the session last looked.
@@ -595,7 +595,7 @@ impl Session {
         let deadline = tokio::time::Instant::now() + (b.connect_timeout + b.timeout) * 4;
         loop {
             self.advance_ready();
-            if self.inbox.slots.borrow().iter().all(Slot::is_done) {
+            if self.inbox.slots.borrow().iter().all(|q| q.is_done()) {
                 return;
             }
             let wake = std::future::poll_fn(|cx| self.inbox.wake.poll_notified(cx));
@@ -760,13 +760,15 @@ impl Session {
                     // the like still answer, to show why.
                     if req.key.len > 0 && over_memory {
                         self.worker.stats.memory_shed.incr();
-                        let slot = Slot::local(Local::Static(OUT_OF_MEMORY));
+                        let slot = Queued::local(Local::Static(OUT_OF_MEMORY));
                         self.inbox.slots.borrow_mut().push_back(slot);
                         continue;
                     }
                     self.inbox.requests.set(self.inbox.requests.get() + n);
-                    let mut slot = start(&self.worker, &self.inbox, seq, frame, req);
-                    slot.worker = Some(self.worker.clone());
+                    let mut slot = Queued {
+                        slot: start(&self.worker, &self.inbox, seq, frame, req),
+                        worker: Some(self.worker.clone()),
+                    };
                     // Sub-requests that failed at once (servers down) leave
                     // the slot ready for its next step right away.
                     while slot.pending == 0 && slot.stage != Stage::Done {
@@ -797,7 +799,10 @@ impl Session {
                         Local::Static(e.kind.reply())
                     };
                     self.next_seq += 1;
-                    self.inbox.slots.borrow_mut().push_back(Slot::local(local));
+                    self.inbox
+                        .slots
+                        .borrow_mut()
+                        .push_back(Queued::local(local));
                 }
             }
         }
@@ -841,7 +846,10 @@ impl Session {
         };
         let _ = b.rbuf.split_to(n);
         self.next_seq += 1;
-        self.inbox.slots.borrow_mut().push_back(Slot::local(local));
+        self.inbox
+            .slots
+            .borrow_mut()
+            .push_back(Queued::local(local));
         true
     }
 
@@ -900,7 +908,7 @@ impl Session {
                 .set(requests.saturating_sub(slot.frame.len()));
             let w = slot.worker.take().unwrap_or_else(|| self.worker.clone());
             let out = &mut self.bufs.get_or_insert_with(Box::default).out;
-            if render(&w, slot, out) {
+            if render(&w, slot.slot, out) {
                 self.close_after_flush = true;
                 self.closing = true;
                 self.inbox.slots.borrow_mut().clear();

@@ -1,230 +1,48 @@
-//! A client request between parse and reply.
+//! A client request between parse and reply, as the session queues it.
 //!
-//! A slot holds the request's frame (its key and value live there), the
-//! sub-requests sent for it ([`Part`]s, filled in as servers answer), and the
-//! stage it is at. Stages exist because a request may need more than one
-//! round: a read that missed on the primary asks the backup; a write whose
-//! primary failed is sent to the backup. The session advances a slot each
-//! time all its pending parts are in, until it is `Done`.
+//! The slot itself ([`Slot`]: the request's frame, its sub-requests, its
+//! stage) is advanced by the HA steps and declared in `crate::ha::slot`;
+//! the session adds what only it needs: the configuration the request
+//! started under.
 
+use std::ops::{Deref, DerefMut};
 use std::rc::Rc;
 
-use bytes::Bytes;
-use memrelay_protocol::{Command, Request};
-use smallvec::SmallVec;
+pub use crate::ha::slot::{Local, Part, Role, Slot, Stage};
 
 use super::Worker;
-use crate::backend::{BackendError, BackendResult};
-use crate::router::Replicas;
 
-/// What a sub-request is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// The request itself, on the replica that takes it.
-    Main,
-    /// A read's second round: key number `key` looked up on a backup;
-    /// `epoch`, its primary's missed-key epoch just before (see
-    /// `ha::read::after_repair`; unused by meta reads, whose repair takes
-    /// its own).
-    Fallback { key: u32, epoch: u64 },
-    /// A write copied to a backup; `Some(n)`: an `incr`/`decr` whose copy
-    /// must reach the primary's number.
-    Mirror(Option<u64>),
-    /// A backup hit (key number `key`) written back to the primary
-    /// (`add`); `epoch` as in `Fallback`.
-    Repair { key: u32, epoch: u64 },
-    /// A delete of a backup's copy that disagreed with the primary.
-    Compensate,
-    /// An `mg` backup hit, fetched again with what a copy needs (value,
-    /// flags, TTL) to repair the primary; `epoch` as in `Repair`.
-    RepairFetch { epoch: u64 },
-    /// A create-if-absent write (`add`, `ms ... ME`) sent to the first
-    /// backup before the primary: the backup may hold an acknowledged item
-    /// the primary lost (see `ha::write::start`).
-    Create,
-    /// An `mg ... N` sent whole (with `N`) once neither replica had the
-    /// item (see `ha::read::start_meta`).
-    Vivify,
-    /// A read that changed a TTL (`gat`, `gats`, `mg ... T`): the same TTL
-    /// set on a later tier for key number `key`.
-    Touch { key: u32 },
-    /// That tier had no item (its copy expired a moment before the
-    /// primary's: each memcached's clock ticks on its own): the item the
-    /// read found is added there with the new TTL.
-    TtlCopy { key: u32 },
-}
-
-/// One sub-request and, once it came, its result.
+/// A slot in the session's FIFO.
 #[derive(Debug)]
-pub struct Part {
-    pub server: u16,
-    pub role: Role,
-    pub result: Option<BackendResult>,
-    /// Its result was acted upon (a mirror checked once, not again).
-    pub settled: bool,
-}
-
-impl Part {
-    pub fn new(server: usize) -> Part {
-        Part::with_role(server, Role::Main)
-    }
-
-    pub fn with_role(server: usize, role: Role) -> Part {
-        Part {
-            server: server as u16,
-            role,
-            result: None,
-            settled: false,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    /// Nothing more to send: render when `pending` is 0.
-    Done,
-    /// A read's first round (primaries, or backups for keys whose primary
-    /// cannot serve them).
-    Read,
-    /// A read's second round: lookups on backups for keys that missed.
-    Fallback,
-    /// A write sent to the replica at this tier (0 = primary).
-    Write { tier: u8 },
-    /// A write's copies on the backups, which the client's reply waits for.
-    Mirror,
-    /// A create-if-absent write asked the first backup first.
-    Create,
-    /// A read's backup hits being written back to primaries.
-    Repair,
-    /// An `mg`'s backup hit being fetched for its repair.
-    MetaRepairFetch,
-}
-
-/// A reply the proxy makes itself.
-#[derive(Debug)]
-pub enum Local {
-    Static(&'static [u8]),
-    Owned(Vec<u8>),
-    /// Send this, then close the connection (quit, fatal input).
-    Close(&'static [u8]),
-}
-
-#[derive(Debug)]
-pub struct Slot {
-    pub frame: Bytes,
-    pub req: Option<Request>,
-    /// Parts still to come in the current stage.
-    pub pending: u32,
-    pub parts: SmallVec<[Part; 2]>,
-    /// Reads over several servers: the first-round part of each key.
-    /// Empty when all keys went to `parts[0]`.
-    pub key_parts: Vec<u16>,
-    /// Single-key commands: where the key lives.
-    pub replicas: Option<Replicas>,
-    pub stage: Stage,
-    pub local: Option<Local>,
-    /// When the request was parsed (for the latency histograms).
-    pub started: std::time::Instant,
-    /// Bytes of server replies held in `parts` (see `session::Inbox`).
-    pub held: usize,
+pub struct Queued {
+    pub slot: Slot,
     /// The configuration the request started under: its later stages use
     /// it too, whatever a reload installed meanwhile (server indexes and
     /// routing mean what they meant when it started). None for a reply the
     /// proxy made at once.
     pub worker: Option<Rc<Worker>>,
-    /// The request holds its keys in the session's fences until it is
-    /// finished (see `proxy::fence`).
-    pub fenced: bool,
-    /// An autovivifying request (`ma ... N`, `mg ... N`) still travels
-    /// without its `N`: it creates the item only once no replica has it.
-    pub vivify_pending: bool,
 }
 
-impl Slot {
-    pub fn new(frame: Bytes, req: Request) -> Slot {
-        Slot {
-            frame,
-            req: Some(req),
-            pending: 0,
-            parts: SmallVec::new(),
-            key_parts: Vec::new(),
-            replicas: None,
-            stage: Stage::Done,
-            local: None,
-            started: std::time::Instant::now(),
-            held: 0,
+impl Queued {
+    /// A reply the proxy made at once.
+    pub fn local(local: Local) -> Queued {
+        Queued {
+            slot: Slot::local(local),
             worker: None,
-            fenced: false,
-            vivify_pending: false,
         }
     }
+}
 
-    pub fn local(local: Local) -> Slot {
-        Slot {
-            frame: Bytes::new(),
-            req: None,
-            pending: 0,
-            parts: SmallVec::new(),
-            key_parts: Vec::new(),
-            replicas: None,
-            stage: Stage::Done,
-            local: Some(local),
-            started: std::time::Instant::now(),
-            held: 0,
-            worker: None,
-            fenced: false,
-            vivify_pending: false,
-        }
+impl Deref for Queued {
+    type Target = Slot;
+
+    fn deref(&self) -> &Slot {
+        &self.slot
     }
+}
 
-    /// A read: its replies carry values, and only they can be large.
-    pub fn is_read(&self) -> bool {
-        self.req.is_some_and(|r| {
-            r.command.is_retrieval() || matches!(r.command, Command::MetaGet | Command::MetaDebug)
-        })
-    }
-
-    /// Why a read is refused for its size, if it is: one of its replies
-    /// was too large, or arrived while its client was owed too much.
-    pub fn oversize(&self) -> Option<BackendError> {
-        self.parts.iter().find_map(|p| match &p.result {
-            Some(Err(e)) if e.failure.is_oversize() => Some(*e),
-            _ => None,
-        })
-    }
-
-    pub fn is_done(&self) -> bool {
-        self.pending == 0 && self.stage == Stage::Done
-    }
-
-    /// Records the outcome of queueing a sub-request: wait for it, or keep
-    /// the immediate failure as its result.
-    pub fn push_part(&mut self, mut part: Part, queued: Result<(), BackendError>) {
-        match queued {
-            Ok(()) => self.pending += 1,
-            Err(e) => part.result = Some(Err(e)),
-        }
-        self.parts.push(part);
-    }
-
-    /// The first-round part key `i` was read from.
-    pub fn part_of_key(&self, i: usize) -> usize {
-        self.key_parts.get(i).map(|&p| p as usize).unwrap_or(0)
-    }
-
-    pub fn result(&self, part: usize) -> Option<&BackendResult> {
-        self.parts.get(part).and_then(|p| p.result.as_ref())
-    }
-
-    /// The write's latest main part: the replica that took it (earlier
-    /// main parts are replicas it failed over from).
-    pub fn main_part(&self) -> Option<usize> {
-        self.parts.iter().rposition(|p| p.role == Role::Main)
-    }
-
-    /// Whether the write was copied to the backups in parallel with the
-    /// primary (a blind set) rather than after its answer.
-    pub fn mirrored_in_parallel(&self) -> bool {
-        self.parts.iter().any(|p| matches!(p.role, Role::Mirror(_)))
+impl DerefMut for Queued {
+    fn deref_mut(&mut self) -> &mut Slot {
+        &mut self.slot
     }
 }

@@ -13,26 +13,37 @@
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
-use super::{Histogram, StatsRegistry, COMMAND_CLASSES, LATENCY_BOUNDS_US};
+use super::{Histogram, ServerEntry, StatsRegistry, COMMAND_CLASSES, LATENCY_BOUNDS_US};
 
 pub(crate) fn render(r: &StatsRegistry) -> String {
     let mut out = String::with_capacity(8192);
-    fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(
-            out,
-            "# HELP memrelay_{name} {help}\n# TYPE memrelay_{name} {kind}"
-        );
-    }
-    metric(&mut out, "info", "gauge", "memrelay's version.");
+    process_metrics(&mut out, r);
+    worker_counters(&mut out, r);
+    let servers = r.servers();
+    server_metrics(&mut out, &servers);
+    latency_metrics(&mut out, r, &servers);
+    out
+}
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(
+        out,
+        "# HELP memrelay_{name} {help}\n# TYPE memrelay_{name} {kind}"
+    );
+}
+
+/// The process's own figures: version, uptime, allocations.
+fn process_metrics(out: &mut String, r: &StatsRegistry) {
+    metric(out, "info", "gauge", "memrelay's version.");
     let _ = writeln!(out, "memrelay_info{{version=\"{}\"}} 1", crate::VERSION);
-    metric(&mut out, "uptime_seconds", "gauge", "Seconds since start.");
+    metric(out, "uptime_seconds", "gauge", "Seconds since start.");
     let _ = writeln!(
         out,
         "memrelay_uptime_seconds {}",
         r.started.elapsed().as_secs()
     );
     metric(
-        &mut out,
+        out,
         "allocations_total",
         "counter",
         "Memory allocations since start.",
@@ -42,6 +53,10 @@ pub(crate) fn render(r: &StatsRegistry) -> String {
         "memrelay_allocations_total {}",
         crate::alloc::allocations()
     );
+}
+
+/// The workers' counters, summed, and the reload counters.
+fn worker_counters(out: &mut String, r: &StatsRegistry) {
     let mut sums: Vec<(&'static str, u64)> = Vec::new();
     for w in &r.workers {
         for (i, (name, v)) in w.each().into_iter().enumerate() {
@@ -53,19 +68,14 @@ pub(crate) fn render(r: &StatsRegistry) -> String {
     }
     for (name, v) in sums {
         if name == "curr_connections" {
-            metric(
-                &mut out,
-                "connections",
-                "gauge",
-                "Client connections open now.",
-            );
+            metric(out, "connections", "gauge", "Client connections open now.");
             let _ = writeln!(out, "memrelay_connections {v}");
         } else if name == "parked_connections" {
-            metric(&mut out, "connections_parked", "gauge", super::help(name));
+            metric(out, "connections_parked", "gauge", super::help(name));
             let _ = writeln!(out, "memrelay_connections_parked {v}");
         } else if name == "memory_held" {
             metric(
-                &mut out,
+                out,
                 "memory_held_bytes",
                 "gauge",
                 "Bytes clients hold in the proxy now (requests in flight, replies owed), against --max-memory.",
@@ -77,7 +87,7 @@ pub(crate) fn render(r: &StatsRegistry) -> String {
                 "total_connections" => "connections_accepted_total".to_string(),
                 _ => format!("{name}_total"),
             };
-            metric(&mut out, &series, "counter", super::help(name));
+            metric(out, &series, "counter", super::help(name));
             let _ = writeln!(out, "memrelay_{series} {v}");
         }
     }
@@ -93,92 +103,99 @@ pub(crate) fn render(r: &StatsRegistry) -> String {
             &r.reload_failures,
         ),
     ] {
-        metric(&mut out, name, "counter", help);
+        metric(out, name, "counter", help);
         let _ = writeln!(out, "memrelay_{name} {}", v.load(Ordering::Relaxed));
     }
-    type Field = fn(bool, &super::ServerCounts) -> u64;
-    let per_server: [(&str, &str, &str, Field); 12] = [
-        (
-            "server_up",
-            "gauge",
-            "1 if the server is up, 0 if marked down.",
-            |down, _| u64::from(!down),
-        ),
-        (
-            "server_failures_total",
-            "counter",
-            "Failed connections to the server.",
-            |_, c| c.failures,
-        ),
-        (
-            "server_marked_down_total",
-            "counter",
-            "Times the server was marked down.",
-            |_, c| c.marked_down,
-        ),
-        (
-            "server_missed_keys",
-            "gauge",
-            "Keys the server must not serve until invalidated on it.",
-            |_, c| c.missed_keys,
-        ),
-        (
-            "server_invalidated_total",
-            "counter",
-            "Missed keys deleted on the server after it came back.",
-            |_, c| c.invalidated,
-        ),
-        (
-            "server_flushed_total",
-            "counter",
-            "Flushes after the missed-key list overflowed.",
-            |_, c| c.flushed,
-        ),
-        (
-            "server_resync_running",
-            "gauge",
-            "1 while the server is being resynced.",
-            |_, c| u64::from(c.resync.running),
-        ),
-        (
-            "server_resync_copied_total",
-            "counter",
-            "Items copied to the server by its current or last resync.",
-            |_, c| c.resync.copied,
-        ),
-        (
-            "server_resync_scanned_total",
-            "counter",
-            "Keys listed on the source tier by the server's current or last resync.",
-            |_, c| c.resync.scanned,
-        ),
-        (
-            "server_resync_skipped_total",
-            "counter",
-            "Items the resync did not copy (a newer value was there, or it was gone).",
-            |_, c| c.resync.skipped,
-        ),
-        (
-            "server_resync_rate",
-            "gauge",
-            "Items per second of the server's current or last resync.",
-            |_, c| c.resync.rate,
-        ),
-        (
-            "server_resync_eta_seconds",
-            "gauge",
-            "Estimated seconds left in the server's resync.",
-            |_, c| c.resync.eta,
-        ),
-    ];
-    let servers = r.servers();
+}
+
+type Field = fn(bool, &super::ServerCounts) -> u64;
+
+/// Per-server metrics: (name, type, help, the value from whether the server
+/// is down and its counts).
+const PER_SERVER: [(&str, &str, &str, Field); 12] = [
+    (
+        "server_up",
+        "gauge",
+        "1 if the server is up, 0 if marked down.",
+        |down, _| u64::from(!down),
+    ),
+    (
+        "server_failures_total",
+        "counter",
+        "Failed connections to the server.",
+        |_, c| c.failures,
+    ),
+    (
+        "server_marked_down_total",
+        "counter",
+        "Times the server was marked down.",
+        |_, c| c.marked_down,
+    ),
+    (
+        "server_missed_keys",
+        "gauge",
+        "Keys the server must not serve until invalidated on it.",
+        |_, c| c.missed_keys,
+    ),
+    (
+        "server_invalidated_total",
+        "counter",
+        "Missed keys deleted on the server after it came back.",
+        |_, c| c.invalidated,
+    ),
+    (
+        "server_flushed_total",
+        "counter",
+        "Flushes after the missed-key list overflowed.",
+        |_, c| c.flushed,
+    ),
+    (
+        "server_resync_running",
+        "gauge",
+        "1 while the server is being resynced.",
+        |_, c| u64::from(c.resync.running),
+    ),
+    (
+        "server_resync_copied_total",
+        "counter",
+        "Items copied to the server by its current or last resync.",
+        |_, c| c.resync.copied,
+    ),
+    (
+        "server_resync_scanned_total",
+        "counter",
+        "Keys listed on the source tier by the server's current or last resync.",
+        |_, c| c.resync.scanned,
+    ),
+    (
+        "server_resync_skipped_total",
+        "counter",
+        "Items the resync did not copy (a newer value was there, or it was gone).",
+        |_, c| c.resync.skipped,
+    ),
+    (
+        "server_resync_rate",
+        "gauge",
+        "Items per second of the server's current or last resync.",
+        |_, c| c.resync.rate,
+    ),
+    (
+        "server_resync_eta_seconds",
+        "gauge",
+        "Estimated seconds left in the server's resync.",
+        |_, c| c.resync.eta,
+    ),
+];
+
+/// Each server's state, HA and resync figures, and its own capacity.
+fn server_metrics(out: &mut String, servers: &[ServerEntry]) {
     // One reading of each server for every per-server metric.
     let counts: Vec<_> = servers
         .iter()
         .map(|s| (s.view.is_down(), s.view.counts()))
         .collect();
-    for (name, kind, help, f) in per_server {
-        metric(&mut out, name, kind, help);
+    for (name, kind, help, f) in PER_SERVER {
+        metric(out, name, kind, help);
         for (s, (down, c)) in servers.iter().zip(&counts) {
             let (addr, role) = (&s.name, s.tier);
             let _ = writeln!(
@@ -191,7 +208,7 @@ pub(crate) fn render(r: &StatsRegistry) -> String {
     // The servers' own capacity figures, as their probers last read them
     // (none for a server out of reach).
     for (stat, name, kind, help) in CAPACITY_METRICS {
-        metric(&mut out, name, kind, help);
+        metric(out, name, kind, help);
         for s in servers.iter() {
             let (addr, role) = (&s.name, s.tier);
             if let Some(v) = s.view.figures().number(stat) {
@@ -202,8 +219,12 @@ pub(crate) fn render(r: &StatsRegistry) -> String {
             }
         }
     }
+}
+
+/// The latency histograms, per command class and per server.
+fn latency_metrics(out: &mut String, r: &StatsRegistry, servers: &[ServerEntry]) {
     metric(
-        &mut out,
+        out,
         "request_duration_seconds",
         "histogram",
         "Time from a request's arrival to its reply, per command.",
@@ -214,14 +235,14 @@ pub(crate) fn render(r: &StatsRegistry) -> String {
             total.add(&w.latency[c].snapshot());
         }
         histogram(
-            &mut out,
+            out,
             "request_duration_seconds",
             &format!("command=\"{class}\""),
             &total,
         );
     }
     metric(
-        &mut out,
+        out,
         "server_request_duration_seconds",
         "histogram",
         "Time from queueing a request to a server to its reply, per server.",
@@ -233,13 +254,12 @@ pub(crate) fn render(r: &StatsRegistry) -> String {
             total.add(&w.snapshot());
         }
         histogram(
-            &mut out,
+            out,
             "server_request_duration_seconds",
             &format!("server=\"{addr}\",role=\"{role}\""),
             &total,
         );
     }
-    out
 }
 
 /// The servers' `stats` figures `/metrics` shows: (stat, metric, type, help).
