@@ -717,6 +717,8 @@ pub fn check(
         let ok = check(ctx, tally, keys, &twin, reply, sent, now);
         if matches!(reply, Ok(Reply::Line(l)) if l == "STORED") {
             keys[*k].expiry = expiry_after(*ttl, now);
+            // The history shows the twin's line (TTL 0): say which it was.
+            keys[*k].log(ctx.ms(sent), format!("(that set had a TTL of {ttl} s)"));
         }
         return ok;
     }
@@ -916,7 +918,9 @@ fn unknown_outcome(keys: &mut [KeyModel], op: &Op) {
                 keys[*k].ttl_unknown = true;
             }
         }
-        Op::Get { .. } | Op::Gets { .. } | Op::Touch { .. } => {}
+        Op::Get { .. } | Op::Gets { .. } => {}
+        // It may have made the item immortal on any replica.
+        Op::Touch { k } => keys[*k].ttl_unknown = true,
         Op::SetTtl { k, item, .. } => keys[*k].maybe(|_| Some(Some(item.clone()))),
         Op::MetaSet { .. } | Op::MetaGet { .. } | Op::MetaDelete { .. } | Op::MetaIncr { .. } => {}
         Op::Cas { k, item, .. } => keys[*k].maybe(|c| c.is_some().then(|| Some(item.clone()))),
@@ -952,6 +956,22 @@ fn check_values(
 ) {
     let (sent, now, who) = (asked.sent, asked.now, asked.who);
     let at = ctx.ms(sent);
+    // The read as the key's history shows it: its command, and a TTL it
+    // sets (`gat 2`, `mg ... T2`), not its keys.
+    let read = match asked
+        .render
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["gat" | "gats", ttl, ..] => format!(
+            "{} {ttl}",
+            &asked.render[..asked.render.find(' ').unwrap_or(0)]
+        ),
+        ["mg", _, rest @ ..] => format!("mg {}", rest.join(" ")),
+        [cmd, ..] => (*cmd).to_string(),
+        [] => "get".to_string(),
+    };
     // Values come in request order, each key at most once, only keys asked.
     let mut next = 0;
     let mut got: Vec<Option<&Val>> = vec![None; ks.len()];
@@ -983,10 +1003,11 @@ fn check_values(
             if m.exact && !m.wild && !m.ttl_unknown && sent > e {
                 tally.stale += 1;
                 tally.detail(format!(
-                    "{who}: STALE: {:?} served {:?}, which expired {:?} before the read",
+                    "{who}: STALE: {:?} served {:?}, which expired {:?} before the read; {}",
                     m.name,
                     v.data,
-                    sent.saturating_duration_since(e)
+                    sent.saturating_duration_since(e),
+                    m.describe()
                 ));
             }
         }
@@ -1005,11 +1026,11 @@ fn check_values(
                     );
                     tally.detail(d);
                 }
-                m.log(at, "get -> miss".into());
+                m.log(at, format!("{read} -> miss"));
             }
             Some(v) => {
                 tally.hits += 1;
-                m.log(at, format!("get -> {:?}/f{}", v.data, v.flags));
+                m.log(at, format!("{read} -> {:?}/f{}", v.data, v.flags));
                 if m.wild {
                     tally.unchecked_hits += 1;
                 } else if !m.allows(v) {
@@ -1127,6 +1148,9 @@ fn check_write(
                     m.wild = true;
                 }
                 m.cands.retain(Option::is_some);
+                // `touch <key> 0`: the item never expires from now on.
+                m.expiry = None;
+                m.ttl_unknown = false;
             }
             "NOT_FOUND" => {
                 write_miss(ctx, tally, m, guarded, who, render, l);
@@ -1528,6 +1552,56 @@ mod tests {
         );
         assert_eq!(t.violations(), 0, "{:?}", t.details);
         assert_eq!((t.hits, t.misses), (2, 1));
+    }
+
+    #[test]
+    fn touch_0_makes_an_item_with_a_ttl_immortal() {
+        // A hit long after the set's TTL: stale, unless a touch 0 came
+        // between.
+        let set_ttl = Op::SetTtl {
+            k: 0,
+            item: Item {
+                data: "c0k0s1".into(),
+                flags: 1,
+            },
+            ttl: 1,
+        };
+        let late = Instant::now() + Duration::from_secs(30);
+        let read_late = |steps: &[(Op, Result<Reply, Fail>)]| {
+            let f = |_: usize, _: Instant| false;
+            let ctx = Ctx {
+                start: Instant::now(),
+                client: 0,
+                phase: "test",
+                bound: Duration::from_secs(60),
+                live_replica: &f,
+                strict_writes: false,
+            };
+            let mut keys = vec![KeyModel::new("t".into(), "c0k0".into(), false, 0)];
+            let mut t = Tally::new();
+            let now = Instant::now();
+            for (op, r) in steps {
+                check(&ctx, &mut t, &mut keys, op, r, now, now);
+            }
+            check(
+                &ctx,
+                &mut t,
+                &mut keys,
+                &get(0),
+                &vals(vec![val("t", "c0k0s1", 1)]),
+                late,
+                late,
+            );
+            t.stale
+        };
+        assert_eq!(read_late(&[(set_ttl.clone(), line("STORED"))]), 1);
+        assert_eq!(
+            read_late(&[
+                (set_ttl, line("STORED")),
+                (Op::Touch { k: 0 }, line("TOUCHED"))
+            ]),
+            0
+        );
     }
 
     #[test]
