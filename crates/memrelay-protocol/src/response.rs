@@ -353,6 +353,60 @@ pub fn meta_flags(reply: &[u8]) -> MetaFlags {
     out
 }
 
+/// The status of a complete meta reply (`HD c42\r\n` -> `Hd`), `None` for
+/// a line that is not one (`SERVER_ERROR ...`).
+pub fn meta_status(reply: &[u8]) -> Option<MetaStatus> {
+    let line = line_at(reply).ok()??;
+    if line.len() > 2 && line[2] != b' ' {
+        return None;
+    }
+    Some(match line.get(..2)? {
+        b"VA" => MetaStatus::Value,
+        b"HD" => MetaStatus::Hd,
+        b"EN" => MetaStatus::En,
+        b"NF" => MetaStatus::Nf,
+        b"NS" => MetaStatus::Ns,
+        b"EX" => MetaStatus::Ex,
+        b"MN" => MetaStatus::Mn,
+        b"ME" => MetaStatus::Me,
+        _ => return None,
+    })
+}
+
+/// Whether `buf` holds a whole `stats` reply: through its `END`, or the
+/// `ERROR` of a server that does not know the group asked for.
+pub fn stats_complete(buf: &[u8]) -> bool {
+    buf.ends_with(b"END\r\n") || buf.ends_with(b"ERROR\r\n")
+}
+
+/// The value of `STAT <name> <number>` in a `stats` reply, if the reply has
+/// that line and its value is a number.
+pub fn stat_number(reply: &[u8], name: &[u8]) -> Option<i64> {
+    reply.split(|&b| b == b'\n').find_map(|l| {
+        let l = l.strip_suffix(b"\r").unwrap_or(l);
+        let v = l
+            .strip_prefix(b"STAT ")?
+            .strip_prefix(name)?
+            .strip_prefix(b" ")?;
+        std::str::from_utf8(v).ok()?.trim().parse().ok()
+    })
+}
+
+/// Whether every line of the replies to a run of pipelined deletes (classic
+/// or meta, as `compose::delete_any` writes them) says the key is gone:
+/// `DELETED`, `NOT_FOUND`, `HD` or `NF`.
+pub fn deletes_confirmed(replies: &[u8]) -> bool {
+    replies
+        .split(|&c| c == b'\n')
+        .filter(|l| !l.is_empty())
+        .all(|l| matches!(l, b"DELETED\r" | b"NOT_FOUND\r" | b"HD\r" | b"NF\r"))
+}
+
+/// Whether a reply is exactly `OK` (`flush_all`, `verbosity`).
+pub fn is_ok(reply: &[u8]) -> bool {
+    reply == b"OK\r\n"
+}
+
 /// The fields of a `VALUE <key> <flags> <bytes> [<cas>]` line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ValueHeader<'a> {
@@ -633,5 +687,35 @@ mod tests {
                 Ok(Some((*kind, input.len())))
             );
         }
+    }
+    #[test]
+    fn meta_status_reads_the_code_of_a_whole_line() {
+        assert_eq!(meta_status(b"HD c42\r\n"), Some(MetaStatus::Hd));
+        assert_eq!(meta_status(b"NS\r\n"), Some(MetaStatus::Ns));
+        assert_eq!(meta_status(b"VA 1\r\nx\r\n"), Some(MetaStatus::Value));
+        assert_eq!(meta_status(b"HDX\r\n"), None);
+        assert_eq!(meta_status(b"SERVER_ERROR out of memory\r\n"), None);
+        assert_eq!(meta_status(b"HD"), None);
+        assert_eq!(meta_flags(b"HD c42\r\n").cas, Some(42));
+    }
+
+    #[test]
+    fn stats_replies_are_framed_and_read() {
+        let r = b"STAT pid 12\r\nSTAT uptime 5\r\nSTAT time 1000\r\nEND\r\n";
+        assert!(stats_complete(r));
+        assert!(stats_complete(b"ERROR\r\n"));
+        assert!(!stats_complete(b"STAT pid 12\r\n"));
+        assert_eq!(stat_number(r, b"pid"), Some(12));
+        assert_eq!(stat_number(r, b"time"), Some(1000));
+        assert_eq!(stat_number(r, b"ti"), None);
+        assert_eq!(stat_number(b"STAT pid x\r\n", b"pid"), None);
+    }
+
+    #[test]
+    fn deletes_are_confirmed_only_by_gone_keys() {
+        assert!(deletes_confirmed(b"DELETED\r\nNOT_FOUND\r\nHD\r\nNF\r\n"));
+        assert!(!deletes_confirmed(b"DELETED\r\nSERVER_ERROR busy\r\n"));
+        assert!(is_ok(b"OK\r\n"));
+        assert!(!is_ok(b"ERROR\r\n"));
     }
 }

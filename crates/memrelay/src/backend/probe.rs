@@ -18,6 +18,7 @@ use super::connect::{Dial, ServerStream};
 use super::health::Health;
 use crate::net::read_some;
 use crate::stats::servers::{Group, ServerFigures};
+use memrelay_protocol::{compose, response};
 
 const SUCCESSES_TO_MARK_UP: u32 = 2;
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
@@ -116,41 +117,26 @@ impl ProbeConn {
     /// `stats`: the server's pid and boot time. The whole reply is kept in
     /// `figures` for memrelay's own `stats`.
     async fn identity(&mut self, figures: &ServerFigures) -> Option<Identity> {
-        let req = b"stats\r\n";
-        let reply = self.stats_reply(req).await?;
-        let text = String::from_utf8_lossy(&reply);
-        let stat = |name: &str| -> Option<i64> {
-            text.lines().find_map(|l| {
-                l.strip_prefix("STAT ")?
-                    .strip_prefix(name)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-        };
-        let pid = stat("pid")? as u64;
-        let boot = stat("time")? - stat("uptime")?;
-        drop(text);
+        let reply = self.stats_reply(None).await?;
+        let stat = |name: &[u8]| response::stat_number(&reply, name);
+        let pid = stat(b"pid")? as u64;
+        let boot = stat(b"time")? - stat(b"uptime")?;
         figures.store(Group::General, reply);
         Some(Identity { pid, boot })
     }
 
     /// One `stats` request's reply, through its `END`.
-    async fn stats_reply(&mut self, req: &[u8]) -> Option<Vec<u8>> {
-        self.exchange(req, &[req.len()], |b| {
-            b.ends_with(b"END\r\n") || b.ends_with(b"ERROR\r\n")
-        })
-        .await
+    async fn stats_reply(&mut self, group: Option<&[u8]>) -> Option<Vec<u8>> {
+        let mut req = Vec::with_capacity(16);
+        compose::stats(&mut req, group);
+        self.exchange(&req, &[req.len()], response::stats_complete)
+            .await
     }
 
     /// `stats items` and `stats slabs`, kept in `figures`.
     async fn slab_figures(&mut self, figures: &ServerFigures) -> Option<()> {
-        for (req, group) in [
-            (&b"stats items\r\n"[..], Group::Items),
-            (&b"stats slabs\r\n"[..], Group::Slabs),
-        ] {
-            let reply = self.stats_reply(req).await?;
+        for (name, group) in [(&b"items"[..], Group::Items), (b"slabs", Group::Slabs)] {
+            let reply = self.stats_reply(Some(name)).await?;
             figures.store(group, reply);
         }
         Some(())
@@ -163,7 +149,7 @@ impl ProbeConn {
         let mut req = Vec::with_capacity(keys.len() * 32);
         let mut ends = Vec::with_capacity(keys.len());
         for (k, _) in keys {
-            memrelay_protocol::compose::delete_any(&mut req, k);
+            compose::delete_any(&mut req, k);
             ends.push(req.len());
         }
         let n = keys.len();
@@ -173,20 +159,19 @@ impl ProbeConn {
             })
             .await
         {
-            Some(reply) => reply
-                .split(|&c| c == b'\n')
-                .filter(|l| !l.is_empty())
-                .all(|l| matches!(l, b"DELETED\r" | b"NOT_FOUND\r" | b"HD\r" | b"NF\r")),
+            Some(reply) => response::deletes_confirmed(&reply),
             None => false,
         }
     }
 
     pub async fn flush_all(&mut self) -> bool {
-        let req = b"flush_all\r\n";
+        let mut req = Vec::with_capacity(16);
+        compose::flush_all(&mut req, None);
+        // Its reply is one line.
         let reply = self
-            .exchange(req, &[req.len()], |b| b.ends_with(b"\r\n"))
+            .exchange(&req, &[req.len()], |b| b.ends_with(b"\r\n"))
             .await;
-        matches!(reply, Some(r) if r == b"OK\r\n")
+        matches!(reply, Some(r) if response::is_ok(&r))
     }
 }
 

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::connect::{Dial, ServerStream};
 use crate::net::read_some;
+use memrelay_protocol::{compose, MetaStatus};
 use tokio::sync::{mpsc, watch};
 
 use super::replica::Replica;
@@ -645,18 +646,6 @@ async fn connect(dial: &Dial, timeout: Duration) -> Result<ServerStream, String>
         .map_err(|e| format!("{}: {e}", dial.addr))
 }
 
-/// Writes a key into a meta command: as is, or base64 with `b` appended to
-/// the flags when it cannot travel in the text protocol.
-fn put_key(out: &mut Vec<u8>, key: &[u8]) -> bool {
-    if super::is_text_key(key) {
-        out.extend_from_slice(key);
-        false
-    } else {
-        memrelay_protocol::base64::encode(key, out);
-        true
-    }
-}
-
 /// One item read from a source.
 struct Item<'a> {
     key: &'a [u8],
@@ -675,9 +664,7 @@ async fn fetch<'a>(
     let mut req = Vec::with_capacity(keys.len() * 48);
     let mut ends = Vec::with_capacity(keys.len());
     for k in keys {
-        req.extend_from_slice(b"mg ");
-        let b64 = put_key(&mut req, k);
-        req.extend_from_slice(if b64 { b" b v f t\r\n" } else { b" v f t\r\n" });
+        compose::meta_get_item(&mut req, k);
         ends.push(req.len());
     }
     write_timed(conn, &req, &ends).await?;
@@ -715,20 +702,7 @@ async fn store<'a>(
     let mut req = Vec::with_capacity(items.iter().map(|i| i.value.len() + 64).sum());
     let mut ends = Vec::with_capacity(items.len());
     for it in items {
-        req.extend_from_slice(b"ms ");
-        let b64 = put_key(&mut req, it.key);
-        req.extend_from_slice(
-            format!(
-                " {} F{} T{} ME c{}\r\n",
-                it.value.len(),
-                it.flags,
-                it.ttl,
-                if b64 { " b" } else { "" }
-            )
-            .as_bytes(),
-        );
-        req.extend_from_slice(&it.value);
-        req.extend_from_slice(b"\r\n");
+        compose::meta_add_copy(&mut req, it.key, &it.value, it.flags, it.ttl);
         ends.push(req.len());
     }
     write_timed(conn, &req, &ends).await?;
@@ -736,19 +710,16 @@ async fn store<'a>(
     let mut landed = Vec::with_capacity(items.len());
     for it in items {
         let reply = reader.next(conn).await?;
-        if reply.starts_with(b"HD") {
-            let cas = reply
-                .split(|&b| b == b' ' || b == b'\r')
-                .find_map(|t| t.strip_prefix(b"c"))
-                .and_then(|c| std::str::from_utf8(c).ok()?.parse().ok())
-                .ok_or_else(|| {
-                    format!(
-                        "a copy's reply has no CAS value: {}",
-                        String::from_utf8_lossy(&reply)
-                    )
-                })?;
+        let status = memrelay_protocol::response::meta_status(&reply);
+        if status == Some(MetaStatus::Hd) {
+            let cas = memrelay_protocol::meta_flags(&reply).cas.ok_or_else(|| {
+                format!(
+                    "a copy's reply has no CAS value: {}",
+                    String::from_utf8_lossy(&reply)
+                )
+            })?;
             landed.push((it.key, cas));
-        } else if !reply.starts_with(b"NS") {
+        } else if status != Some(MetaStatus::Ns) {
             return Err(format!(
                 "unexpected reply to a copy: {}",
                 String::from_utf8_lossy(&reply)
@@ -773,9 +744,7 @@ async fn unstore(
     let mut req = Vec::with_capacity(copies.len() * 64);
     let mut ends = Vec::with_capacity(copies.len());
     for (key, cas) in copies {
-        req.extend_from_slice(b"md ");
-        let b64 = put_key(&mut req, key);
-        req.extend_from_slice(format!(" C{cas}{}\r\n", if b64 { " b" } else { "" }).as_bytes());
+        compose::meta_delete_if_cas(&mut req, key, *cas);
         ends.push(req.len());
     }
     write_timed(conn, &req, &ends).await?;
@@ -783,13 +752,15 @@ async fn unstore(
     let mut deleted = 0;
     for _ in copies {
         let reply = reader.next(conn).await?;
-        if reply.starts_with(b"HD") {
-            deleted += 1;
-        } else if !reply.starts_with(b"EX") && !reply.starts_with(b"NF") {
-            return Err(format!(
-                "unexpected reply to a conditional delete: {}",
-                String::from_utf8_lossy(&reply)
-            ));
+        match memrelay_protocol::response::meta_status(&reply) {
+            Some(MetaStatus::Hd) => deleted += 1,
+            Some(MetaStatus::Ex | MetaStatus::Nf) => {}
+            _ => {
+                return Err(format!(
+                    "unexpected reply to a conditional delete: {}",
+                    String::from_utf8_lossy(&reply)
+                ))
+            }
         }
     }
     Ok(deleted)
