@@ -16,6 +16,10 @@
 //! Each module uses only those below it, in the order of
 //! `crates/memrelay/layers.txt` (checked by `scripts/layers`).
 #![deny(unsafe_op_in_unsafe_fn)]
+// `unsafe` lives in `sys` (safe wrappers of the libc calls), plus the
+// allocator's impl, net::handoff's SCM_RIGHTS and one registration in
+// proxy::park, each allowed where it is.
+#![deny(unsafe_code)]
 
 pub mod alloc;
 pub mod backend;
@@ -28,6 +32,7 @@ pub mod proxy;
 pub mod router;
 pub mod server;
 pub mod stats;
+mod sys;
 pub mod topology;
 
 /// The one version memrelay shows, everywhere: the `version` reply,

@@ -560,18 +560,7 @@ pub fn default_max_reply(max_value_len: usize) -> usize {
 /// structures), so a flood of clients is shed with `SERVER_ERROR out of
 /// memory` before the host swaps. 1 GiB if the size cannot be read.
 pub fn default_max_memory() -> usize {
-    // SAFETY: sysconf only reads system values.
-    let (pages, page) = unsafe {
-        (
-            libc::sysconf(libc::_SC_PHYS_PAGES),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
-    if pages > 0 && page > 0 {
-        (pages as usize).saturating_mul(page as usize) / 2
-    } else {
-        1 << 30
-    }
+    crate::sys::physical_memory().map_or(1 << 30, |bytes| bytes / 2)
 }
 
 /// Parses a duration: `250ms`, `2s`, or a bare number of milliseconds.

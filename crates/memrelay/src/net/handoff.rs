@@ -9,6 +9,11 @@
 //! of an `SO_REUSEPORT` group resets the connections queued on it). If
 //! nobody answers, the new memrelay binds as usual, and then serves PATH
 //! itself for the next one.
+// Passing descriptors (`SCM_RIGHTS`) means building a `msghdr` and its
+// control messages by hand: no safe wrapper in std or socket2 does it, and
+// the code is clearer kept whole here than split into `sys`. Each unsafe
+// block says why it is sound.
+#![allow(unsafe_code)]
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

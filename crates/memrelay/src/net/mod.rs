@@ -180,11 +180,8 @@ macro_rules! stream_impl {
             fn read_drained(&self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
                 let mut got = 0;
                 let r = self.try_io(tokio::io::Interest::READABLE, || {
-                    let spare = buf.spare_capacity_mut();
-                    let room = spare.len();
-                    let n = socket2::SockRef::from(self).recv(spare)?;
-                    // SAFETY: recv initialised the first n bytes of the spare capacity.
-                    unsafe { buf.set_len(buf.len() + n) };
+                    let room = buf.capacity() - buf.len();
+                    let n = crate::sys::recv_into_spare(&socket2::SockRef::from(self), buf)?;
                     got = n;
                     if n > 0 && n < room {
                         Err(io::ErrorKind::WouldBlock.into())

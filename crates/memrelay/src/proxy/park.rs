@@ -137,6 +137,7 @@ fn lot(thread: &Rc<WorkerThread>, conns: &Arc<AtomicUsize>) -> io::Result<Rc<Lot
     let registry = poll.registry().try_clone()?;
     // SAFETY: a `mio::Poll` owns its epoll descriptor from creation to
     // drop, and `as_raw_fd` always returns that one.
+    #[allow(unsafe_code)]
     let watch = unsafe { AsyncFd::register_with_interest(poll, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)?;
     let lot = Rc::new(Lot {
