@@ -43,12 +43,12 @@ unsafe impl GlobalAlloc for CountingAlloc {
 }
 
 /// Allocations (including reallocations) since the process started.
-pub fn allocations() -> u64 {
+pub(crate) fn allocations() -> u64 {
     ALLOCATIONS.load(Ordering::Relaxed)
 }
 
 /// Returns the allocator's free pages to the kernel (glibc's
 /// `malloc_trim`), after many sessions gave their buffers back.
-pub fn trim() {
+pub(crate) fn trim() {
     crate::sys::malloc_trim();
 }

@@ -8,7 +8,7 @@ use std::ffi::CString;
 use crate::sys;
 
 /// Switches to `group` then `user`, if given.
-pub fn drop_to(group: Option<&str>, user: Option<&str>) -> Result<(), String> {
+pub(crate) fn drop_to(group: Option<&str>, user: Option<&str>) -> Result<(), String> {
     let target_gid = match group {
         Some(g) => Some(lookup_group(g)?),
         None => None,
@@ -58,7 +58,7 @@ fn lookup_group(g: &str) -> Result<libc::gid_t, String> {
 
 /// Raises the soft open-file limit towards `wanted` (up to the hard limit),
 /// and says so when it cannot reach it.
-pub fn raise_nofile(wanted: usize) {
+pub(crate) fn raise_nofile(wanted: usize) {
     let Ok((cur, max)) = sys::nofile_limit() else {
         return;
     };

@@ -36,21 +36,21 @@ const MAX_PROBE_REPLY: usize = 1 << 20;
 /// The timeouts probes use: the proxy's `--connect-timeout` and
 /// `--timeout`, which a reload may change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProbeTimeouts {
+pub(crate) struct ProbeTimeouts {
     pub connect: Duration,
     pub request: Duration,
 }
 
 /// Who a server is: a restart changes its pid or its boot time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Identity {
+pub(crate) struct Identity {
     pub pid: u64,
     pub boot: i64,
 }
 
 /// What a prober tells the layer above of its server, and the upkeep it
 /// runs for it on every look at a reachable server.
-pub trait Watcher {
+pub(crate) trait Watcher {
     /// Work waits on the server (keys to invalidate): it is looked at
     /// without waiting for the next check, and not marked up until done.
     fn pending(&self) -> bool;
@@ -74,7 +74,7 @@ impl Identity {
 
 /// One probe connection to a server.
 #[derive(Debug)]
-pub struct ProbeConn {
+pub(crate) struct ProbeConn {
     stream: ServerStream,
     buf: Vec<u8>,
     timeout: Duration,
@@ -145,7 +145,7 @@ impl ProbeConn {
     /// Deletes keys, pipelined; true when every delete was answered. A key
     /// that cannot be written in a classic command (a binary key from a
     /// meta `b` request) is deleted as `md <base64> b`.
-    pub async fn delete_all(&mut self, keys: &[(Box<[u8]>, u64)]) -> bool {
+    pub(crate) async fn delete_all(&mut self, keys: &[(Box<[u8]>, u64)]) -> bool {
         let mut req = Vec::with_capacity(keys.len() * 32);
         let mut ends = Vec::with_capacity(keys.len());
         for (k, _) in keys {
@@ -164,7 +164,7 @@ impl ProbeConn {
         }
     }
 
-    pub async fn flush_all(&mut self) -> bool {
+    pub(crate) async fn flush_all(&mut self) -> bool {
         let mut req = Vec::with_capacity(16);
         compose::flush_all(&mut req, None);
         // Its reply is one line.
@@ -178,7 +178,7 @@ impl ProbeConn {
 /// Flushes a server now, on a connection of its own: true when it said OK.
 /// (A reload empties a server this way before giving it keys it may hold
 /// stale copies of.)
-pub async fn flush(dial: Dial, t: ProbeTimeouts) -> bool {
+pub(crate) async fn flush(dial: Dial, t: ProbeTimeouts) -> bool {
     match ProbeConn::open(&dial, t).await {
         Ok(mut c) => c.flush_all().await,
         Err(_) => false,
@@ -187,7 +187,7 @@ pub async fn flush(dial: Dial, t: ProbeTimeouts) -> bool {
 
 /// Watches one server until the task is aborted (a reload removed the
 /// server or changed its address), reporting to `watcher`.
-pub async fn probe_loop(
+pub(crate) async fn probe_loop(
     health: Arc<Health>,
     dial: tokio::sync::watch::Receiver<Dial>,
     timeouts: tokio::sync::watch::Receiver<ProbeTimeouts>,

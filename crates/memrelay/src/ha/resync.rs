@@ -51,7 +51,7 @@ const CANCELLED: &str = "cancelled by a reload";
 
 /// A resync's progress, per server, for `stats`.
 #[derive(Debug, Default)]
-pub struct Progress {
+pub(crate) struct Progress {
     /// Where the last run stands.
     state: AtomicState,
     running: AtomicBool,
@@ -71,11 +71,11 @@ impl Progress {
     /// Whether a resync of this server is under way (one relaxed load: the
     /// write path asks on every write).
     #[inline]
-    pub fn is_running(&self) -> bool {
+    pub(crate) fn is_running(&self) -> bool {
         self.running.load(Ordering::Relaxed)
     }
 
-    pub fn state(&self) -> &'static str {
+    pub(crate) fn state(&self) -> &'static str {
         self.state.load().name()
     }
 }
@@ -83,7 +83,7 @@ impl Progress {
 /// Where a server's resync stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[repr(u8)]
-pub enum RunState {
+pub(crate) enum RunState {
     /// Never ran, or a reload interrupted it.
     #[default]
     Idle = 0,
@@ -95,7 +95,7 @@ pub enum RunState {
 
 impl RunState {
     /// As `stats` shows it.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             RunState::Idle => "idle",
             RunState::Running => "running",
@@ -126,7 +126,7 @@ impl AtomicState {
 
 /// One server as the resync sees it.
 #[derive(Debug, Clone)]
-pub struct Node {
+pub(crate) struct Node {
     pub dial: Dial,
     pub name: String,
     pub health: Arc<Replica>,
@@ -135,7 +135,7 @@ pub struct Node {
 /// Everything a resync needs under one configuration; shared by the
 /// manager and its runs.
 #[derive(Debug)]
-pub struct Resync {
+pub(crate) struct Resync {
     pub router: Router,
     /// Primaries then backups, like `Config::servers`.
     pub nodes: Vec<Node>,
@@ -158,7 +158,7 @@ pub struct Resync {
 /// What of the configuration a resync runs by (see the fields of
 /// [`Resync`] of the same names).
 #[derive(Debug, Clone, Copy)]
-pub struct Settings {
+pub(crate) struct Settings {
     pub rate: u64,
     pub connect_timeout: Duration,
     pub max_value_len: usize,
@@ -169,13 +169,13 @@ pub struct Settings {
 /// The longest a client write can be in flight: an attempt on the primary
 /// and one on the backup, then the mirrors, each of which may need a
 /// connection and a reply.
-pub fn write_life(connect_timeout: Duration, timeout: Duration) -> Duration {
+pub(crate) fn write_life(connect_timeout: Duration, timeout: Duration) -> Duration {
     (connect_timeout + timeout) * 3
 }
 
 /// A request to resync a server, named (indexes change with a reload).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
+pub(crate) struct Request {
     pub server: String,
     /// From the prober, which saw the server restart: honoured only when
     /// resync is automatic. False: an operator asked (`memrelay resync`).
@@ -184,7 +184,7 @@ pub struct Request {
 
 /// Where resync requests go: from the probers and from the admin command
 /// on any worker, to the manager ([`serve`]).
-pub type Requests = mpsc::UnboundedSender<Request>;
+pub(crate) type Requests = mpsc::UnboundedSender<Request>;
 
 /// How a resync's runs ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,7 +202,7 @@ enum Ended {
 /// hand-off under way, `ha::persist`), no run starts: a run checks its
 /// copies against its own process's client writes only, so the other
 /// process's delete could be undone by a copy.
-pub async fn serve(
+pub(crate) async fn serve(
     current: watch::Receiver<Arc<Resync>>,
     mut requests: mpsc::UnboundedReceiver<Request>,
     again: Requests,
@@ -245,7 +245,12 @@ pub async fn serve(
 }
 
 impl Resync {
-    pub fn new(router: Router, nodes: Vec<Node>, nprimaries: usize, settings: Settings) -> Resync {
+    pub(crate) fn new(
+        router: Router,
+        nodes: Vec<Node>,
+        nprimaries: usize,
+        settings: Settings,
+    ) -> Resync {
         let Settings {
             rate,
             connect_timeout,
@@ -269,7 +274,7 @@ impl Resync {
     /// A reload replaced this configuration: its runs stop at their next
     /// batch (the one under way completes: its copies are guarded like any
     /// other) and are asked for again.
-    pub fn cancel(&self) {
+    pub(crate) fn cancel(&self) {
         self.cancel.send_replace(true);
     }
 

@@ -24,7 +24,7 @@ use self::start::{Sockets, Started};
 use crate::config::{Config, Listen};
 use crate::net::BoundListener;
 use crate::proxy::accept::{accept_loop, Stop};
-use crate::proxy::{Discard, ThreadContext, WorkerThread};
+use crate::proxy::{ThreadContext, WorkerThread};
 use crate::stats::http::MetricsAuth;
 use crate::stats::StatsRegistry;
 use crate::topology::{Control, ReloadRequest, WorkerEvent, WorkerLinks};
@@ -351,13 +351,11 @@ fn worker_main(
         // which certificates, a reload may change.
         let tls = first.config.tls.is_some();
         let ctx = ThreadContext {
-            id,
             stats: registry.workers[id].clone(),
             registry: registry.clone(),
             resync,
             reload: Some(reload),
             events: Some(events.clone()),
-            discard: Rc::new(Discard),
             backend: Rc::new(std::cell::Cell::new(crate::backend::BackendSettings::of(
                 &first.config,
             ))),
