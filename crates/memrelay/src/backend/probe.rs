@@ -230,22 +230,7 @@ pub(crate) async fn probe_loop(
         let t = *timeouts.borrow();
         if conn.is_none() {
             let to = dial.borrow().clone();
-            conn = match ProbeConn::open(&to, t).await {
-                Ok(c) => {
-                    tls_failure = None;
-                    Some(c)
-                }
-                Err(e) => {
-                    let why = e.to_string();
-                    if e.kind() == std::io::ErrorKind::InvalidData
-                        && tls_failure.as_ref() != Some(&why)
-                    {
-                        tracing::warn!(server = %health.name, error = %why, "TLS handshake failed");
-                        tls_failure = Some(why);
-                    }
-                    None
-                }
-            };
+            conn = open_logged(&to, t, &health.name, &mut tls_failure).await;
         }
         let ok = match conn.as_mut() {
             Some(c) => {
@@ -276,6 +261,30 @@ pub(crate) async fn probe_loop(
                 health.mark_up();
             }
             backoff = MIN_BACKOFF;
+        }
+    }
+}
+
+/// A probe connection to `to`, or None. A TLS failure is logged once until
+/// it changes or a connection succeeds (`tls_failure`: the last one logged).
+async fn open_logged(
+    to: &Dial,
+    t: ProbeTimeouts,
+    name: &str,
+    tls_failure: &mut Option<String>,
+) -> Option<ProbeConn> {
+    match ProbeConn::open(to, t).await {
+        Ok(c) => {
+            *tls_failure = None;
+            Some(c)
+        }
+        Err(e) => {
+            let why = e.to_string();
+            if e.kind() == std::io::ErrorKind::InvalidData && tls_failure.as_ref() != Some(&why) {
+                tracing::warn!(server = %name, error = %why, "TLS handshake failed");
+                *tls_failure = Some(why);
+            }
+            None
         }
     }
 }

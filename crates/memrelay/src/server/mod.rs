@@ -327,16 +327,7 @@ fn worker_main(
     stop: tokio::sync::watch::Receiver<Stop>,
 ) {
     crate::stats::set_worker_index(id);
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "worker runtime failed to start");
-            std::process::exit(1);
-        }
-    };
+    let rt = worker_runtime();
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let WorkerLinks {
@@ -401,6 +392,21 @@ fn worker_main(
         crate::proxy::park::unpark_all();
         std::future::pending::<()>().await;
     });
+}
+
+/// A worker's single-threaded runtime. Without it the worker cannot
+/// serve, and the process would run short of a thread it counts on: exit.
+fn worker_runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "worker runtime failed to start");
+            std::process::exit(1);
+        }
+    }
 }
 
 /// Idle sessions give their buffers back: a session idle for one to two

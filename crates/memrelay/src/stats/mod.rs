@@ -492,48 +492,57 @@ impl StatsRegistry {
         let servers = self.servers();
         stat("servers", &servers.len());
         for (i, server) in servers.iter().enumerate() {
-            let h = &server.view;
-            let c = h.counts();
-            let state = if h.is_down() { "down" } else { "up" };
-            stat(&format!("server:{i}:address"), &server.name);
-            if let Some(label) = &server.label {
-                stat(&format!("server:{i}:name"), label);
-            }
-            stat(&format!("server:{i}:role"), &server.tier);
-            stat(&format!("server:{i}:state"), &state);
-            stat(&format!("server:{i}:failures"), &c.failures);
-            stat(&format!("server:{i}:marked_down"), &c.marked_down);
-            stat(&format!("server:{i}:missed_keys"), &c.missed_keys);
-            stat(
-                &format!("server:{i}:missed_overflowed"),
-                &u8::from(c.missed_overflowed),
-            );
-            stat(&format!("server:{i}:missed_recorded"), &c.missed_recorded);
-            stat(&format!("server:{i}:invalidated"), &c.invalidated);
-            stat(&format!("server:{i}:flushed"), &c.flushed);
-            for name in servers::CAPACITY {
-                if let Some(v) = h.figures().number(name) {
-                    stat(&format!("server:{i}:{name}"), &v);
-                }
-            }
-            let r = &c.resync;
-            stat(&format!("server:{i}:resync_state"), &r.state);
-            for (name, v) in [
-                ("runs", r.runs),
-                ("scanned", r.scanned),
-                ("selected", r.selected),
-                ("copied", r.copied),
-                ("skipped", r.skipped),
-                ("errors", r.errors),
-                ("rate", r.rate),
-                ("eta", r.eta),
-            ] {
-                stat(&format!("server:{i}:resync_{name}"), &v);
-            }
+            server_stats(&mut stat, i, server);
         }
         // The closure's borrow of `out` ends at its last use above.
         out.extend_from_slice(b"END\r\n");
         out
+    }
+}
+
+/// The `server:<i>:...` lines of the general `stats` reply for one server.
+fn server_stats(
+    stat: &mut dyn FnMut(&str, &dyn std::fmt::Display),
+    i: usize,
+    server: &ServerEntry,
+) {
+    let h = &server.view;
+    let c = h.counts();
+    let state = if h.is_down() { "down" } else { "up" };
+    stat(&format!("server:{i}:address"), &server.name);
+    if let Some(label) = &server.label {
+        stat(&format!("server:{i}:name"), label);
+    }
+    stat(&format!("server:{i}:role"), &server.tier);
+    stat(&format!("server:{i}:state"), &state);
+    stat(&format!("server:{i}:failures"), &c.failures);
+    stat(&format!("server:{i}:marked_down"), &c.marked_down);
+    stat(&format!("server:{i}:missed_keys"), &c.missed_keys);
+    stat(
+        &format!("server:{i}:missed_overflowed"),
+        &u8::from(c.missed_overflowed),
+    );
+    stat(&format!("server:{i}:missed_recorded"), &c.missed_recorded);
+    stat(&format!("server:{i}:invalidated"), &c.invalidated);
+    stat(&format!("server:{i}:flushed"), &c.flushed);
+    for name in servers::CAPACITY {
+        if let Some(v) = h.figures().number(name) {
+            stat(&format!("server:{i}:{name}"), &v);
+        }
+    }
+    let r = &c.resync;
+    stat(&format!("server:{i}:resync_state"), &r.state);
+    for (name, v) in [
+        ("runs", r.runs),
+        ("scanned", r.scanned),
+        ("selected", r.selected),
+        ("copied", r.copied),
+        ("skipped", r.skipped),
+        ("errors", r.errors),
+        ("rate", r.rate),
+        ("eta", r.eta),
+    ] {
+        stat(&format!("server:{i}:resync_{name}"), &v);
     }
 }
 
