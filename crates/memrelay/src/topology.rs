@@ -173,6 +173,33 @@ impl std::fmt::Debug for Control {
     }
 }
 
+/// Every configured server's entry at start, each with a fresh replica
+/// state and its prober started.
+fn start_servers(
+    cfg: &Config,
+    probe_timeouts: &watch::Sender<ProbeTimeouts>,
+    resync_requests: &Requests,
+) -> Vec<Running> {
+    cfg.servers()
+        .zip(cfg.roles())
+        .map(|(s, role)| {
+            let health = Arc::new(Replica::new(
+                s.name.clone(),
+                cfg.missed_keys_cap,
+                cfg.threads,
+            ));
+            Running::start(
+                s.name.clone(),
+                Dial::to(s, cfg.server_tls.as_ref()),
+                role,
+                health,
+                probe_timeouts,
+                resync_requests,
+            )
+        })
+        .collect()
+}
+
 impl Control {
     /// Generation 1: `cfg` as the process starts with it. Probers and the
     /// resync manager start on the current runtime (the main thread's).
@@ -189,25 +216,7 @@ impl Control {
         let router = Router::new(&cfg);
         let (resync_requests, resync_rx) = mpsc::unbounded_channel();
         let (probe_timeouts, _) = watch::channel(probe_timeouts(&cfg));
-        let servers: Vec<Running> = cfg
-            .servers()
-            .zip(cfg.roles())
-            .map(|(s, role)| {
-                let health = Arc::new(Replica::new(
-                    s.name.clone(),
-                    cfg.missed_keys_cap,
-                    cfg.threads,
-                ));
-                Running::start(
-                    s.name.clone(),
-                    Dial::to(s, cfg.server_tls.as_ref()),
-                    role,
-                    health,
-                    &probe_timeouts,
-                    &resync_requests,
-                )
-            })
-            .collect();
+        let servers = start_servers(&cfg, &probe_timeouts, &resync_requests);
         let health: Vec<Arc<Replica>> = servers.iter().map(|s| s.health.clone()).collect();
         let all_health = Arc::new(std::sync::RwLock::new(health.clone()));
         for h in &health {
