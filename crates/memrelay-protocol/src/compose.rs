@@ -103,6 +103,12 @@ pub fn stats<B: BufMut>(out: &mut B, group: Option<&[u8]>) {
     out.put_slice(b"\r\n");
 }
 
+/// `lru_crawler metadump hash\r\n`: every key the server holds, one
+/// `key=<url-encoded> ...` line each, then `END`.
+pub fn metadump_all<B: BufMut>(out: &mut B) {
+    out.put_slice(b"lru_crawler metadump hash\r\n");
+}
+
 /// Writes `key` as a meta command's key: as is when it can travel in text,
 /// in base64 otherwise. Returns whether the line needs the `b` flag (a
 /// binary key from a meta `b` request).
@@ -320,5 +326,8 @@ mod tests {
         stats(&mut out, None);
         stats(&mut out, Some(b"items"));
         assert_eq!(out, b"stats\r\nstats items\r\n");
+        let mut out = Vec::new();
+        metadump_all(&mut out);
+        assert_eq!(out, b"lru_crawler metadump hash\r\n");
     }
 }

@@ -407,6 +407,68 @@ pub fn is_ok(reply: &[u8]) -> bool {
     reply == b"OK\r\n"
 }
 
+/// What one line of `lru_crawler metadump` output says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetadumpLine {
+    /// `END`: the dump is complete.
+    End,
+    /// `ERROR`, `BUSY ...` or `CLIENT_ERROR ...`: the server will not dump
+    /// (its crawler is busy or disabled).
+    Refused,
+    /// An item: its key, decoded, is in the caller's buffer.
+    Key,
+    /// Nothing usable (no `key=`, or a key that does not decode).
+    Other,
+}
+
+/// Reads one line of `lru_crawler metadump` output, without its `\n` (a
+/// `\r` before it is ignored). Keys come `%xx`-encoded: an item's key is
+/// decoded into `key`.
+pub fn metadump_line(line: &[u8], key: &mut Vec<u8>) -> MetadumpLine {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line == b"END" {
+        return MetadumpLine::End;
+    }
+    if line.starts_with(b"ERROR") || line.starts_with(b"BUSY") || line.starts_with(b"CLIENT_ERROR")
+    {
+        return MetadumpLine::Refused;
+    }
+    let Some(enc) = line
+        .strip_prefix(b"key=")
+        .and_then(|r| r.split(|&b| b == b' ').next())
+    else {
+        return MetadumpLine::Other;
+    };
+    if url_decode(enc, key) {
+        MetadumpLine::Key
+    } else {
+        MetadumpLine::Other
+    }
+}
+
+/// `%xx` decoding of metadump's keys; false for a bad escape or an empty
+/// key.
+fn url_decode(enc: &[u8], out: &mut Vec<u8>) -> bool {
+    out.clear();
+    let mut i = 0;
+    while i < enc.len() {
+        if enc[i] == b'%' {
+            let Some(h) = enc.get(i + 1..i + 3) else {
+                return false;
+            };
+            let Ok(v) = u8::from_str_radix(std::str::from_utf8(h).unwrap_or("zz"), 16) else {
+                return false;
+            };
+            out.push(v);
+            i += 3;
+        } else {
+            out.push(enc[i]);
+            i += 1;
+        }
+    }
+    !out.is_empty()
+}
+
 /// The fields of a `VALUE <key> <flags> <bytes> [<cas>]` line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ValueHeader<'a> {
@@ -717,5 +779,36 @@ mod tests {
         assert!(!deletes_confirmed(b"DELETED\r\nSERVER_ERROR busy\r\n"));
         assert!(is_ok(b"OK\r\n"));
         assert!(!is_ok(b"ERROR\r\n"));
+    }
+
+    #[test]
+    fn metadump_keys_are_url_decoded() {
+        let mut out = Vec::new();
+        assert!(url_decode(b"a%2520b", &mut out));
+        assert_eq!(out, b"a%20b");
+        assert!(url_decode(b"plain", &mut out));
+        assert_eq!(out, b"plain");
+        assert!(!url_decode(b"bad%2", &mut out));
+    }
+
+    #[test]
+    fn metadump_lines_are_classified() {
+        let mut key = Vec::new();
+        let line = &b"key=a%20b exp=-1 la=1 cas=2 fetch=no cls=1 size=63\r"[..];
+        assert_eq!(metadump_line(line, &mut key), MetadumpLine::Key);
+        assert_eq!(key, b"a b");
+        assert_eq!(metadump_line(b"END\r", &mut key), MetadumpLine::End);
+        assert_eq!(metadump_line(b"END", &mut key), MetadumpLine::End);
+        assert_eq!(
+            metadump_line(b"BUSY crawler", &mut key),
+            MetadumpLine::Refused
+        );
+        assert_eq!(metadump_line(b"ERROR\r", &mut key), MetadumpLine::Refused);
+        assert_eq!(
+            metadump_line(b"CLIENT_ERROR x", &mut key),
+            MetadumpLine::Refused
+        );
+        assert_eq!(metadump_line(b"key=bad%2", &mut key), MetadumpLine::Other);
+        assert_eq!(metadump_line(b"other", &mut key), MetadumpLine::Other);
     }
 }

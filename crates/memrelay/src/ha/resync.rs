@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::connect::{Dial, ServerStream};
 use crate::net::read_some;
+use memrelay_protocol::response::{self, MetadumpLine};
 use memrelay_protocol::{compose, MetaStatus};
 use tokio::sync::{mpsc, watch};
 
@@ -522,8 +523,9 @@ impl Resync {
     ) -> Result<KeyArena, String> {
         let p = &self.nodes[target].health.resync;
         let mut conn = connect(&src.dial, self.connect_timeout).await?;
-        let req = b"lru_crawler metadump hash\r\n";
-        write_timed(&mut conn, req, &[req.len()]).await?;
+        let mut req = Vec::with_capacity(32);
+        compose::metadump_all(&mut req);
+        write_timed(&mut conn, &req, &[req.len()]).await?;
         let mut keys = KeyArena::default();
         let mut buf = Vec::with_capacity(64 * 1024);
         let mut chunk = vec![0u8; 64 * 1024];
@@ -544,28 +546,18 @@ impl Resync {
             while let Some(nl) = buf[consumed..].iter().position(|&b| b == b'\n') {
                 let line = &buf[consumed..consumed + nl];
                 consumed += nl + 1;
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                if line == b"END" {
-                    return Ok(keys);
-                }
-                if line.starts_with(b"ERROR")
-                    || line.starts_with(b"BUSY")
-                    || line.starts_with(b"CLIENT_ERROR")
-                {
-                    return Err(format!(
-                        "{}: metadump refused: {}",
-                        src.name,
-                        String::from_utf8_lossy(line)
-                    ));
-                }
-                let Some(enc) = line
-                    .strip_prefix(b"key=")
-                    .and_then(|r| r.split(|&b| b == b' ').next())
-                else {
-                    continue;
-                };
-                if !url_decode(enc, &mut decoded) {
-                    continue;
+                match response::metadump_line(line, &mut decoded) {
+                    MetadumpLine::End => return Ok(keys),
+                    MetadumpLine::Refused => {
+                        let line = line.strip_suffix(b"\r").unwrap_or(line);
+                        return Err(format!(
+                            "{}: metadump refused: {}",
+                            src.name,
+                            String::from_utf8_lossy(line)
+                        ));
+                    }
+                    MetadumpLine::Other => continue,
+                    MetadumpLine::Key => {}
                 }
                 p.scanned.fetch_add(1, Ordering::Relaxed);
                 let replicas = self.router.replicas(&decoded);
@@ -621,28 +613,6 @@ impl KeyArena {
                 .collect()
         })
     }
-}
-
-/// `%xx` decoding of metadump's keys.
-fn url_decode(enc: &[u8], out: &mut Vec<u8>) -> bool {
-    out.clear();
-    let mut i = 0;
-    while i < enc.len() {
-        if enc[i] == b'%' {
-            let Some(h) = enc.get(i + 1..i + 3) else {
-                return false;
-            };
-            let Ok(v) = u8::from_str_radix(std::str::from_utf8(h).unwrap_or("zz"), 16) else {
-                return false;
-            };
-            out.push(v);
-            i += 3;
-        } else {
-            out.push(enc[i]);
-            i += 1;
-        }
-    }
-    !out.is_empty()
 }
 
 async fn connect(dial: &Dial, timeout: Duration) -> Result<ServerStream, String> {
@@ -822,16 +792,6 @@ impl Replies {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn metadump_keys_are_url_decoded() {
-        let mut out = Vec::new();
-        assert!(url_decode(b"a%2520b", &mut out));
-        assert_eq!(out, b"a%20b");
-        assert!(url_decode(b"plain", &mut out));
-        assert_eq!(out, b"plain");
-        assert!(!url_decode(b"bad%2", &mut out));
-    }
 
     #[test]
     fn arena_chunks_give_back_every_key() {
