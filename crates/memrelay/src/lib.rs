@@ -12,6 +12,7 @@
 //! - `stats/`: counters and the `stats` reply;
 //! - `logging`: where log lines go (stderr or `--log-file`), colour only on a terminal;
 //! - `topology`: the configuration the workers run, and its reload.
+//! - `sys`: the libc calls behind small safe functions, where `unsafe` lives.
 //!
 //! Each module uses only those below it, in the order of
 //! `crates/memrelay/layers.txt` (checked by `scripts/layers`).
