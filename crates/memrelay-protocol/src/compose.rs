@@ -92,6 +92,74 @@ pub fn delete_any<B: BufMut>(out: &mut B, key: &[u8]) -> crate::Expect {
     }
 }
 
+/// `stats [group]\r\n`: the server's general figures, or one group of
+/// them (`items`, `slabs`).
+pub fn stats<B: BufMut>(out: &mut B, group: Option<&[u8]>) {
+    out.put_slice(b"stats");
+    if let Some(g) = group {
+        out.put_u8(b' ');
+        out.put_slice(g);
+    }
+    out.put_slice(b"\r\n");
+}
+
+/// `lru_crawler metadump hash\r\n`: every key the server holds, one
+/// `key=<url-encoded> ...` line each, then `END`.
+pub fn metadump_all<B: BufMut>(out: &mut B) {
+    out.put_slice(b"lru_crawler metadump hash\r\n");
+}
+
+/// Writes `key` as a meta command's key: as is when it can travel in text,
+/// in base64 otherwise. Returns whether the line needs the `b` flag (a
+/// binary key from a meta `b` request).
+pub fn meta_key<B: BufMut>(out: &mut B, key: &[u8]) -> bool {
+    if is_text_key(key) {
+        out.put_slice(key);
+        false
+    } else {
+        let mut enc = Vec::with_capacity(key.len() * 4 / 3 + 4);
+        crate::base64::encode(key, &mut enc);
+        out.put_slice(&enc);
+        true
+    }
+}
+
+/// `mg <key> v f t\r\n` (`mg <base64> b v f t` for a binary key): an
+/// item's value, client flags and remaining TTL, all a copy of it needs.
+pub fn meta_get_item<B: BufMut>(out: &mut B, key: &[u8]) {
+    out.put_slice(b"mg ");
+    let b64 = meta_key(out, key);
+    out.put_slice(if b64 { b" b v f t\r\n" } else { b" v f t\r\n" });
+}
+
+/// `ms <key> <len> F<flags> T<ttl> ME c\r\n<value>\r\n` (`... c b` for a
+/// binary key): stores a copy of an item only where the key has none
+/// (`ME`: mode add, so a newer client write is never overwritten), and asks
+/// for the CAS value the copy gets (so it can be undone exactly).
+pub fn meta_add_copy<B: BufMut>(out: &mut B, key: &[u8], value: &[u8], flags: u32, ttl: i64) {
+    out.put_slice(b"ms ");
+    let b64 = meta_key(out, key);
+    out.put_u8(b' ');
+    put_num(out, value.len());
+    out.put_slice(b" F");
+    put_num(out, flags);
+    out.put_slice(b" T");
+    put_num(out, ttl);
+    out.put_slice(if b64 { b" ME c b\r\n" } else { b" ME c\r\n" });
+    out.put_slice(value);
+    out.put_slice(b"\r\n");
+}
+
+/// `md <key> C<cas>\r\n` (`... b` for a binary key): deletes the item only
+/// while its CAS value is still `cas`, so a write made since is kept.
+pub fn meta_delete_if_cas<B: BufMut>(out: &mut B, key: &[u8], cas: u64) {
+    out.put_slice(b"md ");
+    let b64 = meta_key(out, key);
+    out.put_slice(b" C");
+    put_num(out, cas);
+    out.put_slice(if b64 { b" b\r\n" } else { b"\r\n" });
+}
+
 /// `incr|decr <key> <delta>\r\n`
 pub fn arith<B: BufMut>(out: &mut B, command: Command, key: &[u8], delta: u64) {
     out.put_slice(command.name());
@@ -234,5 +302,32 @@ mod tests {
         assert!(!is_text_key(b""));
         assert!(!is_text_key(&[b'x'; 251]));
         assert!(is_text_key(&[b'x'; 250]));
+    }
+    /// The resync's meta lines, byte for byte as memrelay wrote them with
+    /// `format!` before they moved here.
+    #[test]
+    fn resync_lines_keep_their_bytes() {
+        for (key, wire, b) in [(&b"k1"[..], &b"k1"[..], ""), (b"a b", b"YSBi", " b")] {
+            let w = String::from_utf8_lossy(wire);
+            let mut out = Vec::new();
+            meta_get_item(&mut out, key);
+            let old = format!("mg {w}{} v f t\r\n", b);
+            assert_eq!(out, old.as_bytes());
+            let mut out = Vec::new();
+            meta_add_copy(&mut out, key, b"hello", 7, -1);
+            let old = format!("ms {w} {} F{} T{} ME c{}\r\nhello\r\n", 5, 7, -1, b);
+            assert_eq!(out, old.as_bytes());
+            let mut out = Vec::new();
+            meta_delete_if_cas(&mut out, key, 99);
+            let old = format!("md {w} C{}{}\r\n", 99, b);
+            assert_eq!(out, old.as_bytes());
+        }
+        let mut out = Vec::new();
+        stats(&mut out, None);
+        stats(&mut out, Some(b"items"));
+        assert_eq!(out, b"stats\r\nstats items\r\n");
+        let mut out = Vec::new();
+        metadump_all(&mut out);
+        assert_eq!(out, b"lru_crawler metadump hash\r\n");
     }
 }

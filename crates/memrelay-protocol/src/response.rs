@@ -353,6 +353,122 @@ pub fn meta_flags(reply: &[u8]) -> MetaFlags {
     out
 }
 
+/// The status of a complete meta reply (`HD c42\r\n` -> `Hd`), `None` for
+/// a line that is not one (`SERVER_ERROR ...`).
+pub fn meta_status(reply: &[u8]) -> Option<MetaStatus> {
+    let line = line_at(reply).ok()??;
+    if line.len() > 2 && line[2] != b' ' {
+        return None;
+    }
+    Some(match line.get(..2)? {
+        b"VA" => MetaStatus::Value,
+        b"HD" => MetaStatus::Hd,
+        b"EN" => MetaStatus::En,
+        b"NF" => MetaStatus::Nf,
+        b"NS" => MetaStatus::Ns,
+        b"EX" => MetaStatus::Ex,
+        b"MN" => MetaStatus::Mn,
+        b"ME" => MetaStatus::Me,
+        _ => return None,
+    })
+}
+
+/// Whether `buf` holds a whole `stats` reply: through its `END`, or the
+/// `ERROR` of a server that does not know the group asked for.
+pub fn stats_complete(buf: &[u8]) -> bool {
+    buf.ends_with(b"END\r\n") || buf.ends_with(b"ERROR\r\n")
+}
+
+/// The value of `STAT <name> <number>` in a `stats` reply, if the reply has
+/// that line and its value is a number.
+pub fn stat_number(reply: &[u8], name: &[u8]) -> Option<i64> {
+    reply.split(|&b| b == b'\n').find_map(|l| {
+        let l = l.strip_suffix(b"\r").unwrap_or(l);
+        let v = l
+            .strip_prefix(b"STAT ")?
+            .strip_prefix(name)?
+            .strip_prefix(b" ")?;
+        std::str::from_utf8(v).ok()?.trim().parse().ok()
+    })
+}
+
+/// Whether every line of the replies to a run of pipelined deletes (classic
+/// or meta, as `compose::delete_any` writes them) says the key is gone:
+/// `DELETED`, `NOT_FOUND`, `HD` or `NF`.
+pub fn deletes_confirmed(replies: &[u8]) -> bool {
+    replies
+        .split(|&c| c == b'\n')
+        .filter(|l| !l.is_empty())
+        .all(|l| matches!(l, b"DELETED\r" | b"NOT_FOUND\r" | b"HD\r" | b"NF\r"))
+}
+
+/// Whether a reply is exactly `OK` (`flush_all`, `verbosity`).
+pub fn is_ok(reply: &[u8]) -> bool {
+    reply == b"OK\r\n"
+}
+
+/// What one line of `lru_crawler metadump` output says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetadumpLine {
+    /// `END`: the dump is complete.
+    End,
+    /// `ERROR`, `BUSY ...` or `CLIENT_ERROR ...`: the server will not dump
+    /// (its crawler is busy or disabled).
+    Refused,
+    /// An item: its key, decoded, is in the caller's buffer.
+    Key,
+    /// Nothing usable (no `key=`, or a key that does not decode).
+    Other,
+}
+
+/// Reads one line of `lru_crawler metadump` output, without its `\n` (a
+/// `\r` before it is ignored). Keys come `%xx`-encoded: an item's key is
+/// decoded into `key`.
+pub fn metadump_line(line: &[u8], key: &mut Vec<u8>) -> MetadumpLine {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line == b"END" {
+        return MetadumpLine::End;
+    }
+    if line.starts_with(b"ERROR") || line.starts_with(b"BUSY") || line.starts_with(b"CLIENT_ERROR")
+    {
+        return MetadumpLine::Refused;
+    }
+    let Some(enc) = line
+        .strip_prefix(b"key=")
+        .and_then(|r| r.split(|&b| b == b' ').next())
+    else {
+        return MetadumpLine::Other;
+    };
+    if url_decode(enc, key) {
+        MetadumpLine::Key
+    } else {
+        MetadumpLine::Other
+    }
+}
+
+/// `%xx` decoding of metadump's keys; false for a bad escape or an empty
+/// key.
+fn url_decode(enc: &[u8], out: &mut Vec<u8>) -> bool {
+    out.clear();
+    let mut i = 0;
+    while i < enc.len() {
+        if enc[i] == b'%' {
+            let Some(h) = enc.get(i + 1..i + 3) else {
+                return false;
+            };
+            let Ok(v) = u8::from_str_radix(std::str::from_utf8(h).unwrap_or("zz"), 16) else {
+                return false;
+            };
+            out.push(v);
+            i += 3;
+        } else {
+            out.push(enc[i]);
+            i += 1;
+        }
+    }
+    !out.is_empty()
+}
+
 /// The fields of a `VALUE <key> <flags> <bytes> [<cas>]` line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ValueHeader<'a> {
@@ -633,5 +749,66 @@ mod tests {
                 Ok(Some((*kind, input.len())))
             );
         }
+    }
+    #[test]
+    fn meta_status_reads_the_code_of_a_whole_line() {
+        assert_eq!(meta_status(b"HD c42\r\n"), Some(MetaStatus::Hd));
+        assert_eq!(meta_status(b"NS\r\n"), Some(MetaStatus::Ns));
+        assert_eq!(meta_status(b"VA 1\r\nx\r\n"), Some(MetaStatus::Value));
+        assert_eq!(meta_status(b"HDX\r\n"), None);
+        assert_eq!(meta_status(b"SERVER_ERROR out of memory\r\n"), None);
+        assert_eq!(meta_status(b"HD"), None);
+        assert_eq!(meta_flags(b"HD c42\r\n").cas, Some(42));
+    }
+
+    #[test]
+    fn stats_replies_are_framed_and_read() {
+        let r = b"STAT pid 12\r\nSTAT uptime 5\r\nSTAT time 1000\r\nEND\r\n";
+        assert!(stats_complete(r));
+        assert!(stats_complete(b"ERROR\r\n"));
+        assert!(!stats_complete(b"STAT pid 12\r\n"));
+        assert_eq!(stat_number(r, b"pid"), Some(12));
+        assert_eq!(stat_number(r, b"time"), Some(1000));
+        assert_eq!(stat_number(r, b"ti"), None);
+        assert_eq!(stat_number(b"STAT pid x\r\n", b"pid"), None);
+    }
+
+    #[test]
+    fn deletes_are_confirmed_only_by_gone_keys() {
+        assert!(deletes_confirmed(b"DELETED\r\nNOT_FOUND\r\nHD\r\nNF\r\n"));
+        assert!(!deletes_confirmed(b"DELETED\r\nSERVER_ERROR busy\r\n"));
+        assert!(is_ok(b"OK\r\n"));
+        assert!(!is_ok(b"ERROR\r\n"));
+    }
+
+    #[test]
+    fn metadump_keys_are_url_decoded() {
+        let mut out = Vec::new();
+        assert!(url_decode(b"a%2520b", &mut out));
+        assert_eq!(out, b"a%20b");
+        assert!(url_decode(b"plain", &mut out));
+        assert_eq!(out, b"plain");
+        assert!(!url_decode(b"bad%2", &mut out));
+    }
+
+    #[test]
+    fn metadump_lines_are_classified() {
+        let mut key = Vec::new();
+        let line = &b"key=a%20b exp=-1 la=1 cas=2 fetch=no cls=1 size=63\r"[..];
+        assert_eq!(metadump_line(line, &mut key), MetadumpLine::Key);
+        assert_eq!(key, b"a b");
+        assert_eq!(metadump_line(b"END\r", &mut key), MetadumpLine::End);
+        assert_eq!(metadump_line(b"END", &mut key), MetadumpLine::End);
+        assert_eq!(
+            metadump_line(b"BUSY crawler", &mut key),
+            MetadumpLine::Refused
+        );
+        assert_eq!(metadump_line(b"ERROR\r", &mut key), MetadumpLine::Refused);
+        assert_eq!(
+            metadump_line(b"CLIENT_ERROR x", &mut key),
+            MetadumpLine::Refused
+        );
+        assert_eq!(metadump_line(b"key=bad%2", &mut key), MetadumpLine::Other);
+        assert_eq!(metadump_line(b"other", &mut key), MetadumpLine::Other);
     }
 }

@@ -13,7 +13,10 @@ static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 #[derive(Debug)]
 pub struct CountingAlloc;
 
+// A global allocator can only be written with `unsafe`: the trait's
+// contract is the caller's. Nothing is done here but counting.
 // SAFETY: every call is forwarded to the system allocator unchanged.
+#[allow(unsafe_code)]
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
@@ -40,16 +43,12 @@ unsafe impl GlobalAlloc for CountingAlloc {
 }
 
 /// Allocations (including reallocations) since the process started.
-pub fn allocations() -> u64 {
+pub(crate) fn allocations() -> u64 {
     ALLOCATIONS.load(Ordering::Relaxed)
 }
 
 /// Returns the allocator's free pages to the kernel (glibc's
 /// `malloc_trim`), after many sessions gave their buffers back.
-pub fn trim() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+pub(crate) fn trim() {
+    crate::sys::malloc_trim();
 }

@@ -12,23 +12,32 @@
 //! - `stats/`: counters and the `stats` reply;
 //! - `logging`: where log lines go (stderr or `--log-file`), colour only on a terminal;
 //! - `topology`: the configuration the workers run, and its reload.
+//! - `sys`: the libc calls behind small safe functions, where `unsafe` lives.
 //!
 //! Each module uses only those below it, in the order of
 //! `crates/memrelay/layers.txt` (checked by `scripts/layers`).
 #![deny(unsafe_op_in_unsafe_fn)]
+// `unsafe` lives in `sys` (safe wrappers of the libc calls), plus the
+// allocator's impl, net::handoff's SCM_RIGHTS and one registration in
+// proxy::park, each allowed where it is.
+#![deny(unsafe_code)]
+// `pub(crate)` by default: only what the binary, tests, benches and examples
+// use is exported, and this lint flags a `pub` nothing outside can reach.
+#![warn(unreachable_pub)]
 
 pub mod alloc;
-pub mod backend;
+pub(crate) mod backend;
 pub mod config;
 pub mod ha;
 pub mod logging;
-pub mod net;
-pub mod privileges;
-pub mod proxy;
+pub(crate) mod net;
+pub(crate) mod privileges;
+pub(crate) mod proxy;
 pub mod router;
 pub mod server;
-pub mod stats;
-pub mod topology;
+pub(crate) mod stats;
+mod sys;
+pub(crate) mod topology;
 
 /// The one version memrelay shows, everywhere: the `version` reply,
 /// `STAT version`, `--version`, `/metrics` and the start-up log line.

@@ -105,7 +105,7 @@ pub fn init(cfg: &Config) -> Result<(), String> {
 
 /// SIGUSR1: opens the log file again under its name (logrotate moved the
 /// old one away). Nothing to do when logs go to standard error.
-pub fn reopen() {
+pub(crate) fn reopen() {
     let Some(l) = LOG_FILE.get() else {
         return;
     };

@@ -1,4 +1,5 @@
 //! The `memrelay` binary: arguments in, proxy running. Nothing else.
+#![deny(unsafe_code)]
 
 use memrelay::config::cli::{parse_args, reread, Action, EXIT_USAGE, HELP, USAGE_LINE};
 use memrelay::config::Origin;

@@ -41,7 +41,7 @@ use crate::stats::{ServerEntry, StatsRegistry};
 
 /// One configuration, as the workers run it.
 #[derive(Debug)]
-pub struct Topology {
+pub(crate) struct Topology {
     /// 1 at start, one more at each reload.
     pub generation: u64,
     pub config: Arc<Config>,
@@ -53,16 +53,16 @@ pub struct Topology {
 /// `memrelay reload` from a client: the main thread reloads and answers
 /// through `reply` (the reason, if the new configuration was refused).
 #[derive(Debug)]
-pub struct ReloadRequest {
+pub(crate) struct ReloadRequest {
     pub reply: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
 /// Where workers send reload requests (to the main thread).
-pub type ReloadRequests = tokio::sync::mpsc::UnboundedSender<ReloadRequest>;
+pub(crate) type ReloadRequests = tokio::sync::mpsc::UnboundedSender<ReloadRequest>;
 
 /// What a worker thread tells the main thread during and after a swap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WorkerEvent {
+pub(crate) enum WorkerEvent {
     /// Phase one done: the new configuration is built and the worker
     /// starts no new request.
     Prepared { worker: usize, generation: u64 },
@@ -74,7 +74,7 @@ pub enum WorkerEvent {
 }
 
 /// Where workers send those events.
-pub type WorkerEvents = tokio::sync::mpsc::UnboundedSender<WorkerEvent>;
+pub(crate) type WorkerEvents = tokio::sync::mpsc::UnboundedSender<WorkerEvent>;
 
 /// How long the main thread waits for every worker at each phase of a swap.
 /// A worker answers as soon as its thread gets to run; this bound only
@@ -126,7 +126,7 @@ impl Running {
 
 /// The ends of the channels a worker thread needs.
 #[derive(Debug, Clone)]
-pub struct WorkerLinks {
+pub(crate) struct WorkerLinks {
     pub topology: watch::Receiver<Arc<Topology>>,
     pub commit: watch::Receiver<u64>,
     pub events: WorkerEvents,
@@ -136,7 +136,7 @@ pub struct WorkerLinks {
 
 /// The main thread's side: the configuration running now, each server's
 /// prober, and reloads.
-pub struct Control {
+pub(crate) struct Control {
     cfg: Arc<Config>,
     generation: u64,
     router: Router,
@@ -162,7 +162,7 @@ pub struct Control {
 /// Reads the configuration again for a reload. It reads files and
 /// resolves server names, so it runs on a blocking thread: the probers,
 /// resyncs and `/metrics` share the main thread and must not wait on DNS.
-pub type Reread = Arc<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+pub(crate) type Reread = Arc<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
 
 impl std::fmt::Debug for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -173,13 +173,40 @@ impl std::fmt::Debug for Control {
     }
 }
 
+/// Every configured server's entry at start, each with a fresh replica
+/// state and its prober started.
+fn start_servers(
+    cfg: &Config,
+    probe_timeouts: &watch::Sender<ProbeTimeouts>,
+    resync_requests: &Requests,
+) -> Vec<Running> {
+    cfg.servers()
+        .zip(cfg.roles())
+        .map(|(s, role)| {
+            let health = Arc::new(Replica::new(
+                s.name.clone(),
+                cfg.missed_keys_cap,
+                cfg.threads,
+            ));
+            Running::start(
+                s.name.clone(),
+                Dial::to(s, cfg.server_tls.as_ref()),
+                role,
+                health,
+                probe_timeouts,
+                resync_requests,
+            )
+        })
+        .collect()
+}
+
 impl Control {
     /// Generation 1: `cfg` as the process starts with it. Probers and the
     /// resync manager start on the current runtime (the main thread's).
     /// Returns the channels for the workers and for reload requests.
     /// `took_over`: the listening sockets came from a running memrelay
     /// (`--handoff`), which hands over its missed-key lists too.
-    pub fn start(
+    pub(crate) fn start(
         cfg: Config,
         registry: Arc<StatsRegistry>,
         reread: Reread,
@@ -189,25 +216,7 @@ impl Control {
         let router = Router::new(&cfg);
         let (resync_requests, resync_rx) = mpsc::unbounded_channel();
         let (probe_timeouts, _) = watch::channel(probe_timeouts(&cfg));
-        let servers: Vec<Running> = cfg
-            .servers()
-            .zip(cfg.roles())
-            .map(|(s, role)| {
-                let health = Arc::new(Replica::new(
-                    s.name.clone(),
-                    cfg.missed_keys_cap,
-                    cfg.threads,
-                ));
-                Running::start(
-                    s.name.clone(),
-                    Dial::to(s, cfg.server_tls.as_ref()),
-                    role,
-                    health,
-                    &probe_timeouts,
-                    &resync_requests,
-                )
-            })
-            .collect();
+        let servers = start_servers(&cfg, &probe_timeouts, &resync_requests);
         let health: Vec<Arc<Replica>> = servers.iter().map(|s| s.health.clone()).collect();
         let all_health = Arc::new(std::sync::RwLock::new(health.clone()));
         for h in &health {
@@ -271,14 +280,14 @@ impl Control {
     }
 
     /// The configuration running now.
-    pub fn config(&self) -> &Arc<Config> {
+    pub(crate) fn config(&self) -> &Arc<Config> {
         &self.cfg
     }
 
     /// Waits (at most `within`) until the prober has read every reachable
     /// server's identity: the CAS tokens handed out from the first request
     /// on then carry the server process's stamp (`ha::cas`).
-    pub async fn identified(&self, within: Duration) {
+    pub(crate) async fn identified(&self, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
         while tokio::time::Instant::now() < deadline
             && !self.servers.iter().all(|s| s.health.identified())
@@ -293,7 +302,7 @@ impl Control {
 
     /// The listening sockets went to a new memrelay: so do the missed-key
     /// lists, from now on through the hand-off file.
-    pub fn hand_off_state(&self) {
+    pub(crate) fn hand_off_state(&self) {
         if let Some(p) = &self.persist {
             p.hand_off(&self.health());
             // The resyncs under way stop at their next batch, and wait
@@ -305,7 +314,7 @@ impl Control {
 
     /// The process is exiting after its drain: what servers still missed
     /// is written for the next one.
-    pub fn save_state(&self) {
+    pub(crate) fn save_state(&self) {
         if let Some(p) = &self.persist {
             p.save(&self.health());
         }
@@ -314,7 +323,7 @@ impl Control {
     /// Reads the configuration again and, if it is valid, makes every
     /// worker run it. Refused: the running configuration is kept, and the
     /// reason logged (one line) and returned. `trigger` says who asked.
-    pub async fn reload(&mut self, trigger: &str) -> Result<(), String> {
+    pub(crate) async fn reload(&mut self, trigger: &str) -> Result<(), String> {
         let cfg = Arc::new(self.read_again(trigger).await?);
         let generation = self.generation + 1;
         self.take_events();

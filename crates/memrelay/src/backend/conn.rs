@@ -111,13 +111,17 @@ const MN: &[u8] = b"mn\r\n";
 
 /// A handle to a connection; cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Conn {
+pub(crate) struct Conn {
     inner: Rc<Inner>,
 }
 
 impl Conn {
     /// Starts connecting in the background; requests can be queued at once.
-    pub fn open(dial: Dial, health: Arc<Health>, settings: Rc<Cell<BackendSettings>>) -> Conn {
+    pub(crate) fn open(
+        dial: Dial,
+        health: Arc<Health>,
+        settings: Rc<Cell<BackendSettings>>,
+    ) -> Conn {
         let inner = Rc::new(Inner {
             state: Cell::new(State::Connecting),
             out: RefCell::new(OutQueue::new()),
@@ -136,28 +140,28 @@ impl Conn {
         Conn { inner }
     }
 
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.inner.state.get() == State::Closed
     }
 
     /// The server sent something a well-behaved memcached never does (seen
     /// above the framing, e.g. a VALUE for a key nobody asked for): close
     /// the connection; whatever is still in flight on it fails.
-    pub fn poison(&self) {
+    pub(crate) fn poison(&self) {
         self.inner.poisoned.set(true);
         self.inner.wake.notify();
     }
 
     /// Nobody will send on this connection again: close it once every
     /// request on it is answered (or failed).
-    pub fn retire(&self) {
+    pub(crate) fn retire(&self) {
         self.inner.retired.set(true);
         self.inner.wake.notify();
     }
 
     /// Queues a request: `write` appends its line, then `value` (a storage
     /// command's data block, without `\r\n`) follows, by reference when large.
-    pub fn send(
+    pub(crate) fn send(
         &self,
         expect: Expect,
         reply: ReplyTo,

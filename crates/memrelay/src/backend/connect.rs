@@ -25,19 +25,14 @@ use crate::net::Stream;
 /// How to reach one server: its address and, over TLS, the configuration
 /// and the name its certificate is checked against. Cheap to clone.
 #[derive(Clone, Debug)]
-pub struct Dial {
+pub(crate) struct Dial {
     pub addr: SocketAddr,
     tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
 }
 
 impl Dial {
-    /// Plain TCP to `addr`.
-    pub fn plain(addr: SocketAddr) -> Dial {
-        Dial { addr, tls: None }
-    }
-
     /// How the configuration says to reach `server`.
-    pub fn to(server: &ServerAddr, tls: Option<&ServerTls>) -> Dial {
+    pub(crate) fn to(server: &ServerAddr, tls: Option<&ServerTls>) -> Dial {
         Dial {
             addr: server.addr,
             // The configuration refused a host without a checkable name.
@@ -45,14 +40,14 @@ impl Dial {
         }
     }
 
-    pub fn is_tls(&self) -> bool {
+    pub(crate) fn is_tls(&self) -> bool {
         self.tls.is_some()
     }
 
     /// Connects (and shakes hands) within `timeout`. A server whose
     /// certificate is not trusted, or that does not speak TLS, fails here
     /// like one that refuses the connection; the error says which.
-    pub async fn connect(&self, timeout: Duration) -> io::Result<ServerStream> {
+    pub(crate) async fn connect(&self, timeout: Duration) -> io::Result<ServerStream> {
         let run = async {
             let tcp = TcpStream::connect(self.addr).await?;
             let _ = tcp.set_nodelay(true);
@@ -83,7 +78,7 @@ impl Dial {
 /// plain path has no branch per call; the probes and the resync, which are
 /// not on any request's path, use this as a [`Stream`].
 #[derive(Debug)]
-pub enum ServerStream {
+pub(crate) enum ServerStream {
     Plain(TcpStream),
     // Boxed: rustls's session is a few KiB, a socket a few words.
     Tls(Box<TlsStream>),
@@ -130,7 +125,7 @@ impl ServerStream {
     /// Writes a batch of pipelined requests, `ends` saying where each ends
     /// in `bytes`. Over TLS, in writes memcached reads without stalling
     /// ([`super::records`]), each once the last was sent; plain, at once.
-    pub async fn write_requests(&self, bytes: &[u8], ends: &[usize]) -> io::Result<()> {
+    pub(crate) async fn write_requests(&self, bytes: &[u8], ends: &[usize]) -> io::Result<()> {
         let ServerStream::Tls(tls) = self else {
             return crate::net::write_all(self, bytes).await;
         };

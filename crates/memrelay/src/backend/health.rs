@@ -21,7 +21,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 #[derive(Debug)]
-pub struct Health {
+pub(crate) struct Health {
     pub name: String,
     /// Time from queueing a request to this server to its reply, one
     /// histogram per worker thread (each written by its own thread only).
@@ -42,7 +42,7 @@ pub struct Health {
 
 impl Health {
     /// `threads`: worker threads, each with its own latency histogram.
-    pub fn new(name: String, threads: usize) -> Health {
+    pub(crate) fn new(name: String, threads: usize) -> Health {
         Health {
             latency: (0..threads.max(1))
                 .map(|_| crate::stats::Histogram::default())
@@ -58,14 +58,14 @@ impl Health {
     }
 
     #[inline]
-    pub fn is_down(&self) -> bool {
+    pub(crate) fn is_down(&self) -> bool {
         self.down.load(Ordering::Relaxed)
     }
 
     /// A reply arrived: the streak of failures is over. (Only the end of a
     /// streak writes shared state, so the hot path stays a load.)
     #[inline]
-    pub fn record_success(&self) {
+    pub(crate) fn record_success(&self) {
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
             self.consecutive_failures.store(0, Ordering::Relaxed);
             self.recovered_at
@@ -75,7 +75,7 @@ impl Health {
 
     /// A connection failed. `sent` is when its oldest request was sent, if
     /// it carried one. Returns true if this marked the server down.
-    pub fn record_failure(
+    pub(crate) fn record_failure(
         &self,
         limit: u32,
         why: &dyn std::fmt::Display,
@@ -99,7 +99,7 @@ impl Health {
     }
 
     /// A probe succeeded: serve from this server again.
-    pub fn mark_up(&self) {
+    pub(crate) fn mark_up(&self) {
         self.consecutive_failures.store(0, Ordering::Relaxed);
         self.recovered_at
             .store(since_epoch(Instant::now()), Ordering::Relaxed);

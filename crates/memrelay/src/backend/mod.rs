@@ -7,11 +7,11 @@
 //! closed and never reused. Whether a server is up is shared by all workers
 //! ([`health`]), so a dead server is failed fast everywhere at once.
 
-pub mod conn;
-pub mod connect;
-pub mod health;
-pub mod probe;
-pub mod records;
+pub(crate) mod conn;
+pub(crate) mod connect;
+pub(crate) mod health;
+pub(crate) mod probe;
+pub(crate) mod records;
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
@@ -28,7 +28,7 @@ use self::health::Health;
 
 /// A complete reply from a server.
 #[derive(Debug, Clone)]
-pub struct BackendReply {
+pub(crate) struct BackendReply {
     pub kind: ResponseKind,
     /// The reply exactly as the server sent it.
     pub bytes: Bytes,
@@ -36,7 +36,7 @@ pub struct BackendReply {
 
 /// Why a request to a server failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Failure {
+pub(crate) enum Failure {
     #[error("server is marked down")]
     Down,
     #[error("cannot connect to server")]
@@ -67,7 +67,7 @@ pub enum Failure {
 impl Failure {
     /// A read refused for its size (the request's or its client's), never
     /// for the server's health: answered with an error, not failed over.
-    pub fn is_oversize(self) -> bool {
+    pub(crate) fn is_oversize(self) -> bool {
         matches!(self, Failure::ReplyTooLarge | Failure::ClientBehind)
     }
 }
@@ -76,13 +76,13 @@ impl Failure {
 /// never (fully) sent cannot have been applied, so it is always safe to send
 /// elsewhere; one that was sent may have been applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BackendError {
+pub(crate) struct BackendError {
     pub failure: Failure,
     pub sent: bool,
 }
 
 impl BackendError {
-    pub fn unsent(failure: Failure) -> BackendError {
+    pub(crate) fn unsent(failure: Failure) -> BackendError {
         BackendError {
             failure,
             sent: false,
@@ -90,7 +90,7 @@ impl BackendError {
     }
 
     /// The `SERVER_ERROR` line a client gets for this failure.
-    pub fn reply(&self) -> &'static [u8] {
+    pub(crate) fn reply(&self) -> &'static [u8] {
         match self.failure {
             Failure::Down => b"SERVER_ERROR server is marked down\r\n",
             Failure::Connect => b"SERVER_ERROR cannot connect to server\r\n",
@@ -106,17 +106,17 @@ impl BackendError {
     }
 }
 
-pub type BackendResult = Result<BackendReply, BackendError>;
+pub(crate) type BackendResult = Result<BackendReply, BackendError>;
 
 /// Where a reply goes. The session (or a background task) that sent the
 /// request implements it; `token` and `part` say which request and which of
 /// its sub-requests the reply belongs to.
-pub trait Sink {
+pub(crate) trait Sink {
     fn deliver(&self, token: u64, part: u32, result: BackendResult);
 }
 
 #[derive(Clone)]
-pub struct ReplyTo {
+pub(crate) struct ReplyTo {
     pub sink: Rc<dyn Sink>,
     pub token: u64,
     pub part: u32,
@@ -129,7 +129,7 @@ impl std::fmt::Debug for ReplyTo {
 }
 
 impl ReplyTo {
-    pub fn deliver(self, result: BackendResult) {
+    pub(crate) fn deliver(self, result: BackendResult) {
         self.sink.deliver(self.token, self.part, result);
     }
 }
@@ -138,7 +138,7 @@ impl ReplyTo {
 /// copy in a shared `Cell` that its pools and connections read at each use,
 /// so a reload changes them in place for connections already open.
 #[derive(Debug, Clone, Copy)]
-pub struct BackendSettings {
+pub(crate) struct BackendSettings {
     pub connect_timeout: Duration,
     pub timeout: Duration,
     pub failure_limit: u32,
@@ -159,7 +159,7 @@ const VALUE_SLACK: usize = 1024;
 
 impl BackendSettings {
     /// The settings a configuration gives.
-    pub fn of(cfg: &crate::config::Config) -> BackendSettings {
+    pub(crate) fn of(cfg: &crate::config::Config) -> BackendSettings {
         BackendSettings {
             connect_timeout: cfg.connect_timeout,
             timeout: cfg.timeout,
@@ -179,7 +179,7 @@ impl BackendSettings {
 /// no configuration uses a pool any more, it is dropped and its connections
 /// close once the requests on them are answered.
 #[derive(Debug)]
-pub struct ServerPool {
+pub(crate) struct ServerPool {
     pub name: String,
     dial: RefCell<Dial>,
     conns: RefCell<Vec<Option<Conn>>>,
@@ -198,7 +198,7 @@ impl Drop for ServerPool {
 }
 
 impl ServerPool {
-    pub fn new(
+    pub(crate) fn new(
         name: String,
         dial: Dial,
         nconns: usize,
@@ -216,29 +216,21 @@ impl ServerPool {
         }
     }
 
-    pub fn health(&self) -> &Arc<Health> {
-        &self.health
-    }
-
     /// Where its connections go (resolved when the configuration was read).
-    pub fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.dial.borrow().addr
     }
 
     /// How new connections reach the server from now on (a reload read the
     /// TLS files again); open ones go on as they are.
-    pub fn redial(&self, dial: Dial) {
+    pub(crate) fn redial(&self, dial: Dial) {
         *self.dial.borrow_mut() = dial;
-    }
-
-    pub fn is_down(&self) -> bool {
-        self.health.is_down()
     }
 
     /// Queues a request: `write` appends its bytes. Fails at once, with
     /// nothing sent, when the server is marked down or overloaded; otherwise
     /// the reply (or failure) reaches `reply` later.
-    pub fn send(
+    pub(crate) fn send(
         &self,
         expect: Expect,
         reply: ReplyTo,
@@ -255,7 +247,7 @@ impl ServerPool {
     /// were sent (with several connections per server, round-robin could
     /// reorder them, and a primary and its backup could apply two writes
     /// in different orders).
-    pub fn send_for_key(
+    pub(crate) fn send_for_key(
         &self,
         key: &[u8],
         expect: Expect,
@@ -289,7 +281,7 @@ impl ServerPool {
 
     /// The server misbehaved above the framing: count a failure and close
     /// this worker's connections to it (new ones are opened on demand).
-    pub fn poison(&self, why: &str) {
+    pub(crate) fn poison(&self, why: &str) {
         self.health
             .record_failure(self.settings.get().failure_limit, &why, None);
         for c in self.conns.borrow().iter().flatten() {

@@ -18,6 +18,7 @@ use super::connect::{Dial, ServerStream};
 use super::health::Health;
 use crate::net::read_some;
 use crate::stats::servers::{Group, ServerFigures};
+use memrelay_protocol::{compose, response};
 
 const SUCCESSES_TO_MARK_UP: u32 = 2;
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
@@ -35,21 +36,21 @@ const MAX_PROBE_REPLY: usize = 1 << 20;
 /// The timeouts probes use: the proxy's `--connect-timeout` and
 /// `--timeout`, which a reload may change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProbeTimeouts {
+pub(crate) struct ProbeTimeouts {
     pub connect: Duration,
     pub request: Duration,
 }
 
 /// Who a server is: a restart changes its pid or its boot time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Identity {
+pub(crate) struct Identity {
     pub pid: u64,
     pub boot: i64,
 }
 
 /// What a prober tells the layer above of its server, and the upkeep it
 /// runs for it on every look at a reachable server.
-pub trait Watcher {
+pub(crate) trait Watcher {
     /// Work waits on the server (keys to invalidate): it is looked at
     /// without waiting for the next check, and not marked up until done.
     fn pending(&self) -> bool;
@@ -73,7 +74,7 @@ impl Identity {
 
 /// One probe connection to a server.
 #[derive(Debug)]
-pub struct ProbeConn {
+pub(crate) struct ProbeConn {
     stream: ServerStream,
     buf: Vec<u8>,
     timeout: Duration,
@@ -116,41 +117,26 @@ impl ProbeConn {
     /// `stats`: the server's pid and boot time. The whole reply is kept in
     /// `figures` for memrelay's own `stats`.
     async fn identity(&mut self, figures: &ServerFigures) -> Option<Identity> {
-        let req = b"stats\r\n";
-        let reply = self.stats_reply(req).await?;
-        let text = String::from_utf8_lossy(&reply);
-        let stat = |name: &str| -> Option<i64> {
-            text.lines().find_map(|l| {
-                l.strip_prefix("STAT ")?
-                    .strip_prefix(name)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-        };
-        let pid = stat("pid")? as u64;
-        let boot = stat("time")? - stat("uptime")?;
-        drop(text);
+        let reply = self.stats_reply(None).await?;
+        let stat = |name: &[u8]| response::stat_number(&reply, name);
+        let pid = stat(b"pid")? as u64;
+        let boot = stat(b"time")? - stat(b"uptime")?;
         figures.store(Group::General, reply);
         Some(Identity { pid, boot })
     }
 
     /// One `stats` request's reply, through its `END`.
-    async fn stats_reply(&mut self, req: &[u8]) -> Option<Vec<u8>> {
-        self.exchange(req, &[req.len()], |b| {
-            b.ends_with(b"END\r\n") || b.ends_with(b"ERROR\r\n")
-        })
-        .await
+    async fn stats_reply(&mut self, group: Option<&[u8]>) -> Option<Vec<u8>> {
+        let mut req = Vec::with_capacity(16);
+        compose::stats(&mut req, group);
+        self.exchange(&req, &[req.len()], response::stats_complete)
+            .await
     }
 
     /// `stats items` and `stats slabs`, kept in `figures`.
     async fn slab_figures(&mut self, figures: &ServerFigures) -> Option<()> {
-        for (req, group) in [
-            (&b"stats items\r\n"[..], Group::Items),
-            (&b"stats slabs\r\n"[..], Group::Slabs),
-        ] {
-            let reply = self.stats_reply(req).await?;
+        for (name, group) in [(&b"items"[..], Group::Items), (b"slabs", Group::Slabs)] {
+            let reply = self.stats_reply(Some(name)).await?;
             figures.store(group, reply);
         }
         Some(())
@@ -159,11 +145,11 @@ impl ProbeConn {
     /// Deletes keys, pipelined; true when every delete was answered. A key
     /// that cannot be written in a classic command (a binary key from a
     /// meta `b` request) is deleted as `md <base64> b`.
-    pub async fn delete_all(&mut self, keys: &[(Box<[u8]>, u64)]) -> bool {
+    pub(crate) async fn delete_all(&mut self, keys: &[(Box<[u8]>, u64)]) -> bool {
         let mut req = Vec::with_capacity(keys.len() * 32);
         let mut ends = Vec::with_capacity(keys.len());
         for (k, _) in keys {
-            memrelay_protocol::compose::delete_any(&mut req, k);
+            compose::delete_any(&mut req, k);
             ends.push(req.len());
         }
         let n = keys.len();
@@ -173,27 +159,26 @@ impl ProbeConn {
             })
             .await
         {
-            Some(reply) => reply
-                .split(|&c| c == b'\n')
-                .filter(|l| !l.is_empty())
-                .all(|l| matches!(l, b"DELETED\r" | b"NOT_FOUND\r" | b"HD\r" | b"NF\r")),
+            Some(reply) => response::deletes_confirmed(&reply),
             None => false,
         }
     }
 
-    pub async fn flush_all(&mut self) -> bool {
-        let req = b"flush_all\r\n";
+    pub(crate) async fn flush_all(&mut self) -> bool {
+        let mut req = Vec::with_capacity(16);
+        compose::flush_all(&mut req, None);
+        // Its reply is one line.
         let reply = self
-            .exchange(req, &[req.len()], |b| b.ends_with(b"\r\n"))
+            .exchange(&req, &[req.len()], |b| b.ends_with(b"\r\n"))
             .await;
-        matches!(reply, Some(r) if r == b"OK\r\n")
+        matches!(reply, Some(r) if response::is_ok(&r))
     }
 }
 
 /// Flushes a server now, on a connection of its own: true when it said OK.
 /// (A reload empties a server this way before giving it keys it may hold
 /// stale copies of.)
-pub async fn flush(dial: Dial, t: ProbeTimeouts) -> bool {
+pub(crate) async fn flush(dial: Dial, t: ProbeTimeouts) -> bool {
     match ProbeConn::open(&dial, t).await {
         Ok(mut c) => c.flush_all().await,
         Err(_) => false,
@@ -202,7 +187,7 @@ pub async fn flush(dial: Dial, t: ProbeTimeouts) -> bool {
 
 /// Watches one server until the task is aborted (a reload removed the
 /// server or changed its address), reporting to `watcher`.
-pub async fn probe_loop(
+pub(crate) async fn probe_loop(
     health: Arc<Health>,
     dial: tokio::sync::watch::Receiver<Dial>,
     timeouts: tokio::sync::watch::Receiver<ProbeTimeouts>,
@@ -245,22 +230,7 @@ pub async fn probe_loop(
         let t = *timeouts.borrow();
         if conn.is_none() {
             let to = dial.borrow().clone();
-            conn = match ProbeConn::open(&to, t).await {
-                Ok(c) => {
-                    tls_failure = None;
-                    Some(c)
-                }
-                Err(e) => {
-                    let why = e.to_string();
-                    if e.kind() == std::io::ErrorKind::InvalidData
-                        && tls_failure.as_ref() != Some(&why)
-                    {
-                        tracing::warn!(server = %health.name, error = %why, "TLS handshake failed");
-                        tls_failure = Some(why);
-                    }
-                    None
-                }
-            };
+            conn = open_logged(&to, t, &health.name, &mut tls_failure).await;
         }
         let ok = match conn.as_mut() {
             Some(c) => {
@@ -291,6 +261,30 @@ pub async fn probe_loop(
                 health.mark_up();
             }
             backoff = MIN_BACKOFF;
+        }
+    }
+}
+
+/// A probe connection to `to`, or None. A TLS failure is logged once until
+/// it changes or a connection succeeds (`tls_failure`: the last one logged).
+async fn open_logged(
+    to: &Dial,
+    t: ProbeTimeouts,
+    name: &str,
+    tls_failure: &mut Option<String>,
+) -> Option<ProbeConn> {
+    match ProbeConn::open(to, t).await {
+        Ok(c) => {
+            *tls_failure = None;
+            Some(c)
+        }
+        Err(e) => {
+            let why = e.to_string();
+            if e.kind() == std::io::ErrorKind::InvalidData && tls_failure.as_ref() != Some(&why) {
+                tracing::warn!(server = %name, error = %why, "TLS handshake failed");
+                *tls_failure = Some(why);
+            }
+            None
         }
     }
 }

@@ -21,13 +21,13 @@
 //! rustls; the callers bound what they queue instead).
 
 /// A TLS record's largest plaintext, and memcached's read buffer.
-pub const RECORD: usize = 16 * 1024;
+pub(crate) const RECORD: usize = 16 * 1024;
 
 /// The length of the next write, given where the requests queued end
 /// (offsets from the first unwritten byte, increasing) and how many bytes
 /// one write can carry: whole requests up to one record, or the first
 /// request alone when it is larger. 0 when nothing can go yet.
-pub fn next_write(ends: impl IntoIterator<Item = usize>, available: usize) -> usize {
+pub(crate) fn next_write(ends: impl IntoIterator<Item = usize>, available: usize) -> usize {
     let mut len = 0;
     for end in ends {
         if end > available {

@@ -182,41 +182,9 @@ where
     while i < args.len() {
         let arg = &args[i];
         i += 1;
-        // Split into (flag, inline value).
-        let (flag, inline): (String, Option<String>) = if let Some(long) = arg.strip_prefix("--") {
-            match long.split_once('=') {
-                Some((f, v)) => (format!("--{f}"), Some(v.to_string())),
-                None => (arg.clone(), None),
-            }
-        } else if arg.starts_with('-') && arg.len() > 1 {
-            // By character: a non-ASCII one must get "unknown option", not
-            // a slice through the middle of it.
-            let width = arg[1..].chars().next().map_or(1, char::len_utf8);
-            let (short, rest) = arg[1..].split_at(width);
-            if takes_value(short) {
-                (
-                    format!("-{short}"),
-                    (!rest.is_empty()).then(|| rest.to_string()),
-                )
-            } else if !rest.is_empty() {
-                // Bundled switches: -Dv means -D -v.
-                for c in rest.chars() {
-                    let f = format!("-{c}");
-                    if takes_value(&c.to_string()) {
-                        return Err(err(&f, "takes a value and cannot be bundled"));
-                    }
-                    let canonical = canonical(&f).ok_or_else(|| err(&f, "unknown option"))?;
-                    if let Some(a) = ends_parsing(canonical) {
-                        return Ok(a);
-                    }
-                    given.push((f, canonical, None));
-                }
-                (format!("-{short}"), None)
-            } else {
-                (arg.clone(), None)
-            }
-        } else {
-            return Err(err(arg, "unexpected argument (options start with -)"));
+        let (flag, inline) = match split_flag(arg, &mut given)? {
+            Split::Flag(flag, inline) => (flag, inline),
+            Split::Done(action) => return Ok(action),
         };
 
         let canonical = canonical(&flag).ok_or_else(|| err(&flag, "unknown option"))?;
@@ -258,6 +226,59 @@ where
     } else {
         Action::Run(cfg)
     })
+}
+
+/// One argument, split by [`split_flag`].
+enum Split {
+    /// The flag as written (`-p`, `--port`) and its inline value, if any
+    /// (`-p11211`, `--port=11211`).
+    Flag(String, Option<String>),
+    /// A switch that ends parsing (`--help`, `--version`) was found.
+    Done(Action),
+}
+
+/// Splits one argument into its flag and inline value. Bundled switches
+/// (`-Dv`: `-D -v`) go to `given` but the first, which is returned.
+fn split_flag(
+    arg: &str,
+    given: &mut Vec<(String, &'static str, Option<String>)>,
+) -> Result<Split, ConfigError> {
+    let split = if let Some(long) = arg.strip_prefix("--") {
+        match long.split_once('=') {
+            Some((f, v)) => (format!("--{f}"), Some(v.to_string())),
+            None => (arg.to_string(), None),
+        }
+    } else if arg.starts_with('-') && arg.len() > 1 {
+        // By character: a non-ASCII one must get "unknown option", not
+        // a slice through the middle of it.
+        let width = arg[1..].chars().next().map_or(1, char::len_utf8);
+        let (short, rest) = arg[1..].split_at(width);
+        if takes_value(short) {
+            (
+                format!("-{short}"),
+                (!rest.is_empty()).then(|| rest.to_string()),
+            )
+        } else if !rest.is_empty() {
+            // Bundled switches: -Dv means -D -v.
+            for c in rest.chars() {
+                let f = format!("-{c}");
+                if takes_value(&c.to_string()) {
+                    return Err(err(&f, "takes a value and cannot be bundled"));
+                }
+                let canonical = canonical(&f).ok_or_else(|| err(&f, "unknown option"))?;
+                if let Some(a) = ends_parsing(canonical) {
+                    return Ok(Split::Done(a));
+                }
+                given.push((f, canonical, None));
+            }
+            (format!("-{short}"), None)
+        } else {
+            (arg.to_string(), None)
+        }
+    } else {
+        return Err(err(arg, "unexpected argument (options start with -)"));
+    };
+    Ok(Split::Flag(split.0, split.1))
 }
 
 /// The `--config` file's settings, if one is named, then the flags on top.

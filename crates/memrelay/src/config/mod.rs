@@ -8,12 +8,12 @@
 //! the same setters ([`settings`]) and value parsers (below), so a value means
 //! the same, and is refused the same way, wherever it is written.
 
-pub mod auth;
+pub(crate) mod auth;
 pub mod cli;
-pub mod file;
+pub(crate) mod file;
 mod settings;
 mod summary;
-pub mod tls;
+pub(crate) mod tls;
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -36,7 +36,7 @@ pub enum HashKind {
 }
 
 impl HashKind {
-    pub fn parse(s: &str) -> Option<HashKind> {
+    pub(crate) fn parse(s: &str) -> Option<HashKind> {
         match s {
             "ketama" => Some(HashKind::Ketama),
             "modula" => Some(HashKind::Modula),
@@ -66,7 +66,7 @@ pub enum LogFormat {
 }
 
 impl LogFormat {
-    pub fn parse(s: &str) -> Option<LogFormat> {
+    pub(crate) fn parse(s: &str) -> Option<LogFormat> {
         match s {
             "text" => Some(LogFormat::Text),
             "json" => Some(LogFormat::Json),
@@ -96,14 +96,14 @@ pub enum Origin {
 }
 
 impl Origin {
-    pub fn key(file: &Path, key: impl Into<String>) -> Origin {
+    pub(crate) fn key(file: &Path, key: impl Into<String>) -> Origin {
         Origin::Key {
             file: file.to_path_buf(),
             key: key.into(),
         }
     }
 
-    pub fn is_flag(&self) -> bool {
+    pub(crate) fn is_flag(&self) -> bool {
         matches!(self, Origin::Flag(_))
     }
 }
@@ -117,7 +117,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    pub fn new(origin: &Origin, message: impl Into<String>) -> ConfigError {
+    pub(crate) fn new(origin: &Origin, message: impl Into<String>) -> ConfigError {
         ConfigError {
             origin: origin.clone(),
             message: message.into(),
@@ -164,7 +164,7 @@ impl ServerAddr {
     /// and then an optional ` name` (twemproxy's syntax), resolving the
     /// host. The name (logs, `stats`, ketama) leaves the weight out, as
     /// twemproxy's does.
-    pub fn parse(given: &str) -> Result<ServerAddr, String> {
+    pub(crate) fn parse(given: &str) -> Result<ServerAddr, String> {
         let given = given.trim();
         let (given, label) = match given.split_once(char::is_whitespace) {
             Some((addr, label)) => {
@@ -410,7 +410,7 @@ impl Default for Config {
 impl Config {
     /// Every server, primaries first then backups: the index space that
     /// per-server state (pools, health, stats) is kept in.
-    pub fn servers(&self) -> impl Iterator<Item = &ServerAddr> {
+    pub(crate) fn servers(&self) -> impl Iterator<Item = &ServerAddr> {
         self.tiers().flatten()
     }
 
@@ -420,7 +420,7 @@ impl Config {
     /// the rest (listeners, the runtime's own). Each use has its own
     /// reserve, so no number of clients or scrapers can leave the server
     /// connections without a descriptor.
-    pub fn fds_needed(&self) -> usize {
+    pub(crate) fn fds_needed(&self) -> usize {
         let servers = self.servers().count();
         let metrics = if self.metrics.is_some() {
             METRICS_MAX_CONNS + 1
@@ -431,7 +431,7 @@ impl Config {
     }
 
     /// The tiers: primaries, then each backup tier (empty ones left out).
-    pub fn tiers(&self) -> impl Iterator<Item = &Vec<ServerAddr>> {
+    pub(crate) fn tiers(&self) -> impl Iterator<Item = &Vec<ServerAddr>> {
         std::iter::once(&self.primaries)
             .chain(std::iter::once(&self.backups))
             .chain(self.more_tiers.iter())
@@ -439,7 +439,7 @@ impl Config {
     }
 
     /// Each server's tier, in `servers()` order.
-    pub fn roles(&self) -> impl Iterator<Item = Tier> + '_ {
+    pub(crate) fn roles(&self) -> impl Iterator<Item = Tier> + '_ {
         self.tiers().enumerate().flat_map(|(i, t)| {
             // Backup tiers past the third are shown as the third (as
             // they always were).
@@ -455,7 +455,7 @@ impl Config {
     /// when the process started (its sockets, threads, identity, logging)
     /// keep their running values; the names of those that `new` changed
     /// are returned, for the operator to be told they wait for a restart.
-    pub fn keep_restart_only(&self, mut new: Config) -> (Config, Vec<&'static str>) {
+    pub(crate) fn keep_restart_only(&self, mut new: Config) -> (Config, Vec<&'static str>) {
         let mut ignored = Vec::new();
         macro_rules! keep {
             ($($field:ident: $name:literal),* $(,)?) => {$(
@@ -513,12 +513,12 @@ impl Config {
 /// `END` or `MN` line, and room to spare. `--max-reply-size` may not be
 /// smaller than one largest value plus this, so any single value can be
 /// read whatever the setting.
-pub const REPLY_HEADROOM: usize = 32 * 1024;
+pub(crate) const REPLY_HEADROOM: usize = 32 * 1024;
 
 /// A server's place in the chain of replicas, as `stats`, `/metrics` and
 /// the logs name it: `primary`, `backup` (`-b`), `backup2`, `backup3`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tier {
+pub(crate) enum Tier {
     Primary,
     /// The n-th backup tier, from 1.
     Backup(u8),
@@ -551,7 +551,7 @@ pub(crate) const METRICS_MAX_CONNS: usize = 16;
 /// cap per server connection, so it must stay far below a proxy host's
 /// memory. A larger `--max-value-size` raises it so that a few of the
 /// largest values still fit in one reply.
-pub fn default_max_reply(max_value_len: usize) -> usize {
+pub(crate) fn default_max_reply(max_value_len: usize) -> usize {
     (64 << 20).max(max_value_len.saturating_mul(4))
 }
 
@@ -559,23 +559,12 @@ pub fn default_max_reply(max_value_len: usize) -> usize {
 /// servers on the same host, the kernel's buffers, and the proxy's own
 /// structures), so a flood of clients is shed with `SERVER_ERROR out of
 /// memory` before the host swaps. 1 GiB if the size cannot be read.
-pub fn default_max_memory() -> usize {
-    // SAFETY: sysconf only reads system values.
-    let (pages, page) = unsafe {
-        (
-            libc::sysconf(libc::_SC_PHYS_PAGES),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
-    if pages > 0 && page > 0 {
-        (pages as usize).saturating_mul(page as usize) / 2
-    } else {
-        1 << 30
-    }
+pub(crate) fn default_max_memory() -> usize {
+    crate::sys::physical_memory().map_or(1 << 30, |bytes| bytes / 2)
 }
 
 /// Parses a duration: `250ms`, `2s`, or a bare number of milliseconds.
-pub fn parse_duration(s: &str) -> Option<Duration> {
+pub(crate) fn parse_duration(s: &str) -> Option<Duration> {
     let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
         (n, 1)
     } else if let Some(n) = s.strip_suffix('s') {
@@ -592,7 +581,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 // wrong; the caller knows which flag or key to name.
 
 /// A whole number within `min..=max`.
-pub fn number(v: &str, min: u64, max: u64) -> Result<u64, String> {
+pub(crate) fn number(v: &str, min: u64, max: u64) -> Result<u64, String> {
     v.parse::<u64>()
         .ok()
         .filter(|n| (min..=max).contains(n))
@@ -600,17 +589,17 @@ pub fn number(v: &str, min: u64, max: u64) -> Result<u64, String> {
 }
 
 /// A duration (see [`parse_duration`]).
-pub fn duration(v: &str) -> Result<Duration, String> {
+pub(crate) fn duration(v: &str) -> Result<Duration, String> {
     parse_duration(v).ok_or_else(|| format!("'{v}' is not a duration like 250ms or 2s"))
 }
 
 /// A TCP port to listen on.
-pub fn port(v: &str) -> Result<u16, String> {
+pub(crate) fn port(v: &str) -> Result<u16, String> {
     number(v, 1, 65535).map(|p| p as u16)
 }
 
 /// A permission mode in octal, like `0700`.
-pub fn unix_mode(v: &str) -> Result<u32, String> {
+pub(crate) fn unix_mode(v: &str) -> Result<u32, String> {
     u32::from_str_radix(v, 8)
         .ok()
         .filter(|m| *m <= 0o777)
@@ -619,7 +608,7 @@ pub fn unix_mode(v: &str) -> Result<u32, String> {
 
 /// The address to listen on for `host` (an address or a name, brackets
 /// allowed around IPv6) and `port`, resolved now.
-pub fn listen_addr(host: &str, port: u16) -> Result<SocketAddr, String> {
+pub(crate) fn listen_addr(host: &str, port: u16) -> Result<SocketAddr, String> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     (host, port)
         .to_socket_addrs()
@@ -630,7 +619,7 @@ pub fn listen_addr(host: &str, port: u16) -> Result<SocketAddr, String> {
 
 /// An address like `127.0.0.1:9150` (the metrics endpoint), resolved now;
 /// a port alone is on loopback.
-pub fn socket_addr(v: &str) -> Result<SocketAddr, String> {
+pub(crate) fn socket_addr(v: &str) -> Result<SocketAddr, String> {
     if let Ok(port) = v.parse::<u16>() {
         return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
     }

@@ -26,7 +26,7 @@ const RAW_MASK: u64 = (1 << RAW_BITS) - 1;
 /// A stamp no server has: tokens that must never match.
 const NEVER: u16 = 0xffff;
 /// The unique sent for a token that is not the replica's: no item has it.
-pub const NO_ITEM: u64 = u64::MAX;
+pub(crate) const NO_ITEM: u64 = u64::MAX;
 
 /// The stamp of a server process: its name, pid and start time.
 pub fn stamp(name: &str, pid: u64, boot: i64) -> u16 {
@@ -57,7 +57,7 @@ pub fn token(stamp: u16, unique: u64) -> u64 {
 
 /// The unique to send to the server with `stamp` for a client's `token`:
 /// the server's own when the token is its, else [`NO_ITEM`].
-pub fn unique_for(token: u64, stamp: u16) -> u64 {
+pub(crate) fn unique_for(token: u64, stamp: u16) -> u64 {
     let issued = (token >> RAW_BITS) as u16;
     if issued == stamp && issued != NEVER {
         token & RAW_MASK
@@ -68,7 +68,7 @@ pub fn unique_for(token: u64, stamp: u16) -> u64 {
 
 /// Rewrites the `c<unique>` flag of a meta reply's first line into a token
 /// (`None` when the reply has none, or is not a meta reply line).
-pub fn meta_reply_with_token(reply: &[u8], stamp: u16) -> Option<Vec<u8>> {
+pub(crate) fn meta_reply_with_token(reply: &[u8], stamp: u16) -> Option<Vec<u8>> {
     let line_end = reply.windows(2).position(|w| w == b"\r\n")?;
     let line = &reply[..line_end];
     let mut out = Vec::with_capacity(reply.len() + 8);
@@ -97,7 +97,7 @@ pub fn meta_reply_with_token(reply: &[u8], stamp: u16) -> Option<Vec<u8>> {
 }
 
 /// Whether a meta request asks for the CAS unique back (`c`).
-pub fn asks_cas(flags: &[u8]) -> bool {
+pub(crate) fn asks_cas(flags: &[u8]) -> bool {
     flags.split(|&b| b == b' ').any(|t| t == b"c")
 }
 

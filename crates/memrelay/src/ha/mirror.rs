@@ -7,11 +7,12 @@
 //! Each one registers a small
 //! context (the key, as a slice of the request's frame: no copy) in a
 //! reusable table, and its reply is checked here:
-//! - a backup that failed or refused a mirror is recorded as having missed
+//! - a server that failed a background write is recorded as having missed
 //!   the key (it will be invalidated there before serving it again);
-//! - a backup whose answer differs from the primary's (an `incr` giving
-//!   another number) has its copy deleted, so it holds the primary's item
-//!   or nothing, never a different value;
+//! - a server that refused one has its copy deleted.
+//!
+//! (A backup whose `incr` answer differs from the primary's is handled
+//! where the client's reply waits for it, in `ha::write`.)
 
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
@@ -24,24 +25,14 @@ use super::replica::Server;
 use crate::backend::{BackendResult, ReplyTo, Sink};
 use crate::stats::WorkerStats;
 
-/// What a background write's reply must look like.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Check {
-    /// Any non-error answer is fine (set, delete, touch, append...).
-    Applied,
-    /// `incr`/`decr`: the backup must reach the primary's number.
-    Number(u64),
-}
-
 #[derive(Debug)]
 struct Ctx {
     key: Bytes,
     server: usize,
-    check: Check,
 }
 
 #[derive(Debug)]
-pub struct Mirror {
+pub(crate) struct Mirror {
     me: Weak<Mirror>,
     servers: Rc<[Server]>,
     stats: Arc<WorkerStats>,
@@ -50,7 +41,7 @@ pub struct Mirror {
 }
 
 impl Mirror {
-    pub fn new(servers: Rc<[Server]>, stats: Arc<WorkerStats>) -> Rc<Mirror> {
+    pub(crate) fn new(servers: Rc<[Server]>, stats: Arc<WorkerStats>) -> Rc<Mirror> {
         Rc::new_cyclic(|me| Mirror {
             me: me.clone(),
             servers,
@@ -61,11 +52,10 @@ impl Mirror {
     }
 
     /// Sends a background write for `key` to `server`.
-    pub fn send(
+    pub(crate) fn send(
         &self,
         server: usize,
         key: Bytes,
-        check: Check,
         expect: Expect,
         write: impl FnOnce(&mut BytesMut),
         value: Option<Bytes>,
@@ -76,7 +66,6 @@ impl Mirror {
             let ctx = Ctx {
                 key: key.clone(),
                 server,
-                check,
             };
             match self.free.borrow_mut().pop() {
                 Some(i) => {
@@ -103,12 +92,11 @@ impl Mirror {
     /// Deletes `key` on `server` in the background.
     /// Deletes `key` on `server` in the background (as `md <base64> b` when
     /// the key cannot be written in a classic command).
-    pub fn delete(&self, server: usize, key: Bytes) {
+    pub(crate) fn delete(&self, server: usize, key: Bytes) {
         let k = key.clone();
         self.send(
             server,
             key,
-            Check::Applied,
             super::delete_expect(&k),
             |b| super::write_delete(b, &k),
             None,
@@ -128,23 +116,17 @@ impl Sink for Mirror {
             ctx
         };
         let health = self.servers[ctx.server].health();
-        match (ctx.check, result) {
-            (_, Err(_)) => {
+        match result {
+            Err(_) => {
                 self.stats.mirror_failures.incr();
                 health.missed.record(&ctx.key);
             }
-            (_, Ok(r)) if r.kind == ResponseKind::Error => {
+            Ok(r) if r.kind == ResponseKind::Error => {
                 // The backup refused: its copy can no longer be trusted.
                 self.stats.mirror_failures.incr();
                 self.delete(ctx.server, ctx.key);
             }
-            (Check::Number(n), Ok(r)) => {
-                if r.kind != ResponseKind::Number(n) && r.kind != ResponseKind::NotFound {
-                    self.stats.mirror_mismatches.incr();
-                    self.delete(ctx.server, ctx.key);
-                }
-            }
-            (Check::Applied, Ok(_)) => {}
+            Ok(_) => {}
         }
     }
 }

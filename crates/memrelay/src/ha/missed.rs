@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-pub struct MissedKeys {
+pub(crate) struct MissedKeys {
     /// What the set is for, in its log lines.
     label: &'static str,
     /// Number of keys recorded, or 1 while overflowed; 0 means "nothing
@@ -48,7 +48,7 @@ pub struct MissedKeys {
 }
 
 /// Told of every record: the key, or None for every key.
-pub type RecordHook = Box<dyn Fn(Option<&[u8]>) + Send + Sync>;
+pub(crate) type RecordHook = Box<dyn Fn(Option<&[u8]>) + Send + Sync>;
 
 impl std::fmt::Debug for MissedKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -71,13 +71,13 @@ struct Inner {
 }
 
 impl MissedKeys {
-    pub fn new(cap: usize) -> MissedKeys {
+    pub(crate) fn new(cap: usize) -> MissedKeys {
         MissedKeys::labelled("missed-key list", cap)
     }
 
     /// A set of keys for another purpose (keys being copied by a resync,
     /// keys written during one), with the same bounds.
-    pub fn labelled(label: &'static str, cap: usize) -> MissedKeys {
+    pub(crate) fn labelled(label: &'static str, cap: usize) -> MissedKeys {
         MissedKeys {
             label,
             count: AtomicUsize::new(0),
@@ -94,7 +94,7 @@ impl MissedKeys {
     }
 
     /// Installs the hook called with every record (once).
-    pub fn on_record(&self, hook: RecordHook) {
+    pub(crate) fn on_record(&self, hook: RecordHook) {
         let _ = self.on_record.set(hook);
     }
 
@@ -105,7 +105,7 @@ impl MissedKeys {
     }
 
     /// Installs the hook called when the set stops being empty (once).
-    pub fn on_dirty(&self, hook: Box<dyn Fn() + Send + Sync>) {
+    pub(crate) fn on_dirty(&self, hook: Box<dyn Fn() + Send + Sync>) {
         let _ = self.on_dirty.set(hook);
     }
 
@@ -124,7 +124,7 @@ impl MissedKeys {
 
     /// Whether the server may hold a stale copy of `key`.
     #[inline]
-    pub fn contains(&self, key: &[u8]) -> bool {
+    pub(crate) fn contains(&self, key: &[u8]) -> bool {
         if self.count.load(Ordering::Acquire) == 0 {
             return false;
         }
@@ -132,15 +132,15 @@ impl MissedKeys {
         inner.overflowed || inner.keys.contains_key(key)
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.count.load(Ordering::Acquire) == 0
     }
 
-    pub fn is_overflowed(&self) -> bool {
+    pub(crate) fn is_overflowed(&self) -> bool {
         !self.is_empty() && self.lock().overflowed
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.lock().keys.len()
     }
 
@@ -149,19 +149,19 @@ impl MissedKeys {
     /// landed: a change means a write went past this server meanwhile, and
     /// the copy may be older than it. (SeqCst on both sides: the order that
     /// matters runs through memcached, not through any lock here.)
-    pub fn epoch(&self) -> u64 {
+    pub(crate) fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::SeqCst)
     }
 
     /// Records that a write for `key` went past this server.
-    pub fn record(&self, key: &[u8]) {
+    pub(crate) fn record(&self, key: &[u8]) {
         self.note(key);
         self.recorded_hook(Some(key));
     }
 
     /// Records what the other memrelay of a hand-off recorded (`None`:
     /// every key). The hook is not told: it would send the record back.
-    pub fn learn(&self, key: Option<&[u8]>) {
+    pub(crate) fn learn(&self, key: Option<&[u8]>) {
         match key {
             Some(k) => self.note(k),
             None => self.note_all(),
@@ -209,7 +209,7 @@ impl MissedKeys {
 
     /// The server missed a write to every key (a `flush_all`): it must be
     /// flushed before it serves again.
-    pub fn record_all(&self) {
+    pub(crate) fn record_all(&self) {
         self.note_all();
         self.recorded_hook(None);
     }
@@ -227,13 +227,13 @@ impl MissedKeys {
 
     /// Every key recorded (empty when overflowed: see `is_overflowed`),
     /// for the state file.
-    pub fn snapshot(&self) -> Vec<Box<[u8]>> {
+    pub(crate) fn snapshot(&self) -> Vec<Box<[u8]>> {
         self.lock().keys.keys().cloned().collect()
     }
 
     /// Takes up to `n` keys to invalidate. They stay "missed" (readers keep
     /// bypassing the server for them) until `confirm` is called.
-    pub fn peek_batch(&self, n: usize) -> Vec<(Box<[u8]>, u64)> {
+    pub(crate) fn peek_batch(&self, n: usize) -> Vec<(Box<[u8]>, u64)> {
         self.lock()
             .keys
             .iter()
@@ -246,7 +246,7 @@ impl MissedKeys {
     /// Only records made before the batch was taken are removed: a key
     /// recorded again meanwhile (its copy on the server may be newer than
     /// the delete) stays, and is invalidated again.
-    pub fn confirm(&self, keys: &[(Box<[u8]>, u64)]) {
+    pub(crate) fn confirm(&self, keys: &[(Box<[u8]>, u64)]) {
         let mut inner = self.lock();
         for (k, gen) in keys {
             if inner.keys.get(k) == Some(gen) {
@@ -266,7 +266,7 @@ impl MissedKeys {
     }
 
     /// Removes keys without counting them as invalidated.
-    pub fn confirm_quietly(&self, keys: &[Box<[u8]>]) {
+    pub(crate) fn confirm_quietly(&self, keys: &[Box<[u8]>]) {
         let mut inner = self.lock();
         for k in keys {
             inner.keys.remove(k);
@@ -282,7 +282,7 @@ impl MissedKeys {
     }
 
     /// The server was flushed, or restarted empty: nothing on it is stale.
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         let mut inner = self.lock();
         inner.keys = HashMap::new();
         inner.overflowed = false;

@@ -15,15 +15,15 @@
 //!   other tier in the background.
 
 pub mod cas;
-pub mod mirror;
-pub mod missed;
-pub mod persist;
-pub mod read;
-pub mod replica;
-pub mod resync;
-pub mod slot;
-pub mod upkeep;
-pub mod write;
+pub(crate) mod mirror;
+pub(crate) mod missed;
+pub(crate) mod persist;
+pub(crate) mod read;
+pub(crate) mod replica;
+pub(crate) mod resync;
+pub(crate) mod slot;
+pub(crate) mod upkeep;
+pub(crate) mod write;
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -40,7 +40,7 @@ use crate::stats::WorkerStats;
 /// background writes. It is part of the proxy's `Worker` (which derefs to
 /// it), declared here so that ha does not depend on the layer above it.
 #[derive(Debug)]
-pub struct Cluster {
+pub(crate) struct Cluster {
     pub router: Router,
     /// Primaries then backups, indexed like `Config::servers`.
     pub servers: Rc<[replica::Server]>,
@@ -56,14 +56,14 @@ pub struct Cluster {
 /// Where the server replies of a request go: the session's inbox
 /// (`proxy::session::Inbox`), named here by what ha needs of it (a `Sink`
 /// it can address replies to) so that ha does not depend on proxy.
-pub trait Inbox: Sink + 'static {}
+pub(crate) trait Inbox: Sink + 'static {}
 
 impl<T: Sink + 'static> Inbox for T {}
 
 /// The key a request is routed by: the key itself, or for a meta command
 /// with the `b` flag, its base64-decoded bytes (so `mg a2V5 b` and `get key`
 /// reach the same server). Only the `b` case allocates.
-pub fn route_key(frame: &Bytes, req: &Request) -> Bytes {
+pub(crate) fn route_key(frame: &Bytes, req: &Request) -> Bytes {
     let raw = frame.slice(req.key.start as usize..req.key.end());
     if req.meta.base64 {
         if let Some(decoded) = base64::decode(&raw) {
@@ -78,7 +78,7 @@ pub fn route_key(frame: &Bytes, req: &Request) -> Bytes {
 /// the primary cannot serve the key, the next primary on the ring that can,
 /// reported as tier `replicas.len()` (past the real tiers, so a retry after
 /// it finds nothing more).
-pub fn serving(
+pub(crate) fn serving(
     w: &Cluster,
     replicas: &Replicas,
     key: &[u8],
@@ -99,7 +99,7 @@ pub fn serving(
 
 /// How a meta request travels to its replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MetaWire {
+pub(crate) struct MetaWire {
     /// `Meta`, or `MetaQuiet` when it keeps its `q` and is followed by `mn`
     /// (memcached then decides what to suppress, byte for byte).
     pub expect: memrelay_protocol::Expect,
@@ -116,7 +116,7 @@ pub struct MetaWire {
 /// without `N`: memcached suppresses all its successes, so the proxy can
 /// suppress them itself, which lets it ask for the new value (`v`) that a
 /// backup's copy must reach.
-pub fn meta_wire(req: &Request, mirrored: bool) -> MetaWire {
+pub(crate) fn meta_wire(req: &Request, mirrored: bool) -> MetaWire {
     use memrelay_protocol::{Command, Expect};
     let arith_unframed = req.command == Command::MetaArith && !req.meta.vivify;
     let quiet_framed = req.meta.quiet && !arith_unframed;
@@ -140,7 +140,7 @@ pub fn meta_wire(req: &Request, mirrored: bool) -> MetaWire {
 /// like any read or write, and only when no replica has the item is it
 /// sent whole, creating it. Quiet requests keep the old path (their
 /// replies are framed differently with and without `N`).
-pub fn vivifies_later(w: &Cluster, req: &Request) -> bool {
+pub(crate) fn vivifies_later(w: &Cluster, req: &Request) -> bool {
     use memrelay_protocol::Command;
     matches!(req.command, Command::MetaArith | Command::MetaGet)
         && req.meta.vivify
@@ -150,7 +150,7 @@ pub fn vivifies_later(w: &Cluster, req: &Request) -> bool {
 }
 
 /// Writes a meta request's line as `wire` says.
-pub fn write_meta(
+pub(crate) fn write_meta(
     b: &mut bytes::BytesMut,
     frame: &[u8],
     req: &Request,
@@ -182,7 +182,7 @@ pub fn write_meta(
 }
 
 /// The client's `C<token>` of a meta request, if any.
-pub fn meta_cas_token(frame: &[u8], req: &Request) -> Option<u64> {
+pub(crate) fn meta_cas_token(frame: &[u8], req: &Request) -> Option<u64> {
     if !req.meta.cas {
         return None;
     }
@@ -195,7 +195,7 @@ pub fn meta_cas_token(frame: &[u8], req: &Request) -> Option<u64> {
 }
 
 /// The server whose answer `reply` is, among the slot's parts.
-pub fn server_of(slot: &slot::Slot, reply: &crate::backend::BackendReply) -> Option<usize> {
+pub(crate) fn server_of(slot: &slot::Slot, reply: &crate::backend::BackendReply) -> Option<usize> {
     slot.parts
         .iter()
         .find(|p| matches!(&p.result, Some(Ok(r)) if std::ptr::eq(r, reply)))
@@ -204,7 +204,7 @@ pub fn server_of(slot: &slot::Slot, reply: &crate::backend::BackendReply) -> Opt
 
 /// The client's bytes for a meta reply that travelled as `wire`: what
 /// memcached would have sent for the request as the client wrote it.
-pub fn meta_client_reply(
+pub(crate) fn meta_client_reply(
     req: &Request,
     wire: MetaWire,
     reply: &crate::backend::BackendReply,
@@ -242,7 +242,7 @@ pub fn meta_client_reply(
 }
 
 /// The number in a `VA` reply (an `ma` asked with `v`).
-pub fn meta_number(reply: &crate::backend::BackendReply) -> Option<u64> {
+pub(crate) fn meta_number(reply: &crate::backend::BackendReply) -> Option<u64> {
     let mf = memrelay_protocol::meta_flags(&reply.bytes);
     let (off, len) = mf.data?;
     memrelay_protocol::number::parse_u64(reply.bytes.get(off..off + len)?)
@@ -251,7 +251,7 @@ pub fn meta_number(reply: &crate::backend::BackendReply) -> Option<u64> {
 /// Deleting any key on a server: `delete <key>` when the key can travel in
 /// a classic command, `md <base64> b` when it cannot (a binary key from a
 /// meta `b` request). The reply shape to expect, then the writer.
-pub fn delete_expect(key: &[u8]) -> memrelay_protocol::Expect {
+pub(crate) fn delete_expect(key: &[u8]) -> memrelay_protocol::Expect {
     if is_text_key(key) {
         memrelay_protocol::Expect::Delete
     } else {
@@ -260,7 +260,7 @@ pub fn delete_expect(key: &[u8]) -> memrelay_protocol::Expect {
 }
 
 /// Writes the delete `delete_expect` describes.
-pub fn write_delete(b: &mut bytes::BytesMut, key: &[u8]) {
+pub(crate) fn write_delete(b: &mut bytes::BytesMut, key: &[u8]) {
     memrelay_protocol::compose::delete_any(b, key);
 }
 
@@ -269,7 +269,7 @@ const MAX_RELATIVE_TTL: i64 = 60 * 60 * 24 * 30;
 
 /// The exptime to copy an item with, from the remaining TTL an `mg ... t`
 /// reported: `None` when it is about to expire (not worth copying).
-pub fn exptime_from_ttl(ttl: Option<i64>) -> Option<i64> {
+pub(crate) fn exptime_from_ttl(ttl: Option<i64>) -> Option<i64> {
     match ttl {
         Some(-1) | None => Some(0),
         Some(0) => None,
@@ -279,7 +279,7 @@ pub fn exptime_from_ttl(ttl: Option<i64>) -> Option<i64> {
     }
 }
 
-pub fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -288,13 +288,13 @@ pub fn unix_now() -> i64 {
 
 /// Whether `key` can be written in a classic command (`delete <key>`):
 /// otherwise it must go through a meta command in base64.
-pub fn is_text_key(key: &[u8]) -> bool {
+pub(crate) fn is_text_key(key: &[u8]) -> bool {
     memrelay_protocol::compose::is_text_key(key)
 }
 
 /// The first tier, from `from` on, whose server can serve `key`. Tiers that
 /// cannot are returned in `skipped` order through `on_skip`.
-pub fn first_serving(
+pub(crate) fn first_serving(
     w: &Cluster,
     replicas: &Replicas,
     key: &[u8],

@@ -71,7 +71,7 @@ enum Mark {
 
 /// The state file of one memrelay process.
 #[derive(Debug)]
-pub struct Persist {
+pub(crate) struct Persist {
     path: PathBuf,
     /// Each server's mark as last written while running.
     marks: Mutex<BTreeMap<String, Mark>>,
@@ -117,14 +117,14 @@ enum Status {
 
 /// What a start found in the file.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Loaded {
+pub(crate) struct Loaded {
     status: Status,
     /// Per server: overflowed, and the keys it missed.
     pub servers: BTreeMap<String, (bool, Vec<Vec<u8>>)>,
 }
 
 impl Persist {
-    pub fn new(path: PathBuf) -> Arc<Persist> {
+    pub(crate) fn new(path: PathBuf) -> Arc<Persist> {
         Arc::new(Persist {
             path,
             marks: Mutex::new(BTreeMap::new()),
@@ -143,7 +143,7 @@ impl Persist {
     /// Applies what the file says to the servers about to run, then marks
     /// the file `running`. Returns the names of servers treated as stale
     /// for every key because the last process did not exit cleanly.
-    pub fn start(self: &Arc<Self>, health: &[Arc<Health>], took_over: bool) -> Vec<String> {
+    pub(crate) fn start(self: &Arc<Self>, health: &[Arc<Health>], took_over: bool) -> Vec<String> {
         if took_over {
             if let Some(stale) = self.start_from_handoff(health) {
                 return stale;
@@ -245,7 +245,7 @@ impl Persist {
 
     /// Called periodically on the main thread: marks servers clean, and
     /// carries a hand-off's late records either way.
-    pub fn tick(&self, health: &[Arc<Health>]) {
+    pub(crate) fn tick(&self, health: &[Arc<Health>]) {
         if self.disowned.load(std::sync::atomic::Ordering::Acquire) {
             let count = changes(health);
             let mut h = self.handoff_state();
@@ -299,7 +299,7 @@ impl Persist {
     /// file. From now on every record goes to the new process first (if it
     /// listens), and what it records comes here; then what this one knows
     /// goes to the hand-off file, which the new one waits for to serve.
-    pub fn hand_off(self: &Arc<Self>, health: &[Arc<Health>]) {
+    pub(crate) fn hand_off(self: &Arc<Self>, health: &[Arc<Health>]) {
         self.disown();
         self.shared.send_replace(true);
         match self.connect_records(Direction::ToNew) {
@@ -350,7 +350,7 @@ impl Persist {
 
     /// Whether another memrelay serves the same servers now (a hand-off
     /// under way), as a watch: resyncs wait while it says so.
-    pub fn shared(&self) -> tokio::sync::watch::Receiver<bool> {
+    pub(crate) fn shared(&self) -> tokio::sync::watch::Receiver<bool> {
         self.shared.subscribe()
     }
 
@@ -467,7 +467,7 @@ impl Persist {
     /// Every record of it is also told to the other process of a
     /// hand-off, while there is one (keys being copied by a resync count
     /// as missed there).
-    pub fn watch(self: &Arc<Self>, health: &Arc<Health>) {
+    pub(crate) fn watch(self: &Arc<Self>, health: &Arc<Health>) {
         for set in [&health.missed, &health.copying] {
             let me = Arc::downgrade(self);
             let name = health.name.clone();
@@ -501,7 +501,7 @@ impl Persist {
 
     /// Marks clean the servers whose lists emptied (called periodically;
     /// a late clean mark only costs a needless flush after a crash).
-    pub fn refresh(&self, health: &[Arc<Health>]) {
+    pub(crate) fn refresh(&self, health: &[Arc<Health>]) {
         let changed = {
             let mut marks = self.marks();
             let mut changed = false;
@@ -523,7 +523,7 @@ impl Persist {
     }
 
     /// The sockets went to another process, which owns the file from now on.
-    pub fn disown(&self) {
+    pub(crate) fn disown(&self) {
         self.disowned
             .store(true, std::sync::atomic::Ordering::Release);
     }
@@ -548,7 +548,7 @@ impl Persist {
 
     /// A clean exit: every server's listed keys, in the state file, or
     /// after a hand-off in the hand-off file, as the last word.
-    pub fn save(&self, health: &[Arc<Health>]) {
+    pub(crate) fn save(&self, health: &[Arc<Health>]) {
         if self.disowned.load(std::sync::atomic::Ordering::Acquire) {
             self.write_lists(&self.handoff_path(), Status::HandoffFinal, health);
         } else {

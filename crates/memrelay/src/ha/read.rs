@@ -33,7 +33,7 @@ fn reply_to(inbox: &Rc<impl Inbox>, seq: u64, part: usize) -> ReplyTo {
 }
 
 /// Round one.
-pub fn start(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+pub(crate) fn start(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
     let frame = slot.frame.clone();
     let (cmd, exptime) = (req.command, req.exptime);
     if req.nkeys == 0 {
@@ -346,7 +346,7 @@ fn walk<'a>(
 }
 
 /// Round one is in: ask backups for what missed, or finish.
-pub fn after_round_one(
+pub(crate) fn after_round_one(
     w: &Cluster,
     inbox: &Rc<impl Inbox>,
     seq: u64,
@@ -492,7 +492,7 @@ fn ask_backups(
 /// Round two is in: write backup hits back to the primaries that missed
 /// them, and answer once that is done, so a write the client makes next
 /// cannot be overtaken by this repair.
-pub fn after_fallback(
+pub(crate) fn after_fallback(
     w: &Cluster,
     inbox: &Rc<impl Inbox>,
     seq: u64,
@@ -628,7 +628,7 @@ fn repairs_wanted(
 /// the key as missed if that delete fails too). An add whose outcome is
 /// unknown (a timeout) is treated as landed. Records are rare (failure
 /// episodes), and a deleted copy only costs the next read a fallback.
-pub fn after_repair(w: &Cluster, slot: &mut Slot, req: &Request) {
+pub(crate) fn after_repair(w: &Cluster, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
     let frame = slot.frame.clone();
     for part in slot.parts.iter() {
@@ -672,7 +672,7 @@ pub fn after_repair(w: &Cluster, slot: &mut Slot, req: &Request) {
 }
 
 /// The client's reply: hits in request order, then `END`.
-pub fn render(w: &Cluster, slot: &Slot, req: &Request, out: &mut OutQueue) {
+pub(crate) fn render(w: &Cluster, slot: &Slot, req: &Request, out: &mut OutQueue) {
     let nkeys = u64::from(req.nkeys);
     w.stats.cmd_get.add(nkeys);
     if refused_for_size(w, slot, out) {
@@ -781,7 +781,13 @@ fn keys_match(slot: &Slot, req: &Request, reply: &crate::backend::BackendReply) 
 
 /// `mg` (and `me`): one key, sent to its first serving replica as the
 /// client wrote it, minus `q`.
-pub fn start_meta(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+pub(crate) fn start_meta(
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
+    seq: u64,
+    slot: &mut Slot,
+    req: &Request,
+) {
     let frame = slot.frame.clone();
     let route = super::route_key(&frame, req);
     let replicas = w.router.replicas(&route);
@@ -820,7 +826,7 @@ fn send_meta(
 }
 
 /// An `mg` that missed (`EN`) or failed on its replica asks the next one.
-pub fn after_meta_round_one(
+pub(crate) fn after_meta_round_one(
     w: &Cluster,
     inbox: &Rc<impl Inbox>,
     seq: u64,
@@ -874,7 +880,7 @@ pub fn after_meta_round_one(
 /// An `mg` that fell back: a backup hit for a primary that missed is copied
 /// back before the `mg` is answered; a miss everywhere may create the item
 /// (`N`, see `vivify`).
-pub fn after_meta_fallback(
+pub(crate) fn after_meta_fallback(
     w: &Cluster,
     inbox: &Rc<impl Inbox>,
     seq: u64,
@@ -941,7 +947,7 @@ fn meta_wire_key(route: &[u8]) -> (Vec<u8>, bool) {
 /// An `mg` repair's fetch is in: add the item to the primary (mode E: only
 /// if it has none by then), unless a write went past the primary since,
 /// or the backup may no longer serve the key.
-pub fn after_meta_repair_fetch(
+pub(crate) fn after_meta_repair_fetch(
     w: &Cluster,
     inbox: &Rc<impl Inbox>,
     seq: u64,
@@ -993,7 +999,7 @@ pub fn after_meta_repair_fetch(
 /// older than a write that went past the primary since the backup was
 /// read is deleted again (an add whose outcome is unknown counts as
 /// landed).
-pub fn after_meta_repair(w: &Cluster, slot: &mut Slot, req: &Request) {
+pub(crate) fn after_meta_repair(w: &Cluster, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
     let route = super::route_key(&slot.frame, req);
     for part in slot.parts.iter() {
@@ -1018,7 +1024,7 @@ pub fn after_meta_repair(w: &Cluster, slot: &mut Slot, req: &Request) {
 
 /// The reply to `mg`/`me`: the backup's when it found the item, else the
 /// primary's; with `q`, a miss says nothing.
-pub fn render_meta(w: &Cluster, slot: &Slot, req: &Request, out: &mut OutQueue) {
+pub(crate) fn render_meta(w: &Cluster, slot: &Slot, req: &Request, out: &mut OutQueue) {
     if refused_for_size(w, slot, out) {
         return;
     }
@@ -1068,7 +1074,7 @@ pub fn render_meta(w: &Cluster, slot: &Slot, req: &Request, out: &mut OutQueue) 
 
 /// A meta reply with its `c` flag made a token (`ha::cas`), when the
 /// request asked for it.
-pub fn with_cas_token(
+pub(crate) fn with_cas_token(
     w: &Cluster,
     slot: &Slot,
     req: &Request,

@@ -20,7 +20,7 @@ use crate::stats::{Histogram, ResyncCounts, ServerCounts, ServerView};
 /// One server's replica state. It derefs to its `Health`, so liveness is
 /// read the same way on a replica as on a connection's server.
 #[derive(Debug)]
-pub struct Replica {
+pub(crate) struct Replica {
     /// Up or down, shared with the server's connections and its prober.
     live: Arc<Health>,
     /// Keys this server must not serve until they are invalidated on it.
@@ -46,7 +46,7 @@ pub struct Replica {
 }
 
 /// See `Replica::flush_gate`.
-pub struct FlushGate(pub Box<dyn Fn() -> bool + Send + Sync>);
+pub(crate) struct FlushGate(pub Box<dyn Fn() -> bool + Send + Sync>);
 
 impl std::fmt::Debug for FlushGate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -64,7 +64,7 @@ impl Deref for Replica {
 
 impl Replica {
     /// `threads`: worker threads, each with its own latency histogram.
-    pub fn new(name: String, missed_cap: usize, threads: usize) -> Replica {
+    pub(crate) fn new(name: String, missed_cap: usize, threads: usize) -> Replica {
         let stamp = u32::from(super::cas::stamp(&name, 0, 0));
         Replica {
             live: Arc::new(Health::new(name, threads)),
@@ -79,39 +79,39 @@ impl Replica {
     }
 
     /// Its liveness, for the connections to the server and its prober.
-    pub fn live(&self) -> &Arc<Health> {
+    pub(crate) fn live(&self) -> &Arc<Health> {
         &self.live
     }
 
     /// The CAS stamp of the server process now (see `ha::cas`).
     #[inline]
-    pub fn stamp(&self) -> u16 {
+    pub(crate) fn stamp(&self) -> u16 {
         self.stamp.load(Ordering::Relaxed) as u16
     }
 
     /// The prober read who the server process is.
-    pub fn set_identity(&self, pid: u64, boot: i64) {
+    pub(crate) fn set_identity(&self, pid: u64, boot: i64) {
         let s = super::cas::stamp(&self.name, pid, boot);
         // Bit 16: the identity is known.
         self.stamp.store(u32::from(s) | 1 << 16, Ordering::Relaxed);
     }
 
     /// Whether the prober has read who the server process is.
-    pub fn identified(&self) -> bool {
+    pub(crate) fn identified(&self) -> bool {
         self.stamp.load(Ordering::Relaxed) & 1 << 16 != 0
     }
 
     /// Whether this server may answer for `key`: it is up and holds no
     /// stale copy of it.
     #[inline]
-    pub fn serves(&self, key: &[u8]) -> bool {
+    pub(crate) fn serves(&self, key: &[u8]) -> bool {
         !self.is_down() && !self.missed.contains(key) && !self.copying.contains(key)
     }
 
     /// A client write for `key` involves this server: a resync running for
     /// it must not trust a copy of `key` it is making.
     #[inline]
-    pub fn note_write(&self, key: &[u8]) {
+    pub(crate) fn note_write(&self, key: &[u8]) {
         if self.resync.is_running() {
             self.touched.record(key);
         }
@@ -161,18 +161,18 @@ impl ServerView for Replica {
 /// One server as a worker's requests use it: this thread's connections to
 /// it, and its replica state. Derefs to the connections.
 #[derive(Debug, Clone)]
-pub struct Server {
+pub(crate) struct Server {
     pool: Rc<ServerPool>,
     replica: Arc<Replica>,
 }
 
 impl Server {
-    pub fn new(pool: Rc<ServerPool>, replica: Arc<Replica>) -> Server {
+    pub(crate) fn new(pool: Rc<ServerPool>, replica: Arc<Replica>) -> Server {
         Server { pool, replica }
     }
 
     /// Its replica state (named as before the split, for the call sites).
-    pub fn health(&self) -> &Arc<Replica> {
+    pub(crate) fn health(&self) -> &Arc<Replica> {
         &self.replica
     }
 }

@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 
 use crate::backend::connect::{Dial, ServerStream};
 use crate::net::read_some;
+use memrelay_protocol::response::{self, MetadumpLine};
+use memrelay_protocol::{compose, MetaStatus};
 use tokio::sync::{mpsc, watch};
 
 use super::replica::Replica;
@@ -50,7 +52,7 @@ const CANCELLED: &str = "cancelled by a reload";
 
 /// A resync's progress, per server, for `stats`.
 #[derive(Debug, Default)]
-pub struct Progress {
+pub(crate) struct Progress {
     /// Where the last run stands.
     state: AtomicState,
     running: AtomicBool,
@@ -70,11 +72,11 @@ impl Progress {
     /// Whether a resync of this server is under way (one relaxed load: the
     /// write path asks on every write).
     #[inline]
-    pub fn is_running(&self) -> bool {
+    pub(crate) fn is_running(&self) -> bool {
         self.running.load(Ordering::Relaxed)
     }
 
-    pub fn state(&self) -> &'static str {
+    pub(crate) fn state(&self) -> &'static str {
         self.state.load().name()
     }
 }
@@ -82,7 +84,7 @@ impl Progress {
 /// Where a server's resync stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[repr(u8)]
-pub enum RunState {
+pub(crate) enum RunState {
     /// Never ran, or a reload interrupted it.
     #[default]
     Idle = 0,
@@ -94,7 +96,7 @@ pub enum RunState {
 
 impl RunState {
     /// As `stats` shows it.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             RunState::Idle => "idle",
             RunState::Running => "running",
@@ -125,7 +127,7 @@ impl AtomicState {
 
 /// One server as the resync sees it.
 #[derive(Debug, Clone)]
-pub struct Node {
+pub(crate) struct Node {
     pub dial: Dial,
     pub name: String,
     pub health: Arc<Replica>,
@@ -134,7 +136,7 @@ pub struct Node {
 /// Everything a resync needs under one configuration; shared by the
 /// manager and its runs.
 #[derive(Debug)]
-pub struct Resync {
+pub(crate) struct Resync {
     pub router: Router,
     /// Primaries then backups, like `Config::servers`.
     pub nodes: Vec<Node>,
@@ -157,7 +159,7 @@ pub struct Resync {
 /// What of the configuration a resync runs by (see the fields of
 /// [`Resync`] of the same names).
 #[derive(Debug, Clone, Copy)]
-pub struct Settings {
+pub(crate) struct Settings {
     pub rate: u64,
     pub connect_timeout: Duration,
     pub max_value_len: usize,
@@ -168,13 +170,13 @@ pub struct Settings {
 /// The longest a client write can be in flight: an attempt on the primary
 /// and one on the backup, then the mirrors, each of which may need a
 /// connection and a reply.
-pub fn write_life(connect_timeout: Duration, timeout: Duration) -> Duration {
+pub(crate) fn write_life(connect_timeout: Duration, timeout: Duration) -> Duration {
     (connect_timeout + timeout) * 3
 }
 
 /// A request to resync a server, named (indexes change with a reload).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
+pub(crate) struct Request {
     pub server: String,
     /// From the prober, which saw the server restart: honoured only when
     /// resync is automatic. False: an operator asked (`memrelay resync`).
@@ -183,7 +185,7 @@ pub struct Request {
 
 /// Where resync requests go: from the probers and from the admin command
 /// on any worker, to the manager ([`serve`]).
-pub type Requests = mpsc::UnboundedSender<Request>;
+pub(crate) type Requests = mpsc::UnboundedSender<Request>;
 
 /// How a resync's runs ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,7 +203,7 @@ enum Ended {
 /// hand-off under way, `ha::persist`), no run starts: a run checks its
 /// copies against its own process's client writes only, so the other
 /// process's delete could be undone by a copy.
-pub async fn serve(
+pub(crate) async fn serve(
     current: watch::Receiver<Arc<Resync>>,
     mut requests: mpsc::UnboundedReceiver<Request>,
     again: Requests,
@@ -244,7 +246,12 @@ pub async fn serve(
 }
 
 impl Resync {
-    pub fn new(router: Router, nodes: Vec<Node>, nprimaries: usize, settings: Settings) -> Resync {
+    pub(crate) fn new(
+        router: Router,
+        nodes: Vec<Node>,
+        nprimaries: usize,
+        settings: Settings,
+    ) -> Resync {
         let Settings {
             rate,
             connect_timeout,
@@ -268,7 +275,7 @@ impl Resync {
     /// A reload replaced this configuration: its runs stop at their next
     /// batch (the one under way completes: its copies are guarded like any
     /// other) and are asked for again.
-    pub fn cancel(&self) {
+    pub(crate) fn cancel(&self) {
         self.cancel.send_replace(true);
     }
 
@@ -516,8 +523,9 @@ impl Resync {
     ) -> Result<KeyArena, String> {
         let p = &self.nodes[target].health.resync;
         let mut conn = connect(&src.dial, self.connect_timeout).await?;
-        let req = b"lru_crawler metadump hash\r\n";
-        write_timed(&mut conn, req, &[req.len()]).await?;
+        let mut req = Vec::with_capacity(32);
+        compose::metadump_all(&mut req);
+        write_timed(&mut conn, &req, &[req.len()]).await?;
         let mut keys = KeyArena::default();
         let mut buf = Vec::with_capacity(64 * 1024);
         let mut chunk = vec![0u8; 64 * 1024];
@@ -538,28 +546,18 @@ impl Resync {
             while let Some(nl) = buf[consumed..].iter().position(|&b| b == b'\n') {
                 let line = &buf[consumed..consumed + nl];
                 consumed += nl + 1;
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                if line == b"END" {
-                    return Ok(keys);
-                }
-                if line.starts_with(b"ERROR")
-                    || line.starts_with(b"BUSY")
-                    || line.starts_with(b"CLIENT_ERROR")
-                {
-                    return Err(format!(
-                        "{}: metadump refused: {}",
-                        src.name,
-                        String::from_utf8_lossy(line)
-                    ));
-                }
-                let Some(enc) = line
-                    .strip_prefix(b"key=")
-                    .and_then(|r| r.split(|&b| b == b' ').next())
-                else {
-                    continue;
-                };
-                if !url_decode(enc, &mut decoded) {
-                    continue;
+                match response::metadump_line(line, &mut decoded) {
+                    MetadumpLine::End => return Ok(keys),
+                    MetadumpLine::Refused => {
+                        let line = line.strip_suffix(b"\r").unwrap_or(line);
+                        return Err(format!(
+                            "{}: metadump refused: {}",
+                            src.name,
+                            String::from_utf8_lossy(line)
+                        ));
+                    }
+                    MetadumpLine::Other => continue,
+                    MetadumpLine::Key => {}
                 }
                 p.scanned.fetch_add(1, Ordering::Relaxed);
                 let replicas = self.router.replicas(&decoded);
@@ -617,44 +615,10 @@ impl KeyArena {
     }
 }
 
-/// `%xx` decoding of metadump's keys.
-fn url_decode(enc: &[u8], out: &mut Vec<u8>) -> bool {
-    out.clear();
-    let mut i = 0;
-    while i < enc.len() {
-        if enc[i] == b'%' {
-            let Some(h) = enc.get(i + 1..i + 3) else {
-                return false;
-            };
-            let Ok(v) = u8::from_str_radix(std::str::from_utf8(h).unwrap_or("zz"), 16) else {
-                return false;
-            };
-            out.push(v);
-            i += 3;
-        } else {
-            out.push(enc[i]);
-            i += 1;
-        }
-    }
-    !out.is_empty()
-}
-
 async fn connect(dial: &Dial, timeout: Duration) -> Result<ServerStream, String> {
     dial.connect(timeout)
         .await
         .map_err(|e| format!("{}: {e}", dial.addr))
-}
-
-/// Writes a key into a meta command: as is, or base64 with `b` appended to
-/// the flags when it cannot travel in the text protocol.
-fn put_key(out: &mut Vec<u8>, key: &[u8]) -> bool {
-    if super::is_text_key(key) {
-        out.extend_from_slice(key);
-        false
-    } else {
-        memrelay_protocol::base64::encode(key, out);
-        true
-    }
 }
 
 /// One item read from a source.
@@ -675,9 +639,7 @@ async fn fetch<'a>(
     let mut req = Vec::with_capacity(keys.len() * 48);
     let mut ends = Vec::with_capacity(keys.len());
     for k in keys {
-        req.extend_from_slice(b"mg ");
-        let b64 = put_key(&mut req, k);
-        req.extend_from_slice(if b64 { b" b v f t\r\n" } else { b" v f t\r\n" });
+        compose::meta_get_item(&mut req, k);
         ends.push(req.len());
     }
     write_timed(conn, &req, &ends).await?;
@@ -715,20 +677,7 @@ async fn store<'a>(
     let mut req = Vec::with_capacity(items.iter().map(|i| i.value.len() + 64).sum());
     let mut ends = Vec::with_capacity(items.len());
     for it in items {
-        req.extend_from_slice(b"ms ");
-        let b64 = put_key(&mut req, it.key);
-        req.extend_from_slice(
-            format!(
-                " {} F{} T{} ME c{}\r\n",
-                it.value.len(),
-                it.flags,
-                it.ttl,
-                if b64 { " b" } else { "" }
-            )
-            .as_bytes(),
-        );
-        req.extend_from_slice(&it.value);
-        req.extend_from_slice(b"\r\n");
+        compose::meta_add_copy(&mut req, it.key, &it.value, it.flags, it.ttl);
         ends.push(req.len());
     }
     write_timed(conn, &req, &ends).await?;
@@ -736,19 +685,16 @@ async fn store<'a>(
     let mut landed = Vec::with_capacity(items.len());
     for it in items {
         let reply = reader.next(conn).await?;
-        if reply.starts_with(b"HD") {
-            let cas = reply
-                .split(|&b| b == b' ' || b == b'\r')
-                .find_map(|t| t.strip_prefix(b"c"))
-                .and_then(|c| std::str::from_utf8(c).ok()?.parse().ok())
-                .ok_or_else(|| {
-                    format!(
-                        "a copy's reply has no CAS value: {}",
-                        String::from_utf8_lossy(&reply)
-                    )
-                })?;
+        let status = memrelay_protocol::response::meta_status(&reply);
+        if status == Some(MetaStatus::Hd) {
+            let cas = memrelay_protocol::meta_flags(&reply).cas.ok_or_else(|| {
+                format!(
+                    "a copy's reply has no CAS value: {}",
+                    String::from_utf8_lossy(&reply)
+                )
+            })?;
             landed.push((it.key, cas));
-        } else if !reply.starts_with(b"NS") {
+        } else if status != Some(MetaStatus::Ns) {
             return Err(format!(
                 "unexpected reply to a copy: {}",
                 String::from_utf8_lossy(&reply)
@@ -773,9 +719,7 @@ async fn unstore(
     let mut req = Vec::with_capacity(copies.len() * 64);
     let mut ends = Vec::with_capacity(copies.len());
     for (key, cas) in copies {
-        req.extend_from_slice(b"md ");
-        let b64 = put_key(&mut req, key);
-        req.extend_from_slice(format!(" C{cas}{}\r\n", if b64 { " b" } else { "" }).as_bytes());
+        compose::meta_delete_if_cas(&mut req, key, *cas);
         ends.push(req.len());
     }
     write_timed(conn, &req, &ends).await?;
@@ -783,13 +727,15 @@ async fn unstore(
     let mut deleted = 0;
     for _ in copies {
         let reply = reader.next(conn).await?;
-        if reply.starts_with(b"HD") {
-            deleted += 1;
-        } else if !reply.starts_with(b"EX") && !reply.starts_with(b"NF") {
-            return Err(format!(
-                "unexpected reply to a conditional delete: {}",
-                String::from_utf8_lossy(&reply)
-            ));
+        match memrelay_protocol::response::meta_status(&reply) {
+            Some(MetaStatus::Hd) => deleted += 1,
+            Some(MetaStatus::Ex | MetaStatus::Nf) => {}
+            _ => {
+                return Err(format!(
+                    "unexpected reply to a conditional delete: {}",
+                    String::from_utf8_lossy(&reply)
+                ))
+            }
         }
     }
     Ok(deleted)
@@ -846,16 +792,6 @@ impl Replies {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn metadump_keys_are_url_decoded() {
-        let mut out = Vec::new();
-        assert!(url_decode(b"a%2520b", &mut out));
-        assert_eq!(out, b"a%20b");
-        assert!(url_decode(b"plain", &mut out));
-        assert_eq!(out, b"plain");
-        assert!(!url_decode(b"bad%2", &mut out));
-    }
 
     #[test]
     fn arena_chunks_give_back_every_key() {

@@ -20,7 +20,7 @@ use crate::router::Replicas;
 
 /// What a sub-request is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+pub(crate) enum Role {
     /// The request itself, on the replica that takes it.
     Main,
     /// A read's second round: key number `key` looked up on a backup;
@@ -57,7 +57,7 @@ pub enum Role {
 
 /// One sub-request and, once it came, its result.
 #[derive(Debug)]
-pub struct Part {
+pub(crate) struct Part {
     pub server: u16,
     pub role: Role,
     pub result: Option<BackendResult>,
@@ -66,11 +66,11 @@ pub struct Part {
 }
 
 impl Part {
-    pub fn new(server: usize) -> Part {
+    pub(crate) fn new(server: usize) -> Part {
         Part::with_role(server, Role::Main)
     }
 
-    pub fn with_role(server: usize, role: Role) -> Part {
+    pub(crate) fn with_role(server: usize, role: Role) -> Part {
         Part {
             server: server as u16,
             role,
@@ -81,7 +81,7 @@ impl Part {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
+pub(crate) enum Stage {
     /// Nothing more to send: render when `pending` is 0.
     Done,
     /// A read's first round (primaries, or backups for keys whose primary
@@ -103,7 +103,7 @@ pub enum Stage {
 
 /// A reply the proxy makes itself.
 #[derive(Debug)]
-pub enum Local {
+pub(crate) enum Local {
     Static(&'static [u8]),
     Owned(Vec<u8>),
     /// Send this, then close the connection (quit, fatal input).
@@ -111,7 +111,7 @@ pub enum Local {
 }
 
 #[derive(Debug)]
-pub struct Slot {
+pub(crate) struct Slot {
     pub frame: Bytes,
     pub req: Option<Request>,
     /// Parts still to come in the current stage.
@@ -137,7 +137,7 @@ pub struct Slot {
 }
 
 impl Slot {
-    pub fn new(frame: Bytes, req: Request) -> Slot {
+    pub(crate) fn new(frame: Bytes, req: Request) -> Slot {
         Slot {
             frame,
             req: Some(req),
@@ -154,7 +154,7 @@ impl Slot {
         }
     }
 
-    pub fn local(local: Local) -> Slot {
+    pub(crate) fn local(local: Local) -> Slot {
         Slot {
             frame: Bytes::new(),
             req: None,
@@ -172,7 +172,7 @@ impl Slot {
     }
 
     /// A read: its replies carry values, and only they can be large.
-    pub fn is_read(&self) -> bool {
+    pub(crate) fn is_read(&self) -> bool {
         self.req.is_some_and(|r| {
             r.command.is_retrieval() || matches!(r.command, Command::MetaGet | Command::MetaDebug)
         })
@@ -180,20 +180,20 @@ impl Slot {
 
     /// Why a read is refused for its size, if it is: one of its replies
     /// was too large, or arrived while its client was owed too much.
-    pub fn oversize(&self) -> Option<BackendError> {
+    pub(crate) fn oversize(&self) -> Option<BackendError> {
         self.parts.iter().find_map(|p| match &p.result {
             Some(Err(e)) if e.failure.is_oversize() => Some(*e),
             _ => None,
         })
     }
 
-    pub fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         self.pending == 0 && self.stage == Stage::Done
     }
 
     /// Records the outcome of queueing a sub-request: wait for it, or keep
     /// the immediate failure as its result.
-    pub fn push_part(&mut self, mut part: Part, queued: Result<(), BackendError>) {
+    pub(crate) fn push_part(&mut self, mut part: Part, queued: Result<(), BackendError>) {
         match queued {
             Ok(()) => self.pending += 1,
             Err(e) => part.result = Some(Err(e)),
@@ -202,23 +202,23 @@ impl Slot {
     }
 
     /// The first-round part key `i` was read from.
-    pub fn part_of_key(&self, i: usize) -> usize {
+    pub(crate) fn part_of_key(&self, i: usize) -> usize {
         self.key_parts.get(i).map(|&p| p as usize).unwrap_or(0)
     }
 
-    pub fn result(&self, part: usize) -> Option<&BackendResult> {
+    pub(crate) fn result(&self, part: usize) -> Option<&BackendResult> {
         self.parts.get(part).and_then(|p| p.result.as_ref())
     }
 
     /// The write's latest main part: the replica that took it (earlier
     /// main parts are replicas it failed over from).
-    pub fn main_part(&self) -> Option<usize> {
+    pub(crate) fn main_part(&self) -> Option<usize> {
         self.parts.iter().rposition(|p| p.role == Role::Main)
     }
 
     /// Whether the write was copied to the backups in parallel with the
     /// primary (a blind set) rather than after its answer.
-    pub fn mirrored_in_parallel(&self) -> bool {
+    pub(crate) fn mirrored_in_parallel(&self) -> bool {
         self.parts.iter().any(|p| matches!(p.role, Role::Mirror(_)))
     }
 }

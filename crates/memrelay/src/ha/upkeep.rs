@@ -27,7 +27,7 @@ const DELETE_BATCH: usize = 512;
 
 /// The upkeep of one server, owned by its prober.
 #[derive(Debug)]
-pub struct Upkeep {
+pub(crate) struct Upkeep {
     replica: Arc<Replica>,
     /// Where to ask for a resync when the server is seen to restart (the
     /// resync manager decides whether to).
@@ -38,7 +38,7 @@ pub struct Upkeep {
 }
 
 impl Upkeep {
-    pub fn new(replica: Arc<Replica>, on_restart: Requests) -> Upkeep {
+    pub(crate) fn new(replica: Arc<Replica>, on_restart: Requests) -> Upkeep {
         Upkeep {
             replica,
             on_restart,

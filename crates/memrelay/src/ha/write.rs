@@ -28,7 +28,7 @@ use smallvec::SmallVec;
 
 /// What a backup must do after the primary answered a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MirrorPlan {
+pub(crate) enum MirrorPlan {
     /// Nothing changed on the primary.
     Nothing,
     /// Store the request's value, flags and TTL (the primary now holds
@@ -42,7 +42,7 @@ pub enum MirrorPlan {
 
 /// The mirroring rule for each command and primary answer. `mode` is a
 /// meta command's `M` flag (0 when absent).
-pub fn mirror_plan(command: Command, mode: u8, answer: ResponseKind) -> MirrorPlan {
+pub(crate) fn mirror_plan(command: Command, mode: u8, answer: ResponseKind) -> MirrorPlan {
     use MetaStatus as M;
     use MirrorPlan::*;
     use ResponseKind as R;
@@ -108,7 +108,7 @@ fn compose_line(
 }
 
 /// Starts a write: sends it to the first replica that can take it.
-pub fn start(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+pub(crate) fn start(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
     let key = super::route_key(&slot.frame, req);
     let replicas = w.router.replicas(&key);
     for s in replicas.iter() {
@@ -189,7 +189,13 @@ fn stored(kind: ResponseKind) -> Option<bool> {
 }
 
 /// The first backup answered a create-if-absent write.
-pub fn after_create(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+pub(crate) fn after_create(
+    w: &Cluster,
+    inbox: &Rc<impl Inbox>,
+    seq: u64,
+    slot: &mut Slot,
+    req: &Request,
+) {
     slot.stage = Stage::Done;
     let Some(replicas) = slot.replicas else {
         return;
@@ -331,7 +337,7 @@ fn attempt(
 }
 
 /// The replica answered or failed: mirror, or move to the next replica.
-pub fn advance(
+pub(crate) fn advance(
     w: &Cluster,
     inbox: &Rc<impl Inbox>,
     seq: u64,
@@ -557,7 +563,7 @@ fn is_miss(req: &Request, kind: ResponseKind) -> bool {
 /// The copies on the backups are in: a backup that failed or answered
 /// otherwise than the primary is recorded as having missed the key, so it
 /// never serves it until the key is invalidated there.
-pub fn after_mirrors(
+pub(crate) fn after_mirrors(
     w: &Cluster,
     inbox: &Rc<impl Inbox>,
     seq: u64,
@@ -652,7 +658,7 @@ fn settle_mirrors(
 /// without the item to a backup that then failed gets the primary's answer
 /// ("not found"): the fall-back was a second chance, and the failed backup
 /// is recorded as having missed the key, so it will hold no item either.
-pub fn answer(slot: &Slot) -> Option<(&crate::backend::BackendResult, bool)> {
+pub(crate) fn answer(slot: &Slot) -> Option<(&crate::backend::BackendResult, bool)> {
     let Some(main) = slot.main_part() else {
         // A create-if-absent write the first backup answered alone.
         let first = slot.parts.first().filter(|p| p.role == Role::Create)?;
@@ -680,7 +686,7 @@ pub fn answer(slot: &Slot) -> Option<(&crate::backend::BackendResult, bool)> {
 }
 
 /// A meta write's reply as the client must see it.
-pub fn meta_reply_bytes(
+pub(crate) fn meta_reply_bytes(
     slot: &Slot,
     req: &Request,
     reply: &crate::backend::BackendReply,
@@ -839,7 +845,7 @@ fn has_value(req: &Request) -> bool {
 }
 
 /// The reply when no replica of a key can take a write.
-pub const NO_SERVER: &[u8] = b"SERVER_ERROR no server is available for this key\r\n";
+pub(crate) const NO_SERVER: &[u8] = b"SERVER_ERROR no server is available for this key\r\n";
 
 #[cfg(test)]
 mod tests {

@@ -9,6 +9,11 @@
 //! of an `SO_REUSEPORT` group resets the connections queued on it). If
 //! nobody answers, the new memrelay binds as usual, and then serves PATH
 //! itself for the next one.
+// Passing descriptors (`SCM_RIGHTS`) means building a `msghdr` and its
+// control messages by hand: no safe wrapper in std or socket2 does it, and
+// the code is clearer kept whole here than split into `sys`. Each unsafe
+// block says why it is sound.
+#![allow(unsafe_code)]
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -24,7 +29,7 @@ const HELLO: &[u8] = b"memrelay-handoff-1\n";
 /// only from the start: the mode is set through the umask before `bind`
 /// creates the file, so no other user can connect in between (a chmod
 /// after `bind` left a window).
-pub fn bind(path: &Path) -> io::Result<UnixListener> {
+pub(crate) fn bind(path: &Path) -> io::Result<UnixListener> {
     let _ = std::fs::remove_file(path);
     // SAFETY: umask(2) only swaps the process's mask; it is put back at
     // once. Start-up runs this before any other thread creates files.
@@ -71,7 +76,7 @@ fn check_peer(s: &UnixStream) -> io::Result<()> {
 
 /// Asks the memrelay serving `path` for its listening sockets. `Ok(None)`
 /// when nobody serves it (a first start).
-pub fn take_over(path: &Path, expected: usize) -> io::Result<Option<Vec<OwnedFd>>> {
+pub(crate) fn take_over(path: &Path, expected: usize) -> io::Result<Option<Vec<OwnedFd>>> {
     let mut s = match UnixStream::connect(path) {
         Ok(s) => s,
         Err(e)
@@ -104,7 +109,7 @@ pub fn take_over(path: &Path, expected: usize) -> io::Result<Option<Vec<OwnedFd>
 
 /// Serves one hand-off on `listener` (blocking; run it on its own thread):
 /// sends `fds` to the new process and returns once it confirmed.
-pub fn serve_once(listener: &UnixListener, fds: &[RawFd]) -> io::Result<()> {
+pub(crate) fn serve_once(listener: &UnixListener, fds: &[RawFd]) -> io::Result<()> {
     loop {
         let (mut s, _) = listener.accept()?;
         if let Err(e) = check_peer(&s) {

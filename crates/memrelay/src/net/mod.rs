@@ -3,10 +3,10 @@
 //! and backends share. Accepting clients is the proxy's (`proxy::accept`):
 //! this layer knows no sessions.
 
-pub mod handoff;
-pub mod notify;
-pub mod outqueue;
-pub mod tls;
+pub(crate) mod handoff;
+pub(crate) mod notify;
+pub(crate) mod outqueue;
+pub(crate) mod tls;
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -17,7 +17,7 @@ use crate::config::Listen;
 /// The byte streams memrelay talks over (TCP, unix sockets, TLS over TCP:
 /// [`tls::TlsStream`]), through tokio's readiness API: no futures per read or write, and no system call
 /// that is known in advance to return `EAGAIN`.
-pub trait Stream {
+pub(crate) trait Stream {
     fn ready(
         &self,
         interest: tokio::io::Interest,
@@ -103,7 +103,7 @@ pub trait Stream {
 
 /// What ended a [`Stream::ready_or`] wait.
 #[derive(Debug)]
-pub enum Woken<T> {
+pub(crate) enum Woken<T> {
     /// The stream is ready (or failed).
     Stream(io::Result<tokio::io::Ready>),
     /// The other source is.
@@ -112,7 +112,7 @@ pub enum Woken<T> {
 
 /// Writes all of `bytes`, waiting for room as needed (for the connections
 /// that send one request and wait for its reply: probes, resync).
-pub async fn write_all(s: &impl Stream, mut bytes: &[u8]) -> io::Result<()> {
+pub(crate) async fn write_all(s: &impl Stream, mut bytes: &[u8]) -> io::Result<()> {
     while !bytes.is_empty() {
         match s.try_write_vectored(&[io::IoSlice::new(bytes)]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -127,7 +127,7 @@ pub async fn write_all(s: &impl Stream, mut bytes: &[u8]) -> io::Result<()> {
 }
 
 /// Reads what is there, waiting until something is; `Ok(0)` is the end.
-pub async fn read_some(s: &impl Stream, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) async fn read_some(s: &impl Stream, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         match s.try_read(buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -141,13 +141,13 @@ pub async fn read_some(s: &impl Stream, buf: &mut [u8]) -> io::Result<usize> {
 /// A client's socket out of tokio's hands, parked while its client is idle
 /// (`proxy::park`).
 #[derive(Debug)]
-pub enum ParkedSocket {
+pub(crate) enum ParkedSocket {
     Tcp(std::net::TcpStream),
     Unix(std::os::unix::net::UnixStream),
 }
 
 impl ParkedSocket {
-    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         match self {
             ParkedSocket::Tcp(s) => s.as_raw_fd(),
@@ -180,11 +180,8 @@ macro_rules! stream_impl {
             fn read_drained(&self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
                 let mut got = 0;
                 let r = self.try_io(tokio::io::Interest::READABLE, || {
-                    let spare = buf.spare_capacity_mut();
-                    let room = spare.len();
-                    let n = socket2::SockRef::from(self).recv(spare)?;
-                    // SAFETY: recv initialised the first n bytes of the spare capacity.
-                    unsafe { buf.set_len(buf.len() + n) };
+                    let room = buf.capacity() - buf.len();
+                    let n = crate::sys::recv_into_spare(&socket2::SockRef::from(self), buf)?;
                     got = n;
                     if n > 0 && n < room {
                         Err(io::ErrorKind::WouldBlock.into())
@@ -244,14 +241,14 @@ stream_impl!(tokio::net::UnixStream, ParkedSocket::Unix);
 /// A bound listening socket, not yet attached to any runtime, so that each
 /// worker thread can register its own copy.
 #[derive(Debug)]
-pub enum BoundListener {
+pub(crate) enum BoundListener {
     Tcp(std::net::TcpListener),
     Unix(std::os::unix::net::UnixListener),
 }
 
 impl BoundListener {
     /// Binds (before privileges are dropped).
-    pub fn bind(listen: &Listen) -> io::Result<BoundListener> {
+    pub(crate) fn bind(listen: &Listen) -> io::Result<BoundListener> {
         match listen {
             Listen::Tcp(addr) => {
                 let domain = socket2::Domain::for_address(*addr);
@@ -297,7 +294,7 @@ impl BoundListener {
     }
 
     /// A listener handed over by another memrelay (see `handoff`).
-    pub fn from_fd(listen: &Listen, fd: std::os::fd::OwnedFd) -> io::Result<BoundListener> {
+    pub(crate) fn from_fd(listen: &Listen, fd: std::os::fd::OwnedFd) -> io::Result<BoundListener> {
         Ok(match listen {
             Listen::Tcp(_) => {
                 let l = std::net::TcpListener::from(fd);
@@ -312,7 +309,7 @@ impl BoundListener {
         })
     }
 
-    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         match self {
             BoundListener::Tcp(l) => l.as_raw_fd(),
@@ -320,7 +317,7 @@ impl BoundListener {
         }
     }
 
-    pub fn try_clone(&self) -> io::Result<BoundListener> {
+    pub(crate) fn try_clone(&self) -> io::Result<BoundListener> {
         Ok(match self {
             BoundListener::Tcp(l) => BoundListener::Tcp(l.try_clone()?),
             BoundListener::Unix(l) => BoundListener::Unix(l.try_clone()?),

@@ -9,7 +9,7 @@ use std::future::poll_fn;
 use std::task::{Context, Poll, Waker};
 
 #[derive(Default)]
-pub struct LocalNotify {
+pub(crate) struct LocalNotify {
     notified: Cell<bool>,
     waker: Cell<Option<Waker>>,
 }
@@ -23,7 +23,7 @@ impl std::fmt::Debug for LocalNotify {
 }
 
 impl LocalNotify {
-    pub fn notify(&self) {
+    pub(crate) fn notify(&self) {
         self.notified.set(true);
         if let Some(w) = self.waker.take() {
             w.wake();
@@ -31,13 +31,13 @@ impl LocalNotify {
     }
 
     /// Resolves once `notify` has been called since the last time it resolved.
-    pub async fn notified(&self) {
+    pub(crate) async fn notified(&self) {
         poll_fn(|cx| self.poll_notified(cx)).await
     }
 
     /// `notified` as a poll: ready if `notify` has been called since the
     /// last time it was, otherwise `cx`'s task is woken by the next call.
-    pub fn poll_notified(&self, cx: &mut Context<'_>) -> Poll<()> {
+    pub(crate) fn poll_notified(&self, cx: &mut Context<'_>) -> Poll<()> {
         if self.notified.replace(false) {
             return Poll::Ready(());
         }
@@ -46,10 +46,5 @@ impl LocalNotify {
             _ => self.waker.set(Some(cx.waker().clone())),
         }
         Poll::Pending
-    }
-
-    /// Whether a notification is pending (without consuming it).
-    pub fn is_set(&self) -> bool {
-        self.notified.get()
     }
 }

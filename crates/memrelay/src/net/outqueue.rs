@@ -20,33 +20,33 @@ const COPY_THRESHOLD: usize = 4096;
 const MAX_IOVECS: usize = 64;
 
 #[derive(Debug, Default)]
-pub struct OutQueue {
+pub(crate) struct OutQueue {
     chunks: VecDeque<Bytes>,
     tail: BytesMut,
     len: usize,
 }
 
 impl OutQueue {
-    pub fn new() -> OutQueue {
+    pub(crate) fn new() -> OutQueue {
         OutQueue::default()
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.len
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// Appends a copy of `s`.
-    pub fn put_slice(&mut self, s: &[u8]) {
+    pub(crate) fn put_slice(&mut self, s: &[u8]) {
         self.tail.extend_from_slice(s);
         self.len += s.len();
     }
 
     /// Appends `b`, by reference when it is large.
-    pub fn put_bytes(&mut self, b: Bytes) {
+    pub(crate) fn put_bytes(&mut self, b: Bytes) {
         if b.len() <= COPY_THRESHOLD {
             self.put_slice(&b);
         } else {
@@ -58,7 +58,7 @@ impl OutQueue {
 
     /// Lets a composer write directly into the tail; the closure returns
     /// nothing, and whatever it appended is counted.
-    pub fn compose(&mut self, f: impl FnOnce(&mut BytesMut)) {
+    pub(crate) fn compose(&mut self, f: impl FnOnce(&mut BytesMut)) {
         let before = self.tail.len();
         f(&mut self.tail);
         self.len += self.tail.len() - before;
@@ -71,7 +71,7 @@ impl OutQueue {
     }
 
     /// Drops everything queued (the connection is going away).
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.chunks.clear();
         self.tail.clear();
         self.len = 0;
@@ -79,7 +79,7 @@ impl OutQueue {
 
     /// Writes as much as the socket takes without blocking. Returns the
     /// number of bytes written; `WouldBlock` when nothing could be written.
-    pub fn write_to(
+    pub(crate) fn write_to(
         &mut self,
         mut write: impl FnMut(&[IoSlice<'_>]) -> io::Result<usize>,
     ) -> io::Result<usize> {
@@ -100,7 +100,7 @@ impl OutQueue {
 
     /// How many bytes from the front one vectored write can carry (all of
     /// them, unless they lie in more than `MAX_IOVECS` pieces).
-    pub fn span(&mut self) -> usize {
+    pub(crate) fn span(&mut self) -> usize {
         if self.chunks.is_empty() {
             return self.tail.len();
         }
@@ -112,7 +112,7 @@ impl OutQueue {
     /// drops what `write` took and returns how much that was. For a writer
     /// whose write boundaries mean something (TLS records, see
     /// `backend::records`).
-    pub fn write_prefix(
+    pub(crate) fn write_prefix(
         &mut self,
         limit: usize,
         mut write: impl FnMut(&[IoSlice<'_>]) -> io::Result<usize>,

@@ -56,7 +56,7 @@ const FLUSH_AT_CLOSE: Duration = Duration::from_secs(5);
 
 /// A connection over TLS: from a client, or to a server.
 #[derive(Debug)]
-pub struct TlsStream {
+pub(crate) struct TlsStream {
     tcp: TcpStream,
     /// The TLS session. Borrowed only inside a call, never across an
     /// await: the task that owns the stream is the only user.
@@ -71,7 +71,10 @@ pub struct TlsStream {
 impl TlsStream {
     /// Starts the server side of a handshake on an accepted socket. The
     /// handshake itself happens as the session reads.
-    pub fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> Result<TlsStream, rustls::Error> {
+    pub(crate) fn accept(
+        tcp: TcpStream,
+        config: Arc<ServerConfig>,
+    ) -> Result<TlsStream, rustls::Error> {
         let conn = ServerConnection::new(config)?;
         Ok(TlsStream::over(tcp, conn.into()))
     }
@@ -81,7 +84,7 @@ impl TlsStream {
     /// caller bounds the time it takes. A certificate the configuration
     /// does not trust (or a server that does not speak TLS) is an
     /// `InvalidData` error saying why.
-    pub async fn connect(
+    pub(crate) async fn connect(
         tcp: TcpStream,
         config: Arc<ClientConfig>,
         name: ServerName<'static>,

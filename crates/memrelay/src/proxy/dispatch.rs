@@ -19,11 +19,11 @@ use crate::ha;
 
 /// memcached's answer to `version`, with ours after it: clients parse the
 /// leading memcached version to pick protocol features; operators see ours.
-pub const VERSION_REPLY: &[u8] =
+pub(crate) const VERSION_REPLY: &[u8] =
     concat!("VERSION 1.6.0-memrelay-", env!("CARGO_PKG_VERSION"), "\r\n").as_bytes();
 
 /// Builds the slot for a parsed request and sends its first sub-requests.
-pub fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, frame: Bytes, req: Request) -> Slot {
+pub(crate) fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, frame: Bytes, req: Request) -> Slot {
     let mut slot = Slot::new(frame, req);
     match req.command {
         Command::Get | Command::Gets | Command::Gat | Command::Gats => {
@@ -97,7 +97,7 @@ fn count_write(w: &Worker, command: Command) {
 }
 
 /// All of a slot's parts are in: take its next step.
-pub fn advance(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot) {
+pub(crate) fn advance(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot) {
     let Some(req) = slot.req else {
         slot.stage = Stage::Done;
         return;
@@ -123,7 +123,7 @@ pub fn advance(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot) {
 
 /// memcached unlinks a key whose `set` failed for size, so the old value
 /// does not outlive a failed overwrite; do the same on every replica.
-pub fn unlink(w: &Worker, frame: &Bytes, key: &[u8]) {
+pub(crate) fn unlink(w: &Worker, frame: &Bytes, key: &[u8]) {
     if key.is_empty() || key.len() > memrelay_protocol::KEY_MAX_LENGTH {
         return;
     }

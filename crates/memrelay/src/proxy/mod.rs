@@ -13,12 +13,12 @@
 //! `Worker` it started with until it is answered.
 
 pub(crate) mod accept;
-pub mod dispatch;
+pub(crate) mod dispatch;
 mod fence;
-pub mod park;
-pub mod reply;
-pub mod session;
-pub mod slot;
+pub(crate) mod park;
+pub(crate) mod reply;
+pub(crate) mod session;
+pub(crate) mod slot;
 
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
@@ -28,7 +28,7 @@ use std::time::Instant;
 use memrelay_protocol::Limits;
 
 use crate::backend::connect::Dial;
-use crate::backend::{BackendResult, BackendSettings, ServerPool, Sink};
+use crate::backend::{BackendSettings, ServerPool};
 use crate::ha::mirror::Mirror;
 use crate::ha::replica::Server;
 use crate::ha::Cluster;
@@ -37,7 +37,7 @@ use crate::topology::{ReloadRequests, Topology, WorkerEvent, WorkerEvents};
 
 /// One worker thread's view of one configuration.
 #[derive(Debug)]
-pub struct Worker {
+pub(crate) struct Worker {
     /// The configuration's generation (see `Topology`).
     pub generation: u64,
     /// Routing, servers and what the HA steps use (`Worker` derefs to it).
@@ -61,8 +61,6 @@ pub struct Worker {
     /// Where `memrelay reload` requests go.
     pub reload: Option<ReloadRequests>,
     pub registry: Arc<StatsRegistry>,
-    /// Where replies nobody waits for go (clean-up deletes).
-    pub discard: Rc<Discard>,
     /// Spacing of `memrelay resync` requests (see [`AdminPace`]).
     pub admin: AdminPace,
     /// Told when this `Worker` is dropped: its last request is done.
@@ -89,14 +87,12 @@ impl Drop for Worker {
 
 /// What a worker thread keeps whatever the configuration.
 #[derive(Debug)]
-pub struct ThreadContext {
-    pub id: usize,
+pub(crate) struct ThreadContext {
     pub stats: Arc<WorkerStats>,
     pub registry: Arc<StatsRegistry>,
     pub resync: crate::ha::resync::Requests,
     pub reload: Option<ReloadRequests>,
     pub events: Option<WorkerEvents>,
-    pub discard: Rc<Discard>,
     /// The thread's server-connection settings, read by every connection
     /// at each use: installing a configuration changes them in place.
     pub backend: Rc<Cell<BackendSettings>>,
@@ -106,7 +102,7 @@ impl Worker {
     /// This thread's view of `topo`. The connection pools of `previous`
     /// are reused for every server that stays (same name, same address,
     /// same health), so a key's requests keep their connection.
-    pub fn build(ctx: &ThreadContext, topo: &Topology, previous: Option<&Worker>) -> Worker {
+    pub(crate) fn build(ctx: &ThreadContext, topo: &Topology, previous: Option<&Worker>) -> Worker {
         let cfg = &topo.config;
         let servers: Rc<[Server]> = cfg
             .servers()
@@ -166,7 +162,6 @@ impl Worker {
             resync: (!cfg.backups.is_empty()).then(|| ctx.resync.clone()),
             reload: ctx.reload.clone(),
             registry: ctx.registry.clone(),
-            discard: ctx.discard.clone(),
             admin: AdminPace::default(),
             events: ctx.events.clone(),
         }
@@ -175,7 +170,7 @@ impl Worker {
 
 /// One worker thread: its sessions, and the configuration they use now.
 #[derive(Debug)]
-pub struct WorkerThread {
+pub(crate) struct WorkerThread {
     pub ctx: ThreadContext,
     /// Set on SIGTERM (or a hand-over) to when the drain began: sessions
     /// finish what they were sent, then close (see `session::DRAIN_QUIET`).
@@ -192,7 +187,7 @@ pub struct WorkerThread {
 }
 
 impl WorkerThread {
-    pub fn new(ctx: ThreadContext, topo: &Topology) -> WorkerThread {
+    pub(crate) fn new(ctx: ThreadContext, topo: &Topology) -> WorkerThread {
         let worker = Worker::build(&ctx, topo, None);
         ctx.backend.set(worker.backend);
         WorkerThread {
@@ -206,25 +201,25 @@ impl WorkerThread {
     }
 
     /// The configuration new requests use.
-    pub fn current(&self) -> Rc<Worker> {
+    pub(crate) fn current(&self) -> Rc<Worker> {
         self.current.borrow().clone()
     }
 
     /// Whether `w` is still the configuration new requests use.
     #[inline]
-    pub fn is_current(&self, w: &Worker) -> bool {
+    pub(crate) fn is_current(&self, w: &Worker) -> bool {
         w.generation == self.generation.get()
     }
 
     /// Whether sessions may start new requests.
     #[inline]
-    pub fn is_paused(&self) -> bool {
+    pub(crate) fn is_paused(&self) -> bool {
         self.paused.get()
     }
 
     /// Phase one of a swap: build this thread's view of `topo` and stop
     /// starting requests until [`install`](Self::install).
-    pub fn prepare(&self, topo: &Topology) -> Worker {
+    pub(crate) fn prepare(&self, topo: &Topology) -> Worker {
         let next = Worker::build(&self.ctx, topo, Some(&self.current()));
         self.paused.set(true);
         next
@@ -233,7 +228,7 @@ impl WorkerThread {
     /// Phase two: new requests use `next`; sessions are woken to pick it up
     /// (an idle one lets go of the old configuration, so that connections
     /// only it used can close).
-    pub fn install(&self, next: Worker) {
+    pub(crate) fn install(&self, next: Worker) {
         self.ctx.backend.set(next.backend);
         self.generation.set(next.generation);
         *self.current.borrow_mut() = Rc::new(next);
@@ -243,7 +238,7 @@ impl WorkerThread {
 
     /// Starts draining: every session answers what it is sent until it goes
     /// quiet (or for at most `DRAIN_BUSY`), then closes.
-    pub fn drain(&self) {
+    pub(crate) fn drain(&self) {
         self.draining.set(Some(Instant::now()));
         self.wake_sessions();
     }
@@ -251,7 +246,7 @@ impl WorkerThread {
     /// Asks every session idle since the last sweep to give its buffers
     /// back (see `session::Inbox::sweep_idle`); forgets ended sessions.
     /// Returns how many were asked.
-    pub fn sweep_idle(&self) -> usize {
+    pub(crate) fn sweep_idle(&self) -> usize {
         let mut asked = 0;
         let mut sessions = self.sessions.borrow_mut();
         sessions.retain(|s| match s.upgrade() {
@@ -276,7 +271,7 @@ impl WorkerThread {
     }
 
     /// Remembers a session so `drain` and `install` can reach it.
-    pub fn register(&self, inbox: &Rc<session::Inbox>) {
+    pub(crate) fn register(&self, inbox: &Rc<session::Inbox>) {
         let mut sessions = self.sessions.borrow_mut();
         if sessions.len() >= 64 && sessions.len() == sessions.capacity() {
             // Forget sessions that ended before growing the list.
@@ -284,14 +279,6 @@ impl WorkerThread {
         }
         sessions.push(Rc::downgrade(inbox));
     }
-}
-
-/// A sink for fire-and-forget requests: the reply is dropped.
-#[derive(Debug, Default)]
-pub struct Discard;
-
-impl Sink for Discard {
-    fn deliver(&self, _token: u64, _part: u32, _result: BackendResult) {}
 }
 
 /// Least time between two resyncs of one server this worker asks for: a
@@ -302,14 +289,14 @@ const RESYNC_SPACING: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// When this worker last asked for each server's resync.
 #[derive(Debug, Default)]
-pub struct AdminPace {
+pub(crate) struct AdminPace {
     resyncs: RefCell<Vec<(String, Instant)>>,
 }
 
 impl AdminPace {
     /// Whether a resync of `server` is to be asked for now (and if so,
     /// notes it).
-    pub fn resync_due(&self, server: &str) -> bool {
+    pub(crate) fn resync_due(&self, server: &str) -> bool {
         let now = Instant::now();
         let mut recent = self.resyncs.borrow_mut();
         recent.retain(|(_, at)| now.duration_since(*at) < RESYNC_SPACING);
@@ -323,7 +310,7 @@ impl AdminPace {
 
 /// Bounds on one client connection.
 #[derive(Debug, Clone)]
-pub struct ClientLimits {
+pub(crate) struct ClientLimits {
     /// Requests a client may have outstanding before its socket is not read
     /// (backpressure: a client that does not read its replies stops being
     /// read, without affecting anyone else).

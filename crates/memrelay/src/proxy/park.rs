@@ -32,7 +32,7 @@ use crate::net::ParkedSocket as Socket;
 
 /// How a session ended: closed, or parked with what its successor needs.
 #[derive(Debug)]
-pub enum Ending {
+pub(crate) enum Ending {
     Closed,
     Parked { socket: Socket, authenticated: bool },
 }
@@ -61,7 +61,7 @@ thread_local! {
 
 /// Parks `socket` on the current worker thread. Should the lot be unable
 /// to watch it, the session starts again at once.
-pub fn park(
+pub(crate) fn park(
     socket: Socket,
     authenticated: bool,
     thread: &Rc<WorkerThread>,
@@ -111,7 +111,7 @@ pub fn park(
 
 /// Gives every connection parked on this worker thread its session back
 /// (the worker is draining: each closes as a quiet client does).
-pub fn unpark_all() {
+pub(crate) fn unpark_all() {
     let Some(lot) = LOT.with(|l| l.borrow().clone()) else {
         return;
     };
@@ -123,7 +123,7 @@ pub fn unpark_all() {
 
 /// How many connections this worker thread parked since the last call
 /// (the sweeper's: their sessions' memory is free to give back).
-pub fn parked_since_last_asked() -> usize {
+pub(crate) fn parked_since_last_asked() -> usize {
     LOT.with(|l| l.borrow().as_ref().map_or(0, |lot| lot.parked.replace(0)))
 }
 
@@ -137,6 +137,7 @@ fn lot(thread: &Rc<WorkerThread>, conns: &Arc<AtomicUsize>) -> io::Result<Rc<Lot
     let registry = poll.registry().try_clone()?;
     // SAFETY: a `mio::Poll` owns its epoll descriptor from creation to
     // drop, and `as_raw_fd` always returns that one.
+    #[allow(unsafe_code)]
     let watch = unsafe { AsyncFd::register_with_interest(poll, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)?;
     let lot = Rc::new(Lot {

@@ -13,7 +13,7 @@ use crate::net::outqueue::OutQueue;
 
 /// Appends the slot's reply to `out`. Returns true if the connection must
 /// be closed after it.
-pub fn render(w: &Worker, slot: Slot, out: &mut OutQueue) -> bool {
+pub(crate) fn render(w: &Worker, slot: Slot, out: &mut OutQueue) -> bool {
     if let Some(local) = slot.local {
         return match local {
             Local::Static(b) => {

@@ -90,7 +90,7 @@ const OUT_OF_MEMORY: &[u8] = b"SERVER_ERROR out of memory\r\n";
 
 /// Where backend connections deliver this session's replies.
 #[derive(Debug)]
-pub struct Inbox {
+pub(crate) struct Inbox {
     slots: RefCell<VecDeque<Queued>>,
     /// Sequence number of `slots[0]`.
     base: Cell<u64>,
@@ -122,7 +122,7 @@ pub struct Inbox {
 }
 
 impl Inbox {
-    pub fn new(limits: &super::ClientLimits) -> Inbox {
+    pub(crate) fn new(limits: &super::ClientLimits) -> Inbox {
         Inbox {
             slots: RefCell::default(),
             base: Cell::default(),
@@ -141,14 +141,14 @@ impl Inbox {
     }
 
     /// Wakes the session (to notice that the worker is draining).
-    pub fn wake(&self) {
+    pub(crate) fn wake(&self) {
         self.wake.notify();
     }
 
     /// The worker's idle sweep: a session that holds buffers and read
     /// nothing since the last sweep is asked to give them back. Costs the
     /// request path one flag store per read.
-    pub fn sweep_idle(&self) -> bool {
+    pub(crate) fn sweep_idle(&self) -> bool {
         if !self.active.replace(false) && self.holds_buffers.get() {
             self.release.set(true);
             self.wake.notify();
@@ -226,7 +226,7 @@ impl Sink for Inbox {
 /// arguments twice (as arguments and as the locals they are moved into);
 /// the buffers are out of line and only while there is work
 /// ([`Buffers`]); and the wait holds a few words ([`Stream::ready_or`]).
-pub fn serve<S: Stream>(
+pub(crate) fn serve<S: Stream>(
     stream: S,
     thread: Rc<WorkerThread>,
     authenticated: bool,
@@ -930,7 +930,7 @@ mod tests {
     use crate::backend::BackendSettings;
     use crate::config::cli::{parse_args, Action};
     use crate::ha::replica::Replica;
-    use crate::proxy::{Discard, ThreadContext};
+    use crate::proxy::ThreadContext;
     use crate::router::Router;
     use crate::stats::StatsRegistry;
     use crate::topology::Topology;
@@ -966,13 +966,11 @@ mod tests {
             let registry = Arc::new(StatsRegistry::new(1, 16, Vec::new()));
             let (resync, _requests) = tokio::sync::mpsc::unbounded_channel();
             let ctx = ThreadContext {
-                id: 0,
                 stats: registry.workers[0].clone(),
                 registry,
                 resync,
                 reload: None,
                 events: None,
-                discard: Rc::new(Discard),
                 backend: Rc::new(Cell::new(BackendSettings::of(&cfg))),
             };
             let thread = Rc::new(WorkerThread::new(ctx, &topo));

@@ -8,13 +8,13 @@
 use std::ops::{Deref, DerefMut};
 use std::rc::Rc;
 
-pub use crate::ha::slot::{Local, Part, Role, Slot, Stage};
+pub(crate) use crate::ha::slot::{Local, Part, Slot, Stage};
 
 use super::Worker;
 
 /// A slot in the session's FIFO.
 #[derive(Debug)]
-pub struct Queued {
+pub(crate) struct Queued {
     pub slot: Slot,
     /// The configuration the request started under: its later stages use
     /// it too, whatever a reload installed meanwhile (server indexes and
@@ -25,7 +25,7 @@ pub struct Queued {
 
 impl Queued {
     /// A reply the proxy made at once.
-    pub fn local(local: Local) -> Queued {
+    pub(crate) fn local(local: Local) -> Queued {
         Queued {
             slot: Slot::local(local),
             worker: None,

@@ -29,7 +29,7 @@ impl Continuum {
 
     /// The same with weights: a server's share of the points is its weight
     /// over the total, computed as twemproxy computes it.
-    pub fn weighted(servers: &[(&str, u32)]) -> Continuum {
+    pub(crate) fn weighted(servers: &[(&str, u32)]) -> Continuum {
         let n = servers.len();
         let total_weight = servers.iter().map(|s| s.1 as f32).sum::<f32>();
         // Weights share out the same budget: about 160 points per server
@@ -58,7 +58,7 @@ impl Continuum {
     /// The first server at or after the key's point, walking the circle,
     /// that `usable` accepts: the server that takes a key while its own
     /// server is ejected. Every other key keeps its server.
-    pub fn lookup_where(&self, hash: u32, usable: impl Fn(usize) -> bool) -> Option<usize> {
+    pub(crate) fn lookup_where(&self, hash: u32, usable: impl Fn(usize) -> bool) -> Option<usize> {
         let n = self.points.len();
         let start = self.points.partition_point(|p| p.0 < hash) % n.max(1);
         let mut tried = 0u64; // servers already refused (bitmap of the first 64)
@@ -79,7 +79,7 @@ impl Continuum {
 
     /// Every point on the circle, in order (a point is where an arc of
     /// hashes ends; see `router::moves`).
-    pub fn points(&self) -> impl Iterator<Item = u32> + '_ {
+    pub(crate) fn points(&self) -> impl Iterator<Item = u32> + '_ {
         self.points.iter().map(|p| p.0)
     }
 

@@ -8,7 +8,7 @@
 pub mod ketama;
 mod moves;
 
-pub use moves::{moves, Moves};
+pub(crate) use moves::{moves, Moves};
 
 use crate::config::{Config, HashKind, ServerAddr};
 
@@ -75,7 +75,7 @@ pub fn magent_hash(key: &[u8]) -> u32 {
 }
 
 /// Most tiers a key can have: the primary and up to three backup tiers.
-pub const MAX_TIERS: usize = 4;
+pub(crate) const MAX_TIERS: usize = 4;
 
 /// Where a key lives, in order of preference: its primary, then its backup
 /// in each backup tier. Small and `Copy`: computed once per request.
@@ -103,7 +103,7 @@ impl Replicas {
         self.len == 0
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = usize> + '_ {
         self.servers[..self.len as usize]
             .iter()
             .map(|&s| s as usize)
@@ -159,7 +159,11 @@ impl Router {
     /// its primary cannot, among the primaries `usable` accepts. Ketama walks
     /// on along the circle; modula and magent probe the next servers in
     /// order.
-    pub fn ejected_primary(&self, key: &[u8], usable: impl Fn(usize) -> bool) -> Option<usize> {
+    pub(crate) fn ejected_primary(
+        &self,
+        key: &[u8],
+        usable: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
         let hash = key_hash(self.kind, key);
         match &self.tiers[0].0 {
             Ring::Ketama(c) => c.lookup_where(hash, usable),
@@ -177,7 +181,7 @@ impl Router {
     }
 
     /// The tier of server `index` (0: a primary).
-    pub fn tier_of(&self, index: usize) -> usize {
+    pub(crate) fn tier_of(&self, index: usize) -> usize {
         self.tiers
             .iter()
             .rposition(|(_, offset)| *offset <= index)
@@ -185,7 +189,7 @@ impl Router {
     }
 
     /// Whether keys have backups at all.
-    pub fn has_backups(&self) -> bool {
+    pub(crate) fn has_backups(&self) -> bool {
         self.tiers.len() > 1
     }
 }

@@ -25,7 +25,7 @@ const MAX_RESIDUES: u64 = 1 << 20;
 
 /// A change of configuration, per server name.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct Moves {
+pub(crate) struct Moves {
     /// Servers that hold keys under the new configuration that they did not
     /// hold under the old one (every new server that holds any).
     pub gains: BTreeSet<String>,
@@ -38,7 +38,12 @@ pub struct Moves {
 
 /// Compares two configurations' routing. `*_names` name the servers by
 /// their global index (primaries then backups, as `Config::servers`).
-pub fn moves(old: &Router, old_names: &[String], new: &Router, new_names: &[String]) -> Moves {
+pub(crate) fn moves(
+    old: &Router,
+    old_names: &[String],
+    new: &Router,
+    new_names: &[String],
+) -> Moves {
     if old == new && old_names == new_names {
         // The same servers, weights and hash: every key stays where it is
         // (and a reload that changes nothing else must not be taken for one

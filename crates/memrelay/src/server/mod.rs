@@ -24,7 +24,7 @@ use self::start::{Sockets, Started};
 use crate::config::{Config, Listen};
 use crate::net::BoundListener;
 use crate::proxy::accept::{accept_loop, Stop};
-use crate::proxy::{Discard, ThreadContext, WorkerThread};
+use crate::proxy::{ThreadContext, WorkerThread};
 use crate::stats::http::MetricsAuth;
 use crate::stats::StatsRegistry;
 use crate::topology::{Control, ReloadRequest, WorkerEvent, WorkerLinks};
@@ -327,16 +327,7 @@ fn worker_main(
     stop: tokio::sync::watch::Receiver<Stop>,
 ) {
     crate::stats::set_worker_index(id);
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "worker runtime failed to start");
-            std::process::exit(1);
-        }
-    };
+    let rt = worker_runtime();
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let WorkerLinks {
@@ -351,13 +342,11 @@ fn worker_main(
         // which certificates, a reload may change.
         let tls = first.config.tls.is_some();
         let ctx = ThreadContext {
-            id,
             stats: registry.workers[id].clone(),
             registry: registry.clone(),
             resync,
             reload: Some(reload),
             events: Some(events.clone()),
-            discard: Rc::new(Discard),
             backend: Rc::new(std::cell::Cell::new(crate::backend::BackendSettings::of(
                 &first.config,
             ))),
@@ -403,6 +392,21 @@ fn worker_main(
         crate::proxy::park::unpark_all();
         std::future::pending::<()>().await;
     });
+}
+
+/// A worker's single-threaded runtime. Without it the worker cannot
+/// serve, and the process would run short of a thread it counts on: exit.
+fn worker_runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "worker runtime failed to start");
+            std::process::exit(1);
+        }
+    }
 }
 
 /// Idle sessions give their buffers back: a session idle for one to two

@@ -110,12 +110,10 @@ impl Sockets {
             if cfg.log_file.is_none() {
                 tracing::warn!("detaching without --log-file: logs are discarded from now on");
             }
-            // SAFETY: no thread has been started yet (the hand-off thread
-            // and the workers start from a `Detached`); daemon(3) forks and
-            // the parent exits, which is sound in a single-threaded process.
-            if unsafe { libc::daemon(0, 0) } != 0 {
-                return Err(StartError::Daemon(std::io::Error::last_os_error()));
-            }
+            // No thread has been started yet (the hand-off thread and the
+            // workers start from a `Detached`): daemon(3) forks, and only
+            // a single-threaded process may.
+            crate::sys::daemon().map_err(StartError::Daemon)?;
         }
         let pidfile = match &cfg.pidfile {
             Some(path) => Some(Pidfile::write(path)?),
@@ -210,8 +208,7 @@ fn serve_handoff(
                     tracing::info!("listening sockets handed to a new memrelay; draining");
                     flag.store(true, std::sync::atomic::Ordering::Release);
                     // Drain exactly as on SIGTERM.
-                    // SAFETY: kill(2) on our own pid.
-                    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+                    crate::sys::terminate_self();
                 }
                 Err(e) => tracing::error!(error = %e, "hand-off failed"),
             }

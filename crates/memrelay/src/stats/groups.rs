@@ -26,7 +26,7 @@ use super::StatsRegistry;
 use crate::config::{Config, Listen, Tier};
 
 /// The settings `stats settings` shows, in order.
-pub fn settings(cfg: &Config) -> Vec<(String, String)> {
+pub(crate) fn settings(cfg: &Config) -> Vec<(String, String)> {
     let ms = |d: std::time::Duration| d.as_millis().to_string();
     let yes_no = |b: bool| if b { "yes" } else { "no" }.to_string();
     let tcp = cfg.listen.iter().find_map(|l| match l {
@@ -91,7 +91,7 @@ pub fn settings(cfg: &Config) -> Vec<(String, String)> {
 
 /// The reply to `stats <group>` (`group` is not empty, `reset` or
 /// `servers`, which the general reply answers).
-pub fn reply(r: &StatsRegistry, group: &[u8]) -> Vec<u8> {
+pub(crate) fn reply(r: &StatsRegistry, group: &[u8]) -> Vec<u8> {
     let mut out = String::with_capacity(4096);
     match group {
         b"settings" => {

@@ -44,7 +44,7 @@ const MAX_HEAD: usize = 8 * 1024;
 pub(crate) type MetricsAuth = Arc<RwLock<Option<Arc<Credentials>>>>;
 
 /// Accepts scrapers until the process exits, [`MAX_CONNS`] at a time.
-pub async fn serve(listener: TcpListener, registry: Arc<StatsRegistry>, auth: MetricsAuth) {
+pub(crate) async fn serve(listener: TcpListener, registry: Arc<StatsRegistry>, auth: MetricsAuth) {
     let slots = Arc::new(Semaphore::new(MAX_CONNS));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -143,7 +143,7 @@ fn authorized<B>(req: &Request<B>, creds: &Credentials) -> bool {
 }
 
 /// Binds the endpoint (before privileges are dropped).
-pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let l = std::net::TcpListener::bind(addr)?;
     l.set_nonblocking(true)?;
     Ok(l)

@@ -12,19 +12,19 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use crate::config::Tier;
 use servers::ServerFigures;
 
-pub mod groups;
-pub mod http;
-pub mod metrics;
-pub mod servers;
+pub(crate) mod groups;
+pub(crate) mod http;
+pub(crate) mod metrics;
+pub(crate) mod servers;
 
 /// A counter with a single writer thread.
 #[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
+pub(crate) struct Counter(AtomicU64);
 
 impl Counter {
     /// Adds `n`. Only the owning worker calls this, so load+store is exact.
     #[inline]
-    pub fn add(&self, n: u64) {
+    pub(crate) fn add(&self, n: u64) {
         self.0.store(
             self.0.load(Ordering::Relaxed).wrapping_add(n),
             Ordering::Relaxed,
@@ -32,26 +32,26 @@ impl Counter {
     }
 
     #[inline]
-    pub fn incr(&self) {
+    pub(crate) fn incr(&self) {
         self.add(1);
     }
 
     /// For counters that go down too (current connections).
     #[inline]
-    pub fn sub(&self, n: u64) {
+    pub(crate) fn sub(&self, n: u64) {
         self.0.store(
             self.0.load(Ordering::Relaxed).wrapping_sub(n),
             Ordering::Relaxed,
         );
     }
 
-    pub fn get(&self) -> u64 {
+    pub(crate) fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
 }
 
 /// What request latencies are grouped by.
-pub const COMMAND_CLASSES: [&str; 8] = [
+pub(crate) const COMMAND_CLASSES: [&str; 8] = [
     "get",
     "set",
     "delete",
@@ -63,7 +63,7 @@ pub const COMMAND_CLASSES: [&str; 8] = [
 ];
 
 /// The class of a command, an index into `COMMAND_CLASSES`.
-pub fn command_class(c: memrelay_protocol::Command) -> usize {
+pub(crate) fn command_class(c: memrelay_protocol::Command) -> usize {
     use memrelay_protocol::Command as C;
     match c {
         C::Get | C::Gets | C::Gat | C::Gats => 0,
@@ -78,7 +78,7 @@ pub fn command_class(c: memrelay_protocol::Command) -> usize {
 }
 
 /// Upper bounds of the latency buckets, in microseconds (Prometheus `le`).
-pub const LATENCY_BOUNDS_US: [u64; 14] = [
+pub(crate) const LATENCY_BOUNDS_US: [u64; 14] = [
     50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
     1_000_000,
 ];
@@ -90,33 +90,33 @@ thread_local! {
 }
 
 /// Called once by each worker thread at its start.
-pub fn set_worker_index(i: usize) {
+pub(crate) fn set_worker_index(i: usize) {
     WORKER_INDEX.with(|w| w.set(i));
 }
 
 /// This thread's worker index.
 #[inline]
-pub fn worker_index() -> usize {
+pub(crate) fn worker_index() -> usize {
     WORKER_INDEX.with(|w| w.get())
 }
 
 /// A latency histogram with one writer (its worker): fixed buckets, no
 /// locks, no allocation.
 #[derive(Debug, Default)]
-pub struct Histogram {
+pub(crate) struct Histogram {
     buckets: [Counter; LATENCY_BOUNDS_US.len() + 1],
     sum_us: Counter,
 }
 
 /// A histogram's values, for summing over workers.
 #[derive(Debug, Clone, Default)]
-pub struct HistogramSnapshot {
+pub(crate) struct HistogramSnapshot {
     pub buckets: [u64; LATENCY_BOUNDS_US.len() + 1],
     pub sum_us: u64,
 }
 
 impl HistogramSnapshot {
-    pub fn add(&mut self, other: &HistogramSnapshot) {
+    pub(crate) fn add(&mut self, other: &HistogramSnapshot) {
         for (a, b) in self.buckets.iter_mut().zip(other.buckets.iter()) {
             *a += b;
         }
@@ -126,7 +126,7 @@ impl HistogramSnapshot {
 
 impl Histogram {
     #[inline]
-    pub fn record(&self, elapsed: std::time::Duration) {
+    pub(crate) fn record(&self, elapsed: std::time::Duration) {
         let us = elapsed.as_micros() as u64;
         let i = LATENCY_BOUNDS_US
             .iter()
@@ -136,7 +136,7 @@ impl Histogram {
         self.sum_us.add(us);
     }
 
-    pub fn snapshot(&self) -> HistogramSnapshot {
+    pub(crate) fn snapshot(&self) -> HistogramSnapshot {
         let mut s = HistogramSnapshot::default();
         for (d, c) in s.buckets.iter_mut().zip(self.buckets.iter()) {
             *d = c.get();
@@ -150,7 +150,7 @@ macro_rules! worker_counters {
     ($($name:ident),* $(,)?) => {
         /// One worker's counters. Names are the `stats` names.
         #[derive(Debug, Default)]
-        pub struct WorkerStats {
+        pub(crate) struct WorkerStats {
             $(pub $name: Counter,)*
             /// Request latency per command class.
             pub latency: [Histogram; COMMAND_CLASSES.len()],
@@ -158,7 +158,7 @@ macro_rules! worker_counters {
 
         impl WorkerStats {
             /// (name, value) for every counter, in declaration order.
-            pub fn each(&self) -> Vec<(&'static str, u64)> {
+            pub(crate) fn each(&self) -> Vec<(&'static str, u64)> {
                 vec![$((stringify!($name), self.$name.get()),)*]
             }
         }
@@ -202,7 +202,7 @@ worker_counters!(
 /// up, and `stats reset` leaves them alone.
 pub(crate) const GAUGES: [&str; 3] = ["curr_connections", "parked_connections", "memory_held"];
 /// What a worker counter counts, for `/metrics`' HELP lines.
-pub fn help(name: &str) -> &'static str {
+pub(crate) fn help(name: &str) -> &'static str {
     match name {
         "curr_connections" => "Client connections open now.",
         "parked_connections" => {
@@ -245,7 +245,7 @@ pub fn help(name: &str) -> &'static str {
 /// A server as `stats` shows it: its name, its tier, and a view of its
 /// state.
 #[derive(Debug, Clone)]
-pub struct ServerEntry {
+pub(crate) struct ServerEntry {
     pub name: String,
     /// Its name in the configuration (`host:port:weight name`), if any.
     pub label: Option<String>,
@@ -257,7 +257,7 @@ pub struct ServerEntry {
 /// layers that keep a server's state (its liveness, latency and own
 /// figures in `backend`, its missed keys and resyncs in `ha`) implement
 /// it: stats, below them, names none of their types.
-pub trait ServerView: Send + Sync + std::fmt::Debug {
+pub(crate) trait ServerView: Send + Sync + std::fmt::Debug {
     fn is_down(&self) -> bool;
     /// Its counters, read now.
     fn counts(&self) -> ServerCounts;
@@ -270,7 +270,7 @@ pub trait ServerView: Send + Sync + std::fmt::Debug {
 
 /// A server's counters, as `stats` and `/metrics` show them.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct ServerCounts {
+pub(crate) struct ServerCounts {
     /// Failed connections or requests.
     pub failures: u64,
     /// Times it was marked down.
@@ -289,7 +289,7 @@ pub struct ServerCounts {
 
 /// The state of a server's current or last resync.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct ResyncCounts {
+pub(crate) struct ResyncCounts {
     /// `idle`, `running`, `done` or `retrying`.
     pub state: &'static str,
     pub running: bool,
@@ -307,9 +307,8 @@ pub struct ResyncCounts {
 
 /// Process-wide facts and every worker's counters.
 #[derive(Debug)]
-pub struct StatsRegistry {
+pub(crate) struct StatsRegistry {
     pub started: Instant,
-    pub started_unix: u64,
     pub threads: usize,
     /// `-n`, which a reload may change.
     pub max_conns: AtomicUsize,
@@ -340,13 +339,13 @@ struct Shown {
 }
 
 impl StatsRegistry {
-    pub fn new(threads: usize, max_conns: usize, servers: Vec<ServerEntry>) -> StatsRegistry {
+    pub(crate) fn new(
+        threads: usize,
+        max_conns: usize,
+        servers: Vec<ServerEntry>,
+    ) -> StatsRegistry {
         StatsRegistry {
             started: Instant::now(),
-            started_unix: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
             threads,
             max_conns: AtomicUsize::new(max_conns),
             workers: (0..threads)
@@ -361,7 +360,7 @@ impl StatsRegistry {
     }
 
     /// The configuration is (now) `cfg`: what `stats settings` shows.
-    pub fn set_config(&self, cfg: &crate::config::Config) {
+    pub(crate) fn set_config(&self, cfg: &crate::config::Config) {
         let listen = cfg
             .listen
             .iter()
@@ -383,19 +382,19 @@ impl StatsRegistry {
     }
 
     /// `stats settings`, but for `maxbytes`, which the servers tell.
-    pub fn settings(&self) -> Vec<(String, String)> {
+    pub(crate) fn settings(&self) -> Vec<(String, String)> {
         self.shown().settings.clone()
     }
 
     /// The listeners, as `stats conns` names them.
-    pub fn settings_listen(&self) -> Vec<String> {
+    pub(crate) fn settings_listen(&self) -> Vec<String> {
         self.shown().listen.clone()
     }
 
     /// A figure of the servers' own `stats`, summed over the primaries that
     /// can be reached (each key has one primary: this is the cache as its
     /// clients see it).
-    pub fn primaries_sum(&self, name: &str) -> u64 {
+    pub(crate) fn primaries_sum(&self, name: &str) -> u64 {
         self.servers()
             .iter()
             .filter(|s| s.tier == Tier::Primary)
@@ -404,7 +403,7 @@ impl StatsRegistry {
     }
 
     /// The servers as configured now.
-    pub fn servers(&self) -> Arc<[ServerEntry]> {
+    pub(crate) fn servers(&self) -> Arc<[ServerEntry]> {
         // A panic while the lock was held cannot leave a half-written list
         // (the write is one assignment).
         self.servers
@@ -414,13 +413,13 @@ impl StatsRegistry {
     }
 
     /// A reload changed the servers.
-    pub fn set_servers(&self, servers: Vec<ServerEntry>) {
+    pub(crate) fn set_servers(&self, servers: Vec<ServerEntry>) {
         *self.servers.write().unwrap_or_else(|p| p.into_inner()) = servers.into();
     }
 
     /// Why not every key can be served now, if so: a primary that is down
     /// with no backup up.
-    pub fn unready(&self) -> Option<String> {
+    pub(crate) fn unready(&self) -> Option<String> {
         let servers = self.servers();
         let backup_up = servers
             .iter()
@@ -429,11 +428,6 @@ impl StatsRegistry {
             .iter()
             .find(|s| s.tier == Tier::Primary && s.view.is_down() && !backup_up)
             .map(|s| format!("primary {} is down and no backup is up", s.name))
-    }
-
-    /// Sum of one counter over every worker.
-    pub fn total(&self, f: impl Fn(&WorkerStats) -> &Counter) -> u64 {
-        self.workers.iter().map(|w| f(w).get()).sum()
     }
 
     /// Every counter summed over the workers, in `WorkerStats::each` order.
@@ -452,13 +446,13 @@ impl StatsRegistry {
 
     /// `stats reset`: the `stats` reply's totals start again from zero (not
     /// its gauges); the counters, and what `/metrics` shows, go on.
-    pub fn reset(&self) {
+    pub(crate) fn reset(&self) {
         let now = self.sums().into_iter().map(|(_, v)| v).collect();
         *self.since_reset.lock().unwrap_or_else(|p| p.into_inner()) = now;
     }
 
     /// The body of the general `stats` reply: `STAT name value` lines then `END`.
-    pub fn render(&self) -> Vec<u8> {
+    pub(crate) fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(2048);
         let mut stat = |name: &str, value: &dyn std::fmt::Display| {
             out.extend_from_slice(format!("STAT {name} {value}\r\n").as_bytes());
@@ -498,48 +492,57 @@ impl StatsRegistry {
         let servers = self.servers();
         stat("servers", &servers.len());
         for (i, server) in servers.iter().enumerate() {
-            let h = &server.view;
-            let c = h.counts();
-            let state = if h.is_down() { "down" } else { "up" };
-            stat(&format!("server:{i}:address"), &server.name);
-            if let Some(label) = &server.label {
-                stat(&format!("server:{i}:name"), label);
-            }
-            stat(&format!("server:{i}:role"), &server.tier);
-            stat(&format!("server:{i}:state"), &state);
-            stat(&format!("server:{i}:failures"), &c.failures);
-            stat(&format!("server:{i}:marked_down"), &c.marked_down);
-            stat(&format!("server:{i}:missed_keys"), &c.missed_keys);
-            stat(
-                &format!("server:{i}:missed_overflowed"),
-                &u8::from(c.missed_overflowed),
-            );
-            stat(&format!("server:{i}:missed_recorded"), &c.missed_recorded);
-            stat(&format!("server:{i}:invalidated"), &c.invalidated);
-            stat(&format!("server:{i}:flushed"), &c.flushed);
-            for name in servers::CAPACITY {
-                if let Some(v) = h.figures().number(name) {
-                    stat(&format!("server:{i}:{name}"), &v);
-                }
-            }
-            let r = &c.resync;
-            stat(&format!("server:{i}:resync_state"), &r.state);
-            for (name, v) in [
-                ("runs", r.runs),
-                ("scanned", r.scanned),
-                ("selected", r.selected),
-                ("copied", r.copied),
-                ("skipped", r.skipped),
-                ("errors", r.errors),
-                ("rate", r.rate),
-                ("eta", r.eta),
-            ] {
-                stat(&format!("server:{i}:resync_{name}"), &v);
-            }
+            server_stats(&mut stat, i, server);
         }
         // The closure's borrow of `out` ends at its last use above.
         out.extend_from_slice(b"END\r\n");
         out
+    }
+}
+
+/// The `server:<i>:...` lines of the general `stats` reply for one server.
+fn server_stats(
+    stat: &mut dyn FnMut(&str, &dyn std::fmt::Display),
+    i: usize,
+    server: &ServerEntry,
+) {
+    let h = &server.view;
+    let c = h.counts();
+    let state = if h.is_down() { "down" } else { "up" };
+    stat(&format!("server:{i}:address"), &server.name);
+    if let Some(label) = &server.label {
+        stat(&format!("server:{i}:name"), label);
+    }
+    stat(&format!("server:{i}:role"), &server.tier);
+    stat(&format!("server:{i}:state"), &state);
+    stat(&format!("server:{i}:failures"), &c.failures);
+    stat(&format!("server:{i}:marked_down"), &c.marked_down);
+    stat(&format!("server:{i}:missed_keys"), &c.missed_keys);
+    stat(
+        &format!("server:{i}:missed_overflowed"),
+        &u8::from(c.missed_overflowed),
+    );
+    stat(&format!("server:{i}:missed_recorded"), &c.missed_recorded);
+    stat(&format!("server:{i}:invalidated"), &c.invalidated);
+    stat(&format!("server:{i}:flushed"), &c.flushed);
+    for name in servers::CAPACITY {
+        if let Some(v) = h.figures().number(name) {
+            stat(&format!("server:{i}:{name}"), &v);
+        }
+    }
+    let r = &c.resync;
+    stat(&format!("server:{i}:resync_state"), &r.state);
+    for (name, v) in [
+        ("runs", r.runs),
+        ("scanned", r.scanned),
+        ("selected", r.selected),
+        ("copied", r.copied),
+        ("skipped", r.skipped),
+        ("errors", r.errors),
+        ("rate", r.rate),
+        ("eta", r.eta),
+    ] {
+        stat(&format!("server:{i}:resync_{name}"), &v);
     }
 }
 

@@ -15,7 +15,7 @@
 use std::sync::{Arc, RwLock};
 
 /// `STAT name value` pairs, in the server's order.
-pub type Stats = Arc<[(String, String)]>;
+pub(crate) type Stats = Arc<[(String, String)]>;
 
 /// Most `STAT` lines kept from one reply: memcached sends about 100 for
 /// `stats` and 30 per slab class (64 classes at most) for `stats items`.
@@ -23,7 +23,7 @@ const MAX_LINES: usize = 8192;
 
 /// The figures the general `stats` reply sums over the primaries, and
 /// `/metrics` shows per server: what fills, and what is lost.
-pub const CAPACITY: [&str; 10] = [
+pub(crate) const CAPACITY: [&str; 10] = [
     "curr_items",
     "total_items",
     "bytes",
@@ -42,7 +42,7 @@ type Raw = Arc<Vec<u8>>;
 /// One server's latest replies (empty until first read, and while the
 /// server cannot be reached).
 #[derive(Debug, Default)]
-pub struct ServerFigures {
+pub(crate) struct ServerFigures {
     stats: RwLock<Option<Raw>>,
     items: RwLock<Option<Raw>>,
     slabs: RwLock<Option<Raw>>,
@@ -50,7 +50,7 @@ pub struct ServerFigures {
 
 /// Which reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Group {
+pub(crate) enum Group {
     General,
     Items,
     Slabs,
@@ -74,24 +74,24 @@ impl ServerFigures {
     }
 
     /// The last `g` reply read, if the server is reachable.
-    pub fn get(&self, g: Group) -> Option<Stats> {
+    pub(crate) fn get(&self, g: Group) -> Option<Stats> {
         self.raw(g).map(|r| parse(&r))
     }
 
     /// A `g` reply just read from the server.
-    pub fn store(&self, g: Group, reply: Vec<u8>) {
+    pub(crate) fn store(&self, g: Group, reply: Vec<u8>) {
         *self.slot(g).write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(reply));
     }
 
     /// The server cannot be reached: what it said last no longer counts.
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         for g in [Group::General, Group::Items, Group::Slabs] {
             *self.slot(g).write().unwrap_or_else(|p| p.into_inner()) = None;
         }
     }
 
     /// One number of the general `stats` reply.
-    pub fn number(&self, name: &str) -> Option<u64> {
+    pub(crate) fn number(&self, name: &str) -> Option<u64> {
         let raw = self.raw(Group::General)?;
         raw.split(|&b| b == b'\n').find_map(|line| {
             let rest = line.strip_prefix(b"STAT ")?.strip_prefix(name.as_bytes())?;
@@ -130,7 +130,7 @@ fn combine(field: &str, a: u64, b: u64) -> u64 {
 /// name by name in first-seen order: `items:1:number` of each summed,
 /// `items:1:age` the oldest. Lines whose value is not a number are left
 /// out (they have no sum).
-pub fn combined(replies: &[Stats]) -> Vec<(String, u64)> {
+pub(crate) fn combined(replies: &[Stats]) -> Vec<(String, u64)> {
     let mut out: Vec<(String, u64)> = Vec::new();
     let mut at: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for reply in replies {
