@@ -587,7 +587,18 @@ fn a_disconnect_storm_leaves_the_backup_whole() {
     ] {
         assert_eq!(s.get(name).map(String::as_str), Some("0"), "{name}: {s:?}");
     }
-    // What the primary took, the backup took too.
+    // What the primary took, the backup took too. The reverse may not
+    // hold on a loaded machine: a set the primary did not answer within
+    // --timeout stays on the backup alone (its outcome is unknown to the
+    // client, and a read falls back to the backup), and memrelay then
+    // knows the primary missed it.
+    let primary_missed = [
+        "server:0:missed_keys",
+        "server:0:invalidated",
+        "server:0:flushed",
+    ]
+    .iter()
+    .any(|n| s.get(*n).is_some_and(|v| v != "0"));
     let mut on_p = p.client();
     let mut on_b = b.client();
     let mut both = 0;
@@ -596,7 +607,14 @@ fn a_disconnect_storm_leaves_the_backup_whole() {
             let get = format!("get storm-{round}-{i}\r\n");
             let in_p = on_p.send_until(get.as_bytes(), complete_retrieval).bytes;
             let in_b = on_b.send_until(get.as_bytes(), complete_retrieval).bytes;
-            assert_eq!(in_p, in_b, "storm-{round}-{i}");
+            if in_p != in_b {
+                assert!(
+                    in_p == b"END\r\n" && primary_missed,
+                    "storm-{round}-{i}: primary {:?}, backup {:?}; {s:?}",
+                    String::from_utf8_lossy(&in_p),
+                    String::from_utf8_lossy(&in_b)
+                );
+            }
             both += usize::from(in_p.starts_with(b"VALUE"));
         }
     }
