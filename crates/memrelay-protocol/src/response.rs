@@ -295,6 +295,15 @@ fn parse_meta_reply(
             }
             return Ok(Some((ResponseKind::Meta(MetaStatus::Value), end)));
         }
+        code => meta_code(code).ok_or(ResponseError::Unexpected)?,
+    };
+    Ok(Some((ResponseKind::Meta(status), n)))
+}
+
+/// The status a meta reply's two-letter code stands for.
+fn meta_code(code: &[u8]) -> Option<MetaStatus> {
+    Some(match code {
+        b"VA" => MetaStatus::Value,
         b"HD" => MetaStatus::Hd,
         b"EN" => MetaStatus::En,
         b"NF" => MetaStatus::Nf,
@@ -302,9 +311,8 @@ fn parse_meta_reply(
         b"EX" => MetaStatus::Ex,
         b"MN" => MetaStatus::Mn,
         b"ME" => MetaStatus::Me,
-        _ => return Err(ResponseError::Unexpected),
-    };
-    Ok(Some((ResponseKind::Meta(status), n)))
+        _ => return None,
+    })
 }
 
 /// The return flags of a meta reply line (`VA 5 f3 t-1 c99 ...`), as far as
@@ -360,17 +368,7 @@ pub fn meta_status(reply: &[u8]) -> Option<MetaStatus> {
     if line.len() > 2 && line[2] != b' ' {
         return None;
     }
-    Some(match line.get(..2)? {
-        b"VA" => MetaStatus::Value,
-        b"HD" => MetaStatus::Hd,
-        b"EN" => MetaStatus::En,
-        b"NF" => MetaStatus::Nf,
-        b"NS" => MetaStatus::Ns,
-        b"EX" => MetaStatus::Ex,
-        b"MN" => MetaStatus::Mn,
-        b"ME" => MetaStatus::Me,
-        _ => return None,
-    })
+    meta_code(line.get(..2)?)
 }
 
 /// Whether `buf` holds a whole `stats` reply: through its `END`, or the
