@@ -1432,6 +1432,15 @@ mod tests {
     /// Runs `steps` (op, reply) on one text key and one counter key;
     /// `live`: whether a replica counts as untouched.
     fn run(live: bool, steps: &[(Op, Result<Reply, Fail>)]) -> Tally {
+        run_then(live, steps, None)
+    }
+
+    /// `run`, then one more step sent and answered `after` later.
+    fn run_then(
+        live: bool,
+        steps: &[(Op, Result<Reply, Fail>)],
+        last: Option<(Duration, &(Op, Result<Reply, Fail>))>,
+    ) -> Tally {
         let f = move |_: usize, _: Instant| live;
         let ctx = Ctx {
             start: Instant::now(),
@@ -1449,6 +1458,10 @@ mod tests {
         for (op, r) in steps {
             let now = Instant::now();
             check(&ctx, &mut tally, &mut keys, op, r, now, now);
+        }
+        if let Some((after, (op, r))) = last {
+            let then = Instant::now() + after;
+            check(&ctx, &mut tally, &mut keys, op, r, then, then);
         }
         tally
     }
@@ -1566,33 +1579,9 @@ mod tests {
             },
             ttl: 1,
         };
-        let late = Instant::now() + Duration::from_secs(30);
+        let hit = (get(0), vals(vec![val("t", "c0k0s1", 1)]));
         let read_late = |steps: &[(Op, Result<Reply, Fail>)]| {
-            let f = |_: usize, _: Instant| false;
-            let ctx = Ctx {
-                start: Instant::now(),
-                client: 0,
-                phase: "test",
-                bound: Duration::from_secs(60),
-                live_replica: &f,
-                strict_writes: false,
-            };
-            let mut keys = vec![KeyModel::new("t".into(), "c0k0".into(), false, 0)];
-            let mut t = Tally::new();
-            let now = Instant::now();
-            for (op, r) in steps {
-                check(&ctx, &mut t, &mut keys, op, r, now, now);
-            }
-            check(
-                &ctx,
-                &mut t,
-                &mut keys,
-                &get(0),
-                &vals(vec![val("t", "c0k0s1", 1)]),
-                late,
-                late,
-            );
-            t.stale
+            run_then(false, steps, Some((Duration::from_secs(30), &hit))).stale
         };
         assert_eq!(read_late(&[(set_ttl.clone(), line("STORED"))]), 1);
         assert_eq!(
