@@ -112,12 +112,8 @@ pub(crate) fn park(
 /// Gives every connection parked on this worker thread its session back
 /// (the worker is draining: each closes as a quiet client does).
 pub(crate) fn unpark_all() {
-    let Some(lot) = LOT.with(|l| l.borrow().clone()) else {
-        return;
-    };
-    let n = lot.entries.borrow().len();
-    for idx in 0..n {
-        lot.unpark(idx);
+    if let Some(lot) = LOT.with(|l| l.borrow().clone()) {
+        lot.unpark_all();
     }
 }
 
@@ -159,12 +155,7 @@ async fn watch_lot(mut watch: AsyncFd<mio::Poll>, lot: Rc<Lot>) {
     loop {
         let mut guard = match watch.readable_mut().await {
             Ok(g) => g,
-            Err(e) => {
-                // Cannot happen with an epoll set; if it did, the parked
-                // connections would never be served again.
-                tracing::error!(error = %e, "parked connections lost their watch: resuming them");
-                break;
-            }
+            Err(e) => return lost_watch(&lot, &e),
         };
         // Tokio watches the set edge-triggered: empty it before saying so.
         loop {
@@ -176,9 +167,8 @@ async fn watch_lot(mut watch: AsyncFd<mio::Poll>, lot: Rc<Lot>) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                tracing::error!(error = %e, "parked connections lost their watch: resuming them");
                 drop(guard);
-                return resume_all(&lot);
+                return lost_watch(&lot, &e);
             }
             if events.is_empty() {
                 break;
@@ -189,17 +179,25 @@ async fn watch_lot(mut watch: AsyncFd<mio::Poll>, lot: Rc<Lot>) {
         }
         guard.clear_ready();
     }
-    resume_all(&lot);
 }
 
-fn resume_all(lot: &Lot) {
-    let n = lot.entries.borrow().len();
-    for idx in 0..n {
-        lot.unpark(idx);
-    }
+/// The lot's epoll set failed (it cannot, short of a kernel error): its
+/// connections get their sessions back, and the next park makes a new
+/// lot, so that no connection waits on a set nobody watches.
+fn lost_watch(lot: &Lot, e: &io::Error) {
+    tracing::error!(error = %e, "parked connections lost their watch: resuming them");
+    LOT.with(|l| *l.borrow_mut() = None);
+    lot.unpark_all();
 }
 
 impl Lot {
+    fn unpark_all(&self) {
+        let n = self.entries.borrow().len();
+        for idx in 0..n {
+            self.unpark(idx);
+        }
+    }
+
     fn take(&self, idx: usize) -> Option<Entry> {
         let entry = self.entries.borrow_mut().get_mut(idx)?.take()?;
         self.free.borrow_mut().push(idx);
