@@ -8,8 +8,9 @@
 //! sweep, two to four seconds) hands its socket here instead and ends.
 //! The worker keeps the parked sockets in a table and watches them with one
 //! epoll set of its own (mio's, registered with tokio as one descriptor):
-//! about 24 bytes each. The first byte (or the close) a parked client sends
-//! makes the socket readable; its session starts again from there, as a
+//! 12 bytes a slot in the process (the epoll entry is kernel memory). The
+//! first byte (or the close) a parked client sends makes the socket
+//! readable; its session starts again from there, as a
 //! session starts for a new connection, with what the old one knew that
 //! outlives a request: whether the client authenticated.
 //!
