@@ -438,10 +438,18 @@ impl Persist {
                     continue;
                 }
             };
+            // Only this user's (or root's) processes may tell this one
+            // what servers missed, or be told: as for the hand-off itself.
+            if let Err(e) = crate::net::handoff::check_peer(&stream) {
+                tracing::warn!(error = %e, "refused a connection to the record socket");
+                continue;
+            }
             let _ = stream.set_nonblocking(false);
             let _ = stream.set_read_timeout(Some(FORWARD_TIMEOUT));
             let mut hello = String::new();
-            let read = std::io::BufReader::new(&stream).read_line(&mut hello);
+            // A hello is one short line: a longer one is no hello.
+            let read =
+                std::io::Read::take(std::io::BufReader::new(&stream), 64).read_line(&mut hello);
             let ok = read.is_ok() && stream.write_all(b"k\n").is_ok();
             if !ok {
                 continue;

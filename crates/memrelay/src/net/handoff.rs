@@ -42,7 +42,7 @@ pub(crate) fn bind(path: &Path) -> io::Result<UnixListener> {
 
 /// Refuses a peer that is not the same user as this process (or root):
 /// only such a process may take, or give, the listening sockets.
-fn check_peer(s: &UnixStream) -> io::Result<()> {
+pub(crate) fn check_peer(s: &UnixStream) -> io::Result<()> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
