@@ -710,8 +710,11 @@ fn take_records(stream: std::os::unix::net::UnixStream, health: &[Arc<Health>]) 
     let mut line = String::new();
     loop {
         line.clear();
-        match reader.read_line(&mut line) {
+        // A record is a server name and a key in base64: a line of a few
+        // hundred bytes. One past 4 KiB ends the connection.
+        match std::io::Read::take(&mut reader, 4096).read_line(&mut line) {
             Ok(0) | Err(_) => return,
+            Ok(_) if !line.ends_with('\n') => return,
             Ok(_) => {}
         }
         let Some((name, key)) = line.trim_end().rsplit_once(' ') else {
