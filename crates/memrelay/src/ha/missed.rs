@@ -41,14 +41,28 @@ pub(crate) struct MissedKeys {
     /// file marks the server as holding stale copies (`ha::persist`)
     /// before the write that missed it is acknowledged.
     on_dirty: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
-    /// Called with every record (`None`: every key), outside the lock,
-    /// before the record returns: during a hand-off it tells the other
-    /// process, before the write that went past the server is answered.
-    on_record: std::sync::OnceLock<RecordHook>,
+    /// Called with every record (`None`: every key) and where it came
+    /// from, outside the lock, before the record returns: during a
+    /// hand-off the other process is told, and in a fleet the peers are,
+    /// before the write that went past the server is answered. Installed
+    /// at start (or when a reload adds the server), read at each record:
+    /// records are rare, the lock uncontended.
+    on_record: std::sync::RwLock<Vec<RecordHook>>,
 }
 
-/// Told of every record: the key, or None for every key.
-pub(crate) type RecordHook = Box<dyn Fn(Option<&[u8]>) + Send + Sync>;
+/// Told of every record: the key, or None for every key, and its source.
+pub(crate) type RecordHook = Box<dyn Fn(Option<&[u8]>, Source) + Send + Sync>;
+
+/// Who first knew that the server missed a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// A write of this process went past the server.
+    Here,
+    /// The other memrelay of a hand-off recorded it.
+    Handoff,
+    /// A peer of the fleet recorded it.
+    Peer,
+}
 
 impl std::fmt::Debug for MissedKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -89,18 +103,26 @@ impl MissedKeys {
             flushes: AtomicU64::new(0),
             recorded_signal: tokio::sync::Notify::new(),
             on_dirty: std::sync::OnceLock::new(),
-            on_record: std::sync::OnceLock::new(),
+            on_record: std::sync::RwLock::new(Vec::new()),
         }
     }
 
-    /// Installs the hook called with every record (once).
+    /// Adds a hook called with every record.
     pub(crate) fn on_record(&self, hook: RecordHook) {
-        let _ = self.on_record.set(hook);
+        self.on_record
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(hook);
     }
 
-    fn recorded_hook(&self, key: Option<&[u8]>) {
-        if let Some(hook) = self.on_record.get() {
-            hook(key);
+    fn recorded_hook(&self, key: Option<&[u8]>, from: Source) {
+        for hook in self
+            .on_record
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            hook(key, from);
         }
     }
 
@@ -156,16 +178,17 @@ impl MissedKeys {
     /// Records that a write for `key` went past this server.
     pub(crate) fn record(&self, key: &[u8]) {
         self.note(key);
-        self.recorded_hook(Some(key));
+        self.recorded_hook(Some(key), Source::Here);
     }
 
-    /// Records what the other memrelay of a hand-off recorded (`None`:
-    /// every key). The hook is not told: it would send the record back.
-    pub(crate) fn learn(&self, key: Option<&[u8]>) {
+    /// Records what another memrelay recorded (`None`: every key). The
+    /// hooks are told where it came from, so none sends it back.
+    pub(crate) fn learn(&self, key: Option<&[u8]>, from: Source) {
         match key {
             Some(k) => self.note(k),
             None => self.note_all(),
         }
+        self.recorded_hook(key, from);
     }
 
     fn note(&self, key: &[u8]) {
@@ -211,7 +234,7 @@ impl MissedKeys {
     /// flushed before it serves again.
     pub(crate) fn record_all(&self) {
         self.note_all();
-        self.recorded_hook(None);
+        self.recorded_hook(None, Source::Here);
     }
 
     fn note_all(&self) {

@@ -48,6 +48,7 @@ use std::sync::{Arc, Mutex};
 
 // Named Health here, as before replica state left backend::health, to
 // keep this change to persist.rs to this line.
+use super::missed::Source;
 use super::replica::Replica as Health;
 
 const MAGIC: &str = "memrelay-state 1";
@@ -275,11 +276,11 @@ impl Persist {
                 continue;
             };
             if *overflowed {
-                server.missed.learn(None);
+                server.missed.learn(None, Source::Handoff);
             }
             for k in keys {
                 if h.merged.insert((server.name.clone(), k.clone())) {
-                    server.missed.learn(Some(k));
+                    server.missed.learn(Some(k), Source::Handoff);
                 }
             }
         }
@@ -486,7 +487,13 @@ impl Persist {
             }));
             let me = Arc::downgrade(self);
             let name = health.name.clone();
-            set.on_record(Box::new(move |key| {
+            // What the other process of the hand-off sent is not sent
+            // back; what a peer of the fleet sent is, for the other
+            // process is not the peer's peer.
+            set.on_record(Box::new(move |key, from| {
+                if from == Source::Handoff {
+                    return;
+                }
                 if let Some(me) = me.upgrade() {
                     me.relay(&name, key);
                 }
@@ -616,11 +623,11 @@ fn apply(loaded: &Loaded, health: &[Arc<Health>]) -> Vec<String> {
             continue;
         };
         if *overflowed || loaded.status == Status::Running {
-            h.missed.learn(None);
+            h.missed.learn(None, Source::Handoff);
             stale.push(h.name.clone());
         } else {
             for k in keys {
-                h.missed.learn(Some(k));
+                h.missed.learn(Some(k), Source::Handoff);
             }
         }
     }
@@ -722,9 +729,9 @@ fn take_records(stream: std::os::unix::net::UnixStream, health: &[Arc<Health>]) 
         };
         if let Some(h) = health.iter().find(|h| h.name == name) {
             if key == "*" {
-                h.missed.learn(None);
+                h.missed.learn(None, Source::Handoff);
             } else if let Some(k) = memrelay_protocol::base64::decode(key.as_bytes()) {
-                h.missed.learn(Some(&k));
+                h.missed.learn(Some(&k), Source::Handoff);
             }
         }
         if out.write_all(b"k\n").is_err() {
