@@ -114,6 +114,36 @@ fn bad_values_are_named_by_key() {
 }
 
 #[test]
+fn a_fleet_needs_an_address_for_its_peers_and_a_long_enough_secret() {
+    let dir = TempDir::new("config-fleet");
+    let line = expect_file_error(
+        &dir,
+        &format!("{ONE_PRIMARY}[fleet]\npeers = [\"127.0.0.1:12100\"]\n"),
+        &[],
+        "fleet.peers[0]",
+    );
+    assert!(line.contains("needs --peer-listen"), "{line}");
+    let line = expect_file_error(
+        &dir,
+        &format!("{ONE_PRIMARY}[fleet]\nlisten = \"127.0.0.1:12100\"\n"),
+        &[],
+        "fleet.listen",
+    );
+    assert!(line.contains("needs --peer-secret-file"), "{line}");
+    let short = dir.file("short.secret", "too short\n");
+    let line = expect_file_error(
+        &dir,
+        &format!(
+            "{ONE_PRIMARY}[fleet]\nlisten = \"127.0.0.1:12100\"\nsecret_file = \"{}\"\n",
+            short.display()
+        ),
+        &[],
+        "fleet.secret_file",
+    );
+    assert!(line.contains("at least 16"), "{line}");
+}
+
+#[test]
 fn a_file_that_is_not_toml_names_the_line() {
     let dir = TempDir::new("nottoml");
     // Lines 1 to 3 are the listener the helper writes.

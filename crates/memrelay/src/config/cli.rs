@@ -162,6 +162,17 @@ more options:
                            -d detached); removed at exit
       --version            print the version
 
+a fleet (several memrelays behind one VIP; docs/ha.md, A fleet of memrelays):
+      --peer HOST:PORT     another memrelay of the fleet (repeat for each; the
+                           same list on every member, which may include itself)
+      --peer-listen ADDR   where the other memrelays reach this one, e.g.
+                           10.0.0.1:12100
+      --peer-secret-file PATH  a secret of 16 bytes or more shared by the fleet
+                           (its first line; keep it chmod 600): peers prove
+                           they know it before they talk
+      --peer-timeout D     longest wait for a peer to take a hint before it is
+                           counted down until reached again (default 200ms)
+
 Durations are like 250ms, 2s, or a number of milliseconds.
 ";
 
@@ -354,6 +365,10 @@ fn canonical(flag: &str) -> Option<&'static str> {
         "--shutdown-timeout" => "--shutdown-timeout",
         "--handoff" => "--handoff",
         "--state-file" => "--state-file",
+        "--peer" => "--peer",
+        "--peer-listen" => "--peer-listen",
+        "--peer-secret-file" => "--peer-secret-file",
+        "--peer-timeout" => "--peer-timeout",
         "--pidfile" => "--pidfile",
         "--log-file" => "--log-file",
         "--max-pipeline" => "--max-pipeline",

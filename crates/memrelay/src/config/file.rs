@@ -44,6 +44,18 @@ struct File {
     tls: Tls,
     #[serde(default)]
     server_tls: ServerTls,
+    #[serde(default)]
+    fleet: FleetKeys,
+}
+
+/// `[fleet]`: the other memrelays behind the same VIP.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct FleetKeys {
+    listen: Option<String>,
+    peers: Option<Vec<String>>,
+    secret_file: Option<String>,
+    timeout: Option<DurationText>,
 }
 
 /// One `[[listen]]` table: `unix` (and `mode`), or `address` and `port`.
@@ -247,6 +259,13 @@ fn apply(path: &Path, f: File, draft: &mut Draft) -> Result<(), ConfigError> {
     put.text("server_tls.cert", "--server-tls-cert", st.cert)?;
     put.text("server_tls.key", "--server-tls-key", st.key)?;
     put.text("server_tls.name", "--server-tls-name", st.name)?;
+    let fl = f.fleet;
+    put.text("fleet.listen", "--peer-listen", fl.listen)?;
+    for (i, peer) in fl.peers.unwrap_or_default().iter().enumerate() {
+        put.text(&format!("fleet.peers[{i}]"), "--peer", Some(peer))?;
+    }
+    put.text("fleet.secret_file", "--peer-secret-file", fl.secret_file)?;
+    put.text("fleet.timeout", "--peer-timeout", fl.timeout.map(|d| d.0))?;
     Ok(())
 }
 
@@ -730,11 +749,24 @@ mod tests {
             log,
             tls,
             server_tls,
+            fleet:
+                FleetKeys {
+                    listen: fleet_listen,
+                    peers,
+                    secret_file,
+                    timeout: peer_timeout,
+                },
         } = f;
         let mut shown = servers_and_limits_shown(pools, timeouts, health, limits);
         shown.extend(process_and_security_shown(
             ha, process, metrics, log, tls, server_tls,
         ));
+        shown.extend([
+            ("fleet.listen", fleet_listen.is_some()),
+            ("fleet.peers", peers.is_some()),
+            ("fleet.secret_file", secret_file.is_some()),
+            ("fleet.timeout", peer_timeout.is_some()),
+        ]);
         for l in &listen {
             let ListenKeys {
                 address,
@@ -758,10 +790,12 @@ mod tests {
         // file that exists).
         let auth =
             std::env::temp_dir().join(format!("memrelay-example-auth-{}", std::process::id()));
-        std::fs::write(&auth, "user:secret\n").unwrap();
+        std::fs::write(&auth, "user:a-password-of-16-bytes\n").unwrap();
         std::fs::set_permissions(&auth, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .unwrap();
         let all = all.replace("/etc/memrelay/auth", &auth.to_string_lossy());
+        // And a fleet secret that exists (the auth file is long enough).
+        let all = all.replace("/etc/memrelay/fleet.secret", &auth.to_string_lossy());
         // And TLS files that exist: a self-signed certificate, which is
         // its own client CA here.
         let tls = std::env::temp_dir().join(format!("memrelay-example-tls-{}", std::process::id()));

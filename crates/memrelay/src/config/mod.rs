@@ -11,6 +11,7 @@
 pub(crate) mod auth;
 pub mod cli;
 pub(crate) mod file;
+pub(crate) mod fleet;
 mod settings;
 mod summary;
 pub(crate) mod tls;
@@ -342,6 +343,9 @@ pub struct Config {
     pub log_file: Option<PathBuf>,
     /// The monitoring endpoint (`/metrics`, `/healthz`, `/readyz`).
     pub metrics: Option<SocketAddr>,
+    /// `--peer` and the rest: the other memrelays of a fleet, told of the
+    /// keys servers missed.
+    pub fleet: Option<fleet::Fleet>,
     /// Keys remembered per server as missed while it could not be written;
     /// past this the server is flushed before it serves again.
     pub missed_keys_cap: usize,
@@ -395,6 +399,7 @@ impl Default for Config {
             pidfile: None,
             log_file: None,
             metrics: None,
+            fleet: None,
             missed_keys_cap: 100_000,
             limits: Limits::default(),
             user: None,
@@ -476,6 +481,7 @@ impl Config {
             pidfile: "process.pidfile (--pidfile)",
             log_file: "log.file (--log-file)",
             metrics: "metrics.listen (--metrics)",
+            fleet: "fleet (--peer, --peer-listen, --peer-secret-file, --peer-timeout)",
             // A key's requests to a server keep their connection across a
             // reload (which orders them) only while the count stays.
             backend_conns: "pools.backend_conns (-i)",

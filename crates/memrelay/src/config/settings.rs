@@ -68,6 +68,12 @@ pub(super) struct Draft {
     server_tls_cert: Option<(Origin, PathBuf)>,
     server_tls_key: Option<(Origin, PathBuf)>,
     server_tls_name: Option<(Origin, String)>,
+    /// `--peer` (each), `--peer-listen`, `--peer-secret-file`,
+    /// `--peer-timeout`: checked together at the end.
+    peers: Vec<(Origin, String)>,
+    peer_listen: Option<(Origin, String)>,
+    peer_secret: Option<(Origin, PathBuf)>,
+    peer_timeout: Option<std::time::Duration>,
     /// Settings the command line gave so far: the first `-s` (or `-b`, or
     /// `-v`) replaces what the file said rather than adding to it.
     from_cli: Vec<&'static str>,
@@ -98,6 +104,7 @@ impl Draft {
                 "-s" => self.primaries.clear(),
                 "-b" => self.backups.clear(),
                 "--backup-tier" => self.more_tiers.clear(),
+                "--peer" => self.peers.clear(),
                 "-v" => self.cfg.verbosity = 0,
                 _ => {}
             }
@@ -140,6 +147,10 @@ impl Draft {
             "--server-tls-cert" => self.server_tls_cert = Some((origin.clone(), PathBuf::from(v))),
             "--server-tls-key" => self.server_tls_key = Some((origin.clone(), PathBuf::from(v))),
             "--server-tls-name" => self.server_tls_name = Some((origin.clone(), v.to_string())),
+            "--peer" => self.peers.push((origin.clone(), v.to_string())),
+            "--peer-listen" => self.peer_listen = Some((origin.clone(), v.to_string())),
+            "--peer-secret-file" => self.peer_secret = Some((origin.clone(), PathBuf::from(v))),
+            "--peer-timeout" => self.peer_timeout = Some(duration(v).map_err(fail)?),
             _ => return Ok(false),
         }
         Ok(true)
@@ -172,6 +183,7 @@ impl Draft {
         self.load_server_files(&mut cfg, &origins)?;
         self.check_sizes(&mut cfg)?;
         cfg.tls = self.client_tls()?;
+        cfg.fleet = self.fleet(&mut cfg.warnings)?;
         cfg.listen = self.listen()?;
         Ok(cfg)
     }
@@ -320,6 +332,47 @@ impl Draft {
                 },
             };
         Ok(tls)
+    }
+
+    /// The fleet: peers need an address to be reached at and a secret;
+    /// this member, if listed among the peers, is left out.
+    fn fleet(
+        &self,
+        warnings: &mut Vec<String>,
+    ) -> Result<Option<super::fleet::Fleet>, ConfigError> {
+        let Some((lo, listen)) = &self.peer_listen else {
+            return match (self.peers.first(), &self.peer_secret) {
+                (Some((o, _)), _) | (None, Some((o, _))) => Err(ConfigError::new(
+                    o,
+                    "needs --peer-listen (fleet.listen): where the other memrelays reach this one",
+                )),
+                (None, None) => Ok(None),
+            };
+        };
+        let listen = socket_addr(listen).map_err(|m| ConfigError::new(lo, m))?;
+        let Some((so, path)) = &self.peer_secret else {
+            return Err(ConfigError::new(
+                lo,
+                "needs --peer-secret-file (fleet.secret_file): peers authenticate each other with it",
+            ));
+        };
+        let (secret, warning) =
+            super::fleet::Secret::load(path).map_err(|m| ConfigError::new(so, m))?;
+        warnings.extend(warning);
+        let mut peers: Vec<(String, std::net::SocketAddr)> = Vec::new();
+        for (o, given) in &self.peers {
+            let addr = socket_addr(given).map_err(|m| ConfigError::new(o, m))?;
+            if addr == listen || peers.iter().any(|(_, a)| *a == addr) {
+                continue;
+            }
+            peers.push((given.clone(), addr));
+        }
+        Ok(Some(super::fleet::Fleet {
+            listen,
+            peers,
+            secret,
+            timeout: self.peer_timeout.unwrap_or(super::fleet::DEFAULT_TIMEOUT),
+        }))
     }
 
     /// The command line's listener if it named one (or the file none),

@@ -150,6 +150,24 @@ impl Config {
                 .as_ref()
                 .map_or("off".into(), |p| p.display().to_string())
         );
+        let fleet = match &self.fleet {
+            None => "off".to_string(),
+            Some(f) => format!(
+                "listens on {}, peers {}, timeout {:?}",
+                f.listen,
+                if f.peers.is_empty() {
+                    "none".to_string()
+                } else {
+                    f.peers
+                        .iter()
+                        .map(|(given, _)| given.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                },
+                f.timeout
+            ),
+        };
+        let _ = writeln!(out, "fleet:      {fleet}");
         let level = match self.verbosity {
             0 => "info",
             1 => "debug",
