@@ -28,6 +28,7 @@
 pub mod alloc;
 pub(crate) mod backend;
 pub mod config;
+pub(crate) mod fleet;
 pub mod ha;
 pub mod logging;
 pub(crate) mod net;

@@ -155,6 +155,9 @@ pub(crate) struct Control {
     reread: Reread,
     /// `--state-file`: the missed-key lists across restarts of memrelay.
     persist: Option<Arc<crate::ha::persist::Persist>>,
+    /// `--peer-listen`: the other memrelays of the fleet, told of the keys
+    /// servers missed.
+    fleet: Option<Arc<crate::fleet::Fleet>>,
     /// Every server's health now, for the flush gates (`gate_flushes`).
     all_health: Arc<std::sync::RwLock<Vec<Arc<Replica>>>>,
 }
@@ -229,6 +232,13 @@ impl Control {
             p.start(&health, took_over);
             p
         });
+        let fleet = cfg.fleet.as_ref().map(|f| {
+            let fleet = crate::fleet::Fleet::start(f, &registry.fleet);
+            for (s, h) in cfg.servers().zip(&health) {
+                fleet.watch(fleet_name(s), h);
+            }
+            fleet
+        });
         registry.set_servers(entries(&servers, &cfg));
         registry.set_config(&cfg);
         let (resync, resync_current) = watch::channel(Arc::new(new_resync(&cfg, &router, &health)));
@@ -267,6 +277,7 @@ impl Control {
             resync_requests: resync_requests.clone(),
             reread,
             persist,
+            fleet,
             all_health,
         };
         let links = WorkerLinks {
@@ -303,6 +314,9 @@ impl Control {
     /// The listening sockets went to a new memrelay: so do the missed-key
     /// lists, from now on through the hand-off file.
     pub(crate) fn hand_off_state(&self) {
+        if let Some(f) = &self.fleet {
+            f.hand_off();
+        }
         if let Some(p) = &self.persist {
             p.hand_off(&self.health());
             // The resyncs under way stop at their next batch, and wait
@@ -468,6 +482,9 @@ impl Control {
                     ));
                     if let Some(p) = &self.persist {
                         p.watch(&health);
+                    }
+                    if let Some(f) = &self.fleet {
+                        f.watch(fleet_name(s), &health);
                     }
                     flushes.push((health.clone(), dial.clone(), FLUSH_ADDED));
                     self.running(s.name.clone(), dial, role, health)
@@ -687,6 +704,12 @@ fn entries(servers: &[Running], cfg: &Config) -> Vec<ServerEntry> {
             view: s.health.clone(),
         })
         .collect()
+}
+
+/// What the fleet calls a server: its twemproxy name, else its address
+/// (members that reach it by different addresses must name it).
+fn fleet_name(s: &crate::config::ServerAddr) -> &str {
+    s.label.as_deref().unwrap_or(&s.name)
 }
 
 fn names(servers: &[crate::config::ServerAddr]) -> String {

@@ -19,6 +19,9 @@ pub(crate) fn render(r: &StatsRegistry) -> String {
     let mut out = String::with_capacity(8192);
     process_metrics(&mut out, r);
     worker_counters(&mut out, r);
+    if let Some(f) = r.fleet.get() {
+        f.metrics(&mut out);
+    }
     let servers = r.servers();
     server_metrics(&mut out, &servers);
     latency_metrics(&mut out, r, &servers);

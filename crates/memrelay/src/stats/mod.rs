@@ -12,6 +12,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use crate::config::Tier;
 use servers::ServerFigures;
 
+pub(crate) mod fleet;
 pub(crate) mod groups;
 pub(crate) mod http;
 pub(crate) mod metrics;
@@ -328,6 +329,8 @@ pub(crate) struct StatsRegistry {
     /// What `stats settings` and `stats conns` show of the running
     /// configuration (replaced at each reload).
     shown: RwLock<Arc<Shown>>,
+    /// The fleet's figures, with `--peer-listen` (set once at start).
+    pub fleet: std::sync::OnceLock<Arc<fleet::FleetFigures>>,
 }
 
 /// The running configuration as the `stats` groups show it.
@@ -356,6 +359,7 @@ impl StatsRegistry {
             reload_failures: AtomicU64::new(0),
             since_reset: std::sync::Mutex::default(),
             shown: RwLock::new(Arc::default()),
+            fleet: std::sync::OnceLock::new(),
         }
     }
 
@@ -489,6 +493,9 @@ impl StatsRegistry {
             "reload_failures",
             &self.reload_failures.load(Ordering::Relaxed),
         );
+        if let Some(f) = self.fleet.get() {
+            f.stats(&mut stat);
+        }
         let servers = self.servers();
         stat("servers", &servers.len());
         for (i, server) in servers.iter().enumerate() {

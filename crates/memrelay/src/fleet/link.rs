@@ -1,0 +1,273 @@
+//! The connection this memrelay dials to one peer, and the thread that
+//! keeps it: reached again, the peer is sent every listed key before any
+//! new hint; while up, it is pinged so a dead peer is noticed without a
+//! hint waiting on it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::{wire, Fleet};
+
+/// How often a reached peer is pinged, and an unreached one dialled.
+const EVERY: Duration = Duration::from_millis(500);
+
+/// Lines sent before their answers are read, when a peer reached again is
+/// sent what the lists hold.
+const BATCH: usize = 256;
+
+/// One peer's connection (None while it is not reached).
+#[derive(Debug)]
+pub(super) struct Link {
+    index: usize,
+    addr: SocketAddr,
+    conn: Mutex<Option<Conn>>,
+}
+
+#[derive(Debug)]
+struct Conn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+/// Why a dial did not give a connection.
+enum Refused {
+    /// The address is this process's own listener.
+    Myself,
+    Failed(String),
+}
+
+impl Link {
+    pub(super) fn new(index: usize, addr: SocketAddr) -> Link {
+        Link {
+            index,
+            addr,
+            conn: Mutex::new(None),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Conn>> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Conn {
+    /// Sends `lines` and reads one `k` per line.
+    fn exchange(&mut self, lines: &[u8], count: usize) -> std::io::Result<()> {
+        self.writer.write_all(lines)?;
+        for _ in 0..count {
+            read_ack(&mut self.reader)?;
+        }
+        Ok(())
+    }
+}
+
+fn read_ack(reader: &mut BufReader<TcpStream>) -> std::io::Result<()> {
+    let mut ack = String::new();
+    std::io::Read::take(&mut *reader, 16).read_line(&mut ack)?;
+    if ack == "k\n" {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the peer answered {ack:?}"),
+        ))
+    }
+}
+
+/// Sends `line` to every peer reached, then reads their answers; returns
+/// how many took it. A peer that fails is counted down (its keeper dials
+/// it again, and sends it the lists).
+pub(super) fn send_to_all(fleet: &Fleet, line: &[u8]) -> usize {
+    // Locked in index order, by every caller: no two wait on each other.
+    let mut held: Vec<(&Link, MutexGuard<'_, Option<Conn>>)> = fleet
+        .links
+        .iter()
+        .map(|l| (l, l.lock()))
+        .filter(|(_, g)| g.is_some())
+        .collect();
+    for (link, guard) in &mut held {
+        if let Some(c) = guard.as_mut() {
+            if let Err(e) = c.writer.write_all(line) {
+                down(fleet, link, guard, &e.to_string());
+            }
+        }
+    }
+    let mut taken = 0;
+    for (link, guard) in &mut held {
+        if let Some(c) = guard.as_mut() {
+            match read_ack(&mut c.reader) {
+                Ok(()) => {
+                    taken += 1;
+                    let f = &fleet.figures.peers[link.index];
+                    f.hints_taken.fetch_add(1, Ordering::Relaxed);
+                    f.answered();
+                }
+                Err(e) => down(fleet, link, guard, &e.to_string()),
+            }
+        }
+    }
+    taken
+}
+
+fn down(fleet: &Fleet, link: &Link, guard: &mut Option<Conn>, why: &str) {
+    *guard = None;
+    let f = &fleet.figures.peers[link.index];
+    if f.up.swap(false, Ordering::Relaxed) {
+        f.failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(peer = %link.addr, error = why, "fleet: peer counted down until reached again");
+    }
+}
+
+/// Starts the thread that keeps peer `i` reached.
+pub(super) fn keep(fleet: &Arc<Fleet>, i: usize) {
+    let me = Arc::downgrade(fleet);
+    let spawned = std::thread::Builder::new()
+        .name(format!("memrelay-peer-{i}"))
+        .spawn(move || loop {
+            let Some(fleet) = me.upgrade() else {
+                return;
+            };
+            if !tend(&fleet, &fleet.links[i]) {
+                return;
+            }
+            drop(fleet);
+            std::thread::sleep(EVERY);
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "fleet: cannot start a peer's thread: that peer is never told");
+    }
+}
+
+/// One turn of a keeper: ping a reached peer, dial an unreached one.
+/// False: the peer is this process; stop.
+fn tend(fleet: &Fleet, link: &Link) -> bool {
+    let mut guard = link.lock();
+    if let Some(c) = guard.as_mut() {
+        match c.exchange(b"ping\n", 1) {
+            Ok(()) => fleet.figures.peers[link.index].answered(),
+            Err(e) => down(fleet, link, &mut guard, &e.to_string()),
+        }
+        return true;
+    }
+    // Dialled without the lock: hints skip this peer meanwhile (it gets
+    // them with the lists below).
+    drop(guard);
+    let mut conn = match dial(fleet, link.addr) {
+        Ok(c) => c,
+        Err(Refused::Myself) => {
+            tracing::info!(peer = %link.addr, "fleet: this peer is this memrelay; not dialled");
+            return false;
+        }
+        Err(Refused::Failed(why)) => {
+            tracing::debug!(peer = %link.addr, error = why, "fleet: peer not reached");
+            return true;
+        }
+    };
+    // The lists are read under the lock: a key recorded from now on
+    // waits for it, so it is in the lists or sent after them.
+    let mut guard = link.lock();
+    match send_lists(fleet, &mut conn) {
+        Ok(n) => {
+            let f = &fleet.figures.peers[link.index];
+            f.up.store(true, Ordering::Relaxed);
+            f.answered();
+            tracing::info!(peer = %link.addr, keys = n, "fleet: peer reached; sent what the servers missed");
+            *guard = Some(conn);
+        }
+        Err(e) => {
+            tracing::warn!(peer = %link.addr, error = %e, "fleet: peer reached but did not take the lists")
+        }
+    }
+    true
+}
+
+/// Every key each server's list holds, in batches; returns how many.
+fn send_lists(fleet: &Fleet, conn: &mut Conn) -> std::io::Result<usize> {
+    let mut sent = 0;
+    let mut batch = Vec::new();
+    let mut in_batch = 0;
+    for (server, keys) in fleet.known() {
+        let lines: Vec<Vec<u8>> = match keys {
+            None => vec![wire::hint(&server, None)],
+            Some(keys) => keys.iter().map(|k| wire::hint(&server, Some(k))).collect(),
+        };
+        for line in lines {
+            batch.extend_from_slice(&line);
+            in_batch += 1;
+            if in_batch == BATCH {
+                conn.exchange(&batch, in_batch)?;
+                sent += in_batch;
+                batch.clear();
+                in_batch = 0;
+            }
+        }
+    }
+    conn.exchange(&batch, in_batch)?;
+    Ok(sent + in_batch)
+}
+
+/// Connects to a peer and proves, each to the other, the fleet's secret.
+fn dial(fleet: &Fleet, addr: SocketAddr) -> Result<Conn, Refused> {
+    let failed = |e: std::io::Error| Refused::Failed(e.to_string());
+    // Connecting and the handshake get a second at least: a peer that
+    // takes hints slowly is still worth reaching.
+    let wait = fleet.cfg.timeout.max(Duration::from_secs(1));
+    let stream = TcpStream::connect_timeout(&addr, wait).map_err(failed)?;
+    let _ = stream.set_nodelay(true);
+    stream.set_read_timeout(Some(wait)).map_err(failed)?;
+    stream.set_write_timeout(Some(wait)).map_err(failed)?;
+    let mut writer = stream.try_clone().map_err(failed)?;
+    let mut reader = BufReader::new(stream);
+    let secret = fleet.cfg.secret.bytes();
+    let mine = wire::nonce();
+    writer
+        .write_all(wire::hello(&mine, &fleet.instance).as_bytes())
+        .map_err(failed)?;
+    let line = read_line(&mut reader).map_err(failed)?;
+    if line.trim_end() == "error self" {
+        return Err(Refused::Myself);
+    }
+    let Some((theirs, proof)) = wire::parse_challenge(&line) else {
+        return Err(Refused::Failed(format!(
+            "not a memrelay peer: {:?}",
+            line.trim_end()
+        )));
+    };
+    if !wire::verify(secret, wire::Role::Listener, &mine, theirs, proof) {
+        return Err(Refused::Failed(
+            "the peer does not know the fleet's secret".into(),
+        ));
+    }
+    let auth = format!(
+        "auth {}\n",
+        wire::proof(secret, wire::Role::Dialer, &mine, theirs)
+    );
+    writer.write_all(auth.as_bytes()).map_err(failed)?;
+    let line = read_line(&mut reader).map_err(failed)?;
+    if line != "ok\n" {
+        return Err(Refused::Failed(format!("refused: {:?}", line.trim_end())));
+    }
+    // From now on each answer is due within --peer-timeout.
+    let t = Some(fleet.cfg.timeout);
+    reader.get_ref().set_read_timeout(t).map_err(failed)?;
+    writer.set_write_timeout(t).map_err(failed)?;
+    Ok(Conn { reader, writer })
+}
+
+/// One line of at most `wire::MAX_LINE` bytes.
+pub(super) fn read_line(reader: &mut BufReader<TcpStream>) -> std::io::Result<String> {
+    let mut line = String::new();
+    if std::io::Read::take(&mut *reader, wire::MAX_LINE).read_line(&mut line)? == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    if !line.ends_with('\n') {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "a line cut short or too long",
+        ));
+    }
+    Ok(line)
+}

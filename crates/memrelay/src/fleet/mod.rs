@@ -1,0 +1,173 @@
+//! A fleet: several memrelays, configured alike, behind one VIP. Each tells
+//! the others of every key a server missed (a *hint*), so that a key
+//! written past a server through one memrelay is not read stale from that
+//! server through another (docs/ha.md, "A fleet of memrelays").
+//!
+//! What peers exchange merges by union and is safe to apply twice: a hint
+//! learnt is the same record a local write would have made (the key is
+//! bypassed on that server until the learner's prober deletes it there), and
+//! a needless one costs one miss. So there is no leader, no log and no
+//! consensus:
+//!
+//! - a hint goes to every peer reached, and the write that caused it is
+//!   answered once they took it or `--peer-timeout` passed (a peer that did
+//!   not answer in time is counted down, and skipped, until reached again);
+//! - a peer reached again (or for the first time) is first sent every key
+//!   each server's list holds, before any new hint: what it missed while
+//!   apart is carried by the union;
+//! - each peer connection is dialled by the side that sends on it, so each
+//!   pair of memrelays has two, one each way.
+//!
+//! Hints are sent from the thread whose write went past the server, which
+//! waits for the answers: a fleet costs nothing while no server misses a
+//! write, and one round trip to the peers per record while one does.
+//!
+//! The blocking sockets and threads here follow `ha::persist`'s hand-off
+//! records: a handful of connections that carry a few lines during failure
+//! episodes only.
+
+mod link;
+mod listen;
+mod wire;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, Weak};
+
+use crate::config::fleet::Fleet as FleetConfig;
+use crate::ha::missed::Source;
+use crate::ha::replica::Replica;
+use crate::stats::fleet::FleetFigures;
+
+/// What a server's list holds: its keys, or None when it overflowed (the
+/// server missed every key).
+type Listed = Option<Vec<Box<[u8]>>>;
+
+/// This memrelay's part in a fleet.
+#[derive(Debug)]
+pub(crate) struct Fleet {
+    cfg: FleetConfig,
+    /// Random per process: a connection from a process with the same id is
+    /// this process dialling itself.
+    instance: String,
+    /// One per peer, in `cfg.peers` order.
+    links: Vec<link::Link>,
+    /// Each server by the name the fleet knows it by (its twemproxy name,
+    /// else `host:port`), for the hints peers send.
+    servers: Mutex<HashMap<String, Weak<Replica>>>,
+    figures: Arc<FleetFigures>,
+    /// Whether this process still takes peers' connections (a hand-off
+    /// gives the port to the new process).
+    listening: std::sync::atomic::AtomicBool,
+}
+
+impl Fleet {
+    /// Starts listening for the peers and dialling them.
+    pub(crate) fn start(
+        cfg: &FleetConfig,
+        figures: &std::sync::OnceLock<Arc<FleetFigures>>,
+    ) -> Arc<Fleet> {
+        let figures = figures
+            .get_or_init(|| Arc::new(FleetFigures::new(cfg.peers.iter().map(|(n, _)| n.clone()))))
+            .clone();
+        let fleet = Arc::new(Fleet {
+            cfg: cfg.clone(),
+            instance: wire::nonce(),
+            links: cfg
+                .peers
+                .iter()
+                .enumerate()
+                .map(|(i, (_, addr))| link::Link::new(i, *addr))
+                .collect(),
+            servers: Mutex::new(HashMap::new()),
+            figures,
+            listening: std::sync::atomic::AtomicBool::new(true),
+        });
+        listen::start(&fleet);
+        for i in 0..fleet.links.len() {
+            link::keep(&fleet, i);
+        }
+        tracing::info!(listen = %cfg.listen, peers = cfg.peers.len(), "fleet: telling peers of missed keys");
+        fleet
+    }
+
+    /// Tells the peers of every key `replica`'s server misses from now on,
+    /// and takes their hints for it, under `name` (the server's twemproxy
+    /// name, else its address: what every member calls it).
+    pub(crate) fn watch(self: &Arc<Self>, name: &str, replica: &Arc<Replica>) {
+        self.servers_map()
+            .insert(name.to_string(), Arc::downgrade(replica));
+        let me = Arc::downgrade(self);
+        let name = name.to_string();
+        replica.missed.on_record(Box::new(move |key, from| {
+            // What a peer or the hand-off's other process recorded was
+            // sent to the peers by the process that recorded it.
+            if from != Source::Here {
+                return;
+            }
+            if let Some(me) = me.upgrade() {
+                me.hint(&name, key);
+            }
+        }));
+    }
+
+    fn servers_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Weak<Replica>>> {
+        self.servers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every server's missed keys now, by fleet name (`None`: every key),
+    /// for a peer reached again.
+    fn known(&self) -> Vec<(String, Listed)> {
+        self.servers_map()
+            .iter()
+            .filter_map(|(name, r)| {
+                let r = r.upgrade()?;
+                if r.missed.is_empty() {
+                    None
+                } else if r.missed.is_overflowed() {
+                    Some((name.clone(), None))
+                } else {
+                    Some((name.clone(), Some(r.missed.snapshot())))
+                }
+            })
+            .collect()
+    }
+
+    /// A peer's hint: `server` missed `key` (None: every key).
+    fn learn(&self, server: &str, key: Option<&[u8]>) {
+        self.figures.hints_received.fetch_add(1, Ordering::Relaxed);
+        let replica = self.servers_map().get(server).and_then(Weak::upgrade);
+        match replica {
+            Some(r) => r.missed.learn(key, Source::Peer),
+            None => {
+                if self.figures.hints_unknown.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(server, "a peer named a server this memrelay does not have: are the fleet's members configured alike?");
+                }
+            }
+        }
+    }
+
+    /// Sends one hint to every peer reached and waits for their answers.
+    fn hint(&self, server: &str, key: Option<&[u8]>) {
+        if self.links.is_empty() {
+            return;
+        }
+        self.figures.hints_sent.fetch_add(1, Ordering::Relaxed);
+        let line = wire::hint(server, key);
+        let taken = link::send_to_all(self, &line);
+        if taken == 0 {
+            let n = self.figures.hints_unacked.fetch_add(1, Ordering::Relaxed);
+            // Once per failure episode's start, not per key.
+            if n == 0 || self.figures.peers_up() == 0 && n.is_power_of_two() {
+                tracing::warn!(server, "no peer took a hint: until one is reached, only this memrelay knows what the server missed");
+            }
+        }
+    }
+
+    /// The hand-off gave the sockets to a new process: it takes the
+    /// peers' connections from now on (the port is freed for it).
+    pub(crate) fn hand_off(&self) {
+        self.listening.store(false, Ordering::Release);
+        listen::wake(&self.cfg.listen);
+    }
+}

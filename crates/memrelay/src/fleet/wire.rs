@@ -1,0 +1,233 @@
+//! The lines peers exchange: pure functions, no I/O.
+//!
+//! ```text
+//! dialer:   memrelay-peer 1 <nonce> <instance>
+//! listener: challenge <nonce> <proof>          (or: error <why>)
+//! dialer:   auth <proof>
+//! listener: ok                                  (or: error <why>)
+//! then, from the dialer, each answered with `k`:
+//!           hint <server> <key in base64, or *>
+//!           ping
+//! ```
+//!
+//! Each side proves it knows the fleet's secret with an HMAC-SHA256 over
+//! both nonces and its role, so neither a replay nor a reflection of the
+//! other side's proof passes. The instance id lets a memrelay that dialled
+//! itself (a peer list naming one of its own addresses) notice and stop.
+//! Lines are short: one longer than [`MAX_LINE`] ends the connection.
+
+use ring::hmac;
+
+/// Longest line either side accepts: a server name and a key of 250 bytes
+/// in base64 fit many times over.
+pub(crate) const MAX_LINE: u64 = 4096;
+
+const VERSION: &str = "1";
+
+/// A random 128-bit value, in hex.
+pub(crate) fn nonce() -> String {
+    let mut b = [0u8; 16];
+    // SystemRandom reads the kernel's generator; it fails only where there
+    // is none, and then a time-based value still differs per connection.
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b = t.to_le_bytes();
+    }
+    hex(&b)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Which side a proof is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Dialer,
+    Listener,
+}
+
+/// `role`'s proof that it knows `secret`, for this pair of nonces.
+pub(crate) fn proof(secret: &[u8], role: Role, dialer: &str, listener: &str) -> String {
+    hex(hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA256, secret),
+        &message(role, dialer, listener),
+    )
+    .as_ref())
+}
+
+/// Whether `given` is `role`'s proof (compared in constant time).
+pub(crate) fn verify(secret: &[u8], role: Role, dialer: &str, listener: &str, given: &str) -> bool {
+    let Some(tag) = unhex(given) else {
+        return false;
+    };
+    hmac::verify(
+        &hmac::Key::new(hmac::HMAC_SHA256, secret),
+        &message(role, dialer, listener),
+        &tag,
+    )
+    .is_ok()
+}
+
+fn message(role: Role, dialer: &str, listener: &str) -> Vec<u8> {
+    let role = match role {
+        Role::Dialer => "dialer",
+        Role::Listener => "listener",
+    };
+    format!("memrelay-peer {VERSION} {role} {dialer} {listener}").into_bytes()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 || s.len() > 128 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The dialer's first line.
+pub(crate) fn hello(nonce: &str, instance: &str) -> String {
+    format!("memrelay-peer {VERSION} {nonce} {instance}\n")
+}
+
+/// The dialer's nonce and instance from its first line.
+pub(crate) fn parse_hello(line: &str) -> Result<(&str, &str), &'static str> {
+    let mut w = line.split_ascii_whitespace();
+    match (w.next(), w.next(), w.next(), w.next(), w.next()) {
+        (Some("memrelay-peer"), Some(VERSION), Some(n), Some(i), None)
+            if is_token(n) && is_token(i) =>
+        {
+            Ok((n, i))
+        }
+        (Some("memrelay-peer"), Some(_), ..) => Err("unsupported version"),
+        _ => Err("not a memrelay peer"),
+    }
+}
+
+/// The listener's challenge: its nonce and proof.
+pub(crate) fn parse_challenge(line: &str) -> Option<(&str, &str)> {
+    let mut w = line.split_ascii_whitespace();
+    match (w.next(), w.next(), w.next(), w.next()) {
+        (Some("challenge"), Some(n), Some(p), None) if is_token(n) => Some((n, p)),
+        _ => None,
+    }
+}
+
+/// The dialer's proof.
+pub(crate) fn parse_auth(line: &str) -> Option<&str> {
+    line.trim_end().strip_prefix("auth ")
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// What a hint says: `server` missed `key` (None: every key).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Hint<'a> {
+    pub server: &'a str,
+    pub key: Option<Vec<u8>>,
+}
+
+/// A hint's line.
+pub(crate) fn hint(server: &str, key: Option<&[u8]>) -> Vec<u8> {
+    let mut line = Vec::with_capacity(server.len() + 64);
+    line.extend_from_slice(b"hint ");
+    line.extend_from_slice(server.as_bytes());
+    line.push(b' ');
+    match key {
+        Some(k) => memrelay_protocol::base64::encode(k, &mut line),
+        None => line.push(b'*'),
+    }
+    line.push(b'\n');
+    line
+}
+
+/// A line after the handshake.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Line<'a> {
+    Hint(Hint<'a>),
+    Ping,
+}
+
+pub(crate) fn parse_line(line: &str) -> Result<Line<'_>, &'static str> {
+    let line = line.trim_end_matches(['\r', '\n']);
+    if line == "ping" {
+        return Ok(Line::Ping);
+    }
+    let rest = line.strip_prefix("hint ").ok_or("unknown line")?;
+    let (server, key) = rest
+        .rsplit_once(' ')
+        .ok_or("a hint names a server and a key")?;
+    if server.is_empty() {
+        return Err("a hint names a server and a key");
+    }
+    let key = match key {
+        "*" => None,
+        k => Some(memrelay_protocol::base64::decode(k.as_bytes()).ok_or("the key is not base64")?),
+    };
+    Ok(Line::Hint(Hint { server, key }))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_side_proves_the_secret_and_no_proof_passes_for_the_other_side() {
+        let (s, d, l) = (b"0123456789abcdef".as_slice(), nonce(), nonce());
+        assert_ne!(d, l);
+        let p = proof(s, Role::Listener, &d, &l);
+        assert!(verify(s, Role::Listener, &d, &l, &p));
+        // Reflected to the other role, replayed with another nonce, or
+        // made with another secret: refused.
+        assert!(!verify(s, Role::Dialer, &d, &l, &p));
+        assert!(!verify(s, Role::Listener, &nonce(), &l, &p));
+        assert!(!verify(b"another secret!!", Role::Listener, &d, &l, &p));
+        assert!(!verify(s, Role::Listener, &d, &l, "zz"));
+        assert!(!verify(s, Role::Listener, &d, &l, ""));
+    }
+
+    #[test]
+    fn hellos_and_challenges_parse_and_garbage_does_not() {
+        let h = hello("ab12", "cd34");
+        assert_eq!(parse_hello(&h), Ok(("ab12", "cd34")));
+        assert_eq!(
+            parse_hello("memrelay-peer 2 a b"),
+            Err("unsupported version")
+        );
+        assert_eq!(parse_hello("GET / HTTP/1.1"), Err("not a memrelay peer"));
+        assert_eq!(
+            parse_hello("memrelay-peer 1 a b c"),
+            Err("unsupported version")
+        );
+        assert_eq!(parse_challenge("challenge ab cd\n"), Some(("ab", "cd")));
+        assert_eq!(parse_challenge("challenge ab\n"), None);
+        assert_eq!(parse_auth("auth ff00\n"), Some("ff00"));
+    }
+
+    #[test]
+    fn a_hint_round_trips_any_key_and_every_key() {
+        for key in [Some(&b"user:1"[..]), Some(&[0u8, 255, 32, 10][..]), None] {
+            let line = String::from_utf8(hint("cache-a", key)).unwrap();
+            assert_eq!(
+                parse_line(&line),
+                Ok(Line::Hint(Hint {
+                    server: "cache-a",
+                    key: key.map(<[u8]>::to_vec)
+                }))
+            );
+        }
+        assert_eq!(parse_line("ping\n"), Ok(Line::Ping));
+        assert!(parse_line("hint nokey\n").is_err());
+        assert!(parse_line("hint s !!!\n").is_err());
+        assert!(parse_line("hint  a\n").is_err());
+        assert!(parse_line("flush_all\n").is_err());
+    }
+}

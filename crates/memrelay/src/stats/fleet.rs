@@ -1,0 +1,184 @@
+//! What `stats` and `/metrics` show of a fleet: its peers, whether each is
+//! reached, how long since it last answered, and the hints exchanged.
+//!
+//! The `fleet` module is the only writer; the figures are atomics because
+//! the writers are worker threads (a hint is sent by the thread whose write
+//! went past a server) and the peer threads.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// The fleet's figures.
+#[derive(Debug)]
+pub(crate) struct FleetFigures {
+    /// Hints this memrelay sent (one per key and server, to every peer).
+    pub hints_sent: AtomicU64,
+    /// Hints taken from peers.
+    pub hints_received: AtomicU64,
+    /// Hints that no peer took before the write they were for was
+    /// answered: the knowledge lived in this process only.
+    pub hints_unacked: AtomicU64,
+    /// Hints from peers that named a server this memrelay does not have
+    /// (a fleet configured unalike).
+    pub hints_unknown: AtomicU64,
+    pub peers: Vec<PeerFigures>,
+}
+
+/// One peer's figures.
+#[derive(Debug)]
+pub(crate) struct PeerFigures {
+    /// As configured (`--peer`).
+    pub name: String,
+    pub up: AtomicBool,
+    /// When it last answered (a hint or a ping).
+    pub last_answer: Mutex<Option<Instant>>,
+    /// Hints it took.
+    pub hints_taken: AtomicU64,
+    /// Times it was counted down.
+    pub failures: AtomicU64,
+}
+
+impl FleetFigures {
+    pub(crate) fn new(peers: impl Iterator<Item = String>) -> FleetFigures {
+        FleetFigures {
+            hints_sent: AtomicU64::new(0),
+            hints_received: AtomicU64::new(0),
+            hints_unacked: AtomicU64::new(0),
+            hints_unknown: AtomicU64::new(0),
+            peers: peers
+                .map(|name| PeerFigures {
+                    name,
+                    up: AtomicBool::new(false),
+                    last_answer: Mutex::new(None),
+                    hints_taken: AtomicU64::new(0),
+                    failures: AtomicU64::new(0),
+                })
+                .collect(),
+        }
+    }
+
+    pub(crate) fn peers_up(&self) -> usize {
+        self.peers
+            .iter()
+            .filter(|p| p.up.load(Ordering::Relaxed))
+            .count()
+    }
+
+    /// The `stats` lines.
+    pub(crate) fn stats(&self, stat: &mut dyn FnMut(&str, &dyn std::fmt::Display)) {
+        stat("peers", &self.peers.len());
+        stat("peers_up", &self.peers_up());
+        stat("peer_hints_sent", &self.hints_sent.load(Ordering::Relaxed));
+        stat(
+            "peer_hints_received",
+            &self.hints_received.load(Ordering::Relaxed),
+        );
+        stat(
+            "peer_hints_unacked",
+            &self.hints_unacked.load(Ordering::Relaxed),
+        );
+        stat(
+            "peer_hints_unknown",
+            &self.hints_unknown.load(Ordering::Relaxed),
+        );
+        for (i, p) in self.peers.iter().enumerate() {
+            let up = p.up.load(Ordering::Relaxed);
+            stat(&format!("peer:{i}:address"), &p.name);
+            stat(&format!("peer:{i}:state"), &if up { "up" } else { "down" });
+            stat(&format!("peer:{i}:lag_ms"), &p.lag_ms());
+            stat(
+                &format!("peer:{i}:hints_taken"),
+                &p.hints_taken.load(Ordering::Relaxed),
+            );
+            stat(
+                &format!("peer:{i}:failures"),
+                &p.failures.load(Ordering::Relaxed),
+            );
+        }
+    }
+
+    /// The `/metrics` series.
+    pub(crate) fn metrics(&self, out: &mut String) {
+        let mut metric = |name: &str, kind: &str, help: &str| {
+            let _ = writeln!(
+                out,
+                "# HELP memrelay_{name} {help}\n# TYPE memrelay_{name} {kind}"
+            );
+        };
+        metric("peers_up", "gauge", "Peers of the fleet reached now.");
+        metric(
+            "peer_up",
+            "gauge",
+            "1 if the peer is reached, 0 if counted down.",
+        );
+        metric(
+            "peer_lag_seconds",
+            "gauge",
+            "Seconds since the peer last answered (a hint or a ping).",
+        );
+        metric(
+            "peer_hints_taken_total",
+            "counter",
+            "Hints the peer took from this memrelay.",
+        );
+        metric(
+            "peer_hints_sent_total",
+            "counter",
+            "Hints (a key a server missed) this memrelay sent its peers.",
+        );
+        metric(
+            "peer_hints_received_total",
+            "counter",
+            "Hints taken from peers.",
+        );
+        metric(
+            "peer_hints_unacked_total",
+            "counter",
+            "Hints no peer took before their write was answered.",
+        );
+        let _ = writeln!(out, "memrelay_peers_up {}", self.peers_up());
+        for p in &self.peers {
+            // A peer's name is an address the configuration resolved: no
+            // quote or backslash to escape.
+            let name = &p.name;
+            let up = u8::from(p.up.load(Ordering::Relaxed));
+            let _ = writeln!(out, "memrelay_peer_up{{peer=\"{name}\"}} {up}");
+            let _ = writeln!(
+                out,
+                "memrelay_peer_lag_seconds{{peer=\"{name}\"}} {}",
+                p.lag_ms() as f64 / 1000.0
+            );
+            let _ = writeln!(
+                out,
+                "memrelay_peer_hints_taken_total{{peer=\"{name}\"}} {}",
+                p.hints_taken.load(Ordering::Relaxed)
+            );
+        }
+        for (name, v) in [
+            ("sent", &self.hints_sent),
+            ("received", &self.hints_received),
+            ("unacked", &self.hints_unacked),
+        ] {
+            let _ = writeln!(
+                out,
+                "memrelay_peer_hints_{name}_total {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
+impl PeerFigures {
+    /// Milliseconds since the peer last answered; for one never reached,
+    /// since memrelay started (`u64::MAX` would read as a bug).
+    pub(crate) fn lag_ms(&self) -> u64 {
+        let last = *self.last_answer.lock().unwrap_or_else(|p| p.into_inner());
+        last.map_or(0, |t| t.elapsed().as_millis() as u64)
+    }
+
+    pub(crate) fn answered(&self) {
+        *self.last_answer.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+}
