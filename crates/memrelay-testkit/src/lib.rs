@@ -5,6 +5,8 @@
 //!   ports, waiting on a condition with a deadline, temporary files;
 //! - `memcached`, `memrelay`: the real binaries as processes on loopback
 //!   ports the kit picks, stopped when dropped;
+//! - `forwarder`: a fault-injecting TCP forwarder (blackhole, reset,
+//!   delay) between one memrelay and one server: a partial partition;
 //! - `cluster`: primaries, backups and a memrelay in front, built in one
 //!   line;
 //! - `client`: a raw client whose every read has a deadline (replies as
@@ -26,6 +28,7 @@
 pub mod client;
 pub mod cluster;
 pub mod conn;
+pub mod forwarder;
 pub mod memcached;
 pub mod memrelay;
 pub mod model;
@@ -35,6 +38,7 @@ pub mod wire;
 
 pub use client::{http_get, stat_u64, stats, Client, End, Reply, IO_DEADLINE};
 pub use cluster::{set_spread, Cluster, ClusterBuilder, CONVERGE, HA_FLAGS};
+pub use forwarder::{Fault, Forwarder};
 pub use memcached::{memcached_bin, Memcached};
 pub use memrelay::{memrelay_bin, run_memrelay, Memrelay, MemrelayCmd, RunOutput};
 pub use process::{

@@ -1,0 +1,250 @@
+//! A fleet of three memrelays (`--peer`), as the seeds deploy them behind
+//! one VIP, with a *partial* partition: a fault-injecting forwarder (a fake
+//! network link, the only fake here) sits between memrelay A and the
+//! primary, while B and C reach the primary directly. Servers are named
+//! (`host:port:1 name`), so A, which reaches the primary at another
+//! address, routes and hints under the same names.
+//!
+//! The promise checked: a value acknowledged through A while A cannot
+//! reach the primary is never followed, through B or C, by the older value
+//! the primary still holds; not after A dies either.
+#![allow(clippy::panic, clippy::unwrap_used)]
+
+mod support;
+
+use support::{
+    free_port, stat_u64, stats, wait_until, Client, Fault, Forwarder, Memcached, Memrelay, TempDir,
+    CONVERGE,
+};
+
+const SECRET: &str = "a fleet secret of more than 16 bytes\n";
+
+/// memcached P (primary) and K (backup), a forwarder to P for A, and the
+/// three memrelays: A through the forwarder, B and C directly. `peers`:
+/// whether they form a fleet.
+struct Fleet {
+    primary: Memcached,
+    _backup: Memcached,
+    link: Forwarder,
+    a: Memrelay,
+    b: Memrelay,
+    c: Memrelay,
+    peer_ports: [u16; 3],
+    _dir: TempDir,
+}
+
+fn start(peers: bool) -> Fleet {
+    let primary = Memcached::start();
+    let backup = Memcached::start();
+    let link = Forwarder::start(&primary.addr());
+    let dir = TempDir::new("fleet");
+    let secret = dir.file("secret", SECRET);
+    let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    std::fs::set_permissions(&secret, private).unwrap();
+    let peer_ports = [0; 3].map(|_| free_port("127.0.0.1"));
+    let relay = |i: usize, primary_addr: &str| {
+        let mut args: Vec<String> = vec![
+            "-s".into(),
+            format!("{primary_addr}:1 cache-p"),
+            "-b".into(),
+            format!("{}:1 cache-k", backup.addr()),
+            "--timeout".into(),
+            "300ms".into(),
+            "--connect-timeout".into(),
+            "300ms".into(),
+            "-t".into(),
+            "2".into(),
+        ];
+        if peers {
+            args.push("--peer-listen".into());
+            args.push(format!("127.0.0.1:{}", peer_ports[i]));
+            args.push("--peer-secret-file".into());
+            args.push(secret.display().to_string());
+            for p in peer_ports {
+                args.push("--peer".into());
+                args.push(format!("127.0.0.1:{p}"));
+            }
+        }
+        Memrelay::start(&args)
+    };
+    let a = relay(0, &link.addr());
+    let b = relay(1, &primary.addr());
+    let c = relay(2, &primary.addr());
+    let fleet = Fleet {
+        primary,
+        _backup: backup,
+        link,
+        a,
+        b,
+        c,
+        peer_ports,
+        _dir: dir,
+    };
+    if peers {
+        for r in [&fleet.a, &fleet.b, &fleet.c] {
+            let up = wait_until(CONVERGE, || stat_u64(&r.addr(), "peers_up") == 2);
+            assert!(
+                up,
+                "the peers never all reached each other: {:?}",
+                peers_of(r)
+            );
+        }
+    }
+    fleet
+}
+
+fn peers_of(r: &Memrelay) -> Vec<(String, String)> {
+    let mut s: Vec<(String, String)> = stats(&r.addr())
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("peer"))
+        .collect();
+    s.sort();
+    s
+}
+
+fn get(addr: &str, key: &str) -> String {
+    let r = Client::connect(addr).send_until(format!("get {key}\r\n").as_bytes(), |b| {
+        b.ends_with(b"END\r\n")
+    });
+    String::from_utf8_lossy(&r.bytes).to_string()
+}
+
+fn set(addr: &str, key: &str, value: &str) -> String {
+    let r = Client::connect(addr).send_until(
+        format!("set {key} 0 0 {}\r\n{value}\r\n", value.len()).as_bytes(),
+        |b| b.ends_with(b"\r\n"),
+    );
+    String::from_utf8_lossy(&r.bytes).to_string()
+}
+
+fn value(key: &str, v: &str) -> String {
+    format!("VALUE {key} 0 {}\r\n{v}\r\nEND\r\n", v.len())
+}
+
+/// Writes `key` = old through B (both servers have it), then cuts A from
+/// the primary and writes `key` = new through A: A acknowledges it from
+/// the backup alone.
+fn write_past_the_primary(f: &Fleet, key: &str) {
+    assert_eq!(set(&f.b.addr(), key, "old"), "STORED\r\n");
+    assert_eq!(get(&f.a.addr(), key), value(key, "old"));
+    f.link.set(Fault::Blackhole);
+    assert_eq!(set(&f.a.addr(), key, "new"), "STORED\r\n");
+    // The write went past the primary: it holds the old value, unless a
+    // memrelay that reaches it was told and deleted it there already.
+    let on_primary = get(&f.primary.addr(), key);
+    assert!(
+        on_primary == value(key, "old") || on_primary == "END\r\n",
+        "{on_primary:?}"
+    );
+}
+
+#[test]
+fn without_a_fleet_a_partial_partition_serves_the_old_value() {
+    // The failure the fleet exists for, shown so the test below is seen
+    // to be able to fail: B knows nothing of what A wrote past the primary.
+    let f = start(false);
+    write_past_the_primary(&f, "k");
+    assert_eq!(get(&f.primary.addr(), "k"), value("k", "old"));
+    assert_eq!(get(&f.b.addr(), "k"), value("k", "old"));
+}
+
+#[test]
+fn a_write_past_the_primary_through_one_memrelay_is_never_read_older_through_another() {
+    let f = start(true);
+    for key in ["k1", "k2"] {
+        write_past_the_primary(&f, key);
+        // Acknowledged: every peer was told before A answered.
+        for r in [&f.b, &f.c] {
+            assert_eq!(
+                get(&r.addr(), key),
+                value(key, "new"),
+                "through {}",
+                r.addr()
+            );
+        }
+    }
+    assert!(stat_u64(&f.a.addr(), "peer_hints_sent") >= 2);
+    assert_eq!(stat_u64(&f.a.addr(), "peer_hints_unacked"), 0);
+    for r in [&f.b, &f.c] {
+        assert!(
+            stat_u64(&r.addr(), "peer_hints_received") >= 2,
+            "{:?}",
+            peers_of(r)
+        );
+    }
+    // B and C reach the primary: they repair it, so the partition's old
+    // value is gone from it before A is even back.
+    let repaired = wait_until(CONVERGE, || {
+        let v = get(&f.primary.addr(), "k1");
+        v == value("k1", "new") || v == "END\r\n"
+    });
+    assert!(repaired, "the primary still serves the old value");
+}
+
+#[test]
+fn what_a_crashed_memrelay_knew_outlives_it() {
+    let mut f = start(true);
+    write_past_the_primary(&f, "k");
+    // A dies with the knowledge; the partition heals.
+    f.a.kill();
+    f.link.set(Fault::Pass);
+    for r in [&f.b, &f.c] {
+        assert_eq!(
+            get(&r.addr(), "k"),
+            value("k", "new"),
+            "through {}",
+            r.addr()
+        );
+    }
+}
+
+#[test]
+fn a_peer_reached_again_is_sent_every_key_the_servers_missed() {
+    let mut f = start(true);
+    write_past_the_primary(&f, "k");
+    // C restarts knowing nothing; A, still cut from the primary, still
+    // lists the key, and sends it when C is reached again.
+    let args = f.c.args().to_vec();
+    f.c.kill();
+    // The same arguments (so the same peer port), on a new client port.
+    f.c = Memrelay::start_with(move |port| {
+        let mut a = args.clone();
+        if let Some(i) = a.iter().position(|x| x == "-p") {
+            a[i + 1] = port.to_string();
+        }
+        a
+    });
+    let told = wait_until(CONVERGE, || {
+        stat_u64(&f.c.addr(), "peer_hints_received") >= 1
+    });
+    assert!(told, "C was never sent the lists: {:?}", peers_of(&f.c));
+    assert_eq!(get(&f.c.addr(), "k"), value("k", "new"));
+}
+
+#[test]
+fn a_connection_that_does_not_know_the_secret_is_refused() {
+    let f = start(true);
+    let addr = format!("127.0.0.1:{}", f.peer_ports[1]);
+    let mut c = Client::connect(&addr);
+    let r = c.send_until(b"get k\r\n", |b| b.ends_with(b"\n"));
+    assert_eq!(
+        String::from_utf8_lossy(&r.bytes).to_string(),
+        "error not a memrelay peer\n"
+    );
+    let mut c = Client::connect(&addr);
+    let r = c.send_until(b"memrelay-peer 1 abcd ef01\n", |b| b.ends_with(b"\n"));
+    assert!(
+        String::from_utf8_lossy(&r.bytes)
+            .to_string()
+            .starts_with("challenge "),
+        "{}",
+        String::from_utf8_lossy(&r.bytes).to_string()
+    );
+    let r = c.send_until(b"auth 00ff\n", |b| b.ends_with(b"\n"));
+    assert_eq!(
+        String::from_utf8_lossy(&r.bytes).to_string(),
+        "error not a member of this fleet\n"
+    );
+    // The fleet is unharmed.
+    assert_eq!(stat_u64(&f.b.addr(), "peers_up"), 2);
+}
