@@ -237,6 +237,7 @@ impl Control {
             for (s, h) in cfg.servers().zip(&health) {
                 fleet.watch(fleet_name(s), h);
             }
+            fleet.join();
             fleet
         });
         registry.set_servers(entries(&servers, &cfg));

@@ -1,9 +1,9 @@
 //! A fleet of three memrelays (`--peer`), as the seeds deploy them behind
-//! one VIP, with a *partial* partition: a fault-injecting forwarder (a fake
-//! network link, the only fake here) sits between memrelay A and the
-//! primary, while B and C reach the primary directly. Servers are named
-//! (`host:port:1 name`), so A, which reaches the primary at another
-//! address, routes and hints under the same names.
+//! one VIP, with *partial* partitions: each memrelay reaches the primary
+//! through its own fault-injecting forwarder (a fake network link, the
+//! only fake here), so one can lose the primary while the others still
+//! reach it. Servers are named (`host:port:1 name`): the memrelays reach
+//! the primary at different addresses and still route and hint alike.
 //!
 //! The promise checked: a value acknowledged through A while A cannot
 //! reach the primary is never followed, through B or C, by the older value
@@ -25,7 +25,8 @@ const SECRET: &str = "a fleet secret of more than 16 bytes\n";
 struct Fleet {
     primary: Memcached,
     _backup: Memcached,
-    link: Forwarder,
+    /// A's, B's and C's links to the primary.
+    links: [Forwarder; 3],
     a: Memrelay,
     b: Memrelay,
     c: Memrelay,
@@ -36,7 +37,7 @@ struct Fleet {
 fn start(peers: bool) -> Fleet {
     let primary = Memcached::start();
     let backup = Memcached::start();
-    let link = Forwarder::start(&primary.addr());
+    let links = [0; 3].map(|_| Forwarder::start(&primary.addr()));
     let dir = TempDir::new("fleet");
     let secret = dir.file("secret", SECRET);
     let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
@@ -67,13 +68,13 @@ fn start(peers: bool) -> Fleet {
         }
         Memrelay::start(&args)
     };
-    let a = relay(0, &link.addr());
-    let b = relay(1, &primary.addr());
-    let c = relay(2, &primary.addr());
+    let a = relay(0, &links[0].addr());
+    let b = relay(1, &links[1].addr());
+    let c = relay(2, &links[2].addr());
     let fleet = Fleet {
         primary,
         _backup: backup,
-        link,
+        links,
         a,
         b,
         c,
@@ -127,7 +128,7 @@ fn value(key: &str, v: &str) -> String {
 fn write_past_the_primary(f: &Fleet, key: &str) {
     assert_eq!(set(&f.b.addr(), key, "old"), "STORED\r\n");
     assert_eq!(get(&f.a.addr(), key), value(key, "old"));
-    f.link.set(Fault::Blackhole);
+    f.links[0].set(Fault::Blackhole);
     assert_eq!(set(&f.a.addr(), key, "new"), "STORED\r\n");
     // The write went past the primary: it holds the old value, unless a
     // memrelay that reaches it was told and deleted it there already.
@@ -187,7 +188,7 @@ fn what_a_crashed_memrelay_knew_outlives_it() {
     write_past_the_primary(&f, "k");
     // A dies with the knowledge; the partition heals.
     f.a.kill();
-    f.link.set(Fault::Pass);
+    f.links[0].set(Fault::Pass);
     for r in [&f.b, &f.c] {
         assert_eq!(
             get(&r.addr(), "k"),
@@ -206,19 +207,44 @@ fn a_peer_reached_again_is_sent_every_key_the_servers_missed() {
     // lists the key, and sends it when C is reached again.
     let args = f.c.args().to_vec();
     f.c.kill();
-    // The same arguments (so the same peer port), on a new client port.
-    f.c = Memrelay::start_with(move |port| {
-        let mut a = args.clone();
-        if let Some(i) = a.iter().position(|x| x == "-p") {
-            a[i + 1] = port.to_string();
-        }
-        a
-    });
+    f.c = restart_on_a_new_port(args);
     let told = wait_until(CONVERGE, || {
         stat_u64(&f.c.addr(), "peer_hints_received") >= 1
     });
     assert!(told, "C was never sent the lists: {:?}", peers_of(&f.c));
     assert_eq!(get(&f.c.addr(), "k"), value("k", "new"));
+}
+
+#[test]
+fn a_restarted_memrelay_learns_what_it_knew_from_its_peers_before_it_serves() {
+    let mut f = start(true);
+    assert_eq!(set(&f.a.addr(), "k", "old"), "STORED\r\n");
+    // No memrelay reaches the primary: all of them keep the key listed.
+    for l in &f.links {
+        l.set(Fault::Blackhole);
+    }
+    assert_eq!(set(&f.a.addr(), "k", "new"), "STORED\r\n");
+    // A dies, without a state file, and comes back reaching the primary,
+    // which still holds the old value.
+    let args = f.a.args().to_vec();
+    f.a.kill();
+    f.links[0].set(Fault::Pass);
+    assert_eq!(get(&f.primary.addr(), "k"), value("k", "old"));
+    f.a = restart_on_a_new_port(args);
+    // It asked its peers for their lists before it served.
+    assert_eq!(get(&f.a.addr(), "k"), value("k", "new"));
+    assert!(stat_u64(&f.a.addr(), "peer_hints_received") >= 1);
+}
+
+/// The same arguments (so the same peer port), on a new client port.
+fn restart_on_a_new_port(args: Vec<String>) -> Memrelay {
+    Memrelay::start_with(move |port| {
+        let mut a = args.clone();
+        if let Some(i) = a.iter().position(|x| x == "-p") {
+            a[i + 1] = port.to_string();
+        }
+        a
+    })
 }
 
 #[test]

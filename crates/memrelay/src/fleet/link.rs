@@ -130,7 +130,9 @@ pub(super) fn keep(fleet: &Arc<Fleet>, i: usize) {
             let Some(fleet) = me.upgrade() else {
                 return;
             };
-            if !tend(&fleet, &fleet.links[i]) {
+            let go_on = tend(&fleet, &fleet.links[i]);
+            fleet.tried(i);
+            if !go_on {
                 return;
             }
             drop(fleet);
@@ -166,15 +168,22 @@ fn tend(fleet: &Fleet, link: &Link) -> bool {
             return true;
         }
     };
+    let pulled = match pull_lists(fleet, &mut conn) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(peer = %link.addr, error = %e, "fleet: peer reached but did not give its lists");
+            return true;
+        }
+    };
     // The lists are read under the lock: a key recorded from now on
     // waits for it, so it is in the lists or sent after them.
     let mut guard = link.lock();
     match send_lists(fleet, &mut conn) {
-        Ok(n) => {
+        Ok(sent) => {
             let f = &fleet.figures.peers[link.index];
             f.up.store(true, Ordering::Relaxed);
             f.answered();
-            tracing::info!(peer = %link.addr, keys = n, "fleet: peer reached; sent what the servers missed");
+            tracing::info!(peer = %link.addr, sent, learnt = pulled, "fleet: peer reached; lists exchanged");
             *guard = Some(conn);
         }
         Err(e) => {
@@ -188,25 +197,44 @@ fn tend(fleet: &Fleet, link: &Link) -> bool {
 fn send_lists(fleet: &Fleet, conn: &mut Conn) -> std::io::Result<usize> {
     let mut sent = 0;
     let mut batch = Vec::new();
-    let mut in_batch = 0;
     for (server, keys) in fleet.known() {
-        let lines: Vec<Vec<u8>> = match keys {
-            None => vec![wire::hint(&server, None)],
-            Some(keys) => keys.iter().map(|k| wire::hint(&server, Some(k))).collect(),
+        let chunks: Vec<Option<&[Box<[u8]>]>> = match &keys {
+            None => vec![None],
+            Some(keys) => keys.chunks(BATCH).map(Some).collect(),
         };
-        for line in lines {
-            batch.extend_from_slice(&line);
-            in_batch += 1;
-            if in_batch == BATCH {
-                conn.exchange(&batch, in_batch)?;
-                sent += in_batch;
-                batch.clear();
-                in_batch = 0;
-            }
+        for chunk in chunks {
+            batch.clear();
+            super::push_hints(&mut batch, &server, chunk);
+            let n = chunk.map_or(1, <[_]>::len);
+            conn.exchange(&batch, n)?;
+            sent += n;
         }
     }
-    conn.exchange(&batch, in_batch)?;
-    Ok(sent + in_batch)
+    Ok(sent)
+}
+
+/// Asks the peer for every key its lists hold (`sync`) and learns them:
+/// a memrelay that starts, or a peer reached again, may have missed the
+/// hints sent meanwhile. Returns how many.
+fn pull_lists(fleet: &Fleet, conn: &mut Conn) -> std::io::Result<usize> {
+    conn.writer.write_all(b"sync\n")?;
+    let mut n = 0;
+    loop {
+        let line = read_line(&mut conn.reader)?;
+        if line == "end\n" {
+            return Ok(n);
+        }
+        match wire::parse_line(&line) {
+            Ok(wire::Line::Hint(h)) => fleet.learn(h.server, h.key.as_deref()),
+            _ => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "the peer's lists hold a line that is not a hint",
+                ))
+            }
+        }
+        n += 1;
+    }
 }
 
 /// Connects to a peer and proves, each to the other, the fleet's secret.

@@ -134,6 +134,16 @@ fn serve(fleet: &Fleet, stream: TcpStream) -> Result<(), String> {
         match wire::parse_line(&line) {
             Ok(wire::Line::Ping) => {}
             Ok(wire::Line::Hint(h)) => fleet.learn(h.server, h.key.as_deref()),
+            Ok(wire::Line::Sync) => {
+                // Every listed key, then `end` (instead of `k`).
+                let mut out = Vec::new();
+                for (server, keys) in fleet.known() {
+                    super::push_hints(&mut out, &server, keys.as_deref());
+                }
+                out.extend_from_slice(b"end\n");
+                writer.write_all(&out).map_err(|e| e.to_string())?;
+                continue;
+            }
             Err(why) => {
                 let _ = writer.write_all(format!("error {why}\n").as_bytes());
                 return Err(why.to_string());

@@ -39,6 +39,19 @@ use crate::ha::missed::Source;
 use crate::ha::replica::Replica;
 use crate::stats::fleet::FleetFigures;
 
+/// Appends the `hint` lines for what `server`'s list holds (`None`:
+/// overflowed, every key).
+fn push_hints(out: &mut Vec<u8>, server: &str, keys: Option<&[Box<[u8]>]>) {
+    match keys {
+        None => out.extend_from_slice(&wire::hint(server, None)),
+        Some(keys) => {
+            for k in keys {
+                out.extend_from_slice(&wire::hint(server, Some(k)));
+            }
+        }
+    }
+}
+
 /// What a server's list holds: its keys, or None when it overflowed (the
 /// server missed every key).
 type Listed = Option<Vec<Box<[u8]>>>;
@@ -59,7 +72,13 @@ pub(crate) struct Fleet {
     /// Whether this process still takes peers' connections (a hand-off
     /// gives the port to the new process).
     listening: std::sync::atomic::AtomicBool,
+    /// Peers dialled at least once (reached or not), for `join`.
+    tried: (Mutex<Vec<bool>>, std::sync::Condvar),
 }
+
+/// Longest a starting memrelay waits for its peers' lists before it
+/// serves (a peer that does not answer costs this once).
+const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Fleet {
     /// Starts listening for the peers and dialling them.
@@ -82,13 +101,48 @@ impl Fleet {
             servers: Mutex::new(HashMap::new()),
             figures,
             listening: std::sync::atomic::AtomicBool::new(true),
+            tried: (
+                Mutex::new(vec![false; cfg.peers.len()]),
+                std::sync::Condvar::new(),
+            ),
         });
         listen::start(&fleet);
-        for i in 0..fleet.links.len() {
-            link::keep(&fleet, i);
-        }
         tracing::info!(listen = %cfg.listen, peers = cfg.peers.len(), "fleet: telling peers of missed keys");
         fleet
+    }
+
+    /// Dials every peer (from then on, for good) and waits, at most
+    /// `JOIN_WAIT`, until each was tried once: what the reachable ones
+    /// list is learnt before this memrelay serves. Call it once every
+    /// server is watched.
+    pub(crate) fn join(self: &Arc<Self>) {
+        for i in 0..self.links.len() {
+            link::keep(self, i);
+        }
+        let (lock, cv) = &self.tried;
+        let deadline = std::time::Instant::now() + JOIN_WAIT;
+        let mut tried = lock.lock().unwrap_or_else(|p| p.into_inner());
+        while !tried.iter().all(|t| *t) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                tracing::warn!("fleet: serving before every peer was reached: one that is not may know keys a server missed");
+                return;
+            }
+            tried = cv
+                .wait_timeout(tried, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Peer `i` was dialled once more.
+    fn tried(&self, i: usize) {
+        let (lock, cv) = &self.tried;
+        let mut tried = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if !tried[i] {
+            tried[i] = true;
+            cv.notify_all();
+        }
     }
 
     /// Tells the peers of every key `replica`'s server misses from now on,
@@ -116,7 +170,7 @@ impl Fleet {
     }
 
     /// Every server's missed keys now, by fleet name (`None`: every key),
-    /// for a peer reached again.
+    /// for a peer reached again and a starting one (`sync`).
     fn known(&self) -> Vec<(String, Listed)> {
         self.servers_map()
             .iter()

@@ -8,6 +8,10 @@
 //! then, from the dialer, each answered with `k`:
 //!           hint <server> <key in base64, or *>
 //!           ping
+//! and first, once per connection:
+//!           sync
+//! answered with every key the listener's lists hold, as `hint` lines,
+//! then `end`.
 //! ```
 //!
 //! Each side proves it knows the fleet's secret with an HMAC-SHA256 over
@@ -153,12 +157,15 @@ pub(crate) fn hint(server: &str, key: Option<&[u8]>) -> Vec<u8> {
 pub(crate) enum Line<'a> {
     Hint(Hint<'a>),
     Ping,
+    Sync,
 }
 
 pub(crate) fn parse_line(line: &str) -> Result<Line<'_>, &'static str> {
     let line = line.trim_end_matches(['\r', '\n']);
-    if line == "ping" {
-        return Ok(Line::Ping);
+    match line {
+        "ping" => return Ok(Line::Ping),
+        "sync" => return Ok(Line::Sync),
+        _ => {}
     }
     let rest = line.strip_prefix("hint ").ok_or("unknown line")?;
     let (server, key) = rest
@@ -225,6 +232,7 @@ mod tests {
             );
         }
         assert_eq!(parse_line("ping\n"), Ok(Line::Ping));
+        assert_eq!(parse_line("sync\n"), Ok(Line::Sync));
         assert!(parse_line("hint nokey\n").is_err());
         assert!(parse_line("hint s !!!\n").is_err());
         assert!(parse_line("hint  a\n").is_err());
