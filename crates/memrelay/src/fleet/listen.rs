@@ -66,7 +66,12 @@ fn bind(fleet: &std::sync::Weak<Fleet>, addr: SocketAddr) -> Option<TcpListener>
     let mut warned = false;
     loop {
         match TcpListener::bind(addr) {
-            Ok(l) => return Some(l),
+            Ok(l) => {
+                if warned {
+                    tracing::info!(listen = %addr, "fleet: listening for peers");
+                }
+                return Some(l);
+            }
             Err(e) => {
                 if !warned {
                     tracing::warn!(listen = %addr, error = %e, "fleet: cannot listen for peers yet; trying again");
