@@ -77,10 +77,10 @@ fn read_ack(reader: &mut BufReader<TcpStream>) -> std::io::Result<()> {
     }
 }
 
-/// Sends `line` to every peer reached, then reads their answers; returns
-/// how many took it. A peer that fails is counted down (its keeper dials
-/// it again, and sends it the lists).
-pub(super) fn send_to_all(fleet: &Fleet, line: &[u8]) -> usize {
+/// Sends `lines` (`count` hints) to every peer reached, then reads their
+/// answers; returns how many peers took them all. A peer that fails is
+/// counted down (its keeper dials it again, and sends it the lists).
+pub(super) fn send_to_all(fleet: &Fleet, lines: &[u8], count: usize) -> usize {
     // Locked in index order, by every caller: no two wait on each other.
     let mut held: Vec<(&Link, MutexGuard<'_, Option<Conn>>)> = fleet
         .links
@@ -88,24 +88,37 @@ pub(super) fn send_to_all(fleet: &Fleet, line: &[u8]) -> usize {
         .map(|l| (l, l.lock()))
         .filter(|(_, g)| g.is_some())
         .collect();
+    // Peers dialled again after a failed write: the lists they took
+    // carried these hints.
+    let mut retaken: Vec<usize> = Vec::new();
     for (link, guard) in &mut held {
         if let Some(c) = guard.as_mut() {
-            if let Err(e) = c.writer.write_all(line) {
-                down(fleet, link, guard, &e.to_string());
+            if let Err(e) = c.writer.write_all(lines) {
+                if again(fleet, link, guard, &e.to_string()) {
+                    retaken.push(link.index);
+                }
             }
         }
     }
     let mut taken = 0;
     for (link, guard) in &mut held {
+        if retaken.contains(&link.index) {
+            taken += 1;
+            continue;
+        }
         if let Some(c) = guard.as_mut() {
-            match read_ack(&mut c.reader) {
+            match (0..count).try_for_each(|_| read_ack(&mut c.reader)) {
                 Ok(()) => {
                     taken += 1;
                     let f = &fleet.figures.peers[link.index];
-                    f.hints_taken.fetch_add(1, Ordering::Relaxed);
+                    f.hints_taken.fetch_add(count as u64, Ordering::Relaxed);
                     f.answered();
                 }
-                Err(e) => down(fleet, link, guard, &e.to_string()),
+                Err(e) => {
+                    if again(fleet, link, guard, &e.to_string()) {
+                        taken += 1;
+                    }
+                }
             }
         }
     }
@@ -155,29 +168,44 @@ fn tend(fleet: &Fleet, link: &Link) -> bool {
         return true;
     }
     // Dialled without the lock: hints skip this peer meanwhile (it gets
-    // them with the lists below).
+    // them with the lists, sent under the lock).
     drop(guard);
-    let mut conn = match dial(fleet, link.addr) {
-        Ok(c) => c,
+    match reach(fleet, link, dial_wait(fleet)) {
+        Ok((conn, pulled)) => {
+            attach(fleet, link, &mut link.lock(), conn, pulled);
+        }
         Err(Refused::Myself) => {
             tracing::info!(peer = %link.addr, "fleet: this peer is this memrelay; not dialled");
             return false;
         }
         Err(Refused::Failed(why)) => {
             tracing::debug!(peer = %link.addr, error = why, "fleet: peer not reached");
-            return true;
         }
-    };
-    let pulled = match pull_lists(fleet, &mut conn) {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::warn!(peer = %link.addr, error = %e, "fleet: peer reached but did not give its lists");
-            return true;
-        }
-    };
-    // The lists are read under the lock: a key recorded from now on
-    // waits for it, so it is in the lists or sent after them.
-    let mut guard = link.lock();
+    }
+    true
+}
+
+/// Dials the peer and learns its lists (`sync`); returns the connection
+/// and how many keys were learnt.
+fn reach(fleet: &Fleet, link: &Link, wait: Duration) -> Result<(Conn, usize), Refused> {
+    let mut conn = dial(fleet, link.addr, wait)?;
+    match pull_lists(fleet, &mut conn) {
+        Ok(n) => Ok((conn, n)),
+        Err(e) => Err(Refused::Failed(format!("did not give its lists: {e}"))),
+    }
+}
+
+/// Sends a peer just reached every listed key, under its lock (a key
+/// recorded from now on waits for it, so it is in the lists or sent
+/// after them), and keeps the connection; false if the peer did not take
+/// them.
+fn attach(
+    fleet: &Fleet,
+    link: &Link,
+    guard: &mut Option<Conn>,
+    mut conn: Conn,
+    pulled: usize,
+) -> bool {
     match send_lists(fleet, &mut conn) {
         Ok(sent) => {
             let f = &fleet.figures.peers[link.index];
@@ -185,12 +213,36 @@ fn tend(fleet: &Fleet, link: &Link) -> bool {
             f.answered();
             tracing::info!(peer = %link.addr, sent, learnt = pulled, "fleet: peer reached; lists exchanged");
             *guard = Some(conn);
+            true
         }
         Err(e) => {
-            tracing::warn!(peer = %link.addr, error = %e, "fleet: peer reached but did not take the lists")
+            tracing::warn!(peer = %link.addr, error = %e, "fleet: peer reached but did not take the lists");
+            false
         }
     }
-    true
+}
+
+/// How long a keeper's dial (and handshake) may take: a second at least,
+/// so a peer that answers slowly is still reached.
+fn dial_wait(fleet: &Fleet) -> Duration {
+    fleet.cfg.timeout.max(Duration::from_secs(1))
+}
+
+/// A peer that was reached failed a hint: its process may have been
+/// replaced (a hand-off gives the peer port to a new process, and the
+/// old one exits once drained), so it is dialled again at once, within
+/// `--peer-timeout`, and sent the lists, which hold what the failed
+/// hints said. True if it took them.
+fn again(fleet: &Fleet, link: &Link, guard: &mut Option<Conn>, why: &str) -> bool {
+    *guard = None;
+    let retried = match reach(fleet, link, fleet.cfg.timeout) {
+        Ok((conn, pulled)) => attach(fleet, link, guard, conn, pulled),
+        Err(_) => false,
+    };
+    if !retried {
+        down(fleet, link, guard, why);
+    }
+    retried
 }
 
 /// Every key each server's list holds, in batches; returns how many.
@@ -238,11 +290,8 @@ fn pull_lists(fleet: &Fleet, conn: &mut Conn) -> std::io::Result<usize> {
 }
 
 /// Connects to a peer and proves, each to the other, the fleet's secret.
-fn dial(fleet: &Fleet, addr: SocketAddr) -> Result<Conn, Refused> {
+fn dial(fleet: &Fleet, addr: SocketAddr, wait: Duration) -> Result<Conn, Refused> {
     let failed = |e: std::io::Error| Refused::Failed(e.to_string());
-    // Connecting and the handshake get a second at least: a peer that
-    // takes hints slowly is still worth reaching.
-    let wait = fleet.cfg.timeout.max(Duration::from_secs(1));
     let stream = TcpStream::connect_timeout(&addr, wait).map_err(failed)?;
     let _ = stream.set_nodelay(true);
     stream.set_read_timeout(Some(wait)).map_err(failed)?;

@@ -18,9 +18,13 @@
 //! - each peer connection is dialled by the side that sends on it, so each
 //!   pair of memrelays has two, one each way.
 //!
-//! Hints are sent from the thread whose write went past the server, which
-//! waits for the answers: a fleet costs nothing while no server misses a
-//! write, and one round trip to the peers per record while one does.
+//! A worker thread does not send a hint at once: it keeps the hints its
+//! writes make and sends them all, and waits for the answers, just before
+//! it next writes to any client ([`flush_hints`]), so no reply leaves
+//! before the peers have what it depends on, and a pipeline of writes past
+//! a server costs one round trip to the peers, not one per write. Other
+//! threads (probers, resyncs) send each hint at once. A fleet costs nothing
+//! while no server misses a write.
 //!
 //! The blocking sockets and threads here follow `ha::persist`'s hand-off
 //! records: a handful of connections that carry a few lines during failure
@@ -30,6 +34,7 @@ mod link;
 mod listen;
 mod wire;
 
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
@@ -38,6 +43,52 @@ use crate::config::fleet::Fleet as FleetConfig;
 use crate::ha::missed::Source;
 use crate::ha::replica::Replica;
 use crate::stats::fleet::FleetFigures;
+
+thread_local! {
+    /// A worker thread's hints not sent yet (`None` on other threads,
+    /// which send each at once).
+    static DEFERRED: RefCell<Option<Deferred>> = const { RefCell::new(None) };
+    /// Whether `DEFERRED` holds any: the one load `flush_hints` costs
+    /// while there is nothing to send.
+    static PENDING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Hints kept until the thread next writes to a client.
+#[derive(Default)]
+struct Deferred {
+    fleet: Option<Arc<Fleet>>,
+    lines: Vec<u8>,
+    count: usize,
+}
+
+/// This thread (a worker) keeps its hints until [`flush_hints`].
+pub(crate) fn defer_hints_on_this_thread() {
+    DEFERRED.with(|d| *d.borrow_mut() = Some(Deferred::default()));
+}
+
+/// Sends the hints this thread kept to the peers and waits for their
+/// answers. Called before every write to a client: a reply must not
+/// leave before the peers know what the write it answers went past.
+#[inline]
+pub(crate) fn flush_hints() {
+    if !PENDING.get() {
+        return;
+    }
+    PENDING.set(false);
+    let kept = DEFERRED.with(|d| {
+        let mut d = d.borrow_mut();
+        let d = d.as_mut()?;
+        let fleet = d.fleet.take()?;
+        Some((
+            fleet,
+            std::mem::take(&mut d.lines),
+            std::mem::take(&mut d.count),
+        ))
+    });
+    if let Some((fleet, lines, count)) = kept {
+        fleet.send(&lines, count);
+    }
+}
 
 /// Appends the `hint` lines for what `server`'s list holds (`None`:
 /// overflowed, every key).
@@ -160,7 +211,7 @@ impl Fleet {
                 return;
             }
             if let Some(me) = me.upgrade() {
-                me.hint(&name, key);
+                me.hint(&me, &name, key);
             }
         }));
     }
@@ -171,6 +222,12 @@ impl Fleet {
 
     /// Every server's missed keys now, by fleet name (`None`: every key),
     /// for a peer reached again and a starting one (`sync`).
+    ///
+    /// A list that overflowed because this process started after a crash
+    /// (its state file said the server was dirty) is not shared: it means
+    /// "this process forgot which keys", and what it had recorded reached
+    /// the peers as hints before the writes were answered. Shared, it
+    /// would make every member flush the server.
     fn known(&self) -> Vec<(String, Listed)> {
         self.servers_map()
             .iter()
@@ -179,7 +236,8 @@ impl Fleet {
                 if r.missed.is_empty() {
                     None
                 } else if r.missed.is_overflowed() {
-                    Some((name.clone(), None))
+                    (r.missed.overflowed_by() != Some(Source::Handoff))
+                        .then(|| (name.clone(), None))
                 } else {
                     Some((name.clone(), Some(r.missed.snapshot())))
                 }
@@ -201,19 +259,42 @@ impl Fleet {
         }
     }
 
-    /// Sends one hint to every peer reached and waits for their answers.
-    fn hint(&self, server: &str, key: Option<&[u8]>) {
+    /// Keeps a hint for this thread's next `flush_hints`, or, on a thread
+    /// that does not defer, sends it to every peer reached and waits for
+    /// their answers.
+    fn hint(&self, me: &Arc<Fleet>, server: &str, key: Option<&[u8]>) {
         if self.links.is_empty() {
             return;
         }
         self.figures.hints_sent.fetch_add(1, Ordering::Relaxed);
         let line = wire::hint(server, key);
-        let taken = link::send_to_all(self, &line);
+        let kept = DEFERRED.with(|d| match d.borrow_mut().as_mut() {
+            Some(d) => {
+                d.fleet.get_or_insert_with(|| me.clone());
+                d.lines.extend_from_slice(&line);
+                d.count += 1;
+                true
+            }
+            None => false,
+        });
+        if kept {
+            PENDING.set(true);
+        } else {
+            self.send(&line, 1);
+        }
+    }
+
+    /// Sends `count` hints to every peer reached and waits for answers.
+    fn send(&self, lines: &[u8], count: usize) {
+        let taken = link::send_to_all(self, lines, count);
         if taken == 0 {
-            let n = self.figures.hints_unacked.fetch_add(1, Ordering::Relaxed);
+            let n = self
+                .figures
+                .hints_unacked
+                .fetch_add(count as u64, Ordering::Relaxed);
             // Once per failure episode's start, not per key.
             if n == 0 || self.figures.peers_up() == 0 && n.is_power_of_two() {
-                tracing::warn!(server, "no peer took a hint: until one is reached, only this memrelay knows what the server missed");
+                tracing::warn!(hints = count, "no peer took a hint: until one is reached, only this memrelay knows what the servers missed");
             }
         }
     }

@@ -400,6 +400,9 @@ impl Session {
             self.emit_ready();
         }
         if let Some(b) = self.bufs.as_deref_mut().filter(|b| !b.out.is_empty()) {
+            // The peers of a fleet first learn what the writes answered
+            // here went past.
+            crate::fleet::flush_hints();
             let wrote = match b.out.write_to(|iov| stream.try_write_vectored(iov)) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,

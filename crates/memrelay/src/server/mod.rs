@@ -327,6 +327,8 @@ fn worker_main(
     stop: tokio::sync::watch::Receiver<Stop>,
 ) {
     crate::stats::set_worker_index(id);
+    // The fleet's hints wait for this thread's next write to a client.
+    crate::fleet::defer_hints_on_this_thread();
     let rt = worker_runtime();
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
