@@ -82,6 +82,8 @@ struct Inner {
     /// Source of generations.
     next_gen: u64,
     overflowed: bool,
+    /// Where the record that made it overflow came from.
+    overflowed_by: Option<Source>,
 }
 
 impl MissedKeys {
@@ -177,7 +179,7 @@ impl MissedKeys {
 
     /// Records that a write for `key` went past this server.
     pub(crate) fn record(&self, key: &[u8]) {
-        self.note(key);
+        self.note(key, Source::Here);
         self.recorded_hook(Some(key), Source::Here);
     }
 
@@ -185,24 +187,24 @@ impl MissedKeys {
     /// hooks are told where it came from, so none sends it back.
     pub(crate) fn learn(&self, key: Option<&[u8]>, from: Source) {
         match key {
-            Some(k) => self.note(k),
-            None => self.note_all(),
+            Some(k) => self.note(k, from),
+            None => self.note_all(from),
         }
         self.recorded_hook(key, from);
     }
 
-    fn note(&self, key: &[u8]) {
+    fn note(&self, key: &[u8], from: Source) {
         self.recorded.fetch_add(1, Ordering::Relaxed);
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.recorded_signal.notify_one();
         let was_empty = self.count.load(Ordering::Acquire) == 0;
-        self.insert(key);
+        self.insert(key, from);
         if was_empty {
             self.dirtied();
         }
     }
 
-    fn insert(&self, key: &[u8]) {
+    fn insert(&self, key: &[u8], from: Source) {
         let mut inner = self.lock();
         if inner.overflowed {
             return;
@@ -217,6 +219,7 @@ impl MissedKeys {
         }
         if inner.keys.len() >= self.cap {
             inner.overflowed = true;
+            inner.overflowed_by = Some(from);
             inner.keys = HashMap::new();
             self.count.store(1, Ordering::Release);
             tracing::warn!(
@@ -233,19 +236,33 @@ impl MissedKeys {
     /// The server missed a write to every key (a `flush_all`): it must be
     /// flushed before it serves again.
     pub(crate) fn record_all(&self) {
-        self.note_all();
+        self.note_all(Source::Here);
         self.recorded_hook(None, Source::Here);
     }
 
-    fn note_all(&self) {
+    fn note_all(&self, from: Source) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
         let mut inner = self.lock();
+        // The first cause stays: a later one adds nothing.
+        if !inner.overflowed {
+            inner.overflowed_by = Some(from);
+        }
         inner.overflowed = true;
         inner.keys = HashMap::new();
         self.count.store(1, Ordering::Release);
         drop(inner);
         self.dirtied();
         self.recorded_signal.notify_one();
+    }
+
+    /// What made the set overflow, while it is overflowed.
+    pub(crate) fn overflowed_by(&self) -> Option<Source> {
+        let inner = self.lock();
+        if inner.overflowed {
+            inner.overflowed_by
+        } else {
+            None
+        }
     }
 
     /// Every key recorded (empty when overflowed: see `is_overflowed`),
