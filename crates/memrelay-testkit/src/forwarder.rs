@@ -5,8 +5,11 @@
 //!
 //! Faults, switched at any time:
 //! - `Pass`: bytes flow both ways;
-//! - `Blackhole`: bytes are read and dropped, connections stay open (a
-//!   silent network: the peer waits for its timeout);
+//! - `Blackhole`: nothing moves, connections stay open (a silent network:
+//!   the peer waits for its timeout). As over TCP, nothing is lost either:
+//!   what was sent meanwhile moves on, in order, once the link is healed,
+//!   unless the sender reset its connection (then it is discarded, as a
+//!   reset discards a socket's unsent data);
 //! - `Reset`: every connection is closed with a reset, new ones too;
 //! - `Delay(d)`: each chunk is held `d` before it is passed on.
 
@@ -14,6 +17,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::thread;
 use std::time::Duration;
 
 use crate::process::join_host_port;
@@ -70,7 +74,7 @@ impl Forwarder {
         let fault = Arc::new(AtomicU64::new(Fault::Pass.encode()));
         let stop = Arc::new(AtomicBool::new(false));
         let (f, s, target) = (fault.clone(), stop.clone(), target.to_string());
-        std::thread::spawn(move || accept(listener, &target, &f, &s));
+        thread::spawn(move || accept(listener, &target, &f, &s));
         Forwarder { port, fault, stop }
     }
 
@@ -99,7 +103,7 @@ fn accept(listener: TcpListener, target: &str, fault: &Arc<AtomicU64>, stop: &Ar
         let client = match listener.accept() {
             Ok((c, _)) => c,
             Err(_) => {
-                std::thread::sleep(TICK);
+                thread::sleep(TICK);
                 continue;
             }
         };
@@ -125,7 +129,7 @@ fn accept(listener: TcpListener, target: &str, fault: &Arc<AtomicU64>, stop: &Ar
                 continue;
             };
             let (fault, stop) = (fault.clone(), stop.clone());
-            std::thread::spawn(move || pump(from, to, &fault, &stop));
+            thread::spawn(move || pump(from, to, &fault, &stop));
         }
     }
 }
@@ -144,6 +148,11 @@ fn pump(mut from: TcpStream, mut to: TcpStream, fault: &AtomicU64, stop: &Atomic
             reset(&to);
             return;
         }
+        if f == Fault::Blackhole {
+            // Held in the sockets' buffers until the link heals.
+            thread::sleep(TICK);
+            continue;
+        }
         let n = match from.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
@@ -157,16 +166,22 @@ fn pump(mut from: TcpStream, mut to: TcpStream, fault: &AtomicU64, stop: &Atomic
             }
             Err(_) => break,
         };
-        // The fault when the bytes came decides their fate.
-        match Fault::decode(fault.load(Ordering::SeqCst)) {
-            Fault::Blackhole => continue,
-            Fault::Reset => {
-                reset(&from);
-                reset(&to);
-                return;
+        // Bytes read as the link went silent wait for it to heal.
+        loop {
+            match Fault::decode(fault.load(Ordering::SeqCst)) {
+                Fault::Reset => {
+                    reset(&from);
+                    reset(&to);
+                    return;
+                }
+                Fault::Blackhole if !stop.load(Ordering::SeqCst) => thread::sleep(TICK),
+                Fault::Blackhole => return,
+                Fault::Delay(d) => {
+                    thread::sleep(d);
+                    break;
+                }
+                Fault::Pass => break,
             }
-            Fault::Delay(d) => std::thread::sleep(d),
-            Fault::Pass => {}
         }
         if to.write_all(&buf[..n]).is_err() {
             break;
