@@ -15,7 +15,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -59,8 +59,22 @@ const TICK: Duration = Duration::from_millis(20);
 #[derive(Debug)]
 pub struct Forwarder {
     port: u16,
-    fault: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
+    link: Arc<Link>,
+}
+
+/// What the forwarder's threads share.
+#[derive(Debug, Default)]
+struct Link {
+    fault: AtomicU64,
+    stop: AtomicBool,
+    /// Directions of connections holding bytes for a silent link.
+    holding: AtomicUsize,
+}
+
+impl Link {
+    fn fault(&self) -> Fault {
+        Fault::decode(self.fault.load(Ordering::SeqCst))
+    }
 }
 
 impl Forwarder {
@@ -71,11 +85,10 @@ impl Forwarder {
         listener
             .set_nonblocking(true)
             .expect("nonblocking forwarder");
-        let fault = Arc::new(AtomicU64::new(Fault::Pass.encode()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (f, s, target) = (fault.clone(), stop.clone(), target.to_string());
-        thread::spawn(move || accept(listener, &target, &f, &s));
-        Forwarder { port, fault, stop }
+        let link = Arc::new(Link::default());
+        let (l, target) = (link.clone(), target.to_string());
+        thread::spawn(move || accept(listener, &target, &l));
+        Forwarder { port, link }
     }
 
     pub fn addr(&self) -> String {
@@ -84,22 +97,29 @@ impl Forwarder {
 
     /// From now on, do this to the bytes (and connections).
     pub fn set(&self, fault: Fault) {
-        self.fault.store(fault.encode(), Ordering::SeqCst);
+        self.link.fault.store(fault.encode(), Ordering::SeqCst);
     }
 
     pub fn fault(&self) -> Fault {
-        Fault::decode(self.fault.load(Ordering::SeqCst))
+        self.link.fault()
+    }
+
+    /// Connections (each direction counted) still holding bytes from a
+    /// blackhole: once the link is healed and this is 0, what was held
+    /// has been passed on, or discarded because its sender reset.
+    pub fn holding(&self) -> usize {
+        self.link.holding.load(Ordering::SeqCst)
     }
 }
 
 impl Drop for Forwarder {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.link.stop.store(true, Ordering::SeqCst);
     }
 }
 
-fn accept(listener: TcpListener, target: &str, fault: &Arc<AtomicU64>, stop: &Arc<AtomicBool>) {
-    while !stop.load(Ordering::SeqCst) {
+fn accept(listener: TcpListener, target: &str, link: &Arc<Link>) {
+    while !link.stop.load(Ordering::SeqCst) {
         let client = match listener.accept() {
             Ok((c, _)) => c,
             Err(_) => {
@@ -108,7 +128,7 @@ fn accept(listener: TcpListener, target: &str, fault: &Arc<AtomicU64>, stop: &Ar
             }
         };
         let _ = client.set_nonblocking(false);
-        if Fault::decode(fault.load(Ordering::SeqCst)) == Fault::Reset {
+        if link.fault() == Fault::Reset {
             reset(&client);
             continue;
         }
@@ -128,65 +148,87 @@ fn accept(listener: TcpListener, target: &str, fault: &Arc<AtomicU64>, stop: &Ar
             let (Ok(from), Ok(to)) = (from, to) else {
                 continue;
             };
-            let (fault, stop) = (fault.clone(), stop.clone());
-            thread::spawn(move || pump(from, to, &fault, &stop));
+            let link = link.clone();
+            thread::spawn(move || pump(from, to, &link));
         }
     }
 }
 
 /// Copies `from` to `to` as the fault says, until either end closes.
-fn pump(mut from: TcpStream, mut to: TcpStream, fault: &AtomicU64, stop: &AtomicBool) {
+fn pump(mut from: TcpStream, mut to: TcpStream, link: &Link) {
     let _ = from.set_read_timeout(Some(TICK));
     let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        if stop.load(Ordering::SeqCst) {
-            break;
+    // Bytes read but not passed on yet (read as the link went silent).
+    let mut unsent: Option<usize> = None;
+    // Whether this pump is holding bytes (or its socket's) for a silent link.
+    let mut held = false;
+    let release = |held: &mut bool| {
+        if std::mem::take(held) {
+            link.holding.fetch_sub(1, Ordering::SeqCst);
         }
-        let f = Fault::decode(fault.load(Ordering::SeqCst));
-        if f == Fault::Reset {
+    };
+    while !link.stop.load(Ordering::SeqCst) {
+        let fault = link.fault();
+        if fault == Fault::Reset {
             reset(&from);
             reset(&to);
+            release(&mut held);
             return;
         }
-        if f == Fault::Blackhole {
-            // Held in the sockets' buffers until the link heals.
+        if fault == Fault::Blackhole {
+            if !held {
+                held = true;
+                link.holding.fetch_add(1, Ordering::SeqCst);
+            }
             thread::sleep(TICK);
             continue;
         }
-        let n = match from.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue
-            }
-            Err(_) => break,
-        };
-        // Bytes read as the link went silent wait for it to heal.
-        loop {
-            match Fault::decode(fault.load(Ordering::SeqCst)) {
-                Fault::Reset => {
-                    reset(&from);
+        // Healed. A sender that reset its connection meanwhile never got
+        // its bytes across (the silent link acknowledged nothing), and a
+        // reset discards what a socket has not sent.
+        if held && matches!(from.take_error(), Ok(Some(_))) {
+            reset(&to);
+            release(&mut held);
+            return;
+        }
+        let n = match unsent.take() {
+            Some(n) => n,
+            None => match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    // Nothing was held after all.
+                    release(&mut held);
+                    continue;
+                }
+                Err(_) => {
                     reset(&to);
+                    release(&mut held);
                     return;
                 }
-                Fault::Blackhole if !stop.load(Ordering::SeqCst) => thread::sleep(TICK),
-                Fault::Blackhole => return,
-                Fault::Delay(d) => {
-                    thread::sleep(d);
-                    break;
-                }
-                Fault::Pass => break,
+            },
+        };
+        // The fault when the bytes came decides their fate.
+        match link.fault() {
+            Fault::Blackhole => {
+                unsent = Some(n);
+                continue;
             }
+            Fault::Reset => continue,
+            Fault::Delay(d) => thread::sleep(d),
+            Fault::Pass => {}
         }
         if to.write_all(&buf[..n]).is_err() {
             break;
         }
+        release(&mut held);
     }
+    release(&mut held);
     let _ = to.shutdown(Shutdown::Write);
 }
 

@@ -299,6 +299,10 @@ async fn run<S: Stream>(inner: Rc<Inner>, stream: S) {
                 }
                 let expired = oldest_deadline(&inner).is_some_and(|d| d <= now);
                 if expired {
+                    // Its requests are answered elsewhere now: what the
+                    // kernel still holds of them must not reach the
+                    // server later (a partition that heals).
+                    stream.abort();
                     return fail(&inner, Failure::Timeout);
                 }
             }

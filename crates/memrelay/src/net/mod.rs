@@ -50,6 +50,12 @@ pub(crate) trait Stream {
     fn finish(&self) -> impl std::future::Future<Output = ()> {
         async {}
     }
+    /// Closes with a reset once dropped (`SO_LINGER` 0): what the kernel
+    /// has not sent yet is discarded rather than delivered late. For a
+    /// server connection given up on (a timeout), whose requests were
+    /// answered from other replicas and recorded as missed there: a write
+    /// delivered after that could land after the key's invalidation.
+    fn abort(&self) {}
     /// Whether an idle session on this stream may hand its socket to the
     /// worker's parking lot (`proxy::park`): a plain socket may, TLS may not.
     fn parkable(&self) -> bool {
@@ -161,6 +167,9 @@ macro_rules! stream_impl {
         impl Stream for $t {
             fn parkable(&self) -> bool {
                 true
+            }
+            fn abort(&self) {
+                let _ = socket2::SockRef::from(self).set_linger(Some(std::time::Duration::ZERO));
             }
             fn into_parked(self) -> io::Result<ParkedSocket> {
                 self.into_std().map($parked)

@@ -231,6 +231,9 @@ impl io::Write for Socket<'_> {
 }
 
 impl Stream for TlsStream {
+    fn abort(&self) {
+        self.tcp.abort();
+    }
     async fn ready(&self, interest: Interest) -> io::Result<Ready> {
         loop {
             let wants_write = {
