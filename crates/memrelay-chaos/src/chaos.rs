@@ -63,6 +63,16 @@ impl Watch {
         ((last - 1) as i64) < from
     }
 
+    /// A memrelay's link to server `i` was cut, reset or slowed (or healed):
+    /// writes through it may have gone past the server, so for the loss
+    /// check the server counts as disturbed, as after any event. It stays
+    /// up: nothing on it was lost.
+    pub fn link_fault(&self, i: usize) {
+        self.servers[i]
+            .last_event
+            .store(self.now_ms() + 1, Ordering::SeqCst);
+    }
+
     /// memrelay itself crashed: the next one flushes the servers it had
     /// marked dirty, so every server counts as disturbed from now on (a
     /// planned restart or a hand-off passes the lists on and does not).

@@ -7,6 +7,7 @@
 //! The rules checked are in model.rs and docs/chaos.md.
 
 mod chaos;
+mod fleet;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -59,6 +60,13 @@ options:
                      process flushes those it had marked dirty)
   --relay-acts LIST  which restarts --relay-chaos makes, of term,kill,handoff
                      (default all three)
+  --fleet N          N memrelays (2..5) that are peers (--peer), each reaching
+                     every server through its own forwarder (a fake link);
+                     clients send each batch through a random member, and
+                     --relay-chaos restarts one member at a time
+  --partitions       with --fleet: also cut (blackhole), reset or slow one
+                     member's link to one server at a time, for 0.3..3 s:
+                     partial partitions
   --storm            also a thread of clients that pipeline 500 sets of
                      their own keys and reset the connection 2 ms later,
                      and 200 idle connections held open to /metrics (the
@@ -111,6 +119,10 @@ struct Cfg {
     /// Also clients that leave with writes in flight, and idle scrapers
     /// holding connections to /metrics.
     storm: bool,
+    /// Memrelays in the fleet (1: a single memrelay, no peers).
+    fleet: usize,
+    /// Fault the fleet's links at random.
+    partitions: bool,
     extra: Vec<String>,
 }
 
@@ -161,6 +173,8 @@ fn parse_args(args: &[String]) -> Result<Option<Cfg>, String> {
         relay_chaos: false,
         relay_acts: vec![RelayAct::Terminate, RelayAct::Kill, RelayAct::Handoff],
         storm: false,
+        fleet: 1,
+        partitions: false,
         extra: Vec::new(),
     };
     let mut it = args.iter();
@@ -209,6 +223,8 @@ fn parse_args(args: &[String]) -> Result<Option<Cfg>, String> {
                 }
             }
             "--storm" => c.storm = true,
+            "--fleet" => c.fleet = num(val()?)?.clamp(2, 5) as usize,
+            "--partitions" => c.partitions = true,
             "--pause" => {
                 let v = val()?;
                 let (a, b) = v
@@ -229,6 +245,9 @@ fn parse_args(args: &[String]) -> Result<Option<Cfg>, String> {
             }
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
+    }
+    if c.partitions && c.fleet < 2 {
+        return Err("--partitions needs --fleet N".into());
     }
     Ok(Some(c))
 }
@@ -560,7 +579,7 @@ fn meta_form(op: Op) -> Op {
 fn client(
     t: usize,
     cfg: &Cfg,
-    relay: &str,
+    relays: &[String],
     mut keys: Vec<KeyModel>,
     watch: &Watch,
     stop: &AtomicBool,
@@ -569,16 +588,25 @@ fn client(
     let mut tally = Tally::new();
     let pipelining = cfg.pipeline && t % 3 == 2;
     let live = |p: usize, since: Instant| watch.live_replica(p, since);
-    let ctx = Ctx {
+    // In a fleet, each violation names the member that answered.
+    let phases: Vec<String> = match relays.len() {
+        1 => vec!["during chaos".to_string()],
+        n => (0..n)
+            .map(|m| format!("during chaos via memrelay {m}"))
+            .collect(),
+    };
+    let ctx_via = |m: usize| Ctx {
         start: watch.start,
         client: t,
-        phase: "during chaos",
+        phase: &phases[m],
         bound: bound(cfg),
         live_replica: &live,
         strict_writes: cfg.strict_writes,
     };
-    let client_deadline = ctx.bound + Duration::from_secs(5);
-    let mut conns: Vec<Option<Conn>> = vec![None, None];
+    let client_deadline = bound(cfg) + Duration::from_secs(5);
+    // Two connections per memrelay: consecutive batches of one client go
+    // through different members of a fleet.
+    let mut conns: Vec<Option<Conn>> = (0..2 * relays.len()).map(|_| None).collect();
     let mut seq = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let size = if pipelining {
@@ -589,7 +617,7 @@ fn client(
         let ops = pick_batch(&mut rng, &keys, size, &mut seq);
         let ci = rng.below(conns.len() as u64) as usize;
         if conns[ci].is_none() {
-            match connect_retrying(relay, stop) {
+            match connect_retrying(&relays[ci % relays.len()], stop) {
                 Ok(c) => conns[ci] = Some(c),
                 Err(e) => {
                     return ClientEnd {
@@ -614,6 +642,7 @@ fn client(
                 tally.repeated_key_batches += 1;
             }
         }
+        let ctx = ctx_via(ci % relays.len());
         let ok = model::exchange(conn, &ctx, &mut tally, &mut keys, &ops, client_deadline);
         if !ok {
             conns[ci] = None;
@@ -792,6 +821,49 @@ fn restart_relay(
     ))
 }
 
+/// Member m's arguments: the servers (through its links in a fleet), the
+/// timeout, its own state file and hand-off path, /metrics on the first.
+fn member_args(
+    cfg: &Cfg,
+    m: usize,
+    servers: &[Memcached],
+    fleet: Option<&fleet::Fleet>,
+    state_dir: &Path,
+    metrics_port: Option<u16>,
+) -> Vec<String> {
+    let b = servers.len() - 1;
+    let mut args: Vec<String> = match fleet {
+        Some(f) => f.args(m),
+        None => {
+            let mut a = Vec::new();
+            for s in &servers[..b] {
+                a.extend(["-s".to_string(), s.addr()]);
+            }
+            a.extend(["-b".to_string(), servers[b].addr()]);
+            a
+        }
+    };
+    args.extend(["--timeout".to_string(), cfg.timeout_arg.clone()]);
+    if cfg.relay_chaos {
+        args.extend([
+            "--state-file".to_string(),
+            state_dir.join(format!("state{m}")).display().to_string(),
+            "--handoff".to_string(),
+            state_dir
+                .join(format!("handoff{m}.sock"))
+                .display()
+                .to_string(),
+            "--shutdown-timeout".to_string(),
+            "2s".to_string(),
+        ]);
+    }
+    if let (0, Some(port)) = (m, metrics_port) {
+        args.extend(["--metrics".to_string(), format!("127.0.0.1:{port}")]);
+    }
+    args.extend(cfg.extra.iter().cloned());
+    args
+}
+
 fn run(cfg: &Cfg) -> Result<bool, String> {
     let relay_bin = match &cfg.memrelay {
         Some(p) => PathBuf::from(p),
@@ -808,45 +880,49 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
         servers.push(Memcached::launch(&cfg.memcached, "127.0.0.1", &[])?);
     }
     let b = cfg.primaries;
-    let mut args: Vec<String> = Vec::new();
-    for s in &servers[..b] {
-        args.extend(["-s".to_string(), s.addr()]);
-    }
-    args.extend(["-b".to_string(), servers[b].addr()]);
-    args.extend(["--timeout".to_string(), cfg.timeout_arg.clone()]);
+    let members = cfg.fleet.max(1);
     // With --relay-chaos: where the missed-key lists outlive a memrelay, and
-    // where a new one takes the sockets over.
+    // where a new one takes the sockets over (one of each per member).
     let state_dir = std::env::temp_dir().join(format!("memrelay-chaos-{}", std::process::id()));
-    if cfg.relay_chaos {
-        std::fs::create_dir_all(&state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
-        args.extend([
-            "--state-file".to_string(),
-            state_dir.join("state").display().to_string(),
-            "--handoff".to_string(),
-            state_dir.join("handoff.sock").display().to_string(),
-            "--shutdown-timeout".to_string(),
-            "2s".to_string(),
-        ]);
-    }
-    let metrics_port = if cfg.storm {
-        let port = try_free_port("127.0.0.1")?;
-        args.extend(["--metrics".to_string(), format!("127.0.0.1:{port}")]);
-        Some(port)
+    std::fs::create_dir_all(&state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
+    let fleet = if members > 1 {
+        Some(fleet::Fleet::new(members, &servers, &state_dir)?)
     } else {
         None
     };
-    args.extend(cfg.extra.iter().cloned());
+    let metrics_port = if cfg.storm {
+        Some(try_free_port("127.0.0.1")?)
+    } else {
+        None
+    };
+    let all_args: Vec<Vec<String>> = (0..members)
+        .map(|m| member_args(cfg, m, &servers, fleet.as_ref(), &state_dir, metrics_port))
+        .collect();
     // The run's clock starts here, so memrelay's log lines and the
     // histories share one time line.
     let origin = Instant::now();
-    let mut relay = relay_cmd(&relay_bin, &args, origin, cfg).try_start()?;
-    let addr = relay.addr();
-    if !wait_until(Duration::from_secs(10), || all_up(&addr, b + 1)) {
-        return Err(format!(
-            "memrelay never reported every server up: {:?}",
-            stats(&addr)
-        ));
+    let mut relays: Vec<Memrelay> = all_args
+        .iter()
+        .map(|a| relay_cmd(&relay_bin, a, origin, cfg).try_start())
+        .collect::<Result<_, _>>()?;
+    let addrs: Vec<String> = relays.iter().map(Memrelay::addr).collect();
+    for addr in &addrs {
+        if !wait_until(Duration::from_secs(10), || all_up(addr, b + 1)) {
+            return Err(format!(
+                "memrelay {addr} never reported every server up: {:?}",
+                stats(addr)
+            ));
+        }
+        let peers = |a: &str| stats(a).get("peers_up").cloned().unwrap_or_default();
+        if members > 1
+            && !wait_until(Duration::from_secs(10), || {
+                peers(addr) == (members - 1).to_string()
+            })
+        {
+            return Err(format!("memrelay {addr} never reached its peers"));
+        }
     }
+    let addr = addrs[0].clone();
     // Keys: client t owns c{t}k{i}; every 4th is a counter.
     let per_client = cfg.keys + TTL_KEYS;
     let names: Vec<Vec<String>> = (0..cfg.clients)
@@ -894,7 +970,9 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
         cfg.primaries,
         per_primary
     );
-    println!("memrelay: {} {}", relay_bin.display(), args.join(" "));
+    for args in &all_args {
+        println!("memrelay: {} {}", relay_bin.display(), args.join(" "));
+    }
     println!(
         "chaos: primaries{}{}, pause {}..{} ms; latency bound {:?}; settle {:?}",
         if cfg.chaos_backup {
@@ -922,10 +1000,18 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
     };
     let mut relay_died = None;
     let mut relay_log: Vec<String> = Vec::new();
+    let mut partition_tally = fleet::PartitionTally::default();
     let (mut ends, chaos_tally): (Vec<ClientEnd>, ChaosTally) = thread::scope(|s| {
         let (watch, stop, servers) = (&watch, &stop, &mut servers);
         let seed = cfg.seed;
         let ch = s.spawn(move || chaos::run(servers, watch, chaos_cfg, seed, stop));
+        let pt =
+            match (&fleet, cfg.partitions) {
+                (Some(f), true) => Some(s.spawn(move || {
+                    fleet::partitions(f, watch, cfg.timeout, cfg.pause_ms, seed, stop)
+                })),
+                _ => None,
+            };
         if cfg.storm {
             let addr = addr.clone();
             s.spawn(move || disconnect_storm(&addr, stop));
@@ -937,8 +1023,8 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
             .into_iter()
             .enumerate()
             .map(|(t, keys)| {
-                let addr = addr.clone();
-                s.spawn(move || client(t, cfg, &addr, keys, watch, stop))
+                let addrs = &addrs;
+                s.spawn(move || client(t, cfg, addrs, keys, watch, stop))
             })
             .collect();
         // Pacing: how long the run lasts.
@@ -946,13 +1032,20 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
         let mut rng = Rng::new(seed ^ 0x0072_656c_6179);
         let mut next_restart = Instant::now() + Duration::from_millis(3000 + rng.below(5000));
         while Instant::now() < end && !INTERRUPTED.load(Ordering::SeqCst) {
-            if let Some(st) = relay.exited() {
-                relay_died = Some(st.to_string());
+            if let Some((m, st)) = relays
+                .iter_mut()
+                .enumerate()
+                .find_map(|(m, r)| r.exited().map(|st| (m, st)))
+            {
+                relay_died = Some(format!("memrelay {m}: {st}"));
                 break;
             }
             if cfg.relay_chaos && Instant::now() >= next_restart {
                 let how = cfg.relay_acts[rng.below(cfg.relay_acts.len() as u64) as usize];
-                match restart_relay(&mut relay, how, &relay_bin, &args, origin, cfg, watch) {
+                let m = rng.below(members as u64) as usize;
+                let (relay, args) = (&mut relays[m], &all_args[m]);
+                match restart_relay(relay, how, &relay_bin, args, origin, cfg, watch) {
+                    Ok(line) if members > 1 => relay_log.push(format!("{line} (member {m})")),
                     Ok(line) => relay_log.push(line),
                     Err(e) => {
                         relay_died = Some(e);
@@ -979,25 +1072,46 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
             error: Some("chaos thread panicked".into()),
             ..ChaosTally::default()
         });
+        if let Some(pt) = pt {
+            partition_tally = pt.join().unwrap_or_default();
+        }
         (ends, ct)
     });
     let chaos_elapsed = watch.start.elapsed();
 
     // Right after every server is back (invalidation may be under way),
     // then once memrelay reports every server up.
+    // Each client's keys through one member (another for each client).
     for (t, e) in ends.iter_mut().enumerate() {
-        final_reads(cfg, &addr, &watch, t, e, "after chaos");
+        final_reads(cfg, &addrs[t % members], &watch, t, e, "after chaos");
     }
-    let settled = wait_until(Duration::from_secs(20), || all_up(&addr, b + 1));
+    let settled = wait_until(Duration::from_secs(20), || {
+        addrs.iter().all(|a| all_up(a, b + 1))
+    });
     for (t, e) in ends.iter_mut().enumerate() {
-        final_reads(cfg, &addr, &watch, t, e, "all up");
+        final_reads(cfg, &addrs[(t + 1) % members], &watch, t, e, "all up");
     }
     let st = stats(&addr);
-    if relay_died.is_none() {
-        relay_died = relay.exited().map(|st| st.to_string());
+    let fleet_stats: Vec<HashMap<String, String>> = if members > 1 {
+        addrs.iter().map(|a| stats(a)).collect()
+    } else {
+        Vec::new()
+    };
+    for (m, r) in relays.iter_mut().enumerate() {
+        if relay_died.is_none() {
+            relay_died = r.exited().map(|st| format!("memrelay {m}: {st}"));
+        }
     }
-    let log_tail = relay.output_tail(30);
-    relay.stop(Duration::from_secs(2));
+    let log_tail = relays
+        .iter()
+        .enumerate()
+        .map(|(m, r)| format!("memrelay {m}:\n{}", r.output_tail(30 / members)))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for r in &mut relays {
+        r.stop(Duration::from_secs(2));
+    }
+    let _ = std::fs::remove_dir_all(&state_dir);
     drop(servers);
 
     // Report.
@@ -1058,6 +1172,25 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
         chaos_tally.conts,
         chaos_tally.backup_events
     );
+    if cfg.partitions {
+        println!(
+            "partial partitions: {} (blackhole {}, reset {}, delay {})",
+            partition_tally.log.len(),
+            partition_tally.blackholes,
+            partition_tally.resets,
+            partition_tally.delays
+        );
+    }
+    for (m, fs) in fleet_stats.iter().enumerate() {
+        let f = |k: &str| fs.get(k).cloned().unwrap_or_else(|| "?".into());
+        println!(
+            "fleet member {m}: hints sent {}, received {}, unacked {}, unknown {}",
+            f("peer_hints_sent"),
+            f("peer_hints_received"),
+            f("peer_hints_unacked"),
+            f("peer_hints_unknown")
+        );
+    }
     if cfg.relay_chaos {
         let count = |w: &str| relay_log.iter().filter(|l| l.contains(w)).count();
         println!(
@@ -1112,7 +1245,12 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
     }
     if cfg.verbose || !ok {
         println!("chaos log:");
-        let mut all: Vec<&String> = chaos_tally.log.iter().chain(relay_log.iter()).collect();
+        let mut all: Vec<&String> = chaos_tally
+            .log
+            .iter()
+            .chain(relay_log.iter())
+            .chain(partition_tally.log.iter())
+            .collect();
         all.sort();
         for l in all {
             println!("  {l}");
