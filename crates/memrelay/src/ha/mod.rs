@@ -15,6 +15,7 @@
 //!   other tier in the background.
 
 pub mod cas;
+pub(crate) mod flow;
 pub(crate) mod mirror;
 pub(crate) mod missed;
 pub(crate) mod persist;

@@ -16,14 +16,12 @@
 //!   having missed the key, because it may or may not have applied it, and
 //!   is invalidated for it before it serves it again.
 
-use std::rc::Rc;
-
 use bytes::BytesMut;
 use memrelay_protocol::{compose, Command, Expect, MetaStatus, Request, ResponseKind};
 
+use super::flow::Flow;
 use super::slot::{Local, Part, Role, Slot, Stage};
 use super::{Cluster, Inbox};
-use crate::backend::ReplyTo;
 use smallvec::SmallVec;
 
 /// What a backup must do after the primary answered a write.
@@ -108,7 +106,8 @@ fn compose_line(
 }
 
 /// Starts a write: sends it to the first replica that can take it.
-pub(crate) fn start(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+pub(crate) fn start(f: &Flow<'_, impl Inbox>, slot: &mut Slot) {
+    let (w, req) = (f.w, &f.req);
     let key = super::route_key(&slot.frame, req);
     let replicas = w.router.replicas(&key);
     for s in replicas.iter() {
@@ -120,11 +119,11 @@ pub(crate) fn start(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Sl
         if let (Some(p), Some(b)) = (replicas.get(0), replicas.get(1)) {
             let key: &[u8] = &key;
             if w.servers[p].health().serves(key) && w.servers[b].health().serves(key) {
-                return ask_backup_first(w, inbox, seq, slot, req, b);
+                return ask_backup_first(f, slot, b);
             }
         }
     }
-    attempt(w, inbox, seq, slot, req, 0);
+    attempt(f, slot, 0);
 }
 
 /// `add` and `ms ... ME` store only if the key holds no item. The primary
@@ -144,14 +143,8 @@ fn creates_if_absent(req: &Request) -> bool {
     }
 }
 
-fn ask_backup_first(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
-    slot: &mut Slot,
-    req: &Request,
-    backup: usize,
-) {
+fn ask_backup_first(f: &Flow<'_, impl Inbox>, slot: &mut Slot, backup: usize) {
+    let (w, req) = (f.w, &f.req);
     let frame = slot.frame.clone();
     let route = super::route_key(&frame, req);
     let wire_key = req.key.of(&frame);
@@ -162,11 +155,7 @@ fn ask_backup_first(
     } else {
         expect_of(req.command)
     };
-    let reply = ReplyTo {
-        sink: inbox.clone(),
-        token: seq,
-        part: slot.parts.len() as u32,
-    };
+    let reply = f.reply_to(slot.parts.len());
     let queued = w.servers[backup].send_for_key(
         &route,
         expect,
@@ -189,13 +178,8 @@ fn stored(kind: ResponseKind) -> Option<bool> {
 }
 
 /// The first backup answered a create-if-absent write.
-pub(crate) fn after_create(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
-    slot: &mut Slot,
-    req: &Request,
-) {
+pub(crate) fn after_create(f: &Flow<'_, impl Inbox>, slot: &mut Slot) {
+    let (w, req) = (f.w, &f.req);
     slot.stage = Stage::Done;
     let Some(replicas) = slot.replicas else {
         return;
@@ -215,7 +199,7 @@ pub(crate) fn after_create(
         Some(Ok(Some(true))) => {
             let primary = replicas.primary();
             if w.servers[primary].health().serves(&route) {
-                attempt(w, inbox, seq, slot, req, 0);
+                attempt(f, slot, 0);
             } else {
                 // The primary went down meanwhile: the backup's item is the
                 // key's, and the primary missed it.
@@ -226,7 +210,7 @@ pub(crate) fn after_create(
         // anything now. It misses the key; the primary takes the write.
         _ => {
             w.servers[backup].health().missed.record(&route);
-            attempt(w, inbox, seq, slot, req, 0);
+            attempt(f, slot, 0);
         }
     }
 }
@@ -253,14 +237,8 @@ fn blind_overwrite(req: &Request) -> bool {
 }
 
 /// Sends the write to the first serving replica at or after `from`.
-fn attempt(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
-    slot: &mut Slot,
-    req: &Request,
-    from: usize,
-) {
+fn attempt(f: &Flow<'_, impl Inbox>, slot: &mut Slot, from: usize) {
+    let (w, req) = (f.w, &f.req);
     let Some(replicas) = slot.replicas else {
         return;
     };
@@ -284,11 +262,7 @@ fn attempt(
         w.stats.failovers.incr();
     }
     let value = has_value(req).then(|| frame.slice(req.value.start as usize..req.value.end()));
-    let reply = ReplyTo {
-        sink: inbox.clone(),
-        token: seq,
-        part: slot.parts.len() as u32,
-    };
+    let reply = f.reply_to(slot.parts.len());
     let wire = super::meta_wire(req, replicas.len() > 1);
     let expect = if req.command.is_meta() {
         wire.expect
@@ -319,11 +293,8 @@ fn attempt(
         for next in 1..replicas.len() {
             if let Some(b) = replicas.get(next) {
                 send_mirror(
-                    w,
-                    inbox,
-                    seq,
+                    f,
                     slot,
-                    req,
                     &route,
                     MirrorTo {
                         server: b,
@@ -337,14 +308,8 @@ fn attempt(
 }
 
 /// The replica answered or failed: mirror, or move to the next replica.
-pub(crate) fn advance(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
-    slot: &mut Slot,
-    req: &Request,
-    tier: usize,
-) {
+pub(crate) fn advance(f: &Flow<'_, impl Inbox>, slot: &mut Slot, tier: usize) {
+    let (w, req) = (f.w, &f.req);
     let Some(replicas) = slot.replicas else {
         slot.stage = Stage::Done;
         return;
@@ -365,23 +330,20 @@ pub(crate) fn advance(
                 && w.miss_fallback
                 && is_miss(req, reply.kind) =>
         {
-            attempt(w, inbox, seq, slot, req, 1);
+            attempt(f, slot, 1);
             if slot.parts.iter().filter(|p| p.role == Role::Main).count() == 1
                 && slot.vivify_pending
             {
                 // No backup could be asked: create it on the primary.
                 slot.vivify_pending = false;
-                attempt(w, inbox, seq, slot, req, 0);
+                attempt(f, slot, 0);
             } else if slot.parts.iter().filter(|p| p.role == Role::Main).count() == 1 {
                 // No backup could take it: the primary's answer stands, and
                 // its mirror rule (the backups' copies are deleted) applies.
                 slot.local = None;
                 mirror_after(
-                    w,
-                    inbox,
-                    seq,
+                    f,
                     slot,
-                    req,
                     tier,
                     KeyRoute {
                         replicas: &replicas,
@@ -394,18 +356,15 @@ pub(crate) fn advance(
             // No replica had the item: now create it, from the first tier
             // that serves the key, and copy it as usual.
             slot.vivify_pending = false;
-            attempt(w, inbox, seq, slot, req, 0);
+            attempt(f, slot, 0);
         }
         Some(Ok(reply)) => {
             if tier > 0 && !is_miss(req, reply.kind) {
                 bypassed(w, &replicas, tier, &route);
             }
             mirror_after(
-                w,
-                inbox,
-                seq,
+                f,
                 slot,
-                req,
                 tier,
                 KeyRoute {
                     replicas: &replicas,
@@ -426,9 +385,9 @@ pub(crate) fn advance(
                 // The backups already have it, exactly once: their answer
                 // is the client's (see `answer`).
                 w.stats.failovers.incr();
-                return settle_mirrors(w, inbox, seq, slot, req, false);
+                return settle_mirrors(f, slot, false);
             }
-            attempt(w, inbox, seq, slot, req, tier + 1);
+            attempt(f, slot, tier + 1);
         }
         None => {}
     }
@@ -453,15 +412,8 @@ fn bypassed(w: &Cluster, replicas: &crate::router::Replicas, tier: usize, route:
 /// The replica at `tier` answered: bring the tiers after it to its state
 /// (the client's reply waits for them, so a write it makes next can never
 /// be overtaken by this one's copies).
-fn mirror_after(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
-    slot: &mut Slot,
-    req: &Request,
-    tier: usize,
-    key: KeyRoute<'_>,
-) {
+fn mirror_after(f: &Flow<'_, impl Inbox>, slot: &mut Slot, tier: usize, key: KeyRoute<'_>) {
+    let (w, req) = (f.w, &f.req);
     let KeyRoute { replicas, route } = key;
     let main = slot.main_part().unwrap_or(0);
     let mirrored_in_parallel = slot.mirrored_in_parallel();
@@ -503,7 +455,7 @@ fn mirror_after(
             kind,
             ResponseKind::Stored | ResponseKind::Meta(MetaStatus::Hd)
         );
-        return settle_mirrors(w, inbox, seq, slot, req, refused);
+        return settle_mirrors(f, slot, refused);
     }
     // Bring the tiers after the one that answered to its state; the
     // client's reply waits for them, so a write it makes next can
@@ -523,11 +475,8 @@ fn mirror_after(
                 continue; // it stored this very item already
             }
             send_mirror(
-                w,
-                inbox,
-                seq,
+                f,
                 slot,
-                req,
                 route,
                 MirrorTo {
                     server,
@@ -563,14 +512,8 @@ fn is_miss(req: &Request, kind: ResponseKind) -> bool {
 /// The copies on the backups are in: a backup that failed or answered
 /// otherwise than the primary is recorded as having missed the key, so it
 /// never serves it until the key is invalidated there.
-pub(crate) fn after_mirrors(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
-    slot: &mut Slot,
-    req: &Request,
-) {
-    settle_mirrors(w, inbox, seq, slot, req, false);
+pub(crate) fn after_mirrors(f: &Flow<'_, impl Inbox>, slot: &mut Slot) {
+    settle_mirrors(f, slot, false);
 }
 
 /// Judges every mirror not yet judged. A backup that answered but ended in
@@ -578,14 +521,8 @@ pub(crate) fn after_mirrors(
 /// its copy deleted before the client is answered, so it holds the
 /// primary's item or nothing; one that failed is recorded as having missed
 /// the key.
-fn settle_mirrors(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
-    slot: &mut Slot,
-    req: &Request,
-    primary_refused: bool,
-) {
+fn settle_mirrors(f: &Flow<'_, impl Inbox>, slot: &mut Slot, primary_refused: bool) {
+    let (w, req) = (f.w, &f.req);
     slot.stage = Stage::Done;
     let route = super::route_key(&slot.frame, req);
     let mut compensate: SmallVec<[usize; 2]> = SmallVec::new();
@@ -624,11 +561,7 @@ fn settle_mirrors(
         }
     }
     for server in compensate {
-        let reply = ReplyTo {
-            sink: inbox.clone(),
-            token: seq,
-            part: slot.parts.len() as u32,
-        };
+        let reply = f.reply_to(slot.parts.len());
         let key: &[u8] = &route;
         let pool = &w.servers[server];
         let queued = pool.send_for_key(
@@ -648,7 +581,7 @@ fn settle_mirrors(
         .any(|p| p.role == Role::Compensate && !p.settled)
     {
         // A compensation failed at once: settle it now.
-        settle_mirrors(w, inbox, seq, slot, req, false);
+        settle_mirrors(f, slot, false);
     }
 }
 
@@ -721,15 +654,8 @@ struct MirrorTo {
 }
 
 /// Sends `to.plan` to one backup as part of the slot.
-fn send_mirror(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
-    slot: &mut Slot,
-    req: &Request,
-    route: &bytes::Bytes,
-    to: MirrorTo,
-) {
+fn send_mirror(f: &Flow<'_, impl Inbox>, slot: &mut Slot, route: &bytes::Bytes, to: MirrorTo) {
+    let (w, req) = (f.w, &f.req);
     let MirrorTo {
         server,
         plan,
@@ -746,11 +672,7 @@ fn send_mirror(
     }
     w.stats.mirrors.incr();
     let frame = slot.frame.clone();
-    let reply = ReplyTo {
-        sink: inbox.clone(),
-        token: seq,
-        part: slot.parts.len() as u32,
-    };
+    let reply = f.reply_to(slot.parts.len());
     let pool = &w.servers[server];
     let queued = match plan {
         MirrorPlan::Nothing => return,
