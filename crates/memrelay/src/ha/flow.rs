@@ -11,14 +11,14 @@ use std::rc::Rc;
 use memrelay_protocol::Request;
 
 use super::slot::{Slot, Stage};
-use super::{Cluster, Inbox};
-use crate::backend::ReplyTo;
+use super::{Cluster, Inbox, Pool};
+use crate::backend::{ReplyTo, ServerPool};
 
 /// One request's context, the same at every step of its flow.
 #[derive(Debug)]
-pub(crate) struct Flow<'a, I: Inbox> {
+pub(crate) struct Flow<'a, I: Inbox, P: Pool = ServerPool> {
     /// The configuration the request started under.
-    pub w: &'a Cluster,
+    pub w: &'a Cluster<P>,
     /// Where its server replies go.
     pub inbox: &'a Rc<I>,
     /// Its number in the session: the token its replies carry.
@@ -27,7 +27,7 @@ pub(crate) struct Flow<'a, I: Inbox> {
     pub req: Request,
 }
 
-impl<I: Inbox> Flow<'_, I> {
+impl<I: Inbox, P: Pool> Flow<'_, I, P> {
     /// Where the reply of the slot's sub-request number `part` goes.
     pub(crate) fn reply_to(&self, part: usize) -> ReplyTo {
         ReplyTo {
@@ -40,7 +40,7 @@ impl<I: Inbox> Flow<'_, I> {
 
 /// All of a slot's parts are in: take its next step (which may send more
 /// parts, or finish it).
-pub(crate) fn advance(f: &Flow<'_, impl Inbox>, slot: &mut Slot) {
+pub(crate) fn advance(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
     use super::{read, write};
     let meta = f.req.command.is_meta();
     match slot.stage {

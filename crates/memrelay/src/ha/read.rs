@@ -17,7 +17,7 @@ use smallvec::SmallVec;
 
 use super::flow::Flow;
 use super::slot::{Local, Part, Role, Slot, Stage};
-use super::{Cluster, Inbox};
+use super::{Cluster, Inbox, Pool};
 use crate::backend::Failure;
 use crate::net::outqueue::OutQueue;
 
@@ -25,7 +25,7 @@ use crate::net::outqueue::OutQueue;
 const NO_PART: u16 = u16::MAX;
 
 /// Round one.
-pub(crate) fn start(f: &Flow<'_, impl Inbox>, slot: &mut Slot) {
+pub(crate) fn start(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
     let (w, req) = (f.w, &f.req);
     let frame = slot.frame.clone();
     let (cmd, exptime) = (req.command, req.exptime);
@@ -117,7 +117,7 @@ fn changes_ttl(req: &Request) -> bool {
 /// A TTL-changing read went past `server` (down, stale for the key, or
 /// failed): its copy keeps the old TTL, so it is recorded as having missed
 /// the key, as for a write.
-fn skipped_ttl_change(w: &Cluster, req: &Request, server: usize, key: &[u8]) {
+fn skipped_ttl_change(w: &Cluster<impl Pool>, req: &Request, server: usize, key: &[u8]) {
     if changes_ttl(req) {
         w.servers[server].health().missed.record(key);
     }
@@ -129,7 +129,7 @@ fn skipped_ttl_change(w: &Cluster, req: &Request, server: usize, key: &[u8]) {
 /// failover. A tier that cannot take it now is recorded as having missed
 /// the key. The client's reply waits for these, as for a write's copies.
 fn mirror_ttl_changes(
-    f: &Flow<'_, impl Inbox>,
+    f: &Flow<'_, impl Inbox, impl Pool>,
     slot: &mut Slot,
     found: &[(u32, bytes::Bytes, usize)],
 ) {
@@ -184,7 +184,11 @@ fn mirror_ttl_changes(
 /// The TTL copies are in: a tier that failed or refused one is recorded as
 /// having missed the key. Returns the (key number, server) of the `touch`
 /// copies that found no item there.
-fn settle_ttl_changes(w: &Cluster, slot: &mut Slot, req: &Request) -> SmallVec<[(u32, u16); 2]> {
+fn settle_ttl_changes(
+    w: &Cluster<impl Pool>,
+    slot: &mut Slot,
+    req: &Request,
+) -> SmallVec<[(u32, u16); 2]> {
     let frame = slot.frame.clone();
     let mut absent = SmallVec::new();
     for p in slot.parts.iter_mut() {
@@ -222,7 +226,11 @@ fn settle_ttl_changes(w: &Cluster, slot: &mut Slot, req: &Request) -> SmallVec<[
 /// item, now given a longer life, would live on one replica only; so it is
 /// added there (`add`: a value written meanwhile wins) with the new TTL, and
 /// the reply waits for it.
-fn copy_expired_copies(f: &Flow<'_, impl Inbox>, slot: &mut Slot, absent: &[(u32, u16)]) {
+fn copy_expired_copies(
+    f: &Flow<'_, impl Inbox, impl Pool>,
+    slot: &mut Slot,
+    absent: &[(u32, u16)],
+) {
     let (w, req) = (f.w, &f.req);
     if absent.is_empty() {
         return;
@@ -271,7 +279,7 @@ fn copy_expired_copies(f: &Flow<'_, impl Inbox>, slot: &mut Slot, absent: &[(u32
 /// key nobody asked for, a second block for one key) is broken: it is
 /// counted as failed and its connections are closed. The blocks themselves
 /// never reach the client (`walk` only takes blocks that match a key).
-fn drop_misbehaving_servers(w: &Cluster, slot: &Slot, req: &Request) {
+fn drop_misbehaving_servers(w: &Cluster<impl Pool>, slot: &Slot, req: &Request) {
     let round_one = slot
         .parts
         .iter()
@@ -331,7 +339,7 @@ fn walk<'a>(
 }
 
 /// Round one is in: ask backups for what missed, or finish.
-pub(crate) fn after_round_one(f: &Flow<'_, impl Inbox>, slot: &mut Slot) {
+pub(crate) fn after_round_one(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
     let (w, req) = (f.w, &f.req);
     slot.stage = Stage::Done;
     drop_misbehaving_servers(w, slot, req);
@@ -389,7 +397,7 @@ struct Wanted {
 
 /// The keys round one did not find (or could not look up) that a backup
 /// may serve.
-fn fallbacks_wanted(w: &Cluster, slot: &Slot, req: &Request) -> SmallVec<[Wanted; 4]> {
+fn fallbacks_wanted(w: &Cluster<impl Pool>, slot: &Slot, req: &Request) -> SmallVec<[Wanted; 4]> {
     let fallback = w.miss_fallback;
     let mut wanted: SmallVec<[Wanted; 4]> = SmallVec::new();
     walk(slot, req, |i, key, p, hit| {
@@ -425,7 +433,11 @@ fn fallbacks_wanted(w: &Cluster, slot: &Slot, req: &Request) -> SmallVec<[Wanted
 
 /// Round two: each wanted key asked of its backup with `mg`, so flags,
 /// remaining TTL (and CAS) come back.
-fn ask_backups(f: &Flow<'_, impl Inbox>, slot: &mut Slot, wanted: SmallVec<[Wanted; 4]>) {
+fn ask_backups(
+    f: &Flow<'_, impl Inbox, impl Pool>,
+    slot: &mut Slot,
+    wanted: SmallVec<[Wanted; 4]>,
+) {
     let (w, req) = (f.w, &f.req);
     let frame = slot.frame.clone();
     let flags: &[u8] = if matches!(req.command, Command::Gets | Command::Gats) {
@@ -466,7 +478,7 @@ fn ask_backups(f: &Flow<'_, impl Inbox>, slot: &mut Slot, wanted: SmallVec<[Want
 /// Round two is in: write backup hits back to the primaries that missed
 /// them, and answer once that is done, so a write the client makes next
 /// cannot be overtaken by this repair.
-pub(crate) fn after_fallback(f: &Flow<'_, impl Inbox>, slot: &mut Slot) {
+pub(crate) fn after_fallback(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
     let (w, req) = (f.w, &f.req);
     slot.stage = Stage::Done;
     let absent = settle_ttl_changes(w, slot, req);
@@ -522,7 +534,7 @@ struct Repair {
 /// The backup hits to write back: those whose primary answered round one
 /// (a miss) and whose primary and backup both still serve the key.
 fn repairs_wanted(
-    w: &Cluster,
+    w: &Cluster<impl Pool>,
     slot: &Slot,
     req: &Request,
     frame: &bytes::Bytes,
@@ -597,7 +609,7 @@ fn repairs_wanted(
 /// the key as missed if that delete fails too). An add whose outcome is
 /// unknown (a timeout) is treated as landed. Records are rare (failure
 /// episodes), and a deleted copy only costs the next read a fallback.
-pub(crate) fn after_repair(w: &Cluster, slot: &mut Slot, req: &Request) {
+pub(crate) fn after_repair(w: &Cluster<impl Pool>, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
     let frame = slot.frame.clone();
     for part in slot.parts.iter() {
@@ -641,7 +653,7 @@ pub(crate) fn after_repair(w: &Cluster, slot: &mut Slot, req: &Request) {
 }
 
 /// The client's reply: hits in request order, then `END`.
-pub(crate) fn render(w: &Cluster, slot: &Slot, req: &Request, out: &mut OutQueue) {
+pub(crate) fn render(w: &Cluster<impl Pool>, slot: &Slot, req: &Request, out: &mut OutQueue) {
     let nkeys = u64::from(req.nkeys);
     w.stats.cmd_get.add(nkeys);
     if refused_for_size(w, slot, out) {
@@ -720,7 +732,7 @@ pub(crate) fn render(w: &Cluster, slot: &Slot, req: &Request, out: &mut OutQueue
 
 /// A read refused for its size gets one error line instead of a partial
 /// answer (missing values would read as misses).
-fn refused_for_size(w: &Cluster, slot: &Slot, out: &mut OutQueue) -> bool {
+fn refused_for_size(w: &Cluster<impl Pool>, slot: &Slot, out: &mut OutQueue) -> bool {
     let Some(e) = slot.oversize() else {
         return false;
     };
@@ -750,7 +762,7 @@ fn keys_match(slot: &Slot, req: &Request, reply: &crate::backend::BackendReply) 
 
 /// `mg` (and `me`): one key, sent to its first serving replica as the
 /// client wrote it, minus `q`.
-pub(crate) fn start_meta(f: &Flow<'_, impl Inbox>, slot: &mut Slot) {
+pub(crate) fn start_meta(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
     let (w, req) = (f.w, &f.req);
     let frame = slot.frame.clone();
     let route = super::route_key(&frame, req);
@@ -769,7 +781,7 @@ pub(crate) fn start_meta(f: &Flow<'_, impl Inbox>, slot: &mut Slot) {
     send_meta(f, slot, server);
 }
 
-fn send_meta(f: &Flow<'_, impl Inbox>, slot: &mut Slot, server: usize) {
+fn send_meta(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, server: usize) {
     let (w, req) = (f.w, &f.req);
     let frame = slot.frame.clone();
     let mut wire = super::meta_wire(req, false);
@@ -784,7 +796,7 @@ fn send_meta(f: &Flow<'_, impl Inbox>, slot: &mut Slot, server: usize) {
 }
 
 /// An `mg` that missed (`EN`) or failed on its replica asks the next one.
-pub(crate) fn after_meta_round_one(f: &Flow<'_, impl Inbox>, slot: &mut Slot) {
+pub(crate) fn after_meta_round_one(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
     let (w, req) = (f.w, &f.req);
     slot.stage = Stage::Done;
     if req.command != Command::MetaGet {
@@ -833,7 +845,7 @@ pub(crate) fn after_meta_round_one(f: &Flow<'_, impl Inbox>, slot: &mut Slot) {
 /// An `mg` that fell back: a backup hit for a primary that missed is copied
 /// back before the `mg` is answered; a miss everywhere may create the item
 /// (`N`, see `vivify`).
-pub(crate) fn after_meta_fallback(f: &Flow<'_, impl Inbox>, slot: &mut Slot) {
+pub(crate) fn after_meta_fallback(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
     let (w, req) = (f.w, &f.req);
     slot.stage = Stage::Done;
     // (An `mg ... T` may not carry the value a copy would need: a tier
@@ -895,7 +907,7 @@ fn meta_wire_key(route: &[u8]) -> (Vec<u8>, bool) {
 /// An `mg` repair's fetch is in: add the item to the primary (mode E: only
 /// if it has none by then), unless a write went past the primary since,
 /// or the backup may no longer serve the key.
-pub(crate) fn after_meta_repair_fetch(f: &Flow<'_, impl Inbox>, slot: &mut Slot) {
+pub(crate) fn after_meta_repair_fetch(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
     let (w, req) = (f.w, &f.req);
     slot.stage = Stage::Done;
     let Some((backup, epoch, reply)) = slot.parts.iter().find_map(|p| match (&p.role, &p.result) {
@@ -942,7 +954,7 @@ pub(crate) fn after_meta_repair_fetch(f: &Flow<'_, impl Inbox>, slot: &mut Slot)
 /// older than a write that went past the primary since the backup was
 /// read is deleted again (an add whose outcome is unknown counts as
 /// landed).
-pub(crate) fn after_meta_repair(w: &Cluster, slot: &mut Slot, req: &Request) {
+pub(crate) fn after_meta_repair(w: &Cluster<impl Pool>, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
     let route = super::route_key(&slot.frame, req);
     for part in slot.parts.iter() {
@@ -967,7 +979,7 @@ pub(crate) fn after_meta_repair(w: &Cluster, slot: &mut Slot, req: &Request) {
 
 /// The reply to `mg`/`me`: the backup's when it found the item, else the
 /// primary's; with `q`, a miss says nothing.
-pub(crate) fn render_meta(w: &Cluster, slot: &Slot, req: &Request, out: &mut OutQueue) {
+pub(crate) fn render_meta(w: &Cluster<impl Pool>, slot: &Slot, req: &Request, out: &mut OutQueue) {
     if refused_for_size(w, slot, out) {
         return;
     }
@@ -1018,7 +1030,7 @@ pub(crate) fn render_meta(w: &Cluster, slot: &Slot, req: &Request, out: &mut Out
 /// A meta reply with its `c` flag made a token (`ha::cas`), when the
 /// request asked for it.
 pub(crate) fn with_cas_token(
-    w: &Cluster,
+    w: &Cluster<impl Pool>,
     slot: &Slot,
     req: &Request,
     server: Option<usize>,
@@ -1037,7 +1049,7 @@ pub(crate) fn with_cas_token(
 /// No replica has the item an `mg ... N` asked for: send it whole to the
 /// first replica that serves the key, which creates it (and hands out the
 /// win flag). Nothing when the request was not held back.
-fn vivify(f: &Flow<'_, impl Inbox>, slot: &mut Slot) {
+fn vivify(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
     let (w, req) = (f.w, &f.req);
     if !slot.vivify_pending {
         return;

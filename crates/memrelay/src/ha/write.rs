@@ -21,7 +21,7 @@ use memrelay_protocol::{compose, Command, Expect, MetaStatus, Request, ResponseK
 
 use super::flow::Flow;
 use super::slot::{Local, Part, Role, Slot, Stage};
-use super::{Cluster, Inbox};
+use super::{Cluster, Inbox, Pool};
 use smallvec::SmallVec;
 
 /// What a backup must do after the primary answered a write.
@@ -106,7 +106,7 @@ fn compose_line(
 }
 
 /// Starts a write: sends it to the first replica that can take it.
-pub(crate) fn start(f: &Flow<'_, impl Inbox>, slot: &mut Slot) {
+pub(crate) fn start(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
     let (w, req) = (f.w, &f.req);
     let key = super::route_key(&slot.frame, req);
     let replicas = w.router.replicas(&key);
@@ -143,7 +143,7 @@ fn creates_if_absent(req: &Request) -> bool {
     }
 }
 
-fn ask_backup_first(f: &Flow<'_, impl Inbox>, slot: &mut Slot, backup: usize) {
+fn ask_backup_first(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, backup: usize) {
     let (w, req) = (f.w, &f.req);
     let frame = slot.frame.clone();
     let route = super::route_key(&frame, req);
@@ -178,7 +178,7 @@ fn stored(kind: ResponseKind) -> Option<bool> {
 }
 
 /// The first backup answered a create-if-absent write.
-pub(crate) fn after_create(f: &Flow<'_, impl Inbox>, slot: &mut Slot) {
+pub(crate) fn after_create(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
     let (w, req) = (f.w, &f.req);
     slot.stage = Stage::Done;
     let Some(replicas) = slot.replicas else {
@@ -237,7 +237,7 @@ fn blind_overwrite(req: &Request) -> bool {
 }
 
 /// Sends the write to the first serving replica at or after `from`.
-fn attempt(f: &Flow<'_, impl Inbox>, slot: &mut Slot, from: usize) {
+fn attempt(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, from: usize) {
     let (w, req) = (f.w, &f.req);
     let Some(replicas) = slot.replicas else {
         return;
@@ -308,7 +308,7 @@ fn attempt(f: &Flow<'_, impl Inbox>, slot: &mut Slot, from: usize) {
 }
 
 /// The replica answered or failed: mirror, or move to the next replica.
-pub(crate) fn advance(f: &Flow<'_, impl Inbox>, slot: &mut Slot, tier: usize) {
+pub(crate) fn advance(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, tier: usize) {
     let (w, req) = (f.w, &f.req);
     let Some(replicas) = slot.replicas else {
         slot.stage = Stage::Done;
@@ -401,7 +401,7 @@ pub(crate) fn advance(f: &Flow<'_, impl Inbox>, slot: &mut Slot, tier: usize) {
 /// this tier a moment ago) may be landing on them, and the prober's delete,
 /// which comes after this record, removes it before they serve the key
 /// again. Repairs not yet sent see the record and are dropped.
-fn bypassed(w: &Cluster, replicas: &crate::router::Replicas, tier: usize, route: &[u8]) {
+fn bypassed(w: &Cluster<impl Pool>, replicas: &crate::router::Replicas, tier: usize, route: &[u8]) {
     for before in 0..tier {
         if let Some(server) = replicas.get(before) {
             w.servers[server].health().missed.record(route);
@@ -412,7 +412,12 @@ fn bypassed(w: &Cluster, replicas: &crate::router::Replicas, tier: usize, route:
 /// The replica at `tier` answered: bring the tiers after it to its state
 /// (the client's reply waits for them, so a write it makes next can never
 /// be overtaken by this one's copies).
-fn mirror_after(f: &Flow<'_, impl Inbox>, slot: &mut Slot, tier: usize, key: KeyRoute<'_>) {
+fn mirror_after(
+    f: &Flow<'_, impl Inbox, impl Pool>,
+    slot: &mut Slot,
+    tier: usize,
+    key: KeyRoute<'_>,
+) {
     let (w, req) = (f.w, &f.req);
     let KeyRoute { replicas, route } = key;
     let main = slot.main_part().unwrap_or(0);
@@ -512,7 +517,7 @@ fn is_miss(req: &Request, kind: ResponseKind) -> bool {
 /// The copies on the backups are in: a backup that failed or answered
 /// otherwise than the primary is recorded as having missed the key, so it
 /// never serves it until the key is invalidated there.
-pub(crate) fn after_mirrors(f: &Flow<'_, impl Inbox>, slot: &mut Slot) {
+pub(crate) fn after_mirrors(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
     settle_mirrors(f, slot, false);
 }
 
@@ -521,7 +526,7 @@ pub(crate) fn after_mirrors(f: &Flow<'_, impl Inbox>, slot: &mut Slot) {
 /// its copy deleted before the client is answered, so it holds the
 /// primary's item or nothing; one that failed is recorded as having missed
 /// the key.
-fn settle_mirrors(f: &Flow<'_, impl Inbox>, slot: &mut Slot, primary_refused: bool) {
+fn settle_mirrors(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, primary_refused: bool) {
     let (w, req) = (f.w, &f.req);
     slot.stage = Stage::Done;
     let route = super::route_key(&slot.frame, req);
@@ -654,7 +659,12 @@ struct MirrorTo {
 }
 
 /// Sends `to.plan` to one backup as part of the slot.
-fn send_mirror(f: &Flow<'_, impl Inbox>, slot: &mut Slot, route: &bytes::Bytes, to: MirrorTo) {
+fn send_mirror(
+    f: &Flow<'_, impl Inbox, impl Pool>,
+    slot: &mut Slot,
+    route: &bytes::Bytes,
+    to: MirrorTo,
+) {
     let (w, req) = (f.w, &f.req);
     let MirrorTo {
         server,
