@@ -38,9 +38,18 @@ impl<I: Inbox, P: Pool> Flow<'_, I, P> {
     }
 }
 
+/// Takes the slot's next steps for as long as it has one and waits for
+/// nothing: a step whose sub-requests all failed at once (servers down)
+/// leaves it ready for the next right away.
+pub(crate) fn run(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+    while slot.wants_step() {
+        advance(f, slot);
+    }
+}
+
 /// All of a slot's parts are in: take its next step (which may send more
 /// parts, or finish it).
-pub(crate) fn advance(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+fn advance(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
     use super::{read, write};
     let meta = f.req.command.is_meta();
     match slot.stage {

@@ -114,8 +114,10 @@ pub(crate) enum Local {
 pub(crate) struct Slot {
     pub frame: Bytes,
     pub req: Option<Request>,
-    /// Parts still to come in the current stage.
-    pub pending: u32,
+    /// Parts still to come in the current stage: counted up only by
+    /// [`push_part`](Slot::push_part) and down only by
+    /// [`fill`](Slot::fill), so a step cannot lose count of them.
+    pending: u32,
     pub parts: SmallVec<[Part; 2]>,
     /// Reads over several servers: the first-round part of each key.
     /// Empty when all keys went to `parts[0]`.
@@ -128,9 +130,6 @@ pub(crate) struct Slot {
     pub started: std::time::Instant,
     /// Bytes of server replies held in `parts` (see `session::Inbox`).
     pub held: usize,
-    /// The request holds its keys in the session's fences until it is
-    /// finished (see `proxy::fence`).
-    pub fenced: bool,
     /// An autovivifying request (`ma ... N`, `mg ... N`) still travels
     /// without its `N`: it creates the item only once no replica has it.
     pub vivify_pending: bool,
@@ -149,7 +148,6 @@ impl Slot {
             local: None,
             started: std::time::Instant::now(),
             held: 0,
-            fenced: false,
             vivify_pending: false,
         }
     }
@@ -166,7 +164,6 @@ impl Slot {
             local: Some(local),
             started: std::time::Instant::now(),
             held: 0,
-            fenced: false,
             vivify_pending: false,
         }
     }
@@ -189,6 +186,35 @@ impl Slot {
 
     pub(crate) fn is_done(&self) -> bool {
         self.pending == 0 && self.stage == Stage::Done
+    }
+
+    /// Sub-requests of the current stage are still to come.
+    pub(crate) fn is_waiting(&self) -> bool {
+        self.pending > 0
+    }
+
+    /// All of the current stage's parts are in and there is a next step
+    /// to take (`ha::flow::advance`).
+    pub(crate) fn wants_step(&self) -> bool {
+        self.pending == 0 && self.stage != Stage::Done
+    }
+
+    /// Whether part `part` was sent and its result has not come yet.
+    pub(crate) fn awaits(&self, part: u32) -> bool {
+        matches!(self.parts.get(part as usize), Some(p) if p.result.is_none())
+    }
+
+    /// Part `part`'s result came. Returns true when it was the last one the
+    /// stage waited for. A result for a part not awaited is ignored.
+    pub(crate) fn fill(&mut self, part: u32, result: BackendResult) -> bool {
+        if !self.awaits(part) {
+            return false;
+        }
+        if let Some(p) = self.parts.get_mut(part as usize) {
+            p.result = Some(result);
+        }
+        self.pending -= 1;
+        self.pending == 0
     }
 
     /// Records the outcome of queueing a sub-request: wait for it, or keep

@@ -491,7 +491,7 @@ fn mirror_after(
             );
         }
     }
-    if slot.pending > 0 {
+    if slot.is_waiting() {
         slot.stage = Stage::Mirror;
     }
 }
@@ -578,7 +578,7 @@ fn settle_mirrors(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, primary_
         );
         slot.push_part(Part::with_role(server, Role::Compensate), queued);
     }
-    if slot.pending > 0 {
+    if slot.is_waiting() {
         slot.stage = Stage::Mirror;
     } else if slot
         .parts

@@ -98,14 +98,18 @@ fn count_write(w: &Worker, command: Command) {
     counter.incr();
 }
 
-/// All of a slot's parts are in: take its next step (`ha::flow::advance`).
+/// All of a slot's parts are in: take its next steps (`ha::flow::run`)
+/// until it waits for servers again or is done.
 pub(crate) fn advance(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot) {
+    if !slot.wants_step() {
+        return;
+    }
     let Some(req) = slot.req else {
         slot.stage = Stage::Done;
         return;
     };
     let f = Flow { w, inbox, seq, req };
-    ha::flow::advance(&f, slot);
+    ha::flow::run(&f, slot);
 }
 
 /// memcached unlinks a key whose `set` failed for size, so the old value

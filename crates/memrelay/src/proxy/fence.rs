@@ -14,8 +14,10 @@
 //! waits for every earlier request and holds every later one.
 //!
 //! This is the one place that decides it: the session asks [`Fences`]
-//! before dispatching a request, holds its keys while it is unfinished, and
-//! releases them when it is. Without backups a request has one leg, on one
+//! before dispatching a request ([`Fences::blocks`]), tells it each request
+//! it dispatched ([`Fences::dispatched`]: its keys are held while it is
+//! unfinished) and each step a request took ([`Fences::finished`]: they are
+//! released once it is). Without backups a request has one leg, on one
 //! connection per key, whose order is already the connection's: nothing is
 //! held. Keys are compared by a 64-bit hash; a collision only makes a
 //! request wait for one it did not need to.
@@ -24,6 +26,8 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use memrelay_protocol::{Command, Request};
+
+use super::slot::Queued;
 
 /// The keys a connection's unfinished requests hold.
 #[derive(Debug, Default)]
@@ -59,6 +63,31 @@ pub(crate) fn scope(req: &Request) -> Scope {
 }
 
 impl Fences {
+    /// `q` was dispatched (and taken as far as it goes without waiting):
+    /// with backups, an unfinished request holds its keys.
+    pub(crate) fn dispatched(&mut self, q: &mut Queued, backups: bool) {
+        if q.is_done() || !backups {
+            return;
+        }
+        if let Some(req) = &q.slot.req {
+            self.hold(&q.slot.frame, req);
+            q.fenced = true;
+        }
+    }
+
+    /// `q` took a step: once it is finished, the keys it held are released.
+    /// Returns true if it released them (a request waiting on them may go).
+    pub(crate) fn finished(&mut self, q: &mut Queued) -> bool {
+        if !q.fenced || !q.is_done() {
+            return false;
+        }
+        q.fenced = false;
+        if let Some(req) = &q.slot.req {
+            self.release(&q.slot.frame, req);
+        }
+        true
+    }
+
     /// Whether `req` (parsed from `frame`) must wait for an earlier,
     /// unfinished request.
     pub(crate) fn blocks(&self, frame: &[u8], req: &Request) -> bool {
@@ -73,7 +102,7 @@ impl Fences {
     }
 
     /// `req` was dispatched and is not finished: hold its keys.
-    pub(crate) fn hold(&mut self, frame: &[u8], req: &Request) {
+    fn hold(&mut self, frame: &[u8], req: &Request) {
         match scope(req) {
             Scope::None => {}
             Scope::All => self.all += 1,
@@ -87,7 +116,7 @@ impl Fences {
     }
 
     /// `req`, held by [`hold`](Self::hold), is finished.
-    pub(crate) fn release(&mut self, frame: &[u8], req: &Request) {
+    fn release(&mut self, frame: &[u8], req: &Request) {
         match scope(req) {
             Scope::None => {}
             Scope::All => self.all = self.all.saturating_sub(1),
@@ -161,6 +190,7 @@ impl Hasher for Prehashed {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::ha::slot::Slot;
     use memrelay_protocol::{parse_request, Limits};
 
     fn req(line: &[u8]) -> Request {
@@ -204,6 +234,31 @@ mod tests {
         assert!(!f.blocks(ver, &req(ver)), "local commands never wait");
         f.release(flush, &req(flush));
         assert!(f.is_empty());
+    }
+
+    #[test]
+    fn only_an_unfinished_request_with_backups_holds_its_keys() {
+        let mut f = Fences::default();
+        let a = &b"append k 0 0 1\r\nx\r\n"[..];
+        let queued = |line: &[u8]| {
+            let mut slot = Slot::new(bytes::Bytes::copy_from_slice(line), req(line));
+            slot.stage = crate::ha::slot::Stage::Write { tier: 0 };
+            Queued {
+                slot,
+                worker: None,
+                fenced: false,
+            }
+        };
+        let mut q = queued(a);
+        f.dispatched(&mut q, false);
+        assert!(f.is_empty(), "without backups nothing is held");
+        f.dispatched(&mut q, true);
+        assert!(f.blocks(a, &req(a)));
+        assert!(!f.finished(&mut q), "not finished yet");
+        q.slot.stage = crate::ha::slot::Stage::Done;
+        assert!(f.finished(&mut q));
+        assert!(f.is_empty());
+        assert!(!f.finished(&mut q), "released once");
     }
 
     #[test]

@@ -187,8 +187,7 @@ impl Sink for Inbox {
         else {
             return; // the session is gone; nobody waits for this reply
         };
-        let awaited = matches!(slot.parts.get(part as usize), Some(p) if p.result.is_none());
-        if !awaited {
+        if !slot.awaits(part) {
             return;
         }
         let n = result.as_ref().map_or(0, |r| r.bytes.len());
@@ -203,11 +202,7 @@ impl Sink for Inbox {
                 result
             }
         };
-        if let Some(p) = slot.parts.get_mut(part as usize) {
-            p.result = Some(result);
-        }
-        slot.pending -= 1;
-        if slot.pending == 0 {
+        if slot.fill(part, result) {
             self.ready.borrow_mut().push(token);
             self.wake.notify();
         }
@@ -765,19 +760,15 @@ impl Session {
                         continue;
                     }
                     self.inbox.requests.set(self.inbox.requests.get() + n);
-                    let mut slot = Queued {
-                        slot: start(&self.worker, &self.inbox, seq, frame, req),
-                        worker: Some(self.worker.clone()),
-                    };
+                    let mut slot = Queued::new(
+                        start(&self.worker, &self.inbox, seq, frame, req),
+                        self.worker.clone(),
+                    );
                     // Sub-requests that failed at once (servers down) leave
                     // the slot ready for its next step right away.
-                    while slot.pending == 0 && slot.stage != Stage::Done {
-                        advance(&self.worker, &self.inbox, seq, &mut slot);
-                    }
-                    if !slot.is_done() && self.worker.router.has_backups() {
-                        b.fences.hold(&slot.frame, &req);
-                        slot.fenced = true;
-                    }
+                    advance(&self.worker, &self.inbox, seq, &mut slot);
+                    b.fences
+                        .dispatched(&mut slot, self.worker.router.has_backups());
                     self.inbox.slots.borrow_mut().push_back(slot);
                     if quit {
                         self.closing = true;
@@ -873,14 +864,8 @@ impl Session {
                     continue;
                 };
                 let w = slot.worker.clone().unwrap_or_else(|| self.worker.clone());
-                while slot.pending == 0 && slot.stage != Stage::Done {
-                    advance(&w, &self.inbox, seq, slot);
-                }
-                if slot.fenced && slot.is_done() {
-                    slot.fenced = false;
-                    if let Some(req) = &slot.req {
-                        b.fences.release(&slot.frame, req);
-                    }
+                advance(&w, &self.inbox, seq, slot);
+                if b.fences.finished(slot) {
                     self.fenced = false;
                 }
             }
