@@ -66,3 +66,117 @@ fn advance(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
         Stage::Create => write::after_create(f, slot),
     }
 }
+
+/// The HA rules in-process: the real read steps against fake servers
+/// (`ha::fake`) on tokio's paused clock, so that when each answer comes is
+/// exact. The same rules are tested against memcached processes in
+/// tests/ha*.rs.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::task::LocalSet;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::ha::fake::{cluster, request, run_one, FakePool, Replies};
+    use crate::net::outqueue::OutQueue;
+
+    /// One primary, one backup: every key's replicas are [0, 1].
+    const PRIMARY_AND_BACKUP: &[&str] = &["-s", "127.0.0.1:1", "-b", "127.0.0.1:2"];
+
+    /// Runs a read to its end; returns what its client gets.
+    async fn read(w: &Cluster<FakePool>, line: &str) -> String {
+        let replies = Rc::new(Replies::default());
+        let (frame, req) = request(line);
+        let f = Flow {
+            w,
+            inbox: &replies,
+            seq: 0,
+            req,
+        };
+        let mut slot = Slot::new(frame, req);
+        super::super::read::start(&f, &mut slot);
+        run_one(&f, &mut slot).await;
+        let mut out = OutQueue::new();
+        super::super::read::render(w, &slot, &req, &mut out);
+        let mut bytes = Vec::new();
+        out.write_to(|iov| {
+            iov.iter().for_each(|s| bytes.extend_from_slice(s));
+            Ok(iov.iter().map(|s| s.len()).sum())
+        })
+        .unwrap();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_whose_primary_fails_is_served_by_the_backup() {
+        LocalSet::new()
+            .run_until(async {
+                let (w, pools) = cluster(PRIMARY_AND_BACKUP);
+                pools[0].put("k", "old");
+                pools[0].set_failing(true);
+                pools[1].put("k", "v");
+                assert_eq!(read(&w, "get k\r\n").await, "VALUE k 0 1\r\nv\r\nEND\r\n");
+                assert_eq!(pools[1].log(), ["mg k v f t"]);
+                // Only a primary that answered (a miss) is repaired.
+                assert_eq!(pools[0].log(), ["get k"]);
+                assert_eq!(w.stats.backup_hits.get(), 1);
+
+                // Once it is marked down, reads go to the backup first.
+                let primary = w.servers[0].health();
+                assert!(primary.record_failure(1, &"test", None));
+                assert_eq!(read(&w, "get k\r\n").await, "VALUE k 0 1\r\nv\r\nEND\r\n");
+                assert_eq!(pools[0].log(), ["get k"], "a down primary is not asked");
+                assert_eq!(pools[1].log(), ["mg k v f t", "get k"]);
+                assert_eq!(w.stats.failovers.get(), 1);
+            })
+            .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backup_hit_is_copied_to_the_primary_before_the_client_is_answered() {
+        LocalSet::new()
+            .run_until(async {
+                let (w, pools) = cluster(PRIMARY_AND_BACKUP);
+                // The primary restarted empty; the backup kept the item.
+                pools[1].put("k", "v");
+                let started = Instant::now();
+                assert_eq!(read(&w, "get k\r\n").await, "VALUE k 0 1\r\nv\r\nEND\r\n");
+                assert_eq!(pools[0].log(), ["get k", "add k 0 0 1"]);
+                assert_eq!(pools[0].get("k").as_deref(), Some("v"));
+                assert_eq!(w.stats.repairs.get(), 1);
+                // Three rounds, one after the other: the primary's miss, the
+                // backup's hit, and the repair the reply waited for.
+                assert_eq!(started.elapsed(), Duration::from_millis(3));
+            })
+            .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_repair_older_than_a_write_past_the_primary_is_undone() {
+        LocalSet::new()
+            .run_until(async {
+                let (w, pools) = cluster(PRIMARY_AND_BACKUP);
+                pools[1].put("k", "v");
+                // The repair's add lands; meanwhile (after the backup was
+                // read) a write went past the primary and recorded the key
+                // as missed there: the copy may be older than that write.
+                pools[0].set_latency(Duration::from_millis(10));
+                let primary = w.servers[0].health().clone();
+                tokio::task::spawn_local(async move {
+                    tokio::time::sleep(Duration::from_millis(15)).await;
+                    primary.missed.record(b"k");
+                });
+                assert_eq!(read(&w, "get k\r\n").await, "VALUE k 0 1\r\nv\r\nEND\r\n");
+                assert_eq!(w.stats.repairs.get(), 0);
+                assert_eq!(w.stats.repairs_skipped.get(), 1);
+                // The undo is a background delete on the add's connection.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                assert_eq!(pools[0].log(), ["get k", "add k 0 0 1", "delete k"]);
+                assert_eq!(pools[0].get("k"), None);
+            })
+            .await;
+    }
+}

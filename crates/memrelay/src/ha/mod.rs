@@ -15,6 +15,8 @@
 //!   other tier in the background.
 
 pub mod cas;
+#[cfg(test)]
+pub(crate) mod fake;
 pub(crate) mod flow;
 pub(crate) mod mirror;
 pub(crate) mod missed;

@@ -190,6 +190,8 @@ impl Hasher for Prehashed {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::ha::fake::{cluster, request, FakePool, Replies};
+    use crate::ha::flow::Flow;
     use crate::ha::slot::Slot;
     use memrelay_protocol::{parse_request, Limits};
 
@@ -271,5 +273,70 @@ mod tests {
         assert!(f.blocks(g, &req(g)));
         f.release(g, &req(g));
         assert!(!f.blocks(g, &req(g)));
+    }
+
+    /// Runs writes pipelined on one connection, as the session does: each
+    /// dispatched unless the fences hold it, and advanced as the fake
+    /// servers answer (`ha::fake`, on tokio's paused clock).
+    async fn pipeline(w: &crate::ha::Cluster<FakePool>, lines: &[&str]) {
+        let replies = std::rc::Rc::new(Replies::default());
+        let mut fences = Fences::default();
+        let mut slots: Vec<Queued> = Vec::new();
+        let flow = |seq: usize, req| Flow {
+            w,
+            inbox: &replies,
+            seq: seq as u64,
+            req,
+        };
+        loop {
+            while let Some(line) = lines.get(slots.len()) {
+                let (frame, req) = request(line);
+                if fences.blocks(&frame, &req) {
+                    break;
+                }
+                let f = flow(slots.len(), req);
+                let mut slot = Slot::new(frame, req);
+                crate::ha::write::start(&f, &mut slot);
+                crate::ha::flow::run(&f, &mut slot);
+                let mut q = Queued {
+                    slot,
+                    worker: None,
+                    fenced: false,
+                };
+                fences.dispatched(&mut q, w.router.has_backups());
+                slots.push(q);
+            }
+            if slots.len() == lines.len() && slots.iter().all(|q| q.is_done()) {
+                return;
+            }
+            for (seq, part, result) in replies.take().await {
+                let q = &mut slots[seq as usize];
+                if q.slot.fill(part, result) {
+                    let req = q.slot.req.unwrap();
+                    crate::ha::flow::run(&flow(seq as usize, req), &mut q.slot);
+                    fences.finished(q);
+                }
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_writes_to_one_key_reach_every_replica_in_pipeline_order() {
+        tokio::task::LocalSet::new()
+            .run_until(async {
+                let (w, pools) = cluster(&["-s", "127.0.0.1:1", "-b", "127.0.0.1:2"]);
+                for pool in &pools {
+                    pool.put("k", "a");
+                }
+                // The append's copy leaves for the backup once the primary
+                // answered; the set alone would go to both at once, and
+                // reach the backup first.
+                pipeline(&w, &["append k 0 0 1\r\nx\r\n", "set k 0 0 2\r\nv2\r\n"]).await;
+                for pool in &pools {
+                    assert_eq!(pool.log(), ["append k 0 0 1", "set k 0 0 2"]);
+                    assert_eq!(pool.get("k").as_deref(), Some("v2"));
+                }
+            })
+            .await;
     }
 }
