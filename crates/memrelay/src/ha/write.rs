@@ -330,27 +330,11 @@ pub(crate) fn advance(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, tier
                 && w.miss_fallback
                 && is_miss(req, reply.kind) =>
         {
-            attempt(f, slot, 1);
-            if slot.parts.iter().filter(|p| p.role == Role::Main).count() == 1
-                && slot.vivify_pending
-            {
-                // No backup could be asked: create it on the primary.
-                slot.vivify_pending = false;
-                attempt(f, slot, 0);
-            } else if slot.parts.iter().filter(|p| p.role == Role::Main).count() == 1 {
-                // No backup could take it: the primary's answer stands, and
-                // its mirror rule (the backups' copies are deleted) applies.
-                slot.local = None;
-                mirror_after(
-                    f,
-                    slot,
-                    tier,
-                    KeyRoute {
-                        replicas: &replicas,
-                        route: &route,
-                    },
-                );
-            }
+            let key = KeyRoute {
+                replicas: &replicas,
+                route: &route,
+            };
+            fall_back_from_a_miss(f, slot, key)
         }
         Some(Ok(reply)) if slot.vivify_pending && is_miss(req, reply.kind) => {
             // No replica had the item: now create it, from the first tier
@@ -393,6 +377,28 @@ pub(crate) fn advance(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, tier
     }
 }
 
+/// The primary answered a write that it holds no item (see `advance`):
+/// the write moves to the backup. When no backup can take it, an
+/// autovivifying request creates the item on the primary; any other keeps
+/// the primary's answer, whose mirror rule then applies.
+fn fall_back_from_a_miss(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, key: KeyRoute<'_>) {
+    attempt(f, slot, 1);
+    let fell_back = slot.parts.iter().filter(|p| p.role == Role::Main).count() > 1;
+    if fell_back {
+        return;
+    }
+    if slot.vivify_pending {
+        // No backup could be asked: create it on the primary.
+        slot.vivify_pending = false;
+        attempt(f, slot, 0);
+    } else {
+        // No backup could take it: the primary's answer stands, and its
+        // mirror rule (the backups' copies are deleted) applies.
+        slot.local = None;
+        mirror_after(f, slot, 0, key);
+    }
+}
+
 /// A write changed the item at `tier` and not on the tiers before it: they
 /// failed or were down (and were recorded as having missed the key then),
 /// or answered that they had no item (a restarted primary: the write fell
@@ -425,21 +431,7 @@ fn mirror_after(
     let Some(Ok(reply)) = slot.result(main) else {
         return;
     };
-    let (reply_kind, number) = (
-        reply.kind,
-        match reply.kind {
-            ResponseKind::Number(n) => Some(n),
-            ResponseKind::Meta(MetaStatus::Value) if req.command == Command::MetaArith => {
-                super::meta_number(reply)
-            }
-            _ => None,
-        },
-    );
-    // A quiet meta write whose reply memcached suppressed succeeded.
-    let kind = match reply_kind {
-        ResponseKind::Meta(MetaStatus::Mn) => ResponseKind::Meta(MetaStatus::Hd),
-        k => k,
-    };
+    let (kind, number) = outcome(req, reply);
     if req.command == Command::MetaArith
         && number.is_none()
         && mirror_plan(req.command, 0, kind) == MirrorPlan::Same
@@ -494,6 +486,24 @@ fn mirror_after(
     if slot.is_waiting() {
         slot.stage = Stage::Mirror;
     }
+}
+
+/// What the replica that took a write answered, as its copies follow it:
+/// the kind of answer (a quiet meta write whose reply memcached suppressed
+/// succeeded) and, for `incr`/`decr`/`ma`, the number it reached.
+fn outcome(req: &Request, reply: &crate::backend::BackendReply) -> (ResponseKind, Option<u64>) {
+    let number = match reply.kind {
+        ResponseKind::Number(n) => Some(n),
+        ResponseKind::Meta(MetaStatus::Value) if req.command == Command::MetaArith => {
+            super::meta_number(reply)
+        }
+        _ => None,
+    };
+    let kind = match reply.kind {
+        ResponseKind::Meta(MetaStatus::Mn) => ResponseKind::Meta(MetaStatus::Hd),
+        k => k,
+    };
+    (kind, number)
 }
 
 /// Whether the primary's answer means it does not hold the item, for a
@@ -694,29 +704,12 @@ fn send_mirror(
             None,
         ),
         _ if req.command.is_meta() => {
+            // Sent before the primary answered: a plain set in parallel.
             let parallel = slot
                 .parts
                 .iter()
                 .all(|p| p.role == Role::Main && p.result.is_none());
-            let keep = meta_copy_keeps(parallel, plan);
-            // An ma copy reports its new value, to be checked against the
-            // primary's.
-            let extra: &[u8] = if req.command == Command::MetaArith && number.is_some() {
-                b" v"
-            } else {
-                b""
-            };
-            let len = (req.command == Command::MetaSet).then_some(req.value.len as usize);
-            let value = len.map(|_| frame.slice(req.value.start as usize..req.value.end()));
-            let flags = req.meta.flags.of(&frame);
-            let wire_key = req.key.of(&frame);
-            pool.send_for_key(
-                key,
-                Expect::Meta,
-                reply,
-                |b| compose::meta_line_filtered(b, req.command, wire_key, len, flags, keep, extra),
-                value,
-            )
+            send_meta_mirror(&**pool, req, &frame, key, reply, to, parallel)
         }
         MirrorPlan::Set => {
             let value = frame.slice(req.value.start as usize..req.value.end());
@@ -751,6 +744,39 @@ fn send_mirror(
         }
     };
     slot.push_part(Part::with_role(server, Role::Mirror(number)), queued);
+}
+
+/// Sends a meta write's copy `to` (see `meta_copy_keeps`; `parallel`: it
+/// goes before the primary answered) through `pool`.
+fn send_meta_mirror(
+    pool: &impl Pool,
+    req: &Request,
+    frame: &bytes::Bytes,
+    key: &[u8],
+    reply: crate::backend::ReplyTo,
+    to: MirrorTo,
+    parallel: bool,
+) -> Result<(), crate::backend::BackendError> {
+    let MirrorTo { plan, number, .. } = to;
+    let keep = meta_copy_keeps(parallel, plan);
+    // An ma copy reports its new value, to be checked against the
+    // primary's.
+    let extra: &[u8] = if req.command == Command::MetaArith && number.is_some() {
+        b" v"
+    } else {
+        b""
+    };
+    let len = (req.command == Command::MetaSet).then_some(req.value.len as usize);
+    let value = len.map(|_| frame.slice(req.value.start as usize..req.value.end()));
+    let flags = req.meta.flags.of(frame);
+    let wire_key = req.key.of(frame);
+    pool.send_for_key(
+        key,
+        Expect::Meta,
+        reply,
+        |b| compose::meta_line_filtered(b, req.command, wire_key, len, flags, keep, extra),
+        value,
+    )
 }
 
 /// Which of a meta write's flags its copy on a backup keeps: the same

@@ -45,7 +45,7 @@ use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use memrelay_protocol::auth::{self, AuthInput};
-use memrelay_protocol::{parse_request, MetaStatus, ResponseKind};
+use memrelay_protocol::{parse_request, MetaStatus, Request, RequestError, ResponseKind};
 use tokio::io::Interest;
 
 use super::dispatch::{advance, start};
@@ -745,58 +745,75 @@ impl Session {
                         self.fenced = true;
                         return;
                     }
-                    let frame = b.rbuf.split_to(n).freeze();
-                    b.turn_keys += req.nkeys.max(1) as usize;
-                    b.turn_bytes += n;
-                    let quit = req.command == memrelay_protocol::Command::Quit;
-                    let seq = self.next_seq;
-                    self.next_seq += 1;
-                    // Only what reaches the servers is shed: `stats` and
-                    // the like still answer, to show why.
-                    if req.key.len > 0 && over_memory {
-                        self.worker.stats.memory_shed.incr();
-                        let slot = Queued::local(Local::Static(OUT_OF_MEMORY));
-                        self.inbox.slots.borrow_mut().push_back(slot);
-                        continue;
-                    }
-                    self.inbox.requests.set(self.inbox.requests.get() + n);
-                    let mut slot = Queued::new(
-                        start(&self.worker, &self.inbox, seq, frame, req),
-                        self.worker.clone(),
-                    );
-                    // Sub-requests that failed at once (servers down) leave
-                    // the slot ready for its next step right away.
-                    advance(&self.worker, &self.inbox, seq, &mut slot);
-                    b.fences
-                        .dispatched(&mut slot, self.worker.router.has_backups());
-                    self.inbox.slots.borrow_mut().push_back(slot);
-                    if quit {
-                        self.closing = true;
-                    }
+                    self.dispatch(req, n, over_memory);
                 }
-                Err(e) => {
-                    let frame = b.rbuf.split_to(e.consumed.min(b.rbuf.len())).freeze();
-                    b.swallow = e.swallow;
-                    self.worker.stats.client_errors.incr();
-                    if let Some(key) = e.unlink_key {
-                        super::dispatch::unlink(&self.worker, &frame, key.of(&frame));
-                    }
-                    let local = if e.kind.closes() {
-                        self.closing = true;
-                        Local::Close(e.kind.reply())
-                    } else if e.noreply {
-                        continue;
-                    } else {
-                        Local::Static(e.kind.reply())
-                    };
-                    self.next_seq += 1;
-                    self.inbox
-                        .slots
-                        .borrow_mut()
-                        .push_back(Queued::local(local));
-                }
+                Err(e) => self.refuse_input(e),
             }
         }
+    }
+
+    /// Dispatches the request that is the read buffer's first `n` bytes:
+    /// its slot joins the FIFO (answered at once when the worker is over
+    /// its share of `--max-memory`).
+    fn dispatch(&mut self, req: Request, n: usize, over_memory: bool) {
+        let Some(b) = self.bufs.as_deref_mut() else {
+            return;
+        };
+        let frame = b.rbuf.split_to(n).freeze();
+        b.turn_keys += req.nkeys.max(1) as usize;
+        b.turn_bytes += n;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        // Only what reaches the servers is shed: `stats` and the like
+        // still answer, to show why.
+        if req.key.len > 0 && over_memory {
+            self.worker.stats.memory_shed.incr();
+            let slot = Queued::local(Local::Static(OUT_OF_MEMORY));
+            self.inbox.slots.borrow_mut().push_back(slot);
+            return;
+        }
+        self.inbox.requests.set(self.inbox.requests.get() + n);
+        let mut slot = Queued::new(
+            start(&self.worker, &self.inbox, seq, frame, req),
+            self.worker.clone(),
+        );
+        // Sub-requests that failed at once (servers down) leave the slot
+        // ready for its next step right away.
+        advance(&self.worker, &self.inbox, seq, &mut slot);
+        b.fences
+            .dispatched(&mut slot, self.worker.router.has_backups());
+        self.inbox.slots.borrow_mut().push_back(slot);
+        if req.command == memrelay_protocol::Command::Quit {
+            self.closing = true;
+        }
+    }
+
+    /// Input that is no valid request: memcached's error reply, in order
+    /// (none with `noreply`), and the connection closed when memcached
+    /// would close it.
+    fn refuse_input(&mut self, e: RequestError) {
+        let Some(b) = self.bufs.as_deref_mut() else {
+            return;
+        };
+        let frame = b.rbuf.split_to(e.consumed.min(b.rbuf.len())).freeze();
+        b.swallow = e.swallow;
+        self.worker.stats.client_errors.incr();
+        if let Some(key) = e.unlink_key {
+            super::dispatch::unlink(&self.worker, &frame, key.of(&frame));
+        }
+        let local = if e.kind.closes() {
+            self.closing = true;
+            Local::Close(e.kind.reply())
+        } else if e.noreply {
+            return;
+        } else {
+            Local::Static(e.kind.reply())
+        };
+        self.next_seq += 1;
+        self.inbox
+            .slots
+            .borrow_mut()
+            .push_back(Queued::local(local));
     }
 
     /// Handles one input of a client that has not authenticated: an attempt
