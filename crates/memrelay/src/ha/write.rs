@@ -562,7 +562,16 @@ fn settle_mirrors(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, primary_
                 }
                 w.stats.mirror_failures.incr();
                 match &p.result {
-                    Some(Ok(_)) => compensate.push(p.server as usize),
+                    Some(Ok(r)) => {
+                        // It answered, and ended otherwise than the
+                        // primary (another number, or a copy the primary
+                        // refused). An error reply is a refusal: a failure
+                        // only.
+                        if r.kind != ResponseKind::Error {
+                            w.stats.mirror_mismatches.incr();
+                        }
+                        compensate.push(p.server as usize)
+                    }
                     _ => w.servers[p.server as usize].health().missed.record(&route),
                 }
             }
