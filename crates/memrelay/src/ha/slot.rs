@@ -121,10 +121,14 @@ pub(crate) struct Slot {
     pub parts: SmallVec<[Part; 2]>,
     /// Reads over several servers: the first-round part of each key.
     /// Empty when all keys went to `parts[0]`.
-    pub key_parts: Vec<u16>,
+    pub(super) key_parts: Vec<u16>,
     /// Single-key commands: where the key lives.
     pub replicas: Option<Replicas>,
-    pub stage: Stage,
+    /// Where its flow stands: set by the HA steps alone (`ha::read`,
+    /// `ha::write`); the layers above ask [`is_done`](Slot::is_done),
+    /// [`wants_step`](Slot::wants_step) and
+    /// [`copies_unsettled`](Slot::copies_unsettled).
+    pub(super) stage: Stage,
     pub local: Option<Local>,
     /// When the request was parsed (for the latency histograms).
     pub started: std::time::Instant,
@@ -132,7 +136,7 @@ pub(crate) struct Slot {
     pub held: usize,
     /// An autovivifying request (`ma ... N`, `mg ... N`) still travels
     /// without its `N`: it creates the item only once no replica has it.
-    pub vivify_pending: bool,
+    pub(super) vivify_pending: bool,
 }
 
 impl Slot {
@@ -186,6 +190,19 @@ impl Slot {
 
     pub(crate) fn is_done(&self) -> bool {
         self.pending == 0 && self.stage == Stage::Done
+    }
+
+    /// A write that its primary took, or may have taken, while its copies
+    /// on the backups are not all made and checked (it is still on the
+    /// primary, being copied, or was created on the first backup first).
+    /// Given up now, it could leave a backup with another item than the
+    /// primary's. A write that failed over to a backup is not one: that
+    /// backup may hold the key's only copy.
+    pub(crate) fn copies_unsettled(&self) -> bool {
+        matches!(
+            self.stage,
+            Stage::Write { tier: 0 } | Stage::Mirror | Stage::Create
+        )
     }
 
     /// Sub-requests of the current stage are still to come.

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use memrelay_protocol::{compose, Command, Expect, Request, ResponseKind};
 
 use super::session::Inbox;
-use super::slot::{Local, Part, Slot, Stage};
+use super::slot::{Local, Part, Slot};
 use super::Worker;
 use crate::backend::BackendReply;
 use crate::ha;
@@ -104,8 +104,8 @@ pub(crate) fn advance(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot) 
     if !slot.wants_step() {
         return;
     }
+    // (A slot without a request is a local reply: it is done already.)
     let Some(req) = slot.req else {
-        slot.stage = Stage::Done;
         return;
     };
     let f = Flow { w, inbox, seq, req };

@@ -244,7 +244,8 @@ mod tests {
         let a = &b"append k 0 0 1\r\nx\r\n"[..];
         let queued = |line: &[u8]| {
             let mut slot = Slot::new(bytes::Bytes::copy_from_slice(line), req(line));
-            slot.stage = crate::ha::slot::Stage::Write { tier: 0 };
+            // One part sent, its answer not in yet.
+            slot.push_part(crate::ha::slot::Part::new(0), Ok(()));
             Queued {
                 slot,
                 worker: None,
@@ -257,7 +258,11 @@ mod tests {
         f.dispatched(&mut q, true);
         assert!(f.blocks(a, &req(a)));
         assert!(!f.finished(&mut q), "not finished yet");
-        q.slot.stage = crate::ha::slot::Stage::Done;
+        let answer = crate::backend::BackendReply {
+            kind: memrelay_protocol::ResponseKind::Stored,
+            bytes: bytes::Bytes::from_static(b"STORED\r\n"),
+        };
+        assert!(q.slot.fill(0, Ok(answer)));
         assert!(f.finished(&mut q));
         assert!(f.is_empty());
         assert!(!f.finished(&mut q), "released once");

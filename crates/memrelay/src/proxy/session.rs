@@ -51,7 +51,7 @@ use tokio::io::Interest;
 use super::dispatch::{advance, start};
 use super::park::Ending;
 use super::reply::render;
-use super::slot::{Local, Queued, Slot, Stage};
+use super::slot::{Local, Queued, Slot};
 use super::{Worker, WorkerThread};
 use crate::backend::{BackendError, BackendResult, Failure, Sink};
 use crate::net::notify::LocalNotify;
@@ -564,10 +564,7 @@ impl Session {
             let (Some(req), Some(replicas)) = (&slot.req, slot.replicas) else {
                 continue;
             };
-            if !matches!(
-                slot.stage,
-                Stage::Write { tier: 0 } | Stage::Mirror | Stage::Create
-            ) {
+            if !slot.copies_unsettled() {
                 continue;
             }
             // Server indexes mean what they meant under the slot's own

@@ -8,7 +8,7 @@
 use std::ops::{Deref, DerefMut};
 use std::rc::Rc;
 
-pub(crate) use crate::ha::slot::{Local, Part, Slot, Stage};
+pub(crate) use crate::ha::slot::{Local, Part, Slot};
 
 use super::Worker;
 
