@@ -375,6 +375,7 @@ pub(crate) fn first_serving(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
