@@ -8,11 +8,50 @@
 
 use std::rc::Rc;
 
-use memrelay_protocol::Request;
+use memrelay_protocol::{Command, Request};
 
 use super::slot::{Slot, Stage};
 use super::{Cluster, Inbox, Pool};
 use crate::backend::{ReplyTo, ServerPool};
+use crate::net::outqueue::OutQueue;
+
+/// The kinds of request whose flow the HA layer runs, each by its own
+/// steps: [`start`], then [`advance`] as its parts come in, then
+/// [`render`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// `get gets gat gats`: `ha::read`.
+    Read,
+    /// `mg me`: `ha::read`'s meta steps.
+    MetaRead,
+    /// Every keyed write, classic and meta: `ha::write`.
+    Write,
+}
+
+impl Kind {
+    /// The kind of a command, if the HA layer runs it (not `flush_all`,
+    /// not what the proxy answers itself).
+    pub(crate) fn of(command: Command) -> Option<Kind> {
+        match command {
+            Command::Get | Command::Gets | Command::Gat | Command::Gats => Some(Kind::Read),
+            Command::MetaGet | Command::MetaDebug => Some(Kind::MetaRead),
+            Command::Set
+            | Command::Add
+            | Command::Replace
+            | Command::Append
+            | Command::Prepend
+            | Command::Cas
+            | Command::Delete
+            | Command::Incr
+            | Command::Decr
+            | Command::Touch
+            | Command::MetaSet
+            | Command::MetaDelete
+            | Command::MetaArith => Some(Kind::Write),
+            _ => None,
+        }
+    }
+}
 
 /// One request's context, the same at every step of its flow.
 #[derive(Debug)]
@@ -35,6 +74,31 @@ impl<I: Inbox, P: Pool> Flow<'_, I, P> {
             token: self.seq,
             part: part as u32,
         }
+    }
+}
+
+/// A request's first step: its first sub-requests (or its reply at once,
+/// when no server can take it).
+pub(crate) fn start(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, kind: Kind) {
+    match kind {
+        Kind::Read => super::read::start(f, slot),
+        Kind::MetaRead => super::read::start_meta(f, slot),
+        Kind::Write => super::write::start(f, slot),
+    }
+}
+
+/// The client's reply to a finished request.
+pub(crate) fn render(
+    w: &Cluster<impl Pool>,
+    slot: &Slot,
+    req: &Request,
+    kind: Kind,
+    out: &mut OutQueue,
+) {
+    match kind {
+        Kind::Read => super::read::render(w, slot, req, out),
+        Kind::MetaRead => super::read::render_meta(w, slot, req, out),
+        Kind::Write => super::write::render(w, slot, req, out),
     }
 }
 
@@ -81,7 +145,6 @@ mod tests {
 
     use super::*;
     use crate::ha::fake::{cluster, request, run_one, FakePool, Replies};
-    use crate::net::outqueue::OutQueue;
 
     /// One primary, one backup: every key's replicas are [0, 1].
     const PRIMARY_AND_BACKUP: &[&str] = &["-s", "127.0.0.1:1", "-b", "127.0.0.1:2"];
@@ -97,10 +160,10 @@ mod tests {
             req,
         };
         let mut slot = Slot::new(frame, req);
-        super::super::read::start(&f, &mut slot);
+        start(&f, &mut slot, Kind::Read);
         run_one(&f, &mut slot).await;
         let mut out = OutQueue::new();
-        super::super::read::render(w, &slot, &req, &mut out);
+        render(w, &slot, &req, Kind::Read, &mut out);
         let mut bytes = Vec::new();
         out.write_to(|iov| {
             iov.iter().for_each(|s| bytes.extend_from_slice(s));

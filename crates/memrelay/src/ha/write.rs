@@ -22,6 +22,7 @@ use memrelay_protocol::{compose, Command, Expect, MetaStatus, Request, ResponseK
 use super::flow::Flow;
 use super::slot::{Local, Part, Role, Slot, Stage};
 use super::{Cluster, Inbox, Pool};
+use crate::net::outqueue::OutQueue;
 use smallvec::SmallVec;
 
 /// What a backup must do after the primary answered a write.
@@ -615,7 +616,7 @@ fn settle_mirrors(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, primary_
 /// without the item to a backup that then failed gets the primary's answer
 /// ("not found"): the fall-back was a second chance, and the failed backup
 /// is recorded as having missed the key, so it will hold no item either.
-pub(crate) fn answer(slot: &Slot) -> Option<(&crate::backend::BackendResult, bool)> {
+fn answer(slot: &Slot) -> Option<(&crate::backend::BackendResult, bool)> {
     let Some(main) = slot.main_part() else {
         // A create-if-absent write the first backup answered alone.
         let first = slot.parts.first().filter(|p| p.role == Role::Create)?;
@@ -642,8 +643,36 @@ pub(crate) fn answer(slot: &Slot) -> Option<(&crate::backend::BackendResult, boo
     Some((main_result, false))
 }
 
+/// The client's reply to a write: the answer of the replica that took it
+/// last (see `answer`), nothing with `noreply`.
+pub(crate) fn render(w: &Cluster<impl Pool>, slot: &Slot, req: &Request, out: &mut OutQueue) {
+    if req.noreply {
+        return;
+    }
+    match answer(slot) {
+        Some((Ok(reply), from_mirror)) => {
+            if reply.kind == ResponseKind::Error {
+                w.stats.server_errors.incr();
+            }
+            if req.command.is_meta() {
+                if let Some(b) = meta_reply_bytes(slot, req, reply, from_mirror) {
+                    let server = super::server_of(slot, reply);
+                    out.put_bytes(super::read::with_cas_token(w, slot, req, server, b));
+                }
+            } else {
+                out.put_bytes(reply.bytes.clone());
+            }
+        }
+        Some((Err(e), _)) => {
+            w.stats.server_errors.incr();
+            out.put_slice(e.reply())
+        }
+        None => out.put_slice(NO_SERVER),
+    }
+}
+
 /// A meta write's reply as the client must see it.
-pub(crate) fn meta_reply_bytes(
+fn meta_reply_bytes(
     slot: &Slot,
     req: &Request,
     reply: &crate::backend::BackendReply,

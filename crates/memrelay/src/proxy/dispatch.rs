@@ -16,7 +16,7 @@ use super::slot::{Local, Part, Slot};
 use super::Worker;
 use crate::backend::BackendReply;
 use crate::ha;
-use crate::ha::flow::Flow;
+use crate::ha::flow::{Flow, Kind};
 
 /// memcached's answer to `version`, with ours after it: clients parse the
 /// leading memcached version to pick protocol features; operators see ours.
@@ -27,23 +27,17 @@ pub(crate) const VERSION_REPLY: &[u8] =
 pub(crate) fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, frame: Bytes, req: Request) -> Slot {
     let mut slot = Slot::new(frame, req);
     let f = &Flow { w, inbox, seq, req };
+    if let Some(kind) = Kind::of(req.command) {
+        match kind {
+            // A classic read's keys are counted as it is answered.
+            Kind::Read => {}
+            Kind::MetaRead => w.stats.cmd_get.incr(),
+            Kind::Write => count_write(w, req.command),
+        }
+        ha::flow::start(f, &mut slot, kind);
+        return slot;
+    }
     match req.command {
-        Command::Get | Command::Gets | Command::Gat | Command::Gats => {
-            ha::read::start(f, &mut slot)
-        }
-        Command::Set
-        | Command::Add
-        | Command::Replace
-        | Command::Append
-        | Command::Prepend
-        | Command::Cas
-        | Command::Delete
-        | Command::Incr
-        | Command::Decr
-        | Command::Touch => {
-            count_write(w, req.command);
-            ha::write::start(f, &mut slot)
-        }
         Command::FlushAll if !w.flush_enabled => {
             // It would wipe every server behind the proxy: only when the
             // operator allowed it. memcached's words when run with -F.
@@ -67,14 +61,6 @@ pub(crate) fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, frame: Bytes, req: 
                 slot.push_part(Part::new(i), queued);
             }
         }
-        Command::MetaGet | Command::MetaDebug => {
-            w.stats.cmd_get.incr();
-            ha::read::start_meta(f, &mut slot)
-        }
-        Command::MetaSet | Command::MetaDelete | Command::MetaArith => {
-            count_write(w, req.command);
-            ha::write::start(f, &mut slot)
-        }
         Command::Version => slot.local = Some(Local::Static(VERSION_REPLY)),
         Command::Verbosity => {
             slot.local = Some(Local::Static(if req.noreply { b"" } else { b"OK\r\n" }))
@@ -83,6 +69,8 @@ pub(crate) fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, frame: Bytes, req: 
         Command::MetaNoop => slot.local = Some(Local::Static(b"MN\r\n")),
         Command::Stats => slot.local = Some(stats(w, &slot.frame, &req)),
         Command::Admin => admin(w, f, &mut slot),
+        // Keyed commands: `ha::flow` above.
+        _ => {}
     }
     slot
 }

@@ -191,7 +191,7 @@ impl Hasher for Prehashed {
 mod tests {
     use super::*;
     use crate::ha::fake::{cluster, request, FakePool, Replies};
-    use crate::ha::flow::Flow;
+    use crate::ha::flow::{Flow, Kind};
     use crate::ha::slot::Slot;
     use memrelay_protocol::{parse_request, Limits};
 
@@ -282,8 +282,9 @@ mod tests {
 
     /// Runs writes pipelined on one connection, as the session does: each
     /// dispatched unless the fences hold it, and advanced as the fake
-    /// servers answer (`ha::fake`, on tokio's paused clock).
-    async fn pipeline(w: &crate::ha::Cluster<FakePool>, lines: &[&str]) {
+    /// servers answer (`ha::fake`, on tokio's paused clock). Returns the
+    /// replies, in order.
+    async fn pipeline(w: &crate::ha::Cluster<FakePool>, lines: &[&str]) -> String {
         let replies = std::rc::Rc::new(Replies::default());
         let mut fences = Fences::default();
         let mut slots: Vec<Queued> = Vec::new();
@@ -301,7 +302,7 @@ mod tests {
                 }
                 let f = flow(slots.len(), req);
                 let mut slot = Slot::new(frame, req);
-                crate::ha::write::start(&f, &mut slot);
+                crate::ha::flow::start(&f, &mut slot, Kind::Write);
                 crate::ha::flow::run(&f, &mut slot);
                 let mut q = Queued {
                     slot,
@@ -312,7 +313,18 @@ mod tests {
                 slots.push(q);
             }
             if slots.len() == lines.len() && slots.iter().all(|q| q.is_done()) {
-                return;
+                let mut out = crate::net::outqueue::OutQueue::new();
+                for q in &slots {
+                    let req = q.slot.req.unwrap();
+                    crate::ha::flow::render(w, &q.slot, &req, Kind::Write, &mut out);
+                }
+                let mut bytes = Vec::new();
+                out.write_to(|iov| {
+                    iov.iter().for_each(|s| bytes.extend_from_slice(s));
+                    Ok(iov.iter().map(|s| s.len()).sum())
+                })
+                .unwrap();
+                return String::from_utf8(bytes).unwrap();
             }
             for (seq, part, result) in replies.take().await {
                 let q = &mut slots[seq as usize];
@@ -336,7 +348,9 @@ mod tests {
                 // The append's copy leaves for the backup once the primary
                 // answered; the set alone would go to both at once, and
                 // reach the backup first.
-                pipeline(&w, &["append k 0 0 1\r\nx\r\n", "set k 0 0 2\r\nv2\r\n"]).await;
+                let replies =
+                    pipeline(&w, &["append k 0 0 1\r\nx\r\n", "set k 0 0 2\r\nv2\r\n"]).await;
+                assert_eq!(replies, "STORED\r\nSTORED\r\n");
                 for pool in &pools {
                     assert_eq!(pool.log(), ["append k 0 0 1", "set k 0 0 2"]);
                     assert_eq!(pool.get("k").as_deref(), Some("v2"));
