@@ -7,8 +7,8 @@
 //! cannot be paused between two requests of one connection; this fake can.
 //!
 //! [`FakePool`] is a tiny memcached: items in a map, the classic storage,
-//! retrieval and delete commands, and `mg` with the flags the HA steps
-//! ask for. It applies a request when it is sent (in send order, as one
+//! retrieval, `incr`/`decr` and delete commands, and `mg` with the flags
+//! the HA steps ask for. It applies a request when it is sent (in send order, as one
 //! connection would), keeps the request lines in a log, and delivers the
 //! answer `latency` later. It can be told to fail every request, as a
 //! server that refuses connections.
@@ -106,6 +106,7 @@ impl FakePool {
                 let flags = flags.parse().unwrap_or(0);
                 self.storage(cmd, key.as_bytes(), flags, data).to_vec()
             }
+            [cmd @ ("incr" | "decr"), key, delta] => self.arith(cmd, key.as_bytes(), delta),
             ["delete", key] => match self.items.borrow_mut().remove(key.as_bytes()) {
                 Some(_) => b"DELETED\r\n".to_vec(),
                 None => b"NOT_FOUND\r\n".to_vec(),
@@ -162,6 +163,25 @@ impl FakePool {
             out.extend_from_slice(b"\r\n");
         }
         out
+    }
+
+    fn arith(&self, cmd: &str, key: &[u8], delta: &str) -> Vec<u8> {
+        let old = self.items.borrow().get(key).cloned();
+        let (Some(old), Ok(delta)) = (old, delta.parse::<u64>()) else {
+            return b"NOT_FOUND\r\n".to_vec();
+        };
+        let Some(n) = std::str::from_utf8(&old.value)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        else {
+            return b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n".to_vec();
+        };
+        let n = match cmd {
+            "incr" => n.wrapping_add(delta),
+            _ => n.saturating_sub(delta),
+        };
+        self.store(key, old.flags, n.to_string().into_bytes());
+        format!("{n}\r\n").into_bytes()
     }
 
     fn storage(&self, cmd: &str, key: &[u8], flags: u32, data: Vec<u8>) -> &'static [u8] {

@@ -151,6 +151,11 @@ mod tests {
 
     /// Runs a read to its end; returns what its client gets.
     async fn read(w: &Cluster<FakePool>, line: &str) -> String {
+        request_of_kind(w, line, Kind::Read).await
+    }
+
+    /// Runs a request of `kind` to its end; returns what its client gets.
+    async fn request_of_kind(w: &Cluster<FakePool>, line: &str, kind: Kind) -> String {
         let replies = Rc::new(Replies::default());
         let (frame, req) = request(line);
         let f = Flow {
@@ -160,10 +165,10 @@ mod tests {
             req,
         };
         let mut slot = Slot::new(frame, req);
-        start(&f, &mut slot, Kind::Read);
+        start(&f, &mut slot, kind);
         run_one(&f, &mut slot).await;
         let mut out = OutQueue::new();
-        render(w, &slot, &req, Kind::Read, &mut out);
+        render(w, &slot, &req, kind, &mut out);
         let mut bytes = Vec::new();
         out.write_to(|iov| {
             iov.iter().for_each(|s| bytes.extend_from_slice(s));
@@ -239,6 +244,28 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 assert_eq!(pools[0].log(), ["get k", "add k 0 0 1", "delete k"]);
                 assert_eq!(pools[0].get("k"), None);
+            })
+            .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_incr_whose_primary_fails_is_applied_once_on_the_backup() {
+        LocalSet::new()
+            .run_until(async {
+                let (w, pools) = cluster(PRIMARY_AND_BACKUP);
+                pools[0].put("n", "5");
+                pools[0].set_failing(true);
+                pools[1].put("n", "5");
+                let reply = request_of_kind(&w, "incr n 1\r\n", Kind::Write).await;
+                assert_eq!(reply, "6\r\n");
+                // Each replica was sent it once: never applied twice.
+                assert_eq!(pools[0].log(), ["incr n 1"]);
+                assert_eq!(pools[1].log(), ["incr n 1"]);
+                assert_eq!(pools[1].get("n").as_deref(), Some("6"));
+                // The primary may or may not have applied it: it must not
+                // serve the key until it is invalidated there.
+                assert!(!w.servers[0].health().serves(b"n"));
+                assert_eq!(w.stats.failovers.get(), 1);
             })
             .await;
     }
