@@ -40,7 +40,8 @@ struct Item {
 #[derive(Debug)]
 pub(crate) struct FakePool {
     items: RefCell<HashMap<Vec<u8>, Item>>,
-    /// Every request line received, in order, without its `\r\n`.
+    /// Every request line sent to it, in order, without its `\r\n` (when
+    /// it fails requests, those it failed too).
     log: RefCell<Vec<String>>,
     /// Fail every request as a refused connection would (nothing sent).
     fails: Cell<bool>,
@@ -74,7 +75,7 @@ impl FakePool {
         Some(String::from_utf8_lossy(&item.value).into_owned())
     }
 
-    /// The request lines received so far.
+    /// The request lines sent to it so far.
     pub(crate) fn log(&self) -> Vec<String> {
         self.log.borrow().clone()
     }
@@ -278,8 +279,8 @@ pub(crate) fn cluster(args: &[&str]) -> (Cluster<FakePool>, Vec<Rc<FakePool>>) {
     (cluster, pools)
 }
 
-/// Where a test's server replies go: kept until the test applies them to
-/// its slots ([`Replies::apply`]).
+/// Where a test's server replies go: kept until the test takes them
+/// ([`Replies::take`]) and gives each to its slot.
 #[derive(Debug, Default)]
 pub(crate) struct Replies {
     got: RefCell<Vec<(u64, u32, BackendResult)>>,
