@@ -3,8 +3,10 @@
 //! of the session it is, and the request itself.
 //!
 //! The steps of `ha::read` and `ha::write` take a `Flow` and the slot they
-//! advance; [`advance`] is the one place that picks a slot's next step from
-//! its stage.
+//! advance. Each keyed request is of a [`Kind`], which [`start`]s it and
+//! [`render`]s its reply; in between, [`run`] takes its steps, and
+//! `advance` is the one place that picks a slot's next step from its
+//! stage.
 
 use std::rc::Rc;
 
@@ -16,8 +18,7 @@ use crate::backend::{ReplyTo, ServerPool};
 use crate::net::outqueue::OutQueue;
 
 /// The kinds of request whose flow the HA layer runs, each by its own
-/// steps: [`start`], then [`advance`] as its parts come in, then
-/// [`render`].
+/// steps: [`start`], then [`run`] as its parts come in, then [`render`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
     /// `get gets gat gats`: `ha::read`.
@@ -131,10 +132,10 @@ fn advance(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
     }
 }
 
-/// The HA rules in-process: the real read steps against fake servers
-/// (`ha::fake`) on tokio's paused clock, so that when each answer comes is
-/// exact. The same rules are tested against memcached processes in
-/// tests/ha*.rs.
+/// The HA rules in-process: the real read and write steps against fake
+/// servers (`ha::fake`) on tokio's paused clock, so that when each answer
+/// comes is exact. The same rules are tested against memcached processes
+/// in tests/ha*.rs.
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
