@@ -270,4 +270,27 @@ mod tests {
             })
             .await;
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_add_on_a_primary_that_lost_the_item_does_not_steal_it() {
+        LocalSet::new()
+            .run_until(async {
+                let (w, pools) = cluster(PRIMARY_AND_BACKUP);
+                // The primary restarted empty; the backup holds the lock.
+                pools[1].put("lock", "a");
+                let reply = request_of_kind(&w, "add lock 0 0 1\r\nb\r\n", Kind::Write).await;
+                assert_eq!(reply, "NOT_STORED\r\n");
+                // The backup was asked first, and the primary not at all.
+                assert_eq!(pools[1].log(), ["add lock 0 0 1"]);
+                assert!(pools[0].log().is_empty());
+                assert_eq!(pools[1].get("lock").as_deref(), Some("a"));
+
+                // Free, it is created on both, backup first.
+                let reply = request_of_kind(&w, "add free 0 0 1\r\nb\r\n", Kind::Write).await;
+                assert_eq!(reply, "STORED\r\n");
+                assert_eq!(pools[0].get("free").as_deref(), Some("b"));
+                assert_eq!(pools[1].get("free").as_deref(), Some("b"));
+            })
+            .await;
+    }
 }
