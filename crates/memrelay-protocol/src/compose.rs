@@ -263,6 +263,7 @@ pub fn value_header<B: BufMut>(out: &mut B, key: &[u8], flags: u32, len: usize, 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
     use crate::{parse_request, Limits};

@@ -843,6 +843,7 @@ fn parse_storage(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
 
@@ -958,7 +959,7 @@ mod tests {
         let junk = vec![b'x'; 3000];
         assert_eq!(kind(&junk), ErrorKind::Close);
         let mut get = b"get ".to_vec();
-        get.extend(std::iter::repeat(b'k').take(3000));
+        get.extend(std::iter::repeat_n(b'k', 3000));
         assert_eq!(parse(&get), Ok(None));
         let small = Limits {
             max_get_line_len: 2500,

@@ -1441,6 +1441,7 @@ mod tests {
     }
 
     /// `run`, then one more step sent and answered `after` later.
+    #[allow(clippy::type_complexity)]
     fn run_then(
         live: bool,
         steps: &[(Op, Result<Reply, Fail>)],

@@ -1753,7 +1753,7 @@ fn mirrors_from_different_workers_keep_the_latest_value_when_the_backup_lags() {
     let mut px = cl.px();
     for k in &keys {
         let got = px.get(k).map(|v| v.data);
-        if got.is_some() && &got != &last[k] {
+        if got.is_some() && got != last[k] {
             stale.push(format!(
                 "get {k} served {got:?}, latest acknowledged {:?}",
                 last[k]

@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use support::{escape, free_port, stats, wait_until, Client, End, Memcached, Memr
 
 const CONVERGE: Duration = Duration::from_secs(5);
 
-fn relay_args(primary: &Memcached, backup: &Memcached, state: &PathBuf) -> Vec<String> {
+fn relay_args(primary: &Memcached, backup: &Memcached, state: &Path) -> Vec<String> {
     vec![
         "-s".into(),
         primary.addr(),

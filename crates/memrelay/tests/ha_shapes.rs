@@ -624,3 +624,29 @@ fn an_mg_repair_is_not_overtaken_by_a_pipelined_delete() {
         );
     }
 }
+
+/// A backup whose `incr` reaches another number than the primary's (the
+/// replicas diverged behind memrelay's back) disagrees with the primary:
+/// it is counted (`mirror_mismatches`) and its copy deleted before the
+/// client is answered, so it holds the primary's item or none.
+#[test]
+fn an_incr_whose_backup_reaches_another_number_is_a_counted_mismatch() {
+    let mut pair = pair(&[]);
+    assert_eq!(direct(pair.server(0), "set n 0 0 1\r\n5\r\n"), "STORED\r\n");
+    assert_eq!(
+        direct(pair.server(1), "set n 0 0 2\r\n10\r\n"),
+        "STORED\r\n"
+    );
+    let addr = pair.relay.addr();
+    assert_eq!(support::stat_u64(&addr, "mirror_mismatches"), 0);
+    let mut px = proxy_client(&pair);
+    assert_eq!(exchange(&mut px, "incr n 1\r\n"), "6\r\n");
+    assert_eq!(value_of(pair.server(1), "n"), None, "the backup's copy");
+    assert_eq!(value_of(pair.server(0), "n").as_deref(), Some("6"));
+    assert_eq!(support::stat_u64(&addr, "mirror_mismatches"), 1);
+    // Replicas that agree are no mismatch.
+    assert_eq!(exchange(&mut px, "set m 0 0 1\r\n1\r\n"), "STORED\r\n");
+    assert_eq!(exchange(&mut px, "incr m 1\r\n"), "2\r\n");
+    assert_eq!(value_of(pair.server(1), "m").as_deref(), Some("2"));
+    assert_eq!(support::stat_u64(&addr, "mirror_mismatches"), 1);
+}

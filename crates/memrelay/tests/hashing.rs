@@ -1,6 +1,7 @@
 //! Key distribution against reference tables recorded from the reference
 //! implementations (scripts/hashref.py; ketama checked against a real
 //! twemproxy, magent's hash against its C formula).
+#![allow(clippy::panic)]
 
 use memrelay::config::cli::{parse_args, Action};
 use memrelay::router::{magent_hash, Router};

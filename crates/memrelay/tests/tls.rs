@@ -377,15 +377,23 @@ fn commands_large_values_pipelines_and_concurrent_clients() {
     }
     // A client that asks and then closes its side (close_notify) still
     // gets the whole reply: memrelay sends what TLS holds before closing.
-    // (4 MB of reply, read only after a pause: the sockets fill up, and
-    // the last of it waits in memrelay's TLS layer when the session ends.)
+    // (4 MB of reply, read only once memrelay made it: the sockets fill
+    // up, and the last of it waits in memrelay's TLS layer when the
+    // session ends, for at most 5 s, until this client reads.)
+    let hits = |c: &mut TlsClient| {
+        let stats = support::parse_stats(&c.ask(b"stats\r\n", b"END\r\n"));
+        stats.get("get_hits").and_then(|v| v.parse::<u64>().ok())
+    };
+    let before = hits(&mut c).unwrap_or(0);
     let mut last = TlsClient::connect(&relay.addr(), config.clone());
     last.s
         .write_all(format!("get{}\r\n", " big".repeat(8)).as_bytes())
         .unwrap();
     last.s.conn.send_close_notify();
     last.s.flush().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // `get_hits` counts a read's hits as its reply is made.
+    let made = support::wait_until(DEADLINE, || hits(&mut c) >= Some(before + 8));
+    assert!(made, "memrelay never made the reply");
     let mut want = hit("big", &big).repeat(8);
     want.extend_from_slice(b"END\r\n");
     let got = last.ask_len(b"", want.len());

@@ -102,6 +102,7 @@ pub(crate) fn asks_cas(flags: &[u8]) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -22,7 +22,8 @@ use bytes::{Bytes, BytesMut};
 use memrelay_protocol::{Expect, ResponseKind};
 
 use super::replica::Server;
-use crate::backend::{BackendResult, ReplyTo, Sink};
+use super::Pool;
+use crate::backend::{BackendResult, ReplyTo, ServerPool, Sink};
 use crate::stats::WorkerStats;
 
 #[derive(Debug)]
@@ -32,16 +33,16 @@ struct Ctx {
 }
 
 #[derive(Debug)]
-pub(crate) struct Mirror {
-    me: Weak<Mirror>,
-    servers: Rc<[Server]>,
+pub(crate) struct Mirror<P: Pool = ServerPool> {
+    me: Weak<Mirror<P>>,
+    servers: Rc<[Server<P>]>,
     stats: Arc<WorkerStats>,
     ctxs: RefCell<Vec<Option<Ctx>>>,
     free: RefCell<Vec<u32>>,
 }
 
-impl Mirror {
-    pub(crate) fn new(servers: Rc<[Server]>, stats: Arc<WorkerStats>) -> Rc<Mirror> {
+impl<P: Pool> Mirror<P> {
+    pub(crate) fn new(servers: Rc<[Server<P>]>, stats: Arc<WorkerStats>) -> Rc<Mirror<P>> {
         Rc::new_cyclic(|me| Mirror {
             me: me.clone(),
             servers,
@@ -104,7 +105,7 @@ impl Mirror {
     }
 }
 
-impl Sink for Mirror {
+impl<P: Pool> Sink for Mirror<P> {
     fn deliver(&self, token: u64, _part: u32, result: BackendResult) {
         let ctx = {
             let mut ctxs = self.ctxs.borrow_mut();

@@ -15,6 +15,9 @@
 //!   other tier in the background.
 
 pub mod cas;
+#[cfg(test)]
+pub(crate) mod fake;
+pub(crate) mod flow;
 pub(crate) mod mirror;
 pub(crate) mod missed;
 pub(crate) mod persist;
@@ -28,10 +31,10 @@ pub(crate) mod write;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use memrelay_protocol::{base64, Request};
+use bytes::{Bytes, BytesMut};
+use memrelay_protocol::{base64, Expect, Request};
 
-use crate::backend::Sink;
+use crate::backend::{BackendError, ReplyTo, ServerPool, Sink};
 use crate::router::{Replicas, Router};
 use crate::stats::WorkerStats;
 
@@ -40,16 +43,16 @@ use crate::stats::WorkerStats;
 /// background writes. It is part of the proxy's `Worker` (which derefs to
 /// it), declared here so that ha does not depend on the layer above it.
 #[derive(Debug)]
-pub(crate) struct Cluster {
+pub(crate) struct Cluster<P: Pool = ServerPool> {
     pub router: Router,
     /// Primaries then backups, indexed like `Config::servers`.
-    pub servers: Rc<[replica::Server]>,
+    pub servers: Rc<[replica::Server<P>]>,
     /// Ask the backup when the primary misses.
     pub miss_fallback: bool,
     /// No backups: move a dead server's keys to the next server on the ring.
     pub auto_eject: bool,
     /// Background writes to backups (mirrors, repairs).
-    pub mirror: Rc<mirror::Mirror>,
+    pub mirror: Rc<mirror::Mirror<P>>,
     pub stats: Arc<WorkerStats>,
 }
 
@@ -59,6 +62,66 @@ pub(crate) struct Cluster {
 pub(crate) trait Inbox: Sink + 'static {}
 
 impl<T: Sink + 'static> Inbox for T {}
+
+/// What the HA steps need of one server's connections on this thread: to
+/// queue a request, and to drop the connections of a server that
+/// misbehaved. `backend::ServerPool` is the one the proxy runs; the
+/// in-process tests run the same steps against a fake (`ha::fake`). The
+/// steps are generic over it, so the request path is compiled for
+/// `ServerPool` alone: no dynamic call, nothing added per request.
+pub(crate) trait Pool: std::fmt::Debug + 'static {
+    /// Queues a request (see `ServerPool::send`).
+    fn send(
+        &self,
+        expect: Expect,
+        reply: ReplyTo,
+        write: impl FnOnce(&mut BytesMut),
+        value: Option<Bytes>,
+    ) -> Result<(), BackendError>;
+
+    /// Queues a request on the connection `key`'s requests take (see
+    /// `ServerPool::send_for_key`).
+    fn send_for_key(
+        &self,
+        key: &[u8],
+        expect: Expect,
+        reply: ReplyTo,
+        write: impl FnOnce(&mut BytesMut),
+        value: Option<Bytes>,
+    ) -> Result<(), BackendError>;
+
+    /// The server misbehaved above the framing (see `ServerPool::poison`).
+    fn poison(&self, why: &str);
+}
+
+impl Pool for ServerPool {
+    #[inline]
+    fn send(
+        &self,
+        expect: Expect,
+        reply: ReplyTo,
+        write: impl FnOnce(&mut BytesMut),
+        value: Option<Bytes>,
+    ) -> Result<(), BackendError> {
+        ServerPool::send(self, expect, reply, write, value)
+    }
+
+    #[inline]
+    fn send_for_key(
+        &self,
+        key: &[u8],
+        expect: Expect,
+        reply: ReplyTo,
+        write: impl FnOnce(&mut BytesMut),
+        value: Option<Bytes>,
+    ) -> Result<(), BackendError> {
+        ServerPool::send_for_key(self, key, expect, reply, write, value)
+    }
+
+    fn poison(&self, why: &str) {
+        ServerPool::poison(self, why)
+    }
+}
 
 /// The key a request is routed by: the key itself, or for a meta command
 /// with the `b` flag, its base64-decoded bytes (so `mg a2V5 b` and `get key`
@@ -79,7 +142,7 @@ pub(crate) fn route_key(frame: &Bytes, req: &Request) -> Bytes {
 /// reported as tier `replicas.len()` (past the real tiers, so a retry after
 /// it finds nothing more).
 pub(crate) fn serving(
-    w: &Cluster,
+    w: &Cluster<impl Pool>,
     replicas: &Replicas,
     key: &[u8],
     from: usize,
@@ -140,7 +203,7 @@ pub(crate) fn meta_wire(req: &Request, mirrored: bool) -> MetaWire {
 /// like any read or write, and only when no replica has the item is it
 /// sent whole, creating it. Quiet requests keep the old path (their
 /// replies are framed differently with and without `N`).
-pub(crate) fn vivifies_later(w: &Cluster, req: &Request) -> bool {
+pub(crate) fn vivifies_later(w: &Cluster<impl Pool>, req: &Request) -> bool {
     use memrelay_protocol::Command;
     matches!(req.command, Command::MetaArith | Command::MetaGet)
         && req.meta.vivify
@@ -295,7 +358,7 @@ pub(crate) fn is_text_key(key: &[u8]) -> bool {
 /// The first tier, from `from` on, whose server can serve `key`. Tiers that
 /// cannot are returned in `skipped` order through `on_skip`.
 pub(crate) fn first_serving(
-    w: &Cluster,
+    w: &Cluster<impl Pool>,
     replicas: &Replicas,
     key: &[u8],
     from: usize,
@@ -312,6 +375,7 @@ pub(crate) fn first_serving(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -10,30 +10,23 @@
 //! its `END`.
 
 use std::iter::Peekable;
-use std::rc::Rc;
 
 use memrelay_protocol::response::{ValueBlock, ValueBlocks};
 use memrelay_protocol::{compose, meta_flags, Command, Expect, MetaStatus, Request, ResponseKind};
 use smallvec::SmallVec;
 
+use super::flow::Flow;
 use super::slot::{Local, Part, Role, Slot, Stage};
-use super::{Cluster, Inbox};
-use crate::backend::{Failure, ReplyTo};
+use super::{Cluster, Inbox, Pool};
+use crate::backend::Failure;
 use crate::net::outqueue::OutQueue;
 
 /// No server can serve this key (in `key_parts`).
 const NO_PART: u16 = u16::MAX;
 
-fn reply_to(inbox: &Rc<impl Inbox>, seq: u64, part: usize) -> ReplyTo {
-    ReplyTo {
-        sink: inbox.clone(),
-        token: seq,
-        part: part as u32,
-    }
-}
-
 /// Round one.
-pub(crate) fn start(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+pub(crate) fn start(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+    let (w, req) = (f.w, &f.req);
     let frame = slot.frame.clone();
     let (cmd, exptime) = (req.command, req.exptime);
     if req.nkeys == 0 {
@@ -55,7 +48,7 @@ pub(crate) fn start(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Sl
         }
         let queued = w.servers[server].send(
             Expect::Retrieval,
-            reply_to(inbox, seq, 0),
+            f.reply_to(0),
             |b| compose::retrieval(b, cmd, exptime, [key]),
             None,
         );
@@ -87,7 +80,7 @@ pub(crate) fn start(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Sl
         let queued = if servers.len() == 1 && !unserved {
             w.servers[server].send(
                 Expect::Retrieval,
-                reply_to(inbox, seq, p),
+                f.reply_to(p),
                 |b| compose::retrieval(b, cmd, exptime, req.keys(&frame)),
                 None,
             )
@@ -99,7 +92,7 @@ pub(crate) fn start(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Sl
                 .map(|(k, _)| k);
             w.servers[server].send(
                 Expect::Retrieval,
-                reply_to(inbox, seq, p),
+                f.reply_to(p),
                 |b| compose::retrieval(b, cmd, exptime, keys),
                 None,
             )
@@ -124,7 +117,7 @@ fn changes_ttl(req: &Request) -> bool {
 /// A TTL-changing read went past `server` (down, stale for the key, or
 /// failed): its copy keeps the old TTL, so it is recorded as having missed
 /// the key, as for a write.
-fn skipped_ttl_change(w: &Cluster, req: &Request, server: usize, key: &[u8]) {
+fn skipped_ttl_change(w: &Cluster<impl Pool>, req: &Request, server: usize, key: &[u8]) {
     if changes_ttl(req) {
         w.servers[server].health().missed.record(key);
     }
@@ -136,13 +129,11 @@ fn skipped_ttl_change(w: &Cluster, req: &Request, server: usize, key: &[u8]) {
 /// failover. A tier that cannot take it now is recorded as having missed
 /// the key. The client's reply waits for these, as for a write's copies.
 fn mirror_ttl_changes(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
+    f: &Flow<'_, impl Inbox, impl Pool>,
     slot: &mut Slot,
-    req: &Request,
     found: &[(u32, bytes::Bytes, usize)],
 ) {
+    let (w, req) = (f.w, &f.req);
     let meta_flags = req.meta.touch.map(|ttl| {
         let mut f = format!("T{ttl}").into_bytes();
         if req.meta.base64 {
@@ -172,7 +163,7 @@ fn mirror_ttl_changes(
                     w.servers[b].send_for_key(
                         key,
                         Expect::Meta,
-                        reply_to(inbox, seq, part),
+                        f.reply_to(part),
                         |out| compose::meta_line(out, Command::MetaGet, wire_key, None, flags),
                         None,
                     )
@@ -180,7 +171,7 @@ fn mirror_ttl_changes(
                 None => w.servers[b].send_for_key(
                     key,
                     Expect::Touch,
-                    reply_to(inbox, seq, part),
+                    f.reply_to(part),
                     |out| compose::touch(out, key, req.exptime),
                     None,
                 ),
@@ -193,7 +184,11 @@ fn mirror_ttl_changes(
 /// The TTL copies are in: a tier that failed or refused one is recorded as
 /// having missed the key. Returns the (key number, server) of the `touch`
 /// copies that found no item there.
-fn settle_ttl_changes(w: &Cluster, slot: &mut Slot, req: &Request) -> SmallVec<[(u32, u16); 2]> {
+fn settle_ttl_changes(
+    w: &Cluster<impl Pool>,
+    slot: &mut Slot,
+    req: &Request,
+) -> SmallVec<[(u32, u16); 2]> {
     let frame = slot.frame.clone();
     let mut absent = SmallVec::new();
     for p in slot.parts.iter_mut() {
@@ -232,13 +227,11 @@ fn settle_ttl_changes(w: &Cluster, slot: &mut Slot, req: &Request) -> SmallVec<[
 /// added there (`add`: a value written meanwhile wins) with the new TTL, and
 /// the reply waits for it.
 fn copy_expired_copies(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
+    f: &Flow<'_, impl Inbox, impl Pool>,
     slot: &mut Slot,
-    req: &Request,
     absent: &[(u32, u16)],
 ) {
+    let (w, req) = (f.w, &f.req);
     if absent.is_empty() {
         return;
     }
@@ -269,7 +262,7 @@ fn copy_expired_copies(
             let queued = w.servers[server as usize].send_for_key(
                 key,
                 Expect::Storage,
-                reply_to(inbox, seq, slot.parts.len()),
+                f.reply_to(slot.parts.len()),
                 |b| compose::storage_line(b, Command::Add, key, flags, req.exptime, len, 0),
                 Some(value.clone()),
             );
@@ -286,7 +279,7 @@ fn copy_expired_copies(
 /// key nobody asked for, a second block for one key) is broken: it is
 /// counted as failed and its connections are closed. The blocks themselves
 /// never reach the client (`walk` only takes blocks that match a key).
-fn drop_misbehaving_servers(w: &Cluster, slot: &Slot, req: &Request) {
+fn drop_misbehaving_servers(w: &Cluster<impl Pool>, slot: &Slot, req: &Request) {
     let round_one = slot
         .parts
         .iter()
@@ -346,13 +339,8 @@ fn walk<'a>(
 }
 
 /// Round one is in: ask backups for what missed, or finish.
-pub(crate) fn after_round_one(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
-    slot: &mut Slot,
-    req: &Request,
-) {
+pub(crate) fn after_round_one(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+    let (w, req) = (f.w, &f.req);
     slot.stage = Stage::Done;
     drop_misbehaving_servers(w, slot, req);
     if !w.router.has_backups() {
@@ -368,7 +356,7 @@ pub(crate) fn after_round_one(
                 }
             }
         });
-        mirror_ttl_changes(w, inbox, seq, slot, req, &found);
+        mirror_ttl_changes(f, slot, &found);
         if slot
             .parts
             .iter()
@@ -393,7 +381,7 @@ pub(crate) fn after_round_one(
     if wanted.is_empty() {
         return;
     }
-    ask_backups(w, inbox, seq, slot, req, wanted);
+    ask_backups(f, slot, wanted);
 }
 
 /// A key of a read that a backup is asked for in round two.
@@ -409,7 +397,7 @@ struct Wanted {
 
 /// The keys round one did not find (or could not look up) that a backup
 /// may serve.
-fn fallbacks_wanted(w: &Cluster, slot: &Slot, req: &Request) -> SmallVec<[Wanted; 4]> {
+fn fallbacks_wanted(w: &Cluster<impl Pool>, slot: &Slot, req: &Request) -> SmallVec<[Wanted; 4]> {
     let fallback = w.miss_fallback;
     let mut wanted: SmallVec<[Wanted; 4]> = SmallVec::new();
     walk(slot, req, |i, key, p, hit| {
@@ -446,13 +434,11 @@ fn fallbacks_wanted(w: &Cluster, slot: &Slot, req: &Request) -> SmallVec<[Wanted
 /// Round two: each wanted key asked of its backup with `mg`, so flags,
 /// remaining TTL (and CAS) come back.
 fn ask_backups(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
+    f: &Flow<'_, impl Inbox, impl Pool>,
     slot: &mut Slot,
-    req: &Request,
     wanted: SmallVec<[Wanted; 4]>,
 ) {
+    let (w, req) = (f.w, &f.req);
     let frame = slot.frame.clone();
     let flags: &[u8] = if matches!(req.command, Command::Gets | Command::Gats) {
         b"v f t c"
@@ -477,7 +463,7 @@ fn ask_backups(
         let part = slot.parts.len();
         let queued = w.servers[server].send(
             Expect::Meta,
-            reply_to(inbox, seq, part),
+            f.reply_to(part),
             |b| compose::meta_get(b, key, flags, touch),
             None,
         );
@@ -492,16 +478,11 @@ fn ask_backups(
 /// Round two is in: write backup hits back to the primaries that missed
 /// them, and answer once that is done, so a write the client makes next
 /// cannot be overtaken by this repair.
-pub(crate) fn after_fallback(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
-    slot: &mut Slot,
-    req: &Request,
-) {
+pub(crate) fn after_fallback(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+    let (w, req) = (f.w, &f.req);
     slot.stage = Stage::Done;
     let absent = settle_ttl_changes(w, slot, req);
-    copy_expired_copies(w, inbox, seq, slot, req, &absent);
+    copy_expired_copies(f, slot, &absent);
     let frame = slot.frame.clone();
     let repairs = repairs_wanted(w, slot, req, &frame);
     for Repair {
@@ -526,7 +507,7 @@ pub(crate) fn after_fallback(
         let queued = w.servers[primary].send_for_key(
             key,
             Expect::Storage,
-            reply_to(inbox, seq, slot.parts.len()),
+            f.reply_to(slot.parts.len()),
             |b| compose::storage_line(b, Command::Add, key, flags, exptime, len, 0),
             Some(value),
         );
@@ -553,7 +534,7 @@ struct Repair {
 /// The backup hits to write back: those whose primary answered round one
 /// (a miss) and whose primary and backup both still serve the key.
 fn repairs_wanted(
-    w: &Cluster,
+    w: &Cluster<impl Pool>,
     slot: &Slot,
     req: &Request,
     frame: &bytes::Bytes,
@@ -628,7 +609,7 @@ fn repairs_wanted(
 /// the key as missed if that delete fails too). An add whose outcome is
 /// unknown (a timeout) is treated as landed. Records are rare (failure
 /// episodes), and a deleted copy only costs the next read a fallback.
-pub(crate) fn after_repair(w: &Cluster, slot: &mut Slot, req: &Request) {
+pub(crate) fn after_repair(w: &Cluster<impl Pool>, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
     let frame = slot.frame.clone();
     for part in slot.parts.iter() {
@@ -672,7 +653,7 @@ pub(crate) fn after_repair(w: &Cluster, slot: &mut Slot, req: &Request) {
 }
 
 /// The client's reply: hits in request order, then `END`.
-pub(crate) fn render(w: &Cluster, slot: &Slot, req: &Request, out: &mut OutQueue) {
+pub(crate) fn render(w: &Cluster<impl Pool>, slot: &Slot, req: &Request, out: &mut OutQueue) {
     let nkeys = u64::from(req.nkeys);
     w.stats.cmd_get.add(nkeys);
     if refused_for_size(w, slot, out) {
@@ -751,7 +732,7 @@ pub(crate) fn render(w: &Cluster, slot: &Slot, req: &Request, out: &mut OutQueue
 
 /// A read refused for its size gets one error line instead of a partial
 /// answer (missing values would read as misses).
-fn refused_for_size(w: &Cluster, slot: &Slot, out: &mut OutQueue) -> bool {
+fn refused_for_size(w: &Cluster<impl Pool>, slot: &Slot, out: &mut OutQueue) -> bool {
     let Some(e) = slot.oversize() else {
         return false;
     };
@@ -781,13 +762,8 @@ fn keys_match(slot: &Slot, req: &Request, reply: &crate::backend::BackendReply) 
 
 /// `mg` (and `me`): one key, sent to its first serving replica as the
 /// client wrote it, minus `q`.
-pub(crate) fn start_meta(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
-    slot: &mut Slot,
-    req: &Request,
-) {
+pub(crate) fn start_meta(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+    let (w, req) = (f.w, &f.req);
     let frame = slot.frame.clone();
     let route = super::route_key(&frame, req);
     let replicas = w.router.replicas(&route);
@@ -802,23 +778,17 @@ pub(crate) fn start_meta(
     if tier > 0 {
         w.stats.failovers.incr();
     }
-    send_meta(w, inbox, seq, slot, req, server);
+    send_meta(f, slot, server);
 }
 
-fn send_meta(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
-    slot: &mut Slot,
-    req: &Request,
-    server: usize,
-) {
+fn send_meta(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, server: usize) {
+    let (w, req) = (f.w, &f.req);
     let frame = slot.frame.clone();
     let mut wire = super::meta_wire(req, false);
     wire.strip_n = slot.vivify_pending;
     let queued = w.servers[server].send(
         wire.expect,
-        reply_to(inbox, seq, slot.parts.len()),
+        f.reply_to(slot.parts.len()),
         |b| super::write_meta(b, &frame, req, req.key.of(&frame), wire),
         None,
     );
@@ -826,13 +796,8 @@ fn send_meta(
 }
 
 /// An `mg` that missed (`EN`) or failed on its replica asks the next one.
-pub(crate) fn after_meta_round_one(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
-    slot: &mut Slot,
-    req: &Request,
-) {
+pub(crate) fn after_meta_round_one(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+    let (w, req) = (f.w, &f.req);
     slot.stage = Stage::Done;
     if req.command != Command::MetaGet {
         return;
@@ -847,7 +812,7 @@ pub(crate) fn after_meta_round_one(
     let found = matches!(&first.result, Some(Ok(r)) if !is_meta_miss(r.kind) && r.kind != ResponseKind::Error);
     if found && changes_ttl(req) {
         let server = first.server as usize;
-        mirror_ttl_changes(w, inbox, seq, slot, req, &[(0, route, server)]);
+        mirror_ttl_changes(f, slot, &[(0, route, server)]);
         // Settled in `after_meta_fallback`.
         slot.stage = Stage::Fallback;
         return;
@@ -867,10 +832,10 @@ pub(crate) fn after_meta_round_one(
         return;
     };
     let Some(next) = super::first_serving(w, &replicas, &route, tier + 1, |_| {}) else {
-        return vivify(w, inbox, seq, slot, req);
+        return vivify(f, slot);
     };
     let server = replicas.get(next).unwrap_or(0);
-    send_meta(w, inbox, seq, slot, req, server);
+    send_meta(f, slot, server);
     if let Some(p) = slot.parts.last_mut() {
         p.role = Role::Fallback { key: 0, epoch: 0 };
     }
@@ -880,13 +845,8 @@ pub(crate) fn after_meta_round_one(
 /// An `mg` that fell back: a backup hit for a primary that missed is copied
 /// back before the `mg` is answered; a miss everywhere may create the item
 /// (`N`, see `vivify`).
-pub(crate) fn after_meta_fallback(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
-    slot: &mut Slot,
-    req: &Request,
-) {
+pub(crate) fn after_meta_fallback(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+    let (w, req) = (f.w, &f.req);
     slot.stage = Stage::Done;
     // (An `mg ... T` may not carry the value a copy would need: a tier
     // whose copy had expired just stays without one.)
@@ -897,7 +857,7 @@ pub(crate) fn after_meta_fallback(
     let fell_back_to_a_miss = matches!(meta_fallback_part(slot).map(|p| &p.result),
         Some(Some(Ok(r))) if is_meta_miss(r.kind));
     if fell_back_to_a_miss {
-        return vivify(w, inbox, seq, slot, req);
+        return vivify(f, slot);
     }
     let (Some(first), Some(second)) = (slot.parts.first(), meta_fallback_part(slot)) else {
         return;
@@ -924,7 +884,7 @@ pub(crate) fn after_meta_fallback(
     let queued = w.servers[backup].send_for_key(
         &route,
         Expect::Meta,
-        reply_to(inbox, seq, slot.parts.len()),
+        f.reply_to(slot.parts.len()),
         |b| compose::meta_get(b, &wire, flags, None),
         None,
     );
@@ -947,13 +907,8 @@ fn meta_wire_key(route: &[u8]) -> (Vec<u8>, bool) {
 /// An `mg` repair's fetch is in: add the item to the primary (mode E: only
 /// if it has none by then), unless a write went past the primary since,
 /// or the backup may no longer serve the key.
-pub(crate) fn after_meta_repair_fetch(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
-    slot: &mut Slot,
-    req: &Request,
-) {
+pub(crate) fn after_meta_repair_fetch(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+    let (w, req) = (f.w, &f.req);
     slot.stage = Stage::Done;
     let Some((backup, epoch, reply)) = slot.parts.iter().find_map(|p| match (&p.role, &p.result) {
         (Role::RepairFetch { epoch }, Some(Ok(r)))
@@ -984,7 +939,7 @@ pub(crate) fn after_meta_repair_fetch(
     let queued = w.servers[primary].send_for_key(
         &route,
         Expect::Meta,
-        reply_to(inbox, seq, slot.parts.len()),
+        f.reply_to(slot.parts.len()),
         |b| compose::meta_line(b, Command::MetaSet, &wire, Some(len), &flags),
         Some(reply.slice(off..off + len)),
     );
@@ -999,7 +954,7 @@ pub(crate) fn after_meta_repair_fetch(
 /// older than a write that went past the primary since the backup was
 /// read is deleted again (an add whose outcome is unknown counts as
 /// landed).
-pub(crate) fn after_meta_repair(w: &Cluster, slot: &mut Slot, req: &Request) {
+pub(crate) fn after_meta_repair(w: &Cluster<impl Pool>, slot: &mut Slot, req: &Request) {
     slot.stage = Stage::Done;
     let route = super::route_key(&slot.frame, req);
     for part in slot.parts.iter() {
@@ -1024,7 +979,7 @@ pub(crate) fn after_meta_repair(w: &Cluster, slot: &mut Slot, req: &Request) {
 
 /// The reply to `mg`/`me`: the backup's when it found the item, else the
 /// primary's; with `q`, a miss says nothing.
-pub(crate) fn render_meta(w: &Cluster, slot: &Slot, req: &Request, out: &mut OutQueue) {
+pub(crate) fn render_meta(w: &Cluster<impl Pool>, slot: &Slot, req: &Request, out: &mut OutQueue) {
     if refused_for_size(w, slot, out) {
         return;
     }
@@ -1075,7 +1030,7 @@ pub(crate) fn render_meta(w: &Cluster, slot: &Slot, req: &Request, out: &mut Out
 /// A meta reply with its `c` flag made a token (`ha::cas`), when the
 /// request asked for it.
 pub(crate) fn with_cas_token(
-    w: &Cluster,
+    w: &Cluster<impl Pool>,
     slot: &Slot,
     req: &Request,
     server: Option<usize>,
@@ -1094,7 +1049,8 @@ pub(crate) fn with_cas_token(
 /// No replica has the item an `mg ... N` asked for: send it whole to the
 /// first replica that serves the key, which creates it (and hands out the
 /// win flag). Nothing when the request was not held back.
-fn vivify(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+fn vivify(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+    let (w, req) = (f.w, &f.req);
     if !slot.vivify_pending {
         return;
     }
@@ -1106,7 +1062,7 @@ fn vivify(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Slot, req: &
     let Some((_, server)) = super::serving(w, &replicas, &route, 0, |_| {}) else {
         return;
     };
-    send_meta(w, inbox, seq, slot, req, server);
+    send_meta(f, slot, server);
     if let Some(p) = slot.parts.last_mut() {
         p.role = Role::Vivify;
     }

@@ -159,15 +159,25 @@ impl ServerView for Replica {
 }
 
 /// One server as a worker's requests use it: this thread's connections to
-/// it, and its replica state. Derefs to the connections.
-#[derive(Debug, Clone)]
-pub(crate) struct Server {
-    pool: Rc<ServerPool>,
+/// it (`P`: a `ServerPool`, or the in-process tests' fake), and its replica
+/// state. Derefs to the connections.
+#[derive(Debug)]
+pub(crate) struct Server<P = ServerPool> {
+    pool: Rc<P>,
     replica: Arc<Replica>,
 }
 
-impl Server {
-    pub(crate) fn new(pool: Rc<ServerPool>, replica: Arc<Replica>) -> Server {
+impl<P> Clone for Server<P> {
+    fn clone(&self) -> Self {
+        Server {
+            pool: self.pool.clone(),
+            replica: self.replica.clone(),
+        }
+    }
+}
+
+impl<P> Server<P> {
+    pub(crate) fn new(pool: Rc<P>, replica: Arc<Replica>) -> Server<P> {
         Server { pool, replica }
     }
 
@@ -177,10 +187,10 @@ impl Server {
     }
 }
 
-impl Deref for Server {
-    type Target = ServerPool;
+impl<P> Deref for Server<P> {
+    type Target = P;
 
-    fn deref(&self) -> &ServerPool {
+    fn deref(&self) -> &P {
         &self.pool
     }
 }

@@ -114,26 +114,29 @@ pub(crate) enum Local {
 pub(crate) struct Slot {
     pub frame: Bytes,
     pub req: Option<Request>,
-    /// Parts still to come in the current stage.
-    pub pending: u32,
+    /// Parts still to come in the current stage: counted up only by
+    /// [`push_part`](Slot::push_part) and down only by
+    /// [`fill`](Slot::fill), so a step cannot lose count of them.
+    pending: u32,
     pub parts: SmallVec<[Part; 2]>,
     /// Reads over several servers: the first-round part of each key.
     /// Empty when all keys went to `parts[0]`.
-    pub key_parts: Vec<u16>,
+    pub(super) key_parts: Vec<u16>,
     /// Single-key commands: where the key lives.
     pub replicas: Option<Replicas>,
-    pub stage: Stage,
+    /// Where its flow stands: set by the HA steps alone (`ha::read`,
+    /// `ha::write`); the layers above ask [`is_done`](Slot::is_done),
+    /// [`wants_step`](Slot::wants_step) and
+    /// [`copies_unsettled`](Slot::copies_unsettled).
+    pub(super) stage: Stage,
     pub local: Option<Local>,
     /// When the request was parsed (for the latency histograms).
     pub started: std::time::Instant,
     /// Bytes of server replies held in `parts` (see `session::Inbox`).
     pub held: usize,
-    /// The request holds its keys in the session's fences until it is
-    /// finished (see `proxy::fence`).
-    pub fenced: bool,
     /// An autovivifying request (`ma ... N`, `mg ... N`) still travels
     /// without its `N`: it creates the item only once no replica has it.
-    pub vivify_pending: bool,
+    pub(super) vivify_pending: bool,
 }
 
 impl Slot {
@@ -149,7 +152,6 @@ impl Slot {
             local: None,
             started: std::time::Instant::now(),
             held: 0,
-            fenced: false,
             vivify_pending: false,
         }
     }
@@ -166,7 +168,6 @@ impl Slot {
             local: Some(local),
             started: std::time::Instant::now(),
             held: 0,
-            fenced: false,
             vivify_pending: false,
         }
     }
@@ -189,6 +190,48 @@ impl Slot {
 
     pub(crate) fn is_done(&self) -> bool {
         self.pending == 0 && self.stage == Stage::Done
+    }
+
+    /// A write that its primary took, or may have taken, while its copies
+    /// on the backups are not all made and checked (it is still on the
+    /// primary, being copied, or was created on the first backup first).
+    /// Given up now, it could leave a backup with another item than the
+    /// primary's. A write that failed over to a backup is not one: that
+    /// backup may hold the key's only copy.
+    pub(crate) fn copies_unsettled(&self) -> bool {
+        matches!(
+            self.stage,
+            Stage::Write { tier: 0 } | Stage::Mirror | Stage::Create
+        )
+    }
+
+    /// Sub-requests of the current stage are still to come.
+    pub(crate) fn is_waiting(&self) -> bool {
+        self.pending > 0
+    }
+
+    /// All of the current stage's parts are in and there is a next step
+    /// to take (`ha::flow::advance`).
+    pub(crate) fn wants_step(&self) -> bool {
+        self.pending == 0 && self.stage != Stage::Done
+    }
+
+    /// Whether part `part` was sent and its result has not come yet.
+    pub(crate) fn awaits(&self, part: u32) -> bool {
+        matches!(self.parts.get(part as usize), Some(p) if p.result.is_none())
+    }
+
+    /// Part `part`'s result came. Returns true when it was the last one the
+    /// stage waited for. A result for a part not awaited is ignored.
+    pub(crate) fn fill(&mut self, part: u32, result: BackendResult) -> bool {
+        if !self.awaits(part) {
+            return false;
+        }
+        if let Some(p) = self.parts.get_mut(part as usize) {
+            p.result = Some(result);
+        }
+        self.pending -= 1;
+        self.pending == 0
     }
 
     /// Records the outcome of queueing a sub-request: wait for it, or keep

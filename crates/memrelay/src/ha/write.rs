@@ -16,14 +16,13 @@
 //!   having missed the key, because it may or may not have applied it, and
 //!   is invalidated for it before it serves it again.
 
-use std::rc::Rc;
-
 use bytes::BytesMut;
 use memrelay_protocol::{compose, Command, Expect, MetaStatus, Request, ResponseKind};
 
+use super::flow::Flow;
 use super::slot::{Local, Part, Role, Slot, Stage};
-use super::{Cluster, Inbox};
-use crate::backend::ReplyTo;
+use super::{Cluster, Inbox, Pool};
+use crate::net::outqueue::OutQueue;
 use smallvec::SmallVec;
 
 /// What a backup must do after the primary answered a write.
@@ -108,7 +107,8 @@ fn compose_line(
 }
 
 /// Starts a write: sends it to the first replica that can take it.
-pub(crate) fn start(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+pub(crate) fn start(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+    let (w, req) = (f.w, &f.req);
     let key = super::route_key(&slot.frame, req);
     let replicas = w.router.replicas(&key);
     for s in replicas.iter() {
@@ -120,11 +120,11 @@ pub(crate) fn start(w: &Cluster, inbox: &Rc<impl Inbox>, seq: u64, slot: &mut Sl
         if let (Some(p), Some(b)) = (replicas.get(0), replicas.get(1)) {
             let key: &[u8] = &key;
             if w.servers[p].health().serves(key) && w.servers[b].health().serves(key) {
-                return ask_backup_first(w, inbox, seq, slot, req, b);
+                return ask_backup_first(f, slot, b);
             }
         }
     }
-    attempt(w, inbox, seq, slot, req, 0);
+    attempt(f, slot, 0);
 }
 
 /// `add` and `ms ... ME` store only if the key holds no item. The primary
@@ -144,14 +144,8 @@ fn creates_if_absent(req: &Request) -> bool {
     }
 }
 
-fn ask_backup_first(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
-    slot: &mut Slot,
-    req: &Request,
-    backup: usize,
-) {
+fn ask_backup_first(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, backup: usize) {
+    let (w, req) = (f.w, &f.req);
     let frame = slot.frame.clone();
     let route = super::route_key(&frame, req);
     let wire_key = req.key.of(&frame);
@@ -162,11 +156,7 @@ fn ask_backup_first(
     } else {
         expect_of(req.command)
     };
-    let reply = ReplyTo {
-        sink: inbox.clone(),
-        token: seq,
-        part: slot.parts.len() as u32,
-    };
+    let reply = f.reply_to(slot.parts.len());
     let queued = w.servers[backup].send_for_key(
         &route,
         expect,
@@ -189,13 +179,8 @@ fn stored(kind: ResponseKind) -> Option<bool> {
 }
 
 /// The first backup answered a create-if-absent write.
-pub(crate) fn after_create(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
-    slot: &mut Slot,
-    req: &Request,
-) {
+pub(crate) fn after_create(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+    let (w, req) = (f.w, &f.req);
     slot.stage = Stage::Done;
     let Some(replicas) = slot.replicas else {
         return;
@@ -215,7 +200,7 @@ pub(crate) fn after_create(
         Some(Ok(Some(true))) => {
             let primary = replicas.primary();
             if w.servers[primary].health().serves(&route) {
-                attempt(w, inbox, seq, slot, req, 0);
+                attempt(f, slot, 0);
             } else {
                 // The primary went down meanwhile: the backup's item is the
                 // key's, and the primary missed it.
@@ -226,7 +211,7 @@ pub(crate) fn after_create(
         // anything now. It misses the key; the primary takes the write.
         _ => {
             w.servers[backup].health().missed.record(&route);
-            attempt(w, inbox, seq, slot, req, 0);
+            attempt(f, slot, 0);
         }
     }
 }
@@ -253,14 +238,8 @@ fn blind_overwrite(req: &Request) -> bool {
 }
 
 /// Sends the write to the first serving replica at or after `from`.
-fn attempt(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
-    slot: &mut Slot,
-    req: &Request,
-    from: usize,
-) {
+fn attempt(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, from: usize) {
+    let (w, req) = (f.w, &f.req);
     let Some(replicas) = slot.replicas else {
         return;
     };
@@ -284,11 +263,7 @@ fn attempt(
         w.stats.failovers.incr();
     }
     let value = has_value(req).then(|| frame.slice(req.value.start as usize..req.value.end()));
-    let reply = ReplyTo {
-        sink: inbox.clone(),
-        token: seq,
-        part: slot.parts.len() as u32,
-    };
+    let reply = f.reply_to(slot.parts.len());
     let wire = super::meta_wire(req, replicas.len() > 1);
     let expect = if req.command.is_meta() {
         wire.expect
@@ -319,11 +294,8 @@ fn attempt(
         for next in 1..replicas.len() {
             if let Some(b) = replicas.get(next) {
                 send_mirror(
-                    w,
-                    inbox,
-                    seq,
+                    f,
                     slot,
-                    req,
                     &route,
                     MirrorTo {
                         server: b,
@@ -337,14 +309,8 @@ fn attempt(
 }
 
 /// The replica answered or failed: mirror, or move to the next replica.
-pub(crate) fn advance(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
-    slot: &mut Slot,
-    req: &Request,
-    tier: usize,
-) {
+pub(crate) fn advance(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, tier: usize) {
+    let (w, req) = (f.w, &f.req);
     let Some(replicas) = slot.replicas else {
         slot.stage = Stage::Done;
         return;
@@ -365,47 +331,25 @@ pub(crate) fn advance(
                 && w.miss_fallback
                 && is_miss(req, reply.kind) =>
         {
-            attempt(w, inbox, seq, slot, req, 1);
-            if slot.parts.iter().filter(|p| p.role == Role::Main).count() == 1
-                && slot.vivify_pending
-            {
-                // No backup could be asked: create it on the primary.
-                slot.vivify_pending = false;
-                attempt(w, inbox, seq, slot, req, 0);
-            } else if slot.parts.iter().filter(|p| p.role == Role::Main).count() == 1 {
-                // No backup could take it: the primary's answer stands, and
-                // its mirror rule (the backups' copies are deleted) applies.
-                slot.local = None;
-                mirror_after(
-                    w,
-                    inbox,
-                    seq,
-                    slot,
-                    req,
-                    tier,
-                    KeyRoute {
-                        replicas: &replicas,
-                        route: &route,
-                    },
-                );
-            }
+            let key = KeyRoute {
+                replicas: &replicas,
+                route: &route,
+            };
+            fall_back_from_a_miss(f, slot, key)
         }
         Some(Ok(reply)) if slot.vivify_pending && is_miss(req, reply.kind) => {
             // No replica had the item: now create it, from the first tier
             // that serves the key, and copy it as usual.
             slot.vivify_pending = false;
-            attempt(w, inbox, seq, slot, req, 0);
+            attempt(f, slot, 0);
         }
         Some(Ok(reply)) => {
             if tier > 0 && !is_miss(req, reply.kind) {
                 bypassed(w, &replicas, tier, &route);
             }
             mirror_after(
-                w,
-                inbox,
-                seq,
+                f,
                 slot,
-                req,
                 tier,
                 KeyRoute {
                     replicas: &replicas,
@@ -426,11 +370,33 @@ pub(crate) fn advance(
                 // The backups already have it, exactly once: their answer
                 // is the client's (see `answer`).
                 w.stats.failovers.incr();
-                return settle_mirrors(w, inbox, seq, slot, req, false);
+                return settle_mirrors(f, slot, false);
             }
-            attempt(w, inbox, seq, slot, req, tier + 1);
+            attempt(f, slot, tier + 1);
         }
         None => {}
+    }
+}
+
+/// The primary answered a write that it holds no item (see `advance`):
+/// the write moves to the backup. When no backup can take it, an
+/// autovivifying request creates the item on the primary; any other keeps
+/// the primary's answer, whose mirror rule then applies.
+fn fall_back_from_a_miss(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, key: KeyRoute<'_>) {
+    attempt(f, slot, 1);
+    let fell_back = slot.parts.iter().filter(|p| p.role == Role::Main).count() > 1;
+    if fell_back {
+        return;
+    }
+    if slot.vivify_pending {
+        // No backup could be asked: create it on the primary.
+        slot.vivify_pending = false;
+        attempt(f, slot, 0);
+    } else {
+        // No backup could take it: the primary's answer stands, and its
+        // mirror rule (the backups' copies are deleted) applies.
+        slot.local = None;
+        mirror_after(f, slot, 0, key);
     }
 }
 
@@ -442,7 +408,7 @@ pub(crate) fn advance(
 /// this tier a moment ago) may be landing on them, and the prober's delete,
 /// which comes after this record, removes it before they serve the key
 /// again. Repairs not yet sent see the record and are dropped.
-fn bypassed(w: &Cluster, replicas: &crate::router::Replicas, tier: usize, route: &[u8]) {
+fn bypassed(w: &Cluster<impl Pool>, replicas: &crate::router::Replicas, tier: usize, route: &[u8]) {
     for before in 0..tier {
         if let Some(server) = replicas.get(before) {
             w.servers[server].health().missed.record(route);
@@ -454,35 +420,19 @@ fn bypassed(w: &Cluster, replicas: &crate::router::Replicas, tier: usize, route:
 /// (the client's reply waits for them, so a write it makes next can never
 /// be overtaken by this one's copies).
 fn mirror_after(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
+    f: &Flow<'_, impl Inbox, impl Pool>,
     slot: &mut Slot,
-    req: &Request,
     tier: usize,
     key: KeyRoute<'_>,
 ) {
+    let (w, req) = (f.w, &f.req);
     let KeyRoute { replicas, route } = key;
     let main = slot.main_part().unwrap_or(0);
     let mirrored_in_parallel = slot.mirrored_in_parallel();
     let Some(Ok(reply)) = slot.result(main) else {
         return;
     };
-    let (reply_kind, number) = (
-        reply.kind,
-        match reply.kind {
-            ResponseKind::Number(n) => Some(n),
-            ResponseKind::Meta(MetaStatus::Value) if req.command == Command::MetaArith => {
-                super::meta_number(reply)
-            }
-            _ => None,
-        },
-    );
-    // A quiet meta write whose reply memcached suppressed succeeded.
-    let kind = match reply_kind {
-        ResponseKind::Meta(MetaStatus::Mn) => ResponseKind::Meta(MetaStatus::Hd),
-        k => k,
-    };
+    let (kind, number) = outcome(req, reply);
     if req.command == Command::MetaArith
         && number.is_none()
         && mirror_plan(req.command, 0, kind) == MirrorPlan::Same
@@ -503,7 +453,7 @@ fn mirror_after(
             kind,
             ResponseKind::Stored | ResponseKind::Meta(MetaStatus::Hd)
         );
-        return settle_mirrors(w, inbox, seq, slot, req, refused);
+        return settle_mirrors(f, slot, refused);
     }
     // Bring the tiers after the one that answered to its state; the
     // client's reply waits for them, so a write it makes next can
@@ -523,11 +473,8 @@ fn mirror_after(
                 continue; // it stored this very item already
             }
             send_mirror(
-                w,
-                inbox,
-                seq,
+                f,
                 slot,
-                req,
                 route,
                 MirrorTo {
                     server,
@@ -537,9 +484,27 @@ fn mirror_after(
             );
         }
     }
-    if slot.pending > 0 {
+    if slot.is_waiting() {
         slot.stage = Stage::Mirror;
     }
+}
+
+/// What the replica that took a write answered, as its copies follow it:
+/// the kind of answer (a quiet meta write whose reply memcached suppressed
+/// succeeded) and, for `incr`/`decr`/`ma`, the number it reached.
+fn outcome(req: &Request, reply: &crate::backend::BackendReply) -> (ResponseKind, Option<u64>) {
+    let number = match reply.kind {
+        ResponseKind::Number(n) => Some(n),
+        ResponseKind::Meta(MetaStatus::Value) if req.command == Command::MetaArith => {
+            super::meta_number(reply)
+        }
+        _ => None,
+    };
+    let kind = match reply.kind {
+        ResponseKind::Meta(MetaStatus::Mn) => ResponseKind::Meta(MetaStatus::Hd),
+        k => k,
+    };
+    (kind, number)
 }
 
 /// Whether the primary's answer means it does not hold the item, for a
@@ -563,14 +528,8 @@ fn is_miss(req: &Request, kind: ResponseKind) -> bool {
 /// The copies on the backups are in: a backup that failed or answered
 /// otherwise than the primary is recorded as having missed the key, so it
 /// never serves it until the key is invalidated there.
-pub(crate) fn after_mirrors(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
-    slot: &mut Slot,
-    req: &Request,
-) {
-    settle_mirrors(w, inbox, seq, slot, req, false);
+pub(crate) fn after_mirrors(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+    settle_mirrors(f, slot, false);
 }
 
 /// Judges every mirror not yet judged. A backup that answered but ended in
@@ -578,14 +537,8 @@ pub(crate) fn after_mirrors(
 /// its copy deleted before the client is answered, so it holds the
 /// primary's item or nothing; one that failed is recorded as having missed
 /// the key.
-fn settle_mirrors(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
-    slot: &mut Slot,
-    req: &Request,
-    primary_refused: bool,
-) {
+fn settle_mirrors(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, primary_refused: bool) {
+    let (w, req) = (f.w, &f.req);
     slot.stage = Stage::Done;
     let route = super::route_key(&slot.frame, req);
     let mut compensate: SmallVec<[usize; 2]> = SmallVec::new();
@@ -610,7 +563,16 @@ fn settle_mirrors(
                 }
                 w.stats.mirror_failures.incr();
                 match &p.result {
-                    Some(Ok(_)) => compensate.push(p.server as usize),
+                    Some(Ok(r)) => {
+                        // It answered, and ended otherwise than the
+                        // primary (another number, or a copy the primary
+                        // refused). An error reply is a refusal: a failure
+                        // only.
+                        if r.kind != ResponseKind::Error {
+                            w.stats.mirror_mismatches.incr();
+                        }
+                        compensate.push(p.server as usize)
+                    }
                     _ => w.servers[p.server as usize].health().missed.record(&route),
                 }
             }
@@ -624,11 +586,7 @@ fn settle_mirrors(
         }
     }
     for server in compensate {
-        let reply = ReplyTo {
-            sink: inbox.clone(),
-            token: seq,
-            part: slot.parts.len() as u32,
-        };
+        let reply = f.reply_to(slot.parts.len());
         let key: &[u8] = &route;
         let pool = &w.servers[server];
         let queued = pool.send_for_key(
@@ -640,7 +598,7 @@ fn settle_mirrors(
         );
         slot.push_part(Part::with_role(server, Role::Compensate), queued);
     }
-    if slot.pending > 0 {
+    if slot.is_waiting() {
         slot.stage = Stage::Mirror;
     } else if slot
         .parts
@@ -648,7 +606,7 @@ fn settle_mirrors(
         .any(|p| p.role == Role::Compensate && !p.settled)
     {
         // A compensation failed at once: settle it now.
-        settle_mirrors(w, inbox, seq, slot, req, false);
+        settle_mirrors(f, slot, false);
     }
 }
 
@@ -658,7 +616,7 @@ fn settle_mirrors(
 /// without the item to a backup that then failed gets the primary's answer
 /// ("not found"): the fall-back was a second chance, and the failed backup
 /// is recorded as having missed the key, so it will hold no item either.
-pub(crate) fn answer(slot: &Slot) -> Option<(&crate::backend::BackendResult, bool)> {
+fn answer(slot: &Slot) -> Option<(&crate::backend::BackendResult, bool)> {
     let Some(main) = slot.main_part() else {
         // A create-if-absent write the first backup answered alone.
         let first = slot.parts.first().filter(|p| p.role == Role::Create)?;
@@ -685,8 +643,36 @@ pub(crate) fn answer(slot: &Slot) -> Option<(&crate::backend::BackendResult, boo
     Some((main_result, false))
 }
 
+/// The client's reply to a write: the answer of the replica that took it
+/// last (see `answer`), nothing with `noreply`.
+pub(crate) fn render(w: &Cluster<impl Pool>, slot: &Slot, req: &Request, out: &mut OutQueue) {
+    if req.noreply {
+        return;
+    }
+    match answer(slot) {
+        Some((Ok(reply), from_mirror)) => {
+            if reply.kind == ResponseKind::Error {
+                w.stats.server_errors.incr();
+            }
+            if req.command.is_meta() {
+                if let Some(b) = meta_reply_bytes(slot, req, reply, from_mirror) {
+                    let server = super::server_of(slot, reply);
+                    out.put_bytes(super::read::with_cas_token(w, slot, req, server, b));
+                }
+            } else {
+                out.put_bytes(reply.bytes.clone());
+            }
+        }
+        Some((Err(e), _)) => {
+            w.stats.server_errors.incr();
+            out.put_slice(e.reply())
+        }
+        None => out.put_slice(NO_SERVER),
+    }
+}
+
 /// A meta write's reply as the client must see it.
-pub(crate) fn meta_reply_bytes(
+fn meta_reply_bytes(
     slot: &Slot,
     req: &Request,
     reply: &crate::backend::BackendReply,
@@ -722,14 +708,12 @@ struct MirrorTo {
 
 /// Sends `to.plan` to one backup as part of the slot.
 fn send_mirror(
-    w: &Cluster,
-    inbox: &Rc<impl Inbox>,
-    seq: u64,
+    f: &Flow<'_, impl Inbox, impl Pool>,
     slot: &mut Slot,
-    req: &Request,
     route: &bytes::Bytes,
     to: MirrorTo,
 ) {
+    let (w, req) = (f.w, &f.req);
     let MirrorTo {
         server,
         plan,
@@ -746,11 +730,7 @@ fn send_mirror(
     }
     w.stats.mirrors.incr();
     let frame = slot.frame.clone();
-    let reply = ReplyTo {
-        sink: inbox.clone(),
-        token: seq,
-        part: slot.parts.len() as u32,
-    };
+    let reply = f.reply_to(slot.parts.len());
     let pool = &w.servers[server];
     let queued = match plan {
         MirrorPlan::Nothing => return,
@@ -762,29 +742,12 @@ fn send_mirror(
             None,
         ),
         _ if req.command.is_meta() => {
+            // Sent before the primary answered: a plain set in parallel.
             let parallel = slot
                 .parts
                 .iter()
                 .all(|p| p.role == Role::Main && p.result.is_none());
-            let keep = meta_copy_keeps(parallel, plan);
-            // An ma copy reports its new value, to be checked against the
-            // primary's.
-            let extra: &[u8] = if req.command == Command::MetaArith && number.is_some() {
-                b" v"
-            } else {
-                b""
-            };
-            let len = (req.command == Command::MetaSet).then_some(req.value.len as usize);
-            let value = len.map(|_| frame.slice(req.value.start as usize..req.value.end()));
-            let flags = req.meta.flags.of(&frame);
-            let wire_key = req.key.of(&frame);
-            pool.send_for_key(
-                key,
-                Expect::Meta,
-                reply,
-                |b| compose::meta_line_filtered(b, req.command, wire_key, len, flags, keep, extra),
-                value,
-            )
+            send_meta_mirror(&**pool, req, &frame, key, reply, to, parallel)
         }
         MirrorPlan::Set => {
             let value = frame.slice(req.value.start as usize..req.value.end());
@@ -819,6 +782,39 @@ fn send_mirror(
         }
     };
     slot.push_part(Part::with_role(server, Role::Mirror(number)), queued);
+}
+
+/// Sends a meta write's copy `to` (see `meta_copy_keeps`; `parallel`: it
+/// goes before the primary answered) through `pool`.
+fn send_meta_mirror(
+    pool: &impl Pool,
+    req: &Request,
+    frame: &bytes::Bytes,
+    key: &[u8],
+    reply: crate::backend::ReplyTo,
+    to: MirrorTo,
+    parallel: bool,
+) -> Result<(), crate::backend::BackendError> {
+    let MirrorTo { plan, number, .. } = to;
+    let keep = meta_copy_keeps(parallel, plan);
+    // An ma copy reports its new value, to be checked against the
+    // primary's.
+    let extra: &[u8] = if req.command == Command::MetaArith && number.is_some() {
+        b" v"
+    } else {
+        b""
+    };
+    let len = (req.command == Command::MetaSet).then_some(req.value.len as usize);
+    let value = len.map(|_| frame.slice(req.value.start as usize..req.value.end()));
+    let flags = req.meta.flags.of(frame);
+    let wire_key = req.key.of(frame);
+    pool.send_for_key(
+        key,
+        Expect::Meta,
+        reply,
+        |b| compose::meta_line_filtered(b, req.command, wire_key, len, flags, keep, extra),
+        value,
+    )
 }
 
 /// Which of a meta write's flags its copy on a backup keeps: the same

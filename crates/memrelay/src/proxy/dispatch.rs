@@ -12,10 +12,11 @@ use bytes::Bytes;
 use memrelay_protocol::{compose, Command, Expect, Request, ResponseKind};
 
 use super::session::Inbox;
-use super::slot::{Local, Part, Slot, Stage};
+use super::slot::{Local, Part, Slot};
 use super::Worker;
-use crate::backend::{BackendReply, ReplyTo};
+use crate::backend::BackendReply;
 use crate::ha;
+use crate::ha::flow::{Flow, Kind};
 
 /// memcached's answer to `version`, with ours after it: clients parse the
 /// leading memcached version to pick protocol features; operators see ours.
@@ -25,23 +26,18 @@ pub(crate) const VERSION_REPLY: &[u8] =
 /// Builds the slot for a parsed request and sends its first sub-requests.
 pub(crate) fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, frame: Bytes, req: Request) -> Slot {
     let mut slot = Slot::new(frame, req);
+    let f = &Flow { w, inbox, seq, req };
+    if let Some(kind) = Kind::of(req.command) {
+        match kind {
+            // A classic read's keys are counted as it is answered.
+            Kind::Read => {}
+            Kind::MetaRead => w.stats.cmd_get.incr(),
+            Kind::Write => count_write(w, req.command),
+        }
+        ha::flow::start(f, &mut slot, kind);
+        return slot;
+    }
     match req.command {
-        Command::Get | Command::Gets | Command::Gat | Command::Gats => {
-            ha::read::start(w, inbox, seq, &mut slot, &req)
-        }
-        Command::Set
-        | Command::Add
-        | Command::Replace
-        | Command::Append
-        | Command::Prepend
-        | Command::Cas
-        | Command::Delete
-        | Command::Incr
-        | Command::Decr
-        | Command::Touch => {
-            count_write(w, req.command);
-            ha::write::start(w, inbox, seq, &mut slot, &req)
-        }
         Command::FlushAll if !w.flush_enabled => {
             // It would wipe every server behind the proxy: only when the
             // operator allowed it. memcached's words when run with -F.
@@ -56,22 +52,14 @@ pub(crate) fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, frame: Bytes, req: 
             w.stats.cmd_flush.incr();
             let delay = req.has_delay.then_some(req.exptime);
             for (i, server) in w.servers.iter().enumerate() {
-                let reply = ReplyTo {
-                    sink: inbox.clone(),
-                    token: seq,
-                    part: i as u32,
-                };
-                let queued = server.send(Expect::Ok, reply, |b| compose::flush_all(b, delay), None);
+                let queued = server.send(
+                    Expect::Ok,
+                    f.reply_to(i),
+                    |b| compose::flush_all(b, delay),
+                    None,
+                );
                 slot.push_part(Part::new(i), queued);
             }
-        }
-        Command::MetaGet | Command::MetaDebug => {
-            w.stats.cmd_get.incr();
-            ha::read::start_meta(w, inbox, seq, &mut slot, &req)
-        }
-        Command::MetaSet | Command::MetaDelete | Command::MetaArith => {
-            count_write(w, req.command);
-            ha::write::start(w, inbox, seq, &mut slot, &req)
         }
         Command::Version => slot.local = Some(Local::Static(VERSION_REPLY)),
         Command::Verbosity => {
@@ -80,7 +68,9 @@ pub(crate) fn start(w: &Worker, inbox: &Rc<Inbox>, seq: u64, frame: Bytes, req: 
         Command::Quit => slot.local = Some(Local::Close(b"")),
         Command::MetaNoop => slot.local = Some(Local::Static(b"MN\r\n")),
         Command::Stats => slot.local = Some(stats(w, &slot.frame, &req)),
-        Command::Admin => admin(w, inbox, seq, &mut slot, &req),
+        Command::Admin => admin(w, f, &mut slot),
+        // Keyed commands: `ha::flow` above.
+        _ => {}
     }
     slot
 }
@@ -96,29 +86,18 @@ fn count_write(w: &Worker, command: Command) {
     counter.incr();
 }
 
-/// All of a slot's parts are in: take its next step.
+/// All of a slot's parts are in: take its next steps (`ha::flow::run`)
+/// until it waits for servers again or is done.
 pub(crate) fn advance(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot) {
+    if !slot.wants_step() {
+        return;
+    }
+    // (A slot without a request is a local reply: it is done already.)
     let Some(req) = slot.req else {
-        slot.stage = Stage::Done;
         return;
     };
-    match slot.stage {
-        Stage::Done => {}
-        Stage::Read if req.command.is_meta() => {
-            ha::read::after_meta_round_one(w, inbox, seq, slot, &req)
-        }
-        Stage::Fallback if req.command.is_meta() => {
-            ha::read::after_meta_fallback(w, inbox, seq, slot, &req)
-        }
-        Stage::Read => ha::read::after_round_one(w, inbox, seq, slot, &req),
-        Stage::Fallback => ha::read::after_fallback(w, inbox, seq, slot, &req),
-        Stage::Repair if req.command.is_meta() => ha::read::after_meta_repair(w, slot, &req),
-        Stage::Repair => ha::read::after_repair(w, slot, &req),
-        Stage::MetaRepairFetch => ha::read::after_meta_repair_fetch(w, inbox, seq, slot, &req),
-        Stage::Write { tier } => ha::write::advance(w, inbox, seq, slot, &req, tier as usize),
-        Stage::Mirror => ha::write::after_mirrors(w, inbox, seq, slot, &req),
-        Stage::Create => ha::write::after_create(w, inbox, seq, slot, &req),
-    }
+    let f = Flow { w, inbox, seq, req };
+    ha::flow::run(&f, slot);
 }
 
 /// memcached unlinks a key whose `set` failed for size, so the old value
@@ -139,12 +118,13 @@ pub(crate) fn unlink(w: &Worker, frame: &Bytes, key: &[u8]) {
 /// - `memrelay reload`: read the configuration again, as SIGHUP does; the
 ///   answer (`OK`, or `SERVER_ERROR reload failed: <why>`) comes once every
 ///   worker runs the new configuration, or the old one is kept.
-fn admin(w: &Worker, inbox: &Rc<Inbox>, seq: u64, slot: &mut Slot, req: &Request) {
+fn admin(w: &Worker, f: &Flow<'_, Inbox>, slot: &mut Slot) {
+    let req = &f.req;
     let args = req.args.of(&slot.frame);
     let mut toks = args.split(|&b| b == b' ').filter(|t| !t.is_empty());
     let local = match (toks.next(), toks.next(), toks.next()) {
         (Some(b"resync"), Some(name), None) => resync(w, name),
-        (Some(b"reload"), None, None) => match reload(w, inbox, seq) {
+        (Some(b"reload"), None, None) => match reload(w, f) {
             Ok(()) => {
                 slot.push_part(Part::new(0), Ok(()));
                 return;
@@ -180,7 +160,7 @@ fn resync(w: &Worker, name: &[u8]) -> Local {
 
 /// Asks the main thread to reload; its answer is delivered to the slot as
 /// the reply of part 0 (see `reply::render`).
-fn reload(w: &Worker, inbox: &Rc<Inbox>, seq: u64) -> Result<(), Local> {
+fn reload(w: &Worker, f: &Flow<'_, Inbox>) -> Result<(), Local> {
     const UNAVAILABLE: &[u8] = b"SERVER_ERROR reload failed: reloading is not available\r\n";
     let Some(requests) = &w.reload else {
         return Err(Local::Static(UNAVAILABLE));
@@ -192,11 +172,7 @@ fn reload(w: &Worker, inbox: &Rc<Inbox>, seq: u64) -> Result<(), Local> {
     {
         return Err(Local::Static(UNAVAILABLE));
     }
-    let to = ReplyTo {
-        sink: inbox.clone(),
-        token: seq,
-        part: 0,
-    };
+    let to = f.reply_to(0);
     tokio::task::spawn_local(async move {
         let (kind, line) = match answer.await {
             Ok(Ok(())) => (ResponseKind::Ok, "OK\r\n".to_string()),

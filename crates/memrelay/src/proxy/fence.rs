@@ -14,8 +14,10 @@
 //! waits for every earlier request and holds every later one.
 //!
 //! This is the one place that decides it: the session asks [`Fences`]
-//! before dispatching a request, holds its keys while it is unfinished, and
-//! releases them when it is. Without backups a request has one leg, on one
+//! before dispatching a request ([`Fences::blocks`]), tells it each request
+//! it dispatched ([`Fences::dispatched`]: its keys are held while it is
+//! unfinished) and each step a request took ([`Fences::finished`]: they are
+//! released once it is). Without backups a request has one leg, on one
 //! connection per key, whose order is already the connection's: nothing is
 //! held. Keys are compared by a 64-bit hash; a collision only makes a
 //! request wait for one it did not need to.
@@ -24,6 +26,8 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use memrelay_protocol::{Command, Request};
+
+use super::slot::Queued;
 
 /// The keys a connection's unfinished requests hold.
 #[derive(Debug, Default)]
@@ -59,6 +63,31 @@ pub(crate) fn scope(req: &Request) -> Scope {
 }
 
 impl Fences {
+    /// `q` was dispatched (and taken as far as it goes without waiting):
+    /// with backups, an unfinished request holds its keys.
+    pub(crate) fn dispatched(&mut self, q: &mut Queued, backups: bool) {
+        if q.is_done() || !backups {
+            return;
+        }
+        if let Some(req) = &q.slot.req {
+            self.hold(&q.slot.frame, req);
+            q.fenced = true;
+        }
+    }
+
+    /// `q` took a step: once it is finished, the keys it held are released.
+    /// Returns true if it released them (a request waiting on them may go).
+    pub(crate) fn finished(&mut self, q: &mut Queued) -> bool {
+        if !q.fenced || !q.is_done() {
+            return false;
+        }
+        q.fenced = false;
+        if let Some(req) = &q.slot.req {
+            self.release(&q.slot.frame, req);
+        }
+        true
+    }
+
     /// Whether `req` (parsed from `frame`) must wait for an earlier,
     /// unfinished request.
     pub(crate) fn blocks(&self, frame: &[u8], req: &Request) -> bool {
@@ -73,7 +102,7 @@ impl Fences {
     }
 
     /// `req` was dispatched and is not finished: hold its keys.
-    pub(crate) fn hold(&mut self, frame: &[u8], req: &Request) {
+    fn hold(&mut self, frame: &[u8], req: &Request) {
         match scope(req) {
             Scope::None => {}
             Scope::All => self.all += 1,
@@ -87,7 +116,7 @@ impl Fences {
     }
 
     /// `req`, held by [`hold`](Self::hold), is finished.
-    pub(crate) fn release(&mut self, frame: &[u8], req: &Request) {
+    fn release(&mut self, frame: &[u8], req: &Request) {
         match scope(req) {
             Scope::None => {}
             Scope::All => self.all = self.all.saturating_sub(1),
@@ -161,6 +190,9 @@ impl Hasher for Prehashed {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::ha::fake::{cluster, request, FakePool, Replies};
+    use crate::ha::flow::{Flow, Kind};
+    use crate::ha::slot::Slot;
     use memrelay_protocol::{parse_request, Limits};
 
     fn req(line: &[u8]) -> Request {
@@ -207,6 +239,36 @@ mod tests {
     }
 
     #[test]
+    fn only_an_unfinished_request_with_backups_holds_its_keys() {
+        let mut f = Fences::default();
+        let a = &b"append k 0 0 1\r\nx\r\n"[..];
+        let queued = |line: &[u8]| {
+            let mut slot = Slot::new(bytes::Bytes::copy_from_slice(line), req(line));
+            // One part sent, its answer not in yet.
+            slot.push_part(crate::ha::slot::Part::new(0), Ok(()));
+            Queued {
+                slot,
+                worker: None,
+                fenced: false,
+            }
+        };
+        let mut q = queued(a);
+        f.dispatched(&mut q, false);
+        assert!(f.is_empty(), "without backups nothing is held");
+        f.dispatched(&mut q, true);
+        assert!(f.blocks(a, &req(a)));
+        assert!(!f.finished(&mut q), "not finished yet");
+        let answer = crate::backend::BackendReply {
+            kind: memrelay_protocol::ResponseKind::Stored,
+            bytes: bytes::Bytes::from_static(b"STORED\r\n"),
+        };
+        assert!(q.slot.fill(0, Ok(answer)));
+        assert!(f.finished(&mut q));
+        assert!(f.is_empty());
+        assert!(!f.finished(&mut q), "released once");
+    }
+
+    #[test]
     fn a_key_held_twice_is_held_until_both_finish() {
         let mut f = Fences::default();
         let g = &b"get k\r\n"[..];
@@ -216,5 +278,84 @@ mod tests {
         assert!(f.blocks(g, &req(g)));
         f.release(g, &req(g));
         assert!(!f.blocks(g, &req(g)));
+    }
+
+    /// Runs writes pipelined on one connection, as the session does: each
+    /// dispatched unless the fences hold it, and advanced as the fake
+    /// servers answer (`ha::fake`, on tokio's paused clock). Returns the
+    /// replies, in order.
+    async fn pipeline(w: &crate::ha::Cluster<FakePool>, lines: &[&str]) -> String {
+        let replies = std::rc::Rc::new(Replies::default());
+        let mut fences = Fences::default();
+        let mut slots: Vec<Queued> = Vec::new();
+        let flow = |seq: usize, req| Flow {
+            w,
+            inbox: &replies,
+            seq: seq as u64,
+            req,
+        };
+        loop {
+            while let Some(line) = lines.get(slots.len()) {
+                let (frame, req) = request(line);
+                if fences.blocks(&frame, &req) {
+                    break;
+                }
+                let f = flow(slots.len(), req);
+                let mut slot = Slot::new(frame, req);
+                crate::ha::flow::start(&f, &mut slot, Kind::Write);
+                crate::ha::flow::run(&f, &mut slot);
+                let mut q = Queued {
+                    slot,
+                    worker: None,
+                    fenced: false,
+                };
+                fences.dispatched(&mut q, w.router.has_backups());
+                slots.push(q);
+            }
+            if slots.len() == lines.len() && slots.iter().all(|q| q.is_done()) {
+                let mut out = crate::net::outqueue::OutQueue::new();
+                for q in &slots {
+                    let req = q.slot.req.unwrap();
+                    crate::ha::flow::render(w, &q.slot, &req, Kind::Write, &mut out);
+                }
+                let mut bytes = Vec::new();
+                out.write_to(|iov| {
+                    iov.iter().for_each(|s| bytes.extend_from_slice(s));
+                    Ok(iov.iter().map(|s| s.len()).sum())
+                })
+                .unwrap();
+                return String::from_utf8(bytes).unwrap();
+            }
+            for (seq, part, result) in replies.take().await {
+                let q = &mut slots[seq as usize];
+                if q.slot.fill(part, result) {
+                    let req = q.slot.req.unwrap();
+                    crate::ha::flow::run(&flow(seq as usize, req), &mut q.slot);
+                    fences.finished(q);
+                }
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_writes_to_one_key_reach_every_replica_in_pipeline_order() {
+        tokio::task::LocalSet::new()
+            .run_until(async {
+                let (w, pools) = cluster(&["-s", "127.0.0.1:1", "-b", "127.0.0.1:2"]);
+                for pool in &pools {
+                    pool.put("k", "a");
+                }
+                // The append's copy leaves for the backup once the primary
+                // answered; the set alone would go to both at once, and
+                // reach the backup first.
+                let replies =
+                    pipeline(&w, &["append k 0 0 1\r\nx\r\n", "set k 0 0 2\r\nv2\r\n"]).await;
+                assert_eq!(replies, "STORED\r\nSTORED\r\n");
+                for pool in &pools {
+                    assert_eq!(pool.log(), ["append k 0 0 1", "set k 0 0 2"]);
+                    assert_eq!(pool.get("k").as_deref(), Some("v2"));
+                }
+            })
+            .await;
     }
 }

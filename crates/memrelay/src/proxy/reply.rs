@@ -2,7 +2,7 @@
 //!
 //! Server replies are forwarded as the bytes the server sent, by reference,
 //! whenever they are exactly what the client should see; reads are rebuilt
-//! only when they were spread over servers or rounds (`ha::read::render`).
+//! only when they were spread over servers or rounds (`ha::flow::render`).
 
 use memrelay_protocol::{Command, ResponseKind};
 
@@ -32,10 +32,11 @@ pub(crate) fn render(w: &Worker, slot: Slot, out: &mut OutQueue) -> bool {
     }
     let Some(req) = slot.req else { return false };
     w.stats.latency[crate::stats::command_class(req.command)].record(slot.started.elapsed());
+    if let Some(kind) = ha::flow::Kind::of(req.command) {
+        ha::flow::render(w, &slot, &req, kind, out);
+        return false;
+    }
     match req.command {
-        Command::Get | Command::Gets | Command::Gat | Command::Gats => {
-            ha::read::render(w, &slot, &req, out)
-        }
         Command::FlushAll => flush_all(w, &slot, &req, out),
         // `memrelay reload`: the main thread's answer, as it came.
         Command::Admin => {
@@ -43,35 +44,8 @@ pub(crate) fn render(w: &Worker, slot: Slot, out: &mut OutQueue) -> bool {
                 out.put_bytes(reply.bytes.clone());
             }
         }
-        Command::MetaGet | Command::MetaDebug => ha::read::render_meta(w, &slot, &req, out),
-        _ => {
-            // Writes: the answer of the replica that took it last.
-            if req.noreply {
-                return false;
-            }
-            match ha::write::answer(&slot) {
-                Some((Ok(reply), from_mirror)) => {
-                    if reply.kind == ResponseKind::Error {
-                        w.stats.server_errors.incr();
-                    }
-                    if req.command.is_meta() {
-                        if let Some(b) =
-                            ha::write::meta_reply_bytes(&slot, &req, reply, from_mirror)
-                        {
-                            let server = ha::server_of(&slot, reply);
-                            out.put_bytes(ha::read::with_cas_token(w, &slot, &req, server, b));
-                        }
-                    } else {
-                        out.put_bytes(reply.bytes.clone());
-                    }
-                }
-                Some((Err(e), _)) => {
-                    w.stats.server_errors.incr();
-                    out.put_slice(e.reply())
-                }
-                None => out.put_slice(ha::write::NO_SERVER),
-            }
-        }
+        // Local replies were written above, keyed commands by `ha::flow`.
+        _ => {}
     }
     false
 }

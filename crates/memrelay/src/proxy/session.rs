@@ -45,13 +45,13 @@ use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use memrelay_protocol::auth::{self, AuthInput};
-use memrelay_protocol::{parse_request, MetaStatus, ResponseKind};
+use memrelay_protocol::{parse_request, MetaStatus, Request, RequestError, ResponseKind};
 use tokio::io::Interest;
 
 use super::dispatch::{advance, start};
 use super::park::Ending;
 use super::reply::render;
-use super::slot::{Local, Queued, Slot, Stage};
+use super::slot::{Local, Queued, Slot};
 use super::{Worker, WorkerThread};
 use crate::backend::{BackendError, BackendResult, Failure, Sink};
 use crate::net::notify::LocalNotify;
@@ -187,8 +187,7 @@ impl Sink for Inbox {
         else {
             return; // the session is gone; nobody waits for this reply
         };
-        let awaited = matches!(slot.parts.get(part as usize), Some(p) if p.result.is_none());
-        if !awaited {
+        if !slot.awaits(part) {
             return;
         }
         let n = result.as_ref().map_or(0, |r| r.bytes.len());
@@ -203,11 +202,7 @@ impl Sink for Inbox {
                 result
             }
         };
-        if let Some(p) = slot.parts.get_mut(part as usize) {
-            p.result = Some(result);
-        }
-        slot.pending -= 1;
-        if slot.pending == 0 {
+        if slot.fill(part, result) {
             self.ready.borrow_mut().push(token);
             self.wake.notify();
         }
@@ -572,10 +567,7 @@ impl Session {
             let (Some(req), Some(replicas)) = (&slot.req, slot.replicas) else {
                 continue;
             };
-            if !matches!(
-                slot.stage,
-                Stage::Write { tier: 0 } | Stage::Mirror | Stage::Create
-            ) {
+            if !slot.copies_unsettled() {
                 continue;
             }
             // Server indexes mean what they meant under the slot's own
@@ -753,62 +745,75 @@ impl Session {
                         self.fenced = true;
                         return;
                     }
-                    let frame = b.rbuf.split_to(n).freeze();
-                    b.turn_keys += req.nkeys.max(1) as usize;
-                    b.turn_bytes += n;
-                    let quit = req.command == memrelay_protocol::Command::Quit;
-                    let seq = self.next_seq;
-                    self.next_seq += 1;
-                    // Only what reaches the servers is shed: `stats` and
-                    // the like still answer, to show why.
-                    if req.key.len > 0 && over_memory {
-                        self.worker.stats.memory_shed.incr();
-                        let slot = Queued::local(Local::Static(OUT_OF_MEMORY));
-                        self.inbox.slots.borrow_mut().push_back(slot);
-                        continue;
-                    }
-                    self.inbox.requests.set(self.inbox.requests.get() + n);
-                    let mut slot = Queued {
-                        slot: start(&self.worker, &self.inbox, seq, frame, req),
-                        worker: Some(self.worker.clone()),
-                    };
-                    // Sub-requests that failed at once (servers down) leave
-                    // the slot ready for its next step right away.
-                    while slot.pending == 0 && slot.stage != Stage::Done {
-                        advance(&self.worker, &self.inbox, seq, &mut slot);
-                    }
-                    if !slot.is_done() && self.worker.router.has_backups() {
-                        b.fences.hold(&slot.frame, &req);
-                        slot.fenced = true;
-                    }
-                    self.inbox.slots.borrow_mut().push_back(slot);
-                    if quit {
-                        self.closing = true;
-                    }
+                    self.dispatch(req, n, over_memory);
                 }
-                Err(e) => {
-                    let frame = b.rbuf.split_to(e.consumed.min(b.rbuf.len())).freeze();
-                    b.swallow = e.swallow;
-                    self.worker.stats.client_errors.incr();
-                    if let Some(key) = e.unlink_key {
-                        super::dispatch::unlink(&self.worker, &frame, key.of(&frame));
-                    }
-                    let local = if e.kind.closes() {
-                        self.closing = true;
-                        Local::Close(e.kind.reply())
-                    } else if e.noreply {
-                        continue;
-                    } else {
-                        Local::Static(e.kind.reply())
-                    };
-                    self.next_seq += 1;
-                    self.inbox
-                        .slots
-                        .borrow_mut()
-                        .push_back(Queued::local(local));
-                }
+                Err(e) => self.refuse_input(e),
             }
         }
+    }
+
+    /// Dispatches the request that is the read buffer's first `n` bytes:
+    /// its slot joins the FIFO (answered at once when the worker is over
+    /// its share of `--max-memory`).
+    fn dispatch(&mut self, req: Request, n: usize, over_memory: bool) {
+        let Some(b) = self.bufs.as_deref_mut() else {
+            return;
+        };
+        let frame = b.rbuf.split_to(n).freeze();
+        b.turn_keys += req.nkeys.max(1) as usize;
+        b.turn_bytes += n;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        // Only what reaches the servers is shed: `stats` and the like
+        // still answer, to show why.
+        if req.key.len > 0 && over_memory {
+            self.worker.stats.memory_shed.incr();
+            let slot = Queued::local(Local::Static(OUT_OF_MEMORY));
+            self.inbox.slots.borrow_mut().push_back(slot);
+            return;
+        }
+        self.inbox.requests.set(self.inbox.requests.get() + n);
+        let mut slot = Queued::new(
+            start(&self.worker, &self.inbox, seq, frame, req),
+            self.worker.clone(),
+        );
+        // Sub-requests that failed at once (servers down) leave the slot
+        // ready for its next step right away.
+        advance(&self.worker, &self.inbox, seq, &mut slot);
+        b.fences
+            .dispatched(&mut slot, self.worker.router.has_backups());
+        self.inbox.slots.borrow_mut().push_back(slot);
+        if req.command == memrelay_protocol::Command::Quit {
+            self.closing = true;
+        }
+    }
+
+    /// Input that is no valid request: memcached's error reply, in order
+    /// (none with `noreply`), and the connection closed when memcached
+    /// would close it.
+    fn refuse_input(&mut self, e: RequestError) {
+        let Some(b) = self.bufs.as_deref_mut() else {
+            return;
+        };
+        let frame = b.rbuf.split_to(e.consumed.min(b.rbuf.len())).freeze();
+        b.swallow = e.swallow;
+        self.worker.stats.client_errors.incr();
+        if let Some(key) = e.unlink_key {
+            super::dispatch::unlink(&self.worker, &frame, key.of(&frame));
+        }
+        let local = if e.kind.closes() {
+            self.closing = true;
+            Local::Close(e.kind.reply())
+        } else if e.noreply {
+            return;
+        } else {
+            Local::Static(e.kind.reply())
+        };
+        self.next_seq += 1;
+        self.inbox
+            .slots
+            .borrow_mut()
+            .push_back(Queued::local(local));
     }
 
     /// Handles one input of a client that has not authenticated: an attempt
@@ -876,14 +881,8 @@ impl Session {
                     continue;
                 };
                 let w = slot.worker.clone().unwrap_or_else(|| self.worker.clone());
-                while slot.pending == 0 && slot.stage != Stage::Done {
-                    advance(&w, &self.inbox, seq, slot);
-                }
-                if slot.fenced && slot.is_done() {
-                    slot.fenced = false;
-                    if let Some(req) = &slot.req {
-                        b.fences.release(&slot.frame, req);
-                    }
+                advance(&w, &self.inbox, seq, slot);
+                if b.fences.finished(slot) {
                     self.fenced = false;
                 }
             }

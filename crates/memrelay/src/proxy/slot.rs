@@ -8,7 +8,7 @@
 use std::ops::{Deref, DerefMut};
 use std::rc::Rc;
 
-pub(crate) use crate::ha::slot::{Local, Part, Slot, Stage};
+pub(crate) use crate::ha::slot::{Local, Part, Slot};
 
 use super::Worker;
 
@@ -21,14 +21,27 @@ pub(crate) struct Queued {
     /// routing mean what they meant when it started). None for a reply the
     /// proxy made at once.
     pub worker: Option<Rc<Worker>>,
+    /// It holds its keys in the session's fences until it is finished
+    /// (set and cleared by `proxy::fence::Fences` alone).
+    pub(super) fenced: bool,
 }
 
 impl Queued {
+    /// A request dispatched under `worker`.
+    pub(crate) fn new(slot: Slot, worker: Rc<Worker>) -> Queued {
+        Queued {
+            slot,
+            worker: Some(worker),
+            fenced: false,
+        }
+    }
+
     /// A reply the proxy made at once.
     pub(crate) fn local(local: Local) -> Queued {
         Queued {
             slot: Slot::local(local),
             worker: None,
+            fenced: false,
         }
     }
 }
