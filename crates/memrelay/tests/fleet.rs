@@ -269,6 +269,26 @@ fn restart_on_a_new_port(args: Vec<String>) -> Memrelay {
 }
 
 #[test]
+fn a_restarted_member_gets_the_others_hints_from_its_first_request() {
+    let mut f = start("fleet-restarted-member", true);
+    assert_eq!(set(&f.b.addr(), "k", "old"), "STORED\r\n");
+    // C stops; A notices that it is gone.
+    let args = f.c.args().to_vec();
+    f.c.kill();
+    let noticed = wait_until(CONVERGE, || stat_u64(&f.a.addr(), "peers_up") == 1);
+    assert!(noticed, "{:?}", peers_of(&f.a));
+    // C comes back: it serves only once A and B have connected back to it.
+    f.c = restart_on_a_new_port(args);
+    // (Its port takes connections at once; it answers once it serves.)
+    assert_eq!(stat_u64(&f.c.addr(), "peers_up"), 2, "{:?}", peers_of(&f.c));
+    assert_eq!(stat_u64(&f.a.addr(), "peers_up"), 2, "{:?}", peers_of(&f.a));
+    // So a write A sends past the primary right away reaches C first.
+    f.links[0].set(Fault::Reset);
+    assert_eq!(set(&f.a.addr(), "k", "new"), "STORED\r\n");
+    assert_eq!(get(&f.c.addr(), "k"), value("k", "new"));
+}
+
+#[test]
 fn a_write_given_up_on_does_not_reach_the_server_when_the_link_heals() {
     let f = start("fleet-given-up", true);
     assert_eq!(set(&f.b.addr(), "k", "v0"), "STORED\r\n");
@@ -310,7 +330,9 @@ fn a_connection_that_does_not_know_the_secret_is_refused() {
         "error not a memrelay peer\n"
     );
     let mut c = Client::connect(&addr);
-    let r = c.send_until(b"memrelay-peer 1 abcd ef01\n", |b| b.ends_with(b"\n"));
+    let r = c.send_until(b"memrelay-peer 1 abcd ef01 127.0.0.1:9\n", |b| {
+        b.ends_with(b"\n")
+    });
     assert!(
         String::from_utf8_lossy(&r.bytes)
             .to_string()

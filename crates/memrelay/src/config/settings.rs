@@ -54,6 +54,9 @@ pub(super) struct Draft {
     /// `--backup-tier`: each a whole tier, `host:port[:w],host:port...`.
     more_tiers: Vec<(Origin, String)>,
     auto_eject_origin: Option<Origin>,
+    /// Whether `--no-resync` (`ha.resync`) was given either way: a fleet
+    /// turns resync off unless it was asked for.
+    resync_given: bool,
     /// `--max-reply-size`, checked against `--max-value-size` at the end.
     max_reply: Option<(Origin, usize)>,
     /// `--tls-cert`, `--tls-key`, `--tls-client-ca`: read together at the
@@ -169,7 +172,10 @@ impl Draft {
                 cfg.auto_eject = on;
                 self.auto_eject_origin = Some(origin.clone());
             }
-            "--no-resync" => cfg.resync = !on,
+            "--no-resync" => {
+                cfg.resync = !on;
+                self.resync_given = true;
+            }
             "--enable-flush-all" => cfg.flush_enabled = on,
             _ => return Err(ConfigError::new(origin, "needs a value")),
         }
@@ -184,6 +190,19 @@ impl Draft {
         self.check_sizes(&mut cfg)?;
         cfg.tls = self.client_tls()?;
         cfg.fleet = self.fleet(&mut cfg.warnings)?;
+        if cfg.fleet.is_some() && cfg.resync {
+            // A resync trusts a copy only if no write of its own process
+            // touched the key meanwhile; the other members' writes it
+            // cannot see, so it could bring back a key one of them deleted
+            // (docs/ha.md, "A fleet of memrelays").
+            if self.resync_given {
+                cfg.warnings.push(
+                    "resync is on in a fleet: a resync can bring back a key that another member deleted while it copied (docs/ha.md)".into(),
+                );
+            } else {
+                cfg.resync = false;
+            }
+        }
         cfg.listen = self.listen()?;
         Ok(cfg)
     }

@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::{wire, Fleet};
@@ -22,14 +22,21 @@ const BATCH: usize = 256;
 #[derive(Debug)]
 pub(super) struct Link {
     index: usize,
-    addr: SocketAddr,
+    pub(super) addr: SocketAddr,
     conn: Mutex<Option<Conn>>,
+    /// The peer's process as its own connection to this one last named
+    /// it: a connection to another (older) process is stale.
+    current: Mutex<Option<String>>,
+    /// Wakes the keeper before its next turn.
+    kick: (Mutex<bool>, Condvar),
 }
 
 #[derive(Debug)]
 struct Conn {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
+    /// The peer process this connection reaches.
+    instance: String,
 }
 
 /// Why a dial did not give a connection.
@@ -45,7 +52,38 @@ impl Link {
             index,
             addr,
             conn: Mutex::new(None),
+            current: Mutex::new(None),
+            kick: (Mutex::new(false), Condvar::new()),
         }
+    }
+
+    /// The peer's process `instance` connected to this one: if this
+    /// link reaches another process (the peer restarted), or none, its
+    /// keeper dials the new one now.
+    pub(super) fn peer_is(&self, instance: &str) {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(instance.to_string());
+        let (lock, cv) = &self.kick;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+    }
+
+    /// Waits for the keeper's next turn: `EVERY`, or a kick.
+    fn wait_turn(&self) {
+        let (lock, cv) = &self.kick;
+        let kicked = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut kicked, _) = cv
+            .wait_timeout_while(kicked, EVERY, |k| !*k)
+            .unwrap_or_else(|p| p.into_inner());
+        *kicked = false;
+    }
+
+    /// Whether `conn` reaches a process the peer replaced.
+    fn stale(&self, conn: &Conn) -> bool {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|c| *c != conn.instance)
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Conn>> {
@@ -143,46 +181,57 @@ pub(super) fn keep(fleet: &Arc<Fleet>, i: usize) {
             let Some(fleet) = me.upgrade() else {
                 return;
             };
-            let go_on = tend(&fleet, &fleet.links[i]);
-            fleet.tried(i);
-            if !go_on {
+            let reached = tend(&fleet, &fleet.links[i]);
+            fleet.tried(i, reached == Some(true));
+            if reached.is_none() {
                 return;
             }
             drop(fleet);
-            std::thread::sleep(EVERY);
+            me_link_wait(&me, i);
         });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "fleet: cannot start a peer's thread: that peer is never told");
     }
 }
 
-/// One turn of a keeper: ping a reached peer, dial an unreached one.
-/// False: the peer is this process; stop.
-fn tend(fleet: &Fleet, link: &Link) -> bool {
+/// Waits for peer `i`'s keeper's next turn (without holding the fleet).
+fn me_link_wait(fleet: &std::sync::Weak<Fleet>, i: usize) {
+    let Some(f) = fleet.upgrade() else {
+        return;
+    };
+    // The wait holds the fleet alive for at most one turn.
+    f.links[i].wait_turn();
+}
+
+/// One turn of a keeper: ping a reached peer, dial an unreached one (or
+/// one whose process was replaced). Whether the peer is reached after it;
+/// None: the peer is this process, stop.
+fn tend(fleet: &Fleet, link: &Link) -> Option<bool> {
     let mut guard = link.lock();
+    if guard.as_ref().is_some_and(|c| link.stale(c)) {
+        down(fleet, link, &mut guard, "the peer restarted");
+    }
     if let Some(c) = guard.as_mut() {
         match c.exchange(b"ping\n", 1) {
             Ok(()) => fleet.figures.peers[link.index].answered(),
             Err(e) => down(fleet, link, &mut guard, &e.to_string()),
         }
-        return true;
+        return Some(guard.is_some());
     }
     // Dialled without the lock: hints skip this peer meanwhile (it gets
     // them with the lists, sent under the lock).
     drop(guard);
     match reach(fleet, link, dial_wait(fleet)) {
-        Ok((conn, pulled)) => {
-            attach(fleet, link, &mut link.lock(), conn, pulled);
-        }
+        Ok((conn, pulled)) => Some(attach(fleet, link, &mut link.lock(), conn, pulled)),
         Err(Refused::Myself) => {
             tracing::info!(peer = %link.addr, "fleet: this peer is this memrelay; not dialled");
-            return false;
+            None
         }
         Err(Refused::Failed(why)) => {
             tracing::debug!(peer = %link.addr, error = why, "fleet: peer not reached");
+            Some(false)
         }
     }
-    true
 }
 
 /// Dials the peer and learns its lists (`sync`); returns the connection
@@ -262,6 +311,9 @@ fn send_lists(fleet: &Fleet, conn: &mut Conn) -> std::io::Result<usize> {
             sent += n;
         }
     }
+    // From here on (the caller holds the link's lock) every hint comes
+    // on this connection: the peer may serve.
+    conn.exchange(b"joined\n", 1)?;
     Ok(sent)
 }
 
@@ -301,13 +353,13 @@ fn dial(fleet: &Fleet, addr: SocketAddr, wait: Duration) -> Result<Conn, Refused
     let secret = fleet.cfg.secret.bytes();
     let mine = wire::nonce();
     writer
-        .write_all(wire::hello(&mine, &fleet.instance).as_bytes())
+        .write_all(wire::hello(&mine, &fleet.instance, &fleet.cfg.listen).as_bytes())
         .map_err(failed)?;
     let line = read_line(&mut reader).map_err(failed)?;
     if line.trim_end() == "error self" {
         return Err(Refused::Myself);
     }
-    let Some((theirs, proof)) = wire::parse_challenge(&line) else {
+    let Some((theirs, proof, instance)) = wire::parse_challenge(&line) else {
         return Err(Refused::Failed(format!(
             "not a memrelay peer: {:?}",
             line.trim_end()
@@ -328,10 +380,15 @@ fn dial(fleet: &Fleet, addr: SocketAddr, wait: Duration) -> Result<Conn, Refused
         return Err(Refused::Failed(format!("refused: {:?}", line.trim_end())));
     }
     // From now on each answer is due within --peer-timeout.
+    let instance = instance.to_string();
     let t = Some(fleet.cfg.timeout);
     reader.get_ref().set_read_timeout(t).map_err(failed)?;
     writer.set_write_timeout(t).map_err(failed)?;
-    Ok(Conn { reader, writer })
+    Ok(Conn {
+        reader,
+        writer,
+        instance,
+    })
 }
 
 /// One line of at most `wire::MAX_LINE` bytes.

@@ -125,7 +125,7 @@ fn serve(fleet: &Fleet, stream: TcpStream) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
     let mut reader = BufReader::new(stream);
-    handshake(fleet, &mut reader, &mut writer)?;
+    let (listen, instance) = handshake(fleet, &mut reader, &mut writer)?;
     reader
         .get_ref()
         .set_read_timeout(Some(SILENT))
@@ -138,6 +138,7 @@ fn serve(fleet: &Fleet, stream: TcpStream) -> Result<(), String> {
         };
         match wire::parse_line(&line) {
             Ok(wire::Line::Ping) => {}
+            Ok(wire::Line::Joined) => fleet.peer_connected(listen, &instance),
             Ok(wire::Line::Hint(h)) => fleet.learn(h.server, h.key.as_deref()),
             Ok(wire::Line::Sync) => {
                 // Every listed key, then `end` (instead of `k`).
@@ -159,25 +160,28 @@ fn serve(fleet: &Fleet, stream: TcpStream) -> Result<(), String> {
 }
 
 /// The listener's side of the proof (see `wire`).
+/// Returns where the peer listens and its process's instance.
 fn handshake(
     fleet: &Fleet,
     reader: &mut BufReader<TcpStream>,
     writer: &mut TcpStream,
-) -> Result<(), String> {
+) -> Result<(SocketAddr, String), String> {
     let hello = read_line(reader).map_err(|e| e.to_string())?;
-    let (theirs, instance) = wire::parse_hello(&hello).map_err(|why| {
+    let hello = wire::parse_hello(&hello).map_err(|why| {
         let _ = writer.write_all(format!("error {why}\n").as_bytes());
         why.to_string()
     })?;
+    let (theirs, instance) = (hello.nonce, hello.instance);
     if instance == fleet.instance {
         let _ = writer.write_all(b"error self\n");
         return Err("this memrelay dialled itself".into());
     }
     let secret = fleet.cfg.secret.bytes();
     let mine = wire::nonce();
-    let challenge = format!(
-        "challenge {mine} {}\n",
-        wire::proof(secret, wire::Role::Listener, theirs, &mine)
+    let challenge = wire::challenge(
+        &mine,
+        &wire::proof(secret, wire::Role::Listener, theirs, &mine),
+        &fleet.instance,
     );
     writer
         .write_all(challenge.as_bytes())
@@ -189,5 +193,8 @@ fn handshake(
         tracing::warn!(peer = ?writer.peer_addr().ok(), "fleet: refused a connection that does not know the fleet's secret");
         return Err("wrong secret".into());
     }
-    writer.write_all(b"ok\n").map_err(|e| e.to_string())
+    writer.write_all(b"ok\n").map_err(|e| e.to_string())?;
+    // Its link to this process is dialled now if it reaches an older one.
+    fleet.peer_dialled(hello.listen, instance);
+    Ok((hello.listen, instance.to_string()))
 }

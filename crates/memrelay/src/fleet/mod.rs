@@ -123,8 +123,27 @@ pub(crate) struct Fleet {
     /// Whether this process still takes peers' connections (a hand-off
     /// gives the port to the new process).
     listening: std::sync::atomic::AtomicBool,
-    /// Peers dialled at least once (reached or not), for `join`.
-    tried: (Mutex<Vec<bool>>, std::sync::Condvar),
+    /// Each peer as `join` waits for it.
+    joining: (Mutex<Vec<Joining>>, std::sync::Condvar),
+}
+
+/// Where a starting memrelay stands with one peer.
+#[derive(Debug, Default, Clone, Copy)]
+struct Joining {
+    /// Dialled once (reached or not).
+    tried: bool,
+    /// Reached: it gave its lists and took this one's.
+    reached: bool,
+    /// It connected to this memrelay (so its hints reach it).
+    connected: bool,
+}
+
+impl Joining {
+    /// Nothing more to wait for: a peer not reached is not waited for;
+    /// one reached is, until it has connected back.
+    fn done(self) -> bool {
+        self.tried && (!self.reached || self.connected)
+    }
 }
 
 /// Longest a starting memrelay waits for its peers' lists before it
@@ -152,8 +171,8 @@ impl Fleet {
             servers: Mutex::new(HashMap::new()),
             figures,
             listening: std::sync::atomic::AtomicBool::new(true),
-            tried: (
-                Mutex::new(vec![false; cfg.peers.len()]),
+            joining: (
+                Mutex::new(vec![Joining::default(); cfg.peers.len()]),
                 std::sync::Condvar::new(),
             ),
         });
@@ -163,17 +182,18 @@ impl Fleet {
     }
 
     /// Dials every peer (from then on, for good) and waits, at most
-    /// `JOIN_WAIT`, until each was tried once: what the reachable ones
-    /// list is learnt before this memrelay serves. Call it once every
+    /// `JOIN_WAIT`, until each was tried once and each reached has
+    /// connected back: what the reachable ones list is learnt, and their
+    /// hints reach this process, before it serves. Call it once every
     /// server is watched.
     pub(crate) fn join(self: &Arc<Self>) {
         for i in 0..self.links.len() {
             link::keep(self, i);
         }
-        let (lock, cv) = &self.tried;
+        let (lock, cv) = &self.joining;
         let deadline = std::time::Instant::now() + JOIN_WAIT;
         let mut tried = lock.lock().unwrap_or_else(|p| p.into_inner());
-        while !tried.iter().all(|t| *t) {
+        while !tried.iter().all(|j| j.done()) {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
                 tracing::warn!("fleet: serving before every peer was reached: one that is not may know keys a server missed");
@@ -186,14 +206,37 @@ impl Fleet {
         }
     }
 
-    /// Peer `i` was dialled once more.
-    fn tried(&self, i: usize) {
-        let (lock, cv) = &self.tried;
-        let mut tried = lock.lock().unwrap_or_else(|p| p.into_inner());
-        if !tried[i] {
-            tried[i] = true;
+    /// Peer `i` was dialled once more (and `reached`, or not).
+    fn tried(&self, i: usize, reached: bool) {
+        let (lock, cv) = &self.joining;
+        let mut joining = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let j = &mut joining[i];
+        if !j.tried {
+            j.tried = true;
+            j.reached = reached;
             cv.notify_all();
         }
+    }
+
+    /// A peer's process proved the secret on a connection to this one,
+    /// saying it listens on `listen`: if this one's link to it reaches
+    /// an older process (a restart) or none, it is dialled now, so this
+    /// memrelay's hints reach it from its first request on.
+    fn peer_dialled(&self, listen: std::net::SocketAddr, instance: &str) {
+        if let Some(l) = self.links.iter().find(|l| l.addr == listen) {
+            l.peer_is(instance);
+        }
+    }
+
+    /// A peer's connection to this process is set up (`joined`): every
+    /// hint it makes from now on comes here.
+    fn peer_connected(&self, listen: std::net::SocketAddr, _instance: &str) {
+        let Some(i) = self.links.iter().position(|l| l.addr == listen) else {
+            return;
+        };
+        let (lock, cv) = &self.joining;
+        lock.lock().unwrap_or_else(|p| p.into_inner())[i].connected = true;
+        cv.notify_all();
     }
 
     /// Tells the peers of every key `replica`'s server misses from now on,

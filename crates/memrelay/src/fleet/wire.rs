@@ -1,8 +1,8 @@
 //! The lines peers exchange: pure functions, no I/O.
 //!
 //! ```text
-//! dialer:   memrelay-peer 1 <nonce> <instance>
-//! listener: challenge <nonce> <proof>          (or: error <why>)
+//! dialer:   memrelay-peer 1 <nonce> <instance> <its --peer-listen>
+//! listener: challenge <nonce> <proof> <instance>   (or: error <why>)
 //! dialer:   auth <proof>
 //! listener: ok                                  (or: error <why>)
 //! then, from the dialer, each answered with `k`:
@@ -11,14 +11,21 @@
 //! and first, once per connection:
 //!           sync
 //! answered with every key the listener's lists hold, as `hint` lines,
-//! then `end`.
+//! then `end`; then the dialer's own lists, as hints, then
+//!           joined
+//! after which every hint the dialer makes comes on this connection.
 //! ```
 //!
 //! Each side proves it knows the fleet's secret with an HMAC-SHA256 over
 //! both nonces and its role, so neither a replay nor a reflection of the
-//! other side's proof passes. The instance id lets a memrelay that dialled
-//! itself (a peer list naming one of its own addresses) notice and stop.
+//! other side's proof passes. The instance ids (random per process) let a
+//! memrelay that dialled itself (a peer list naming one of its own
+//! addresses) notice and stop, and let a memrelay see that a peer was
+//! replaced by a new process (a restart): its connection to the old one
+//! is then dropped and the new one dialled at once.
 //! Lines are short: one longer than [`MAX_LINE`] ends the connection.
+
+use std::net::SocketAddr;
 
 use ring::hmac;
 
@@ -95,29 +102,49 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 }
 
 /// The dialer's first line.
-pub(crate) fn hello(nonce: &str, instance: &str) -> String {
-    format!("memrelay-peer {VERSION} {nonce} {instance}\n")
+pub(crate) fn hello(nonce: &str, instance: &str, listen: &SocketAddr) -> String {
+    format!("memrelay-peer {VERSION} {nonce} {instance} {listen}\n")
 }
 
-/// The dialer's nonce and instance from its first line.
-pub(crate) fn parse_hello(line: &str) -> Result<(&str, &str), &'static str> {
+/// What the dialer's first line says.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Hello<'a> {
+    pub nonce: &'a str,
+    pub instance: &'a str,
+    /// Where the dialer takes its peers' connections.
+    pub listen: SocketAddr,
+}
+
+pub(crate) fn parse_hello(line: &str) -> Result<Hello<'_>, &'static str> {
     let mut w = line.split_ascii_whitespace();
-    match (w.next(), w.next(), w.next(), w.next(), w.next()) {
-        (Some("memrelay-peer"), Some(VERSION), Some(n), Some(i), None)
+    match (w.next(), w.next(), w.next(), w.next(), w.next(), w.next()) {
+        (Some("memrelay-peer"), Some(VERSION), Some(n), Some(i), Some(l), None)
             if is_token(n) && is_token(i) =>
         {
-            Ok((n, i))
+            let listen = l.parse().map_err(|_| "not a memrelay peer")?;
+            Ok(Hello {
+                nonce: n,
+                instance: i,
+                listen,
+            })
         }
-        (Some("memrelay-peer"), Some(_), ..) => Err("unsupported version"),
+        (Some("memrelay-peer"), Some(v), ..) if v != VERSION => Err("unsupported version"),
         _ => Err("not a memrelay peer"),
     }
 }
 
-/// The listener's challenge: its nonce and proof.
-pub(crate) fn parse_challenge(line: &str) -> Option<(&str, &str)> {
+/// The listener's challenge line.
+pub(crate) fn challenge(nonce: &str, proof: &str, instance: &str) -> String {
+    format!("challenge {nonce} {proof} {instance}\n")
+}
+
+/// The listener's challenge: its nonce, proof and instance.
+pub(crate) fn parse_challenge(line: &str) -> Option<(&str, &str, &str)> {
     let mut w = line.split_ascii_whitespace();
-    match (w.next(), w.next(), w.next(), w.next()) {
-        (Some("challenge"), Some(n), Some(p), None) if is_token(n) => Some((n, p)),
+    match (w.next(), w.next(), w.next(), w.next(), w.next()) {
+        (Some("challenge"), Some(n), Some(p), Some(i), None) if is_token(n) && is_token(i) => {
+            Some((n, p, i))
+        }
         _ => None,
     }
 }
@@ -158,6 +185,7 @@ pub(crate) enum Line<'a> {
     Hint(Hint<'a>),
     Ping,
     Sync,
+    Joined,
 }
 
 pub(crate) fn parse_line(line: &str) -> Result<Line<'_>, &'static str> {
@@ -165,6 +193,7 @@ pub(crate) fn parse_line(line: &str) -> Result<Line<'_>, &'static str> {
     match line {
         "ping" => return Ok(Line::Ping),
         "sync" => return Ok(Line::Sync),
+        "joined" => return Ok(Line::Joined),
         _ => {}
     }
     let rest = line.strip_prefix("hint ").ok_or("unknown line")?;
@@ -203,19 +232,34 @@ mod tests {
 
     #[test]
     fn hellos_and_challenges_parse_and_garbage_does_not() {
-        let h = hello("ab12", "cd34");
-        assert_eq!(parse_hello(&h), Ok(("ab12", "cd34")));
+        let at: SocketAddr = "127.0.0.1:12100".parse().unwrap();
+        let h = hello("ab12", "cd34", &at);
+        assert_eq!(
+            parse_hello(&h),
+            Ok(Hello {
+                nonce: "ab12",
+                instance: "cd34",
+                listen: at
+            })
+        );
+        assert_eq!(
+            parse_hello("memrelay-peer 1 ab cd not-an-address"),
+            Err("not a memrelay peer")
+        );
         assert_eq!(
             parse_hello("memrelay-peer 2 a b"),
             Err("unsupported version")
         );
         assert_eq!(parse_hello("GET / HTTP/1.1"), Err("not a memrelay peer"));
         assert_eq!(
-            parse_hello("memrelay-peer 1 a b c"),
-            Err("unsupported version")
+            parse_hello("memrelay-peer 1 a b 127.0.0.1:1 more"),
+            Err("not a memrelay peer")
         );
-        assert_eq!(parse_challenge("challenge ab cd\n"), Some(("ab", "cd")));
-        assert_eq!(parse_challenge("challenge ab\n"), None);
+        assert_eq!(
+            parse_challenge(&challenge("ab", "cd", "ef")),
+            Some(("ab", "cd", "ef"))
+        );
+        assert_eq!(parse_challenge("challenge ab cd\n"), None);
         assert_eq!(parse_auth("auth ff00\n"), Some("ff00"));
     }
 
