@@ -172,6 +172,8 @@ a fleet (several memrelays behind one VIP; docs/ha.md, A fleet of memrelays):
                            they know it before they talk
       --peer-timeout D     longest wait for a peer to take a hint before it is
                            counted down until reached again (default 200ms)
+                           In a fleet, resync is off unless the file says
+                           ha.resync = true (docs/ha.md explains why).
 
 Durations are like 250ms, 2s, or a number of milliseconds.
 ";
