@@ -11,7 +11,6 @@
 //! (an empty user or password, a space or NUL in one).
 
 use std::fmt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use memrelay_protocol::auth::AUTH_MAX_DATA;
@@ -40,14 +39,7 @@ impl Credentials {
         let shown = path.display();
         let data = std::fs::read(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
         let creds = Credentials::parse(&data).map_err(|e| format!("{shown}: {e}"))?;
-        let warning = std::fs::metadata(path)
-            .ok()
-            .map(|m| m.permissions().mode() & 0o777)
-            .filter(|mode| mode & 0o044 != 0)
-            .map(|mode| {
-                format!("{shown} is readable by group or others (mode {mode:o}); chmod 600 it")
-            });
-        Ok((creds, warning))
+        Ok((creds, super::readable_by_others(path)))
     }
 
     /// Parses `user:password` lines (a password may hold `:`).

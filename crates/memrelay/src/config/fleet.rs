@@ -59,18 +59,10 @@ impl Secret {
     /// The file's first line, trimmed (so `echo` and editors that add a
     /// newline make the same secret).
     pub(crate) fn load(path: &std::path::Path) -> Result<(Secret, Option<String>), String> {
-        use std::os::unix::fs::PermissionsExt;
         let shown = path.display();
         let data = std::fs::read(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
         let secret = Secret::parse(&data).map_err(|e| format!("{shown}: {e}"))?;
-        let warning = std::fs::metadata(path)
-            .ok()
-            .map(|m| m.permissions().mode() & 0o777)
-            .filter(|mode| mode & 0o044 != 0)
-            .map(|mode| {
-                format!("{shown} is readable by group or others (mode {mode:o}); chmod 600 it")
-            });
-        Ok((secret, warning))
+        Ok((secret, super::readable_by_others(path)))
     }
 
     pub(crate) fn parse(data: &[u8]) -> Result<Secret, String> {

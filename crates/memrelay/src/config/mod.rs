@@ -623,6 +623,22 @@ pub(crate) fn listen_addr(host: &str, port: u16) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("'{host}' has no address"))
 }
 
+/// A warning to log when a file of secrets (`--auth-file`, the fleet's
+/// secret) is readable by others than its owner.
+pub(crate) fn readable_by_others(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| m.permissions().mode() & 0o777)
+        .filter(|mode| mode & 0o044 != 0)
+        .map(|mode| {
+            format!(
+                "{} is readable by group or others (mode {mode:o}); chmod 600 it",
+                path.display()
+            )
+        })
+}
+
 /// An address like `127.0.0.1:9150` (the metrics endpoint), resolved now;
 /// a port alone is on loopback.
 pub(crate) fn socket_addr(v: &str) -> Result<SocketAddr, String> {

@@ -169,12 +169,7 @@ pub(crate) struct Hint<'a> {
 pub(crate) fn hint(server: &str, key: Option<&[u8]>) -> Vec<u8> {
     let mut line = Vec::with_capacity(server.len() + 64);
     line.extend_from_slice(b"hint ");
-    line.extend_from_slice(server.as_bytes());
-    line.push(b' ');
-    match key {
-        Some(k) => memrelay_protocol::base64::encode(k, &mut line),
-        None => line.push(b'*'),
-    }
+    crate::ha::missed::write_record(&mut line, server, key);
     line.push(b'\n');
     line
 }
@@ -197,16 +192,8 @@ pub(crate) fn parse_line(line: &str) -> Result<Line<'_>, &'static str> {
         _ => {}
     }
     let rest = line.strip_prefix("hint ").ok_or("unknown line")?;
-    let (server, key) = rest
-        .rsplit_once(' ')
-        .ok_or("a hint names a server and a key")?;
-    if server.is_empty() {
-        return Err("a hint names a server and a key");
-    }
-    let key = match key {
-        "*" => None,
-        k => Some(memrelay_protocol::base64::decode(k.as_bytes()).ok_or("the key is not base64")?),
-    };
+    let (server, key) =
+        crate::ha::missed::read_record(rest).ok_or("a hint names a server and a key in base64")?;
     Ok(Line::Hint(Hint { server, key }))
 }
 

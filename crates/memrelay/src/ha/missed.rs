@@ -50,6 +50,34 @@ pub(crate) struct MissedKeys {
     on_record: std::sync::RwLock<Vec<RecordHook>>,
 }
 
+/// A record as text, for another memrelay (the hand-off's other process,
+/// a peer of the fleet): `<server> <key in base64, or *>`, appended to
+/// `out` without a line end.
+pub(crate) fn write_record(out: &mut Vec<u8>, server: &str, key: Option<&[u8]>) {
+    out.extend_from_slice(server.as_bytes());
+    out.push(b' ');
+    match key {
+        Some(k) => memrelay_protocol::base64::encode(k, out),
+        None => out.push(b'*'),
+    }
+}
+
+/// A record read back: the server's name and the key (`None`: every key);
+/// `None` if the text is not a record.
+pub(crate) fn read_record(text: &str) -> Option<(&str, Option<Vec<u8>>)> {
+    let (server, key) = text.rsplit_once(' ')?;
+    if server.is_empty() {
+        return None;
+    }
+    match key {
+        "*" => Some((server, None)),
+        k => Some((
+            server,
+            Some(memrelay_protocol::base64::decode(k.as_bytes())?),
+        )),
+    }
+}
+
 /// Told of every record: the key, or None for every key, and its source.
 pub(crate) type RecordHook = Box<dyn Fn(Option<&[u8]>, Source) + Send + Sync>;
 

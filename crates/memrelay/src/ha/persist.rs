@@ -366,12 +366,7 @@ impl Persist {
             return;
         }
         let mut line = Vec::with_capacity(server.len() + 64);
-        line.extend_from_slice(server.as_bytes());
-        line.push(b' ');
-        match key {
-            Some(k) => memrelay_protocol::base64::encode(k, &mut line),
-            None => line.push(b'*'),
-        }
+        super::missed::write_record(&mut line, server, key);
         line.push(b'\n');
         peers.retain_mut(|stream| {
             let mut ack = [0u8; 2];
@@ -724,15 +719,11 @@ fn take_records(stream: std::os::unix::net::UnixStream, health: &[Arc<Health>]) 
             Ok(_) if !line.ends_with('\n') => return,
             Ok(_) => {}
         }
-        let Some((name, key)) = line.trim_end().rsplit_once(' ') else {
+        let Some((name, key)) = super::missed::read_record(line.trim_end()) else {
             return;
         };
         if let Some(h) = health.iter().find(|h| h.name == name) {
-            if key == "*" {
-                h.missed.learn(None, Source::Handoff);
-            } else if let Some(k) = memrelay_protocol::base64::decode(key.as_bytes()) {
-                h.missed.learn(Some(&k), Source::Handoff);
-            }
+            h.missed.learn(key.as_deref(), Source::Handoff);
         }
         if out.write_all(b"k\n").is_err() {
             return;
