@@ -5,10 +5,6 @@
 //! The task writes everything queued in one go (so requests from many
 //! clients share a system call), reads replies, frames each one against the
 //! request at the front of the FIFO, and hands it to that request's sink.
-//! While the server still owes a reply, new requests wait one pass of the
-//! worker's scheduler (a non-blocking poll of its sockets) before they are
-//! written: they would queue behind that reply anyway, and the clients
-//! found ready in that poll add theirs to the same write.
 //!
 //! Failure rules (a connection is never reused after any of these):
 //! - connect fails or times out: every queued request fails, *unsent*;
@@ -290,17 +286,7 @@ async fn run<S: Stream>(inner: Rc<Inner>, stream: S) {
                     }
                 }
             }
-            _ = inner.wake.notified() => {
-                // New requests behind earlier ones the server has not
-                // answered yet: they would wait for those anyway, so let
-                // the runtime first look for more ready clients (its next,
-                // non-blocking poll of the sockets), whose requests then
-                // share this write. A request alone on the connection is
-                // written at once: at low load nothing waits.
-                if awaiting_reply(&inner) {
-                    tokio::task::yield_now().await;
-                }
-            }
+            _ = inner.wake.notified() => {}
             _ = &mut timer, if armed.is_some() => {
                 armed = None;
                 let now = Instant::now();
@@ -523,17 +509,6 @@ fn refuse_front(inner: &Inner) -> Option<Instant> {
         sent: true,
     }));
     Some(deadline)
-}
-
-/// Whether the server has a request of this connection to answer: the
-/// oldest one in flight was written whole.
-fn awaiting_reply(inner: &Inner) -> bool {
-    let written = inner.written.get();
-    inner
-        .inflight
-        .borrow()
-        .front()
-        .is_some_and(|f| f.end <= written)
 }
 
 /// The earliest deadline the connection must meet: a reply being skipped,
