@@ -53,6 +53,10 @@ thread_local! {
     static PENDING: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Hints a worker keeps at most before it sends them without waiting for
+/// a client write.
+const MAX_KEPT: usize = 1024;
+
 /// Hints kept until the thread next writes to a client.
 #[derive(Default)]
 struct Deferred {
@@ -316,14 +320,19 @@ impl Fleet {
                 d.fleet.get_or_insert_with(|| me.clone());
                 d.lines.extend_from_slice(&line);
                 d.count += 1;
-                true
+                Some(d.count)
             }
-            None => false,
+            None => None,
         });
-        if kept {
-            PENDING.set(true);
-        } else {
-            self.send(&line, 1);
+        match kept {
+            // Bounded: many writes finished with no client write after
+            // them (their clients left) are sent now, not kept.
+            Some(n) if n >= MAX_KEPT => {
+                PENDING.set(true);
+                flush_hints();
+            }
+            Some(_) => PENDING.set(true),
+            None => self.send(&line, 1),
         }
     }
 
