@@ -384,6 +384,15 @@ fn read_and_dispatch(
     parser: &mut ResponseParser,
 ) -> Result<Read, Failure> {
     // A batch, then parse: the socket stays readable for the next turn.
+    let outcome = read_batch(inner, stream, rbuf)?;
+    if !matches!(outcome, Read::Idle) {
+        dispatch(inner, rbuf, parser)?;
+    }
+    Ok(outcome)
+}
+
+/// Reads up to `READ_BATCH` bytes into `rbuf`.
+fn read_batch(inner: &Inner, stream: &impl Stream, rbuf: &mut BytesMut) -> Result<Read, Failure> {
     let mut read = 0;
     let mut outcome = Read::Batch;
     while read < READ_BATCH {
@@ -406,6 +415,15 @@ fn read_and_dispatch(
             Err(_) => return Err(Failure::Io),
         }
     }
+    Ok(outcome)
+}
+
+/// Frames the replies `rbuf` holds and hands each to its request, in order.
+fn dispatch(
+    inner: &Inner,
+    rbuf: &mut BytesMut,
+    parser: &mut ResponseParser,
+) -> Result<(), Failure> {
     let settings = inner.settings.get();
     let (max_value, max_reply) = (settings.max_value_len, settings.max_reply_len);
     while !rbuf.is_empty() {
@@ -466,7 +484,7 @@ fn read_and_dispatch(
             Err(e) => return Err(Failure::Protocol(e)),
         }
     }
-    Ok(outcome)
+    Ok(())
 }
 
 /// The first `n` bytes of `rbuf`, a reply, as bytes of its own. A large
