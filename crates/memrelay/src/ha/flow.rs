@@ -34,21 +34,9 @@ impl Kind {
     /// not what the proxy answers itself).
     pub(crate) fn of(command: Command) -> Option<Kind> {
         match command {
-            Command::Get | Command::Gets | Command::Gat | Command::Gats => Some(Kind::Read),
+            c if c.is_retrieval() => Some(Kind::Read),
             Command::MetaGet | Command::MetaDebug => Some(Kind::MetaRead),
-            Command::Set
-            | Command::Add
-            | Command::Replace
-            | Command::Append
-            | Command::Prepend
-            | Command::Cas
-            | Command::Delete
-            | Command::Incr
-            | Command::Decr
-            | Command::Touch
-            | Command::MetaSet
-            | Command::MetaDelete
-            | Command::MetaArith => Some(Kind::Write),
+            c if c.is_write() => Some(Kind::Write),
             _ => None,
         }
     }
