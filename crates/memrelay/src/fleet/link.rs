@@ -261,6 +261,10 @@ fn attach(
             f.up.store(true, Ordering::Relaxed);
             f.answered();
             tracing::info!(peer = %link.addr, sent, learnt = pulled, "fleet: peer reached; lists exchanged");
+            // The process that listens there now is the peer: a draining
+            // predecessor that dials in later (a hand-off) must not make
+            // this link look stale and redial it at every turn.
+            *link.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.instance.clone());
             *guard = Some(conn);
             true
         }
