@@ -34,6 +34,8 @@ pub(crate) struct PeerFigures {
     pub up: AtomicBool,
     /// When it last answered (a hint or a ping).
     pub last_answer: Mutex<Option<Instant>>,
+    /// When this memrelay started: a peer never reached lags since then.
+    since: Instant,
     /// Hints it took.
     pub hints_taken: AtomicU64,
     /// Times it was counted down.
@@ -52,6 +54,7 @@ impl FleetFigures {
                     name,
                     up: AtomicBool::new(false),
                     last_answer: Mutex::new(None),
+                    since: Instant::now(),
                     hints_taken: AtomicU64::new(0),
                     failures: AtomicU64::new(0),
                 })
@@ -175,7 +178,7 @@ impl PeerFigures {
     /// since memrelay started (`u64::MAX` would read as a bug).
     pub(crate) fn lag_ms(&self) -> u64 {
         let last = *self.last_answer.lock().unwrap_or_else(|p| p.into_inner());
-        last.map_or(0, |t| t.elapsed().as_millis() as u64)
+        last.unwrap_or(self.since).elapsed().as_millis() as u64
     }
 
     pub(crate) fn answered(&self) {
