@@ -13,8 +13,8 @@
 mod support;
 
 use support::{
-    free_port, stat_u64, stats, wait_until, Client, Fault, Forwarder, Memcached, Memrelay, TempDir,
-    CONVERGE,
+    free_port, proc_state, signal, stat_u64, stats, wait_until, Client, Fault, Forwarder,
+    Memcached, Memrelay, TempDir, CONVERGE,
 };
 
 const SECRET: &str = "a fleet secret of more than 16 bytes\n";
@@ -35,11 +35,16 @@ struct Fleet {
 }
 
 fn start(name: &str, peers: bool) -> Fleet {
+    start_with(name, peers, &[])
+}
+
+/// `start`, each member also given `extra` arguments.
+fn start_with(name: &str, peers: bool, extra: &[&str]) -> Fleet {
     // A peer port is picked free, then bound by memrelay: another test's
     // process can take it in between. Then that member never listens
     // (it says so), and the fleet is started again on other ports.
     for _ in 0..3 {
-        let f = try_start(name, peers);
+        let f = try_start(name, peers, extra);
         if !peers {
             return f;
         }
@@ -63,7 +68,7 @@ fn start(name: &str, peers: bool) -> Fleet {
     panic!("three fleets in a row lost a peer port to another process");
 }
 
-fn try_start(name: &str, peers: bool) -> Fleet {
+fn try_start(name: &str, peers: bool, extra: &[&str]) -> Fleet {
     let primary = Memcached::start();
     let backup = Memcached::start();
     let links = [0; 3].map(|_| Forwarder::start(&primary.addr()));
@@ -96,6 +101,7 @@ fn try_start(name: &str, peers: bool) -> Fleet {
                 args.push(format!("127.0.0.1:{p}"));
             }
         }
+        args.extend(extra.iter().map(|a| a.to_string()));
         Memrelay::start(&args)
     };
     let a = relay(0, &links[0].addr());
@@ -347,4 +353,86 @@ fn a_connection_that_does_not_know_the_secret_is_refused() {
     );
     // The fleet is unharmed.
     assert_eq!(stat_u64(&f.b.addr(), "peers_up"), 2);
+}
+
+/// A member that neither serves nor answers its peers (SIGSTOP: the same,
+/// to the others, as one cut from them); resumed when dropped.
+struct Stopped(u32);
+
+impl Stopped {
+    fn new(r: &Memrelay) -> Stopped {
+        assert!(signal(r.pid(), libc::SIGSTOP));
+        assert!(wait_until(CONVERGE, || proc_state(r.pid()) == Some('T')));
+        Stopped(r.pid())
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        signal(self.0, libc::SIGCONT);
+    }
+}
+
+const UNCONFIRMED: &str = "SERVER_ERROR write not confirmed by the fleet\r\n";
+
+#[test]
+fn with_confirm_all_a_write_past_the_primary_that_a_member_was_not_told_is_refused() {
+    let f = start_with("fleet-confirm-all", true, &["--peer-confirm", "all"]);
+    assert_eq!(set(&f.b.addr(), "k", "old"), "STORED\r\n");
+    let c = Stopped::new(&f.c);
+    // A write every replica took makes no hint: it waits for no peer.
+    assert_eq!(set(&f.a.addr(), "other", "v"), "STORED\r\n");
+    // Past the primary, C cannot be told: the client must not take the
+    // write as acknowledged (as the default would have: see below).
+    f.links[0].set(Fault::Blackhole);
+    assert_eq!(set(&f.a.addr(), "k", "new"), UNCONFIRMED);
+    // Nor with `noreply`: nothing is said, and the connection goes on.
+    let mut client = Client::connect(&f.a.addr());
+    let r = client.send_until(b"set k 0 0 3 noreply\r\nnew\r\nmn\r\n", |b| {
+        b.ends_with(b"MN\r\n")
+    });
+    assert_eq!(r.bytes, b"MN\r\n");
+    // A meta write (quiet or not) is refused the same way.
+    let r = client.send_until(b"ms k 3 q\r\nnew\r\nmn\r\n", |b| b.ends_with(b"MN\r\n"));
+    assert_eq!(String::from_utf8_lossy(&r.bytes), format!("{UNCONFIRMED}MN\r\n"));
+    assert!(stat_u64(&f.a.addr(), "peer_writes_refused") >= 2);
+    assert!(stat_u64(&f.a.addr(), "peer_hints_unconfirmed") >= 2);
+    // C comes back and is reached again: the same write is acknowledged,
+    // and C serves it.
+    drop(c);
+    let reached = wait_until(CONVERGE, || stat_u64(&f.a.addr(), "peers_up") == 2);
+    assert!(reached, "{:?}", peers_of(&f.a));
+    assert_eq!(set(&f.a.addr(), "k", "newer"), "STORED\r\n");
+    for r in [&f.b, &f.c] {
+        assert_eq!(get(&r.addr(), "k"), value("k", "newer"), "through {}", r.addr());
+    }
+}
+
+#[test]
+fn with_confirm_majority_one_member_of_three_may_be_missing_but_not_two() {
+    let f = start_with("fleet-confirm-majority", true, &["--peer-confirm", "majority"]);
+    assert_eq!(set(&f.b.addr(), "k", "old"), "STORED\r\n");
+    let c = Stopped::new(&f.c);
+    f.links[0].set(Fault::Blackhole);
+    // A and B are two of three.
+    assert_eq!(set(&f.a.addr(), "k", "new"), "STORED\r\n");
+    assert_eq!(get(&f.b.addr(), "k"), value("k", "new"));
+    // A alone is not.
+    let b = Stopped::new(&f.b);
+    assert_eq!(set(&f.a.addr(), "k", "newer"), UNCONFIRMED);
+    drop((b, c));
+}
+
+#[test]
+fn by_default_a_write_is_acknowledged_though_a_member_was_not_told() {
+    // What `--peer-confirm` is for: the default answers STORED, and the
+    // member not told can serve the older value once it runs again,
+    // until it is reached and sent the lists.
+    let f = start("fleet-confirm-reached", true);
+    assert_eq!(set(&f.b.addr(), "k", "old"), "STORED\r\n");
+    let c = Stopped::new(&f.c);
+    f.links[0].set(Fault::Blackhole);
+    assert_eq!(set(&f.a.addr(), "k", "new"), "STORED\r\n");
+    assert!(stat_u64(&f.a.addr(), "peer_hints_unconfirmed") == 0);
+    drop(c);
 }

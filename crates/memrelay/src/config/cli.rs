@@ -172,6 +172,11 @@ a fleet (several memrelays behind one VIP; docs/ha.md, A fleet of memrelays):
                            they know it before they talk
       --peer-timeout D     longest wait for a peer to take a hint before it is
                            counted down until reached again (default 200ms)
+      --peer-confirm reached|majority|all  which peers must take what a
+                           write went past (a server it could not reach)
+                           before the write is answered: the ones reached
+                           (default), more than half the fleet, or every
+                           member; short of that, SERVER_ERROR
                            In a fleet, resync is off unless the file says
                            ha.resync = true (docs/ha.md explains why).
 
@@ -371,6 +376,7 @@ fn canonical(flag: &str) -> Option<&'static str> {
         "--peer-listen" => "--peer-listen",
         "--peer-secret-file" => "--peer-secret-file",
         "--peer-timeout" => "--peer-timeout",
+        "--peer-confirm" => "--peer-confirm",
         "--pidfile" => "--pidfile",
         "--log-file" => "--log-file",
         "--max-pipeline" => "--max-pipeline",

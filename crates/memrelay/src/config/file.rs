@@ -56,6 +56,7 @@ struct FleetKeys {
     peers: Option<Vec<String>>,
     secret_file: Option<String>,
     timeout: Option<DurationText>,
+    confirm: Option<String>,
 }
 
 /// One `[[listen]]` table: `unix` (and `mode`), or `address` and `port`.
@@ -266,6 +267,7 @@ fn apply(path: &Path, f: File, draft: &mut Draft) -> Result<(), ConfigError> {
     }
     put.text("fleet.secret_file", "--peer-secret-file", fl.secret_file)?;
     put.text("fleet.timeout", "--peer-timeout", fl.timeout.map(|d| d.0))?;
+    put.text("fleet.confirm", "--peer-confirm", fl.confirm)?;
     Ok(())
 }
 
@@ -755,6 +757,7 @@ mod tests {
                     peers,
                     secret_file,
                     timeout: peer_timeout,
+                    confirm,
                 },
         } = f;
         let mut shown = servers_and_limits_shown(pools, timeouts, health, limits);
@@ -766,6 +769,7 @@ mod tests {
             ("fleet.peers", peers.is_some()),
             ("fleet.secret_file", secret_file.is_some()),
             ("fleet.timeout", peer_timeout.is_some()),
+            ("fleet.confirm", confirm.is_some()),
         ]);
         for l in &listen {
             let ListenKeys {

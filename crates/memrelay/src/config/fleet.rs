@@ -1,4 +1,5 @@
-//! `--peer`, `--peer-listen`, `--peer-secret-file`, `--peer-timeout`: the
+//! `--peer`, `--peer-listen`, `--peer-secret-file`, `--peer-timeout`,
+//! `--peer-confirm`: the
 //! other memrelays of a fleet (several proxies behind one VIP), which are
 //! told of every key a server missed (`fleet`, docs/ha.md "A fleet of
 //! memrelays").
@@ -29,6 +30,62 @@ pub struct Fleet {
     /// Longest wait for a peer to take a hint; past it the peer is
     /// counted down until it is reached again.
     pub timeout: Duration,
+    /// Which peers must take a write's hints before the write is
+    /// acknowledged.
+    pub confirm: Confirm,
+}
+
+/// `--peer-confirm`: which peers must have taken the hints a write made
+/// (the keys it went past a server with) before the write is
+/// acknowledged. A write that made no hint (every replica took it) waits
+/// for nobody, whatever this says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Confirm {
+    /// The peers reached at that moment, each within `--peer-timeout`; a
+    /// peer that is not reached is skipped, and the write is acknowledged
+    /// even if none took them (the fleet is told later, when it is
+    /// reached).
+    #[default]
+    Reached,
+    /// More than half the fleet, this member included; else the write is
+    /// answered `SERVER_ERROR`.
+    Majority,
+    /// Every other member; else `SERVER_ERROR`.
+    All,
+}
+
+impl Confirm {
+    pub(crate) fn parse(text: &str) -> Result<Confirm, String> {
+        match text {
+            "reached" => Ok(Confirm::Reached),
+            "majority" => Ok(Confirm::Majority),
+            "all" => Ok(Confirm::All),
+            _ => Err(format!(
+                "{text:?} is not one of reached, majority, all"
+            )),
+        }
+    }
+
+    /// Whether `took` peers taking a write's hints, out of `peers`, is
+    /// enough to acknowledge it.
+    pub(crate) fn enough(self, took: usize, peers: usize) -> bool {
+        match self {
+            Confirm::Reached => true,
+            // This member and `took` of the `peers + 1`.
+            Confirm::Majority => 2 * (took + 1) > peers + 1,
+            Confirm::All => took >= peers,
+        }
+    }
+}
+
+impl fmt::Display for Confirm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Confirm::Reached => "reached",
+            Confirm::Majority => "majority",
+            Confirm::All => "all",
+        })
+    }
 }
 
 impl fmt::Debug for Fleet {
@@ -37,6 +94,7 @@ impl fmt::Debug for Fleet {
             .field("listen", &self.listen)
             .field("peers", &self.peers)
             .field("timeout", &self.timeout)
+            .field("confirm", &self.confirm)
             .finish_non_exhaustive()
     }
 }
@@ -97,5 +155,21 @@ mod tests {
             .unwrap_err()
             .contains("at least 16"));
         assert!(Secret::parse(b"").is_err());
+    }
+
+    #[test]
+    fn confirm_counts_this_member_in_a_majority() {
+        // A fleet of three: this one and one peer are a majority.
+        assert!(!Confirm::Majority.enough(0, 2));
+        assert!(Confirm::Majority.enough(1, 2));
+        // Of four, two peers are needed (3 of 4).
+        assert!(!Confirm::Majority.enough(1, 3));
+        assert!(Confirm::Majority.enough(2, 3));
+        // Of two, the one peer.
+        assert!(!Confirm::Majority.enough(0, 1));
+        assert!(Confirm::All.enough(2, 2) && !Confirm::All.enough(1, 2));
+        assert!(Confirm::Reached.enough(0, 2));
+        assert_eq!(Confirm::parse("majority"), Ok(Confirm::Majority));
+        assert!(Confirm::parse("most").is_err());
     }
 }

@@ -481,7 +481,7 @@ impl Config {
             pidfile: "process.pidfile (--pidfile)",
             log_file: "log.file (--log-file)",
             metrics: "metrics.listen (--metrics)",
-            fleet: "fleet (--peer, --peer-listen, --peer-secret-file, --peer-timeout)",
+            fleet: "fleet (--peer, --peer-listen, --peer-secret-file, --peer-timeout, --peer-confirm)",
             // A key's requests to a server keep their connection across a
             // reload (which orders them) only while the count stays.
             backend_conns: "pools.backend_conns (-i)",

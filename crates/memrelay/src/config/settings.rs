@@ -72,11 +72,12 @@ pub(super) struct Draft {
     server_tls_key: Option<(Origin, PathBuf)>,
     server_tls_name: Option<(Origin, String)>,
     /// `--peer` (each), `--peer-listen`, `--peer-secret-file`,
-    /// `--peer-timeout`: checked together at the end.
+    /// `--peer-timeout`, `--peer-confirm`: checked together at the end.
     peers: Vec<(Origin, String)>,
     peer_listen: Option<(Origin, String)>,
     peer_secret: Option<(Origin, PathBuf)>,
     peer_timeout: Option<std::time::Duration>,
+    peer_confirm: Option<super::fleet::Confirm>,
     /// Settings the command line gave so far: the first `-s` (or `-b`, or
     /// `-v`) replaces what the file said rather than adding to it.
     from_cli: Vec<&'static str>,
@@ -154,6 +155,9 @@ impl Draft {
             "--peer-listen" => self.peer_listen = Some((origin.clone(), v.to_string())),
             "--peer-secret-file" => self.peer_secret = Some((origin.clone(), PathBuf::from(v))),
             "--peer-timeout" => self.peer_timeout = Some(duration(v).map_err(fail)?),
+            "--peer-confirm" => {
+                self.peer_confirm = Some(super::fleet::Confirm::parse(v).map_err(fail)?)
+            }
             _ => return Ok(false),
         }
         Ok(true)
@@ -391,6 +395,7 @@ impl Draft {
             peers,
             secret,
             timeout: self.peer_timeout.unwrap_or(super::fleet::DEFAULT_TIMEOUT),
+            confirm: self.peer_confirm.unwrap_or_default(),
         }))
     }
 

@@ -153,7 +153,7 @@ impl Config {
         let fleet = match &self.fleet {
             None => "off".to_string(),
             Some(f) => format!(
-                "listens on {}, peers {}, timeout {:?}",
+                "listens on {}, peers {}, timeout {:?}, confirm {}",
                 f.listen,
                 if f.peers.is_empty() {
                     "none".to_string()
@@ -164,7 +164,8 @@ impl Config {
                         .collect::<Vec<_>>()
                         .join(" ")
                 },
-                f.timeout
+                f.timeout,
+                f.confirm
             ),
         };
         let _ = writeln!(out, "fleet:      {fleet}");

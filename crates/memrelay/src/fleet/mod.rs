@@ -51,6 +51,69 @@ thread_local! {
     /// Whether `DEFERRED` holds any: the one load `flush_hints` costs
     /// while there is nothing to send.
     static PENDING: Cell<bool> = const { Cell::new(false) };
+    /// Hints this worker thread kept so far: the number of the last one.
+    /// A request's hints are the numbers made while it was stepped
+    /// ([`hints_made`]), so that [`confirmed`] can tell whether the fleet
+    /// took them.
+    static MADE: Cell<u64> = const { Cell::new(0) };
+    /// Under `--peer-confirm majority|all`, the hints (first and last
+    /// number of each batch) that too few peers took, most recent last.
+    static UNCONFIRMED: RefCell<Unconfirmed> = const {
+        RefCell::new(Unconfirmed { batches: std::collections::VecDeque::new(), forgot_through: 0, figures: None })
+    };
+}
+
+/// Batches of hints too few peers took, kept so the requests that made
+/// them can be answered `SERVER_ERROR` (at most `MAX_UNCONFIRMED`: a
+/// request whose hints are older than those kept is treated as
+/// unconfirmed, never as confirmed).
+struct Unconfirmed {
+    batches: std::collections::VecDeque<(u64, u64)>,
+    forgot_through: u64,
+    /// Where refused writes are counted (set with the first batch).
+    figures: Option<Arc<FleetFigures>>,
+}
+
+const MAX_UNCONFIRMED: usize = 256;
+
+impl Unconfirmed {
+    fn push(&mut self, first: u64, last: u64) {
+        if self.batches.len() == MAX_UNCONFIRMED {
+            if let Some((_, l)) = self.batches.pop_front() {
+                self.forgot_through = self.forgot_through.max(l);
+            }
+        }
+        self.batches.push_back((first, last));
+    }
+
+    /// Whether any of hints `first..=last` is in a batch too few took.
+    fn any(&self, first: u64, last: u64) -> bool {
+        first <= self.forgot_through
+            || self.batches.iter().any(|&(f, l)| f <= last && first <= l)
+    }
+}
+
+/// The number of the last hint this thread kept: read before and after a
+/// request is stepped, the two give the request's hints (none if equal).
+#[inline]
+pub(crate) fn hints_made() -> u64 {
+    MADE.get()
+}
+
+/// Whether the fleet took hints `first..=last` of this thread as
+/// `--peer-confirm` requires: they are sent now if they were not yet.
+/// A write whose hints were not confirmed must be answered
+/// `SERVER_ERROR`: the fleet may not know what it went past.
+pub(crate) fn confirmed(first: u64, last: u64) -> bool {
+    flush_hints();
+    UNCONFIRMED.with(|u| {
+        let u = u.borrow();
+        let refused = u.any(first, last);
+        if let Some(f) = u.figures.as_ref().filter(|_| refused) {
+            f.writes_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        !refused
+    })
 }
 
 /// Hints a worker keeps at most before it sends them without waiting for
@@ -63,6 +126,8 @@ struct Deferred {
     fleet: Option<Arc<Fleet>>,
     lines: Vec<u8>,
     count: usize,
+    /// The number of the first hint in `lines`.
+    first: u64,
 }
 
 /// This thread (a worker) keeps its hints until [`flush_hints`].
@@ -87,10 +152,18 @@ pub(crate) fn flush_hints() {
             fleet,
             std::mem::take(&mut d.lines),
             std::mem::take(&mut d.count),
+            d.first,
         ))
     });
-    if let Some((fleet, lines, count)) = kept {
-        fleet.send(&lines, count);
+    if let Some((fleet, lines, count, first)) = kept {
+        if !fleet.send(&lines, count) {
+            let last = MADE.get();
+            UNCONFIRMED.with(|u| {
+                let mut u = u.borrow_mut();
+                u.figures.get_or_insert_with(|| fleet.figures.clone());
+                u.push(first, last);
+            });
+        }
     }
 }
 
@@ -319,6 +392,11 @@ impl Fleet {
             Some(d) => {
                 d.fleet.get_or_insert_with(|| me.clone());
                 d.lines.extend_from_slice(&line);
+                let made = MADE.get() + 1;
+                MADE.set(made);
+                if d.count == 0 {
+                    d.first = made;
+                }
                 d.count += 1;
                 Some(d.count)
             }
@@ -332,13 +410,27 @@ impl Fleet {
                 flush_hints();
             }
             Some(_) => PENDING.set(true),
-            None => self.send(&line, 1),
+            // A prober's or a resync's: no client reply waits for it.
+            None => {
+                self.send(&line, 1);
+            }
         }
     }
 
     /// Sends `count` hints to every peer reached and waits for answers.
-    fn send(&self, lines: &[u8], count: usize) {
+    /// Returns whether as many took them as `--peer-confirm` requires.
+    fn send(&self, lines: &[u8], count: usize) -> bool {
         let taken = link::send_to_all(self, lines, count);
+        let enough = self.cfg.confirm.enough(taken, self.links.len());
+        if !enough {
+            let n = self
+                .figures
+                .hints_unconfirmed
+                .fetch_add(count as u64, Ordering::Relaxed);
+            if n == 0 || n.is_power_of_two() {
+                tracing::warn!(took = taken, peers = self.links.len(), confirm = %self.cfg.confirm, "too few peers took a write's hints: such writes are answered SERVER_ERROR until enough are reached");
+            }
+        }
         if taken == 0 {
             let n = self
                 .figures
@@ -349,6 +441,7 @@ impl Fleet {
                 tracing::warn!(hints = count, "no peer took a hint: until one is reached, only this memrelay knows what the servers missed");
             }
         }
+        enough
     }
 
     /// The hand-off gave the sockets to a new process: it takes the

@@ -250,6 +250,7 @@ mod tests {
                 slot,
                 worker: None,
                 fenced: false,
+                hints: (0, 0),
             }
         };
         let mut q = queued(a);
@@ -308,6 +309,7 @@ mod tests {
                     slot,
                     worker: None,
                     fenced: false,
+                    hints: (0, 0),
                 };
                 fences.dispatched(&mut q, w.router.has_backups());
                 slots.push(q);

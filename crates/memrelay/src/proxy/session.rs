@@ -88,6 +88,12 @@ const TURN_BYTES: usize = 128 * 1024;
 /// memcached's words when it cannot allocate for a request.
 const OUT_OF_MEMORY: &[u8] = b"SERVER_ERROR out of memory\r\n";
 
+/// A write that went past a server (which missed it) whose hints fewer
+/// peers took than `--peer-confirm` requires (docs/ha.md, "Confirmed
+/// writes"). It may have been stored: like any `SERVER_ERROR`, its
+/// outcome is unknown.
+const UNCONFIRMED: &[u8] = b"SERVER_ERROR write not confirmed by the fleet\r\n";
+
 /// Where backend connections deliver this session's replies.
 #[derive(Debug)]
 pub(crate) struct Inbox {
@@ -773,6 +779,7 @@ impl Session {
             return;
         }
         self.inbox.requests.set(self.inbox.requests.get() + n);
+        let hints = crate::fleet::hints_made();
         let mut slot = Queued::new(
             start(&self.worker, &self.inbox, seq, frame, req),
             self.worker.clone(),
@@ -780,6 +787,7 @@ impl Session {
         // Sub-requests that failed at once (servers down) leave the slot
         // ready for its next step right away.
         advance(&self.worker, &self.inbox, seq, &mut slot);
+        slot.stepped(hints);
         b.fences
             .dispatched(&mut slot, self.worker.router.has_backups());
         self.inbox.slots.borrow_mut().push_back(slot);
@@ -881,7 +889,9 @@ impl Session {
                     continue;
                 };
                 let w = slot.worker.clone().unwrap_or_else(|| self.worker.clone());
+                let hints = crate::fleet::hints_made();
                 advance(&w, &self.inbox, seq, slot);
+                slot.stepped(hints);
                 if b.fences.finished(slot) {
                     self.fenced = false;
                 }
@@ -909,6 +919,12 @@ impl Session {
                 .requests
                 .set(requests.saturating_sub(slot.frame.len()));
             let w = slot.worker.take().unwrap_or_else(|| self.worker.clone());
+            if !slot.fleet_confirmed() {
+                // What the write went past may be known here only: the
+                // client must not take it as acknowledged.
+                let quiet = slot.req.is_some_and(|r| r.noreply);
+                slot.local = Some(Local::Static(if quiet { b"" } else { UNCONFIRMED }));
+            }
             let out = &mut self.bufs.get_or_insert_with(Box::default).out;
             if render(&w, slot.slot, out) {
                 self.close_after_flush = true;

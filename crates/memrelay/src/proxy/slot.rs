@@ -24,6 +24,11 @@ pub(crate) struct Queued {
     /// It holds its keys in the session's fences until it is finished
     /// (set and cleared by `proxy::fence::Fences` alone).
     pub(super) fenced: bool,
+    /// The fleet's hints its steps made, this worker thread's numbers
+    /// `first..=last` (`crate::fleet::hints_made`; 0: none): a write is
+    /// acknowledged only if the fleet took them as `--peer-confirm`
+    /// requires.
+    pub(super) hints: (u64, u64),
 }
 
 impl Queued {
@@ -33,6 +38,7 @@ impl Queued {
             slot,
             worker: Some(worker),
             fenced: false,
+            hints: (0, 0),
         }
     }
 
@@ -42,7 +48,32 @@ impl Queued {
             slot: Slot::local(local),
             worker: None,
             fenced: false,
+            hints: (0, 0),
         }
+    }
+
+    /// A step of it ran, and this thread's hints were numbered up to
+    /// `before` when it began: any made since are its own (a worker
+    /// thread steps one request at a time).
+    pub(crate) fn stepped(&mut self, before: u64) {
+        let now = crate::fleet::hints_made();
+        if now != before {
+            if self.hints.0 == 0 {
+                self.hints.0 = before + 1;
+            }
+            self.hints.1 = now;
+        }
+    }
+
+    /// Whether its reply may say what the servers said: a write whose
+    /// hints too few peers took (`--peer-confirm`) may not be
+    /// acknowledged. A read is answered as it is (the hints a read makes,
+    /// when a repair fails, protect later reads, not this one).
+    pub(crate) fn fleet_confirmed(&self) -> bool {
+        let (first, last) = self.hints;
+        first == 0
+            || self.slot.req.is_none_or(|r| r.command.is_retrieval())
+            || crate::fleet::confirmed(first, last)
     }
 }
 

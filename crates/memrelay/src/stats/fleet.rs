@@ -20,6 +20,11 @@ pub(crate) struct FleetFigures {
     /// Hints that no peer took before the write they were for was
     /// answered: the knowledge lived in this process only.
     pub hints_unacked: AtomicU64,
+    /// Hints fewer peers took than `--peer-confirm` requires.
+    pub hints_unconfirmed: AtomicU64,
+    /// Writes answered `SERVER_ERROR` because their hints were not
+    /// confirmed.
+    pub writes_refused: AtomicU64,
     /// Hints from peers that named a server this memrelay does not have
     /// (a fleet configured unalike).
     pub hints_unknown: AtomicU64,
@@ -48,6 +53,8 @@ impl FleetFigures {
             hints_sent: AtomicU64::new(0),
             hints_received: AtomicU64::new(0),
             hints_unacked: AtomicU64::new(0),
+            hints_unconfirmed: AtomicU64::new(0),
+            writes_refused: AtomicU64::new(0),
             hints_unknown: AtomicU64::new(0),
             peers: peers
                 .map(|name| PeerFigures {
@@ -81,6 +88,14 @@ impl FleetFigures {
         stat(
             "peer_hints_unacked",
             &self.hints_unacked.load(Ordering::Relaxed),
+        );
+        stat(
+            "peer_hints_unconfirmed",
+            &self.hints_unconfirmed.load(Ordering::Relaxed),
+        );
+        stat(
+            "peer_writes_refused",
+            &self.writes_refused.load(Ordering::Relaxed),
         );
         stat(
             "peer_hints_unknown",
@@ -141,6 +156,16 @@ impl FleetFigures {
             "counter",
             "Hints no peer took before their write was answered.",
         );
+        metric(
+            "peer_hints_unconfirmed_total",
+            "counter",
+            "Hints fewer peers took than --peer-confirm requires.",
+        );
+        metric(
+            "peer_writes_refused_total",
+            "counter",
+            "Writes answered SERVER_ERROR because too few peers took their hints.",
+        );
         let _ = writeln!(out, "memrelay_peers_up {}", self.peers_up());
         for p in &self.peers {
             // A peer's name is an address the configuration resolved: no
@@ -163,6 +188,7 @@ impl FleetFigures {
             ("sent", &self.hints_sent),
             ("received", &self.hints_received),
             ("unacked", &self.hints_unacked),
+            ("unconfirmed", &self.hints_unconfirmed),
         ] {
             let _ = writeln!(
                 out,
@@ -170,6 +196,11 @@ impl FleetFigures {
                 v.load(Ordering::Relaxed)
             );
         }
+        let _ = writeln!(
+            out,
+            "memrelay_peer_writes_refused_total {}",
+            self.writes_refused.load(Ordering::Relaxed)
+        );
     }
 }
 
