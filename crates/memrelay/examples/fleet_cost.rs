@@ -1,13 +1,14 @@
-//! What a fleet costs a write that goes past a server: the same writes
-//! through a memrelay alone and through one member of a three-member fleet
-//! (`--peer`), side by side, rounds alternated.
+//! What a fleet costs a write: the same writes through a memrelay alone,
+//! through one member of a three-member fleet (`--peer`), and through one
+//! of a fleet with `--peer-confirm all`, side by side, rounds alternated;
+//! first with every server up, then past a stopped primary.
 //!
 //! Each round starts a fresh primary and backup (real memcached on
-//! loopback), stops the primary (so every write is acknowledged by the
-//! backup alone and records its key as missed on the primary, which in a
-//! fleet is a hint to both peers), waits until the memrelay has marked the
-//! primary down, then times `--writes` sequential `set`s of distinct keys
-//! on one connection.
+//! loopback). In the failure rounds it kills the primary (so every write
+//! is acknowledged by the backup alone and records its key as missed on
+//! the primary, which in a fleet is a hint to both peers) and waits until
+//! the memrelay has marked the primary down. Then it times `--writes`
+//! sequential `set`s of distinct keys on one connection.
 //!
 //! ```text
 //! cargo build --release -p memrelay --bin memrelay --example fleet_cost
@@ -35,38 +36,76 @@ fn main() {
             _ => panic!("usage: fleet_cost [--rounds N] [--writes N]"),
         }
     }
-    let mut results: Vec<(&str, Vec<Duration>)> = vec![("alone", vec![]), ("fleet of 3", vec![])];
-    for round in 0..rounds {
-        // A B, B A, A B...: slow drift of the machine cancels out.
-        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-        for i in order {
-            let lat = run(i == 1, writes);
-            println!(
-                "round {round} {:<10} p50 {:>6.1} us  p99 {:>6.1} us",
-                results[i].0,
-                micros(percentile(&lat, 0.5)),
-                micros(percentile(&lat, 0.99))
-            );
-            results[i].1.extend(lat);
+    for failed in [false, true] {
+        let mut results: Vec<(Setup, Vec<Duration>)> =
+            SETUPS.iter().map(|s| (*s, Vec::new())).collect();
+        for round in 0..rounds {
+            // Rotated each round: slow drift of the machine cancels out.
+            for k in 0..SETUPS.len() {
+                let i = (k + round) % SETUPS.len();
+                let lat = run(results[i].0, failed, writes);
+                println!(
+                    "round {round} {:<22} p50 {:>6.1} us  p99 {:>6.1} us",
+                    results[i].0.name,
+                    micros(percentile(&lat, 0.5)),
+                    micros(percentile(&lat, 0.99))
+                );
+                results[i].1.extend(lat);
+            }
         }
-    }
-    println!("\nall rounds, {writes} writes past a stopped primary per round:");
-    println!("| memrelay | p50 | p99 | p99.9 | mean |");
-    println!("|---|---|---|---|---|");
-    for (name, lat) in &results {
-        let mean = lat.iter().sum::<Duration>() / lat.len().max(1) as u32;
-        println!(
-            "| {name} | {:.1} us | {:.1} us | {:.1} us | {:.1} us |",
-            micros(percentile(lat, 0.5)),
-            micros(percentile(lat, 0.99)),
-            micros(percentile(lat, 0.999)),
-            micros(mean)
-        );
+        let what = if failed {
+            "past a stopped primary"
+        } else {
+            "with every server up"
+        };
+        println!("\nall rounds, {writes} writes {what} per round:");
+        println!("| memrelay | p50 | p99 | p99.9 | mean |");
+        println!("|---|---|---|---|---|");
+        for (setup, lat) in &results {
+            let mean = lat.iter().sum::<Duration>() / lat.len().max(1) as u32;
+            println!(
+                "| {} | {:.1} us | {:.1} us | {:.1} us | {:.1} us |",
+                setup.name,
+                micros(percentile(lat, 0.5)),
+                micros(percentile(lat, 0.99)),
+                micros(percentile(lat, 0.999)),
+                micros(mean)
+            );
+        }
+        println!();
     }
 }
 
-/// One round: the latencies of `writes` sets past a stopped primary.
-fn run(fleet: bool, writes: usize) -> Vec<Duration> {
+/// A memrelay alone, or one member of a fleet of three.
+#[derive(Debug, Clone, Copy)]
+struct Setup {
+    name: &'static str,
+    fleet: bool,
+    confirm: &'static str,
+}
+
+const SETUPS: [Setup; 3] = [
+    Setup {
+        name: "alone",
+        fleet: false,
+        confirm: "reached",
+    },
+    Setup {
+        name: "fleet of 3",
+        fleet: true,
+        confirm: "reached",
+    },
+    Setup {
+        name: "fleet of 3, confirm all",
+        fleet: true,
+        confirm: "all",
+    },
+];
+
+/// One round: the latencies of `writes` sets (past a stopped primary if
+/// `failed`).
+fn run(setup: Setup, failed: bool, writes: usize) -> Vec<Duration> {
+    let fleet = setup.fleet;
     let mut primary = Memcached::start();
     let backup = Memcached::start();
     let dir = TempDir::new("fleet-cost");
@@ -89,6 +128,8 @@ fn run(fleet: bool, writes: usize) -> Vec<Duration> {
                 format!("127.0.0.1:{}", ports[i]),
                 "--peer-secret-file".into(),
                 secret.display().to_string(),
+                "--peer-confirm".into(),
+                setup.confirm.into(),
             ]);
             for p in ports {
                 args.extend(["--peer".into(), format!("127.0.0.1:{p}")]);
@@ -104,36 +145,42 @@ fn run(fleet: bool, writes: usize) -> Vec<Duration> {
             "peers_up"
         ) == 2));
     }
-    primary.kill();
     let mut conn = Conn::open(&a.addr());
-    // Writes until the primary is marked down: from then on each write
-    // goes to the backup alone at once.
-    let mut n = 0;
-    let down = wait_until(Duration::from_secs(10), || {
-        n += 1;
-        conn.set(&format!("warm:{n}"));
-        stats(&a.addr()).get("server:0:state").map(String::as_str) == Some("down")
-    });
-    assert!(
-        down,
-        "the primary was never marked down: {:?}",
-        stats(&a.addr())
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("server:0"))
-            .collect::<Vec<_>>()
-    );
+    if failed {
+        primary.kill();
+        // Writes until the primary is marked down: from then on each
+        // write goes to the backup alone at once.
+        let mut n = 0;
+        let down = wait_until(Duration::from_secs(10), || {
+            n += 1;
+            conn.set(&format!("warm:{n}"));
+            stats(&a.addr()).get("server:0:state").map(String::as_str) == Some("down")
+        });
+        assert!(
+            down,
+            "the primary was never marked down: {:?}",
+            stats(&a.addr())
+                .into_iter()
+                .filter(|(k, _)| k.starts_with("server:0"))
+                .collect::<Vec<_>>()
+        );
+    }
     let mut lat = Vec::with_capacity(writes);
     for i in 0..writes {
         let t = Instant::now();
         conn.set(&format!("key:{i}"));
         lat.push(t.elapsed());
     }
-    if fleet {
-        let taken = stat_u64(&members[1].addr(), "peer_hints_received");
+    let taken = members
+        .get(1)
+        .map_or(0, |m| stat_u64(&m.addr(), "peer_hints_received"));
+    if fleet && failed {
         assert!(
             taken >= writes as u64,
             "a peer took {taken} hints of {writes}"
         );
+    } else {
+        assert_eq!(taken, 0, "hints while every server was up");
     }
     lat.sort();
     lat

@@ -394,7 +394,10 @@ fn with_confirm_all_a_write_past_the_primary_that_a_member_was_not_told_is_refus
     assert_eq!(r.bytes, b"MN\r\n");
     // A meta write (quiet or not) is refused the same way.
     let r = client.send_until(b"ms k 3 q\r\nnew\r\nmn\r\n", |b| b.ends_with(b"MN\r\n"));
-    assert_eq!(String::from_utf8_lossy(&r.bytes), format!("{UNCONFIRMED}MN\r\n"));
+    assert_eq!(
+        String::from_utf8_lossy(&r.bytes),
+        format!("{UNCONFIRMED}MN\r\n")
+    );
     assert!(stat_u64(&f.a.addr(), "peer_writes_refused") >= 2);
     assert!(stat_u64(&f.a.addr(), "peer_hints_unconfirmed") >= 2);
     // C comes back and is reached again: the same write is acknowledged,
@@ -404,13 +407,22 @@ fn with_confirm_all_a_write_past_the_primary_that_a_member_was_not_told_is_refus
     assert!(reached, "{:?}", peers_of(&f.a));
     assert_eq!(set(&f.a.addr(), "k", "newer"), "STORED\r\n");
     for r in [&f.b, &f.c] {
-        assert_eq!(get(&r.addr(), "k"), value("k", "newer"), "through {}", r.addr());
+        assert_eq!(
+            get(&r.addr(), "k"),
+            value("k", "newer"),
+            "through {}",
+            r.addr()
+        );
     }
 }
 
 #[test]
 fn with_confirm_majority_one_member_of_three_may_be_missing_but_not_two() {
-    let f = start_with("fleet-confirm-majority", true, &["--peer-confirm", "majority"]);
+    let f = start_with(
+        "fleet-confirm-majority",
+        true,
+        &["--peer-confirm", "majority"],
+    );
     assert_eq!(set(&f.b.addr(), "k", "old"), "STORED\r\n");
     let c = Stopped::new(&f.c);
     f.links[0].set(Fault::Blackhole);

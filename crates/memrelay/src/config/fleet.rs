@@ -60,9 +60,7 @@ impl Confirm {
             "reached" => Ok(Confirm::Reached),
             "majority" => Ok(Confirm::Majority),
             "all" => Ok(Confirm::All),
-            _ => Err(format!(
-                "{text:?} is not one of reached, majority, all"
-            )),
+            _ => Err(format!("{text:?} is not one of reached, majority, all")),
         }
     }
 

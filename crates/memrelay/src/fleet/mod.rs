@@ -88,8 +88,7 @@ impl Unconfirmed {
 
     /// Whether any of hints `first..=last` is in a batch too few took.
     fn any(&self, first: u64, last: u64) -> bool {
-        first <= self.forgot_through
-            || self.batches.iter().any(|&(f, l)| f <= last && first <= l)
+        first <= self.forgot_through || self.batches.iter().any(|&(f, l)| f <= last && first <= l)
     }
 }
 
