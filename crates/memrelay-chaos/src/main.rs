@@ -59,7 +59,10 @@ options:
                      crash every server counts as disturbed (the new
                      process flushes those it had marked dirty)
   --relay-acts LIST  which restarts --relay-chaos makes, of term,kill,handoff
-                     (default all three)
+                     (default all three), and stop: SIGSTOP for 250..750 ms
+                     (in a fleet, a member the others cannot tell: run it
+                     with -- --peer-confirm all, since by default such a
+                     member may serve older values once it runs again)
   --fleet N          N memrelays (2..5) that are peers (--peer), each reaching
                      every server through its own forwarder (a fake link);
                      clients send each batch through a random member, and
@@ -213,8 +216,9 @@ fn parse_args(args: &[String]) -> Result<Option<Cfg>, String> {
                         "term" => Ok(RelayAct::Terminate),
                         "kill" => Ok(RelayAct::Kill),
                         "handoff" => Ok(RelayAct::Handoff),
+                        "stop" => Ok(RelayAct::Stop),
                         other => Err(format!(
-                            "--relay-acts: unknown {other:?} (term, kill, handoff)"
+                            "--relay-acts: unknown {other:?} (term, kill, handoff, stop)"
                         )),
                     })
                     .collect::<Result<_, _>>()?;
@@ -764,6 +768,10 @@ enum RelayAct {
     Kill,
     /// A second memrelay takes the sockets over; the old one drains.
     Handoff,
+    /// SIGSTOP for 250..750 ms, then SIGCONT: it neither serves nor
+    /// answers its peers meanwhile, which to the other members of a fleet
+    /// is a member cut off from them (what `--peer-confirm` is about).
+    Stop,
 }
 
 /// Bytes of memrelay's output kept in memory for the report (its whole
@@ -812,6 +820,15 @@ fn restart_relay(
             if !old.wait_exit(Duration::from_secs(10)) {
                 return Err("the old memrelay did not exit within 10 s of a hand-off".into());
             }
+        }
+        RelayAct::Stop => {
+            let pid = relay.pid();
+            memrelay_testkit::process::signal(pid, libc::SIGSTOP);
+            // Pacing: how long it stays stopped (250..750 ms, from the
+            // run's clock so the seed's other draws are unchanged).
+            let ms = 250 + (began.saturating_duration_since(watch.start).as_micros() % 500) as u64;
+            thread::sleep(Duration::from_millis(ms));
+            memrelay_testkit::process::signal(pid, libc::SIGCONT);
         }
     }
     Ok(format!(
@@ -1194,11 +1211,12 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
     if cfg.relay_chaos {
         let count = |w: &str| relay_log.iter().filter(|l| l.contains(w)).count();
         println!(
-            "memrelay restarts: {} (SIGTERM {}, SIGKILL {}, hand-off {})",
+            "memrelay restarts: {} (SIGTERM {}, SIGKILL {}, hand-off {}, SIGSTOP {})",
             relay_log.len(),
             count("Terminate"),
             count("Kill"),
-            count("Handoff")
+            count("Handoff"),
+            count("memrelay Stop")
         );
     }
     println!(
@@ -1211,8 +1229,8 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
         total.unchecked_hits
     );
     println!(
-        "errors: SERVER_ERROR {}, no reply {}; incr/append NOT_FOUND/NOT_STORED on a modelled value {} (of which with a replica untouched since the set: {})",
-        total.server_errors, total.failures, total.write_misses, total.write_misses_guarded
+        "errors: SERVER_ERROR {} (of which writes not confirmed by the fleet {}), no reply {}; incr/append NOT_FOUND/NOT_STORED on a modelled value {} (of which with a replica untouched since the set: {})",
+        total.server_errors, total.unconfirmed, total.failures, total.write_misses, total.write_misses_guarded
     );
     println!(
         "latency: p50 {:?}, p99 {:?}, p99.9 {:?}, max {:?} (bound {:?})",

@@ -564,6 +564,10 @@ pub struct Tally {
     /// ... of which one replica had been untouched since the value was set.
     pub write_misses_guarded: u64,
     pub server_errors: u64,
+    /// ... of which writes a fleet member refused because too few peers
+    /// could be told (`--peer-confirm majority|all`): allowed while a
+    /// server misses writes, whatever else is up.
+    pub unconfirmed: u64,
     /// No reply (timeout, closed, garbled).
     pub failures: u64,
     pub stale: u64,
@@ -613,6 +617,7 @@ impl Tally {
             write_misses,
             write_misses_guarded,
             server_errors,
+            unconfirmed,
             failures,
             stale,
             lost,
@@ -875,6 +880,10 @@ fn counted(n: u64, delta: u64, down: bool) -> u64 {
     }
 }
 
+/// memrelay's answer to a write under `--peer-confirm majority|all` when
+/// too few members of its fleet could be told what the write went past.
+pub const UNCONFIRMED: &str = "SERVER_ERROR write not confirmed by the fleet";
+
 /// A value after `append` (`front`: `prepend`) of `part`.
 fn joined(data: &str, part: &str, front: bool) -> String {
     if front {
@@ -1091,7 +1100,12 @@ fn check_write(
         tally.server_errors += 1;
         // Only when both replicas are unreachable; one that was up and
         // untouched since `settle` before the request was sent is not.
-        if (ctx.live_replica)(m.primary, sent) {
+        // The exception is a fleet's refusal of a write it could not
+        // confirm: a server (any one, or a member's link to it) missed a
+        // write, and too few members could be told.
+        if l == UNCONFIRMED {
+            tally.unconfirmed += 1;
+        } else if (ctx.live_replica)(m.primary, sent) {
             wrong(tally, m, "a replica of the key was up and untouched");
         }
         unknown_outcome(keys, op);
@@ -1395,6 +1409,7 @@ fn answer_batch(
     sent: Instant,
     deadline: Instant,
 ) -> bool {
+    let mut seen: Vec<String> = Vec::new();
     for (n, op) in ops.iter().enumerate() {
         let reply = match op.shape() {
             Shape::Retrieval => conn.retrieval(deadline),
@@ -1402,7 +1417,21 @@ fn answer_batch(
             Shape::Line => conn.line(deadline).map(Reply::Line),
         };
         let now = Instant::now();
-        if !check(ctx, tally, keys, op, &reply, sent, now) {
+        seen.push(format!("{reply:?}"));
+        let (wrong, stale) = (tally.wrong, tally.stale);
+        let fine = check(ctx, tally, keys, op, &reply, sent, now);
+        if (tally.wrong, tally.stale) != (wrong, stale) && ops.len() > 1 {
+            // A violation inside a pipeline: the whole batch, and the
+            // replies taken so far, show whether they lined up.
+            let mut batch = String::new();
+            for op in ops {
+                op.render(keys, &mut batch);
+            }
+            tally.detail(format!(
+                "    in the batch {batch:?}, whose replies so far were {seen:?}"
+            ));
+        }
+        if !fine {
             // The rest of the batch got no reply we can trust.
             for rest in &ops[n + 1..] {
                 let f = Fail::Closed("an earlier reply in the pipeline failed".into());

@@ -398,6 +398,17 @@ fn with_confirm_all_a_write_past_the_primary_that_a_member_was_not_told_is_refus
         String::from_utf8_lossy(&r.bytes),
         format!("{UNCONFIRMED}MN\r\n")
     );
+    // In a pipeline, only the write is refused; the reads around it are
+    // answered.
+    let r = client.send_until(b"get k\r\nset k 0 0 3\r\nnew\r\ngat 0 k\r\nmn\r\n", |b| {
+        b.ends_with(b"MN\r\n")
+    });
+    let text = String::from_utf8_lossy(&r.bytes);
+    assert!(
+        text.ends_with(&format!("{UNCONFIRMED}VALUE k 0 3\r\nnew\r\nEND\r\nMN\r\n"))
+            || text.ends_with(&format!("{UNCONFIRMED}VALUE k 0 3\r\nold\r\nEND\r\nMN\r\n")),
+        "{text:?}"
+    );
     assert!(stat_u64(&f.a.addr(), "peer_writes_refused") >= 2);
     assert!(stat_u64(&f.a.addr(), "peer_hints_unconfirmed") >= 2);
     // C comes back and is reached again: the same write is acknowledged,

@@ -67,12 +67,13 @@ impl Queued {
 
     /// Whether its reply may say what the servers said: a write whose
     /// hints too few peers took (`--peer-confirm`) may not be
-    /// acknowledged. A read is answered as it is (the hints a read makes,
-    /// when a repair fails, protect later reads, not this one).
+    /// acknowledged. A read (`gat` and `mg` included) is answered as it
+    /// is: the hints a read makes (a repair or a TTL copy that failed)
+    /// protect later reads, and its value is no acknowledgement.
     pub(crate) fn fleet_confirmed(&self) -> bool {
         let (first, last) = self.hints;
         first == 0
-            || self.slot.req.is_none_or(|r| r.command.is_retrieval())
+            || !self.slot.req.is_some_and(|r| r.command.is_write())
             || crate::fleet::confirmed(first, last)
     }
 }
