@@ -240,6 +240,21 @@ impl Control {
             fleet.join();
             fleet
         });
+        if let Some(p) = &persist {
+            // After a crash: servers whose lists held only the peers'
+            // records are left to what the peers said while joining.
+            let names: std::collections::HashMap<&str, &str> = cfg
+                .servers()
+                .zip(&health)
+                .map(|(s, h)| (h.name.as_str(), fleet_name(s)))
+                .collect();
+            p.settle(&health, |h| {
+                fleet
+                    .as_ref()
+                    .zip(names.get(h.name.as_str()))
+                    .is_some_and(|(f, name)| f.vouches(name))
+            });
+        }
         registry.set_servers(entries(&servers, &cfg));
         registry.set_config(&cfg);
         let (resync, resync_current) = watch::channel(Arc::new(new_resync(&cfg, &router, &health)));

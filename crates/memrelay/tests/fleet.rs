@@ -101,7 +101,13 @@ fn try_start(name: &str, peers: bool, extra: &[&str]) -> Fleet {
                 args.push(format!("127.0.0.1:{p}"));
             }
         }
-        args.extend(extra.iter().map(|a| a.to_string()));
+        for a in extra {
+            // Each member its own state file.
+            args.push(
+                a.replace("{member}", &i.to_string())
+                    .replace("{dir}", &dir.path("").display().to_string()),
+            );
+        }
         Memrelay::start(&args)
     };
     let a = relay(0, &links[0].addr());
@@ -336,7 +342,7 @@ fn a_connection_that_does_not_know_the_secret_is_refused() {
         "error not a memrelay peer\n"
     );
     let mut c = Client::connect(&addr);
-    let r = c.send_until(b"memrelay-peer 1 abcd ef01 127.0.0.1:9\n", |b| {
+    let r = c.send_until(b"memrelay-peer 2 abcd ef01 127.0.0.1:9\n", |b| {
         b.ends_with(b"\n")
     });
     assert!(
@@ -350,6 +356,15 @@ fn a_connection_that_does_not_know_the_secret_is_refused() {
     assert_eq!(
         String::from_utf8_lossy(&r.bytes).to_string(),
         "error not a member of this fleet\n"
+    );
+    // A member of another release is told so.
+    let mut c = Client::connect(&addr);
+    let r = c.send_until(b"memrelay-peer 1 abcd ef01 127.0.0.1:9\n", |b| {
+        b.ends_with(b"\n")
+    });
+    assert_eq!(
+        String::from_utf8_lossy(&r.bytes).to_string(),
+        "error unsupported version\n"
     );
     // The fleet is unharmed.
     assert_eq!(stat_u64(&f.b.addr(), "peers_up"), 2);
@@ -458,4 +473,48 @@ fn by_default_a_write_is_acknowledged_though_a_member_was_not_told() {
     assert_eq!(set(&f.a.addr(), "k", "new"), "STORED\r\n");
     assert!(stat_u64(&f.a.addr(), "peer_hints_unconfirmed") == 0);
     drop(c);
+}
+
+/// The state files' argument for `start_with`: one per member.
+const STATE_FILES: [&str; 2] = ["--state-file", "{dir}state{member}"];
+
+#[test]
+fn a_member_restarted_after_a_crash_asks_its_peers_again_instead_of_flushing() {
+    let mut f = start_with("fleet-crash-learnt", true, &STATE_FILES);
+    assert_eq!(set(&f.b.addr(), "k", "old"), "STORED\r\n");
+    // Nobody reaches the primary: every member lists the key A wrote past
+    // it; B and C only because A told them, and their state files say so.
+    for l in &f.links {
+        l.set(Fault::Reset);
+    }
+    assert_eq!(set(&f.a.addr(), "k", "new"), "STORED\r\n");
+    // B crashes, and comes back reaching the primary, which still holds
+    // the old value.
+    let args = f.b.args().to_vec();
+    f.b.kill();
+    f.links[1].set(Fault::Pass);
+    f.b = restart_on_a_new_port(args.clone());
+    // It did not flush the primary (all it had listed, its peers still
+    // list), and it knows the key again.
+    assert_eq!(get(&f.b.addr(), "k"), value("k", "new"));
+    assert_eq!(
+        stat_u64(&f.b.addr(), "server:0:flushed"),
+        0,
+        "{:?}",
+        stats(&f.b.addr())
+    );
+    assert!(
+        f.b.output().contains("learnt again from the fleet"),
+        "{}",
+        f.b.output_tail(20)
+    );
+    // Once no peer can say it again (both are gone), the same restart
+    // flushes the primary before B serves from it.
+    f.a.kill();
+    f.c.kill();
+    f.b.kill();
+    f.b = restart_on_a_new_port(args);
+    let flushed = wait_until(CONVERGE, || stat_u64(&f.b.addr(), "server:0:flushed") >= 1);
+    assert!(flushed, "{}", f.b.output_tail(20));
+    assert_eq!(get(&f.b.addr(), "k"), value("k", "new"));
 }

@@ -334,6 +334,7 @@ fn pull_lists(fleet: &Fleet, conn: &mut Conn) -> std::io::Result<usize> {
         }
         match wire::parse_line(&line) {
             Ok(wire::Line::Hint(h)) => fleet.learn(h.server, h.key.as_deref()),
+            Ok(wire::Line::Forgot(server)) => fleet.peer_forgot(server),
             _ => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,

@@ -140,11 +140,16 @@ fn serve(fleet: &Fleet, stream: TcpStream) -> Result<(), String> {
             Ok(wire::Line::Ping) => {}
             Ok(wire::Line::Joined) => fleet.peer_connected(listen, &instance),
             Ok(wire::Line::Hint(h)) => fleet.learn(h.server, h.key.as_deref()),
+            // Only in an answer to `sync`, which this side does not ask.
+            Ok(wire::Line::Forgot(_)) => {}
             Ok(wire::Line::Sync) => {
                 // Every listed key, then `end` (instead of `k`).
                 let mut out = Vec::new();
                 for (server, keys) in fleet.known() {
                     super::push_hints(&mut out, &server, keys.as_deref());
+                }
+                for server in fleet.forgotten() {
+                    out.extend_from_slice(&wire::forgot(&server));
                 }
                 out.extend_from_slice(b"end\n");
                 writer.write_all(&out).map_err(|e| e.to_string())?;
@@ -169,6 +174,9 @@ fn handshake(
     let hello = read_line(reader).map_err(|e| e.to_string())?;
     let hello = wire::parse_hello(&hello).map_err(|why| {
         let _ = writer.write_all(format!("error {why}\n").as_bytes());
+        if why == "unsupported version" {
+            tracing::warn!(peer = ?writer.peer_addr().ok(), "fleet: refused a member of another release: a fleet's members run the same release");
+        }
         why.to_string()
     })?;
     let (theirs, instance) = (hello.nonce, hello.instance);

@@ -201,6 +201,8 @@ pub(crate) struct Fleet {
     listening: std::sync::atomic::AtomicBool,
     /// Each peer as `join` waits for it.
     joining: (Mutex<Vec<Joining>>, std::sync::Condvar),
+    /// Servers a peer said it lost its list for in a crash (`forgot`).
+    forgot_by_peers: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Where a starting memrelay stands with one peer.
@@ -251,6 +253,7 @@ impl Fleet {
                 Mutex::new(vec![Joining::default(); cfg.peers.len()]),
                 std::sync::Condvar::new(),
             ),
+            forgot_by_peers: Mutex::new(std::collections::HashSet::new()),
         });
         listen::start(&fleet);
         tracing::info!(listen = %cfg.listen, peers = cfg.peers.len(), "fleet: telling peers of missed keys");
@@ -362,6 +365,48 @@ impl Fleet {
                 }
             })
             .collect()
+    }
+
+    /// The servers whose lists this process lost in a crash (overflowed
+    /// from its state file: flushed before it serves them), for a peer
+    /// that starts after a crash of its own and must not take the fleet's
+    /// silence about them for "nothing missed" (`vouches`).
+    fn forgotten(&self) -> Vec<String> {
+        self.servers_map()
+            .iter()
+            .filter(|(_, r)| {
+                r.upgrade()
+                    .is_some_and(|r| r.missed.overflowed_by() == Some(Source::Handoff))
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    fn peer_forgot(&self, server: &str) {
+        self.forgot_by_peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(server.to_string());
+    }
+
+    /// Whether the fleet's lists, as learnt while joining, can stand for
+    /// what this process knew of `server` before it crashed, when all it
+    /// knew came from peers (`ha::persist`, `learnt`): every peer was
+    /// reached and gave its lists, and none lost its own list for that
+    /// server in a crash. Call it after `join`.
+    pub(crate) fn vouches(&self, server: &str) -> bool {
+        let (lock, _) = &self.joining;
+        let all_reached = lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .all(|j| j.reached);
+        all_reached
+            && !self
+                .forgot_by_peers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(server)
     }
 
     /// A peer's hint: `server` missed `key` (None: every key).

@@ -1,7 +1,7 @@
 //! The lines peers exchange: pure functions, no I/O.
 //!
 //! ```text
-//! dialer:   memrelay-peer 1 <nonce> <instance> <its --peer-listen>
+//! dialer:   memrelay-peer 2 <nonce> <instance> <its --peer-listen>
 //! listener: challenge <nonce> <proof> <instance>   (or: error <why>)
 //! dialer:   auth <proof>
 //! listener: ok                                  (or: error <why>)
@@ -11,6 +11,9 @@
 //! and first, once per connection:
 //!           sync
 //! answered with every key the listener's lists hold, as `hint` lines,
+//! and each server whose list it lost in a crash of its own (it flushes
+//! that server before it serves it), as
+//!           forgot <server>
 //! then `end`; then the dialer's own lists, as hints, then
 //!           joined
 //! after which every hint the dialer makes comes on this connection.
@@ -33,7 +36,10 @@ use ring::hmac;
 /// in base64 fit many times over.
 pub(crate) const MAX_LINE: u64 = 4096;
 
-const VERSION: &str = "1";
+/// 2: `forgot` lines in the answer to `sync`. Members of other versions
+/// refuse each other's connections (and say so), rather than misread
+/// each other.
+const VERSION: &str = "2";
 
 /// A random 128-bit value, in hex.
 pub(crate) fn nonce() -> String {
@@ -174,10 +180,16 @@ pub(crate) fn hint(server: &str, key: Option<&[u8]>) -> Vec<u8> {
     line
 }
 
+/// A `forgot` line: the sender lost its list for `server` in a crash.
+pub(crate) fn forgot(server: &str) -> Vec<u8> {
+    format!("forgot {server}\n").into_bytes()
+}
+
 /// A line after the handshake.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Line<'a> {
     Hint(Hint<'a>),
+    Forgot(&'a str),
     Ping,
     Sync,
     Joined,
@@ -190,6 +202,9 @@ pub(crate) fn parse_line(line: &str) -> Result<Line<'_>, &'static str> {
         "sync" => return Ok(Line::Sync),
         "joined" => return Ok(Line::Joined),
         _ => {}
+    }
+    if let Some(server) = line.strip_prefix("forgot ").filter(|s| !s.is_empty()) {
+        return Ok(Line::Forgot(server));
     }
     let rest = line.strip_prefix("hint ").ok_or("unknown line")?;
     let (server, key) =
@@ -230,16 +245,16 @@ mod tests {
             })
         );
         assert_eq!(
-            parse_hello("memrelay-peer 1 ab cd not-an-address"),
+            parse_hello("memrelay-peer 2 ab cd not-an-address"),
             Err("not a memrelay peer")
         );
-        assert_eq!(
-            parse_hello("memrelay-peer 2 a b"),
-            Err("unsupported version")
-        );
+        // The release before `forgot` lines, and one after.
+        for other in ["memrelay-peer 1 a b 127.0.0.1:1", "memrelay-peer 3 a b"] {
+            assert_eq!(parse_hello(other), Err("unsupported version"));
+        }
         assert_eq!(parse_hello("GET / HTTP/1.1"), Err("not a memrelay peer"));
         assert_eq!(
-            parse_hello("memrelay-peer 1 a b 127.0.0.1:1 more"),
+            parse_hello("memrelay-peer 2 a b 127.0.0.1:1 more"),
             Err("not a memrelay peer")
         );
         assert_eq!(
@@ -248,6 +263,13 @@ mod tests {
         );
         assert_eq!(parse_challenge("challenge ab cd\n"), None);
         assert_eq!(parse_auth("auth ff00\n"), Some("ff00"));
+    }
+
+    #[test]
+    fn a_forgot_line_names_a_server() {
+        let line = String::from_utf8(forgot("cache-a")).unwrap();
+        assert_eq!(parse_line(&line), Ok(Line::Forgot("cache-a")));
+        assert!(parse_line("forgot \n").is_err());
     }
 
     #[test]

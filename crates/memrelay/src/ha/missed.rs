@@ -37,10 +37,11 @@ pub(crate) struct MissedKeys {
     /// server does not serve it, and with its other replica down nothing
     /// does).
     pub recorded_signal: tokio::sync::Notify,
-    /// Called when the set stops being empty (outside the lock): the state
-    /// file marks the server as holding stale copies (`ha::persist`)
-    /// before the write that missed it is acknowledged.
-    on_dirty: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Called when the set stops being empty, and when it first holds a
+    /// record of this process's own (outside the lock), with whether it
+    /// does: the state file marks the server as holding stale copies
+    /// (`ha::persist`) before the write that missed it is acknowledged.
+    on_dirty: std::sync::OnceLock<Box<dyn Fn(bool) + Send + Sync>>,
     /// Called with every record (`None`: every key) and where it came
     /// from, outside the lock, before the record returns: during a
     /// hand-off the other process is told, and in a fleet the peers are,
@@ -105,13 +106,41 @@ impl std::fmt::Debug for MissedKeys {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Each key with the generation of its latest record.
+    /// Each key with the generation of its latest record, shifted left by
+    /// one, and [`OWN`] set if any record of it was this process's own.
     keys: HashMap<Box<[u8]>, u64>,
     /// Source of generations.
     next_gen: u64,
+    /// Keys with [`OWN`] set.
+    own: usize,
     overflowed: bool,
     /// Where the record that made it overflow came from.
     overflowed_by: Option<Source>,
+    /// While overflowed: some of what it covers was this process's own.
+    own_overflow: bool,
+}
+
+/// The bit of a key's generation saying that this process recorded it
+/// (or its hand-off partner did), rather than only a peer of the fleet.
+const OWN: u64 = 1;
+
+/// Whether a record from `from` is this process's own knowledge: after a
+/// crash only its own state file can bring it back. What a peer recorded,
+/// the peer keeps too, and a restarted member asks the peers again.
+fn is_own(from: Source) -> bool {
+    from != Source::Peer
+}
+
+impl Inner {
+    fn has_own(&self) -> bool {
+        self.own > 0 || (self.overflowed && self.own_overflow)
+    }
+
+    fn forget(&mut self, gen: u64) {
+        if gen & OWN != 0 {
+            self.own -= 1;
+        }
+    }
 }
 
 impl MissedKeys {
@@ -156,15 +185,22 @@ impl MissedKeys {
         }
     }
 
-    /// Installs the hook called when the set stops being empty (once).
-    pub(crate) fn on_dirty(&self, hook: Box<dyn Fn() + Send + Sync>) {
+    /// Installs the hook called when the set stops being empty or first
+    /// holds a record of this process's own (once).
+    pub(crate) fn on_dirty(&self, hook: Box<dyn Fn(bool) + Send + Sync>) {
         let _ = self.on_dirty.set(hook);
     }
 
     fn dirtied(&self) {
         if let Some(hook) = self.on_dirty.get() {
-            hook();
+            hook(self.has_own());
         }
+    }
+
+    /// Whether any key is listed because of this process's own records (or
+    /// its hand-off partner's), not only because a peer recorded it.
+    pub(crate) fn has_own(&self) -> bool {
+        !self.is_empty() && self.lock().has_own()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -226,28 +262,39 @@ impl MissedKeys {
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.recorded_signal.notify_one();
         let was_empty = self.count.load(Ordering::Acquire) == 0;
-        self.insert(key, from);
-        if was_empty {
+        let first_own = self.insert(key, from);
+        if was_empty || first_own {
             self.dirtied();
         }
     }
 
-    fn insert(&self, key: &[u8], from: Source) {
+    /// Returns whether this made the set hold an own record for the
+    /// first time.
+    fn insert(&self, key: &[u8], from: Source) -> bool {
         let mut inner = self.lock();
+        let had_own = inner.has_own();
+        let own = is_own(from);
         if inner.overflowed {
-            return;
+            inner.own_overflow |= own;
+            return own && !had_own;
         }
         inner.next_gen += 1;
-        let gen = inner.next_gen;
+        let gen = inner.next_gen << 1 | u64::from(own);
         if let Some(g) = inner.keys.get_mut(key) {
             // Recorded again: an invalidation already under way for the
             // older record must not clear this one (see `confirm`).
-            *g = gen;
-            return;
+            let was_own = *g & OWN != 0;
+            *g = gen | (*g & OWN);
+            if own && !was_own {
+                inner.own += 1;
+            }
+            return own && !had_own;
         }
         if inner.keys.len() >= self.cap {
             inner.overflowed = true;
             inner.overflowed_by = Some(from);
+            inner.own_overflow = own || had_own;
+            inner.own = 0;
             inner.keys = HashMap::new();
             self.count.store(1, Ordering::Release);
             tracing::warn!(
@@ -255,10 +302,12 @@ impl MissedKeys {
                 set = self.label,
                 "key set overflowed: it now covers every key"
             );
-            return;
+            return own && !had_own;
         }
         inner.keys.insert(key.into(), gen);
+        inner.own += usize::from(own);
         self.count.store(inner.keys.len(), Ordering::Release);
+        own && !had_own
     }
 
     /// The server missed a write to every key (a `flush_all`): it must be
@@ -275,6 +324,8 @@ impl MissedKeys {
         if !inner.overflowed {
             inner.overflowed_by = Some(from);
         }
+        inner.own_overflow = is_own(from) || inner.has_own();
+        inner.own = 0;
         inner.overflowed = true;
         inner.keys = HashMap::new();
         self.count.store(1, Ordering::Release);
@@ -319,6 +370,7 @@ impl MissedKeys {
         for (k, gen) in keys {
             if inner.keys.get(k) == Some(gen) {
                 inner.keys.remove(k);
+                inner.forget(*gen);
             }
         }
         self.invalidated
@@ -337,7 +389,9 @@ impl MissedKeys {
     pub(crate) fn confirm_quietly(&self, keys: &[Box<[u8]>]) {
         let mut inner = self.lock();
         for k in keys {
-            inner.keys.remove(k);
+            if let Some(gen) = inner.keys.remove(k) {
+                inner.forget(gen);
+            }
         }
         self.count.store(
             if inner.overflowed {
@@ -353,7 +407,9 @@ impl MissedKeys {
     pub(crate) fn clear(&self) {
         let mut inner = self.lock();
         inner.keys = HashMap::new();
+        inner.own = 0;
         inner.overflowed = false;
+        inner.own_overflow = false;
         self.count.store(0, Ordering::Release);
     }
 }
@@ -409,5 +465,50 @@ mod tests {
         );
         m.clear();
         assert!(!m.contains(b"zzz"));
+    }
+
+    #[test]
+    fn it_knows_whether_it_holds_a_record_of_its_own() {
+        let m = MissedKeys::new(3);
+        let marks = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let seen = marks.clone();
+        m.on_dirty(Box::new(move |own| seen.lock().unwrap().push(own)));
+        m.learn(Some(b"p"), Source::Peer);
+        assert!(!m.has_own());
+        // Learnt again, then recorded here: own from then on.
+        m.learn(Some(b"p"), Source::Peer);
+        m.record(b"p");
+        assert!(m.has_own());
+        m.learn(Some(b"p"), Source::Peer);
+        assert!(m.has_own(), "a peer's record does not take it back");
+        assert_eq!(*marks.lock().unwrap(), vec![false, true]);
+        let batch = m.peek_batch(10);
+        m.confirm(&batch);
+        assert!(m.is_empty() && !m.has_own());
+        // A handed-off record is own too; a quiet removal forgets it.
+        m.learn(Some(b"h"), Source::Handoff);
+        m.learn(Some(b"q"), Source::Peer);
+        assert!(m.has_own());
+        m.confirm_quietly(&[b"h".to_vec().into_boxed_slice()]);
+        assert!(!m.has_own() && !m.is_empty());
+        // Overflowed by peers' records alone: not own, until one of its
+        // own comes (covered by the overflow, and remembered).
+        m.learn(Some(b"r"), Source::Peer);
+        m.learn(Some(b"s"), Source::Peer);
+        m.learn(Some(b"t"), Source::Peer);
+        assert!(m.is_overflowed() && !m.has_own());
+        m.record(b"u");
+        assert!(m.has_own());
+        m.clear();
+        assert!(!m.has_own());
+        // Overflowing while holding an own key keeps it own.
+        m.record(b"a");
+        m.learn(Some(b"b"), Source::Peer);
+        m.learn(Some(b"c"), Source::Peer);
+        m.learn(Some(b"d"), Source::Peer);
+        assert!(m.is_overflowed() && m.has_own());
+        m.clear();
+        m.learn(None, Source::Peer);
+        assert!(!m.has_own());
     }
 }

@@ -38,7 +38,10 @@
 //!
 //! The file is text, one record a line: `memrelay-state 1`, a status
 //! (`clean`, `running`, `handoff`, `handoff-final`), then per server
-//! `server <name> clean|dirty|overflowed` followed by `key <base64>` lines.
+//! `server <name> clean|learnt|dirty|overflowed` followed by `key <base64>`
+//! lines. `learnt`: while running, the server's list held only keys peers
+//! of a fleet recorded; after a crash it is flushed only if the peers
+//! cannot say them again (`Persist::settle`).
 //! It is replaced atomically (written beside, synced, renamed).
 
 use std::collections::BTreeMap;
@@ -66,6 +69,9 @@ const MAX_KEYS: usize = 1_000_000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Mark {
     Clean,
+    /// Its list holds only keys peers of the fleet recorded: after a
+    /// crash, the peers are asked again instead (`Persist::settle`).
+    Learnt,
     Dirty,
     Overflowed,
 }
@@ -90,6 +96,9 @@ pub(crate) struct Persist {
     /// main thread marks them clean): the text is made and written under
     /// it, so a later write never carries older marks.
     writing: Mutex<()>,
+    /// The servers the crashed process's file marked `learnt`, until
+    /// `settle` decides.
+    learnt: Mutex<Vec<String>>,
 }
 
 #[derive(Debug, Default)]
@@ -122,6 +131,9 @@ pub(crate) struct Loaded {
     status: Status,
     /// Per server: overflowed, and the keys it missed.
     pub servers: BTreeMap<String, (bool, Vec<Vec<u8>>)>,
+    /// After a crash: the servers whose lists held only what peers of the
+    /// fleet recorded (see `Persist::settle`).
+    pub learnt: Vec<String>,
 }
 
 impl Persist {
@@ -134,6 +146,7 @@ impl Persist {
             peers: Mutex::new(Vec::new()),
             shared: tokio::sync::watch::channel(false).0,
             writing: Mutex::new(()),
+            learnt: Mutex::new(Vec::new()),
         })
     }
 
@@ -163,6 +176,7 @@ impl Persist {
                         .iter()
                         .map(|h| (h.name.clone(), (true, Vec::new())))
                         .collect(),
+                    learnt: Vec::new(),
                 }
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Loaded::default(),
@@ -174,12 +188,44 @@ impl Persist {
                         .iter()
                         .map(|h| (h.name.clone(), (true, Vec::new())))
                         .collect(),
+                    learnt: Vec::new(),
                 }
             }
         };
         let stale = apply(&loaded, health);
+        *self.learnt.lock().unwrap_or_else(|p| p.into_inner()) = loaded.learnt;
         self.own(health);
         stale
+    }
+
+    /// After a crash, each server whose list held only keys peers of the
+    /// fleet recorded (`learnt`): if `vouched` says the peers' lists, as
+    /// learnt while joining, stand for it, nothing more is done (what the
+    /// peers recorded, they still list, or deleted on the server);
+    /// otherwise it is treated as a `dirty` one (flushed before it
+    /// serves). Returns the servers kept.
+    pub(crate) fn settle(
+        &self,
+        health: &[Arc<Health>],
+        vouched: impl Fn(&Health) -> bool,
+    ) -> Vec<String> {
+        let learnt = std::mem::take(&mut *self.learnt.lock().unwrap_or_else(|p| p.into_inner()));
+        let (mut kept, mut flushed) = (Vec::new(), Vec::new());
+        for h in health.iter().filter(|h| learnt.contains(&h.name)) {
+            if vouched(h) {
+                kept.push(h.name.clone());
+            } else {
+                h.missed.learn(None, Source::Handoff);
+                flushed.push(h.name.clone());
+            }
+        }
+        if !kept.is_empty() {
+            tracing::info!(servers = %kept.join(","), "after a crash: what these servers missed was learnt again from the fleet");
+        }
+        if !flushed.is_empty() {
+            tracing::warn!(servers = %flushed.join(","), "after a crash: the fleet could not say again what these servers missed: each is flushed before it serves");
+        }
+        kept
     }
 
     /// The process owns the file from now on.
@@ -475,9 +521,9 @@ impl Persist {
         for set in [&health.missed, &health.copying] {
             let me = Arc::downgrade(self);
             let name = health.name.clone();
-            set.on_dirty(Box::new(move || {
+            set.on_dirty(Box::new(move |own| {
                 if let Some(me) = me.upgrade() {
-                    me.mark(&name, Mark::Dirty);
+                    me.mark(&name, if own { Mark::Dirty } else { Mark::Learnt });
                 }
             }));
             let me = Arc::downgrade(self);
@@ -501,7 +547,12 @@ impl Persist {
     fn mark(&self, name: &str, mark: Mark) {
         {
             let mut marks = self.marks();
-            if marks.get(name) == Some(&mark) {
+            let was = marks.get(name);
+            // A peer's record does not take back what one of this
+            // process's own made it (`refresh` does, once it is gone).
+            if was == Some(&mark)
+                || mark == Mark::Learnt && matches!(was, Some(Mark::Dirty | Mark::Overflowed))
+            {
                 return;
             }
             marks.insert(name.to_string(), mark);
@@ -546,6 +597,7 @@ impl Persist {
             for (name, mark) in marks.iter() {
                 let word = match mark {
                     Mark::Clean => "clean",
+                    Mark::Learnt => "learnt",
                     Mark::Dirty => "dirty",
                     Mark::Overflowed => "overflowed",
                 };
@@ -732,12 +784,15 @@ fn take_records(stream: std::os::unix::net::UnixStream, health: &[Arc<Health>]) 
 }
 
 fn mark_of(h: &Health) -> Mark {
-    if h.missed.is_overflowed() || h.copying.is_overflowed() {
+    let own = h.missed.has_own();
+    if (h.missed.is_overflowed() && own) || h.copying.is_overflowed() {
         Mark::Overflowed
-    } else if h.missed.is_empty() && h.copying.is_empty() {
-        Mark::Clean
-    } else {
+    } else if own || !h.copying.is_empty() {
         Mark::Dirty
+    } else if !h.missed.is_empty() {
+        Mark::Learnt
+    } else {
+        Mark::Clean
     }
 }
 
@@ -792,6 +847,10 @@ fn parse(text: &str) -> Result<Loaded, String> {
                     true
                 }
                 "overflowed" => true,
+                "learnt" => {
+                    loaded.learnt.push(name.to_string());
+                    false
+                }
                 _ => return Err(format!("bad server line {line:?}")),
             };
             let stale = overflowed;
@@ -814,6 +873,9 @@ fn parse(text: &str) -> Result<Loaded, String> {
         // A crash: only the servers marked dirty (or overflowed) are
         // stale; a clean mark while running is trustworthy.
         loaded.servers.retain(|_, (stale, _)| *stale);
+    } else {
+        // Only a running process writes `learnt`.
+        loaded.learnt.clear();
     }
     Ok(loaded)
 }
