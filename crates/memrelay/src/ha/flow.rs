@@ -23,7 +23,7 @@ use crate::net::outqueue::OutQueue;
 pub(crate) enum Kind {
     /// `get gets gat gats`: `ha::read`.
     Read,
-    /// `mg me`: `ha::read`'s meta steps.
+    /// `mg me`: `ha::meta_read`.
     MetaRead,
     /// Every keyed write, classic and meta: `ha::write`.
     Write,
@@ -71,7 +71,7 @@ impl<I: Inbox, P: Pool> Flow<'_, I, P> {
 pub(crate) fn start(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, kind: Kind) {
     match kind {
         Kind::Read => super::read::start(f, slot),
-        Kind::MetaRead => super::read::start_meta(f, slot),
+        Kind::MetaRead => super::meta_read::start(f, slot),
         Kind::Write => super::write::start(f, slot),
     }
 }
@@ -86,7 +86,7 @@ pub(crate) fn render(
 ) {
     match kind {
         Kind::Read => super::read::render(w, slot, req, out),
-        Kind::MetaRead => super::read::render_meta(w, slot, req, out),
+        Kind::MetaRead => super::meta_read::render(w, slot, req, out),
         Kind::Write => super::write::render(w, slot, req, out),
     }
 }
@@ -103,17 +103,17 @@ pub(crate) fn run(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
 /// All of a slot's parts are in: take its next step (which may send more
 /// parts, or finish it).
 fn advance(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
-    use super::{read, write};
+    use super::{meta_read, read, write};
     let meta = f.req.command.is_meta();
     match slot.stage {
         Stage::Done => {}
-        Stage::Read if meta => read::after_meta_round_one(f, slot),
-        Stage::Fallback if meta => read::after_meta_fallback(f, slot),
+        Stage::Read if meta => meta_read::after_round_one(f, slot),
+        Stage::Fallback if meta => meta_read::after_fallback(f, slot),
         Stage::Read => read::after_round_one(f, slot),
         Stage::Fallback => read::after_fallback(f, slot),
-        Stage::Repair if meta => read::after_meta_repair(f.w, slot, &f.req),
+        Stage::Repair if meta => meta_read::after_repair(f.w, slot, &f.req),
         Stage::Repair => read::after_repair(f.w, slot, &f.req),
-        Stage::MetaRepairFetch => read::after_meta_repair_fetch(f, slot),
+        Stage::MetaRepairFetch => meta_read::after_repair_fetch(f, slot),
         Stage::Write { tier } => write::advance(f, slot, tier as usize),
         Stage::Mirror => write::after_mirrors(f, slot),
         Stage::Create => write::after_create(f, slot),

@@ -44,7 +44,7 @@ pub(crate) enum Role {
     /// the primary lost (see `ha::write::start`).
     Create,
     /// An `mg ... N` sent whole (with `N`) once neither replica had the
-    /// item (see `ha::read::start_meta`).
+    /// item (see `ha::meta_read::start`).
     Vivify,
     /// A read that changed a TTL (`gat`, `gats`, `mg ... T`): the same TTL
     /// set on a later tier for key number `key`.

@@ -657,7 +657,7 @@ pub(crate) fn render(w: &Cluster<impl Pool>, slot: &Slot, req: &Request, out: &m
             if req.command.is_meta() {
                 if let Some(b) = meta_reply_bytes(slot, req, reply, from_mirror) {
                     let server = super::server_of(slot, reply);
-                    out.put_bytes(super::read::with_cas_token(w, slot, req, server, b));
+                    out.put_bytes(super::meta_read::with_cas_token(w, slot, req, server, b));
                 }
             } else {
                 out.put_bytes(reply.bytes.clone());
