@@ -10,13 +10,57 @@
 use memrelay_protocol::Expect;
 use memrelay_protocol::{compose, meta_flags, Command, MetaStatus, Request, ResponseKind};
 
-use super::flow::Flow;
+use super::flow::{Flow, State};
 use super::read::{
     changes_ttl, mirror_ttl_changes, refused_for_size, settle_ttl_changes, skipped_ttl_change,
 };
-use super::slot::{Part, Role, Slot, Stage};
+use super::slot::{Part, Role, Slot};
 use super::{Cluster, Inbox, Pool};
 use crate::net::outqueue::OutQueue;
+
+/// A meta read's own state, in its slot (`State::MetaRead`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MetaRead(MetaStage);
+
+/// Where a meta read stands. Each step returns the next (`advance`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MetaStage {
+    /// Sent to the key's first serving replica. `vivify_pending`: an
+    /// `mg ... N` travels without its `N` (see `vivify`), which it gets
+    /// back once no replica has the item.
+    RoundOne { vivify_pending: bool },
+    /// Sent to the next replica after a miss or a failure (or, with
+    /// `vivify_pending` cleared, sent whole to create the item); or its
+    /// TTL change copied to the later tiers.
+    Fallback { vivify_pending: bool },
+    /// A backup hit fetched again with what its repair needs.
+    RepairFetch,
+    /// That item added to the primary.
+    Repair,
+    /// Nothing more to send.
+    Done,
+}
+
+impl MetaRead {
+    pub(crate) fn is_done(&self) -> bool {
+        self.0 == MetaStage::Done
+    }
+}
+
+/// All of a meta read's parts are in: its next step.
+pub(crate) fn advance(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+    let State::MetaRead(MetaRead(stage)) = slot.state else {
+        return;
+    };
+    let next = match stage {
+        MetaStage::RoundOne { vivify_pending } => after_round_one(f, slot, vivify_pending),
+        MetaStage::Fallback { vivify_pending } => after_fallback(f, slot, vivify_pending),
+        MetaStage::RepairFetch => after_repair_fetch(f, slot),
+        MetaStage::Repair => after_repair(f.w, slot, &f.req),
+        MetaStage::Done => MetaStage::Done,
+    };
+    slot.state = State::MetaRead(MetaRead(next));
+}
 
 /// `mg` (and `me`): one key, sent to its first serving replica as the
 /// client wrote it, minus `q`.
@@ -26,8 +70,8 @@ pub(crate) fn start(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
     let route = super::route_key(&frame, req);
     let replicas = w.router.replicas(&route);
     slot.replicas = Some(replicas);
-    slot.stage = Stage::Read;
-    slot.vivify_pending = super::vivifies_later(w, req);
+    let vivify_pending = super::vivifies_later(w, req);
+    slot.state = State::MetaRead(MetaRead(MetaStage::RoundOne { vivify_pending }));
     let Some((tier, server)) = super::serving(w, &replicas, &route, 0, |s| {
         skipped_ttl_change(w, req, s, &route)
     }) else {
@@ -36,14 +80,16 @@ pub(crate) fn start(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
     if tier > 0 {
         w.stats.failovers.incr();
     }
-    send(f, slot, server);
+    send(f, slot, server, vivify_pending);
 }
 
-fn send(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, server: usize) {
+/// Sends the request to `server`; `strip_n`: without its `N` (see
+/// `vivify`).
+fn send(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, server: usize, strip_n: bool) {
     let (w, req) = (f.w, &f.req);
     let frame = slot.frame.clone();
     let mut wire = super::meta_wire(req, false);
-    wire.strip_n = slot.vivify_pending;
+    wire.strip_n = strip_n;
     let queued = w.servers[server].send(
         wire.expect,
         f.reply_to(slot.parts.len()),
@@ -54,17 +100,20 @@ fn send(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, server: usize) {
 }
 
 /// An `mg` that missed (`EN`) or failed on its replica asks the next one.
-pub(crate) fn after_round_one(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+fn after_round_one(
+    f: &Flow<'_, impl Inbox, impl Pool>,
+    slot: &mut Slot,
+    vivify_pending: bool,
+) -> MetaStage {
     let (w, req) = (f.w, &f.req);
-    slot.stage = Stage::Done;
     if req.command != Command::MetaGet {
-        return;
+        return MetaStage::Done;
     }
     let Some(replicas) = slot.replicas else {
-        return;
+        return MetaStage::Done;
     };
     let Some(first) = slot.parts.first() else {
-        return;
+        return MetaStage::Done;
     };
     let route = super::route_key(&slot.frame, req);
     let found = matches!(&first.result, Some(Ok(r)) if !is_meta_miss(r.kind) && r.kind != ResponseKind::Error);
@@ -72,8 +121,7 @@ pub(crate) fn after_round_one(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Sl
         let server = first.server as usize;
         mirror_ttl_changes(f, slot, &[(0, route, server)]);
         // Settled in `after_fallback`.
-        slot.stage = Stage::Fallback;
-        return;
+        return MetaStage::Fallback { vivify_pending };
     }
     let missed = match &first.result {
         Some(Ok(r)) => is_meta_miss(r.kind) && w.miss_fallback,
@@ -84,52 +132,55 @@ pub(crate) fn after_round_one(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Sl
         skipped_ttl_change(w, req, first.server as usize, &route);
     }
     if !missed {
-        return;
+        return MetaStage::Done;
     }
     let Some(tier) = replicas.iter().position(|s| s == first.server as usize) else {
-        return;
+        return MetaStage::Done;
     };
     let Some(next) = super::first_serving(w, &replicas, &route, tier + 1, |_| {}) else {
-        return vivify(f, slot);
+        return vivify(f, slot, vivify_pending);
     };
     let server = replicas.get(next).unwrap_or(0);
-    send(f, slot, server);
+    send(f, slot, server, vivify_pending);
     if let Some(p) = slot.parts.last_mut() {
         p.role = Role::Fallback { key: 0, epoch: 0 };
     }
-    slot.stage = Stage::Fallback;
+    MetaStage::Fallback { vivify_pending }
 }
 
 /// An `mg` that fell back: a backup hit for a primary that missed is copied
 /// back before the `mg` is answered; a miss everywhere may create the item
 /// (`N`, see `vivify`).
-pub(crate) fn after_fallback(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+fn after_fallback(
+    f: &Flow<'_, impl Inbox, impl Pool>,
+    slot: &mut Slot,
+    vivify_pending: bool,
+) -> MetaStage {
     let (w, req) = (f.w, &f.req);
-    slot.stage = Stage::Done;
     // (An `mg ... T` may not carry the value a copy would need: a tier
     // whose copy had expired just stays without one.)
     let _ = settle_ttl_changes(w, slot, req);
     if slot.parts.iter().any(|p| p.role == Role::Vivify) {
-        return; // the item was created: nothing to repair
+        return MetaStage::Done; // the item was created: nothing to repair
     }
     let fell_back_to_a_miss = matches!(meta_fallback_part(slot).map(|p| &p.result),
         Some(Some(Ok(r))) if is_meta_miss(r.kind));
     if fell_back_to_a_miss {
-        return vivify(f, slot);
+        return vivify(f, slot, vivify_pending);
     }
     let (Some(first), Some(second)) = (slot.parts.first(), meta_fallback_part(slot)) else {
-        return;
+        return MetaStage::Done;
     };
     let hit = matches!(&second.result, Some(Ok(r)) if matches!(r.kind, ResponseKind::Meta(MetaStatus::Value | MetaStatus::Hd)));
     if !hit {
-        return;
+        return MetaStage::Done;
     }
     w.stats.backup_hits.incr();
     let route = super::route_key(&slot.frame, req);
     let primary = w.router.primary(&route);
     let primary_missed = matches!(&first.result, Some(Ok(_))) && first.server as usize == primary;
     if !primary_missed {
-        return;
+        return MetaStage::Done;
     }
     // The repair is part of the request, as a classic read's is: the
     // client's next request on the key (a delete, say) must not be
@@ -147,7 +198,7 @@ pub(crate) fn after_fallback(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slo
         None,
     );
     slot.push_part(Part::with_role(backup, Role::RepairFetch { epoch }), queued);
-    slot.stage = Stage::MetaRepairFetch;
+    MetaStage::RepairFetch
 }
 
 /// How a key travels in a meta request the proxy makes: as it is, or in
@@ -165,9 +216,8 @@ fn meta_wire_key(route: &[u8]) -> (Vec<u8>, bool) {
 /// An `mg` repair's fetch is in: add the item to the primary (mode E: only
 /// if it has none by then), unless a write went past the primary since,
 /// or the backup may no longer serve the key.
-pub(crate) fn after_repair_fetch(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+fn after_repair_fetch(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) -> MetaStage {
     let (w, req) = (f.w, &f.req);
-    slot.stage = Stage::Done;
     let Some((backup, epoch, reply)) = slot.parts.iter().find_map(|p| match (&p.role, &p.result) {
         (Role::RepairFetch { epoch }, Some(Ok(r)))
             if r.kind == ResponseKind::Meta(MetaStatus::Value) =>
@@ -176,18 +226,20 @@ pub(crate) fn after_repair_fetch(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut
         }
         _ => None,
     }) else {
-        return;
+        return MetaStage::Done;
     };
     let route = super::route_key(&slot.frame, req);
     let primary = w.router.primary(&route);
     if !w.servers[primary].health().serves(&route) || !w.servers[backup].health().serves(&route) {
         w.stats.repairs_skipped.incr();
-        return;
+        return MetaStage::Done;
     }
     let mf = meta_flags(&reply);
-    let Some((off, len)) = mf.data else { return };
+    let Some((off, len)) = mf.data else {
+        return MetaStage::Done;
+    };
     let Some(ttl) = super::exptime_from_ttl(mf.ttl) else {
-        return;
+        return MetaStage::Done;
     };
     let mut flags = format!("F{} T{} ME", mf.flags.unwrap_or(0), ttl).into_bytes();
     let (wire, b64) = meta_wire_key(&route);
@@ -205,15 +257,14 @@ pub(crate) fn after_repair_fetch(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut
         Part::with_role(primary, Role::Repair { key: 0, epoch }),
         queued,
     );
-    slot.stage = Stage::Repair;
+    MetaStage::Repair
 }
 
 /// An `mg` repair landed, or not: as `ha::read::after_repair`, a copy that may be
 /// older than a write that went past the primary since the backup was
 /// read is deleted again (an add whose outcome is unknown counts as
 /// landed).
-pub(crate) fn after_repair(w: &Cluster<impl Pool>, slot: &mut Slot, req: &Request) {
-    slot.stage = Stage::Done;
+fn after_repair(w: &Cluster<impl Pool>, slot: &mut Slot, req: &Request) -> MetaStage {
     let route = super::route_key(&slot.frame, req);
     for part in slot.parts.iter() {
         let Role::Repair { epoch, .. } = part.role else {
@@ -233,6 +284,7 @@ pub(crate) fn after_repair(w: &Cluster<impl Pool>, slot: &mut Slot, req: &Reques
             w.stats.repairs_skipped.incr();
         }
     }
+    MetaStage::Done
 }
 
 /// The reply to `mg`/`me`: the backup's when it found the item, else the
@@ -306,25 +358,26 @@ pub(crate) fn with_cas_token(
 
 /// No replica has the item an `mg ... N` asked for: send it whole to the
 /// first replica that serves the key, which creates it (and hands out the
-/// win flag). Nothing when the request was not held back.
-fn vivify(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+/// win flag). Nothing when its `N` is not held back (`vivify_pending`).
+fn vivify(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, vivify_pending: bool) -> MetaStage {
     let (w, req) = (f.w, &f.req);
-    if !slot.vivify_pending {
-        return;
+    if !vivify_pending {
+        return MetaStage::Done;
     }
-    slot.vivify_pending = false;
     let Some(replicas) = slot.replicas else {
-        return;
+        return MetaStage::Done;
     };
     let route = super::route_key(&slot.frame, req);
     let Some((_, server)) = super::serving(w, &replicas, &route, 0, |_| {}) else {
-        return;
+        return MetaStage::Done;
     };
-    send(f, slot, server);
+    send(f, slot, server, false);
     if let Some(p) = slot.parts.last_mut() {
         p.role = Role::Vivify;
     }
-    slot.stage = Stage::Fallback;
+    MetaStage::Fallback {
+        vivify_pending: false,
+    }
 }
 
 /// An `mg`'s second round, if it had one (its TTL copies are not).

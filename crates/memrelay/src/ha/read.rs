@@ -15,14 +15,77 @@ use memrelay_protocol::response::{ValueBlock, ValueBlocks};
 use memrelay_protocol::{compose, meta_flags, Command, Expect, MetaStatus, Request, ResponseKind};
 use smallvec::SmallVec;
 
-use super::flow::Flow;
-use super::slot::{Local, Part, Role, Slot, Stage};
+use super::flow::{Flow, State};
+use super::slot::{Local, Part, Role, Slot};
 use super::{Cluster, Inbox, Pool};
 use crate::backend::Failure;
 use crate::net::outqueue::OutQueue;
 
 /// No server can serve this key (in `key_parts`).
 const NO_PART: u16 = u16::MAX;
+
+/// A read's own state, in its slot (`State::Read`) from its start to its
+/// reply.
+#[derive(Debug)]
+pub(crate) struct Read {
+    /// Reads over several servers: the first-round part of each key.
+    /// Empty when all keys went to `parts[0]`. The steps walk the keys by
+    /// it, and so does the reply: it lives as long as the read.
+    key_parts: Vec<u16>,
+    stage: ReadStage,
+}
+
+/// Where a read stands. Each step returns the next (`advance`); the
+/// parts of each round carry what it asked for (`Role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadStage {
+    /// Round one: primaries, or backups for keys whose primary cannot
+    /// serve them.
+    RoundOne,
+    /// Round two: lookups on backups for keys that missed, and a TTL
+    /// change copied to the later tiers.
+    Fallback,
+    /// Backup hits being written back to primaries, and expired copies
+    /// added again with a TTL change.
+    Repair,
+    /// Nothing more to send.
+    Done,
+}
+
+impl Read {
+    pub(crate) fn is_done(&self) -> bool {
+        self.stage == ReadStage::Done
+    }
+}
+
+/// All of a read's parts are in: its next step.
+pub(crate) fn advance(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+    let State::Read(read) = &slot.state else {
+        return;
+    };
+    let next = match read.stage {
+        ReadStage::RoundOne => after_round_one(f, slot),
+        ReadStage::Fallback => after_fallback(f, slot),
+        ReadStage::Repair => after_repair(f.w, slot, &f.req),
+        ReadStage::Done => ReadStage::Done,
+    };
+    if let State::Read(read) = &mut slot.state {
+        read.stage = next;
+    }
+}
+
+/// The first-round part of each key (see `Read::key_parts`).
+fn key_parts(slot: &Slot) -> &[u16] {
+    match &slot.state {
+        State::Read(read) => &read.key_parts,
+        _ => &[],
+    }
+}
+
+/// The first-round part key `i` was read from.
+fn part_of_key(slot: &Slot, i: usize) -> usize {
+    key_parts(slot).get(i).map(|&p| p as usize).unwrap_or(0)
+}
 
 /// Round one.
 pub(crate) fn start(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
@@ -33,7 +96,10 @@ pub(crate) fn start(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
         slot.local = Some(Local::Static(b"END\r\n"));
         return;
     }
-    slot.stage = Stage::Read;
+    slot.state = State::Read(Read {
+        key_parts: Vec::new(),
+        stage: ReadStage::RoundOne,
+    });
     if req.nkeys == 1 {
         let key = req.key.of(&frame);
         let replicas = w.router.replicas(key);
@@ -100,7 +166,10 @@ pub(crate) fn start(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
         slot.push_part(Part::new(server), queued);
     }
     if servers.len() > 1 || unserved {
-        slot.key_parts = key_parts;
+        slot.state = State::Read(Read {
+            key_parts,
+            stage: ReadStage::RoundOne,
+        });
     }
 }
 
@@ -225,15 +294,15 @@ pub(super) fn settle_ttl_changes(
 /// memcached's clock ticks on its own, in whole seconds). Without a copy the
 /// item, now given a longer life, would live on one replica only; so it is
 /// added there (`add`: a value written meanwhile wins) with the new TTL, and
-/// the reply waits for it.
+/// the reply waits for it. Returns whether it sent any.
 fn copy_expired_copies(
     f: &Flow<'_, impl Inbox, impl Pool>,
     slot: &mut Slot,
     absent: &[(u32, u16)],
-) {
+) -> bool {
     let (w, req) = (f.w, &f.req);
     if absent.is_empty() {
-        return;
+        return false;
     }
     let frame = slot.frame.clone();
     // (key number, flags, value as a slice of the reply that carried it)
@@ -253,6 +322,7 @@ fn copy_expired_copies(
             ));
         }
     });
+    let mut sent = false;
     for (i, flags, value) in found {
         let Some(key) = req.keys(&frame).nth(i as usize) else {
             continue;
@@ -270,9 +340,10 @@ fn copy_expired_copies(
                 Part::with_role(server as usize, Role::TtlCopy { key: k }),
                 queued,
             );
-            slot.stage = Stage::Repair;
+            sent = true;
         }
     }
+    sent
 }
 
 /// A server whose reply holds VALUE blocks that answer no requested key (a
@@ -326,7 +397,7 @@ fn walk<'a>(
         })
         .collect();
     for (i, key) in req.keys(&slot.frame).enumerate() {
-        let p = slot.part_of_key(i);
+        let p = part_of_key(slot, i);
         let hit = match cursors.get_mut(p) {
             Some(Some(c)) => match c.peek() {
                 Some(b) if b.header.key == key => c.next(),
@@ -339,12 +410,12 @@ fn walk<'a>(
 }
 
 /// Round one is in: ask backups for what missed, or finish.
-pub(crate) fn after_round_one(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+fn after_round_one(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) -> ReadStage {
     let (w, req) = (f.w, &f.req);
-    slot.stage = Stage::Done;
+    let mut next = ReadStage::Done;
     drop_misbehaving_servers(w, slot, req);
     if !w.router.has_backups() {
-        return;
+        return next;
     }
     if changes_ttl(req) {
         let frame = slot.frame.clone();
@@ -363,25 +434,26 @@ pub(crate) fn after_round_one(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Sl
             .any(|p| matches!(p.role, Role::Touch { .. }))
         {
             // Settled in `after_fallback`, whether or not a key falls back.
-            slot.stage = Stage::Fallback;
+            next = ReadStage::Fallback;
         }
     }
     // Refused for its size: the backup's answer would be no smaller.
     if slot.oversize().is_some() {
-        return;
+        return next;
     }
     // Every key found (the common case): nothing to look for elsewhere.
-    let all_hit = slot.key_parts.is_empty()
+    let all_hit = key_parts(slot).is_empty()
         && matches!(slot.parts.as_slice(), [p] if matches!(&p.result,
             Some(Ok(r)) if r.kind == ResponseKind::Values { hits: req.nkeys }));
     if all_hit {
-        return;
+        return next;
     }
     let wanted = fallbacks_wanted(w, slot, req);
     if wanted.is_empty() {
-        return;
+        return next;
     }
     ask_backups(f, slot, wanted);
+    ReadStage::Fallback
 }
 
 /// A key of a read that a backup is asked for in round two.
@@ -401,7 +473,7 @@ fn fallbacks_wanted(w: &Cluster<impl Pool>, slot: &Slot, req: &Request) -> Small
     let fallback = w.miss_fallback;
     let mut wanted: SmallVec<[Wanted; 4]> = SmallVec::new();
     walk(slot, req, |i, key, p, hit| {
-        if hit.is_some() || slot.part_of_key(i) as u16 == NO_PART {
+        if hit.is_some() || part_of_key(slot, i) as u16 == NO_PART {
             return;
         }
         let Some(part) = slot.parts.get(p) else {
@@ -472,17 +544,18 @@ fn ask_backups(
             queued,
         );
     }
-    slot.stage = Stage::Fallback;
 }
 
 /// Round two is in: write backup hits back to the primaries that missed
 /// them, and answer once that is done, so a write the client makes next
 /// cannot be overtaken by this repair.
-pub(crate) fn after_fallback(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+fn after_fallback(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) -> ReadStage {
     let (w, req) = (f.w, &f.req);
-    slot.stage = Stage::Done;
+    let mut next = ReadStage::Done;
     let absent = settle_ttl_changes(w, slot, req);
-    copy_expired_copies(f, slot, &absent);
+    if copy_expired_copies(f, slot, &absent) {
+        next = ReadStage::Repair;
+    }
     let frame = slot.frame.clone();
     let repairs = repairs_wanted(w, slot, req, &frame);
     for Repair {
@@ -515,8 +588,9 @@ pub(crate) fn after_fallback(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slo
             Part::with_role(primary, Role::Repair { key: i, epoch }),
             queued,
         );
-        slot.stage = Stage::Repair;
+        next = ReadStage::Repair;
     }
+    next
 }
 
 /// A backup hit of round two to write back to its primary.
@@ -556,7 +630,7 @@ fn repairs_wanted(
             continue;
         };
         // Repair only a primary that answered (a miss): not one that failed.
-        let p1 = slot.part_of_key(i);
+        let p1 = part_of_key(slot, i);
         let Some(first) = slot.parts.get(p1) else {
             continue;
         };
@@ -609,8 +683,7 @@ fn repairs_wanted(
 /// the key as missed if that delete fails too). An add whose outcome is
 /// unknown (a timeout) is treated as landed. Records are rare (failure
 /// episodes), and a deleted copy only costs the next read a fallback.
-pub(crate) fn after_repair(w: &Cluster<impl Pool>, slot: &mut Slot, req: &Request) {
-    slot.stage = Stage::Done;
+fn after_repair(w: &Cluster<impl Pool>, slot: &mut Slot, req: &Request) -> ReadStage {
     let frame = slot.frame.clone();
     for part in slot.parts.iter() {
         if let Role::TtlCopy { key } = part.role {
@@ -650,6 +723,7 @@ pub(crate) fn after_repair(w: &Cluster<impl Pool>, slot: &mut Slot, req: &Reques
             w.mirror.delete(primary, frame.slice_ref(k));
         }
     }
+    ReadStage::Done
 }
 
 /// The client's reply: hits in request order, then `END`.
@@ -662,7 +736,7 @@ pub(crate) fn render(w: &Cluster<impl Pool>, slot: &Slot, req: &Request, out: &m
     let gets = matches!(req.command, Command::Gets | Command::Gats);
     // The common case: one server answered for every key, nothing else to
     // add (`gets` has its uniques made into tokens: `ha::cas`).
-    if slot.parts.len() == 1 && slot.key_parts.is_empty() && !gets {
+    if slot.parts.len() == 1 && key_parts(slot).is_empty() && !gets {
         if let Some(Ok(reply)) = &slot.parts[0].result {
             if let ResponseKind::Values { hits } = reply.kind {
                 if u64::from(hits) <= nkeys && keys_match(slot, req, reply) {
