@@ -231,36 +231,11 @@ async fn run<S: Stream>(inner: Rc<Inner>, stream: S) {
     let mut armed: Option<Instant> = None;
 
     loop {
-        if inner.retired.get()
-            && inner.inflight.borrow().is_empty()
-            && inner.out.borrow().is_empty()
-        {
-            return close_quietly(&inner);
-        }
-        if inner.poisoned.get() {
-            return fail(
-                &inner,
-                Failure::Protocol(memrelay_protocol::ResponseError::Unexpected),
-            );
-        }
-        // Write whatever is queued; most of the time the socket takes it all.
-        if let Err(f) = flush(&inner, &stream) {
-            return fail(&inner, f);
-        }
-        let want_write = !inner.out.borrow().is_empty();
-        // One timer per connection, re-armed when it fires or was idle, not
-        // for every batch (that would cost more than the occasional early
-        // wake-up): with one timeout, deadlines only grow along the FIFO.
-        // A reload that shortens the timeout gives the front an earlier
-        // deadline than the one armed: then it is re-armed too. (A request
-        // queued behind one sent with the longer timeout waits for that one
-        // at most: replies come in order.)
-        if let Some(d) = oldest_deadline(&inner) {
-            if !matches!(armed, Some(a) if a <= d) {
-                timer.as_mut().reset(d);
-                armed = Some(d);
-            }
-        }
+        let want_write = match before_wait(&inner, &stream) {
+            Ok(w) => w,
+            Err(end) => return end.apply(&inner),
+        };
+        rearm(&inner, timer.as_mut(), &mut armed);
         let interest = if want_write {
             Interest::READABLE | Interest::WRITABLE
         } else {
@@ -269,9 +244,8 @@ async fn run<S: Stream>(inner: Rc<Inner>, stream: S) {
         tokio::select! {
             biased;
             ready = stream.ready(interest) => {
-                let ready = match ready {
-                    Ok(r) => r,
-                    Err(_) => return fail(&inner, Failure::Io),
+                let Ok(ready) = ready else {
+                    return fail(&inner, Failure::Io);
                 };
                 if ready.is_readable() {
                     match read_and_dispatch(&inner, &stream, &mut rbuf, &mut parser) {
@@ -289,25 +263,90 @@ async fn run<S: Stream>(inner: Rc<Inner>, stream: S) {
             _ = inner.wake.notified() => {}
             _ = &mut timer, if armed.is_some() => {
                 armed = None;
-                let now = Instant::now();
-                if inner.skipping.get().is_some_and(|d| d <= now) {
-                    // A reply over the cap did not end in time. Its size
-                    // is the request's doing (a client could otherwise
-                    // mark a healthy server down with a few huge gets):
-                    // the connection goes, the server is not blamed.
-                    return fail_requests(&inner, Failure::Timeout);
-                }
-                let expired = oldest_deadline(&inner).is_some_and(|d| d <= now);
-                if expired {
-                    // Its requests are answered elsewhere now: what the
-                    // kernel still holds of them must not reach the
-                    // server later (a partition that heals).
-                    stream.abort();
-                    return fail(&inner, Failure::Timeout);
+                if let Some(end) = timer_fired(&inner, &stream) {
+                    return end.apply(&inner);
                 }
             }
         }
     }
+}
+
+/// How a connection's task ends.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    /// Retired and drained: nothing is failed.
+    Quietly,
+    /// The connection failed: its requests fail, and the server is blamed.
+    Failed(Failure),
+    /// Its requests fail; the server is not blamed.
+    RequestsFailed(Failure),
+}
+
+impl End {
+    fn apply(self, inner: &Inner) {
+        match self {
+            End::Quietly => close_quietly(inner),
+            End::Failed(f) => fail(inner, f),
+            End::RequestsFailed(f) => fail_requests(inner, f),
+        }
+    }
+}
+
+/// What the task does each time before it waits: ends if it was retired
+/// and has nothing left, or was poisoned; otherwise writes what is queued.
+/// Returns whether bytes are left to write (the socket was full).
+fn before_wait(inner: &Inner, stream: &impl Stream) -> Result<bool, End> {
+    if inner.retired.get() && inner.inflight.borrow().is_empty() && inner.out.borrow().is_empty() {
+        return Err(End::Quietly);
+    }
+    if inner.poisoned.get() {
+        return Err(End::Failed(Failure::Protocol(
+            memrelay_protocol::ResponseError::Unexpected,
+        )));
+    }
+    // Write whatever is queued; most of the time the socket takes it all.
+    flush(inner, stream).map_err(End::Failed)?;
+    Ok(!inner.out.borrow().is_empty())
+}
+
+/// Arms the connection's timer for its oldest deadline. One timer per
+/// connection, re-armed when it fired or was idle, not for every batch
+/// (that would cost more than the occasional early wake-up): with one
+/// timeout, deadlines only grow along the FIFO. A reload that shortens the
+/// timeout gives the front an earlier deadline than the one armed: then it
+/// is re-armed too. (A request queued behind one sent with the longer
+/// timeout waits for that one at most: replies come in order.)
+fn rearm(
+    inner: &Inner,
+    timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    armed: &mut Option<Instant>,
+) {
+    if let Some(d) = oldest_deadline(inner) {
+        if !matches!(*armed, Some(a) if a <= d) {
+            timer.reset(d);
+            *armed = Some(d);
+        }
+    }
+}
+
+/// The timer fired: how the connection ends, if a deadline passed.
+fn timer_fired(inner: &Inner, stream: &impl Stream) -> Option<End> {
+    let now = Instant::now();
+    if inner.skipping.get().is_some_and(|d| d <= now) {
+        // A reply over the cap did not end in time. Its size is the
+        // request's doing (a client could otherwise mark a healthy server
+        // down with a few huge gets): the connection goes, the server is
+        // not blamed.
+        return Some(End::RequestsFailed(Failure::Timeout));
+    }
+    let expired = oldest_deadline(inner).is_some_and(|d| d <= now);
+    if !expired {
+        return None;
+    }
+    // Its requests are answered elsewhere now: what the kernel still holds
+    // of them must not reach the server later (a partition that heals).
+    stream.abort();
+    Some(End::Failed(Failure::Timeout))
 }
 
 /// Writes queued bytes without blocking.

@@ -1,10 +1,11 @@
 //! A fake server pool, for the in-process tests of the HA steps.
 //!
 //! The process tests (tests/ha*.rs) run the HA contract against real
-//! memcached processes; these run the same steps (`ha::read`, `ha::write`,
-//! through `ha::flow`) with no process and on tokio's paused clock, so a
-//! test can place each server's answer in time exactly. A real server
-//! cannot be paused between two requests of one connection; this fake can.
+//! memcached processes; these run the same steps (`ha::read`,
+//! `ha::meta_read`, `ha::write`, through `ha::flow`) with no process and
+//! on tokio's paused clock, so a test can place each server's answer in
+//! time exactly. A real server cannot be paused between two requests of
+//! one connection; this fake can.
 //!
 //! [`FakePool`] is a tiny memcached: items in a map, the classic storage,
 //! retrieval, `incr`/`decr` and delete commands, and `mg` with the flags

@@ -2,17 +2,20 @@
 //! the configuration it started under, where its replies go, which request
 //! of the session it is, and the request itself.
 //!
-//! The steps of `ha::read` and `ha::write` take a `Flow` and the slot they
-//! advance. Each keyed request is of a [`Kind`], which [`start`]s it and
-//! [`render`]s its reply; in between, [`run`] takes its steps, and
-//! `advance` is the one place that picks a slot's next step from its
-//! stage.
+//! The steps of `ha::read`, `ha::meta_read` and `ha::write` take a `Flow`
+//! and the slot they advance. Each keyed request is of a [`Kind`], which
+//! [`start`]s it and [`render`]s its reply; in between, [`run`] takes its
+//! steps. Each kind is a type of its module (`read::Read`,
+//! `meta_read::MetaRead`, `write::Write`) that owns a private stage enum,
+//! each stage carrying what only it needs, and has one `advance`: the slot
+//! holds it in a [`State`], and `advance` here only picks the kind.
 
 use std::rc::Rc;
 
 use memrelay_protocol::{Command, Request};
 
-use super::slot::{Slot, Stage};
+use super::slot::Slot;
+use super::{meta_read, read, write};
 use super::{Cluster, Inbox, Pool};
 use crate::backend::{ReplyTo, ServerPool};
 use crate::net::outqueue::OutQueue;
@@ -23,7 +26,7 @@ use crate::net::outqueue::OutQueue;
 pub(crate) enum Kind {
     /// `get gets gat gats`: `ha::read`.
     Read,
-    /// `mg me`: `ha::read`'s meta steps.
+    /// `mg me`: `ha::meta_read`.
     MetaRead,
     /// Every keyed write, classic and meta: `ha::write`.
     Write,
@@ -39,6 +42,37 @@ impl Kind {
             c if c.is_write() => Some(Kind::Write),
             _ => None,
         }
+    }
+}
+
+/// Where a slot's flow stands: its kind, with that kind's own state (whose
+/// stage only the kind's module sees). The layers above ask the slot
+/// (`is_done`, `wants_step`, `copies_unsettled`), never this.
+#[derive(Debug)]
+pub(crate) enum State {
+    /// No step to take: a reply the proxy makes itself (a `get` without
+    /// keys too), `flush_all`, `memrelay reload` (done once their parts
+    /// are in), or a keyed request its kind has not started yet.
+    Done,
+    Read(read::Read),
+    MetaRead(meta_read::MetaRead),
+    Write(write::Write),
+}
+
+impl State {
+    /// Nothing more to send (its kind reached its last stage).
+    pub(crate) fn is_done(&self) -> bool {
+        match self {
+            State::Done => true,
+            State::Read(r) => r.is_done(),
+            State::MetaRead(m) => m.is_done(),
+            State::Write(w) => w.is_done(),
+        }
+    }
+
+    /// See `Slot::copies_unsettled`: only a write has copies.
+    pub(crate) fn copies_unsettled(&self) -> bool {
+        matches!(self, State::Write(w) if w.copies_unsettled())
     }
 }
 
@@ -70,9 +104,9 @@ impl<I: Inbox, P: Pool> Flow<'_, I, P> {
 /// when no server can take it).
 pub(crate) fn start(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, kind: Kind) {
     match kind {
-        Kind::Read => super::read::start(f, slot),
-        Kind::MetaRead => super::read::start_meta(f, slot),
-        Kind::Write => super::write::start(f, slot),
+        Kind::Read => read::start(f, slot),
+        Kind::MetaRead => meta_read::start(f, slot),
+        Kind::Write => write::start(f, slot),
     }
 }
 
@@ -85,9 +119,9 @@ pub(crate) fn render(
     out: &mut OutQueue,
 ) {
     match kind {
-        Kind::Read => super::read::render(w, slot, req, out),
-        Kind::MetaRead => super::read::render_meta(w, slot, req, out),
-        Kind::Write => super::write::render(w, slot, req, out),
+        Kind::Read => read::render(w, slot, req, out),
+        Kind::MetaRead => meta_read::render(w, slot, req, out),
+        Kind::Write => write::render(w, slot, req, out),
     }
 }
 
@@ -101,22 +135,14 @@ pub(crate) fn run(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
 }
 
 /// All of a slot's parts are in: take its next step (which may send more
-/// parts, or finish it).
+/// parts, or finish it). Which step that is, its kind's module decides
+/// from the stage only it sees.
 fn advance(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
-    use super::{read, write};
-    let meta = f.req.command.is_meta();
-    match slot.stage {
-        Stage::Done => {}
-        Stage::Read if meta => read::after_meta_round_one(f, slot),
-        Stage::Fallback if meta => read::after_meta_fallback(f, slot),
-        Stage::Read => read::after_round_one(f, slot),
-        Stage::Fallback => read::after_fallback(f, slot),
-        Stage::Repair if meta => read::after_meta_repair(f.w, slot, &f.req),
-        Stage::Repair => read::after_repair(f.w, slot, &f.req),
-        Stage::MetaRepairFetch => read::after_meta_repair_fetch(f, slot),
-        Stage::Write { tier } => write::advance(f, slot, tier as usize),
-        Stage::Mirror => write::after_mirrors(f, slot),
-        Stage::Create => write::after_create(f, slot),
+    match slot.state {
+        State::Done => {}
+        State::Read(_) => read::advance(f, slot),
+        State::MetaRead(_) => meta_read::advance(f, slot),
+        State::Write(_) => write::advance(f, slot),
     }
 }
 

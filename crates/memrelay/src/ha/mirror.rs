@@ -2,7 +2,7 @@
 //! refused for size, and the deletes that undo a read repair that may be
 //! older than a write. Writes' mirrors and read repairs (classic and `mg`)
 //! are not here: the client's reply waits for those (see `ha::write`,
-//! `ha::read`).
+//! `ha::read`, `ha::meta_read`).
 //!
 //! Each one registers a small
 //! context (the key, as a slice of the request's frame: no copy) in a

@@ -5,6 +5,8 @@
 //! - [`read`]: reads from the primary, falling back to the backup on a miss
 //!   or a failure, and writing backup hits back to the primary (`add`, so a
 //!   newer value is never overwritten);
+//! - [`meta_read`]: the same for `mg` and `me`, which also create the item
+//!   (`N`) once no replica has it;
 //! - [`write`]: writes to the primary, mirrored to the backups according to
 //!   the primary's answer before the client is answered; to the backup
 //!   (exactly once) when the primary cannot take it;
@@ -18,6 +20,7 @@ pub mod cas;
 #[cfg(test)]
 pub(crate) mod fake;
 pub(crate) mod flow;
+pub(crate) mod meta_read;
 pub(crate) mod mirror;
 pub(crate) mod missed;
 pub(crate) mod persist;

@@ -15,14 +15,77 @@ use memrelay_protocol::response::{ValueBlock, ValueBlocks};
 use memrelay_protocol::{compose, meta_flags, Command, Expect, MetaStatus, Request, ResponseKind};
 use smallvec::SmallVec;
 
-use super::flow::Flow;
-use super::slot::{Local, Part, Role, Slot, Stage};
+use super::flow::{Flow, State};
+use super::slot::{Local, Part, Role, Slot};
 use super::{Cluster, Inbox, Pool};
 use crate::backend::Failure;
 use crate::net::outqueue::OutQueue;
 
 /// No server can serve this key (in `key_parts`).
 const NO_PART: u16 = u16::MAX;
+
+/// A read's own state, in its slot (`State::Read`) from its start to its
+/// reply.
+#[derive(Debug)]
+pub(crate) struct Read {
+    /// Reads over several servers: the first-round part of each key.
+    /// Empty when all keys went to `parts[0]`. The steps walk the keys by
+    /// it, and so does the reply: it lives as long as the read.
+    key_parts: Vec<u16>,
+    stage: ReadStage,
+}
+
+/// Where a read stands. Each step returns the next (`advance`); the
+/// parts of each round carry what it asked for (`Role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadStage {
+    /// Round one: primaries, or backups for keys whose primary cannot
+    /// serve them.
+    RoundOne,
+    /// Round two: lookups on backups for keys that missed, and a TTL
+    /// change copied to the later tiers.
+    Fallback,
+    /// Backup hits being written back to primaries, and expired copies
+    /// added again with a TTL change.
+    Repair,
+    /// Nothing more to send.
+    Done,
+}
+
+impl Read {
+    pub(crate) fn is_done(&self) -> bool {
+        self.stage == ReadStage::Done
+    }
+}
+
+/// All of a read's parts are in: its next step.
+pub(crate) fn advance(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+    let State::Read(read) = &slot.state else {
+        return;
+    };
+    let next = match read.stage {
+        ReadStage::RoundOne => after_round_one(f, slot),
+        ReadStage::Fallback => after_fallback(f, slot),
+        ReadStage::Repair => after_repair(f.w, slot, &f.req),
+        ReadStage::Done => ReadStage::Done,
+    };
+    if let State::Read(read) = &mut slot.state {
+        read.stage = next;
+    }
+}
+
+/// The first-round part of each key (see `Read::key_parts`).
+fn key_parts(slot: &Slot) -> &[u16] {
+    match &slot.state {
+        State::Read(read) => &read.key_parts,
+        _ => &[],
+    }
+}
+
+/// The first-round part key `i` was read from.
+fn part_of_key(slot: &Slot, i: usize) -> usize {
+    key_parts(slot).get(i).map(|&p| p as usize).unwrap_or(0)
+}
 
 /// Round one.
 pub(crate) fn start(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
@@ -33,7 +96,10 @@ pub(crate) fn start(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
         slot.local = Some(Local::Static(b"END\r\n"));
         return;
     }
-    slot.stage = Stage::Read;
+    slot.state = State::Read(Read {
+        key_parts: Vec::new(),
+        stage: ReadStage::RoundOne,
+    });
     if req.nkeys == 1 {
         let key = req.key.of(&frame);
         let replicas = w.router.replicas(key);
@@ -100,13 +166,16 @@ pub(crate) fn start(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
         slot.push_part(Part::new(server), queued);
     }
     if servers.len() > 1 || unserved {
-        slot.key_parts = key_parts;
+        slot.state = State::Read(Read {
+            key_parts,
+            stage: ReadStage::RoundOne,
+        });
     }
 }
 
 /// Whether the read changes the TTL of what it finds (`gat`, `gats`,
 /// `mg ... T`): then every replica must get the change, like a write's.
-fn changes_ttl(req: &Request) -> bool {
+pub(super) fn changes_ttl(req: &Request) -> bool {
     match req.command {
         Command::Gat | Command::Gats => true,
         Command::MetaGet => req.meta.touch.is_some(),
@@ -117,7 +186,7 @@ fn changes_ttl(req: &Request) -> bool {
 /// A TTL-changing read went past `server` (down, stale for the key, or
 /// failed): its copy keeps the old TTL, so it is recorded as having missed
 /// the key, as for a write.
-fn skipped_ttl_change(w: &Cluster<impl Pool>, req: &Request, server: usize, key: &[u8]) {
+pub(super) fn skipped_ttl_change(w: &Cluster<impl Pool>, req: &Request, server: usize, key: &[u8]) {
     if changes_ttl(req) {
         w.servers[server].health().missed.record(key);
     }
@@ -128,7 +197,7 @@ fn skipped_ttl_change(w: &Cluster<impl Pool>, req: &Request, server: usize, key:
 /// item does not outlive (or expire before) its primary's after a
 /// failover. A tier that cannot take it now is recorded as having missed
 /// the key. The client's reply waits for these, as for a write's copies.
-fn mirror_ttl_changes(
+pub(super) fn mirror_ttl_changes(
     f: &Flow<'_, impl Inbox, impl Pool>,
     slot: &mut Slot,
     found: &[(u32, bytes::Bytes, usize)],
@@ -184,7 +253,7 @@ fn mirror_ttl_changes(
 /// The TTL copies are in: a tier that failed or refused one is recorded as
 /// having missed the key. Returns the (key number, server) of the `touch`
 /// copies that found no item there.
-fn settle_ttl_changes(
+pub(super) fn settle_ttl_changes(
     w: &Cluster<impl Pool>,
     slot: &mut Slot,
     req: &Request,
@@ -225,15 +294,15 @@ fn settle_ttl_changes(
 /// memcached's clock ticks on its own, in whole seconds). Without a copy the
 /// item, now given a longer life, would live on one replica only; so it is
 /// added there (`add`: a value written meanwhile wins) with the new TTL, and
-/// the reply waits for it.
+/// the reply waits for it. Returns whether it sent any.
 fn copy_expired_copies(
     f: &Flow<'_, impl Inbox, impl Pool>,
     slot: &mut Slot,
     absent: &[(u32, u16)],
-) {
+) -> bool {
     let (w, req) = (f.w, &f.req);
     if absent.is_empty() {
-        return;
+        return false;
     }
     let frame = slot.frame.clone();
     // (key number, flags, value as a slice of the reply that carried it)
@@ -253,6 +322,7 @@ fn copy_expired_copies(
             ));
         }
     });
+    let mut sent = false;
     for (i, flags, value) in found {
         let Some(key) = req.keys(&frame).nth(i as usize) else {
             continue;
@@ -270,9 +340,10 @@ fn copy_expired_copies(
                 Part::with_role(server as usize, Role::TtlCopy { key: k }),
                 queued,
             );
-            slot.stage = Stage::Repair;
+            sent = true;
         }
     }
+    sent
 }
 
 /// A server whose reply holds VALUE blocks that answer no requested key (a
@@ -326,7 +397,7 @@ fn walk<'a>(
         })
         .collect();
     for (i, key) in req.keys(&slot.frame).enumerate() {
-        let p = slot.part_of_key(i);
+        let p = part_of_key(slot, i);
         let hit = match cursors.get_mut(p) {
             Some(Some(c)) => match c.peek() {
                 Some(b) if b.header.key == key => c.next(),
@@ -339,12 +410,12 @@ fn walk<'a>(
 }
 
 /// Round one is in: ask backups for what missed, or finish.
-pub(crate) fn after_round_one(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+fn after_round_one(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) -> ReadStage {
     let (w, req) = (f.w, &f.req);
-    slot.stage = Stage::Done;
+    let mut next = ReadStage::Done;
     drop_misbehaving_servers(w, slot, req);
     if !w.router.has_backups() {
-        return;
+        return next;
     }
     if changes_ttl(req) {
         let frame = slot.frame.clone();
@@ -363,25 +434,26 @@ pub(crate) fn after_round_one(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Sl
             .any(|p| matches!(p.role, Role::Touch { .. }))
         {
             // Settled in `after_fallback`, whether or not a key falls back.
-            slot.stage = Stage::Fallback;
+            next = ReadStage::Fallback;
         }
     }
     // Refused for its size: the backup's answer would be no smaller.
     if slot.oversize().is_some() {
-        return;
+        return next;
     }
     // Every key found (the common case): nothing to look for elsewhere.
-    let all_hit = slot.key_parts.is_empty()
+    let all_hit = key_parts(slot).is_empty()
         && matches!(slot.parts.as_slice(), [p] if matches!(&p.result,
             Some(Ok(r)) if r.kind == ResponseKind::Values { hits: req.nkeys }));
     if all_hit {
-        return;
+        return next;
     }
     let wanted = fallbacks_wanted(w, slot, req);
     if wanted.is_empty() {
-        return;
+        return next;
     }
     ask_backups(f, slot, wanted);
+    ReadStage::Fallback
 }
 
 /// A key of a read that a backup is asked for in round two.
@@ -401,7 +473,7 @@ fn fallbacks_wanted(w: &Cluster<impl Pool>, slot: &Slot, req: &Request) -> Small
     let fallback = w.miss_fallback;
     let mut wanted: SmallVec<[Wanted; 4]> = SmallVec::new();
     walk(slot, req, |i, key, p, hit| {
-        if hit.is_some() || slot.part_of_key(i) as u16 == NO_PART {
+        if hit.is_some() || part_of_key(slot, i) as u16 == NO_PART {
             return;
         }
         let Some(part) = slot.parts.get(p) else {
@@ -472,17 +544,18 @@ fn ask_backups(
             queued,
         );
     }
-    slot.stage = Stage::Fallback;
 }
 
 /// Round two is in: write backup hits back to the primaries that missed
 /// them, and answer once that is done, so a write the client makes next
 /// cannot be overtaken by this repair.
-pub(crate) fn after_fallback(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+fn after_fallback(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) -> ReadStage {
     let (w, req) = (f.w, &f.req);
-    slot.stage = Stage::Done;
+    let mut next = ReadStage::Done;
     let absent = settle_ttl_changes(w, slot, req);
-    copy_expired_copies(f, slot, &absent);
+    if copy_expired_copies(f, slot, &absent) {
+        next = ReadStage::Repair;
+    }
     let frame = slot.frame.clone();
     let repairs = repairs_wanted(w, slot, req, &frame);
     for Repair {
@@ -515,8 +588,9 @@ pub(crate) fn after_fallback(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slo
             Part::with_role(primary, Role::Repair { key: i, epoch }),
             queued,
         );
-        slot.stage = Stage::Repair;
+        next = ReadStage::Repair;
     }
+    next
 }
 
 /// A backup hit of round two to write back to its primary.
@@ -556,7 +630,7 @@ fn repairs_wanted(
             continue;
         };
         // Repair only a primary that answered (a miss): not one that failed.
-        let p1 = slot.part_of_key(i);
+        let p1 = part_of_key(slot, i);
         let Some(first) = slot.parts.get(p1) else {
             continue;
         };
@@ -609,8 +683,7 @@ fn repairs_wanted(
 /// the key as missed if that delete fails too). An add whose outcome is
 /// unknown (a timeout) is treated as landed. Records are rare (failure
 /// episodes), and a deleted copy only costs the next read a fallback.
-pub(crate) fn after_repair(w: &Cluster<impl Pool>, slot: &mut Slot, req: &Request) {
-    slot.stage = Stage::Done;
+fn after_repair(w: &Cluster<impl Pool>, slot: &mut Slot, req: &Request) -> ReadStage {
     let frame = slot.frame.clone();
     for part in slot.parts.iter() {
         if let Role::TtlCopy { key } = part.role {
@@ -650,6 +723,7 @@ pub(crate) fn after_repair(w: &Cluster<impl Pool>, slot: &mut Slot, req: &Reques
             w.mirror.delete(primary, frame.slice_ref(k));
         }
     }
+    ReadStage::Done
 }
 
 /// The client's reply: hits in request order, then `END`.
@@ -662,7 +736,7 @@ pub(crate) fn render(w: &Cluster<impl Pool>, slot: &Slot, req: &Request, out: &m
     let gets = matches!(req.command, Command::Gets | Command::Gats);
     // The common case: one server answered for every key, nothing else to
     // add (`gets` has its uniques made into tokens: `ha::cas`).
-    if slot.parts.len() == 1 && slot.key_parts.is_empty() && !gets {
+    if slot.parts.len() == 1 && key_parts(slot).is_empty() && !gets {
         if let Some(Ok(reply)) = &slot.parts[0].result {
             if let ResponseKind::Values { hits } = reply.kind {
                 if u64::from(hits) <= nkeys && keys_match(slot, req, reply) {
@@ -732,7 +806,7 @@ pub(crate) fn render(w: &Cluster<impl Pool>, slot: &Slot, req: &Request, out: &m
 
 /// A read refused for its size gets one error line instead of a partial
 /// answer (missing values would read as misses).
-fn refused_for_size(w: &Cluster<impl Pool>, slot: &Slot, out: &mut OutQueue) -> bool {
+pub(super) fn refused_for_size(w: &Cluster<impl Pool>, slot: &Slot, out: &mut OutQueue) -> bool {
     let Some(e) = slot.oversize() else {
         return false;
     };
@@ -758,351 +832,4 @@ fn keys_match(slot: &Slot, req: &Request, reply: &crate::backend::BackendReply) 
         return false;
     }
     true
-}
-
-/// `mg` (and `me`): one key, sent to its first serving replica as the
-/// client wrote it, minus `q`.
-pub(crate) fn start_meta(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
-    let (w, req) = (f.w, &f.req);
-    let frame = slot.frame.clone();
-    let route = super::route_key(&frame, req);
-    let replicas = w.router.replicas(&route);
-    slot.replicas = Some(replicas);
-    slot.stage = Stage::Read;
-    slot.vivify_pending = super::vivifies_later(w, req);
-    let Some((tier, server)) = super::serving(w, &replicas, &route, 0, |s| {
-        skipped_ttl_change(w, req, s, &route)
-    }) else {
-        return;
-    };
-    if tier > 0 {
-        w.stats.failovers.incr();
-    }
-    send_meta(f, slot, server);
-}
-
-fn send_meta(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, server: usize) {
-    let (w, req) = (f.w, &f.req);
-    let frame = slot.frame.clone();
-    let mut wire = super::meta_wire(req, false);
-    wire.strip_n = slot.vivify_pending;
-    let queued = w.servers[server].send(
-        wire.expect,
-        f.reply_to(slot.parts.len()),
-        |b| super::write_meta(b, &frame, req, req.key.of(&frame), wire),
-        None,
-    );
-    slot.push_part(Part::new(server), queued);
-}
-
-/// An `mg` that missed (`EN`) or failed on its replica asks the next one.
-pub(crate) fn after_meta_round_one(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
-    let (w, req) = (f.w, &f.req);
-    slot.stage = Stage::Done;
-    if req.command != Command::MetaGet {
-        return;
-    }
-    let Some(replicas) = slot.replicas else {
-        return;
-    };
-    let Some(first) = slot.parts.first() else {
-        return;
-    };
-    let route = super::route_key(&slot.frame, req);
-    let found = matches!(&first.result, Some(Ok(r)) if !is_meta_miss(r.kind) && r.kind != ResponseKind::Error);
-    if found && changes_ttl(req) {
-        let server = first.server as usize;
-        mirror_ttl_changes(f, slot, &[(0, route, server)]);
-        // Settled in `after_meta_fallback`.
-        slot.stage = Stage::Fallback;
-        return;
-    }
-    let missed = match &first.result {
-        Some(Ok(r)) => is_meta_miss(r.kind) && w.miss_fallback,
-        Some(Err(e)) => !e.failure.is_oversize(),
-        None => false,
-    };
-    if matches!(&first.result, Some(Err(_))) {
-        skipped_ttl_change(w, req, first.server as usize, &route);
-    }
-    if !missed {
-        return;
-    }
-    let Some(tier) = replicas.iter().position(|s| s == first.server as usize) else {
-        return;
-    };
-    let Some(next) = super::first_serving(w, &replicas, &route, tier + 1, |_| {}) else {
-        return vivify(f, slot);
-    };
-    let server = replicas.get(next).unwrap_or(0);
-    send_meta(f, slot, server);
-    if let Some(p) = slot.parts.last_mut() {
-        p.role = Role::Fallback { key: 0, epoch: 0 };
-    }
-    slot.stage = Stage::Fallback;
-}
-
-/// An `mg` that fell back: a backup hit for a primary that missed is copied
-/// back before the `mg` is answered; a miss everywhere may create the item
-/// (`N`, see `vivify`).
-pub(crate) fn after_meta_fallback(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
-    let (w, req) = (f.w, &f.req);
-    slot.stage = Stage::Done;
-    // (An `mg ... T` may not carry the value a copy would need: a tier
-    // whose copy had expired just stays without one.)
-    let _ = settle_ttl_changes(w, slot, req);
-    if slot.parts.iter().any(|p| p.role == Role::Vivify) {
-        return; // the item was created: nothing to repair
-    }
-    let fell_back_to_a_miss = matches!(meta_fallback_part(slot).map(|p| &p.result),
-        Some(Some(Ok(r))) if is_meta_miss(r.kind));
-    if fell_back_to_a_miss {
-        return vivify(f, slot);
-    }
-    let (Some(first), Some(second)) = (slot.parts.first(), meta_fallback_part(slot)) else {
-        return;
-    };
-    let hit = matches!(&second.result, Some(Ok(r)) if matches!(r.kind, ResponseKind::Meta(MetaStatus::Value | MetaStatus::Hd)));
-    if !hit {
-        return;
-    }
-    w.stats.backup_hits.incr();
-    let route = super::route_key(&slot.frame, req);
-    let primary = w.router.primary(&route);
-    let primary_missed = matches!(&first.result, Some(Ok(_))) && first.server as usize == primary;
-    if !primary_missed {
-        return;
-    }
-    // The repair is part of the request, as a classic read's is: the
-    // client's next request on the key (a delete, say) must not be
-    // overtaken by it. The reply may not carry what a copy needs (value,
-    // flags, TTL), so the backup is asked for them first.
-    let backup = second.server as usize;
-    let epoch = w.servers[primary].health().missed.epoch();
-    let (wire, b64) = meta_wire_key(&route);
-    let flags: &[u8] = if b64 { b"b v f t" } else { b"v f t" };
-    let queued = w.servers[backup].send_for_key(
-        &route,
-        Expect::Meta,
-        f.reply_to(slot.parts.len()),
-        |b| compose::meta_get(b, &wire, flags, None),
-        None,
-    );
-    slot.push_part(Part::with_role(backup, Role::RepairFetch { epoch }), queued);
-    slot.stage = Stage::MetaRepairFetch;
-}
-
-/// How a key travels in a meta request the proxy makes: as it is, or in
-/// base64 (with the `b` flag) when a classic command could not carry it.
-fn meta_wire_key(route: &[u8]) -> (Vec<u8>, bool) {
-    if super::is_text_key(route) {
-        (route.to_vec(), false)
-    } else {
-        let mut enc = Vec::with_capacity(route.len() * 4 / 3 + 4);
-        memrelay_protocol::base64::encode(route, &mut enc);
-        (enc, true)
-    }
-}
-
-/// An `mg` repair's fetch is in: add the item to the primary (mode E: only
-/// if it has none by then), unless a write went past the primary since,
-/// or the backup may no longer serve the key.
-pub(crate) fn after_meta_repair_fetch(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
-    let (w, req) = (f.w, &f.req);
-    slot.stage = Stage::Done;
-    let Some((backup, epoch, reply)) = slot.parts.iter().find_map(|p| match (&p.role, &p.result) {
-        (Role::RepairFetch { epoch }, Some(Ok(r)))
-            if r.kind == ResponseKind::Meta(MetaStatus::Value) =>
-        {
-            Some((p.server as usize, *epoch, r.bytes.clone()))
-        }
-        _ => None,
-    }) else {
-        return;
-    };
-    let route = super::route_key(&slot.frame, req);
-    let primary = w.router.primary(&route);
-    if !w.servers[primary].health().serves(&route) || !w.servers[backup].health().serves(&route) {
-        w.stats.repairs_skipped.incr();
-        return;
-    }
-    let mf = meta_flags(&reply);
-    let Some((off, len)) = mf.data else { return };
-    let Some(ttl) = super::exptime_from_ttl(mf.ttl) else {
-        return;
-    };
-    let mut flags = format!("F{} T{} ME", mf.flags.unwrap_or(0), ttl).into_bytes();
-    let (wire, b64) = meta_wire_key(&route);
-    if b64 {
-        flags.extend_from_slice(b" b");
-    }
-    let queued = w.servers[primary].send_for_key(
-        &route,
-        Expect::Meta,
-        f.reply_to(slot.parts.len()),
-        |b| compose::meta_line(b, Command::MetaSet, &wire, Some(len), &flags),
-        Some(reply.slice(off..off + len)),
-    );
-    slot.push_part(
-        Part::with_role(primary, Role::Repair { key: 0, epoch }),
-        queued,
-    );
-    slot.stage = Stage::Repair;
-}
-
-/// An `mg` repair landed, or not: as `after_repair`, a copy that may be
-/// older than a write that went past the primary since the backup was
-/// read is deleted again (an add whose outcome is unknown counts as
-/// landed).
-pub(crate) fn after_meta_repair(w: &Cluster<impl Pool>, slot: &mut Slot, req: &Request) {
-    slot.stage = Stage::Done;
-    let route = super::route_key(&slot.frame, req);
-    for part in slot.parts.iter() {
-        let Role::Repair { epoch, .. } = part.role else {
-            continue;
-        };
-        let landed = match &part.result {
-            Some(Ok(r)) => r.kind == ResponseKind::Meta(MetaStatus::Hd),
-            _ => true,
-        };
-        let primary = part.server as usize;
-        if landed && w.servers[primary].health().missed.epoch() != epoch {
-            w.stats.repairs_skipped.incr();
-            w.mirror.delete(primary, route.clone());
-        } else if landed && part.result.as_ref().is_some_and(|r| r.is_ok()) {
-            w.stats.repairs.incr();
-        } else {
-            w.stats.repairs_skipped.incr();
-        }
-    }
-}
-
-/// The reply to `mg`/`me`: the backup's when it found the item, else the
-/// primary's; with `q`, a miss says nothing.
-pub(crate) fn render_meta(w: &Cluster<impl Pool>, slot: &Slot, req: &Request, out: &mut OutQueue) {
-    if refused_for_size(w, slot, out) {
-        return;
-    }
-    fn answered(p: &Part) -> Option<&crate::backend::BackendReply> {
-        match &p.result {
-            Some(Ok(r)) => Some(r),
-            _ => None,
-        }
-    }
-    let fallback_hit = meta_fallback_part(slot)
-        .and_then(answered)
-        .filter(|r| !is_meta_miss(r.kind));
-    let vivified = slot
-        .parts
-        .iter()
-        .rev()
-        .find(|p| p.role == Role::Vivify)
-        .and_then(answered);
-    let reply = vivified
-        .or(fallback_hit)
-        .or_else(|| slot.parts.iter().find_map(answered));
-    let Some(reply) = reply else {
-        // Nobody could answer: a miss, as memcached words it (with the
-        // opaque and key echoed, so pipelining clients can match it).
-        if req.command == Command::MetaGet && !req.meta.quiet {
-            out.put_slice(b"EN");
-            echo_opaque_and_key(slot, req, out);
-            out.put_slice(b"\r\n");
-        } else if req.command == Command::MetaDebug {
-            out.put_slice(super::write::NO_SERVER);
-        }
-        return;
-    };
-    if reply.kind == ResponseKind::Error {
-        w.stats.server_errors.incr();
-    }
-    if let Some(b) = super::meta_client_reply(req, super::meta_wire(req, false), reply) {
-        out.put_bytes(with_cas_token(
-            w,
-            slot,
-            req,
-            super::server_of(slot, reply),
-            b,
-        ));
-    }
-}
-
-/// A meta reply with its `c` flag made a token (`ha::cas`), when the
-/// request asked for it.
-pub(crate) fn with_cas_token(
-    w: &Cluster<impl Pool>,
-    slot: &Slot,
-    req: &Request,
-    server: Option<usize>,
-    reply: bytes::Bytes,
-) -> bytes::Bytes {
-    let Some(server) = server else { return reply };
-    if !super::cas::asks_cas(req.meta.flags.of(&slot.frame)) {
-        return reply;
-    }
-    match super::cas::meta_reply_with_token(&reply, w.servers[server].health().stamp()) {
-        Some(v) => bytes::Bytes::from(v),
-        None => reply,
-    }
-}
-
-/// No replica has the item an `mg ... N` asked for: send it whole to the
-/// first replica that serves the key, which creates it (and hands out the
-/// win flag). Nothing when the request was not held back.
-fn vivify(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
-    let (w, req) = (f.w, &f.req);
-    if !slot.vivify_pending {
-        return;
-    }
-    slot.vivify_pending = false;
-    let Some(replicas) = slot.replicas else {
-        return;
-    };
-    let route = super::route_key(&slot.frame, req);
-    let Some((_, server)) = super::serving(w, &replicas, &route, 0, |_| {}) else {
-        return;
-    };
-    send_meta(f, slot, server);
-    if let Some(p) = slot.parts.last_mut() {
-        p.role = Role::Vivify;
-    }
-    slot.stage = Stage::Fallback;
-}
-
-/// An `mg`'s second round, if it had one (its TTL copies are not).
-fn meta_fallback_part(slot: &Slot) -> Option<&Part> {
-    slot.parts
-        .iter()
-        .find(|p| matches!(p.role, Role::Fallback { .. }))
-}
-
-/// A meta get that found nothing: `EN`, or nothing at all in quiet mode.
-fn is_meta_miss(kind: ResponseKind) -> bool {
-    matches!(kind, ResponseKind::Meta(MetaStatus::En | MetaStatus::Mn))
-}
-
-/// memcached echoes `O` and `k` flags even on a miss.
-fn echo_opaque_and_key(slot: &Slot, req: &Request, out: &mut OutQueue) {
-    for tok in req
-        .meta
-        .flags
-        .of(&slot.frame)
-        .split(|&b| b == b' ')
-        .filter(|t| !t.is_empty())
-    {
-        match tok[0] {
-            b'O' => {
-                out.put_slice(b" ");
-                out.put_slice(tok);
-            }
-            b'k' => {
-                out.put_slice(b" k");
-                out.put_slice(req.key.of(&slot.frame));
-                if req.meta.base64 {
-                    out.put_slice(b" b");
-                }
-            }
-            _ => {}
-        }
-    }
 }

@@ -1,20 +1,23 @@
 //! A client request between parse and reply.
 //!
 //! A slot holds the request's frame (its key and value live there), the
-//! sub-requests sent for it ([`Part`]s, filled in as servers answer), and the
-//! stage it is at. Stages exist because a request may need more than one
-//! round: a read that missed on the primary asks the backup; a write whose
-//! primary failed is sent to the backup. The session advances a slot each
-//! time all its pending parts are in, until it is `Done`.
+//! sub-requests sent for it ([`Part`]s, filled in as servers answer), and
+//! where its flow stands ([`State`]: one variant per kind of request, each
+//! with a stage only its own module sees). Stages exist because a request
+//! may need more than one round: a read that missed on the primary asks the
+//! backup; a write whose primary failed is sent to the backup. The session
+//! advances a slot each time all its pending parts are in, until it is done.
 //!
-//! The HA steps ([`super::read`], [`super::write`]) are what advance a slot,
-//! so its types live here; the session keeps each slot together with the
-//! configuration it started under (`proxy::slot::Queued`).
+//! The HA steps ([`super::read`], [`super::meta_read`], [`super::write`])
+//! are what advance a slot, so its types live here; the session keeps each
+//! slot together with the configuration it started under
+//! (`proxy::slot::Queued`).
 
 use bytes::Bytes;
 use memrelay_protocol::{Command, Request};
 use smallvec::SmallVec;
 
+use super::flow::State;
 use crate::backend::{BackendError, BackendResult};
 use crate::router::Replicas;
 
@@ -44,7 +47,7 @@ pub(crate) enum Role {
     /// the primary lost (see `ha::write::start`).
     Create,
     /// An `mg ... N` sent whole (with `N`) once neither replica had the
-    /// item (see `ha::read::start_meta`).
+    /// item (see `ha::meta_read::start`).
     Vivify,
     /// A read that changed a TTL (`gat`, `gats`, `mg ... T`): the same TTL
     /// set on a later tier for key number `key`.
@@ -80,27 +83,6 @@ impl Part {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Stage {
-    /// Nothing more to send: render when `pending` is 0.
-    Done,
-    /// A read's first round (primaries, or backups for keys whose primary
-    /// cannot serve them).
-    Read,
-    /// A read's second round: lookups on backups for keys that missed.
-    Fallback,
-    /// A write sent to the replica at this tier (0 = primary).
-    Write { tier: u8 },
-    /// A write's copies on the backups, which the client's reply waits for.
-    Mirror,
-    /// A create-if-absent write asked the first backup first.
-    Create,
-    /// A read's backup hits being written back to primaries.
-    Repair,
-    /// An `mg`'s backup hit being fetched for its repair.
-    MetaRepairFetch,
-}
-
 /// A reply the proxy makes itself.
 #[derive(Debug)]
 pub(crate) enum Local {
@@ -119,24 +101,18 @@ pub(crate) struct Slot {
     /// [`fill`](Slot::fill), so a step cannot lose count of them.
     pending: u32,
     pub parts: SmallVec<[Part; 2]>,
-    /// Reads over several servers: the first-round part of each key.
-    /// Empty when all keys went to `parts[0]`.
-    pub(super) key_parts: Vec<u16>,
     /// Single-key commands: where the key lives.
     pub replicas: Option<Replicas>,
-    /// Where its flow stands: set by the HA steps alone (`ha::read`,
-    /// `ha::write`); the layers above ask [`is_done`](Slot::is_done),
+    /// Where its flow stands: set by the HA steps alone, each kind's in
+    /// its own module; the layers above ask [`is_done`](Slot::is_done),
     /// [`wants_step`](Slot::wants_step) and
     /// [`copies_unsettled`](Slot::copies_unsettled).
-    pub(super) stage: Stage,
+    pub(super) state: State,
     pub local: Option<Local>,
     /// When the request was parsed (for the latency histograms).
     pub started: std::time::Instant,
     /// Bytes of server replies held in `parts` (see `session::Inbox`).
     pub held: usize,
-    /// An autovivifying request (`ma ... N`, `mg ... N`) still travels
-    /// without its `N`: it creates the item only once no replica has it.
-    pub(super) vivify_pending: bool,
 }
 
 impl Slot {
@@ -146,13 +122,11 @@ impl Slot {
             req: Some(req),
             pending: 0,
             parts: SmallVec::new(),
-            key_parts: Vec::new(),
             replicas: None,
-            stage: Stage::Done,
+            state: State::Done,
             local: None,
             started: std::time::Instant::now(),
             held: 0,
-            vivify_pending: false,
         }
     }
 
@@ -162,13 +136,11 @@ impl Slot {
             req: None,
             pending: 0,
             parts: SmallVec::new(),
-            key_parts: Vec::new(),
             replicas: None,
-            stage: Stage::Done,
+            state: State::Done,
             local: Some(local),
             started: std::time::Instant::now(),
             held: 0,
-            vivify_pending: false,
         }
     }
 
@@ -189,7 +161,7 @@ impl Slot {
     }
 
     pub(crate) fn is_done(&self) -> bool {
-        self.pending == 0 && self.stage == Stage::Done
+        self.pending == 0 && self.state.is_done()
     }
 
     /// A write that its primary took, or may have taken, while its copies
@@ -199,10 +171,7 @@ impl Slot {
     /// primary's. A write that failed over to a backup is not one: that
     /// backup may hold the key's only copy.
     pub(crate) fn copies_unsettled(&self) -> bool {
-        matches!(
-            self.stage,
-            Stage::Write { tier: 0 } | Stage::Mirror | Stage::Create
-        )
+        self.state.copies_unsettled()
     }
 
     /// Sub-requests of the current stage are still to come.
@@ -213,7 +182,7 @@ impl Slot {
     /// All of the current stage's parts are in and there is a next step
     /// to take (`ha::flow::advance`).
     pub(crate) fn wants_step(&self) -> bool {
-        self.pending == 0 && self.stage != Stage::Done
+        self.pending == 0 && !self.state.is_done()
     }
 
     /// Whether part `part` was sent and its result has not come yet.
@@ -242,11 +211,6 @@ impl Slot {
             Err(e) => part.result = Some(Err(e)),
         }
         self.parts.push(part);
-    }
-
-    /// The first-round part key `i` was read from.
-    pub(crate) fn part_of_key(&self, i: usize) -> usize {
-        self.key_parts.get(i).map(|&p| p as usize).unwrap_or(0)
     }
 
     pub(crate) fn result(&self, part: usize) -> Option<&BackendResult> {

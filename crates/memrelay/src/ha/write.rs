@@ -19,8 +19,8 @@
 use bytes::BytesMut;
 use memrelay_protocol::{compose, Command, Expect, MetaStatus, Request, ResponseKind};
 
-use super::flow::Flow;
-use super::slot::{Local, Part, Role, Slot, Stage};
+use super::flow::{Flow, State};
+use super::slot::{Local, Part, Role, Slot};
 use super::{Cluster, Inbox, Pool};
 use crate::net::outqueue::OutQueue;
 use smallvec::SmallVec;
@@ -106,6 +106,57 @@ fn compose_line(
     }
 }
 
+/// A write's own state, in its slot (`State::Write`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Write(WriteStage);
+
+/// Where a write stands. Each step returns the next (`advance`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteStage {
+    /// Sent to the replica at `tier` (0 = primary). `vivify_pending`: an
+    /// autovivifying `ma ... N` travels without its `N`, so that it creates
+    /// the item only once no replica has it (see `after_answer`).
+    Sent { tier: u8, vivify_pending: bool },
+    /// Its copies on the backups, which the client's reply waits for.
+    Mirror,
+    /// A create-if-absent write asked the first backup first.
+    Create { vivify_pending: bool },
+    /// Nothing more to send.
+    Done,
+}
+
+impl Write {
+    pub(crate) fn is_done(&self) -> bool {
+        self.0 == WriteStage::Done
+    }
+
+    /// See `Slot::copies_unsettled`: still on the primary, being copied,
+    /// or created on the first backup first.
+    pub(crate) fn copies_unsettled(&self) -> bool {
+        matches!(
+            self.0,
+            WriteStage::Sent { tier: 0, .. } | WriteStage::Mirror | WriteStage::Create { .. }
+        )
+    }
+}
+
+/// All of a write's parts are in: its next step.
+pub(crate) fn advance(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+    let State::Write(Write(stage)) = slot.state else {
+        return;
+    };
+    let next = match stage {
+        WriteStage::Sent {
+            tier,
+            vivify_pending,
+        } => after_answer(f, slot, tier as usize, vivify_pending),
+        WriteStage::Mirror => after_mirrors(f, slot),
+        WriteStage::Create { vivify_pending } => after_create(f, slot, vivify_pending),
+        WriteStage::Done => WriteStage::Done,
+    };
+    slot.state = State::Write(Write(next));
+}
+
 /// Starts a write: sends it to the first replica that can take it.
 pub(crate) fn start(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
     let (w, req) = (f.w, &f.req);
@@ -115,16 +166,19 @@ pub(crate) fn start(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
         w.servers[s].health().note_write(&key);
     }
     slot.replicas = Some(replicas);
-    slot.vivify_pending = super::vivifies_later(w, req);
+    let vivify_pending = super::vivifies_later(w, req);
     if creates_if_absent(req) {
         if let (Some(p), Some(b)) = (replicas.get(0), replicas.get(1)) {
             let key: &[u8] = &key;
             if w.servers[p].health().serves(key) && w.servers[b].health().serves(key) {
-                return ask_backup_first(f, slot, b);
+                ask_backup_first(f, slot, b);
+                slot.state = State::Write(Write(WriteStage::Create { vivify_pending }));
+                return;
             }
         }
     }
-    attempt(f, slot, 0);
+    let stage = attempt(f, slot, 0, vivify_pending);
+    slot.state = State::Write(Write(stage));
 }
 
 /// `add` and `ms ... ME` store only if the key holds no item. The primary
@@ -164,7 +218,6 @@ fn ask_backup_first(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, backup
         |b| compose_line(b, &frame, req, req.command, wire_key, wire),
         Some(value),
     );
-    slot.stage = Stage::Create;
     slot.push_part(Part::with_role(backup, Role::Create), queued);
 }
 
@@ -179,15 +232,18 @@ fn stored(kind: ResponseKind) -> Option<bool> {
 }
 
 /// The first backup answered a create-if-absent write.
-pub(crate) fn after_create(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
+fn after_create(
+    f: &Flow<'_, impl Inbox, impl Pool>,
+    slot: &mut Slot,
+    vivify_pending: bool,
+) -> WriteStage {
     let (w, req) = (f.w, &f.req);
-    slot.stage = Stage::Done;
     let Some(replicas) = slot.replicas else {
-        return;
+        return WriteStage::Done;
     };
     let route = super::route_key(&slot.frame, req);
     let Some(first) = slot.parts.first() else {
-        return;
+        return WriteStage::Done;
     };
     let backup = first.server as usize;
     match first
@@ -196,22 +252,23 @@ pub(crate) fn after_create(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot)
         .map(|r| r.as_ref().map(|r| stored(r.kind)))
     {
         // An item exists: "not stored" is the answer, nothing changed.
-        Some(Ok(Some(false))) => {}
+        Some(Ok(Some(false))) => WriteStage::Done,
         Some(Ok(Some(true))) => {
             let primary = replicas.primary();
             if w.servers[primary].health().serves(&route) {
-                attempt(f, slot, 0);
+                attempt(f, slot, 0, vivify_pending)
             } else {
                 // The primary went down meanwhile: the backup's item is the
                 // key's, and the primary missed it.
                 w.servers[primary].health().missed.record(&route);
+                WriteStage::Done
             }
         }
         // Failed, or refused for another reason: the backup may hold
         // anything now. It misses the key; the primary takes the write.
         _ => {
             w.servers[backup].health().missed.record(&route);
-            attempt(f, slot, 0);
+            attempt(f, slot, 0, vivify_pending)
         }
     }
 }
@@ -237,11 +294,17 @@ fn blind_overwrite(req: &Request) -> bool {
     }
 }
 
-/// Sends the write to the first serving replica at or after `from`.
-fn attempt(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, from: usize) {
+/// Sends the write to the first serving replica at or after `from`
+/// (`vivify_pending`: without its `N`, see `WriteStage::Sent`).
+fn attempt(
+    f: &Flow<'_, impl Inbox, impl Pool>,
+    slot: &mut Slot,
+    from: usize,
+    vivify_pending: bool,
+) -> WriteStage {
     let (w, req) = (f.w, &f.req);
     let Some(replicas) = slot.replicas else {
-        return;
+        return WriteStage::Done;
     };
     let frame = slot.frame.clone();
     let wire_key = req.key.of(&frame);
@@ -252,12 +315,11 @@ fn attempt(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, from: usize) {
         w.servers[skipped].health().missed.record(key);
     });
     let Some((tier, server)) = target else {
-        slot.stage = Stage::Done;
         if slot.parts.is_empty() {
             w.stats.server_errors.incr();
             slot.local = Some(Local::Static(if req.noreply { b"" } else { NO_SERVER }));
         }
-        return;
+        return WriteStage::Done;
     };
     if tier > 0 {
         w.stats.failovers.incr();
@@ -278,7 +340,7 @@ fn attempt(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, from: usize) {
     let req_here = &req_here;
     let mut wire = wire;
     wire.cas = super::meta_cas_token(&frame, req).map(|t| super::cas::unique_for(t, stamp));
-    wire.strip_n = slot.vivify_pending;
+    wire.strip_n = vivify_pending;
     let queued = w.servers[server].send_for_key(
         key,
         expect,
@@ -286,7 +348,6 @@ fn attempt(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, from: usize) {
         |b| compose_line(b, &frame, req_here, req.command, wire_key, wire),
         value,
     );
-    slot.stage = Stage::Write { tier: tier as u8 };
     slot.push_part(Part::new(server), queued);
     if tier == 0 && blind_overwrite(req) {
         // Copy it to the backups now, in parallel: the client's reply then
@@ -306,20 +367,28 @@ fn attempt(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, from: usize) {
             }
         }
     }
+    WriteStage::Sent {
+        tier: tier as u8,
+        vivify_pending,
+    }
 }
 
-/// The replica answered or failed: mirror, or move to the next replica.
-pub(crate) fn advance(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, tier: usize) {
+/// The replica at `tier` answered or failed: mirror, or move to the next
+/// replica.
+fn after_answer(
+    f: &Flow<'_, impl Inbox, impl Pool>,
+    slot: &mut Slot,
+    tier: usize,
+    vivify_pending: bool,
+) -> WriteStage {
     let (w, req) = (f.w, &f.req);
     let Some(replicas) = slot.replicas else {
-        slot.stage = Stage::Done;
-        return;
+        return WriteStage::Done;
     };
     let frame = slot.frame.clone();
     let route = super::route_key(&frame, req);
     let main = slot.main_part().unwrap_or(0);
     let mirrored_in_parallel = slot.mirrored_in_parallel();
-    slot.stage = Stage::Done;
     match slot.result(main) {
         // The primary does not have the item but a backup may (the
         // primary restarted or had the key invalidated): like a read, the
@@ -335,13 +404,12 @@ pub(crate) fn advance(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, tier
                 replicas: &replicas,
                 route: &route,
             };
-            fall_back_from_a_miss(f, slot, key)
+            fall_back_from_a_miss(f, slot, key, vivify_pending)
         }
-        Some(Ok(reply)) if slot.vivify_pending && is_miss(req, reply.kind) => {
+        Some(Ok(reply)) if vivify_pending && is_miss(req, reply.kind) => {
             // No replica had the item: now create it, from the first tier
             // that serves the key, and copy it as usual.
-            slot.vivify_pending = false;
-            attempt(f, slot, 0);
+            attempt(f, slot, 0, false)
         }
         Some(Ok(reply)) => {
             if tier > 0 && !is_miss(req, reply.kind) {
@@ -364,7 +432,7 @@ pub(crate) fn advance(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, tier
                 // The backup stored it already (exactly once): its answer
                 // is the client's (see `answer`).
                 w.stats.failovers.incr();
-                return;
+                return WriteStage::Done;
             }
             if mirrored_in_parallel {
                 // The backups already have it, exactly once: their answer
@@ -372,31 +440,35 @@ pub(crate) fn advance(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, tier
                 w.stats.failovers.incr();
                 return settle_mirrors(f, slot, false);
             }
-            attempt(f, slot, tier + 1);
+            attempt(f, slot, tier + 1, vivify_pending)
         }
-        None => {}
+        None => WriteStage::Done,
     }
 }
 
-/// The primary answered a write that it holds no item (see `advance`):
+/// The primary answered a write that it holds no item (see `after_answer`):
 /// the write moves to the backup. When no backup can take it, an
 /// autovivifying request creates the item on the primary; any other keeps
 /// the primary's answer, whose mirror rule then applies.
-fn fall_back_from_a_miss(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, key: KeyRoute<'_>) {
-    attempt(f, slot, 1);
+fn fall_back_from_a_miss(
+    f: &Flow<'_, impl Inbox, impl Pool>,
+    slot: &mut Slot,
+    key: KeyRoute<'_>,
+    vivify_pending: bool,
+) -> WriteStage {
+    let next = attempt(f, slot, 1, vivify_pending);
     let fell_back = slot.parts.iter().filter(|p| p.role == Role::Main).count() > 1;
     if fell_back {
-        return;
+        return next;
     }
-    if slot.vivify_pending {
+    if vivify_pending {
         // No backup could be asked: create it on the primary.
-        slot.vivify_pending = false;
-        attempt(f, slot, 0);
+        attempt(f, slot, 0, false)
     } else {
         // No backup could take it: the primary's answer stands, and its
         // mirror rule (the backups' copies are deleted) applies.
         slot.local = None;
-        mirror_after(f, slot, 0, key);
+        mirror_after(f, slot, 0, key)
     }
 }
 
@@ -424,13 +496,13 @@ fn mirror_after(
     slot: &mut Slot,
     tier: usize,
     key: KeyRoute<'_>,
-) {
+) -> WriteStage {
     let (w, req) = (f.w, &f.req);
     let KeyRoute { replicas, route } = key;
     let main = slot.main_part().unwrap_or(0);
     let mirrored_in_parallel = slot.mirrored_in_parallel();
     let Some(Ok(reply)) = slot.result(main) else {
-        return;
+        return WriteStage::Done;
     };
     let (kind, number) = outcome(req, reply);
     if req.command == Command::MetaArith
@@ -445,7 +517,7 @@ fn mirror_after(
                 w.servers[server].health().missed.record(route);
             }
         }
-        return;
+        return WriteStage::Done;
     }
     if mirrored_in_parallel {
         // The primary did not store it: the copies must not stand.
@@ -485,7 +557,9 @@ fn mirror_after(
         }
     }
     if slot.is_waiting() {
-        slot.stage = Stage::Mirror;
+        WriteStage::Mirror
+    } else {
+        WriteStage::Done
     }
 }
 
@@ -528,8 +602,8 @@ fn is_miss(req: &Request, kind: ResponseKind) -> bool {
 /// The copies on the backups are in: a backup that failed or answered
 /// otherwise than the primary is recorded as having missed the key, so it
 /// never serves it until the key is invalidated there.
-pub(crate) fn after_mirrors(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
-    settle_mirrors(f, slot, false);
+fn after_mirrors(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) -> WriteStage {
+    settle_mirrors(f, slot, false)
 }
 
 /// Judges every mirror not yet judged. A backup that answered but ended in
@@ -537,9 +611,12 @@ pub(crate) fn after_mirrors(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot
 /// its copy deleted before the client is answered, so it holds the
 /// primary's item or nothing; one that failed is recorded as having missed
 /// the key.
-fn settle_mirrors(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, primary_refused: bool) {
+fn settle_mirrors(
+    f: &Flow<'_, impl Inbox, impl Pool>,
+    slot: &mut Slot,
+    primary_refused: bool,
+) -> WriteStage {
     let (w, req) = (f.w, &f.req);
-    slot.stage = Stage::Done;
     let route = super::route_key(&slot.frame, req);
     let mut compensate: SmallVec<[usize; 2]> = SmallVec::new();
     for p in slot.parts.iter_mut().filter(|p| !p.settled) {
@@ -599,14 +676,16 @@ fn settle_mirrors(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, primary_
         slot.push_part(Part::with_role(server, Role::Compensate), queued);
     }
     if slot.is_waiting() {
-        slot.stage = Stage::Mirror;
+        WriteStage::Mirror
     } else if slot
         .parts
         .iter()
         .any(|p| p.role == Role::Compensate && !p.settled)
     {
         // A compensation failed at once: settle it now.
-        settle_mirrors(f, slot, false);
+        settle_mirrors(f, slot, false)
+    } else {
+        WriteStage::Done
     }
 }
 
@@ -657,7 +736,7 @@ pub(crate) fn render(w: &Cluster<impl Pool>, slot: &Slot, req: &Request, out: &m
             if req.command.is_meta() {
                 if let Some(b) = meta_reply_bytes(slot, req, reply, from_mirror) {
                     let server = super::server_of(slot, reply);
-                    out.put_bytes(super::read::with_cas_token(w, slot, req, server, b));
+                    out.put_bytes(super::meta_read::with_cas_token(w, slot, req, server, b));
                 }
             } else {
                 out.put_bytes(reply.bytes.clone());

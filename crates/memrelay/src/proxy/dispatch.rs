@@ -1,10 +1,10 @@
 //! Turning one client request into its first sub-requests, and moving it
 //! through its later stages.
 //!
-//! Keyed commands go to the HA layer (`ha::read`, `ha::write`), which picks
-//! replicas. `flush_all` goes to every server. Commands the proxy answers
-//! itself (`version`, `stats`, `verbosity`, `mn`, `quit`) become local
-//! replies, queued in order like the rest.
+//! Keyed commands go to the HA layer (`ha::read`, `ha::meta_read`,
+//! `ha::write`), which picks replicas. `flush_all` goes to every server.
+//! Commands the proxy answers itself (`version`, `stats`, `verbosity`,
+//! `mn`, `quit`) become local replies, queued in order like the rest.
 
 use std::rc::Rc;
 
