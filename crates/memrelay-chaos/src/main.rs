@@ -1254,8 +1254,21 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
     );
     let ok = total.violations() == 0 && errors.is_empty() && total.ops() > 0;
     if !ok {
-        for d in total.details.iter().take(40) {
-            println!("  {d}");
+        // The first 40 of each kind, the rarest (stale) first; each with
+        // the lines that go with it.
+        let kinds = memrelay_testkit::model::KINDS.len();
+        for kind in 0..=kinds {
+            let mut shown = 0;
+            let mut showing = false;
+            for d in &total.details {
+                if !d.starts_with("    ") {
+                    showing = memrelay_testkit::model::kind_of(d) == kind && shown < 40;
+                    shown += usize::from(showing);
+                }
+                if showing {
+                    println!("  {d}");
+                }
+            }
         }
         for e in &errors {
             println!("  run error: {e}");

@@ -36,8 +36,20 @@ use crate::wire::{is_error_line, Val};
 /// Candidates kept before a key's state is declared unknown ("wild"): its
 /// hits are then not checked until the next set or delete is acknowledged.
 const MAX_CANDS: usize = 64;
-/// Detailed violation lines kept per client (all are counted).
+/// Detailed violation lines kept per client and kind of violation (all
+/// are counted): a flood of one kind does not hide the first of another.
 const MAX_DETAILS: usize = 40;
+
+/// The kinds of violation, as their detail lines name them.
+pub const KINDS: [&str; 4] = ["STALE", "LOST", "WRONG", "LATE"];
+
+/// Which of [`KINDS`] a detail line is (`KINDS.len()` for other lines).
+pub fn kind_of(detail: &str) -> usize {
+    KINDS
+        .iter()
+        .position(|k| detail.contains(&format!(": {k}")))
+        .unwrap_or(KINDS.len())
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Item {
@@ -578,6 +590,10 @@ pub struct Tally {
     /// Latency histogram, 1 ms buckets up to 10 s (last bucket: above).
     pub hist: Vec<u64>,
     pub details: Vec<String>,
+    /// Details kept of each kind (`kind_of`), and whether the last line
+    /// was kept (the lines that follow a violation go with it).
+    kept: [usize; KINDS.len() + 1],
+    last_kept: bool,
 }
 
 impl Tally {
@@ -664,7 +680,17 @@ impl Tally {
     }
 
     fn detail(&mut self, s: String) {
-        if self.details.len() < MAX_DETAILS {
+        if s.starts_with("    ") {
+            // The context of the violation before it.
+            if self.last_kept {
+                self.details.push(s);
+            }
+            return;
+        }
+        let kind = kind_of(&s);
+        self.last_kept = self.kept[kind] < MAX_DETAILS;
+        if self.last_kept {
+            self.kept[kind] += 1;
             self.details.push(s);
         }
     }
