@@ -1,14 +1,19 @@
 """What the benchmark and plot scripts share: reading CPU time and memory
-from /proc, picking and probing ports on 127.0.0.1, and the memcached
-command line they start their servers with.
+from /proc, picking and probing ports on 127.0.0.1, the memcached command
+line they start their servers with, a record of the processes they start
+(all stopped at the end), and a TCP forwarder that can hold its bytes (a
+silent network partition).
 
-The scripts (scripts/bench, latency-bench, resync-bench, failover-plot)
-import it with scripts/lib on sys.path; it writes nothing and starts
-nothing by itself.
+The scripts (scripts/bench, latency-bench, resync-bench, failover-plot,
+partition-plot) import it with scripts/lib on sys.path; it writes nothing
+and starts nothing by itself.
 """
 
 import os
+import signal
 import socket
+import subprocess
+import threading
 import time
 
 HOST = "127.0.0.1"
@@ -136,3 +141,142 @@ def memcached_argv(port, memory_mb, binary="memcached", threads=None, conns=None
     if os.geteuid() == 0:
         argv += ["-u", "root"]
     return argv
+
+
+# ---------------------------------------------------------------------------
+# Processes
+
+class Procs:
+    """Every process started, stopped at exit (SIGCONT first: a stopped
+    process would not see SIGTERM). Each one's output goes to
+    LOGDIR/NAME.log."""
+
+    def __init__(self, logdir):
+        self.procs = []
+        self.logdir = logdir
+
+    def start(self, name, argv):
+        log = open(os.path.join(self.logdir, name + ".log"), "ab")
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        log.close()  # the child has its own copy
+        self.procs.append(p)
+        return p
+
+    def stop_all(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+# ---------------------------------------------------------------------------
+# A network link that can fail silently
+
+TCP_CLOSE = 7  # tcpi_state of a connection the peer reset
+
+
+class Forwarder:
+    """Listens on HOST, a free port (`.port`), and forwards each connection
+    to HOST:`target_port`, byte for byte, in both directions.
+
+    `blackhole()` makes it a silent partition: nothing is forwarded and
+    nothing is closed; the bytes wait (in the kernel's buffers, and at most
+    one chunk per direction here) until `heal()`, as a network holds
+    segments that TCP then retransmits. A connection its client reset
+    meanwhile is closed at the heal without delivering what it held, since
+    a reset sender's kernel drops what the receiver had not acknowledged.
+    New connections are accepted during a blackhole, then held the same
+    way (a real partition would leave the SYN unanswered)."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((HOST, 0))
+        self.listener.listen(128)
+        self.port = self.listener.getsockname()[1]
+        self.passing = threading.Event()
+        self.passing.set()
+        self.closed = False
+        self.lock = threading.Lock()
+        self.socks = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def blackhole(self):
+        self.passing.clear()
+
+    def heal(self):
+        self.passing.set()
+
+    def close(self):
+        """Stops accepting and closes every forwarded connection."""
+        self.closed = True
+        self.passing.set()
+        self.listener.close()
+        with self.lock:
+            for s in self.socks:
+                _shut(s)
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection((HOST, self.target_port), timeout=2)
+                server.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                if self.closed:
+                    _shut(client)
+                    _shut(server)
+                    return
+                self.socks += [client, server]
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst, client),
+                                 daemon=True).start()
+
+    def _wait_passing(self):
+        self.passing.wait()
+        return not self.closed
+
+    def _pump(self, src, dst, client):
+        try:
+            while self._wait_passing():
+                data = src.recv(65536)
+                if not data:
+                    break
+                # A blackhole that began meanwhile holds this chunk too.
+                if not self._wait_passing() or _was_reset(client):
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _shut(src)
+            _shut(dst)
+
+
+def _was_reset(sock):
+    """Whether the peer of `sock` reset the connection (read from TCP_INFO,
+    which, unlike SO_ERROR, does not clear what it reports)."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_CLOSE
+    except OSError:
+        return True
+
+
+def _shut(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
