@@ -423,6 +423,13 @@ pub struct KeyModel {
     /// so neither a hit past the old expiry nor a miss says anything
     /// until the next acknowledged `set` or `gat`.
     ttl_unknown: bool,
+    /// When a write's outcome was last found unknown, no replica had been
+    /// up and untouched since the value was set: every replica may have
+    /// lost the key, so a create-if-absent (`add`) may have stored.
+    may_be_lost: bool,
+    /// From when the item set with a TTL may have expired on a server
+    /// (memcached's clock ticks in whole seconds: up to a second early).
+    may_expire: Option<Instant>,
     history: VecDeque<String>,
 }
 
@@ -442,6 +449,8 @@ impl KeyModel {
             gets_unique: None,
             expiry: None,
             ttl_unknown: false,
+            may_be_lost: false,
+            may_expire: None,
             history: VecDeque::new(),
         }
     }
@@ -487,6 +496,7 @@ impl KeyModel {
     fn ack_value(&mut self, item: Item, sent: Instant) {
         self.changes += 1;
         self.expiry = None;
+        self.may_expire = None;
         self.ttl_unknown = false;
         self.cands = vec![Some(item)];
         self.exact = true;
@@ -496,6 +506,7 @@ impl KeyModel {
 
     fn ack_absent(&mut self) {
         self.expiry = None;
+        self.may_expire = None;
         self.ttl_unknown = false;
         self.cands = vec![None];
         self.exact = true;
@@ -748,6 +759,8 @@ pub fn check(
         let ok = check(ctx, tally, keys, &twin, reply, sent, now);
         if matches!(reply, Ok(Reply::Line(l)) if l == "STORED") {
             keys[*k].expiry = expiry_after(*ttl, now);
+            keys[*k].may_expire = (*ttl > 0)
+                .then(|| sent + Duration::from_secs(u64::from(*ttl)) - Duration::from_secs(1));
             // The history shows the twin's line (TTL 0): say which it was.
             keys[*k].log(ctx.ms(sent), format!("(that set had a TTL of {ttl} s)"));
         }
@@ -960,7 +973,10 @@ fn unknown_outcome(keys: &mut [KeyModel], op: &Op) {
         Op::MetaSet { .. } | Op::MetaGet { .. } | Op::MetaDelete { .. } | Op::MetaIncr { .. } => {}
         Op::Cas { k, item, .. } => keys[*k].maybe(|c| c.is_some().then(|| Some(item.clone()))),
         Op::Set { k, item } => keys[*k].maybe(|_| Some(Some(item.clone()))),
-        Op::Add { k, item } => keys[*k].maybe(|c| c.is_none().then(|| Some(item.clone()))),
+        Op::Add { k, item } => {
+            let lost = keys[*k].may_be_lost;
+            keys[*k].maybe(|c| (c.is_none() || lost).then(|| Some(item.clone())))
+        }
         Op::Replace { k, item } => keys[*k].maybe(|c| c.is_some().then(|| Some(item.clone()))),
         Op::Delete { k } => keys[*k].maybe(|_| Some(None)),
         Op::Incr { k, delta, down } => keys[*k].maybe(|c| {
@@ -1110,6 +1126,7 @@ fn check_write(
     let k = op.keys()[0];
     let m = &mut keys[k];
     m.log(at, format!("{render} -> {l}"));
+    note_loss(ctx, m);
     let guarded = m.known_value().is_some()
         && m.expiry.is_none()
         && !m.ttl_unknown
@@ -1392,8 +1409,19 @@ pub fn abandon(ctx: &Ctx, tally: &mut Tally, keys: &mut [KeyModel], op: &Op, why
     let at = ctx.ms(Instant::now());
     for k in op.keys() {
         keys[k].log(at, format!("{first} -> no reply: {why}"));
+        note_loss(ctx, &mut keys[k]);
     }
     unknown_outcome(keys, op);
+}
+
+/// Whether the key may be gone from every replica: none was up and
+/// untouched since its value was set, or the value had a TTL that may
+/// have run out. For a write whose outcome may turn out unknown.
+fn note_loss(ctx: &Ctx, m: &mut KeyModel) {
+    m.may_be_lost = !m
+        .base_sent
+        .is_some_and(|b| (ctx.live_replica)(m.primary, b))
+        || m.may_expire.is_some_and(|t| Instant::now() >= t);
 }
 
 /// Sends `ops` on `conn` in one write (a pipelined batch when there are
@@ -1586,6 +1614,55 @@ mod tests {
                 (set(0, "c0k0s1", 1), line("STORED")),
                 (get(0), vals(vec![])),
                 (add, Err(Fail::Closed("reset".into()))),
+                (get(0), vals(vec![val("t", "c0k0d2", 3)])),
+            ],
+        );
+        assert_eq!(t.violations(), 0, "{:?}", t.details);
+    }
+
+    #[test]
+    fn with_every_replica_disturbed_an_add_of_unknown_outcome_may_have_stored() {
+        // No read missed first: the replicas may still have lost the key
+        // (a fleet refused the add after the backup, restarted empty,
+        // took it).
+        let steps = |live| {
+            let add = Op::Add {
+                k: 0,
+                item: item("c0k0d2", 3),
+            };
+            run(
+                live,
+                &[
+                    (set(0, "c0k0s1", 1), line("STORED")),
+                    (add, line(UNCONFIRMED)),
+                    (get(0), vals(vec![val("t", "c0k0d2", 3)])),
+                ],
+            )
+        };
+        let t = steps(false);
+        assert_eq!(t.violations(), 0, "{:?}", t.details);
+        // With a replica up and untouched, the key was there: the add
+        // could not store, and its value is stale.
+        assert_eq!(steps(true).stale, 1);
+    }
+
+    #[test]
+    fn once_a_ttl_may_have_run_out_an_add_of_unknown_outcome_may_have_stored() {
+        let set_ttl = Op::SetTtl {
+            k: 0,
+            item: item("c0k0s1", 1),
+            ttl: 1,
+        };
+        let add = Op::Add {
+            k: 0,
+            item: item("c0k0d2", 3),
+        };
+        // Every replica up and untouched: only the TTL can explain it.
+        let t = run(
+            true,
+            &[
+                (set_ttl, line("STORED")),
+                (add, line(UNCONFIRMED)),
                 (get(0), vals(vec![val("t", "c0k0d2", 3)])),
             ],
         );
