@@ -10,38 +10,30 @@ use std::time::{Duration, Instant};
 
 use memrelay::config::cli::{parse_args, Action};
 use memrelay::router::Router;
-use support::{wait_until, Client, Memcached, Memrelay};
+use support::{wait_until, Client, Cluster, Memcached};
 
 /// Long enough for thousands of copies at the rates used here.
 const RESYNC_DEADLINE: Duration = Duration::from_secs(30);
 
-struct Cluster {
-    primaries: Vec<Memcached>,
-    backup: Memcached,
-    relay: Memrelay,
+/// The test kit's cluster of two primaries and a backup, with the routing
+/// memrelay gives them (to pick keys of primary 0).
+struct Resyncing {
+    c: Cluster,
     router: Router,
 }
 
-fn cluster(extra: &[&str]) -> Cluster {
-    let primaries: Vec<Memcached> = (0..2).map(|_| Memcached::start()).collect();
-    let backup = Memcached::start();
-    let mut args: Vec<String> = vec!["-t".into(), "2".into()];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let mut servers = Vec::new();
-    for p in &primaries {
-        servers.extend(["-s".to_string(), p.addr()]);
-    }
-    servers.extend(["-b".to_string(), backup.addr()]);
-    args.extend(servers.iter().cloned());
-    let relay = Memrelay::start(&args);
-    let Ok(Action::Run(cfg)) = parse_args(servers) else {
+fn cluster(extra: &[&str]) -> Resyncing {
+    let c = Cluster::builder()
+        .primaries(2)
+        .backups(1)
+        .flags(extra)
+        .start();
+    let Ok(Action::Run(cfg)) = parse_args(c.server_args()) else {
         panic!("config")
     };
-    Cluster {
+    Resyncing {
         router: Router::new(&cfg),
-        primaries,
-        backup,
-        relay,
+        c,
     }
 }
 
@@ -103,7 +95,7 @@ fn restart_empty(m: &mut Memcached) {
 #[test]
 fn a_restarted_primary_gets_its_items_back_without_any_read() {
     let mut cl = cluster(&["--resync-rate", "20000"]);
-    let mut c = Client::connect(&cl.relay.addr());
+    let mut c = Client::connect(&cl.c.relay.addr());
     let items = fill(&mut c, 3000);
     let mine: Vec<_> = items
         .iter()
@@ -111,14 +103,14 @@ fn a_restarted_primary_gets_its_items_back_without_any_read() {
         .collect();
     assert!(mine.len() > 500, "{} keys on primary 0", mine.len());
     // Let the backup have every copy before the primary goes.
-    let mut b = cl.backup.client();
+    let mut b = cl.c.backups[0].client();
     assert!(wait_until(RESYNC_DEADLINE, || mg(
         &mut b,
         &items[items.len() - 1].0
     )
     .is_some()));
-    restart_empty(&mut cl.primaries[0]);
-    let mut p = cl.primaries[0].client();
+    restart_empty(&mut cl.c.primaries[0]);
+    let mut p = cl.c.primaries[0].client();
     let missing = |p: &mut Client| mine.iter().filter(|(k, ..)| mg(p, k).is_none()).count();
     let back = wait_until(RESYNC_DEADLINE, || missing(&mut p) == 0);
     assert!(
@@ -149,19 +141,19 @@ fn a_restarted_primary_gets_its_items_back_without_any_read() {
 fn a_value_written_during_the_resync_is_never_overwritten() {
     // Slow on purpose: 300 items/s over ~1500 keys takes seconds.
     let mut cl = cluster(&["--resync-rate", "300"]);
-    let mut c = Client::connect(&cl.relay.addr());
+    let mut c = Client::connect(&cl.c.relay.addr());
     let items = fill(&mut c, 3000);
     let mine: Vec<_> = items
         .iter()
         .filter(|(k, ..)| cl.router.primary(k.as_bytes()) == 0)
         .collect();
-    let mut b = cl.backup.client();
+    let mut b = cl.c.backups[0].client();
     assert!(wait_until(RESYNC_DEADLINE, || mg(
         &mut b,
         &items[items.len() - 1].0
     )
     .is_some()));
-    restart_empty(&mut cl.primaries[0]);
+    restart_empty(&mut cl.c.primaries[0]);
     // As soon as the resync runs, overwrite the last keys it will reach.
     assert!(wait_until(RESYNC_DEADLINE, || stats(&mut c)
         ["server:0:resync_state"]
@@ -187,7 +179,7 @@ fn a_value_written_during_the_resync_is_never_overwritten() {
     // one, or nothing (a write that reached only the backup, while the
     // primary was not serving yet, keeps the primary off the key until it
     // is deleted there), and a read through the proxy finds the new one.
-    let mut p = cl.primaries[0].client();
+    let mut p = cl.c.primaries[0].client();
     for k in &newer {
         let on_primary = mg(&mut p, k).map(|(v, f, _)| (v, f));
         assert!(
@@ -220,9 +212,9 @@ fn client_latency_during_a_resync_stays_bounded() {
     // flooded the servers, would break it.
     const BOUND: Duration = Duration::from_millis(500);
     let mut cl = cluster(&["--resync-rate", "5000"]);
-    let mut c = Client::connect(&cl.relay.addr());
+    let mut c = Client::connect(&cl.c.relay.addr());
     let items = fill(&mut c, 6000);
-    let mut b = cl.backup.client();
+    let mut b = cl.c.backups[0].client();
     let last = &items[items.len() - 1].0;
     assert!(wait_until(RESYNC_DEADLINE, || mg(&mut b, last).is_some()));
     let timed_get = |c: &mut Client, k: &str| {
@@ -240,7 +232,7 @@ fn client_latency_during_a_resync_stays_bounded() {
         .take(800)
         .map(|(k, ..)| timed_get(&mut c, k))
         .collect();
-    restart_empty(&mut cl.primaries[0]);
+    restart_empty(&mut cl.c.primaries[0]);
     let running = |c: &mut Client| stats(c)["server:0:resync_state"] == "running";
     assert!(wait_until(RESYNC_DEADLINE, || running(&mut c)));
     let mut during = Vec::new();
@@ -280,10 +272,10 @@ fn client_latency_during_a_resync_stays_bounded() {
 #[test]
 fn an_empty_backup_is_filled_on_demand() {
     let mut cl = cluster(&["--no-resync", "--resync-rate", "20000"]);
-    let mut c = Client::connect(&cl.relay.addr());
+    let mut c = Client::connect(&cl.c.relay.addr());
     let items = fill(&mut c, 1000);
-    restart_empty(&mut cl.backup);
-    let backup = cl.backup.addr();
+    restart_empty(&mut cl.c.backups[0]);
+    let backup = cl.c.backups[0].addr();
     let r = c.send_until(b"memrelay resync nosuch:1\r\n", |b| b.ends_with(b"\r\n"));
     assert!(
         r.bytes.starts_with(b"CLIENT_ERROR"),
@@ -294,7 +286,7 @@ fn an_empty_backup_is_filled_on_demand() {
         b.ends_with(b"\r\n")
     });
     assert_eq!(r.bytes, b"OK\r\n");
-    let mut b = cl.backup.client();
+    let mut b = cl.c.backups[0].client();
     let filled = wait_until(RESYNC_DEADLINE, || {
         items.iter().all(|(k, ..)| mg(&mut b, k).is_some())
     });
