@@ -768,16 +768,23 @@ pub fn check(
     }
     if op.shape() == Shape::Meta {
         tally.metas += 1;
+        let unknown = match reply {
+            Err(_) => true,
+            Ok(Reply::Line(l)) => l.starts_with("SERVER_ERROR"),
+            Ok(_) => false,
+        };
         if let (
             Op::MetaIncr {
                 k, init: Some(j), ..
             },
-            Err(_),
-        ) = (op, reply)
+            true,
+        ) = (op, unknown)
         {
-            // It may have created the counter.
+            // It may have created the counter where the key was absent,
+            // or may have been lost.
+            let lost = keys[*k].may_be_lost;
             keys[*k].maybe(|c| {
-                c.is_none().then(|| {
+                (c.is_none() || lost).then(|| {
                     Some(Item {
                         data: j.to_string(),
                         flags: 0,
@@ -1664,6 +1671,32 @@ mod tests {
                 (set_ttl, line("STORED")),
                 (add, line(UNCONFIRMED)),
                 (get(0), vals(vec![val("t", "c0k0d2", 3)])),
+            ],
+        );
+        assert_eq!(t.violations(), 0, "{:?}", t.details);
+    }
+
+    #[test]
+    fn an_autovivifying_ma_of_unknown_outcome_may_have_created_the_counter() {
+        let ma = Op::MetaIncr {
+            k: 0,
+            delta: 6,
+            init: Some(7_000_006),
+        };
+        let incr = Op::Incr {
+            k: 0,
+            delta: 6,
+            down: false,
+        };
+        let t = run(
+            true,
+            &[
+                (set(0, "5000000", 1), line("STORED")),
+                // A delete and then the `ma`, both of unknown outcome:
+                // the key may be gone, and the counter made anew.
+                (Op::Delete { k: 0 }, line(UNCONFIRMED)),
+                (ma, line(UNCONFIRMED)),
+                (incr, line("7000012")),
             ],
         );
         assert_eq!(t.violations(), 0, "{:?}", t.details);
