@@ -141,6 +141,21 @@ fn a_fleet_needs_an_address_for_its_peers_and_a_long_enough_secret() {
         "fleet.secret_file",
     );
     assert!(line.contains("at least 16"), "{line}");
+    // A confirmation setting without a fleet would promise nothing.
+    let line = expect_file_error(
+        &dir,
+        &format!("{ONE_PRIMARY}[fleet]\nconfirm = \"all\"\n"),
+        &[],
+        "fleet.confirm",
+    );
+    assert!(line.contains("needs --peer-listen"), "{line}");
+    let line = expect_file_error(
+        &dir,
+        &format!("{ONE_PRIMARY}[fleet]\nconfirm = \"most\"\n"),
+        &[],
+        "fleet.confirm",
+    );
+    assert!(line.contains("not one of reached, majority, all"), "{line}");
 }
 
 #[test]

@@ -77,7 +77,7 @@ pub(super) struct Draft {
     peer_listen: Option<(Origin, String)>,
     peer_secret: Option<(Origin, PathBuf)>,
     peer_timeout: Option<std::time::Duration>,
-    peer_confirm: Option<super::fleet::Confirm>,
+    peer_confirm: Option<(Origin, super::fleet::Confirm)>,
     /// Settings the command line gave so far: the first `-s` (or `-b`, or
     /// `-v`) replaces what the file said rather than adding to it.
     from_cli: Vec<&'static str>,
@@ -156,7 +156,10 @@ impl Draft {
             "--peer-secret-file" => self.peer_secret = Some((origin.clone(), PathBuf::from(v))),
             "--peer-timeout" => self.peer_timeout = Some(duration(v).map_err(fail)?),
             "--peer-confirm" => {
-                self.peer_confirm = Some(super::fleet::Confirm::parse(v).map_err(fail)?)
+                self.peer_confirm = Some((
+                    origin.clone(),
+                    super::fleet::Confirm::parse(v).map_err(fail)?,
+                ))
             }
             _ => return Ok(false),
         }
@@ -364,12 +367,15 @@ impl Draft {
         warnings: &mut Vec<String>,
     ) -> Result<Option<super::fleet::Fleet>, ConfigError> {
         let Some((lo, listen)) = &self.peer_listen else {
-            return match (self.peers.first(), &self.peer_secret) {
-                (Some((o, _)), _) | (None, Some((o, _))) => Err(ConfigError::new(
+            // `--peer-confirm` alone would promise what no fleet keeps.
+            let confirm = self.peer_confirm.as_ref().map(|(o, _)| o);
+            let secret = self.peer_secret.as_ref().map(|(o, _)| o);
+            return match self.peers.first().map(|(o, _)| o).or(secret).or(confirm) {
+                Some(o) => Err(ConfigError::new(
                     o,
                     "needs --peer-listen (fleet.listen): where the other memrelays reach this one",
                 )),
-                (None, None) => Ok(None),
+                None => Ok(None),
             };
         };
         let listen = socket_addr(listen).map_err(|m| ConfigError::new(lo, m))?;
@@ -395,7 +401,11 @@ impl Draft {
             peers,
             secret,
             timeout: self.peer_timeout.unwrap_or(super::fleet::DEFAULT_TIMEOUT),
-            confirm: self.peer_confirm.unwrap_or_default(),
+            confirm: self
+                .peer_confirm
+                .as_ref()
+                .map(|(_, c)| *c)
+                .unwrap_or_default(),
         }))
     }
 
