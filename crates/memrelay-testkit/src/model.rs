@@ -781,7 +781,9 @@ pub fn check(
         ) = (op, unknown)
         {
             // It may have created the counter where the key was absent,
-            // or may have been lost.
+            // or may have been lost (as of now: the twin's check below
+            // sees the same).
+            note_loss(ctx, &mut keys[*k]);
             let lost = keys[*k].may_be_lost;
             keys[*k].maybe(|c| {
                 (c.is_none() || lost).then(|| {

@@ -367,10 +367,11 @@ impl Fleet {
             .collect()
     }
 
-    /// The servers whose lists this process lost in a crash (overflowed
-    /// from its state file: flushed before it serves them), for a peer
-    /// that starts after a crash of its own and must not take the fleet's
-    /// silence about them for "nothing missed" (`vouches`).
+    /// The servers whose lists this process does not have (overflowed
+    /// from its state file after a crash, or from its hand-off partner:
+    /// flushed before it serves them, and not shared, see `known`), for a
+    /// peer that starts after a crash of its own and must not take this
+    /// process's silence about them for "nothing missed" (`vouches`).
     fn forgotten(&self) -> Vec<String> {
         self.servers_map()
             .iter()

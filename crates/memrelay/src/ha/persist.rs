@@ -203,12 +203,8 @@ impl Persist {
     /// learnt while joining, stand for it, nothing more is done (what the
     /// peers recorded, they still list, or deleted on the server);
     /// otherwise it is treated as a `dirty` one (flushed before it
-    /// serves). Returns the servers kept.
-    pub(crate) fn settle(
-        &self,
-        health: &[Arc<Health>],
-        vouched: impl Fn(&Health) -> bool,
-    ) -> Vec<String> {
+    /// serves).
+    pub(crate) fn settle(&self, health: &[Arc<Health>], vouched: impl Fn(&Health) -> bool) {
         let learnt = std::mem::take(&mut *self.learnt.lock().unwrap_or_else(|p| p.into_inner()));
         let (mut kept, mut flushed) = (Vec::new(), Vec::new());
         for h in health.iter().filter(|h| learnt.contains(&h.name)) {
@@ -225,7 +221,6 @@ impl Persist {
         if !flushed.is_empty() {
             tracing::warn!(servers = %flushed.join(","), "after a crash: the fleet could not say again what these servers missed: each is flushed before it serves");
         }
-        kept
     }
 
     /// The process owns the file from now on.

@@ -54,7 +54,11 @@ impl Queued {
 
     /// A step of it ran, and this thread's hints were numbered up to
     /// `before` when it began: any made since are its own (a worker
-    /// thread steps one request at a time).
+    /// thread steps one request at a time). Kept as one range from its
+    /// first hint to its last: hints other requests made between two of
+    /// its steps fall inside it, so a batch of theirs that too few peers
+    /// took refuses it too. That errs only towards `SERVER_ERROR`, and
+    /// only while peers are not taking hints.
     pub(crate) fn stepped(&mut self, before: u64) {
         let now = crate::fleet::hints_made();
         if now != before {
