@@ -33,8 +33,10 @@ use tokio::task::JoinHandle;
 use crate::backend::connect::Dial;
 use crate::backend::probe::ProbeTimeouts;
 use crate::config::{Config, ConfigError, Tier};
+use crate::fleet::epoch::Stage;
 use crate::ha::replica::{FlushGate, Replica};
 use crate::ha::resync::{Node, Request, Requests, Resync};
+use crate::ha::transition::Transition;
 use crate::ha::upkeep::Upkeep;
 use crate::router::{Moves, Router};
 use crate::stats::{ServerEntry, StatsRegistry};
@@ -48,6 +50,8 @@ pub(crate) struct Topology {
     pub router: Router,
     /// Every server's health, in `config.servers()` order.
     pub health: Vec<Arc<Replica>>,
+    /// A fleet reload under way: the routing the other members may use.
+    pub transition: Option<Arc<Transition>>,
 }
 
 /// `memrelay reload` from a client: the main thread reloads and answers
@@ -80,6 +84,9 @@ pub(crate) type WorkerEvents = tokio::sync::mpsc::UnboundedSender<WorkerEvent>;
 /// A worker answers as soon as its thread gets to run; this bound only
 /// matters if one is stuck, and then the swap goes on without it (logged).
 const PHASE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// How often a member whose fleet reload waits for peers says which.
+const RELOAD_WAIT_LOG: Duration = Duration::from_secs(10);
 
 /// One configured server as the main thread keeps it.
 #[derive(Debug)]
@@ -160,6 +167,23 @@ pub(crate) struct Control {
     fleet: Option<Arc<crate::fleet::Fleet>>,
     /// Every server's health now, for the flush gates (`gate_flushes`).
     all_health: Arc<std::sync::RwLock<Vec<Arc<Replica>>>>,
+    /// A fleet reload under way (`fleet::epoch`).
+    reloading: Option<Reloading>,
+}
+
+/// A fleet reload under way: the configurations on either side, and this
+/// member's stage. `servers` holds the servers of both.
+#[derive(Debug)]
+struct Reloading {
+    /// The configuration before (routing X).
+    from: Arc<Config>,
+    /// The configuration read (routing Y).
+    to: Arc<Config>,
+    /// The stage the workers run; the peers are told it once the requests
+    /// started before it are done.
+    stage: Stage,
+    /// When this member last logged that it waits for its peers.
+    waited: std::time::Instant,
 }
 
 /// Reads the configuration again for a reload. It reads files and
@@ -232,14 +256,10 @@ impl Control {
             p.start(&health, took_over);
             p
         });
-        let fleet = cfg.fleet.as_ref().map(|f| {
-            let fleet = crate::fleet::Fleet::start(f, &registry.fleet);
-            for (s, h) in cfg.servers().zip(&health) {
-                fleet.watch(fleet_name(s), h);
-            }
-            fleet.join();
-            fleet
-        });
+        let fleet = cfg
+            .fleet
+            .as_ref()
+            .map(|f| join_fleet(f, &cfg, &health, &registry));
         if let Some(p) = &persist {
             // After a crash: servers whose lists held only the peers'
             // records are left to what the peers said while joining.
@@ -269,6 +289,7 @@ impl Control {
             config: cfg.clone(),
             router: router.clone(),
             health,
+            transition: None,
         }));
         if let Some(p) = &persist {
             tokio::task::spawn_local(keep_state(p.clone(), topology.subscribe()));
@@ -295,6 +316,7 @@ impl Control {
             persist,
             fleet,
             all_health,
+            reloading: None,
         };
         let links = WorkerLinks {
             topology: topology_rx,
@@ -353,28 +375,171 @@ impl Control {
     /// Reads the configuration again and, if it is valid, makes every
     /// worker run it. Refused: the running configuration is kept, and the
     /// reason logged (one line) and returned. `trigger` says who asked.
+    ///
+    /// In a fleet, a configuration that changes where keys go starts a
+    /// fleet reload (`fleet::epoch`): this member serves by the old routing
+    /// until every peer has the new one, then the fleet switches in step.
     pub(crate) async fn reload(&mut self, trigger: &str) -> Result<(), String> {
-        let cfg = Arc::new(self.read_again(trigger).await?);
+        let cfg = self.read_again(trigger).await?;
+        if let Some(r) = &self.reloading {
+            if cfg.routing_fingerprint() == r.to.routing_fingerprint() {
+                tracing::info!(
+                    trigger,
+                    stage = r.stage.number(),
+                    "fleet reload to this configuration's routing already under way"
+                );
+                return Ok(());
+            }
+            let why = format!(
+                "a fleet reload is under way (stage {}): reload again once every member has finished it",
+                r.stage.number()
+            );
+            tracing::error!(trigger, error = %why, "reload refused; the running configuration is kept");
+            self.registry
+                .reload_failures
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(why);
+        }
+        if self.fleet.is_some() && Router::new(&cfg) != self.router {
+            self.begin_fleet_reload(Arc::new(cfg), trigger).await;
+            return Ok(());
+        }
+        let cfg = Arc::new(cfg);
+        let moves = self.moves_to(&cfg);
+        self.install(cfg, None, &moves).await;
+        self.registry.reloads.fetch_add(1, Ordering::Relaxed);
+        self.log_reload(trigger, &moves, "configuration reloaded");
+        Ok(())
+    }
+
+    /// Which servers gain and lose keys going from the running routing to
+    /// `cfg`'s.
+    fn moves_to(&self, cfg: &Config) -> Moves {
+        let old_names: Vec<String> = self.cfg.servers().map(|s| s.name.clone()).collect();
+        let new_names: Vec<String> = cfg.servers().map(|s| s.name.clone()).collect();
+        crate::router::moves(&self.router, &old_names, &Router::new(cfg), &new_names)
+    }
+
+    fn log_reload(&self, trigger: &str, moves: &Moves, what: &'static str) {
+        tracing::info!(
+            trigger,
+            generation = self.generation,
+            primaries = %names(&self.cfg.primaries),
+            backups = %names(&self.cfg.backups),
+            hash = %self.cfg.hash,
+            keys_moved = %format!("{:.1}%", moves.primaries_moved * 100.0),
+            "{what}"
+        );
+    }
+
+    /// Stage 1 of a fleet reload: `to`'s settings now, its servers running
+    /// (those it gives keys they may hold stale copies of flushed, before
+    /// any member serves by it), the running routing kept, and every key
+    /// changed recorded as missed where `to` would put it.
+    async fn begin_fleet_reload(&mut self, to: Arc<Config>, trigger: &str) {
+        let from = self.cfg.clone();
+        let moves = self.moves_to(&to);
+        let serving = Arc::new(to.as_ref().clone().with_routing_of(&from));
+        self.install(serving, Some(to.clone()), &moves).await;
+        self.registry.reloads.fetch_add(1, Ordering::Relaxed);
+        let stage = Stage::Aware {
+            from: from.routing_fingerprint(),
+            to: to.routing_fingerprint(),
+        };
+        self.log_reload(trigger, &moves, "configuration read; fleet reload stage 1: serving by the old routing until every member has the new one");
+        self.reloading = Some(Reloading {
+            from,
+            to,
+            stage,
+            waited: std::time::Instant::now(),
+        });
+    }
+
+    /// Whether a fleet reload is under way (`tend_reload` has work).
+    pub(crate) fn reloading(&self) -> bool {
+        self.reloading.is_some()
+    }
+
+    /// A fleet reload's next step, when the fleet allows it: tells the
+    /// peers this member's stage once the requests started before it are
+    /// done, then switches to the new routing (stage 2) or stops
+    /// recording for the old one (done) once every peer has caught up.
+    pub(crate) async fn tend_reload(&mut self) {
+        let Some(fleet) = self.fleet.clone() else {
+            return;
+        };
+        self.take_events();
+        let Some(r) = self.reloading.as_mut() else {
+            return;
+        };
+        if self.live.keys().any(|&g| g < self.generation) {
+            return;
+        }
+        fleet.show(r.stage);
+        let heard = fleet.heard();
+        let Some(next) = crate::fleet::epoch::next(r.stage, &heard) else {
+            if let Stage::Steady { .. } = r.stage {
+                self.reloading = None;
+                fleet.figures().reloads_done.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("fleet reload done: every member serves by the new routing");
+            } else if r.waited.elapsed() >= RELOAD_WAIT_LOG {
+                r.waited = std::time::Instant::now();
+                let behind: Vec<&str> = fleet
+                    .peer_names()
+                    .zip(&heard)
+                    .filter(|(_, h)| h.is_none_or(|h| h.number() < r.stage.number()))
+                    .map(|(n, _)| n)
+                    .collect();
+                tracing::warn!(stage = r.stage.number(), peers = %behind.join(","), "fleet reload waits for these peers to reach this stage");
+            }
+            return;
+        };
+        let (from, to) = (r.from.clone(), r.to.clone());
+        r.stage = next;
+        r.waited = std::time::Instant::now();
+        if let Stage::Switched { .. } = next {
+            self.install(to, Some(from), &Moves::default()).await;
+            tracing::info!(
+                generation = self.generation,
+                "fleet reload stage 2: every member has the new routing; serving by it"
+            );
+        } else {
+            self.install(to, None, &Moves::default()).await;
+            tracing::info!(
+                generation = self.generation,
+                "fleet reload stage 3: no member serves by the old routing; its servers left"
+            );
+        }
+    }
+
+    /// Makes the workers run `cfg`, with `other`'s routing as a fleet
+    /// reload's other one, once the servers `moves` says may hold stale
+    /// copies are flushed. The servers of both stay running.
+    async fn install(&mut self, cfg: Arc<Config>, other: Option<Arc<Config>>, moves: &Moves) {
         let generation = self.generation + 1;
         self.take_events();
         let router = Router::new(&cfg);
-        let old_names: Vec<String> = self.servers.iter().map(|s| s.name.clone()).collect();
-        let new_names: Vec<String> = cfg.servers().map(|s| s.name.clone()).collect();
-        let moves = crate::router::moves(&self.router, &old_names, &router, &new_names);
         // Requests of configurations older than the running one may still
         // land copies of keys that moved away before it.
         let older_live = self.live.keys().any(|&g| g < self.generation);
         self.probe_timeouts.send_replace(probe_timeouts(&cfg));
 
-        let flushes = self.replace_servers(&cfg, &moves, older_live);
+        let flushes = self.replace_servers(&cfg, other.as_deref(), moves, older_live);
         let flushed = self.flush(&flushes, probe_timeouts(&cfg)).await;
 
-        let health: Vec<Arc<Replica>> = self.servers.iter().map(|s| s.health.clone()).collect();
+        let health = self.health_of(&cfg);
+        let transition = other.map(|o| {
+            Arc::new(Transition {
+                other: Router::new(&o),
+                other_health: self.health_of(&o),
+            })
+        });
         let topology = Arc::new(Topology {
             generation,
             config: cfg.clone(),
             router: router.clone(),
             health: health.clone(),
+            transition,
         });
         self.swap(topology).await;
 
@@ -384,7 +549,9 @@ impl Control {
         // the other tier.
         let resync = Arc::new(new_resync(&cfg, &router, &health));
         let old = self.resync.send_replace(resync);
-        if !(moves.gains.is_empty() && moves.loses.is_empty() && flushed.is_empty()) {
+        if !(moves.gains.is_empty() && moves.loses.is_empty() && flushed.is_empty())
+            || router != self.router
+        {
             old.cancel();
         }
         for server in flushed {
@@ -399,20 +566,17 @@ impl Control {
             .max_conns
             .store(cfg.max_conns, Ordering::Relaxed);
         crate::privileges::raise_nofile(cfg.fds_needed());
-        self.registry.reloads.fetch_add(1, Ordering::Relaxed);
         self.cfg = cfg;
         self.router = router;
         self.generation = generation;
-        tracing::info!(
-            trigger,
-            generation,
-            primaries = %names(&self.cfg.primaries),
-            backups = %names(&self.cfg.backups),
-            hash = %self.cfg.hash,
-            keys_moved = %format!("{:.1}%", moves.primaries_moved * 100.0),
-            "configuration reloaded"
-        );
-        Ok(())
+    }
+
+    /// The running servers' state for `cfg`'s servers, in its order.
+    fn health_of(&self, cfg: &Config) -> Vec<Arc<Replica>> {
+        cfg.servers()
+            .filter_map(|s| self.servers.iter().find(|r| r.name == s.name))
+            .map(|r| r.health.clone())
+            .collect()
     }
 
     /// The configuration read again, with what only a restart can change
@@ -452,6 +616,7 @@ impl Control {
     fn replace_servers(
         &mut self,
         cfg: &Config,
+        other: Option<&Config>,
         moves: &Moves,
         older_live: bool,
     ) -> Vec<(Arc<Replica>, Dial, &'static str)> {
@@ -459,9 +624,15 @@ impl Control {
             .into_iter()
             .map(Some)
             .collect();
-        let mut servers = Vec::with_capacity(cfg.servers().count());
+        let mut servers: Vec<Running> = Vec::with_capacity(cfg.servers().count());
         let mut flushes: Vec<(Arc<Replica>, Dial, &'static str)> = Vec::new();
-        for (s, role) in cfg.servers().zip(cfg.roles()) {
+        // `cfg`'s servers, then those only `other` has (a fleet reload's).
+        let wanted = cfg.servers().zip(cfg.roles()).map(|(s, r)| (s, r, cfg));
+        let others = other
+            .into_iter()
+            .flat_map(|o| o.servers().zip(o.roles()).map(move |(s, r)| (s, r, o)))
+            .filter(|(s, _, _)| cfg.servers().all(|c| c.name != s.name));
+        for (s, role, cfg) in wanted.chain(others) {
             let kept = old
                 .iter_mut()
                 .find(|r| r.as_ref().is_some_and(|r| r.name == s.name))
@@ -661,6 +832,28 @@ fn gate_flushes(health: &Arc<Replica>, all: &Arc<std::sync::RwLock<Vec<Arc<Repli
         let all = all.read().unwrap_or_else(|p| p.into_inner());
         all.iter().filter(|h| h.name != name).all(|h| !h.is_down())
     })));
+}
+
+/// Starts this member's part in the fleet: its servers' lists watched, its
+/// stage shown, the peers' lists learnt (`Fleet::join`).
+fn join_fleet(
+    f: &crate::config::fleet::Fleet,
+    cfg: &Config,
+    health: &[Arc<Replica>],
+    registry: &StatsRegistry,
+) -> Arc<crate::fleet::Fleet> {
+    let fleet = crate::fleet::Fleet::start(f, &registry.fleet);
+    for (s, h) in cfg.servers().zip(health) {
+        fleet.watch(fleet_name(s), h);
+    }
+    let routing = cfg.routing_fingerprint();
+    fleet.show(Stage::Steady { routing });
+    fleet.join();
+    let joins = crate::fleet::epoch::joining(routing, &fleet.heard());
+    if joins != (Stage::Steady { routing }) {
+        tracing::error!(stage = ?joins, "fleet: the peers route keys otherwise than this configuration; reload them to it (or this member to theirs)");
+    }
+    fleet
 }
 
 /// Keeps the state file current: servers marked clean once their lists

@@ -62,6 +62,12 @@ impl Link {
     /// keeper dials the new one now.
     pub(super) fn peer_is(&self, instance: &str) {
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(instance.to_string());
+        self.kick();
+    }
+
+    /// Makes the keeper take its turn now (to tell the peer this
+    /// member's new stage).
+    pub(super) fn kick(&self) {
         let (lock, cv) = &self.kick;
         *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
         cv.notify_all();
@@ -212,7 +218,9 @@ fn tend(fleet: &Fleet, link: &Link) -> Option<bool> {
         down(fleet, link, &mut guard, "the peer restarted");
     }
     if let Some(c) = guard.as_mut() {
-        match c.exchange(b"ping\n", 1) {
+        // The stage, when there is one, is the ping.
+        let line = fleet.stage_line();
+        match c.exchange(line.as_deref().unwrap_or(b"ping\n"), 1) {
             Ok(()) => fleet.figures.peers[link.index].answered(),
             Err(e) => down(fleet, link, &mut guard, &e.to_string()),
         }
@@ -255,7 +263,13 @@ fn attach(
     mut conn: Conn,
     pulled: usize,
 ) -> bool {
-    match send_lists(fleet, &mut conn) {
+    // The peer learns this member's stage in a fleet reload first: a
+    // starting peer has it once it sees `joined` (`Fleet::join`).
+    let told = match fleet.stage_line() {
+        Some(line) => conn.exchange(&line, 1),
+        None => Ok(()),
+    };
+    match told.and_then(|()| send_lists(fleet, &mut conn)) {
         Ok(sent) => {
             let f = &fleet.figures.peers[link.index];
             f.up.store(true, Ordering::Relaxed);

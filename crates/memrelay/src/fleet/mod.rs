@@ -30,6 +30,7 @@
 //! records: a handful of connections that carry a few lines during failure
 //! episodes only.
 
+pub(crate) mod epoch;
 mod link;
 mod listen;
 mod wire;
@@ -203,6 +204,12 @@ pub(crate) struct Fleet {
     joining: (Mutex<Vec<Joining>>, std::sync::Condvar),
     /// Servers a peer said it lost its list for in a crash (`forgot`).
     forgot_by_peers: Mutex<std::collections::HashSet<String>>,
+    /// This member's stage in a fleet reload, as its peers are told it
+    /// (None until `topology` sets it).
+    stage: Mutex<Option<epoch::Stage>>,
+    /// What each peer last said of its own, in `cfg.peers` order (None:
+    /// not heard from since this process started).
+    heard: Mutex<Vec<Option<epoch::Stage>>>,
 }
 
 /// Where a starting memrelay stands with one peer.
@@ -254,6 +261,8 @@ impl Fleet {
                 std::sync::Condvar::new(),
             ),
             forgot_by_peers: Mutex::new(std::collections::HashSet::new()),
+            stage: Mutex::new(None),
+            heard: Mutex::new(vec![None; cfg.peers.len()]),
         });
         listen::start(&fleet);
         tracing::info!(listen = %cfg.listen, peers = cfg.peers.len(), "fleet: telling peers of missed keys");
@@ -408,6 +417,56 @@ impl Fleet {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .contains(server)
+    }
+
+    /// Tells the peers this member's stage now (their keepers send it at
+    /// once, and with every ping after).
+    pub(crate) fn show(&self, stage: epoch::Stage) {
+        let changed = self
+            .stage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(stage)
+            != Some(stage);
+        if changed {
+            self.figures.stage.store(stage.number(), Ordering::Relaxed);
+            for l in &self.links {
+                l.kick();
+            }
+        }
+    }
+
+    /// The line that tells a peer this member's stage, once there is one.
+    fn stage_line(&self) -> Option<Vec<u8>> {
+        self.stage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|s| s.line().into_bytes())
+    }
+
+    pub(crate) fn figures(&self) -> &FleetFigures {
+        &self.figures
+    }
+
+    /// The peers as configured (`--peer`), in order.
+    pub(crate) fn peer_names(&self) -> impl Iterator<Item = &str> {
+        self.cfg.peers.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// What each peer last said of its stage (`cfg.peers` order).
+    pub(crate) fn heard(&self) -> Vec<Option<epoch::Stage>> {
+        self.heard.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The peer listening on `listen` said where it stands.
+    fn peer_said(&self, listen: std::net::SocketAddr, stage: epoch::Stage) {
+        let Some(i) = self.links.iter().position(|l| l.addr == listen) else {
+            return;
+        };
+        self.figures.peers[i]
+            .stage
+            .store(stage.number(), Ordering::Relaxed);
+        self.heard.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(stage);
     }
 
     /// A peer's hint: `server` missed `key` (None: every key).

@@ -8,6 +8,7 @@
 //! then, from the dialer, each answered with `k`:
 //!           hint <server> <key in base64, or *>
 //!           ping
+//!           epoch <stage> <routing> [<routing>]  (see `epoch`; also a ping)
 //! and first, once per connection:
 //!           sync
 //! answered with every key the listener's lists hold, as `hint` lines,
@@ -36,10 +37,10 @@ use ring::hmac;
 /// in base64 fit many times over.
 pub(crate) const MAX_LINE: u64 = 4096;
 
-/// 2: `forgot` lines in the answer to `sync`. Members of other versions
-/// refuse each other's connections (and say so), rather than misread
-/// each other.
-const VERSION: &str = "2";
+/// 3: `epoch` lines (2: `forgot` lines in the answer to `sync`). Members
+/// of other versions refuse each other's connections (and say so), rather
+/// than misread each other.
+const VERSION: &str = "3";
 
 /// A random 128-bit value, in hex.
 pub(crate) fn nonce() -> String {
@@ -191,6 +192,8 @@ pub(crate) enum Line<'a> {
     Hint(Hint<'a>),
     Forgot(&'a str),
     Ping,
+    /// Where the sender stands in a fleet reload (also a ping).
+    Epoch(super::epoch::Stage),
     Sync,
     Joined,
 }
@@ -202,6 +205,11 @@ pub(crate) fn parse_line(line: &str) -> Result<Line<'_>, &'static str> {
         "sync" => return Ok(Line::Sync),
         "joined" => return Ok(Line::Joined),
         _ => {}
+    }
+    if let Some(rest) = line.strip_prefix("epoch ") {
+        return super::epoch::Stage::parse(rest)
+            .map(Line::Epoch)
+            .ok_or("an epoch line names a stage and its routings");
     }
     if let Some(server) = line.strip_prefix("forgot ").filter(|s| !s.is_empty()) {
         return Ok(Line::Forgot(server));

@@ -276,6 +276,7 @@ pub(crate) fn cluster(args: &[&str]) -> (Cluster<FakePool>, Vec<Rc<FakePool>>) {
         miss_fallback: cfg.miss_fallback,
         auto_eject: cfg.auto_eject,
         stats,
+        transition: None,
     };
     (cluster, pools)
 }

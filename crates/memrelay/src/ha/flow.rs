@@ -103,6 +103,17 @@ impl<I: Inbox, P: Pool> Flow<'_, I, P> {
 /// A request's first step: its first sub-requests (or its reply at once,
 /// when no server can take it).
 pub(crate) fn start(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot, kind: Kind) {
+    if let Some(t) = &f.w.transition {
+        if super::transition::changes_items(&f.req) {
+            if kind == Kind::Read {
+                for key in f.req.keys(&slot.frame) {
+                    t.note(f.w, key);
+                }
+            } else {
+                t.note(f.w, &super::route_key(&slot.frame, &f.req));
+            }
+        }
+    }
     match kind {
         Kind::Read => read::start(f, slot),
         Kind::MetaRead => meta_read::start(f, slot),

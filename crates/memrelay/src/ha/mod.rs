@@ -14,7 +14,9 @@
 //!   unlinked key, undoing a read repair that may be older than a write);
 //! - [`missed`]: per server, the keys it must not serve until invalidated;
 //! - [`resync`]: copying a restarted (empty) server's items back from the
-//!   other tier in the background.
+//!   other tier in the background;
+//! - [`transition`]: during a fleet reload, what a moved key's replicas
+//!   under the other routing must not serve.
 
 pub mod cas;
 #[cfg(test)]
@@ -28,6 +30,7 @@ pub(crate) mod read;
 pub(crate) mod replica;
 pub(crate) mod resync;
 pub(crate) mod slot;
+pub(crate) mod transition;
 pub(crate) mod upkeep;
 pub(crate) mod write;
 
@@ -57,6 +60,8 @@ pub(crate) struct Cluster<P: Pool = ServerPool> {
     /// Background writes to backups (mirrors, repairs).
     pub mirror: Rc<mirror::Mirror<P>>,
     pub stats: Arc<WorkerStats>,
+    /// A fleet reload under way: the other members' other routing.
+    pub transition: Option<Arc<transition::Transition>>,
 }
 
 /// Where the server replies of a request go: the session's inbox

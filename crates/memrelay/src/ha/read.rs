@@ -175,7 +175,7 @@ pub(crate) fn start(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
 
 /// Whether the read changes the TTL of what it finds (`gat`, `gats`,
 /// `mg ... T`): then every replica must get the change, like a write's.
-pub(super) fn changes_ttl(req: &Request) -> bool {
+pub(crate) fn changes_ttl(req: &Request) -> bool {
     match req.command {
         Command::Gat | Command::Gats => true,
         Command::MetaGet => req.meta.touch.is_some(),

@@ -143,6 +143,7 @@ impl Worker {
                 miss_fallback: cfg.miss_fallback,
                 auto_eject: cfg.auto_eject,
                 stats: ctx.stats.clone(),
+                transition: topo.transition.clone(),
             },
             limits: cfg.limits.clone(),
             flush_enabled: cfg.flush_enabled,

@@ -980,6 +980,7 @@ mod tests {
                     .servers()
                     .map(|s| Arc::new(Replica::new(s.name.clone(), 16, 1)))
                     .collect(),
+                transition: None,
             };
             let registry = Arc::new(StatsRegistry::new(1, 16, Vec::new()));
             let (resync, _requests) = tokio::sync::mpsc::unbounded_channel();

@@ -219,8 +219,17 @@ async fn main_loop(
     auth: &MetricsAuth,
 ) -> Signal {
     let mut last_reload: Option<std::time::Instant> = None;
+    // A fleet reload's steps wait on the peers: looked at this often.
+    let mut fleet_reload = tokio::time::interval(Duration::from_millis(20));
+    fleet_reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = fleet_reload.tick(), if control.reloading() => {
+                control.tend_reload().await;
+                if !control.reloading() {
+                    renew_metrics_auth(auth, control);
+                }
+            }
             sig = signals.next() => match sig {
                 Signal::Hangup => {
                     tracing::info!("SIGHUP: reloading the configuration");

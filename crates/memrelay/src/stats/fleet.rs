@@ -6,7 +6,7 @@
 //! went past a server) and the peer threads.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -28,6 +28,11 @@ pub(crate) struct FleetFigures {
     /// Hints from peers that named a server this memrelay does not have
     /// (a fleet configured unalike).
     pub hints_unknown: AtomicU64,
+    /// This member's stage in a fleet reload: 0 steady, 1 aware of the
+    /// new routing, 2 switched to it (`fleet::epoch`).
+    pub stage: AtomicU8,
+    /// Fleet reloads this member finished (its stage back to steady).
+    pub reloads_done: AtomicU64,
     pub peers: Vec<PeerFigures>,
 }
 
@@ -45,6 +50,8 @@ pub(crate) struct PeerFigures {
     pub hints_taken: AtomicU64,
     /// Times it was counted down.
     pub failures: AtomicU64,
+    /// Its stage in a fleet reload, as it last said.
+    pub stage: AtomicU8,
 }
 
 impl FleetFigures {
@@ -56,6 +63,8 @@ impl FleetFigures {
             hints_unconfirmed: AtomicU64::new(0),
             writes_refused: AtomicU64::new(0),
             hints_unknown: AtomicU64::new(0),
+            stage: AtomicU8::new(0),
+            reloads_done: AtomicU64::new(0),
             peers: peers
                 .map(|name| PeerFigures {
                     name,
@@ -64,6 +73,7 @@ impl FleetFigures {
                     since: Instant::now(),
                     hints_taken: AtomicU64::new(0),
                     failures: AtomicU64::new(0),
+                    stage: AtomicU8::new(0),
                 })
                 .collect(),
         }
@@ -101,6 +111,11 @@ impl FleetFigures {
             "peer_hints_unknown",
             &self.hints_unknown.load(Ordering::Relaxed),
         );
+        stat("fleet_reload_stage", &self.stage.load(Ordering::Relaxed));
+        stat(
+            "fleet_reloads_done",
+            &self.reloads_done.load(Ordering::Relaxed),
+        );
         for (i, p) in self.peers.iter().enumerate() {
             let up = p.up.load(Ordering::Relaxed);
             stat(&format!("peer:{i}:address"), &p.name);
@@ -113,6 +128,10 @@ impl FleetFigures {
             stat(
                 &format!("peer:{i}:failures"),
                 &p.failures.load(Ordering::Relaxed),
+            );
+            stat(
+                &format!("peer:{i}:reload_stage"),
+                &p.stage.load(Ordering::Relaxed),
             );
         }
     }
@@ -200,6 +219,26 @@ impl FleetFigures {
             out,
             "memrelay_peer_writes_refused_total {}",
             self.writes_refused.load(Ordering::Relaxed)
+        );
+        self.reload_metrics(out);
+    }
+
+    /// The `/metrics` series of fleet reloads.
+    fn reload_metrics(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP memrelay_fleet_reload_stage This member's stage in a fleet reload: \
+             0 steady, 1 aware of the new routing, 2 switched to it.\n\
+             # TYPE memrelay_fleet_reload_stage gauge\n\
+             memrelay_fleet_reload_stage {}",
+            self.stage.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP memrelay_fleet_reloads_done_total Fleet reloads this member finished.\n\
+             # TYPE memrelay_fleet_reloads_done_total counter\n\
+             memrelay_fleet_reloads_done_total {}",
+            self.reloads_done.load(Ordering::Relaxed)
         );
     }
 }

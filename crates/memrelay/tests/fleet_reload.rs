@@ -1,0 +1,289 @@
+//! Reloading a fleet one member after another (`fleet::epoch`), against
+//! real memcached processes: a primary is added, so some keys move to it,
+//! while clients write and read those keys through members that have and
+//! have not reloaded yet.
+//!
+//! The promise checked: no member serves a moved key older than what
+//! another member acknowledged, whichever of them reloaded first; the
+//! fleet switches to the new routing only once every member has it; and
+//! a member that cannot be reached holds the others on the old routing.
+#![allow(clippy::panic, clippy::unwrap_used)]
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use support::{
+    free_port, proc_state, signal, stat_u64, stats, wait_until, Client, Memcached, Memrelay,
+    TempDir, CONVERGE,
+};
+
+const SECRET: &str = "a fleet secret of more than 16 bytes\n";
+/// Longest wait for a fleet reload's step.
+const DEADLINE: Duration = Duration::from_secs(15);
+
+/// P0 the primary, P1 the primary a reload adds, K the backup, and three
+/// members (A, B, C), each reading its own configuration file.
+struct Fleet {
+    p0: Memcached,
+    p1: Memcached,
+    k: Memcached,
+    members: [Memrelay; 3],
+    files: [PathBuf; 3],
+    _dir: TempDir,
+}
+
+/// A configuration file: these primaries, the backup, magent's hash (so
+/// the test can tell where a key goes: `moves`).
+fn config(primaries: &[&Memcached], backup: &Memcached) -> String {
+    let list: Vec<String> = primaries
+        .iter()
+        .map(|m| format!("\"{}\"", m.addr()))
+        .collect();
+    format!(
+        "[pools]\nprimaries = [{}]\nbackups = [\"{}\"]\nhash = \"magent\"\n",
+        list.join(", "),
+        backup.addr()
+    )
+}
+
+/// Whether `key` moves from P0 to P1 when P1 is added (magent's hash
+/// modulo the number of primaries).
+fn moves(key: &str) -> bool {
+    memrelay::router::magent_hash(key.as_bytes()) % 2 == 1
+}
+
+fn start(name: &str) -> Fleet {
+    // A peer port is picked free, then bound by memrelay: another test's
+    // process can take it in between; then the fleet starts again.
+    for _ in 0..3 {
+        let f = try_start(name);
+        let converged = f
+            .members
+            .iter()
+            .all(|r| wait_until(CONVERGE, || stat_u64(&r.addr(), "peers_up") == 2));
+        if converged {
+            return f;
+        }
+        assert!(
+            f.members
+                .iter()
+                .any(|r| r.output().contains("cannot listen for peers")),
+            "the peers never all reached each other:\n{}",
+            f.members
+                .each_ref()
+                .map(|r| r.output_tail(20))
+                .join("\n---\n")
+        );
+    }
+    panic!("three fleets in a row lost a peer port to another process");
+}
+
+fn try_start(name: &str) -> Fleet {
+    let (p0, p1, k) = (Memcached::start(), Memcached::start(), Memcached::start());
+    let dir = TempDir::new(name);
+    let secret = dir.file("secret", SECRET);
+    let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    std::fs::set_permissions(&secret, private).unwrap();
+    let peer_ports = [0; 3].map(|_| free_port("127.0.0.1"));
+    let files = [0, 1, 2].map(|i| dir.file(&format!("m{i}.toml"), &config(&[&p0], &k)));
+    let members = [0, 1, 2].map(|i| {
+        let mut args: Vec<String> = vec![
+            "--config".into(),
+            files[i].display().to_string(),
+            "--peer-listen".into(),
+            format!("127.0.0.1:{}", peer_ports[i]),
+            "--peer-secret-file".into(),
+            secret.display().to_string(),
+        ];
+        for p in peer_ports {
+            args.push("--peer".into());
+            args.push(format!("127.0.0.1:{p}"));
+        }
+        let r = Memrelay::start(&args);
+        // SIGHUP is handled once this is logged.
+        r.wait_for_output("memrelay started", 1, DEADLINE);
+        r
+    });
+    Fleet {
+        p0,
+        p1,
+        k,
+        members,
+        files,
+        _dir: dir,
+    }
+}
+
+impl Fleet {
+    fn addr(&self, i: usize) -> String {
+        self.members[i].addr()
+    }
+
+    /// Member `i`'s file now names P0 and P1; it reloads (SIGHUP) and has
+    /// read it (logged as a fleet reload's stage 1; a member reloading on
+    /// its own logs `configuration reloaded`).
+    fn reload(&self, i: usize) {
+        const READ: &str = "configuration re";
+        std::fs::write(&self.files[i], config(&[&self.p0, &self.p1], &self.k)).unwrap();
+        let before = self.members[i].output().matches(READ).count();
+        self.members[i].hangup();
+        self.members[i].wait_for_output(READ, before + 1, DEADLINE);
+    }
+
+    fn stage(&self, i: usize) -> u64 {
+        stat_u64(&self.addr(i), "fleet_reload_stage")
+    }
+
+    /// Every member finished `n` fleet reloads.
+    fn wait_done(&self, n: u64) {
+        for i in 0..3 {
+            assert!(
+                wait_until(DEADLINE, || stat_u64(&self.addr(i), "fleet_reloads_done")
+                    == n),
+                "member {i} did not finish the fleet reload: {:?}\n{}",
+                stats(&self.addr(i)),
+                self.members[i].output_tail(20)
+            );
+            assert_eq!(self.stage(i), 0);
+        }
+    }
+}
+
+fn get(addr: &str, key: &str) -> String {
+    let r = Client::connect(addr).send_until(format!("get {key}\r\n").as_bytes(), |b| {
+        b.ends_with(b"END\r\n")
+    });
+    String::from_utf8_lossy(&r.bytes).to_string()
+}
+
+fn set(addr: &str, key: &str, value: &str) -> String {
+    let r = Client::connect(addr).send_until(
+        format!("set {key} 0 0 {}\r\n{value}\r\n", value.len()).as_bytes(),
+        |b| b.ends_with(b"\r\n"),
+    );
+    String::from_utf8_lossy(&r.bytes).to_string()
+}
+
+fn value(key: &str, v: &str) -> String {
+    format!("VALUE {key} 0 {}\r\n{v}\r\nEND\r\n", v.len())
+}
+
+/// A key that the reload moves to P1, and one it leaves on P0.
+fn keys() -> (String, String) {
+    let moved = (0..)
+        .map(|i| format!("moved-{i}"))
+        .find(|k| moves(k))
+        .unwrap();
+    let stays = (0..)
+        .map(|i| format!("stays-{i}"))
+        .find(|k| !moves(k))
+        .unwrap();
+    (moved, stays)
+}
+
+#[test]
+fn a_member_reloaded_first_serves_the_old_routing_until_every_member_has_the_new_one() {
+    let f = start("fleet-reload-order");
+    let (key, stays) = keys();
+    f.reload(0);
+    // Through A, then through B (not reloaded): were A serving the new
+    // list, the first write would be on P1 alone and A would read it back
+    // over B's newer one.
+    assert_eq!(set(&f.addr(0), &key, "through-a"), "STORED\r\n");
+    assert_eq!(set(&f.addr(1), &key, "through-b"), "STORED\r\n");
+    assert_eq!(get(&f.addr(0), &key), value(&key, "through-b"));
+    assert_eq!(get(&f.p1.addr(), &key), "END\r\n", "nothing went to P1 yet");
+    // B and C still route by the old list: A waits for them.
+    assert_eq!(f.stage(0), 1);
+    assert_eq!(f.stage(1), 0);
+
+    f.reload(1);
+    f.reload(2);
+    f.wait_done(1);
+    // The new routing: the moved key's copy on P0 is left behind, and
+    // every member reads the newest value (from the backup at first).
+    for i in 0..3 {
+        assert_eq!(
+            get(&f.addr(i), &key),
+            value(&key, "through-b"),
+            "member {i}"
+        );
+    }
+    assert_eq!(set(&f.addr(2), &key, "through-c"), "STORED\r\n");
+    assert_eq!(get(&f.p1.addr(), &key), value(&key, "through-c"));
+    assert_eq!(get(&f.p0.addr(), &key), value(&key, "through-b"));
+    for i in 0..3 {
+        assert_eq!(
+            get(&f.addr(i), &key),
+            value(&key, "through-c"),
+            "member {i}"
+        );
+    }
+    // A key that did not move is served as before throughout.
+    assert_eq!(set(&f.addr(1), &stays, "s"), "STORED\r\n");
+    assert_eq!(get(&f.p0.addr(), &stays), value(&stays, "s"));
+}
+
+/// A member that neither serves nor answers its peers; resumed when
+/// dropped.
+struct Stopped(u32);
+
+impl Stopped {
+    fn new(r: &Memrelay) -> Stopped {
+        assert!(signal(r.pid(), libc::SIGSTOP));
+        assert!(wait_until(CONVERGE, || proc_state(r.pid()) == Some('T')));
+        Stopped(r.pid())
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        signal(self.0, libc::SIGCONT);
+    }
+}
+
+#[test]
+fn a_member_that_cannot_be_reached_holds_the_fleet_on_the_old_routing() {
+    let f = start("fleet-reload-unreached");
+    let (key, _) = keys();
+    let stopped = Stopped::new(&f.members[2]);
+    f.reload(0);
+    f.reload(1);
+    // A and B know each other reloaded, and still wait for C.
+    for (me, peer) in [(0, 1), (1, 0)] {
+        let peer_index = stats(&f.addr(me))
+            .into_iter()
+            .find(|(k, v)| k.ends_with(":address") && v.ends_with(&peer_port(&f, peer)))
+            .map(|(k, _)| k.trim_end_matches(":address").to_string())
+            .unwrap();
+        assert!(
+            wait_until(DEADLINE, || stat_u64(
+                &f.addr(me),
+                &format!("{peer_index}:reload_stage")
+            ) == 1),
+            "{:?}",
+            stats(&f.addr(me))
+        );
+        assert_eq!(f.stage(me), 1);
+    }
+    // Meanwhile the moved key is written and read by the old routing.
+    assert_eq!(set(&f.addr(0), &key, "v1"), "STORED\r\n");
+    assert_eq!(get(&f.p0.addr(), &key), value(&key, "v1"));
+    assert_eq!(get(&f.addr(1), &key), value(&key, "v1"));
+    drop(stopped);
+    f.reload(2);
+    f.wait_done(1);
+    assert_eq!(get(&f.addr(2), &key), value(&key, "v1"));
+    assert_eq!(set(&f.addr(0), &key, "v2"), "STORED\r\n");
+    assert_eq!(get(&f.p1.addr(), &key), value(&key, "v2"));
+    assert_eq!(get(&f.addr(1), &key), value(&key, "v2"));
+}
+
+/// The port member `i` listens for peers on, as its peers' stats show it.
+fn peer_port(f: &Fleet, i: usize) -> String {
+    let args = f.members[i].args();
+    let at = args.iter().position(|a| a == "--peer-listen").unwrap();
+    args[at + 1].rsplit(':').next().unwrap().to_string()
+}
