@@ -342,7 +342,7 @@ fn a_connection_that_does_not_know_the_secret_is_refused() {
         "error not a memrelay peer\n"
     );
     let mut c = Client::connect(&addr);
-    let r = c.send_until(b"memrelay-peer 2 abcd ef01 127.0.0.1:9\n", |b| {
+    let r = c.send_until(b"memrelay-peer 3 abcd ef01 127.0.0.1:9\n", |b| {
         b.ends_with(b"\n")
     });
     assert!(
@@ -359,7 +359,7 @@ fn a_connection_that_does_not_know_the_secret_is_refused() {
     );
     // A member of another release is told so.
     let mut c = Client::connect(&addr);
-    let r = c.send_until(b"memrelay-peer 1 abcd ef01 127.0.0.1:9\n", |b| {
+    let r = c.send_until(b"memrelay-peer 2 abcd ef01 127.0.0.1:9\n", |b| {
         b.ends_with(b"\n")
     });
     assert_eq!(

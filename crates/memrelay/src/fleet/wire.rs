@@ -1,7 +1,7 @@
 //! The lines peers exchange: pure functions, no I/O.
 //!
 //! ```text
-//! dialer:   memrelay-peer 2 <nonce> <instance> <its --peer-listen>
+//! dialer:   memrelay-peer 3 <nonce> <instance> <its --peer-listen>
 //! listener: challenge <nonce> <proof> <instance>   (or: error <why>)
 //! dialer:   auth <proof>
 //! listener: ok                                  (or: error <why>)
@@ -253,16 +253,20 @@ mod tests {
             })
         );
         assert_eq!(
-            parse_hello("memrelay-peer 2 ab cd not-an-address"),
+            parse_hello("memrelay-peer 3 ab cd not-an-address"),
             Err("not a memrelay peer")
         );
-        // The release before `forgot` lines, and one after.
-        for other in ["memrelay-peer 1 a b 127.0.0.1:1", "memrelay-peer 3 a b"] {
+        // The releases before `epoch` lines, and one after.
+        for other in [
+            "memrelay-peer 1 a b 127.0.0.1:1",
+            "memrelay-peer 2 a b 127.0.0.1:1",
+            "memrelay-peer 4 a b",
+        ] {
             assert_eq!(parse_hello(other), Err("unsupported version"));
         }
         assert_eq!(parse_hello("GET / HTTP/1.1"), Err("not a memrelay peer"));
         assert_eq!(
-            parse_hello("memrelay-peer 2 a b 127.0.0.1:1 more"),
+            parse_hello("memrelay-peer 3 a b 127.0.0.1:1 more"),
             Err("not a memrelay peer")
         );
         assert_eq!(
