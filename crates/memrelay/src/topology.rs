@@ -169,6 +169,8 @@ pub(crate) struct Control {
     all_health: Arc<std::sync::RwLock<Vec<Arc<Replica>>>>,
     /// A fleet reload under way (`fleet::epoch`).
     reloading: Option<Reloading>,
+    /// The stage the peers were last told.
+    shown: Option<Stage>,
 }
 
 /// A fleet reload under way: the configurations on either side, and this
@@ -298,7 +300,7 @@ impl Control {
         let (events_tx, events) = mpsc::unbounded_channel();
         let (reload_tx, reload_rx) = mpsc::unbounded_channel();
         let workers = cfg.threads;
-        let control = Control {
+        let mut control = Control {
             cfg,
             generation: 1,
             router,
@@ -317,6 +319,7 @@ impl Control {
             fleet,
             all_health,
             reloading: None,
+            shown: None,
         };
         let links = WorkerLinks {
             topology: topology_rx,
@@ -325,6 +328,7 @@ impl Control {
             reload: reload_tx,
             resync: resync_requests,
         };
+        control.join_fleet_reload();
         (control, links, reload_rx)
     }
 
@@ -455,6 +459,94 @@ impl Control {
         });
     }
 
+    /// Tells the peers this member's stage, with the routings it serves
+    /// and records by, if it changed.
+    fn tell(&mut self, stage: Stage) {
+        let Some(fleet) = &self.fleet else {
+            return;
+        };
+        if self.shown == Some(stage) {
+            return;
+        }
+        let routings = match (&self.reloading, stage) {
+            (Some(r), Stage::Aware { .. } | Stage::Switched { .. }) => {
+                r.from.routing_lines() + &r.to.routing_lines()
+            }
+            _ => self.cfg.routing_lines(),
+        };
+        fleet.show_with(stage, routings);
+        self.shown = Some(stage);
+    }
+
+    /// At start, before any worker serves: a member that finds its peers
+    /// in a fleet reload joins it at their stage, and one that finds them
+    /// serving another routing starts a reload to its own (its peers
+    /// follow once each is reloaded to it). The routing it does not have
+    /// is rebuilt from a peer's lines.
+    fn join_fleet_reload(&mut self) {
+        let Some(fleet) = self.fleet.clone() else {
+            return;
+        };
+        let routing = self.cfg.routing_fingerprint();
+        let joins = crate::fleet::epoch::joining(routing, &fleet.heard());
+        let (from, to) = match joins {
+            Stage::Steady { .. } => return self.tell(joins),
+            Stage::Aware { from, to } | Stage::Switched { from, to } => (from, to),
+        };
+        let config = |fp: u64| {
+            if fp == routing {
+                return Some(self.cfg.clone());
+            }
+            let lines = fleet.routing_of(fp)?;
+            self.cfg.with_routing_lines(fp, &lines).map(Arc::new)
+        };
+        let (Some(from_cfg), Some(to_cfg)) = (config(from), config(to)) else {
+            tracing::error!(stage = ?joins, "fleet: the peers route keys otherwise than this configuration, and gave no routing this member can rebuild; serving by its own");
+            return self.tell(Stage::Steady { routing });
+        };
+        if to != routing {
+            tracing::warn!("fleet: joining the fleet's reload to a routing that is not this configuration's; reload this member to it");
+        }
+        let (serving, other) = match joins {
+            Stage::Aware { .. } => (
+                Arc::new(to_cfg.as_ref().clone().with_routing_of(&from_cfg)),
+                to_cfg.clone(),
+            ),
+            _ => (to_cfg.clone(), from_cfg.clone()),
+        };
+        // No flush: a member assumes at start that servers hold no copies
+        // older than what it routes to them.
+        let _ = self.replace_servers(&serving, Some(&other), &Moves::default(), false);
+        let health = self.health_of(&serving);
+        let router = Router::new(&serving);
+        self.topology.send_replace(Arc::new(Topology {
+            generation: self.generation,
+            config: serving.clone(),
+            router: router.clone(),
+            health: health.clone(),
+            transition: Some(Arc::new(Transition {
+                other: Router::new(&other),
+                other_health: self.health_of(&other),
+            })),
+        }));
+        self.resync
+            .send_replace(Arc::new(new_resync(&serving, &router, &health)));
+        self.registry.set_servers(entries(&self.servers, &serving));
+        self.cfg = serving;
+        self.router = router;
+        self.reloading = Some(Reloading {
+            from: from_cfg,
+            to: to_cfg,
+            stage: joins,
+            waited: std::time::Instant::now(),
+        });
+        tracing::info!(
+            stage = joins.number(),
+            "fleet: joined the fleet's reload at its stage"
+        );
+        self.tell(joins);
+    }
+
     /// Whether a fleet reload is under way (`tend_reload` has work).
     pub(crate) fn reloading(&self) -> bool {
         self.reloading.is_some()
@@ -475,7 +567,11 @@ impl Control {
         if self.live.keys().any(|&g| g < self.generation) {
             return;
         }
-        fleet.show(r.stage);
+        let stage = r.stage;
+        self.tell(stage);
+        let Some(r) = self.reloading.as_mut() else {
+            return;
+        };
         let heard = fleet.heard();
         let Some(next) = crate::fleet::epoch::next(r.stage, &heard) else {
             if let Stage::Steady { .. } = r.stage {
@@ -487,7 +583,7 @@ impl Control {
                 let behind: Vec<&str> = fleet
                     .peer_names()
                     .zip(&heard)
-                    .filter(|(_, h)| h.is_none_or(|h| h.number() < r.stage.number()))
+                    .filter(|(_, h)| crate::fleet::epoch::next(r.stage, &[**h]).is_none())
                     .map(|(n, _)| n)
                     .collect();
                 tracing::warn!(stage = r.stage.number(), peers = %behind.join(","), "fleet reload waits for these peers to reach this stage");
@@ -846,13 +942,7 @@ fn join_fleet(
     for (s, h) in cfg.servers().zip(health) {
         fleet.watch(fleet_name(s), h);
     }
-    let routing = cfg.routing_fingerprint();
-    fleet.show(Stage::Steady { routing });
     fleet.join();
-    let joins = crate::fleet::epoch::joining(routing, &fleet.heard());
-    if joins != (Stage::Steady { routing }) {
-        tracing::error!(stage = ?joins, "fleet: the peers route keys otherwise than this configuration; reload them to it (or this member to theirs)");
-    }
     fleet
 }
 

@@ -287,3 +287,70 @@ fn peer_port(f: &Fleet, i: usize) -> String {
     let at = args.iter().position(|a| a == "--peer-listen").unwrap();
     args[at + 1].rsplit(':').next().unwrap().to_string()
 }
+
+/// The same arguments (so the same peer port), on a new client port.
+fn restart_on_a_new_port(args: Vec<String>) -> Memrelay {
+    let r = Memrelay::start_with(move |port| {
+        let mut a = args.clone();
+        if let Some(i) = a.iter().position(|x| x == "-p") {
+            a[i + 1] = port.to_string();
+        }
+        a
+    });
+    r.wait_for_output("memrelay started", 1, DEADLINE);
+    r
+}
+
+#[test]
+fn a_member_restarted_during_a_fleet_reload_joins_it() {
+    let mut f = start("fleet-reload-restart-mid");
+    let (key, _) = keys();
+    assert_eq!(set(&f.addr(1), &key, "v0"), "STORED\r\n");
+    // C dies; A and B reload and wait for it.
+    let args = f.members[2].args().to_vec();
+    f.members[2].kill();
+    f.reload(0);
+    f.reload(1);
+    assert_eq!(set(&f.addr(0), &key, "v1"), "STORED\r\n");
+    // C comes back with the new file: it learns the fleet's stage and the
+    // old routing from its peers, and joins the reload there.
+    std::fs::write(&f.files[2], config(&[&f.p0, &f.p1], &f.k)).unwrap();
+    f.members[2] = restart_on_a_new_port(args);
+    f.members[2].wait_for_output("joined the fleet's reload at its stage", 1, DEADLINE);
+    f.wait_done(1);
+    assert_eq!(get(&f.addr(2), &key), value(&key, "v1"));
+    assert_eq!(set(&f.addr(2), &key, "v2"), "STORED\r\n");
+    assert_eq!(get(&f.p1.addr(), &key), value(&key, "v2"));
+    assert_eq!(get(&f.addr(0), &key), value(&key, "v2"));
+}
+
+#[test]
+fn a_member_restarted_with_a_new_file_starts_a_fleet_reload_the_others_finish() {
+    let mut f = start("fleet-reload-restart-new-file");
+    let (key, _) = keys();
+    // A restarts with the new list while B and C run the old one: it
+    // serves the old routing, as they do.
+    let args = f.members[0].args().to_vec();
+    f.members[0].kill();
+    std::fs::write(&f.files[0], config(&[&f.p0, &f.p1], &f.k)).unwrap();
+    f.members[0] = restart_on_a_new_port(args);
+    assert_eq!(set(&f.addr(0), &key, "through-a"), "STORED\r\n");
+    assert_eq!(set(&f.addr(1), &key, "through-b"), "STORED\r\n");
+    assert_eq!(get(&f.addr(0), &key), value(&key, "through-b"));
+    assert_eq!(get(&f.p1.addr(), &key), "END\r\n");
+    assert_eq!(f.stage(0), 1, "{}", f.members[0].output_tail(20));
+    // The others reload to it; the fleet switches.
+    f.reload(1);
+    f.reload(2);
+    for i in 0..3 {
+        assert!(
+            wait_until(DEADLINE, || stat_u64(&f.addr(i), "fleet_reloads_done") == 1),
+            "member {i}: {}",
+            f.members[i].output_tail(20)
+        );
+        assert!(wait_until(DEADLINE, || f.stage(i) == 0));
+    }
+    assert_eq!(get(&f.addr(2), &key), value(&key, "through-b"));
+    assert_eq!(set(&f.addr(0), &key, "v2"), "STORED\r\n");
+    assert_eq!(get(&f.p1.addr(), &key), value(&key, "v2"));
+}

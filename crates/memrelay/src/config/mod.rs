@@ -12,6 +12,7 @@ pub(crate) mod auth;
 pub mod cli;
 pub(crate) mod file;
 pub(crate) mod fleet;
+mod routing;
 mod settings;
 mod summary;
 pub(crate) mod tls;
@@ -441,37 +442,6 @@ impl Config {
             .chain(std::iter::once(&self.backups))
             .chain(self.more_tiers.iter())
             .filter(|t| !t.is_empty())
-    }
-
-    /// What decides where keys go, as one number: the hash, and each
-    /// tier's servers in order, by the name the fleet knows them by (their
-    /// twemproxy name, else `host:port`) and weight. Members of a fleet
-    /// compare it to tell whether they route alike (`fleet::epoch`); a
-    /// server's address is left out, as members may reach it by
-    /// different ones. FNV-1a: stable across builds and machines.
-    pub(crate) fn routing_fingerprint(&self) -> u64 {
-        let mut text = format!("{}\n", self.hash);
-        for tier in self.tiers() {
-            text.push_str("tier\n");
-            for s in tier {
-                let name = s.label.as_deref().unwrap_or(&s.name);
-                text.push_str(&format!("{name} {}\n", s.weight));
-            }
-        }
-        text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        })
-    }
-
-    /// This configuration with `other`'s routing: its servers and hash
-    /// (a fleet reload's first stage serves by the old routing with the
-    /// new settings).
-    pub(crate) fn with_routing_of(mut self, other: &Config) -> Config {
-        self.primaries = other.primaries.clone();
-        self.backups = other.backups.clone();
-        self.more_tiers = other.more_tiers.clone();
-        self.hash = other.hash;
-        self
     }
 
     /// Each server's tier, in `servers()` order.

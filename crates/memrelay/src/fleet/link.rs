@@ -246,10 +246,44 @@ fn tend(fleet: &Fleet, link: &Link) -> Option<bool> {
 /// and how many keys were learnt.
 fn reach(fleet: &Fleet, link: &Link, wait: Duration) -> Result<(Conn, usize), Refused> {
     let mut conn = dial(fleet, link.addr, wait)?;
-    match pull_lists(fleet, &mut conn) {
-        Ok(n) => Ok((conn, n)),
-        Err(e) => Err(Refused::Failed(format!("did not give its lists: {e}"))),
+    let n = pull_lists(fleet, &mut conn)
+        .map_err(|e| Refused::Failed(format!("did not give its lists: {e}")))?;
+    pull_routings(fleet, link, &mut conn)
+        .map_err(|e| Refused::Failed(format!("did not give its routings: {e}")))?;
+    Ok((conn, n))
+}
+
+/// Most lines a peer's answer to `routing` may have: two routings of the
+/// most servers a configuration takes, many times over.
+const MAX_ROUTING_LINES: usize = 4096;
+
+/// Asks the peer where it stands in a fleet reload and by which routings
+/// (`routing`): a member that starts during one joins it
+/// (`Fleet::joining`).
+fn pull_routings(fleet: &Fleet, link: &Link, conn: &mut Conn) -> std::io::Result<()> {
+    conn.writer.write_all(b"routing\n")?;
+    let mut lines = String::new();
+    for _ in 0..MAX_ROUTING_LINES {
+        let line = read_line(&mut conn.reader)?;
+        if line == "end\n" {
+            fleet.learn_routings(&lines);
+            return Ok(());
+        }
+        match wire::parse_line(&line) {
+            Ok(wire::Line::Epoch(stage)) => fleet.peer_said(link.addr, stage),
+            _ if line.starts_with("route ") || line.starts_with("server ") => lines.push_str(&line),
+            _ => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "the peer's routings hold a line that is not one",
+                ))
+            }
+        }
     }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        "the peer's routings do not end",
+    ))
 }
 
 /// Sends a peer just reached every listed key, under its lock (a key

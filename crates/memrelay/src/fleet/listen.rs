@@ -143,6 +143,13 @@ fn serve(fleet: &Fleet, stream: TcpStream) -> Result<(), String> {
             Ok(wire::Line::Hint(h)) => fleet.learn(h.server, h.key.as_deref()),
             // Only in an answer to `sync`, which this side does not ask.
             Ok(wire::Line::Forgot(_)) => {}
+            Ok(wire::Line::Routing) => {
+                let mut out = fleet.stage_line().unwrap_or_default();
+                out.extend_from_slice(fleet.routings().as_bytes());
+                out.extend_from_slice(b"end\n");
+                writer.write_all(&out).map_err(|e| e.to_string())?;
+                continue;
+            }
             Ok(wire::Line::Sync) => {
                 // Every listed key, then `end` (instead of `k`).
                 let mut out = Vec::new();

@@ -210,6 +210,11 @@ pub(crate) struct Fleet {
     /// What each peer last said of its own, in `cfg.peers` order (None:
     /// not heard from since this process started).
     heard: Mutex<Vec<Option<epoch::Stage>>>,
+    /// The routings this member serves and records by, as lines
+    /// (`config::routing`), for peers that ask (`routing`).
+    routings: Mutex<String>,
+    /// The routings peers gave, by the same lines (the last of each).
+    learnt_routings: Mutex<HashMap<u64, String>>,
 }
 
 /// Where a starting memrelay stands with one peer.
@@ -263,6 +268,8 @@ impl Fleet {
             forgot_by_peers: Mutex::new(std::collections::HashSet::new()),
             stage: Mutex::new(None),
             heard: Mutex::new(vec![None; cfg.peers.len()]),
+            routings: Mutex::new(String::new()),
+            learnt_routings: Mutex::new(HashMap::new()),
         });
         listen::start(&fleet);
         tracing::info!(listen = %cfg.listen, peers = cfg.peers.len(), "fleet: telling peers of missed keys");
@@ -436,8 +443,48 @@ impl Fleet {
         }
     }
 
+    /// Tells the peers this member's stage (see `show`) and the routings
+    /// it serves and records by (their lines: `Config::routing_lines`).
+    pub(crate) fn show_with(&self, stage: epoch::Stage, routings: String) {
+        *self.routings.lock().unwrap_or_else(|p| p.into_inner()) = routings;
+        self.show(stage);
+    }
+
+    fn routings(&self) -> String {
+        self.routings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Keeps the routings a peer gave, by fingerprint.
+    fn learn_routings(&self, lines: &str) {
+        let mut learnt = self
+            .learnt_routings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for line in lines.lines().filter(|l| l.starts_with("route ")) {
+            let fp = line
+                .split(' ')
+                .nth(1)
+                .and_then(|f| u64::from_str_radix(f, 16).ok());
+            if let Some(fp) = fp {
+                learnt.insert(fp, lines.to_string());
+            }
+        }
+    }
+
+    /// The lines a peer gave that hold routing `fp`, if one did.
+    pub(crate) fn routing_of(&self, fp: u64) -> Option<String> {
+        self.learnt_routings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fp)
+            .cloned()
+    }
+
     /// The line that tells a peer this member's stage, once there is one.
-    fn stage_line(&self) -> Option<Vec<u8>> {
+    pub(super) fn stage_line(&self) -> Option<Vec<u8>> {
         self.stage
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -459,7 +506,7 @@ impl Fleet {
     }
 
     /// The peer listening on `listen` said where it stands.
-    fn peer_said(&self, listen: std::net::SocketAddr, stage: epoch::Stage) {
+    pub(super) fn peer_said(&self, listen: std::net::SocketAddr, stage: epoch::Stage) {
         let Some(i) = self.links.iter().position(|l| l.addr == listen) else {
             return;
         };

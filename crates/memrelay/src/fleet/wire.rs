@@ -9,6 +9,10 @@
 //!           hint <server> <key in base64, or *>
 //!           ping
 //!           epoch <stage> <routing> [<routing>]  (see `epoch`; also a ping)
+//! and, once per connection, after `sync`:
+//!           routing
+//! answered with the listener's `epoch` line (once it has a stage), the
+//! routings it serves and records by (`config::routing`'s lines), `end`.
 //! and first, once per connection:
 //!           sync
 //! answered with every key the listener's lists hold, as `hint` lines,
@@ -192,6 +196,8 @@ pub(crate) enum Line<'a> {
     Hint(Hint<'a>),
     Forgot(&'a str),
     Ping,
+    /// Asks for the listener's stage and routings.
+    Routing,
     /// Where the sender stands in a fleet reload (also a ping).
     Epoch(super::epoch::Stage),
     Sync,
@@ -204,6 +210,7 @@ pub(crate) fn parse_line(line: &str) -> Result<Line<'_>, &'static str> {
         "ping" => return Ok(Line::Ping),
         "sync" => return Ok(Line::Sync),
         "joined" => return Ok(Line::Joined),
+        "routing" => return Ok(Line::Routing),
         _ => {}
     }
     if let Some(rest) = line.strip_prefix("epoch ") {
@@ -298,6 +305,7 @@ mod tests {
         }
         assert_eq!(parse_line("ping\n"), Ok(Line::Ping));
         assert_eq!(parse_line("sync\n"), Ok(Line::Sync));
+        assert_eq!(parse_line("routing\n"), Ok(Line::Routing));
         assert!(parse_line("hint nokey\n").is_err());
         assert!(parse_line("hint s !!!\n").is_err());
         assert!(parse_line("hint  a\n").is_err());
