@@ -166,7 +166,7 @@ pub(crate) struct Control {
     /// servers missed.
     fleet: Option<Arc<crate::fleet::Fleet>>,
     /// Every server's health now, for the flush gates (`gate_flushes`).
-    all_health: Arc<std::sync::RwLock<Vec<Arc<Replica>>>>,
+    all_health: Arc<std::sync::RwLock<Vec<(Tier, Arc<Replica>)>>>,
     /// A fleet reload under way (`fleet::epoch`).
     reloading: Option<Reloading>,
     /// The stage the peers were last told.
@@ -247,7 +247,9 @@ impl Control {
         let (probe_timeouts, _) = watch::channel(probe_timeouts(&cfg));
         let servers = start_servers(&cfg, &probe_timeouts, &resync_requests);
         let health: Vec<Arc<Replica>> = servers.iter().map(|s| s.health.clone()).collect();
-        let all_health = Arc::new(std::sync::RwLock::new(health.clone()));
+        let all_health = Arc::new(std::sync::RwLock::new(
+            servers.iter().map(|s| (s.role, s.health.clone())).collect(),
+        ));
         for h in &health {
             gate_flushes(h, &all_health);
         }
@@ -781,8 +783,12 @@ impl Control {
         }
         self.servers = servers;
         {
-            let now: Vec<Arc<Replica>> = self.servers.iter().map(|s| s.health.clone()).collect();
-            for h in &now {
+            let now: Vec<(Tier, Arc<Replica>)> = self
+                .servers
+                .iter()
+                .map(|s| (s.role, s.health.clone()))
+                .collect();
+            for (_, h) in &now {
                 gate_flushes(h, &self.all_health);
             }
             *self.all_health.write().unwrap_or_else(|p| p.into_inner()) = now;
@@ -916,9 +922,13 @@ const FLUSH_RETURNING: &str =
     "keys that an earlier reload moved away from it come back: its copies may be stale";
 
 /// A server whose missed-key list overflowed is flushed only while every
-/// other server is up: it may hold the only live copy of keys it is not
-/// stale for (installed once per server; a reload's new servers get theirs).
-fn gate_flushes(health: &Arc<Replica>, all: &Arc<std::sync::RwLock<Vec<Arc<Replica>>>>) {
+/// server of the other tiers is up: it may hold the only live copy of keys
+/// it is not stale for, whose other copies are there (a server of its own
+/// tier holds other keys). A server of another tier that waits for its
+/// own flush does not hold it back if its name sorts after this one's:
+/// two that each waited for the other would both stay down for good
+/// (installed once per server; a reload's new servers get theirs).
+fn gate_flushes(health: &Arc<Replica>, all: &Arc<std::sync::RwLock<Vec<(Tier, Arc<Replica>)>>>) {
     let all = Arc::downgrade(all);
     let name = health.name.clone();
     let _ = health.flush_gate.set(FlushGate(Box::new(move || {
@@ -926,7 +936,18 @@ fn gate_flushes(health: &Arc<Replica>, all: &Arc<std::sync::RwLock<Vec<Arc<Repli
             return true;
         };
         let all = all.read().unwrap_or_else(|p| p.into_inner());
-        all.iter().filter(|h| h.name != name).all(|h| !h.is_down())
+        let Some(tier) = all.iter().find(|(_, h)| h.name == name).map(|(t, _)| *t) else {
+            return true;
+        };
+        all.iter()
+            .filter(|(t, h)| *t != tier && h.name != name)
+            .all(|(_, h)| {
+                if h.missed.is_overflowed() {
+                    h.name > name
+                } else {
+                    !h.is_down()
+                }
+            })
     })));
 }
 

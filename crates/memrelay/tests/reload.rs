@@ -266,6 +266,58 @@ fn a_key_that_moves_away_and_back_is_never_served_stale() {
 }
 
 #[test]
+fn servers_a_reload_could_not_flush_serve_again_once_they_answer() {
+    // Two primaries lose keys to a third, then get them back while both
+    // are down: neither can be flushed then, and each waits for its
+    // flush. Each holds other keys than the other (one tier): neither
+    // may wait on the other, or both stay down for good.
+    let (p1, p2, p3, k) = (
+        Memcached::start(),
+        Memcached::start(),
+        Memcached::start(),
+        Memcached::start(),
+    );
+    let (dir, _file, relay) = start("reload-unflushed", &config(&[&p1, &p2], &[&k], ""), &[]);
+    reload_to(&relay, &dir, &config(&[&p1, &p2, &p3], &[&k], ""), 1);
+    let (mut p1, mut p2) = (p1, p2);
+    p1.kill();
+    p2.kill();
+    let down = |i: usize| {
+        stats(&relay.addr())
+            .get(&format!("server:{i}:state"))
+            .map(String::as_str)
+            == Some("down")
+    };
+    // Requests find them gone (a prober only watches a server marked
+    // down).
+    let mut c = relay.client();
+    let mut i = 0;
+    assert!(wait_until(DEADLINE, || {
+        i += 1;
+        get(&mut c, &format!("k{i}"));
+        down(0) && down(1)
+    }));
+    reload_to(&relay, &dir, &config(&[&p1, &p2], &[&k], ""), 2);
+    assert!(relay.output().contains("cannot flush it now"));
+    p1.restart();
+    p2.restart();
+    let up = |i: usize| {
+        stats(&relay.addr())
+            .get(&format!("server:{i}:state"))
+            .map(String::as_str)
+            == Some("up")
+    };
+    assert!(
+        wait_until(DEADLINE, || up(0) && up(1)),
+        "{:?}\n{}",
+        stats(&relay.addr()),
+        relay.output()
+    );
+    assert_eq!(stat_u64(&relay.addr(), "server:0:flushed"), 1);
+    assert_eq!(stat_u64(&relay.addr(), "server:1:flushed"), 1);
+}
+
+#[test]
 fn an_invalid_configuration_is_refused_and_the_running_one_kept() {
     let (p1, p2) = (Memcached::start(), Memcached::start());
     let (dir, file, relay) = start("reload-invalid", &config(&[&p1], &[], ""), &[]);
