@@ -828,6 +828,7 @@ impl Control {
                 health.missed.flushes.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(server = %health.name, reason = why, "flushed");
             } else {
+                health.flush_owed.store(true, Ordering::Relaxed);
                 health.missed.record_all();
                 tracing::warn!(server = %health.name, reason = why, "cannot flush it now: it serves nothing until it is flushed");
             }

@@ -215,6 +215,8 @@ pub(crate) struct Fleet {
     routings: Mutex<String>,
     /// The routings peers gave, by the same lines (the last of each).
     learnt_routings: Mutex<HashMap<u64, String>>,
+    /// A peer named a server this member does not have, and it was said.
+    warned_unknown: std::sync::atomic::AtomicBool,
 }
 
 /// Where a starting memrelay stands with one peer.
@@ -270,6 +272,7 @@ impl Fleet {
             heard: Mutex::new(vec![None; cfg.peers.len()]),
             routings: Mutex::new(String::new()),
             learnt_routings: Mutex::new(HashMap::new()),
+            warned_unknown: std::sync::atomic::AtomicBool::new(false),
         });
         listen::start(&fleet);
         tracing::info!(listen = %cfg.listen, peers = cfg.peers.len(), "fleet: telling peers of missed keys");
@@ -505,6 +508,21 @@ impl Fleet {
         self.heard.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Whether this member and every peer heard from serve one routing,
+    /// with no fleet reload under way.
+    fn routes_alike(&self) -> bool {
+        let Some(mine) = *self.stage.lock().unwrap_or_else(|p| p.into_inner()) else {
+            return false;
+        };
+        let steady = |s: epoch::Stage| matches!(s, epoch::Stage::Steady { .. });
+        steady(mine)
+            && self
+                .heard()
+                .iter()
+                .flatten()
+                .all(|p| steady(*p) && p.serving() == mine.serving())
+    }
+
     /// The peer listening on `listen` said where it stands.
     pub(super) fn peer_said(&self, listen: std::net::SocketAddr, stage: epoch::Stage) {
         let Some(i) = self.links.iter().position(|l| l.addr == listen) else {
@@ -521,9 +539,20 @@ impl Fleet {
         self.figures.hints_received.fetch_add(1, Ordering::Relaxed);
         let replica = self.servers_map().get(server).and_then(Weak::upgrade);
         match replica {
-            Some(r) => r.missed.learn(key, Source::Peer),
+            Some(r) => {
+                // Every key: the peer's list overflowed, or its reload
+                // could not flush the server. Either way each member
+                // flushes it, at once (`ha::upkeep`).
+                if key.is_none() {
+                    r.flush_owed.store(true, Ordering::Relaxed);
+                }
+                r.missed.learn(key, Source::Peer)
+            }
             None => {
-                if self.figures.hints_unknown.fetch_add(1, Ordering::Relaxed) == 0 {
+                self.figures.hints_unknown.fetch_add(1, Ordering::Relaxed);
+                // During a fleet reload a member names servers of a
+                // routing another does not run yet (or any more): expected.
+                if self.routes_alike() && !self.warned_unknown.swap(true, Ordering::Relaxed) {
                     tracing::warn!(server, "a peer named a server this memrelay does not have: are the fleet's members configured alike?");
                 }
             }

@@ -37,6 +37,10 @@ pub(crate) struct Replica {
     /// those keys back to it (it is flushed first). See docs/ha.md,
     /// "Reloading the configuration".
     pub keys_moved_away: AtomicBool,
+    /// A reload's flush of this server failed (it was down): its prober
+    /// flushes it as soon as it can, without the rest between flushes
+    /// after overflows (`ha::upkeep`).
+    pub flush_owed: AtomicBool,
     /// The CAS stamp of the server process (`ha::cas`), from its identity.
     stamp: AtomicU32,
     /// Whether flushing this server now loses no key's only live copy
@@ -73,6 +77,7 @@ impl Replica {
             copying: MissedKeys::labelled("resync copy set", 100_000),
             touched: MissedKeys::labelled("resync touched set", missed_cap),
             keys_moved_away: AtomicBool::new(false),
+            flush_owed: AtomicBool::new(false),
             stamp: AtomicU32::new(stamp),
             flush_gate: OnceLock::new(),
         }

@@ -49,12 +49,17 @@ impl Upkeep {
     /// After an overflow: flushes the server, unless that must wait.
     async fn flush_if_due(&mut self, c: &mut ProbeConn) -> Flush {
         let r = &self.replica;
-        // The last resort, and it empties the server: not while another
-        // server is down (this one may hold the only live copy of keys it
-        // is not stale for; meanwhile it serves none), and at most once
-        // per FLUSH_EVERY. Until then it stays stale for every key.
+        // The last resort, and it empties the server: not while a server
+        // of another tier is down (this one may hold the only live copy of
+        // keys it is not stale for; meanwhile it serves none), and at most
+        // once per FLUSH_EVERY. Until then it stays stale for every key.
         let gate_open = r.flush_gate.get().is_none_or(|open| (open.0)());
-        let rested = self.last_flush.is_none_or(|t| t.elapsed() >= FLUSH_EVERY);
+        // A flush a reload could not make (the server was down), here or
+        // at a peer (which tells every member to flush), does not wait:
+        // it is no storm of overflows, and waiting would keep the server
+        // out for a minute after it is back.
+        let owed = r.flush_owed.load(Ordering::Relaxed);
+        let rested = owed || self.last_flush.is_none_or(|t| t.elapsed() >= FLUSH_EVERY);
         if !gate_open || !rested {
             tracing::debug!(server = %r.name, gate_open, rested, "flush after an overflow postponed");
             return Flush::Postponed;
@@ -64,7 +69,12 @@ impl Upkeep {
             return Flush::Failed;
         }
         r.missed.flushes.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(server = %r.name, "flushed: it could hold stale copies of more keys than are remembered");
+        if owed {
+            tracing::warn!(server = %r.name, "flushed, as a reload here or at a peer asked while it could not be");
+        } else {
+            tracing::warn!(server = %r.name, "flushed: it could hold stale copies of more keys than are remembered");
+        }
+        r.flush_owed.store(false, Ordering::Relaxed);
         r.missed.clear();
         Flush::Done
     }
