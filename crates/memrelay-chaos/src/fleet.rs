@@ -59,6 +59,14 @@ impl Fleet {
             args.extend(["-s".to_string(), format!("{}:1 p{i}", l.addr())]);
         }
         args.extend(["-b".to_string(), format!("{}:1 backup", links[b].addr())]);
+        args.extend(self.peer_args(m));
+        args
+    }
+
+    /// Member m's fleet flags alone (its servers come from a file:
+    /// `--reloads`).
+    pub fn peer_args(&self, m: usize) -> Vec<String> {
+        let mut args = Vec::new();
         args.extend([
             "--peer-listen".to_string(),
             format!("127.0.0.1:{}", self.peer_ports[m]),

@@ -8,6 +8,7 @@
 
 mod chaos;
 mod fleet;
+mod reloads;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -70,6 +71,11 @@ options:
   --partitions       with --fleet: also cut (blackhole), reset or slow one
                      member's link to one server at a time, for 0.3..3 s:
                      partial partitions
+  --reloads          also rolling reloads: a spare memcached is added to the
+                     primaries and removed again, every 4..9 s, each time
+                     in every member's file, reloaded (SIGHUP) one member
+                     after another 0..1.5 s apart (the members read their
+                     servers from a file)
   --storm            also a thread of clients that pipeline 500 sets of
                      their own keys and reset the connection 2 ms later,
                      and 200 idle connections held open to /metrics (the
@@ -126,6 +132,8 @@ struct Cfg {
     fleet: usize,
     /// Fault the fleet's links at random.
     partitions: bool,
+    /// Rolling reloads that add and remove a spare primary.
+    reloads: bool,
     extra: Vec<String>,
 }
 
@@ -178,6 +186,7 @@ fn parse_args(args: &[String]) -> Result<Option<Cfg>, String> {
         storm: false,
         fleet: 1,
         partitions: false,
+        reloads: false,
         extra: Vec::new(),
     };
     let mut it = args.iter();
@@ -229,6 +238,7 @@ fn parse_args(args: &[String]) -> Result<Option<Cfg>, String> {
             "--storm" => c.storm = true,
             "--fleet" => c.fleet = num(val()?)?.clamp(2, 5) as usize,
             "--partitions" => c.partitions = true,
+            "--reloads" => c.reloads = true,
             "--pause" => {
                 let v = val()?;
                 let (a, b) = v
@@ -302,9 +312,16 @@ fn stats(addr: &str) -> HashMap<String, String> {
         .unwrap_or_default()
 }
 
+/// Whether memrelay at `addr` lists at least `n` servers, each up (with
+/// `--reloads` the list has the spare, or had it).
 fn all_up(addr: &str, n: usize) -> bool {
     let s = stats(addr);
-    (0..n).all(|i| s.get(&format!("server:{i}:state")).map(String::as_str) == Some("up"))
+    let states: Vec<&String> = s
+        .iter()
+        .filter(|(k, _)| k.starts_with("server:") && k.ends_with(":state"))
+        .map(|(_, v)| v)
+        .collect();
+    states.len() >= n && states.iter().all(|v| *v == "up")
 }
 
 /// Stores every key through the proxy, then asks each primary directly
@@ -845,13 +862,16 @@ fn member_args(
     m: usize,
     servers: &[Memcached],
     fleet: Option<&fleet::Fleet>,
+    reloads: Option<&reloads::Reloads>,
     state_dir: &Path,
     metrics_port: Option<u16>,
 ) -> Vec<String> {
     let b = servers.len() - 1;
-    let mut args: Vec<String> = match fleet {
-        Some(f) => f.args(m),
-        None => {
+    let mut args: Vec<String> = match (fleet, reloads) {
+        (Some(f), Some(r)) => [r.args(m), f.peer_args(m)].concat(),
+        (None, Some(r)) => r.args(m),
+        (Some(f), None) => f.args(m),
+        (None, None) => {
             let mut a = Vec::new();
             for s in &servers[..b] {
                 a.extend(["-s".to_string(), s.addr()]);
@@ -912,8 +932,30 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
     } else {
         None
     };
+    let mut reloads = if cfg.reloads {
+        Some(reloads::Reloads::new(
+            &cfg.memcached,
+            members,
+            &servers,
+            fleet.as_ref(),
+            &state_dir,
+            cfg.seed,
+        )?)
+    } else {
+        None
+    };
     let all_args: Vec<Vec<String>> = (0..members)
-        .map(|m| member_args(cfg, m, &servers, fleet.as_ref(), &state_dir, metrics_port))
+        .map(|m| {
+            member_args(
+                cfg,
+                m,
+                &servers,
+                fleet.as_ref(),
+                reloads.as_ref(),
+                &state_dir,
+                metrics_port,
+            )
+        })
         .collect();
     // The run's clock starts here, so memrelay's log lines and the
     // histories share one time line.
@@ -1048,7 +1090,13 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
         let end = Instant::now() + cfg.duration;
         let mut rng = Rng::new(seed ^ 0x0072_656c_6179);
         let mut next_restart = Instant::now() + Duration::from_millis(3000 + rng.below(5000));
+        let mut reload_rng = Rng::new(seed ^ 0x0072_6f6c_6c73);
         while Instant::now() < end && !INTERRUPTED.load(Ordering::SeqCst) {
+            if let Some(r) = reloads.as_mut() {
+                if let Some(line) = r.step(&relays, &mut reload_rng, watch) {
+                    relay_log.push(line);
+                }
+            }
             if let Some((m, st)) = relays
                 .iter_mut()
                 .enumerate()
@@ -1095,6 +1143,13 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
         (ends, ct)
     });
     let chaos_elapsed = watch.start.elapsed();
+    // A rolling reload cut short by the end is finished: a fleet reload
+    // holds its members until each has the new list.
+    if let Some(r) = reloads.as_mut() {
+        if let Err(e) = r.finish(&relays, &watch) {
+            relay_died.get_or_insert(e);
+        }
+    }
 
     // Right after every server is back (invalidation may be under way),
     // then once memrelay reports every server up.
@@ -1105,6 +1160,31 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
     let settled = wait_until(Duration::from_secs(20), || {
         addrs.iter().all(|a| all_up(a, b + 1))
     });
+    // Which servers were not up, as each member lists them.
+    let not_up: Vec<String> = if settled {
+        Vec::new()
+    } else {
+        addrs
+            .iter()
+            .enumerate()
+            .flat_map(|(m, a)| {
+                let s = stats(a);
+                let mut down: Vec<String> = s
+                    .iter()
+                    .filter(|(k, v)| {
+                        k.starts_with("server:") && k.ends_with(":state") && *v != "up"
+                    })
+                    .map(|(k, v)| {
+                        let n = k.trim_end_matches(":state");
+                        let at = s.get(&format!("{n}:address")).cloned().unwrap_or_default();
+                        format!("member {m}: {n} ({at}) {v}")
+                    })
+                    .collect();
+                down.sort();
+                down
+            })
+            .collect()
+    };
     for (t, e) in ends.iter_mut().enumerate() {
         final_reads(cfg, &addrs[(t + 1) % members], &watch, t, e, "all up");
     }
@@ -1145,9 +1225,10 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
         errors.push(format!("memrelay exited during the run ({s}):\n{log_tail}"));
     }
     if !settled {
-        errors.push(
-            "memrelay did not report every server up within 20 s of the end of the chaos".into(),
-        );
+        errors.push(format!(
+            "memrelay did not report every server up within 20 s of the end of the chaos: {}",
+            not_up.join("; ")
+        ));
     }
     let stat = |k: &str| st.get(k).cloned().unwrap_or_else(|| "?".into());
     let pct = |n: u64, d: u64| {
