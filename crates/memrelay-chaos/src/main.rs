@@ -1289,11 +1289,21 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
             f("peer_hints_unknown")
         );
     }
+    if cfg.reloads {
+        let reloads = relay_log
+            .iter()
+            .filter(|l| l.contains(" reloaded to "))
+            .count();
+        println!(
+            "reloads: {reloads} member reloads, {} rolling reloads begun (a spare primary added, then removed)",
+            reloads.div_ceil(members.max(1))
+        );
+    }
     if cfg.relay_chaos {
         let count = |w: &str| relay_log.iter().filter(|l| l.contains(w)).count();
         println!(
             "memrelay restarts: {} (SIGTERM {}, SIGKILL {}, hand-off {}, SIGSTOP {})",
-            relay_log.len(),
+            relay_log.len() - count(" reloaded to "),
             count("Terminate"),
             count("Kill"),
             count("Handoff"),
