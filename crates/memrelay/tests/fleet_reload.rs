@@ -15,8 +15,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use support::{
-    free_port, proc_state, signal, stat_u64, stats, wait_until, Client, Memcached, Memrelay,
-    TempDir, CONVERGE,
+    free_port, proc_state, signal, stat_u64, stats, wait_until, Client, Fault, Forwarder,
+    Memcached, Memrelay, TempDir, CONVERGE,
 };
 
 const SECRET: &str = "a fleet secret of more than 16 bytes\n";
@@ -31,6 +31,9 @@ struct Fleet {
     k: Memcached,
     members: [Memrelay; 3],
     files: [PathBuf; 3],
+    /// With `start_behind_links`: the addresses the members reach each
+    /// other at (a forwarder to each member's peer port).
+    peer_links: Vec<Forwarder>,
     _dir: TempDir,
 }
 
@@ -55,10 +58,21 @@ fn moves(key: &str) -> bool {
 }
 
 fn start(name: &str) -> Fleet {
+    start_with(name, false)
+}
+
+/// The members reach each other through forwarders, at other addresses
+/// than they listen on (as behind a NAT): `--peer` names the forwarders,
+/// the same list on every member, each member's own one included.
+fn start_behind_links(name: &str) -> Fleet {
+    start_with(name, true)
+}
+
+fn start_with(name: &str, behind_links: bool) -> Fleet {
     // A peer port is picked free, then bound by memrelay: another test's
     // process can take it in between; then the fleet starts again.
     for _ in 0..3 {
-        let f = try_start(name);
+        let f = try_start(name, behind_links);
         let converged = f
             .members
             .iter()
@@ -80,13 +94,29 @@ fn start(name: &str) -> Fleet {
     panic!("three fleets in a row lost a peer port to another process");
 }
 
-fn try_start(name: &str) -> Fleet {
+fn try_start(name: &str, behind_links: bool) -> Fleet {
     let (p0, p1, k) = (Memcached::start(), Memcached::start(), Memcached::start());
     let dir = TempDir::new(name);
     let secret = dir.file("secret", SECRET);
     let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
     std::fs::set_permissions(&secret, private).unwrap();
     let peer_ports = [0; 3].map(|_| free_port("127.0.0.1"));
+    let peer_links: Vec<Forwarder> = if behind_links {
+        peer_ports
+            .iter()
+            .map(|p| Forwarder::start(&format!("127.0.0.1:{p}")))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let peers: Vec<String> = if behind_links {
+        peer_links.iter().map(Forwarder::addr).collect()
+    } else {
+        peer_ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect()
+    };
     let files = [0, 1, 2].map(|i| dir.file(&format!("m{i}.toml"), &config(&[&p0], &k)));
     let members = [0, 1, 2].map(|i| {
         let mut args: Vec<String> = vec![
@@ -97,9 +127,9 @@ fn try_start(name: &str) -> Fleet {
             "--peer-secret-file".into(),
             secret.display().to_string(),
         ];
-        for p in peer_ports {
+        for p in &peers {
             args.push("--peer".into());
-            args.push(format!("127.0.0.1:{p}"));
+            args.push(p.clone());
         }
         let r = Memrelay::start(&args);
         // SIGHUP is handled once this is logged.
@@ -112,6 +142,7 @@ fn try_start(name: &str) -> Fleet {
         k,
         members,
         files,
+        peer_links,
         _dir: dir,
     }
 }
@@ -127,6 +158,15 @@ impl Fleet {
     fn reload(&self, i: usize) {
         const READ: &str = "configuration re";
         std::fs::write(&self.files[i], config(&[&self.p0, &self.p1], &self.k)).unwrap();
+        let before = self.members[i].output().matches(READ).count();
+        self.members[i].hangup();
+        self.members[i].wait_for_output(READ, before + 1, DEADLINE);
+    }
+
+    /// Member `i`'s file names P0 alone again; it reloads.
+    fn reload_to_p0_only(&self, i: usize) {
+        const READ: &str = "configuration re";
+        std::fs::write(&self.files[i], config(&[&self.p0], &self.k)).unwrap();
         let before = self.members[i].output().matches(READ).count();
         self.members[i].hangup();
         self.members[i].wait_for_output(READ, before + 1, DEADLINE);
@@ -353,4 +393,43 @@ fn a_member_restarted_with_a_new_file_starts_a_fleet_reload_the_others_finish() 
     assert_eq!(get(&f.addr(2), &key), value(&key, "through-b"));
     assert_eq!(set(&f.addr(0), &key, "v2"), "STORED\r\n");
     assert_eq!(get(&f.p1.addr(), &key), value(&key, "v2"));
+}
+
+#[test]
+fn members_that_reach_each_other_at_other_addresses_reload_in_step() {
+    // Each member's own entry in the list is a forwarder back to itself:
+    // it finds out, and does not wait for itself.
+    let f = start_behind_links("fleet-reload-behind-links");
+    let (key, _) = keys();
+    f.reload(0);
+    assert_eq!(set(&f.addr(0), &key, "through-a"), "STORED\r\n");
+    assert_eq!(set(&f.addr(1), &key, "through-b"), "STORED\r\n");
+    assert_eq!(get(&f.addr(0), &key), value(&key, "through-b"));
+    f.reload(1);
+    f.reload(2);
+    f.wait_done(1);
+    assert_eq!(get(&f.addr(2), &key), value(&key, "through-b"));
+    assert_eq!(set(&f.addr(0), &key, "v2"), "STORED\r\n");
+    assert_eq!(get(&f.p1.addr(), &key), value(&key, "v2"));
+    // Back to P0 alone while A and B cannot reach C (C still reaches
+    // them): C hears that they have the new list, they hear that C has
+    // it, so they switch; C never hears that they did, so it does not
+    // switch, and they cannot finish.
+    f.peer_links[2].set(Fault::Reset);
+    for i in 0..3 {
+        f.reload_to_p0_only(i);
+    }
+    for i in 0..2 {
+        assert!(wait_until(DEADLINE, || f.stage(i) == 2), "member {i}");
+    }
+    assert_eq!(f.stage(2), 1);
+    // Switched members write by the new list, C reads by the old one.
+    assert_eq!(set(&f.addr(0), &key, "v3"), "STORED\r\n");
+    assert_eq!(get(&f.addr(2), &key), value(&key, "v3"));
+    assert_eq!(set(&f.addr(2), &key, "v4"), "STORED\r\n");
+    assert_eq!(get(&f.addr(1), &key), value(&key, "v4"));
+    assert_eq!(f.stage(2), 1);
+    f.peer_links[2].set(Fault::Pass);
+    f.wait_done(2);
+    assert_eq!(get(&f.addr(2), &key), value(&key, "v4"));
 }

@@ -29,6 +29,9 @@ pub(super) struct Link {
     current: Mutex<Option<String>>,
     /// Wakes the keeper before its next turn.
     kick: (Mutex<bool>, Condvar),
+    /// The address reaches this process (its own entry in the peer list,
+    /// under another address than `--peer-listen`): not a peer.
+    pub(super) myself: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -54,6 +57,7 @@ impl Link {
             conn: Mutex::new(None),
             current: Mutex::new(None),
             kick: (Mutex::new(false), Condvar::new()),
+            myself: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -81,6 +85,16 @@ impl Link {
             .wait_timeout_while(kicked, EVERY, |k| !*k)
             .unwrap_or_else(|p| p.into_inner());
         *kicked = false;
+    }
+
+    /// Whether the peer's process is `instance`, as this link last
+    /// reached it.
+    pub(super) fn reaches(&self, instance: &str) -> bool {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            == Some(instance)
     }
 
     /// Whether `conn` reaches a process the peer replaced.
@@ -233,6 +247,7 @@ fn tend(fleet: &Fleet, link: &Link) -> Option<bool> {
         Ok((conn, pulled)) => Some(attach(fleet, link, &mut link.lock(), conn, pulled)),
         Err(Refused::Myself) => {
             tracing::info!(peer = %link.addr, "fleet: this peer is this memrelay; not dialled");
+            link.myself.store(true, Ordering::Relaxed);
             None
         }
         Err(Refused::Failed(why)) => {
@@ -270,7 +285,7 @@ fn pull_routings(fleet: &Fleet, link: &Link, conn: &mut Conn) -> std::io::Result
             return Ok(());
         }
         match wire::parse_line(&line) {
-            Ok(wire::Line::Epoch(stage)) => fleet.peer_said(link.addr, stage),
+            Ok(wire::Line::Epoch(stage)) => fleet.heard_from(link.index, stage),
             _ if line.starts_with("route ") || line.starts_with("server ") => lines.push_str(&line),
             _ => {
                 return Err(std::io::Error::new(
@@ -313,6 +328,7 @@ fn attach(
             // predecessor that dials in later (a hand-off) must not make
             // this link look stale and redial it at every turn.
             *link.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.instance.clone());
+            fleet.matched(link.index, &conn.instance);
             *guard = Some(conn);
             true
         }

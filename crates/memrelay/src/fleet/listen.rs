@@ -138,7 +138,7 @@ fn serve(fleet: &Fleet, stream: TcpStream) -> Result<(), String> {
         };
         match wire::parse_line(&line) {
             Ok(wire::Line::Ping) => {}
-            Ok(wire::Line::Epoch(stage)) => fleet.peer_said(listen, stage),
+            Ok(wire::Line::Epoch(stage)) => fleet.peer_said(listen, &instance, stage),
             Ok(wire::Line::Joined) => fleet.peer_connected(listen, &instance),
             Ok(wire::Line::Hint(h)) => fleet.learn(h.server, h.key.as_deref()),
             // Only in an answer to `sync`, which this side does not ask.

@@ -217,6 +217,17 @@ pub(crate) struct Fleet {
     learnt_routings: Mutex<HashMap<u64, String>>,
     /// A peer named a server this member does not have, and it was said.
     warned_unknown: std::sync::atomic::AtomicBool,
+    /// What peers said before this member's link reached them (`early`).
+    early: Mutex<HashMap<String, Early>>,
+}
+
+/// What a peer's process said on its connection to this one before this
+/// member's link to it reached it (so before it could be told which link
+/// it is, when it listens elsewhere than where it is reached).
+#[derive(Debug, Default)]
+struct Early {
+    connected: bool,
+    stage: Option<epoch::Stage>,
 }
 
 /// Where a starting memrelay stands with one peer.
@@ -273,6 +284,7 @@ impl Fleet {
             routings: Mutex::new(String::new()),
             learnt_routings: Mutex::new(HashMap::new()),
             warned_unknown: std::sync::atomic::AtomicBool::new(false),
+            early: Mutex::new(HashMap::new()),
         });
         listen::start(&fleet);
         tracing::info!(listen = %cfg.listen, peers = cfg.peers.len(), "fleet: telling peers of missed keys");
@@ -326,12 +338,55 @@ impl Fleet {
         }
     }
 
+    /// The link to the peer that listens on `listen` (as it says), or
+    /// whose process `instance` this member's link reached: members may
+    /// reach each other at other addresses than the ones they listen on
+    /// (a NAT, a wildcard `--peer-listen`, a forwarder).
+    fn link_of(&self, listen: std::net::SocketAddr, instance: &str) -> Option<usize> {
+        self.links
+            .iter()
+            .position(|l| l.addr == listen)
+            .or_else(|| self.links.iter().position(|l| l.reaches(instance)))
+    }
+
+    /// What a peer said on its connection before this member's link
+    /// reached it, by process, kept until the link does (`matched`).
+    fn early(&self, instance: &str, f: impl FnOnce(&mut Early)) {
+        let mut early = self.early.lock().unwrap_or_else(|p| p.into_inner());
+        // Bounded: only authenticated peers get here, a few per member.
+        if early.len() >= 64 && !early.contains_key(instance) {
+            early.clear();
+        }
+        f(early.entry(instance.to_string()).or_default());
+    }
+
+    /// Link `i` reached process `instance`: what it said before counts.
+    fn matched(&self, i: usize, instance: &str) {
+        let said = self
+            .early
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(instance);
+        if let Some(e) = said {
+            if let Some(stage) = e.stage {
+                self.heard_from(i, stage);
+            }
+            if e.connected {
+                self.connected(i);
+            }
+        }
+    }
+
     /// A peer's connection to this process is set up (`joined`): every
     /// hint it makes from now on comes here.
-    fn peer_connected(&self, listen: std::net::SocketAddr, _instance: &str) {
-        let Some(i) = self.links.iter().position(|l| l.addr == listen) else {
-            return;
-        };
+    fn peer_connected(&self, listen: std::net::SocketAddr, instance: &str) {
+        match self.link_of(listen, instance) {
+            Some(i) => self.connected(i),
+            None => self.early(instance, |e| e.connected = true),
+        }
+    }
+
+    fn connected(&self, i: usize) {
         let (lock, cv) = &self.joining;
         lock.lock().unwrap_or_else(|p| p.into_inner())[i].connected = true;
         cv.notify_all();
@@ -420,7 +475,8 @@ impl Fleet {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .all(|j| j.reached);
+            .zip(&self.links)
+            .all(|(j, l)| j.reached || l.myself.load(Ordering::Relaxed));
         all_reached
             && !self
                 .forgot_by_peers
@@ -498,14 +554,34 @@ impl Fleet {
         &self.figures
     }
 
-    /// The peers as configured (`--peer`), in order.
+    /// The peers as configured (`--peer`), in order, but an entry that
+    /// turned out to be this process.
     pub(crate) fn peer_names(&self) -> impl Iterator<Item = &str> {
-        self.cfg.peers.iter().map(|(n, _)| n.as_str())
+        self.cfg
+            .peers
+            .iter()
+            .zip(&self.links)
+            .filter(|(_, l)| !l.myself.load(Ordering::Relaxed))
+            .map(|((n, _), _)| n.as_str())
     }
 
-    /// What each peer last said of its stage (`cfg.peers` order).
+    /// What each peer last said of its stage (`peer_names` order).
     pub(crate) fn heard(&self) -> Vec<Option<epoch::Stage>> {
-        self.heard.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        heard
+            .iter()
+            .zip(&self.links)
+            .filter(|(_, l)| !l.myself.load(Ordering::Relaxed))
+            .map(|(h, _)| *h)
+            .collect()
+    }
+
+    /// How many of the configured peers are other processes.
+    fn peers(&self) -> usize {
+        self.links
+            .iter()
+            .filter(|l| !l.myself.load(Ordering::Relaxed))
+            .count()
     }
 
     /// Whether this member and every peer heard from serve one routing,
@@ -523,11 +599,22 @@ impl Fleet {
                 .all(|p| steady(*p) && p.serving() == mine.serving())
     }
 
-    /// The peer listening on `listen` said where it stands.
-    pub(super) fn peer_said(&self, listen: std::net::SocketAddr, stage: epoch::Stage) {
-        let Some(i) = self.links.iter().position(|l| l.addr == listen) else {
-            return;
-        };
+    /// The peer listening on `listen` (process `instance`) said where it
+    /// stands.
+    pub(super) fn peer_said(
+        &self,
+        listen: std::net::SocketAddr,
+        instance: &str,
+        stage: epoch::Stage,
+    ) {
+        match self.link_of(listen, instance) {
+            Some(i) => self.heard_from(i, stage),
+            None => self.early(instance, |e| e.stage = Some(stage)),
+        }
+    }
+
+    /// Peer `i` said where it stands.
+    pub(super) fn heard_from(&self, i: usize, stage: epoch::Stage) {
         self.figures.peers[i]
             .stage
             .store(stage.number(), Ordering::Relaxed);
@@ -601,14 +688,14 @@ impl Fleet {
     /// Returns whether as many took them as `--peer-confirm` requires.
     fn send(&self, lines: &[u8], count: usize) -> bool {
         let taken = link::send_to_all(self, lines, count);
-        let enough = self.cfg.confirm.enough(taken, self.links.len());
+        let enough = self.cfg.confirm.enough(taken, self.peers());
         if !enough {
             let n = self
                 .figures
                 .hints_unconfirmed
                 .fetch_add(count as u64, Ordering::Relaxed);
             if n == 0 || n.is_power_of_two() {
-                tracing::warn!(took = taken, peers = self.links.len(), confirm = %self.cfg.confirm, "too few peers took a write's hints: such writes are answered SERVER_ERROR until enough are reached");
+                tracing::warn!(took = taken, peers = self.peers(), confirm = %self.cfg.confirm, "too few peers took a write's hints: such writes are answered SERVER_ERROR until enough are reached");
             }
         }
         if taken == 0 {
