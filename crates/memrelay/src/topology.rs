@@ -171,6 +171,9 @@ pub(crate) struct Control {
     reloading: Option<Reloading>,
     /// The stage the peers were last told.
     shown: Option<Stage>,
+    /// A stage to tell the peers once the hand-off's other process is gone
+    /// (`tend_reload`).
+    untold: Option<Stage>,
 }
 
 /// A fleet reload under way: the configurations on either side, and this
@@ -322,6 +325,7 @@ impl Control {
             all_health,
             reloading: None,
             shown: None,
+            untold: None,
         };
         let links = WorkerLinks {
             topology: topology_rx,
@@ -392,7 +396,8 @@ impl Control {
                 tracing::info!(
                     trigger,
                     stage = r.stage.number(),
-                    "fleet reload to this configuration's routing already under way"
+                    "fleet reload to this configuration's routing already under way; \
+                     other settings changed since it began apply at a reload once it is done"
                 );
                 return Ok(());
             }
@@ -461,12 +466,26 @@ impl Control {
         });
     }
 
+    /// Whether the other process of a hand-off still serves: it runs the
+    /// stage it had, which the peers still hear from it, so this one
+    /// neither tells its own nor takes a step until it is gone (the two
+    /// could otherwise be two stages apart).
+    fn sharing(&self) -> bool {
+        self.persist.as_ref().is_some_and(|p| *p.shared().borrow())
+    }
+
     /// Tells the peers this member's stage, with the routings it serves
-    /// and records by, if it changed.
+    /// and records by, if it changed; once the hand-off's other process
+    /// is gone, if there is one.
     fn tell(&mut self, stage: Stage) {
         let Some(fleet) = &self.fleet else {
             return;
         };
+        if self.sharing() {
+            self.untold = Some(stage);
+            return;
+        }
+        self.untold = None;
         if self.shown == Some(stage) {
             return;
         }
@@ -549,9 +568,10 @@ impl Control {
         self.tell(joins);
     }
 
-    /// Whether a fleet reload is under way (`tend_reload` has work).
+    /// Whether a fleet reload is under way, or a stage is still to be
+    /// told (`tend_reload` has work).
     pub(crate) fn reloading(&self) -> bool {
-        self.reloading.is_some()
+        self.reloading.is_some() || self.untold.is_some()
     }
 
     /// A fleet reload's next step, when the fleet allows it: tells the
@@ -563,6 +583,12 @@ impl Control {
             return;
         };
         self.take_events();
+        if self.sharing() {
+            return;
+        }
+        if let Some(stage) = self.untold {
+            self.tell(stage);
+        }
         let Some(r) = self.reloading.as_mut() else {
             return;
         };

@@ -34,6 +34,8 @@ struct Fleet {
     /// With `start_behind_links`: the addresses the members reach each
     /// other at (a forwarder to each member's peer port).
     peer_links: Vec<Forwarder>,
+    /// Each member's arguments, as given (without its listener).
+    args: [Vec<String>; 3],
     _dir: TempDir,
 }
 
@@ -58,21 +60,23 @@ fn moves(key: &str) -> bool {
 }
 
 fn start(name: &str) -> Fleet {
-    start_with(name, false)
+    start_with(name, false, false)
 }
 
 /// The members reach each other through forwarders, at other addresses
 /// than they listen on (as behind a NAT): `--peer` names the forwarders,
 /// the same list on every member, each member's own one included.
 fn start_behind_links(name: &str) -> Fleet {
-    start_with(name, true)
+    start_with(name, true, false)
 }
 
-fn start_with(name: &str, behind_links: bool) -> Fleet {
+/// `handoff`: each member with a state file and a hand-off path, so that
+/// a new process can take it over (`handoff`).
+fn start_with(name: &str, behind_links: bool, handoff: bool) -> Fleet {
     // A peer port is picked free, then bound by memrelay: another test's
     // process can take it in between; then the fleet starts again.
     for _ in 0..3 {
-        let f = try_start(name, behind_links);
+        let f = try_start(name, behind_links, handoff);
         let converged = f
             .members
             .iter()
@@ -94,7 +98,7 @@ fn start_with(name: &str, behind_links: bool) -> Fleet {
     panic!("three fleets in a row lost a peer port to another process");
 }
 
-fn try_start(name: &str, behind_links: bool) -> Fleet {
+fn try_start(name: &str, behind_links: bool, handoff: bool) -> Fleet {
     let (p0, p1, k) = (Memcached::start(), Memcached::start(), Memcached::start());
     let dir = TempDir::new(name);
     let secret = dir.file("secret", SECRET);
@@ -118,7 +122,7 @@ fn try_start(name: &str, behind_links: bool) -> Fleet {
             .collect()
     };
     let files = [0, 1, 2].map(|i| dir.file(&format!("m{i}.toml"), &config(&[&p0], &k)));
-    let members = [0, 1, 2].map(|i| {
+    let args = [0, 1, 2].map(|i| {
         let mut args: Vec<String> = vec![
             "--config".into(),
             files[i].display().to_string(),
@@ -131,6 +135,16 @@ fn try_start(name: &str, behind_links: bool) -> Fleet {
             args.push("--peer".into());
             args.push(p.clone());
         }
+        if handoff {
+            for (flag, file) in [("--state-file", "state"), ("--handoff", "handoff.sock")] {
+                args.push(flag.into());
+                args.push(dir.path(&format!("{file}{i}")).display().to_string());
+            }
+            args.extend(["--shutdown-timeout".into(), "5s".into()]);
+        }
+        args
+    });
+    let members = args.clone().map(|args| {
         let r = Memrelay::start(&args);
         // SIGHUP is handled once this is logged.
         r.wait_for_output("memrelay started", 1, DEADLINE);
@@ -143,6 +157,7 @@ fn try_start(name: &str, behind_links: bool) -> Fleet {
         members,
         files,
         peer_links,
+        args,
         _dir: dir,
     }
 }
@@ -432,4 +447,41 @@ fn members_that_reach_each_other_at_other_addresses_reload_in_step() {
     f.peer_links[2].set(Fault::Pass);
     f.wait_done(2);
     assert_eq!(get(&f.addr(2), &key), value(&key, "v4"));
+}
+
+#[test]
+fn a_member_handed_off_during_a_fleet_reload_holds_the_fleet_until_its_old_process_is_gone() {
+    let mut f = start_with("fleet-reload-handoff", false, true);
+    let (key, _) = keys();
+    f.reload(0);
+    f.reload(1);
+    // C's old process keeps a busy client while it drains: it serves the
+    // old list, with no reload, until it is gone.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = {
+        let (stop, addr) = (stop.clone(), f.addr(2));
+        std::thread::spawn(move || {
+            let mut c = Client::connect(&addr);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                c.send_until(b"get busy\r\n", |b| b.ends_with(b"END\r\n"));
+            }
+        })
+    };
+    let new = Memrelay::cmd(&f.args[2]).port(f.members[2].port()).start();
+    let mut old = std::mem::replace(&mut f.members[2], new);
+    // The new process joins the reload A and B are in; were it to tell
+    // them so, they would switch while the old one serves the old list.
+    f.members[2].wait_for_output("joined the fleet's reload at its stage", 1, DEADLINE);
+    assert!(
+        !wait_until(Duration::from_secs(1), || f.stage(0) == 2),
+        "A switched while C's old process still served the old list"
+    );
+    assert_eq!(set(&f.addr(0), &key, "v1"), "STORED\r\n");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    busy.join().unwrap();
+    assert!(old.wait_exit(DEADLINE), "C's old process never drained");
+    // Once it is gone, the fleet goes on (C's file still has the old
+    // list: it follows the fleet, and says it should be reloaded).
+    f.wait_done(1);
+    assert_eq!(get(&f.addr(2), &key), value(&key, "v1"));
 }
