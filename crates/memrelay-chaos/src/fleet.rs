@@ -20,12 +20,21 @@ pub struct Fleet {
     /// `links[m][s]`: member m's link to server s (primaries, then the
     /// backup).
     pub links: Vec<Vec<Forwarder>>,
+    /// With `--peer-cuts`, `peer_links[m][j]`: member m's link to member
+    /// j's peer port (None for j = m); members then reach each other at
+    /// other addresses than they listen on.
+    peer_links: Vec<Vec<Option<Forwarder>>>,
     peer_ports: Vec<u16>,
     secret: String,
 }
 
 impl Fleet {
-    pub fn new(members: usize, servers: &[Memcached], dir: &Path) -> Result<Fleet, String> {
+    pub fn new(
+        members: usize,
+        servers: &[Memcached],
+        dir: &Path,
+        peer_cuts: bool,
+    ) -> Result<Fleet, String> {
         let links = (0..members)
             .map(|_| {
                 servers
@@ -34,7 +43,7 @@ impl Fleet {
                     .collect()
             })
             .collect();
-        let peer_ports = (0..members)
+        let peer_ports: Vec<u16> = (0..members)
             .map(|_| try_free_port("127.0.0.1"))
             .collect::<Result<_, _>>()?;
         let secret = dir.join("fleet.secret");
@@ -42,8 +51,22 @@ impl Fleet {
             .map_err(|e| format!("{}: {e}", secret.display()))?;
         let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
         std::fs::set_permissions(&secret, private).map_err(|e| e.to_string())?;
+        let peer_links = if peer_cuts {
+            (0..members)
+                .map(|m| {
+                    peer_ports
+                        .iter()
+                        .enumerate()
+                        .map(|(j, p)| (j != m).then(|| Forwarder::start(&format!("127.0.0.1:{p}"))))
+                        .collect()
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(Fleet {
             links,
+            peer_links,
             peer_ports,
             secret: secret.display().to_string(),
         })
@@ -73,8 +96,12 @@ impl Fleet {
             "--peer-secret-file".to_string(),
             self.secret.clone(),
         ]);
-        for p in &self.peer_ports {
-            args.extend(["--peer".to_string(), format!("127.0.0.1:{p}")]);
+        for (j, p) in self.peer_ports.iter().enumerate() {
+            let at = match self.peer_links.get(m).and_then(|l| l[j].as_ref()) {
+                Some(link) => link.addr(),
+                None => format!("127.0.0.1:{p}"),
+            };
+            args.extend(["--peer".to_string(), at]);
         }
         args
     }
@@ -83,6 +110,8 @@ impl Fleet {
 /// What the partition thread did.
 #[derive(Debug, Default)]
 pub struct PartitionTally {
+    /// Of the faults, those of a link between two members.
+    pub peer_cuts: u64,
     pub blackholes: u64,
     pub resets: u64,
     pub delays: u64,
@@ -113,6 +142,10 @@ pub fn partitions(
             rng.below(members as u64) as usize,
             rng.below(servers as u64) as usize,
         );
+        // With --peer-cuts, a quarter of the faults are of a link from
+        // member m to another member (to member s % members, or the next).
+        let peer = (!fleet.peer_links.is_empty() && rng.below(4) == 0)
+            .then(|| (m + 1 + s % (members - 1)) % members);
         let fault = match rng.below(10) {
             0..=3 => Fault::Blackhole,
             4..=6 => Fault::Reset,
@@ -129,24 +162,43 @@ pub fn partitions(
             _ => tally.delays += 1,
         }
         let began = Instant::now();
-        watch.link_fault(s);
-        fleet.links[m][s].set(fault);
+        // A link between members is no event on a server: what a member
+        // cannot tell the others is for `--peer-confirm` to refuse.
+        let (link, to) = match peer {
+            Some(j) => match &fleet.peer_links[m][j] {
+                Some(l) => (l, format!("memrelay {j}")),
+                None => continue,
+            },
+            None => {
+                watch.link_fault(s);
+                (&fleet.links[m][s], format!("server {s}"))
+            }
+        };
+        if peer.is_some() {
+            tally.peer_cuts += 1;
+        }
+        link.set(fault);
         let hold = Instant::now() + Duration::from_millis(300 + rng.below(2700));
         while Instant::now() < hold && !stop.load(Ordering::Relaxed) {
             thread::sleep(Duration::from_millis(20));
         }
-        fleet.links[m][s].set(Fault::Pass);
-        watch.link_fault(s);
+        link.set(Fault::Pass);
+        if peer.is_none() {
+            watch.link_fault(s);
+        }
         tally.log.push(format!(
-            "[{:>7}ms] link memrelay {m} -> server {s}: {fault:?} for {} ms",
+            "[{:>7}ms] link memrelay {m} -> {to}: {fault:?} for {} ms",
             began.saturating_duration_since(watch.start).as_millis(),
             began.elapsed().as_millis()
         ));
     }
-    for member in &fleet.links {
-        for l in member {
-            l.set(Fault::Pass);
-        }
+    for l in fleet
+        .links
+        .iter()
+        .flatten()
+        .chain(fleet.peer_links.iter().flatten().flatten())
+    {
+        l.set(Fault::Pass);
     }
     tally
 }

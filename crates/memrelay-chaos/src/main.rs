@@ -71,6 +71,12 @@ options:
   --partitions       with --fleet: also cut (blackhole), reset or slow one
                      member's link to one server at a time, for 0.3..3 s:
                      partial partitions
+  --peer-cuts        with --partitions: the members reach each other through
+                     links of their own too (each member's --peer list
+                     names its links), and a quarter of the faults cut,
+                     reset or slow a link between two members (run it with
+                     -- --peer-confirm all: by default a member cut from
+                     another may serve older values, docs/ha.md)
   --reloads          also rolling reloads: a spare memcached is added to the
                      primaries and removed again, every 4..9 s, each time
                      in every member's file, reloaded (SIGHUP) one member
@@ -134,6 +140,9 @@ struct Cfg {
     partitions: bool,
     /// Rolling reloads that add and remove a spare primary.
     reloads: bool,
+    /// Members reach each other through links of their own, which the
+    /// partitions cut too.
+    peer_cuts: bool,
     extra: Vec<String>,
 }
 
@@ -187,6 +196,7 @@ fn parse_args(args: &[String]) -> Result<Option<Cfg>, String> {
         fleet: 1,
         partitions: false,
         reloads: false,
+        peer_cuts: false,
         extra: Vec::new(),
     };
     let mut it = args.iter();
@@ -239,6 +249,7 @@ fn parse_args(args: &[String]) -> Result<Option<Cfg>, String> {
             "--fleet" => c.fleet = num(val()?)?.clamp(2, 5) as usize,
             "--partitions" => c.partitions = true,
             "--reloads" => c.reloads = true,
+            "--peer-cuts" => c.peer_cuts = true,
             "--pause" => {
                 let v = val()?;
                 let (a, b) = v
@@ -262,6 +273,9 @@ fn parse_args(args: &[String]) -> Result<Option<Cfg>, String> {
     }
     if c.partitions && c.fleet < 2 {
         return Err("--partitions needs --fleet N".into());
+    }
+    if c.peer_cuts && !c.partitions {
+        return Err("--peer-cuts needs --fleet N --partitions".into());
     }
     Ok(Some(c))
 }
@@ -923,7 +937,12 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
     let state_dir = std::env::temp_dir().join(format!("memrelay-chaos-{}", std::process::id()));
     std::fs::create_dir_all(&state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
     let fleet = if members > 1 {
-        Some(fleet::Fleet::new(members, &servers, &state_dir)?)
+        Some(fleet::Fleet::new(
+            members,
+            &servers,
+            &state_dir,
+            cfg.peer_cuts,
+        )?)
     } else {
         None
     };
@@ -1272,11 +1291,12 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
     );
     if cfg.partitions {
         println!(
-            "partial partitions: {} (blackhole {}, reset {}, delay {})",
+            "partial partitions: {} (blackhole {}, reset {}, delay {}; {} of a link between members)",
             partition_tally.log.len(),
             partition_tally.blackholes,
             partition_tally.resets,
-            partition_tally.delays
+            partition_tally.delays,
+            partition_tally.peer_cuts
         );
     }
     for (m, fs) in fleet_stats.iter().enumerate() {
