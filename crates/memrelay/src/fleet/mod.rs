@@ -215,8 +215,10 @@ pub(crate) struct Fleet {
     routings: Mutex<String>,
     /// The routings peers gave, by the same lines (the last of each).
     learnt_routings: Mutex<HashMap<u64, String>>,
-    /// A peer named a server this member does not have, and it was said.
-    warned_unknown: std::sync::atomic::AtomicBool,
+    /// Hints naming a server this member does not have, received while
+    /// the fleet seemed to route alike (the warning comes once, at
+    /// `UNKNOWN_BEFORE_WARNING`).
+    unknown_while_alike: std::sync::atomic::AtomicU64,
     /// What peers said before this member's link reached them (`early`).
     early: Mutex<HashMap<String, Early>>,
 }
@@ -248,6 +250,11 @@ impl Joining {
         self.tried && (!self.reached || self.connected)
     }
 }
+
+/// Hints naming an unknown server, while the fleet routes alike, before
+/// the warning: more than a reload's race, fewer than a misconfigured
+/// fleet sends in a moment.
+const UNKNOWN_BEFORE_WARNING: u64 = 100;
 
 /// Longest a starting memrelay waits for its peers' lists before it
 /// serves (a peer that does not answer costs this once).
@@ -283,7 +290,7 @@ impl Fleet {
             heard: Mutex::new(vec![None; cfg.peers.len()]),
             routings: Mutex::new(String::new()),
             learnt_routings: Mutex::new(HashMap::new()),
-            warned_unknown: std::sync::atomic::AtomicBool::new(false),
+            unknown_while_alike: std::sync::atomic::AtomicU64::new(0),
             early: Mutex::new(HashMap::new()),
         });
         listen::start(&fleet);
@@ -638,8 +645,14 @@ impl Fleet {
             None => {
                 self.figures.hints_unknown.fetch_add(1, Ordering::Relaxed);
                 // During a fleet reload a member names servers of a
-                // routing another does not run yet (or any more): expected.
-                if self.routes_alike() && !self.warned_unknown.swap(true, Ordering::Relaxed) {
+                // routing another does not run yet (or any more): expected,
+                // also for the few hints a reloading member sends before
+                // its peers hear its new stage. A fleet configured unalike
+                // sends them on and on.
+                if self.routes_alike()
+                    && self.unknown_while_alike.fetch_add(1, Ordering::Relaxed) + 1
+                        == UNKNOWN_BEFORE_WARNING
+                {
                     tracing::warn!(server, "a peer named a server this memrelay does not have: are the fleet's members configured alike?");
                 }
             }
