@@ -44,6 +44,28 @@ pub fn stat_u64(addr: &str, name: &str) -> u64 {
         .unwrap_or_else(|_| panic!("stats {name} of {addr} is not a number: {s:?}"))
 }
 
+/// `get key` on a connection of its own: the whole reply, as text.
+pub fn get_text(addr: &str, key: &str) -> String {
+    let r = Client::connect(addr).send_until(format!("get {key}\r\n").as_bytes(), |b| {
+        b.ends_with(b"END\r\n")
+    });
+    String::from_utf8_lossy(&r.bytes).to_string()
+}
+
+/// `set key 0 0 <len>` on a connection of its own: the reply, as text.
+pub fn set_text(addr: &str, key: &str, value: &str) -> String {
+    let r = Client::connect(addr).send_until(
+        format!("set {key} 0 0 {}\r\n{value}\r\n", value.len()).as_bytes(),
+        |b| b.ends_with(b"\r\n"),
+    );
+    String::from_utf8_lossy(&r.bytes).to_string()
+}
+
+/// The reply to a `get` that finds `key` holding `value` (flags 0).
+pub fn hit_text(key: &str, value: &str) -> String {
+    format!("VALUE {key} 0 {}\r\n{value}\r\nEND\r\n", value.len())
+}
+
 /// A plain HTTP GET (the metrics endpoint): status code and body. The
 /// server closes the connection after its reply.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {

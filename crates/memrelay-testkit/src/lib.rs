@@ -36,7 +36,9 @@ pub mod process;
 pub mod rng;
 pub mod wire;
 
-pub use client::{http_get, stat_u64, stats, Client, End, Reply, IO_DEADLINE};
+pub use client::{
+    get_text, hit_text, http_get, set_text, stat_u64, stats, Client, End, Reply, IO_DEADLINE,
+};
 pub use cluster::{set_spread, Cluster, ClusterBuilder, CONVERGE, HA_FLAGS};
 pub use forwarder::{Fault, Forwarder};
 pub use memcached::{memcached_bin, Memcached};

@@ -16,6 +16,7 @@ use support::{
     free_port, proc_state, signal, stat_u64, stats, wait_until, Client, Fault, Forwarder,
     Memcached, Memrelay, TempDir, CONVERGE,
 };
+use support::{get_text as get, hit_text as value, set_text as set};
 
 const SECRET: &str = "a fleet secret of more than 16 bytes\n";
 
@@ -132,25 +133,6 @@ fn peers_of(r: &Memrelay) -> Vec<(String, String)> {
         .collect();
     s.sort();
     s
-}
-
-fn get(addr: &str, key: &str) -> String {
-    let r = Client::connect(addr).send_until(format!("get {key}\r\n").as_bytes(), |b| {
-        b.ends_with(b"END\r\n")
-    });
-    String::from_utf8_lossy(&r.bytes).to_string()
-}
-
-fn set(addr: &str, key: &str, value: &str) -> String {
-    let r = Client::connect(addr).send_until(
-        format!("set {key} 0 0 {}\r\n{value}\r\n", value.len()).as_bytes(),
-        |b| b.ends_with(b"\r\n"),
-    );
-    String::from_utf8_lossy(&r.bytes).to_string()
-}
-
-fn value(key: &str, v: &str) -> String {
-    format!("VALUE {key} 0 {}\r\n{v}\r\nEND\r\n", v.len())
 }
 
 /// Writes `key` = old through B (both servers have it), then cuts A from

@@ -15,9 +15,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use support::{
-    free_port, proc_state, signal, stat_u64, stats, wait_until, Client, Fault, Forwarder,
+    free_port, proc_state, signal, stat_u64, stats, wait_until, Client, End, Fault, Forwarder,
     Memcached, Memrelay, TempDir, CONVERGE,
 };
+use support::{get_text as get, hit_text as value, set_text as set};
 
 const SECRET: &str = "a fleet secret of more than 16 bytes\n";
 /// Longest wait for a fleet reload's step.
@@ -171,17 +172,17 @@ impl Fleet {
     /// read it (logged as a fleet reload's stage 1; a member reloading on
     /// its own logs `configuration reloaded`).
     fn reload(&self, i: usize) {
-        const READ: &str = "configuration re";
-        std::fs::write(&self.files[i], config(&[&self.p0, &self.p1], &self.k)).unwrap();
-        let before = self.members[i].output().matches(READ).count();
-        self.members[i].hangup();
-        self.members[i].wait_for_output(READ, before + 1, DEADLINE);
+        self.reload_to(i, &[&self.p0, &self.p1]);
     }
 
     /// Member `i`'s file names P0 alone again; it reloads.
     fn reload_to_p0_only(&self, i: usize) {
+        self.reload_to(i, &[&self.p0]);
+    }
+
+    fn reload_to(&self, i: usize, primaries: &[&Memcached]) {
         const READ: &str = "configuration re";
-        std::fs::write(&self.files[i], config(&[&self.p0], &self.k)).unwrap();
+        std::fs::write(&self.files[i], config(primaries, &self.k)).unwrap();
         let before = self.members[i].output().matches(READ).count();
         self.members[i].hangup();
         self.members[i].wait_for_output(READ, before + 1, DEADLINE);
@@ -204,25 +205,6 @@ impl Fleet {
             assert_eq!(self.stage(i), 0);
         }
     }
-}
-
-fn get(addr: &str, key: &str) -> String {
-    let r = Client::connect(addr).send_until(format!("get {key}\r\n").as_bytes(), |b| {
-        b.ends_with(b"END\r\n")
-    });
-    String::from_utf8_lossy(&r.bytes).to_string()
-}
-
-fn set(addr: &str, key: &str, value: &str) -> String {
-    let r = Client::connect(addr).send_until(
-        format!("set {key} 0 0 {}\r\n{value}\r\n", value.len()).as_bytes(),
-        |b| b.ends_with(b"\r\n"),
-    );
-    String::from_utf8_lossy(&r.bytes).to_string()
-}
-
-fn value(key: &str, v: &str) -> String {
-    format!("VALUE {key} 0 {}\r\n{v}\r\nEND\r\n", v.len())
 }
 
 /// A key that the reload moves to P1, and one it leaves on P0.
@@ -455,31 +437,47 @@ fn a_member_handed_off_during_a_fleet_reload_holds_the_fleet_until_its_old_proce
     let (key, _) = keys();
     f.reload(0);
     f.reload(1);
-    // C's old process keeps a busy client while it drains: it serves the
-    // old list, with no reload, until it is gone.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // C's old process keeps a busy client while it drains (up to a
+    // second): it serves the old list, with no reload, until it is gone.
+    let (connected, on_old) = std::sync::mpsc::channel();
     let busy = {
-        let (stop, addr) = (stop.clone(), f.addr(2));
+        let addr = f.addr(2);
         std::thread::spawn(move || {
             let mut c = Client::connect(&addr);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                c.send_until(b"get busy\r\n", |b| b.ends_with(b"END\r\n"));
+            let mut first = Some(connected);
+            while c
+                .send_until(b"get busy\r\n", |b| b.ends_with(b"END\r\n"))
+                .end
+                == End::Complete
+            {
+                if let Some(tx) = first.take() {
+                    let _ = tx.send(());
+                }
             }
         })
     };
+    // Its connection is to the old process before the new one starts.
+    on_old.recv_timeout(DEADLINE).unwrap();
     let new = Memrelay::cmd(&f.args[2]).port(f.members[2].port()).start();
     let mut old = std::mem::replace(&mut f.members[2], new);
     // The new process joins the reload A and B are in; were it to tell
     // them so, they would switch while the old one serves the old list.
     f.members[2].wait_for_output("joined the fleet's reload at its stage", 1, DEADLINE);
-    assert!(
-        !wait_until(Duration::from_secs(1), || f.stage(0) == 2),
-        "A switched while C's old process still served the old list"
-    );
     assert_eq!(set(&f.addr(0), &key, "v1"), "STORED\r\n");
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let gone = wait_until(DEADLINE, || {
+        // A's stage first: if the old process still runs after, it ran then.
+        let switched = f.stage(0) == 2;
+        let running = old.exited().is_none();
+        assert!(
+            !(switched && running),
+            "A switched while C's old process still served the old list:\nA:\n{}\nnew C:\n{}",
+            f.members[0].output_tail(15),
+            f.members[2].output_tail(15)
+        );
+        !running
+    });
+    assert!(gone, "C's old process never drained");
     busy.join().unwrap();
-    assert!(old.wait_exit(DEADLINE), "C's old process never drained");
     // Once it is gone, the fleet goes on (C's file still has the old
     // list: it follows the fleet, and says it should be reloaded).
     f.wait_done(1);
