@@ -42,7 +42,7 @@ pub use client::{
 pub use cluster::{set_spread, Cluster, ClusterBuilder, CONVERGE, HA_FLAGS};
 pub use forwarder::{Fault, Forwarder};
 pub use memcached::{memcached_bin, Memcached};
-pub use memrelay::{memrelay_bin, run_memrelay, Memrelay, MemrelayCmd, RunOutput};
+pub use memrelay::{memrelay_bin, run_memrelay, Memrelay, MemrelayCmd, RunOutput, Stopped};
 pub use process::{
     free_port, join_host_port, kill_all_children, proc_state, signal, try_free_port, wait_until,
     TempDir, TempFile, START_DEADLINE,

@@ -469,3 +469,25 @@ pub fn run_memrelay<S: AsRef<str>>(
         port_was_bound: bound,
     }
 }
+
+/// A memrelay stopped with SIGSTOP: it neither serves nor answers its
+/// peers (to the others of a fleet, one cut from them). Resumed when
+/// dropped.
+#[derive(Debug)]
+pub struct Stopped(u32);
+
+impl Stopped {
+    pub fn new(r: &Memrelay) -> Stopped {
+        assert!(crate::process::signal(r.pid(), libc::SIGSTOP));
+        assert!(crate::process::wait_until(crate::CONVERGE, || {
+            crate::process::proc_state(r.pid()) == Some('T')
+        }));
+        Stopped(r.pid())
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        crate::process::signal(self.0, libc::SIGCONT);
+    }
+}

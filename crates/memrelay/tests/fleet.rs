@@ -13,10 +13,10 @@
 mod support;
 
 use support::{
-    free_port, proc_state, signal, stat_u64, stats, wait_until, Client, Fault, Forwarder,
-    Memcached, Memrelay, TempDir, CONVERGE,
+    free_port, stat_u64, stats, wait_until, Client, Fault, Forwarder, Memcached, Memrelay, TempDir,
+    CONVERGE,
 };
-use support::{get_text as get, hit_text as value, set_text as set};
+use support::{get_text as get, hit_text as value, set_text as set, Stopped};
 
 const SECRET: &str = "a fleet secret of more than 16 bytes\n";
 
@@ -350,24 +350,6 @@ fn a_connection_that_does_not_know_the_secret_is_refused() {
     );
     // The fleet is unharmed.
     assert_eq!(stat_u64(&f.b.addr(), "peers_up"), 2);
-}
-
-/// A member that neither serves nor answers its peers (SIGSTOP: the same,
-/// to the others, as one cut from them); resumed when dropped.
-struct Stopped(u32);
-
-impl Stopped {
-    fn new(r: &Memrelay) -> Stopped {
-        assert!(signal(r.pid(), libc::SIGSTOP));
-        assert!(wait_until(CONVERGE, || proc_state(r.pid()) == Some('T')));
-        Stopped(r.pid())
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        signal(self.0, libc::SIGCONT);
-    }
 }
 
 const UNCONFIRMED: &str = "SERVER_ERROR write not confirmed by the fleet\r\n";

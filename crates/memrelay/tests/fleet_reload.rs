@@ -15,10 +15,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use support::{
-    free_port, proc_state, signal, stat_u64, stats, wait_until, Client, End, Fault, Forwarder,
-    Memcached, Memrelay, TempDir, CONVERGE,
+    free_port, stat_u64, stats, wait_until, Client, End, Fault, Forwarder, Memcached, Memrelay,
+    TempDir, CONVERGE,
 };
-use support::{get_text as get, hit_text as value, set_text as set};
+use support::{get_text as get, hit_text as value, set_text as set, Stopped};
 
 const SECRET: &str = "a fleet secret of more than 16 bytes\n";
 /// Longest wait for a fleet reload's step.
@@ -261,24 +261,6 @@ fn a_member_reloaded_first_serves_the_old_routing_until_every_member_has_the_new
     // A key that did not move is served as before throughout.
     assert_eq!(set(&f.addr(1), &stays, "s"), "STORED\r\n");
     assert_eq!(get(&f.p0.addr(), &stays), value(&stays, "s"));
-}
-
-/// A member that neither serves nor answers its peers; resumed when
-/// dropped.
-struct Stopped(u32);
-
-impl Stopped {
-    fn new(r: &Memrelay) -> Stopped {
-        assert!(signal(r.pid(), libc::SIGSTOP));
-        assert!(wait_until(CONVERGE, || proc_state(r.pid()) == Some('T')));
-        Stopped(r.pid())
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        signal(self.0, libc::SIGCONT);
-    }
 }
 
 #[test]
