@@ -417,9 +417,9 @@ impl Control {
         }
         let cfg = Arc::new(cfg);
         let moves = self.moves_to(&cfg);
-        self.install(cfg, None, &moves).await;
+        self.install(cfg.clone(), None, &moves).await;
         self.registry.reloads.fetch_add(1, Ordering::Relaxed);
-        self.log_reload(trigger, &moves, "configuration reloaded");
+        self.log_reload(trigger, &cfg, &moves, "configuration reloaded");
         Ok(())
     }
 
@@ -431,13 +431,15 @@ impl Control {
         crate::router::moves(&self.router, &old_names, &Router::new(cfg), &new_names)
     }
 
-    fn log_reload(&self, trigger: &str, moves: &Moves, what: &'static str) {
+    /// Logs a reload to `cfg` (the new list, also while a fleet reload
+    /// still serves by the old one).
+    fn log_reload(&self, trigger: &str, cfg: &Config, moves: &Moves, what: &'static str) {
         tracing::info!(
             trigger,
             generation = self.generation,
-            primaries = %names(&self.cfg.primaries),
-            backups = %names(&self.cfg.backups),
-            hash = %self.cfg.hash,
+            primaries = %names(&cfg.primaries),
+            backups = %names(&cfg.backups),
+            hash = %cfg.hash,
             keys_moved = %format!("{:.1}%", moves.primaries_moved * 100.0),
             "{what}"
         );
@@ -450,14 +452,14 @@ impl Control {
     async fn begin_fleet_reload(&mut self, to: Arc<Config>, trigger: &str) {
         let from = self.cfg.clone();
         let moves = self.moves_to(&to);
-        let serving = Arc::new(to.as_ref().clone().with_routing_of(&from));
-        self.install(serving, Some(to.clone()), &moves).await;
-        self.registry.reloads.fetch_add(1, Ordering::Relaxed);
         let stage = Stage::Aware {
             from: from.routing_fingerprint(),
             to: to.routing_fingerprint(),
         };
-        self.log_reload(trigger, &moves, "configuration read; fleet reload stage 1: serving by the old routing until every member has the new one");
+        let (serving, other) = stage_configs(stage, &from, &to);
+        self.install(serving, other, &moves).await;
+        self.registry.reloads.fetch_add(1, Ordering::Relaxed);
+        self.log_reload(trigger, &to, &moves, "configuration read; fleet reload stage 1: serving by the old routing until every member has the new one");
         self.reloading = Some(Reloading {
             from,
             to,
@@ -495,7 +497,7 @@ impl Control {
             }
             _ => self.cfg.routing_lines(),
         };
-        fleet.show_with(stage, routings);
+        fleet.show(stage, routings);
         self.shown = Some(stage);
     }
 
@@ -528,16 +530,10 @@ impl Control {
         if to != routing {
             tracing::warn!("fleet: joining the fleet's reload to a routing that is not this configuration's; reload this member to it");
         }
-        let (serving, other) = match joins {
-            Stage::Aware { .. } => (
-                Arc::new(to_cfg.as_ref().clone().with_routing_of(&from_cfg)),
-                to_cfg.clone(),
-            ),
-            _ => (to_cfg.clone(), from_cfg.clone()),
-        };
+        let (serving, other) = stage_configs(joins, &from_cfg, &to_cfg);
         // No flush: a member assumes at start that servers hold no copies
         // older than what it routes to them.
-        let _ = self.replace_servers(&serving, Some(&other), &Moves::default(), false);
+        let _ = self.replace_servers(&serving, other.as_deref(), &Moves::default(), false);
         let health = self.health_of(&serving);
         let router = Router::new(&serving);
         self.topology.send_replace(Arc::new(Topology {
@@ -545,10 +541,7 @@ impl Control {
             config: serving.clone(),
             router: router.clone(),
             health: health.clone(),
-            transition: Some(Arc::new(Transition {
-                other: Router::new(&other),
-                other_health: self.health_of(&other),
-            })),
+            transition: other.map(|o| self.transition_to(&o)),
         }));
         self.resync
             .send_replace(Arc::new(new_resync(&serving, &router, &health)));
@@ -618,17 +611,16 @@ impl Control {
             }
             return;
         };
-        let (from, to) = (r.from.clone(), r.to.clone());
+        let (serving, other) = stage_configs(next, &r.from, &r.to);
         r.stage = next;
         r.waited = std::time::Instant::now();
+        self.install(serving, other, &Moves::default()).await;
         if let Stage::Switched { .. } = next {
-            self.install(to, Some(from), &Moves::default()).await;
             tracing::info!(
                 generation = self.generation,
                 "fleet reload stage 2: every member has the new routing; serving by it"
             );
         } else {
-            self.install(to, None, &Moves::default()).await;
             tracing::info!(
                 generation = self.generation,
                 "fleet reload stage 3: no member serves by the old routing; its servers left"
@@ -652,12 +644,7 @@ impl Control {
         let flushed = self.flush(&flushes, probe_timeouts(&cfg)).await;
 
         let health = self.health_of(&cfg);
-        let transition = other.map(|o| {
-            Arc::new(Transition {
-                other: Router::new(&o),
-                other_health: self.health_of(&o),
-            })
-        });
+        let transition = other.map(|o| self.transition_to(&o));
         let topology = Arc::new(Topology {
             generation,
             config: cfg.clone(),
@@ -693,6 +680,14 @@ impl Control {
         self.cfg = cfg;
         self.router = router;
         self.generation = generation;
+    }
+
+    /// A fleet reload's other routing, over the running servers' state.
+    fn transition_to(&self, other: &Config) -> Arc<Transition> {
+        Arc::new(Transition {
+            other: Router::new(other),
+            other_health: self.health_of(other),
+        })
     }
 
     /// The running servers' state for `cfg`'s servers, in its order.
@@ -976,6 +971,25 @@ fn gate_flushes(health: &Arc<Replica>, all: &Arc<std::sync::RwLock<Vec<(Tier, Ar
                 }
             })
     })));
+}
+
+/// What a member at `stage` of the fleet reload from `from` to `to` serves
+/// by (with `to`'s other settings), and the other routing it records moved
+/// keys for (`ha::transition`): aware, the old routing and the new; switched,
+/// the new and the old; done, the new alone.
+fn stage_configs(
+    stage: Stage,
+    from: &Arc<Config>,
+    to: &Arc<Config>,
+) -> (Arc<Config>, Option<Arc<Config>>) {
+    match stage {
+        Stage::Aware { .. } => (
+            Arc::new(to.as_ref().clone().with_routing_of(from)),
+            Some(to.clone()),
+        ),
+        Stage::Switched { .. } => (to.clone(), Some(from.clone())),
+        Stage::Steady { .. } => (to.clone(), None),
+    }
 }
 
 /// Starts this member's part in the fleet: its servers' lists watched, its

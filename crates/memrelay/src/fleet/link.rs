@@ -268,9 +268,9 @@ fn reach(fleet: &Fleet, link: &Link, wait: Duration) -> Result<(Conn, usize), Re
     Ok((conn, n))
 }
 
-/// Most lines a peer's answer to `routing` may have: two routings of the
-/// most servers a configuration takes, many times over.
-const MAX_ROUTING_LINES: usize = 4096;
+/// Most lines a peer's answer to `routing` may have: two routings of 511
+/// servers each (with `wire::MAX_LINE`, at most 4 MiB kept per answer).
+const MAX_ROUTING_LINES: usize = 1024;
 
 /// Asks the peer where it stands in a fleet reload and by which routings
 /// (`routing`): a member that starts during one joins it

@@ -214,7 +214,7 @@ pub(crate) struct Fleet {
     /// (`config::routing`), for peers that ask (`routing`).
     routings: Mutex<String>,
     /// The routings peers gave, by the same lines (the last of each).
-    learnt_routings: Mutex<HashMap<u64, String>>,
+    learnt_routings: Mutex<HashMap<u64, Arc<str>>>,
     /// Hints naming a server this member does not have, received while
     /// the fleet seemed to route alike (the warning comes once, at
     /// `UNKNOWN_BEFORE_WARNING`).
@@ -255,6 +255,9 @@ impl Joining {
 /// the warning: more than a reload's race, fewer than a misconfigured
 /// fleet sends in a moment.
 const UNKNOWN_BEFORE_WARNING: u64 = 100;
+
+/// Most routings kept from peers' answers (`learn_routings`).
+const MAX_LEARNT_ROUTINGS: usize = 8;
 
 /// Longest a starting memrelay waits for its peers' lists before it
 /// serves (a peer that does not answer costs this once).
@@ -493,8 +496,10 @@ impl Fleet {
     }
 
     /// Tells the peers this member's stage now (their keepers send it at
-    /// once, and with every ping after).
-    pub(crate) fn show(&self, stage: epoch::Stage) {
+    /// once, and with every ping after), and the routings it serves and
+    /// records by, for those that ask (lines: `Config::routing_lines`).
+    pub(crate) fn show(&self, stage: epoch::Stage, routings: String) {
+        *self.routings.lock().unwrap_or_else(|p| p.into_inner()) = routings;
         let changed = self
             .stage
             .lock()
@@ -509,13 +514,6 @@ impl Fleet {
         }
     }
 
-    /// Tells the peers this member's stage (see `show`) and the routings
-    /// it serves and records by (their lines: `Config::routing_lines`).
-    pub(crate) fn show_with(&self, stage: epoch::Stage, routings: String) {
-        *self.routings.lock().unwrap_or_else(|p| p.into_inner()) = routings;
-        self.show(stage);
-    }
-
     fn routings(&self) -> String {
         self.routings
             .lock()
@@ -523,8 +521,11 @@ impl Fleet {
             .clone()
     }
 
-    /// Keeps the routings a peer gave, by fingerprint.
+    /// Keeps the routings a peer gave, by fingerprint: one copy of its
+    /// answer, shared by the routings in it, and at most
+    /// `MAX_LEARNT_ROUTINGS` of them (a member needs two).
     fn learn_routings(&self, lines: &str) {
+        let shared: Arc<str> = Arc::from(lines);
         let mut learnt = self
             .learnt_routings
             .lock()
@@ -535,13 +536,16 @@ impl Fleet {
                 .nth(1)
                 .and_then(|f| u64::from_str_radix(f, 16).ok());
             if let Some(fp) = fp {
-                learnt.insert(fp, lines.to_string());
+                if learnt.len() >= MAX_LEARNT_ROUTINGS && !learnt.contains_key(&fp) {
+                    learnt.clear();
+                }
+                learnt.insert(fp, shared.clone());
             }
         }
     }
 
     /// The lines a peer gave that hold routing `fp`, if one did.
-    pub(crate) fn routing_of(&self, fp: u64) -> Option<String> {
+    pub(crate) fn routing_of(&self, fp: u64) -> Option<Arc<str>> {
         self.learnt_routings
             .lock()
             .unwrap_or_else(|p| p.into_inner())
