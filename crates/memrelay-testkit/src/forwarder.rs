@@ -69,6 +69,9 @@ struct Link {
     stop: AtomicBool,
     /// Directions of connections holding bytes for a silent link.
     holding: AtomicUsize,
+    /// Bytes read from senders while the link was silent, not passed on
+    /// or discarded yet.
+    held_bytes: AtomicUsize,
 }
 
 impl Link {
@@ -109,6 +112,13 @@ impl Forwarder {
     /// has been passed on, or discarded because its sender reset.
     pub fn holding(&self) -> usize {
         self.link.holding.load(Ordering::SeqCst)
+    }
+
+    /// Bytes senders sent into the silent link that it has not passed on
+    /// or discarded yet (what a test waits for before it heals the link,
+    /// to know a request is held there).
+    pub fn held_bytes(&self) -> usize {
+        self.link.held_bytes.load(Ordering::SeqCst)
     }
 }
 
@@ -162,6 +172,8 @@ fn pump(mut from: TcpStream, mut to: TcpStream, link: &Link) {
     let mut unsent: Option<usize> = None;
     // Whether this pump is holding bytes (or its socket's) for a silent link.
     let mut held = false;
+    // The sender closed, or reset, while the link was silent.
+    let (mut ended, mut was_reset) = (false, false);
     let release = |held: &mut bool| {
         if std::mem::take(held) {
             link.holding.fetch_sub(1, Ordering::SeqCst);
@@ -180,28 +192,46 @@ fn pump(mut from: TcpStream, mut to: TcpStream, link: &Link) {
                 held = true;
                 link.holding.fetch_add(1, Ordering::SeqCst);
             }
-            thread::sleep(TICK);
+            // Taken in (up to one buffer), so `held_bytes` shows it; the
+            // sender's end of the connection is still looked at on heal.
+            if unsent.is_none() && !ended {
+                match from.read(&mut buf) {
+                    Ok(0) => ended = true,
+                    Ok(n) => {
+                        unsent = Some(n);
+                        link.held_bytes.fetch_add(n, Ordering::SeqCst);
+                    }
+                    Err(e) if is_quiet(&e) => {}
+                    Err(_) => (ended, was_reset) = (true, true),
+                }
+            } else {
+                thread::sleep(TICK);
+            }
             continue;
         }
         // Healed. A sender that reset its connection meanwhile never got
         // its bytes across (the silent link acknowledged nothing), and a
         // reset discards what a socket has not sent.
-        if held && matches!(from.take_error(), Ok(Some(_))) {
+        if held && (was_reset || matches!(from.take_error(), Ok(Some(_)))) {
+            if let Some(n) = unsent.take() {
+                link.held_bytes.fetch_sub(n, Ordering::SeqCst);
+            }
             reset(&to);
             release(&mut held);
             return;
         }
+        if ended && unsent.is_none() {
+            break;
+        }
         let n = match unsent.take() {
-            Some(n) => n,
+            Some(n) => {
+                link.held_bytes.fetch_sub(n, Ordering::SeqCst);
+                n
+            }
             None => match from.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
+                Err(e) if is_quiet(&e) => {
                     // Nothing was held after all.
                     release(&mut held);
                     continue;
@@ -217,6 +247,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, link: &Link) {
         match link.fault() {
             Fault::Blackhole => {
                 unsent = Some(n);
+                link.held_bytes.fetch_add(n, Ordering::SeqCst);
                 continue;
             }
             Fault::Reset => continue,
@@ -230,6 +261,14 @@ fn pump(mut from: TcpStream, mut to: TcpStream, link: &Link) {
     }
     release(&mut held);
     let _ = to.shutdown(Shutdown::Write);
+}
+
+/// A read that found nothing yet (the pump's read timeout).
+fn is_quiet(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
 }
 
 /// Closes with a reset (SO_LINGER 0), as a router that refuses would.
