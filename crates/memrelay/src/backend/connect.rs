@@ -51,6 +51,14 @@ impl Dial {
         let run = async {
             let tcp = TcpStream::connect(self.addr).await?;
             let _ = tcp.set_nodelay(true);
+            // Closed with a reset, never gracefully: the kernel then drops
+            // what the server has not acknowledged, instead of sending it
+            // on after the close. This process closes a connection with a
+            // request in flight only when it gave the request up (answered
+            // elsewhere), or when it dies (SIGKILL included: the kernel
+            // closes its sockets); a write sent that way must not land
+            // after newer ones once a partition heals (docs/ha.md).
+            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
             match &self.tls {
                 None => Ok(ServerStream::Plain(tcp)),
                 Some((config, name)) => {
