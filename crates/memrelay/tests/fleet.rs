@@ -12,6 +12,8 @@
 
 mod support;
 
+use std::io::{Read, Write};
+
 use support::{
     free_port, stat_u64, stats, wait_until, Client, Fault, Forwarder, Memcached, Memrelay, TempDir,
     CONVERGE,
@@ -375,6 +377,38 @@ fn a_connection_that_does_not_know_the_secret_is_refused() {
     );
     // The fleet is unharmed.
     assert_eq!(stat_u64(&f.b.addr(), "peers_up"), 2);
+}
+
+#[test]
+fn a_write_waiting_for_a_stopped_peer_does_not_hold_the_other_clients_of_its_worker() {
+    // One worker thread, and a peer that takes long to be given up on.
+    let f = start_with("fleet-not-held", true, &["-t", "1", "--peer-timeout", "3s"]);
+    assert_eq!(set(&f.b.addr(), "k", "old"), "STORED\r\n");
+    assert_eq!(set(&f.a.addr(), "other", "v"), "STORED\r\n");
+    let c = Stopped::new(&f.c);
+    // Past the primary: A's reply waits until C answers its hint, or
+    // --peer-timeout gives C up.
+    f.links[0].set(Fault::Reset);
+    let mut writer = std::net::TcpStream::connect(f.a.addr()).unwrap();
+    writer.write_all(b"set k 0 0 3\r\nnew\r\n").unwrap();
+    let waits = wait_until(CONVERGE, || stat_u64(&f.a.addr(), "peer_hints_sent") >= 1);
+    assert!(waits, "{:?}", peers_of(&f.a));
+    // Another client of the same worker is served meanwhile (a read
+    // from the backup), ...
+    assert_eq!(get(&f.a.addr(), "other"), value("other", "v"));
+    // ... while the write's reply is still held.
+    writer.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 64];
+    let held =
+        matches!(writer.read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    assert!(held, "the write was answered before the peer was");
+    // C resumes and takes the hint: the write is answered, and C knows.
+    drop(c);
+    writer.set_nonblocking(false).unwrap();
+    writer.set_read_timeout(Some(CONVERGE)).unwrap();
+    let n = writer.read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STORED\r\n");
+    assert_eq!(get(&f.c.addr(), "k"), value("k", "new"));
 }
 
 const UNCONFIRMED: &str = "SERVER_ERROR write not confirmed by the fleet\r\n";

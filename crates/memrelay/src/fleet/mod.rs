@@ -19,12 +19,14 @@
 //!   pair of memrelays has two, one each way.
 //!
 //! A worker thread does not send a hint at once: it keeps the hints its
-//! writes make and sends them all, and waits for the answers, just before
-//! it next writes to any client ([`flush_hints`]), so no reply leaves
-//! before the peers have what it depends on, and a pipeline of writes past
-//! a server costs one round trip to the peers, not one per write. Other
-//! threads (probers, resyncs) send each hint at once. A fleet costs nothing
-//! while no server misses a write.
+//! writes make and hands them all to a sender thread of its own before it
+//! next writes to any client ([`flush_hints`]); a reply whose request made
+//! hints leaves only once they are answered, so no reply leaves before the
+//! peers have what it depends on, a pipeline of writes past a server costs
+//! one round trip to the peers, not one per write, and the worker's other
+//! clients do not wait for the peers (`outbox`). Other threads (probers,
+//! resyncs) send each hint at once. A fleet costs nothing while no server
+//! misses a write.
 //!
 //! The blocking sockets and threads here follow `ha::persist`'s hand-off
 //! records: a handful of connections that carry a few lines during failure
@@ -33,9 +35,13 @@
 pub(crate) mod epoch;
 mod link;
 mod listen;
+mod outbox;
 mod wire;
 
-use std::cell::{Cell, RefCell};
+pub(crate) use outbox::{
+    confirmed, defer_hints_on_this_thread, flush_hints, hints_answered, hints_made, HintAnswers,
+};
+
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
@@ -44,128 +50,6 @@ use crate::config::fleet::Fleet as FleetConfig;
 use crate::ha::missed::Source;
 use crate::ha::replica::Replica;
 use crate::stats::fleet::FleetFigures;
-
-thread_local! {
-    /// A worker thread's hints not sent yet (`None` on other threads,
-    /// which send each at once).
-    static DEFERRED: RefCell<Option<Deferred>> = const { RefCell::new(None) };
-    /// Whether `DEFERRED` holds any: the one load `flush_hints` costs
-    /// while there is nothing to send.
-    static PENDING: Cell<bool> = const { Cell::new(false) };
-    /// Hints this worker thread kept so far: the number of the last one.
-    /// A request's hints are the numbers made while it was stepped
-    /// ([`hints_made`]), so that [`confirmed`] can tell whether the fleet
-    /// took them.
-    static MADE: Cell<u64> = const { Cell::new(0) };
-    /// Under `--peer-confirm majority|all`, the hints (first and last
-    /// number of each batch) that too few peers took, most recent last.
-    static UNCONFIRMED: RefCell<Unconfirmed> = const {
-        RefCell::new(Unconfirmed { batches: std::collections::VecDeque::new(), forgot_through: 0, figures: None })
-    };
-}
-
-/// Batches of hints too few peers took, kept so the requests that made
-/// them can be answered `SERVER_ERROR` (at most `MAX_UNCONFIRMED`: a
-/// request whose hints are older than those kept is treated as
-/// unconfirmed, never as confirmed).
-struct Unconfirmed {
-    batches: std::collections::VecDeque<(u64, u64)>,
-    forgot_through: u64,
-    /// Where refused writes are counted (set with the first batch).
-    figures: Option<Arc<FleetFigures>>,
-}
-
-const MAX_UNCONFIRMED: usize = 256;
-
-impl Unconfirmed {
-    fn push(&mut self, first: u64, last: u64) {
-        if self.batches.len() == MAX_UNCONFIRMED {
-            if let Some((_, l)) = self.batches.pop_front() {
-                self.forgot_through = self.forgot_through.max(l);
-            }
-        }
-        self.batches.push_back((first, last));
-    }
-
-    /// Whether any of hints `first..=last` is in a batch too few took.
-    fn any(&self, first: u64, last: u64) -> bool {
-        first <= self.forgot_through || self.batches.iter().any(|&(f, l)| f <= last && first <= l)
-    }
-}
-
-/// The number of the last hint this thread kept: read before and after a
-/// request is stepped, the two give the request's hints (none if equal).
-#[inline]
-pub(crate) fn hints_made() -> u64 {
-    MADE.get()
-}
-
-/// Whether the fleet took hints `first..=last` of this thread as
-/// `--peer-confirm` requires: they are sent now if they were not yet.
-/// A write whose hints were not confirmed must be answered
-/// `SERVER_ERROR`: the fleet may not know what it went past.
-pub(crate) fn confirmed(first: u64, last: u64) -> bool {
-    flush_hints();
-    UNCONFIRMED.with(|u| {
-        let u = u.borrow();
-        let refused = u.any(first, last);
-        if let Some(f) = u.figures.as_ref().filter(|_| refused) {
-            f.writes_refused.fetch_add(1, Ordering::Relaxed);
-        }
-        !refused
-    })
-}
-
-/// Hints a worker keeps at most before it sends them without waiting for
-/// a client write.
-const MAX_KEPT: usize = 1024;
-
-/// Hints kept until the thread next writes to a client.
-#[derive(Default)]
-struct Deferred {
-    fleet: Option<Arc<Fleet>>,
-    lines: Vec<u8>,
-    count: usize,
-    /// The number of the first hint in `lines`.
-    first: u64,
-}
-
-/// This thread (a worker) keeps its hints until [`flush_hints`].
-pub(crate) fn defer_hints_on_this_thread() {
-    DEFERRED.with(|d| *d.borrow_mut() = Some(Deferred::default()));
-}
-
-/// Sends the hints this thread kept to the peers and waits for their
-/// answers. Called before every write to a client: a reply must not
-/// leave before the peers know what the write it answers went past.
-#[inline]
-pub(crate) fn flush_hints() {
-    if !PENDING.get() {
-        return;
-    }
-    PENDING.set(false);
-    let kept = DEFERRED.with(|d| {
-        let mut d = d.borrow_mut();
-        let d = d.as_mut()?;
-        let fleet = d.fleet.take()?;
-        Some((
-            fleet,
-            std::mem::take(&mut d.lines),
-            std::mem::take(&mut d.count),
-            d.first,
-        ))
-    });
-    if let Some((fleet, lines, count, first)) = kept {
-        if !fleet.send(&lines, count) {
-            let last = MADE.get();
-            UNCONFIRMED.with(|u| {
-                let mut u = u.borrow_mut();
-                u.figures.get_or_insert_with(|| fleet.figures.clone());
-                u.push(first, last);
-            });
-        }
-    }
-}
 
 /// Appends the `hint` lines for what `server`'s list holds (`None`:
 /// overflowed, every key).
@@ -663,41 +547,17 @@ impl Fleet {
         }
     }
 
-    /// Keeps a hint for this thread's next `flush_hints`, or, on a thread
-    /// that does not defer, sends it to every peer reached and waits for
-    /// their answers.
+    /// Keeps a hint for this thread's next `flush_hints` (a worker's), or
+    /// sends it to every peer reached and waits for their answers.
     fn hint(&self, me: &Arc<Fleet>, server: &str, key: Option<&[u8]>) {
         if self.links.is_empty() {
             return;
         }
         self.figures.hints_sent.fetch_add(1, Ordering::Relaxed);
         let line = wire::hint(server, key);
-        let kept = DEFERRED.with(|d| match d.borrow_mut().as_mut() {
-            Some(d) => {
-                d.fleet.get_or_insert_with(|| me.clone());
-                d.lines.extend_from_slice(&line);
-                let made = MADE.get() + 1;
-                MADE.set(made);
-                if d.count == 0 {
-                    d.first = made;
-                }
-                d.count += 1;
-                Some(d.count)
-            }
-            None => None,
-        });
-        match kept {
-            // Bounded: many writes finished with no client write after
-            // them (their clients left) are sent now, not kept.
-            Some(n) if n >= MAX_KEPT => {
-                PENDING.set(true);
-                flush_hints();
-            }
-            Some(_) => PENDING.set(true),
-            // A prober's or a resync's: no client reply waits for it.
-            None => {
-                self.send(&line, 1);
-            }
+        // A prober's or a resync's: no client reply waits for it.
+        if !outbox::keep(me, &line) {
+            self.send(&line, 1);
         }
     }
 

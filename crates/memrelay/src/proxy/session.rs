@@ -40,7 +40,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
@@ -125,6 +125,33 @@ pub(crate) struct Inbox {
     /// Most reply bytes the client may be owed in all before a read's reply
     /// is dropped: its buffer plus one largest reply.
     max_owed: usize,
+    /// Its next reply waits for the fleet to answer its hints, and it is
+    /// in `HINT_WAITERS`.
+    awaits_hints: Cell<bool>,
+}
+
+thread_local! {
+    /// The sessions of this worker thread whose next reply waits for the
+    /// fleet's answer to their hints (`Session::await_hints`), woken by
+    /// the thread's one `wake_hint_waiters` task.
+    static HINT_WAITERS: RefCell<Vec<Weak<Inbox>>> = const { RefCell::new(Vec::new()) };
+    /// Whether that task runs (started at the thread's first wait).
+    static HINT_WAKER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Wakes the sessions waiting for the fleet each time a batch of this
+/// thread's hints is answered (each looks again: one whose hints are in a
+/// later batch waits again).
+async fn wake_hint_waiters(answers: crate::fleet::HintAnswers) {
+    loop {
+        answers.next().await;
+        for waiter in HINT_WAITERS.with(|w| std::mem::take(&mut *w.borrow_mut())) {
+            if let Some(inbox) = waiter.upgrade() {
+                inbox.awaits_hints.set(false);
+                inbox.wake.notify();
+            }
+        }
+    }
 }
 
 impl Inbox {
@@ -143,6 +170,7 @@ impl Inbox {
             published: Cell::new(0),
             max_reply: limits.max_reply,
             max_owed: limits.max_buffer.saturating_add(limits.max_reply),
+            awaits_hints: Cell::new(false),
         }
     }
 
@@ -401,8 +429,8 @@ impl Session {
             self.emit_ready();
         }
         if let Some(b) = self.bufs.as_deref_mut().filter(|b| !b.out.is_empty()) {
-            // The peers of a fleet first learn what the writes answered
-            // here went past.
+            // The fleet's hints kept so far go to the peers (the replies
+            // that depend on them wait in `emit_ready` for their answer).
             crate::fleet::flush_hints();
             let wrote = match b.out.write_to(|iov| stream.try_write_vectored(iov)) {
                 Ok(n) => n,
@@ -900,12 +928,40 @@ impl Session {
         }
     }
 
+    /// The reply at the front waits for the fleet to answer its hints:
+    /// they are handed over, and the session is woken once a batch is
+    /// answered. The worker's other sessions go on meanwhile.
+    fn await_hints(&self) {
+        crate::fleet::flush_hints();
+        if self.inbox.awaits_hints.replace(true) {
+            return;
+        }
+        HINT_WAITERS.with(|w| w.borrow_mut().push(Rc::downgrade(&self.inbox)));
+        if !HINT_WAKER.get() {
+            if let Some(answers) = crate::fleet::HintAnswers::of_this_thread() {
+                HINT_WAKER.set(true);
+                tokio::task::spawn_local(wake_hint_waiters(answers));
+            }
+        }
+    }
+
     /// Writes out every complete reply at the front of the FIFO.
     fn emit_ready(&mut self) {
         loop {
             let slot = {
                 let mut slots = self.inbox.slots.borrow_mut();
                 match slots.front() {
+                    // Its request went past a server: the reply leaves
+                    // once the fleet has what it depends on.
+                    Some(s)
+                        if s.is_done()
+                            && s.hints.1 > 0
+                            && s.hints.1 > crate::fleet::hints_answered() =>
+                    {
+                        drop(slots);
+                        self.await_hints();
+                        return;
+                    }
                     Some(s) if s.is_done() => {}
                     _ => return,
                 }
