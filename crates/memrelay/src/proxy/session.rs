@@ -323,6 +323,8 @@ pub(crate) fn serve<S: Stream>(
         // session's future must not carry this wait.
         Box::pin(s.finish_legs()).await;
         s.abandon_writes();
+        // No reply will hand over the hints its requests made: they go now.
+        crate::fleet::flush_hints();
         // Replies still in flight will find no slot and be dropped.
         s.inbox.slots.borrow_mut().clear();
         s.inbox.requests.set(0);
