@@ -30,7 +30,7 @@ use support::conn::Conn;
 use support::model::{self, Ctx, KeyModel, Op, Tally};
 use support::{
     complete_retrieval, escape, meta_done, parse_mg, parse_values, same_item, stats, wait_until,
-    Client, Cluster, End, Item, Memcached, Memrelay, Reply, Rng, Val,
+    Client, Cluster, End, Fault, Forwarder, Item, Memcached, Memrelay, Reply, Rng, Val,
 };
 
 /// The proxy's per-request server timeout in these tests.
@@ -837,6 +837,157 @@ fn hung_primary_is_bypassed_and_never_serves_stale_after_it_resumes() {
             bad.join("\n  ")
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// 4b. What a stalled primary still held, applied late
+// ---------------------------------------------------------------------------
+
+/// `--timeout` in the late-delivery tests. A server settles for as long
+/// after it answers again before a delete may clear its missed keys
+/// (`ha::settle`): long here, so that "before" and "after" stand apart on
+/// a busy host.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// Deletes `m` has executed (memcached's own counters).
+fn deletes_on(m: &Memcached) -> u64 {
+    let s = stats(&m.addr());
+    stat_u64(&s, "delete_hits") + stat_u64(&s, "delete_misses")
+}
+
+/// Reads `key` through the proxy: fails the test, saying `why`, unless
+/// it gives `want`.
+fn must_read(px: &mut Px, key: &str, want: &str, why: &str) {
+    let got = px.get(key).map(|v| v.data);
+    assert!(
+        got.as_deref() == Some(want),
+        "{why}: get {key} gave {got:?}, want {want:?}"
+    );
+}
+
+/// The primary is stopped while a write goes past it (it times out, the
+/// backup takes it, the key is recorded as missed on the primary): what
+/// the primary's socket still holds of that write is applied when it runs
+/// again. The delete that clears the record waits until the primary has
+/// answered for a settle period, and the key is served right throughout:
+/// by the backup meanwhile, then by the primary.
+#[test]
+fn a_resumed_primary_settles_before_its_missed_keys_are_deleted() {
+    let timeout = format!("{}ms", SETTLE.as_millis());
+    let mut cl = cluster(1, 1, &["--timeout", &timeout]);
+    let key = "settle-key";
+    let mut px = cl.px();
+    assert_eq!(px.set(key, 0, "v0"), "STORED\r\n");
+    let b = &cl.backups[0];
+    assert!(
+        wait_until(CONVERGE, || peek(b, key).map(|i| i.value)
+            == Some("v0".into())),
+        "v0 never mirrored"
+    );
+    let deletes_before = deletes_on(&cl.primaries[0]);
+
+    cl.primaries[0].stop();
+    // Times out on the primary, whose kernel keeps the bytes.
+    assert_eq!(px.set(key, 0, "v1"), "STORED\r\n");
+    let s = stats(&cl.relay.addr());
+    assert_eq!(stat_u64(&s, "server:0:missed_keys"), 1, "{s:?}");
+    // The primary does not take this one: the key is listed for it.
+    assert_eq!(px.set(key, 0, "v2"), "STORED\r\n");
+
+    let resumed = Instant::now();
+    cl.primaries[0].cont();
+    // It applies v1 now. Until the delete, reads come from the backup.
+    let deleted = wait_until(CONVERGE, || {
+        must_read(&mut px, key, "v2", "while the primary settles");
+        deletes_on(&cl.primaries[0]) > deletes_before
+    });
+    let after = resumed.elapsed();
+    assert!(
+        deleted,
+        "the key was never deleted on the primary\n{}",
+        cl.diag()
+    );
+    assert!(
+        after >= SETTLE,
+        "the delete reached the primary {after:?} after it was resumed, before \
+         it had answered for {SETTLE:?}: v1, still in its socket, could land after it"
+    );
+    let cleared = wait_until(CONVERGE, || {
+        stat_u64(&stats(&cl.relay.addr()), "server:0:missed_keys") == 0
+    });
+    assert!(cleared, "the record was never cleared\n{}", cl.diag());
+    must_read(&mut px, key, "v2", "once the primary serves again");
+    let on_p = peek(&cl.primaries[0], key).map(|i| i.value);
+    assert!(
+        on_p.is_none() || on_p.as_deref() == Some("v2"),
+        "the resumed primary holds {on_p:?}"
+    );
+}
+
+/// The race itself, made certain: a write given up on reaches the primary
+/// later than the prober first finds it answering, as a stopped server's
+/// socket buffer does when one of its threads gets to it after another.
+/// A real memcached cannot be told when to apply what its socket holds,
+/// so a fake link (the kit's forwarder) holds the write for one and a half
+/// timeouts. The delete clearing the record must come after it; were it
+/// sent at once, the primary would keep v1 over v2 and serve it.
+#[test]
+fn a_write_given_up_on_that_lands_late_never_outlives_its_record() {
+    let primary = Memcached::start();
+    let backup = Memcached::start();
+    let link = Forwarder::start(&primary.addr());
+    let timeout = format!("{}ms", SETTLE.as_millis());
+    let (p_addr, b_addr) = (link.addr(), backup.addr());
+    let relay = Memrelay::start(&[
+        "-s",
+        &p_addr,
+        "-b",
+        &b_addr,
+        "--timeout",
+        &timeout,
+        "-t",
+        "2",
+    ]);
+    let key = "late-key";
+    let mut px = Px::connect(&relay.addr());
+    assert_eq!(px.set(key, 0, "v0"), "STORED\r\n");
+
+    let late = SETTLE * 3 / 2;
+    link.set(Fault::Delay(late));
+    let sent = Instant::now();
+    px.write_raw("set late-key 0 0 2\r\nv1\r\n");
+    // The link reads the write at once and holds it; what comes after it
+    // (the prober's looks, the later writes) passes. (Pacing only: were
+    // the write not held, it would not time out, as checked below.)
+    thread::sleep(Duration::from_millis(200));
+    link.set(Fault::Pass);
+    let r = px.c.read_until(line_done);
+    assert_eq!(r.bytes, b"STORED\r\n", "set v1: {}", escape(&r.bytes));
+    let s = stats(&relay.addr());
+    assert!(
+        stat_u64(&s, "server:0:missed_recorded") == 1,
+        "the link did not hold the write long enough for it to time out: {s:?}"
+    );
+    assert_eq!(px.set(key, 0, "v2"), "STORED\r\n");
+
+    // Until the record is gone and v1 has landed, and after: only v2.
+    let settled = wait_until(CONVERGE, || {
+        must_read(&mut px, key, "v2", "after v1 was given up on");
+        let s = stats(&relay.addr());
+        sent.elapsed() > late + Duration::from_millis(300)
+            && stat_u64(&s, "server:0:missed_keys") == 0
+    });
+    assert!(
+        settled,
+        "the record was never cleared: {:?}",
+        stats(&relay.addr())
+    );
+    must_read(&mut px, key, "v2", "once the primary serves again");
+    let on_p = peek(&primary, key).map(|i| i.value);
+    assert!(
+        on_p.is_none() || on_p.as_deref() == Some("v2"),
+        "v1 landed on the primary after the delete that cleared its record: it holds {on_p:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -12,6 +12,12 @@
 //! answers again while requests queued during the stall are still timing
 //! out, and those must not mark a server down that has just proved alive.
 //!
+//! Each failure, counted or not, and each failed probe also stamps when it
+//! happened (`last_failure`): a request given up on may still sit in the
+//! server's socket buffer, to be applied later, and the HA layer waits for
+//! the server to settle after its last failure before it trusts a delete
+//! (`ha::upkeep`). Only failures write it; a reply writes nothing.
+//!
 //! Liveness only: what a server must not serve (missed keys), resyncs and
 //! the CAS stamp of its process are the HA layer's (`ha::replica`), which
 //! keeps a `Health` inside each replica's state.
@@ -31,6 +37,9 @@ pub(crate) struct Health {
     /// When the server last recovered (see the module comment), as
     /// nanoseconds since `epoch()`; written only while ending a streak.
     recovered_at: AtomicU64,
+    /// When the server last failed (a connection, a request, a probe), as
+    /// nanoseconds since `epoch()`, 0 for never; written on failures only.
+    failed_at: AtomicU64,
     /// Times this server was marked down (for `stats`).
     pub downs: AtomicU64,
     /// Failed connections or requests, in total (for `stats`).
@@ -51,6 +60,7 @@ impl Health {
             down: AtomicBool::new(false),
             consecutive_failures: AtomicU32::new(0),
             recovered_at: AtomicU64::new(0),
+            failed_at: AtomicU64::new(0),
             downs: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             figures: Default::default(),
@@ -82,6 +92,9 @@ impl Health {
         sent: Option<Instant>,
     ) -> bool {
         self.failures.fetch_add(1, Ordering::Relaxed);
+        // Stamped even when the failure does not count: the request it
+        // gave up on may still reach the server.
+        self.note_failure();
         if let Some(sent) = sent {
             if since_epoch(sent) < self.recovered_at.load(Ordering::Relaxed) {
                 tracing::debug!(server = %self.name, reason = %why, "failure of a request sent before the server recovered: not counted");
@@ -98,6 +111,24 @@ impl Health {
         false
     }
 
+    /// The server failed now (its prober saw it: a probe that was not
+    /// answered). Counts nothing: probes do not mark a server down.
+    pub(crate) fn note_failure(&self) {
+        // 0 means "never": an instant at the epoch itself is one past it.
+        let now = since_epoch(Instant::now()).max(1);
+        self.failed_at.store(now, Ordering::Relaxed);
+    }
+
+    /// When the server last failed, if it ever did. (Relaxed: a failure not
+    /// seen yet is a moment old, and what it records is younger than any
+    /// record a delete may clear, which must be a settle period old.)
+    pub(crate) fn last_failure(&self) -> Option<Instant> {
+        match self.failed_at.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(at_epoch(n)),
+        }
+    }
+
     /// A probe succeeded: serve from this server again.
     pub(crate) fn mark_up(&self) {
         self.consecutive_failures.store(0, Ordering::Relaxed);
@@ -110,12 +141,21 @@ impl Health {
     }
 }
 
+/// The process-wide origin the stamps count from.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
 /// Nanoseconds from a process-wide origin to `t` (0 for instants before it).
 fn since_epoch(t: Instant) -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
     // Later than epoch + 584 years cannot happen; saturate anyway.
-    u64::try_from(t.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
+    u64::try_from(t.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The instant `nanos` after the origin (`since_epoch` undone).
+fn at_epoch(nanos: u64) -> Instant {
+    epoch() + std::time::Duration::from_nanos(nanos)
 }
 
 #[cfg(test)]
@@ -163,5 +203,24 @@ mod tests {
         h.record_failure(3, &"connect", None);
         assert!(h.record_failure(3, &"connect", None));
         assert!(h.is_down());
+    }
+
+    #[test]
+    fn every_failure_is_stamped_counted_or_not() {
+        let h = Health::new("s".into(), 1);
+        assert_eq!(h.last_failure(), None);
+        let stalled = Instant::now();
+        h.record_success();
+        h.mark_up();
+        assert_eq!(h.last_failure(), None, "replies stamp nothing");
+        // Not counted (sent before the recovery), stamped all the same.
+        let before = Instant::now();
+        assert!(!h.record_failure(3, &"timeout", Some(stalled)));
+        let first = h.last_failure().expect("stamped");
+        assert!(first >= before && first <= Instant::now());
+        // A failed probe counts nothing and stamps.
+        h.note_failure();
+        assert!(h.last_failure().expect("stamped") >= first);
+        assert_eq!(h.failures.load(Ordering::Relaxed), 1);
     }
 }

@@ -142,6 +142,11 @@ impl ProbeConn {
         Some(())
     }
 
+    /// How long the server has to answer one exchange (`--timeout`).
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Deletes keys, pipelined; true when every delete was answered. A key
     /// that cannot be written in a classic command (a binary key from a
     /// meta `b` request) is deleted as `md <base64> b`.
@@ -244,6 +249,9 @@ pub(crate) async fn probe_loop(
         };
         if !ok {
             health.figures.clear();
+            // Whatever it held of requests given up on may still be
+            // applied once it answers again: the watcher lets it settle.
+            health.note_failure();
         }
         last_identity = tokio::time::Instant::now();
         if !ok {

@@ -13,6 +13,8 @@
 //! - [`mirror`]: background writes nobody waits for (invalidating an
 //!   unlinked key, undoing a read repair that may be older than a write);
 //! - [`missed`]: per server, the keys it must not serve until invalidated;
+//! - [`settle`]: when a delete on a server may clear those keys (once what
+//!   it held from before its last failure has been applied);
 //! - [`resync`]: copying a restarted (empty) server's items back from the
 //!   other tier in the background;
 //! - [`transition`]: during a fleet reload, what a moved key's replicas
@@ -29,6 +31,7 @@ pub(crate) mod persist;
 pub(crate) mod read;
 pub(crate) mod replica;
 pub(crate) mod resync;
+pub(crate) mod settle;
 pub(crate) mod slot;
 pub(crate) mod transition;
 pub(crate) mod upkeep;

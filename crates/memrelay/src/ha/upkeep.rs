@@ -7,6 +7,11 @@
 //!   serves a value older than a write it missed. A key recorded on an up
 //!   server wakes its prober at once (the server does not serve the key
 //!   until then), and a server with keys listed is not marked up.
+//! - A delete clears records only once the server has settled after its
+//!   last failure (`ha::settle`): what it still held of writes given up
+//!   on is applied first, and cannot land over a newer value after the
+//!   record is gone. Until then the prober waits, at most a settle period
+//!   at a time, and the keys stay listed.
 //! - A restart starts a resync. The missed keys are still deleted: a copy
 //!   (resync, read repair) may have landed on the restarted server before
 //!   a write that went past it was known.
@@ -17,6 +22,7 @@ use std::time::Duration;
 
 use super::replica::Replica;
 use super::resync::{Request, Requests};
+use super::settle::{self, Settle, Verdict};
 use crate::backend::probe::{Identity, ProbeConn, Watcher};
 
 /// Least time between two flushes of one server after its missed-key list
@@ -35,6 +41,9 @@ pub(crate) struct Upkeep {
     /// When this prober last flushed the server (after its missed-key list
     /// overflowed): flushes are at least FLUSH_EVERY apart.
     last_flush: Option<tokio::time::Instant>,
+    /// Whether the server settled after its last failure, and which
+    /// records have aged.
+    settle: Settle,
 }
 
 impl Upkeep {
@@ -43,6 +52,28 @@ impl Upkeep {
             replica,
             on_restart,
             last_flush: None,
+            settle: Settle::default(),
+        }
+    }
+
+    /// Whether a delete (or a flush) sent now may clear records; waits
+    /// first if the server has not settled (at most a settle period).
+    /// None after a wait: look at the server again first.
+    async fn settled(&mut self, c: &ProbeConn) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let verdict = self.settle.verdict(
+            now,
+            self.replica.last_failure(),
+            settle::period(c.timeout()),
+            self.replica.missed.generation(),
+        );
+        match verdict {
+            Verdict::Clear(aged) => Some(aged),
+            Verdict::Wait(left) => {
+                tracing::debug!(server = %self.replica.name, ?left, "missed keys kept until the server settles");
+                tokio::time::sleep(left).await;
+                None
+            }
         }
     }
 
@@ -111,9 +142,18 @@ impl Watcher for Upkeep {
             });
         }
         self.replica.set_identity(who.pid, who.boot);
+        let now = std::time::Instant::now();
+        self.settle.answered(now, self.replica.last_failure());
     }
 
     async fn tend(&mut self, c: &mut ProbeConn) -> bool {
+        if self.replica.missed.is_empty() {
+            return true;
+        }
+        // A flush is a delete of everything: it waits for the same.
+        let Some(aged) = self.settled(c).await else {
+            return true;
+        };
         if self.replica.missed.is_overflowed() {
             match self.flush_if_due(c).await {
                 Flush::Done => {}
@@ -123,8 +163,14 @@ impl Watcher for Upkeep {
         }
         let missed = &self.replica.missed;
         loop {
-            let batch = missed.peek_batch(DELETE_BATCH);
+            let batch = missed.peek_batch(DELETE_BATCH, aged);
             if batch.is_empty() {
+                if !missed.is_empty() {
+                    // Only records too young to clear are left.
+                    let now = std::time::Instant::now();
+                    let period = settle::period(c.timeout());
+                    tokio::time::sleep(self.settle.until_aged(now, period)).await;
+                }
                 return true;
             }
             if !c.delete_all(&batch).await {
