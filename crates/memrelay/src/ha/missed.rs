@@ -350,22 +350,12 @@ impl MissedKeys {
         self.lock().keys.keys().cloned().collect()
     }
 
-    /// The generation of the latest record of a key: records made after
-    /// this call have higher ones. (The upkeep marks the time with it, to
-    /// tell a record that has aged from one that has not.)
-    pub(crate) fn generation(&self) -> u64 {
-        self.lock().next_gen
-    }
-
-    /// Takes up to `n` keys to invalidate, among those whose latest record
-    /// is of generation `recorded_by` or older (see `generation`). They
-    /// stay "missed" (readers keep bypassing the server for them) until
-    /// `confirm` is called.
-    pub(crate) fn peek_batch(&self, n: usize, recorded_by: u64) -> Vec<(Box<[u8]>, u64)> {
+    /// Takes up to `n` keys to invalidate. They stay "missed" (readers keep
+    /// bypassing the server for them) until `confirm` is called.
+    pub(crate) fn peek_batch(&self, n: usize) -> Vec<(Box<[u8]>, u64)> {
         self.lock()
             .keys
             .iter()
-            .filter(|&(_, &g)| g >> 1 <= recorded_by)
             .take(n)
             .map(|(k, &g)| (k.clone(), g))
             .collect()
@@ -448,20 +438,20 @@ mod tests {
         m.record(b"a");
         assert!(m.contains(b"a"));
         assert!(!m.contains(b"b"));
-        let batch = m.peek_batch(10, m.generation());
+        let batch = m.peek_batch(10);
         assert!(m.contains(b"a"), "still missed until confirmed");
         m.confirm(&batch);
         assert!(!m.contains(b"a"));
         // Recorded again while its invalidation was under way: it stays.
         m.record(b"a");
-        let batch = m.peek_batch(10, m.generation());
+        let batch = m.peek_batch(10);
         m.record(b"a");
         m.confirm(&batch);
         assert!(
             m.contains(b"a"),
             "a newer record survives an older confirmation"
         );
-        let batch = m.peek_batch(10, m.generation());
+        let batch = m.peek_batch(10);
         m.confirm(&batch);
         assert!(!m.contains(b"a"));
         assert!(m.is_empty());
@@ -475,31 +465,6 @@ mod tests {
         );
         m.clear();
         assert!(!m.contains(b"zzz"));
-    }
-
-    #[test]
-    fn a_batch_holds_only_records_as_old_as_asked() {
-        let m = MissedKeys::new(10);
-        m.record(b"a");
-        let mark = m.generation();
-        m.record(b"b");
-        let keys = |batch: Vec<(Box<[u8]>, u64)>| {
-            let mut k: Vec<Vec<u8>> = batch.into_iter().map(|(k, _)| k.into()).collect();
-            k.sort();
-            k
-        };
-        assert_eq!(keys(m.peek_batch(10, mark)), vec![b"a".to_vec()]);
-        // Recorded again since the mark: younger than it now.
-        m.record(b"a");
-        assert!(m.peek_batch(10, mark).is_empty());
-        // A peer's record has a generation like any other.
-        m.learn(Some(b"c"), Source::Peer);
-        let now = m.generation();
-        assert_eq!(
-            keys(m.peek_batch(10, now)),
-            vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]
-        );
-        assert_eq!(m.peek_batch(2, now).len(), 2, "at most n");
     }
 
     #[test]
@@ -517,7 +482,7 @@ mod tests {
         m.learn(Some(b"p"), Source::Peer);
         assert!(m.has_own(), "a peer's record does not take it back");
         assert_eq!(*marks.lock().unwrap(), vec![false, true]);
-        let batch = m.peek_batch(10, m.generation());
+        let batch = m.peek_batch(10);
         m.confirm(&batch);
         assert!(m.is_empty() && !m.has_own());
         // A handed-off record is own too; a quiet removal forgets it.

@@ -938,7 +938,7 @@ mod tests {
         let p = Persist::new(path.clone());
         p.start(std::slice::from_ref(&a), false);
         a.missed.record(b"k1");
-        let batch = a.missed.peek_batch(10, a.missed.generation());
+        let batch = a.missed.peek_batch(10);
         a.missed.confirm(&batch);
         p.refresh(std::slice::from_ref(&a));
         let text = std::fs::read_to_string(&path).unwrap();

@@ -58,21 +58,20 @@ impl Upkeep {
 
     /// Whether a delete (or a flush) sent now may clear records; waits
     /// first if the server has not settled (at most a settle period).
-    /// None after a wait: look at the server again first.
-    async fn settled(&mut self, c: &ProbeConn) -> Option<u64> {
+    /// False after a wait: look at the server again first.
+    async fn settled(&mut self, c: &ProbeConn) -> bool {
         let now = std::time::Instant::now();
         let verdict = self.settle.verdict(
             now,
             self.replica.last_failure(),
             settle::period(c.timeout()),
-            self.replica.missed.generation(),
         );
         match verdict {
-            Verdict::Clear(aged) => Some(aged),
+            Verdict::Clear => true,
             Verdict::Wait(left) => {
                 tracing::debug!(server = %self.replica.name, ?left, "missed keys kept until the server settles");
                 tokio::time::sleep(left).await;
-                None
+                false
             }
         }
     }
@@ -151,9 +150,9 @@ impl Watcher for Upkeep {
             return true;
         }
         // A flush is a delete of everything: it waits for the same.
-        let Some(aged) = self.settled(c).await else {
+        if !self.settled(c).await {
             return true;
-        };
+        }
         if self.replica.missed.is_overflowed() {
             match self.flush_if_due(c).await {
                 Flush::Done => {}
@@ -163,14 +162,8 @@ impl Watcher for Upkeep {
         }
         let missed = &self.replica.missed;
         loop {
-            let batch = missed.peek_batch(DELETE_BATCH, aged);
+            let batch = missed.peek_batch(DELETE_BATCH);
             if batch.is_empty() {
-                if !missed.is_empty() {
-                    // Only records too young to clear are left.
-                    let now = std::time::Instant::now();
-                    let period = settle::period(c.timeout());
-                    tokio::time::sleep(self.settle.until_aged(now, period)).await;
-                }
                 return true;
             }
             if !c.delete_all(&batch).await {
