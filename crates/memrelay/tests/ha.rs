@@ -924,6 +924,52 @@ fn a_resumed_primary_settles_before_its_missed_keys_are_deleted() {
     );
 }
 
+/// Settling is the server's, not the records': a key written all the
+/// time while its primary is out is recorded again all the time, and must
+/// still be served by the primary once it is back (were records cleared
+/// only once a period old, it would never be, and a server down under
+/// writes would never be marked up).
+#[test]
+fn a_primary_back_under_constant_writes_serves_again() {
+    let mut cl = cluster(1, 1, &[]);
+    let key = "hot-key";
+    let mut px = cl.px();
+    assert_eq!(px.set(key, 0, "v0"), "STORED\r\n");
+    cl.primaries[0].kill();
+    let stop = AtomicBool::new(false);
+    let relay = cl.relay.addr();
+    thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            let mut px = Px::connect(&relay);
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                n += 1;
+                assert_eq!(px.set(key, 0, &format!("v{n}")), "STORED\r\n");
+            }
+        });
+        // The writes go past it, and record the key again and again.
+        let recorded = wait_until(CONVERGE, || {
+            stat_u64(&stats(&relay), "server:0:missed_keys") == 1
+        });
+        cl.primaries[0].restart();
+        // Back, settled, its list emptied: up, and writes reach it again.
+        let serves = wait_until(CONVERGE, || {
+            let s = stats(&relay);
+            s.get("server:0:state").map(String::as_str) == Some("up")
+                && stat_u64(&s, "server:0:missed_keys") == 0
+        });
+        stop.store(true, Ordering::SeqCst);
+        writer.join().expect("the writer");
+        assert!(recorded, "the key was never recorded\n{}", cl.diag());
+        assert!(serves, "the primary never served again\n{}", cl.diag());
+    });
+    let last = peek(&cl.primaries[0], key).map(|i| i.value);
+    assert!(
+        last.is_some(),
+        "no write reached the primary once it was back"
+    );
+}
+
 /// The race itself, made certain: a write given up on reaches the primary
 /// later than the prober first finds it answering, as a stopped server's
 /// socket buffer does when one of its threads gets to it after another.

@@ -139,10 +139,7 @@ mod tests {
             "not settled, whatever the clock says"
         );
         s.answered(t0 + ms(900), failed);
-        assert_eq!(
-            s.verdict(t0 + ms(1000), failed, P),
-            Verdict::Wait(ms(400))
-        );
+        assert_eq!(s.verdict(t0 + ms(1000), failed, P), Verdict::Wait(ms(400)));
         assert_eq!(s.verdict(t0 + ms(1400), failed, P), Verdict::Clear);
     }
 }
