@@ -138,6 +138,11 @@ fn accept(listener: TcpListener, target: &str, link: &Arc<Link>) {
             }
         };
         let _ = client.set_nonblocking(false);
+        // A link forwards bytes as they come: with Nagle's algorithm on
+        // its two sockets, each small write after another would wait for
+        // an acknowledgement (up to 40 ms of delayed ACK on loopback),
+        // slowing every request-and-answer exchange through it.
+        let _ = client.set_nodelay(true);
         if link.fault() == Fault::Reset {
             reset(&client);
             continue;
@@ -145,7 +150,10 @@ fn accept(listener: TcpListener, target: &str, link: &Arc<Link>) {
         // Blackholed: the connection is taken and nothing reaches the
         // server (a connect that succeeds into silence).
         let server = match TcpStream::connect(target) {
-            Ok(s) => s,
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                s
+            }
             Err(_) => {
                 reset(&client);
                 continue;
