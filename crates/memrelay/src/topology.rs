@@ -70,7 +70,7 @@ pub(crate) enum WorkerEvent {
     /// Phase one done: the new configuration is built and the worker
     /// starts no new request.
     Prepared { worker: usize, generation: u64 },
-    /// Phase two done: the worker runs the new configuration.
+    /// Phase two done, or the worker started: it runs this configuration.
     Installed { worker: usize, generation: u64 },
     /// The last request of an older configuration finished on one worker:
     /// nothing there uses it any more (its dropped connections close).
@@ -336,6 +336,23 @@ impl Control {
         };
         control.join_fleet_reload();
         (control, links, reload_rx)
+    }
+
+    /// Waits (at most `PHASE_DEADLINE`) until every worker thread runs
+    /// the configuration it started with. A swap sent before a worker
+    /// first looks would be that worker's first configuration: it would
+    /// answer neither phase of it, and never run (nor retire) the one
+    /// before, so a fleet reload, which steps only once older
+    /// configurations are retired, would wait for it for good.
+    pub(crate) async fn workers_started(&mut self) {
+        let started = self.wait_for(self.generation, Phase::Installed).await;
+        if started < self.workers {
+            tracing::warn!(
+                started,
+                workers = self.workers,
+                "not every worker started in time; reloads may wait for it"
+            );
+        }
     }
 
     /// The configuration running now.

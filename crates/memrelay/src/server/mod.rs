@@ -126,6 +126,9 @@ fn serve(cfg: Config, reread: crate::topology::Reread, started: Started) -> Resu
     };
     workers.spawn(threads, &listeners)?;
     drop(listeners);
+    // Before any reload: every worker runs the first configuration, so
+    // each answers every swap and retires every configuration it ran.
+    rt.block_on(local.run_until(control.workers_started()));
 
     // /metrics asks for --auth-file's credentials, as renewed by reloads.
     let metrics_auth: MetricsAuth = Arc::new(std::sync::RwLock::new(control.config().auth.clone()));
@@ -363,6 +366,10 @@ fn worker_main(
             ))),
         };
         let thread = Rc::new(WorkerThread::new(ctx, &first));
+        let _ = events.send(WorkerEvent::Installed {
+            worker: id,
+            generation: first.generation,
+        });
         drop(first);
         for l in listeners {
             tokio::task::spawn_local(accept_loop(
