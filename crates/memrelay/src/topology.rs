@@ -176,6 +176,19 @@ pub(crate) struct Control {
     untold: Option<Stage>,
 }
 
+/// Whether the servers a configuration adds are flushed before it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Added {
+    /// A reload adds them: they may hold copies from before, when they
+    /// were not in the list.
+    Flushed,
+    /// A member joins its peers' reload: they are servers the fleet serves
+    /// by, or ones a stage 1 flushed. As at start, it takes their copies
+    /// to be no older than what it routes to them; flushed, the fleet
+    /// would lose every key they hold.
+    Kept,
+}
+
 /// A fleet reload under way: the configurations on either side, and this
 /// member's stage. `servers` holds the servers of both.
 #[derive(Debug)]
@@ -434,7 +447,8 @@ impl Control {
         }
         let cfg = Arc::new(cfg);
         let moves = self.moves_to(&cfg);
-        self.install(cfg.clone(), None, &moves).await;
+        self.install(cfg.clone(), None, &moves, Added::Flushed)
+            .await;
         self.registry.reloads.fetch_add(1, Ordering::Relaxed);
         self.log_reload(trigger, &cfg, &moves, "configuration reloaded");
         Ok(())
@@ -474,7 +488,7 @@ impl Control {
             to: to.routing_fingerprint(),
         };
         let (serving, other) = stage_configs(stage, &from, &to);
-        self.install(serving, other, &moves).await;
+        self.install(serving, other, &moves, Added::Flushed).await;
         self.registry.reloads.fetch_add(1, Ordering::Relaxed);
         self.log_reload(trigger, &to, &moves, "configuration read; fleet reload stage 1: serving by the old routing until every member has the new one");
         self.reloading = Some(Reloading {
@@ -528,29 +542,25 @@ impl Control {
             return;
         };
         let routing = self.cfg.routing_fingerprint();
-        let joins = crate::fleet::epoch::joining(routing, &fleet.heard());
-        let (from, to) = match joins {
-            Stage::Steady { .. } => return self.tell(joins),
-            Stage::Aware { from, to } | Stage::Switched { from, to } => (from, to),
-        };
-        let config = |fp: u64| {
-            if fp == routing {
-                return Some(self.cfg.clone());
-            }
-            let lines = fleet.routing_of(fp)?;
-            self.cfg.with_routing_lines(fp, &lines).map(Arc::new)
-        };
-        let (Some(from_cfg), Some(to_cfg)) = (config(from), config(to)) else {
+        let heard = fleet.heard();
+        let joins = crate::fleet::epoch::joining(routing, &heard);
+        if let Stage::Steady { .. } = joins {
+            return self.tell(joins);
+        }
+        let Some((from_cfg, to_cfg)) = self.reload_configs(&fleet, joins) else {
             tracing::error!(stage = ?joins, "fleet: the peers route keys otherwise than this configuration, and gave no routing this member can rebuild; serving by its own");
             return self.tell(Stage::Steady { routing });
         };
-        if to != routing {
-            tracing::warn!("fleet: joining the fleet's reload to a routing that is not this configuration's; reload this member to it");
-        }
         let (serving, other) = stage_configs(joins, &from_cfg, &to_cfg);
         // No flush: a member assumes at start that servers hold no copies
         // older than what it routes to them.
-        let _ = self.replace_servers(&serving, other.as_deref(), &Moves::default(), false);
+        let _ = self.replace_servers(
+            &serving,
+            other.as_deref(),
+            &Moves::default(),
+            false,
+            Added::Kept,
+        );
         let health = self.health_of(&serving);
         let router = Router::new(&serving);
         self.topology.send_replace(Arc::new(Topology {
@@ -576,6 +586,35 @@ impl Control {
             "fleet: joined the fleet's reload at its stage"
         );
         self.tell(joins);
+    }
+
+    /// The configurations either side of the fleet reload `stage` is in:
+    /// the running one where its routing is one of them, else rebuilt from
+    /// a peer's lines (`Fleet::routing_of`), reaching the servers this one
+    /// also names at its own addresses. None if no peer gave lines it can
+    /// rebuild (or `stage` is steady). Warns if the reload is to another
+    /// routing than the running one.
+    fn reload_configs(
+        &self,
+        fleet: &crate::fleet::Fleet,
+        stage: Stage,
+    ) -> Option<(Arc<Config>, Arc<Config>)> {
+        let (Stage::Aware { from, to } | Stage::Switched { from, to }) = stage else {
+            return None;
+        };
+        let routing = self.cfg.routing_fingerprint();
+        let config = |fp: u64| {
+            if fp == routing {
+                return Some(self.cfg.clone());
+            }
+            let lines = fleet.routing_of(fp)?;
+            self.cfg.with_routing_lines(fp, &lines).map(Arc::new)
+        };
+        let configs = (config(from)?, config(to)?);
+        if to != routing {
+            tracing::warn!("fleet: joining the fleet's reload to a routing that is not this configuration's; reload this member to it");
+        }
+        Some(configs)
     }
 
     /// Whether a fleet reload is under way, or a stage is still to be
@@ -631,7 +670,8 @@ impl Control {
         let (serving, other) = stage_configs(next, &r.from, &r.to);
         r.stage = next;
         r.waited = std::time::Instant::now();
-        self.install(serving, other, &Moves::default()).await;
+        self.install(serving, other, &Moves::default(), Added::Flushed)
+            .await;
         if let Stage::Switched { .. } = next {
             tracing::info!(
                 generation = self.generation,
@@ -647,8 +687,15 @@ impl Control {
 
     /// Makes the workers run `cfg`, with `other`'s routing as a fleet
     /// reload's other one, once the servers `moves` says may hold stale
-    /// copies are flushed. The servers of both stay running.
-    async fn install(&mut self, cfg: Arc<Config>, other: Option<Arc<Config>>, moves: &Moves) {
+    /// copies (and those `added`, if so) are flushed. The servers of both
+    /// stay running.
+    async fn install(
+        &mut self,
+        cfg: Arc<Config>,
+        other: Option<Arc<Config>>,
+        moves: &Moves,
+        added: Added,
+    ) {
         let generation = self.generation + 1;
         self.take_events();
         let router = Router::new(&cfg);
@@ -657,7 +704,7 @@ impl Control {
         let older_live = self.live.keys().any(|&g| g < self.generation);
         self.probe_timeouts.send_replace(probe_timeouts(&cfg));
 
-        let flushes = self.replace_servers(&cfg, other.as_deref(), moves, older_live);
+        let flushes = self.replace_servers(&cfg, other.as_deref(), moves, older_live, added);
         let flushed = self.flush(&flushes, probe_timeouts(&cfg)).await;
 
         let health = self.health_of(&cfg);
@@ -755,6 +802,7 @@ impl Control {
         other: Option<&Config>,
         moves: &Moves,
         older_live: bool,
+        added: Added,
     ) -> Vec<(Arc<Replica>, Dial, &'static str)> {
         let mut old: Vec<Option<Running>> = std::mem::take(&mut self.servers)
             .into_iter()
@@ -809,7 +857,9 @@ impl Control {
                     if let Some(f) = &self.fleet {
                         f.watch(fleet_name(s), &health);
                     }
-                    flushes.push((health.clone(), dial.clone(), FLUSH_ADDED));
+                    if added == Added::Flushed {
+                        flushes.push((health.clone(), dial.clone(), FLUSH_ADDED));
+                    }
                     self.running(s.name.clone(), dial, role, health)
                 }
             };
