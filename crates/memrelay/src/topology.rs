@@ -88,6 +88,17 @@ const PHASE_DEADLINE: Duration = Duration::from_secs(2);
 /// How often a member whose fleet reload waits for peers says which.
 const RELOAD_WAIT_LOG: Duration = Duration::from_secs(10);
 
+/// How often a member of a fleet with no fleet reload under way looks at
+/// its peers' stages (`Control::catch_up`): as often as they tell them
+/// (every ping, `fleet::link`).
+pub(crate) const CATCH_UP_EVERY: Duration = Duration::from_millis(500);
+
+/// How long after a member finished a fleet reload a peer may still be
+/// heard aware of it, by a report it sent before it switched: each peer's
+/// stage comes on two connections, and the older report (the answer to
+/// a dial's `routing`) is read within that dial, well within this.
+const CROSSED_REPORTS: Duration = Duration::from_secs(5);
+
 /// One configured server as the main thread keeps it.
 #[derive(Debug)]
 struct Running {
@@ -174,6 +185,36 @@ pub(crate) struct Control {
     /// A stage to tell the peers once the hand-off's other process is gone
     /// (`tend_reload`).
     untold: Option<Stage>,
+    /// What `catch_up` watches for while no fleet reload is under way.
+    catching_up: CatchUp,
+}
+
+/// A fleet member's watch on its peers' stages between fleet reloads.
+#[derive(Debug, Default)]
+struct CatchUp {
+    /// The fleet reload it last finished (from, to), and when: a peer
+    /// heard aware of it within `CROSSED_REPORTS` is an older report
+    /// (`epoch::catching_up`).
+    finished: Option<((u64, u64), std::time::Instant)>,
+    /// Since when it should join its peers' reload but has no routing of
+    /// theirs it can rebuild (logged every `RELOAD_WAIT_LOG`).
+    unbuilt: Option<std::time::Instant>,
+    /// Since when peers that route by none of its routings were heard
+    /// (`warn_if_apart`, logged every `RELOAD_WAIT_LOG`).
+    apart: Option<std::time::Instant>,
+}
+
+/// Whether a condition seen since `since` (set now if it was not) has
+/// lasted `RELOAD_WAIT_LOG` since it was first seen or last logged: a
+/// condition that a moment resolves is not logged.
+fn log_due(since: &mut Option<std::time::Instant>) -> bool {
+    let now = std::time::Instant::now();
+    let first = *since.get_or_insert(now);
+    let due = now.duration_since(first) >= RELOAD_WAIT_LOG;
+    if due {
+        *since = Some(now);
+    }
+    due
 }
 
 /// Whether the servers a configuration adds are flushed before it runs.
@@ -339,6 +380,7 @@ impl Control {
             reloading: None,
             shown: None,
             untold: None,
+            catching_up: CatchUp::default(),
         };
         let links = WorkerLinks {
             topology: topology_rx,
@@ -536,13 +578,18 @@ impl Control {
     /// in a fleet reload joins it at their stage, and one that finds them
     /// serving another routing starts a reload to its own (its peers
     /// follow once each is reloaded to it). The routing it does not have
-    /// is rebuilt from a peer's lines.
+    /// is rebuilt from a peer's lines. One that reaches no peer serves by
+    /// its own file, and joins a reload to it that its peers wait for
+    /// once it reaches them (`catch_up`).
     fn join_fleet_reload(&mut self) {
         let Some(fleet) = self.fleet.clone() else {
             return;
         };
         let routing = self.cfg.routing_fingerprint();
         let heard = fleet.heard();
+        if !heard.is_empty() && heard.iter().all(Option::is_none) {
+            tracing::info!("fleet: reached no peer at start: serving by this configuration (it joins a fleet reload to it that waits for it once it reaches them)");
+        }
         let joins = crate::fleet::epoch::joining(routing, &heard);
         if let Stage::Steady { .. } = joins {
             return self.tell(joins);
@@ -617,6 +664,88 @@ impl Control {
         Some(configs)
     }
 
+    /// Whether this memrelay is a member of a fleet (`catch_up` has work
+    /// whenever no fleet reload is under way).
+    pub(crate) fn in_fleet(&self) -> bool {
+        self.fleet.is_some()
+    }
+
+    /// While no fleet reload is under way (every `CATCH_UP_EVERY`): a
+    /// member that its peers wait for in a reload to the routing it
+    /// already serves joins it (`epoch::catching_up`), then goes on as any
+    /// member in a reload (`tend_reload`), telling its stage once the
+    /// requests started before it are done. Peers it is apart from are
+    /// only named (`warn_if_apart`).
+    pub(crate) async fn catch_up(&mut self) {
+        let Some(fleet) = self.fleet.clone() else {
+            return;
+        };
+        if self.reloading() || self.sharing() {
+            return;
+        }
+        let routing = self.cfg.routing_fingerprint();
+        let heard = fleet.heard();
+        let finished = self
+            .catching_up
+            .finished
+            .filter(|(_, at)| at.elapsed() < CROSSED_REPORTS)
+            .map(|(reload, _)| reload);
+        let Some(stage) = crate::fleet::epoch::catching_up(routing, &heard, finished) else {
+            self.catching_up.unbuilt = None;
+            self.warn_if_apart(&fleet, routing, &heard);
+            return;
+        };
+        let Some((from, to)) = self.reload_configs(&fleet, stage) else {
+            if log_due(&mut self.catching_up.unbuilt) {
+                tracing::error!(stage = ?stage, "fleet: the peers wait for this member in a fleet reload, and gave no routing it can rebuild; serving by its own");
+            }
+            return;
+        };
+        let (serving, other) = stage_configs(stage, &from, &to);
+        self.install(serving, other, &Moves::default(), Added::Kept)
+            .await;
+        self.reloading = Some(Reloading {
+            from,
+            to,
+            stage,
+            waited: std::time::Instant::now(),
+        });
+        self.catching_up = CatchUp::default();
+        tracing::info!(
+            generation = self.generation,
+            stage = stage.number(),
+            "fleet: joined the fleet's reload once its peers were reached"
+        );
+    }
+
+    /// Warns, while it lasts, that peers were heard that serve and record
+    /// by no routing of this member's: no fleet reload can bring them
+    /// together (members given other files that reached no peer, or only
+    /// each other, at start), and each may serve stale what the other
+    /// writes. A member not yet reloaded while others are in a reload
+    /// from its routing is not apart.
+    fn warn_if_apart(
+        &mut self,
+        fleet: &crate::fleet::Fleet,
+        routing: u64,
+        heard: &[Option<Stage>],
+    ) {
+        let apart = |h: &Option<Stage>| h.is_some_and(|s| !s.routes_by(routing));
+        if !heard.iter().any(apart) {
+            self.catching_up.apart = None;
+            return;
+        }
+        if log_due(&mut self.catching_up.apart) {
+            let peers: Vec<&str> = fleet
+                .peer_names()
+                .zip(heard)
+                .filter(|(_, h)| apart(h))
+                .map(|(n, _)| n)
+                .collect();
+            tracing::warn!(peers = %peers.join(","), "fleet: these peers route keys by another configuration than this member, with no fleet reload that joins the two: reload the members of one side to the other side's file (the other side joins that reload)");
+        }
+    }
+
     /// Whether a fleet reload is under way, or a stage is still to be
     /// told (`tend_reload` has work).
     pub(crate) fn reloading(&self) -> bool {
@@ -652,6 +781,8 @@ impl Control {
         let heard = fleet.heard();
         let Some(next) = crate::fleet::epoch::next(r.stage, &heard) else {
             if let Stage::Steady { .. } = r.stage {
+                let done = (r.from.routing_fingerprint(), r.to.routing_fingerprint());
+                self.catching_up.finished = Some((done, std::time::Instant::now()));
                 self.reloading = None;
                 fleet.figures().reloads_done.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("fleet reload done: every member serves by the new routing");
