@@ -155,10 +155,12 @@ pub(crate) fn joining(routing: u64, peers: &[Option<Stage>]) -> Stage {
 /// A peer aware of a reload from X to `routing` waits for this member to
 /// be aware of it too (`next`), which a member steady at the new routing
 /// never becomes by itself (it started with the new file while it reached
-/// no peer, say): it joins. As switched, serving `routing` as it already
-/// does, if every peer is at least aware of the reload (none serves X
-/// without recording what `routing` moves, none unheard); else as aware,
-/// serving X as those peers do.
+/// no peer, say): it joins, as switched. It goes on serving `routing` and
+/// now records what it changes on the replicas only X gives a key, as a
+/// switched member does: neighbouring every member aware of the reload,
+/// and no further than it was from one still steady at X (closer: it
+/// records for it). Joining as aware would make it serve X, a routing
+/// it knows only from a peer's lines.
 ///
 /// `finished`: a reload this member finished a moment ago (from, to). A
 /// peer heard aware of it said so before it switched, and the two reports
@@ -174,26 +176,13 @@ pub(crate) fn catching_up(
     peers: &[Option<Stage>],
     finished: Option<(u64, u64)>,
 ) -> Option<Stage> {
-    let from = peers.iter().flatten().find_map(|p| match *p {
+    peers.iter().flatten().find_map(|p| match *p {
         Stage::Aware { from, to }
             if to == routing && from != routing && finished != Some((from, to)) =>
         {
-            Some(from)
+            Some(Stage::Switched { from, to })
         }
         _ => None,
-    })?;
-    let to = routing;
-    let aware = |p: &Option<Stage>| match *p {
-        Some(Stage::Aware { from: f, to: t } | Stage::Switched { from: f, to: t }) => {
-            (f, t) == (from, to)
-        }
-        Some(Stage::Steady { routing: r }) => r == to,
-        None => false,
-    };
-    Some(if peers.iter().all(aware) {
-        Stage::Switched { from, to }
-    } else {
-        Stage::Aware { from, to }
     })
 }
 
@@ -299,30 +288,20 @@ mod tests {
     #[test]
     fn a_steady_member_that_peers_wait_for_joins_their_reload_to_its_routing() {
         let aware = Some(Stage::Aware { from: X, to: Y });
-        let switched = Some(Stage::Switched { from: X, to: Y });
-        let joins_switched = Some(Stage::Switched { from: X, to: Y });
-        let joins_aware = Some(Stage::Aware { from: X, to: Y });
-        let joins = |peers: &[Option<Stage>]| catching_up(Y, peers, None);
-        // Every peer knows both routings (one also steady at Y, as this
-        // member is): it goes on serving Y, now recording.
-        assert_eq!(joins(&[aware, aware]), joins_switched);
-        assert_eq!(joins(&[aware, switched]), joins_switched);
-        assert_eq!(
-            joins(&[aware, Some(Stage::Steady { routing: Y })]),
-            joins_switched
-        );
-        // A peer still serves X without recording for Y, or is not heard
-        // from: it serves X, as the peers aware of it do.
-        assert_eq!(
-            joins(&[aware, Some(Stage::Steady { routing: X })]),
-            joins_aware
-        );
-        assert_eq!(joins(&[None, aware]), joins_aware);
+        let joins = Some(Stage::Switched { from: X, to: Y });
+        // Whatever the others are at: it goes on serving Y, now recording.
+        for other in [
+            aware,
+            Some(Stage::Switched { from: X, to: Y }),
+            Some(Stage::Steady { routing: Y }),
+            Some(Stage::Steady { routing: X }),
+            None,
+        ] {
+            assert_eq!(catching_up(Y, &[aware, other], None), joins, "{other:?}");
+            assert_eq!(catching_up(Y, &[other, aware], None), joins, "{other:?}");
+        }
         // Another reload it finished long ago does not count.
-        assert_eq!(
-            catching_up(Y, &[aware, aware], Some((0xc, Y))),
-            joins_switched
-        );
+        assert_eq!(catching_up(Y, &[aware, aware], Some((0xc, Y))), joins);
     }
 
     #[test]
@@ -416,13 +395,15 @@ mod tests {
             assert_eq!(end, vec![steady_y; 3], "{fleet:?}");
             assert!(neighbouring, "{fleet:?}");
         }
-        // A member not reloaded yet holds the others at aware, the late
-        // one too (serving X); reloaded, the fleet finishes.
-        let (held, neighbouring) = settle(X, &[Y, X, Y], vec![aware, steady_x, steady_y]);
-        assert_eq!(held, vec![aware, steady_x, aware]);
-        assert!(neighbouring);
-        let (end, _) = settle(X, &[Y, Y, Y], vec![aware, aware, aware]);
+        // A member not reloaded yet holds the others at aware; the late
+        // one, two stages from it already, joins and now records for it.
+        // Reloaded, the fleet finishes.
+        let switched = Stage::Switched { from: X, to: Y };
+        let (held, _) = settle(X, &[Y, X, Y], vec![aware, steady_x, steady_y]);
+        assert_eq!(held, vec![aware, steady_x, switched]);
+        let (end, neighbouring) = settle(X, &[Y, Y, Y], vec![aware, aware, switched]);
         assert_eq!(end, vec![steady_y; 3]);
+        assert!(neighbouring);
     }
 
     #[test]
