@@ -70,7 +70,7 @@ pub(crate) enum WorkerEvent {
     /// Phase one done: the new configuration is built and the worker
     /// starts no new request.
     Prepared { worker: usize, generation: u64 },
-    /// Phase two done: the worker runs the new configuration.
+    /// Phase two done, or the worker started: it runs this configuration.
     Installed { worker: usize, generation: u64 },
     /// The last request of an older configuration finished on one worker:
     /// nothing there uses it any more (its dropped connections close).
@@ -87,6 +87,17 @@ const PHASE_DEADLINE: Duration = Duration::from_secs(2);
 
 /// How often a member whose fleet reload waits for peers says which.
 const RELOAD_WAIT_LOG: Duration = Duration::from_secs(10);
+
+/// How often a member of a fleet with no fleet reload under way looks at
+/// its peers' stages (`Control::catch_up`): as often as they tell them
+/// (every ping, `fleet::link`).
+pub(crate) const CATCH_UP_EVERY: Duration = Duration::from_millis(500);
+
+/// How long after a member finished a fleet reload a peer may still be
+/// heard aware of it, by a report it sent before it switched: each peer's
+/// stage comes on two connections, and the older report (the answer to
+/// a dial's `routing`) is read within that dial, well within this.
+const CROSSED_REPORTS: Duration = Duration::from_secs(5);
 
 /// One configured server as the main thread keeps it.
 #[derive(Debug)]
@@ -174,6 +185,49 @@ pub(crate) struct Control {
     /// A stage to tell the peers once the hand-off's other process is gone
     /// (`tend_reload`).
     untold: Option<Stage>,
+    /// What `catch_up` watches for while no fleet reload is under way.
+    catching_up: CatchUp,
+}
+
+/// A fleet member's watch on its peers' stages between fleet reloads.
+#[derive(Debug, Default)]
+struct CatchUp {
+    /// The fleet reload it last finished (from, to), and when: a peer
+    /// heard aware of it within `CROSSED_REPORTS` is an older report
+    /// (`epoch::catching_up`).
+    finished: Option<((u64, u64), std::time::Instant)>,
+    /// Since when it should join its peers' reload but has no routing of
+    /// theirs it can rebuild (logged every `RELOAD_WAIT_LOG`).
+    unbuilt: Option<std::time::Instant>,
+    /// Since when peers that route by none of its routings were heard
+    /// (`warn_if_apart`, logged every `RELOAD_WAIT_LOG`).
+    apart: Option<std::time::Instant>,
+}
+
+/// Whether a condition seen since `since` (set now if it was not) has
+/// lasted `RELOAD_WAIT_LOG` since it was first seen or last logged: a
+/// condition that a moment resolves is not logged.
+fn log_due(since: &mut Option<std::time::Instant>) -> bool {
+    let now = std::time::Instant::now();
+    let first = *since.get_or_insert(now);
+    let due = now.duration_since(first) >= RELOAD_WAIT_LOG;
+    if due {
+        *since = Some(now);
+    }
+    due
+}
+
+/// Whether the servers a configuration adds are flushed before it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Added {
+    /// A reload adds them: they may hold copies from before, when they
+    /// were not in the list.
+    Flushed,
+    /// A member joins its peers' reload: they are servers the fleet serves
+    /// by, or ones a stage 1 flushed. As at start, it takes their copies
+    /// to be no older than what it routes to them; flushed, the fleet
+    /// would lose every key they hold.
+    Kept,
 }
 
 /// A fleet reload under way: the configurations on either side, and this
@@ -326,6 +380,7 @@ impl Control {
             reloading: None,
             shown: None,
             untold: None,
+            catching_up: CatchUp::default(),
         };
         let links = WorkerLinks {
             topology: topology_rx,
@@ -336,6 +391,23 @@ impl Control {
         };
         control.join_fleet_reload();
         (control, links, reload_rx)
+    }
+
+    /// Waits (at most `PHASE_DEADLINE`) until every worker thread runs
+    /// the configuration it started with. A swap sent before a worker
+    /// first looks would be that worker's first configuration: it would
+    /// answer neither phase of it, and never run (nor retire) the one
+    /// before, so a fleet reload, which steps only once older
+    /// configurations are retired, would wait for it for good.
+    pub(crate) async fn workers_started(&mut self) {
+        let started = self.wait_for(self.generation, Phase::Installed).await;
+        if started < self.workers {
+            tracing::warn!(
+                started,
+                workers = self.workers,
+                "not every worker started in time; reloads may wait for it"
+            );
+        }
     }
 
     /// The configuration running now.
@@ -417,7 +489,8 @@ impl Control {
         }
         let cfg = Arc::new(cfg);
         let moves = self.moves_to(&cfg);
-        self.install(cfg.clone(), None, &moves).await;
+        self.install(cfg.clone(), None, &moves, Added::Flushed)
+            .await;
         self.registry.reloads.fetch_add(1, Ordering::Relaxed);
         self.log_reload(trigger, &cfg, &moves, "configuration reloaded");
         Ok(())
@@ -457,7 +530,7 @@ impl Control {
             to: to.routing_fingerprint(),
         };
         let (serving, other) = stage_configs(stage, &from, &to);
-        self.install(serving, other, &moves).await;
+        self.install(serving, other, &moves, Added::Flushed).await;
         self.registry.reloads.fetch_add(1, Ordering::Relaxed);
         self.log_reload(trigger, &to, &moves, "configuration read; fleet reload stage 1: serving by the old routing until every member has the new one");
         self.reloading = Some(Reloading {
@@ -505,35 +578,36 @@ impl Control {
     /// in a fleet reload joins it at their stage, and one that finds them
     /// serving another routing starts a reload to its own (its peers
     /// follow once each is reloaded to it). The routing it does not have
-    /// is rebuilt from a peer's lines.
+    /// is rebuilt from a peer's lines. One that reaches no peer serves by
+    /// its own file, and joins a reload to it that its peers wait for
+    /// once it reaches them (`catch_up`).
     fn join_fleet_reload(&mut self) {
         let Some(fleet) = self.fleet.clone() else {
             return;
         };
         let routing = self.cfg.routing_fingerprint();
-        let joins = crate::fleet::epoch::joining(routing, &fleet.heard());
-        let (from, to) = match joins {
-            Stage::Steady { .. } => return self.tell(joins),
-            Stage::Aware { from, to } | Stage::Switched { from, to } => (from, to),
-        };
-        let config = |fp: u64| {
-            if fp == routing {
-                return Some(self.cfg.clone());
-            }
-            let lines = fleet.routing_of(fp)?;
-            self.cfg.with_routing_lines(fp, &lines).map(Arc::new)
-        };
-        let (Some(from_cfg), Some(to_cfg)) = (config(from), config(to)) else {
+        let heard = fleet.heard();
+        if !heard.is_empty() && heard.iter().all(Option::is_none) {
+            tracing::info!("fleet: reached no peer at start: serving by this configuration (it joins a fleet reload to it that waits for it once it reaches them)");
+        }
+        let joins = crate::fleet::epoch::joining(routing, &heard);
+        if let Stage::Steady { .. } = joins {
+            return self.tell(joins);
+        }
+        let Some((from_cfg, to_cfg)) = self.reload_configs(&fleet, joins) else {
             tracing::error!(stage = ?joins, "fleet: the peers route keys otherwise than this configuration, and gave no routing this member can rebuild; serving by its own");
             return self.tell(Stage::Steady { routing });
         };
-        if to != routing {
-            tracing::warn!("fleet: joining the fleet's reload to a routing that is not this configuration's; reload this member to it");
-        }
         let (serving, other) = stage_configs(joins, &from_cfg, &to_cfg);
         // No flush: a member assumes at start that servers hold no copies
         // older than what it routes to them.
-        let _ = self.replace_servers(&serving, other.as_deref(), &Moves::default(), false);
+        let _ = self.replace_servers(
+            &serving,
+            other.as_deref(),
+            &Moves::default(),
+            false,
+            Added::Kept,
+        );
         let health = self.health_of(&serving);
         let router = Router::new(&serving);
         self.topology.send_replace(Arc::new(Topology {
@@ -559,6 +633,117 @@ impl Control {
             "fleet: joined the fleet's reload at its stage"
         );
         self.tell(joins);
+    }
+
+    /// The configurations either side of the fleet reload `stage` is in:
+    /// the running one where its routing is one of them, else rebuilt from
+    /// a peer's lines (`Fleet::routing_of`), reaching the servers this one
+    /// also names at its own addresses. None if no peer gave lines it can
+    /// rebuild (or `stage` is steady). Warns if the reload is to another
+    /// routing than the running one.
+    fn reload_configs(
+        &self,
+        fleet: &crate::fleet::Fleet,
+        stage: Stage,
+    ) -> Option<(Arc<Config>, Arc<Config>)> {
+        let (Stage::Aware { from, to } | Stage::Switched { from, to }) = stage else {
+            return None;
+        };
+        let routing = self.cfg.routing_fingerprint();
+        let config = |fp: u64| {
+            if fp == routing {
+                return Some(self.cfg.clone());
+            }
+            let lines = fleet.routing_of(fp)?;
+            self.cfg.with_routing_lines(fp, &lines).map(Arc::new)
+        };
+        let configs = (config(from)?, config(to)?);
+        if to != routing {
+            tracing::warn!("fleet: joining the fleet's reload to a routing that is not this configuration's; reload this member to it");
+        }
+        Some(configs)
+    }
+
+    /// Whether this memrelay is a member of a fleet (`catch_up` has work
+    /// whenever no fleet reload is under way).
+    pub(crate) fn in_fleet(&self) -> bool {
+        self.fleet.is_some()
+    }
+
+    /// While no fleet reload is under way (every `CATCH_UP_EVERY`): a
+    /// member that its peers wait for in a reload to the routing it
+    /// already serves joins it (`epoch::catching_up`), then goes on as any
+    /// member in a reload (`tend_reload`), telling its stage once the
+    /// requests started before it are done. Peers it is apart from are
+    /// only named (`warn_if_apart`).
+    pub(crate) async fn catch_up(&mut self) {
+        let Some(fleet) = self.fleet.clone() else {
+            return;
+        };
+        if self.reloading() || self.sharing() {
+            return;
+        }
+        let routing = self.cfg.routing_fingerprint();
+        let heard = fleet.heard();
+        let finished = self
+            .catching_up
+            .finished
+            .filter(|(_, at)| at.elapsed() < CROSSED_REPORTS)
+            .map(|(reload, _)| reload);
+        let Some(stage) = crate::fleet::epoch::catching_up(routing, &heard, finished) else {
+            self.catching_up.unbuilt = None;
+            self.warn_if_apart(&fleet, routing, &heard);
+            return;
+        };
+        let Some((from, to)) = self.reload_configs(&fleet, stage) else {
+            if log_due(&mut self.catching_up.unbuilt) {
+                tracing::error!(stage = ?stage, "fleet: the peers wait for this member in a fleet reload, and gave no routing it can rebuild; serving by its own");
+            }
+            return;
+        };
+        let (serving, other) = stage_configs(stage, &from, &to);
+        self.install(serving, other, &Moves::default(), Added::Kept)
+            .await;
+        self.reloading = Some(Reloading {
+            from,
+            to,
+            stage,
+            waited: std::time::Instant::now(),
+        });
+        self.catching_up = CatchUp::default();
+        tracing::info!(
+            generation = self.generation,
+            stage = stage.number(),
+            "fleet: joined the fleet's reload once its peers were reached"
+        );
+    }
+
+    /// Warns, while it lasts, that peers were heard that serve and record
+    /// by no routing of this member's: no fleet reload can bring them
+    /// together (members given other files that reached no peer, or only
+    /// each other, at start), and each may serve stale what the other
+    /// writes. A member not yet reloaded while others are in a reload
+    /// from its routing is not apart.
+    fn warn_if_apart(
+        &mut self,
+        fleet: &crate::fleet::Fleet,
+        routing: u64,
+        heard: &[Option<Stage>],
+    ) {
+        let apart = |h: &Option<Stage>| h.is_some_and(|s| !s.routes_by(routing));
+        if !heard.iter().any(apart) {
+            self.catching_up.apart = None;
+            return;
+        }
+        if log_due(&mut self.catching_up.apart) {
+            let peers: Vec<&str> = fleet
+                .peer_names()
+                .zip(heard)
+                .filter(|(_, h)| apart(h))
+                .map(|(n, _)| n)
+                .collect();
+            tracing::warn!(peers = %peers.join(","), "fleet: these peers route keys by another configuration than this member, with no fleet reload that joins the two: reload the members of one side to the other side's file (the other side joins that reload)");
+        }
     }
 
     /// Whether a fleet reload is under way, or a stage is still to be
@@ -596,6 +781,8 @@ impl Control {
         let heard = fleet.heard();
         let Some(next) = crate::fleet::epoch::next(r.stage, &heard) else {
             if let Stage::Steady { .. } = r.stage {
+                let done = (r.from.routing_fingerprint(), r.to.routing_fingerprint());
+                self.catching_up.finished = Some((done, std::time::Instant::now()));
                 self.reloading = None;
                 fleet.figures().reloads_done.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("fleet reload done: every member serves by the new routing");
@@ -614,7 +801,8 @@ impl Control {
         let (serving, other) = stage_configs(next, &r.from, &r.to);
         r.stage = next;
         r.waited = std::time::Instant::now();
-        self.install(serving, other, &Moves::default()).await;
+        self.install(serving, other, &Moves::default(), Added::Flushed)
+            .await;
         if let Stage::Switched { .. } = next {
             tracing::info!(
                 generation = self.generation,
@@ -630,8 +818,15 @@ impl Control {
 
     /// Makes the workers run `cfg`, with `other`'s routing as a fleet
     /// reload's other one, once the servers `moves` says may hold stale
-    /// copies are flushed. The servers of both stay running.
-    async fn install(&mut self, cfg: Arc<Config>, other: Option<Arc<Config>>, moves: &Moves) {
+    /// copies (and those `added`, if so) are flushed. The servers of both
+    /// stay running.
+    async fn install(
+        &mut self,
+        cfg: Arc<Config>,
+        other: Option<Arc<Config>>,
+        moves: &Moves,
+        added: Added,
+    ) {
         let generation = self.generation + 1;
         self.take_events();
         let router = Router::new(&cfg);
@@ -640,7 +835,7 @@ impl Control {
         let older_live = self.live.keys().any(|&g| g < self.generation);
         self.probe_timeouts.send_replace(probe_timeouts(&cfg));
 
-        let flushes = self.replace_servers(&cfg, other.as_deref(), moves, older_live);
+        let flushes = self.replace_servers(&cfg, other.as_deref(), moves, older_live, added);
         let flushed = self.flush(&flushes, probe_timeouts(&cfg)).await;
 
         let health = self.health_of(&cfg);
@@ -738,6 +933,7 @@ impl Control {
         other: Option<&Config>,
         moves: &Moves,
         older_live: bool,
+        added: Added,
     ) -> Vec<(Arc<Replica>, Dial, &'static str)> {
         let mut old: Vec<Option<Running>> = std::mem::take(&mut self.servers)
             .into_iter()
@@ -792,7 +988,9 @@ impl Control {
                     if let Some(f) = &self.fleet {
                         f.watch(fleet_name(s), &health);
                     }
-                    flushes.push((health.clone(), dial.clone(), FLUSH_ADDED));
+                    if added == Added::Flushed {
+                        flushes.push((health.clone(), dial.clone(), FLUSH_ADDED));
+                    }
                     self.running(s.name.clone(), dial, role, health)
                 }
             };

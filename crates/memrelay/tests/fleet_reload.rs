@@ -5,8 +5,10 @@
 //!
 //! The promise checked: no member serves a moved key older than what
 //! another member acknowledged, whichever of them reloaded first; the
-//! fleet switches to the new routing only once every member has it; and
-//! a member that cannot be reached holds the others on the old routing.
+//! fleet switches to the new routing only once every member has it; a
+//! member that cannot be reached holds the others on the old routing; and
+//! one that started with the new file while it reached none of them joins
+//! their reload once it does, instead of holding it.
 #![allow(clippy::panic, clippy::unwrap_used)]
 
 mod support;
@@ -322,10 +324,22 @@ fn restart_on_a_new_port(args: Vec<String>) -> Memrelay {
 
 #[test]
 fn a_member_restarted_during_a_fleet_reload_joins_it() {
-    let mut f = start("fleet-reload-restart-mid");
+    restart_mid_reload("fleet-reload-restart-mid", false);
+}
+
+#[test]
+fn a_member_restarted_while_its_peers_do_not_answer_joins_their_reload_once_they_do() {
+    restart_mid_reload("fleet-reload-restart-unanswered", true);
+}
+
+/// C dies; A and B reload and wait for it; C comes back with the new file
+/// and joins. `unanswered`: A and B are stopped while C starts, so it
+/// reaches neither (as when they answer too slowly) and serves by its
+/// file until they answer.
+fn restart_mid_reload(name: &str, unanswered: bool) {
+    let mut f = start(name);
     let (key, _) = keys();
     assert_eq!(set(&f.addr(1), &key, "v0"), "STORED\r\n");
-    // C dies; A and B reload and wait for it.
     let args = f.members[2].args().to_vec();
     f.members[2].kill();
     f.reload(0);
@@ -334,9 +348,71 @@ fn a_member_restarted_during_a_fleet_reload_joins_it() {
     // C comes back with the new file: it learns the fleet's stage and the
     // old routing from its peers, and joins the reload there.
     std::fs::write(&f.files[2], config(&[&f.p0, &f.p1], &f.k)).unwrap();
+    let stopped = unanswered.then(|| (Stopped::new(&f.members[0]), Stopped::new(&f.members[1])));
     f.members[2] = restart_on_a_new_port(args);
-    f.members[2].wait_for_output("joined the fleet's reload at its stage", 1, DEADLINE);
+    let joined = if let Some(stopped) = stopped {
+        assert_eq!(stat_u64(&f.addr(2), "peers_up"), 0);
+        assert_eq!(f.stage(2), 0);
+        drop(stopped);
+        "joined the fleet's reload once its peers were reached"
+    } else {
+        // At start, or once it reaches them if they answered too slowly.
+        "joined the fleet's reload"
+    };
+    f.members[2].wait_for_output(joined, 1, DEADLINE);
     f.wait_done(1);
+    assert_eq!(get(&f.addr(2), &key), value(&key, "v1"));
+    assert_eq!(set(&f.addr(2), &key, "v2"), "STORED\r\n");
+    assert_eq!(get(&f.p1.addr(), &key), value(&key, "v2"));
+    assert_eq!(get(&f.addr(0), &key), value(&key, "v2"));
+}
+
+/// The address member `i` listens for peers on.
+fn peer_listen(f: &Fleet, i: usize) -> String {
+    let at = f.args[i].iter().position(|a| a == "--peer-listen").unwrap();
+    f.args[i][at + 1].clone()
+}
+
+#[test]
+fn a_member_started_cut_from_its_peers_during_a_reload_to_its_file_joins_it_once_reached() {
+    let mut f = start_behind_links("fleet-reload-late-join");
+    let (key, _) = keys();
+    // C dies; A and B reload and wait for it.
+    let args = f.members[2].args().to_vec();
+    f.members[2].kill();
+    f.reload(0);
+    f.reload(1);
+    assert_eq!(set(&f.addr(0), &key, "v1"), "STORED\r\n");
+    // C comes back with the new file, cut from A and B both ways: they
+    // dial it through its forwarder, it dials them through forwarders of
+    // its own.
+    f.peer_links[2].set(Fault::Reset);
+    let cut: Vec<Forwarder> = (0..2)
+        .map(|i| Forwarder::start(&peer_listen(&f, i)))
+        .collect();
+    for l in &cut {
+        l.set(Fault::Reset);
+    }
+    let mut args = args;
+    for (shared, own) in f.peer_links.iter().zip(&cut) {
+        let at = args.iter().position(|a| *a == shared.addr()).unwrap();
+        args[at] = own.addr();
+    }
+    std::fs::write(&f.files[2], config(&[&f.p0, &f.p1], &f.k)).unwrap();
+    f.members[2] = restart_on_a_new_port(args);
+    // It reached nobody, so it serves by its own file; A and B wait.
+    assert_eq!(stat_u64(&f.addr(2), "peers_up"), 0);
+    assert_eq!(f.stage(2), 0);
+    assert_eq!((f.stage(0), f.stage(1)), (1, 1));
+    // Once the links heal, it hears that A and B wait for it in a reload
+    // to the routing it serves: it joins, and the fleet finishes.
+    for l in cut.iter().chain([&f.peer_links[2]]) {
+        l.set(Fault::Pass);
+    }
+    f.wait_done(1);
+    assert!(f.members[2]
+        .output()
+        .contains("joined the fleet's reload once its peers were reached"));
     assert_eq!(get(&f.addr(2), &key), value(&key, "v1"));
     assert_eq!(set(&f.addr(2), &key, "v2"), "STORED\r\n");
     assert_eq!(get(&f.p1.addr(), &key), value(&key, "v2"));

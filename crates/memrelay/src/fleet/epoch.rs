@@ -17,6 +17,11 @@
 //! every copy the other routing's writes went past (docs/ha.md, "Reloading
 //! a fleet"). Routings are named by a fingerprint of what decides where
 //! keys go (`Config::routing_fingerprint`).
+//!
+//! A member that starts takes its stage from its peers' ([`joining`]); one
+//! that its peers wait for while it is steady at the routing they move to
+//! (it reached none of them at start) joins them later ([`catching_up`]),
+//! so that it never holds a reload by being where the reload goes.
 
 /// Where a member stands, as it tells its peers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +41,16 @@ impl Stage {
             Stage::Steady { routing } => routing,
             Stage::Aware { from, .. } => from,
             Stage::Switched { to, .. } => to,
+        }
+    }
+
+    /// Whether a member at this stage serves or records by `routing`.
+    pub(crate) fn routes_by(self, routing: u64) -> bool {
+        match self {
+            Stage::Steady { routing: r } => r == routing,
+            Stage::Aware { from, to } | Stage::Switched { from, to } => {
+                from == routing || to == routing
+            }
         }
     }
 
@@ -134,6 +149,43 @@ pub(crate) fn joining(routing: u64, peers: &[Option<Stage>]) -> Stage {
     }
 }
 
+/// The stage a member steady at `routing` takes, after start, from what
+/// its peers said, or None to stay as it is.
+///
+/// A peer aware of a reload from X to `routing` waits for this member to
+/// be aware of it too (`next`), which a member steady at the new routing
+/// never becomes by itself (it started with the new file while it reached
+/// no peer, say): it joins, as switched. It goes on serving `routing` and
+/// now records what it changes on the replicas only X gives a key, as a
+/// switched member does: neighbouring every member aware of the reload,
+/// and no further than it was from one still steady at X (closer: it
+/// records for it). Joining as aware would make it serve X, a routing
+/// it knows only from a peer's lines.
+///
+/// `finished`: a reload this member finished a moment ago (from, to). A
+/// peer heard aware of it said so before it switched, and the two reports
+/// crossed (each peer's stage comes on two connections): a member
+/// finishes a reload only once no peer is aware of it any more.
+///
+/// Nothing else moves it: a peer switched to `routing` does not wait for
+/// it, and a member does not follow a routing that is not its own once it
+/// serves (its peers hold their reload for it, or it serves apart from
+/// them, and says so).
+pub(crate) fn catching_up(
+    routing: u64,
+    peers: &[Option<Stage>],
+    finished: Option<(u64, u64)>,
+) -> Option<Stage> {
+    peers.iter().flatten().find_map(|p| match *p {
+        Stage::Aware { from, to }
+            if to == routing && from != routing && finished != Some((from, to)) =>
+        {
+            Some(Stage::Switched { from, to })
+        }
+        _ => None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,5 +269,151 @@ mod tests {
             Stage::Steady { routing: Y }
         );
         assert_eq!(joining(Y, &[None, None]), Stage::Steady { routing: Y });
+    }
+
+    #[test]
+    fn a_stage_routes_by_the_routings_it_serves_and_records_by() {
+        let steady = Stage::Steady { routing: X };
+        let aware = Stage::Aware { from: X, to: Y };
+        let switched = Stage::Switched { from: Y, to: X };
+        assert!(steady.routes_by(X) && !steady.routes_by(Y));
+        for s in [aware, switched] {
+            assert!(
+                s.routes_by(X) && s.routes_by(Y) && !s.routes_by(0xc),
+                "{s:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_steady_member_that_peers_wait_for_joins_their_reload_to_its_routing() {
+        let aware = Some(Stage::Aware { from: X, to: Y });
+        let joins = Some(Stage::Switched { from: X, to: Y });
+        // Whatever the others are at: it goes on serving Y, now recording.
+        for other in [
+            aware,
+            Some(Stage::Switched { from: X, to: Y }),
+            Some(Stage::Steady { routing: Y }),
+            Some(Stage::Steady { routing: X }),
+            None,
+        ] {
+            assert_eq!(catching_up(Y, &[aware, other], None), joins, "{other:?}");
+            assert_eq!(catching_up(Y, &[other, aware], None), joins, "{other:?}");
+        }
+        // Another reload it finished long ago does not count.
+        assert_eq!(catching_up(Y, &[aware, aware], Some((0xc, Y))), joins);
+    }
+
+    #[test]
+    fn nothing_else_moves_a_steady_member() {
+        let steady_x = Some(Stage::Steady { routing: X });
+        for peers in [
+            // Switched peers wait for no member steady at Y.
+            vec![
+                Some(Stage::Switched { from: X, to: Y }),
+                Some(Stage::Steady { routing: Y }),
+            ],
+            // Peers on another file: it serves apart, it does not follow.
+            vec![steady_x, steady_x],
+            // Reloads to other routings than Y.
+            vec![Some(Stage::Aware { from: X, to: 0xc }), steady_x],
+            vec![Some(Stage::Aware { from: Y, to: X }), None],
+            vec![None, None],
+        ] {
+            assert_eq!(catching_up(Y, &peers, None), None, "{peers:?}");
+        }
+    }
+
+    #[test]
+    fn a_member_that_finished_a_reload_is_not_moved_by_a_peer_still_said_aware_of_it() {
+        // It heard every peer switched, then an older report crossed it.
+        let aware = Some(Stage::Aware { from: X, to: Y });
+        let steady_y = Some(Stage::Steady { routing: Y });
+        assert_eq!(catching_up(Y, &[aware, steady_y], Some((X, Y))), None);
+        assert_eq!(catching_up(Y, &[aware, None], Some((X, Y))), None);
+    }
+
+    /// Steps a fleet in rounds, each member from what the others were at
+    /// the round's start: a member in a reload by `next`, a steady one by
+    /// `catching_up`. Returns the stages once nobody moves (at most 10
+    /// rounds), and whether every round after the first had only stages
+    /// neighbouring in the reload from routing `old` (`neighbours`).
+    fn settle(old: u64, routings: &[u64], mut fleet: Vec<Stage>) -> (Vec<Stage>, bool) {
+        let mut neighbouring = true;
+        for round in 0..10 {
+            let before = fleet.clone();
+            for (i, me) in fleet.iter_mut().enumerate() {
+                let others: Vec<Option<Stage>> = before
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, _)| j != i)
+                    .map(|(_, s)| Some(*s))
+                    .collect();
+                let step = match *me {
+                    Stage::Steady { .. } => catching_up(routings[i], &others, None),
+                    _ => next(*me, &others),
+                };
+                *me = step.unwrap_or(*me);
+            }
+            if round > 0 {
+                neighbouring &= fleet
+                    .iter()
+                    .all(|a| fleet.iter().all(|b| neighbours(old, *a, *b)));
+            }
+            if fleet == before {
+                break;
+            }
+        }
+        (fleet, neighbouring)
+    }
+
+    /// Whether two members may be at these stages of a reload from `old`
+    /// at once (docs/ha.md, "Why it holds").
+    fn neighbours(old: u64, a: Stage, b: Stage) -> bool {
+        let rank = |s: Stage| -> u8 {
+            match s {
+                Stage::Steady { routing } if routing == old => 0,
+                Stage::Aware { .. } => 1,
+                Stage::Switched { .. } => 2,
+                Stage::Steady { .. } => 3,
+            }
+        };
+        rank(a).abs_diff(rank(b)) <= 1
+    }
+
+    #[test]
+    fn a_fleet_waiting_for_a_member_steady_at_the_new_routing_finishes_the_reload() {
+        let aware = Stage::Aware { from: X, to: Y };
+        let steady_x = Stage::Steady { routing: X };
+        let steady_y = Stage::Steady { routing: Y };
+        for fleet in [
+            vec![aware, aware, steady_y],
+            vec![aware, steady_y, steady_y],
+            vec![aware, Stage::Switched { from: X, to: Y }, steady_y],
+        ] {
+            let (end, neighbouring) = settle(X, &[Y, Y, Y], fleet.clone());
+            assert_eq!(end, vec![steady_y; 3], "{fleet:?}");
+            assert!(neighbouring, "{fleet:?}");
+        }
+        // A member not reloaded yet holds the others at aware; the late
+        // one, two stages from it already, joins and now records for it.
+        // Reloaded, the fleet finishes.
+        let switched = Stage::Switched { from: X, to: Y };
+        let (held, _) = settle(X, &[Y, X, Y], vec![aware, steady_x, steady_y]);
+        assert_eq!(held, vec![aware, steady_x, switched]);
+        let (end, neighbouring) = settle(X, &[Y, Y, Y], vec![aware, aware, switched]);
+        assert_eq!(end, vec![steady_y; 3]);
+        assert!(neighbouring);
+    }
+
+    #[test]
+    fn members_steady_at_a_reloads_new_routing_join_it_whoever_began_it() {
+        // A member serving Y apart from the others (steady at X) is
+        // reloaded to X: they join its reload, and it comes back.
+        let back = Stage::Aware { from: Y, to: X };
+        let steady_x = Stage::Steady { routing: X };
+        let (end, neighbouring) = settle(Y, &[X, X, X], vec![steady_x, steady_x, back]);
+        assert_eq!(end, vec![steady_x; 3]);
+        assert!(neighbouring);
     }
 }

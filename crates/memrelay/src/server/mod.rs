@@ -126,6 +126,9 @@ fn serve(cfg: Config, reread: crate::topology::Reread, started: Started) -> Resu
     };
     workers.spawn(threads, &listeners)?;
     drop(listeners);
+    // Before any reload: every worker runs the first configuration, so
+    // each answers every swap and retires every configuration it ran.
+    rt.block_on(local.run_until(control.workers_started()));
 
     // /metrics asks for --auth-file's credentials, as renewed by reloads.
     let metrics_auth: MetricsAuth = Arc::new(std::sync::RwLock::new(control.config().auth.clone()));
@@ -222,6 +225,10 @@ async fn main_loop(
     // A fleet reload's steps wait on the peers: looked at this often.
     let mut fleet_reload = tokio::time::interval(Duration::from_millis(20));
     fleet_reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Between them, a member looks at its peers' stages as often as they
+    // are told (a member they wait for joins them); without peers, never.
+    let mut fleet_watch = tokio::time::interval(crate::topology::CATCH_UP_EVERY);
+    fleet_watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = fleet_reload.tick(), if control.reloading() => {
@@ -229,6 +236,9 @@ async fn main_loop(
                 if !control.reloading() {
                     renew_metrics_auth(auth, control);
                 }
+            }
+            _ = fleet_watch.tick(), if control.in_fleet() && !control.reloading() => {
+                control.catch_up().await;
             }
             sig = signals.next() => match sig {
                 Signal::Hangup => {
@@ -363,6 +373,10 @@ fn worker_main(
             ))),
         };
         let thread = Rc::new(WorkerThread::new(ctx, &first));
+        let _ = events.send(WorkerEvent::Installed {
+            worker: id,
+            generation: first.generation,
+        });
         drop(first);
         for l in listeners {
             tokio::task::spawn_local(accept_loop(
