@@ -2212,3 +2212,46 @@ fn a_second_backup_tier_serves_when_the_first_two_are_down() {
         assert_eq!(px.get("tiered").map(|v| v.data).as_deref(), Some("two"));
     }
 }
+
+/// A write to the backup given up on (held by a silent link) must not
+/// land there once the link heals, over a newer value another proxy put
+/// there meanwhile: memrelay resets the connection it gave up on, and
+/// the link drops what a reset sender sent.
+#[test]
+fn a_backup_write_given_up_on_does_not_land_when_the_link_heals() {
+    let primary = Memcached::start();
+    let backup = Memcached::start();
+    let link = Forwarder::start(&backup.addr());
+    let relay = Memrelay::start(&[
+        "-s",
+        &primary.addr(),
+        "-b",
+        &link.addr(),
+        "--timeout",
+        TIMEOUT,
+        "-t",
+        "1",
+    ]);
+    let key = "held-key";
+    let mut px = Px::connect(&relay.addr());
+    assert_eq!(px.set(key, 0, "v0"), "STORED\r\n");
+    link.set(Fault::Blackhole);
+    assert_eq!(px.set(key, 0, "v1"), "STORED\r\n");
+    assert!(wait_until(CONVERGE, || link.held_bytes() > 0));
+    let recorded = wait_until(CONVERGE, || {
+        let s = stats(&relay.addr());
+        stat_u64(&s, "server:1:missed_keys") == 1
+    });
+    assert!(recorded, "{:?}", stats(&relay.addr()));
+    // Another proxy, reaching the backup, writes a newer value there.
+    let mut c = direct_client(&backup);
+    let r = c.send_until(format!("set {key} 0 0 2\r\nv2\r\n").as_bytes(), line_done);
+    assert_eq!(r.bytes, b"STORED\r\n");
+    link.set(Fault::Pass);
+    assert!(wait_until(CONVERGE, || link.holding() == 0 && link.held_bytes() == 0));
+    let on_backup = peek(&backup, key).map(|i| i.value);
+    assert!(
+        on_backup.is_none() || on_backup.as_deref() == Some("v2"),
+        "the backup holds {on_backup:?}"
+    );
+}
