@@ -28,7 +28,7 @@ use crate::stats::fleet::FleetFigures;
 thread_local! {
     /// A worker thread's hints not handed over yet (`None` on other
     /// threads, which send each at once).
-    static DEFERRED: RefCell<Option<Deferred>> = const { RefCell::new(None) };
+    static DEFERRED: RefCell<Option<Batch>> = const { RefCell::new(None) };
     /// Whether `DEFERRED` holds any: the one load `flush_hints` costs
     /// while there is nothing to send.
     static PENDING: Cell<bool> = const { Cell::new(false) };
@@ -42,19 +42,9 @@ thread_local! {
 /// waiting for a client write.
 const MAX_KEPT: usize = 1024;
 
-/// Hints kept until the thread next writes to a client.
-#[derive(Default)]
-struct Deferred {
-    fleet: Option<Arc<Fleet>>,
-    lines: Vec<u8>,
-    count: usize,
-    /// The number of the first hint in `lines`.
-    first: u64,
-}
-
 /// This thread (a worker) keeps its hints until [`flush_hints`].
 pub(crate) fn defer_hints_on_this_thread() {
-    DEFERRED.with(|d| *d.borrow_mut() = Some(Deferred::default()));
+    DEFERRED.with(|d| *d.borrow_mut() = Some(Batch::default()));
 }
 
 /// The number of the last hint this thread kept: read before and after a
@@ -83,14 +73,9 @@ pub(super) fn keep(fleet: &Arc<Fleet>, line: &[u8]) -> bool {
     let kept = DEFERRED.with(|d| {
         let mut d = d.borrow_mut();
         let d = d.as_mut()?;
-        d.fleet.get_or_insert_with(|| fleet.clone());
-        d.lines.extend_from_slice(line);
         let made = MADE.get() + 1;
         MADE.set(made);
-        if d.count == 0 {
-            d.first = made;
-        }
-        d.count += 1;
+        d.push(fleet, line, made);
         Some(d.count)
     });
     match kept {
@@ -115,21 +100,8 @@ pub(crate) fn flush_hints() {
         return;
     }
     PENDING.set(false);
-    let kept = DEFERRED.with(|d| {
-        let mut d = d.borrow_mut();
-        let d = d.as_mut()?;
-        let fleet = d.fleet.take()?;
-        let lines = std::mem::take(&mut d.lines);
-        let count = std::mem::take(&mut d.count);
-        Some(Batch {
-            fleet: Some(fleet),
-            lines,
-            count,
-            first: d.first,
-            last: MADE.get(),
-        })
-    });
-    if let Some(batch) = kept {
+    let kept = DEFERRED.with(|d| d.borrow_mut().as_mut().map(std::mem::take));
+    if let Some(batch) = kept.filter(|b| b.count > 0) {
         OUTBOX.with(|o| {
             o.borrow_mut()
                 .get_or_insert_with(Outbox::start)
@@ -175,8 +147,9 @@ impl HintAnswers {
     }
 }
 
-/// Hints handed over and not sent yet: what a worker handed over while
-/// its sender was busy is sent as one batch.
+/// Hints, numbered `first..=last`, as `hint` lines: those a worker keeps
+/// until it hands them over, and those handed over and not sent yet
+/// (what a worker handed over while its sender was busy is sent as one).
 #[derive(Default)]
 struct Batch {
     fleet: Option<Arc<Fleet>>,
@@ -184,6 +157,30 @@ struct Batch {
     count: usize,
     first: u64,
     last: u64,
+}
+
+impl Batch {
+    /// Adds hint number `n`, `line`, of `fleet`'s.
+    fn push(&mut self, fleet: &Arc<Fleet>, line: &[u8], n: u64) {
+        self.fleet.get_or_insert_with(|| fleet.clone());
+        self.lines.extend_from_slice(line);
+        if self.count == 0 {
+            self.first = n;
+        }
+        self.count += 1;
+        self.last = n;
+    }
+
+    /// Adds `later`'s hints after these.
+    fn append(&mut self, later: Batch) {
+        if self.count == 0 {
+            self.first = later.first;
+            self.fleet = later.fleet;
+        }
+        self.lines.extend_from_slice(&later.lines);
+        self.count += later.count;
+        self.last = later.last;
+    }
 }
 
 /// One worker thread's hints between the worker and its sender thread.
@@ -198,6 +195,9 @@ struct Outbox {
     /// Batches too few peers took (`--peer-confirm`).
     refused: Mutex<Unconfirmed>,
     wake: tokio::sync::Notify,
+    /// No sender thread could be started: the worker sends each batch
+    /// itself, waiting for the peers, as it would rather than never.
+    inline: std::sync::atomic::AtomicBool,
 }
 
 /// How long an idle sender waits before it looks whether its worker is
@@ -212,29 +212,39 @@ impl Outbox {
             answered: AtomicU64::new(0),
             refused: Mutex::new(Unconfirmed::default()),
             wake: tokio::sync::Notify::new(),
+            inline: std::sync::atomic::AtomicBool::new(false),
         });
         let o = outbox.clone();
         let spawned = std::thread::Builder::new()
             .name("memrelay-hints".into())
             .spawn(move || send_batches(&o));
         if let Err(e) = spawned {
-            // Then nothing is answered, and replies that made hints wait
-            // for good: said loudly, as a worker that cannot start is.
-            tracing::error!(error = %e, "fleet: cannot start a worker's hint sender: replies to writes past a server will not leave");
+            tracing::error!(error = %e, "fleet: cannot start a worker's hint sender: that worker sends its hints itself, and its clients wait for the peers");
+            outbox.inline.store(true, Ordering::Relaxed);
         }
         outbox
     }
 
     fn hand_over(&self, batch: Batch) {
-        let mut q = lock(&self.queue);
-        if q.count == 0 {
-            q.first = batch.first;
-            q.fleet = batch.fleet;
+        if self.inline.load(Ordering::Relaxed) {
+            return self.send(batch);
         }
-        q.lines.extend_from_slice(&batch.lines);
-        q.count += batch.count;
-        q.last = batch.last;
+        lock(&self.queue).append(batch);
         self.queued.notify_one();
+    }
+
+    /// Sends `batch` to every peer reached, waits for their answers, and
+    /// says it was answered.
+    fn send(&self, batch: Batch) {
+        if let Some(fleet) = batch.fleet {
+            if !fleet.send(&batch.lines, batch.count) {
+                let mut u = lock(&self.refused);
+                u.figures.get_or_insert_with(|| fleet.figures.clone());
+                u.push(batch.first, batch.last);
+            }
+        }
+        self.answered.store(batch.last, Ordering::Release);
+        self.wake.notify_one();
     }
 }
 
@@ -258,15 +268,7 @@ fn send_batches(outbox: &Arc<Outbox>) {
                     .0;
             }
         };
-        if let Some(fleet) = batch.fleet {
-            if !fleet.send(&batch.lines, batch.count) {
-                let mut u = lock(&outbox.refused);
-                u.figures.get_or_insert_with(|| fleet.figures.clone());
-                u.push(batch.first, batch.last);
-            }
-        }
-        outbox.answered.store(batch.last, Ordering::Release);
-        outbox.wake.notify_one();
+        outbox.send(batch);
     }
 }
 
