@@ -434,6 +434,14 @@ impl Control {
     /// The listening sockets went to a new memrelay: so do the missed-key
     /// lists, from now on through the hand-off file.
     pub(crate) fn hand_off_state(&self) {
+        // Where the lists reach the new process (a state file, or peers
+        // it asks), it deletes their keys and this one stops. Without
+        // either, this one is the only one that knows them.
+        if self.persist.is_some() || self.fleet.is_some() {
+            for r in self.health() {
+                r.handed_off.store(true, Ordering::Release);
+            }
+        }
         if let Some(f) = &self.fleet {
             f.hand_off();
         }

@@ -10,7 +10,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use support::{escape, free_port, stats, wait_until, Client, End, Memcached, Memrelay, TempDir};
+use support::{
+    escape, free_port, stats, wait_until, Client, End, Fault, Forwarder, Memcached, Memrelay,
+    TempDir,
+};
 
 const CONVERGE: Duration = Duration::from_secs(5);
 
@@ -142,6 +145,29 @@ fn spawn_handing_off(port: u16, handoff: &std::path::Path, common: &[String]) ->
     )
 }
 
+/// `spawn_handing_off`, its log (debug) written to `log`.
+fn spawn_logging(port: u16, handoff: &Path, common: &[String], log: &Path) -> Proc {
+    let mut args = vec![
+        "-l".to_string(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string(),
+        "--handoff".into(),
+        handoff.display().to_string(),
+    ];
+    args.extend(common.iter().cloned());
+    Proc(
+        Command::new(support::memrelay_bin())
+            .args(&args)
+            .env("MEMRELAY_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 #[test]
 fn a_hand_off_passes_what_servers_missed_to_the_new_process() {
     let (mut primary, backup) = (Memcached::start(), Memcached::start());
@@ -241,6 +267,135 @@ fn the_draining_process_learns_what_the_new_one_saw_a_server_miss() {
         "VALUE k 0 2\r\nv2\r\nEND\r\n",
         "the draining memrelay served the value the primary missed"
     );
+    let old_exited = wait_until(Duration::from_secs(15), || {
+        matches!(old.0.try_wait(), Ok(Some(_)))
+    });
+    assert!(old_exited, "the old memrelay never drained");
+}
+
+/// Arguments naming the servers (`host:port:weight name`), so that the
+/// two processes of a hand-off route alike while reaching the backup at
+/// different addresses.
+fn named_args(primary: &str, backup: &str, state: &Path) -> Vec<String> {
+    let mut args = vec![
+        "-s".to_string(),
+        format!("{primary}:1 p"),
+        "-b".into(),
+        format!("{backup}:1 b"),
+    ];
+    args.extend(
+        [
+            "--timeout",
+            "300ms",
+            "--connect-timeout",
+            "300ms",
+            "--failure-limit",
+            "1",
+            "--shutdown-timeout",
+            "30s",
+            "--write-timeout",
+            "30s",
+            "-t",
+            "2",
+            "--state-file",
+        ]
+        .map(String::from),
+    );
+    args.push(state.display().to_string());
+    args
+}
+
+/// A memcached `stats` figure of the server at `addr`.
+fn server_stat(addr: &str, name: &str) -> u64 {
+    let text = exchange(addr, "stats\r\n");
+    let prefix = format!("STAT {name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+/// The draining process of a hand-off deletes no missed key: the new one
+/// does. The old process recorded k as missed on the backup, which it
+/// cannot reach; the new one reaches the backup, deletes k there, loses
+/// the primary and writes k to the backup alone. A delete the old process
+/// sent once it reached the backup again would erase the only copy of an
+/// acknowledged value.
+#[test]
+fn the_draining_process_deletes_nothing_the_new_one_may_have_written_since() {
+    let (mut primary, backup) = (Memcached::start(), Memcached::start());
+    // The old process reaches the backup through a link the test cuts.
+    let link = Forwarder::start(&backup.addr());
+    let dir = TempDir::new("state-handoff-delete");
+    let state = dir.path("state");
+    let handoff = dir.path("handoff.sock");
+    let old_log = dir.path("old.log");
+    let port = free_port("127.0.0.1");
+    let addr = format!("127.0.0.1:{port}");
+    let old_args = named_args(&primary.addr(), &link.addr(), &state);
+    let mut old = spawn_logging(port, &handoff, &old_args, &old_log);
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(&addr).is_ok() && handoff.exists()
+    }));
+    let big = "x".repeat(500_000);
+    assert_eq!(
+        exchange(&addr, &format!("set big 0 0 {}\r\n{big}\r\n", big.len())),
+        "STORED\r\n"
+    );
+    assert_eq!(exchange(&addr, "set k 0 0 2\r\nv1\r\n"), "STORED\r\n");
+    // The write of v2 fails at once on the backup: k is recorded there.
+    link.set(Fault::Reset);
+    assert_eq!(exchange(&addr, "set k 0 0 2\r\nv2\r\n"), "STORED\r\n");
+    let listed = stats(&addr).get("server:1:missed_keys").cloned();
+    assert!(
+        listed.as_deref().is_some_and(|n| n != "0"),
+        "k was not recorded as missed on the backup: {listed:?}"
+    );
+    // A client of the old process that reads none of the 20 MB it asked
+    // for keeps the old process draining until the test reads them.
+    let mut stalled = std::net::TcpStream::connect(&addr).unwrap();
+    std::io::Write::write_all(
+        &mut stalled,
+        format!("get{}\r\n", " big".repeat(40)).as_bytes(),
+    )
+    .unwrap();
+    let new_args = named_args(&primary.addr(), &backup.addr(), &state);
+    let new = spawn_handing_off(port, &handoff, &new_args);
+    let new_pid = new.0.id().to_string();
+    let took_over = wait_until(Duration::from_secs(10), || {
+        let s = stats(&addr);
+        s.get("pid") == Some(&new_pid)
+            && s.get("server:1:missed_keys").map(String::as_str) == Some("0")
+    });
+    assert!(
+        took_over,
+        "the new memrelay never served, or never deleted k on the backup"
+    );
+    // The new process loses the primary and writes k to the backup alone.
+    primary.kill();
+    assert_eq!(exchange(&addr, "set k 0 0 2\r\nv3\r\n"), "STORED\r\n");
+    let deletes = server_stat(&backup.addr(), "delete_hits");
+    // The old process reaches the backup again: it must leave k alone.
+    link.set(Fault::Pass);
+    let looked = wait_until(Duration::from_secs(10), || {
+        server_stat(&backup.addr(), "delete_hits") > deletes
+            || std::fs::read_to_string(&old_log)
+                .unwrap_or_default()
+                .contains("handed off: the new process deletes")
+    });
+    assert!(looked, "the old process never looked at the backup again");
+    assert_eq!(
+        exchange(&backup.addr(), "get k\r\n"),
+        "VALUE k 0 2\r\nv3\r\nEND\r\n",
+        "the draining memrelay deleted the only copy of an acknowledged value"
+    );
+    assert_eq!(exchange(&addr, "get k\r\n"), "VALUE k 0 2\r\nv3\r\nEND\r\n");
+    // Let the old process finish its drain.
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut sink = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut stalled, &mut sink);
     let old_exited = wait_until(Duration::from_secs(15), || {
         matches!(old.0.try_wait(), Ok(Some(_)))
     });

@@ -41,6 +41,13 @@ pub(crate) struct Replica {
     /// flushes it as soon as it can, without the rest between flushes
     /// after overflows (`ha::upkeep`).
     pub flush_owed: AtomicBool,
+    /// This process handed its sockets and lists to a new memrelay
+    /// (`--handoff`), which now deletes the missed keys: this one must
+    /// not. Its delete of K could land after the new process cleared K
+    /// and wrote K here alone (the other replica down), erasing the only
+    /// copy of an acknowledged value. While it drains it still does not
+    /// serve its listed keys from here.
+    pub handed_off: AtomicBool,
     /// The CAS stamp of the server process (`ha::cas`), from its identity.
     stamp: AtomicU32,
     /// Whether flushing this server now loses no key's only live copy
@@ -78,6 +85,7 @@ impl Replica {
             touched: MissedKeys::labelled("resync touched set", missed_cap),
             keys_moved_away: AtomicBool::new(false),
             flush_owed: AtomicBool::new(false),
+            handed_off: AtomicBool::new(false),
             stamp: AtomicU32::new(stamp),
             flush_gate: OnceLock::new(),
         }

@@ -12,6 +12,9 @@
 //!   on is applied first, and cannot land over a newer value after the
 //!   record is gone. Until then the prober waits, at most a settle period
 //!   at a time, and the keys stay listed.
+//! - Once this process handed off to a new one, it deletes and flushes
+//!   nothing: the new process does, and knows what a delete from here
+//!   could erase.
 //! - A restart starts a resync. The missed keys are still deleted: a copy
 //!   (resync, read repair) may have landed on the restarted server before
 //!   a write that went past it was known.
@@ -147,6 +150,12 @@ impl Watcher for Upkeep {
 
     async fn tend(&mut self, c: &mut ProbeConn) -> bool {
         if self.replica.missed.is_empty() {
+            return true;
+        }
+        // After a hand-off, deleting is the new process's (see
+        // `Replica::handed_off`); the keys stay listed here.
+        if self.replica.handed_off.load(Ordering::Acquire) {
+            tracing::debug!(server = %self.replica.name, "handed off: the new process deletes its missed keys");
             return true;
         }
         // A flush is a delete of everything: it waits for the same.
