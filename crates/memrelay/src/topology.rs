@@ -869,10 +869,7 @@ impl Control {
             old.cancel();
         }
         for server in flushed {
-            let _ = self.resync_requests.send(Request {
-                server,
-                automatic: true,
-            });
+            let _ = self.resync_requests.send(Request::whole(server, true));
         }
         self.registry.set_servers(entries(&self.servers, &cfg));
         self.registry.set_config(&cfg);

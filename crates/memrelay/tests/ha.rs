@@ -924,6 +924,40 @@ fn a_resumed_primary_settles_before_its_missed_keys_are_deleted() {
     );
 }
 
+/// A value written while the backup missed the key (it was stopped: the
+/// key is listed for it, and the write goes to the primary alone) is
+/// copied back to the backup once the backup has settled and the key was
+/// deleted there. Without the copy the value had one replica until the
+/// key was written again, and the primary's death lost it.
+#[test]
+fn a_value_the_backup_missed_is_copied_back_to_it_once_it_serves_again() {
+    let mut cl = cluster(1, 1, &["--timeout", TIMEOUT]);
+    let key = "copied-back";
+    let mut px = cl.px();
+    assert_eq!(px.set(key, 0, "v0"), "STORED\r\n");
+    assert!(
+        wait_until(CONVERGE, || peek(&cl.backups[0], key).map(|i| i.value)
+            == Some("v0".into())),
+        "v0 never mirrored"
+    );
+    cl.backups[0].stop();
+    // Times out on the backup: the key is listed for it.
+    assert_eq!(px.set(key, 0, "v1"), "STORED\r\n");
+    let s = stats(&cl.relay.addr());
+    assert_eq!(stat_u64(&s, "server:1:missed_keys"), 1, "{s:?}");
+    // Goes to the primary alone.
+    assert_eq!(px.set(key, 0, "v2"), "STORED\r\n");
+    cl.backups[0].cont();
+    // Deleted once the backup settled, then copied back (after the
+    // longest a client write can be in flight): well within 15 s.
+    let copied = wait_until(Duration::from_secs(15), || {
+        peek(&cl.backups[0], key).map(|i| i.value) == Some("v2".into())
+    });
+    assert!(copied, "v2 never reached the backup\n{}", cl.diag());
+    cl.primaries[0].kill();
+    must_read(&mut px, key, "v2", "with the primary dead");
+}
+
 /// Settling is the server's, not the records': a key written all the
 /// time while its primary is out is recorded again all the time, and must
 /// still be served by the primary once it is back (were records cleared

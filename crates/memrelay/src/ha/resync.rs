@@ -56,6 +56,9 @@ pub(crate) struct Progress {
     /// Where the last run stands.
     state: AtomicState,
     running: AtomicBool,
+    /// A run of every key is under way or waiting to start (a run of a
+    /// few keys, `Resync::repair`, may hold `running` meanwhile).
+    whole: AtomicBool,
     pub runs: AtomicU64,
     pub scanned: AtomicU64,
     pub selected: AtomicU64,
@@ -181,6 +184,21 @@ pub(crate) struct Request {
     /// From the prober, which saw the server restart: honoured only when
     /// resync is automatic. False: an operator asked (`memrelay resync`).
     pub automatic: bool,
+    /// Empty: every key of the server. Otherwise only these: keys the
+    /// prober just deleted there (`ha::upkeep`), whose value a client
+    /// wrote to the other tier alone while the server missed it.
+    pub keys: Vec<Box<[u8]>>,
+}
+
+impl Request {
+    /// A resync of every key of `server`.
+    pub(crate) fn whole(server: String, automatic: bool) -> Request {
+        Request {
+            server,
+            automatic,
+            keys: Vec::new(),
+        }
+    }
 }
 
 /// Where resync requests go: from the probers and from the admin command
@@ -226,18 +244,28 @@ pub(crate) async fn serve(
             tracing::info!(server = %req.server, "not resynced: no longer configured");
             continue;
         };
+        if !req.keys.is_empty() {
+            tokio::task::spawn_local(async move { me.repair(target, &req.keys).await });
+            continue;
+        }
         let node = &me.nodes[target];
-        if node.health.resync.running.swap(true, Ordering::AcqRel) {
+        if node.health.resync.whole.swap(true, Ordering::AcqRel) {
             tracing::info!(server = %node.name, "resync already running");
             continue;
         }
         let again = again.clone();
         tokio::task::spawn_local(async move {
-            let ended = me.run_until_done(target).await;
-            if let Some(n) = me.nodes.get(target) {
-                n.health.resync.running.store(false, Ordering::Release);
-                n.health.touched.clear();
-            }
+            let progress = &me.nodes[target].health.resync;
+            // After the run of a few keys under way, if any.
+            let ended = if me.take_turn(target).await {
+                let ended = me.run_until_done(target).await;
+                progress.running.store(false, Ordering::Release);
+                me.nodes[target].health.touched.clear();
+                ended
+            } else {
+                Ended::Cancelled
+            };
+            progress.whole.store(false, Ordering::Release);
             if ended == Ended::Cancelled {
                 let _ = again.send(req);
             }
@@ -347,6 +375,90 @@ impl Resync {
                 }
             }
         }
+    }
+
+    /// Copies `keys` back to `target` from the other tier, once no other
+    /// run of `target` is under way (the runs share `touched`). The keys
+    /// were just deleted on `target` after it missed writes of them: the
+    /// values written meanwhile live on the other tier only, and would
+    /// stay single copies until written again. A failure is logged and
+    /// the keys left as they are (one copy, as before the repair).
+    async fn repair(&self, target: usize, keys: &[Box<[u8]>]) {
+        let node = &self.nodes[target];
+        if !self.take_turn(target).await {
+            return;
+        }
+        let result = self.copy_keys(target, keys).await;
+        node.health.resync.running.store(false, Ordering::Release);
+        node.health.touched.clear();
+        match result {
+            Ok(copied) => {
+                node.health
+                    .resync
+                    .copied
+                    .fetch_add(copied, Ordering::Relaxed);
+                tracing::debug!(server = %node.name, keys = keys.len(), copied, "deleted keys copied back");
+            }
+            Err(e) => {
+                tracing::info!(server = %node.name, keys = keys.len(), error = %e, "deleted keys not copied back: they keep one copy until written again")
+            }
+        }
+    }
+
+    /// Waits until no other run of `target` is under way and claims it
+    /// (`running`, which the caller clears): runs of one server share its
+    /// note of client writes. False if a reload cancelled this
+    /// configuration meanwhile.
+    async fn take_turn(&self, target: usize) -> bool {
+        let running = &self.nodes[target].health.resync.running;
+        while running.swap(true, Ordering::AcqRel) {
+            if self.cancelled() {
+                return false;
+            }
+            self.pause(Duration::from_millis(200)).await;
+        }
+        true
+    }
+
+    /// The copying of `repair`: like `run`, with the keys given.
+    async fn copy_keys(&self, target: usize, keys: &[Box<[u8]>]) -> Result<u64, String> {
+        let node = &self.nodes[target];
+        // As in `run`: writes in flight before `touched` was cleared end
+        // before anything is read.
+        node.health.touched.clear();
+        self.pause(self.write_life).await;
+        if self.cancelled() {
+            return Err(CANCELLED.into());
+        }
+        let (sources, tier) = self.sources(target);
+        let mut copied = 0;
+        for &source in &sources {
+            let src_tier = if source < self.nprimaries {
+                0
+            } else {
+                self.router.tier_of(source)
+            };
+            let mine: Vec<&[u8]> = keys
+                .iter()
+                .map(|k| &k[..])
+                .filter(|k| {
+                    let r = self.router.replicas(k);
+                    r.get(tier) == Some(target) && r.get(src_tier) == Some(source)
+                })
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let src = &self.nodes[source];
+            let mut from = connect(&src.dial, self.connect_timeout).await?;
+            let mut to = connect(&node.dial, self.connect_timeout).await?;
+            for batch in mine.chunks(BATCH) {
+                copied += self
+                    .copy_batch(src, node, &mut from, &mut to, batch)
+                    .await?;
+            }
+        }
+        Ok(copied)
     }
 
     /// One complete pass.

@@ -15,6 +15,9 @@
 //! - Once this process handed off to a new one, it deletes and flushes
 //!   nothing: the new process does, and knows what a delete from here
 //!   could erase.
+//! - The keys deleted are then copied back from the other tier (a resync
+//!   of those keys): a value written while the server missed it would
+//!   otherwise have one copy until written again.
 //! - A restart starts a resync. The missed keys are still deleted: a copy
 //!   (resync, read repair) may have landed on the restarted server before
 //!   a write that went past it was known.
@@ -40,7 +43,7 @@ pub(crate) struct Upkeep {
     replica: Arc<Replica>,
     /// Where to ask for a resync when the server is seen to restart (the
     /// resync manager decides whether to).
-    on_restart: Requests,
+    resyncs: Requests,
     /// When this prober last flushed the server (after its missed-key list
     /// overflowed): flushes are at least FLUSH_EVERY apart.
     last_flush: Option<tokio::time::Instant>,
@@ -50,10 +53,10 @@ pub(crate) struct Upkeep {
 }
 
 impl Upkeep {
-    pub(crate) fn new(replica: Arc<Replica>, on_restart: Requests) -> Upkeep {
+    pub(crate) fn new(replica: Arc<Replica>, resyncs: Requests) -> Upkeep {
         Upkeep {
             replica,
-            on_restart,
+            resyncs,
             last_flush: None,
             settle: Settle::default(),
         }
@@ -138,10 +141,9 @@ impl Watcher for Upkeep {
             // a delete of) are on the list too. Deleting them on an empty
             // server costs a little work and is always right.
             // Warm it back up from the other tier (if resync is automatic).
-            let _ = self.on_restart.send(Request {
-                server: self.replica.name.clone(),
-                automatic: true,
-            });
+            let _ = self
+                .resyncs
+                .send(Request::whole(self.replica.name.clone(), true));
         }
         self.replica.set_identity(who.pid, who.boot);
         let now = std::time::Instant::now();
@@ -179,6 +181,14 @@ impl Watcher for Upkeep {
                 return false;
             }
             missed.confirm(&batch);
+            // The values clients wrote while this server missed them live
+            // on the other tier alone: copy them back (a resync of just
+            // these keys, guarded like any other against client writes).
+            let _ = self.resyncs.send(Request {
+                server: self.replica.name.clone(),
+                automatic: true,
+                keys: batch.into_iter().map(|(k, _)| k).collect(),
+            });
         }
     }
 }

@@ -148,10 +148,7 @@ fn resync(w: &Worker, name: &[u8]) -> Local {
     if !w.admin.resync_due(&server.name) {
         return Local::Static(b"OK\r\n");
     }
-    let request = crate::ha::resync::Request {
-        server: server.name.clone(),
-        automatic: false,
-    };
+    let request = crate::ha::resync::Request::whole(server.name.clone(), false);
     match requests.send(request) {
         Ok(()) => Local::Static(b"OK\r\n"),
         Err(_) => Local::Static(b"SERVER_ERROR resync is not available\r\n"),
