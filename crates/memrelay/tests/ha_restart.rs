@@ -273,35 +273,22 @@ fn the_draining_process_learns_what_the_new_one_saw_a_server_miss() {
     assert!(old_exited, "the old memrelay never drained");
 }
 
-/// Arguments naming the servers (`host:port:weight name`), so that the
-/// two processes of a hand-off route alike while reaching the backup at
-/// different addresses.
-fn named_args(primary: &str, backup: &str, state: &Path) -> Vec<String> {
-    let mut args = vec![
-        "-s".to_string(),
-        format!("{primary}:1 p"),
-        "-b".into(),
-        format!("{backup}:1 b"),
-    ];
+/// `relay_args`, with the backup at `backup` (a forwarder to it) and the
+/// given `--timeout`.
+fn relay_args_via(primary: &Memcached, backup: &str, timeout: &str, state: &Path) -> Vec<String> {
+    let mut args = relay_args(primary, primary, state);
+    args[3] = backup.to_string();
     args.extend(
         [
             "--timeout",
-            "300ms",
-            "--connect-timeout",
-            "300ms",
-            "--failure-limit",
-            "1",
+            timeout,
             "--shutdown-timeout",
             "30s",
             "--write-timeout",
             "30s",
-            "-t",
-            "2",
-            "--state-file",
         ]
         .map(String::from),
     );
-    args.push(state.display().to_string());
     args
 }
 
@@ -315,89 +302,167 @@ fn server_stat(addr: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in {text}"))
 }
 
-/// The draining process of a hand-off deletes no missed key: the new one
-/// does. The old process recorded k as missed on the backup, which it
-/// cannot reach; the new one reaches the backup, deletes k there, loses
-/// the primary and writes k to the backup alone. A delete the old process
-/// sent once it reached the backup again would erase the only copy of an
-/// acknowledged value.
-#[test]
-fn the_draining_process_deletes_nothing_the_new_one_may_have_written_since() {
-    let (mut primary, backup) = (Memcached::start(), Memcached::start());
-    // The old process reaches the backup through a link the test cuts.
+/// A client of the draining process that asked for 20 MB and reads none
+/// of it: the process keeps draining (it owes the reply) until `release`.
+struct Stalled(std::net::TcpStream);
+
+impl Stalled {
+    fn start(addr: &str) -> Stalled {
+        let big = "x".repeat(500_000);
+        assert_eq!(
+            exchange(addr, &format!("set big 0 0 {}\r\n{big}\r\n", big.len())),
+            "STORED\r\n"
+        );
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        std::io::Write::write_all(&mut s, format!("get{}\r\n", " big".repeat(40)).as_bytes())
+            .unwrap();
+        Stalled(s)
+    }
+
+    /// Reads the reply: the old process can finish its drain.
+    fn release(mut self) {
+        self.0
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut self.0, &mut sink);
+    }
+}
+
+/// Two processes of a hand-off, both reaching the backup through `link`.
+/// The old one listed k for the backup (a write of it failed there at
+/// once) and would delete it there only after its settle period, 2 s
+/// (`--timeout 2s`); the new one, which saw no failure, has deleted k on
+/// the backup at once. A stalled client keeps the old one draining.
+struct HandedOff {
+    primary: Memcached,
+    backup: Memcached,
+    addr: String,
+    old: Proc,
+    old_log: std::path::PathBuf,
+    new_log: std::path::PathBuf,
+    stalled: Stalled,
+    _new: Proc,
+    _link: Forwarder,
+    _dir: TempDir,
+}
+
+fn hand_off_with_k_listed(name: &str) -> HandedOff {
+    let (primary, backup) = (Memcached::start(), Memcached::start());
     let link = Forwarder::start(&backup.addr());
-    let dir = TempDir::new("state-handoff-delete");
+    let dir = TempDir::new(name);
     let state = dir.path("state");
     let handoff = dir.path("handoff.sock");
-    let old_log = dir.path("old.log");
+    let (old_log, new_log) = (dir.path("old.log"), dir.path("new.log"));
     let port = free_port("127.0.0.1");
     let addr = format!("127.0.0.1:{port}");
-    let old_args = named_args(&primary.addr(), &link.addr(), &state);
-    let mut old = spawn_logging(port, &handoff, &old_args, &old_log);
+    let old_args = relay_args_via(&primary, &link.addr(), "2s", &state);
+    let old = spawn_logging(port, &handoff, &old_args, &old_log);
     assert!(wait_until(Duration::from_secs(10), || {
         std::net::TcpStream::connect(&addr).is_ok() && handoff.exists()
     }));
-    let big = "x".repeat(500_000);
-    assert_eq!(
-        exchange(&addr, &format!("set big 0 0 {}\r\n{big}\r\n", big.len())),
-        "STORED\r\n"
-    );
     assert_eq!(exchange(&addr, "set k 0 0 2\r\nv1\r\n"), "STORED\r\n");
-    // The write of v2 fails at once on the backup: k is recorded there.
     link.set(Fault::Reset);
     assert_eq!(exchange(&addr, "set k 0 0 2\r\nv2\r\n"), "STORED\r\n");
+    link.set(Fault::Pass);
     let listed = stats(&addr).get("server:1:missed_keys").cloned();
     assert!(
         listed.as_deref().is_some_and(|n| n != "0"),
         "k was not recorded as missed on the backup: {listed:?}"
     );
-    // A client of the old process that reads none of the 20 MB it asked
-    // for keeps the old process draining until the test reads them.
-    let mut stalled = std::net::TcpStream::connect(&addr).unwrap();
-    std::io::Write::write_all(
-        &mut stalled,
-        format!("get{}\r\n", " big".repeat(40)).as_bytes(),
-    )
-    .unwrap();
-    let new_args = named_args(&primary.addr(), &backup.addr(), &state);
-    let new = spawn_handing_off(port, &handoff, &new_args);
+    let stalled = Stalled::start(&addr);
+    let new_args = relay_args_via(&primary, &link.addr(), "300ms", &state);
+    let new = spawn_logging(port, &handoff, &new_args, &new_log);
     let new_pid = new.0.id().to_string();
     let took_over = wait_until(Duration::from_secs(10), || {
         let s = stats(&addr);
-        s.get("pid") == Some(&new_pid)
-            && s.get("server:1:missed_keys").map(String::as_str) == Some("0")
+        s.get("pid") == Some(&new_pid) && s.get("server:1:invalidated").is_some_and(|n| n != "0")
     });
     assert!(
         took_over,
-        "the new memrelay never served, or never deleted k on the backup"
+        "the new memrelay never served, or never deleted k on the backup\n{}",
+        std::fs::read_to_string(&new_log).unwrap_or_default()
     );
-    // The new process loses the primary and writes k to the backup alone.
-    primary.kill();
-    assert_eq!(exchange(&addr, "set k 0 0 2\r\nv3\r\n"), "STORED\r\n");
-    let deletes = server_stat(&backup.addr(), "delete_hits");
-    // The old process reaches the backup again: it must leave k alone.
-    link.set(Fault::Pass);
+    HandedOff {
+        primary,
+        backup,
+        addr,
+        old,
+        old_log,
+        new_log,
+        stalled,
+        _new: new,
+        _link: link,
+        _dir: dir,
+    }
+}
+
+impl HandedOff {
+    fn old_log(&self) -> String {
+        std::fs::read_to_string(&self.old_log).unwrap_or_default()
+    }
+
+    /// Lets the old process finish its drain, and waits for it to exit.
+    fn finish(mut self) {
+        self.stalled.release();
+        let old = &mut self.old;
+        let exited = wait_until(Duration::from_secs(15), || {
+            matches!(old.0.try_wait(), Ok(Some(_)))
+        });
+        assert!(exited, "the old memrelay never drained");
+    }
+}
+
+/// The draining process of a hand-off deletes no missed key: the new one
+/// does. After the new one deleted k on the backup, it loses the primary
+/// and writes k to the backup alone. A delete from the old process, sent
+/// once its settle period ended, would erase the only copy of an
+/// acknowledged value.
+#[test]
+fn the_draining_process_deletes_nothing_the_new_one_may_have_written_since() {
+    let mut h = hand_off_with_k_listed("state-handoff-delete");
+    h.primary.kill();
+    assert_eq!(exchange(&h.addr, "set k 0 0 2\r\nv3\r\n"), "STORED\r\n");
+    let deletes = server_stat(&h.backup.addr(), "delete_hits");
+    // The old process marks the backup up once it may serve it again:
+    // after its delete, if it makes one.
     let looked = wait_until(Duration::from_secs(10), || {
-        server_stat(&backup.addr(), "delete_hits") > deletes
-            || std::fs::read_to_string(&old_log)
-                .unwrap_or_default()
-                .contains("handed off: the new process deletes")
+        server_stat(&h.backup.addr(), "delete_hits") > deletes
+            || h.old_log().contains("server marked up")
     });
-    assert!(looked, "the old process never looked at the backup again");
+    assert!(
+        looked,
+        "the old process never looked at the backup again\n{}",
+        h.old_log()
+    );
     assert_eq!(
-        exchange(&backup.addr(), "get k\r\n"),
+        exchange(&h.backup.addr(), "get k\r\n"),
         "VALUE k 0 2\r\nv3\r\nEND\r\n",
         "the draining memrelay deleted the only copy of an acknowledged value"
     );
-    assert_eq!(exchange(&addr, "get k\r\n"), "VALUE k 0 2\r\nv3\r\nEND\r\n");
-    // Let the old process finish its drain.
-    stalled
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut sink = Vec::new();
-    let _ = std::io::Read::read_to_end(&mut stalled, &mut sink);
-    let old_exited = wait_until(Duration::from_secs(15), || {
-        matches!(old.0.try_wait(), Ok(Some(_)))
+    assert_eq!(
+        exchange(&h.addr, "get k\r\n"),
+        "VALUE k 0 2\r\nv3\r\nEND\r\n"
+    );
+    h.finish();
+}
+
+/// The draining process, which deletes nothing, forgets each key the new
+/// process deleted on a server (told over the record socket) when it had
+/// listed the key before the hand-off: it serves the key from that
+/// server again, instead of keeping it off for the rest of its drain.
+#[test]
+fn the_draining_process_forgets_the_keys_the_new_one_deleted() {
+    let h = hand_off_with_k_listed("state-handoff-forget");
+    let forgot = wait_until(Duration::from_secs(10), || {
+        h.old_log()
+            .contains("the new memrelay deleted a key listed here")
     });
-    assert!(old_exited, "the old memrelay never drained");
+    assert!(
+        forgot,
+        "the old memrelay never heard of the delete\nold:\n{}\nnew:\n{}",
+        h.old_log(),
+        std::fs::read_to_string(&h.new_log).unwrap_or_default()
+    );
+    h.finish();
 }

@@ -49,7 +49,13 @@ pub(crate) struct MissedKeys {
     /// at start (or when a reload adds the server), read at each record:
     /// records are rare, the lock uncontended.
     on_record: std::sync::RwLock<Vec<RecordHook>>,
+    /// Called with the keys the prober deleted on the server and forgot:
+    /// during a hand-off the old process, which deletes nothing, is told.
+    on_clear: std::sync::RwLock<Vec<ClearHook>>,
 }
+
+/// See `MissedKeys::on_clear`.
+pub(crate) type ClearHook = Box<dyn Fn(&[Box<[u8]>]) + Send + Sync>;
 
 /// A record as text, for another memrelay (the hand-off's other process,
 /// a peer of the fleet): `<server> <key in base64, or *>`, appended to
@@ -163,6 +169,7 @@ impl MissedKeys {
             recorded_signal: tokio::sync::Notify::new(),
             on_dirty: std::sync::OnceLock::new(),
             on_record: std::sync::RwLock::new(Vec::new()),
+            on_clear: std::sync::RwLock::new(Vec::new()),
         }
     }
 
@@ -182,6 +189,29 @@ impl MissedKeys {
             .iter()
         {
             hook(key, from);
+        }
+    }
+
+    /// Adds a hook called with the keys deleted on the server and forgot.
+    pub(crate) fn on_clear(&self, hook: ClearHook) {
+        self.on_clear
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(hook);
+    }
+
+    /// The prober deleted `keys` on the server and forgot them.
+    pub(crate) fn cleared(&self, keys: &[Box<[u8]>]) {
+        if keys.is_empty() {
+            return;
+        }
+        for hook in self
+            .on_clear
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            hook(keys);
         }
     }
 
@@ -350,6 +380,35 @@ impl MissedKeys {
         self.lock().keys.keys().cloned().collect()
     }
 
+    /// A mark of the records made so far, for `forget_if_before`.
+    pub(crate) fn mark(&self) -> u64 {
+        self.lock().next_gen
+    }
+
+    /// Forgets `key` unless it was recorded after `mark` was taken: the
+    /// new process of a hand-off deleted it on the server (after every
+    /// record made before the hand-off, which it had), so a record made
+    /// before then needs no delete here. A later one may be of a write
+    /// the delete did not cover, and stays.
+    pub(crate) fn forget_if_before(&self, key: &[u8], mark: u64) {
+        let mut inner = self.lock();
+        match inner.keys.get(key) {
+            Some(&gen) if gen >> 1 <= mark => {
+                inner.keys.remove(key);
+                inner.forget(gen);
+            }
+            _ => return,
+        }
+        self.count.store(
+            if inner.overflowed {
+                1
+            } else {
+                inner.keys.len()
+            },
+            Ordering::Release,
+        );
+    }
+
     /// Takes up to `n` keys to invalidate. They stay "missed" (readers keep
     /// bypassing the server for them) until `confirm` is called.
     pub(crate) fn peek_batch(&self, n: usize) -> Vec<(Box<[u8]>, u64)> {
@@ -429,6 +488,28 @@ mod tests {
         // it (it used to move only a statistics counter).
         m.record_all();
         assert_ne!(m.epoch(), e1);
+    }
+
+    #[test]
+    fn a_clear_forgets_only_what_was_recorded_before_the_mark() {
+        let m = MissedKeys::new(10);
+        m.record(b"before");
+        m.record(b"again");
+        let mark = m.mark();
+        // Recorded again after the mark: a write the delete may not cover.
+        m.record(b"again");
+        m.record(b"after");
+        for k in [&b"before"[..], b"again", b"after", b"never"] {
+            m.forget_if_before(k, mark);
+        }
+        assert!(!m.contains(b"before"));
+        assert!(m.contains(b"again"));
+        assert!(m.contains(b"after"));
+        assert_eq!(m.len(), 2);
+        assert!(!m.is_empty());
+        m.forget_if_before(b"again", m.mark());
+        m.forget_if_before(b"after", m.mark());
+        assert!(m.is_empty(), "the count follows the keys");
     }
 
     #[test]

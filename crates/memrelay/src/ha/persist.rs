@@ -351,7 +351,13 @@ impl Persist {
             }
         }
         match self.connect_records(Direction::ToOld) {
-            Some(s) => take_records_on_a_thread(s, health.to_vec(), None),
+            Some(s) => {
+                // What the new process deleted, it tells with `clear`
+                // lines: each key recorded here before now is forgotten
+                // then (its delete came after the records it was handed).
+                let marks = health.iter().map(|h| h.missed.mark()).collect();
+                take_records_on_a_thread(s, health.to_vec(), None, Some(marks))
+            }
             None => {
                 tracing::warn!(socket = %self.records_path().display(), "the new memrelay sends no records: while this one drains, it may serve a key the new one saw a server miss")
             }
@@ -430,6 +436,40 @@ impl Persist {
         });
     }
 
+    /// Tells the other process of a hand-off, if there is one, that this
+    /// one deleted `keys` on `server` and forgot them (`clear` lines,
+    /// each acknowledged like a record). Only the new process sends them:
+    /// the old one deletes nothing.
+    fn relay_clears(&self, server: &str, keys: &[Box<[u8]>]) {
+        use std::io::{Read, Write};
+        let mut peers = self.peers();
+        if peers.is_empty() {
+            return;
+        }
+        let mut lines = Vec::with_capacity(keys.len() * (server.len() + 64));
+        for k in keys {
+            lines.extend_from_slice(CLEAR);
+            super::missed::write_record(&mut lines, server, Some(k));
+            lines.push(b'\n');
+        }
+        peers.retain_mut(|stream| {
+            let sent = stream.write_all(&lines).and_then(|()| {
+                let mut ack = [0u8; 2];
+                for _ in keys {
+                    stream.read_exact(&mut ack)?;
+                    if &ack != b"k\n" {
+                        return Err(std::io::ErrorKind::InvalidData.into());
+                    }
+                }
+                Ok(())
+            });
+            // Gone or not taking them: the old process keeps those keys
+            // listed for the rest of its drain, which costs availability
+            // through it, never a stale read.
+            sent.is_ok()
+        });
+    }
+
     /// New side: takes the old process's two connections (records from it,
     /// and the one this process's records go to), until it is gone.
     fn receive_records(self: &Arc<Self>, health: &[Arc<Health>]) {
@@ -498,7 +538,7 @@ impl Persist {
             } else if hello.as_bytes() == Direction::ToNew.hello() && !to_new {
                 to_new = true;
                 let _ = stream.set_read_timeout(None);
-                take_records_on_a_thread(stream, health.clone(), Some(self.clone()));
+                take_records_on_a_thread(stream, health.clone(), Some(self.clone()), None);
             }
         }
         if !to_new {
@@ -535,6 +575,15 @@ impl Persist {
                 }
             }));
         }
+        // The old process of a hand-off deletes nothing: it forgets what
+        // this one deleted (see `take_records`).
+        let me = Arc::downgrade(self);
+        let name = health.name.clone();
+        health.missed.on_clear(Box::new(move |keys| {
+            if let Some(me) = me.upgrade() {
+                me.relay_clears(&name, keys);
+            }
+        }));
         let mark = mark_of(health);
         self.marks().insert(health.name.clone(), mark);
     }
@@ -730,15 +779,18 @@ fn is_gone(e: &std::io::Error) -> bool {
 /// Learns the other process's records as they come on `stream`, each
 /// acknowledged once learnt, until it closes; then, on the new side
 /// (`new`), the old process is gone and no longer shares the servers.
+/// `marks`: on the old side, each server's `MissedKeys::mark` at the
+/// hand-off, for the `clear` lines the new process sends.
 fn take_records_on_a_thread(
     stream: std::os::unix::net::UnixStream,
     health: Vec<Arc<Health>>,
     new: Option<Arc<Persist>>,
+    marks: Option<Vec<u64>>,
 ) {
     let spawned = std::thread::Builder::new()
         .name("memrelay-records".into())
         .spawn(move || {
-            take_records(stream, &health);
+            take_records(stream, &health, marks.as_deref());
             if let Some(p) = new {
                 p.shared.send_replace(false);
             }
@@ -748,7 +800,11 @@ fn take_records_on_a_thread(
     }
 }
 
-fn take_records(stream: std::os::unix::net::UnixStream, health: &[Arc<Health>]) {
+fn take_records(
+    stream: std::os::unix::net::UnixStream,
+    health: &[Arc<Health>],
+    marks: Option<&[u64]>,
+) {
     use std::io::{BufRead, Write};
     // A quiet peer is a peer with nothing to say: no read timeout.
     let _ = stream.set_read_timeout(None);
@@ -766,17 +822,37 @@ fn take_records(stream: std::os::unix::net::UnixStream, health: &[Arc<Health>]) 
             Ok(_) if !line.ends_with('\n') => return,
             Ok(_) => {}
         }
-        let Some((name, key)) = super::missed::read_record(line.trim_end()) else {
+        let text = line.trim_end();
+        // A record of a server named "clear" has one space, a clear line
+        // two.
+        let (clear, text) = match text.as_bytes().strip_prefix(CLEAR) {
+            Some(rest) if rest.contains(&b' ') => (true, &text[CLEAR.len()..]),
+            _ => (false, text),
+        };
+        let Some((name, key)) = super::missed::read_record(text) else {
             return;
         };
-        if let Some(h) = health.iter().find(|h| h.name == name) {
-            h.missed.learn(key.as_deref(), Source::Handoff);
+        if let Some(i) = health.iter().position(|h| h.name == name) {
+            let h = &health[i];
+            match (clear, key, marks.and_then(|m| m.get(i))) {
+                (false, key, _) => h.missed.learn(key.as_deref(), Source::Handoff),
+                (true, Some(key), Some(&mark)) => {
+                    h.missed.forget_if_before(&key, mark);
+                    tracing::debug!(server = %h.name, "the new memrelay deleted a key listed here");
+                }
+                // Not ours to take (this side sends them), or not of one key.
+                (true, _, _) => {}
+            }
         }
         if out.write_all(b"k\n").is_err() {
             return;
         }
     }
 }
+
+/// Starts a line of the record socket that says a key was deleted on its
+/// server and forgotten: `clear <server> <key>`.
+const CLEAR: &[u8] = b"clear ";
 
 fn mark_of(h: &Health) -> Mark {
     let own = h.missed.has_own();

@@ -41,6 +41,9 @@ use crate::router::Router;
 /// Most keys one resync copies (a larger server is copied partly; the log
 /// says so).
 const MAX_KEYS: usize = 20_000_000;
+/// Most keys waiting to be copied back to one server after their delete
+/// (as many as its missed-key list holds by default).
+const MAX_REPAIR_KEYS: usize = 100_000;
 /// Keys per pipelined batch.
 const BATCH: usize = 200;
 /// How often progress is logged.
@@ -69,6 +72,16 @@ pub(crate) struct Progress {
     pub rate: AtomicU64,
     /// Seconds left, estimated.
     pub eta: AtomicU64,
+    /// Keys to copy back by the next run of a few keys (`Resync::repair`),
+    /// and whether that run is asked for already.
+    repairs: std::sync::Mutex<Repairs>,
+}
+
+/// See `Progress::repairs`.
+#[derive(Debug, Default)]
+struct Repairs {
+    keys: Vec<Box<[u8]>>,
+    queued: bool,
 }
 
 impl Progress {
@@ -77,6 +90,27 @@ impl Progress {
     #[inline]
     pub(crate) fn is_running(&self) -> bool {
         self.running.load(Ordering::Relaxed)
+    }
+
+    /// Adds keys to copy back; true if a run must be started for them
+    /// (none is waiting). Past `MAX_REPAIR_KEYS` waiting, keys are left
+    /// out (logged): they keep one copy until written again.
+    fn queue_repair(&self, server: &str, keys: Vec<Box<[u8]>>) -> bool {
+        let mut r = self.repairs.lock().unwrap_or_else(|p| p.into_inner());
+        let room = MAX_REPAIR_KEYS.saturating_sub(r.keys.len());
+        if keys.len() > room {
+            tracing::warn!(server, left_out = keys.len() - room, "too many deleted keys waiting to be copied back: some keep one copy until written again");
+        }
+        r.keys.extend(keys.into_iter().take(room));
+        !std::mem::replace(&mut r.queued, true)
+    }
+
+    /// The keys waiting to be copied back; the next ones queued start a
+    /// new run.
+    fn take_repairs(&self) -> Vec<Box<[u8]>> {
+        let mut r = self.repairs.lock().unwrap_or_else(|p| p.into_inner());
+        r.queued = false;
+        std::mem::take(&mut r.keys)
     }
 
     pub(crate) fn state(&self) -> &'static str {
@@ -245,7 +279,21 @@ pub(crate) async fn serve(
             continue;
         };
         if !req.keys.is_empty() {
-            tokio::task::spawn_local(async move { me.repair(target, &req.keys).await });
+            let progress = &me.nodes[target].health.resync;
+            if progress.queue_repair(&req.server, req.keys) {
+                let again = again.clone();
+                tokio::task::spawn_local(async move {
+                    if let Some(keys) = me.repair(target).await.filter(|k| !k.is_empty()) {
+                        // Cancelled by a reload: asked for again under
+                        // the new configuration.
+                        let _ = again.send(Request {
+                            server: req.server,
+                            automatic: true,
+                            keys,
+                        });
+                    }
+                });
+            }
             continue;
         }
         let node = &me.nodes[target];
@@ -377,18 +425,22 @@ impl Resync {
         }
     }
 
-    /// Copies `keys` back to `target` from the other tier, once no other
-    /// run of `target` is under way (the runs share `touched`). The keys
-    /// were just deleted on `target` after it missed writes of them: the
-    /// values written meanwhile live on the other tier only, and would
-    /// stay single copies until written again. A failure is logged and
-    /// the keys left as they are (one copy, as before the repair).
-    async fn repair(&self, target: usize, keys: &[Box<[u8]>]) {
+    /// Copies the keys queued for `target` back from the other tier, once
+    /// no other run of `target` is under way (the runs share `touched`).
+    /// The keys were just deleted on `target` after it missed writes of
+    /// them: the values written meanwhile live on the other tier only, and
+    /// would stay single copies until written again. A failure is logged
+    /// and the keys left as they are (one copy, as before the repair).
+    /// Returns the keys if a reload cancelled the run before it began.
+    async fn repair(&self, target: usize) -> Option<Vec<Box<[u8]>>> {
         let node = &self.nodes[target];
         if !self.take_turn(target).await {
-            return;
+            return Some(node.health.resync.take_repairs());
         }
-        let result = self.copy_keys(target, keys).await;
+        // Every key queued until now: one wait for the writes in flight
+        // serves them all.
+        let keys = node.health.resync.take_repairs();
+        let result = self.copy_keys(target, &keys).await;
         node.health.resync.running.store(false, Ordering::Release);
         node.health.touched.clear();
         match result {
@@ -403,6 +455,7 @@ impl Resync {
                 tracing::info!(server = %node.name, keys = keys.len(), error = %e, "deleted keys not copied back: they keep one copy until written again")
             }
         }
+        None
     }
 
     /// Waits until no other run of `target` is under way and claims it

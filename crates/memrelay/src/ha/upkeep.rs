@@ -127,7 +127,9 @@ enum Flush {
 
 impl Watcher for Upkeep {
     fn pending(&self) -> bool {
-        !self.replica.missed.is_empty()
+        // After a hand-off nothing is deleted here (see `tend`): listed
+        // keys are not served, and the server may serve the others.
+        !self.replica.missed.is_empty() && !self.replica.handed_off.load(Ordering::Acquire)
     }
 
     fn wake(&self) -> impl std::future::Future<Output = ()> {
@@ -157,7 +159,6 @@ impl Watcher for Upkeep {
         // After a hand-off, deleting is the new process's (see
         // `Replica::handed_off`); the keys stay listed here.
         if self.replica.handed_off.load(Ordering::Acquire) {
-            tracing::debug!(server = %self.replica.name, "handed off: the new process deletes its missed keys");
             return true;
         }
         // A flush is a delete of everything: it waits for the same.
@@ -181,6 +182,12 @@ impl Watcher for Upkeep {
                 return false;
             }
             missed.confirm(&batch);
+            let gone: Vec<Box<[u8]>> = batch
+                .iter()
+                .filter(|(k, _)| !missed.contains(k))
+                .map(|(k, _)| k.clone())
+                .collect();
+            missed.cleared(&gone);
             // The values clients wrote while this server missed them live
             // on the other tier alone: copy them back (a resync of just
             // these keys, guarded like any other against client writes).
