@@ -434,19 +434,23 @@ impl Control {
     /// The listening sockets went to a new memrelay: so do the missed-key
     /// lists, from now on through the hand-off file.
     pub(crate) fn hand_off_state(&self) {
-        // Where the lists reach the new process (a state file, or peers
-        // it asks), it deletes their keys and this one stops. Without
-        // either, this one is the only one that knows them.
-        if self.persist.is_some() || self.fleet.is_some() {
+        // Where the lists reach the new process (it takes this one's
+        // records, or asks the peers), it deletes their keys and this one
+        // stops at once, before the new one serves. Otherwise this one is
+        // the only one that knows them, and goes on.
+        let handed = |on: bool| {
             for r in self.health() {
-                r.handed_off.store(true, Ordering::Release);
+                r.handed_off.store(on, Ordering::Release);
             }
-        }
+        };
+        handed(self.persist.is_some() || self.fleet.is_some());
         if let Some(f) = &self.fleet {
             f.hand_off();
         }
         if let Some(p) = &self.persist {
-            p.hand_off(&self.health());
+            if !p.hand_off(&self.health()) && self.fleet.is_none() {
+                handed(false);
+            }
             // The resyncs under way stop at their next batch, and wait
             // (with any new one) for a process that no longer shares its
             // servers: this one never will again.

@@ -92,6 +92,10 @@ pub(crate) struct Persist {
     /// Another memrelay serves the same servers: this one is draining
     /// after a hand-off, or the one it took over from still is.
     shared: tokio::sync::watch::Sender<bool>,
+    /// This process started from the old one's hand-off file: its deletes
+    /// came after every record of the old one's it was handed, so the old
+    /// one may forget what it deletes (`relay_clears`).
+    took_lists: std::sync::atomic::AtomicBool,
     /// One writer at a time (worker threads mark servers dirty while the
     /// main thread marks them clean): the text is made and written under
     /// it, so a later write never carries older marks.
@@ -145,6 +149,7 @@ impl Persist {
             handoff: Mutex::new(HandoffState::default()),
             peers: Mutex::new(Vec::new()),
             shared: tokio::sync::watch::channel(false).0,
+            took_lists: std::sync::atomic::AtomicBool::new(false),
             writing: Mutex::new(()),
             learnt: Mutex::new(Vec::new()),
         })
@@ -257,6 +262,8 @@ impl Persist {
             }
         };
         let stale = apply(&loaded, health);
+        self.took_lists
+            .store(true, std::sync::atomic::Ordering::Release);
         let final_ = loaded.status == Status::HandoffFinal;
         {
             let mut h = self.handoff_state();
@@ -341,15 +348,22 @@ impl Persist {
     /// file. From now on every record goes to the new process first (if it
     /// listens), and what it records comes here; then what this one knows
     /// goes to the hand-off file, which the new one waits for to serve.
-    pub(crate) fn hand_off(self: &Arc<Self>, health: &[Arc<Health>]) {
+    ///
+    /// Returns whether the new process takes records (it listens for
+    /// them): then it reads this one's lists too, and deletes their keys.
+    pub(crate) fn hand_off(self: &Arc<Self>, health: &[Arc<Health>]) -> bool {
         self.disown();
         self.shared.send_replace(true);
-        match self.connect_records(Direction::ToNew) {
-            Some(s) => self.peers().push(s),
-            None => {
-                tracing::warn!(socket = %self.records_path().display(), "the new memrelay takes no records: it learns them from the hand-off file, a little later")
+        let takes_records = match self.connect_records(Direction::ToNew) {
+            Some(s) => {
+                self.peers().push(s);
+                true
             }
-        }
+            None => {
+                tracing::warn!(socket = %self.records_path().display(), "the new memrelay takes no records: it learns them from the hand-off file, a little later");
+                false
+            }
+        };
         match self.connect_records(Direction::ToOld) {
             Some(s) => {
                 // What the new process deleted, it tells with `clear`
@@ -364,6 +378,7 @@ impl Persist {
         }
         self.handoff_state().written = changes(health);
         self.write_lists(&self.handoff_path(), Status::Handoff, health);
+        takes_records
     }
 
     /// Old side: one connection to the new process's record socket, which
@@ -442,6 +457,11 @@ impl Persist {
     /// the old one deletes nothing.
     fn relay_clears(&self, server: &str, keys: &[Box<[u8]>]) {
         use std::io::{Read, Write};
+        if !self.took_lists.load(std::sync::atomic::Ordering::Acquire) {
+            // Started without the old one's lists (it never wrote them in
+            // time): a delete here may predate one of its records.
+            return;
+        }
         let mut peers = self.peers();
         if peers.is_empty() {
             return;
@@ -463,9 +483,14 @@ impl Persist {
                 }
                 Ok(())
             });
-            // Gone or not taking them: the old process keeps those keys
-            // listed for the rest of its drain, which costs availability
-            // through it, never a stale read.
+            // The stream is out of step: it goes, and with it the
+            // records this process would tell the old one, as when `relay`
+            // fails.
+            if let Err(e) = &sent {
+                if !is_gone(e) {
+                    tracing::warn!("the other memrelay stopped taking records: while it drains, it may serve a key this one saw a server miss");
+                }
+            }
             sent.is_ok()
         });
     }

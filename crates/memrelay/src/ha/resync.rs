@@ -443,6 +443,12 @@ impl Resync {
         let result = self.copy_keys(target, &keys).await;
         node.health.resync.running.store(false, Ordering::Release);
         node.health.touched.clear();
+        if self.cancelled() {
+            // A reload or a hand-off: asked for again, under the new
+            // configuration or by the new process. (The copies are adds:
+            // making one twice is harmless.)
+            return Some(keys);
+        }
         match result {
             Ok(copied) => {
                 node.health
@@ -506,6 +512,12 @@ impl Resync {
             let mut from = connect(&src.dial, self.connect_timeout).await?;
             let mut to = connect(&node.dial, self.connect_timeout).await?;
             for batch in mine.chunks(BATCH) {
+                // The router chose these sources: after a reload it may
+                // no longer, and after a hand-off the other process's
+                // client writes are not in `touched`.
+                if self.cancelled() {
+                    return Err(CANCELLED.into());
+                }
                 copied += self
                     .copy_batch(src, node, &mut from, &mut to, batch)
                     .await?;

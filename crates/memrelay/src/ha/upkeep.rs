@@ -165,7 +165,7 @@ impl Watcher for Upkeep {
         if !self.settled(c).await {
             return true;
         }
-        if self.replica.missed.is_overflowed() {
+        if self.replica.missed.is_overflowed() && !self.replica.handed_off.load(Ordering::Acquire) {
             match self.flush_if_due(c).await {
                 Flush::Done => {}
                 Flush::Postponed => return true,
@@ -174,6 +174,10 @@ impl Watcher for Upkeep {
         }
         let missed = &self.replica.missed;
         loop {
+            // A hand-off may come while a batch is out.
+            if self.replica.handed_off.load(Ordering::Acquire) {
+                return true;
+            }
             let batch = missed.peek_batch(DELETE_BATCH);
             if batch.is_empty() {
                 return true;
