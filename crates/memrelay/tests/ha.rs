@@ -958,6 +958,70 @@ fn a_value_the_backup_missed_is_copied_back_to_it_once_it_serves_again() {
     must_read(&mut px, key, "v2", "with the primary dead");
 }
 
+/// CPU time (user + system) the process `pid` has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): utime and
+    // stime are the 12th and 13th, in clock ticks (100 per second here).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// A flush that must wait (the primary missed a `flush_all`, so its list
+/// covers every key, and the backup, the other tier, is down) does not
+/// make the prober look at the primary again and again without a pause:
+/// memrelay stays near idle meanwhile. (The prober used to spin a core.)
+#[test]
+fn a_postponed_flush_does_not_spin_the_prober() {
+    let mut cl = cluster(1, 1, &["--timeout", TIMEOUT, "--enable-flush-all"]);
+    let mut px = cl.px();
+    cl.backups[0].kill();
+    let backup_down = wait_until(CONVERGE, || {
+        let _ = px.line("get nudge\r\n");
+        stats(&cl.relay.addr())
+            .get("server:1:state")
+            .map(String::as_str)
+            == Some("down")
+    });
+    assert!(
+        backup_down,
+        "the killed backup was never marked down\n{}",
+        cl.diag()
+    );
+    cl.primaries[0].stop();
+    // Times out on the stopped primary (one failure: it stays up), which
+    // so missed a flush of every key.
+    px.write_raw("flush_all\r\n");
+    let overflowed = wait_until(CONVERGE, || {
+        stat_u64(&stats(&cl.relay.addr()), "server:0:missed_overflowed") == 1
+    });
+    assert!(
+        overflowed,
+        "the primary's list never covered every key\n{:?}\n{}",
+        stats(&cl.relay.addr()),
+        cl.diag()
+    );
+    cl.primaries[0].cont();
+    // Past the settle period: the flush is due, and postponed.
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = cl.relay.pid();
+    let (cpu0, wall0) = (cpu_time(pid), Instant::now());
+    // A window to measure over, not a wait for anything.
+    std::thread::sleep(Duration::from_secs(2));
+    let (cpu, wall) = (cpu_time(pid) - cpu0, wall0.elapsed());
+    assert_eq!(
+        stat_u64(&stats(&cl.relay.addr()), "server:0:missed_overflowed"),
+        1,
+        "the flush was made after all: the test shows nothing"
+    );
+    assert!(
+        cpu < wall / 4,
+        "memrelay used {cpu:?} of CPU in {wall:?} while the flush waited"
+    );
+}
+
 /// Settling is the server's, not the records': a key written all the
 /// time while its primary is out is recorded again all the time, and must
 /// still be served by the primary once it is back (were records cleared

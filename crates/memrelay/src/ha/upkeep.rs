@@ -34,6 +34,10 @@ use crate::backend::probe::{Identity, ProbeConn, Watcher};
 /// Least time between two flushes of one server after its missed-key list
 /// overflowed.
 const FLUSH_EVERY: Duration = Duration::from_secs(60);
+/// How long a prober waits before it looks again at a server whose flush
+/// after an overflow is postponed: the prober would otherwise probe it
+/// again at once, and again, spinning a core (a chaos run saw it).
+const POSTPONED_RECHECK: Duration = Duration::from_millis(200);
 /// Deletes sent per round trip while invalidating missed keys.
 const DELETE_BATCH: usize = 512;
 
@@ -168,7 +172,10 @@ impl Watcher for Upkeep {
         if self.replica.missed.is_overflowed() && !self.replica.handed_off.load(Ordering::Acquire) {
             match self.flush_if_due(c).await {
                 Flush::Done => {}
-                Flush::Postponed => return true,
+                Flush::Postponed => {
+                    tokio::time::sleep(POSTPONED_RECHECK).await;
+                    return true;
+                }
                 Flush::Failed => return false,
             }
         }
