@@ -109,6 +109,14 @@ pub(crate) struct Persist {
 struct HandoffState {
     /// New side: keys already taken from the old process's file.
     merged: std::collections::HashSet<(String, Vec<u8>)>,
+    /// New side: servers whose overflow was already taken from it. The old
+    /// process deletes and flushes nothing once it handed off, so its
+    /// files keep saying "overflowed" after this one flushed the server;
+    /// taking that again would make the server stale for every key once
+    /// more, and unserved until its next flush, a minute later. (An
+    /// overflow the old one records after the hand-off comes over the
+    /// record socket.)
+    overflows: std::collections::HashSet<String>,
     /// New side: still merging, until this deadline.
     until: Option<std::time::Instant>,
     /// Old side: the lists' counters when last written.
@@ -267,9 +275,12 @@ impl Persist {
         let final_ = loaded.status == Status::HandoffFinal;
         {
             let mut h = self.handoff_state();
-            for (name, (_, keys)) in &loaded.servers {
+            for (name, (overflowed, keys)) in &loaded.servers {
                 for k in keys {
                     h.merged.insert((name.clone(), k.clone()));
+                }
+                if *overflowed || loaded.status == Status::Running {
+                    h.overflows.insert(name.clone());
                 }
             }
             // The old process drains for at most its shutdown timeout;
@@ -323,7 +334,7 @@ impl Persist {
             let Some((overflowed, keys)) = loaded.servers.get(&server.name) else {
                 continue;
             };
-            if *overflowed {
+            if *overflowed && h.overflows.insert(server.name.clone()) {
                 server.missed.learn(None, Source::Handoff);
             }
             for k in keys {
@@ -335,6 +346,7 @@ impl Persist {
         if loaded.status == Status::HandoffFinal {
             h.until = None;
             h.merged.clear();
+            h.overflows.clear();
             let _ = std::fs::remove_file(self.handoff_path());
             self.shared.send_replace(false);
         } else if std::time::Instant::now() >= until {
@@ -1109,6 +1121,46 @@ mod tests {
         // After its last word, the new one has the servers to itself
         // (resyncs may start).
         assert!(!*new.shared().borrow(), "no longer shared");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// What the new process of a hand-off already dealt with stays dealt
+    /// with: an overflow it took and flushed is not taken again from the
+    /// old one's later files (the old one flushes nothing any more), and
+    /// a key it deleted is forgotten by the old one.
+    #[test]
+    fn a_hand_off_takes_an_overflow_once_and_tells_what_was_deleted() {
+        let path = temp("handoff-once");
+        let (old_a, old_b) = (health("a:1"), health("b:1"));
+        let old_both = [old_a.clone(), old_b.clone()];
+        let old = Persist::new(path.clone());
+        old.start(&old_both, false);
+        old_a.missed.record_all();
+        old_b.missed.record(b"k");
+        let (new_a, new_b) = (health("a:1"), health("b:1"));
+        let new_both = [new_a.clone(), new_b.clone()];
+        let new = Persist::new(path.clone());
+        let starting = {
+            let (new, new_both) = (new.clone(), new_both.clone());
+            std::thread::spawn(move || new.start(&new_both, true))
+        };
+        assert!(old.hand_off(&old_both), "the new one takes records");
+        starting.join().unwrap();
+        assert!(new_a.missed.is_overflowed());
+        assert!(new_b.missed.contains(b"k"));
+        // The new one flushes a and deletes k on b.
+        new_a.missed.clear();
+        new_b.missed.confirm(&new_b.missed.peek_batch(10));
+        new_b.missed.cleared(&[Box::from(&b"k"[..])]);
+        assert!(!old_b.missed.contains(b"k"), "the old one forgot k");
+        assert!(old_a.missed.is_overflowed(), "a flush is not told");
+        // The old one's last file still says a overflowed.
+        old.save(&old_both);
+        new.tick(&new_both);
+        assert!(
+            !new_a.missed.is_overflowed(),
+            "the overflow was taken again after the flush"
+        );
         let _ = std::fs::remove_file(&path);
     }
 
