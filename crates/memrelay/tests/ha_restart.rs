@@ -125,28 +125,15 @@ impl Drop for Proc {
 /// Starts memrelay on `port` with `--handoff handoff` (taking the sockets
 /// over from the memrelay there, if any).
 fn spawn_handing_off(port: u16, handoff: &std::path::Path, common: &[String]) -> Proc {
-    let mut args = vec![
-        "-l".to_string(),
-        "127.0.0.1".into(),
-        "-p".into(),
-        port.to_string(),
-        "--handoff".into(),
-        handoff.display().to_string(),
-    ];
-    args.extend(common.iter().cloned());
-    Proc(
-        Command::new(support::memrelay_bin())
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+    spawn_with_log(port, handoff, common, None)
 }
 
 /// `spawn_handing_off`, its log (debug) written to `log`.
 fn spawn_logging(port: u16, handoff: &Path, common: &[String], log: &Path) -> Proc {
+    spawn_with_log(port, handoff, common, Some(log))
+}
+
+fn spawn_with_log(port: u16, handoff: &Path, common: &[String], log: Option<&Path>) -> Proc {
     let mut args = vec![
         "-l".to_string(),
         "127.0.0.1".into(),
@@ -156,16 +143,15 @@ fn spawn_logging(port: u16, handoff: &Path, common: &[String], log: &Path) -> Pr
         handoff.display().to_string(),
     ];
     args.extend(common.iter().cloned());
-    Proc(
-        Command::new(support::memrelay_bin())
-            .args(&args)
+    let mut cmd = Command::new(support::memrelay_bin());
+    cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::null());
+    match log {
+        Some(path) => cmd
             .env("MEMRELAY_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap(),
-    )
+            .stderr(std::fs::File::create(path).unwrap()),
+        None => cmd.stderr(Stdio::null()),
+    };
+    Proc(cmd.spawn().unwrap())
 }
 
 #[test]
