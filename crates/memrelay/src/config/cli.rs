@@ -94,7 +94,9 @@ more options:
                            auto_eject_hosts); it is invalidated before it
                            takes them back
       --no-resync          do not copy a restarted server's items back from the
-                           other tier (by hand: `memrelay resync host:port`)
+                           other tier, nor the values a server missed once their
+                           keys are deleted on it (by hand: `memrelay resync
+                           host:port`)
       --resync-rate N      items per second a resync copies (default 5000)
       --shutdown-timeout D on SIGTERM, how long clients get to finish before
                            they are closed (default 10s); SIGINT stops at once
