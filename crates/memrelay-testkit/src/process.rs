@@ -129,7 +129,13 @@ pub(crate) fn resolve(addr: &str) -> SocketAddr {
 }
 
 pub(crate) fn can_connect(addr: &str) -> bool {
-    TcpStream::connect_timeout(&resolve(addr), Duration::from_millis(500)).is_ok()
+    match TcpStream::connect_timeout(&resolve(addr), Duration::from_millis(500)) {
+        // Connecting over and over to a free port of the ephemeral range
+        // can get that very port as the source, and Linux then connects
+        // the socket to itself: nothing listens there.
+        Ok(s) => s.local_addr().ok() != s.peer_addr().ok(),
+        Err(_) => false,
+    }
 }
 
 /// A child's output, collected by drain threads. `keep` bounds what is
