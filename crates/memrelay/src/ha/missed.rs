@@ -380,6 +380,17 @@ impl MissedKeys {
         self.lock().keys.keys().cloned().collect()
     }
 
+    /// Publishes how many keys `inner` holds (1 while overflowed) for the
+    /// lock-free `contains`/`is_empty`, after keys were removed.
+    fn publish_count(&self, inner: &Inner) {
+        let n = if inner.overflowed {
+            1
+        } else {
+            inner.keys.len()
+        };
+        self.count.store(n, Ordering::Release);
+    }
+
     /// A mark of the records made so far, for `forget_if_before`.
     pub(crate) fn mark(&self) -> u64 {
         self.lock().next_gen
@@ -399,14 +410,7 @@ impl MissedKeys {
             }
             _ => return,
         }
-        self.count.store(
-            if inner.overflowed {
-                1
-            } else {
-                inner.keys.len()
-            },
-            Ordering::Release,
-        );
+        self.publish_count(&inner);
     }
 
     /// Takes up to `n` keys to invalidate. They stay "missed" (readers keep
@@ -434,14 +438,7 @@ impl MissedKeys {
         }
         self.invalidated
             .fetch_add(keys.len() as u64, Ordering::Relaxed);
-        self.count.store(
-            if inner.overflowed {
-                1
-            } else {
-                inner.keys.len()
-            },
-            Ordering::Release,
-        );
+        self.publish_count(&inner);
     }
 
     /// Removes keys without counting them as invalidated.
@@ -452,14 +449,7 @@ impl MissedKeys {
                 inner.forget(gen);
             }
         }
-        self.count.store(
-            if inner.overflowed {
-                1
-            } else {
-                inner.keys.len()
-            },
-            Ordering::Release,
-        );
+        self.publish_count(&inner);
     }
 
     /// The server was flushed, or restarted empty: nothing on it is stale.

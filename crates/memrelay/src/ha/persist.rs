@@ -434,33 +434,10 @@ impl Persist {
     /// it. Records are rare (failure episodes); without a peer this is one
     /// uncontended lock.
     fn relay(&self, server: &str, key: Option<&[u8]>) {
-        use std::io::{Read, Write};
-        let mut peers = self.peers();
-        if peers.is_empty() {
-            return;
-        }
         let mut line = Vec::with_capacity(server.len() + 64);
         super::missed::write_record(&mut line, server, key);
         line.push(b'\n');
-        peers.retain_mut(|stream| {
-            let mut ack = [0u8; 2];
-            let sent = stream
-                .write_all(&line)
-                .and_then(|()| stream.read_exact(&mut ack));
-            match sent {
-                Ok(()) if &ack == b"k\n" => true,
-                // The other process exited: its drain is over, or it is
-                // the old one's file that carries the rest.
-                Err(e) if is_gone(&e) => {
-                    tracing::debug!("the other memrelay of the hand-off is gone");
-                    false
-                }
-                _ => {
-                    tracing::warn!("the other memrelay stopped taking records: what it did not take, it learns from the hand-off file");
-                    false
-                }
-            }
-        });
+        self.tell(&line, 1);
     }
 
     /// Tells the other process of a hand-off, if there is one, that this
@@ -468,14 +445,9 @@ impl Persist {
     /// each acknowledged like a record). Only the new process sends them:
     /// the old one deletes nothing.
     fn relay_clears(&self, server: &str, keys: &[Box<[u8]>]) {
-        use std::io::{Read, Write};
         if !self.took_lists.load(std::sync::atomic::Ordering::Acquire) {
             // Started without the old one's lists (it never wrote them in
             // time): a delete here may predate one of its records.
-            return;
-        }
-        let mut peers = self.peers();
-        if peers.is_empty() {
             return;
         }
         let mut lines = Vec::with_capacity(keys.len() * (server.len() + 64));
@@ -484,10 +456,24 @@ impl Persist {
             super::missed::write_record(&mut lines, server, Some(k));
             lines.push(b'\n');
         }
+        self.tell(&lines, keys.len());
+    }
+
+    /// Sends `lines` (`count` of them) to the other process of a
+    /// hand-off, if there is one, and waits for an acknowledgement of
+    /// each. Without a peer this is one uncontended lock. A stream that
+    /// fails is out of step and goes: what it did not take, the other
+    /// process learns from the hand-off file.
+    fn tell(&self, lines: &[u8], count: usize) {
+        use std::io::{Read, Write};
+        let mut peers = self.peers();
+        if peers.is_empty() {
+            return;
+        }
         peers.retain_mut(|stream| {
-            let sent = stream.write_all(&lines).and_then(|()| {
+            let sent = stream.write_all(lines).and_then(|()| {
                 let mut ack = [0u8; 2];
-                for _ in keys {
+                for _ in 0..count {
                     stream.read_exact(&mut ack)?;
                     if &ack != b"k\n" {
                         return Err(std::io::ErrorKind::InvalidData.into());
@@ -495,15 +481,19 @@ impl Persist {
                 }
                 Ok(())
             });
-            // The stream is out of step: it goes, and with it the
-            // records this process would tell the old one, as when `relay`
-            // fails.
-            if let Err(e) = &sent {
-                if !is_gone(e) {
-                    tracing::warn!("the other memrelay stopped taking records: while it drains, it may serve a key this one saw a server miss");
+            match sent {
+                Ok(()) => true,
+                // The other process exited: its drain is over, or it is
+                // the old one's file that carries the rest.
+                Err(e) if is_gone(&e) => {
+                    tracing::debug!("the other memrelay of the hand-off is gone");
+                    false
+                }
+                Err(_) => {
+                    tracing::warn!("the other memrelay stopped taking records: what it did not take, it learns from the hand-off file");
+                    false
                 }
             }
-            sent.is_ok()
         });
     }
 

@@ -431,7 +431,8 @@ impl Resync {
     /// them: the values written meanwhile live on the other tier only, and
     /// would stay single copies until written again. A failure is logged
     /// and the keys left as they are (one copy, as before the repair).
-    /// Returns the keys if a reload cancelled the run before it began.
+    /// Returns the keys if a reload or a hand-off cancelled the run, to be
+    /// asked for again.
     async fn repair(&self, target: usize) -> Option<Vec<Box<[u8]>>> {
         let node = &self.nodes[target];
         if !self.take_turn(target).await {
@@ -492,11 +493,7 @@ impl Resync {
         let (sources, tier) = self.sources(target);
         let mut copied = 0;
         for &source in &sources {
-            let src_tier = if source < self.nprimaries {
-                0
-            } else {
-                self.router.tier_of(source)
-            };
+            let src_tier = self.router.tier_of(source);
             let mine: Vec<&[u8]> = keys
                 .iter()
                 .map(|k| &k[..])

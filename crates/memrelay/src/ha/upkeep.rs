@@ -86,6 +86,12 @@ impl Upkeep {
         }
     }
 
+    /// After a hand-off, deleting and flushing are the new process's (see
+    /// `Replica::handed_off`); the keys stay listed here.
+    fn handed_off(&self) -> bool {
+        self.replica.handed_off.load(Ordering::Acquire)
+    }
+
     /// After an overflow: flushes the server, unless that must wait.
     async fn flush_if_due(&mut self, c: &mut ProbeConn) -> Flush {
         let r = &self.replica;
@@ -133,7 +139,7 @@ impl Watcher for Upkeep {
     fn pending(&self) -> bool {
         // After a hand-off nothing is deleted here (see `tend`): listed
         // keys are not served, and the server may serve the others.
-        !self.replica.missed.is_empty() && !self.replica.handed_off.load(Ordering::Acquire)
+        !self.replica.missed.is_empty() && !self.handed_off()
     }
 
     fn wake(&self) -> impl std::future::Future<Output = ()> {
@@ -160,16 +166,19 @@ impl Watcher for Upkeep {
         if self.replica.missed.is_empty() {
             return true;
         }
-        // After a hand-off, deleting is the new process's (see
-        // `Replica::handed_off`); the keys stay listed here.
-        if self.replica.handed_off.load(Ordering::Acquire) {
+        if self.handed_off() {
             return true;
         }
         // A flush is a delete of everything: it waits for the same.
         if !self.settled(c).await {
             return true;
         }
-        if self.replica.missed.is_overflowed() && !self.replica.handed_off.load(Ordering::Acquire) {
+        // The wait above may have spanned a hand-off (and so may each
+        // delete batch below).
+        if self.handed_off() {
+            return true;
+        }
+        if self.replica.missed.is_overflowed() {
             match self.flush_if_due(c).await {
                 Flush::Done => {}
                 Flush::Postponed => {
@@ -181,8 +190,7 @@ impl Watcher for Upkeep {
         }
         let missed = &self.replica.missed;
         loop {
-            // A hand-off may come while a batch is out.
-            if self.replica.handed_off.load(Ordering::Acquire) {
+            if self.handed_off() {
                 return true;
             }
             let batch = missed.peek_batch(DELETE_BATCH);
@@ -193,11 +201,16 @@ impl Watcher for Upkeep {
                 return false;
             }
             missed.confirm(&batch);
+            // Keys recorded again meanwhile stay listed: the next round
+            // deletes them again, and copies them back then.
             let gone: Vec<Box<[u8]>> = batch
-                .iter()
-                .filter(|(k, _)| !missed.contains(k))
-                .map(|(k, _)| k.clone())
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| !missed.contains(k))
                 .collect();
+            if gone.is_empty() {
+                continue;
+            }
             missed.cleared(&gone);
             // The values clients wrote while this server missed them live
             // on the other tier alone: copy them back (a resync of just
@@ -205,7 +218,7 @@ impl Watcher for Upkeep {
             let _ = self.resyncs.send(Request {
                 server: self.replica.name.clone(),
                 automatic: true,
-                keys: batch.into_iter().map(|(k, _)| k).collect(),
+                keys: gone,
             });
         }
     }
