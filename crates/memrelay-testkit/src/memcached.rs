@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::client::Client;
 use crate::process::{
-    is_root, join_host_port, kill_and_reap, must_signal, proc_state, register, resolve,
+    is_root, join_host_port, kill_and_reap, listens_on, must_signal, proc_state, register, resolve,
     try_free_port, wait_until, Output, START_DEADLINE,
 };
 
@@ -243,12 +243,10 @@ fn spawn(bin: &str, host: &str, port: u16, extra: &[String]) -> Result<Child, St
         } else {
             answers(&addr)
         };
-        if up {
-            // Still ours? (Another process could own the port.)
-            if let Ok(None) = child.try_wait() {
-                return Ok(child);
-            }
-            continue;
+        // Still ours? (Another process could own the port; ours then
+        // exits once its bind fails.)
+        if up && listens_on(child.id(), port) {
+            return Ok(child);
         }
         if Instant::now() >= end {
             kill_and_reap(&mut child);

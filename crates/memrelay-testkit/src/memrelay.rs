@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::client::Client;
 use crate::process::{
-    can_connect, join_host_port, kill_and_reap, must_signal, reaped, register, signal,
+    can_connect, join_host_port, kill_and_reap, listens_on, must_signal, reaped, register, signal,
     try_free_port, wait_until, Output, Tee, START_DEADLINE,
 };
 
@@ -217,7 +217,7 @@ fn launch(
             exited = Some(st);
             return true;
         }
-        can_connect(&addr)
+        can_connect(&addr) && listens_on(child.id(), port)
     });
     match (ready, exited) {
         (true, None) => Ok(Memrelay {

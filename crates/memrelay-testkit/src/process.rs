@@ -138,6 +138,44 @@ pub(crate) fn can_connect(addr: &str) -> bool {
     }
 }
 
+/// Whether process `pid` itself holds a socket listening on `port`. A
+/// connection that succeeds proves only that *someone* listens: a process
+/// of another test may own the port the kit picked, while ours, which
+/// failed to bind it, has not exited yet. Linux only (/proc).
+pub(crate) fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    let inodes: Vec<String> = fds
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_string_lossy().into_owned();
+            let inode = link.strip_prefix("socket:[")?.strip_suffix(']')?;
+            Some(inode.to_string())
+        })
+        .collect();
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            return false;
+        };
+        text.lines().skip(1).any(|line| {
+            // sl local_address rem_address st ... uid timeout inode
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(inode)) = (cols.get(1), cols.get(3), cols.get(9))
+            else {
+                return false;
+            };
+            let listening = *state == "0A";
+            let on_port = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+                == Some(port);
+            listening && on_port && inodes.iter().any(|i| i == inode)
+        })
+    })
+}
+
 /// A child's output, collected by drain threads. `keep` bounds what is
 /// kept (the oldest bytes go first) for processes that run for minutes.
 #[derive(Debug, Clone)]
@@ -271,5 +309,26 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_is_ours_only_while_we_listen_on_it() {
+        let me = std::process::id();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert!(listens_on(me, port), "we listen on {port}");
+        // A connected socket on the port is not a listener.
+        let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let client_port = c.local_addr().unwrap().port();
+        assert!(!listens_on(me, client_port), "{client_port} is a client's");
+        // Another process's listener (pid 1 holds none of our sockets).
+        assert!(!listens_on(1, port), "pid 1 does not own our socket");
+        drop(l);
+        assert!(!listens_on(me, port), "closed listener");
     }
 }
