@@ -220,7 +220,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, link: &Link) {
         // Healed. A sender that reset its connection meanwhile never got
         // its bytes across (the silent link acknowledged nothing), and a
         // reset discards what a socket has not sent.
-        if held && (was_reset || matches!(from.take_error(), Ok(Some(_)))) {
+        if held && (was_reset || is_reset(&from)) {
             if let Some(n) = unsent.take() {
                 link.held_bytes.fetch_sub(n, Ordering::SeqCst);
             }
@@ -271,6 +271,31 @@ fn pump(mut from: TcpStream, mut to: TcpStream, link: &Link) {
     let _ = to.shutdown(Shutdown::Write);
 }
 
+/// Whether the peer reset the connection: the socket is closed (a reset
+/// moves it straight to CLOSE; a peer's FIN leaves it in CLOSE_WAIT). Asked
+/// of the socket's state, not of its pending error: the other direction's
+/// pump, writing to this socket, takes that error first (a write to a
+/// reset socket returns it and clears it), and held bytes would then pass.
+fn is_reset(s: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an all-zero tcp_info is valid plain data; getsockopt writes
+    // at most `len` bytes into it and touches nothing else.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: as above; the fd is open for the call (borrowed from `s`).
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            std::ptr::addr_of_mut!(info).cast(),
+            &mut len,
+        )
+    };
+    const TCP_CLOSE: u8 = 7;
+    rc == 0 && info.tcpi_state == TCP_CLOSE
+}
+
 /// A read that found nothing yet (the pump's read timeout).
 fn is_quiet(e: &std::io::Error) -> bool {
     matches!(
@@ -283,4 +308,35 @@ fn is_quiet(e: &std::io::Error) -> bool {
 fn reset(s: &TcpStream) {
     let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
     let _ = s.shutdown(Shutdown::Both);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reset_is_seen_after_a_write_took_the_sockets_error() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut ours, _) = l.accept().unwrap();
+        assert!(!is_reset(&ours), "a live connection");
+        reset(&client);
+        drop(client);
+        // The other pump writes to the reset socket: the write fails (at
+        // once or at the next) and takes the pending error with it.
+        let took = crate::process::wait_until(Duration::from_secs(5), || {
+            ours.write_all(b"reply\r\n").is_err()
+        });
+        assert!(took, "a write to a reset socket fails");
+        assert!(matches!(ours.take_error(), Ok(None)), "the error is gone");
+        assert!(is_reset(&ours), "the state still says reset");
+        // A sender that closes gracefully did not reset: what it sent
+        // before its FIN is delivered.
+        let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        drop(client);
+        let mut buf = [0u8; 8];
+        assert_eq!((&ours).read(&mut buf).unwrap(), 0, "the FIN came");
+        assert!(!is_reset(&ours), "a FIN is no reset");
+    }
 }
