@@ -96,7 +96,8 @@ options:
   --memcached PATH   memcached binary (default: memcached on PATH)
   --relay-log FILE   write all of memrelay's log to FILE, each line
                      prefixed with the run's clock (ms, as in the chaos and
-                     key histories); set RUST_LOG=memrelay=debug for detail
+                     key histories) and the member (m0, m1...); set
+                     MEMRELAY_LOG=memrelay=debug for detail
   -v, --verbose      print the chaos log
   -h, --help         this text
 ";
@@ -809,12 +810,17 @@ enum RelayAct {
 /// log goes to --relay-log).
 const RELAY_OUTPUT_KEPT: usize = 256 * 1024;
 
-/// How memrelay is started: `bin args`, its log kept (the tail) and
-/// copied to --relay-log with the run's clock.
-fn relay_cmd(bin: &Path, args: &[String], origin: Instant, cfg: &Cfg) -> MemrelayCmd {
+/// How memrelay `member` is started: `bin args`, its log kept (the tail)
+/// and appended to --relay-log with the run's clock and `m<member>`.
+fn relay_cmd(
+    bin: &Path,
+    (member, args): (usize, &[String]),
+    origin: Instant,
+    cfg: &Cfg,
+) -> MemrelayCmd {
     let cmd = Memrelay::cmd(args).bin(bin).keep_last(RELAY_OUTPUT_KEPT);
     match cfg.relay_log.as_deref() {
-        Some(p) => cmd.log_file(p, origin),
+        Some(p) => cmd.log_file(p, origin, &format!("m{member} ")),
         None => cmd,
     }
 }
@@ -824,14 +830,14 @@ fn restart_relay(
     relay: &mut Memrelay,
     how: RelayAct,
     bin: &Path,
-    args: &[String],
+    member: (usize, &[String]),
     origin: Instant,
     cfg: &Cfg,
     watch: &Watch,
 ) -> Result<String, String> {
     let began = Instant::now();
     let port = relay.port();
-    let start = || relay_cmd(bin, args, origin, cfg).port(port).try_start();
+    let start = || relay_cmd(bin, member, origin, cfg).port(port).try_start();
     match how {
         RelayAct::Terminate => {
             if !relay.signal_and_wait(libc::SIGTERM, Duration::from_secs(10)) {
@@ -979,9 +985,14 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
     // The run's clock starts here, so memrelay's log lines and the
     // histories share one time line.
     let origin = Instant::now();
+    if let Some(p) = cfg.relay_log.as_deref() {
+        // Each memrelay appends to it: start it empty.
+        std::fs::write(p, b"").map_err(|e| format!("{}: {e}", p.display()))?;
+    }
     let mut relays: Vec<Memrelay> = all_args
         .iter()
-        .map(|a| relay_cmd(&relay_bin, a, origin, cfg).try_start())
+        .enumerate()
+        .map(|(m, a)| relay_cmd(&relay_bin, (m, a), origin, cfg).try_start())
         .collect::<Result<_, _>>()?;
     let addrs: Vec<String> = relays.iter().map(Memrelay::addr).collect();
     for addr in &addrs {
@@ -1128,7 +1139,7 @@ fn run(cfg: &Cfg) -> Result<bool, String> {
                 let how = cfg.relay_acts[rng.below(cfg.relay_acts.len() as u64) as usize];
                 let m = rng.below(members as u64) as usize;
                 let (relay, args) = (&mut relays[m], &all_args[m]);
-                match restart_relay(relay, how, &relay_bin, args, origin, cfg, watch) {
+                match restart_relay(relay, how, &relay_bin, (m, args), origin, cfg, watch) {
                     Ok(line) if members > 1 => relay_log.push(format!("{line} (member {m})")),
                     Ok(line) => relay_log.push(line),
                     Err(e) => {

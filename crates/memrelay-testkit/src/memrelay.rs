@@ -70,10 +70,10 @@ pub struct MemrelayCmd {
     /// A fixed port (a restart in place); None: a free one, retried when
     /// another process takes it first.
     port: Option<u16>,
-    /// memrelay's standard error copied to this file, each line prefixed
-    /// with the milliseconds since the instant (appended to on a restart
-    /// in place, truncated otherwise).
-    log_file: Option<(PathBuf, Instant)>,
+    /// memrelay's standard error appended to this file, each line prefixed
+    /// with the milliseconds since the instant and the tag (several
+    /// memrelays may share one file: each line is one append).
+    log_file: Option<(PathBuf, Instant, String)>,
     /// Bytes of output kept (None: all).
     keep: Option<usize>,
 }
@@ -91,9 +91,10 @@ impl MemrelayCmd {
         self
     }
 
-    /// Copy memrelay's log to `path`, lines stamped with ms since `origin`.
-    pub fn log_file(mut self, path: &Path, origin: Instant) -> MemrelayCmd {
-        self.log_file = Some((path.to_path_buf(), origin));
+    /// Append memrelay's log to `path`, lines stamped with ms since
+    /// `origin` and then `tag` (which memrelay of several wrote it).
+    pub fn log_file(mut self, path: &Path, origin: Instant, tag: &str) -> MemrelayCmd {
+        self.log_file = Some((path.to_path_buf(), origin, tag.to_string()));
         self
     }
 
@@ -116,20 +117,18 @@ impl MemrelayCmd {
             all
         };
         let tee = || -> Result<Option<Tee>, String> {
-            let Some((path, origin)) = &self.log_file else {
+            let Some((path, origin, tag)) = &self.log_file else {
                 return Ok(None);
             };
-            let restart = self.port.is_some();
             let f = std::fs::OpenOptions::new()
                 .create(true)
-                .write(true)
-                .append(restart)
-                .truncate(!restart)
+                .append(true)
                 .open(path)
                 .map_err(|e| format!("{}: {e}", path.display()))?;
             Ok(Some(Tee {
-                file: std::io::LineWriter::new(f),
+                file: f,
                 origin: *origin,
+                tag: tag.clone(),
             }))
         };
         match self.port {

@@ -188,8 +188,11 @@ pub(crate) struct Output {
 /// milliseconds since `origin` (a tool's run log).
 #[derive(Debug)]
 pub(crate) struct Tee {
-    pub(crate) file: std::io::LineWriter<std::fs::File>,
+    /// Opened for appending.
+    pub(crate) file: std::fs::File,
     pub(crate) origin: Instant,
+    /// Put after the milliseconds (which process wrote the line).
+    pub(crate) tag: String,
 }
 
 impl Output {
@@ -239,8 +242,12 @@ impl Output {
                     while let Some(i) = partial.iter().position(|&c| c == b'\n') {
                         let line: Vec<u8> = partial.drain(..=i).collect();
                         let ms = t.origin.elapsed().as_millis();
-                        let _ = write!(t.file, "{ms:>8} ");
-                        let _ = t.file.write_all(&line);
+                        // One write per line: an O_APPEND write lands
+                        // whole, so writers sharing the file interleave
+                        // lines, never bytes.
+                        let mut stamped = format!("{ms:>8} {}", t.tag).into_bytes();
+                        stamped.extend_from_slice(&line);
+                        let _ = t.file.write_all(&stamped);
                     }
                 }
             }
