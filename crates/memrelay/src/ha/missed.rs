@@ -19,6 +19,9 @@ use std::sync::Mutex;
 pub(crate) struct MissedKeys {
     /// What the set is for, in its log lines.
     label: &'static str,
+    /// The server whose keys it lists (empty for sets of other uses), for
+    /// the per-key trace lines that follow one key through a failure.
+    server: String,
     /// Number of keys recorded, or 1 while overflowed; 0 means "nothing
     /// missed" and lets readers skip the lock.
     count: AtomicUsize,
@@ -154,11 +157,20 @@ impl MissedKeys {
         MissedKeys::labelled("missed-key list", cap)
     }
 
+    /// The missed-key list of `server`.
+    pub(crate) fn of_server(server: &str, cap: usize) -> MissedKeys {
+        MissedKeys {
+            server: server.to_string(),
+            ..MissedKeys::new(cap)
+        }
+    }
+
     /// A set of keys for another purpose (keys being copied by a resync,
     /// keys written during one), with the same bounds.
     pub(crate) fn labelled(label: &'static str, cap: usize) -> MissedKeys {
         MissedKeys {
             label,
+            server: String::new(),
             count: AtomicUsize::new(0),
             inner: Mutex::new(Inner::default()),
             cap: cap.max(1),
@@ -288,6 +300,7 @@ impl MissedKeys {
     }
 
     fn note(&self, key: &[u8], from: Source) {
+        self.trace("recorded", key, Some(from));
         self.recorded.fetch_add(1, Ordering::Relaxed);
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.recorded_signal.notify_one();
@@ -407,10 +420,23 @@ impl MissedKeys {
             Some(&gen) if gen >> 1 <= mark => {
                 inner.keys.remove(key);
                 inner.forget(gen);
+                self.trace("forgotten: deleted by the new process", key, None);
             }
             _ => return,
         }
         self.publish_count(&inner);
+    }
+
+    /// One key's record changed (a trace line, for following a key).
+    fn trace(&self, what: &str, key: &[u8], from: Option<Source>) {
+        if !self.server.is_empty() {
+            tracing::trace!(
+                server = %self.server,
+                key = %String::from_utf8_lossy(key),
+                from = ?from,
+                "missed key {what}"
+            );
+        }
     }
 
     /// Takes up to `n` keys to invalidate. They stay "missed" (readers keep
@@ -434,6 +460,7 @@ impl MissedKeys {
             if inner.keys.get(k) == Some(gen) {
                 inner.keys.remove(k);
                 inner.forget(*gen);
+                self.trace("deleted", k, None);
             }
         }
         self.invalidated
@@ -447,6 +474,7 @@ impl MissedKeys {
         for k in keys {
             if let Some(gen) = inner.keys.remove(k) {
                 inner.forget(gen);
+                self.trace("removed", k, None);
             }
         }
         self.publish_count(&inner);
@@ -454,6 +482,9 @@ impl MissedKeys {
 
     /// The server was flushed, or restarted empty: nothing on it is stale.
     pub(crate) fn clear(&self) {
+        if !self.server.is_empty() {
+            tracing::trace!(server = %self.server, "missed keys: all cleared");
+        }
         let mut inner = self.lock();
         inner.keys = HashMap::new();
         inner.own = 0;

@@ -328,6 +328,11 @@ fn copy_expired_copies(
             continue;
         };
         for &(k, server) in absent.iter().filter(|(k, _)| *k == i) {
+            tracing::trace!(
+                server = %w.servers[server as usize].health().name,
+                key = %String::from_utf8_lossy(key),
+                "TTL copy: add"
+            );
             let len = value.len();
             let queued = w.servers[server as usize].send_for_key(
                 key,
@@ -577,6 +582,12 @@ fn after_fallback(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) -> ReadS
         let Some(key) = req.keys(&frame).nth(i as usize) else {
             continue;
         };
+        tracing::trace!(
+            server = %w.servers[primary].health().name,
+            key = %String::from_utf8_lossy(key),
+            from = %w.servers[slot.parts[idx].server as usize].health().name,
+            "read repair: add"
+        );
         let queued = w.servers[primary].send_for_key(
             key,
             Expect::Storage,

@@ -78,8 +78,8 @@ impl Replica {
     pub(crate) fn new(name: String, missed_cap: usize, threads: usize) -> Replica {
         let stamp = u32::from(super::cas::stamp(&name, 0, 0));
         Replica {
-            live: Arc::new(Health::new(name, threads)),
-            missed: MissedKeys::new(missed_cap),
+            live: Arc::new(Health::new(name.clone(), threads)),
+            missed: MissedKeys::of_server(&name, missed_cap),
             resync: Default::default(),
             copying: MissedKeys::labelled("resync copy set", 100_000),
             touched: MissedKeys::labelled("resync touched set", missed_cap),

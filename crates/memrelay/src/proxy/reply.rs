@@ -31,7 +31,11 @@ pub(crate) fn render(w: &Worker, slot: Slot, out: &mut OutQueue) -> bool {
         };
     }
     let Some(req) = slot.req else { return false };
-    w.stats.latency[crate::stats::command_class(req.command)].record(slot.started.elapsed());
+    let took = slot.started.elapsed();
+    w.stats.latency[crate::stats::command_class(req.command)].record(took);
+    if took >= SLOW_REQUEST {
+        log_slow(w, &slot, &req, took);
+    }
     if let Some(kind) = ha::flow::Kind::of(req.command) {
         ha::flow::render(w, &slot, &req, kind, out);
         return false;
@@ -48,6 +52,35 @@ pub(crate) fn render(w: &Worker, slot: Slot, out: &mut OutQueue) -> bool {
         _ => {}
     }
     false
+}
+
+/// A request that took this long is logged (at debug level) with what
+/// each of its sub-requests met: the trail of a slow answer.
+const SLOW_REQUEST: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn log_slow(w: &Worker, slot: &Slot, req: &memrelay_protocol::Request, took: std::time::Duration) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let parts: Vec<String> = slot
+        .parts
+        .iter()
+        .map(|p| {
+            let outcome = match &p.result {
+                None => "pending".to_string(),
+                Some(Ok(r)) => format!("{:?}", r.kind),
+                Some(Err(e)) => format!("{e:?}"),
+            };
+            let server = &w.servers[p.server as usize].health().name;
+            format!("{server} {:?} {outcome}", p.role)
+        })
+        .collect();
+    tracing::debug!(
+        command = ?req.command,
+        took_ms = took.as_millis() as u64,
+        parts = ?parts,
+        "slow request"
+    );
 }
 
 /// Every server must say OK; otherwise the first refusal or failure.
