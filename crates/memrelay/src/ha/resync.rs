@@ -452,10 +452,6 @@ impl Resync {
         }
         match result {
             Ok(copied) => {
-                node.health
-                    .resync
-                    .copied
-                    .fetch_add(copied, Ordering::Relaxed);
                 tracing::debug!(server = %node.name, keys = keys.len(), copied, "deleted keys copied back");
             }
             Err(e) => {
@@ -482,14 +478,7 @@ impl Resync {
 
     /// The copying of `repair`: like `run`, with the keys given.
     async fn copy_keys(&self, target: usize, keys: &[Box<[u8]>]) -> Result<u64, String> {
-        let node = &self.nodes[target];
-        // As in `run`: writes in flight before `touched` was cleared end
-        // before anything is read.
-        node.health.touched.clear();
-        self.pause(self.write_life).await;
-        if self.cancelled() {
-            return Err(CANCELLED.into());
-        }
+        self.settle_writes(target).await?;
         let (sources, tier) = self.sources(target);
         let mut copied = 0;
         for &source in &sources {
@@ -505,20 +494,66 @@ impl Resync {
             if mine.is_empty() {
                 continue;
             }
-            let src = &self.nodes[source];
-            let mut from = connect(&src.dial, self.connect_timeout).await?;
-            let mut to = connect(&node.dial, self.connect_timeout).await?;
-            for batch in mine.chunks(BATCH) {
-                // The router chose these sources: after a reload it may
-                // no longer, and after a hand-off the other process's
-                // client writes are not in `touched`.
-                if self.cancelled() {
-                    return Err(CANCELLED.into());
-                }
-                copied += self
-                    .copy_batch(src, node, &mut from, &mut to, batch)
-                    .await?;
+            copied += self
+                .copy_batches(source, target, mine.chunks(BATCH), || {})
+                .await?;
+        }
+        Ok(copied)
+    }
+
+    /// From now on every client write of a key of `target` is noted in
+    /// `touched`. A write already in flight is not, and may not have
+    /// reached the source yet (a delete waiting on a stopped primary
+    /// before its mirror): a copy read before it lands would undo it. So
+    /// this waits until every such write has ended, before anything is
+    /// read. A reload that replaces this configuration ends the wait too.
+    async fn settle_writes(&self, target: usize) -> Result<(), String> {
+        self.nodes[target].health.touched.clear();
+        self.pause(self.write_life).await;
+        if self.cancelled() {
+            return Err(CANCELLED.into());
+        }
+        Ok(())
+    }
+
+    /// Copies `batches` of keys from `source` to `target`, over one
+    /// connection to each, at most `--resync-rate` keys a second, counted
+    /// in the target's progress; `after_batch` runs after each. Returns
+    /// how many copies stand.
+    async fn copy_batches<'k, B: AsRef<[&'k [u8]]>>(
+        &self,
+        source: usize,
+        target: usize,
+        batches: impl Iterator<Item = B>,
+        mut after_batch: impl FnMut(),
+    ) -> Result<u64, String> {
+        let (src, node) = (&self.nodes[source], &self.nodes[target]);
+        let p = &node.health.resync;
+        let mut from = connect(&src.dial, self.connect_timeout).await?;
+        let mut to = connect(&node.dial, self.connect_timeout).await?;
+        let mut copied = 0;
+        for batch in batches {
+            let batch = batch.as_ref();
+            // The router chose this source: after a reload it may no
+            // longer, and after a hand-off the other process's client
+            // writes are not in `touched`.
+            if self.cancelled() {
+                return Err(CANCELLED.into());
             }
+            let batch_started = Instant::now();
+            let n = self
+                .copy_batch(src, node, &mut from, &mut to, batch)
+                .await?;
+            copied += n;
+            p.copied.fetch_add(n, Ordering::Relaxed);
+            p.skipped
+                .fetch_add((batch.len() as u64).saturating_sub(n), Ordering::Relaxed);
+            // Rate limit: this batch may take no less than its share.
+            let share = Duration::from_secs_f64(batch.len() as f64 / self.rate.max(1) as f64);
+            if let Some(wait) = share.checked_sub(batch_started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+            after_batch();
         }
         Ok(copied)
     }
@@ -537,17 +572,7 @@ impl Resync {
         ] {
             c.store(0, Ordering::Relaxed);
         }
-        // From now on every client write of a key of this server is noted
-        // in `touched`. A write already in flight is not, and may not have
-        // reached the source yet (a delete waiting on a stopped primary
-        // before its mirror): a copy read before it lands would undo it.
-        // So wait until every such write has ended before reading.
-        node.health.touched.clear();
-        // A reload that replaces this configuration ends the wait too.
-        self.pause(self.write_life).await;
-        if self.cancelled() {
-            return Err(CANCELLED.into());
-        }
+        self.settle_writes(target).await?;
         let (sources, tier) = self.sources(target);
         if sources.is_empty() {
             return Ok(());
@@ -559,30 +584,11 @@ impl Resync {
             if self.cancelled() {
                 return Err(CANCELLED.into());
             }
-            let src = &self.nodes[source];
-            let keys = self.select_keys(src, target, tier).await?;
-            let mut from = connect(&src.dial, self.connect_timeout).await?;
-            let mut to = connect(&node.dial, self.connect_timeout).await?;
-            for batch in keys.chunks(BATCH) {
-                if self.cancelled() {
-                    return Err(CANCELLED.into());
-                }
-                let batch_started = Instant::now();
-                let n_copied = self
-                    .copy_batch(src, node, &mut from, &mut to, &batch)
-                    .await?;
-                p.copied.fetch_add(n_copied, Ordering::Relaxed);
-                p.skipped.fetch_add(
-                    (batch.len() as u64).saturating_sub(n_copied),
-                    Ordering::Relaxed,
-                );
-                // Rate limit: this batch may take no less than its share.
-                let share = Duration::from_secs_f64(batch.len() as f64 / self.rate.max(1) as f64);
-                if let Some(wait) = share.checked_sub(batch_started.elapsed()) {
-                    tokio::time::sleep(wait).await;
-                }
-                self.note_progress(node, started, &mut last_log);
-            }
+            let keys = self.select_keys(&self.nodes[source], target, tier).await?;
+            self.copy_batches(source, target, keys.chunks(BATCH), || {
+                self.note_progress(node, started, &mut last_log)
+            })
+            .await?;
         }
         Ok(())
     }
