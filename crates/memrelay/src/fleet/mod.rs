@@ -294,7 +294,7 @@ impl Fleet {
             .insert(name.to_string(), Arc::downgrade(replica));
         let me = Arc::downgrade(self);
         let name = name.to_string();
-        replica.missed.on_record(Box::new(move |key, from| {
+        replica.missed.on_record(Box::new(move |key, from, _| {
             // What a peer or the hand-off's other process recorded was
             // sent to the peers by the process that recorded it.
             if from != Source::Here {

@@ -55,10 +55,14 @@ pub(crate) struct MissedKeys {
     /// Called with the keys the prober deleted on the server and forgot:
     /// during a hand-off the old process, which deletes nothing, is told.
     on_clear: std::sync::RwLock<Vec<ClearHook>>,
+    /// Records learnt from the other process of a hand-off over its
+    /// record socket, in the order it sent them (see `forget_if_covered`).
+    streamed: AtomicU64,
 }
 
-/// See `MissedKeys::on_clear`.
-pub(crate) type ClearHook = Box<dyn Fn(&[Box<[u8]>]) + Send + Sync>;
+/// See `MissedKeys::on_clear`: the keys, and `streamed_count` when
+/// they were confirmed.
+pub(crate) type ClearHook = Box<dyn Fn(&[Box<[u8]>], u64) + Send + Sync>;
 
 /// A record as text, for another memrelay (the hand-off's other process,
 /// a peer of the fleet): `<server> <key in base64, or *>`, appended to
@@ -88,8 +92,9 @@ pub(crate) fn read_record(text: &str) -> Option<(&str, Option<Vec<u8>>)> {
     }
 }
 
-/// Told of every record: the key, or None for every key, and its source.
-pub(crate) type RecordHook = Box<dyn Fn(Option<&[u8]>, Source) + Send + Sync>;
+/// Told of every record: the key, or None for every key, its source, and
+/// its generation (0 when it has none: every key, or an overflowed set).
+pub(crate) type RecordHook = Box<dyn Fn(Option<&[u8]>, Source, u64) + Send + Sync>;
 
 /// Who first knew that the server missed a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +123,11 @@ struct Inner {
     /// Each key with the generation of its latest record, shifted left by
     /// one, and [`OWN`] set if any record of it was this process's own.
     keys: HashMap<Box<[u8]>, u64>,
+    /// Keys whose latest record was told to the other process of a
+    /// hand-off: that generation, and its number among the records of
+    /// this server sent there (see `forget_if_covered`). Only ever filled
+    /// during a hand-off, and never beyond `keys`.
+    relayed: HashMap<Box<[u8]>, (u64, u64)>,
     /// Source of generations.
     next_gen: u64,
     /// Keys with [`OWN`] set.
@@ -149,6 +159,21 @@ impl Inner {
         if gen & OWN != 0 {
             self.own -= 1;
         }
+    }
+
+    /// Removes `key`'s record; returns its generation.
+    fn remove(&mut self, key: &[u8]) -> Option<u64> {
+        let gen = self.keys.remove(key)?;
+        self.relayed.remove(key);
+        self.forget(gen);
+        Some(gen)
+    }
+
+    /// Forgets every key (a flush, an overflow).
+    fn drop_keys(&mut self) {
+        self.keys = HashMap::new();
+        self.relayed = HashMap::new();
+        self.own = 0;
     }
 }
 
@@ -182,6 +207,7 @@ impl MissedKeys {
             on_dirty: std::sync::OnceLock::new(),
             on_record: std::sync::RwLock::new(Vec::new()),
             on_clear: std::sync::RwLock::new(Vec::new()),
+            streamed: AtomicU64::new(0),
         }
     }
 
@@ -193,14 +219,14 @@ impl MissedKeys {
             .push(hook);
     }
 
-    fn recorded_hook(&self, key: Option<&[u8]>, from: Source) {
+    fn recorded_hook(&self, key: Option<&[u8]>, from: Source, gen: u64) {
         for hook in self
             .on_record
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            hook(key, from);
+            hook(key, from, gen);
         }
     }
 
@@ -212,8 +238,9 @@ impl MissedKeys {
             .push(hook);
     }
 
-    /// The prober deleted `keys` on the server and forgot them.
-    pub(crate) fn cleared(&self, keys: &[Box<[u8]>]) {
+    /// The prober deleted `keys` on the server and forgot them; `seen`
+    /// is `streamed_count` taken before they were confirmed.
+    pub(crate) fn cleared(&self, keys: &[Box<[u8]>], seen: u64) {
         if keys.is_empty() {
             return;
         }
@@ -223,8 +250,20 @@ impl MissedKeys {
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            hook(keys);
+            hook(keys, seen);
         }
+    }
+
+    /// Counts a record learnt from the hand-off's record socket. Called
+    /// once it is in the set, never before: a count taken meanwhile then
+    /// only errs low.
+    pub(crate) fn streamed(&self) {
+        self.streamed.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Records learnt from the hand-off's record socket so far.
+    pub(crate) fn streamed_count(&self) -> u64 {
+        self.streamed.load(Ordering::SeqCst)
     }
 
     /// Installs the hook called when the set stops being empty or first
@@ -285,41 +324,46 @@ impl MissedKeys {
 
     /// Records that a write for `key` went past this server.
     pub(crate) fn record(&self, key: &[u8]) {
-        self.note(key, Source::Here);
-        self.recorded_hook(Some(key), Source::Here);
+        let gen = self.note(key, Source::Here);
+        self.recorded_hook(Some(key), Source::Here, gen);
     }
 
     /// Records what another memrelay recorded (`None`: every key). The
     /// hooks are told where it came from, so none sends it back.
     pub(crate) fn learn(&self, key: Option<&[u8]>, from: Source) {
-        match key {
+        let gen = match key {
             Some(k) => self.note(k, from),
-            None => self.note_all(from),
-        }
-        self.recorded_hook(key, from);
+            None => {
+                self.note_all(from);
+                0
+            }
+        };
+        self.recorded_hook(key, from, gen);
     }
 
-    fn note(&self, key: &[u8], from: Source) {
+    /// Returns the record's generation (0 if the set is overflowed).
+    fn note(&self, key: &[u8], from: Source) -> u64 {
         self.trace("recorded", key, Some(from));
         self.recorded.fetch_add(1, Ordering::Relaxed);
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.recorded_signal.notify_one();
         let was_empty = self.count.load(Ordering::Acquire) == 0;
-        let first_own = self.insert(key, from);
+        let (first_own, gen) = self.insert(key, from);
         if was_empty || first_own {
             self.dirtied();
         }
+        gen
     }
 
     /// Returns whether this made the set hold an own record for the
-    /// first time.
-    fn insert(&self, key: &[u8], from: Source) -> bool {
+    /// first time, and the key's generation now (0 if overflowed).
+    fn insert(&self, key: &[u8], from: Source) -> (bool, u64) {
         let mut inner = self.lock();
         let had_own = inner.has_own();
         let own = is_own(from);
         if inner.overflowed {
             inner.own_overflow |= own;
-            return own && !had_own;
+            return (own && !had_own, 0);
         }
         inner.next_gen += 1;
         let gen = inner.next_gen << 1 | u64::from(own);
@@ -328,36 +372,36 @@ impl MissedKeys {
             // older record must not clear this one (see `confirm`).
             let was_own = *g & OWN != 0;
             *g = gen | (*g & OWN);
+            let now = *g;
             if own && !was_own {
                 inner.own += 1;
             }
-            return own && !had_own;
+            return (own && !had_own, now);
         }
         if inner.keys.len() >= self.cap {
             inner.overflowed = true;
             inner.overflowed_by = Some(from);
             inner.own_overflow = own || had_own;
-            inner.own = 0;
-            inner.keys = HashMap::new();
+            inner.drop_keys();
             self.count.store(1, Ordering::Release);
             tracing::warn!(
                 cap = self.cap,
                 set = self.label,
                 "key set overflowed: it now covers every key"
             );
-            return own && !had_own;
+            return (own && !had_own, 0);
         }
         inner.keys.insert(key.into(), gen);
         inner.own += usize::from(own);
         self.count.store(inner.keys.len(), Ordering::Release);
-        own && !had_own
+        (own && !had_own, gen)
     }
 
     /// The server missed a write to every key (a `flush_all`): it must be
     /// flushed before it serves again.
     pub(crate) fn record_all(&self) {
         self.note_all(Source::Here);
-        self.recorded_hook(None, Source::Here);
+        self.recorded_hook(None, Source::Here, 0);
     }
 
     fn note_all(&self, from: Source) {
@@ -368,9 +412,8 @@ impl MissedKeys {
             inner.overflowed_by = Some(from);
         }
         inner.own_overflow = is_own(from) || inner.has_own();
-        inner.own = 0;
         inner.overflowed = true;
-        inner.keys = HashMap::new();
+        inner.drop_keys();
         self.count.store(1, Ordering::Release);
         drop(inner);
         self.dirtied();
@@ -404,26 +447,40 @@ impl MissedKeys {
         self.count.store(n, Ordering::Release);
     }
 
-    /// A mark of the records made so far, for `forget_if_before`.
+    /// A mark of the records made so far, for `forget_if_covered`.
     pub(crate) fn mark(&self) -> u64 {
         self.lock().next_gen
     }
 
-    /// Forgets `key` unless it was recorded after `mark` was taken: the
-    /// new process of a hand-off deleted it on the server (after every
-    /// record made before the hand-off, which it had), so a record made
-    /// before then needs no delete here. A later one may be of a write
-    /// the delete did not cover, and stays.
-    pub(crate) fn forget_if_before(&self, key: &[u8], mark: u64) {
+    /// The record of `key` with generation `gen` (as the record hooks
+    /// were told) reached the other process of a hand-off as the `seq`th
+    /// record of this server sent there. Kept only while it is still the
+    /// key's latest record.
+    pub(crate) fn note_relayed(&self, key: &[u8], gen: u64, seq: u64) {
         let mut inner = self.lock();
-        match inner.keys.get(key) {
-            Some(&gen) if gen >> 1 <= mark => {
-                inner.keys.remove(key);
-                inner.forget(gen);
-                self.trace("forgotten: deleted by the new process", key, None);
-            }
-            _ => return,
+        if inner.keys.get(key) == Some(&gen) {
+            inner.relayed.insert(key.into(), (gen, seq));
         }
+    }
+
+    /// The new process of a hand-off deleted `key` on the server, after it
+    /// had learnt the first `seen` records of this server sent to it.
+    /// Forgets `key` if its latest record is covered by that delete: made
+    /// before `mark` was taken (the hand-off, whose lists the new process
+    /// had), or sent to it among those `seen`. A record it had not learnt
+    /// may be of a write the delete did not cover, and stays.
+    pub(crate) fn forget_if_covered(&self, key: &[u8], mark: u64, seen: u64) {
+        let mut inner = self.lock();
+        let Some(&gen) = inner.keys.get(key) else {
+            return;
+        };
+        let sent_in_time =
+            matches!(inner.relayed.get(key), Some(&(g, seq)) if g == gen && seq <= seen);
+        if gen >> 1 > mark && !sent_in_time {
+            return;
+        }
+        inner.remove(key);
+        self.trace("forgotten: deleted by the new process", key, None);
         self.publish_count(&inner);
     }
 
@@ -458,8 +515,7 @@ impl MissedKeys {
         let mut inner = self.lock();
         for (k, gen) in keys {
             if inner.keys.get(k) == Some(gen) {
-                inner.keys.remove(k);
-                inner.forget(*gen);
+                inner.remove(k);
                 self.trace("deleted", k, None);
             }
         }
@@ -472,8 +528,7 @@ impl MissedKeys {
     pub(crate) fn confirm_quietly(&self, keys: &[Box<[u8]>]) {
         let mut inner = self.lock();
         for k in keys {
-            if let Some(gen) = inner.keys.remove(k) {
-                inner.forget(gen);
+            if inner.remove(k).is_some() {
                 self.trace("removed", k, None);
             }
         }
@@ -486,8 +541,7 @@ impl MissedKeys {
             tracing::trace!(server = %self.server, "missed keys: all cleared");
         }
         let mut inner = self.lock();
-        inner.keys = HashMap::new();
-        inner.own = 0;
+        inner.drop_keys();
         inner.overflowed = false;
         inner.own_overflow = false;
         self.count.store(0, Ordering::Release);
@@ -521,16 +575,52 @@ mod tests {
         m.record(b"again");
         m.record(b"after");
         for k in [&b"before"[..], b"again", b"after", b"never"] {
-            m.forget_if_before(k, mark);
+            m.forget_if_covered(k, mark, 0);
         }
         assert!(!m.contains(b"before"));
         assert!(m.contains(b"again"));
         assert!(m.contains(b"after"));
         assert_eq!(m.len(), 2);
         assert!(!m.is_empty());
-        m.forget_if_before(b"again", m.mark());
-        m.forget_if_before(b"after", m.mark());
+        m.forget_if_covered(b"again", m.mark(), 0);
+        m.forget_if_covered(b"after", m.mark(), 0);
         assert!(m.is_empty(), "the count follows the keys");
+    }
+
+    #[test]
+    fn a_clear_forgets_a_later_record_only_if_the_new_process_had_it() {
+        let m = MissedKeys::new(10);
+        let mark = m.mark();
+        let gens = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let g = gens.clone();
+        m.on_record(Box::new(move |_, _, gen| g.lock().unwrap().push(gen)));
+        let last = || *gens.lock().unwrap().last().unwrap();
+        // After the hand-off: sent to the new process as its 1st record.
+        m.record(b"sent");
+        m.note_relayed(b"sent", last(), 1);
+        // Not sent yet when the new process deleted it.
+        m.record(b"unsent");
+        // Sent, then recorded again (a later write missed): not sent yet.
+        m.record(b"again");
+        m.note_relayed(b"again", last(), 2);
+        m.record(b"again");
+        // Sent as the 3rd: after what the new process had learnt.
+        m.record(b"late");
+        m.note_relayed(b"late", last(), 3);
+        for k in [&b"sent"[..], b"unsent", b"again", b"late"] {
+            m.forget_if_covered(k, mark, 2);
+        }
+        assert!(!m.contains(b"sent"));
+        assert!(m.contains(b"unsent"));
+        assert!(m.contains(b"again"), "its latest record was not sent");
+        assert!(m.contains(b"late"));
+        m.forget_if_covered(b"late", mark, 3);
+        assert!(!m.contains(b"late"));
+        // A generation that is not the key's latest is not kept.
+        m.note_relayed(b"unsent", 12345, 4);
+        m.forget_if_covered(b"unsent", mark, 9);
+        assert!(m.contains(b"unsent"));
+        assert_eq!(m.len(), 2);
     }
 
     #[test]

@@ -44,7 +44,7 @@
 //! cannot say them again (`Persist::settle`).
 //! It is replaced atomically (written beside, synced, renamed).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -103,6 +103,10 @@ pub(crate) struct Persist {
     /// The servers the crashed process's file marked `learnt`, until
     /// `settle` decides.
     learnt: Mutex<Vec<String>>,
+    /// Per server: records of it sent to the other process of a hand-off
+    /// (see `MissedKeys::forget_if_covered`). Taken under `peers`, so
+    /// they number the records in the order they are sent.
+    sent: Mutex<HashMap<String, u64>>,
 }
 
 #[derive(Debug, Default)]
@@ -160,6 +164,7 @@ impl Persist {
             took_lists: std::sync::atomic::AtomicBool::new(false),
             writing: Mutex::new(()),
             learnt: Mutex::new(Vec::new()),
+            sent: Mutex::new(HashMap::new()),
         })
     }
 
@@ -433,18 +438,21 @@ impl Persist {
     /// `server` missed `key` (None: every key), and waits for it to have
     /// it. Records are rare (failure episodes); without a peer this is one
     /// uncontended lock.
-    fn relay(&self, server: &str, key: Option<&[u8]>) {
+    /// Returns the record's number among those of `server` sent, if the
+    /// other process took it.
+    fn relay(&self, server: &str, key: Option<&[u8]>) -> Option<u64> {
         let mut line = Vec::with_capacity(server.len() + 64);
         super::missed::write_record(&mut line, server, key);
         line.push(b'\n');
-        self.tell(&line, 1);
+        self.tell(&line, 1, Some(server))
     }
 
     /// Tells the other process of a hand-off, if there is one, that this
-    /// one deleted `keys` on `server` and forgot them (`clear` lines,
-    /// each acknowledged like a record). Only the new process sends them:
-    /// the old one deletes nothing.
-    fn relay_clears(&self, server: &str, keys: &[Box<[u8]>]) {
+    /// one deleted `keys` on `server` and forgot them, having learnt the
+    /// first `seen` records of that server the other one sent (`clear`
+    /// lines, each acknowledged like a record). Only the new process
+    /// sends them: the old one deletes nothing.
+    fn relay_clears(&self, server: &str, keys: &[Box<[u8]>], seen: u64) {
         if !self.took_lists.load(std::sync::atomic::Ordering::Acquire) {
             // Started without the old one's lists (it never wrote them in
             // time): a delete here may predate one of its records.
@@ -454,22 +462,33 @@ impl Persist {
         for k in keys {
             lines.extend_from_slice(CLEAR);
             super::missed::write_record(&mut lines, server, Some(k));
-            lines.push(b'\n');
+            // Last, so a release that reads `clear <server> <key>` finds
+            // no server by that name and ignores the line.
+            lines.extend_from_slice(format!(" {seen}\n").as_bytes());
         }
-        self.tell(&lines, keys.len());
+        self.tell(&lines, keys.len(), None);
     }
 
     /// Sends `lines` (`count` of them) to the other process of a
     /// hand-off, if there is one, and waits for an acknowledgement of
     /// each. Without a peer this is one uncontended lock. A stream that
     /// fails is out of step and goes: what it did not take, the other
-    /// process learns from the hand-off file.
-    fn tell(&self, lines: &[u8], count: usize) {
+    /// process learns from the hand-off file. `record_of`: the line is a
+    /// record of that server; returns its number among that server's
+    /// records sent, if every stream took it.
+    fn tell(&self, lines: &[u8], count: usize, record_of: Option<&str>) -> Option<u64> {
         use std::io::{Read, Write};
         let mut peers = self.peers();
         if peers.is_empty() {
-            return;
+            return None;
         }
+        let seq = record_of.map(|server| {
+            let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+            let n = sent.entry(server.to_string()).or_insert(0);
+            *n += 1;
+            *n
+        });
+        let streams = peers.len();
         peers.retain_mut(|stream| {
             let sent = stream.write_all(lines).and_then(|()| {
                 let mut ack = [0u8; 2];
@@ -495,6 +514,7 @@ impl Persist {
                 }
             }
         });
+        seq.filter(|_| peers.len() == streams)
     }
 
     /// New side: takes the old process's two connections (records from it,
@@ -593,12 +613,19 @@ impl Persist {
             // What the other process of the hand-off sent is not sent
             // back; what a peer of the fleet sent is, for the other
             // process is not the peer's peer.
-            set.on_record(Box::new(move |key, from| {
+            // A record of the missed-key list the other process took is
+            // noted with its number, for the `clear` lines it sends back.
+            let list = std::ptr::eq(set, &health.missed).then(|| Arc::downgrade(health));
+            set.on_record(Box::new(move |key, from, gen| {
                 if from == Source::Handoff {
                     return;
                 }
-                if let Some(me) = me.upgrade() {
-                    me.relay(&name, key);
+                let Some(me) = me.upgrade() else { return };
+                let seq = me.relay(&name, key);
+                if let (Some(seq), Some(key), Some(h)) =
+                    (seq, key, list.as_ref().and_then(|l| l.upgrade()))
+                {
+                    h.missed.note_relayed(key, gen, seq);
                 }
             }));
         }
@@ -606,9 +633,9 @@ impl Persist {
         // this one deleted (see `take_records`).
         let me = Arc::downgrade(self);
         let name = health.name.clone();
-        health.missed.on_clear(Box::new(move |keys| {
+        health.missed.on_clear(Box::new(move |keys, seen| {
             if let Some(me) = me.upgrade() {
-                me.relay_clears(&name, keys);
+                me.relay_clears(&name, keys, seen);
             }
         }));
         let mark = mark_of(health);
@@ -851,20 +878,24 @@ fn take_records(
         }
         let text = line.trim_end();
         // A record of a server named "clear" has one space, a clear line
-        // two.
+        // two or three.
         let (clear, text) = match text.as_bytes().strip_prefix(CLEAR) {
             Some(rest) if rest.contains(&b' ') => (true, &text[CLEAR.len()..]),
             _ => (false, text),
         };
+        let (text, seen) = if clear { split_seen(text) } else { (text, 0) };
         let Some((name, key)) = super::missed::read_record(text) else {
             return;
         };
         if let Some(i) = health.iter().position(|h| h.name == name) {
             let h = &health[i];
             match (clear, key, marks.and_then(|m| m.get(i))) {
-                (false, key, _) => h.missed.learn(key.as_deref(), Source::Handoff),
+                (false, key, _) => {
+                    h.missed.learn(key.as_deref(), Source::Handoff);
+                    h.missed.streamed();
+                }
                 (true, Some(key), Some(&mark)) => {
-                    h.missed.forget_if_before(&key, mark);
+                    h.missed.forget_if_covered(&key, mark, seen);
                     tracing::debug!(server = %h.name, "the new memrelay deleted a key listed here");
                 }
                 // Not ours to take (this side sends them), or not of one key.
@@ -878,8 +909,21 @@ fn take_records(
 }
 
 /// Starts a line of the record socket that says a key was deleted on its
-/// server and forgotten: `clear <server> <key>`.
+/// server and forgotten: `clear <server> <key> <seen>`, where `seen` is
+/// how many records of that server the sender had learnt from this
+/// process (an older release sends no `seen`: 0).
 const CLEAR: &[u8] = b"clear ";
+
+/// A clear line's text after `clear `: the record, and its `seen`.
+fn split_seen(text: &str) -> (&str, u64) {
+    match text.rsplit_once(' ') {
+        Some((record, seen)) if record.contains(' ') => match seen.parse() {
+            Ok(n) => (record, n),
+            Err(_) => (text, 0),
+        },
+        _ => (text, 0),
+    }
+}
 
 fn mark_of(h: &Health) -> Mark {
     let own = h.missed.has_own();
@@ -1138,11 +1182,28 @@ mod tests {
         starting.join().unwrap();
         assert!(new_a.missed.is_overflowed());
         assert!(new_b.missed.contains(b"k"));
-        // The new one flushes a and deletes k on b.
+        // The old one, draining, records a key after the hand-off: the
+        // new one learns it over the record socket.
+        old_b.missed.record(b"late");
+        assert!(new_b.missed.contains(b"late"));
+        // The new one flushes a and deletes k and late on b.
         new_a.missed.clear();
-        new_b.missed.confirm(&new_b.missed.peek_batch(10));
-        new_b.missed.cleared(&[Box::from(&b"k"[..])]);
+        let batch = new_b.missed.peek_batch(10);
+        let seen = new_b.missed.streamed_count();
+        new_b.missed.confirm(&batch);
+        // Meanwhile the old one records another key, sent after `seen`.
+        old_b.missed.record(b"after");
+        let keys: Vec<Box<[u8]>> = [&b"k"[..], b"late", b"after"].map(Box::from).into();
+        new_b.missed.cleared(&keys, seen);
         assert!(!old_b.missed.contains(b"k"), "the old one forgot k");
+        assert!(
+            !old_b.missed.contains(b"late"),
+            "a record the new one had when it deleted is forgotten too"
+        );
+        assert!(
+            old_b.missed.contains(b"after"),
+            "a record the delete may not cover stays"
+        );
         assert!(old_a.missed.is_overflowed(), "a flush is not told");
         // The old one's last file still says a overflowed.
         old.save(&old_both);

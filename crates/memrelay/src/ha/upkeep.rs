@@ -200,6 +200,11 @@ impl Watcher for Upkeep {
             if !c.delete_all(&batch).await {
                 return false;
             }
+            // Taken before the confirm: a record the old process of a
+            // hand-off sent that this count includes was learnt before
+            // the confirm, so either this delete covers it or its key
+            // stays listed (see `MissedKeys::forget_if_covered`).
+            let seen = missed.streamed_count();
             missed.confirm(&batch);
             // Keys recorded again meanwhile stay listed: the next round
             // deletes them again, and copies them back then.
@@ -211,7 +216,7 @@ impl Watcher for Upkeep {
             if gone.is_empty() {
                 continue;
             }
-            missed.cleared(&gone);
+            missed.cleared(&gone, seen);
             // The values clients wrote while this server missed them live
             // on the other tier alone: copy them back (a resync of just
             // these keys, guarded like any other against client writes).
