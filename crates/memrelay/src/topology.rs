@@ -321,6 +321,9 @@ impl Control {
             .fleet
             .as_ref()
             .map(|f| join_fleet(f, &cfg, &health, &registry));
+        if let (Some(p), Some(_)) = (&persist, &fleet) {
+            p.join_fleet();
+        }
         if let Some(p) = &persist {
             // After a crash: servers whose lists held only the peers'
             // records are left to what the peers said while joining.

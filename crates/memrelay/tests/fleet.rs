@@ -502,6 +502,41 @@ fn by_default_a_write_is_acknowledged_though_a_member_was_not_told() {
 const STATE_FILES: [&str; 2] = ["--state-file", "{dir}state{member}"];
 
 #[test]
+fn a_member_whose_hints_its_peers_took_learns_them_again_after_a_crash_instead_of_flushing() {
+    let mut f = start_with("fleet-crash-shared", true, &STATE_FILES);
+    assert_eq!(set(&f.b.addr(), "k", "old"), "STORED\r\n");
+    assert_eq!(set(&f.b.addr(), "other", "kept"), "STORED\r\n");
+    // A alone loses the primary: its write goes past it, and its peers
+    // take the hint before A answers.
+    f.links[0].set(Fault::Reset);
+    assert_eq!(set(&f.a.addr(), "k", "new"), "STORED\r\n");
+    // A's own record: its state file marks the primary dirty at once,
+    // then learnt, since the peers have it.
+    let args = f.a.args().to_vec();
+    let state = args[args.iter().position(|a| a == "--state-file").unwrap() + 1].clone();
+    let learnt = wait_until(CONVERGE, || {
+        std::fs::read_to_string(&state)
+            .is_ok_and(|t| t.contains(" learnt\n") && !t.contains(" dirty"))
+    });
+    assert!(learnt, "{:?}", std::fs::read_to_string(&state));
+    // A crashes, and comes back reaching the primary.
+    f.a.kill();
+    f.links[0].set(Fault::Pass);
+    f.a = restart_on_a_new_port(args);
+    // It did not flush the primary: what it had listed, its peers gave
+    // back (or had deleted there already).
+    assert_eq!(get(&f.a.addr(), "k"), value("k", "new"));
+    assert_eq!(get(&f.a.addr(), "other"), value("other", "kept"));
+    assert_eq!(
+        stat_u64(&f.a.addr(), "server:0:flushed"),
+        0,
+        "{}",
+        f.a.output_tail(20)
+    );
+    assert_eq!(get(&f.primary.addr(), "other"), value("other", "kept"));
+}
+
+#[test]
 fn a_member_restarted_after_a_crash_asks_its_peers_again_instead_of_flushing() {
     let mut f = start_with("fleet-crash-learnt", true, &STATE_FILES);
     assert_eq!(set(&f.b.addr(), "k", "old"), "STORED\r\n");

@@ -51,6 +51,14 @@ use crate::ha::missed::Source;
 use crate::ha::replica::Replica;
 use crate::stats::fleet::FleetFigures;
 
+/// The record a hint carries, to be told once a peer took the hint
+/// (`MissedKeys::shared`).
+pub(super) struct Share {
+    replica: Weak<Replica>,
+    key: Box<[u8]>,
+    gen: u64,
+}
+
 /// Appends the `hint` lines for what `server`'s list holds (`None`:
 /// overflowed, every key).
 fn push_hints(out: &mut Vec<u8>, server: &str, keys: Option<&[Box<[u8]>]>) {
@@ -294,14 +302,20 @@ impl Fleet {
             .insert(name.to_string(), Arc::downgrade(replica));
         let me = Arc::downgrade(self);
         let name = name.to_string();
-        replica.missed.on_record(Box::new(move |key, from, _| {
+        let list = Arc::downgrade(replica);
+        replica.missed.on_record(Box::new(move |key, from, gen| {
             // What a peer or the hand-off's other process recorded was
             // sent to the peers by the process that recorded it.
             if from != Source::Here {
                 return;
             }
+            let share = key.filter(|_| gen != 0).map(|k| Share {
+                replica: list.clone(),
+                key: k.into(),
+                gen,
+            });
             if let Some(me) = me.upgrade() {
-                me.hint(&me, &name, key);
+                me.hint(&me, &name, key, share);
             }
         }));
     }
@@ -549,22 +563,31 @@ impl Fleet {
 
     /// Keeps a hint for this thread's next `flush_hints` (a worker's), or
     /// sends it to every peer reached and waits for their answers.
-    fn hint(&self, me: &Arc<Fleet>, server: &str, key: Option<&[u8]>) {
+    fn hint(&self, me: &Arc<Fleet>, server: &str, key: Option<&[u8]>, share: Option<Share>) {
         if self.links.is_empty() {
             return;
         }
         self.figures.hints_sent.fetch_add(1, Ordering::Relaxed);
         let line = wire::hint(server, key);
         // A prober's or a resync's: no client reply waits for it.
-        if !outbox::keep(me, &line) {
-            self.send(&line, 1);
+        if let Err(share) = outbox::keep(me, &line, share) {
+            self.send(&line, 1, share.as_slice());
         }
     }
 
     /// Sends `count` hints to every peer reached and waits for answers.
     /// Returns whether as many took them as `--peer-confirm` requires.
-    fn send(&self, lines: &[u8], count: usize) -> bool {
+    /// Once one peer took them, their records are `shares`d: a crash of
+    /// this process no longer takes them with it.
+    fn send(&self, lines: &[u8], count: usize, shares: &[Share]) -> bool {
         let taken = link::send_to_all(self, lines, count);
+        if taken > 0 {
+            for s in shares {
+                if let Some(r) = s.replica.upgrade() {
+                    r.missed.shared(&s.key, s.gen);
+                }
+            }
+        }
         let enough = self.cfg.confirm.enough(taken, self.peers());
         if !enough {
             let n = self

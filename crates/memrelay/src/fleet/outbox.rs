@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::Fleet;
+use super::{Fleet, Share};
 use crate::stats::fleet::FleetFigures;
 
 thread_local! {
@@ -66,29 +66,35 @@ pub(crate) fn hints_answered() -> u64 {
     })
 }
 
-/// Keeps `line` (one hint of `fleet`'s) for this thread's next
-/// [`flush_hints`]; false on a thread that does not defer (the caller
-/// sends it at once).
-pub(super) fn keep(fleet: &Arc<Fleet>, line: &[u8]) -> bool {
+/// Keeps `line` (one hint of `fleet`'s, of the record `share`) for this
+/// thread's next [`flush_hints`]; gives `share` back on a thread that does
+/// not defer (the caller sends it at once).
+pub(super) fn keep(
+    fleet: &Arc<Fleet>,
+    line: &[u8],
+    share: Option<Share>,
+) -> Result<(), Option<Share>> {
     let kept = DEFERRED.with(|d| {
         let mut d = d.borrow_mut();
-        let d = d.as_mut()?;
+        let Some(d) = d.as_mut() else {
+            return Err(share);
+        };
         let made = MADE.get() + 1;
         MADE.set(made);
-        d.push(fleet, line, made);
-        Some(d.count)
+        d.push(fleet, line, made, share);
+        Ok(d.count)
     });
     match kept {
-        None => return false,
+        Err(share) => return Err(share),
         // Bounded: many writes finished with no client write after them
         // (their clients left) are handed over now, not kept.
-        Some(n) if n >= MAX_KEPT => {
+        Ok(n) if n >= MAX_KEPT => {
             PENDING.set(true);
             flush_hints();
         }
-        Some(_) => PENDING.set(true),
+        Ok(_) => PENDING.set(true),
     }
-    true
+    Ok(())
 }
 
 /// Hands the hints this thread kept to its sender thread. Called before
@@ -157,13 +163,16 @@ struct Batch {
     count: usize,
     first: u64,
     last: u64,
+    /// The records the hints carry (see `Fleet::send`).
+    shares: Vec<Share>,
 }
 
 impl Batch {
-    /// Adds hint number `n`, `line`, of `fleet`'s.
-    fn push(&mut self, fleet: &Arc<Fleet>, line: &[u8], n: u64) {
+    /// Adds hint number `n`, `line`, of `fleet`'s (of record `share`).
+    fn push(&mut self, fleet: &Arc<Fleet>, line: &[u8], n: u64, share: Option<Share>) {
         self.fleet.get_or_insert_with(|| fleet.clone());
         self.lines.extend_from_slice(line);
+        self.shares.extend(share);
         if self.count == 0 {
             self.first = n;
         }
@@ -178,6 +187,7 @@ impl Batch {
             self.fleet = later.fleet;
         }
         self.lines.extend_from_slice(&later.lines);
+        self.shares.extend(later.shares);
         self.count += later.count;
         self.last = later.last;
     }
@@ -237,7 +247,7 @@ impl Outbox {
     /// says it was answered.
     fn send(&self, batch: Batch) {
         if let Some(fleet) = batch.fleet {
-            if !fleet.send(&batch.lines, batch.count) {
+            if !fleet.send(&batch.lines, batch.count, &batch.shares) {
                 let mut u = lock(&self.refused);
                 u.figures.get_or_insert_with(|| fleet.figures.clone());
                 u.push(batch.first, batch.last);

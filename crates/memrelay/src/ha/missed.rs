@@ -128,6 +128,10 @@ struct Inner {
     /// this server sent there (see `forget_if_covered`). Only ever filled
     /// during a hand-off, and never beyond `keys`.
     relayed: HashMap<Box<[u8]>, (u64, u64)>,
+    /// Keys whose own record (this process's, or its hand-off partner's)
+    /// no peer of the fleet has taken yet, with that record's generation
+    /// (see `all_own_shared`). Never beyond `keys`.
+    unshared: HashMap<Box<[u8]>, u64>,
     /// Source of generations.
     next_gen: u64,
     /// Keys with [`OWN`] set.
@@ -165,6 +169,7 @@ impl Inner {
     fn remove(&mut self, key: &[u8]) -> Option<u64> {
         let gen = self.keys.remove(key)?;
         self.relayed.remove(key);
+        self.unshared.remove(key);
         self.forget(gen);
         Some(gen)
     }
@@ -173,6 +178,7 @@ impl Inner {
     fn drop_keys(&mut self) {
         self.keys = HashMap::new();
         self.relayed = HashMap::new();
+        self.unshared = HashMap::new();
         self.own = 0;
     }
 }
@@ -376,6 +382,9 @@ impl MissedKeys {
             if own && !was_own {
                 inner.own += 1;
             }
+            if own {
+                inner.unshared.insert(key.into(), now);
+            }
             return (own && !had_own, now);
         }
         if inner.keys.len() >= self.cap {
@@ -392,6 +401,9 @@ impl MissedKeys {
             return (own && !had_own, 0);
         }
         inner.keys.insert(key.into(), gen);
+        if own {
+            inner.unshared.insert(key.into(), gen);
+        }
         inner.own += usize::from(own);
         self.count.store(inner.keys.len(), Ordering::Release);
         (own && !had_own, gen)
@@ -450,6 +462,23 @@ impl MissedKeys {
     /// A mark of the records made so far, for `forget_if_covered`.
     pub(crate) fn mark(&self) -> u64 {
         self.lock().next_gen
+    }
+
+    /// A peer of the fleet took the hint of `key`'s own record with
+    /// generation `gen` (as the record hooks were told).
+    pub(crate) fn shared(&self, key: &[u8], gen: u64) {
+        let mut inner = self.lock();
+        if inner.unshared.get(key) == Some(&gen) {
+            inner.unshared.remove(key);
+        }
+    }
+
+    /// Whether a peer of the fleet took every own record listed: a
+    /// restart after a crash can then learn them again from the peers
+    /// instead of flushing the server (`ha::persist`). A record the
+    /// hand-off partner made is never taken here: it keeps this false.
+    pub(crate) fn all_own_shared(&self) -> bool {
+        self.lock().unshared.is_empty()
     }
 
     /// The record of `key` with generation `gen` (as the record hooks
@@ -621,6 +650,36 @@ mod tests {
         m.forget_if_covered(b"unsent", mark, 9);
         assert!(m.contains(b"unsent"));
         assert_eq!(m.len(), 2);
+    }
+
+    #[test]
+    fn own_records_are_shared_once_a_peer_took_their_latest_hint() {
+        let m = MissedKeys::new(10);
+        let gens = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let g = gens.clone();
+        m.on_record(Box::new(move |_, _, gen| g.lock().unwrap().push(gen)));
+        let last = || *gens.lock().unwrap().last().unwrap();
+        assert!(m.all_own_shared(), "nothing listed");
+        m.learn(Some(b"peer's"), Source::Peer);
+        assert!(m.all_own_shared(), "a peer's record is the peer's to share");
+        m.record(b"a");
+        let first = last();
+        assert!(!m.all_own_shared());
+        // Recorded again before the first hint was taken: that one no
+        // longer covers the key.
+        m.record(b"a");
+        let second = last();
+        m.shared(b"a", first);
+        assert!(!m.all_own_shared());
+        m.shared(b"a", second);
+        assert!(m.all_own_shared());
+        // A record the hand-off partner made is own, and this process
+        // sends no hint of it (`fleet::watch`): it stays unshared.
+        m.learn(Some(b"partner's"), Source::Handoff);
+        assert!(!m.all_own_shared());
+        // Gone from the list (deleted on the server): nothing to share.
+        m.confirm(&m.peek_batch(10));
+        assert!(m.all_own_shared());
     }
 
     #[test]

@@ -40,8 +40,10 @@
 //! (`clean`, `running`, `handoff`, `handoff-final`), then per server
 //! `server <name> clean|learnt|dirty|overflowed` followed by `key <base64>`
 //! lines. `learnt`: while running, the server's list held only keys peers
-//! of a fleet recorded; after a crash it is flushed only if the peers
-//! cannot say them again (`Persist::settle`).
+//! of a fleet recorded, or records of this process's own that a peer
+//! took; after a crash it is flushed only if the peers cannot say them
+//! again (`Persist::settle`). `dirty`: it held an own record no peer had
+//! taken (written before the write that made it is answered).
 //! It is replaced atomically (written beside, synced, renamed).
 
 use std::collections::{BTreeMap, HashMap};
@@ -107,6 +109,10 @@ pub(crate) struct Persist {
     /// (see `MissedKeys::forget_if_covered`). Taken under `peers`, so
     /// they number the records in the order they are sent.
     sent: Mutex<HashMap<String, u64>>,
+    /// This memrelay tells a fleet of each record before the write is
+    /// answered: a server whose own records a peer took is marked
+    /// `learnt`, not `dirty` (see `mark_of`).
+    in_fleet: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -165,6 +171,7 @@ impl Persist {
             writing: Mutex::new(()),
             learnt: Mutex::new(Vec::new()),
             sent: Mutex::new(HashMap::new()),
+            in_fleet: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -621,6 +628,12 @@ impl Persist {
                     return;
                 }
                 let Some(me) = me.upgrade() else { return };
+                if from == Source::Here {
+                    // Before the write is answered: the file may say
+                    // `learnt` (every earlier record shared), and this
+                    // one is not yet.
+                    me.mark(&name, Mark::Dirty);
+                }
                 let seq = me.relay(&name, key);
                 if let (Some(seq), Some(key), Some(h)) =
                     (seq, key, list.as_ref().and_then(|l| l.upgrade()))
@@ -638,8 +651,19 @@ impl Persist {
                 me.relay_clears(&name, keys, seen);
             }
         }));
-        let mark = mark_of(health);
+        let mark = mark_of(health, self.shares_with_fleet());
         self.marks().insert(health.name.clone(), mark);
+    }
+
+    /// From now on, a server whose own records a peer of the fleet took
+    /// is marked `learnt` (see `mark_of`).
+    pub(crate) fn join_fleet(&self) {
+        self.in_fleet
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn shares_with_fleet(&self) -> bool {
+        self.in_fleet.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn mark(&self, name: &str, mark: Mark) {
@@ -650,6 +674,7 @@ impl Persist {
             // process's own made it (`refresh` does, once it is gone).
             if was == Some(&mark)
                 || mark == Mark::Learnt && matches!(was, Some(Mark::Dirty | Mark::Overflowed))
+                || mark == Mark::Dirty && was == Some(&Mark::Overflowed)
             {
                 return;
             }
@@ -665,7 +690,7 @@ impl Persist {
             let mut marks = self.marks();
             let mut changed = false;
             for h in health {
-                let now = mark_of(h);
+                let now = mark_of(h, self.shares_with_fleet());
                 if marks.get(&h.name) != Some(&now) {
                     marks.insert(h.name.clone(), now);
                     changed = true;
@@ -925,11 +950,16 @@ fn split_seen(text: &str) -> (&str, u64) {
     }
 }
 
-fn mark_of(h: &Health) -> Mark {
+/// What the state file says of `h`'s server. `in_fleet`: a record of this
+/// process's own that a peer took is one the peers give back to a restart
+/// after a crash (`Persist::settle`), as they give back their own: a
+/// server whose own records all went that far is `learnt`.
+fn mark_of(h: &Health, in_fleet: bool) -> Mark {
     let own = h.missed.has_own();
+    let shared = in_fleet && h.missed.all_own_shared();
     if (h.missed.is_overflowed() && own) || h.copying.is_overflowed() {
         Mark::Overflowed
-    } else if own || !h.copying.is_empty() {
+    } else if own && !shared || !h.copying.is_empty() {
         Mark::Dirty
     } else if !h.missed.is_empty() {
         Mark::Learnt
