@@ -133,12 +133,19 @@ pub(crate) fn next(mine: Stage, peers: &[Option<Stage>]) -> Option<Stage> {
 /// which it must then get from a peer if it is not its own.
 pub(crate) fn joining(routing: u64, peers: &[Option<Stage>]) -> Stage {
     // A reload under way wins: its stages are what the others wait on.
-    for p in peers.iter().flatten() {
-        match *p {
-            Stage::Aware { from, to } => return Stage::Aware { from, to },
-            Stage::Switched { from, to } => return Stage::Switched { from, to },
-            Stage::Steady { .. } => {}
-        }
+    // Its furthest stage: a peer switched only once every member was
+    // aware, this one's former process too (a restart, a hand-off), and
+    // that process may have switched since. Joining as aware would take
+    // this member a stage back, and a peer that heard the former process
+    // switched may already have finished the reload and stopped writing
+    // for the old routing while this member reads by it again.
+    let reload = |switched: bool| {
+        peers.iter().flatten().find(|p| {
+            matches!(p, Stage::Switched { .. }) == switched && !matches!(p, Stage::Steady { .. })
+        })
+    };
+    if let Some(p) = reload(true).or_else(|| reload(false)) {
+        return *p;
     }
     match peers.iter().flatten().find(|p| p.serving() != routing) {
         Some(p) => Stage::Aware {
@@ -260,6 +267,10 @@ mod tests {
             aware
         );
         assert_eq!(joining(Y, &[Some(switched), None]), switched);
+        // Mid-way, the furthest stage: a peer may have heard this
+        // member's former process switched (seed 20261270, 462.4 s).
+        assert_eq!(joining(Y, &[Some(aware), Some(switched)]), switched);
+        assert_eq!(joining(Y, &[Some(switched), Some(aware)]), switched);
         assert_eq!(
             joining(Y, &[Some(Stage::Steady { routing: X }), None]),
             aware
