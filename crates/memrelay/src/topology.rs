@@ -321,23 +321,8 @@ impl Control {
             .fleet
             .as_ref()
             .map(|f| join_fleet(f, &cfg, &health, &registry));
-        if let (Some(p), Some(_)) = (&persist, &fleet) {
-            p.join_fleet();
-        }
         if let Some(p) = &persist {
-            // After a crash: servers whose lists held only the peers'
-            // records are left to what the peers said while joining.
-            let names: std::collections::HashMap<&str, &str> = cfg
-                .servers()
-                .zip(&health)
-                .map(|(s, h)| (h.name.as_str(), fleet_name(s)))
-                .collect();
-            p.settle(&health, |h| {
-                fleet
-                    .as_ref()
-                    .zip(names.get(h.name.as_str()))
-                    .is_some_and(|(f, name)| f.vouches(name))
-            });
+            settle_with_fleet(p, fleet.as_ref(), &cfg, &health);
         }
         registry.set_servers(entries(&servers, &cfg));
         registry.set_config(&cfg);
@@ -1200,6 +1185,30 @@ fn stage_configs(
         Stage::Switched { .. } => (to.clone(), Some(from.clone())),
         Stage::Steady { .. } => (to.clone(), None),
     }
+}
+
+/// The state file, once the fleet is joined: in a fleet, servers whose
+/// own records the peers took are marked `learnt`; and after a crash,
+/// servers marked `learnt` are left to what the peers said while joining.
+fn settle_with_fleet(
+    p: &crate::ha::persist::Persist,
+    fleet: Option<&Arc<crate::fleet::Fleet>>,
+    cfg: &Config,
+    health: &[Arc<Replica>],
+) {
+    if fleet.is_some() {
+        p.join_fleet();
+    }
+    let names: std::collections::HashMap<&str, &str> = cfg
+        .servers()
+        .zip(health)
+        .map(|(s, h)| (h.name.as_str(), fleet_name(s)))
+        .collect();
+    p.settle(health, |h| {
+        fleet
+            .zip(names.get(h.name.as_str()))
+            .is_some_and(|(f, name)| f.vouches(name))
+    });
 }
 
 /// Starts this member's part in the fleet: its servers' lists watched, its
