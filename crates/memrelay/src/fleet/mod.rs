@@ -303,6 +303,7 @@ impl Fleet {
         let me = Arc::downgrade(self);
         let name = name.to_string();
         let list = Arc::downgrade(replica);
+        replica.missed.track_shares();
         replica.missed.on_record(Box::new(move |key, from, gen| {
             // What a peer or the hand-off's other process recorded was
             // sent to the peers by the process that recorded it.

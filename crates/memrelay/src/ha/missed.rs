@@ -130,8 +130,10 @@ struct Inner {
     relayed: HashMap<Box<[u8]>, (u64, u64)>,
     /// Keys whose own record (this process's, or its hand-off partner's)
     /// no peer of the fleet has taken yet, with that record's generation
-    /// (see `all_own_shared`). Never beyond `keys`.
+    /// (see `all_own_shared`). Never beyond `keys`; kept only in a fleet
+    /// (`track_shares`), so a single memrelay pays nothing for it.
     unshared: HashMap<Box<[u8]>, u64>,
+    tracks_shares: bool,
     /// Source of generations.
     next_gen: u64,
     /// Keys with [`OWN`] set.
@@ -382,7 +384,7 @@ impl MissedKeys {
             if own && !was_own {
                 inner.own += 1;
             }
-            if own {
+            if own && inner.tracks_shares {
                 inner.unshared.insert(key.into(), now);
             }
             return (own && !had_own, now);
@@ -401,7 +403,7 @@ impl MissedKeys {
             return (own && !had_own, 0);
         }
         inner.keys.insert(key.into(), gen);
-        if own {
+        if own && inner.tracks_shares {
             inner.unshared.insert(key.into(), gen);
         }
         inner.own += usize::from(own);
@@ -471,6 +473,22 @@ impl MissedKeys {
         if inner.unshared.get(key) == Some(&gen) {
             inner.unshared.remove(key);
         }
+    }
+
+    /// From now on, own records wait in `unshared` until a peer of the
+    /// fleet takes them (`shared`). Those listed already (loaded from a
+    /// state file, taken from a hand-off) were sent by no hint of this
+    /// process: they count as unshared until deleted.
+    pub(crate) fn track_shares(&self) {
+        let mut inner = self.lock();
+        inner.tracks_shares = true;
+        let own: Vec<(Box<[u8]>, u64)> = inner
+            .keys
+            .iter()
+            .filter(|(_, g)| *g & OWN != 0)
+            .map(|(k, g)| (k.clone(), *g))
+            .collect();
+        inner.unshared.extend(own);
     }
 
     /// Whether a peer of the fleet took every own record listed: a
@@ -655,6 +673,12 @@ mod tests {
     #[test]
     fn own_records_are_shared_once_a_peer_took_their_latest_hint() {
         let m = MissedKeys::new(10);
+        // Listed before the fleet tracks shares (a state file's keys): no
+        // hint of this process carried it.
+        m.record(b"loaded");
+        m.track_shares();
+        assert!(!m.all_own_shared());
+        m.confirm(&m.peek_batch(10));
         let gens = std::sync::Arc::new(Mutex::new(Vec::new()));
         let g = gens.clone();
         m.on_record(Box::new(move |_, _, gen| g.lock().unwrap().push(gen)));

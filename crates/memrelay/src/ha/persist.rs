@@ -491,9 +491,16 @@ impl Persist {
         }
         let seq = record_of.map(|server| {
             let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
-            let n = sent.entry(server.to_string()).or_insert(0);
-            *n += 1;
-            *n
+            match sent.get_mut(server) {
+                Some(n) => {
+                    *n += 1;
+                    *n
+                }
+                None => {
+                    sent.insert(server.to_string(), 1);
+                    1
+                }
+            }
         });
         let streams = peers.len();
         peers.retain_mut(|stream| {
