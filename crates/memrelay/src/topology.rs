@@ -187,6 +187,8 @@ pub(crate) struct Control {
     untold: Option<Stage>,
     /// What `catch_up` watches for while no fleet reload is under way.
     catching_up: CatchUp,
+    /// The missed-key lists went to a new memrelay (`hand_off_state`).
+    handed_over: bool,
 }
 
 /// A fleet member's watch on its peers' stages between fleet reloads.
@@ -369,6 +371,7 @@ impl Control {
             shown: None,
             untold: None,
             catching_up: CatchUp::default(),
+            handed_over: false,
         };
         let links = WorkerLinks {
             topology: topology_rx,
@@ -419,9 +422,18 @@ impl Control {
         self.servers.iter().map(|s| s.health.clone()).collect()
     }
 
+    /// Whether the missed-key lists went to a new memrelay: this one then
+    /// takes no reload step of its own (the new one does).
+    pub(crate) fn handed_over(&self) -> bool {
+        self.handed_over
+    }
+
     /// The listening sockets went to a new memrelay: so do the missed-key
-    /// lists, from now on through the hand-off file.
-    pub(crate) fn hand_off_state(&self) {
+    /// lists, from now on through the hand-off file. Done once.
+    pub(crate) fn hand_off_state(&mut self) {
+        if std::mem::replace(&mut self.handed_over, true) {
+            return;
+        }
         // Where the lists reach the new process (it takes this one's
         // records, or asks the peers), it deletes their keys and this one
         // stops at once, before the new one serves. Otherwise this one is

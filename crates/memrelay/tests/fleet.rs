@@ -576,3 +576,145 @@ fn a_member_restarted_after_a_crash_asks_its_peers_again_instead_of_flushing() {
     assert!(flushed, "{}", f.b.output_tail(20));
     assert_eq!(get(&f.b.addr(), "k"), value("k", "new"));
 }
+
+/// A member of a two-member fleet in front of memcached `server`,
+/// listening for peers on `me`; with `handoff`, it hands off there.
+fn pair_member(
+    server: &str,
+    secret: &std::path::Path,
+    (me, peers): (u16, [u16; 2]),
+    handoff: Option<&std::path::Path>,
+) -> Vec<String> {
+    let mut a: Vec<String> = vec!["-s".into(), server.into(), "--peer-listen".into()];
+    a.push(format!("127.0.0.1:{me}"));
+    a.push("--peer-secret-file".into());
+    a.push(secret.display().to_string());
+    for p in peers {
+        a.push("--peer".into());
+        a.push(format!("127.0.0.1:{p}"));
+    }
+    if let Some(h) = handoff {
+        a.push("--handoff".into());
+        a.push(h.display().to_string());
+    }
+    a
+}
+
+/// The fleet secret, written owner-only in `dir`.
+fn secret_in(dir: &TempDir) -> std::path::PathBuf {
+    let secret = dir.file("secret", SECRET);
+    let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    std::fs::set_permissions(&secret, private).unwrap();
+    secret
+}
+
+/// A hand-off whose new process takes seconds to start (here a peer that
+/// does not answer holds its join of the fleet) leaves the old process
+/// accepting until the new one serves: a client that connects meanwhile
+/// is answered at once, not left in a queue nobody accepts from. Then the
+/// old one drains and the new one serves alone.
+#[test]
+fn while_the_new_process_of_a_hand_off_starts_the_old_one_goes_on_accepting() {
+    let m = Memcached::start();
+    let dir = TempDir::new("handoff-slow-start");
+    let secret = secret_in(&dir);
+    let (pa, pb) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
+    let handoff = dir.path("handoff.sock");
+    let member =
+        |me: u16, h: Option<&std::path::Path>| pair_member(&m.addr(), &secret, (me, [pa, pb]), h);
+    let b = Memrelay::start(&member(pb, None));
+    let mut old = Memrelay::start(&member(pa, Some(&handoff)));
+    for r in [&old, &b] {
+        assert!(
+            wait_until(CONVERGE, || stat_u64(&r.addr(), "peers_up") == 1),
+            "the two members never reached each other: {}",
+            r.output_tail(20)
+        );
+    }
+    let old_pid = stat_u64(&old.addr(), "pid");
+    let stopped = Stopped::new(&b);
+    // Returns once the new process holds the sockets; its join waits for
+    // B, which says nothing while stopped.
+    let new = Memrelay::cmd(&member(pa, Some(&handoff)))
+        .port(old.port())
+        .start();
+    let asked = std::time::Instant::now();
+    let answered_by = stat_u64(&old.addr(), "pid");
+    assert_eq!(
+        answered_by,
+        old_pid,
+        "a client that connected while the new process started waited {:?} for it \
+         instead of being served by the old one",
+        asked.elapsed()
+    );
+    assert_ne!(old_pid, u64::from(new.pid()));
+    drop(stopped);
+    assert!(
+        old.wait_exit(std::time::Duration::from_secs(15)),
+        "the old process never drained once the new one served: {}",
+        old.output_tail(20)
+    );
+    assert!(
+        old.output().contains("the new memrelay serves; draining"),
+        "{}",
+        old.output_tail(20)
+    );
+    assert_eq!(stat_u64(&new.addr(), "pid"), u64::from(new.pid()));
+    assert_eq!(set(&new.addr(), "k", "v"), "STORED\r\n");
+    assert_eq!(get(&new.addr(), "k"), value("k", "v"));
+}
+
+/// A memrelay that starts (not a hand-off) binds its port at once, so a
+/// port in use fails the start, but accepts only once it serves: while a
+/// peer that does not answer holds its start, a client is refused at once
+/// (and retries, or tries another proxy) instead of waiting unanswered.
+#[test]
+fn a_starting_member_refuses_clients_until_it_serves_them() {
+    let m = Memcached::start();
+    let dir = TempDir::new("listen-when-ready");
+    let secret = secret_in(&dir);
+    let (pa, pb) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
+    let b = Memrelay::start(&pair_member(&m.addr(), &secret, (pb, [pa, pb]), None));
+    let _stopped = Stopped::new(&b);
+    let port = free_port("127.0.0.1");
+    let log = dir.path("a.log");
+    let child = std::process::Command::new(support::memrelay_bin())
+        .args(["-l", "127.0.0.1", "-p", &port.to_string()])
+        .args(pair_member(&m.addr(), &secret, (pa, [pa, pb]), None))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let a = KillOnDrop(child);
+    let started = wait_until(CONVERGE, || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("memrelay started"))
+    });
+    assert!(
+        started,
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let addr = format!("127.0.0.1:{port}");
+    let early = std::net::TcpStream::connect(&addr);
+    assert_eq!(
+        early.as_ref().map_err(std::io::Error::kind).err(),
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "a client was let in before memrelay served: {early:?}"
+    );
+    assert!(
+        wait_until(CONVERGE, || std::net::TcpStream::connect(&addr).is_ok()),
+        "memrelay never served: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(stat_u64(&addr, "pid"), u64::from(a.0.id()));
+}
+
+/// A memrelay run by hand, killed when the test ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -19,7 +19,8 @@
 //!   without `--state-file`.
 //!
 //! - **across a hand-off** (`--handoff`), the two processes serve at once
-//!   while the old one drains, so what either records must reach the other
+//!   (the old one until the new one serves, then through its drain), so
+//!   what either records must reach the other
 //!   before it answers the write that caused it: a client that wrote
 //!   through the new process may still read through the old one (a
 //!   pipelining client keeps its old connection for up to a second), and

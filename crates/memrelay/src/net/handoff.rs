@@ -3,12 +3,19 @@
 //!
 //! With `--handoff PATH`, a starting memrelay first connects to PATH: if an
 //! older memrelay answers there, it sends over its listening sockets
-//! (`SCM_RIGHTS`) and starts draining, and the new one serves them instead
-//! of binding. There is only ever one listening socket per address, so no
-//! connection waiting to be accepted is lost or reset (closing one socket
-//! of an `SO_REUSEPORT` group resets the connections queued on it). If
-//! nobody answers, the new memrelay binds as usual, and then serves PATH
-//! itself for the next one.
+//! (`SCM_RIGHTS`), and the new one serves them instead of binding. There
+//! is only ever one listening socket per address, so no connection waiting
+//! to be accepted is lost or reset (closing one socket of an `SO_REUSEPORT`
+//! group resets the connections queued on it). If nobody answers, the new
+//! memrelay binds as usual, and then serves PATH itself for the next one.
+//!
+//! The old memrelay goes on accepting until the new one says it serves
+//! (`serving` on the same connection, once its workers run): the new one
+//! first takes the missed-key lists, joins its fleet and learns who each
+//! server is, which can take seconds, and meanwhile nobody would accept
+//! the connections queued on the socket. Then the old one drains. If the
+//! new one exits without saying it, or says nothing for `SERVING_WAIT`,
+//! the old one drains all the same: it handed its state over already.
 // Passing descriptors (`SCM_RIGHTS`) means building a `msghdr` and its
 // control messages by hand: no safe wrapper in std or socket2 does it, and
 // the code is clearer kept whole here than split into `sys`. Each unsafe
@@ -24,6 +31,32 @@ use std::time::Duration;
 /// Most listening sockets handed over at once.
 const MAX_FDS: usize = 16;
 const HELLO: &[u8] = b"memrelay-handoff-1\n";
+const SERVING: &[u8] = b"serving\n";
+
+/// How long the old memrelay goes on accepting for a new one that has not
+/// said it serves: its start waits for the old one's lists (3 s at most),
+/// its peers (2 s) and its servers (0.5 s), then starts its workers.
+pub(crate) const SERVING_WAIT: Duration = Duration::from_secs(30);
+
+/// Listening sockets taken from a running memrelay, and the connection
+/// on which to tell it once this one serves them ([`tell_serving`]).
+#[derive(Debug)]
+pub(crate) struct TakenOver {
+    pub(crate) fds: Vec<OwnedFd>,
+    pub(crate) old: UnixStream,
+}
+
+/// What the old memrelay heard from the new one after the hand-off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NewProcess {
+    /// It serves: the old one may stop accepting.
+    Serving,
+    /// It closed the connection first (it exited, or is an older release
+    /// that never says it).
+    Gone,
+    /// It said nothing within `SERVING_WAIT`.
+    Silent,
+}
 
 /// Binds the hand-off socket at `path`, readable and writable by its owner
 /// only from the start: the mode is set through the umask before `bind`
@@ -76,7 +109,7 @@ pub(crate) fn check_peer(s: &UnixStream) -> io::Result<()> {
 
 /// Asks the memrelay serving `path` for its listening sockets. `Ok(None)`
 /// when nobody serves it (a first start).
-pub(crate) fn take_over(path: &Path, expected: usize) -> io::Result<Option<Vec<OwnedFd>>> {
+pub(crate) fn take_over(path: &Path, expected: usize) -> io::Result<Option<TakenOver>> {
     let mut s = match UnixStream::connect(path) {
         Ok(s) => s,
         Err(e)
@@ -102,14 +135,46 @@ pub(crate) fn take_over(path: &Path, expected: usize) -> io::Result<Option<Vec<O
             ),
         ));
     }
-    // Tell the old process we have them: it may now stop accepting.
+    // Tell the old process we have them: it hands its state over now, and
+    // goes on accepting until `tell_serving`.
     s.write_all(b"ok\n")?;
-    Ok(Some(fds))
+    Ok(Some(TakenOver { fds, old: s }))
+}
+
+/// New side: this process serves the sockets it took; the old one may
+/// stop accepting. An old one that is gone needs no word.
+pub(crate) fn tell_serving(mut old: UnixStream) {
+    if let Err(e) = old.write_all(SERVING) {
+        tracing::debug!(error = %e, "hand-off: the old memrelay did not hear that this one serves");
+    }
+}
+
+/// Old side: waits (blocking) until the new process serves, leaves, or
+/// says nothing for `within`.
+pub(crate) fn wait_serving(mut s: UnixStream, within: Duration) -> NewProcess {
+    if s.set_read_timeout(Some(within)).is_err() {
+        return NewProcess::Gone;
+    }
+    let mut word = [0u8; SERVING.len()];
+    match s.read_exact(&mut word) {
+        Ok(()) if word == SERVING => NewProcess::Serving,
+        Ok(()) => NewProcess::Gone,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            NewProcess::Silent
+        }
+        Err(_) => NewProcess::Gone,
+    }
 }
 
 /// Serves one hand-off on `listener` (blocking; run it on its own thread):
-/// sends `fds` to the new process and returns once it confirmed.
-pub(crate) fn serve_once(listener: &UnixListener, fds: &[RawFd]) -> io::Result<()> {
+/// sends `fds` to the new process and returns, once it confirmed, the
+/// connection on which it will say that it serves ([`wait_serving`]).
+pub(crate) fn serve_once(listener: &UnixListener, fds: &[RawFd]) -> io::Result<UnixStream> {
     loop {
         let (mut s, _) = listener.accept()?;
         if let Err(e) = check_peer(&s) {
@@ -124,7 +189,7 @@ pub(crate) fn serve_once(listener: &UnixListener, fds: &[RawFd]) -> io::Result<(
         send_fds(&s, fds)?;
         let mut ok = [0u8; 3];
         if s.read_exact(&mut ok).is_ok() && &ok == b"ok\n" {
-            return Ok(());
+            return Ok(s);
         }
     }
 }

@@ -247,6 +247,9 @@ macro_rules! stream_impl {
 stream_impl!(tokio::net::TcpStream, ParkedSocket::Tcp);
 stream_impl!(tokio::net::UnixStream, ParkedSocket::Unix);
 
+/// Connections queued on a listening socket before memrelay accepts them.
+const LISTEN_BACKLOG: i32 = 1024;
+
 /// A bound listening socket, not yet attached to any runtime, so that each
 /// worker thread can register its own copy.
 #[derive(Debug)]
@@ -277,7 +280,9 @@ impl BoundListener {
                     s.set_only_v6(false).ok();
                 }
                 s.bind(&(*addr).into())?;
-                s.listen(1024)?;
+                // Not listening yet (`listen`): the port is ours, and a
+                // client that connects before memrelay serves is refused
+                // at once instead of waiting in the queue.
                 s.set_nonblocking(true)?;
                 Ok(BoundListener::Tcp(s.into()))
             }
@@ -294,11 +299,25 @@ impl BoundListener {
                         ));
                     }
                 }
-                let l = std::os::unix::net::UnixListener::bind(path)?;
+                // Bound, not listening yet, as for TCP above.
+                let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+                s.bind(&socket2::SockAddr::unix(path)?)?;
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode))?;
-                l.set_nonblocking(true)?;
-                Ok(BoundListener::Unix(l))
+                s.set_nonblocking(true)?;
+                Ok(BoundListener::Unix(std::os::fd::OwnedFd::from(s).into()))
             }
+        }
+    }
+
+    /// Starts accepting connections, once memrelay can serve them: it
+    /// bound the socket at start (a port in use fails the start), but a
+    /// start can take seconds (the state file, the fleet's peers, the
+    /// servers' identities). A socket handed over is listening already;
+    /// listening again only sets its queue's length.
+    pub(crate) fn listen(&self) -> io::Result<()> {
+        match self {
+            BoundListener::Tcp(l) => socket2::SockRef::from(l).listen(LISTEN_BACKLOG),
+            BoundListener::Unix(l) => socket2::SockRef::from(l).listen(LISTEN_BACKLOG),
         }
     }
 

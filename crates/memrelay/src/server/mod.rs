@@ -14,13 +14,13 @@
 mod start;
 
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use self::start::{Sockets, Started};
+use self::start::{HandedOff, Sockets, Started};
 use crate::config::{Config, Listen};
 use crate::net::BoundListener;
 use crate::proxy::accept::{accept_loop, Stop};
@@ -88,10 +88,11 @@ fn serve(cfg: Config, reread: crate::topology::Reread, started: Started) -> Resu
     let Started {
         listeners,
         metrics: metrics_listener,
-        took_over,
+        old,
         handed_off,
         pidfile,
     } = started;
+    let took_over = old.is_some();
     // The main thread's runtime, and the signals, before any worker runs:
     // a SIGHUP must never find the default action (exit) in place once
     // clients can be served.
@@ -124,11 +125,19 @@ fn serve(cfg: Config, reread: crate::topology::Reread, started: Started) -> Resu
         conns: conns.clone(),
         stop: stop_rx,
     };
+    for (l, addr) in listeners.iter().zip(&control.config().listen) {
+        l.listen()
+            .map_err(|e| StartError::Bind(addr.to_string(), e))?;
+    }
     workers.spawn(threads, &listeners)?;
     drop(listeners);
     // Before any reload: every worker runs the first configuration, so
     // each answers every swap and retires every configuration it ran.
     rt.block_on(local.run_until(control.workers_started()));
+    // Serving now: a memrelay whose sockets we took stops accepting.
+    if let Some(old) = old {
+        crate::net::handoff::tell_serving(old);
+    }
 
     // /metrics asks for --auth-file's credentials, as renewed by reloads.
     let metrics_auth: MetricsAuth = Arc::new(std::sync::RwLock::new(control.config().auth.clone()));
@@ -136,8 +145,15 @@ fn serve(cfg: Config, reread: crate::topology::Reread, started: Started) -> Resu
         if let (Some(addr), Some(l)) = (metrics, metrics_listener) {
             serve_metrics(addr, l, &registry, &metrics_auth);
         }
-        let signal = main_loop(&mut control, &mut signals, &mut reloads, &metrics_auth).await;
-        if handed_off.load(Ordering::Acquire) {
+        let signal = main_loop(
+            &mut control,
+            &mut signals,
+            &mut reloads,
+            &metrics_auth,
+            &handed_off,
+        )
+        .await;
+        if handed_off.done() {
             control.hand_off_state();
         }
         if signal == Signal::Terminate {
@@ -145,7 +161,7 @@ fn serve(cfg: Config, reread: crate::topology::Reread, started: Started) -> Resu
         }
         control.save_state();
     }));
-    finish(&control, pidfile, handed_off.load(Ordering::Acquire));
+    finish(&control, pidfile, handed_off.done());
     tracing::info!("memrelay stopped");
     Ok(())
 }
@@ -220,6 +236,7 @@ async fn main_loop(
     signals: &mut Signals,
     reloads: &mut mpsc::UnboundedReceiver<ReloadRequest>,
     auth: &MetricsAuth,
+    handed: &HandedOff,
 ) -> Signal {
     let mut last_reload: Option<std::time::Instant> = None;
     // A fleet reload's steps wait on the peers: looked at this often.
@@ -230,17 +247,24 @@ async fn main_loop(
     let mut fleet_watch = tokio::time::interval(crate::topology::CATCH_UP_EVERY);
     fleet_watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Once a new memrelay took the sockets, it runs the configuration
+        // and the fleet's reload steps; this one serves until it drains.
+        let mine = !control.handed_over();
         tokio::select! {
-            _ = fleet_reload.tick(), if control.reloading() => {
+            () = handed.wake.notified(), if mine => control.hand_off_state(),
+            _ = fleet_reload.tick(), if mine && control.reloading() => {
                 control.tend_reload().await;
                 if !control.reloading() {
                     renew_metrics_auth(auth, control);
                 }
             }
-            _ = fleet_watch.tick(), if control.in_fleet() && !control.reloading() => {
+            _ = fleet_watch.tick(), if mine && control.in_fleet() && !control.reloading() => {
                 control.catch_up().await;
             }
             sig = signals.next() => match sig {
+                Signal::Hangup if !mine => {
+                    tracing::warn!("SIGHUP ignored: the new memrelay that took the sockets over reads the configuration");
+                }
                 Signal::Hangup => {
                     tracing::info!("SIGHUP: reloading the configuration");
                     let _ = control.reload("SIGHUP").await;
@@ -250,6 +274,10 @@ async fn main_loop(
                 other => return other,
             },
             Some(req) = reloads.recv() => {
+                if !mine {
+                    let _ = req.reply.send(Err("handing off to a new memrelay: reload that one".into()));
+                    continue;
+                }
                 if let Some(wait) = last_reload.map(|t| RELOAD_SPACING.saturating_sub(t.elapsed())) {
                     tokio::time::sleep(wait).await;
                 }
@@ -298,9 +326,9 @@ async fn drain(
     control: &Control,
     stop: &tokio::sync::watch::Sender<Stop>,
     conns: &AtomicUsize,
-    handed_off: &AtomicBool,
+    handed_off: &HandedOff,
 ) {
-    let how = if handed_off.load(Ordering::Acquire) {
+    let how = if handed_off.done() {
         Stop::HandedOff
     } else {
         Stop::Terminate

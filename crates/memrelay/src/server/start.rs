@@ -14,8 +14,8 @@
 //! started only from a `Detached`. Starting a thread before the fork
 //! cannot be written.
 
-use std::os::unix::net::UnixListener;
-use std::sync::atomic::AtomicBool;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::StartError;
@@ -30,7 +30,8 @@ pub(super) struct Sockets {
     /// The hand-off path, bound now while we may still write its
     /// directory; served only after `daemon()`.
     handoff: Option<UnixListener>,
-    took_over: bool,
+    /// The memrelay whose sockets these are, told once this one serves.
+    old: Option<UnixStream>,
 }
 
 /// Step 2: the process as it stays (detached if asked), its pid file
@@ -46,10 +47,11 @@ pub(super) struct Detached {
 pub(super) struct Started {
     pub(super) listeners: Vec<BoundListener>,
     pub(super) metrics: Option<std::net::TcpListener>,
-    /// Whether the sockets came from a running memrelay.
-    pub(super) took_over: bool,
+    /// The running memrelay the sockets came from, to be told once this
+    /// one serves them (`handoff::tell_serving`).
+    pub(super) old: Option<UnixStream>,
     /// Set by the hand-off thread once a new process has our sockets.
-    pub(super) handed_off: Arc<AtomicBool>,
+    pub(super) handed_off: Arc<HandedOff>,
     pub(super) pidfile: Option<Pidfile>,
 }
 
@@ -59,12 +61,16 @@ impl Sockets {
     /// the old process holds its port until it exits.
     pub(super) fn bind_or_take_over(cfg: &Config) -> Result<Sockets, StartError> {
         let expected = cfg.listen.len() + usize::from(cfg.metrics.is_some());
-        let mut taken = match &cfg.handoff {
+        let taken = match &cfg.handoff {
             Some(path) => crate::net::handoff::take_over(path, expected)
                 .map_err(|e| StartError::Handoff(format!("{}: {e}", path.display())))?,
             None => None,
         };
         let took_over = taken.is_some();
+        let (mut taken, old) = match taken {
+            Some(t) => (Some(t.fds), Some(t.old)),
+            None => (None, None),
+        };
         let taken_metrics = match (&mut taken, cfg.metrics) {
             (Some(fds), Some(_)) => fds.pop(),
             _ => None,
@@ -99,7 +105,7 @@ impl Sockets {
             listeners,
             metrics,
             handoff,
-            took_over,
+            old,
         })
     }
 
@@ -134,9 +140,9 @@ impl Detached {
             listeners,
             metrics,
             handoff,
-            took_over,
+            old,
         } = self.sockets;
-        let handed_off = Arc::new(AtomicBool::new(false));
+        let handed_off = Arc::new(HandedOff::default());
         if let Some(l) = handoff {
             let metrics = match &metrics {
                 Some(m) => Some(m.try_clone().map_err(StartError::Thread)?),
@@ -150,7 +156,7 @@ impl Detached {
         Ok(Started {
             listeners,
             metrics,
-            took_over,
+            old,
             handed_off,
             pidfile: self.pidfile,
         })
@@ -183,13 +189,29 @@ fn bind_handoff(path: &std::path::Path) -> Result<UnixListener, StartError> {
         .map_err(|e| StartError::Handoff(format!("{}: {e}", path.display())))
 }
 
+/// A hand-off to a new memrelay, as the old one sees it.
+#[derive(Debug, Default)]
+pub(super) struct HandedOff {
+    /// A new process has our sockets (and gets our state).
+    done: AtomicBool,
+    /// Wakes the main loop to hand the state over.
+    pub(super) wake: tokio::sync::Notify,
+}
+
+impl HandedOff {
+    pub(super) fn done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+}
+
 /// Serves the hand-off path for the next memrelay, on a thread of its own:
-/// once a new process has our listening sockets, we drain as on SIGTERM.
+/// once a new process has our listening sockets, the main loop hands it
+/// our state; once it serves, we drain as on SIGTERM.
 fn serve_handoff(
     l: UnixListener,
     listeners: &[BoundListener],
     metrics: Option<std::net::TcpListener>,
-    flag: Arc<AtomicBool>,
+    handed: Arc<HandedOff>,
 ) -> Result<(), StartError> {
     let mine: Vec<BoundListener> = listeners
         .iter()
@@ -204,9 +226,16 @@ fn serve_handoff(
                 fds.push(std::os::fd::AsRawFd::as_raw_fd(m));
             }
             match crate::net::handoff::serve_once(&l, &fds) {
-                Ok(()) => {
-                    tracing::info!("listening sockets handed to a new memrelay; draining");
-                    flag.store(true, std::sync::atomic::Ordering::Release);
+                Ok(new) => {
+                    tracing::info!("listening sockets handed to a new memrelay; serving until it does");
+                    handed.done.store(true, Ordering::Release);
+                    handed.wake.notify_one();
+                    use crate::net::handoff::{wait_serving, NewProcess, SERVING_WAIT};
+                    match wait_serving(new, SERVING_WAIT) {
+                        NewProcess::Serving => tracing::info!("the new memrelay serves; draining"),
+                        NewProcess::Gone => tracing::warn!("the new memrelay left without saying it serves; draining"),
+                        NewProcess::Silent => tracing::warn!(waited = ?SERVING_WAIT, "the new memrelay never said it serves; draining"),
+                    }
                     // Drain exactly as on SIGTERM.
                     crate::sys::terminate_self();
                 }
