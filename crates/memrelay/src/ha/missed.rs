@@ -337,8 +337,9 @@ impl MissedKeys {
     }
 
     /// Records what another memrelay recorded (`None`: every key). The
-    /// hooks are told where it came from, so none sends it back.
-    pub(crate) fn learn(&self, key: Option<&[u8]>, from: Source) {
+    /// hooks are told where it came from, so none sends it back. Returns
+    /// the record's generation (0 for every key, or if overflowed).
+    pub(crate) fn learn(&self, key: Option<&[u8]>, from: Source) -> u64 {
         let gen = match key {
             Some(k) => self.note(k, from),
             None => {
@@ -347,6 +348,7 @@ impl MissedKeys {
             }
         };
         self.recorded_hook(key, from, gen);
+        gen
     }
 
     /// Returns the record's generation (0 if the set is overflowed).
@@ -450,6 +452,23 @@ impl MissedKeys {
         self.lock().keys.keys().cloned().collect()
     }
 
+    /// The keys whose latest record the other process of a hand-off may
+    /// not have: made after `mark` (the lists as handed over) and neither
+    /// told to it nor learnt from it (see `note_relayed`). What it has, it
+    /// may have deleted on the server since, and a later write may have
+    /// put the key's only copy there: giving it back would delete that.
+    pub(crate) fn snapshot_untold(&self, mark: u64) -> Vec<Box<[u8]>> {
+        let inner = self.lock();
+        inner
+            .keys
+            .iter()
+            .filter(|(k, &gen)| {
+                gen >> 1 > mark && !matches!(inner.relayed.get(*k), Some(&(g, _)) if g == gen)
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
     /// Publishes how many keys `inner` holds (1 while overflowed) for the
     /// lock-free `contains`/`is_empty`, after keys were removed.
     fn publish_count(&self, inner: &Inner) {
@@ -501,8 +520,8 @@ impl MissedKeys {
 
     /// The record of `key` with generation `gen` (as the record hooks
     /// were told) reached the other process of a hand-off as the `seq`th
-    /// record of this server sent there. Kept only while it is still the
-    /// key's latest record.
+    /// record of this server sent there, or (`seq` 0) came from it. Kept
+    /// only while it is still the key's latest record.
     pub(crate) fn note_relayed(&self, key: &[u8], gen: u64, seq: u64) {
         let mut inner = self.lock();
         if inner.keys.get(key) == Some(&gen) {
@@ -668,6 +687,28 @@ mod tests {
         m.forget_if_covered(b"unsent", mark, 9);
         assert!(m.contains(b"unsent"));
         assert_eq!(m.len(), 2);
+    }
+
+    #[test]
+    fn the_hand_off_file_lists_only_what_the_new_process_may_lack() {
+        let m = MissedKeys::new(10);
+        m.record(b"before");
+        let mark = m.mark();
+        let sent = m.learn(Some(b"sent"), Source::Here);
+        m.note_relayed(b"sent", sent, 1);
+        let theirs = m.learn(Some(b"theirs"), Source::Handoff);
+        m.note_relayed(b"theirs", theirs, 0);
+        m.learn(Some(b"unsent"), Source::Here);
+        // Sent, then recorded again: the later record was not sent.
+        let again = m.learn(Some(b"again"), Source::Here);
+        m.note_relayed(b"again", again, 2);
+        m.record(b"again");
+        let mut untold = m.snapshot_untold(mark);
+        untold.sort();
+        assert_eq!(
+            untold,
+            [Box::from(&b"again"[..]), Box::from(&b"unsent"[..])]
+        );
     }
 
     #[test]

@@ -132,6 +132,10 @@ struct HandoffState {
     until: Option<std::time::Instant>,
     /// Old side: the lists' counters when last written.
     written: u64,
+    /// Old side: each server's mark (`MissedKeys::mark`) when the lists
+    /// were handed over. Later files carry only what the new process may
+    /// not have from the record socket (`MissedKeys::snapshot_untold`).
+    marks: Option<Vec<u64>>,
 }
 
 /// Who wrote a state file, and when.
@@ -377,6 +381,9 @@ impl Persist {
     /// Returns whether the new process takes records (it listens for
     /// them): then it reads this one's lists too, and deletes their keys.
     pub(crate) fn hand_off(self: &Arc<Self>, health: &[Arc<Health>]) -> bool {
+        // Taken before the lists are written: every record made before
+        // it is in the first hand-off file.
+        let marks: Vec<u64> = health.iter().map(|h| h.missed.mark()).collect();
         self.disown();
         self.shared.send_replace(true);
         let takes_records = match self.connect_records(Direction::ToNew) {
@@ -394,8 +401,7 @@ impl Persist {
                 // What the new process deleted, it tells with `clear`
                 // lines: each key recorded here before now is forgotten
                 // then (its delete came after the records it was handed).
-                let marks = health.iter().map(|h| h.missed.mark()).collect();
-                take_records_on_a_thread(s, health.to_vec(), None, Some(marks))
+                take_records_on_a_thread(s, health.to_vec(), None, Some(marks.clone()))
             }
             None => {
                 tracing::warn!(socket = %self.records_path().display(), "the new memrelay sends no records: while this one drains, it may serve a key the new one saw a server miss")
@@ -403,6 +409,9 @@ impl Persist {
         }
         self.handoff_state().written = changes(health);
         self.write_lists(&self.handoff_path(), Status::Handoff, health);
+        // The new process has these lists from now on (`merged`): later
+        // files add only what the record socket did not carry.
+        self.handoff_state().marks = Some(marks);
         takes_records
     }
 
@@ -758,17 +767,28 @@ impl Persist {
             Status::HandoffFinal => "handoff-final",
         };
         let mut out = format!("{MAGIC}\nstatus {word}\n");
-        for h in health {
+        let untold = match status {
+            Status::Handoff | Status::HandoffFinal => self.handoff_state().marks.clone(),
+            Status::Clean | Status::Running => None,
+        };
+        for (i, h) in health.iter().enumerate() {
             let overflowed = h.missed.is_overflowed() || h.copying.is_overflowed();
             let word = if overflowed { "overflowed" } else { "clean" };
             out.push_str(&format!("server {} {word}\n", h.name));
             if overflowed {
                 continue;
             }
+            let mut keys = match &untold {
+                Some(marks) => h.missed.snapshot_untold(marks[i]),
+                None => h.missed.snapshot(),
+            };
             // Keys being copied by a resync count as missed: the copy may
-            // not have been checked against a client's write.
-            let mut keys = h.missed.snapshot();
-            keys.extend(h.copying.snapshot());
+            // not have been checked against a client's write. (The old
+            // process of a hand-off cancelled its resyncs before it wrote
+            // its first file.)
+            if untold.is_none() {
+                keys.extend(h.copying.snapshot());
+            }
             for k in keys.iter().take(MAX_KEYS) {
                 let mut enc = Vec::with_capacity(k.len() * 4 / 3 + 4);
                 memrelay_protocol::base64::encode(k, &mut enc);
@@ -923,9 +943,14 @@ fn take_records(
         if let Some(i) = health.iter().position(|h| h.name == name) {
             let h = &health[i];
             match (clear, key, marks.and_then(|m| m.get(i))) {
-                (false, key, _) => {
-                    h.missed.learn(key.as_deref(), Source::Handoff);
+                (false, key, mark) => {
+                    let gen = h.missed.learn(key.as_deref(), Source::Handoff);
                     h.missed.streamed();
+                    // Old side: the new process has this record (it sent
+                    // it): its clear covers it, and no file sends it back.
+                    if let (Some(k), Some(_)) = (&key, mark) {
+                        h.missed.note_relayed(k, gen, 0);
+                    }
                 }
                 (true, Some(key), Some(&mark)) => {
                     h.missed.forget_if_covered(&key, mark, seen);
@@ -1249,6 +1274,51 @@ mod tests {
         assert!(
             !new_a.missed.is_overflowed(),
             "the overflow was taken again after the flush"
+        );
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn the_old_process_never_gives_back_a_record_the_new_one_had() {
+        let path = temp("handoff-no-echo");
+        let old_b = health("b:1");
+        let old_both = [old_b.clone()];
+        let old = Persist::new(path.clone());
+        old.start(&old_both, false);
+        let new_b = health("b:1");
+        let new_both = [new_b.clone()];
+        let new = Persist::new(path.clone());
+        let starting = {
+            let (new, new_both) = (new.clone(), new_both.clone());
+            std::thread::spawn(move || new.start(&new_both, true))
+        };
+        assert!(old.hand_off(&old_both), "the new one takes records");
+        starting.join().unwrap();
+        // One record each side makes after the hand-off, each sent over.
+        new_b.missed.record(b"new's");
+        old_b.missed.record(b"old's");
+        assert!(old_b.missed.contains(b"new's") && new_b.missed.contains(b"old's"));
+        // The new one deletes both. Its clear covers its own record; the
+        // old one's it had not learnt by the count it sends (as when the
+        // clear overtakes the old one's note that the record was sent).
+        let batch = new_b.missed.peek_batch(10);
+        new_b.missed.confirm(&batch);
+        let keys: Vec<Box<[u8]>> = [&b"new's"[..], b"old's"].map(Box::from).into();
+        new_b.missed.cleared(&keys, 0);
+        assert!(
+            !old_b.missed.contains(b"new's"),
+            "a record the new one sent is forgotten at its clear"
+        );
+        assert!(old_b.missed.contains(b"old's"), "not covered: it stays");
+        // Later writes put the keys' only copies on b; the old one's next
+        // files must not make the new one delete them again.
+        old.tick(&old_both);
+        new.tick(&new_both);
+        old.save(&old_both);
+        new.tick(&new_both);
+        assert!(
+            !new_b.missed.contains(b"old's") && !new_b.missed.contains(b"new's"),
+            "a file gave back a record the new one had, and deleted"
         );
         let _ = std::fs::remove_file(&path);
     }
