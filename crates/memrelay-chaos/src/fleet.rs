@@ -122,6 +122,13 @@ pub struct PartitionTally {
 /// every link. A faulted link counts as a disturbance of its server for
 /// the loss check (a write the member sent past it lives on the backup
 /// only), never for the stale check.
+/// The longest delay `partitions` puts on a link: what a write already
+/// sent may still take to reach its server after its sender gave it up,
+/// or died (`model::Ctx::in_flight`).
+pub fn longest_delay(timeout: Duration) -> Duration {
+    Duration::from_millis((timeout.as_millis() as u64 / 4).max(2))
+}
+
 pub fn partitions(
     fleet: &Fleet,
     watch: &Watch,
@@ -153,7 +160,7 @@ pub fn partitions(
             // delivers writes memrelay gave up on, which no network is
             // promised not to do and no proxy can undo (docs/chaos.md).
             _ => Fault::Delay(Duration::from_millis(
-                1 + rng.below((timeout.as_millis() as u64 / 4).max(2)),
+                1 + rng.below(longest_delay(timeout).as_millis() as u64),
             )),
         };
         match fault {

@@ -638,6 +638,7 @@ fn client(
         bound: bound(cfg),
         live_replica: &live,
         strict_writes: cfg.strict_writes,
+        in_flight: in_flight(cfg),
     };
     let client_deadline = bound(cfg) + Duration::from_secs(5);
     // Two connections per memrelay: consecutive batches of one client go
@@ -704,6 +705,16 @@ fn connect_retrying(relay: &str, stop: &AtomicBool) -> Result<Conn, String> {
     }
 }
 
+/// How long a write of unknown outcome may still land (`Ctx::in_flight`):
+/// the longest delay `--partitions` puts on a link, if it does.
+fn in_flight(cfg: &Cfg) -> Duration {
+    if cfg.partitions {
+        fleet::longest_delay(cfg.timeout)
+    } else {
+        Duration::ZERO
+    }
+}
+
 fn bound(cfg: &Cfg) -> Duration {
     cfg.timeout * 2 + Duration::from_millis(300) + cfg.slack
 }
@@ -718,6 +729,7 @@ fn final_reads(cfg: &Cfg, relay: &str, watch: &Watch, t: usize, end: &mut Client
         bound: bound(cfg),
         live_replica: &live,
         strict_writes: cfg.strict_writes,
+        in_flight: in_flight(cfg),
     };
     let mut conn: Option<Conn> = None;
     for k in 0..end.keys.len() {

@@ -390,6 +390,10 @@ impl Op {
     }
 }
 
+/// What a server takes beyond a link's delay to apply a write that
+/// reached it (its socket, its worker).
+const LANDING_SLACK: Duration = Duration::from_millis(20);
+
 /// One key as its owning client knows it.
 #[derive(Debug, Clone)]
 pub struct KeyModel {
@@ -431,6 +435,10 @@ pub struct KeyModel {
     /// (memcached's clock ticks in whole seconds: up to a second early).
     may_expire: Option<Instant>,
     history: VecDeque<String>,
+    /// Writes whose outcome is unknown that may still land, with the time
+    /// until which they may (`Ctx::in_flight`): what each leaves (a value,
+    /// or no item). A write acknowledged before then may be overtaken.
+    in_flight: Vec<(Instant, Option<Item>)>,
 }
 
 impl KeyModel {
@@ -452,6 +460,7 @@ impl KeyModel {
             may_be_lost: false,
             may_expire: None,
             history: VecDeque::new(),
+            in_flight: Vec::new(),
         }
     }
 
@@ -502,9 +511,10 @@ impl KeyModel {
         self.exact = true;
         self.wild = false;
         self.base_sent = Some(sent);
+        self.overtaken(sent);
     }
 
-    fn ack_absent(&mut self) {
+    fn ack_absent(&mut self, sent: Instant) {
         self.expiry = None;
         self.may_expire = None;
         self.ttl_unknown = false;
@@ -512,6 +522,26 @@ impl KeyModel {
         self.exact = true;
         self.wild = false;
         self.base_sent = None;
+        self.overtaken(sent);
+    }
+
+    /// A write sent at `sent` was acknowledged: a write of unknown outcome
+    /// still in flight then may land after it.
+    fn overtaken(&mut self, sent: Instant) {
+        self.in_flight.retain(|(until, _)| *until > sent);
+        if self.in_flight.is_empty() {
+            return;
+        }
+        for (_, v) in &self.in_flight {
+            if !self.cands.contains(v) {
+                self.cands.push(v.clone());
+            }
+        }
+        self.exact = false;
+        if self.cands.len() > MAX_CANDS {
+            self.wild = true;
+            self.cands.truncate(MAX_CANDS);
+        }
     }
 
     /// An unknown outcome: the state may be any candidate, or `f` of it.
@@ -719,6 +749,12 @@ pub struct Ctx<'a> {
     /// Count an incr/append that found no item although a replica held
     /// the key's value as lost (docs/ha.md allows it: see docs/chaos.md).
     pub strict_writes: bool,
+    /// How long after it was sent a write whose outcome is unknown may
+    /// still reach a server: the longest delay the run puts on a link
+    /// (zero without delays). A packet already sent arrives, even after
+    /// its sender died, and can land over a later write made through
+    /// another path; nothing can recall it (docs/chaos.md).
+    pub in_flight: Duration,
 }
 
 impl std::fmt::Debug for Ctx<'_> {
@@ -735,6 +771,12 @@ impl std::fmt::Debug for Ctx<'_> {
 impl Ctx<'_> {
     fn ms(&self, t: Instant) -> u128 {
         t.saturating_duration_since(self.start).as_millis()
+    }
+
+    /// Until when a write sent at `sent` whose outcome is unknown may
+    /// still land (None: not past its answer).
+    fn lands_until(&self, sent: Instant) -> Option<Instant> {
+        (!self.in_flight.is_zero()).then(|| sent + self.in_flight + LANDING_SLACK)
     }
 }
 
@@ -855,7 +897,7 @@ pub fn check(
             for k in op.keys() {
                 keys[k].log(at, format!("{render} -> {f}"));
             }
-            unknown_outcome(keys, op);
+            unknown_outcome(keys, op, ctx.lands_until(sent));
             return false;
         }
     };
@@ -909,7 +951,7 @@ pub fn check(
         (_, Reply::Values(v)) => {
             tally.wrong += 1;
             tally.detail(format!("{who}: WRONG: {render:?} answered values {v:?}"));
-            unknown_outcome(keys, op);
+            unknown_outcome(keys, op, ctx.lands_until(sent));
             false
         }
         (_, Reply::Line(l)) => {
@@ -963,10 +1005,18 @@ fn expiry_after(ttl: u32, now: Instant) -> Option<Instant> {
 }
 
 /// The effect of a write that may or may not have been applied.
-fn unknown_outcome(keys: &mut [KeyModel], op: &Op) {
+fn unknown_outcome(keys: &mut [KeyModel], op: &Op, lands_until: Option<Instant>) {
     if op.shape() == Shape::Meta {
         let twin = op.classic(keys, Reply::Line(String::new())).0;
-        return unknown_outcome(keys, &twin);
+        return unknown_outcome(keys, &twin, lands_until);
+    }
+    // A set or a delete may yet land over a later write (`in_flight`).
+    if let Some(until) = lands_until {
+        match op {
+            Op::Set { k, item } => keys[*k].in_flight.push((until, Some(item.clone()))),
+            Op::Delete { k } => keys[*k].in_flight.push((until, None)),
+            _ => {}
+        }
     }
     match op {
         Op::Gat { ks, .. } => {
@@ -1160,12 +1210,12 @@ fn check_write(
         } else if (ctx.live_replica)(m.primary, sent) {
             wrong(tally, m, "a replica of the key was up and untouched");
         }
-        unknown_outcome(keys, op);
+        unknown_outcome(keys, op, ctx.lands_until(sent));
         return;
     }
     if is_error_line(l) {
         wrong(tally, m, "an error for a well-formed request");
-        unknown_outcome(keys, op);
+        unknown_outcome(keys, op, ctx.lands_until(sent));
         return;
     }
     match op {
@@ -1182,7 +1232,7 @@ fn check_write(
                 m.ack_value(item.clone(), sent);
             } else {
                 wrong(tally, m, "set answers STORED");
-                unknown_outcome(keys, op);
+                unknown_outcome(keys, op, ctx.lands_until(sent));
             }
         }
         Op::Cas { item, unique, .. } => match l {
@@ -1201,11 +1251,11 @@ fn check_write(
             "EXISTS" => {}
             "NOT_FOUND" => {
                 write_miss(ctx, tally, m, guarded, who, render, l);
-                m.ack_absent();
+                m.ack_absent(sent);
             }
             _ => {
                 wrong(tally, m, "cas answers STORED, EXISTS or NOT_FOUND");
-                unknown_outcome(keys, op);
+                unknown_outcome(keys, op, ctx.lands_until(sent));
             }
         },
         Op::Touch { .. } => match l {
@@ -1225,11 +1275,11 @@ fn check_write(
             }
             "NOT_FOUND" => {
                 write_miss(ctx, tally, m, guarded, who, render, l);
-                m.ack_absent();
+                m.ack_absent(sent);
             }
             _ => {
                 wrong(tally, m, "touch answers TOUCHED or NOT_FOUND");
-                unknown_outcome(keys, op);
+                unknown_outcome(keys, op, ctx.lands_until(sent));
             }
         },
         Op::Add { item, .. } => match l {
@@ -1255,7 +1305,7 @@ fn check_write(
             }
             _ => {
                 wrong(tally, m, "add answers STORED or NOT_STORED");
-                unknown_outcome(keys, op);
+                unknown_outcome(keys, op, ctx.lands_until(sent));
             }
         },
         Op::Delete { .. } => match l {
@@ -1263,19 +1313,19 @@ fn check_write(
                 if !m.wild && m.cands.iter().all(Option::is_none) {
                     wrong(tally, m, "the key was deleted: something brought it back");
                 }
-                m.ack_absent();
+                m.ack_absent(sent);
                 m.changes += 1;
             }
-            "NOT_FOUND" => m.ack_absent(),
+            "NOT_FOUND" => m.ack_absent(sent),
             _ => {
                 wrong(tally, m, "delete answers DELETED or NOT_FOUND");
-                unknown_outcome(keys, op);
+                unknown_outcome(keys, op, ctx.lands_until(sent));
             }
         },
         Op::Incr { delta, down, .. } => {
             if l == "NOT_FOUND" {
                 write_miss(ctx, tally, m, guarded, who, render, l);
-                m.ack_absent();
+                m.ack_absent(sent);
             } else if let Ok(n) = l.parse::<u64>() {
                 let from: Vec<Option<Item>> = m
                     .cands
@@ -1324,7 +1374,7 @@ fn check_write(
                 }
             } else {
                 wrong(tally, m, "incr and decr answer a number or NOT_FOUND");
-                unknown_outcome(keys, op);
+                unknown_outcome(keys, op, ctx.lands_until(sent));
             }
         }
         Op::Append { suffix, front, .. } => match l {
@@ -1350,11 +1400,11 @@ fn check_write(
             }
             "NOT_STORED" => {
                 write_miss(ctx, tally, m, guarded, who, render, l);
-                m.ack_absent();
+                m.ack_absent(sent);
             }
             _ => {
                 wrong(tally, m, "append and prepend answer STORED or NOT_STORED");
-                unknown_outcome(keys, op);
+                unknown_outcome(keys, op, ctx.lands_until(sent));
             }
         },
         Op::Replace { item, .. } => match l {
@@ -1370,11 +1420,11 @@ fn check_write(
             }
             "NOT_STORED" => {
                 write_miss(ctx, tally, m, guarded, who, render, l);
-                m.ack_absent();
+                m.ack_absent(sent);
             }
             _ => {
                 wrong(tally, m, "replace answers STORED or NOT_STORED");
-                unknown_outcome(keys, op);
+                unknown_outcome(keys, op, ctx.lands_until(sent));
             }
         },
     }
@@ -1420,7 +1470,7 @@ pub fn abandon(ctx: &Ctx, tally: &mut Tally, keys: &mut [KeyModel], op: &Op, why
         keys[k].log(at, format!("{first} -> no reply: {why}"));
         note_loss(ctx, &mut keys[k]);
     }
-    unknown_outcome(keys, op);
+    unknown_outcome(keys, op, ctx.lands_until(Instant::now()));
 }
 
 /// Whether the key may be gone from every replica: none was up and
@@ -1547,6 +1597,7 @@ mod tests {
             bound: Duration::from_secs(60),
             live_replica: &f,
             strict_writes: false,
+            in_flight: Duration::ZERO,
         };
         let mut keys = vec![
             KeyModel::new("t".into(), "c0k0".into(), false, 0),
@@ -1578,6 +1629,45 @@ mod tests {
     }
     fn vals(v: Vec<Val>) -> Result<Reply, Fail> {
         Ok(Reply::Values(v))
+    }
+
+    #[test]
+    fn a_write_of_unknown_outcome_may_land_over_a_later_one_only_while_in_flight() {
+        // Steps at given milliseconds from the start; the third write is
+        // sent at `third` ms; the read of the unknown write's value last.
+        let run = |in_flight_ms: u64, third: u64| {
+            let live = |_: usize, _: Instant| true;
+            let start = Instant::now();
+            let ctx = Ctx {
+                start,
+                client: 0,
+                phase: "test",
+                bound: Duration::from_secs(60),
+                live_replica: &live,
+                strict_writes: false,
+                in_flight: Duration::from_millis(in_flight_ms),
+            };
+            let mut keys = vec![KeyModel::new("t".into(), "c0k0".into(), false, 0)];
+            let mut tally = Tally::new();
+            let at = |ms: u64| start + Duration::from_millis(ms);
+            let steps = [
+                (0, set(0, "c0k0s1", 1), line("STORED")),
+                (1, set(0, "c0k0s2", 2), Err(Fail::Closed("EOF".into()))),
+                (third, set(0, "c0k0s3", 3), line("STORED")),
+                (third + 1, get(0), vals(vec![val("t", "c0k0s2", 2)])),
+            ];
+            for (ms, op, r) in &steps {
+                check(&ctx, &mut tally, &mut keys, op, r, at(*ms), at(*ms));
+            }
+            tally
+        };
+        // Nothing delays a write: the unknown one cannot land later.
+        assert_eq!(run(0, 5).stale, 1);
+        // Still in flight when the third was sent: it may land after it.
+        let t = run(100, 5);
+        assert_eq!(t.violations(), 0, "{:?}", t.details);
+        // The third was sent once it could no longer be in flight.
+        assert_eq!(run(100, 500).stale, 1);
     }
 
     #[test]
@@ -2011,6 +2101,7 @@ mod tests {
             bound: Duration::from_millis(10),
             live_replica: &f,
             strict_writes: false,
+            in_flight: Duration::ZERO,
         };
         let mut keys = vec![KeyModel::new("t".into(), "c0k0".into(), false, 0)];
         let mut tally = Tally::new();

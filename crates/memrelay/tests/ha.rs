@@ -1538,6 +1538,7 @@ fn model_ctx(t: usize, start: Instant, phase: &str) -> Ctx<'_> {
         bound: ANSWER_BOUND,
         live_replica: &no_replica_known,
         strict_writes: false,
+        in_flight: std::time::Duration::ZERO,
     }
 }
 
