@@ -68,16 +68,6 @@ const HANDOFF_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// bounds it too).
 const MAX_KEYS: usize = 1_000_000;
 
-/// How long after its latest own record a server marked dirty stays so,
-/// although the fleet took every own record. While writes went past a
-/// server, each own record after a refresh marked it dirty again (a
-/// synchronous write of the file before the write is answered), and the
-/// refresh marked it learnt within 200 ms: up to five synchronous writes a
-/// second per server, on the worker threads. Now one per episode of
-/// writes; a crash within the second after an own record costs a flush
-/// of that server instead of asking the peers.
-const LEARNT_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// What the file says of one server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Mark {
@@ -95,9 +85,6 @@ pub(crate) struct Persist {
     path: PathBuf,
     /// Each server's mark as last written while running.
     marks: Mutex<BTreeMap<String, Mark>>,
-    /// When each server was last marked dirty by an own record: it goes
-    /// back to `learnt` only `LEARNT_AFTER` later (see `refresh`).
-    dirtied: Mutex<HashMap<String, std::time::Instant>>,
     /// Another process owns the file now (the sockets were handed over).
     disowned: std::sync::atomic::AtomicBool,
     /// Hand-off bookkeeping (see the module comment).
@@ -181,7 +168,6 @@ impl Persist {
         Arc::new(Persist {
             path,
             marks: Mutex::new(BTreeMap::new()),
-            dirtied: Mutex::new(HashMap::new()),
             disowned: std::sync::atomic::AtomicBool::new(false),
             handoff: Mutex::new(HandoffState::default()),
             peers: Mutex::new(Vec::new()),
@@ -701,18 +687,6 @@ impl Persist {
         {
             let mut marks = self.marks();
             let was = marks.get(name);
-            if mark == Mark::Dirty && was == Some(&Mark::Dirty) {
-                // Another own record: the time since the latest counts.
-                let now = std::time::Instant::now();
-                let mut at = self.dirtied_at();
-                match at.get_mut(name) {
-                    Some(t) => *t = now,
-                    None => {
-                        at.insert(name.to_string(), now);
-                    }
-                }
-                return;
-            }
             // A peer's record does not take back what one of this
             // process's own made it (`refresh` does, once it is gone).
             if was == Some(&mark)
@@ -721,18 +695,9 @@ impl Persist {
             {
                 return;
             }
-            let dirty = mark == Mark::Dirty;
             marks.insert(name.to_string(), mark);
-            if dirty {
-                self.dirtied_at()
-                    .insert(name.to_string(), std::time::Instant::now());
-            }
         }
         self.write_running();
-    }
-
-    fn dirtied_at(&self) -> std::sync::MutexGuard<'_, HashMap<String, std::time::Instant>> {
-        self.dirtied.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Marks clean the servers whose lists emptied (called periodically;
@@ -741,15 +706,8 @@ impl Persist {
         let changed = {
             let mut marks = self.marks();
             let mut changed = false;
-            let dirtied = self.dirtied_at();
             for h in health {
                 let now = mark_of(h, self.shares_with_fleet());
-                let recent = dirtied
-                    .get(&h.name)
-                    .is_some_and(|t| t.elapsed() < LEARNT_AFTER);
-                if now == Mark::Learnt && marks.get(&h.name) == Some(&Mark::Dirty) && recent {
-                    continue;
-                }
                 if marks.get(&h.name) != Some(&now) {
                     marks.insert(h.name.clone(), now);
                     changed = true;
@@ -1180,38 +1138,6 @@ mod tests {
         assert_eq!(stale, vec!["a:1".to_string()]);
         assert!(a2.missed.is_overflowed());
         assert!(b2.missed.is_empty());
-        let _ = std::fs::remove_file(&path);
-    }
-
-    #[test]
-    fn a_server_the_fleet_vouches_for_is_marked_learnt_a_second_after_its_last_own_record() {
-        let path = temp("learnt-after");
-        let a = health("a:1");
-        let p = Persist::new(path.clone());
-        p.start(std::slice::from_ref(&a), false);
-        p.join_fleet();
-        a.missed.track_shares();
-        let says = |word: &str| {
-            std::fs::read_to_string(&path)
-                .is_ok_and(|t| t.contains(&format!("server a:1 {word}\n")))
-        };
-        for k in [&b"k1"[..], b"k2", b"k3"] {
-            let gen = a.missed.learn(Some(k), Source::Here);
-            assert!(says("dirty"), "marked before the write is answered");
-            a.missed.shared(k, gen);
-        }
-        let last = std::time::Instant::now();
-        let deadline = last + LEARNT_AFTER * 5;
-        while !says("learnt") && std::time::Instant::now() < deadline {
-            p.refresh(std::slice::from_ref(&a));
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        assert!(says("learnt"), "never marked learnt");
-        assert!(
-            last.elapsed() >= LEARNT_AFTER,
-            "marked learnt {:?} after an own record",
-            last.elapsed()
-        );
         let _ = std::fs::remove_file(&path);
     }
 
