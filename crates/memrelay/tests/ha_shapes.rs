@@ -594,6 +594,30 @@ fn a_gat_restores_a_backup_copy_that_expired_first() {
     );
 }
 
+/// The same for a `touch`: the primary takes it, the backup's copy had
+/// expired a moment before. The item the touch kept alive is read from the
+/// primary and added to the backup with the touch's TTL, before the client
+/// is answered: a failure of the primary right after would lose it.
+#[test]
+fn a_touch_restores_a_backup_copy_that_expired_first() {
+    let pair = pair(&[]);
+    let mut px = proxy_client(&pair);
+    assert_eq!(
+        direct(&pair.primaries[0], "set k 5 100 2\r\nv1\r\n"),
+        "STORED\r\n"
+    );
+    assert_eq!(value_of(&pair.backups[0], "k"), None);
+    assert_eq!(exchange(&mut px, "touch k 0\r\n"), "TOUCHED\r\n");
+    let b = peek(&pair.backups[0], "k");
+    assert!(
+        matches!(&b, Some(i) if i.value == "v1" && i.flags == 5 && i.ttl == -1),
+        "backup after the touch: {b:?}"
+    );
+    // A key neither replica holds stays absent.
+    assert_eq!(exchange(&mut px, "touch nothing 0\r\n"), "NOT_FOUND\r\n");
+    assert_eq!(value_of(&pair.backups[0], "nothing"), None);
+}
+
 /// An `mg` that found the key on the backup repairs the primary before it
 /// is answered, like a classic read: a `md` pipelined right after it must
 /// not be overtaken by the repair (the key would come back).

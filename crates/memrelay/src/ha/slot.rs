@@ -56,6 +56,9 @@ pub(crate) enum Role {
     /// primary's: each memcached's clock ticks on its own): the item the
     /// read found is added there with the new TTL.
     TtlCopy { key: u32 },
+    /// A `touch` the primary took found no item on a backup: the primary's
+    /// item, read to be added there (`TtlCopy`, see `ha::write`).
+    TtlFetch,
 }
 
 /// One sub-request and, once it came, its result.

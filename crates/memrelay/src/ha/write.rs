@@ -121,6 +121,10 @@ enum WriteStage {
     Mirror,
     /// A create-if-absent write asked the first backup first.
     Create { vivify_pending: bool },
+    /// A `touch` found no item on a backup: the primary's item is read...
+    TtlFetch,
+    /// ...and added to it (`restore_expired_copies`).
+    TtlCopy,
     /// Nothing more to send.
     Done,
 }
@@ -135,7 +139,11 @@ impl Write {
     pub(crate) fn copies_unsettled(&self) -> bool {
         matches!(
             self.0,
-            WriteStage::Sent { tier: 0, .. } | WriteStage::Mirror | WriteStage::Create { .. }
+            WriteStage::Sent { tier: 0, .. }
+                | WriteStage::Mirror
+                | WriteStage::Create { .. }
+                | WriteStage::TtlFetch
+                | WriteStage::TtlCopy
         )
     }
 }
@@ -152,6 +160,8 @@ pub(crate) fn advance(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) {
         } => after_answer(f, slot, tier as usize, vivify_pending),
         WriteStage::Mirror => after_mirrors(f, slot),
         WriteStage::Create { vivify_pending } => after_create(f, slot, vivify_pending),
+        WriteStage::TtlFetch => after_ttl_fetch(f, slot),
+        WriteStage::TtlCopy => after_ttl_copies(f, slot),
         WriteStage::Done => WriteStage::Done,
     };
     slot.state = State::Write(Write(next));
@@ -603,7 +613,126 @@ fn is_miss(req: &Request, kind: ResponseKind) -> bool {
 /// otherwise than the primary is recorded as having missed the key, so it
 /// never serves it until the key is invalidated there.
 fn after_mirrors(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) -> WriteStage {
-    settle_mirrors(f, slot, false)
+    match settle_mirrors(f, slot, false) {
+        WriteStage::Done if f.req.command == Command::Touch => restore_expired_copies(f, slot),
+        next => next,
+    }
+}
+
+/// The backups a `touch` copy found without the item while the primary
+/// took the touch.
+fn expired_copies(slot: &Slot) -> SmallVec<[usize; 2]> {
+    let touched = slot
+        .main_part()
+        .and_then(|m| slot.result(m))
+        .is_some_and(|r| matches!(r, Ok(r) if r.kind == ResponseKind::Touched));
+    if !touched {
+        return SmallVec::new();
+    }
+    slot.parts
+        .iter()
+        .filter(|p| matches!(p.role, Role::Mirror(_)))
+        .filter(|p| matches!(&p.result, Some(Ok(r)) if r.kind == ResponseKind::NotFound))
+        .map(|p| p.server as usize)
+        .collect()
+}
+
+/// A `touch` the primary took found no item on a backup: that copy expired
+/// a moment before the primary's (each memcached's clock ticks on its own,
+/// in whole seconds). Without a copy the item, now given a longer life,
+/// would live on the primary alone. So it is read from the primary and
+/// added to those backups (`add`: a value written meanwhile wins) with the
+/// touch's TTL, and the reply waits for it, as a `gat`'s does
+/// (`ha::read`). Two more round trips, only then.
+fn restore_expired_copies(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) -> WriteStage {
+    let (w, req) = (f.w, &f.req);
+    let (Some(primary), false) = (
+        slot.main_part().map(|m| slot.parts[m].server as usize),
+        expired_copies(slot).is_empty(),
+    ) else {
+        return WriteStage::Done;
+    };
+    let frame = slot.frame.clone();
+    let key = req.key.of(&frame);
+    let queued = w.servers[primary].send_for_key(
+        key,
+        Expect::Retrieval,
+        f.reply_to(slot.parts.len()),
+        |b| compose::retrieval(b, Command::Get, 0, [key]),
+        None,
+    );
+    slot.push_part(Part::with_role(primary, Role::TtlFetch), queued);
+    if slot.is_waiting() {
+        WriteStage::TtlFetch
+    } else {
+        after_ttl_fetch(f, slot)
+    }
+}
+
+/// The primary's item is in (or it has none any more): added to each
+/// backup that had none.
+fn after_ttl_fetch(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) -> WriteStage {
+    let (w, req) = (f.w, &f.req);
+    let frame = slot.frame.clone();
+    let key = req.key.of(&frame);
+    let fetched = slot
+        .parts
+        .iter()
+        .rfind(|p| p.role == Role::TtlFetch)
+        .and_then(|p| match &p.result {
+            Some(Ok(r)) if matches!(r.kind, ResponseKind::Values { .. }) => Some(r.bytes.clone()),
+            _ => None,
+        });
+    let Some(bytes) = fetched else {
+        return WriteStage::Done;
+    };
+    let Some((flags, value)) = memrelay_protocol::response::ValueBlocks::new(&bytes)
+        .next()
+        .filter(|b| b.header.key == key)
+        .map(|b| {
+            let len = b.header.len;
+            let data = b.end.saturating_sub(len + 2);
+            (b.header.flags, bytes.slice(data..data + len))
+        })
+    else {
+        return WriteStage::Done;
+    };
+    for server in expired_copies(slot) {
+        tracing::trace!(server = %w.servers[server].health().name, key = %String::from_utf8_lossy(key), "TTL copy: add");
+        let len = value.len();
+        let queued = w.servers[server].send_for_key(
+            key,
+            Expect::Storage,
+            f.reply_to(slot.parts.len()),
+            |b| compose::storage_line(b, Command::Add, key, flags, req.exptime, len, 0),
+            Some(value.clone()),
+        );
+        slot.push_part(Part::with_role(server, Role::TtlCopy { key: 0 }), queued);
+    }
+    if slot.is_waiting() {
+        WriteStage::TtlCopy
+    } else {
+        after_ttl_copies(f, slot)
+    }
+}
+
+/// The copies are in: a backup that failed one is recorded as having
+/// missed the key (it holds no item; a stale one could only come from a
+/// copy that landed late).
+fn after_ttl_copies(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) -> WriteStage {
+    let (w, req) = (f.w, &f.req);
+    let route = super::route_key(&slot.frame, req);
+    for p in slot.parts.iter_mut() {
+        if !matches!(p.role, Role::TtlCopy { .. }) || std::mem::replace(&mut p.settled, true) {
+            continue;
+        }
+        let applied = matches!(&p.result, Some(Ok(r)) if r.kind != ResponseKind::Error);
+        if !applied {
+            w.stats.mirror_failures.incr();
+            w.servers[p.server as usize].health().missed.record(&route);
+        }
+    }
+    WriteStage::Done
 }
 
 /// Judges every mirror not yet judged. A backup that answered but ended in
