@@ -543,7 +543,7 @@ impl Fleet {
                 if key.is_none() {
                     r.flush_owed.store(true, Ordering::Relaxed);
                 }
-                r.learn_from_peer(key);
+                r.missed.learn(key, Source::Peer);
             }
             None => {
                 self.figures.hints_unknown.fetch_add(1, Ordering::Relaxed);

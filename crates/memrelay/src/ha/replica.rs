@@ -121,19 +121,6 @@ impl Replica {
         !self.is_down() && !self.missed.contains(key) && !self.copying.contains(key)
     }
 
-    /// A peer of the fleet recorded that this server missed `key` (None:
-    /// every key): a write it gave up on there may still sit in the
-    /// server's socket buffer, to be applied once the server runs again.
-    /// So it counts as a failure seen now: this member's delete of the key
-    /// waits for the server to settle (`ha::settle`), as the peer's does,
-    /// even if its own requests and probes saw nothing (a server stopped
-    /// for less than a probe interval). Without it, such a delete could
-    /// land first and clear the record, and the older value then served.
-    pub(crate) fn learn_from_peer(&self, key: Option<&[u8]>) {
-        self.note_failure();
-        self.missed.learn(key, super::missed::Source::Peer);
-    }
-
     /// A client write for `key` involves this server: a resync running for
     /// it must not trust a copy of `key` it is making.
     #[inline]
@@ -218,24 +205,5 @@ impl<P> Deref for Server<P> {
 
     fn deref(&self) -> &P {
         &self.pool
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_peers_record_counts_as_a_failure_for_the_settle() {
-        let r = Replica::new("s:1".into(), 16, 1);
-        assert_eq!(r.last_failure(), None);
-        let before = std::time::Instant::now();
-        r.learn_from_peer(Some(b"k"));
-        assert!(r.missed.contains(b"k"));
-        assert!(
-            r.last_failure()
-                .is_some_and(|t| t >= before - std::time::Duration::from_millis(1)),
-            "a delete of k could clear it before the server settled"
-        );
     }
 }
