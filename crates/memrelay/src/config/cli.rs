@@ -106,7 +106,8 @@ more options:
                            one of its users (HTTP basic authentication)
       --handoff PATH       zero-downtime restart: a memrelay started with the same
                            PATH takes over the listening sockets of the one
-                           running, which then drains and exits
+                           running, which serves until the new one does, then
+                           drains and exits
       --state-file PATH    where memrelay keeps which keys each server missed
                            across its own restarts (docs/ha.md, Restarts of
                            memrelay); without it a restart forgets them
