@@ -526,6 +526,14 @@ pub struct ValueBlocks<'a> {
     pos: usize,
 }
 
+impl ValueBlock<'_> {
+    /// Where the block's data lies in the response (without its `\r\n`).
+    pub fn data(&self) -> std::ops::Range<usize> {
+        let end = self.end - 2;
+        end - self.header.len..end
+    }
+}
+
 impl<'a> ValueBlocks<'a> {
     pub fn new(buf: &'a [u8]) -> ValueBlocks<'a> {
         ValueBlocks { buf, pos: 0 }
@@ -566,6 +574,8 @@ mod tests {
         assert_eq!(blocks.len(), 2);
         assert_eq!(blocks[0].header.key, b"a");
         assert_eq!(blocks[1].header.cas, Some(77));
+        assert_eq!(&r[blocks[0].data()], b"abc");
+        assert!(blocks[1].data().is_empty());
         assert_eq!(
             parse_response(b"END\r\n", Expect::Retrieval, MAX),
             Ok(Some((ResponseKind::Values { hits: 0 }, 5)))

@@ -1012,12 +1012,23 @@ fn unknown_outcome(keys: &mut [KeyModel], op: &Op, lands_until: Option<Instant>)
     }
     // A set or a delete may yet land over a later write (`in_flight`).
     if let Some(until) = lands_until {
-        match op {
-            Op::Set { k, item } => keys[*k].in_flight.push((until, Some(item.clone()))),
-            Op::Delete { k } => keys[*k].in_flight.push((until, None)),
-            _ => {}
+        let (k, left) = match op {
+            Op::Set { k, item } => (*k, Some(item.clone())),
+            Op::Delete { k } => (*k, None),
+            _ => return unknown_effect(keys, op),
+        };
+        let pending = &mut keys[k].in_flight;
+        // Bounded: a key that fails all the time keeps only its latest.
+        if pending.len() >= MAX_CANDS {
+            pending.remove(0);
         }
+        pending.push((until, left));
     }
+    unknown_effect(keys, op)
+}
+
+/// What a write of unknown outcome may have made of its keys by now.
+fn unknown_effect(keys: &mut [KeyModel], op: &Op) {
     match op {
         Op::Gat { ks, .. } => {
             // It may have set its TTL (or removed one) on any replica.

@@ -147,6 +147,44 @@ pub(crate) fn route_key(frame: &Bytes, req: &Request) -> Bytes {
     raw
 }
 
+/// Adds an item (`flags`, `value`) that a replica holds to `server`, which
+/// had none, with the TTL `exptime` that a `gat` or a `touch` just gave it:
+/// `add`, so a value written meanwhile wins. A part of `slot` in `role`,
+/// whose reply the client's waits for.
+pub(crate) fn push_ttl_copy(
+    f: &flow::Flow<'_, impl Inbox, impl Pool>,
+    slot: &mut slot::Slot,
+    (server, role): (usize, slot::Role),
+    key: &[u8],
+    (flags, exptime): (u32, i32),
+    value: &Bytes,
+) {
+    tracing::trace!(
+        server = %f.w.servers[server].health().name,
+        key = %String::from_utf8_lossy(key),
+        "TTL copy: add"
+    );
+    let len = value.len();
+    let queued = f.w.servers[server].send_for_key(
+        key,
+        Expect::Storage,
+        f.reply_to(slot.parts.len()),
+        |b| {
+            memrelay_protocol::compose::storage_line(
+                b,
+                memrelay_protocol::Command::Add,
+                key,
+                flags,
+                exptime,
+                len,
+                0,
+            )
+        },
+        Some(value.clone()),
+    );
+    slot.push_part(slot::Part::with_role(server, role), queued);
+}
+
 /// The replica to use for `key`, from tier `from` on: the first serving
 /// tier, as (tier, server). Without backups and with `--auto-eject`, when
 /// the primary cannot serve the key, the next primary on the ring that can,

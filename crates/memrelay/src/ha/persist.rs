@@ -1094,6 +1094,24 @@ mod tests {
         Arc::new(Health::new(name.into(), 16, 1))
     }
 
+    /// A new process takes over from `old` (as `--handoff` does): it starts
+    /// while `old` hands its lists over. Returns the new process's state.
+    fn take_over(
+        path: &Path,
+        old: &Arc<Persist>,
+        old_servers: &[Arc<Health>],
+        new_servers: &[Arc<Health>],
+    ) -> Arc<Persist> {
+        let new = Persist::new(path.to_path_buf());
+        let starting = {
+            let (new, servers) = (new.clone(), new_servers.to_vec());
+            std::thread::spawn(move || new.start(&servers, true))
+        };
+        assert!(old.hand_off(old_servers), "the new one takes records");
+        starting.join().unwrap();
+        new
+    }
+
     fn temp(name: &str) -> PathBuf {
         let dir =
             std::env::temp_dir().join(format!("memrelay-persist-{}-{name}", std::process::id()));
@@ -1236,13 +1254,7 @@ mod tests {
         old_b.missed.record(b"k");
         let (new_a, new_b) = (health("a:1"), health("b:1"));
         let new_both = [new_a.clone(), new_b.clone()];
-        let new = Persist::new(path.clone());
-        let starting = {
-            let (new, new_both) = (new.clone(), new_both.clone());
-            std::thread::spawn(move || new.start(&new_both, true))
-        };
-        assert!(old.hand_off(&old_both), "the new one takes records");
-        starting.join().unwrap();
+        let new = take_over(&path, &old, &old_both, &new_both);
         assert!(new_a.missed.is_overflowed());
         assert!(new_b.missed.contains(b"k"));
         // The old one, draining, records a key after the hand-off: the
@@ -1287,13 +1299,7 @@ mod tests {
         old.start(&old_both, false);
         let new_b = health("b:1");
         let new_both = [new_b.clone()];
-        let new = Persist::new(path.clone());
-        let starting = {
-            let (new, new_both) = (new.clone(), new_both.clone());
-            std::thread::spawn(move || new.start(&new_both, true))
-        };
-        assert!(old.hand_off(&old_both), "the new one takes records");
-        starting.join().unwrap();
+        let new = take_over(&path, &old, &old_both, &new_both);
         // One record each side makes after the hand-off, each sent over.
         new_b.missed.record(b"new's");
         old_b.missed.record(b"old's");

@@ -300,7 +300,7 @@ fn copy_expired_copies(
     slot: &mut Slot,
     absent: &[(u32, u16)],
 ) -> bool {
-    let (w, req) = (f.w, &f.req);
+    let req = &f.req;
     if absent.is_empty() {
         return false;
     }
@@ -313,12 +313,10 @@ fn copy_expired_copies(
             return;
         };
         if absent.iter().any(|(k, _)| *k as usize == i) {
-            let len = block.header.len;
-            let data = block.end.saturating_sub(len + 2);
             found.push((
                 i as u32,
                 block.header.flags,
-                reply.bytes.slice(data..data + len),
+                reply.bytes.slice(block.data()),
             ));
         }
     });
@@ -328,23 +326,8 @@ fn copy_expired_copies(
             continue;
         };
         for &(k, server) in absent.iter().filter(|(k, _)| *k == i) {
-            tracing::trace!(
-                server = %w.servers[server as usize].health().name,
-                key = %String::from_utf8_lossy(key),
-                "TTL copy: add"
-            );
-            let len = value.len();
-            let queued = w.servers[server as usize].send_for_key(
-                key,
-                Expect::Storage,
-                f.reply_to(slot.parts.len()),
-                |b| compose::storage_line(b, Command::Add, key, flags, req.exptime, len, 0),
-                Some(value.clone()),
-            );
-            slot.push_part(
-                Part::with_role(server as usize, Role::TtlCopy { key: k }),
-                queued,
-            );
+            let to = (server as usize, Role::TtlCopy { key: k });
+            super::push_ttl_copy(f, slot, to, key, (flags, req.exptime), &value);
             sent = true;
         }
     }
@@ -784,8 +767,7 @@ pub(crate) fn render(w: &Cluster<impl Pool>, slot: &Slot, req: &Request, out: &m
                     let stamp = w.servers[slot.parts[p].server as usize].health().stamp();
                     let cas = super::cas::token(stamp, h.cas.unwrap_or(0));
                     out.compose(|b| compose::value_header(b, key, h.flags, h.len, Some(cas)));
-                    let data = block.end.saturating_sub(h.len + 2);
-                    out.put_bytes(reply.bytes.slice(data..block.end));
+                    out.put_bytes(reply.bytes.slice(block.data().start..block.end));
                 } else {
                     out.put_bytes(reply.bytes.slice(block.start..block.end));
                 }

@@ -672,7 +672,7 @@ fn restore_expired_copies(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) 
 /// The primary's item is in (or it has none any more): added to each
 /// backup that had none.
 fn after_ttl_fetch(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) -> WriteStage {
-    let (w, req) = (f.w, &f.req);
+    let req = &f.req;
     let frame = slot.frame.clone();
     let key = req.key.of(&frame);
     let fetched = slot
@@ -689,25 +689,13 @@ fn after_ttl_fetch(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) -> Writ
     let Some((flags, value)) = memrelay_protocol::response::ValueBlocks::new(&bytes)
         .next()
         .filter(|b| b.header.key == key)
-        .map(|b| {
-            let len = b.header.len;
-            let data = b.end.saturating_sub(len + 2);
-            (b.header.flags, bytes.slice(data..data + len))
-        })
+        .map(|b| (b.header.flags, bytes.slice(b.data())))
     else {
         return WriteStage::Done;
     };
     for server in expired_copies(slot) {
-        tracing::trace!(server = %w.servers[server].health().name, key = %String::from_utf8_lossy(key), "TTL copy: add");
-        let len = value.len();
-        let queued = w.servers[server].send_for_key(
-            key,
-            Expect::Storage,
-            f.reply_to(slot.parts.len()),
-            |b| compose::storage_line(b, Command::Add, key, flags, req.exptime, len, 0),
-            Some(value.clone()),
-        );
-        slot.push_part(Part::with_role(server, Role::TtlCopy { key: 0 }), queued);
+        let to = (server, Role::TtlCopy { key: 0 });
+        super::push_ttl_copy(f, slot, to, key, (flags, req.exptime), &value);
     }
     if slot.is_waiting() {
         WriteStage::TtlCopy
