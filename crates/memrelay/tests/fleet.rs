@@ -510,15 +510,16 @@ fn a_member_whose_hints_its_peers_took_learns_them_again_after_a_crash_instead_o
     // take the hint before A answers.
     f.links[0].set(Fault::Reset);
     assert_eq!(set(&f.a.addr(), "k", "new"), "STORED\r\n");
-    // A's own record: its state file marks the primary dirty at once,
-    // then learnt, since the peers have it.
+    // A's own record, which the peers took before A answered: its state
+    // file says `learnt`, and never said `dirty` (a crash then would
+    // have cost a flush).
     let args = f.a.args().to_vec();
-    let state = args[args.iter().position(|a| a == "--state-file").unwrap() + 1].clone();
-    let learnt = wait_until(CONVERGE, || {
-        std::fs::read_to_string(&state)
-            .is_ok_and(|t| t.contains(" learnt\n") && !t.contains(" dirty"))
-    });
-    assert!(learnt, "{:?}", std::fs::read_to_string(&state));
+    let state = state_file(&args);
+    let text = std::fs::read_to_string(&state).unwrap();
+    assert!(
+        text.contains(" learnt\n") && !text.contains(" dirty"),
+        "{text}"
+    );
     // A crashes, and comes back reaching the primary.
     f.a.kill();
     f.links[0].set(Fault::Pass);
@@ -534,6 +535,44 @@ fn a_member_whose_hints_its_peers_took_learns_them_again_after_a_crash_instead_o
         f.a.output_tail(20)
     );
     assert_eq!(get(&f.primary.addr(), "other"), value("other", "kept"));
+}
+
+/// The state file a member was started with.
+fn state_file(args: &[String]) -> String {
+    args[args.iter().position(|a| a == "--state-file").unwrap() + 1].clone()
+}
+
+#[test]
+fn a_member_whose_hints_no_peer_took_flushes_after_a_crash() {
+    let mut f = start_with("fleet-crash-untaken", true, &STATE_FILES);
+    assert_eq!(set(&f.b.addr(), "k", "old"), "STORED\r\n");
+    // A's peers are gone: its write past the primary is its alone.
+    let peer_args = [f.b.args().to_vec(), f.c.args().to_vec()];
+    f.b.kill();
+    f.c.kill();
+    let alone = wait_until(CONVERGE, || stat_u64(&f.a.addr(), "peers_up") == 0);
+    assert!(alone, "{:?}", peers_of(&f.a));
+    f.links[0].set(Fault::Reset);
+    assert_eq!(set(&f.a.addr(), "k", "new"), "STORED\r\n");
+    let args = f.a.args().to_vec();
+    let text = std::fs::read_to_string(state_file(&args)).unwrap();
+    assert!(
+        text.contains(" dirty\n"),
+        "marked before the answer: {text}"
+    );
+    // A crashes; its peers come back knowing nothing of the key, then A,
+    // reaching the primary (which still holds the old value).
+    f.a.kill();
+    f.links[0].set(Fault::Pass);
+    let [b, c] = peer_args;
+    f.b = restart_on_a_new_port(b);
+    f.c = restart_on_a_new_port(c);
+    f.a = restart_on_a_new_port(args);
+    // Every peer vouches, but none can say what A alone knew: A flushed
+    // the primary before serving it.
+    assert_eq!(get(&f.a.addr(), "k"), value("k", "new"));
+    let flushed = wait_until(CONVERGE, || stat_u64(&f.a.addr(), "server:0:flushed") >= 1);
+    assert!(flushed, "{}", f.a.output_tail(20));
 }
 
 #[test]

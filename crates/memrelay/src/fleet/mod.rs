@@ -566,6 +566,10 @@ impl Fleet {
     /// sends it to every peer reached and waits for their answers.
     fn hint(&self, me: &Arc<Fleet>, server: &str, key: Option<&[u8]>, share: Option<Share>) {
         if self.links.is_empty() {
+            // No peer to tell: the record is this process's alone.
+            if let Some((s, r)) = share.and_then(|s| s.replica.upgrade().map(|r| (s, r))) {
+                r.missed.untaken(&s.key, s.gen);
+            }
             return;
         }
         self.figures.hints_sent.fetch_add(1, Ordering::Relaxed);
@@ -582,10 +586,14 @@ impl Fleet {
     /// this process no longer takes them with it.
     fn send(&self, lines: &[u8], count: usize, shares: &[Share]) -> bool {
         let taken = link::send_to_all(self, lines, count);
-        if taken > 0 {
-            for s in shares {
-                if let Some(r) = s.replica.upgrade() {
+        // Before the writes are answered: a record no peer took makes the
+        // state file say its server is `dirty` (`ha::persist`).
+        for s in shares {
+            if let Some(r) = s.replica.upgrade() {
+                if taken > 0 {
                     r.missed.shared(&s.key, s.gen);
+                } else {
+                    r.missed.untaken(&s.key, s.gen);
                 }
             }
         }

@@ -40,10 +40,12 @@ pub(crate) struct MissedKeys {
     /// server does not serve it, and with its other replica down nothing
     /// does).
     pub recorded_signal: tokio::sync::Notify,
-    /// Called when the set stops being empty, and when it first holds a
-    /// record of this process's own (outside the lock), with whether it
-    /// does: the state file marks the server as holding stale copies
-    /// (`ha::persist`) before the write that missed it is acknowledged.
+    /// Called when the set stops being empty, when it first holds a
+    /// record of this process's own, and when it first holds one no peer
+    /// took (outside the lock), with whether a crash would lose what it
+    /// holds (`alone`): the state file marks the server as holding stale
+    /// copies (`ha::persist`) before the write that missed it is
+    /// acknowledged.
     on_dirty: std::sync::OnceLock<Box<dyn Fn(bool) + Send + Sync>>,
     /// Called with every record (`None`: every key) and where it came
     /// from, outside the lock, before the record returns: during a
@@ -129,10 +131,14 @@ struct Inner {
     /// during a hand-off, and never beyond `keys`.
     relayed: HashMap<Box<[u8]>, (u64, u64)>,
     /// Keys whose own record (this process's, or its hand-off partner's)
-    /// no peer of the fleet has taken yet, with that record's generation
-    /// (see `all_own_shared`). Never beyond `keys`; kept only in a fleet
+    /// no peer of the fleet has taken yet, with that record's generation,
+    /// and whether no peer will: no hint of it was sent (the partner's
+    /// records, those loaded from a file), or none was taken (see
+    /// `untaken`). Never beyond `keys`; kept only in a fleet
     /// (`track_shares`), so a single memrelay pays nothing for it.
-    unshared: HashMap<Box<[u8]>, u64>,
+    unshared: HashMap<Box<[u8]>, Unshared>,
+    /// Entries of `unshared` no peer will take.
+    untaken: usize,
     tracks_shares: bool,
     /// Source of generations.
     next_gen: u64,
@@ -143,6 +149,16 @@ struct Inner {
     overflowed_by: Option<Source>,
     /// While overflowed: some of what it covers was this process's own.
     own_overflow: bool,
+}
+
+/// An own record no peer of the fleet has taken yet.
+#[derive(Debug, Clone, Copy)]
+struct Unshared {
+    gen: u64,
+    /// No peer will take it: its hint was never sent, or no peer took
+    /// one. Stays set when the key is recorded again, until a peer takes
+    /// a later hint of it (which covers the key whole).
+    untaken: bool,
 }
 
 /// The bit of a key's generation saying that this process recorded it
@@ -167,11 +183,42 @@ impl Inner {
         }
     }
 
+    /// Whether a crash of this process would take knowledge with it: an
+    /// own record that no peer of the fleet holds or is being asked to
+    /// take (every own record, outside a fleet).
+    fn alone(&self) -> bool {
+        if self.tracks_shares {
+            self.untaken > 0 || (self.overflowed && self.own_overflow)
+        } else {
+            self.has_own()
+        }
+    }
+
+    /// `key`'s own record `gen` waits for a peer to take it; `untaken`:
+    /// no peer will.
+    fn unshared(&mut self, key: &[u8], gen: u64, untaken: bool) {
+        let was = self.unshared.insert(key.into(), Unshared { gen, untaken });
+        match was {
+            Some(w) if w.untaken => {
+                if let Some(u) = self.unshared.get_mut(key) {
+                    u.untaken = true;
+                }
+            }
+            _ => self.untaken += usize::from(untaken),
+        }
+    }
+
+    fn drop_unshared(&mut self, key: &[u8]) {
+        if self.unshared.remove(key).is_some_and(|u| u.untaken) {
+            self.untaken -= 1;
+        }
+    }
+
     /// Removes `key`'s record; returns its generation.
     fn remove(&mut self, key: &[u8]) -> Option<u64> {
         let gen = self.keys.remove(key)?;
         self.relayed.remove(key);
-        self.unshared.remove(key);
+        self.drop_unshared(key);
         self.forget(gen);
         Some(gen)
     }
@@ -181,6 +228,7 @@ impl Inner {
         self.keys = HashMap::new();
         self.relayed = HashMap::new();
         self.unshared = HashMap::new();
+        self.untaken = 0;
         self.own = 0;
     }
 }
@@ -282,7 +330,7 @@ impl MissedKeys {
 
     fn dirtied(&self) {
         if let Some(hook) = self.on_dirty.get() {
-            hook(self.has_own());
+            hook(self.alone());
         }
     }
 
@@ -358,22 +406,30 @@ impl MissedKeys {
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.recorded_signal.notify_one();
         let was_empty = self.count.load(Ordering::Acquire) == 0;
-        let (first_own, gen) = self.insert(key, from);
-        if was_empty || first_own {
+        let (news, gen) = self.insert(key, from);
+        if was_empty || news {
             self.dirtied();
         }
         gen
     }
 
     /// Returns whether this made the set hold an own record for the
-    /// first time, and the key's generation now (0 if overflowed).
+    /// first time, or one a crash would lose (see `on_dirty`), and the
+    /// key's generation now (0 if overflowed).
     fn insert(&self, key: &[u8], from: Source) -> (bool, u64) {
         let mut inner = self.lock();
+        let (had_own, was_alone) = (inner.has_own(), inner.alone());
+        let gen = self.insert_locked(&mut inner, key, from);
+        let news = is_own(from) && !had_own || inner.alone() && !was_alone;
+        (news, gen)
+    }
+
+    fn insert_locked(&self, inner: &mut Inner, key: &[u8], from: Source) -> u64 {
         let had_own = inner.has_own();
         let own = is_own(from);
         if inner.overflowed {
             inner.own_overflow |= own;
-            return (own && !had_own, 0);
+            return 0;
         }
         inner.next_gen += 1;
         let gen = inner.next_gen << 1 | u64::from(own);
@@ -387,9 +443,9 @@ impl MissedKeys {
                 inner.own += 1;
             }
             if own && inner.tracks_shares {
-                inner.unshared.insert(key.into(), now);
+                inner.unshared(key, now, from != Source::Here);
             }
-            return (own && !had_own, now);
+            return now;
         }
         if inner.keys.len() >= self.cap {
             inner.overflowed = true;
@@ -402,15 +458,15 @@ impl MissedKeys {
                 set = self.label,
                 "key set overflowed: it now covers every key"
             );
-            return (own && !had_own, 0);
+            return 0;
         }
         inner.keys.insert(key.into(), gen);
         if own && inner.tracks_shares {
-            inner.unshared.insert(key.into(), gen);
+            inner.unshared(key, gen, from != Source::Here);
         }
         inner.own += usize::from(own);
         self.count.store(inner.keys.len(), Ordering::Release);
-        (own && !had_own, gen)
+        gen
     }
 
     /// The server missed a write to every key (a `flush_all`): it must be
@@ -489,8 +545,27 @@ impl MissedKeys {
     /// generation `gen` (as the record hooks were told).
     pub(crate) fn shared(&self, key: &[u8], gen: u64) {
         let mut inner = self.lock();
-        if inner.unshared.get(key) == Some(&gen) {
-            inner.unshared.remove(key);
+        if inner.unshared.get(key).is_some_and(|u| u.gen == gen) {
+            inner.drop_unshared(key);
+        }
+    }
+
+    /// No peer of the fleet took the hint of `key`'s own record `gen`:
+    /// only this process knows it, and a crash would lose it, so the
+    /// `on_dirty` hook is told (before the write is answered) when this
+    /// makes the set hold such a record.
+    pub(crate) fn untaken(&self, key: &[u8], gen: u64) {
+        let first = {
+            let mut inner = self.lock();
+            let was_alone = inner.alone();
+            match inner.unshared.get(key).copied() {
+                Some(u) if u.gen >= gen && !u.untaken => inner.unshared(key, u.gen, true),
+                _ => return,
+            }
+            !was_alone
+        };
+        if first {
+            self.dirtied();
         }
     }
 
@@ -507,15 +582,17 @@ impl MissedKeys {
             .filter(|(_, g)| *g & OWN != 0)
             .map(|(k, g)| (k.clone(), *g))
             .collect();
-        inner.unshared.extend(own);
+        for (k, gen) in own {
+            inner.unshared(&k, gen, true);
+        }
     }
 
-    /// Whether a peer of the fleet took every own record listed: a
-    /// restart after a crash can then learn them again from the peers
-    /// instead of flushing the server (`ha::persist`). A record the
-    /// hand-off partner made is never taken here: it keeps this false.
-    pub(crate) fn all_own_shared(&self) -> bool {
-        self.lock().unshared.is_empty()
+    /// Whether a crash of this process would take knowledge with it: an
+    /// own record no peer holds and none is being asked to take (outside
+    /// a fleet: any own record). A record whose hint is on its way does
+    /// not count: its write is not answered before the peers are.
+    pub(crate) fn alone(&self) -> bool {
+        !self.is_empty() && self.lock().alone()
     }
 
     /// The record of `key` with generation `gen` (as the record hooks
@@ -712,39 +789,59 @@ mod tests {
     }
 
     #[test]
-    fn own_records_are_shared_once_a_peer_took_their_latest_hint() {
+    fn only_own_records_no_peer_took_are_this_process_s_alone() {
         let m = MissedKeys::new(10);
+        let alone_at = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let seen = alone_at.clone();
+        m.on_dirty(Box::new(move |alone| seen.lock().unwrap().push(alone)));
         // Listed before the fleet tracks shares (a state file's keys): no
         // hint of this process carried it.
         m.record(b"loaded");
         m.track_shares();
-        assert!(!m.all_own_shared());
+        assert!(m.alone());
         m.confirm(&m.peek_batch(10));
         let gens = std::sync::Arc::new(Mutex::new(Vec::new()));
         let g = gens.clone();
         m.on_record(Box::new(move |_, _, gen| g.lock().unwrap().push(gen)));
         let last = || *gens.lock().unwrap().last().unwrap();
-        assert!(m.all_own_shared(), "nothing listed");
+        assert!(!m.alone(), "nothing listed");
         m.learn(Some(b"peer's"), Source::Peer);
-        assert!(m.all_own_shared(), "a peer's record is the peer's to share");
+        assert!(!m.alone(), "a peer's record is the peer's");
+        // Its hint is on its way, and its write waits for it.
         m.record(b"a");
         let first = last();
-        assert!(!m.all_own_shared());
-        // Recorded again before the first hint was taken: that one no
-        // longer covers the key.
+        assert!(!m.alone());
+        assert_eq!(*alone_at.lock().unwrap(), vec![true, false, false]);
+        m.untaken(b"a", first);
+        assert!(m.alone(), "no peer took it");
+        assert_eq!(alone_at.lock().unwrap().last(), Some(&true), "told at once");
+        // Recorded again: still alone until a peer takes the new hint.
         m.record(b"a");
         let second = last();
         m.shared(b"a", first);
-        assert!(!m.all_own_shared());
+        assert!(m.alone());
         m.shared(b"a", second);
-        assert!(m.all_own_shared());
-        // A record the hand-off partner made is own, and this process
-        // sends no hint of it (`fleet::watch`): it stays unshared.
-        m.learn(Some(b"partner's"), Source::Handoff);
-        assert!(!m.all_own_shared());
-        // Gone from the list (deleted on the server): nothing to share.
+        assert!(!m.alone());
+        // A hint taken for an older record does not cover a later one.
+        m.record(b"b");
+        let b1 = last();
+        m.record(b"b");
+        m.shared(b"b", b1);
+        m.untaken(b"b", last());
+        assert!(m.alone());
         m.confirm(&m.peek_batch(10));
-        assert!(m.all_own_shared());
+        assert!(!m.alone());
+        // A record the hand-off partner made is own, and this process
+        // sends no hint of it (`fleet::watch`): no peer will take it.
+        m.learn(Some(b"partner's"), Source::Handoff);
+        assert!(m.alone());
+        // Gone from the list (deleted on the server): nothing to lose.
+        m.confirm(&m.peek_batch(10));
+        assert!(!m.alone());
+        // Outside a fleet, every own record is this process's alone.
+        let single = MissedKeys::new(10);
+        single.record(b"k");
+        assert!(single.alone());
     }
 
     #[test]

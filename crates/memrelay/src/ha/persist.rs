@@ -42,9 +42,10 @@
 //! `server <name> clean|learnt|dirty|overflowed` followed by `key <base64>`
 //! lines. `learnt`: while running, the server's list held only keys peers
 //! of a fleet recorded, or records of this process's own that a peer
-//! took; after a crash it is flushed only if the peers cannot say them
-//! again (`Persist::settle`). `dirty`: it held an own record no peer had
-//! taken (written before the write that made it is answered).
+//! took or is being asked to take (their writes wait for the answer);
+//! after a crash it is flushed only if the peers cannot say them again
+//! (`Persist::settle`). `dirty`: it held an own record no peer took
+//! (written before the write that made it is answered).
 //! It is replaced atomically (written beside, synced, renamed).
 
 use std::collections::{BTreeMap, HashMap};
@@ -627,9 +628,9 @@ impl Persist {
         for set in [&health.missed, &health.copying] {
             let me = Arc::downgrade(self);
             let name = health.name.clone();
-            set.on_dirty(Box::new(move |own| {
+            set.on_dirty(Box::new(move |alone| {
                 if let Some(me) = me.upgrade() {
-                    me.mark(&name, if own { Mark::Dirty } else { Mark::Learnt });
+                    me.mark(&name, if alone { Mark::Dirty } else { Mark::Learnt });
                 }
             }));
             let me = Arc::downgrade(self);
@@ -646,10 +647,19 @@ impl Persist {
                 }
                 let Some(me) = me.upgrade() else { return };
                 if from == Source::Here {
-                    // Before the write is answered: the file may say
-                    // `learnt` (every earlier record shared), and this
-                    // one is not yet.
-                    me.mark(&name, Mark::Dirty);
+                    // Before the write is answered. In a fleet, the
+                    // record's hint is on its way to the peers and the
+                    // write waits for it: `learnt` holds, unless a
+                    // record no peer took is listed, until none takes
+                    // this one (`MissedKeys::untaken` marks it `dirty`
+                    // then, before the write is answered). A copy under
+                    // way is this process's alone.
+                    let shared = me.shares_with_fleet()
+                        && !list
+                            .as_ref()
+                            .and_then(|l| l.upgrade())
+                            .is_none_or(|h| h.missed.alone());
+                    me.mark(&name, if shared { Mark::Learnt } else { Mark::Dirty });
                 }
                 let seq = me.relay(&name, key);
                 if let (Some(seq), Some(key), Some(h)) =
@@ -986,10 +996,12 @@ fn split_seen(text: &str) -> (&str, u64) {
 /// What the state file says of `h`'s server. `in_fleet`: a record of this
 /// process's own that a peer took is one the peers give back to a restart
 /// after a crash (`Persist::settle`), as they give back their own: a
-/// server whose own records all went that far is `learnt`.
+/// server whose own records all went that far is `learnt`. So is one
+/// whose records' hints are on their way: their writes are not answered
+/// yet, and the file says `dirty` before they are if no peer takes them.
 fn mark_of(h: &Health, in_fleet: bool) -> Mark {
     let own = h.missed.has_own();
-    let shared = in_fleet && h.missed.all_own_shared();
+    let shared = in_fleet && !h.missed.alone();
     if (h.missed.is_overflowed() && own) || h.copying.is_overflowed() {
         Mark::Overflowed
     } else if own && !shared || !h.copying.is_empty() {
@@ -1156,6 +1168,39 @@ mod tests {
         assert_eq!(stale, vec!["a:1".to_string()]);
         assert!(a2.missed.is_overflowed());
         assert!(b2.missed.is_empty());
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn in_a_fleet_a_server_is_marked_dirty_only_once_no_peer_took_a_record() {
+        let path = temp("fleet-marks");
+        let a = health("a:1");
+        let p = Persist::new(path.clone());
+        p.start(std::slice::from_ref(&a), false);
+        a.missed.track_shares();
+        p.join_fleet();
+        let file = || std::fs::read_to_string(&path).unwrap();
+        let gens = Arc::new(Mutex::new(Vec::new()));
+        let g = gens.clone();
+        a.missed
+            .on_record(Box::new(move |_, _, gen| g.lock().unwrap().push(gen)));
+        // The record's hint is on its way (its write waits for it): a
+        // crash now loses no answered write, and the peers are asked.
+        a.missed.record(b"k1");
+        assert!(file().contains("server a:1 learnt"), "{}", file());
+        p.refresh(std::slice::from_ref(&a));
+        assert!(file().contains("server a:1 learnt"), "{}", file());
+        // No peer took it: dirty before the write is answered, and until
+        // the record is gone.
+        let gen = *gens.lock().unwrap().last().unwrap();
+        a.missed.untaken(b"k1", gen);
+        assert!(file().contains("server a:1 dirty"), "{}", file());
+        a.missed.record(b"k2");
+        p.refresh(std::slice::from_ref(&a));
+        assert!(file().contains("server a:1 dirty"), "{}", file());
+        a.missed.confirm_quietly(&[Box::from(&b"k1"[..])]);
+        p.refresh(std::slice::from_ref(&a));
+        assert!(file().contains("server a:1 learnt"), "{}", file());
         let _ = std::fs::remove_file(&path);
     }
 
