@@ -705,6 +705,7 @@ impl Persist {
             {
                 return;
             }
+            tracing::debug!(server = name, ?mark, "state file: server marked");
             marks.insert(name.to_string(), mark);
         }
         self.write_running();
@@ -719,6 +720,7 @@ impl Persist {
             for h in health {
                 let now = mark_of(h, self.shares_with_fleet());
                 if marks.get(&h.name) != Some(&now) {
+                    tracing::debug!(server = %h.name, mark = ?now, "state file: server marked");
                     marks.insert(h.name.clone(), now);
                     changed = true;
                 }
@@ -1124,6 +1126,13 @@ mod tests {
         new
     }
 
+    /// Removes the directory `temp` made for `path`.
+    fn forget(path: &Path) {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
     fn temp(name: &str) -> PathBuf {
         let dir =
             std::env::temp_dir().join(format!("memrelay-persist-{}-{name}", std::process::id()));
@@ -1147,7 +1156,7 @@ mod tests {
         assert!(a2.missed.contains(&[0, 159, 32]));
         assert!(!a2.missed.is_overflowed());
         assert!(b2.missed.is_empty());
-        let _ = std::fs::remove_file(&path);
+        forget(&path);
     }
 
     #[test]
@@ -1168,7 +1177,7 @@ mod tests {
         assert_eq!(stale, vec!["a:1".to_string()]);
         assert!(a2.missed.is_overflowed());
         assert!(b2.missed.is_empty());
-        let _ = std::fs::remove_file(&path);
+        forget(&path);
     }
 
     #[test]
@@ -1201,7 +1210,7 @@ mod tests {
         a.missed.confirm_quietly(&[Box::from(&b"k1"[..])]);
         p.refresh(std::slice::from_ref(&a));
         assert!(file().contains("server a:1 learnt"), "{}", file());
-        let _ = std::fs::remove_file(&path);
+        forget(&path);
     }
 
     #[test]
@@ -1220,7 +1229,7 @@ mod tests {
         assert!(Persist::new(path.clone())
             .start(std::slice::from_ref(&a2), false)
             .is_empty());
-        let _ = std::fs::remove_file(&path);
+        forget(&path);
     }
 
     #[test]
@@ -1281,7 +1290,7 @@ mod tests {
         // After its last word, the new one has the servers to itself
         // (resyncs may start).
         assert!(!*new.shared().borrow(), "no longer shared");
-        let _ = std::fs::remove_file(&path);
+        forget(&path);
     }
 
     /// What the new process of a hand-off already dealt with stays dealt
@@ -1332,7 +1341,7 @@ mod tests {
             !new_a.missed.is_overflowed(),
             "the overflow was taken again after the flush"
         );
-        let _ = std::fs::remove_file(&path);
+        forget(&path);
     }
 
     #[test]
@@ -1371,7 +1380,7 @@ mod tests {
             !new_b.missed.contains(b"old's") && !new_b.missed.contains(b"new's"),
             "a file gave back a record the new one had, and deleted"
         );
-        let _ = std::fs::remove_file(&path);
+        forget(&path);
     }
 
     #[test]
