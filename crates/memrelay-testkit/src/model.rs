@@ -1010,10 +1010,18 @@ fn unknown_outcome(keys: &mut [KeyModel], op: &Op, lands_until: Option<Instant>)
         let twin = op.classic(keys, Reply::Line(String::new())).0;
         return unknown_outcome(keys, &twin, lands_until);
     }
-    // A set or a delete may yet land over a later write (`in_flight`).
+    // A write that leaves a whole value (or none) may yet land over a
+    // later write (`in_flight`). An `add` or a `replace` then stores only
+    // if the key is absent (present) as it lands: its value is a
+    // candidate either way. A `cas` finds its unique changed by the later
+    // write, and stores nothing; appends and counters, which build on
+    // what they land on, are not modelled landing late.
     if let Some(until) = lands_until {
         let (k, left) = match op {
-            Op::Set { k, item } => (*k, Some(item.clone())),
+            Op::Set { k, item }
+            | Op::SetTtl { k, item, .. }
+            | Op::Add { k, item }
+            | Op::Replace { k, item } => (*k, Some(item.clone())),
             Op::Delete { k } => (*k, None),
             _ => return unknown_effect(keys, op),
         };
@@ -1376,6 +1384,7 @@ fn check_write(
                     m.cands = from;
                     m.cands.dedup();
                     m.changes += 1;
+                    m.overtaken(sent);
                 } else {
                     // Wild: the value is now known, its flags are not.
                     m.cands = vec![Some(Item {
@@ -1408,6 +1417,7 @@ fn check_write(
                     m.cands = next;
                 }
                 m.changes += 1;
+                m.overtaken(sent);
             }
             "NOT_STORED" => {
                 write_miss(ctx, tally, m, guarded, who, render, l);
@@ -1679,6 +1689,47 @@ mod tests {
         assert_eq!(t.violations(), 0, "{:?}", t.details);
         // The third was sent once it could no longer be in flight.
         assert_eq!(run(100, 500).stale, 1);
+    }
+
+    #[test]
+    fn a_replace_of_unknown_outcome_may_land_under_a_later_prepend_while_in_flight() {
+        // Seed 20261270 on a513218: a `replace` through a member killed
+        // with it on a delayed link landed after a `prepend` acknowledged
+        // through another, and an `append` went on top of it.
+        let live = |_: usize, _: Instant| true;
+        let start = Instant::now();
+        let ctx = Ctx {
+            start,
+            client: 0,
+            phase: "test",
+            bound: Duration::from_secs(60),
+            live_replica: &live,
+            strict_writes: false,
+            in_flight: Duration::from_millis(100),
+        };
+        let mut keys = vec![KeyModel::new("t".into(), "c0k0".into(), false, 0)];
+        let mut tally = Tally::new();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let replace = Op::Replace {
+            k: 0,
+            item: item("c0k0r2", 2),
+        };
+        let pend = |suffix: &str, front: bool| Op::Append {
+            k: 0,
+            suffix: suffix.into(),
+            front,
+        };
+        let steps = [
+            (0, set(0, "c0k0s1", 1), line("STORED")),
+            (1, replace, Err(Fail::Closed("EOF".into()))),
+            (50, pend(".a3", true), line("STORED")),
+            (60, pend(".a4", false), line("STORED")),
+            (70, get(0), vals(vec![val("t", "c0k0r2.a4", 2)])),
+        ];
+        for (ms, op, r) in &steps {
+            check(&ctx, &mut tally, &mut keys, op, r, at(*ms), at(*ms));
+        }
+        assert_eq!(tally.violations(), 0, "{:?}", tally.details);
     }
 
     #[test]
