@@ -1652,35 +1652,43 @@ mod tests {
         Ok(Reply::Values(v))
     }
 
+    /// Runs `steps` (ms from the start, op, reply) on one text key, with
+    /// writes of unknown outcome in flight for `in_flight_ms`.
+    fn run_timed(in_flight_ms: u64, steps: &[(u64, Op, Result<Reply, Fail>)]) -> Tally {
+        let live = |_: usize, _: Instant| true;
+        let start = Instant::now();
+        let ctx = Ctx {
+            start,
+            client: 0,
+            phase: "test",
+            bound: Duration::from_secs(60),
+            live_replica: &live,
+            strict_writes: false,
+            in_flight: Duration::from_millis(in_flight_ms),
+        };
+        let mut keys = vec![KeyModel::new("t".into(), "c0k0".into(), false, 0)];
+        let mut tally = Tally::new();
+        for (ms, op, r) in steps {
+            let at = start + Duration::from_millis(*ms);
+            check(&ctx, &mut tally, &mut keys, op, r, at, at);
+        }
+        tally
+    }
+
     #[test]
     fn a_write_of_unknown_outcome_may_land_over_a_later_one_only_while_in_flight() {
-        // Steps at given milliseconds from the start; the third write is
-        // sent at `third` ms; the read of the unknown write's value last.
+        // The third write is sent at `third` ms; the read of the unknown
+        // write's value last.
         let run = |in_flight_ms: u64, third: u64| {
-            let live = |_: usize, _: Instant| true;
-            let start = Instant::now();
-            let ctx = Ctx {
-                start,
-                client: 0,
-                phase: "test",
-                bound: Duration::from_secs(60),
-                live_replica: &live,
-                strict_writes: false,
-                in_flight: Duration::from_millis(in_flight_ms),
-            };
-            let mut keys = vec![KeyModel::new("t".into(), "c0k0".into(), false, 0)];
-            let mut tally = Tally::new();
-            let at = |ms: u64| start + Duration::from_millis(ms);
-            let steps = [
-                (0, set(0, "c0k0s1", 1), line("STORED")),
-                (1, set(0, "c0k0s2", 2), Err(Fail::Closed("EOF".into()))),
-                (third, set(0, "c0k0s3", 3), line("STORED")),
-                (third + 1, get(0), vals(vec![val("t", "c0k0s2", 2)])),
-            ];
-            for (ms, op, r) in &steps {
-                check(&ctx, &mut tally, &mut keys, op, r, at(*ms), at(*ms));
-            }
-            tally
+            run_timed(
+                in_flight_ms,
+                &[
+                    (0, set(0, "c0k0s1", 1), line("STORED")),
+                    (1, set(0, "c0k0s2", 2), Err(Fail::Closed("EOF".into()))),
+                    (third, set(0, "c0k0s3", 3), line("STORED")),
+                    (third + 1, get(0), vals(vec![val("t", "c0k0s2", 2)])),
+                ],
+            )
         };
         // Nothing delays a write: the unknown one cannot land later.
         assert_eq!(run(0, 5).stale, 1);
@@ -1696,20 +1704,6 @@ mod tests {
         // Seed 20261270 on a513218: a `replace` through a member killed
         // with it on a delayed link landed after a `prepend` acknowledged
         // through another, and an `append` went on top of it.
-        let live = |_: usize, _: Instant| true;
-        let start = Instant::now();
-        let ctx = Ctx {
-            start,
-            client: 0,
-            phase: "test",
-            bound: Duration::from_secs(60),
-            live_replica: &live,
-            strict_writes: false,
-            in_flight: Duration::from_millis(100),
-        };
-        let mut keys = vec![KeyModel::new("t".into(), "c0k0".into(), false, 0)];
-        let mut tally = Tally::new();
-        let at = |ms: u64| start + Duration::from_millis(ms);
         let replace = Op::Replace {
             k: 0,
             item: item("c0k0r2", 2),
@@ -1719,17 +1713,17 @@ mod tests {
             suffix: suffix.into(),
             front,
         };
-        let steps = [
-            (0, set(0, "c0k0s1", 1), line("STORED")),
-            (1, replace, Err(Fail::Closed("EOF".into()))),
-            (50, pend(".a3", true), line("STORED")),
-            (60, pend(".a4", false), line("STORED")),
-            (70, get(0), vals(vec![val("t", "c0k0r2.a4", 2)])),
-        ];
-        for (ms, op, r) in &steps {
-            check(&ctx, &mut tally, &mut keys, op, r, at(*ms), at(*ms));
-        }
-        assert_eq!(tally.violations(), 0, "{:?}", tally.details);
+        let t = run_timed(
+            100,
+            &[
+                (0, set(0, "c0k0s1", 1), line("STORED")),
+                (1, replace, Err(Fail::Closed("EOF".into()))),
+                (50, pend(".a3", true), line("STORED")),
+                (60, pend(".a4", false), line("STORED")),
+                (70, get(0), vals(vec![val("t", "c0k0r2.a4", 2)])),
+            ],
+        );
+        assert_eq!(t.violations(), 0, "{:?}", t.details);
     }
 
     #[test]

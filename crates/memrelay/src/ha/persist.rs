@@ -1126,6 +1126,15 @@ mod tests {
         new
     }
 
+    /// A process with one server, `a:1`, started on a fresh state file.
+    fn started_alone(test: &str) -> (PathBuf, Arc<Health>, Arc<Persist>) {
+        let path = temp(test);
+        let a = health("a:1");
+        let p = Persist::new(path.clone());
+        p.start(std::slice::from_ref(&a), false);
+        (path, a, p)
+    }
+
     /// Removes the directory `temp` made for `path`.
     fn forget(path: &Path) {
         if let Some(dir) = path.parent() {
@@ -1182,10 +1191,7 @@ mod tests {
 
     #[test]
     fn in_a_fleet_a_server_is_marked_dirty_only_once_no_peer_took_a_record() {
-        let path = temp("fleet-marks");
-        let a = health("a:1");
-        let p = Persist::new(path.clone());
-        p.start(std::slice::from_ref(&a), false);
+        let (path, a, p) = started_alone("fleet-marks");
         a.missed.track_shares();
         p.join_fleet();
         let file = || std::fs::read_to_string(&path).unwrap();
@@ -1215,10 +1221,7 @@ mod tests {
 
     #[test]
     fn a_server_whose_list_emptied_is_marked_clean_again() {
-        let path = temp("refresh");
-        let a = health("a:1");
-        let p = Persist::new(path.clone());
-        p.start(std::slice::from_ref(&a), false);
+        let (path, a, p) = started_alone("refresh");
         a.missed.record(b"k1");
         let batch = a.missed.peek_batch(10);
         a.missed.confirm(&batch);
