@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{wire, Fleet};
 
@@ -135,9 +135,37 @@ fn read_ack(reader: &mut BufReader<TcpStream>) -> std::io::Result<()> {
     }
 }
 
+/// Reads `count` answers, all due by `deadline`: a peer that answers each
+/// hint of a batch just within the socket's timeout must not hold the
+/// batch's writes for `count` times `--peer-timeout` (a draining process
+/// of a hand-off passing each hint on to the new one did, 1.8 s). The
+/// socket's timeout is left as `deadline` set it: the caller restores it.
+fn read_acks(
+    reader: &mut BufReader<TcpStream>,
+    count: usize,
+    deadline: Instant,
+) -> std::io::Result<()> {
+    for _ in 0..count {
+        // Answers already read in take no wait (and no system call).
+        if reader.buffer().is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the peer took longer than --peer-timeout to take a batch of hints",
+                ));
+            }
+            reader.get_ref().set_read_timeout(Some(left))?;
+        }
+        read_ack(reader)?;
+    }
+    Ok(())
+}
+
 /// Sends `lines` (`count` hints) to every peer reached, then reads their
-/// answers; returns how many peers took them all. A peer that fails is
-/// counted down (its keeper dials it again, and sends it the lists).
+/// answers, all due within `--peer-timeout`; returns how many peers took
+/// them all. A peer that fails is counted down (its keeper dials it
+/// again, and sends it the lists).
 pub(super) fn send_to_all(fleet: &Fleet, lines: &[u8], count: usize) -> usize {
     // Locked in index order, by every caller: no two wait on each other.
     let mut held: Vec<(&Link, MutexGuard<'_, Option<Conn>>)> = fleet
@@ -159,13 +187,17 @@ pub(super) fn send_to_all(fleet: &Fleet, lines: &[u8], count: usize) -> usize {
         }
     }
     let mut taken = 0;
+    let deadline = Instant::now() + fleet.cfg.timeout;
     for (link, guard) in &mut held {
         if retaken.contains(&link.index) {
             taken += 1;
             continue;
         }
         if let Some(c) = guard.as_mut() {
-            match (0..count).try_for_each(|_| read_ack(&mut c.reader)) {
+            let read = read_acks(&mut c.reader, count, deadline);
+            // Each later answer (a ping's) is due within --peer-timeout.
+            let _ = c.reader.get_ref().set_read_timeout(Some(fleet.cfg.timeout));
+            match read {
                 Ok(()) => {
                     taken += 1;
                     let f = &fleet.figures.peers[link.index];
@@ -473,4 +505,47 @@ pub(super) fn read_line(reader: &mut BufReader<TcpStream>) -> std::io::Result<St
         ));
     }
     Ok(line)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A peer on loopback that writes `acks`, each after `gap`.
+    fn trickling_peer(acks: usize, gap: Duration) -> (TcpStream, std::thread::JoinHandle<()>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            for _ in 0..acks {
+                std::thread::sleep(gap);
+                if s.write_all(b"k\n").is_err() {
+                    return;
+                }
+            }
+        });
+        (TcpStream::connect(addr).unwrap(), peer)
+    }
+
+    #[test]
+    fn a_batch_s_answers_are_all_due_by_one_deadline() {
+        // Each answer comes within the socket's timeout, the five of them
+        // well past the batch's deadline.
+        let (stream, peer) = trickling_peer(5, Duration::from_millis(100));
+        stream
+            .set_read_timeout(Some(Duration::from_millis(150)))
+            .unwrap();
+        let mut reader = BufReader::new(stream);
+        let deadline = Instant::now() + Duration::from_millis(250);
+        assert!(read_acks(&mut reader, 5, deadline).is_err());
+        drop(reader);
+        peer.join().unwrap();
+        // Answers in time: the batch was taken.
+        let (stream, peer) = trickling_peer(3, Duration::ZERO);
+        let mut reader = BufReader::new(stream);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        read_acks(&mut reader, 3, deadline).unwrap();
+        peer.join().unwrap();
+    }
 }
