@@ -576,6 +576,19 @@ fn autovivify_uses_the_backups_item_and_creates_only_when_none_exists() {
 /// live on one replica only.
 #[test]
 fn a_gat_restores_a_backup_copy_that_expired_first() {
+    let (_pair, _px, b) =
+        ttl_change_on_the_primary_alone("gat 0 k\r\n", "VALUE k 5 2\r\nv1\r\nEND\r\n");
+    assert!(
+        matches!(&b, Some(i) if i.value == "v1" && i.flags == 5 && i.ttl == -1),
+        "backup after the gat: {b:?}"
+    );
+}
+
+/// Puts `k` (flags 5, TTL 100 s) on the primary alone, as if the backup's
+/// copy had expired first, sends `req` (which makes `k` immortal) through
+/// memrelay and checks that it answers `answer`; returns the backup's copy
+/// of `k` then.
+fn ttl_change_on_the_primary_alone(req: &str, answer: &str) -> (Cluster, Client, Option<Item>) {
     let pair = pair(&[]);
     let mut px = proxy_client(&pair);
     assert_eq!(
@@ -583,15 +596,9 @@ fn a_gat_restores_a_backup_copy_that_expired_first() {
         "STORED\r\n"
     );
     assert_eq!(value_of(&pair.backups[0], "k"), None);
-    assert_eq!(
-        exchange(&mut px, "gat 0 k\r\n"),
-        "VALUE k 5 2\r\nv1\r\nEND\r\n"
-    );
+    assert_eq!(exchange(&mut px, req), answer, "{req}");
     let b = peek(&pair.backups[0], "k");
-    assert!(
-        matches!(&b, Some(i) if i.value == "v1" && i.flags == 5 && i.ttl == -1),
-        "backup after the gat: {b:?}"
-    );
+    (pair, px, b)
 }
 
 /// The same for a `touch`: the primary takes it, the backup's copy had
@@ -600,15 +607,7 @@ fn a_gat_restores_a_backup_copy_that_expired_first() {
 /// is answered: a failure of the primary right after would lose it.
 #[test]
 fn a_touch_restores_a_backup_copy_that_expired_first() {
-    let pair = pair(&[]);
-    let mut px = proxy_client(&pair);
-    assert_eq!(
-        direct(&pair.primaries[0], "set k 5 100 2\r\nv1\r\n"),
-        "STORED\r\n"
-    );
-    assert_eq!(value_of(&pair.backups[0], "k"), None);
-    assert_eq!(exchange(&mut px, "touch k 0\r\n"), "TOUCHED\r\n");
-    let b = peek(&pair.backups[0], "k");
+    let (pair, mut px, b) = ttl_change_on_the_primary_alone("touch k 0\r\n", "TOUCHED\r\n");
     assert!(
         matches!(&b, Some(i) if i.value == "v1" && i.flags == 5 && i.ttl == -1),
         "backup after the touch: {b:?}"
