@@ -703,6 +703,50 @@ fn while_the_new_process_of_a_hand_off_starts_the_old_one_goes_on_accepting() {
     assert_eq!(get(&new.addr(), "k"), value("k", "v"));
 }
 
+/// Members that reach each other through other addresses than the ones
+/// they listen on (a NAT, a forwarder): after a hand-off, the peer dials
+/// the new process back at once, as it does when the addresses are the
+/// same, and the new process serves without waiting out its join.
+#[test]
+fn a_member_reached_through_a_forwarder_is_dialled_back_after_a_hand_off() {
+    let m = Memcached::start();
+    let dir = TempDir::new("handoff-forwarded");
+    let secret = secret_in(&dir);
+    let (pa, pb) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
+    let fa = Forwarder::start(&format!("127.0.0.1:{pa}"));
+    let fb = Forwarder::start(&format!("127.0.0.1:{pb}"));
+    let port = |f: &Forwarder| f.addr().rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    let handoff = dir.path("handoff.sock");
+    let member = |me: u16, h: Option<&std::path::Path>| {
+        pair_member(&m.addr(), &secret, (me, [port(&fa), port(&fb)]), h)
+    };
+    let b = Memrelay::start(&member(pb, None));
+    let mut old = Memrelay::start(&member(pa, Some(&handoff)));
+    for r in [&old, &b] {
+        assert!(
+            wait_until(CONVERGE, || stat_u64(&r.addr(), "peers_up") == 1),
+            "the two members never reached each other: {}",
+            r.output_tail(20)
+        );
+    }
+    let new = Memrelay::cmd(&member(pa, Some(&handoff)))
+        .port(old.port())
+        .start();
+    assert!(
+        old.wait_exit(std::time::Duration::from_secs(15)),
+        "the old process never drained: {}",
+        old.output_tail(20)
+    );
+    assert!(
+        !new.output()
+            .contains("serving before every peer was reached"),
+        "B did not dial the new process back: {}",
+        new.output_tail(20)
+    );
+    assert!(wait_until(CONVERGE, || stat_u64(&new.addr(), "peers_up") == 1));
+    assert_eq!(set(&new.addr(), "k", "v"), "STORED\r\n");
+}
+
 /// A memrelay that starts (not a hand-off) binds its port at once, so a
 /// port in use fails the start, but accepts only once it serves: while a
 /// peer that does not answer holds its start, a client is refused at once

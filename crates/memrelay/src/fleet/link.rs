@@ -32,6 +32,10 @@ pub(super) struct Link {
     /// The address reaches this process (its own entry in the peer list,
     /// under another address than `--peer-listen`): not a peer.
     pub(super) myself: std::sync::atomic::AtomicBool,
+    /// Where the peer says it listens, when that is not `addr` (a NAT, a
+    /// forwarder): learnt from the process this link reaches, so that
+    /// its next process (a restart, a hand-off) is known by it too.
+    listens: Mutex<Option<SocketAddr>>,
 }
 
 #[derive(Debug)]
@@ -58,7 +62,20 @@ impl Link {
             current: Mutex::new(None),
             kick: (Mutex::new(false), Condvar::new()),
             myself: std::sync::atomic::AtomicBool::new(false),
+            listens: Mutex::new(None),
         }
+    }
+
+    /// Whether the peer listens on `listen`: this link's address, or the
+    /// one the process it reaches said it listens on.
+    pub(super) fn listens_on(&self, listen: SocketAddr) -> bool {
+        self.addr == listen
+            || *self.listens.lock().unwrap_or_else(|p| p.into_inner()) == Some(listen)
+    }
+
+    /// The process this link reaches says it listens on `listen`.
+    pub(super) fn heard_listen(&self, listen: SocketAddr) {
+        *self.listens.lock().unwrap_or_else(|p| p.into_inner()) = Some(listen);
     }
 
     /// The peer's process `instance` connected to this one: if this

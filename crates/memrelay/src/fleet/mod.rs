@@ -122,6 +122,8 @@ pub(crate) struct Fleet {
 struct Early {
     connected: bool,
     stage: Option<epoch::Stage>,
+    /// Where it said it listens.
+    listen: Option<std::net::SocketAddr>,
 }
 
 /// Where a starting memrelay stands with one peer.
@@ -235,20 +237,26 @@ impl Fleet {
     /// an older process (a restart) or none, it is dialled now, so this
     /// memrelay's hints reach it from its first request on.
     fn peer_dialled(&self, listen: std::net::SocketAddr, instance: &str) {
-        if let Some(l) = self.links.iter().find(|l| l.addr == listen) {
+        if let Some(l) = self.links.iter().find(|l| l.listens_on(listen)) {
             l.peer_is(instance);
         }
     }
 
-    /// The link to the peer that listens on `listen` (as it says), or
-    /// whose process `instance` this member's link reached: members may
+    /// The link whose process `instance` this member's link reached, or
+    /// to the peer that listens on `listen` (as it says): members may
     /// reach each other at other addresses than the ones they listen on
     /// (a NAT, a wildcard `--peer-listen`, a forwarder).
     fn link_of(&self, listen: std::net::SocketAddr, instance: &str) -> Option<usize> {
-        self.links
-            .iter()
-            .position(|l| l.addr == listen)
-            .or_else(|| self.links.iter().position(|l| l.reaches(instance)))
+        if let Some(i) = self.links.iter().position(|l| l.reaches(instance)) {
+            // Remembered: the peer's next process (a restart, a hand-off)
+            // announces the same, and is dialled back at once by it
+            // (`peer_dialled`). A wildcard names no one peer.
+            if !listen.ip().is_unspecified() {
+                self.links[i].heard_listen(listen);
+            }
+            return Some(i);
+        }
+        self.links.iter().position(|l| l.listens_on(listen))
     }
 
     /// What a peer said on its connection before this member's link
@@ -270,6 +278,9 @@ impl Fleet {
             .unwrap_or_else(|p| p.into_inner())
             .remove(instance);
         if let Some(e) = said {
+            if let Some(listen) = e.listen.filter(|l| !l.ip().is_unspecified()) {
+                self.links[i].heard_listen(listen);
+            }
             if let Some(stage) = e.stage {
                 self.heard_from(i, stage);
             }
@@ -284,7 +295,10 @@ impl Fleet {
     fn peer_connected(&self, listen: std::net::SocketAddr, instance: &str) {
         match self.link_of(listen, instance) {
             Some(i) => self.connected(i),
-            None => self.early(instance, |e| e.connected = true),
+            None => self.early(instance, |e| {
+                e.connected = true;
+                e.listen = Some(listen);
+            }),
         }
     }
 
@@ -519,7 +533,10 @@ impl Fleet {
     ) {
         match self.link_of(listen, instance) {
             Some(i) => self.heard_from(i, stage),
-            None => self.early(instance, |e| e.stage = Some(stage)),
+            None => self.early(instance, |e| {
+                e.stage = Some(stage);
+                e.listen = Some(listen);
+            }),
         }
     }
 
