@@ -616,6 +616,21 @@ fn a_member_restarted_after_a_crash_asks_its_peers_again_instead_of_flushing() {
     assert_eq!(get(&f.b.addr(), "k"), value("k", "new"));
 }
 
+/// Starts the two members of a pair (`b`, then `a`) and waits until they
+/// reached each other; returns them in that order.
+fn start_pair(b: &[String], a: &[String]) -> (Memrelay, Memrelay) {
+    let b = Memrelay::start(b);
+    let a = Memrelay::start(a);
+    for r in [&a, &b] {
+        assert!(
+            wait_until(CONVERGE, || stat_u64(&r.addr(), "peers_up") == 1),
+            "the two members never reached each other: {}",
+            r.output_tail(20)
+        );
+    }
+    (b, a)
+}
+
 /// A member of a two-member fleet in front of memcached `server`,
 /// listening for peers on `me`; with `handoff`, it hands off there.
 fn pair_member(
@@ -661,15 +676,7 @@ fn while_the_new_process_of_a_hand_off_starts_the_old_one_goes_on_accepting() {
     let handoff = dir.path("handoff.sock");
     let member =
         |me: u16, h: Option<&std::path::Path>| pair_member(&m.addr(), &secret, (me, [pa, pb]), h);
-    let b = Memrelay::start(&member(pb, None));
-    let mut old = Memrelay::start(&member(pa, Some(&handoff)));
-    for r in [&old, &b] {
-        assert!(
-            wait_until(CONVERGE, || stat_u64(&r.addr(), "peers_up") == 1),
-            "the two members never reached each other: {}",
-            r.output_tail(20)
-        );
-    }
+    let (b, mut old) = start_pair(&member(pb, None), &member(pa, Some(&handoff)));
     let old_pid = stat_u64(&old.addr(), "pid");
     let stopped = Stopped::new(&b);
     // Returns once the new process holds the sockets; its join waits for
@@ -720,15 +727,7 @@ fn a_member_reached_through_a_forwarder_is_dialled_back_after_a_hand_off() {
     let member = |me: u16, h: Option<&std::path::Path>| {
         pair_member(&m.addr(), &secret, (me, [port(&fa), port(&fb)]), h)
     };
-    let b = Memrelay::start(&member(pb, None));
-    let mut old = Memrelay::start(&member(pa, Some(&handoff)));
-    for r in [&old, &b] {
-        assert!(
-            wait_until(CONVERGE, || stat_u64(&r.addr(), "peers_up") == 1),
-            "the two members never reached each other: {}",
-            r.output_tail(20)
-        );
-    }
+    let (b, mut old) = start_pair(&member(pb, None), &member(pa, Some(&handoff)));
     let new = Memrelay::cmd(&member(pa, Some(&handoff)))
         .port(old.port())
         .start();
