@@ -154,9 +154,8 @@ fn read_ack(reader: &mut BufReader<TcpStream>) -> std::io::Result<()> {
 
 /// Reads `count` answers, all due by `deadline`: a peer that answers each
 /// hint of a batch just within the socket's timeout must not hold the
-/// batch's writes for `count` times `--peer-timeout` (a draining process
-/// of a hand-off passing each hint on to the new one did, 1.8 s). The
-/// socket's timeout is left as `deadline` set it: the caller restores it.
+/// batch's writes for `count` times `--peer-timeout`. The socket's
+/// timeout is left as `deadline` set it: the caller restores it.
 fn read_acks(
     reader: &mut BufReader<TcpStream>,
     count: usize,

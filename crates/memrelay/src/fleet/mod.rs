@@ -59,6 +59,21 @@ pub(super) struct Share {
     gen: u64,
 }
 
+/// Tells the lists of `shares` whether a peer took their hints. Before
+/// the writes are answered: a record no peer took makes the state file say
+/// its server is `dirty` (`ha::persist`).
+fn note_shares(shares: &[Share], taken: bool) {
+    for s in shares {
+        if let Some(r) = s.replica.upgrade() {
+            if taken {
+                r.missed.shared(&s.key, s.gen);
+            } else {
+                r.missed.untaken(&s.key, s.gen);
+            }
+        }
+    }
+}
+
 /// Appends the `hint` lines for what `server`'s list holds (`None`:
 /// overflowed, every key).
 fn push_hints(out: &mut Vec<u8>, server: &str, keys: Option<&[Box<[u8]>]>) {
@@ -584,9 +599,7 @@ impl Fleet {
     fn hint(&self, me: &Arc<Fleet>, server: &str, key: Option<&[u8]>, share: Option<Share>) {
         if self.links.is_empty() {
             // No peer to tell: the record is this process's alone.
-            if let Some((s, r)) = share.and_then(|s| s.replica.upgrade().map(|r| (s, r))) {
-                r.missed.untaken(&s.key, s.gen);
-            }
+            note_shares(share.as_slice(), false);
             return;
         }
         self.figures.hints_sent.fetch_add(1, Ordering::Relaxed);
@@ -603,17 +616,7 @@ impl Fleet {
     /// this process no longer takes them with it.
     fn send(&self, lines: &[u8], count: usize, shares: &[Share]) -> bool {
         let taken = link::send_to_all(self, lines, count);
-        // Before the writes are answered: a record no peer took makes the
-        // state file say its server is `dirty` (`ha::persist`).
-        for s in shares {
-            if let Some(r) = s.replica.upgrade() {
-                if taken > 0 {
-                    r.missed.shared(&s.key, s.gen);
-                } else {
-                    r.missed.untaken(&s.key, s.gen);
-                }
-            }
-        }
+        note_shares(shares, taken > 0);
         let enough = self.cfg.confirm.enough(taken, self.peers());
         if !enough {
             let n = self

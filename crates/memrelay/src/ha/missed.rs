@@ -197,14 +197,14 @@ impl Inner {
     /// `key`'s own record `gen` waits for a peer to take it; `untaken`:
     /// no peer will.
     fn unshared(&mut self, key: &[u8], gen: u64, untaken: bool) {
-        let was = self.unshared.insert(key.into(), Unshared { gen, untaken });
-        match was {
-            Some(w) if w.untaken => {
-                if let Some(u) = self.unshared.get_mut(key) {
-                    u.untaken = true;
-                }
-            }
-            _ => self.untaken += usize::from(untaken),
+        let u = self.unshared.entry(key.into()).or_insert(Unshared {
+            gen,
+            untaken: false,
+        });
+        u.gen = gen;
+        if untaken && !u.untaken {
+            u.untaken = true;
+            self.untaken += 1;
         }
     }
 

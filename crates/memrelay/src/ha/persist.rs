@@ -655,10 +655,10 @@ impl Persist {
                     // then, before the write is answered). A copy under
                     // way is this process's alone.
                     let shared = me.shares_with_fleet()
-                        && !list
+                        && list
                             .as_ref()
                             .and_then(|l| l.upgrade())
-                            .is_none_or(|h| h.missed.alone());
+                            .is_some_and(|h| !h.missed.alone());
                     me.mark(&name, if shared { Mark::Learnt } else { Mark::Dirty });
                 }
                 let seq = me.relay(&name, key);
