@@ -57,9 +57,10 @@ pub(crate) trait Watcher {
     /// Resolves when work may have appeared, to wake an up server's prober
     /// early.
     fn wake(&self) -> impl std::future::Future<Output = ()>;
-    /// The server answered `stats`: who it is now; `restarted` when that
-    /// is another process than the one seen last (its data is gone).
-    fn seen(&mut self, who: Identity, restarted: bool);
+    /// The server answered `stats`, asked at `asked`: who it is now;
+    /// `restarted` when that is another process than the one seen last
+    /// (its data is gone).
+    fn seen(&mut self, who: Identity, restarted: bool, asked: std::time::Instant);
     /// Upkeep on the reachable server, over the probe's connection. False
     /// when the server did not answer properly.
     fn tend(&mut self, conn: &mut ProbeConn) -> impl std::future::Future<Output = bool>;
@@ -305,6 +306,7 @@ async fn check(
     known: &mut Option<Identity>,
     watcher: &mut impl Watcher,
 ) -> bool {
+    let asked = std::time::Instant::now();
     let Some(id) = c.identity(&health.figures).await else {
         return false;
     };
@@ -313,6 +315,6 @@ async fn check(
         tracing::warn!(server = %health.name, pid = id.pid, "server restarted (its data is gone)");
     }
     *known = Some(id);
-    watcher.seen(id, restarted);
+    watcher.seen(id, restarted, asked);
     watcher.tend(c).await
 }

@@ -44,6 +44,13 @@ struct Conn {
     writer: TcpStream,
     /// The peer process this connection reaches.
     instance: String,
+    /// How long each answer may take.
+    each: Duration,
+    /// When the whole exchange under way must be over, if it must: a
+    /// peer dialled again while a client's reply waits (`again`) gets
+    /// what is left of the batch's `--peer-timeout`, however many lines
+    /// its lists hold and however slow its link.
+    deadline: Option<Instant>,
 }
 
 /// Why a dial did not give a connection.
@@ -129,13 +136,66 @@ impl Link {
 }
 
 impl Conn {
+    /// Sets the socket's timeouts for the next read or write: `each`, or
+    /// what is left before the deadline if that is less.
+    fn arm(&mut self) -> std::io::Result<()> {
+        let mut t = self.each;
+        if let Some(d) = self.deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the peer took longer than --peer-timeout to be reached again",
+                ));
+            }
+            t = t.min(left);
+        }
+        self.writer.set_read_timeout(Some(t))?;
+        self.writer.set_write_timeout(Some(t))
+    }
+
+    /// Arms the socket before a read that must wait (answers already
+    /// read in take no wait, and no system call).
+    fn arm_read(&mut self) -> std::io::Result<()> {
+        if self.reader.buffer().is_empty() {
+            self.arm()?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if self.deadline.is_some() {
+            self.arm()?;
+        }
+        self.writer.write_all(bytes)
+    }
+
+    fn read_line(&mut self) -> std::io::Result<String> {
+        if self.deadline.is_some() {
+            self.arm_read()?;
+        }
+        read_line(&mut self.reader)
+    }
+
     /// Sends `lines` and reads one `k` per line.
     fn exchange(&mut self, lines: &[u8], count: usize) -> std::io::Result<()> {
-        self.writer.write_all(lines)?;
+        self.write(lines)?;
         for _ in 0..count {
+            if self.deadline.is_some() {
+                self.arm_read()?;
+            }
             read_ack(&mut self.reader)?;
         }
         Ok(())
+    }
+
+    /// The exchange that had a deadline is over: each answer gets its own
+    /// timeout again.
+    fn undeadline(&mut self) {
+        self.deadline = None;
+        let t = Some(self.each);
+        let _ = self.writer.set_read_timeout(t);
+        let _ = self.writer.set_write_timeout(t);
     }
 }
 
@@ -152,6 +212,10 @@ fn read_ack(reader: &mut BufReader<TcpStream>) -> std::io::Result<()> {
     }
 }
 
+/// How long a read of answers already due waits: they have arrived, or
+/// they are late.
+const LAST_LOOK: Duration = Duration::from_millis(1);
+
 /// Reads `count` answers, all due by `deadline`: a peer that answers each
 /// hint of a batch just within the socket's timeout must not hold the
 /// batch's writes for `count` times `--peer-timeout`. The socket's
@@ -164,16 +228,20 @@ fn read_acks(
     for _ in 0..count {
         // Answers already read in take no wait (and no system call).
         if reader.buffer().is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the peer took longer than --peer-timeout to take a batch of hints",
-                ));
-            }
+            // Past the deadline (another peer's answers took the time),
+            // answers that have arrived still count: one last look.
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(LAST_LOOK);
             reader.get_ref().set_read_timeout(Some(left))?;
         }
-        read_ack(reader)?;
+        read_ack(reader).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the peer took longer than --peer-timeout to take a batch of hints",
+            ),
+            _ => e,
+        })?;
     }
     Ok(())
 }
@@ -190,20 +258,22 @@ pub(super) fn send_to_all(fleet: &Fleet, lines: &[u8], count: usize) -> usize {
         .map(|l| (l, l.lock()))
         .filter(|(_, g)| g.is_some())
         .collect();
+    // One deadline for the batch, from its first write to its last
+    // answer, a peer dialled again included.
+    let deadline = Instant::now() + fleet.cfg.timeout;
     // Peers dialled again after a failed write: the lists they took
     // carried these hints.
     let mut retaken: Vec<usize> = Vec::new();
     for (link, guard) in &mut held {
         if let Some(c) = guard.as_mut() {
             if let Err(e) = c.writer.write_all(lines) {
-                if again(fleet, link, guard, &e.to_string()) {
+                if again(fleet, link, guard, &e.to_string(), deadline) {
                     retaken.push(link.index);
                 }
             }
         }
     }
     let mut taken = 0;
-    let deadline = Instant::now() + fleet.cfg.timeout;
     for (link, guard) in &mut held {
         if retaken.contains(&link.index) {
             taken += 1;
@@ -221,7 +291,7 @@ pub(super) fn send_to_all(fleet: &Fleet, lines: &[u8], count: usize) -> usize {
                     f.answered();
                 }
                 Err(e) => {
-                    if again(fleet, link, guard, &e.to_string()) {
+                    if again(fleet, link, guard, &e.to_string(), deadline) {
                         taken += 1;
                     }
                 }
@@ -276,39 +346,85 @@ fn me_link_wait(fleet: &std::sync::Weak<Fleet>, i: usize) {
 /// None: the peer is this process, stop.
 fn tend(fleet: &Fleet, link: &Link) -> Option<bool> {
     let mut guard = link.lock();
-    if guard.as_ref().is_some_and(|c| link.stale(c)) {
-        down(fleet, link, &mut guard, "the peer restarted");
+    // The peer's process was replaced (a restart, a hand-off): the new one
+    // is dialled below, while the old connection keeps taking hints if it
+    // still can. After a hand-off the old process serves clients until the
+    // new one does, and passes what it learns on to it; letting go of it
+    // first left a moment in which this member's hints reached neither,
+    // and the old one served a value older than a write acknowledged
+    // here (a chaos run saw it).
+    let replaced = guard.as_ref().is_some_and(|c| link.stale(c));
+    if !replaced && guard.is_some() {
+        return Some(ping(fleet, link, &mut guard));
     }
-    if let Some(c) = guard.as_mut() {
-        // The stage, when there is one, is the ping.
-        let line = fleet.stage_line();
-        match c.exchange(line.as_deref().unwrap_or(b"ping\n"), 1) {
-            Ok(()) => fleet.figures.peers[link.index].answered(),
-            Err(e) => down(fleet, link, &mut guard, &e.to_string()),
-        }
-        return Some(guard.is_some());
-    }
-    // Dialled without the lock: hints skip this peer meanwhile (it gets
-    // them with the lists, sent under the lock).
+    // Dialled, and sent the lists, without the lock: hints skip this peer
+    // meanwhile (they are sent under the lock, with what was recorded
+    // after the lists were read). A peer on a slow link takes a round
+    // trip per batch of its lists, and every hint of this member would
+    // wait for the lock that long.
     drop(guard);
-    match reach(fleet, link, dial_wait(fleet)) {
-        Ok((conn, pulled)) => Some(attach(fleet, link, &mut link.lock(), conn, pulled)),
+    // The new process not reached (yet: during a hand-off its peer port
+    // may not be bound for a moment): the old one is kept while it
+    // answers, and drops out when it exits.
+    let let_go = || replaced && ping(fleet, link, &mut link.lock());
+    match reach(fleet, link, dial_wait(fleet), None) {
+        Ok((mut conn, pulled)) => {
+            let marks = fleet.marks();
+            let listed =
+                tell_stage(fleet, &mut conn).and_then(|()| send_listed(&mut conn, fleet.known()));
+            let attached = match listed {
+                // Replaces the old process's connection, if any.
+                Ok(sent) => attach(
+                    fleet,
+                    link,
+                    &mut link.lock(),
+                    conn,
+                    pulled,
+                    Some((marks, sent)),
+                ),
+                Err(e) => {
+                    tracing::warn!(peer = %link.addr, error = %e, "fleet: peer reached but did not take the lists");
+                    false
+                }
+            };
+            Some(attached || let_go())
+        }
         Err(Refused::Myself) => {
+            down(fleet, link, &mut link.lock(), "the peer is this memrelay");
             tracing::info!(peer = %link.addr, "fleet: this peer is this memrelay; not dialled");
             link.myself.store(true, Ordering::Relaxed);
             None
         }
         Err(Refused::Failed(why)) => {
             tracing::debug!(peer = %link.addr, error = why, "fleet: peer not reached");
-            Some(false)
+            Some(let_go())
         }
     }
 }
 
+/// Pings the peer on its connection (the stage, when there is one, is the
+/// ping); counts it down if it does not answer. Whether it is reached.
+fn ping(fleet: &Fleet, link: &Link, guard: &mut Option<Conn>) -> bool {
+    let Some(c) = guard.as_mut() else {
+        return false;
+    };
+    let line = fleet.stage_line();
+    match c.exchange(line.as_deref().unwrap_or(b"ping\n"), 1) {
+        Ok(()) => fleet.figures.peers[link.index].answered(),
+        Err(e) => down(fleet, link, guard, &e.to_string()),
+    }
+    guard.is_some()
+}
+
 /// Dials the peer and learns its lists (`sync`); returns the connection
-/// and how many keys were learnt.
-fn reach(fleet: &Fleet, link: &Link, wait: Duration) -> Result<(Conn, usize), Refused> {
-    let mut conn = dial(fleet, link.addr, wait)?;
+/// and how many keys were learnt. All of it by `deadline`, if given.
+fn reach(
+    fleet: &Fleet,
+    link: &Link,
+    wait: Duration,
+    deadline: Option<Instant>,
+) -> Result<(Conn, usize), Refused> {
+    let mut conn = dial(fleet, link.addr, wait, deadline)?;
     let n = pull_lists(fleet, &mut conn)
         .map_err(|e| Refused::Failed(format!("did not give its lists: {e}")))?;
     pull_routings(fleet, link, &mut conn)
@@ -324,10 +440,10 @@ const MAX_ROUTING_LINES: usize = 1024;
 /// (`routing`): a member that starts during one joins it
 /// (`Fleet::joining`).
 fn pull_routings(fleet: &Fleet, link: &Link, conn: &mut Conn) -> std::io::Result<()> {
-    conn.writer.write_all(b"routing\n")?;
+    conn.write(b"routing\n")?;
     let mut lines = String::new();
     for _ in 0..MAX_ROUTING_LINES {
-        let line = read_line(&mut conn.reader)?;
+        let line = conn.read_line()?;
         if line == "end\n" {
             fleet.learn_routings(&lines);
             return Ok(());
@@ -349,25 +465,44 @@ fn pull_routings(fleet: &Fleet, link: &Link, conn: &mut Conn) -> std::io::Result
     ))
 }
 
-/// Sends a peer just reached every listed key, under its lock (a key
-/// recorded from now on waits for it, so it is in the lists or sent
-/// after them), and keeps the connection; false if the peer did not take
-/// them.
+/// Tells a peer just reached this member's stage in a fleet reload, if
+/// any: before the lists (which may name that stage's servers), and
+/// again before `joined` (a starting peer has it once it sees that:
+/// `Fleet::join`).
+fn tell_stage(fleet: &Fleet, conn: &mut Conn) -> std::io::Result<()> {
+    match fleet.stage_line() {
+        Some(line) => conn.exchange(&line, 1),
+        None => Ok(()),
+    }
+}
+
+/// Sends a peer just reached every listed key, then `joined`, under its
+/// lock (a key recorded from then on waits for it, so it is in the lists
+/// or sent after them), and keeps the connection; false if the peer did
+/// not take them. `early`: the lists were sent already, without the
+/// lock, as they stood at those marks (that many keys): only what was
+/// recorded since is sent now.
 fn attach(
     fleet: &Fleet,
     link: &Link,
     guard: &mut Option<Conn>,
     mut conn: Conn,
     pulled: usize,
+    early: Option<(Vec<super::Mark>, usize)>,
 ) -> bool {
-    // The peer learns this member's stage in a fleet reload first: a
-    // starting peer has it once it sees `joined` (`Fleet::join`).
-    let told = match fleet.stage_line() {
-        Some(line) => conn.exchange(&line, 1),
-        None => Ok(()),
-    };
-    match told.and_then(|()| send_lists(fleet, &mut conn)) {
+    let sent = tell_stage(fleet, &mut conn)
+        .and_then(|()| match early {
+            None => send_listed(&mut conn, fleet.known()),
+            Some((marks, sent)) => {
+                send_listed(&mut conn, fleet.known_since(&marks)).map(|n| n + sent)
+            }
+        })
+        // From here on (the caller holds the link's lock) every hint
+        // comes on this connection: the peer may serve.
+        .and_then(|n| conn.exchange(b"joined\n", 1).map(|()| n));
+    match sent {
         Ok(sent) => {
+            conn.undeadline();
             let f = &fleet.figures.peers[link.index];
             f.up.store(true, Ordering::Relaxed);
             f.answered();
@@ -395,13 +530,22 @@ fn dial_wait(fleet: &Fleet) -> Duration {
 
 /// A peer that was reached failed a hint: its process may have been
 /// replaced (a hand-off gives the peer port to a new process, and the
-/// old one exits once drained), so it is dialled again at once, within
-/// `--peer-timeout`, and sent the lists, which hold what the failed
-/// hints said. True if it took them.
-fn again(fleet: &Fleet, link: &Link, guard: &mut Option<Conn>, why: &str) -> bool {
+/// old one exits once drained), so it is dialled again at once and sent
+/// the lists, which hold what the failed hints said, all by `deadline`
+/// (the batch's: a client's reply waits, and every link's lock is held).
+/// A peer that cannot be reached again that fast (a slow link, long
+/// lists) is counted down, and its keeper reaches it in the background.
+/// True if it took them.
+fn again(
+    fleet: &Fleet,
+    link: &Link,
+    guard: &mut Option<Conn>,
+    why: &str,
+    deadline: Instant,
+) -> bool {
     *guard = None;
-    let retried = match reach(fleet, link, fleet.cfg.timeout) {
-        Ok((conn, pulled)) => attach(fleet, link, guard, conn, pulled),
+    let retried = match reach(fleet, link, fleet.cfg.timeout, Some(deadline)) {
+        Ok((conn, pulled)) => attach(fleet, link, guard, conn, pulled, None),
         Err(_) => false,
     };
     if !retried {
@@ -410,11 +554,11 @@ fn again(fleet: &Fleet, link: &Link, guard: &mut Option<Conn>, why: &str) -> boo
     retried
 }
 
-/// Every key each server's list holds, in batches; returns how many.
-fn send_lists(fleet: &Fleet, conn: &mut Conn) -> std::io::Result<usize> {
+/// Every key of `lists` (`Fleet::known`), in batches; returns how many.
+fn send_listed(conn: &mut Conn, lists: Vec<(String, super::Listed)>) -> std::io::Result<usize> {
     let mut sent = 0;
     let mut batch = Vec::new();
-    for (server, keys) in fleet.known() {
+    for (server, keys) in lists {
         let chunks: Vec<Option<&[Box<[u8]>]>> = match &keys {
             None => vec![None],
             Some(keys) => keys.chunks(BATCH).map(Some).collect(),
@@ -427,9 +571,6 @@ fn send_lists(fleet: &Fleet, conn: &mut Conn) -> std::io::Result<usize> {
             sent += n;
         }
     }
-    // From here on (the caller holds the link's lock) every hint comes
-    // on this connection: the peer may serve.
-    conn.exchange(b"joined\n", 1)?;
     Ok(sent)
 }
 
@@ -437,15 +578,15 @@ fn send_lists(fleet: &Fleet, conn: &mut Conn) -> std::io::Result<usize> {
 /// a memrelay that starts, or a peer reached again, may have missed the
 /// hints sent meanwhile. Returns how many.
 fn pull_lists(fleet: &Fleet, conn: &mut Conn) -> std::io::Result<usize> {
-    conn.writer.write_all(b"sync\n")?;
+    conn.write(b"sync\n")?;
     let mut n = 0;
     loop {
-        let line = read_line(&mut conn.reader)?;
+        let line = conn.read_line()?;
         if line == "end\n" {
             return Ok(n);
         }
         match wire::parse_line(&line) {
-            Ok(wire::Line::Hint(h)) => fleet.learn(h.server, h.key.as_deref()),
+            Ok(wire::Line::Hint(h)) => fleet.learn(h.server, h.key.as_deref(), h.held),
             Ok(wire::Line::Forgot(server)) => fleet.peer_forgot(server),
             _ => {
                 return Err(std::io::Error::new(
@@ -459,20 +600,36 @@ fn pull_lists(fleet: &Fleet, conn: &mut Conn) -> std::io::Result<usize> {
 }
 
 /// Connects to a peer and proves, each to the other, the fleet's secret.
-fn dial(fleet: &Fleet, addr: SocketAddr, wait: Duration) -> Result<Conn, Refused> {
+fn dial(
+    fleet: &Fleet,
+    addr: SocketAddr,
+    wait: Duration,
+    deadline: Option<Instant>,
+) -> Result<Conn, Refused> {
     let failed = |e: std::io::Error| Refused::Failed(e.to_string());
-    let stream = TcpStream::connect_timeout(&addr, wait).map_err(failed)?;
+    let connect = deadline.map_or(wait, |d| {
+        wait.min(d.saturating_duration_since(Instant::now()))
+    });
+    if connect.is_zero() {
+        return Err(Refused::Failed("no time left to dial the peer".into()));
+    }
+    let stream = TcpStream::connect_timeout(&addr, connect).map_err(failed)?;
     let _ = stream.set_nodelay(true);
-    stream.set_read_timeout(Some(wait)).map_err(failed)?;
-    stream.set_write_timeout(Some(wait)).map_err(failed)?;
-    let mut writer = stream.try_clone().map_err(failed)?;
-    let mut reader = BufReader::new(stream);
+    let writer = stream.try_clone().map_err(failed)?;
+    // Each step of the handshake within `wait` (and the deadline).
+    let mut conn = Conn {
+        reader: BufReader::new(stream),
+        writer,
+        instance: String::new(),
+        each: wait,
+        deadline,
+    };
+    conn.arm().map_err(failed)?;
     let secret = fleet.cfg.secret.bytes();
     let mine = wire::nonce();
-    writer
-        .write_all(wire::hello(&mine, &fleet.instance, &fleet.cfg.listen).as_bytes())
+    conn.write(wire::hello(&mine, &fleet.instance, &fleet.cfg.listen).as_bytes())
         .map_err(failed)?;
-    let line = read_line(&mut reader).map_err(failed)?;
+    let line = conn.read_line().map_err(failed)?;
     if line.trim_end() == "error self" {
         return Err(Refused::Myself);
     }
@@ -491,21 +648,16 @@ fn dial(fleet: &Fleet, addr: SocketAddr, wait: Duration) -> Result<Conn, Refused
         "auth {}\n",
         wire::proof(secret, wire::Role::Dialer, &mine, theirs)
     );
-    writer.write_all(auth.as_bytes()).map_err(failed)?;
-    let line = read_line(&mut reader).map_err(failed)?;
+    conn.instance = instance.to_string();
+    conn.write(auth.as_bytes()).map_err(failed)?;
+    let line = conn.read_line().map_err(failed)?;
     if line != "ok\n" {
         return Err(Refused::Failed(format!("refused: {:?}", line.trim_end())));
     }
     // From now on each answer is due within --peer-timeout.
-    let instance = instance.to_string();
-    let t = Some(fleet.cfg.timeout);
-    reader.get_ref().set_read_timeout(t).map_err(failed)?;
-    writer.set_write_timeout(t).map_err(failed)?;
-    Ok(Conn {
-        reader,
-        writer,
-        instance,
-    })
+    conn.each = fleet.cfg.timeout;
+    conn.arm().map_err(failed)?;
+    Ok(conn)
 }
 
 /// One line of at most `wire::MAX_LINE` bytes.
@@ -563,5 +715,56 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         read_acks(&mut reader, 3, deadline).unwrap();
         peer.join().unwrap();
+    }
+
+    #[test]
+    fn an_exchange_with_a_deadline_ends_by_it_however_the_peer_trickles() {
+        // A line every 100 ms, each well within the connection's own
+        // timeout, for ever: a long list over a slow link.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            while s.write_all(b"hint s *\n").is_ok() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let stream = TcpStream::connect(addr).unwrap();
+        let writer = stream.try_clone().unwrap();
+        let asked = Instant::now();
+        let mut conn = Conn {
+            reader: BufReader::new(stream),
+            writer,
+            instance: String::new(),
+            each: Duration::from_secs(1),
+            deadline: Some(asked + Duration::from_millis(350)),
+        };
+        let mut lines = 0;
+        let e = loop {
+            match conn.read_line() {
+                Ok(_) => lines += 1,
+                Err(e) => break e,
+            }
+        };
+        // Timed out by the socket, or found past the deadline.
+        let late = [std::io::ErrorKind::WouldBlock, std::io::ErrorKind::TimedOut];
+        assert!(late.contains(&e.kind()), "{e}");
+        assert!(lines >= 1, "the lines that came in time were read");
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            asked.elapsed()
+        );
+        drop(conn);
+        peer.join().unwrap();
+    }
+
+    #[test]
+    fn answers_that_arrived_count_though_another_peer_spent_the_deadline() {
+        let (stream, peer) = trickling_peer(3, Duration::ZERO);
+        peer.join().unwrap();
+        let mut reader = BufReader::new(stream);
+        let spent = Instant::now() - Duration::from_millis(1);
+        read_acks(&mut reader, 3, spent).unwrap();
     }
 }

@@ -140,7 +140,7 @@ fn serve(fleet: &Fleet, stream: TcpStream) -> Result<(), String> {
             Ok(wire::Line::Ping) => {}
             Ok(wire::Line::Epoch(stage)) => fleet.peer_said(listen, &instance, stage),
             Ok(wire::Line::Joined) => fleet.peer_connected(listen, &instance),
-            Ok(wire::Line::Hint(h)) => fleet.learn(h.server, h.key.as_deref()),
+            Ok(wire::Line::Hint(h)) => fleet.learn(h.server, h.key.as_deref(), h.held),
             // Only in an answer to `sync`, which this side does not ask.
             Ok(wire::Line::Forgot(_)) => {}
             Ok(wire::Line::Routing) => {

@@ -78,10 +78,12 @@ fn note_shares(shares: &[Share], taken: bool) {
 /// overflowed, every key).
 fn push_hints(out: &mut Vec<u8>, server: &str, keys: Option<&[Box<[u8]>]>) {
     match keys {
-        None => out.extend_from_slice(&wire::hint(server, None)),
+        None => out.extend_from_slice(&wire::hint(server, None, false)),
         Some(keys) => {
             for k in keys {
-                out.extend_from_slice(&wire::hint(server, Some(k)));
+                // What a list holds is past: a write given up on when it
+                // was recorded was told as held at the time.
+                out.extend_from_slice(&wire::hint(server, Some(k), false));
             }
         }
     }
@@ -90,6 +92,15 @@ fn push_hints(out: &mut Vec<u8>, server: &str, keys: Option<&[Box<[u8]>]>) {
 /// What a server's list holds: its keys, or None when it overflowed (the
 /// server missed every key).
 type Listed = Option<Vec<Box<[u8]>>>;
+
+/// Where one server's list stood when a peer was sent the lists
+/// (`Fleet::marks`).
+#[derive(Debug)]
+pub(super) struct Mark {
+    server: String,
+    gen: u64,
+    overflowed: bool,
+}
 
 /// This memrelay's part in a fleet.
 #[derive(Debug)]
@@ -333,21 +344,72 @@ impl Fleet {
         let name = name.to_string();
         let list = Arc::downgrade(replica);
         replica.missed.track_shares();
-        replica.missed.on_record(Box::new(move |key, from, gen| {
-            // What a peer or the hand-off's other process recorded was
-            // sent to the peers by the process that recorded it.
-            if from != Source::Here {
-                return;
-            }
-            let share = key.filter(|_| gen != 0).map(|k| Share {
-                replica: list.clone(),
-                key: k.into(),
-                gen,
-            });
-            if let Some(me) = me.upgrade() {
-                me.hint(&me, &name, key, share);
-            }
-        }));
+        replica
+            .missed
+            .on_record(Box::new(move |key, from, gen, given_up| {
+                // What a peer or the hand-off's other process recorded was
+                // sent to the peers by the process that recorded it.
+                if from != Source::Here {
+                    return;
+                }
+                let share = key.filter(|_| gen != 0).map(|k| Share {
+                    replica: list.clone(),
+                    key: k.into(),
+                    gen,
+                });
+                // A write given up on may still land: the peers keep the key
+                // until the server has had time to apply it (`settle::Held`).
+                // They may have seen no failure at all: this process's link
+                // to the server may be the slow one.
+                if let Some(me) = me.upgrade() {
+                    me.hint(&me, &name, key, share, given_up);
+                }
+            }));
+    }
+
+    /// Where each server's list stands now, for `known_since`: taken
+    /// before `known`, so a record made in between is in both.
+    fn marks(&self) -> Vec<Mark> {
+        self.servers_map()
+            .iter()
+            .filter_map(|(name, r)| {
+                let r = r.upgrade()?;
+                Some(Mark {
+                    server: name.clone(),
+                    gen: r.missed.mark(),
+                    overflowed: r.missed.is_overflowed(),
+                })
+            })
+            .collect()
+    }
+
+    /// What `known` would add to what it said at `marks`: the keys
+    /// recorded since, and "every key" for a list that overflowed since
+    /// (sent twice, it would make a peer flush a server twice). A server
+    /// without a mark is given whole: `known` is this with no marks.
+    fn known_since(&self, marks: &[Mark]) -> Vec<(String, Listed)> {
+        self.servers_map()
+            .iter()
+            .filter_map(|(name, r)| {
+                let r = r.upgrade()?;
+                if r.missed.is_empty() {
+                    return None;
+                }
+                let mark = marks.iter().find(|m| &m.server == name);
+                if r.missed.is_overflowed() {
+                    // An overflow from the hand-off partner is not
+                    // shared at all: see `known`.
+                    let shared = r.missed.overflowed_by() != Some(Source::Handoff);
+                    let told = mark.is_some_and(|m| m.overflowed);
+                    return (shared && !told).then(|| (name.clone(), None));
+                }
+                let keys = match mark {
+                    Some(m) => r.missed.snapshot_since(m.gen),
+                    None => r.missed.snapshot(),
+                };
+                (!keys.is_empty()).then(|| (name.clone(), Some(keys)))
+            })
+            .collect()
     }
 
     fn servers_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Weak<Replica>>> {
@@ -363,20 +425,7 @@ impl Fleet {
     /// the peers as hints before the writes were answered. Shared, it
     /// would make every member flush the server.
     fn known(&self) -> Vec<(String, Listed)> {
-        self.servers_map()
-            .iter()
-            .filter_map(|(name, r)| {
-                let r = r.upgrade()?;
-                if r.missed.is_empty() {
-                    None
-                } else if r.missed.is_overflowed() {
-                    (r.missed.overflowed_by() != Some(Source::Handoff))
-                        .then(|| (name.clone(), None))
-                } else {
-                    Some((name.clone(), Some(r.missed.snapshot())))
-                }
-            })
-            .collect()
+        self.known_since(&[])
     }
 
     /// The servers whose lists this process does not have (overflowed
@@ -563,8 +612,9 @@ impl Fleet {
         self.heard.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(stage);
     }
 
-    /// A peer's hint: `server` missed `key` (None: every key).
-    fn learn(&self, server: &str, key: Option<&[u8]>) {
+    /// A peer's hint: `server` missed `key` (None: every key); `held`: a
+    /// write the peer gave up on may still reach it (`settle::Held`).
+    fn learn(&self, server: &str, key: Option<&[u8]>, held: bool) {
         self.figures.hints_received.fetch_add(1, Ordering::Relaxed);
         let replica = self.servers_map().get(server).and_then(Weak::upgrade);
         match replica {
@@ -575,7 +625,17 @@ impl Fleet {
                 if key.is_none() {
                     r.flush_owed.store(true, Ordering::Relaxed);
                 }
-                r.missed.learn(key, Source::Peer);
+                match key {
+                    Some(k) if held => {
+                        self.figures
+                            .hints_held_received
+                            .fetch_add(1, Ordering::Relaxed);
+                        r.missed.learn_held(k);
+                    }
+                    _ => {
+                        r.missed.learn(key, Source::Peer);
+                    }
+                }
             }
             None => {
                 self.figures.hints_unknown.fetch_add(1, Ordering::Relaxed);
@@ -596,14 +656,24 @@ impl Fleet {
 
     /// Keeps a hint for this thread's next `flush_hints` (a worker's), or
     /// sends it to every peer reached and waits for their answers.
-    fn hint(&self, me: &Arc<Fleet>, server: &str, key: Option<&[u8]>, share: Option<Share>) {
+    fn hint(
+        &self,
+        me: &Arc<Fleet>,
+        server: &str,
+        key: Option<&[u8]>,
+        share: Option<Share>,
+        held: bool,
+    ) {
         if self.links.is_empty() {
             // No peer to tell: the record is this process's alone.
             note_shares(share.as_slice(), false);
             return;
         }
         self.figures.hints_sent.fetch_add(1, Ordering::Relaxed);
-        let line = wire::hint(server, key);
+        if held && key.is_some() {
+            self.figures.hints_held_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        let line = wire::hint(server, key, held);
         // A prober's or a resync's: no client reply waits for it.
         if let Err(share) = outbox::keep(me, &line, share) {
             self.send(&line, 1, share.as_slice());

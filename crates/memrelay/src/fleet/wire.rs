@@ -1,12 +1,14 @@
 //! The lines peers exchange: pure functions, no I/O.
 //!
 //! ```text
-//! dialer:   memrelay-peer 3 <nonce> <instance> <its --peer-listen>
+//! dialer:   memrelay-peer 4 <nonce> <instance> <its --peer-listen>
 //! listener: challenge <nonce> <proof> <instance>   (or: error <why>)
 //! dialer:   auth <proof>
 //! listener: ok                                  (or: error <why>)
 //! then, from the dialer, each answered with `k`:
 //!           hint <server> <key in base64, or *>
+//!           held <server> <key in base64>   (a hint whose key a write the
+//!                        sender gave up on may still reach: `settle::Held`)
 //!           ping
 //!           epoch <stage> <routing> [<routing>]  (see `epoch`; also a ping)
 //! and, once per connection, after `sync`:
@@ -29,8 +31,9 @@
 //! other side's proof passes. The instance ids (random per process) let a
 //! memrelay that dialled itself (a peer list naming one of its own
 //! addresses) notice and stop, and let a memrelay see that a peer was
-//! replaced by a new process (a restart): its connection to the old one
-//! is then dropped and the new one dialled at once.
+//! replaced by a new process (a restart, a hand-off): the new one is
+//! dialled at once, and the connection to the old one dropped once the
+//! new one took the lists.
 //! Lines are short: one longer than [`MAX_LINE`] ends the connection.
 
 use std::net::SocketAddr;
@@ -41,10 +44,11 @@ use ring::hmac;
 /// in base64 fit many times over.
 pub(crate) const MAX_LINE: u64 = 4096;
 
-/// 3: `epoch` lines (2: `forgot` lines in the answer to `sync`). Members
+/// 4: `held` lines (3: `epoch` lines; 2: `forgot` lines in the answer to
+/// `sync`). Members
 /// of other versions refuse each other's connections (and say so), rather
 /// than misread each other.
-const VERSION: &str = "3";
+const VERSION: &str = "4";
 
 /// A random 128-bit value, in hex.
 pub(crate) fn nonce() -> String {
@@ -169,17 +173,24 @@ fn is_token(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
-/// What a hint says: `server` missed `key` (None: every key).
+/// What a hint says: `server` missed `key` (None: every key); `held`: a
+/// write the sender gave up on may still reach the server.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Hint<'a> {
     pub server: &'a str,
     pub key: Option<Vec<u8>>,
+    pub held: bool,
 }
 
-/// A hint's line.
-pub(crate) fn hint(server: &str, key: Option<&[u8]>) -> Vec<u8> {
+/// A hint's line (`held` only with a key: every key is flushed, not
+/// deleted key by key).
+pub(crate) fn hint(server: &str, key: Option<&[u8]>, held: bool) -> Vec<u8> {
     let mut line = Vec::with_capacity(server.len() + 64);
-    line.extend_from_slice(b"hint ");
+    line.extend_from_slice(if held && key.is_some() {
+        b"held "
+    } else {
+        b"hint "
+    });
     crate::ha::missed::write_record(&mut line, server, key);
     line.push(b'\n');
     line
@@ -221,10 +232,16 @@ pub(crate) fn parse_line(line: &str) -> Result<Line<'_>, &'static str> {
     if let Some(server) = line.strip_prefix("forgot ").filter(|s| !s.is_empty()) {
         return Ok(Line::Forgot(server));
     }
-    let rest = line.strip_prefix("hint ").ok_or("unknown line")?;
+    let (rest, held) = match line.strip_prefix("held ") {
+        Some(rest) => (rest, true),
+        None => (line.strip_prefix("hint ").ok_or("unknown line")?, false),
+    };
     let (server, key) =
         crate::ha::missed::read_record(rest).ok_or("a hint names a server and a key in base64")?;
-    Ok(Line::Hint(Hint { server, key }))
+    if held && key.is_none() {
+        return Err("a held hint names a key");
+    }
+    Ok(Line::Hint(Hint { server, key, held }))
 }
 
 #[cfg(test)]
@@ -260,20 +277,21 @@ mod tests {
             })
         );
         assert_eq!(
-            parse_hello("memrelay-peer 3 ab cd not-an-address"),
+            parse_hello("memrelay-peer 4 ab cd not-an-address"),
             Err("not a memrelay peer")
         );
-        // The releases before `epoch` lines, and one after.
+        // The releases before `held` lines, and one after.
         for other in [
             "memrelay-peer 1 a b 127.0.0.1:1",
             "memrelay-peer 2 a b 127.0.0.1:1",
-            "memrelay-peer 4 a b",
+            "memrelay-peer 3 a b 127.0.0.1:1",
+            "memrelay-peer 5 a b",
         ] {
             assert_eq!(parse_hello(other), Err("unsupported version"));
         }
         assert_eq!(parse_hello("GET / HTTP/1.1"), Err("not a memrelay peer"));
         assert_eq!(
-            parse_hello("memrelay-peer 3 a b 127.0.0.1:1 more"),
+            parse_hello("memrelay-peer 4 a b 127.0.0.1:1 more"),
             Err("not a memrelay peer")
         );
         assert_eq!(
@@ -294,15 +312,20 @@ mod tests {
     #[test]
     fn a_hint_round_trips_any_key_and_every_key() {
         for key in [Some(&b"user:1"[..]), Some(&[0u8, 255, 32, 10][..]), None] {
-            let line = String::from_utf8(hint("cache-a", key)).unwrap();
-            assert_eq!(
-                parse_line(&line),
-                Ok(Line::Hint(Hint {
-                    server: "cache-a",
-                    key: key.map(<[u8]>::to_vec)
-                }))
-            );
+            for held in [false, true] {
+                let line = String::from_utf8(hint("cache-a", key, held)).unwrap();
+                assert_eq!(
+                    parse_line(&line),
+                    Ok(Line::Hint(Hint {
+                        server: "cache-a",
+                        key: key.map(<[u8]>::to_vec),
+                        // Every key is never held.
+                        held: held && key.is_some(),
+                    }))
+                );
+            }
         }
+        assert!(parse_line("held s *\n").is_err());
         assert_eq!(parse_line("ping\n"), Ok(Line::Ping));
         assert_eq!(parse_line("sync\n"), Ok(Line::Sync));
         assert_eq!(parse_line("routing\n"), Ok(Line::Routing));

@@ -118,9 +118,9 @@ impl<P: Pool> Sink for Mirror<P> {
         };
         let health = self.servers[ctx.server].health();
         match result {
-            Err(_) => {
+            Err(e) => {
                 self.stats.mirror_failures.incr();
-                health.missed.record(&ctx.key);
+                health.missed.record_failed(&ctx.key, e.sent);
             }
             Ok(r) if r.kind == ResponseKind::Error => {
                 // The backup refused: its copy can no longer be trusted.

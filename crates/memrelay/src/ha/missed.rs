@@ -15,6 +15,9 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::settle::{Held, Look};
 
 pub(crate) struct MissedKeys {
     /// What the set is for, in its log lines.
@@ -96,7 +99,9 @@ pub(crate) fn read_record(text: &str) -> Option<(&str, Option<Vec<u8>>)> {
 
 /// Told of every record: the key, or None for every key, its source, and
 /// its generation (0 when it has none: every key, or an overflowed set).
-pub(crate) type RecordHook = Box<dyn Fn(Option<&[u8]>, Source, u64) + Send + Sync>;
+/// And whether the record is of a write given up on after it was written
+/// to the server (`record_failed`): it may still land there.
+pub(crate) type RecordHook = Box<dyn Fn(Option<&[u8]>, Source, u64, bool) + Send + Sync>;
 
 /// Who first knew that the server missed a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +144,10 @@ struct Inner {
     unshared: HashMap<Box<[u8]>, Unshared>,
     /// Entries of `unshared` no peer will take.
     untaken: usize,
+    /// Keys a peer recorded while a write it gave up on may still reach
+    /// the server: not deleted for good before they ripen (see
+    /// `settle::Held`). Never beyond `keys`; empty outside a fleet.
+    held: HashMap<Box<[u8]>, Held>,
     tracks_shares: bool,
     /// Source of generations.
     next_gen: u64,
@@ -218,6 +227,7 @@ impl Inner {
     fn remove(&mut self, key: &[u8]) -> Option<u64> {
         let gen = self.keys.remove(key)?;
         self.relayed.remove(key);
+        self.held.remove(key);
         self.drop_unshared(key);
         self.forget(gen);
         Some(gen)
@@ -227,6 +237,7 @@ impl Inner {
     fn drop_keys(&mut self) {
         self.keys = HashMap::new();
         self.relayed = HashMap::new();
+        self.held = HashMap::new();
         self.unshared = HashMap::new();
         self.untaken = 0;
         self.own = 0;
@@ -275,14 +286,14 @@ impl MissedKeys {
             .push(hook);
     }
 
-    fn recorded_hook(&self, key: Option<&[u8]>, from: Source, gen: u64) {
+    fn recorded_hook(&self, key: Option<&[u8]>, from: Source, gen: u64, given_up: bool) {
         for hook in self
             .on_record
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            hook(key, from, gen);
+            hook(key, from, gen, given_up);
         }
     }
 
@@ -380,8 +391,17 @@ impl MissedKeys {
 
     /// Records that a write for `key` went past this server.
     pub(crate) fn record(&self, key: &[u8]) {
-        let gen = self.note(key, Source::Here);
-        self.recorded_hook(Some(key), Source::Here, gen);
+        self.record_failed(key, false);
+    }
+
+    /// Records that a write for `key` did not take on this server;
+    /// `given_up`: it was written to the server and given up on (it timed
+    /// out, or its connection failed), so the server may still apply it
+    /// later. The peers of a fleet are told so, and wait for the server
+    /// before they delete the key (`settle::Held`).
+    pub(crate) fn record_failed(&self, key: &[u8], given_up: bool) {
+        let gen = self.note(key, Source::Here, None);
+        self.recorded_hook(Some(key), Source::Here, gen, given_up);
     }
 
     /// Records what another memrelay recorded (`None`: every key). The
@@ -389,24 +409,33 @@ impl MissedKeys {
     /// the record's generation (0 for every key, or if overflowed).
     pub(crate) fn learn(&self, key: Option<&[u8]>, from: Source) -> u64 {
         let gen = match key {
-            Some(k) => self.note(k, from),
+            Some(k) => self.note(k, from, None),
             None => {
                 self.note_all(from);
                 0
             }
         };
-        self.recorded_hook(key, from, gen);
+        self.recorded_hook(key, from, gen, false);
         gen
     }
 
+    /// Records what a peer recorded while a write it gave up on may still
+    /// reach the server (`settle::Held`): the key stays listed until it
+    /// ripened, whatever deletes are sent meanwhile.
+    pub(crate) fn learn_held(&self, key: &[u8]) {
+        let gen = self.note(key, Source::Peer, Some(Instant::now()));
+        self.recorded_hook(Some(key), Source::Peer, gen, false);
+    }
+
     /// Returns the record's generation (0 if the set is overflowed).
-    fn note(&self, key: &[u8], from: Source) -> u64 {
+    /// `held`: when a peer's held record was learnt.
+    fn note(&self, key: &[u8], from: Source, held: Option<Instant>) -> u64 {
         self.trace("recorded", key, Some(from));
         self.recorded.fetch_add(1, Ordering::Relaxed);
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.recorded_signal.notify_one();
         let was_empty = self.count.load(Ordering::Acquire) == 0;
-        let (news, gen) = self.insert(key, from);
+        let (news, gen) = self.insert(key, from, held);
         if was_empty || news {
             self.dirtied();
         }
@@ -416,10 +445,15 @@ impl MissedKeys {
     /// Returns whether this made the set hold an own record for the
     /// first time, or one a crash would lose (see `on_dirty`), and the
     /// key's generation now (0 if overflowed).
-    fn insert(&self, key: &[u8], from: Source) -> (bool, u64) {
+    fn insert(&self, key: &[u8], from: Source, held: Option<Instant>) -> (bool, u64) {
         let mut inner = self.lock();
         let (had_own, was_alone) = (inner.has_own(), inner.alone());
         let gen = self.insert_locked(&mut inner, key, from);
+        if let Some(learnt) = held.filter(|_| gen != 0) {
+            // A later held record starts the wait again: it may be of
+            // another write on its way.
+            inner.held.insert(key.into(), Held::new(learnt));
+        }
         let news = is_own(from) && !had_own || inner.alone() && !was_alone;
         (news, gen)
     }
@@ -473,7 +507,7 @@ impl MissedKeys {
     /// flushed before it serves again.
     pub(crate) fn record_all(&self) {
         self.note_all(Source::Here);
-        self.recorded_hook(None, Source::Here, 0);
+        self.recorded_hook(None, Source::Here, 0, false);
     }
 
     fn note_all(&self, from: Source) {
@@ -506,6 +540,17 @@ impl MissedKeys {
     /// for the state file.
     pub(crate) fn snapshot(&self) -> Vec<Box<[u8]>> {
         self.lock().keys.keys().cloned().collect()
+    }
+
+    /// The keys recorded after `mark` (and not cleared since): what a
+    /// peer sent the lists as they stood at `mark` lacks.
+    pub(crate) fn snapshot_since(&self, mark: u64) -> Vec<Box<[u8]>> {
+        self.lock()
+            .keys
+            .iter()
+            .filter(|(_, &gen)| gen >> 1 > mark)
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     /// The keys whose latest record the other process of a hand-off may
@@ -640,11 +685,14 @@ impl MissedKeys {
     }
 
     /// Takes up to `n` keys to invalidate. They stay "missed" (readers keep
-    /// bypassing the server for them) until `confirm` is called.
+    /// bypassing the server for them) until `confirm` is called. Held keys
+    /// that have not ripened are left out (see `ripen`).
     pub(crate) fn peek_batch(&self, n: usize) -> Vec<(Box<[u8]>, u64)> {
-        self.lock()
+        let inner = self.lock();
+        inner
             .keys
             .iter()
+            .filter(|(k, _)| !inner.held.contains_key(*k))
             .take(n)
             .map(|(k, &g)| (k.clone(), g))
             .collect()
@@ -678,6 +726,30 @@ impl MissedKeys {
         self.publish_count(&inner);
     }
 
+    /// Lets held keys that ripened by `now` (`settle::Held`) be deleted,
+    /// given the prober's last look at the server. Returns how long until
+    /// the next one ripens (zero: at the next look), None if none is held.
+    pub(crate) fn ripen(
+        &self,
+        look: Option<Look>,
+        now: Instant,
+        period: Duration,
+    ) -> Option<Duration> {
+        let mut inner = self.lock();
+        if inner.held.is_empty() {
+            return None;
+        }
+        let mut next: Option<Duration> = None;
+        inner.held.retain(|_, h| match h.ripen(look, now, period) {
+            Some(left) => {
+                next = Some(next.map_or(left, |n| n.min(left)));
+                true
+            }
+            None => false,
+        });
+        next
+    }
+
     /// The server was flushed, or restarted empty: nothing on it is stale.
     pub(crate) fn clear(&self) {
         if !self.server.is_empty() {
@@ -692,6 +764,7 @@ impl MissedKeys {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -736,7 +809,7 @@ mod tests {
         let mark = m.mark();
         let gens = std::sync::Arc::new(Mutex::new(Vec::new()));
         let g = gens.clone();
-        m.on_record(Box::new(move |_, _, gen| g.lock().unwrap().push(gen)));
+        m.on_record(Box::new(move |_, _, gen, _| g.lock().unwrap().push(gen)));
         let last = || *gens.lock().unwrap().last().unwrap();
         // After the hand-off: sent to the new process as its 1st record.
         m.record(b"sent");
@@ -802,7 +875,7 @@ mod tests {
         m.confirm(&m.peek_batch(10));
         let gens = std::sync::Arc::new(Mutex::new(Vec::new()));
         let g = gens.clone();
-        m.on_record(Box::new(move |_, _, gen| g.lock().unwrap().push(gen)));
+        m.on_record(Box::new(move |_, _, gen, _| g.lock().unwrap().push(gen)));
         let last = || *gens.lock().unwrap().last().unwrap();
         assert!(!m.alone(), "nothing listed");
         m.learn(Some(b"peer's"), Source::Peer);
@@ -923,5 +996,57 @@ mod tests {
         m.clear();
         m.learn(None, Source::Peer);
         assert!(!m.has_own());
+    }
+
+    #[test]
+    fn a_held_key_is_not_deleted_before_it_ripens() {
+        let m = MissedKeys::new(10);
+        m.learn(Some(b"plain"), Source::Peer);
+        m.learn_held(b"held");
+        let keys = |m: &MissedKeys| -> Vec<Box<[u8]>> {
+            m.peek_batch(10).into_iter().map(|(k, _)| k).collect()
+        };
+        assert_eq!(keys(&m), vec![Box::from(&b"plain"[..])]);
+        let p = Duration::from_millis(50);
+        // No look since it was learnt: at the next one.
+        let now = Instant::now();
+        assert_eq!(m.ripen(None, now, p), Some(Duration::ZERO));
+        let look = Look {
+            asked: now,
+            answered: now,
+        };
+        assert_eq!(m.ripen(Some(look), now, p), Some(p));
+        assert!(m.contains(b"held"), "still listed, so not served");
+        assert_eq!(keys(&m).len(), 1);
+        // A period after the look's answer it may go.
+        assert_eq!(m.ripen(Some(look), now + p, p), None);
+        assert_eq!(keys(&m).len(), 2);
+        // Learnt held again: the wait starts over.
+        m.learn_held(b"held");
+        assert_eq!(m.ripen(Some(look), now + p, p), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn the_hooks_are_told_which_records_are_of_writes_given_up_on() {
+        let m = MissedKeys::new(10);
+        let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        m.on_record(Box::new(move |k, _, _, given_up| {
+            s.lock().unwrap().push((k.map(<[u8]>::to_vec), given_up));
+        }));
+        m.record(b"skipped");
+        m.record_failed(b"timed out", true);
+        m.record_failed(b"refused", false);
+        m.learn_held(b"peer's");
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![
+                (Some(b"skipped".to_vec()), false),
+                (Some(b"timed out".to_vec()), true),
+                (Some(b"refused".to_vec()), false),
+                // What a peer recorded is not told on.
+                (Some(b"peer's".to_vec()), false),
+            ]
+        );
     }
 }

@@ -134,6 +134,13 @@ impl Pool for ServerPool {
     }
 }
 
+/// Whether a request's `result` says it was written to its server and
+/// given up on (it timed out, or its connection failed): the server may
+/// still apply it later (see `MissedKeys::record_failed`).
+pub(crate) fn given_up(result: &Option<crate::backend::BackendResult>) -> bool {
+    matches!(result, Some(Err(e)) if e.sent)
+}
+
 /// The key a request is routed by: the key itself, or for a meta command
 /// with the `b` flag, its base64-decoded bytes (so `mg a2V5 b` and `get key`
 /// reach the same server). Only the `b` case allocates.

@@ -641,7 +641,7 @@ impl Persist {
             // A record of the missed-key list the other process took is
             // noted with its number, for the `clear` lines it sends back.
             let list = std::ptr::eq(set, &health.missed).then(|| Arc::downgrade(health));
-            set.on_record(Box::new(move |key, from, gen| {
+            set.on_record(Box::new(move |key, from, gen, _| {
                 if from == Source::Handoff {
                     return;
                 }
@@ -1198,7 +1198,7 @@ mod tests {
         let gens = Arc::new(Mutex::new(Vec::new()));
         let g = gens.clone();
         a.missed
-            .on_record(Box::new(move |_, _, gen| g.lock().unwrap().push(gen)));
+            .on_record(Box::new(move |_, _, gen, _| g.lock().unwrap().push(gen)));
         // The record's hint is on its way (its write waits for it): a
         // crash now loses no answered write, and the peers are asked.
         a.missed.record(b"k1");

@@ -284,7 +284,10 @@ pub(super) fn settle_ttl_changes(
                 None => continue,
             }
         };
-        w.servers[p.server as usize].health().missed.record(&route);
+        w.servers[p.server as usize]
+            .health()
+            .missed
+            .record_failed(&route, super::given_up(&p.result));
     }
     absent
 }
@@ -686,7 +689,10 @@ fn after_repair(w: &Cluster<impl Pool>, slot: &mut Slot, req: &Request) -> ReadS
             let failed = !matches!(&part.result, Some(Ok(r)) if r.kind != ResponseKind::Error);
             if failed {
                 if let Some(k) = req.keys(&frame).nth(key as usize) {
-                    w.servers[part.server as usize].health().missed.record(k);
+                    w.servers[part.server as usize]
+                        .health()
+                        .missed
+                        .record_failed(k, super::given_up(&part.result));
                 }
             }
             continue;

@@ -18,8 +18,12 @@
 //! is failing anyway), and once it stops, its records are cleared within a
 //! period. Only the server's settling counts, not the records' age: a key
 //! written all the time is recorded again all the time, and would never
-//! be old enough. While nothing is recorded none of this runs. Pure: the
-//! caller passes the instants and does the waiting.
+//! be old enough. While nothing is recorded none of this runs.
+//!
+//! A peer of the fleet that gave up on a write tells the others so
+//! (`Held`): they saw no failure, and wait for the server on their own
+//! looks before they delete that key for good. Pure: the caller passes the
+//! instants and does the waiting.
 
 use std::time::{Duration, Instant};
 
@@ -92,6 +96,72 @@ impl Settle {
     }
 }
 
+/// The shortest wait of a held record (`Held`), whatever `--timeout`
+/// says. A write the peer gave up on and reset is gone from the peer's
+/// kernel, but a box on its way (a forwarder, a sidecar, a NAT that
+/// queues) may still hold it, and deliver it later than a settle period
+/// after this process saw the server answer.
+const HELD_AT_LEAST: Duration = Duration::from_secs(1);
+
+/// How long a held record waits once the server answered a look asked
+/// after it was learnt: a settle period (`period`), at least
+/// `HELD_AT_LEAST`.
+pub(crate) fn held_period(timeout: Duration) -> Duration {
+    period(timeout).max(HELD_AT_LEAST)
+}
+
+/// One look at the server by its prober: when it was asked, and when the
+/// answer came.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Look {
+    pub asked: Instant,
+    pub answered: Instant,
+}
+
+/// A key a peer recorded while a write it gave up on may still be on its
+/// way to the server (its hint said `held`, see `fleet`). This process may
+/// have seen no failure of the server at all (the peer's link was the
+/// slow one, or the server stopped between this process's looks), so its
+/// own settling says nothing of the peer's write. The key is deleted for
+/// good only once the server has answered a look asked after the record
+/// was learnt, and a held period (`held_period`) has passed since that
+/// answer: the allowance a server gets after a failure this process saw,
+/// and more for a box on the peer's way to the server.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Held {
+    learnt: Instant,
+    answered: Option<Instant>,
+}
+
+impl Held {
+    pub(crate) fn new(learnt: Instant) -> Held {
+        Held {
+            learnt,
+            answered: None,
+        }
+    }
+
+    /// How long before the key may be deleted for good (None: now),
+    /// given the prober's last look.
+    pub(crate) fn ripen(
+        &mut self,
+        look: Option<Look>,
+        now: Instant,
+        period: Duration,
+    ) -> Option<Duration> {
+        if self.answered.is_none() {
+            self.answered = look.filter(|l| l.asked >= self.learnt).map(|l| l.answered);
+        }
+        match self.answered {
+            // At the next look.
+            None => Some(Duration::ZERO),
+            Some(a) => (a + period)
+                .checked_duration_since(now)
+                .filter(|left| !left.is_zero()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +211,32 @@ mod tests {
         s.answered(t0 + ms(900), failed);
         assert_eq!(s.verdict(t0 + ms(1000), failed, P), Verdict::Wait(ms(400)));
         assert_eq!(s.verdict(t0 + ms(1400), failed, P), Verdict::Clear);
+    }
+
+    #[test]
+    fn a_held_record_ripens_a_period_after_a_look_asked_once_it_was_learnt() {
+        let t0 = Instant::now();
+        let at = |n: u64| t0 + ms(n);
+        let mut h = Held::new(at(100));
+        // A look asked before the record was learnt proves nothing: its
+        // answer may have overtaken the peer's write.
+        let early = Look {
+            asked: at(90),
+            answered: at(110),
+        };
+        assert_eq!(h.ripen(Some(early), at(110), P), Some(Duration::ZERO));
+        assert_eq!(h.ripen(None, at(120), P), Some(Duration::ZERO));
+        let look = Look {
+            asked: at(130),
+            answered: at(140),
+        };
+        assert_eq!(h.ripen(Some(look), at(140), P), Some(P));
+        // Later looks do not restart the count.
+        let later = Look {
+            asked: at(400),
+            answered: at(410),
+        };
+        assert_eq!(h.ripen(Some(later), at(440), P), Some(ms(200)));
+        assert_eq!(h.ripen(Some(later), at(640), P), None);
     }
 }

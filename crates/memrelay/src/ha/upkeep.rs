@@ -12,6 +12,10 @@
 //!   on is applied first, and cannot land over a newer value after the
 //!   record is gone. Until then the prober waits, at most a settle period
 //!   at a time, and the keys stay listed.
+//! - A key a peer recorded as held (a write it gave up on may still be
+//!   on its way: `settle::Held`) is left out of the deletes until it
+//!   ripens; meanwhile the prober waits for the first to ripen or for a
+//!   new record, not looking at the server again and again.
 //! - Once this process handed off to a new one, it deletes and flushes
 //!   nothing: the new process does, and knows what a delete from here
 //!   could erase.
@@ -28,7 +32,7 @@ use std::time::Duration;
 
 use super::replica::Replica;
 use super::resync::{Request, Requests};
-use super::settle::{self, Settle, Verdict};
+use super::settle::{self, Look, Settle, Verdict};
 use crate::backend::probe::{Identity, ProbeConn, Watcher};
 
 /// Least time between two flushes of one server after its missed-key list
@@ -54,6 +58,9 @@ pub(crate) struct Upkeep {
     /// Whether the server settled after its last failure, and which
     /// records have aged.
     settle: Settle,
+    /// The last look at the server that it answered, for held records
+    /// (`settle::Held`).
+    look: Option<Look>,
 }
 
 impl Upkeep {
@@ -63,6 +70,7 @@ impl Upkeep {
             resyncs,
             last_flush: None,
             settle: Settle::default(),
+            look: None,
         }
     }
 
@@ -146,7 +154,7 @@ impl Watcher for Upkeep {
         self.replica.missed.recorded_signal.notified()
     }
 
-    fn seen(&mut self, who: Identity, restarted: bool) {
+    fn seen(&mut self, who: Identity, restarted: bool, asked: std::time::Instant) {
         if restarted {
             // Its missed keys are kept: this may be seen seconds after the
             // restart, and writes it missed since then (or took, and missed
@@ -160,6 +168,10 @@ impl Watcher for Upkeep {
         self.replica.set_identity(who.pid, who.boot);
         let now = std::time::Instant::now();
         self.settle.answered(now, self.replica.last_failure());
+        self.look = Some(Look {
+            asked,
+            answered: now,
+        });
     }
 
     async fn tend(&mut self, c: &mut ProbeConn) -> bool {
@@ -188,6 +200,36 @@ impl Watcher for Upkeep {
                 Flush::Failed => return false,
             }
         }
+        let held = self.replica.missed.ripen(
+            self.look,
+            std::time::Instant::now(),
+            settle::held_period(c.timeout()),
+        );
+        if !self.delete_listed(c).await {
+            return false;
+        }
+        // A server marked down is marked up first (its prober's next look
+        // comes after its backoff).
+        let up = !self.replica.is_down();
+        if let Some(left) = held.filter(|l| up && !l.is_zero()) {
+            // Held keys ripen later: wait for the first (a new record
+            // cuts it short), rather than look at the server again and
+            // again meanwhile. Zero: the next look, asked now, ripens it.
+            tracing::debug!(server = %self.replica.name, ?left, "held keys wait to ripen");
+            tokio::select! {
+                _ = tokio::time::sleep(left) => {}
+                _ = self.replica.missed.recorded_signal.notified() => {}
+            }
+        }
+        true
+    }
+}
+
+impl Upkeep {
+    /// Deletes the listed keys on the server (all but held ones that have
+    /// not ripened), in batches, and forgets those not recorded again
+    /// meanwhile. False when the server did not answer properly.
+    async fn delete_listed(&mut self, c: &mut ProbeConn) -> bool {
         let missed = &self.replica.missed;
         loop {
             if self.handed_off() {

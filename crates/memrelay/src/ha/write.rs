@@ -435,9 +435,12 @@ fn after_answer(
                 },
             )
         }
-        Some(Err(_)) => {
+        Some(Err(e)) => {
             let server = slot.parts[main].server as usize;
-            w.servers[server].health().missed.record(&route);
+            w.servers[server]
+                .health()
+                .missed
+                .record_failed(&route, e.sent);
             if tier == 0 && created_ahead(slot).is_some() {
                 // The backup stored it already (exactly once): its answer
                 // is the client's (see `answer`).
@@ -717,7 +720,10 @@ fn after_ttl_copies(f: &Flow<'_, impl Inbox, impl Pool>, slot: &mut Slot) -> Wri
         let applied = matches!(&p.result, Some(Ok(r)) if r.kind != ResponseKind::Error);
         if !applied {
             w.stats.mirror_failures.incr();
-            w.servers[p.server as usize].health().missed.record(&route);
+            w.servers[p.server as usize]
+                .health()
+                .missed
+                .record_failed(&route, super::given_up(&p.result));
         }
     }
     WriteStage::Done
@@ -767,13 +773,19 @@ fn settle_mirrors(
                         }
                         compensate.push(p.server as usize)
                     }
-                    _ => w.servers[p.server as usize].health().missed.record(&route),
+                    _ => w.servers[p.server as usize]
+                        .health()
+                        .missed
+                        .record_failed(&route, super::given_up(&p.result)),
                 }
             }
             Role::Compensate => {
                 p.settled = true;
                 if !matches!(&p.result, Some(Ok(r)) if r.kind != ResponseKind::Error) {
-                    w.servers[p.server as usize].health().missed.record(&route);
+                    w.servers[p.server as usize]
+                        .health()
+                        .missed
+                        .record_failed(&route, super::given_up(&p.result));
                 }
             }
             _ => {}

@@ -17,6 +17,11 @@ pub(crate) struct FleetFigures {
     pub hints_sent: AtomicU64,
     /// Hints taken from peers.
     pub hints_received: AtomicU64,
+    /// Of those sent and taken, hints marked held: the record of a write
+    /// given up on after it was sent, which may still land
+    /// (`settle::Held`).
+    pub hints_held_sent: AtomicU64,
+    pub hints_held_received: AtomicU64,
     /// Hints that no peer took before the write they were for was
     /// answered: the knowledge lived in this process only.
     pub hints_unacked: AtomicU64,
@@ -59,6 +64,8 @@ impl FleetFigures {
         FleetFigures {
             hints_sent: AtomicU64::new(0),
             hints_received: AtomicU64::new(0),
+            hints_held_sent: AtomicU64::new(0),
+            hints_held_received: AtomicU64::new(0),
             hints_unacked: AtomicU64::new(0),
             hints_unconfirmed: AtomicU64::new(0),
             writes_refused: AtomicU64::new(0),
@@ -90,27 +97,18 @@ impl FleetFigures {
     pub(crate) fn stats(&self, stat: &mut dyn FnMut(&str, &dyn std::fmt::Display)) {
         stat("peers", &self.peers.len());
         stat("peers_up", &self.peers_up());
-        stat("peer_hints_sent", &self.hints_sent.load(Ordering::Relaxed));
-        stat(
-            "peer_hints_received",
-            &self.hints_received.load(Ordering::Relaxed),
-        );
-        stat(
-            "peer_hints_unacked",
-            &self.hints_unacked.load(Ordering::Relaxed),
-        );
-        stat(
-            "peer_hints_unconfirmed",
-            &self.hints_unconfirmed.load(Ordering::Relaxed),
-        );
-        stat(
-            "peer_writes_refused",
-            &self.writes_refused.load(Ordering::Relaxed),
-        );
-        stat(
-            "peer_hints_unknown",
-            &self.hints_unknown.load(Ordering::Relaxed),
-        );
+        for (name, v) in [
+            ("peer_hints_sent", &self.hints_sent),
+            ("peer_hints_received", &self.hints_received),
+            ("peer_hints_held_sent", &self.hints_held_sent),
+            ("peer_hints_held_received", &self.hints_held_received),
+            ("peer_hints_unacked", &self.hints_unacked),
+            ("peer_hints_unconfirmed", &self.hints_unconfirmed),
+            ("peer_writes_refused", &self.writes_refused),
+            ("peer_hints_unknown", &self.hints_unknown),
+        ] {
+            stat(name, &v.load(Ordering::Relaxed));
+        }
         stat("fleet_reload_stage", &self.stage.load(Ordering::Relaxed));
         stat(
             "fleet_reloads_done",
@@ -171,6 +169,16 @@ impl FleetFigures {
             "Hints taken from peers.",
         );
         metric(
+            "peer_hints_held_sent_total",
+            "counter",
+            "Hints sent marked held: a write given up on after it was sent may still land.",
+        );
+        metric(
+            "peer_hints_held_received_total",
+            "counter",
+            "Hints taken from peers marked held (kept until the server settles for this memrelay).",
+        );
+        metric(
             "peer_hints_unacked_total",
             "counter",
             "Hints no peer took before their write was answered.",
@@ -206,6 +214,8 @@ impl FleetFigures {
         for (name, v) in [
             ("sent", &self.hints_sent),
             ("received", &self.hints_received),
+            ("held_sent", &self.hints_held_sent),
+            ("held_received", &self.hints_held_received),
             ("unacked", &self.hints_unacked),
             ("unconfirmed", &self.hints_unconfirmed),
         ] {
