@@ -413,12 +413,15 @@ pub struct RunOutput {
     pub status: Option<ExitStatus>,
     pub stdout: String,
     pub stderr: String,
-    /// Did anything accept a connection on `watch_port` while it ran?
+    /// Did this memrelay itself listen on `watch_port` while it ran? (Not
+    /// whether the port accepted a connection: another test's process may
+    /// own a port the kit picked.)
     pub port_was_bound: bool,
 }
 
 /// Runs memrelay with exactly `args`, waiting at most `deadline` for it to
-/// exit. While it runs, keeps trying to connect to `watch_port` (if any).
+/// exit. While it runs, keeps checking whether it listens on `watch_port`
+/// (if any).
 pub fn run_memrelay<S: AsRef<str>>(
     args: &[S],
     deadline: Duration,
@@ -442,9 +445,8 @@ pub fn run_memrelay<S: AsRef<str>>(
     }
     let mut status = None;
     let mut bound = false;
-    let watch = watch_port.map(|p| join_host_port("127.0.0.1", p));
     wait_until(deadline, || {
-        if watch.as_deref().is_some_and(can_connect) {
+        if watch_port.is_some_and(|p| listens_on(child.id(), p)) {
             bound = true;
         }
         if let Ok(Some(st)) = child.try_wait() {
