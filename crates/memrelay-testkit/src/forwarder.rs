@@ -72,6 +72,8 @@ struct Link {
     /// Bytes read from senders while the link was silent, not passed on
     /// or discarded yet.
     held_bytes: AtomicUsize,
+    /// Connections reset as they came, while the fault was `Reset`.
+    resets: AtomicUsize,
 }
 
 impl Link {
@@ -120,6 +122,12 @@ impl Forwarder {
     pub fn held_bytes(&self) -> usize {
         self.link.held_bytes.load(Ordering::SeqCst)
     }
+
+    /// Connections reset as they came (under `Reset`): what a test waits
+    /// for to know that a dial through the link was tried and failed.
+    pub fn resets(&self) -> usize {
+        self.link.resets.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Forwarder {
@@ -145,6 +153,7 @@ fn accept(listener: TcpListener, target: &str, link: &Arc<Link>) {
         let _ = client.set_nodelay(true);
         if link.fault() == Fault::Reset {
             reset(&client);
+            link.resets.fetch_add(1, Ordering::SeqCst);
             continue;
         }
         // Blackholed: the connection is taken and nothing reaches the

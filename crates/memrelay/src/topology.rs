@@ -319,10 +319,10 @@ impl Control {
             p.start(&health, took_over);
             p
         });
-        let fleet = cfg
-            .fleet
-            .as_ref()
-            .map(|f| join_fleet(f, &cfg, &health, &registry));
+        let fleet = cfg.fleet.as_ref().map(|f| {
+            let vouching = persist.as_ref().is_some_and(|p| p.awaits_vouching());
+            join_fleet(f, &cfg, &health, &registry, vouching)
+        });
         if let Some(p) = &persist {
             settle_with_fleet(p, fleet.as_ref(), &cfg, &health);
         }
@@ -1224,18 +1224,20 @@ fn settle_with_fleet(
 }
 
 /// Starts this member's part in the fleet: its servers' lists watched, its
-/// stage shown, the peers' lists learnt (`Fleet::join`).
+/// stage shown, the peers' lists learnt (`Fleet::join`; `vouching`: the
+/// state file left servers only the whole fleet can vouch for).
 fn join_fleet(
     f: &crate::config::fleet::Fleet,
     cfg: &Config,
     health: &[Arc<Replica>],
     registry: &StatsRegistry,
+    vouching: bool,
 ) -> Arc<crate::fleet::Fleet> {
     let fleet = crate::fleet::Fleet::start(f, &registry.fleet);
     for (s, h) in cfg.servers().zip(health) {
         fleet.watch(fleet_name(s), h);
     }
-    fleet.join();
+    fleet.join(vouching);
     fleet
 }
 

@@ -556,6 +556,41 @@ fn a_member_whose_hints_its_peers_took_learns_them_again_after_a_crash_instead_o
     assert_eq!(get(&f.primary.addr(), "other"), value("other", "kept"));
 }
 
+#[test]
+fn a_member_restarted_after_a_crash_dials_a_peer_again_instead_of_flushing() {
+    let mut f = start_with("fleet-crash-late-peer", true, &STATE_FILES);
+    assert_eq!(set(&f.b.addr(), "k", "old"), "STORED\r\n");
+    assert_eq!(set(&f.b.addr(), "other", "kept"), "STORED\r\n");
+    f.links[0].set(Fault::Reset);
+    assert_eq!(set(&f.a.addr(), "k", "new"), "STORED\r\n");
+    let mut args = f.a.args().to_vec();
+    f.a.kill();
+    f.links[0].set(Fault::Pass);
+    // A comes back reaching C through a link that resets its first try.
+    // Only the whole fleet can say again what A knew.
+    let to_c = Forwarder::start(&format!("127.0.0.1:{}", f.peer_ports[2]));
+    to_c.set(Fault::Reset);
+    for a in args.iter_mut() {
+        if *a == format!("127.0.0.1:{}", f.peer_ports[2]) {
+            *a = to_c.addr();
+        }
+    }
+    let starting = std::thread::spawn(move || restart_on_a_new_port(args));
+    let tried = wait_until(CONVERGE, || to_c.resets() >= 1);
+    assert!(tried, "A never dialled C");
+    to_c.set(Fault::Pass);
+    f.a = starting.join().unwrap();
+    // A dialled C again rather than flush the primary.
+    assert!(
+        f.a.output().contains("learnt again from the fleet"),
+        "{}",
+        f.a.output_tail(20)
+    );
+    assert_eq!(get(&f.a.addr(), "k"), value("k", "new"));
+    assert_eq!(stat_u64(&f.a.addr(), "server:0:flushed"), 0);
+    assert_eq!(get(&f.primary.addr(), "other"), value("other", "kept"));
+}
+
 /// The state file a member was started with.
 fn state_file(args: &[String]) -> String {
     args[args.iter().position(|a| a == "--state-file").unwrap() + 1].clone()

@@ -229,6 +229,16 @@ impl Persist {
         stale
     }
 
+    /// Whether the file left servers marked `learnt` after a crash, which
+    /// `settle` keeps only if the whole fleet vouches for them.
+    pub(crate) fn awaits_vouching(&self) -> bool {
+        !self
+            .learnt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
     /// After a crash, each server whose list held only keys peers of the
     /// fleet recorded (`learnt`): if `vouched` says the peers' lists, as
     /// learnt while joining, stand for it, nothing more is done (what the
