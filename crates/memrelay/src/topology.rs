@@ -1151,7 +1151,8 @@ const FLUSH_RETURNING: &str =
     "keys that an earlier reload moved away from it come back: its copies may be stale";
 
 /// A server whose missed-key list overflowed is flushed only while every
-/// server of the other tiers is up: it may hold the only live copy of keys
+/// server of the other tiers is up (and not held for the fleet's word
+/// after a crash, `MissedKeys::hold_unvouched`): it may hold the only live copy of keys
 /// it is not stale for, whose other copies are there (a server of its own
 /// tier holds other keys). A server of another tier that waits for its
 /// own flush does not hold it back if its name sorts after this one's:
@@ -1174,7 +1175,9 @@ fn gate_flushes(health: &Arc<Replica>, all: &Arc<std::sync::RwLock<Vec<(Tier, Ar
                 if h.missed.is_overflowed() {
                     h.name > name
                 } else {
-                    !h.is_down()
+                    // A server held for the fleet's word after a crash
+                    // may miss keys only this one holds now.
+                    !h.is_down() && !h.missed.is_unvouched()
                 }
             })
     })));
@@ -1216,11 +1219,64 @@ fn settle_with_fleet(
         .zip(health)
         .map(|(s, h)| (h.name.as_str(), fleet_name(s)))
         .collect();
-    p.settle(health, |h| {
-        fleet
-            .zip(names.get(h.name.as_str()))
-            .is_some_and(|(f, name)| f.vouches(name))
+    let held = p.settle(health, |h| {
+        use crate::ha::persist::Vouch;
+        match fleet.zip(names.get(h.name.as_str())) {
+            Some((f, name)) if f.vouches(name) => Vouch::Yes,
+            Some((f, name)) if !f.peer_forgot_list(name) => Vouch::NotYet,
+            _ => Vouch::Never,
+        }
     });
+    let held: Vec<(Arc<Replica>, String)> = held
+        .into_iter()
+        .map(|h| {
+            let name = names.get(h.name.as_str()).map_or("", |n| n).to_string();
+            (h, name)
+        })
+        .collect();
+    if let Some(f) = fleet.filter(|_| !held.is_empty()) {
+        vouch_later(Arc::downgrade(f), held);
+    } else {
+        for (h, _) in held {
+            crate::ha::persist::Persist::end_hold(&h, false);
+        }
+    }
+}
+
+/// Ends each hold `Persist::settle` put on a server once the fleet vouches
+/// for it (every peer reached since this process started), or after
+/// `VOUCH_WAIT` without that (then the server is flushed before it serves).
+/// Polled: this runs only after a crash, while a peer is out.
+fn vouch_later(fleet: std::sync::Weak<crate::fleet::Fleet>, held: Vec<(Arc<Replica>, String)>) {
+    let servers: Vec<Arc<Replica>> = held.iter().map(|(h, _)| h.clone()).collect();
+    let mut held = held;
+    let spawned = std::thread::Builder::new()
+        .name("memrelay-vouch".into())
+        .spawn(move || {
+            let deadline = std::time::Instant::now() + crate::fleet::VOUCH_WAIT;
+            while !held.is_empty() {
+                // A fleet gone (the process exits) vouches for nothing.
+                let fleet = fleet.upgrade();
+                let late = fleet.is_none() || std::time::Instant::now() >= deadline;
+                held.retain(|(h, name)| {
+                    let vouched = fleet.as_ref().is_some_and(|f| f.vouches(name));
+                    let never = fleet.as_ref().is_some_and(|f| f.peer_forgot_list(name));
+                    let ends = vouched || never || late;
+                    if ends {
+                        crate::ha::persist::Persist::end_hold(h, vouched);
+                    }
+                    !ends
+                });
+                drop(fleet);
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the thread that waits for the fleet to vouch: the held servers are flushed instead");
+        for h in servers {
+            crate::ha::persist::Persist::end_hold(&h, false);
+        }
+    }
 }
 
 /// Starts this member's part in the fleet: its servers' lists watched, its

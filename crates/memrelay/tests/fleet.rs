@@ -591,6 +591,42 @@ fn a_member_restarted_after_a_crash_dials_a_peer_again_instead_of_flushing() {
     assert_eq!(get(&f.primary.addr(), "other"), value("other", "kept"));
 }
 
+#[test]
+fn a_member_restarted_after_a_crash_holds_what_the_fleet_cannot_vouch_for_yet_instead_of_flushing()
+{
+    let mut f = start_with("fleet-crash-held", true, &STATE_FILES);
+    assert_eq!(set(&f.b.addr(), "k", "old"), "STORED\r\n");
+    assert_eq!(set(&f.b.addr(), "other", "kept"), "STORED\r\n");
+    f.links[0].set(Fault::Reset);
+    assert_eq!(set(&f.a.addr(), "k", "new"), "STORED\r\n");
+    let mut args = f.a.args().to_vec();
+    f.a.kill();
+    f.links[0].set(Fault::Pass);
+    // A comes back while its link to C resets every try, past its start.
+    let to_c = Forwarder::start(&format!("127.0.0.1:{}", f.peer_ports[2]));
+    to_c.set(Fault::Reset);
+    for a in args.iter_mut() {
+        if *a == format!("127.0.0.1:{}", f.peer_ports[2]) {
+            *a = to_c.addr();
+        }
+    }
+    f.a = restart_on_a_new_port(args);
+    f.a.wait_for_output("could not say again yet", 1, CONVERGE);
+    // Meanwhile A serves nothing from the primary: the backup answers.
+    assert_eq!(get(&f.a.addr(), "k"), value("k", "new"));
+    // C is reached: the fleet vouches, and the primary was not flushed.
+    to_c.set(Fault::Pass);
+    f.a.wait_for_output(
+        "what this server missed was learnt again from the fleet",
+        1,
+        CONVERGE,
+    );
+    assert_eq!(get(&f.a.addr(), "k"), value("k", "new"));
+    assert_eq!(get(&f.a.addr(), "other"), value("other", "kept"));
+    assert_eq!(stat_u64(&f.a.addr(), "server:0:flushed"), 0);
+    assert_eq!(get(&f.primary.addr(), "other"), value("other", "kept"));
+}
+
 /// The state file a member was started with.
 fn state_file(args: &[String]) -> String {
     args[args.iter().position(|a| a == "--state-file").unwrap() + 1].clone()
@@ -660,13 +696,22 @@ fn a_member_restarted_after_a_crash_asks_its_peers_again_instead_of_flushing() {
         f.b.output_tail(20)
     );
     // Once no peer can say it again (both are gone), the same restart
-    // flushes the primary before B serves from it.
+    // serves nothing from the primary while it waits for them (10 s),
+    // then flushes it before B serves from it.
     f.a.kill();
     f.c.kill();
     f.b.kill();
     f.b = restart_on_a_new_port(args);
-    let flushed = wait_until(CONVERGE, || stat_u64(&f.b.addr(), "server:0:flushed") >= 1);
+    assert_eq!(get(&f.b.addr(), "k"), value("k", "new"));
+    let wait = std::time::Duration::from_secs(10) + CONVERGE;
+    let flushed = wait_until(wait, || stat_u64(&f.b.addr(), "server:0:flushed") >= 1);
     assert!(flushed, "{}", f.b.output_tail(20));
+    assert!(
+        f.b.output()
+            .contains("could not say again what this server missed"),
+        "{}",
+        f.b.output_tail(20)
+    );
     assert_eq!(get(&f.b.addr(), "k"), value("k", "new"));
 }
 

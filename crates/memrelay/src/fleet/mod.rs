@@ -188,6 +188,11 @@ const MAX_LEARNT_ROUTINGS: usize = 8;
 /// serves (a peer that does not answer costs this once).
 const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// After a crash, how long a server the fleet could not vouch for while
+/// this memrelay joined serves nothing, waiting for every peer to be
+/// reached, before it is flushed instead (`ha::persist::Persist::settle`).
+pub(crate) const VOUCH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Fleet {
     /// Starts listening for the peers and dialling them.
     pub(crate) fn start(
@@ -465,18 +470,29 @@ impl Fleet {
 
     /// The servers whose lists this process does not have (overflowed
     /// from its state file after a crash, or from its hand-off partner:
-    /// flushed before it serves them, and not shared, see `known`), for a
+    /// flushed before it serves them, and not shared, see `known`; or
+    /// held after a crash until the fleet vouches for them), for a
     /// peer that starts after a crash of its own and must not take this
     /// process's silence about them for "nothing missed" (`vouches`).
     fn forgotten(&self) -> Vec<String> {
         self.servers_map()
             .iter()
             .filter(|(_, r)| {
-                r.upgrade()
-                    .is_some_and(|r| r.missed.overflowed_by() == Some(Source::Handoff))
+                r.upgrade().is_some_and(|r| {
+                    r.missed.overflowed_by() == Some(Source::Handoff) || r.missed.is_unvouched()
+                })
             })
             .map(|(name, _)| name.clone())
             .collect()
+    }
+
+    /// Whether a peer said it lost its own list for `server` in a crash
+    /// (then the fleet can never vouch for it: `vouches`).
+    pub(crate) fn peer_forgot_list(&self, server: &str) -> bool {
+        self.forgot_by_peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(server)
     }
 
     fn peer_forgot(&self, server: &str) {
@@ -499,12 +515,7 @@ impl Fleet {
             .iter()
             .zip(&self.links)
             .all(|(j, l)| j.reached || l.myself.load(Ordering::Relaxed));
-        all_reached
-            && !self
-                .forgot_by_peers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(server)
+        all_reached && !self.peer_forgot_list(server)
     }
 
     /// Tells the peers this member's stage now (their keepers send it at

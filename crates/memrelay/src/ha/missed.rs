@@ -63,6 +63,10 @@ pub(crate) struct MissedKeys {
     /// Records learnt from the other process of a hand-off over its
     /// record socket, in the order it sent them (see `forget_if_covered`).
     streamed: AtomicU64,
+    /// Every key counts as missed, while the records keep being kept one
+    /// by one: after a crash, until the fleet says again what this
+    /// process knew of the server (`hold_unvouched`).
+    unvouched: std::sync::atomic::AtomicBool,
 }
 
 /// See `MissedKeys::on_clear`: the keys, and `streamed_count` when
@@ -275,6 +279,7 @@ impl MissedKeys {
             on_record: std::sync::RwLock::new(Vec::new()),
             on_clear: std::sync::RwLock::new(Vec::new()),
             streamed: AtomicU64::new(0),
+            unvouched: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -362,10 +367,32 @@ impl MissedKeys {
     #[inline]
     pub(crate) fn contains(&self, key: &[u8]) -> bool {
         if self.count.load(Ordering::Acquire) == 0 {
-            return false;
+            return self.is_unvouched();
         }
         let inner = self.lock();
-        inner.overflowed || inner.keys.contains_key(key)
+        inner.overflowed || self.is_unvouched() || inner.keys.contains_key(key)
+    }
+
+    /// After a crash, while the fleet has not yet said again what this
+    /// process knew of the server (`ha::persist`, `learnt`): every key
+    /// counts as missed, so the server serves none, and what is recorded
+    /// meanwhile (the peers' lists as they are reached, new records) is
+    /// kept key by key, as usual. Then `vouched` lets the server serve by
+    /// its list; or, if the fleet never vouches, the caller overflows the
+    /// list (a flush) before it calls `vouched`.
+    pub(crate) fn hold_unvouched(&self) {
+        self.unvouched.store(true, Ordering::SeqCst);
+    }
+
+    /// Ends `hold_unvouched`.
+    pub(crate) fn vouched(&self) {
+        self.unvouched.store(false, Ordering::SeqCst);
+        // The prober may wait on it for an up server's next round.
+        self.recorded_signal.notify_one();
+    }
+
+    pub(crate) fn is_unvouched(&self) -> bool {
+        self.unvouched.load(Ordering::Acquire)
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -996,6 +1023,20 @@ mod tests {
         m.clear();
         m.learn(None, Source::Peer);
         assert!(!m.has_own());
+    }
+
+    #[test]
+    fn a_list_held_for_the_fleet_s_word_serves_nothing_and_keeps_its_records() {
+        let m = MissedKeys::of_server("s", 8);
+        m.hold_unvouched();
+        assert!(m.contains(b"any"), "held: every key counts as missed");
+        assert!(m.is_empty() && !m.is_overflowed());
+        m.learn(Some(b"listed"), Source::Peer);
+        assert!(m.contains(b"other"));
+        m.vouched();
+        assert!(m.contains(b"listed"), "kept one by one while held");
+        assert!(!m.contains(b"other"));
+        assert_eq!(m.len(), 1);
     }
 
     #[test]

@@ -164,6 +164,19 @@ pub(crate) struct Loaded {
     pub learnt: Vec<String>,
 }
 
+/// Whether the fleet's lists can stand for what a process that crashed
+/// knew of a server (`Persist::settle`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Vouch {
+    /// Every peer was reached and gave its lists.
+    Yes,
+    /// A peer is not reached yet.
+    NotYet,
+    /// A peer lost its own list for the server in a crash of its own: no
+    /// one can say again what this process knew.
+    Never,
+}
+
 impl Persist {
     pub(crate) fn new(path: PathBuf) -> Arc<Persist> {
         Arc::new(Persist {
@@ -242,26 +255,59 @@ impl Persist {
     /// After a crash, each server whose list held only keys peers of the
     /// fleet recorded (`learnt`): if `vouched` says the peers' lists, as
     /// learnt while joining, stand for it, nothing more is done (what the
-    /// peers recorded, they still list, or deleted on the server);
-    /// otherwise it is treated as a `dirty` one (flushed before it
-    /// serves).
-    pub(crate) fn settle(&self, health: &[Arc<Health>], vouched: impl Fn(&Health) -> bool) {
+    /// peers recorded, they still list, or deleted on the server).
+    /// Otherwise it serves nothing for now (`MissedKeys::hold_unvouched`)
+    /// and is returned: the caller ends each hold with `end_hold` once
+    /// the fleet vouches for it, or gives up on that (then it is flushed
+    /// before it serves, like a `dirty` one). A flush here would erase
+    /// what only that server holds now: writes the peers sent past its
+    /// other replica, which may be marked down here but not there.
+    pub(crate) fn settle(
+        &self,
+        health: &[Arc<Health>],
+        vouched: impl Fn(&Health) -> Vouch,
+    ) -> Vec<Arc<Health>> {
         let learnt = std::mem::take(&mut *self.learnt.lock().unwrap_or_else(|p| p.into_inner()));
-        let (mut kept, mut flushed) = (Vec::new(), Vec::new());
+        let (mut kept, mut held, mut flushed) = (Vec::new(), Vec::new(), Vec::new());
         for h in health.iter().filter(|h| learnt.contains(&h.name)) {
-            if vouched(h) {
-                kept.push(h.name.clone());
-            } else {
-                h.missed.learn(None, Source::Handoff);
-                flushed.push(h.name.clone());
+            match vouched(h) {
+                Vouch::Yes => kept.push(h.name.clone()),
+                Vouch::NotYet => {
+                    h.missed.hold_unvouched();
+                    // A crash meanwhile must find it `learnt` again.
+                    self.mark(&h.name, Mark::Learnt);
+                    held.push(h.clone());
+                }
+                Vouch::Never => {
+                    h.missed.learn(None, Source::Handoff);
+                    flushed.push(h.name.clone());
+                }
             }
         }
         if !kept.is_empty() {
             tracing::info!(servers = %kept.join(","), "after a crash: what these servers missed was learnt again from the fleet");
         }
         if !flushed.is_empty() {
-            tracing::warn!(servers = %flushed.join(","), "after a crash: the fleet could not say again what these servers missed: each is flushed before it serves");
+            tracing::warn!(servers = %flushed.join(","), "after a crash: the fleet could not say again what these servers missed (a peer lost its own list): each is flushed before it serves");
         }
+        if !held.is_empty() {
+            let names: Vec<&str> = held.iter().map(|h| h.name.as_str()).collect();
+            tracing::warn!(servers = %names.join(","), "after a crash: the fleet could not say again yet what these servers missed: each serves nothing until every peer is reached");
+        }
+        held
+    }
+
+    /// Ends the hold `settle` put on `h`: it serves by its list if the
+    /// fleet `vouched` for it meanwhile, else it is flushed before it
+    /// serves.
+    pub(crate) fn end_hold(h: &Health, vouched: bool) {
+        if vouched {
+            tracing::info!(server = %h.name, "after a crash: what this server missed was learnt again from the fleet");
+        } else {
+            h.missed.learn(None, Source::Handoff);
+            tracing::warn!(server = %h.name, "after a crash: the fleet could not say again what this server missed: it is flushed before it serves");
+        }
+        h.missed.vouched();
     }
 
     /// The process owns the file from now on.
@@ -794,7 +840,9 @@ impl Persist {
             Status::Clean | Status::Running => None,
         };
         for (i, h) in health.iter().enumerate() {
-            let overflowed = h.missed.is_overflowed() || h.copying.is_overflowed();
+            // A list held for the fleet's word is not whole (`settle`).
+            let overflowed =
+                h.missed.is_overflowed() || h.copying.is_overflowed() || h.missed.is_unvouched();
             let word = if overflowed { "overflowed" } else { "clean" };
             out.push_str(&format!("server {} {word}\n", h.name));
             if overflowed {
@@ -1018,7 +1066,7 @@ fn mark_of(h: &Health, in_fleet: bool) -> Mark {
         Mark::Overflowed
     } else if own && !shared || !h.copying.is_empty() {
         Mark::Dirty
-    } else if !h.missed.is_empty() {
+    } else if !h.missed.is_empty() || h.missed.is_unvouched() {
         Mark::Learnt
     } else {
         Mark::Clean
