@@ -1227,19 +1227,16 @@ fn settle_with_fleet(
             _ => Vouch::Never,
         }
     });
-    let held: Vec<(Arc<Replica>, String)> = held
-        .into_iter()
-        .map(|h| {
-            let name = names.get(h.name.as_str()).map_or("", |n| n).to_string();
-            (h, name)
-        })
-        .collect();
-    if let Some(f) = fleet.filter(|_| !held.is_empty()) {
-        vouch_later(Arc::downgrade(f), held);
-    } else {
-        for (h, _) in held {
-            crate::ha::persist::Persist::end_hold(&h, false);
+    let mut waiting = Vec::new();
+    for h in held {
+        match (fleet, names.get(h.name.as_str())) {
+            (Some(_), Some(name)) => waiting.push((h, name.to_string())),
+            // Not reached: `Vouch::NotYet` needs both.
+            _ => crate::ha::persist::Persist::end_hold(&h, false),
         }
+    }
+    if let Some(f) = fleet {
+        vouch_later(Arc::downgrade(f), waiting);
     }
 }
 
@@ -1248,6 +1245,9 @@ fn settle_with_fleet(
 /// `VOUCH_WAIT` without that (then the server is flushed before it serves).
 /// Polled: this runs only after a crash, while a peer is out.
 fn vouch_later(fleet: std::sync::Weak<crate::fleet::Fleet>, held: Vec<(Arc<Replica>, String)>) {
+    if held.is_empty() {
+        return;
+    }
     let servers: Vec<Arc<Replica>> = held.iter().map(|(h, _)| h.clone()).collect();
     let mut held = held;
     let spawned = std::thread::Builder::new()

@@ -185,7 +185,9 @@ const UNKNOWN_BEFORE_WARNING: u64 = 100;
 const MAX_LEARNT_ROUTINGS: usize = 8;
 
 /// Longest a starting memrelay waits for its peers' lists before it
-/// serves (a peer that does not answer costs this once).
+/// serves (a peer that does not answer costs this once; after a crash
+/// that left servers only the whole fleet can vouch for, a peer not
+/// reached at the first try gets this once more: `join`).
 const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// After a crash, how long a server the fleet could not vouch for while
@@ -239,12 +241,10 @@ impl Fleet {
     ///
     /// `vouching`: this process starts after a crash, and what it knew of
     /// some server only the whole fleet can say again (`vouches`), or it
-    /// flushes that server. Then a peer not reached at the first try is
-    /// dialled again for up to `JOIN_WAIT` more: a link that is down for a moment
-    /// (a chaos run saw a reset of 1.5 s) costs that wait, where giving
-    /// up at once cost a flush of the backup, which waits while any
-    /// primary is down and meanwhile leaves keys whose primary is out with
-    /// no copy this member serves.
+    /// holds that server (`ha::persist::Persist::settle`). Then a peer not
+    /// reached at the first try is dialled again for up to `JOIN_WAIT`
+    /// more: a link down for a moment (a chaos run saw a reset of 1.5 s)
+    /// costs that wait rather than a server that serves nothing here.
     pub(crate) fn join(self: &Arc<Self>, vouching: bool) {
         for i in 0..self.links.len() {
             link::keep(self, i);
@@ -255,11 +255,7 @@ impl Fleet {
         let mut tried = lock.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             let all_tried = tried.iter().all(|j| j.done());
-            let all_heard = tried
-                .iter()
-                .zip(&self.links)
-                .all(|(j, l)| j.heard() || l.myself.load(Ordering::Relaxed));
-            if all_tried && (all_heard || !vouching) {
+            if all_tried && (!vouching || self.every_peer(&tried, Joining::heard)) {
                 return;
             }
             if all_tried && !told {
@@ -509,13 +505,16 @@ impl Fleet {
     /// server in a crash. Call it after `join`.
     pub(crate) fn vouches(&self, server: &str) -> bool {
         let (lock, _) = &self.joining;
-        let all_reached = lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let joining = lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.every_peer(&joining, |j| j.reached) && !self.peer_forgot_list(server)
+    }
+
+    /// Whether `ok` holds for every peer but this process itself.
+    fn every_peer(&self, joining: &[Joining], ok: impl Fn(Joining) -> bool) -> bool {
+        joining
             .iter()
             .zip(&self.links)
-            .all(|(j, l)| j.reached || l.myself.load(Ordering::Relaxed));
-        all_reached && !self.peer_forgot_list(server)
+            .all(|(j, l)| ok(*j) || l.myself.load(Ordering::Relaxed))
     }
 
     /// Tells the peers this member's stage now (their keepers send it at

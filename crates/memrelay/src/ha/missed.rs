@@ -391,8 +391,11 @@ impl MissedKeys {
         self.recorded_signal.notify_one();
     }
 
+    /// Relaxed: on every request through `contains`; the hold starts
+    /// before the process serves, and a late view of its end only keeps
+    /// the server out a moment longer.
     pub(crate) fn is_unvouched(&self) -> bool {
-        self.unvouched.load(Ordering::Acquire)
+        self.unvouched.load(Ordering::Relaxed)
     }
 
     pub(crate) fn is_empty(&self) -> bool {

@@ -268,7 +268,7 @@ impl Persist {
         vouched: impl Fn(&Health) -> Vouch,
     ) -> Vec<Arc<Health>> {
         let learnt = std::mem::take(&mut *self.learnt.lock().unwrap_or_else(|p| p.into_inner()));
-        let (mut kept, mut held, mut flushed) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut kept, mut held) = (Vec::new(), Vec::new());
         for h in health.iter().filter(|h| learnt.contains(&h.name)) {
             match vouched(h) {
                 Vouch::Yes => kept.push(h.name.clone()),
@@ -278,17 +278,11 @@ impl Persist {
                     self.mark(&h.name, Mark::Learnt);
                     held.push(h.clone());
                 }
-                Vouch::Never => {
-                    h.missed.learn(None, Source::Handoff);
-                    flushed.push(h.name.clone());
-                }
+                Vouch::Never => Self::end_hold(h, false),
             }
         }
         if !kept.is_empty() {
             tracing::info!(servers = %kept.join(","), "after a crash: what these servers missed was learnt again from the fleet");
-        }
-        if !flushed.is_empty() {
-            tracing::warn!(servers = %flushed.join(","), "after a crash: the fleet could not say again what these servers missed (a peer lost its own list): each is flushed before it serves");
         }
         if !held.is_empty() {
             let names: Vec<&str> = held.iter().map(|h| h.name.as_str()).collect();
@@ -297,9 +291,8 @@ impl Persist {
         held
     }
 
-    /// Ends the hold `settle` put on `h`: it serves by its list if the
-    /// fleet `vouched` for it meanwhile, else it is flushed before it
-    /// serves.
+    /// Ends the hold `settle` put on `h` (if any): it serves by its list
+    /// if the fleet `vouched` for it, else it is flushed before it serves.
     pub(crate) fn end_hold(h: &Health, vouched: bool) {
         if vouched {
             tracing::info!(server = %h.name, "after a crash: what this server missed was learnt again from the fleet");

@@ -93,21 +93,55 @@ impl FleetFigures {
             .count()
     }
 
+    /// The fleet's counters, each once for both views: `stats` line
+    /// `peer_<name>`, `/metrics` series `memrelay_peer_<name>_total`.
+    fn counters(&self) -> [(&'static str, &AtomicU64, &'static str); 8] {
+        [
+            (
+                "hints_sent",
+                &self.hints_sent,
+                "Hints (a key a server missed) this memrelay sent its peers.",
+            ),
+            ("hints_received", &self.hints_received, "Hints taken from peers."),
+            (
+                "hints_held_sent",
+                &self.hints_held_sent,
+                "Hints sent marked held: a write given up on after it was sent may still land.",
+            ),
+            (
+                "hints_held_received",
+                &self.hints_held_received,
+                "Hints taken from peers marked held (kept until the server settles for this memrelay).",
+            ),
+            (
+                "hints_unacked",
+                &self.hints_unacked,
+                "Hints no peer took before their write was answered.",
+            ),
+            (
+                "hints_unconfirmed",
+                &self.hints_unconfirmed,
+                "Hints fewer peers took than --peer-confirm requires.",
+            ),
+            (
+                "writes_refused",
+                &self.writes_refused,
+                "Writes answered SERVER_ERROR because too few peers took their hints.",
+            ),
+            (
+                "hints_unknown",
+                &self.hints_unknown,
+                "Hints naming a server this memrelay does not have (members configured unalike, or a fleet reload under way).",
+            ),
+        ]
+    }
+
     /// The `stats` lines.
     pub(crate) fn stats(&self, stat: &mut dyn FnMut(&str, &dyn std::fmt::Display)) {
         stat("peers", &self.peers.len());
         stat("peers_up", &self.peers_up());
-        for (name, v) in [
-            ("peer_hints_sent", &self.hints_sent),
-            ("peer_hints_received", &self.hints_received),
-            ("peer_hints_held_sent", &self.hints_held_sent),
-            ("peer_hints_held_received", &self.hints_held_received),
-            ("peer_hints_unacked", &self.hints_unacked),
-            ("peer_hints_unconfirmed", &self.hints_unconfirmed),
-            ("peer_writes_refused", &self.writes_refused),
-            ("peer_hints_unknown", &self.hints_unknown),
-        ] {
-            stat(name, &v.load(Ordering::Relaxed));
+        for (name, v, _) in self.counters() {
+            stat(&format!("peer_{name}"), &v.load(Ordering::Relaxed));
         }
         stat("fleet_reload_stage", &self.stage.load(Ordering::Relaxed));
         stat(
@@ -158,41 +192,9 @@ impl FleetFigures {
             "counter",
             "Hints the peer took from this memrelay.",
         );
-        metric(
-            "peer_hints_sent_total",
-            "counter",
-            "Hints (a key a server missed) this memrelay sent its peers.",
-        );
-        metric(
-            "peer_hints_received_total",
-            "counter",
-            "Hints taken from peers.",
-        );
-        metric(
-            "peer_hints_held_sent_total",
-            "counter",
-            "Hints sent marked held: a write given up on after it was sent may still land.",
-        );
-        metric(
-            "peer_hints_held_received_total",
-            "counter",
-            "Hints taken from peers marked held (kept until the server settles for this memrelay).",
-        );
-        metric(
-            "peer_hints_unacked_total",
-            "counter",
-            "Hints no peer took before their write was answered.",
-        );
-        metric(
-            "peer_hints_unconfirmed_total",
-            "counter",
-            "Hints fewer peers took than --peer-confirm requires.",
-        );
-        metric(
-            "peer_writes_refused_total",
-            "counter",
-            "Writes answered SERVER_ERROR because too few peers took their hints.",
-        );
+        for (name, _, help) in self.counters() {
+            metric(&format!("peer_{name}_total"), "counter", help);
+        }
         let _ = writeln!(out, "memrelay_peers_up {}", self.peers_up());
         for p in &self.peers {
             // A peer's name is an address the configuration resolved: no
@@ -211,25 +213,13 @@ impl FleetFigures {
                 p.hints_taken.load(Ordering::Relaxed)
             );
         }
-        for (name, v) in [
-            ("sent", &self.hints_sent),
-            ("received", &self.hints_received),
-            ("held_sent", &self.hints_held_sent),
-            ("held_received", &self.hints_held_received),
-            ("unacked", &self.hints_unacked),
-            ("unconfirmed", &self.hints_unconfirmed),
-        ] {
+        for (name, v, _) in self.counters() {
             let _ = writeln!(
                 out,
-                "memrelay_peer_hints_{name}_total {}",
+                "memrelay_peer_{name}_total {}",
                 v.load(Ordering::Relaxed)
             );
         }
-        let _ = writeln!(
-            out,
-            "memrelay_peer_writes_refused_total {}",
-            self.writes_refused.load(Ordering::Relaxed)
-        );
         self.reload_metrics(out);
     }
 
